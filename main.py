@@ -1,0 +1,176 @@
+"""The command line: pick a recipe, a data folder and a backbone; train, resume, evaluate, predict.
+
+    python main.py --list
+    python main.py --experiment vgg_finetune                      # online: ImageNet VGG16, hymenoptera
+    python main.py --experiment resnet_frozen --backbone efficientnet_lite0 \\
+                   --data ../shared/data/hymenoptera_data           # offline form used on this machine
+    python main.py --resume runs/<run>/last.ckpt [--epochs N]
+    python main.py --evaluate runs/<run>/best.pth --data DIR [--split test]
+    python main.py --predict photo.jpg [--checkpoint runs/<run>/best.pth]
+
+Problems with the input (unknown names, bad values, a missing folder, weights that are
+not on this machine) print one message and exit with status 2, before any training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tl import TLError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="main.py", description="Transfer learning recipes from the source documents, on one loop.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
+    what = p.add_argument_group("what to do (one of)")
+    what.add_argument("--experiment", "-e", metavar="NAME", help="train one recipe (see --list)")
+    what.add_argument("--list", action="store_true", help="list the recipes and backbones")
+    what.add_argument("--resume", metavar="CKPT", type=Path, help="continue a run from its last.ckpt")
+    what.add_argument("--evaluate", metavar="PATH", type=Path,
+                      help="score a .pth/.ckpt file, or every epoch file in a run folder")
+    what.add_argument("--predict", metavar="IMAGE", nargs="+", type=Path, help="classify image file(s)")
+
+    data = p.add_argument_group("data")
+    data.add_argument("--data", metavar="DIR", help="folder with train/ and val/ class folders "
+                      "(default: $TL_DATA_DIR or data/hymenoptera_data, downloaded when online)")
+    data.add_argument("--split", default="val", choices=["train", "val", "test"], help="split for --evaluate")
+    data.add_argument("--no-augment", action="store_true", help="train on the val transform (no random crop/flip)")
+    data.add_argument("--workers", type=_non_negative_int, default=2, help="DataLoader worker processes (default 2)")
+
+    model = p.add_argument_group("model and training")
+    model.add_argument("--backbone", "-b", help="swap the recipe's architecture, keep its strategy")
+    model.add_argument("--weights", help="imagenet | none | PATH to a state_dict (default: the recipe's)")
+    model.add_argument("--checkpoint", type=Path, help="trained weights for --predict")
+    model.add_argument("--allow-pickle", action="store_true",
+                       help="allow loading whole pickled models (runs code from the file: trusted files only)")
+    model.add_argument("--epochs", type=_positive_int, help="training epochs (the epoch-0 baseline is extra)")
+    model.add_argument("--batch-size", type=_positive_int)
+    model.add_argument("--lr-scale", type=_positive_float, default=1.0, help="multiply every learning rate")
+    model.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    model.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                       help="mixed precision on CUDA (bf16, or fp16 with a grad scaler)")
+    model.add_argument("--seed", type=int, default=0)
+
+    out = p.add_argument_group("output")
+    out.add_argument("--out", type=Path, default=Path("runs"), help="parent folder of run folders")
+    out.add_argument("--save-every-epoch", action="store_true", help="also write 00.pth, 01.pth, ... (001)")
+    out.add_argument("--quick", action="store_true",
+                     help="smoke run: 8 images per class, 1 training epoch, 64-pixel images, no workers")
+    out.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    return p
+
+
+def list_recipes() -> str:
+    from experiments import all_experiments
+    from tl.models import BACKBONES
+
+    lines = [f"{'experiment':<16} {'from':<16} {'backbone':<9} {'epochs':>6} {'batch':>5}  learning rates"]
+    for name, module in all_experiments().items():
+        r = module.RECIPE
+        lrs = ", ".join(f"{g} {lr:g}" for g, lr in r.lrs.items())
+        lines.append(f"{name:<16} {r.source:<16} {r.backbone:<9} {r.train_epochs:>6} {r.batch_size:>5}  {lrs}")
+        lines.append(f"{'':<16} {r.strategy}")
+    lines.append("\nbackbones: " + ", ".join(BACKBONES))
+    return "\n".join(lines)
+
+
+def run_options(args: argparse.Namespace):
+    from tl.data import resolve_data_dir
+    from tl.recipe import RunOptions
+
+    opts = RunOptions(
+        data=resolve_data_dir(args.data), backbone=args.backbone, weights=args.weights, epochs=args.epochs,
+        batch_size=args.batch_size, lr_scale=args.lr_scale, device=args.device, seed=args.seed,
+        workers=args.workers, out=args.out, augment=not args.no_augment,
+        save_every_epoch=args.save_every_epoch, amp=args.amp, progress=not args.no_progress)
+    if args.quick:
+        opts.max_per_class, opts.image_size, opts.workers = 8, 64, 0
+        opts.epochs = opts.epochs or 1
+    return opts
+
+
+def resume(args: argparse.Namespace):
+    """Rebuild the run's options from its checkpoint; only --epochs (and where to run) may change."""
+    from experiments import get_experiment
+    from tl.checkpoint import load_checkpoint
+    from tl.recipe import RunOptions, run
+
+    config = load_checkpoint(args.resume)["config"]
+    saved = dict(config["options"])
+    saved.update(data=Path(args.data or saved["data"]), out=Path(saved["out"]), device=args.device,
+                 progress=not args.no_progress, workers=args.workers)
+    saved["epochs"] = args.epochs or config["recipe"]["train_epochs"]
+    module = get_experiment(config["experiment"])
+    return run(module.RECIPE, module.build, RunOptions(**saved), resume=args.resume)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    actions = [a for a in ("experiment", "list", "resume", "evaluate", "predict") if getattr(args, a)]
+    if len(actions) != 1:
+        parser.error("choose exactly one of --experiment, --list, --resume, --evaluate, --predict")
+    try:
+        if args.list:
+            print(list_recipes())
+        elif args.experiment:
+            from experiments import get_experiment
+            from tl.recipe import run
+
+            module = get_experiment(args.experiment)
+            if args.backbone:
+                from tl.models import get_backbone
+
+                get_backbone(args.backbone)  # a typo fails here, before any data is read
+            run(module.RECIPE, module.build, run_options(args))
+        elif args.resume:
+            resume(args)
+        elif args.evaluate:
+            from tl.evaluate import evaluate_command
+
+            evaluate_command(args)
+        elif args.predict:
+            from tl.evaluate import predict_command
+
+            predict_command(args)
+    except TLError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

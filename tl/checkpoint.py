@@ -1,0 +1,156 @@
+"""Saving and loading: one state_dict format, one checkpoint format, atomic writes.
+
+Documents 000, 002 and 004 show three ways to save a model. This project keeps the
+two safe ones:
+
+* a **state_dict** (`best.pth`, `00.pth`, ...): the tensors alone, keyed by parameter
+  name. To use it you build the architecture in code and call `load_state_dict`;
+* a **training checkpoint** (`last.ckpt`, a dict in the style of 004 §2.3 and the
+  torchvision references): model and optimizer state, epoch, history, the resolved
+  config, class names and RNG states - everything `--resume` needs to carry on
+  exactly where the run stopped.
+
+The third way, `torch.save(model)` (000, 004 §2.1), pickles the Python object itself.
+Loading such a file runs arbitrary code from it, so everything here loads with
+`torch.load(..., weights_only=True)`, which only accepts tensors and plain containers.
+
+Every write goes to a temporary file in the same folder, is flushed to disk, and is
+then renamed over the target: a rename is atomic, so a run killed at any instant
+leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tl import TLError
+
+CHECKPOINT_FORMAT = "tl-checkpoint-v1"
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """`torch.save` to a temporary file beside `path`, fsync, then rename onto `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _torch_load(path: str | os.PathLike, map_location: Any = "cpu", allow_pickle: bool = False) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise TLError(f"no such file: {path}")
+    try:
+        # map_location="cpu": tensors saved from a GPU land on the CPU, whatever this machine has.
+        return torch.load(path, map_location=map_location, weights_only=not allow_pickle)
+    except pickle.UnpicklingError as exc:
+        raise TLError(f"{path} is not a plain state_dict or checkpoint: it holds pickled Python objects "
+                      f"(for instance a whole model saved with torch.save(model)). Loading it would run "
+                      f"code from the file; only do that for files you made yourself, with --allow-pickle.\n"
+                      f"  ({str(exc).splitlines()[0][:160]})") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise TLError(f"{path} is not a readable PyTorch file: {str(exc).splitlines()[0][:200]}") from None
+
+
+def load_state_file(path: str | os.PathLike, map_location: Any = "cpu", allow_pickle: bool = False) -> dict:
+    """The model state_dict in `path`: a state_dict file, one of our checkpoints (its
+    "model" entry) or, with `allow_pickle`, a whole pickled model (its `.state_dict()`)."""
+    obj = _torch_load(path, map_location, allow_pickle)
+    if isinstance(obj, nn.Module):
+        return obj.state_dict()
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise TLError(f"{path} does not hold a state_dict (a dict of tensors)")
+    return obj
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """`model.load_state_dict(state)`, but a mismatch is explained in three lines
+    (missing / unexpected / wrong-shaped tensors) instead of a wall of key names."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in own
+              if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        lines = [f"{source} does not fit this model ({type(model).__name__}):"]
+        if missing:
+            lines.append(f"  {len(missing)} tensor(s) missing from the file, e.g. {', '.join(missing[:3])}")
+        if unexpected:
+            lines.append(f"  {len(unexpected)} tensor(s) the model does not have, e.g. {', '.join(unexpected[:3])}")
+        for k, theirs, ours in shapes[:3]:
+            lines.append(f"  {k}: file has shape {theirs}, model expects {ours}")
+        if missing and unexpected:
+            lines.append("  -> it was probably saved from another architecture (check --backbone)")
+        elif shapes and not missing:
+            lines.append("  -> same architecture, different sizes: probably another number of classes")
+        raise TLError("\n".join(lines))
+    model.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- training checkpoints
+def rng_state(loader_generator: torch.Generator | None) -> dict:
+    """Every random number generator a training epoch draws from."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if loader_generator is not None:
+        state["loader"] = loader_generator.get_state()  # shuffling order and worker seeds
+    return state
+
+
+def set_rng_state(state: dict, loader_generator: torch.Generator | None) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if loader_generator is not None and "loader" in state:
+        loader_generator.set_state(state["loader"])
+
+
+def _as_tuple(x):  # python's random state is nested tuples; keep it so after a round trip
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def save_checkpoint(path: str | os.PathLike, *, epoch: int, model: nn.Module, optimizer, scheduler,
+                    history: dict, config: dict, classes: list[str],
+                    loader_generator: torch.Generator | None) -> Path:
+    """Write the full training state after `epoch` (one dict; see the module docstring)."""
+    return atomic_save({
+        "format": CHECKPOINT_FORMAT,
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "history": history,
+        "config": config,
+        "classes": classes,
+        "rng": rng_state(loader_generator),
+    }, path)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
+    """A training checkpoint written by `save_checkpoint`, checked for its format."""
+    ckpt = _torch_load(path, map_location)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise TLError(f"{path} is not a training checkpoint of this project (expected a last.ckpt "
+                      f"written by main.py; a .pth file holds weights only and cannot be resumed)")
+    return ckpt

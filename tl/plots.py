@@ -1,0 +1,136 @@
+"""Pictures: learning curves, the recipe comparison, and image grids.
+
+matplotlib's Agg backend draws to files without a screen, so every function here works
+on a server or in CI; each takes plain data (history rows, tensors) and a path, and
+writes one PNG.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run_curves(rows: list[dict] | pd.DataFrame, path: str | Path, title: str = "") -> Path:
+    """Train and val loss and accuracy per epoch of one run (or several seeds: mean and range).
+
+    Epoch 0 has only a val point: the untrained baseline, drawn as a hollow marker."""
+    df = pd.DataFrame(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, metric in zip(axes, ("loss", "acc")):
+        for phase, color in (("train", "tab:blue"), ("val", "tab:orange")):
+            part = df[df.phase == phase].groupby("epoch")[metric].agg(["mean", "min", "max"])
+            if part.empty:
+                continue
+            ax.plot(part.index, part["mean"], marker="o", color=color, label=phase)
+            ax.fill_between(part.index, part["min"], part["max"], color=color, alpha=0.2)
+        base = df[(df.epoch == 0) & (df.phase == "val")][metric]
+        if len(base):
+            ax.scatter([0], [base.mean()], s=120, facecolors="none", edgecolors="black", zorder=5,
+                       label="epoch 0: baseline")
+        ax.set_xlabel("epoch (0 = before training)")
+        ax.set_ylabel("cross-entropy loss" if metric == "loss" else "accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title or "learning curves")
+    return _save(fig, path)
+
+
+def compare_curves(histories: dict[str, pd.DataFrame], path: str | Path) -> Path:
+    """Val accuracy and val loss per epoch, one line per recipe (mean over seeds, min-max band)."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for label, df in histories.items():
+        val = df[df.phase == "val"]
+        for ax, metric in zip(axes, ("acc", "loss")):
+            g = val.groupby("epoch")[metric].agg(["mean", "min", "max"])
+            (line,) = ax.plot(g.index, g["mean"], marker="o", markersize=3, label=label)
+            ax.fill_between(g.index, g["min"], g["max"], color=line.get_color(), alpha=0.15)
+    for ax, name in zip(axes, ("val accuracy", "val loss")):
+        ax.axvline(0, color="gray", linestyle=":", linewidth=1)
+        ax.text(0.1, 0.02, "epoch 0 = baseline", transform=ax.get_xaxis_transform(), fontsize=8, color="gray")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc="lower right")
+    fig.suptitle("validation curves per recipe (mean over seeds, band = min..max)")
+    return _save(fig, path)
+
+
+def comparison_chart(summary: pd.DataFrame, path: str | Path) -> Path:
+    """Best val accuracy (mean ± std over seeds) next to training time, one bar per recipe."""
+    done = summary[summary.status == "ok"].reset_index(drop=True)
+    labels = [f"{e}\n{b}" for e, b in zip(done.experiment, done.backbone)]
+    fig, (ax_acc, ax_time) = plt.subplots(1, 2, figsize=(12, 0.6 * len(done) + 2), sharey=True)
+    y = range(len(done))
+    ax_acc.barh(y, done.best_val_acc_mean, xerr=done.best_val_acc_std.fillna(0), color="tab:green",
+                alpha=0.8, capsize=3)
+    ax_acc.scatter(done.baseline_val_acc_mean, y, marker="|", s=200, color="black", label="epoch-0 baseline")
+    ax_acc.set_xlim(0, 1)
+    ax_acc.set_xlabel("best val accuracy (mean ± std over seeds)")
+    ax_acc.legend(loc="lower left", fontsize=8)
+    ax_time.barh(y, done.train_seconds_mean, color="tab:purple", alpha=0.8)
+    ax_time.set_xlabel("training time, seconds (mean over seeds)")
+    ax_acc.set_yticks(list(y), labels, fontsize=8)
+    ax_acc.invert_yaxis()
+    for ax in (ax_acc, ax_time):
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle("accuracy vs cost")
+    return _save(fig, path)
+
+
+def denormalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """Undo `Normalize(mean, std)`: x * std + mean, per channel, clipped to [0, 1].
+
+    (001's `im_convert` multiplies by (mean + std) instead, which only looks right
+    because its mean and std are both 0.5 and it never normalised in the first place.)"""
+    mean = torch.as_tensor(mean, dtype=images.dtype).view(-1, 1, 1)
+    std = torch.as_tensor(std, dtype=images.dtype).view(-1, 1, 1)
+    return (images * std + mean).clamp(0, 1)
+
+
+def image_grid(images: torch.Tensor, titles: list[str], path: str | Path, *, mean, std,
+               colors: list[str] | None = None, cols: int = 8, title: str = "") -> Path:
+    """A grid of normalised (N, 3, H, W) images with a title (and title colour) each."""
+    n = len(images)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2.2 * rows), squeeze=False)
+    pictures = denormalize(images.detach().cpu().float(), mean, std)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(pictures[i].permute(1, 2, 0).numpy())  # (C, H, W) -> (H, W, C) for imshow
+            ax.set_title(titles[i], fontsize=9, color=(colors[i] if colors else "black"))
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def confusion_matrix_plot(matrix: torch.Tensor, classes: list[str], path: str | Path, title: str = "") -> Path:
+    """Rows: true class; columns: predicted class; each cell its count."""
+    fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 2.5, 1.2 * len(classes) + 2))
+    ax.imshow(matrix.numpy(), cmap="Blues")
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            v = int(matrix[i, j])
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > matrix.max() / 2 else "black")
+    ax.set_xticks(range(len(classes)), classes)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or "confusion matrix")
+    return _save(fig, path)

@@ -1,0 +1,268 @@
+"""One experiment = a Recipe (the numbers) + a build function (what trains) + `run`.
+
+A recipe file in `experiments/` holds a `RECIPE = Recipe(...)` with the numbers of
+its source document and a `build(model, spec, recipe)` that decides which parameters
+train and with which optimizer. `run` does everything else the same way for every
+recipe: data, model, loop, checkpoints, and the run folder::
+
+    runs/<experiment>-<backbone>-<YYYYmmdd-HHMMSS>/
+        config.json    the resolved configuration and, at the end, the results
+        history.csv    one row per (epoch, phase)
+        best.pth       state_dict of the best validation epoch
+        last.ckpt      full training checkpoint after the latest epoch (--resume)
+        NN.pth         every epoch's state_dict, with --save-every-epoch (document 001)
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tl import TLError, checkpoint
+from tl.data import build_transforms, describe_skipped, image_datasets, make_loaders
+from tl.loop import History, resolve_device, seed_everything, train_model
+from tl.models import Backbone, create_model, format_parameter_table, get_backbone, parameter_table
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The numbers of one variant from the source documents. A recipe file overrides only
+    the fields that differ from these defaults, and says why. An unknown field is an error
+    (the dataclass constructor rejects it)."""
+
+    name: str  # registry key and run-folder prefix, e.g. "vgg_finetune"
+    source: str  # document and section it reproduces, e.g. "002 §1.4"
+    strategy: str  # one line: what trains
+    backbone: str = "resnet18"  # the document's architecture; --backbone swaps it, the strategy stays
+    weights: str = "imagenet"  # "imagenet" (pretrained) or "none" (random init)
+    lrs: dict[str, float] = field(default_factory=lambda: {"all": 1e-3})  # per group: body/neck/head, or all
+    train_epochs: int = 10  # epochs that train; the loop adds the validation-only epoch 0
+    batch_size: int = 32
+    frozen_bn_eval: bool = False  # keep frozen BatchNorm layers in eval mode while training
+    loss: str = "cross_entropy"  # or "bce_logit" for a one-logit head
+
+    @property
+    def num_epochs(self) -> int:
+        """The loop's `num_epochs` in 002's sense: the baseline epoch 0 plus the training epochs."""
+        return self.train_epochs + 1
+
+
+BuildFn = Callable[[nn.Module, Backbone, Recipe], tuple[nn.Module, torch.optim.Optimizer]]
+
+
+@dataclass
+class RunOptions:
+    """Everything about a run that is not the recipe's own numbers (the command line's options)."""
+
+    data: Path
+    backbone: str | None = None  # None: the recipe's own
+    weights: str | None = None  # None: the recipe's own; "imagenet", "none" or a file path
+    epochs: int | None = None  # training epochs; None: the recipe's own
+    batch_size: int | None = None
+    lr_scale: float = 1.0  # multiplies every learning rate of the recipe
+    device: str = "auto"
+    seed: int = 0
+    workers: int = 2
+    out: Path = Path("runs")
+    run_name: str | None = None  # folder name inside `out`; default <experiment>-<backbone>-<time>
+    image_size: int = 224  # crop size; the val resize keeps 002's 256/224 ratio
+    max_per_class: int | None = None  # use only the first N images of each class (smoke runs)
+    augment: bool = True
+    save_every_epoch: bool = False
+    amp: bool = True  # mixed precision, only ever used on CUDA
+    progress: bool = True
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    history: History
+    config: dict
+    model: nn.Module
+    classes: list[str]
+
+
+def resolve(recipe: Recipe, opts: RunOptions) -> Recipe:
+    """The recipe with the command line's overrides applied (`--epochs`, `--lr-scale`, ...)."""
+    changes: dict = {"lrs": {g: lr * opts.lr_scale for g, lr in recipe.lrs.items()}}
+    if opts.backbone:
+        changes["backbone"] = opts.backbone
+    if opts.weights:
+        changes["weights"] = opts.weights
+    if opts.epochs is not None:
+        changes["train_epochs"] = opts.epochs
+    if opts.batch_size is not None:
+        changes["batch_size"] = opts.batch_size
+    return dataclasses.replace(recipe, **changes)
+
+
+def make_criterion(recipe: Recipe) -> nn.Module:
+    return nn.BCEWithLogitsLoss() if recipe.loss == "bce_logit" else nn.CrossEntropyLoss()
+
+
+def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, resume: Path | None = None,
+        log: Callable[[str], None] = print) -> RunResult:
+    """Run one experiment end to end and return its history (see the module docstring).
+
+    With `resume` (a `last.ckpt`), the run continues in that checkpoint's folder from the
+    epoch after the one it saved, with the same weights, optimizer and RNG states, so the
+    result equals an uninterrupted run.
+    """
+    ckpt = checkpoint.load_checkpoint(resume) if resume else None
+    recipe = resolve(recipe, opts)
+    spec = get_backbone(recipe.backbone)
+    device = resolve_device(opts.device)
+    seed_everything(opts.seed)
+
+    # 1. data: transforms with the backbone's own normalisation, one data set per phase
+    resize = round(opts.image_size * 256 / 224)
+    transforms = build_transforms(spec.mean, spec.std, size=opts.image_size, resize=resize, augment=opts.augment)
+    sets = image_datasets(opts.data, transforms, max_per_class=opts.max_per_class)
+    classes = sets["train"].classes
+    if report := describe_skipped(sets):
+        log(report)
+    if recipe.loss == "bce_logit" and len(classes) != 2:
+        raise TLError(f"{recipe.name} has a single-logit head, which separates exactly 2 classes; "
+                      f"{opts.data} has {len(classes)}: {classes}")
+
+    # 2. model: architecture + weights + new head, then the recipe decides what trains
+    # (a resumed run gets its weights from the checkpoint, so it needs no pretrained file)
+    weights = "none" if ckpt is not None else recipe.weights
+    model = create_model(recipe.backbone, 1 if recipe.loss == "bce_logit" else len(classes), weights)
+    model, optimizer = build(model, spec, recipe)
+    log(f"{recipe.name} ({recipe.source}) on {recipe.backbone}, weights={recipe.weights}: {recipe.strategy}")
+    log(format_parameter_table(model))
+
+    # 3. the run folder and its resolved config
+    if ckpt is not None:
+        run_dir = Path(resume).parent
+        config = ckpt["config"]
+        if ckpt["classes"] != classes:
+            raise TLError(f"{resume} was trained on classes {ckpt['classes']}, but {opts.data} has {classes}")
+    else:
+        name = opts.run_name or f"{recipe.name}-{recipe.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = Path(opts.out) / name
+        if (run_dir / "last.ckpt").exists():
+            raise TLError(f"{run_dir} already holds a run; resume it with --resume {run_dir / 'last.ckpt'} "
+                          f"or choose another --out")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config = _config(recipe, opts, spec, device, model, optimizer, sets, classes)
+    config["train_epochs"] = recipe.train_epochs
+    _write_json(run_dir / "config.json", config)
+
+    loaders = make_loaders(sets, recipe.batch_size, seed=opts.seed, workers=opts.workers,
+                           pin_memory=device.type == "cuda")
+    generator = loaders["train"].generator
+
+    # 4. resume: weights, optimizer, history and RNGs exactly as they were after the saved epoch
+    history, start_epoch = None, 0
+    if ckpt is not None:
+        checkpoint.load_into(model, ckpt["model"], str(resume))
+        model.to(device)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        best_path = run_dir / "best.pth"
+        best_state = checkpoint.load_state_file(best_path) if best_path.exists() else None
+        history = History.from_dict(ckpt["history"], best_state)
+        start_epoch = ckpt["epoch"] + 1
+        checkpoint.set_rng_state(ckpt["rng"], generator)
+        log(f"resuming {run_dir} after epoch {ckpt['epoch']}")
+
+    def on_epoch_end(epoch: int, hist: History) -> None:
+        if hist.best_epoch == epoch:
+            checkpoint.atomic_save(hist.best_state, run_dir / "best.pth")
+        if opts.save_every_epoch:
+            checkpoint.atomic_save(model.state_dict(), run_dir / f"{epoch:02d}.pth")  # 001's 00.pth, 01.pth, ...
+        checkpoint.save_checkpoint(run_dir / "last.ckpt", epoch=epoch, model=model, optimizer=optimizer,
+                                   scheduler=None, history=hist.to_dict(), config=config, classes=classes,
+                                   loader_generator=generator)
+        write_history_csv(hist, run_dir / "history.csv")
+
+    started = time.time()
+    try:
+        history = train_model(model, loaders, make_criterion(recipe), optimizer, recipe.num_epochs,
+                              device=device, frozen_bn_eval=recipe.frozen_bn_eval, start_epoch=start_epoch,
+                              history=history, on_epoch_end=on_epoch_end, amp=opts.amp,
+                              progress=opts.progress, log=log)
+    except KeyboardInterrupt:
+        raise TLError(f"interrupted: {run_dir / 'last.ckpt'} holds the last completed epoch.\n"
+                      f"  continue with: python main.py --resume {run_dir / 'last.ckpt'} --data {opts.data}") from None
+
+    config["results"] = summarize(history) | {"wall_seconds": time.time() - started}
+    _write_json(run_dir / "config.json", config)
+    write_history_csv(history, run_dir / "history.csv")
+    if history.best_state is not None:
+        model.load_state_dict(history.best_state)  # hand back the best model, as 002's tutorial does
+    log(f"best val acc {history.best_acc:.4f} at epoch {history.best_epoch} -> {run_dir}")
+    return RunResult(run_dir, history, config, model, classes)
+
+
+def summarize(history: History) -> dict:
+    """The figures a comparison needs, computed from the history rows alone."""
+    val = history.val()
+    train = [r for r in history.rows if r["phase"] == "train"]
+    seconds = sum(r["seconds"] for r in train)
+    images = sum(r["images_per_s"] * r["seconds"] for r in train)
+    return {
+        "baseline_val_acc": val[0]["acc"] if val and val[0]["epoch"] == 0 else None,
+        "best_val_acc": history.best_acc,
+        "best_epoch": history.best_epoch,
+        "final_val_acc": val[-1]["acc"] if val else None,
+        "final_val_loss": val[-1]["loss"] if val else None,
+        "train_seconds": seconds,
+        "train_images_per_s": images / seconds if seconds else None,
+        "stopped_early": history.stopped_early,
+    }
+
+
+def _config(recipe: Recipe, opts: RunOptions, spec: Backbone, device: torch.device, model: nn.Module,
+            optimizer: torch.optim.Optimizer, sets: dict, classes: list[str]) -> dict:
+    total = parameter_table(model)[-1]
+    return {
+        "experiment": recipe.name,
+        "recipe": dataclasses.asdict(recipe),
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(opts).items()},
+        "weights_kind": _weights_kind(recipe.weights, spec),
+        "optimizer": type(optimizer).__name__,
+        "param_groups": [{"name": g.get("name", str(i)), "lr": g["lr"],
+                          "params": sum(p.numel() for p in g["params"])}
+                         for i, g in enumerate(optimizer.param_groups)],
+        "trainable_params": total["trainable"],
+        "total_params": total["total"],
+        "classes": classes,
+        "dataset_sizes": {p: len(ds) for p, ds in sets.items()},
+        "device": str(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def _weights_kind(weights: str, spec: Backbone) -> str:
+    if weights == "imagenet":
+        return "packaged" if spec.weights_source == "packaged" else "imagenet"
+    return "none" if weights in ("none", None) else "file"
+
+
+def write_history_csv(history: History, path: Path) -> None:
+    fields = ["epoch", "phase", "loss", "acc", "seconds", "images_per_s"]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(history.rows)
+    tmp.replace(path)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.replace(path)
