@@ -2,6 +2,9 @@
 
     python -m experiments.report [results/]
 
+For the project's own `results/` it also rewrites the results table in the top-level
+README.md (between its `<!-- results:start -->` and `<!-- results:end -->` markers).
+
 Every number in the page is read from the CSV that compare_all wrote, so rerunning the
 comparison and then this script rewrites the page to match.
 """
@@ -104,5 +107,27 @@ def write_report(out: str | Path) -> Path:
     return path
 
 
+def update_readme_block(readme: str | Path, results: str | Path) -> bool:
+    """Replace the text between `<!-- results:start -->` and `<!-- results:end -->` in the
+    project README with the table from `results/summary.csv`. Returns False if no markers."""
+    readme, results = Path(readme), Path(results)
+    text = readme.read_text()
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    if start not in text or end not in text:
+        return False
+    summary = pd.read_csv(results / "summary.csv")
+    meta = json.loads((results / "meta.json").read_text()) if (results / "meta.json").exists() else {}
+    block = (f"{start}\nProduced by `{meta.get('command', '?')}` on {meta.get('machine', '?')} "
+             f"(commit {meta.get('commit', '?')}, {meta.get('date', '?')}, {meta.get('total_minutes', '?')} min).\n\n"
+             f"{table(summary)}\n{end}")
+    head, rest = text.split(start, 1)
+    readme.write_text(head + block + rest.split(end, 1)[1])
+    return True
+
+
 if __name__ == "__main__":
-    print(write_report(sys.argv[1] if len(sys.argv) > 1 else "results"))
+    results_dir = Path(sys.argv[1] if len(sys.argv) > 1 else "results")
+    print(write_report(results_dir))
+    if results_dir.resolve() == (Path(__file__).resolve().parents[1] / "results") and update_readme_block(
+            Path(__file__).resolve().parents[1] / "README.md", results_dir):
+        print("updated the results table in README.md")

@@ -193,13 +193,13 @@ def image_datasets(
     verify: bool = False,
     phases: tuple[str, ...] = ("train", "val"),
 ) -> dict[str, CheckedImageFolder]:
-    """One `CheckedImageFolder` per phase found under `root` (train and val required).
+    """One `CheckedImageFolder` for each of `phases` (all required) under `root`.
 
     `max_per_class` keeps the first N files of each class (sorted by name, so the subset
     is the same on every machine): the `--quick` smoke runs use it.
     """
-    present = check_layout(root, phases)
-    sets = {p: CheckedImageFolder(Path(root) / p, transforms[p], verify=verify) for p in present}
+    check_layout(root, phases)
+    sets = {p: CheckedImageFolder(Path(root) / p, transforms[p], verify=verify) for p in phases}
     for ds in sets.values():
         counts = Counter(ds.targets)
         empty = [c for i, c in enumerate(ds.classes) if counts[i] == 0]

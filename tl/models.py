@@ -198,16 +198,21 @@ def create_model(backbone: str, num_classes: int, weights: str = "imagenet") -> 
              state_dict file (ImageNet-shaped, or one saved by this project).
     """
     spec = get_backbone(backbone)
-    model = spec.create()
+    # Read the weights before building: a missing file is reported before any work is done.
     if weights == "imagenet":
-        load_into(model, load_imagenet(spec), f"ImageNet weights of {backbone}")
-    elif weights not in ("none", None):
-        state = load_state_file(weights)
-        if spec.head + ".weight" in state and state[spec.head + ".weight"].shape[0] != _head(model, spec).out_features:
-            replace_head(model, spec, state[spec.head + ".weight"].shape[0])  # a file saved after fine-tuning
-        load_into(model, state, f"--weights {weights}")
+        state, source = load_imagenet(spec), f"ImageNet weights of {backbone}"
+    elif weights in ("none", None):
+        state, source = None, ""
+    else:
+        state, source = load_state_file(weights), f"--weights {weights}"
+    model = spec.create()  # random init, ImageNet-sized head
+    if state is not None:
+        saved_head = state.get(spec.head + ".weight")
+        if saved_head is not None and saved_head.shape[0] != _head(model, spec).out_features:
+            replace_head(model, spec, saved_head.shape[0])  # a file saved after fine-tuning: its own head size
+        load_into(model, state, source)
     if _head(model, spec).out_features != num_classes:
-        replace_head(model, spec, num_classes)
+        replace_head(model, spec, num_classes)  # the new, randomly initialised head for our classes
     return model
 
 

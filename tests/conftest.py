@@ -1,0 +1,102 @@
+"""Shared test fixtures: synthetic image folders, a tiny backbone, and no network.
+
+The synthetic classes differ by colour (red / blue / green tint plus noise), which a
+small CNN learns in a few epochs on 32-pixel images: the loop tests take seconds and
+still fail if learning is broken. Real images come from ../shared/data; tests that need
+them skip where it is absent, except under CI=true, where its absence is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from tl.models import BACKBONES, Backbone
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+HYMENOPTERA = SHARED_DATA / "hymenoptera_data"
+DOGS_VS_CATS = SHARED_DATA / "dogs-vs-cats-subset"
+COLOURS = [(200, 40, 40), (40, 40, 200), (40, 200, 40)]
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch, tmp_path):
+    """Tests never touch the network: any socket connection fails at once, and the torch
+    hub cache is an empty temporary folder, so no real cached weights are found either."""
+
+    def refuse(*args, **kwargs):
+        raise OSError("network access is blocked in tests")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.delenv("TL_DATA_DIR", raising=False)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def write_image_folder(root: Path, classes: int = 2, train: int = 12, val: int = 6, size: int = 40,
+                       seed: int = 0, phases=("train", "val")) -> Path:
+    """root/{train,val}/class_k/*.png: class k is tinted with COLOURS[k], plus noise."""
+    rng = np.random.default_rng(seed)
+    counts = {"train": train, "val": val, "test": val}
+    for phase in phases:
+        for k in range(classes):
+            folder = root / phase / f"class_{k}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(counts[phase]):
+                noise = rng.integers(-60, 60, size=(size, size, 3))
+                pixels = np.clip(np.array(COLOURS[k]) + noise, 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def tiny_data(tmp_path) -> Path:
+    return write_image_folder(tmp_path / "tiny")
+
+
+@pytest.fixture
+def three_class_data(tmp_path) -> Path:
+    return write_image_folder(tmp_path / "three", classes=3)
+
+
+class TinyNet(nn.Module):
+    """conv-BN-ReLU twice, pool, Linear: a ResNet in miniature (BatchNorm included, so the
+    frozen-BatchNorm behaviour can be tested), 1000 outputs like an ImageNet model."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 1000)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.block(self.stem(x))).flatten(1))
+
+
+@pytest.fixture
+def tiny_backbone(monkeypatch) -> str:
+    """Register "tiny" in the backbone registry for the duration of one test."""
+    monkeypatch.setitem(BACKBONES, "tiny", Backbone("tiny", TinyNet, head="fc", neck=("block",)))
+    return "tiny"
+
+
+def require_real_data(path: Path) -> Path:
+    if not path.is_dir():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{path} is missing, and CI must run the real-image tests")
+        pytest.skip(f"{path} not found (it lies beside the project checkout on the project's machines)")
+    return path
+
+
+@pytest.fixture
+def hymenoptera() -> Path:
+    return require_real_data(HYMENOPTERA)

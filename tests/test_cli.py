@@ -1,0 +1,90 @@
+"""The command line: messages and exit statuses, and one real end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_list_names_every_recipe(capsys):
+    assert main.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("resnet_scratch", "resnet_finetune", "resnet_frozen", "resnet_bn_only", "vgg_transfer",
+                 "vgg_finetune", "efficientnet_lite0"):
+        assert name in out
+
+
+def test_unknown_experiment_is_one_line_and_status_2(capsys, tiny_data):
+    assert main.main(["--experiment", "resnet_fancy", "--data", str(tiny_data)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown experiment 'resnet_fancy'") and "Traceback" not in err
+
+
+def test_bad_values_exit_2(capsys):
+    for argv in (["-e", "vgg_finetune", "--epochs", "0"], ["-e", "vgg_finetune", "--lr-scale", "-1"],
+                 ["-e", "vgg_finetune", "--batch-size", "many"], []):
+        with pytest.raises(SystemExit) as info:
+            main.main(argv)
+        assert info.value.code == 2
+    assert main.main(["-e", "vgg_finetune", "--backbone", "alexnet9", "--data", "."]) == 2
+    assert "unknown backbone 'alexnet9'" in capsys.readouterr().err
+
+
+def test_missing_data_folder(capsys, tmp_path):
+    assert main.main(["-e", "resnet_scratch", "--data", str(tmp_path / "nowhere")]) == 2
+    assert "data folder not found" in capsys.readouterr().err
+
+
+def test_offline_torchvision_backbone_stops_before_training(capsys, tiny_data, tmp_path):
+    code = main.main(["-e", "vgg_finetune", "--data", str(tiny_data), "--out", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "ImageNet weights for vgg16 are not available" in err and "vgg16-397923af.pth" in err
+    assert "--backbone efficientnet_lite0" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()  # nothing was started
+
+
+def test_a_subprocess_run_without_network_prints_the_message():
+    # the real entry point, in a fresh interpreter with TL_OFFLINE (no download attempt)
+    env = dict(os.environ, TL_OFFLINE="1", TORCH_HOME=str(ROOT / "tests" / "no-such-cache"))
+    proc = subprocess.run([sys.executable, "main.py", "-e", "resnet_finetune", "--data", "tests"],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "error:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_quick_run_writes_config_and_history(tiny_data, tiny_backbone, tmp_path, capsys):
+    assert main.main(["-e", "resnet_scratch", "-b", "tiny", "--data", str(tiny_data), "--quick",
+                      "--out", str(tmp_path / "runs"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert run_dir.name.startswith("resnet_scratch-tiny-")
+    assert out.strip().splitlines()[-1].startswith("best val acc") and str(run_dir) in out
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["recipe"]["lrs"] == {"all": 1e-4} and config["results"]["best_epoch"] >= 0
+    history = pd.read_csv(run_dir / "history.csv")
+    assert list(history.phase) == ["val", "train", "val"]
+    assert {"best.pth", "last.ckpt"} <= {p.name for p in run_dir.iterdir()}
+
+
+@pytest.mark.slow
+def test_frozen_efficientnet_on_hymenoptera_reaches_85_percent(hymenoptera, tmp_path, capsys):
+    """End to end on real photos, through main.py: 2 training epochs of the frozen recipe."""
+    code = main.main(["-e", "resnet_frozen", "--backbone", "efficientnet_lite0", "--data", str(hymenoptera),
+                      "--epochs", "2", "--workers", "0", "--out", str(tmp_path / "runs"), "--no-progress"])
+    assert code == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    results = json.loads((run_dir / "config.json").read_text())["results"]
+    assert results["baseline_val_acc"] < 0.75  # the random head knows nothing yet
+    assert results["best_val_acc"] >= 0.85
+    assert "skipped" not in capsys.readouterr().out  # hymenoptera's .gif is simply not an image file

@@ -1,0 +1,140 @@
+"""The one loop: it learns, epoch 0 does not train, frozen means frozen, runs repeat."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from tl.data import build_transforms, image_datasets, make_loaders
+from tl.loop import History, NonFiniteLoss, predictions, seed_everything, train_model
+from tl.models import create_model, get_backbone, set_trainable
+from tl.recipe import Recipe, RunOptions, run
+
+
+def _setup(data, backbone="tiny", batch=8, augment=True, seed=0):
+    seed_everything(seed)
+    spec = get_backbone(backbone)
+    sets = image_datasets(data, build_transforms(spec.mean, spec.std, size=32, resize=36, augment=augment))
+    model = create_model(backbone, len(sets["train"].classes), "none")
+    return spec, model, make_loaders(sets, batch, seed=seed)
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_loop_lowers_loss_and_beats_chance(tiny_data, tiny_backbone):
+    spec, model, loaders = _setup(tiny_data)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    hist = train_model(model, loaders, nn.CrossEntropyLoss(), opt, num_epochs=6, progress=False, log=lambda s: None)
+    val = hist.val()
+    assert val[0]["epoch"] == 0 and len(val) == 6
+    assert val[-1]["loss"] < val[0]["loss"]
+    assert hist.best_acc >= 0.9  # chance is 0.5
+    train = [r for r in hist.rows if r["phase"] == "train"]
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert set(hist.rows[0]) == {"epoch", "phase", "loss", "acc", "seconds", "images_per_s"}
+
+
+def test_epoch_zero_only_validates_and_changes_nothing(tiny_data, tiny_backbone):
+    spec, model, loaders = _setup(tiny_data)
+    before = _state(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    hist = train_model(model, loaders, nn.CrossEntropyLoss(), opt, num_epochs=1, progress=False, log=lambda s: None)
+    assert [(r["epoch"], r["phase"]) for r in hist.rows] == [(0, "val")]
+    after = model.state_dict()
+    for name, tensor in before.items():  # weights *and* BatchNorm buffers: eval mode moved nothing
+        assert torch.equal(tensor, after[name]), name
+    assert hist.best_epoch == 0
+
+
+def test_loss_and_accuracy_are_weighted_over_the_whole_dataset(tiny_data, tiny_backbone):
+    # 12 val images in batches of 5 (5, 5, 2): the epoch figures must equal a one-batch computation
+    spec, model, loaders = _setup(tiny_data, batch=5)
+    hist = train_model(model, loaders, nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.1),
+                       num_epochs=1, progress=False, log=lambda s: None)
+    model.eval()
+    xs, ys = zip(*[loaders["val"].dataset[i] for i in range(len(loaders["val"].dataset))])
+    with torch.no_grad():
+        out = model(torch.stack(xs))
+    y = torch.tensor(ys)
+    assert hist.rows[0]["loss"] == pytest.approx(nn.functional.cross_entropy(out, y).item(), rel=1e-5)
+    assert hist.rows[0]["acc"] == pytest.approx((out.argmax(1) == y).float().mean().item())
+
+
+@pytest.mark.parametrize("frozen_bn_eval", [True, False])
+def test_frozen_parameters_stay_bit_identical(tiny_data, tiny_backbone, frozen_bn_eval):
+    spec, model, loaders = _setup(tiny_data)
+    set_trainable(model, spec, ["head"])
+    before = _state(model)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    train_model(model, loaders, nn.CrossEntropyLoss(), opt, num_epochs=3, frozen_bn_eval=frozen_bn_eval,
+                progress=False, log=lambda s: None)
+    after = model.state_dict()
+    for name, _ in model.named_parameters():
+        if name.startswith("fc."):
+            assert not torch.equal(before[name], after[name]), f"{name} should have trained"
+        else:
+            assert torch.equal(before[name], after[name]), f"frozen {name} moved"
+    stats = [n for n in before if "running_" in n]
+    moved = [n for n in stats if not torch.equal(before[n], after[n])]
+    if frozen_bn_eval:
+        assert moved == []  # the frozen-BN policy keeps ImageNet statistics
+    else:
+        assert moved == stats  # what 001/003 do: requires_grad=False does not stop running stats
+
+
+def test_same_seed_same_history(tiny_data, tiny_backbone, tmp_path):
+    recipe = Recipe(name="t", source="test", strategy="all", backbone="tiny", weights="none",
+                    lrs={"all": 1e-2}, train_epochs=2, batch_size=4)
+
+    def build(model, spec, r):
+        return model, torch.optim.Adam(model.parameters(), lr=r.lrs["all"])
+
+    def once(i):
+        opts = RunOptions(data=tiny_data, seed=3, workers=0, out=tmp_path / f"runs{i}", image_size=32,
+                          progress=False)
+        return run(recipe, build, opts, log=lambda s: None).history.rows
+
+    a, b = once(0), once(1)
+    strip = [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in a]
+    assert strip == [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in b]
+
+
+def test_three_classes_end_to_end(three_class_data, tiny_backbone, tmp_path):
+    from experiments import resnet_scratch
+
+    opts = RunOptions(data=three_class_data, backbone="tiny", epochs=5, workers=0, out=tmp_path, image_size=32,
+                      lr_scale=100, progress=False)
+    result = run(resnet_scratch.RECIPE, resnet_scratch.build, opts, log=lambda s: None)
+    assert result.classes == ["class_0", "class_1", "class_2"]
+    assert result.model.fc.out_features == 3
+    assert result.history.best_acc > 0.8  # chance is 1/3
+    assert (result.run_dir / "config.json").exists() and (result.run_dir / "history.csv").exists()
+
+
+def test_non_finite_loss_stops_before_the_update(tiny_data, tiny_backbone):
+    spec, model, loaders = _setup(tiny_data)
+    with torch.no_grad():
+        model.fc.weight.fill_(math.nan)
+    before = _state(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(NonFiniteLoss, match="loss became nan"):
+        train_model(model, loaders, nn.CrossEntropyLoss(), opt, num_epochs=2, progress=False, log=lambda s: None)
+    for name, tensor in before.items():
+        assert torch.equal(tensor, model.state_dict()[name]) or torch.isnan(tensor).all()
+
+
+def test_single_logit_predictions():
+    outputs = torch.tensor([[-2.0], [0.5], [3.0]])
+    assert predictions(outputs).tolist() == [0, 1, 1]
+    assert predictions(torch.tensor([[0.1, 0.9], [2.0, -1.0]])).tolist() == [1, 0]
+
+
+def test_history_round_trips_through_a_dict():
+    h = History(rows=[{"epoch": 0, "phase": "val", "loss": 1.0, "acc": 0.5, "seconds": 1, "images_per_s": 2}],
+                best_epoch=0, best_acc=0.5, best_loss=1.0)
+    assert History.from_dict(h.to_dict()).to_dict() == h.to_dict()

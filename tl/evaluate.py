@@ -1,0 +1,190 @@
+"""Scoring saved models and classifying single images (inference only: nothing trains here).
+
+* `evaluate`: loss, accuracy, per-class accuracy and the confusion matrix of a model
+  on one split. The confusion matrix says *which* mistakes are made: 90% accuracy can
+  mean "every bee called an ant" on an unbalanced set.
+* `evaluate_folder`: document 001's `eval_model` (5-24) done right: every per-epoch
+  file of a run, ordered by epoch, one row each. 001's version returns inside the loop
+  after the first file and thresholds class *indices* at 0.5 (docs/ERRATA.md).
+* `predict_images`: document 002 §1.1's ILSVRCPredictor: top classes with
+  probabilities, with the class names stored in the run (or ImageNet's 1000 names,
+  read from torchvision's weights metadata instead of a downloaded JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+
+from tl import TLError
+from tl.checkpoint import load_into, load_state_file
+from tl.data import build_transforms, image_datasets, load_rgb
+from tl.loop import loss_targets, predictions, resolve_device
+from tl.models import create_model, get_backbone, imagenet_categories
+
+# per-epoch weight files: 001's "03.pth" and 004's "epoch03-loss0.1820-acc0.9412.pth"
+EPOCH_FILE = re.compile(r"^(?:epoch)?(\d+)(?:-loss([\d.]+)-acc([\d.]+))?\.pth$")
+
+
+@dataclass
+class ModelContext:
+    """What is needed to rebuild a saved model: architecture, classes, input size, loss."""
+
+    backbone: str
+    classes: list[str] | None
+    image_size: int = 224
+    single_logit: bool = False
+
+
+def context_for(path: Path, backbone: str | None) -> ModelContext:
+    """Read the run's config.json beside `path` (or inside it, for a folder); else `--backbone`."""
+    folder = path if path.is_dir() else path.parent
+    config_file = folder / "config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        return ModelContext(backbone=backbone or config["recipe"]["backbone"], classes=config["classes"],
+                            image_size=config["options"].get("image_size", 224),
+                            single_logit=config["recipe"].get("loss") == "bce_logit")
+    if not backbone:
+        raise TLError(f"no config.json beside {path}: say which architecture it is with --backbone")
+    return ModelContext(backbone=backbone, classes=None)
+
+
+def load_model(path: Path, ctx: ModelContext, num_classes: int, allow_pickle: bool = False) -> nn.Module:
+    model = create_model(ctx.backbone, 1 if ctx.single_logit else num_classes, "none")
+    load_into(model, load_state_file(path, allow_pickle=allow_pickle), str(path))
+    return model.eval()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int) -> dict:
+    """Loss, accuracy, per-class accuracy and confusion matrix (rows = true class)."""
+    model.eval().to(device)
+    single = None
+    total_loss, confusion = 0.0, torch.zeros(num_classes, num_classes, dtype=torch.long)
+    for inputs, labels in loader:
+        outputs = model(inputs.to(device)).float().cpu()
+        single = outputs.shape[1] == 1
+        criterion = nn.functional.binary_cross_entropy_with_logits if single else nn.functional.cross_entropy
+        total_loss += criterion(outputs, loss_targets(outputs, labels), reduction="sum").item()
+        for t, p in zip(labels.tolist(), predictions(outputs).tolist()):
+            confusion[t, p] += 1
+    n = int(confusion.sum())
+    per_class = (confusion.diag().float() / confusion.sum(1).clamp(min=1)).tolist()
+    return {"loss": total_loss / n, "acc": confusion.diag().sum().item() / n, "per_class_acc": per_class,
+            "confusion": confusion, "n": n}
+
+
+def format_evaluation(result: dict, classes: list[str]) -> str:
+    width = max(len(c) for c in classes) + 2
+    lines = [f"loss {result['loss']:.4f}  accuracy {result['acc']:.4f}  ({result['n']} images)", "per class:"]
+    lines += [f"  {c:<{width}} {a:.4f}" for c, a in zip(classes, result["per_class_acc"])]
+    lines.append("confusion matrix (rows: true, columns: predicted):")
+    lines.append(" " * (width + 2) + "".join(f"{c[:8]:>9}" for c in classes))
+    for c, row in zip(classes, result["confusion"].tolist()):
+        lines.append(f"  {c:<{width}}" + "".join(f"{v:>9}" for v in row))
+    return "\n".join(lines)
+
+
+def epoch_files(folder: Path) -> list[tuple[int, Path]]:
+    """Per-epoch weight files in `folder`, ordered by epoch number (not by name)."""
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := EPOCH_FILE.match(p.name))]
+    return sorted(found)
+
+
+def _split_loader(data: Path, split: str, ctx: ModelContext, batch_size: int = 32):
+    spec = get_backbone(ctx.backbone)
+    resize = round(ctx.image_size * 256 / 224)
+    transforms = build_transforms(spec.mean, spec.std, size=ctx.image_size, resize=resize, augment=False)
+    sets = image_datasets(data, transforms, phases=(split,))
+    if split not in sets:
+        raise TLError(f"{data} has no {split}/ folder")
+    ds = sets[split]
+    if ctx.classes is not None and ds.classes != ctx.classes:
+        raise TLError(f"the model was trained on classes {ctx.classes}, but {data / split} has {ds.classes}")
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size), ds.classes
+
+
+def evaluate_command(args) -> None:
+    """`main.py --evaluate PATH --data DIR [--split test]`: one file, or every epoch file in a folder."""
+    from tl.data import resolve_data_dir
+
+    path: Path = args.evaluate
+    if not path.exists():
+        raise TLError(f"no such file or folder: {path}")
+    ctx = context_for(path, args.backbone)
+    loader, classes = _split_loader(resolve_data_dir(args.data), args.split, ctx)
+    device = resolve_device(args.device)
+    if path.is_file():
+        model = load_model(path, ctx, len(classes), args.allow_pickle)
+        print(format_evaluation(evaluate(model, loader, device, len(classes)), classes))
+        return
+    files = epoch_files(path)
+    if not files:
+        raise TLError(f"{path} holds no per-epoch weight files (00.pth, 01.pth, ... from --save-every-epoch)")
+    rows = []
+    for epoch, file in files:
+        result = evaluate(load_model(file, ctx, len(classes), args.allow_pickle), loader, device, len(classes))
+        rows.append({"epoch": epoch, "file": file.name, "loss": result["loss"], "acc": result["acc"],
+                     **{f"acc_{c}": a for c, a in zip(classes, result["per_class_acc"])}})
+        print(f"epoch {epoch:>3}  {file.name:<40} loss {result['loss']:.4f}  acc {result['acc']:.4f}")
+    table = pd.DataFrame(rows)
+    out = path / f"eval_{args.split}.csv"
+    table.to_csv(out, index=False)
+    best = table.loc[table.acc.idxmax()]
+    print(f"best {args.split} accuracy {best.acc:.4f} at epoch {int(best.epoch)}; wrote {out}")
+
+
+@torch.no_grad()
+def predict_images(model: nn.Module, images: list[Path], classes: list[str], mean, std, size: int = 224,
+                   top: int = 3) -> list[tuple[Path, list[tuple[str, float]] | str]]:
+    """For each image: its top classes with probabilities, or why it could not be read."""
+    transform = build_transforms(mean, std, size=size, resize=round(size * 256 / 224), augment=False)["val"]
+    model.eval()
+    results = []
+    for path in images:
+        try:
+            x = transform(load_rgb(path)).unsqueeze(0)  # (1, 3, H, W): a batch of one
+        except Exception as exc:
+            results.append((path, f"cannot read {path}: {type(exc).__name__}: {exc}".splitlines()[0]))
+            continue
+        logits = model(x)[0]
+        if logits.numel() == 1:  # one logit: P(class 1) = sigmoid
+            p1 = torch.sigmoid(logits[0]).item()
+            probs = torch.tensor([1 - p1, p1])
+        else:
+            probs = logits.softmax(0)
+        values, indices = probs.topk(min(top, len(probs)))
+        results.append((path, [(classes[i], v) for v, i in zip(values.tolist(), indices.tolist())]))
+    return results
+
+
+def predict_command(args) -> int:
+    """`main.py --predict IMG... [--checkpoint best.pth]`; without a checkpoint, ImageNet names."""
+    if args.checkpoint:
+        ctx = context_for(args.checkpoint, args.backbone)
+        if ctx.classes is None:
+            raise TLError(f"no config.json beside {args.checkpoint}, so its class names are unknown")
+        model = load_model(args.checkpoint, ctx, len(ctx.classes), args.allow_pickle)
+        classes = ctx.classes
+    else:
+        ctx = ModelContext(backbone=args.backbone or "efficientnet_lite0", classes=None)
+        model = create_model(ctx.backbone, 1000, "imagenet")  # the untouched ImageNet classifier
+        classes = imagenet_categories()
+    spec = get_backbone(ctx.backbone)
+    failed = 0
+    for path, result in predict_images(model, args.predict, classes, spec.mean, spec.std, ctx.image_size):
+        if isinstance(result, str):
+            print(f"error: {result}")
+            failed += 1
+        else:
+            print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in result))
+    if failed:
+        raise TLError(f"{failed} of {len(args.predict)} image(s) could not be read")
+    return 0
