@@ -62,10 +62,21 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--evaluate", metavar="PATH", type=Path,
                       help="score a .pth/.ckpt file, or every epoch file in a run folder")
     what.add_argument("--predict", metavar="IMAGE", nargs="+", type=Path, help="classify image file(s)")
+    what.add_argument("--prepare", choices=["dogs-vs-cats"],
+                      help="split Kaggle's flat dogs-vs-cats train/ folder (--src) into --dest/{train,val,test}")
+    what.add_argument("--show-data", action="store_true",
+                      help="write augmentation.png and batch.png of the data set to OUT/data-preview/")
 
     data = p.add_argument_group("data")
     data.add_argument("--data", metavar="DIR", help="folder with train/ and val/ class folders "
                       "(default: $TL_DATA_DIR or data/hymenoptera_data, downloaded when online)")
+    data.add_argument("--src", type=Path, help="with --prepare: the flat folder of cat.N.jpg / dog.N.jpg")
+    data.add_argument("--dest", type=Path, help="with --prepare: where train/ val/ test/ are created")
+    data.add_argument("--force", action="store_true", help="with --prepare: replace the splits in a non-empty --dest")
+    data.add_argument("--val-split", type=_positive_float, metavar="FRACTION",
+                      help="data folder has only class folders: hold out this fraction per class as val")
+    data.add_argument("--verify-images", action="store_true",
+                      help="decode every image fully before training (finds truncated files; slower)")
     data.add_argument("--split", default="val", choices=["train", "val", "test"], help="split for --evaluate")
     data.add_argument("--no-augment", action="store_true", help="train on the val transform (no random crop/flip)")
     data.add_argument("--workers", type=_non_negative_int, default=2, help="DataLoader worker processes (default 2)")
@@ -83,10 +94,27 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                        help="mixed precision on CUDA (bf16, or fp16 with a grad scaler)")
     model.add_argument("--seed", type=int, default=0)
+    model.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                       help="NHWC memory layout (default: on for CUDA, off on CPU, where it measured no gain)")
+
+    speed = p.add_argument_group("caches (tl/features.py, tl/data.py)")
+    speed.add_argument("--feature-cache", action=argparse.BooleanOptionalAction, default=True,
+                       help="for frozen recipes, compute the frozen part once (default on where exact)")
+    speed.add_argument("--cache-views", type=_non_negative_int, default=0,
+                       help="with augmentation, precompute K augmented views per train image (default 0: val only)")
+    speed.add_argument("--cache-limit-gb", type=_positive_float, default=2.0, help="largest cache allowed")
+    speed.add_argument("--image-cache", action="store_true",
+                       help="decode and resize every image once and keep it in memory")
 
     out = p.add_argument_group("output")
     out.add_argument("--out", type=Path, default=Path("runs"), help="parent folder of run folders")
     out.add_argument("--save-every-epoch", action="store_true", help="also write 00.pth, 01.pth, ... (001)")
+    out.add_argument("--informative-names", action="store_true",
+                     help="with --save-every-epoch: name files epoch03-loss0.1820-acc0.9412.pth (004)")
+    model.add_argument("--patience", type=_positive_int,
+                       help="early stopping: stop after N epochs without a new best val --monitor (004 §2.3)")
+    model.add_argument("--monitor", choices=["acc", "loss"], default="acc",
+                       help="val metric that defines the best epoch (best.pth, early stopping)")
     out.add_argument("--quick", action="store_true",
                      help="smoke run: 8 images per class, 1 training epoch, 64-pixel images, no workers")
     out.add_argument("--no-progress", action="store_true", help="no tqdm bars")
@@ -115,7 +143,11 @@ def run_options(args: argparse.Namespace):
         data=resolve_data_dir(args.data), backbone=args.backbone, weights=args.weights, epochs=args.epochs,
         batch_size=args.batch_size, lr_scale=args.lr_scale, device=args.device, seed=args.seed,
         workers=args.workers, out=args.out, augment=not args.no_augment,
-        save_every_epoch=args.save_every_epoch, amp=args.amp, progress=not args.no_progress)
+        save_every_epoch=args.save_every_epoch, amp=args.amp, progress=not args.no_progress,
+        channels_last=args.channels_last, feature_cache=args.feature_cache, cache_views=args.cache_views,
+        cache_limit_gb=args.cache_limit_gb, image_cache=args.image_cache, patience=args.patience,
+        monitor=args.monitor, informative_names=args.informative_names, val_split=args.val_split,
+        verify_images=args.verify_images)
     if args.quick:
         opts.max_per_class, opts.image_size, opts.workers = 8, 64, 0
         opts.epochs = opts.epochs or 1
@@ -140,9 +172,13 @@ def resume(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    actions = [a for a in ("experiment", "list", "resume", "evaluate", "predict") if getattr(args, a)]
+    actions = [a for a in ("experiment", "list", "resume", "evaluate", "predict", "show_data", "prepare")
+               if getattr(args, a)]
     if len(actions) != 1:
-        parser.error("choose exactly one of --experiment, --list, --resume, --evaluate, --predict")
+        parser.error("choose exactly one of --experiment, --list, --resume, --evaluate, --predict, --show-data, "
+                     "--prepare")
+    if args.prepare and not (args.src and args.dest):
+        parser.error("--prepare needs --src DIR and --dest DIR")
     try:
         if args.list:
             print(list_recipes())
@@ -166,6 +202,17 @@ def main(argv: list[str] | None = None) -> int:
             from tl.evaluate import predict_command
 
             predict_command(args)
+        elif args.prepare:
+            from tl.data import prepare_dogs_vs_cats
+
+            prepare_dogs_vs_cats(args.src, args.dest, force=args.force)
+        elif args.show_data:
+            from tl.data import resolve_data_dir
+            from tl.plots import data_preview
+
+            for path in data_preview(resolve_data_dir(args.data), args.backbone or "resnet18",
+                                     args.out / "data-preview", seed=args.seed):
+                print(f"wrote {path}")
     except TLError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

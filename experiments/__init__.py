@@ -19,6 +19,7 @@ NAMES = (
     "resnet_bn_only",
     "vgg_transfer",
     "vgg_finetune",
+    "vgg_stacked",
 )
 
 

@@ -44,12 +44,12 @@ RUN_COLUMNS = [
     "experiment", "source", "backbone", "weights", "strategy", "seed", "status", "reason",
     "trainable_params", "total_params", "train_epochs", "batch_size", "optimizer", "learning_rates",
     "baseline_val_acc", "best_val_acc", "best_epoch", "final_val_acc", "final_val_loss",
-    "train_seconds", "train_images_per_s", "device", "torch", "date", "run",
+    "train_seconds", "train_images_per_s", "feature_cache", "device", "torch", "date", "run",
 ]
 MEAN_STD = ["best_val_acc", "final_val_acc"]  # reported as mean and std over seeds
 MEAN_ONLY = ["baseline_val_acc", "best_epoch", "train_seconds", "train_images_per_s"]
 CONSTANT = ["source", "weights", "strategy", "trainable_params", "total_params", "train_epochs",
-            "batch_size", "optimizer", "learning_rates", "device", "torch"]
+            "batch_size", "optimizer", "learning_rates", "feature_cache", "device", "torch"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,7 +80,8 @@ def run_one(name: str, backbone: str, seed: int, args: argparse.Namespace, runs_
     """One recipe x backbone x seed -> one row of runs.csv (status ok / not run / failed)."""
     module = get_experiment(name)
     opts = RunOptions(data=args.data_dir, backbone=None if backbone == "own" else backbone, epochs=args.epochs,
-                      seed=seed, workers=args.workers, device=args.device, out=runs_dir, progress=False)
+                      seed=seed, workers=args.workers, device=args.device, out=runs_dir, progress=False,
+                      plots=False)
     if args.quick:
         opts.max_per_class, opts.image_size, opts.workers = 8, 64, 0
         opts.epochs = opts.epochs or 1
@@ -103,6 +104,7 @@ def run_one(name: str, backbone: str, seed: int, args: argparse.Namespace, runs_
         "status": "ok", "reason": "", "weights": cfg["weights_kind"], "optimizer": cfg["optimizer"],
         "learning_rates": ", ".join(f"{g['name']} {g['lr']:g}" for g in cfg["param_groups"]),
         "trainable_params": cfg["trainable_params"], "total_params": cfg["total_params"], "device": cfg["device"],
+        "feature_cache": cfg.get("feature_cache", "off"),
         **{k: res[k] for k in ("baseline_val_acc", "best_val_acc", "best_epoch", "final_val_acc",
                                "final_val_loss", "train_seconds", "train_images_per_s")},
     }
@@ -189,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "history").mkdir(parents=True, exist_ok=True)
     runs_dir = args.runs_dir or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     plan = [(e, b, s) for e in args.experiments for b in args.backbone for s in args.seeds]
+    commit = git_commit()  # read now: the code that runs is the code loaded at the start
     started = time.time()
     rows = []
     for i, (name, backbone, seed) in enumerate(plan, 1):
@@ -200,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
     runs = pd.DataFrame(rows).reindex(columns=RUN_COLUMNS)
     command = "python -m experiments.compare_all " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    meta = {"command": command, "machine": machine_description(), "commit": git_commit(),
+    meta = {"command": command, "machine": machine_description(), "commit": commit,
             "date": time.strftime("%Y-%m-%d %H:%M"), "data": str(args.data_dir),
             "quick": args.quick, "total_minutes": round((time.time() - started) / 60, 1)}
     summary = write_outputs(out, runs, meta)

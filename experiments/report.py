@@ -2,8 +2,8 @@
 
     python -m experiments.report [results/]
 
-For the project's own `results/` it also rewrites the results table in the top-level
-README.md (between its `<!-- results:start -->` and `<!-- results:end -->` markers).
+For the project's own `results/` it also rewrites the results blocks (between
+`<!-- results:start -->` and `<!-- results:end -->`) of README.md and docs/RECIPES.md.
 
 Every number in the page is read from the CSV that compare_all wrote, so rerunning the
 comparison and then this script rewrites the page to match.
@@ -27,6 +27,10 @@ NOTES = {  # what each recipe is meant to show; the figures that follow come fro
 }
 
 
+def _text(x, default: str = "") -> str:
+    return default if x is None or (isinstance(x, float) and pd.isna(x)) else str(x)
+
+
 def _pct(x) -> str:
     return "" if pd.isna(x) else f"{100 * x:.1f}"
 
@@ -40,7 +44,7 @@ def _acc(mean, std) -> str:
 def table(summary: pd.DataFrame) -> str:
     head = ("| experiment | from | backbone | weights | trainable / total params | epochs | batch | optimizer, lr "
             "| epoch-0 val acc % | best val acc % | final val acc % | best epoch | seeds | train s | train img/s "
-            "| status |")
+            "| feature cache | status |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for _, r in summary.iterrows():
         params = (f"{int(r.trainable_params):,} / {int(r.total_params):,}"
@@ -53,7 +57,8 @@ def table(summary: pd.DataFrame) -> str:
             f"| {_acc(r.final_val_acc_mean, r.final_val_acc_std)} "
             f"| {'' if pd.isna(r.best_epoch_mean) else f'{r.best_epoch_mean:.1f}'} | {r.seeds} "
             f"| {'' if pd.isna(r.train_seconds_mean) else f'{r.train_seconds_mean:.0f}'} "
-            f"| {'' if pd.isna(r.train_images_per_s_mean) else f'{r.train_images_per_s_mean:.1f}'} | {status} |")
+            f"| {'' if pd.isna(r.train_images_per_s_mean) else f'{r.train_images_per_s_mean:.1f}'} "
+            f"| {_text(r.get('feature_cache'), 'off' if r.status == 'ok' else '')} | {status} |")
     return "\n".join(lines)
 
 
@@ -88,6 +93,7 @@ def write_report(out: str | Path) -> Path:
         f"- machine: {meta.get('machine', '?')}",
         f"- code: commit {meta.get('commit', '?')}, run on {meta.get('date', '?')}, "
         f"{meta.get('total_minutes', '?')} minutes in all",
+        *([f"- note: {meta['note']}"] if meta.get("note") else []),
         f"- data: `{meta.get('data', '?')}`" + (" (**--quick smoke run, not a result**)" if meta.get("quick") else ""),
         "",
         "Accuracies are on the val split, in %, as mean ± sample std over seeds. *epoch-0* is the untrained",
@@ -107,27 +113,32 @@ def write_report(out: str | Path) -> Path:
     return path
 
 
-def update_readme_block(readme: str | Path, results: str | Path) -> bool:
-    """Replace the text between `<!-- results:start -->` and `<!-- results:end -->` in the
-    project README with the table from `results/summary.csv`. Returns False if no markers."""
-    readme, results = Path(readme), Path(results)
-    text = readme.read_text()
+def update_block(path: str | Path, results: str | Path, paragraphs: bool = False) -> bool:
+    """Replace the text between `<!-- results:start -->` and `<!-- results:end -->` in `path`
+    with the table (or the per-recipe paragraphs) from `results/summary.csv`.
+    Returns False if the file has no such markers."""
+    path, results = Path(path), Path(results)
+    text = path.read_text()
     start, end = "<!-- results:start -->", "<!-- results:end -->"
     if start not in text or end not in text:
         return False
     summary = pd.read_csv(results / "summary.csv")
     meta = json.loads((results / "meta.json").read_text()) if (results / "meta.json").exists() else {}
+    body = ("\n".join(paragraph(r, summary) + "\n" for _, r in summary.iterrows()) if paragraphs
+            else table(summary))
     block = (f"{start}\nProduced by `{meta.get('command', '?')}` on {meta.get('machine', '?')} "
              f"(commit {meta.get('commit', '?')}, {meta.get('date', '?')}, {meta.get('total_minutes', '?')} min).\n\n"
-             f"{table(summary)}\n{end}")
+             f"{body}\n{end}")
     head, rest = text.split(start, 1)
-    readme.write_text(head + block + rest.split(end, 1)[1])
+    path.write_text(head + block + rest.split(end, 1)[1])
     return True
 
 
 if __name__ == "__main__":
     results_dir = Path(sys.argv[1] if len(sys.argv) > 1 else "results")
     print(write_report(results_dir))
-    if results_dir.resolve() == (Path(__file__).resolve().parents[1] / "results") and update_readme_block(
-            Path(__file__).resolve().parents[1] / "README.md", results_dir):
-        print("updated the results table in README.md")
+    root = Path(__file__).resolve().parents[1]
+    if results_dir.resolve() == root / "results":  # the project's own results: refresh the study pages too
+        for page, paragraphs in ((root / "README.md", False), (root / "docs" / "RECIPES.md", True)):
+            if update_block(page, results_dir, paragraphs):
+                print(f"updated the results block in {page.relative_to(root)}")

@@ -26,17 +26,27 @@ DOGS_VS_CATS = SHARED_DATA / "dogs-vs-cats-subset"
 COLOURS = [(200, 40, 40), (40, 40, 200), (40, 200, 40)]
 
 
+_connect = socket.socket.connect
+
+
+def _refuse_internet(sock, address, *args, **kwargs):
+    # Internet sockets fail at once; Unix sockets (DataLoader workers share tensors through them) work.
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        raise OSError("network access is blocked in tests")
+    return _connect(sock, address, *args, **kwargs)
+
+
+def block_network(monkeypatch, torch_home: Path) -> None:
+    monkeypatch.setattr(socket.socket, "connect", _refuse_internet)
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    monkeypatch.setenv("TL_CACHE_DIR", str(torch_home.parent / "feature-cache"))  # no stray caches in $HOME
+
+
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch, tmp_path):
-    """Tests never touch the network: any socket connection fails at once, and the torch
+    """Tests never touch the network: any internet connection fails at once, and the torch
     hub cache is an empty temporary folder, so no real cached weights are found either."""
-
-    def refuse(*args, **kwargs):
-        raise OSError("network access is blocked in tests")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    block_network(monkeypatch, tmp_path / "torch_home")
     monkeypatch.delenv("TL_DATA_DIR", raising=False)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import pandas as pd
 import pytest
 from PIL import Image
@@ -20,17 +18,13 @@ SUMMARY_COLUMNS = {
 
 @pytest.fixture(scope="module")
 def comparison(tmp_path_factory):
-    from tests.conftest import write_image_folder
+    from tests.conftest import block_network, write_image_folder
 
     tmp = tmp_path_factory.mktemp("compare")
     data = write_image_folder(tmp / "data", size=64)
     out = tmp / "results"
-    def refuse(*args, **kwargs):
-        raise OSError("network access is blocked in tests")
-
     with pytest.MonkeyPatch.context() as mp:  # module-scoped, so conftest's autouse block is not active yet
-        mp.setattr(socket.socket, "connect", refuse)
-        mp.setenv("TORCH_HOME", str(tmp / "torch_home"))
+        block_network(mp, tmp / "torch_home")
         code = compare_all.main(["--quick", "--data", str(data), "--backbone", "efficientnet_lite0", "own",
                                  "--seeds", "0", "1", "--out", str(out), "--runs-dir", str(tmp / "runs"),
                                  "--workers", "0"])

@@ -20,6 +20,7 @@ DOCUMENTS = {
     "resnet_bn_only": (torch.optim.Adam, {"all": 1e-3}, 10, 32),
     "vgg_transfer": (torch.optim.SGD, {"head": 1e-3}, 1, 32),
     "vgg_finetune": (torch.optim.SGD, {"body": 1e-4, "neck": 5e-4, "head": 1e-3}, 1, 32),
+    "vgg_stacked": (torch.optim.Adam, {"head": 1e-3}, 5, 32),  # 004 gives none of these numbers
 }
 
 
@@ -27,7 +28,7 @@ def _build(name, backbone=None):
     module = get_experiment(name)
     recipe = module.RECIPE
     spec = get_backbone(backbone or recipe.backbone)
-    model = create_model(spec.name, 2, "none")
+    model = create_model(spec.name, 1 if recipe.loss == "bce_logit" else 2, "none", stack=recipe.stack_head)
     return module.build(model, spec, recipe)
 
 
@@ -88,6 +89,8 @@ def test_strategy_survives_a_backbone_swap(name):
     head = {"classifier.weight", "classifier.bias"}
     if name in ("resnet_frozen", "vgg_transfer"):
         assert trainable == head
+    elif name == "vgg_stacked":
+        assert trainable == {"dense.weight", "dense.bias"} and model.dense.in_features == 1000
     elif name == "resnet_bn_only":
         assert head < trainable and all(".bn" in n or n.startswith(("bn", "classifier")) for n in trainable)
     else:

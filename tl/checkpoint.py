@@ -21,6 +21,7 @@ leaves either the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
@@ -141,7 +142,8 @@ def save_checkpoint(path: str | os.PathLike, *, epoch: int, model: nn.Module, op
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "history": history,
-        "config": config,
+        # plain JSON types only: weights_only loading rejects any other Python object
+        "config": json.loads(json.dumps(config, default=str)),
         "classes": classes,
         "rng": rng_state(loader_generator),
     }, path)

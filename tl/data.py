@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 import random
+import re
+import shutil
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -266,6 +268,42 @@ def make_loaders(
     return loaders
 
 
+class DecodedImages(torch.utils.data.Dataset):
+    """Every image of `folder` decoded once and resized (shorter side `resize`), kept as
+    uint8 tensors (3, H, W), so epochs after the first do no JPEG decoding.
+
+    The folder's own transform still runs on each access: the random crop and flip of the
+    train phase stay random. The val pipeline's `Resize(resize)` then has nothing left to
+    do, so val tensors are the same as without the cache; train crops are cut from the
+    resized image instead of the full-size photo, a small difference in sharpness.
+    """
+
+    def __init__(self, folder: CheckedImageFolder, resize: int):
+        self.samples, self.targets, self.classes = folder.samples, folder.targets, folder.classes
+        self.transform, self.root, self.skipped = folder.transform, folder.root, folder.skipped
+        shrink = v2.Resize(resize, antialias=True)
+        self.images = [shrink(v2.functional.pil_to_tensor(load_rgb(path))) for path, _ in folder.samples]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.transform(self.images[i]), self.targets[i]
+
+
+def decoded_images(folder: CheckedImageFolder, resize: int, limit_gb: float, log=print):
+    """`DecodedImages(folder)` if its tensors fit in `limit_gb`, else `folder` unchanged."""
+    needed = 0
+    for path, _ in folder.samples:
+        with Image.open(path) as img:  # the header gives the size without decoding
+            w, h = img.size
+        needed += 3 * resize * round(resize * max(w, h) / min(w, h))
+    if needed > limit_gb * 2**30:
+        log(f"image cache for {folder.root} would need {needed / 2**30:.2f} GB > {limit_gb} GB: decoding per epoch")
+        return folder
+    return DecodedImages(folder, resize)
+
+
 # ----------------------------------------------------------------------------- where the data lives
 def resolve_data_dir(arg: str | None) -> Path:
     """`--data DIR`, else `$TL_DATA_DIR`, else `data/hymenoptera_data` (downloaded on first use)."""
@@ -296,6 +334,104 @@ def _offline_data_message(dest, exc: Exception | None = None) -> str:
     return (f"no data folder given and the default could not be downloaded{why}.\n"
             f"  Either pass --data DIR (a folder with train/ and val/ class folders), set TL_DATA_DIR,\n"
             f"  or go online once so {HYMENOPTERA_URL} can be unpacked into {dest}/.")
+
+
+# ----------------------------------------------------------------------------- dogs vs cats (document 000)
+KAGGLE_NAME = re.compile(r"^(cat|dog)\.(\d+)\.jpg$", re.IGNORECASE)
+SPLIT_FRACTIONS = (("train", 0.64), ("val", 0.18), ("test", 0.18))  # 000: 16,000 / 4,500 / 4,500 of 25,000
+
+
+def prepare_dogs_vs_cats(src: str | os.PathLike, dest: str | os.PathLike, *, force: bool = False,
+                         log=print) -> dict:
+    """Split Kaggle's flat `train/` folder (`cat.123.jpg`, `dog.45.jpg`) into
+    `dest/{train,val,test}/{cat,dog}/`, as document 000 does.
+
+    Per class, files are ordered by the index in their name; the first 64% go to train, the
+    next 18% to val, the rest to test (8,000 / 2,250 / 2,250 per class on the full 25,000),
+    so the same input always gives the same split. Files are hard-linked where the file
+    system allows (no second copy on disk), else symlinked, else copied. Names that do not
+    match `cat.N.jpg` / `dog.N.jpg` are reported and left out. A non-empty `dest` is refused
+    unless `force`, which first removes its train/val/test folders.
+    """
+    src, dest = Path(src), Path(dest)
+    if not src.is_dir():
+        raise TLError(f"--src {src} is not a folder (expected Kaggle's dogs-vs-cats train/ with cat.N.jpg files)")
+    by_class: dict[str, list[tuple[int, Path]]] = {"cat": [], "dog": []}
+    ignored = []
+    for path in sorted(src.iterdir()):
+        m = KAGGLE_NAME.match(path.name)
+        if m and path.is_file():
+            by_class[m.group(1).lower()].append((int(m.group(2)), path))
+        else:
+            ignored.append(path.name)
+    if not all(by_class.values()):
+        raise TLError(f"{src} has no cat.N.jpg or no dog.N.jpg files: is it Kaggle's dogs-vs-cats train/ folder?")
+    if dest.exists() and any(dest.iterdir()):
+        if not force:
+            raise TLError(f"{dest} is not empty; choose another --dest or pass --force to replace its splits")
+        for phase, _ in SPLIT_FRACTIONS:
+            shutil.rmtree(dest / phase, ignore_errors=True)
+    counts: dict[str, dict[str, int]] = {}
+    methods: Counter = Counter()
+    for name, files in by_class.items():
+        files.sort()  # by index: cat.2 before cat.10
+        n = len(files)
+        n_train, n_val = round(n * SPLIT_FRACTIONS[0][1]), round(n * SPLIT_FRACTIONS[1][1])
+        bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, n)}
+        for phase, (lo, hi) in bounds.items():
+            folder = dest / phase / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for _, path in files[lo:hi]:
+                methods[_link_or_copy(path, folder / path.name)] += 1
+            counts.setdefault(phase, {})[name] = hi - lo
+    log(f"prepared {dest}: " + "; ".join(f"{p} " + ", ".join(f"{c} {k}" for c, k in v.items())
+                                         for p, v in counts.items()))
+    log("files " + ", ".join(f"{how} {k}" for how, k in methods.items()))
+    if ignored:
+        log(f"left out {len(ignored)} file(s) not named cat.N.jpg / dog.N.jpg: {', '.join(ignored[:5])}"
+            + (" ..." if len(ignored) > 5 else ""))
+    return {"counts": counts, "methods": dict(methods), "ignored": ignored}
+
+
+def _link_or_copy(src: Path, dst: Path) -> str:
+    try:
+        os.link(src, dst)  # same file, second name: no extra disk space
+        return "hard-linked"
+    except OSError:
+        pass
+    try:
+        dst.symlink_to(src.resolve())
+        return "symlinked"
+    except OSError:
+        shutil.copy2(src, dst)
+        return "copied"
+
+
+def split_datasets(root: str | os.PathLike, transforms: dict[str, v2.Compose], val_fraction: float, *,
+                   seed: int = 0, verify: bool = False) -> dict[str, CheckedImageFolder]:
+    """`--val-split 0.2`: train/val from a folder of class folders with no split of its own.
+
+    Per class, a seeded shuffle sends `val_fraction` of the files to val, the rest to train
+    (nothing is copied: both data sets read the same files)."""
+    root = Path(root)
+    if not 0 < val_fraction < 1:
+        raise TLError(f"--val-split must be between 0 and 1, got {val_fraction}")
+    if not root.is_dir() or not _class_dirs(root):
+        raise TLError(f"--val-split needs a folder of class folders; {root} has none")
+    sets = {p: CheckedImageFolder(root, transforms[p], verify=verify) for p in ("train", "val")}
+    rng = random.Random(seed)
+    keep: dict[str, list] = {"train": [], "val": []}
+    for target in range(len(sets["train"].classes)):
+        items = [s for s in sets["train"].samples if s[1] == target]
+        rng.shuffle(items)
+        n_val = max(1, round(len(items) * val_fraction))
+        keep["val"] += sorted(items[:n_val])
+        keep["train"] += sorted(items[n_val:])
+    for phase, ds in sets.items():
+        ds.samples = ds.imgs = keep[phase]
+        ds.targets = [t for _, t in keep[phase]]
+    sets["val"].skipped = []  # the scan's report is the same for both: show it once
+    return sets
 
 
 # Truncated JPEGs make PIL raise mid-decode; CheckedImageFolder handles that per file, so

@@ -40,6 +40,7 @@ class ModelContext:
     classes: list[str] | None
     image_size: int = 224
     single_logit: bool = False
+    stack_head: bool = False
 
 
 def context_for(path: Path, backbone: str | None) -> ModelContext:
@@ -50,14 +51,15 @@ def context_for(path: Path, backbone: str | None) -> ModelContext:
         config = json.loads(config_file.read_text())
         return ModelContext(backbone=backbone or config["recipe"]["backbone"], classes=config["classes"],
                             image_size=config["options"].get("image_size", 224),
-                            single_logit=config["recipe"].get("loss") == "bce_logit")
+                            single_logit=config["recipe"].get("loss") == "bce_logit",
+                            stack_head=config["recipe"].get("stack_head", False))
     if not backbone:
         raise TLError(f"no config.json beside {path}: say which architecture it is with --backbone")
     return ModelContext(backbone=backbone, classes=None)
 
 
 def load_model(path: Path, ctx: ModelContext, num_classes: int, allow_pickle: bool = False) -> nn.Module:
-    model = create_model(ctx.backbone, 1 if ctx.single_logit else num_classes, "none")
+    model = create_model(ctx.backbone, 1 if ctx.single_logit else num_classes, "none", stack=ctx.stack_head)
     load_into(model, load_state_file(path, allow_pickle=allow_pickle), str(path))
     return model.eval()
 

@@ -81,7 +81,8 @@ class History:
 
     rows: {"epoch", "phase", "loss", "acc", "seconds", "images_per_s"}; epoch 0 has a
     "val" row only (the baseline). The best epoch is the one with the highest val
-    accuracy (ties go to the lower val loss); `best_state` holds its weights on the CPU.
+    accuracy (ties go to the lower val loss), or the lowest val loss when the loop is told
+    to monitor the loss; `best_state` holds its weights on the CPU.
     """
 
     rows: list[dict] = field(default_factory=list)
@@ -143,6 +144,7 @@ def train_model(
     on_epoch_end: Callable[[int, History], bool | None] | None = None,
     amp: bool = False,
     channels_last: bool = False,
+    best_by: str = "acc",
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> History:
@@ -151,7 +153,10 @@ def train_model(
     `num_epochs` follows 002: it includes the validation-only epoch 0. `on_epoch_end(epoch,
     history)` runs after every epoch (checkpoints, early stopping); returning True stops
     training. Resuming passes the restored `history` and `start_epoch = last epoch + 1`.
+    `best_by` picks the best epoch by val "acc" (ties: lower loss) or val "loss" (ties: higher acc).
     """
+    if best_by not in ("acc", "loss"):
+        raise ValueError(f"best_by must be 'acc' or 'loss', not {best_by!r}")
     device = torch.device(device)
     history = history if history is not None else History()
     net.to(device)
@@ -213,7 +218,11 @@ def train_model(
         if scheduler is not None and epoch > 0:
             scheduler.step()
         val = history.rows[-1]
-        if val["acc"] > history.best_acc or (val["acc"] == history.best_acc and val["loss"] < history.best_loss):
+        if best_by == "acc":
+            better = (val["acc"], -val["loss"]) > (history.best_acc, -history.best_loss)
+        else:
+            better = (-val["loss"], val["acc"]) > (-history.best_loss, history.best_acc)
+        if better:
             history.best_epoch, history.best_acc, history.best_loss = epoch, val["acc"], val["loss"]
             # a copy on the CPU: the live tensors keep changing as training goes on
             history.best_state = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}

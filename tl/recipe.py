@@ -27,8 +27,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tl import TLError, checkpoint
-from tl.data import build_transforms, describe_skipped, image_datasets, make_loaders
+from tl import TLError, checkpoint, features
+from tl.data import (
+    build_transforms,
+    decoded_images,
+    describe_skipped,
+    image_datasets,
+    make_loaders,
+    split_datasets,
+)
 from tl.loop import History, resolve_device, seed_everything, train_model
 from tl.models import Backbone, create_model, format_parameter_table, get_backbone, parameter_table
 
@@ -49,6 +56,7 @@ class Recipe:
     batch_size: int = 32
     frozen_bn_eval: bool = False  # keep frozen BatchNorm layers in eval mode while training
     loss: str = "cross_entropy"  # or "bce_logit" for a one-logit head
+    stack_head: bool = False  # keep the ImageNet head and stack a new Linear(1000, n) on it (004 §3)
 
     @property
     def num_epochs(self) -> int:
@@ -76,9 +84,20 @@ class RunOptions:
     run_name: str | None = None  # folder name inside `out`; default <experiment>-<backbone>-<time>
     image_size: int = 224  # crop size; the val resize keeps 002's 256/224 ratio
     max_per_class: int | None = None  # use only the first N images of each class (smoke runs)
+    val_split: float | None = None  # split a folder of class folders into train/val (seeded, per class)
+    verify_images: bool = False  # fully decode every image before training (finds truncated files)
     augment: bool = True
     save_every_epoch: bool = False
     amp: bool = True  # mixed precision, only ever used on CUDA
+    channels_last: bool | None = None  # NHWC memory layout; None: on for CUDA, off on CPU (no gain measured)
+    feature_cache: bool = True  # cache what a frozen prefix computes (tl/features.py) when that is exact
+    cache_views: int = 0  # with augmentation: K precomputed augmented views per train image (0: train uncached)
+    cache_limit_gb: float = 2.0  # refuse a feature or image cache larger than this
+    image_cache: bool = False  # decode and resize every image once, keep uint8 tensors in memory
+    patience: int | None = None  # early stopping (004 §2.3): stop after this many epochs without a new best
+    monitor: str = "acc"  # what "best" means for best.pth and early stopping: val "acc" or val "loss"
+    informative_names: bool = False  # per-epoch files named epoch03-loss0.1820-acc0.9412.pth (004)
+    plots: bool = True  # learning curves, confusion matrix and prediction grid in the run folder
     progress: bool = True
 
 
@@ -122,11 +141,17 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, resume: Path | None
     spec = get_backbone(recipe.backbone)
     device = resolve_device(opts.device)
     seed_everything(opts.seed)
+    if device.type == "cuda":
+        # fixed input sizes: let cuDNN time its algorithms once and keep the fastest (002 §1.4)
+        torch.backends.cudnn.benchmark = True
 
     # 1. data: transforms with the backbone's own normalisation, one data set per phase
     resize = round(opts.image_size * 256 / 224)
     transforms = build_transforms(spec.mean, spec.std, size=opts.image_size, resize=resize, augment=opts.augment)
-    sets = image_datasets(opts.data, transforms, max_per_class=opts.max_per_class)
+    if opts.val_split:
+        sets = split_datasets(opts.data, transforms, opts.val_split, seed=opts.seed, verify=opts.verify_images)
+    else:
+        sets = image_datasets(opts.data, transforms, max_per_class=opts.max_per_class, verify=opts.verify_images)
     classes = sets["train"].classes
     if report := describe_skipped(sets):
         log(report)
@@ -137,10 +162,11 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, resume: Path | None
     # 2. model: architecture + weights + new head, then the recipe decides what trains
     # (a resumed run gets its weights from the checkpoint, so it needs no pretrained file)
     weights = "none" if ckpt is not None else recipe.weights
-    model = create_model(recipe.backbone, 1 if recipe.loss == "bce_logit" else len(classes), weights)
+    model = create_model(recipe.backbone, 1 if recipe.loss == "bce_logit" else len(classes), weights,
+                         stack=recipe.stack_head)
     model, optimizer = build(model, spec, recipe)
     log(f"{recipe.name} ({recipe.source}) on {recipe.backbone}, weights={recipe.weights}: {recipe.strategy}")
-    log(format_parameter_table(model))
+    log(format_parameter_table(model, (1, 3, opts.image_size, opts.image_size)))
 
     # 3. the run folder and its resolved config
     if ckpt is not None:
@@ -159,11 +185,25 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, resume: Path | None
     config["train_epochs"] = recipe.train_epochs
     _write_json(run_dir / "config.json", config)
 
-    loaders = make_loaders(sets, recipe.batch_size, seed=opts.seed, workers=opts.workers,
+    # 4. loaders: of stored features where a frozen prefix allows it, else of images
+    net, cached, cache_mode = model, {}, "off"
+    if opts.feature_cache:
+        net, cached, cache_mode = features.plan_cache(
+            model, spec, sets, frozen_bn_eval=recipe.frozen_bn_eval, augment=opts.augment, views=opts.cache_views,
+            seed=opts.seed, device=device, dtype=torch.float32, limit_gb=opts.cache_limit_gb,
+            workers=opts.workers, log=log)
+    if opts.image_cache:
+        sets = {p: ds if p in cached else decoded_images(ds, resize, opts.cache_limit_gb, log)
+                for p, ds in sets.items()}
+    log(f"feature cache: {cache_mode}")
+    config["feature_cache"] = cache_mode
+    _write_json(run_dir / "config.json", config)
+    loaders = make_loaders({p: cached.get(p, ds) for p, ds in sets.items()}, recipe.batch_size, seed=opts.seed,
+                           workers=0 if len(cached) == len(sets) else opts.workers,
                            pin_memory=device.type == "cuda")
     generator = loaders["train"].generator
 
-    # 4. resume: weights, optimizer, history and RNGs exactly as they were after the saved epoch
+    # 5. resume: weights, optimizer, history and RNGs exactly as they were after the saved epoch
     history, start_epoch = None, 0
     if ckpt is not None:
         checkpoint.load_into(model, ckpt["model"], str(resume))
@@ -176,22 +216,31 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, resume: Path | None
         checkpoint.set_rng_state(ckpt["rng"], generator)
         log(f"resuming {run_dir} after epoch {ckpt['epoch']}")
 
-    def on_epoch_end(epoch: int, hist: History) -> None:
+    def on_epoch_end(epoch: int, hist: History) -> bool:
         if hist.best_epoch == epoch:
+            if net is not model:  # the loop saw a wrapper: keep the best state under the model's own names
+                hist.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
             checkpoint.atomic_save(hist.best_state, run_dir / "best.pth")
-        if opts.save_every_epoch:
-            checkpoint.atomic_save(model.state_dict(), run_dir / f"{epoch:02d}.pth")  # 001's 00.pth, 01.pth, ...
+        if opts.save_every_epoch:  # 001's 00.pth, 01.pth, ...; or 004's names that carry the val figures
+            val = hist.rows[-1]
+            name = (f"epoch{epoch:02d}-loss{val['loss']:.4f}-acc{val['acc']:.4f}.pth" if opts.informative_names
+                    else f"{epoch:02d}.pth")
+            checkpoint.atomic_save(model.state_dict(), run_dir / name)
         checkpoint.save_checkpoint(run_dir / "last.ckpt", epoch=epoch, model=model, optimizer=optimizer,
                                    scheduler=None, history=hist.to_dict(), config=config, classes=classes,
                                    loader_generator=generator)
         write_history_csv(hist, run_dir / "history.csv")
+        # early stopping (004 §2.3): no new best val `monitor` for `patience` epochs -> stop the loop
+        return opts.patience is not None and epoch - hist.best_epoch >= opts.patience
 
     started = time.time()
     try:
-        history = train_model(model, loaders, make_criterion(recipe), optimizer, recipe.num_epochs,
+        channels_last = opts.channels_last if opts.channels_last is not None else device.type == "cuda"
+        history = train_model(net, loaders, make_criterion(recipe), optimizer, recipe.num_epochs,
                               device=device, frozen_bn_eval=recipe.frozen_bn_eval, start_epoch=start_epoch,
                               history=history, on_epoch_end=on_epoch_end, amp=opts.amp,
-                              progress=opts.progress, log=log)
+                              channels_last=channels_last, best_by=opts.monitor, progress=opts.progress,
+                              log=log)
     except KeyboardInterrupt:
         raise TLError(f"interrupted: {run_dir / 'last.ckpt'} holds the last completed epoch.\n"
                       f"  continue with: python main.py --resume {run_dir / 'last.ckpt'} --data {opts.data}") from None
@@ -201,8 +250,34 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, resume: Path | None
     write_history_csv(history, run_dir / "history.csv")
     if history.best_state is not None:
         model.load_state_dict(history.best_state)  # hand back the best model, as 002's tutorial does
+    if opts.plots:
+        write_run_plots(run_dir, history, model, sets["val"], classes, spec, device)
     log(f"best val acc {history.best_acc:.4f} at epoch {history.best_epoch} -> {run_dir}")
     return RunResult(run_dir, history, config, model, classes)
+
+
+def write_run_plots(run_dir: Path, history: History, model: nn.Module, val_set, classes: list[str],
+                    spec: Backbone, device: torch.device) -> None:
+    """The pictures of a finished run: learning curves, and the best model's confusion
+    matrix and prediction grid on val (document 001, 5-26 to 5-29)."""
+    from tl import plots
+    from tl.evaluate import evaluate
+
+    plots.run_curves(history.rows, run_dir / "curves.png", title=run_dir.name)
+    loader = torch.utils.data.DataLoader(val_set, batch_size=32)
+    result = evaluate(model, loader, device, len(classes))
+    plots.confusion_matrix_plot(result["confusion"], classes, run_dir / "confusion.png",
+                                title=f"val, best epoch: accuracy {result['acc']:.3f}")
+    step = max(1, len(val_set) // 16)  # 16 images spread over the classes (val is sorted by class)
+    images, labels = zip(*(val_set[i] for i in range(0, len(val_set), step)[:16]))
+    with torch.no_grad():
+        from tl.loop import predictions
+
+        preds = predictions(model.eval()(torch.stack(images).to(device))).tolist()
+    titles = [f"{classes[p]} ({classes[t]})" for p, t in zip(preds, labels)]
+    colours = ["green" if p == t else "red" for p, t in zip(preds, labels)]
+    plots.image_grid(torch.stack(images), titles, run_dir / "predictions.png", mean=spec.mean, std=spec.std,
+                     colors=colours, title="predicted (true), best epoch")
 
 
 def summarize(history: History) -> dict:
@@ -240,7 +315,7 @@ def _config(recipe: Recipe, opts: RunOptions, spec: Backbone, device: torch.devi
         "classes": classes,
         "dataset_sizes": {p: len(ds) for p, ds in sets.items()},
         "device": str(device),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "python": platform.python_version(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }

@@ -1,0 +1,60 @@
+"""Pictures are written headless and de-normalisation really inverts normalisation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import main
+from tl.data import build_transforms
+from tl.models import create_model, format_parameter_table, get_backbone, set_trainable
+from tl.plots import denormalize
+
+
+def _png(path, min_width=300):
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.width >= min_width
+        return img.size
+
+
+def test_denormalize_round_trips():
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    normalised = build_transforms(mean, std, size=40, resize=40, augment=False)["val"](Image.fromarray(pixels))
+    restored = denormalize(normalised, mean, std)
+    assert torch.allclose(restored, torch.from_numpy(pixels).permute(2, 0, 1).float() / 255, atol=1e-5)
+    # 001's im_convert, x * (mean + std), is not the inverse
+    wrong = (normalised * (torch.tensor(mean) + torch.tensor(std)).view(3, 1, 1)).clamp(0, 1)
+    assert not torch.allclose(wrong, restored, atol=0.05)
+
+
+def test_every_run_folder_gets_its_pictures(tiny_data, tiny_backbone, tmp_path):
+    assert main.main(["-e", "resnet_scratch", "-b", "tiny", "--data", str(tiny_data), "--quick",
+                      "--out", str(tmp_path / "runs"), "--no-progress"]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    for name in ("curves.png", "confusion.png", "predictions.png"):
+        _png(run_dir / name)
+
+
+def test_show_data_writes_the_augmentation_preview_and_a_batch(tiny_data, tmp_path, capsys):
+    assert main.main(["--show-data", "--data", str(tiny_data), "--out", str(tmp_path)]) == 0
+    width, _ = _png(tmp_path / "data-preview" / "augmentation.png", min_width=900)  # 9 images in a row
+    _png(tmp_path / "data-preview" / "batch.png")
+    assert "augmentation.png" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("backbone,groups,expected", [
+    ("resnet18", ["head"], 1026), ("vgg16", ["head"], 8194), ("efficientnet_lite0", ["head"], 2562),
+    ("resnet18", ["neck", "head"], 8_394_754),
+])
+def test_summary_counts_trainable_parameters(backbone, groups, expected):
+    model = create_model(backbone, 2, "none")
+    set_trainable(model, get_backbone(backbone), groups)
+    table = format_parameter_table(model, (1, 3, 64, 64))
+    total = next(line for line in table.splitlines() if line.startswith("TOTAL"))
+    assert f"{expected:,}" in total.split()[1]
+    if backbone == "resnet18":  # output shapes of one 64x64 image
+        assert next(line for line in table.splitlines() if line.startswith("avgpool")).split()[1] == "1x512x1x1"
+        assert next(line for line in table.splitlines() if line.startswith("fc")).split()[1] == "1x2"

@@ -1,0 +1,223 @@
+"""Feature cache: when only the head trains, run the frozen backbone once, not every epoch.
+
+In a frozen-backbone recipe (`resnet_frozen`, `vgg_transfer`) every epoch pushes the same
+images through the same frozen network to train a layer of a few thousand parameters:
+nearly all the compute is spent recomputing numbers that cannot change. So we split the
+network at a *cut point* (the backbone's `cache_cut`, e.g. ResNet's `fc`):
+
+    image --[ frozen prefix, eval mode ]--> feature vector --[ tail: trains ]--> logits
+              computed once, stored                          the loop trains this
+
+and hand the loop the tail as `net` and DataLoaders of stored features instead of images.
+The loop itself does not change (tl/loop.py is still the only training loop).
+
+When is that exact? The prefix must behave the same in every epoch: no trainable
+parameter in it, BatchNorm in eval mode (the recipe's `frozen_bn_eval`), no active
+Dropout. Dropout *after* the cut keeps working as in training, which is why VGG16 cuts
+before `classifier.2` (a Dropout) rather than at `classifier.6`. Then:
+
+* val features are always exact (the val transform is deterministic);
+* train features are exact when augmentation is off (`--no-augment`);
+* with augmentation, `--cache-views K` precomputes K random crops/flips per image and
+  each epoch draws one of them per image: an approximation, said as such in the results.
+
+Caches are stored (float32 by default) under `$TL_CACHE_DIR` (default
+`~/.cache/tl-reference/features`), keyed on the prefix's weights, the cut point, the
+transform, and each image's path, size and modification time: change any of them and
+the cache is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from tl.checkpoint import atomic_save
+from tl.models import BATCHNORM, Backbone
+
+
+class _Stop(Exception):
+    """Raised by the hook once the cut point's input is captured: the rest is not run."""
+
+
+@dataclass
+class CacheSplit:
+    tail: nn.Module  # the part that trains, sharing its parameters with the full model
+    cut: str  # the dotted name of the first module of the tail
+
+
+def split_at_cut(model: nn.Module, spec: Backbone) -> CacheSplit:
+    """The tail of `model` from `spec.cache_cut` on. "fc" -> model.fc; "classifier.2" ->
+    Sequential(classifier[2], ..., classifier[-1]): the same module objects, so training the
+    tail trains the model."""
+    from tl.models import StackedHead
+
+    if isinstance(model, StackedHead):  # 004 §3: only the stacked Linear(1000, 1) trains
+        return CacheSplit(model.dense, "dense")
+    parent_name, _, last = spec.cache_cut.rpartition(".")
+    if last.isdigit():
+        parent = model.get_submodule(parent_name)
+        return CacheSplit(nn.Sequential(*list(parent)[int(last):]), spec.cache_cut)
+    return CacheSplit(model.get_submodule(spec.cache_cut), spec.cache_cut)
+
+
+def why_not_cacheable(model: nn.Module, split: CacheSplit, frozen_bn_eval: bool) -> str | None:
+    """None if the prefix is a fixed function during training, else the reason it is not."""
+    tail_params = {id(p) for p in split.tail.parameters()}
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in tail_params]
+    if trainable:
+        return f"parameters before the cut point {split.cut} train (e.g. {trainable[0]})"
+    tail_modules = {id(m) for m in split.tail.modules()}
+    for name, module in model.named_modules():
+        if id(module) in tail_modules:
+            continue
+        if isinstance(module, nn.Dropout) and module.p > 0:
+            return f"Dropout {name} before the cut point would be active in training"
+        if isinstance(module, BATCHNORM) and not frozen_bn_eval:
+            return f"BatchNorm {name} would update its statistics in training (recipe keeps BN in train mode)"
+    return None
+
+
+@torch.no_grad()
+def compute_features(model: nn.Module, cut: str, dataset: Dataset, *, views: int = 1, batch_size: int = 64,
+                     device: torch.device | str = "cpu", seed: int = 0, workers: int = 0) -> torch.Tensor:
+    """(views, N, D) inputs of the module `cut`, for every image of `dataset` in order.
+
+    The full model runs in eval mode; a forward pre-hook on `cut` stores its input and
+    stops the forward pass there. With a random (train) transform, each view is a new draw.
+    """
+    captured: list[torch.Tensor] = []
+
+    def hook(module, inputs):
+        captured.append(inputs[0].flatten(1).float().cpu())  # (B, D)
+        raise _Stop
+
+    handle = model.get_submodule(cut).register_forward_pre_hook(hook)
+    was_training = model.training
+    model.eval().to(device)
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    # fork_rng: the random crops drawn here depend on `seed` alone and leave the run's own
+    # RNG untouched, so a run that finds the cache on disk continues exactly like one that built it
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            for _ in range(views):
+                captured.clear()
+                loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                    generator=generator)
+                for inputs, _labels in loader:
+                    try:
+                        model(inputs.to(device))
+                    except _Stop:
+                        pass
+                out.append(torch.cat(captured))
+        finally:
+            handle.remove()
+            model.train(was_training)
+    return torch.stack(out)  # (views, N, D)
+
+
+class FeatureSet(Dataset):
+    """Stored features (views, N, D) and their labels; each access draws one of the views
+    with torch's global RNG (so the draw is seeded and restored on resume like any other)."""
+
+    def __init__(self, features: torch.Tensor, targets: torch.Tensor):
+        self.features, self.targets = features, targets
+
+    def __len__(self) -> int:
+        return self.features.shape[1]
+
+    def __getitem__(self, i: int):
+        v = int(torch.randint(self.features.shape[0], ())) if self.features.shape[0] > 1 else 0
+        return self.features[v, i].float(), int(self.targets[i])
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TL_CACHE_DIR", Path.home() / ".cache" / "tl-reference" / "features"))
+
+
+def cache_key(model: nn.Module, split: CacheSplit, dataset, views: int, seed: int, dtype: torch.dtype) -> str:
+    """A hash of everything the stored features depend on."""
+    h = hashlib.sha256()
+    tail = {id(p) for p in split.tail.parameters()} | {id(b) for b in split.tail.buffers()}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in tail:  # the prefix's weights and BN statistics
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    files = [(p, os.path.getsize(p), os.stat(p).st_mtime_ns) for p, _ in dataset.samples]
+    h.update(json.dumps({"arch": type(model).__name__, "cut": split.cut, "transform": repr(dataset.transform),
+                         "files": files, "views": views, "seed": seed, "dtype": str(dtype)}).encode())
+    return h.hexdigest()[:32]
+
+
+def cached_features(model: nn.Module, split: CacheSplit, dataset, *, views: int, seed: int, device,
+                    dtype: torch.dtype = torch.float32, limit_gb: float = 2.0, workers: int = 0,
+                    log=print) -> FeatureSet | None:
+    """Load the features of `dataset` from the cache, or compute and store them.
+
+    Returns None (the caller then trains uncached) if they would exceed `limit_gb`."""
+    key = cache_key(model, split, dataset, views, seed, dtype)
+    path = cache_dir() / f"{key}.pt"
+    targets = torch.tensor(dataset.targets)
+    if path.is_file():
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        return FeatureSet(stored["features"], stored["targets"])
+    one = compute_features(model, split.cut, torch.utils.data.Subset(dataset, [0]), device=device)
+    needed = views * len(dataset) * one.shape[-1] * torch.tensor([], dtype=dtype).element_size()
+    if needed > limit_gb * 2**30:
+        log(f"feature cache would need {needed / 2**30:.2f} GB > --cache-limit-gb {limit_gb}: running uncached")
+        return None
+    features = compute_features(model, split.cut, dataset, views=views, seed=seed, device=device,
+                                workers=workers).to(dtype)
+    atomic_save({"features": features, "targets": targets}, path)
+    return FeatureSet(features, targets)
+
+
+class FeaturesOrImages(nn.Module):
+    """The `net` handed to the loop when some phase is cached: stored feature vectors (B, D)
+    go through the tail only, images (B, 3, H, W) through the whole model. Both paths use
+    the same parameters, so a phase may be cached while the other is not (e.g. val cached,
+    augmented train images not)."""
+
+    def __init__(self, model: nn.Module, tail: nn.Module):
+        super().__init__()
+        self.model, self.tail = model, tail
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tail(x) if x.dim() == 2 else self.model(x)
+
+
+def plan_cache(model: nn.Module, spec: Backbone, sets: dict, *, frozen_bn_eval: bool, augment: bool, views: int,
+               seed: int, device, dtype: torch.dtype, limit_gb: float, workers: int,
+               log=print) -> tuple[nn.Module, dict, str]:
+    """Decide what to cache and build it: (net for the loop, {phase: FeatureSet}, mode string).
+
+    The mode string is what the run's config and the results table record."""
+    split = split_at_cut(model, spec)
+    reason = why_not_cacheable(model, split, frozen_bn_eval)
+    if reason is not None:
+        return model, {}, f"off ({reason})"
+    kwargs = dict(seed=seed, device=device, dtype=dtype, limit_gb=limit_gb, workers=workers, log=log)
+    cached = {"val": cached_features(model, split, sets["val"], views=1, **kwargs)}
+    if not augment:
+        cached["train"] = cached_features(model, split, sets["train"], views=1, **kwargs)
+    elif views > 0:
+        cached["train"] = cached_features(model, split, sets["train"], views=views, **kwargs)
+    cached = {phase: fs for phase, fs in cached.items() if fs is not None}
+    if not cached:
+        return model, {}, "off (over the size limit)"
+    if "train" not in cached:
+        mode = "val only (train images are augmented)"
+    elif not augment:
+        mode = "train + val (exact: no augmentation)"
+    else:
+        mode = f"train + val (train: {views} precomputed augmented views per image)"
+    return FeaturesOrImages(model, split.tail), cached, mode
