@@ -21,7 +21,7 @@ def _png(path, min_width=300):
 
 def test_denormalize_round_trips():
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    pixels = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
     normalised = build_transforms(mean, std, size=40, resize=40, augment=False)["val"](Image.fromarray(pixels))
     restored = denormalize(normalised, mean, std)
     assert torch.allclose(restored, torch.from_numpy(pixels).permute(2, 0, 1).float() / 255, atol=1e-5)

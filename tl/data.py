@@ -131,7 +131,8 @@ class CheckedImageFolder(datasets.ImageFolder):
                 self.skipped.append((path, reason))
             return reason is None
 
-        super().__init__(str(root), transform=transform, loader=load_rgb, is_valid_file=usable)
+        # allow_empty: a class left with no usable file is reported by image_datasets, in our words
+        super().__init__(str(root), transform=transform, loader=load_rgb, is_valid_file=usable, allow_empty=True)
 
     def __getitem__(self, index: int):
         for offset in range(len(self.samples)):

@@ -310,10 +310,8 @@ def frozen_batchnorm_modules(model: nn.Module) -> list[nn.Module]:
 def parameter_table(model: nn.Module) -> list[dict]:
     """Trainable / frozen parameter counts per top-level module, plus a total row."""
     rows = []
-    for name, child in model.named_children():
+    for name, child in model.named_children():  # parameter-free modules (pooling) too: their shapes teach
         params = list(child.parameters())
-        if not params:
-            continue
         trainable = sum(p.numel() for p in params if p.requires_grad)
         total = sum(p.numel() for p in params)
         rows.append({"module": name, "trainable": trainable, "frozen": total - trainable, "total": total})
