@@ -60,7 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--experiments", nargs="+", default=list(NAMES), metavar="NAME", help="a subset of recipes")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="repeat each run with these seeds")
     p.add_argument("--epochs", type=int, help="training epochs for every recipe (default: each recipe's own)")
-    p.add_argument("--out", type=Path, default=Path("results"), help="where the tables and plots go")
+    p.add_argument("--out", type=Path, default=None,
+                   help="where the tables and plots go (default results/; with --quick, runs/quick-results/, "
+                        "so a smoke run never overwrites the committed results)")
     p.add_argument("--runs-dir", type=Path, default=None, help="run folders (default runs/compare-<time>)")
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=2)
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     except TLError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out: Path = args.out
+    out: Path = args.out or (Path("runs/quick-results") if args.quick else Path("results"))
     (out / "history").mkdir(parents=True, exist_ok=True)
     runs_dir = args.runs_dir or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     plan = [(e, b, s) for e in args.experiments for b in args.backbone for s in args.seeds]
