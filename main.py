@@ -147,8 +147,7 @@ def run_options(args: argparse.Namespace):
         monitor=args.monitor, informative_names=args.informative_names, val_split=args.val_split,
         verify_images=args.verify_images)
     if args.quick:
-        opts.max_per_class, opts.image_size, opts.workers = 8, 64, 0
-        opts.epochs = opts.epochs or 1
+        opts.make_quick()
     return opts
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -87,8 +88,6 @@ def frozen_end_to_end(data, device, workers, epochs, cache: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         opts = RunOptions(data=data, backbone="efficientnet_lite0", epochs=epochs, workers=workers, device=device,
                           out=Path(tmp), progress=False, augment=False, feature_cache=cache)
-        import os
-
         os.environ["TL_CACHE_DIR"] = str(Path(tmp) / "cache")  # a cold cache: building it is part of the cost
         started = time.perf_counter()
         result = run(module.RECIPE, module.build, opts, log=lambda s: None)
@@ -112,7 +111,7 @@ def peak_memory_mb(data, workers) -> float:
     )
     with tempfile.TemporaryDirectory() as tmp:
         out = subprocess.run([sys.executable, "-c", code, tmp], capture_output=True, text=True, check=True,
-                             env={**__import__("os").environ, "TL_CACHE_DIR": str(Path(tmp) / "cache")})
+                             env={**os.environ, "TL_CACHE_DIR": str(Path(tmp) / "cache")})
     kb = int(next(line for line in out.stdout.splitlines() if line.startswith("PEAK")).split()[1])
     return kb / 1024  # main process peak + largest worker peak: an upper bound of the two together
 

@@ -85,8 +85,7 @@ def run_one(name: str, backbone: str, seed: int, args: argparse.Namespace, runs_
                       seed=seed, workers=args.workers, device=args.device, out=runs_dir, progress=False,
                       plots=False)
     if args.quick:
-        opts.max_per_class, opts.image_size, opts.workers = 8, 64, 0
-        opts.epochs = opts.epochs or 1
+        opts.make_quick()
     recipe = resolve(module.RECIPE, opts)
     label = f"{name}-{recipe.backbone}-seed{seed}"
     opts.run_name = label

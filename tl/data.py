@@ -13,6 +13,7 @@ folder names; nothing here assumes two classes.
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import re
@@ -39,12 +40,17 @@ HYMENOPTERA_URL = "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
 
 
 # ----------------------------------------------------------------------------- transforms
+def val_resize(size: int) -> int:
+    """The shorter side the val transform resizes to before cropping `size`: 256 for 224."""
+    return round(size * 256 / 224)
+
+
 def build_transforms(
     mean: tuple[float, ...],
     std: tuple[float, ...],
     *,
     size: int = 224,
-    resize: int = 256,
+    resize: int | None = None,
     augment: bool = True,
 ) -> dict[str, v2.Compose]:
     """The two pipelines of document 002 §1.3 (`ImageTransform`), with torchvision v2.
@@ -60,7 +66,9 @@ def build_transforms(
     statistics for torchvision, 0.5 for the packaged EfficientNet-Lite0): the first
     convolution expects inputs on that scale. `augment=False` gives the train phase
     the val pipeline, which makes the train features deterministic (and cacheable).
+    `resize` defaults to 002's ratio, 256 for a 224 crop (73 for the 64-pixel smoke runs).
     """
+    resize = resize if resize is not None else val_resize(size)
     to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]  # uint8 -> [0,1] -> z-scores
     val = v2.Compose([v2.ToImage(), v2.Resize(resize, antialias=True), v2.CenterCrop(size), *to_float])
     if not augment:
@@ -215,9 +223,14 @@ def image_datasets(
                 if taken[target] < max_per_class:
                     keep.append((path, target))
                     taken[target] += 1
-            ds.samples = ds.imgs = keep
-            ds.targets = [t for _, t in keep]
+            _keep_samples(ds, keep)
     return sets
+
+
+def _keep_samples(ds: datasets.ImageFolder, samples: list[tuple[str, int]]) -> None:
+    """Restrict an ImageFolder to `samples` (ImageFolder keeps the list under three names)."""
+    ds.samples = ds.imgs = samples
+    ds.targets = [t for _, t in samples]
 
 
 def describe_skipped(sets: dict[str, CheckedImageFolder], show: int = 5) -> str | None:
@@ -419,19 +432,19 @@ def split_datasets(root: str | os.PathLike, transforms: dict[str, v2.Compose], v
         raise TLError(f"--val-split must be between 0 and 1, got {val_fraction}")
     if not root.is_dir() or not _class_dirs(root):
         raise TLError(f"--val-split needs a folder of class folders; {root} has none")
-    sets = {p: CheckedImageFolder(root, transforms[p], verify=verify) for p in ("train", "val")}
+    scanned = CheckedImageFolder(root, transforms["train"], verify=verify)  # one scan of the headers
     rng = random.Random(seed)
     keep: dict[str, list] = {"train": [], "val": []}
-    for target in range(len(sets["train"].classes)):
-        items = [s for s in sets["train"].samples if s[1] == target]
+    for target in range(len(scanned.classes)):
+        items = [s for s in scanned.samples if s[1] == target]
         rng.shuffle(items)
         n_val = max(1, round(len(items) * val_fraction))
         keep["val"] += sorted(items[:n_val])
         keep["train"] += sorted(items[n_val:])
+    sets = {"train": scanned, "val": copy.copy(scanned)}  # same files, own transform and sample list
+    sets["val"].transform, sets["val"].skipped = transforms["val"], []  # the skip report is shown once
     for phase, ds in sets.items():
-        ds.samples = ds.imgs = keep[phase]
-        ds.targets = [t for _, t in keep[phase]]
-    sets["val"].skipped = []  # the scan's report is the same for both: show it once
+        _keep_samples(ds, keep[phase])
     return sets
 
 

@@ -102,8 +102,7 @@ def epoch_files(folder: Path) -> list[tuple[int, Path]]:
 
 def _split_loader(data: Path, split: str, ctx: ModelContext, batch_size: int = 32):
     spec = get_backbone(ctx.backbone)
-    resize = round(ctx.image_size * 256 / 224)
-    transforms = build_transforms(spec.mean, spec.std, size=ctx.image_size, resize=resize, augment=False)
+    transforms = build_transforms(spec.mean, spec.std, size=ctx.image_size, augment=False)
     sets = image_datasets(data, transforms, phases=(split,))
     if split not in sets:
         raise TLError(f"{data} has no {split}/ folder")
@@ -147,7 +146,7 @@ def evaluate_command(args) -> None:
 def predict_images(model: nn.Module, images: list[Path], classes: list[str], mean, std, size: int = 224,
                    top: int = 3) -> list[tuple[Path, list[tuple[str, float]] | str]]:
     """For each image: its top classes with probabilities, or why it could not be read."""
-    transform = build_transforms(mean, std, size=size, resize=round(size * 256 / 224), augment=False)["val"]
+    transform = build_transforms(mean, std, size=size, augment=False)["val"]
     model.eval()
     results = []
     for path in images:

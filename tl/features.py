@@ -144,27 +144,33 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TL_CACHE_DIR", Path.home() / ".cache" / "tl-reference" / "features"))
 
 
-def cache_key(model: nn.Module, split: CacheSplit, dataset, views: int, seed: int, dtype: torch.dtype) -> str:
-    """A hash of everything the stored features depend on."""
-    h = hashlib.sha256()
+def prefix_digest(model: nn.Module, split: CacheSplit) -> str:
+    """A hash of the frozen prefix: its architecture, weights and BatchNorm statistics
+    (computed once per run; every phase's cache key includes it)."""
+    h = hashlib.sha256(f"{type(model).__name__}:{split.cut}".encode())
     tail = {id(p) for p in split.tail.parameters()} | {id(b) for b in split.tail.buffers()}
     for name, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) not in tail:  # the prefix's weights and BN statistics
+        if id(tensor) not in tail:
             h.update(name.encode())
             h.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_key(digest: str, dataset, views: int, seed: int, dtype: torch.dtype) -> str:
+    """A hash of everything the stored features of `dataset` depend on."""
     files = [(p, os.path.getsize(p), os.stat(p).st_mtime_ns) for p, _ in dataset.samples]
-    h.update(json.dumps({"arch": type(model).__name__, "cut": split.cut, "transform": repr(dataset.transform),
-                         "files": files, "views": views, "seed": seed, "dtype": str(dtype)}).encode())
-    return h.hexdigest()[:32]
+    text = json.dumps({"prefix": digest, "transform": repr(dataset.transform), "files": files, "views": views,
+                       "seed": seed, "dtype": str(dtype)})
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def cached_features(model: nn.Module, split: CacheSplit, dataset, *, views: int, seed: int, device,
+def cached_features(model: nn.Module, split: CacheSplit, dataset, *, digest: str, views: int, seed: int, device,
                     dtype: torch.dtype = torch.float32, limit_gb: float = 2.0, workers: int = 0,
                     log=print) -> FeatureSet | None:
     """Load the features of `dataset` from the cache, or compute and store them.
 
     Returns None (the caller then trains uncached) if they would exceed `limit_gb`."""
-    key = cache_key(model, split, dataset, views, seed, dtype)
+    key = cache_key(digest, dataset, views, seed, dtype)
     path = cache_dir() / f"{key}.pt"
     targets = torch.tensor(dataset.targets)
     if path.is_file():
@@ -205,7 +211,8 @@ def plan_cache(model: nn.Module, spec: Backbone, sets: dict, *, frozen_bn_eval: 
     reason = why_not_cacheable(model, split, frozen_bn_eval)
     if reason is not None:
         return model, {}, f"off ({reason})"
-    kwargs = dict(seed=seed, device=device, dtype=dtype, limit_gb=limit_gb, workers=workers, log=log)
+    kwargs = dict(digest=prefix_digest(model, split), seed=seed, device=device, dtype=dtype, limit_gb=limit_gb,
+                  workers=workers, log=log)
     cached = {"val": cached_features(model, split, sets["val"], views=1, **kwargs)}
     if not augment:
         cached["train"] = cached_features(model, split, sets["train"], views=1, **kwargs)

@@ -35,6 +35,7 @@ from tl.data import (
     image_datasets,
     make_loaders,
     split_datasets,
+    val_resize,
 )
 from tl.loop import History, resolve_device, seed_everything, train_model
 from tl.models import Backbone, create_model, format_parameter_table, get_backbone, parameter_table
@@ -101,6 +102,12 @@ class RunOptions:
     progress: bool = True
 
 
+    def make_quick(self) -> None:
+        """`--quick`: a smoke run of seconds, 8 images per class, 64-pixel crops, 1 training epoch."""
+        self.max_per_class, self.image_size, self.workers = 8, 64, 0
+        self.epochs = self.epochs or 1
+
+
 @dataclass
 class RunResult:
     run_dir: Path
@@ -146,8 +153,7 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, resume: Path | None
         torch.backends.cudnn.benchmark = True
 
     # 1. data: transforms with the backbone's own normalisation, one data set per phase
-    resize = round(opts.image_size * 256 / 224)
-    transforms = build_transforms(spec.mean, spec.std, size=opts.image_size, resize=resize, augment=opts.augment)
+    transforms = build_transforms(spec.mean, spec.std, size=opts.image_size, augment=opts.augment)
     if opts.val_split:
         sets = split_datasets(opts.data, transforms, opts.val_split, seed=opts.seed, verify=opts.verify_images)
     else:
@@ -183,7 +189,6 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, resume: Path | None
         run_dir.mkdir(parents=True, exist_ok=True)
         config = _config(recipe, opts, spec, device, model, optimizer, sets, classes)
     config["train_epochs"] = recipe.train_epochs
-    _write_json(run_dir / "config.json", config)
 
     # 4. loaders: of stored features where a frozen prefix allows it, else of images
     net, cached, cache_mode = model, {}, "off"
@@ -193,7 +198,7 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, resume: Path | None
             seed=opts.seed, device=device, dtype=torch.float32, limit_gb=opts.cache_limit_gb,
             workers=opts.workers, log=log)
     if opts.image_cache:
-        sets = {p: ds if p in cached else decoded_images(ds, resize, opts.cache_limit_gb, log)
+        sets = {p: ds if p in cached else decoded_images(ds, val_resize(opts.image_size), opts.cache_limit_gb, log)
                 for p, ds in sets.items()}
     log(f"feature cache: {cache_mode}")
     config["feature_cache"] = cache_mode
