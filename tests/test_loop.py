@@ -104,6 +104,25 @@ def test_same_seed_same_history(tiny_data, tiny_backbone, tmp_path):
     assert strip == [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in b]
 
 
+def test_batch_order_does_not_depend_on_the_number_of_workers(tiny_data, tiny_backbone):
+    """Without augmentation the data are deterministic, so 0 and 2 DataLoader workers must
+    train the same weights: the shuffle comes from the loader's own generator, drawn once per
+    epoch. (A progress bar that called iter() on the loader a second time broke this.)"""
+    results = []
+    for workers in (0, 2):
+        seed_everything(0)
+        spec = get_backbone("tiny")
+        sets = image_datasets(tiny_data, build_transforms(spec.mean, spec.std, size=32, resize=36, augment=False))
+        model = create_model("tiny", 2, "none")
+        loaders = make_loaders(sets, 4, seed=0, workers=workers)
+        history = train_model(model, loaders, nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.05),
+                              3, progress=True, log=lambda s: None)
+        results.append(([(r["loss"], r["acc"]) for r in history.rows], _state(model)))
+    (rows0, state0), (rows2, state2) = results
+    assert rows0 == rows2
+    assert all(torch.equal(state0[k], state2[k]) for k in state0)
+
+
 def test_three_classes_end_to_end(three_class_data, tiny_backbone, tmp_path):
     from experiments import resnet_scratch
 

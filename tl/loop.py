@@ -42,7 +42,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+# tqdm.std, not tqdm.auto: tqdm.auto's bar calls iter() on the DataLoader when it is created and
+# the loop's `for` calls it again, so each phase started workers twice and drew from the shuffle
+# generator once more with workers than without: the batch order then depended on --workers.
+from tqdm import tqdm
 
 from tl import TLError
 from tl.models import frozen_batchnorm_modules
@@ -161,7 +164,9 @@ def train_model(
     history = history if history is not None else History()
     net.to(device)
     if channels_last:
-        net.to(memory_format=torch.channels_last)  # NHWC: the layout GPU tensor cores prefer
+        # NHWC: the layout GPU tensor cores prefer, and oneDNN's CPU convolutions too (the
+        # depthwise convolutions of EfficientNet/MobileNet most of all: results/benchmark.md)
+        net.to(memory_format=torch.channels_last)
     frozen_bn = frozen_batchnorm_modules(net) if frozen_bn_eval else []
     use_amp, amp_dtype = _amp_settings(device, amp)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
