@@ -92,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                        help="mixed precision on CUDA (bf16, or fp16 with a grad scaler)")
     model.add_argument("--seed", type=int, default=0)
-    model.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                       help="NHWC memory layout (default: on for CUDA, off on CPU, where it measured no gain)")
+    model.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                       help="NHWC memory layout (default on: faster on GPUs and, measured, on CPU)")
 
     speed = p.add_argument_group("caches (tl/features.py, tl/data.py)")
     speed.add_argument("--feature-cache", action=argparse.BooleanOptionalAction, default=True,

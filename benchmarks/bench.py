@@ -5,14 +5,20 @@
 For each case it reports the median of `--repeats` measurements (and the min and max):
 
 * loop        training images/s of `tl.loop.train_model` in a real run (JPEG decoding,
-              augmentation, DataLoader workers, forward, backward, step);
+              augmentation, DataLoader workers, forward, backward, step), and the same with
+              `--image-cache` (images decoded once before training; crops and flips per epoch);
 * bound       the same loop on ready tensors: every training image decoded and transformed
               once beforehand and held in memory, so only forward + backward + step remain.
-              loop / bound is the share of the compute bound the data pipeline lets us reach;
+              loop / bound is the share of the compute bound the data pipeline lets us reach.
+              The bound is also taken with channels_last off, the evidence for its default;
 * frozen      end-to-end seconds of `resnet_frozen` for N training epochs with the
-              feature cache off and on (augmentation off, so both are exact), the cost of
-              an epoch after the first, the val accuracy of each, and the speed-up;
-* memory      peak resident memory of a hymenoptera run with both caches on.
+              feature cache off, on with an empty cache (the feature pass is part of the
+              cost), and on with the features already stored (a second run: another seed,
+              more epochs), the cost of an epoch after the first, the val accuracy of each,
+              and the speed-ups;
+* memory      a hymenoptera run with both caches on: the main process's exact peak RSS, the
+              peak of the whole process tree's PSS (shared pages counted once) sampled every
+              50 ms, and a bound that cannot be exceeded: main peak + workers x largest worker peak.
 
 Nothing here trains a model in its own loop: every figure comes from `tl.loop.train_model`
 (directly, or through `tl.recipe.run`). Results go to `results/benchmark.csv` and
@@ -22,6 +28,7 @@ Nothing here trains a model in its own loop: every figure comes from `tl.loop.tr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -55,17 +62,17 @@ def _stats(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def loop_throughput(name, backbone, weights, data, device, workers, epochs=1) -> float:
+def loop_throughput(name, backbone, weights, data, device, workers, epochs=1, image_cache=False) -> float:
     """Training images/s of the train phase of a real run (history row)."""
     module = get_experiment(name)
     with tempfile.TemporaryDirectory() as tmp:
         opts = RunOptions(data=data, backbone=backbone, weights=weights, epochs=epochs, workers=workers,
-                          device=device, out=Path(tmp), progress=False)
+                          device=device, out=Path(tmp), progress=False, image_cache=image_cache, plots=False)
         result = run(module.RECIPE, module.build, opts, log=lambda s: None)
     return [r for r in result.history.rows if r["phase"] == "train"][-1]["images_per_s"]
 
 
-def compute_bound(name, backbone, weights, data, device, channels_last=False, epochs=1) -> float:
+def compute_bound(name, backbone, weights, data, device, channels_last=True, epochs=1) -> float:
     """The loop's training images/s on tensors already in memory (no decoding, no augmentation)."""
     module = get_experiment(name)
     recipe = resolve(module.RECIPE, RunOptions(data=data, backbone=backbone, weights=weights))
@@ -83,12 +90,18 @@ def compute_bound(name, backbone, weights, data, device, channels_last=False, ep
     return [r for r in history.rows if r["phase"] == "train"][-1]["images_per_s"]  # the last (warmest) epoch
 
 
-def frozen_end_to_end(data, device, workers, epochs, cache: bool) -> dict:
+def frozen_end_to_end(data, device, workers, epochs, cache: bool, warm: bool = False) -> dict:
+    """One `resnet_frozen` run, timed from start to the last plot. The cache folder starts
+    empty (building the cache is part of the cost) unless `warm`, where an untimed run of
+    the same recipe has stored the features first."""
     module = get_experiment("resnet_frozen")
     with tempfile.TemporaryDirectory() as tmp:
         opts = RunOptions(data=data, backbone="efficientnet_lite0", epochs=epochs, workers=workers, device=device,
                           out=Path(tmp), progress=False, augment=False, feature_cache=cache)
-        os.environ["TL_CACHE_DIR"] = str(Path(tmp) / "cache")  # a cold cache: building it is part of the cost
+        os.environ["TL_CACHE_DIR"] = str(Path(tmp) / "cache")
+        if warm:
+            run(module.RECIPE, module.build, dataclasses.replace(opts, run_name="fill", plots=False),
+                log=lambda s: None)
         started = time.perf_counter()
         result = run(module.RECIPE, module.build, opts, log=lambda s: None)
         seconds = time.perf_counter() - started
@@ -98,22 +111,62 @@ def frozen_end_to_end(data, device, workers, epochs, cache: bool) -> dict:
             "final_val_acc": result.history.val()[-1]["acc"], "mode": result.config["feature_cache"]}
 
 
-def peak_memory_mb(data, workers) -> float:
-    """Peak RSS (MiB) of a child process running a frozen hymenoptera run with both caches on."""
+def _children(pid: int) -> list[int]:
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return []
+    kids = []
+    for task in tasks:
+        try:
+            kids += [int(k) for k in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return kids + [g for k in kids for g in _children(k)]
+
+
+def _proc_kib(pid: int, file: str, field: str) -> int:
+    """A `field:  N kB` line of /proc/<pid>/<file>, 0 once the process is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/{file}").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
+def peak_memory(data, workers) -> dict:
+    """Memory of a frozen hymenoptera run with both caches on (feature cache with 2 augmented
+    views, image cache), in a child process that starts from an empty feature cache.
+
+    RSS counts a page once per process that maps it, so adding the RSS of forked workers
+    counts the pages they share with the main process twice or more; PSS divides each shared
+    page among its sharers, so the PSS of all processes adds up to what the run occupies.
+    Returns MiB: the main process's peak RSS (exact), the sampled peak of the tree's summed
+    PSS, and an upper bound, main peak + workers x the largest worker peak."""
     code = (
         "import resource, sys, main; "
         f"code = main.main(['-e', 'resnet_frozen', '-b', 'efficientnet_lite0', '--data', {str(data)!r}, "
         f"'--epochs', '3', '--workers', '{workers}', '--image-cache', '--cache-views', '2', '--no-progress', "
         "'--out', sys.argv[1]]); "
-        "me = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-        "kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss; "
-        "print('PEAK', me + kids)"
+        "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
+        "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
     )
+    peak_pss = 0
     with tempfile.TemporaryDirectory() as tmp:
-        out = subprocess.run([sys.executable, "-c", code, tmp], capture_output=True, text=True, check=True,
-                             env={**os.environ, "TL_CACHE_DIR": str(Path(tmp) / "cache")})
-    kb = int(next(line for line in out.stdout.splitlines() if line.startswith("PEAK")).split()[1])
-    return kb / 1024  # main process peak + largest worker peak: an upper bound of the two together
+        child = subprocess.Popen([sys.executable, "-c", code, tmp], stdout=subprocess.PIPE, text=True,
+                                 env={**os.environ, "TL_CACHE_DIR": str(Path(tmp) / "cache")})
+        while child.poll() is None:
+            tree = [child.pid, *_children(child.pid)]
+            peak_pss = max(peak_pss, sum(_proc_kib(p, "smaps_rollup", "Pss") for p in tree))
+            time.sleep(0.05)
+        out, _ = child.communicate()
+    if child.returncode:
+        raise RuntimeError(f"the memory run failed with exit code {child.returncode}")
+    main_kib, worker_kib = map(int, next(line for line in out.splitlines() if line.startswith("PEAK")).split()[1:])
+    return {"main_rss": main_kib / 1024, "tree_pss": peak_pss / 1024,
+            "bound": (main_kib + workers * worker_kib) / 1024}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,37 +193,46 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{kind:<8} {case:<58} {s['median']:10.2f} {unit}  (min {s['min']:.2f}, max {s['max']:.2f}, "
               f"n={s['n']})", flush=True)
 
-    for name, backbone, weights in LOOP_CASES[: args.cases]:
-        case = f"{name} / {backbone}"
-        loop = [loop_throughput(name, backbone, weights, data, device, args.workers, args.loop_epochs)
-                for _ in range(args.repeats)]
-        bound = [compute_bound(name, backbone, weights, data, device, epochs=args.loop_epochs)
-                 for _ in range(args.repeats)]
+    def repeat(fn, case, **kw):
+        return [fn(*case, data, device, epochs=args.loop_epochs, **kw) for _ in range(args.repeats)]
+
+    for spec in LOOP_CASES[: args.cases]:
+        case = f"{spec[0]} / {spec[1]}"
+        loop = repeat(loop_throughput, spec, workers=args.workers)
+        cached = repeat(loop_throughput, spec, workers=args.workers, image_cache=True)
+        bound = repeat(compute_bound, spec)
         record("loop", case, "img/s", loop, workers=args.workers)
+        record("loop", case + ", --image-cache", "img/s", cached, workers=args.workers)
         record("bound", case, "img/s", bound)
         record("share", case, "%", [100 * statistics.median(loop) / statistics.median(bound)])
-    if device == "cpu":  # keep channels_last off on CPU unless this shows a gain
-        cl = [compute_bound("resnet_finetune", "resnet18", "none", data, device, channels_last=True)
-              for _ in range(args.repeats)]
-        record("bound", "resnet_finetune / resnet18, channels_last", "img/s", cl)
+        record("share", case + ", --image-cache", "%", [100 * statistics.median(cached) / statistics.median(bound)])
+        record("bound", case + ", channels_last off", "img/s", repeat(compute_bound, spec, channels_last=False))
 
     results = {}
-    for cache in (False, True):
-        runs = [frozen_end_to_end(data, device, args.workers, args.frozen_epochs, cache) for _ in range(args.repeats)]
-        results[cache] = runs
-        label = f"resnet_frozen / efficientnet_lite0, {args.frozen_epochs} epochs, cache {'on' if cache else 'off'}"
-        record("frozen", label, "s", [r["seconds"] for r in runs], feature_cache=runs[0]["mode"],
+    for label, cache, warm in (("cache off", False, False), ("cache on, empty", True, False),
+                               ("cache on, features stored", True, True)):
+        runs = [frozen_end_to_end(data, device, args.workers, args.frozen_epochs, cache, warm)
+                for _ in range(args.repeats)]
+        results[label] = runs
+        case = f"resnet_frozen / efficientnet_lite0, {args.frozen_epochs} epochs, {label}"
+        record("frozen", case, "s", [r["seconds"] for r in runs], feature_cache=runs[0]["mode"],
                best_val_acc=runs[0]["best_val_acc"], final_val_acc=runs[0]["final_val_acc"])
-        record("epoch", label + ", each later epoch", "s", [r["later_epoch_s"] for r in runs])
-    off = statistics.median(r["seconds"] for r in results[False])
-    on = statistics.median(r["seconds"] for r in results[True])
-    record("speedup", f"feature cache, {args.frozen_epochs}-epoch frozen run end to end", "x", [off / on])
-    off_e = statistics.median(r["later_epoch_s"] for r in results[False])
-    on_e = statistics.median(r["later_epoch_s"] for r in results[True])
+        record("epoch", case + ", each later epoch", "s", [r["later_epoch_s"] for r in runs])
+    off = statistics.median(r["seconds"] for r in results["cache off"])
+    for label in ("cache on, empty", "cache on, features stored"):
+        on = statistics.median(r["seconds"] for r in results[label])
+        record("speedup", f"feature cache ({label}), {args.frozen_epochs}-epoch frozen run end to end", "x",
+               [off / on])
+    off_e = statistics.median(r["later_epoch_s"] for r in results["cache off"])
+    on_e = statistics.median(r["later_epoch_s"] for r in results["cache on, empty"])
     record("share", "cached epoch after the first / uncached epoch", "%", [100 * on_e / off_e])
     if not args.skip_memory:
-        record("memory", "peak RSS, frozen lite0 run, image + feature caches on", "MiB",
-               [peak_memory_mb(data, args.workers)])
+        memory = peak_memory(data, args.workers)
+        case = "frozen lite0 run, image + feature caches on"
+        record("memory", f"{case}: main process peak RSS", "MiB", [memory["main_rss"]])
+        record("memory", f"{case}: peak PSS of all processes (50 ms samples)", "MiB", [memory["tree_pss"]])
+        record("memory", f"{case}: bound, main + {args.workers} x largest worker peak RSS", "MiB",
+               [memory["bound"]])
 
     args.out.mkdir(parents=True, exist_ok=True)
     table = pd.DataFrame(rows)
