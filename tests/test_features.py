@@ -20,14 +20,15 @@ def own_cache_dir(tmp_path, monkeypatch):
 
 
 def _frozen(data, out, **kw):
-    opts = RunOptions(data=data, backbone="tiny", weights="none", epochs=4, workers=0, out=out, image_size=32,
+    kw = {"workers": 0, **kw}
+    opts = RunOptions(data=data, backbone="tiny", weights="none", epochs=4, out=out, image_size=32,
                       progress=False, lr_scale=10, **kw)
     return run(resnet_frozen.RECIPE, resnet_frozen.build, opts, log=lambda s: None)
 
 
 def test_cached_training_equals_uncached_without_augmentation(tiny_data, tiny_backbone, tmp_path):
-    cached = _frozen(tiny_data, tmp_path / "a", augment=False)
-    plain = _frozen(tiny_data, tmp_path / "b", augment=False, feature_cache=False)
+    cached = _frozen(tiny_data, tmp_path / "a", augment=False, workers=2)  # the cached loaders need no workers
+    plain = _frozen(tiny_data, tmp_path / "b", augment=False, feature_cache=False, workers=2)
     assert cached.config["feature_cache"] == "train + val (exact: no augmentation)"
     assert plain.config["feature_cache"] == "off"
     for a, b in zip(cached.history.rows, plain.history.rows):
