@@ -21,6 +21,10 @@ before `classifier.2` (a Dropout) rather than at `classifier.6`. Then:
 * with augmentation, `--cache-views K` precomputes K random crops/flips per image and
   each epoch draws one of them per image: an approximation, said as such in the results.
 
+The one-time pass runs a copy of the network with each frozen BatchNorm folded into the
+convolution before it (`fold_batchnorm`), in small batches and in the loop's memory layout:
+it is the only backbone work a cached run does, so it is worth making cheap.
+
 Caches are stored (float32 by default) under `$TL_CACHE_DIR` (default
 `~/.cache/tl-reference/features`), keyed on the prefix's weights, the cut point, the
 transform, and each image's path, size and modification time: change any of them and
@@ -91,6 +95,55 @@ def feature_batch_size(device: torch.device | str) -> int:
     with batches of 8 and 91 img/s with 32, because a batch's activations (32 x 32 x 112 x 112
     floats after the stem alone) no longer fit the CPU caches (measured with channels_last)."""
     return 64 if torch.device(device).type == "cuda" else 8
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of `model` (in eval mode) with each BatchNorm that directly follows a convolution
+    merged into that convolution's weights; `model` itself if it has no BatchNorm. The
+    original is never changed.
+
+    In eval mode BatchNorm is a fixed per-channel affine map, y = (x - mean) / sqrt(var + eps)
+    * gamma + beta, and a convolution is linear, so the two collapse into one convolution with
+    rescaled weights and a bias (`torch.nn.utils.fusion.fuse_conv_bn_eval` does the algebra).
+    That is only valid while the statistics are frozen, which is exactly when features are
+    cacheable; it saves the BatchNorm passes over the activations (about a third of
+    EfficientNet-Lite0's inference time on this CPU). Results equal the unfolded network up to
+    float rounding. Which BatchNorm follows which convolution is read from the traced graph
+    (torch.fx), never guessed from module names; a model that cannot be traced stays unfolded.
+    """
+    import copy
+
+    from torch.fx import Tracer
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    class BatchNormAsLeaf(Tracer):  # keep BatchNorm layers as single nodes in the graph
+        def is_leaf_module(self, m: nn.Module, name: str) -> bool:
+            return isinstance(m, BATCHNORM) or super().is_leaf_module(m, name)
+
+    if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        return model  # nothing to fold (VGG16): no copy of its 138M parameters
+    folded = copy.deepcopy(model).eval()
+    try:
+        graph = BatchNormAsLeaf().trace(folded)
+    except Exception:  # dynamic control flow etc.: not traceable, not folded
+        return folded
+    modules = dict(folded.named_modules())
+    for node in graph.nodes:
+        bn = modules.get(node.target) if node.op == "call_module" else None
+        conv_node = node.args[0] if node.args else None
+        if not (isinstance(bn, nn.BatchNorm2d) and isinstance(conv_node, torch.fx.Node)
+                and conv_node.op == "call_module" and isinstance(modules[conv_node.target], nn.Conv2d)
+                and len(conv_node.users) == 1):  # the convolution's output feeds only this BatchNorm
+            continue
+        if type(bn) is nn.BatchNorm2d:
+            after = nn.Identity()
+        elif type(bn).__name__ == "BatchNormAct2d":  # timm: BatchNorm, then dropout, then activation
+            after = nn.Sequential(bn.drop, bn.act)
+        else:  # a subclass whose forward we do not know
+            continue
+        folded.set_submodule(conv_node.target, fuse_conv_bn_eval(modules[conv_node.target], bn))
+        folded.set_submodule(node.target, after)
+    return folded
 
 
 @torch.no_grad()
@@ -226,11 +279,15 @@ def plan_cache(model: nn.Module, spec: Backbone, sets: dict, *, frozen_bn_eval: 
         return model, {}, f"off ({reason})"
     kwargs = dict(digest=prefix_digest(model, split), seed=seed, device=device, dtype=dtype, limit_gb=limit_gb,
                   workers=workers, channels_last=channels_last, log=log)
-    cached = {"val": cached_features(model, split, sets["val"], views=1, **kwargs)}
+    # the feature pass runs a copy with its BatchNorms folded into the convolutions (exact
+    # while they are frozen in eval mode); the model that trains is not touched
+    extractor = fold_batchnorm(model)
+    cached = {"val": cached_features(extractor, split, sets["val"], views=1, **kwargs)}
     if not augment:
-        cached["train"] = cached_features(model, split, sets["train"], views=1, **kwargs)
+        cached["train"] = cached_features(extractor, split, sets["train"], views=1, **kwargs)
     elif views > 0:
-        cached["train"] = cached_features(model, split, sets["train"], views=views, **kwargs)
+        cached["train"] = cached_features(extractor, split, sets["train"], views=views, **kwargs)
+    del extractor
     cached = {phase: fs for phase, fs in cached.items() if fs is not None}
     if not cached:
         return model, {}, "off (over the size limit)"

@@ -42,10 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-# tqdm.std, not tqdm.auto: tqdm.auto's bar calls iter() on the DataLoader when it is created and
-# the loop's `for` calls it again, so each phase started workers twice and drew from the shuffle
-# generator once more with workers than without: the batch order then depended on --workers.
-from tqdm import tqdm
+from tqdm import tqdm  # tqdm.std, not tqdm.auto: see the progress bar in train_model
 
 from tl import TLError
 from tl.models import frozen_batchnorm_modules
@@ -184,6 +181,9 @@ def train_model(
 
             running_loss, running_correct = 0.0, 0
             started = time.perf_counter()
+            # (tqdm.auto's bar would call iter() on the DataLoader when created, and the `for`
+            # again: each phase would start its workers twice and, with workers, draw once more
+            # from the shuffle generator, so the batch order would depend on --workers)
             batches = tqdm(dataloaders[phase], desc=f"epoch {epoch}/{num_epochs - 1} {phase}",
                            leave=False, disable=not progress, dynamic_ncols=True)
             for inputs, labels in batches:
