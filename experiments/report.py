@@ -24,6 +24,8 @@ NOTES = {  # what each recipe is meant to show; the figures that follow come fro
     "resnet_bn_only": "Only BatchNorm scale/shift and the head train; the filters stay as ImageNet left them.",
     "vgg_transfer": "Only the new output layer trains, with SGD, for one epoch as in document 002.",
     "vgg_finetune": "Everything trains for one epoch, in three SGD groups with their own learning rates.",
+    "vgg_stacked": "The whole ImageNet network, its 1000-class output included, stays frozen; a Linear(1000, 1) "
+                   "on those logits learns, one logit with a sigmoid (BCE).",
 }
 
 
