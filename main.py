@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with augmentation, precompute K augmented views per train image (default 0: val only)")
     speed.add_argument("--cache-limit-gb", type=_positive_float, default=2.0, help="largest cache allowed")
     speed.add_argument("--image-cache", action="store_true",
-                       help="decode and resize every image once and keep it in memory")
+                       help="decode and resize every image once and keep it in memory "
+                            "(on a CPU with few cores, add --workers 0: results/benchmark.md)")
 
     out = p.add_argument_group("output")
     out.add_argument("--out", type=Path, default=Path("runs"), help="parent folder of run folders")
