@@ -126,11 +126,11 @@ def _children(pid: int) -> list[int]:
     return kids + [g for k in kids for g in _children(k)]
 
 
-def _proc_kib(pid: int, file: str, field: str) -> int:
-    """A `field:  N kB` line of /proc/<pid>/<file>, 0 once the process is gone."""
+def _pss_kib(pid: int) -> int:
+    """The process's proportional set size (kB, from /proc/<pid>/smaps_rollup), 0 once it is gone."""
     try:
-        for line in Path(f"/proc/{pid}/{file}").read_text().splitlines():
-            if line.startswith(field + ":"):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
                 return int(line.split()[1])
     except (FileNotFoundError, ProcessLookupError):
         pass
@@ -162,7 +162,7 @@ def peak_memory(data, workers) -> dict:
                                  env={**os.environ, "TL_CACHE_DIR": str(Path(tmp) / "cache")})
         while child.poll() is None:
             tree = [child.pid, *_children(child.pid)]
-            peak_pss = max(peak_pss, sum(_proc_kib(p, "smaps_rollup", "Pss") for p in tree))
+            peak_pss = max(peak_pss, sum(_pss_kib(p) for p in tree))
             time.sleep(0.05)
         out, _ = child.communicate()
     if child.returncode:

@@ -56,6 +56,12 @@ class CacheSplit:
     tail: nn.Module  # the part that trains, sharing its parameters with the full model
     cut: str  # the dotted name of the first module of the tail
 
+    @property
+    def feature_dim(self) -> int:
+        """Size of one stored feature vector: the input of the tail's first Linear layer
+        (Dropout before it keeps the size)."""
+        return next(m.in_features for m in self.tail.modules() if isinstance(m, nn.Linear))
+
 
 def split_at_cut(model: nn.Module, spec: Backbone) -> CacheSplit:
     """The tail of `model` from `spec.cache_cut` on. "fc" -> model.fc; "classifier.2" ->
@@ -97,6 +103,14 @@ def feature_batch_size(device: torch.device | str) -> int:
     return 64 if torch.device(device).type == "cuda" else 8
 
 
+try:  # timm's BatchNorm + dropout + activation in one module (EfficientNet-Lite0's layers)
+    from timm.layers import BatchNormAct2d
+
+    _BN_ACT: tuple[type, ...] = (BatchNormAct2d,)
+except ImportError:
+    _BN_ACT = ()
+
+
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """A copy of `model` (in eval mode) with each BatchNorm that directly follows a convolution
     merged into that convolution's weights; `model` itself if it has no BatchNorm. The
@@ -120,29 +134,28 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         def is_leaf_module(self, m: nn.Module, name: str) -> bool:
             return isinstance(m, BATCHNORM) or super().is_leaf_module(m, name)
 
-    if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
-        return model  # nothing to fold (VGG16): no copy of its 138M parameters
-    folded = copy.deepcopy(model).eval()
     try:
-        graph = BatchNormAsLeaf().trace(folded)
+        graph = BatchNormAsLeaf().trace(model)  # reads the model, changes nothing
     except Exception:  # dynamic control flow etc.: not traceable, not folded
-        return folded
-    modules = dict(folded.named_modules())
+        return model
+    modules = dict(model.named_modules())
+    pairs = []  # (convolution name, BatchNorm name)
     for node in graph.nodes:
         bn = modules.get(node.target) if node.op == "call_module" else None
-        conv_node = node.args[0] if node.args else None
-        if not (isinstance(bn, nn.BatchNorm2d) and isinstance(conv_node, torch.fx.Node)
-                and conv_node.op == "call_module" and isinstance(modules[conv_node.target], nn.Conv2d)
-                and len(conv_node.users) == 1):  # the convolution's output feeds only this BatchNorm
-            continue
-        if type(bn) is nn.BatchNorm2d:
-            after = nn.Identity()
-        elif type(bn).__name__ == "BatchNormAct2d":  # timm: BatchNorm, then dropout, then activation
-            after = nn.Sequential(bn.drop, bn.act)
-        else:  # a subclass whose forward we do not know
-            continue
-        folded.set_submodule(conv_node.target, fuse_conv_bn_eval(modules[conv_node.target], bn))
-        folded.set_submodule(node.target, after)
+        conv = node.args[0] if node.args else None
+        if (type(bn) in (nn.BatchNorm2d, *_BN_ACT) and isinstance(conv, torch.fx.Node) and conv.op == "call_module"
+                and isinstance(modules[conv.target], nn.Conv2d)
+                and len(conv.users) == 1):  # the convolution's output feeds only this BatchNorm
+            pairs.append((conv.target, node.target))
+    if not pairs:
+        return model  # nothing to fold (VGG16): no copy of its 138M parameters
+    folded = copy.deepcopy(model).eval()
+    for conv_name, bn_name in pairs:
+        bn = folded.get_submodule(bn_name)
+        folded.set_submodule(conv_name, fuse_conv_bn_eval(folded.get_submodule(conv_name), bn))
+        # what the BatchNorm module did besides normalising stays: timm's BatchNormAct2d
+        # applies its dropout and activation after the BatchNorm
+        folded.set_submodule(bn_name, nn.Sequential(bn.drop, bn.act) if type(bn) in _BN_ACT else nn.Identity())
     return folded
 
 
@@ -241,9 +254,7 @@ def cached_features(model: nn.Module, split: CacheSplit, dataset, *, digest: str
     if path.is_file():
         stored = torch.load(path, map_location="cpu", weights_only=True)
         return FeatureSet(stored["features"], stored["targets"])
-    one = compute_features(model, split.cut, torch.utils.data.Subset(dataset, [0]), device=device,
-                           channels_last=channels_last)
-    needed = views * len(dataset) * one.shape[-1] * torch.tensor([], dtype=dtype).element_size()
+    needed = views * len(dataset) * split.feature_dim * torch.tensor([], dtype=dtype).element_size()
     if needed > limit_gb * 2**30:
         log(f"feature cache would need {needed / 2**30:.2f} GB > --cache-limit-gb {limit_gb}: running uncached")
         return None
@@ -265,6 +276,11 @@ class FeaturesOrImages(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.tail(x) if x.dim() == 2 else self.model(x)
+
+    def state_dict(self, *args, **kwargs):
+        """The model's own state_dict (the tail's tensors are the model's): the loop's copy of
+        the best epoch then loads straight into the model and goes to best.pth as it is."""
+        return self.model.state_dict(*args, **kwargs)
 
 
 def plan_cache(model: nn.Module, spec: Backbone, sets: dict, *, frozen_bn_eval: bool, augment: bool, views: int,

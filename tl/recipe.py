@@ -37,7 +37,7 @@ from tl.data import (
     split_datasets,
     val_resize,
 )
-from tl.loop import History, resolve_device, seed_everything, train_model
+from tl.loop import History, predictions, resolve_device, seed_everything, train_model
 from tl.models import Backbone, create_model, format_parameter_table, get_backbone, parameter_table
 
 
@@ -223,8 +223,6 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, resume: Path | None
 
     def on_epoch_end(epoch: int, hist: History) -> bool:
         if hist.best_epoch == epoch:
-            if net is not model:  # the loop saw a wrapper: keep the best state under the model's own names
-                hist.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
             checkpoint.atomic_save(hist.best_state, run_dir / "best.pth")
         if opts.save_every_epoch:  # 001's 00.pth, 01.pth, ...; or 004's names that carry the val figures
             val = hist.rows[-1]
@@ -278,8 +276,6 @@ def write_run_plots(run_dir: Path, history: History, model: nn.Module, val_input
     step = max(1, len(val_set) // 16)  # 16 images spread over the classes (val is sorted by class)
     images, labels = zip(*(val_set[i] for i in range(0, len(val_set), step)[:16]))
     with torch.no_grad():
-        from tl.loop import predictions
-
         preds = predictions(model.eval()(torch.stack(images).to(device))).tolist()
     titles = [f"{classes[p]} ({classes[t]})" for p, t in zip(preds, labels)]
     colours = ["green" if p == t else "red" for p, t in zip(preds, labels)]
