@@ -152,19 +152,31 @@ def run_options(args: argparse.Namespace):
     return opts
 
 
-def resume(args: argparse.Namespace):
-    """Rebuild the run's options from its checkpoint; only --epochs (and where to run) may change."""
-    from experiments import get_experiment
-    from tl.checkpoint import load_checkpoint
-    from tl.recipe import RunOptions, run
+# how a command-line option maps onto RunOptions fields, where the names differ
+_OPTION_FIELDS = {"no_augment": ("augment",), "no_progress": ("progress",),
+                  "quick": ("max_per_class", "image_size", "workers")}
+_NOT_RUN_OPTIONS = {"resume", "experiment", "list", "evaluate", "predict", "prepare", "show_data", "src", "dest",
+                    "force", "split", "checkpoint", "allow_pickle"}
 
-    config = load_checkpoint(args.resume)["config"]
-    saved = dict(config["options"])
-    saved.update(data=Path(args.data or saved["data"]), out=Path(saved["out"]), device=args.device,
-                 progress=not args.no_progress, workers=args.workers)
-    saved["epochs"] = args.epochs or config["recipe"]["train_epochs"]
-    module = get_experiment(config["experiment"])
-    return run(module.RECIPE, module.build, RunOptions(**saved), resume=args.resume)
+
+def given_options(argv: list[str] | None) -> set[str]:
+    """The argparse names of the options the user typed (not those left at their default)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def resume(args: argparse.Namespace, given: set[str]):
+    """Continue the run of a last.ckpt with its own saved options. Only --epochs (the new
+    total), --device, --no-progress and --data (another path to the same images) may be
+    given; any other option that would change the run is refused (tl.recipe.resume_options)."""
+    from tl.recipe import resume_run
+
+    args.data = args.data or "."  # without --data the saved path is used; nothing to resolve or download
+    opts = run_options(args)
+    fields = {f for name in given - _NOT_RUN_OPTIONS for f in _OPTION_FIELDS.get(name, (name,))}
+    return resume_run(args.resume, {f: getattr(opts, f) for f in fields})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                 get_backbone(args.backbone)  # a typo fails here, before any data is read
             run(module.RECIPE, module.build, run_options(args))
         elif args.resume:
-            resume(args)
+            resume(args, given_options(argv))
         elif args.evaluate:
             from tl.evaluate import evaluate_command
 

@@ -42,13 +42,20 @@ def test_resume_equals_an_uninterrupted_run(tiny_data, tiny_backbone, tmp_path, 
 
 
 def test_checkpoint_round_trip_holds_everything(tiny_data, tiny_backbone, tmp_path):
-    run_dir = _train(tiny_data, tmp_path / "runs", 1)
+    run_dir = _train(tiny_data, tmp_path / "runs", 3, "--save-every-epoch")
     ckpt = checkpoint.load_checkpoint(run_dir / "last.ckpt")
-    assert set(ckpt) >= {"epoch", "model", "optimizer", "scheduler", "history", "config", "classes", "rng"}
+    assert set(ckpt) >= {"epoch", "model", "optimizer", "scheduler", "scaler", "history", "config", "classes", "rng",
+                         "wall_seconds"}
     assert ckpt["classes"] == ["class_0", "class_1"] and ckpt["config"]["experiment"] == "resnet_scratch"
+    assert all(torch.equal(t, checkpoint.load_state_file(run_dir / "03.pth")[k]) for k, t in ckpt["model"].items())
+    # best.pth holds the weights of the epoch with the best val accuracy (ties: lower loss)
+    val = pd.read_csv(run_dir / "history.csv").query("phase == 'val'")
+    best = val.sort_values(["acc", "loss"], ascending=[False, True]).epoch.iloc[0]
+    assert json.loads((run_dir / "config.json").read_text())["results"]["best_epoch"] == best
+    state = checkpoint.load_state_file(run_dir / "best.pth")
+    assert all(torch.equal(t, checkpoint.load_state_file(run_dir / f"{best:02d}.pth")[k]) for k, t in state.items())
     model = create_model("tiny", 2, "none")
-    checkpoint.load_into(model, checkpoint.load_state_file(run_dir / "best.pth"), "best.pth")
-    assert json.loads((run_dir / "config.json").read_text())["results"]["best_epoch"] in (0, 1)
+    checkpoint.load_into(model, state, "best.pth")
 
 
 def test_a_crash_during_a_save_leaves_the_old_file(tmp_path, monkeypatch):
@@ -118,12 +125,16 @@ def test_predict_with_a_checkpoint_uses_the_runs_class_names(hymenoptera, tmp_pa
     out = capsys.readouterr()
     assert code == 2  # one image could not be read: said clearly, the other still classified
     line = next(x for x in out.out.splitlines() if x.startswith(str(bee)))
-    assert "ants" in line and "bees" in line
+    named = dict(item.rsplit(" ", 1) for item in line.removeprefix(f"{bee}: ").split(", "))
+    assert set(named) == {"ants", "bees"}  # the run's two classes, not ImageNet's names
+    assert sum(map(float, named.values())) == pytest.approx(1, abs=2e-3)
     assert "cannot read" in out.out and "1 of 2 image(s)" in out.err
 
 
 def test_predict_without_a_checkpoint_names_imagenet_classes(hymenoptera, capsys):
     bees = sorted((hymenoptera / "val" / "bees").glob("*.jpg"))[:3]
     assert main.main(["--predict", *map(str, bees), "--backbone", "efficientnet_lite0"]) == 0
-    out = capsys.readouterr().out
-    assert out.count("bee") >= 2  # ImageNet class 309, named from torchvision's metadata
+    lines = capsys.readouterr().out.splitlines()
+    # each image's top 3 ImageNet classes (names from torchvision's metadata, not the file path)
+    top3 = [[item.rsplit(" ", 1)[0] for item in line.split(": ", 1)[1].split(", ")] for line in lines]
+    assert len(top3) == 3 and sum("bee" in names for names in top3) >= 2  # class 309

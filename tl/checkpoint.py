@@ -16,42 +16,124 @@ Loading such a file runs arbitrary code from it, so everything here loads with
 
 Every write goes to a temporary file in the same folder, is flushed to disk, and is
 then renamed over the target: a rename is atomic, so a run killed at any instant
-leaves either the old file or the new one, never half of one.
+leaves either the old file or the new one, never half of one. (A kill between the
+write and the rename leaves the temporary `.NAME.*.tmp`; `remove_stale_temporaries`
+clears it when the run folder is next used.)
+
+Atomic is not the same as intact: a disk or a copy can still flip bits inside a
+file that loads without complaint. So every checkpoint carries a SHA-256 digest of
+its contents (`state_digest`), `load_checkpoint` recomputes it, and a run's
+config.json records the digest of each weight file it wrote, which `--evaluate`
+checks before it scores that file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
 import random
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import nn
 
 from tl import TLError
 
-CHECKPOINT_FORMAT = "tl-checkpoint-v1"
+CHECKPOINT_FORMAT = "tl-checkpoint-v2"  # v2: a digest of the contents, scaler state, whole-run options
+
+# mkstemp creates files readable by their owner only (0600); the files of a run folder
+# should get the same mode as any other file the user creates (0644 with the usual umask)
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """`torch.save` to a temporary file beside `path`, fsync, then rename onto `path`."""
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """Call `write(f)` on a temporary file beside `path`, fsync, then rename onto `path`.
+
+    The one way this project writes a file that must never be seen half-written: weights,
+    checkpoints, feature caches, history.csv and config.json all go through it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # the writer's process id is in the name, so a later start can tell a dead writer's leftover
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """`torch.save(obj)` through `atomic_write`."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the `.NAME.PID.*.tmp` files that a killed `atomic_write` left in `folder`:
+    those whose writing process no longer exists. A live process's file is left alone, so
+    this is safe on a folder several runs share (the feature cache)."""
+    stale = []
+    for p in Path(folder).glob(".*.tmp"):
+        pid = p.name.rsplit(".", 3)[-3] if p.name.count(".") >= 4 else ""
+        if p.is_file() and not (pid.isdigit() and _alive(int(pid))):
+            p.unlink(missing_ok=True)
+            stale.append(p)
+    return stale
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, owned by someone else
+    return True
+
+
+def state_digest(obj: Any) -> str:
+    """SHA-256 of a nested structure of tensors and plain values, independent of how it was
+    stored: dict keys in sorted order, each tensor as its dtype, shape and raw bytes. Two
+    objects get the same digest exactly when a training run could not tell them apart."""
+    h = hashlib.sha256()
+
+    def feed(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            h.update(b"{")
+            for k in sorted(x, key=repr):
+                h.update(repr(k).encode())
+                feed(x[k])
+            h.update(b"}")
+        elif isinstance(x, (list, tuple)):
+            h.update(b"[")
+            for v in x:
+                feed(v)
+            h.update(b"]")
+        else:
+            h.update(repr(x).encode())
+
+    feed(obj)
+    return h.hexdigest()
 
 
 def _torch_load(path: str | os.PathLike, map_location: Any = "cpu", allow_pickle: bool = False) -> Any:
@@ -76,8 +158,8 @@ def load_state_file(path: str | os.PathLike, map_location: Any = "cpu", allow_pi
     obj = _torch_load(path, map_location, allow_pickle)
     if isinstance(obj, nn.Module):
         return obj.state_dict()
-    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
-        obj = obj["model"]
+    if isinstance(obj, dict) and str(obj.get("format", "")).startswith("tl-checkpoint-"):
+        obj = _checked(obj, path)["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise TLError(f"{path} does not hold a state_dict (a dict of tensors)")
     return obj
@@ -131,28 +213,53 @@ def _as_tuple(x):  # python's random state is nested tuples; keep it so after a 
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def save_checkpoint(path: str | os.PathLike, *, epoch: int, model: nn.Module, optimizer, scheduler,
-                    history: dict, config: dict, classes: list[str],
-                    loader_generator: torch.Generator | None) -> Path:
-    """Write the full training state after `epoch` (one dict; see the module docstring)."""
-    return atomic_save({
+def save_checkpoint(path: str | os.PathLike, *, epoch: int, model: nn.Module, optimizer, scheduler, scaler,
+                    history: dict, config: dict, classes: list[str], loader_generator: torch.Generator | None,
+                    wall_seconds: float) -> Path:
+    """Write the full training state after `epoch` (one dict; see the module docstring),
+    with the digest of everything in it under "digest"."""
+    ckpt = {
         "format": CHECKPOINT_FORMAT,
         "epoch": epoch,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,  # fp16 loss scale
         "history": history,
         # plain JSON types only: weights_only loading rejects any other Python object
         "config": json.loads(json.dumps(config, default=str)),
         "classes": classes,
         "rng": rng_state(loader_generator),
-    }, path)
+        "wall_seconds": wall_seconds,  # training time of the whole run so far, across resumes
+    }
+    ckpt["digest"] = state_digest(ckpt)
+    return atomic_save(ckpt, path)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
-    """A training checkpoint written by `save_checkpoint`, checked for its format."""
+    """A training checkpoint written by `save_checkpoint`, checked for its format and digest."""
     ckpt = _torch_load(path, map_location)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(ckpt, dict) or not str(ckpt.get("format", "")).startswith("tl-checkpoint-"):
         raise TLError(f"{path} is not a training checkpoint of this project (expected a last.ckpt "
                       f"written by main.py; a .pth file holds weights only and cannot be resumed)")
+    return _checked(ckpt, path)
+
+
+def _checked(ckpt: dict, path) -> dict:
+    """`ckpt` without its digest, after checking that the digest matches its contents."""
+    if ckpt["format"] != CHECKPOINT_FORMAT:
+        raise TLError(f"{path} was written by an older version of this project ({ckpt['format']}, this one "
+                      f"reads {CHECKPOINT_FORMAT}); start the run again, or score its best.pth with --evaluate")
+    digest = ckpt.pop("digest", None)
+    if digest != state_digest(ckpt):
+        raise TLError(f"{path} is damaged: its contents do not match the digest written with it "
+                      f"(a disk or copy error changed it). It cannot be resumed or scored safely; "
+                      f"use the run's best.pth, or start the run again")
     return ckpt
+
+
+def verify_state_file(path: str | os.PathLike, state: dict, expected: str | None) -> None:
+    """Stop if `state` (loaded from `path`) does not match the digest a run recorded for it."""
+    if expected is not None and state_digest(state) != expected:
+        raise TLError(f"{path} is damaged or was replaced: its tensors do not match the digest its run "
+                      f"recorded in config.json")

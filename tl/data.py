@@ -258,12 +258,14 @@ def make_loaders(
     seed: int = 0,
     workers: int = 0,
     pin_memory: bool = False,
+    generator: torch.Generator | None = None,
 ) -> dict[str, DataLoader]:
     """The phase-dict of DataLoaders that the loop walks (002 §1.3 step 3).
 
-    Only train is shuffled. Its order comes from a `torch.Generator` owned by the loader
-    (`loaders["train"].generator`): the checkpoint saves that generator's state, which is
-    what lets a resumed run draw exactly the batches an uninterrupted run would have.
+    Only train is shuffled. Its order comes from a `torch.Generator` (`generator`, or a new
+    one seeded with `seed`; `loaders["train"].generator`): the checkpoint saves that
+    generator's state, which is what lets a resumed run draw exactly the batches an
+    uninterrupted run would have.
     Workers are not persistent for the same reason: each epoch's workers are seeded afresh
     from the generator.
     """
@@ -274,7 +276,7 @@ def make_loaders(
             ds,
             batch_size=batch_size,
             shuffle=train,
-            generator=torch.Generator().manual_seed(seed) if train else None,
+            generator=(generator or torch.Generator().manual_seed(seed)) if train else None,
             num_workers=workers,
             worker_init_fn=_seed_worker if workers else None,
             pin_memory=pin_memory,  # page-locked host memory: faster, asynchronous copies to a GPU

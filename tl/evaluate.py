@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from tl import TLError
-from tl.checkpoint import load_into, load_state_file
+from tl.checkpoint import load_into, load_state_file, verify_state_file
 from tl.data import build_transforms, image_datasets, load_rgb
 from tl.loop import loss_targets, predictions, resolve_device
 from tl.models import create_model, get_backbone, imagenet_categories
@@ -41,6 +41,7 @@ class ModelContext:
     image_size: int = 224
     single_logit: bool = False
     stack_head: bool = False
+    checksums: dict[str, str] | None = None  # digests of the weight files the run wrote (config.json)
 
 
 def context_for(path: Path, backbone: str | None) -> ModelContext:
@@ -52,7 +53,8 @@ def context_for(path: Path, backbone: str | None) -> ModelContext:
         return ModelContext(backbone=backbone or config["recipe"]["backbone"], classes=config["classes"],
                             image_size=config["options"].get("image_size", 224),
                             single_logit=config["recipe"].get("loss") == "bce_logit",
-                            stack_head=config["recipe"].get("stack_head", False))
+                            stack_head=config["recipe"].get("stack_head", False),
+                            checksums=config.get("checksums"))
     if not backbone:
         raise TLError(f"no config.json beside {path}: say which architecture it is with --backbone")
     return ModelContext(backbone=backbone, classes=None)
@@ -60,7 +62,10 @@ def context_for(path: Path, backbone: str | None) -> ModelContext:
 
 def load_model(path: Path, ctx: ModelContext, num_classes: int, allow_pickle: bool = False) -> nn.Module:
     model = create_model(ctx.backbone, 1 if ctx.single_logit else num_classes, "none", stack=ctx.stack_head)
-    load_into(model, load_state_file(path, allow_pickle=allow_pickle), str(path))
+    state = load_state_file(path, allow_pickle=allow_pickle)
+    if path.suffix == ".pth":  # a weight file of a run: check it against the digest the run recorded
+        verify_state_file(path, state, (ctx.checksums or {}).get(path.name))
+    load_into(model, state, str(path))
     return model.eval()
 
 

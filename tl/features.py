@@ -11,10 +11,15 @@ network at a *cut point* (the backbone's `cache_cut`, e.g. ResNet's `fc`):
 and hand the loop the tail as `net` and DataLoaders of stored features instead of images.
 The loop itself does not change (tl/loop.py is still the only training loop).
 
-When is that exact? The prefix must behave the same in every epoch: no trainable
-parameter in it, BatchNorm in eval mode (the recipe's `frozen_bn_eval`), no active
-Dropout. Dropout *after* the cut keeps working as in training, which is why VGG16 cuts
-before `classifier.2` (a Dropout) rather than at `classifier.6`. Then:
+When is that exact? The prefix must be a fixed function during training: no trainable
+parameter in it, and in the loop's train-mode setup (`net.train()`, frozen BatchNorm back
+in eval mode when the recipe says so) it must compute exactly what it computes in eval
+mode and change none of its buffers. That is not decided from a list of module types
+(Dropout, Dropout2d, StochasticDepth, DropPath, BatchNorm in train mode, and whatever
+module comes next): `check_prefix_is_fixed` *tries it* on a few images, and caches only if
+the outputs agree bit for bit and every buffer stays as it was. Dropout *after* the cut
+keeps working as in training, which is why VGG16 cuts before `classifier.2` (a Dropout)
+rather than at `classifier.6`. Then:
 
 * val features are always exact (the val transform is deterministic);
 * train features are exact when augmentation is off (`--no-augment`);
@@ -26,9 +31,10 @@ convolution before it (`fold_batchnorm`), in small batches and in the loop's mem
 it is the only backbone work a cached run does, so it is worth making cheap.
 
 Caches are stored (float32 by default) under `$TL_CACHE_DIR` (default
-`~/.cache/tl-reference/features`), keyed on the prefix's weights, the cut point, the
-transform, and each image's path, size and modification time: change any of them and
-the cache is rebuilt.
+`~/.cache/tl-reference/features`), keyed on everything the stored numbers depend on and
+nothing else (`cache_key`): change any of it and the cache is rebuilt. A stored file is
+checked when read (shape, row count, labels, a SHA-256 of its contents); a damaged one is
+reported in one line and rebuilt, never used.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from tl.checkpoint import atomic_save
+from tl.checkpoint import atomic_save, remove_stale_temporaries
 from tl.models import BATCHNORM, Backbone
 
 
@@ -78,20 +84,76 @@ def split_at_cut(model: nn.Module, spec: Backbone) -> CacheSplit:
     return CacheSplit(model.get_submodule(spec.cache_cut), spec.cache_cut)
 
 
-def why_not_cacheable(model: nn.Module, split: CacheSplit, frozen_bn_eval: bool) -> str | None:
-    """None if the prefix is a fixed function during training, else the reason it is not."""
+def why_not_cacheable(model: nn.Module, split: CacheSplit, frozen_bn_eval: bool, probe: torch.Tensor) -> str | None:
+    """None if the prefix is a fixed function during training, else the reason it is not.
+
+    Two conditions, both checked rather than assumed from module types:
+    1. no parameter before the cut trains;
+    2. `check_prefix_is_fixed` on `probe` (a few val images): in the loop's train mode
+       the prefix gives eval mode's output, twice, and leaves its buffers alone."""
     tail_params = {id(p) for p in split.tail.parameters()}
     trainable = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in tail_params]
     if trainable:
         return f"parameters before the cut point {split.cut} train (e.g. {trainable[0]})"
-    tail_modules = {id(m) for m in split.tail.modules()}
-    for name, module in model.named_modules():
-        if id(module) in tail_modules:
-            continue
-        if isinstance(module, nn.Dropout) and module.p > 0:
-            return f"Dropout {name} before the cut point would be active in training"
-        if isinstance(module, BATCHNORM) and not frozen_bn_eval:
-            return f"BatchNorm {name} would update its statistics in training (recipe keeps BN in train mode)"
+    return check_prefix_is_fixed(model, split, frozen_bn_eval, probe)
+
+
+@torch.no_grad()
+def _prefix_output(model: nn.Module, cut: str, images: torch.Tensor) -> torch.Tensor:
+    """The input of the module `cut` for `images` (the forward pass stops there)."""
+    captured = []
+
+    def hook(module, inputs):
+        captured.append(inputs[0].detach().clone())
+        raise _Stop
+
+    handle = model.get_submodule(cut).register_forward_pre_hook(hook)
+    try:
+        model(images)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def check_prefix_is_fixed(model: nn.Module, split: CacheSplit, frozen_bn_eval: bool,
+                          probe: torch.Tensor) -> str | None:
+    """Run the prefix on `probe` as the loop would train it and compare with eval mode.
+
+    The loop's train setup is `model.train()` and, with `frozen_bn_eval`, every frozen
+    BatchNorm back in eval mode (tl/loop.py). Two passes in that setup, with different
+    random seeds, must both equal the eval-mode pass bit for bit: a Dropout, a stochastic
+    depth or a BatchNorm normalising with batch statistics breaks that. A BatchNorm in
+    train mode also updates its running statistics, which the buffer comparison sees. The
+    model's buffers, mode and the global RNG are restored afterwards, whatever happens."""
+    from tl.models import frozen_batchnorm_modules
+
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    was_training = model.training
+    try:
+        with torch.random.fork_rng(devices=[]):
+            model.eval()
+            reference = _prefix_output(model, split.cut, probe)
+            passes = []
+            for seed in (1, 2):
+                torch.manual_seed(seed)
+                model.train()
+                if frozen_bn_eval:
+                    for bn in frozen_batchnorm_modules(model):
+                        bn.eval()
+                passes.append(_prefix_output(model, split.cut, probe))
+        changed = [n for n, b in model.named_buffers() if not torch.equal(b, buffers[n])]
+    finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+        model.train(was_training)
+    if changed:
+        return f"{changed[0]} changes in training (a BatchNorm in train mode updates its statistics)"
+    if not all(torch.equal(p, reference) for p in passes):
+        return (f"the layers before {split.cut} compute something else in training than in evaluation "
+                f"(Dropout, stochastic depth or BatchNorm batch statistics)")
     return None
 
 
@@ -223,9 +285,14 @@ def cache_dir() -> Path:
 
 
 def prefix_digest(model: nn.Module, split: CacheSplit) -> str:
-    """A hash of the frozen prefix: its architecture, weights and BatchNorm statistics
-    (computed once per run; every phase's cache key includes it)."""
+    """A hash of the frozen prefix: each module's type and settings (`extra_repr`: kernel
+    sizes, strides, BatchNorm's eps, ...), and its weights and BatchNorm statistics.
+    The tail (what trains) is left out: a new head does not change the features."""
     h = hashlib.sha256(f"{type(model).__name__}:{split.cut}".encode())
+    tail_modules = {id(m) for m in split.tail.modules()}
+    for name, module in model.named_modules():
+        if id(module) not in tail_modules:
+            h.update(f"{name}:{type(module).__module__}.{type(module).__qualname__}({module.extra_repr()})".encode())
     tail = {id(p) for p in split.tail.parameters()} | {id(b) for b in split.tail.buffers()}
     for name, tensor in model.state_dict(keep_vars=True).items():
         if id(tensor) not in tail:
@@ -234,33 +301,83 @@ def prefix_digest(model: nn.Module, split: CacheSplit) -> str:
     return h.hexdigest()
 
 
-def cache_key(digest: str, dataset, views: int, seed: int, dtype: torch.dtype) -> str:
-    """A hash of everything the stored features of `dataset` depend on."""
-    files = [(p, os.path.getsize(p), os.stat(p).st_mtime_ns) for p, _ in dataset.samples]
-    text = json.dumps({"prefix": digest, "transform": repr(dataset.transform), "files": files, "views": views,
-                       "seed": seed, "dtype": str(dtype)})
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+def _library_versions() -> dict:
+    import PIL
+    import torchvision
+
+    versions = {"torch": torch.__version__, "torchvision": torchvision.__version__, "pillow": PIL.__version__}
+    try:
+        import timm
+
+        versions["timm"] = timm.__version__
+    except ImportError:
+        pass
+    return versions
 
 
-def cached_features(model: nn.Module, split: CacheSplit, dataset, *, digest: str, views: int, seed: int, device,
+def cache_key(digest: str, dataset, *, views: int, random_views: bool, seed: int, workers: int, dtype: torch.dtype,
+              device, channels_last: bool, folded: bool) -> str:
+    """A hash of everything the stored features of `dataset` depend on, and nothing else:
+
+    the prefix (`prefix_digest`), how the pass ran (device type, memory layout, batch size,
+    BatchNorm folding, storage dtype: each changes the float rounding), the library versions
+    (decoders, resampling, kernels), the transform, and each file with its label, size and
+    modification time. The seed and the worker count decide which random crops are drawn
+    (each worker seeds its own RNG), so they enter the key only for random views: without
+    augmentation every seed reuses the same features."""
+    files = [(p, t, os.path.getsize(p), os.stat(p).st_mtime_ns) for p, t in dataset.samples]
+    settings = {"prefix": digest, "transform": repr(dataset.transform), "files": files, "views": views,
+                "dtype": str(dtype), "device": torch.device(device).type, "channels_last": channels_last,
+                "batch_size": feature_batch_size(device), "folded": folded, "versions": _library_versions()}
+    if random_views:
+        settings |= {"seed": seed, "workers": workers}
+    return hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:32]
+
+
+def _checksum(features: torch.Tensor, targets: torch.Tensor) -> str:
+    from tl.checkpoint import state_digest
+
+    return state_digest({"features": features, "targets": targets})
+
+
+def _read_cache(path: Path, views: int, n: int, dim: int, targets: torch.Tensor) -> tuple[FeatureSet | None, str]:
+    """The stored features at `path` if they are intact and fit, else (None, why not)."""
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        features, stored_targets, checksum = stored["features"], stored["targets"], stored["checksum"]
+    except Exception as exc:  # truncated, not a torch file, missing keys: all mean "rebuild"
+        return None, f"unreadable ({type(exc).__name__})"
+    if tuple(features.shape) != (views, n, dim):
+        return None, f"shape {tuple(features.shape)}, expected {(views, n, dim)}"
+    if not torch.equal(stored_targets, targets):
+        return None, "labels differ from the data set's"
+    if _checksum(features, stored_targets) != checksum:
+        return None, "contents do not match their checksum"
+    return FeatureSet(features, stored_targets), ""
+
+
+def cached_features(model: nn.Module, split: CacheSplit, dataset, *, key: str, views: int, seed: int, device,
                     dtype: torch.dtype = torch.float32, limit_gb: float = 2.0, workers: int = 0,
                     channels_last: bool = False, log=print) -> FeatureSet | None:
     """Load the features of `dataset` from the cache, or compute and store them.
 
     Returns None (the caller then trains uncached) if they would exceed `limit_gb`."""
-    key = cache_key(digest, dataset, views, seed, dtype)
     path = cache_dir() / f"{key}.pt"
+    if cache_dir().is_dir():
+        remove_stale_temporaries(cache_dir())  # left by a run killed while it stored features
     targets = torch.tensor(dataset.targets)
     if path.is_file():
-        stored = torch.load(path, map_location="cpu", weights_only=True)
-        return FeatureSet(stored["features"], stored["targets"])
+        found, why = _read_cache(path, views, len(dataset), split.feature_dim, targets)
+        if found is not None:
+            return found
+        log(f"feature cache file {path} is damaged ({why}): rebuilding it")
     needed = views * len(dataset) * split.feature_dim * torch.tensor([], dtype=dtype).element_size()
     if needed > limit_gb * 2**30:
         log(f"feature cache would need {needed / 2**30:.2f} GB > --cache-limit-gb {limit_gb}: running uncached")
         return None
     features = compute_features(model, split.cut, dataset, views=views, seed=seed, device=device,
                                 workers=workers, channels_last=channels_last).to(dtype)
-    atomic_save({"features": features, "targets": targets}, path)
+    atomic_save({"features": features, "targets": targets, "checksum": _checksum(features, targets)}, path)
     return FeatureSet(features, targets)
 
 
@@ -288,22 +405,33 @@ def plan_cache(model: nn.Module, spec: Backbone, sets: dict, *, frozen_bn_eval: 
                log=print) -> tuple[nn.Module, dict, str]:
     """Decide what to cache and build it: (net for the loop, {phase: FeatureSet}, mode string).
 
+    `model` must already hold the weights it will train from (a resumed run loads its
+    checkpoint first): the cache is computed from, and keyed on, exactly those weights.
     The mode string is what the run's config and the results table record."""
     split = split_at_cut(model, spec)
-    reason = why_not_cacheable(model, split, frozen_bn_eval)
+    val = sets["val"]
+    probe = torch.stack([val[i][0] for i in range(min(4, len(val)))])  # deterministic val images
+    reason = why_not_cacheable(model, split, frozen_bn_eval, probe)
     if reason is not None:
         return model, {}, f"off ({reason})"
-    kwargs = dict(digest=prefix_digest(model, split), seed=seed, device=device, dtype=dtype, limit_gb=limit_gb,
-                  workers=workers, channels_last=channels_last, log=log)
     # the feature pass runs a copy with its BatchNorms folded into the convolutions (exact
     # while they are frozen in eval mode); the model that trains is not touched
     extractor = fold_batchnorm(model)
-    cached = {"val": cached_features(extractor, split, sets["val"], views=1, **kwargs)}
+    folded = extractor is not model
+    digest = prefix_digest(model, split)
+    common = dict(seed=seed, device=device, dtype=dtype, limit_gb=limit_gb, workers=workers,
+                  channels_last=channels_last, log=log)
+
+    def phase_cache(ds, n_views: int, random_views: bool) -> FeatureSet | None:
+        key = cache_key(digest, ds, views=n_views, random_views=random_views, seed=seed, workers=workers, dtype=dtype,
+                        device=device, channels_last=channels_last, folded=folded)
+        return cached_features(extractor, split, ds, key=key, views=n_views, **common)
+
+    cached = {"val": phase_cache(val, 1, False)}
     if not augment:
-        cached["train"] = cached_features(extractor, split, sets["train"], views=1, **kwargs)
+        cached["train"] = phase_cache(sets["train"], 1, False)
     elif views > 0:
-        cached["train"] = cached_features(extractor, split, sets["train"], views=views, **kwargs)
-    del extractor
+        cached["train"] = phase_cache(sets["train"], views, True)
     cached = {phase: fs for phase, fs in cached.items() if fs is not None}
     if not cached:
         return model, {}, "off (over the size limit)"

@@ -129,6 +129,13 @@ def _amp_settings(device: torch.device, amp: bool) -> tuple[bool, torch.dtype]:
     return True, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def make_grad_scaler(device: torch.device | str, amp: bool) -> torch.amp.GradScaler:
+    """The loss scaler fp16 autocast needs (disabled, a no-op, everywhere else). Its scale
+    adapts during training, so a checkpoint saves it and a resumed run restores it."""
+    use_amp, amp_dtype = _amp_settings(torch.device(device), amp)
+    return torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+
 def train_model(
     net: nn.Module,
     dataloaders: dict[str, torch.utils.data.DataLoader],
@@ -138,6 +145,7 @@ def train_model(
     *,
     device: torch.device | str = "cpu",
     scheduler=None,
+    scaler: torch.amp.GradScaler | None = None,
     frozen_bn_eval: bool = False,
     start_epoch: int = 0,
     history: History | None = None,
@@ -166,7 +174,7 @@ def train_model(
         net.to(memory_format=torch.channels_last)
     frozen_bn = frozen_batchnorm_modules(net) if frozen_bn_eval else []
     use_amp, amp_dtype = _amp_settings(device, amp)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    scaler = scaler if scaler is not None else make_grad_scaler(device, amp)
 
     for epoch in range(start_epoch, num_epochs):
         for phase in ("train", "val"):

@@ -17,8 +17,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
+import io
 import json
+import os
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,7 +41,7 @@ from tl.data import (
     split_datasets,
     val_resize,
 )
-from tl.loop import History, predictions, resolve_device, seed_everything, train_model
+from tl.loop import History, make_grad_scaler, predictions, resolve_device, seed_everything, train_model
 from tl.models import Backbone, create_model, format_parameter_table, get_backbone, parameter_table
 
 
@@ -135,15 +139,73 @@ def make_criterion(recipe: Recipe) -> nn.Module:
     return nn.BCEWithLogitsLoss() if recipe.loss == "bce_logit" else nn.CrossEntropyLoss()
 
 
-def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, resume: Path | None = None,
+# Options that may differ when a run is resumed: they cannot change what the run computes
+# (a new total of --epochs only adds epochs). Every other option is restored from the
+# checkpoint; giving it a different value is an error rather than silently ignored.
+RESUME_SAFE = ("epochs", "device", "progress")
+
+
+def resume_options(ckpt: dict, given: dict, source: Path) -> RunOptions:
+    """The options of the run saved in `ckpt`, with the safe ones in `given` applied.
+
+    `given` holds only what the user actually typed (as RunOptions fields). `data` may name
+    another path to the same images (run() checks the files); anything else that differs
+    from the saved run stops with a message, because it would change the result."""
+    saved = dict(ckpt["config"]["options"])
+    conflicts = [f"{k.replace('_', '-')} {v} (the run has {saved.get(k)})" for k, v in given.items()
+                 if k not in (*RESUME_SAFE, "data") and _as_saved(v) != saved.get(k)]
+    if conflicts:
+        raise TLError(f"{source} continues a run with its own options; these would change its result: "
+                      f"{'; '.join(conflicts)}.\n  Resume with only --epochs, --device or --no-progress, "
+                      f"or start a new run with the new options")
+    saved.update({k: v for k, v in given.items() if k in (*RESUME_SAFE, "data")})
+    for key in ("data", "out"):
+        saved[key] = Path(saved[key])
+    return RunOptions(**saved)
+
+
+def _as_saved(value):
+    return str(value) if isinstance(value, Path) else value
+
+
+def data_fingerprint(sets: dict) -> str:
+    """A digest of which files (relative to their split folder), with which labels and sizes,
+    each phase holds: the identity of the data a run trained on, wherever it lies."""
+    h = hashlib.sha256()
+    for phase in sorted(sets):
+        ds = sets[phase]
+        for path, target in ds.samples:
+            h.update(f"{phase}|{os.path.relpath(path, ds.root)}|{target}|{os.path.getsize(path)}\n".encode())
+    return h.hexdigest()
+
+
+def make_run_dir(out: Path, name: str, explicit: bool) -> Path:
+    """Create the run folder, atomically and for this run alone: `mkdir` fails if the name
+    exists, so two runs started in the same second never share a folder. A generated name
+    gets a suffix (-2, -3, ...); a name the caller chose is never reused."""
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(1, 1000):
+        run_dir = out / (name if i == 1 else f"{name}-{i}")
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            if explicit:
+                raise TLError(f"{run_dir} already exists; resume it with --resume {run_dir / 'last.ckpt'} "
+                              f"or choose another --out") from None
+    raise TLError(f"{out} already holds 999 runs named {name}-N; choose another --out")
+
+
+def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None = None, resume: Path | None = None,
         log: Callable[[str], None] = print) -> RunResult:
     """Run one experiment end to end and return its history (see the module docstring).
 
-    With `resume` (a `last.ckpt`), the run continues in that checkpoint's folder from the
-    epoch after the one it saved, with the same weights, optimizer and RNG states, so the
-    result equals an uninterrupted run.
+    With `ckpt` (a loaded `last.ckpt`, see `resume_run`), the run continues in that
+    checkpoint's folder from the epoch after the one it saved. Everything the saved run
+    had (weights, optimizer, scheduler, loss scaler, history, RNG states) is restored in
+    one place, right after the model is built and before anything else uses the model,
+    so the result equals an uninterrupted run.
     """
-    ckpt = checkpoint.load_checkpoint(resume) if resume else None
     recipe = resolve(recipe, opts)
     spec = get_backbone(recipe.backbone)
     device = resolve_device(opts.device)
@@ -164,90 +226,99 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, resume: Path | None
     if recipe.loss == "bce_logit" and len(classes) != 2:
         raise TLError(f"{recipe.name} has a single-logit head, which separates exactly 2 classes; "
                       f"{opts.data} has {len(classes)}: {classes}")
+    fingerprint = data_fingerprint(sets)
 
     # 2. model: architecture + weights + new head, then the recipe decides what trains
     # (a resumed run gets its weights from the checkpoint, so it needs no pretrained file)
-    weights = "none" if ckpt is not None else recipe.weights
-    model = create_model(recipe.backbone, 1 if recipe.loss == "bce_logit" else len(classes), weights,
-                         stack=recipe.stack_head)
-    model, optimizer = build(model, spec, recipe)
+    model = create_model(recipe.backbone, 1 if recipe.loss == "bce_logit" else len(classes),
+                         "none" if ckpt is not None else recipe.weights, stack=recipe.stack_head)
+    model, optimizer, *rest = build(model, spec, recipe)  # a recipe may also return a scheduler
+    scheduler = rest[0] if rest else None
+    scaler = make_grad_scaler(device, opts.amp)
+    generator = torch.Generator().manual_seed(opts.seed)  # the train loader's shuffling order
+    history, start_epoch, wall_before = None, 0, 0.0
+    if ckpt is not None:  # 3. resume: the one place a saved run is restored
+        history, start_epoch, wall_before = _restore(ckpt, resume, model, optimizer, scheduler, scaler, generator,
+                                                     classes, fingerprint, recipe.num_epochs)
     log(f"{recipe.name} ({recipe.source}) on {recipe.backbone}, weights={recipe.weights}: {recipe.strategy}")
     log(format_parameter_table(model, (1, 3, opts.image_size, opts.image_size)))
 
-    # 3. the run folder and its resolved config
-    if ckpt is not None:
-        run_dir = Path(resume).parent
-        config = ckpt["config"]
-        if ckpt["classes"] != classes:
-            raise TLError(f"{resume} was trained on classes {ckpt['classes']}, but {opts.data} has {classes}")
-    else:
-        name = opts.run_name or f"{recipe.name}-{recipe.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_dir = Path(opts.out) / name
-        if (run_dir / "last.ckpt").exists():
-            raise TLError(f"{run_dir} already holds a run; resume it with --resume {run_dir / 'last.ckpt'} "
-                          f"or choose another --out")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config = _config(recipe, opts, spec, device, model, optimizer, sets, classes)
-    config["train_epochs"] = recipe.train_epochs
-
-    # 4. loaders: of stored features where a frozen prefix allows it, else of images
+    # 4. inputs: stored features where a frozen prefix allows it (computed from the weights
+    # just built or restored), else images
     net, cached, cache_mode = model, {}, "off"
     if opts.feature_cache:
-        net, cached, cache_mode = features.plan_cache(
-            model, spec, sets, frozen_bn_eval=recipe.frozen_bn_eval, augment=opts.augment, views=opts.cache_views,
-            seed=opts.seed, device=device, dtype=torch.float32, limit_gb=opts.cache_limit_gb,
-            workers=opts.workers, channels_last=opts.channels_last, log=log)
+        with torch.random.fork_rng(devices=[]):  # the cache's probe and passes draw nothing from the run's RNG
+            net, cached, cache_mode = features.plan_cache(
+                model, spec, sets, frozen_bn_eval=recipe.frozen_bn_eval, augment=opts.augment,
+                views=opts.cache_views, seed=opts.seed, device=device, dtype=torch.float32,
+                limit_gb=opts.cache_limit_gb, workers=opts.workers, channels_last=opts.channels_last, log=log)
     if opts.image_cache:
         sets = {p: ds if p in cached else decoded_images(ds, val_resize(opts.image_size), opts.cache_limit_gb, log)
                 for p, ds in sets.items()}
     log(f"feature cache: {cache_mode}")
-    config["feature_cache"] = cache_mode
-    _write_json(run_dir / "config.json", config)
     loaders = make_loaders({p: cached.get(p, ds) for p, ds in sets.items()}, recipe.batch_size, seed=opts.seed,
                            workers=0 if len(cached) == len(sets) else opts.workers,
-                           pin_memory=device.type == "cuda")
-    generator = loaders["train"].generator
+                           pin_memory=device.type == "cuda", generator=generator)
 
-    # 5. resume: weights, optimizer, history and RNGs exactly as they were after the saved epoch
-    history, start_epoch = None, 0
+    # 5. the run folder and its record: created only now that everything can start
     if ckpt is not None:
-        checkpoint.load_into(model, ckpt["model"], str(resume))
-        model.to(device)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        best_path = run_dir / "best.pth"
-        best_state = checkpoint.load_state_file(best_path) if best_path.exists() else None
-        history = History.from_dict(ckpt["history"], best_state)
-        start_epoch = ckpt["epoch"] + 1
-        checkpoint.set_rng_state(ckpt["rng"], generator)
+        run_dir = Path(resume).parent
+        checkpoint.remove_stale_temporaries(run_dir)  # a save killed mid-write left these
+        config = ckpt["config"]
+        config["resumed"] = [*config.get("resumed", []), {"after_epoch": ckpt["epoch"], "device": str(device),
+                                                          "time": time.strftime("%Y-%m-%d %H:%M:%S")}]
+        config["options"] = _options_record(opts)  # the new --epochs total, where the data lies now
+        config["recipe"] = dataclasses.asdict(recipe)
         log(f"resuming {run_dir} after epoch {ckpt['epoch']}")
+    else:
+        name = opts.run_name or f"{recipe.name}-{recipe.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = make_run_dir(Path(opts.out), name, explicit=opts.run_name is not None)
+        config = _config(recipe, opts, spec, device, model, optimizer, sets, classes) | {
+            "data_fingerprint": fingerprint, "checksums": {}}
+    config["train_epochs"] = recipe.train_epochs
+    config["feature_cache"] = cache_mode
+    _write_json(run_dir / "config.json", config)
+
+    def save_weights(state: dict, name: str) -> None:
+        checkpoint.atomic_save(state, run_dir / name)
+        config["checksums"][name] = checkpoint.state_digest(state)  # --evaluate checks the file against it
+
+    started = time.time()
 
     def on_epoch_end(epoch: int, hist: History) -> bool:
+        # last.ckpt first: if the run is killed before best.pth is written, the checkpoint
+        # already holds that epoch's weights, which resume uses as the best (see _restore)
+        checkpoint.save_checkpoint(run_dir / "last.ckpt", epoch=epoch, model=model, optimizer=optimizer,
+                                   scheduler=scheduler, scaler=scaler, history=hist.to_dict(), config=config,
+                                   classes=classes, loader_generator=generator,
+                                   wall_seconds=wall_before + time.time() - started)
         if hist.best_epoch == epoch:
-            checkpoint.atomic_save(hist.best_state, run_dir / "best.pth")
+            save_weights(hist.best_state, "best.pth")
         if opts.save_every_epoch:  # 001's 00.pth, 01.pth, ...; or 004's names that carry the val figures
             val = hist.rows[-1]
             name = (f"epoch{epoch:02d}-loss{val['loss']:.4f}-acc{val['acc']:.4f}.pth" if opts.informative_names
                     else f"{epoch:02d}.pth")
-            checkpoint.atomic_save(model.state_dict(), run_dir / name)
-        checkpoint.save_checkpoint(run_dir / "last.ckpt", epoch=epoch, model=model, optimizer=optimizer,
-                                   scheduler=None, history=hist.to_dict(), config=config, classes=classes,
-                                   loader_generator=generator)
+            save_weights(model.state_dict(), name)
         write_history_csv(hist, run_dir / "history.csv")
+        _write_json(run_dir / "config.json", config)
         # early stopping (004 §2.3): no new best val `monitor` for `patience` epochs -> stop the loop
         return opts.patience is not None and epoch - hist.best_epoch >= opts.patience
 
-    started = time.time()
     try:
         history = train_model(net, loaders, make_criterion(recipe), optimizer, recipe.num_epochs,
-                              device=device, frozen_bn_eval=recipe.frozen_bn_eval, start_epoch=start_epoch,
-                              history=history, on_epoch_end=on_epoch_end, amp=opts.amp,
-                              channels_last=opts.channels_last, best_by=opts.monitor, progress=opts.progress,
-                              log=log)
-    except KeyboardInterrupt:
-        raise TLError(f"interrupted: {run_dir / 'last.ckpt'} holds the last completed epoch.\n"
-                      f"  continue with: python main.py --resume {run_dir / 'last.ckpt'} --data {opts.data}") from None
+                              device=device, scheduler=scheduler, scaler=scaler,
+                              frozen_bn_eval=recipe.frozen_bn_eval, start_epoch=start_epoch, history=history,
+                              on_epoch_end=on_epoch_end, amp=opts.amp, channels_last=opts.channels_last,
+                              best_by=opts.monitor, progress=opts.progress, log=log)
+    except BaseException as exc:
+        if ckpt is None and not (run_dir / "last.ckpt").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing to resume: leave no half-made folder
+        if isinstance(exc, KeyboardInterrupt):
+            raise TLError(f"interrupted: {run_dir / 'last.ckpt'} holds the last completed epoch.\n"
+                          f"  continue with: python main.py --resume {run_dir / 'last.ckpt'}") from None
+        raise
 
-    config["results"] = summarize(history) | {"wall_seconds": time.time() - started}
+    config["results"] = summarize(history) | {"wall_seconds": wall_before + time.time() - started}
     _write_json(run_dir / "config.json", config)
     write_history_csv(history, run_dir / "history.csv")
     if history.best_state is not None:
@@ -256,6 +327,51 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, resume: Path | None
         write_run_plots(run_dir, history, net, cached.get("val", sets["val"]), sets["val"], classes, spec, device)
     log(f"best val acc {history.best_acc:.4f} at epoch {history.best_epoch} -> {run_dir}")
     return RunResult(run_dir, history, config, model, classes)
+
+
+def _restore(ckpt: dict, resume: Path, model: nn.Module, optimizer, scheduler, scaler, generator: torch.Generator,
+             classes: list[str], fingerprint: str, num_epochs: int) -> tuple[History, int, float]:
+    """Put a saved run back exactly as it was after its last epoch: weights, optimizer,
+    scheduler, scaler, RNG states and history (with the best epoch's weights). Returns
+    (history, first epoch to run, wall seconds already spent)."""
+    config = ckpt["config"]
+    if ckpt["classes"] != classes:
+        raise TLError(f"{resume} was trained on classes {ckpt['classes']}, but the data has {classes}")
+    if config.get("data_fingerprint") != fingerprint:
+        raise TLError(f"{resume} was trained on other images than {config['options']['data']} holds now "
+                      f"(files, labels or sizes differ); resume it on the data it started with")
+    history = History.from_dict(ckpt["history"])
+    if history.stopped_early is not None:
+        raise TLError(f"{resume}: the run stopped early after epoch {history.stopped_early} (--patience); "
+                      f"there is nothing to resume")
+    start_epoch = ckpt["epoch"] + 1
+    if start_epoch >= num_epochs:
+        raise TLError(f"{resume} has already trained all {num_epochs - 1} epochs; "
+                      f"pass a larger --epochs (the new total) to train more")
+    checkpoint.load_into(model, ckpt["model"], str(resume))
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scheduler is not None and ckpt["scheduler"] is not None:
+        scheduler.load_state_dict(ckpt["scheduler"])
+    if ckpt["scaler"] is not None:
+        scaler.load_state_dict(ckpt["scaler"])
+    if history.best_epoch == ckpt["epoch"]:
+        history.best_state = ckpt["model"]  # the checkpoint's own weights are that epoch's (on_epoch_end)
+    elif history.best_epoch >= 0:
+        best_path = resume.parent / "best.pth"
+        history.best_state = checkpoint.load_state_file(best_path)
+        checkpoint.verify_state_file(best_path, history.best_state, config.get("checksums", {}).get("best.pth"))
+    checkpoint.set_rng_state(ckpt["rng"], generator)
+    return history, start_epoch, ckpt["wall_seconds"]
+
+
+def resume_run(path: Path, given: dict, log: Callable[[str], None] = print) -> RunResult:
+    """`main.py --resume last.ckpt`: rebuild the saved run's recipe and options, then `run` it."""
+    from experiments import get_experiment
+
+    ckpt = checkpoint.load_checkpoint(path)
+    opts = resume_options(ckpt, given, path)
+    module = get_experiment(ckpt["config"]["experiment"])
+    return run(module.RECIPE, module.build, opts, ckpt=ckpt, resume=Path(path), log=log)
 
 
 def write_run_plots(run_dir: Path, history: History, model: nn.Module, val_inputs, val_set, classes: list[str],
@@ -307,7 +423,7 @@ def _config(recipe: Recipe, opts: RunOptions, spec: Backbone, device: torch.devi
     return {
         "experiment": recipe.name,
         "recipe": dataclasses.asdict(recipe),
-        "options": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(opts).items()},
+        "options": _options_record(opts),
         "weights_kind": _weights_kind(recipe.weights, spec),
         "optimizer": type(optimizer).__name__,
         "param_groups": [{"name": g.get("name", str(i)), "lr": g["lr"],
@@ -324,6 +440,10 @@ def _config(recipe: Recipe, opts: RunOptions, spec: Backbone, device: torch.devi
     }
 
 
+def _options_record(opts: RunOptions) -> dict:
+    return {k: _as_saved(v) for k, v in dataclasses.asdict(opts).items()}
+
+
 def _weights_kind(weights: str, spec: Backbone) -> str:
     if weights == "imagenet":
         return "packaged" if spec.weights_source == "packaged" else "imagenet"
@@ -331,16 +451,13 @@ def _weights_kind(weights: str, spec: Backbone) -> str:
 
 
 def write_history_csv(history: History, path: Path) -> None:
-    fields = ["epoch", "phase", "loss", "acc", "seconds", "images_per_s"]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(history.rows)
-    tmp.replace(path)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=["epoch", "phase", "loss", "acc", "seconds", "images_per_s"],
+                            extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history.rows)
+    checkpoint.atomic_write_text(path, text.getvalue())
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    checkpoint.atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
