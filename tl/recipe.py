@@ -86,6 +86,7 @@ class RunOptions:
     image_size: int = 224  # crop size; the val resize keeps 002's 256/224 ratio
     max_per_class: int | None = None  # use only the first N images of each class (smoke runs)
     val_split: float | None = None  # split a folder of class folders into train/val (seeded, per class)
+    split_seed: int = 0  # seed of that split alone: a training --seed must not change the val images
     verify_images: bool = False  # fully decode every image before training (finds truncated files)
     augment: bool = True
     save_every_epoch: bool = False
@@ -155,7 +156,8 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, resume: Path | None
     # 1. data: transforms with the backbone's own normalisation, one data set per phase
     transforms = build_transforms(spec.mean, spec.std, size=opts.image_size, augment=opts.augment)
     if opts.val_split:
-        sets = split_datasets(opts.data, transforms, opts.val_split, seed=opts.seed, verify=opts.verify_images)
+        sets = split_datasets(opts.data, transforms, opts.val_split, split_seed=opts.split_seed,
+                              max_per_class=opts.max_per_class, verify=opts.verify_images)
     else:
         sets = image_datasets(opts.data, transforms, max_per_class=opts.max_per_class, verify=opts.verify_images)
     classes = sets["train"].classes
