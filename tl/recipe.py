@@ -100,6 +100,7 @@ class RunOptions:
     monitor: str = "acc"  # what "best" means for best.pth and early stopping: val "acc" or val "loss"
     informative_names: bool = False  # per-epoch files named epoch03-loss0.1820-acc0.9412.pth (004)
     plots: bool = True  # learning curves, confusion matrix and prediction grid in the run folder
+    allow_pickle: bool = False  # --weights may be a whole pickled model (runs code from the file)
     progress: bool = True
 
 
@@ -171,7 +172,7 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, resume: Path | None
     # (a resumed run gets its weights from the checkpoint, so it needs no pretrained file)
     weights = "none" if ckpt is not None else recipe.weights
     model = create_model(recipe.backbone, 1 if recipe.loss == "bce_logit" else len(classes), weights,
-                         stack=recipe.stack_head)
+                         stack=recipe.stack_head, allow_pickle=opts.allow_pickle)
     model, optimizer = build(model, spec, recipe)
     log(f"{recipe.name} ({recipe.source}) on {recipe.backbone}, weights={recipe.weights}: {recipe.strategy}")
     log(format_parameter_table(model, (1, 3, opts.image_size, opts.image_size)))
