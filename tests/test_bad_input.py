@@ -131,6 +131,27 @@ def test_a_file_in_two_classes_has_no_label_and_is_skipped(tmp_path):
     assert "the same file is also in class class_1: its label is ambiguous" in describe_skipped(sets)
 
 
+def test_a_class_folder_that_links_to_its_parent_gets_no_files(tmp_path, tiny_backbone, capsys):
+    d = write_image_folder(tmp_path / "d")
+    for phase in ("train", "val"):
+        (d / phase / "all").symlink_to(".")  # a "class" holding every other class
+        (d / phase / "class_0" / "loop.jpg").symlink_to("loop.jpg")  # a file link to itself
+    code, _, err = train(capsys, d, tmp_path / "runs")
+    assert code == 2 and "no usable image in class folder(s) ['all']" in err
+    sets = data.scan_classes(str(d / "train"), ["all", "class_0", "class_1"])
+    assert [t for _, t in sets["samples"]].count(1) == 12 and len(sets["samples"]) == 24
+    assert (str(d / "train" / "class_0" / "loop.jpg"), "cannot be read (Too many levels of symbolic links)") \
+        in sets["skipped"]
+
+
+def test_a_file_in_train_and_val_is_refused(tmp_path, tiny_backbone, capsys):
+    d = write_image_folder(tmp_path / "d")
+    os.link(d / "train" / "class_0" / "000.png", d / "val" / "class_0" / "copy.png")
+    code, _, err = train(capsys, d, tmp_path / "runs")
+    assert code == 2 and "1 file(s) belong to two splits" in err and "copy.png" in err
+    assert not (tmp_path / "runs").exists()
+
+
 # ----------------------------------------------------------------------------- --val-split
 def test_val_split_refuses_a_folder_that_is_already_split(tmp_path, tiny_backbone, capsys):
     d = write_image_folder(tmp_path / "d")

@@ -291,9 +291,10 @@ def scan_classes(root: str, classes: list[str], verify: bool = False) -> dict:
 
     Each real file is counted once. Identity is (device, inode), so a symlink and a hard
     link are the same file as their target. A file reached under several names belongs to
-    the class folder that really contains it (a link inside bees/ to ../ants/ does not make
-    ants into bees); a file that really lies in two classes' folders (hard links), or that
-    two classes reach only through links, has no single label and is skipped.
+    the class folder that really contains it, the innermost one if class folders nest (a
+    link inside bees/ to ../ants/ does not make ants into bees); a file that really lies in
+    two classes' folders (hard links), or that two classes reach only through links, has
+    no single label and is skipped.
 
     Returns samples [(path, class index)] in class then path order, skipped [(path, why)],
     duplicates [(path, the path it repeats)] and ignored [(folder, why)].
@@ -301,25 +302,27 @@ def scan_classes(root: str, classes: list[str], verify: bool = False) -> dict:
     found: dict[tuple[int, int], list[tuple[int, str, bool]]] = {}
     order: list[tuple[int, str, tuple[int, int]]] = []
     skipped, ignored = [], []
+    tops = [os.path.realpath(os.path.join(root, name)) for name in classes]
     for index, name in enumerate(classes):
-        top = os.path.join(root, name)
-        real_top = os.path.realpath(top)
-        for path in walk_files(top, ignored):
+        for path in walk_files(os.path.join(root, name), ignored):
             if not has_image_extension(path):
                 continue
             try:
                 st = os.stat(path)
-            except FileNotFoundError:
-                skipped.append((path, "broken link"))
+            except OSError as exc:  # a link to nowhere, a link loop, no permission
+                skipped.append((path, f"cannot be read ({exc.strerror})"))
                 continue
             identity = (st.st_dev, st.st_ino)
-            inside = os.path.realpath(path).startswith(real_top + os.sep)
+            inside = os.path.realpath(path).startswith(tops[index] + os.sep)
             found.setdefault(identity, []).append((index, path, inside))
             order.append((index, path, identity))
     samples, duplicates = [], []
     for index, path, identity in order:
         places = found[identity]
-        owners = {c for c, _, inside in places if inside} or {c for c, _, _ in places}
+        holders = {c for c, _, inside in places if inside}
+        # a class folder that contains another (train/all -> train) does not own that class's files
+        innermost = {c for c in holders if not any(tops[o].startswith(tops[c] + os.sep) for o in holders)}
+        owners = innermost or {c for c, _, _ in places}
         first = next(p for c, p, _ in places if c in owners)
         if len(owners) > 1:
             others = ", ".join(classes[c] for c in sorted(owners) if c != index)
@@ -429,7 +432,24 @@ def image_datasets(
             raise TLError(f"no usable image in class folder(s) {empty} of {ds.root}")
         if max_per_class is not None:
             _keep_samples(ds, _first_per_class(ds.samples, max_per_class))
+    _refuse_shared_files(sets)
     return sets
+
+
+def _refuse_shared_files(sets: dict[str, CheckedImageFolder]) -> None:
+    """Stop if one file (a link, or the same inode) is a sample of two phases: val would
+    then score the model on images it trained on, and look better than it is."""
+    seen: dict[tuple[int, int], tuple[str, str]] = {}
+    shared = []
+    for phase, ds in sets.items():
+        for path, _ in ds.samples:
+            st = os.stat(path)
+            other = seen.setdefault((st.st_dev, st.st_ino), (phase, path))
+            if other[0] != phase:
+                shared.append(f"{path} is {other[1]}")
+    if shared:
+        raise TLError(f"{len(shared)} file(s) belong to two splits (e.g. {shared[0]}): the model would be scored "
+                      f"on images it trained on. Keep each image in one split only")
 
 
 def _first_per_class(samples: list[tuple[str, int]], n: int) -> list[tuple[str, int]]:
