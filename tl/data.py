@@ -205,12 +205,12 @@ def _looks_complete(path: str, fmt: str | None) -> bool:
     FF D9, a PNG with its IEND chunk; reading the last kilobyte finds both. A file without
     the ending is decoded in full to decide (some cameras append data after FF D9; such a
     file decodes fine and is kept). Other formats have no such cheap test: always decoded."""
-    if fmt not in ("JPEG", "PNG"):
+    if fmt not in ("JPEG", "MPO", "PNG"):  # MPO: a camera's JPEG with extra pictures appended
         return False
     with open(path, "rb") as f:
         f.seek(max(0, os.path.getsize(path) - 1024))
         tail = f.read()
-    return (b"\xff\xd9" in tail) if fmt == "JPEG" else (b"IEND" in tail)
+    return (b"IEND" in tail) if fmt == "PNG" else (b"\xff\xd9" in tail)
 
 
 def check_image(path: str, verify: bool = False) -> str | None:
