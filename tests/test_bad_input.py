@@ -244,6 +244,16 @@ def test_a_file_the_quick_scan_misses_stops_the_run_by_name(tmp_path, tiny_backb
     assert run_config(tmp_path / "verified")["dataset_sizes"] == {"train": 24, "val": 12}
 
 
+@pytest.mark.xfail(strict=True, reason="a failure after run() made its folder leaves it behind: needs atomic run "
+                   "folders in tl/recipe.run (issue 'Exactness'); remove this mark when that lands")
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tmp_path, tiny_backbone, capsys, monkeypatch):
+    d = write_image_folder(tmp_path / "d")
+    truncated_jpeg(d / "train" / "class_1" / "cut.jpg")
+    monkeypatch.setattr(data, "check_image", lambda path, verify=False: None)  # the scan misses it
+    assert train(capsys, d, tmp_path / "runs")[0] == 2
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
 def _mode_image(mode: str) -> tuple[Image.Image, str, np.ndarray]:
     """(image in `mode`, file suffix, the RGB pixels it must become) for a 1x4 strip."""
     if mode == "I":  # 32-bit integer, values 0..255: used to come out all black
@@ -358,6 +368,8 @@ def test_an_empty_or_text_file_as_weights_or_checkpoint(trained_run, tiny_data, 
         assert code == 2 and str(bad) in err and expected in err, argv
     assert not (tmp_path / "new").exists()  # no half-made run folder
     # a damaged checkpoint inside a run folder: --evaluate and --predict use the same loader
+    code, _, err = cli(capsys, "--resume", trained_run)  # a folder where a file belongs
+    assert code == 2 and f"{trained_run} is a folder; pass the weights file inside it" in err
     (trained_run / "best.pth").write_bytes(b"")
     code, _, err = cli(capsys, "--evaluate", trained_run / "best.pth", "--data", tiny_data)
     assert code == 2 and "empty file" in err

@@ -63,6 +63,8 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
 
 def _torch_load(path: str | os.PathLike, map_location: Any = "cpu", allow_pickle: bool = False) -> Any:
     path = Path(path)
+    if path.is_dir():
+        raise TLError(f"{path} is a folder; pass the weights file inside it (e.g. {path / 'best.pth'})")
     if not path.is_file():
         raise TLError(f"no such file: {path}")
     if path.stat().st_size == 0:
