@@ -89,6 +89,9 @@ def build_transforms(
 # tiny file can ask for gigabytes: a 375-byte 100000x1 PNG would become 256 x 25,600,000.
 MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS): about 9500 x 9500
 MAX_ASPECT = 20  # longer side / shorter side; a panorama is ~4, a 20:1 strip is not a photo of a class
+# The PIL modes `to_rgb` turns into correct RGB. Others (e.g. "LAB") are skipped with a reason.
+_TO_RGB_MODES = frozenset({"1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "LA", "La", "PA", "CMYK", "YCbCr", "HSV",
+                           "I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
 
 # Folders that are never classes: tool and file-system droppings, not photos of anything.
 # Hidden folders (".thumbs", ".ipynb_checkpoints", ".git") are never classes either.
@@ -166,7 +169,7 @@ def _to_8bit(values: np.ndarray, mode: str) -> np.ndarray:
     elif lo >= 0 and hi <= 65535:
         scale, offset = 255 / 65535, 0.0
     else:
-        scale, offset = 255 / (hi - lo), lo
+        scale, offset = 255 / max(hi - lo, 1e-12), lo  # (a constant image becomes black, not NaN)
     return np.clip(np.rint((values - offset) * scale), 0, 255).astype(np.uint8)
 
 
@@ -186,9 +189,6 @@ def to_rgb(img: Image.Image) -> Image.Image:
         img = Image.alpha_composite(background, img.convert("RGBA"))
     return img.convert("RGB")
 
-
-_TO_RGB_MODES = frozenset({"1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "LA", "La", "PA", "CMYK", "YCbCr", "HSV",
-                           "I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
 
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:
@@ -257,9 +257,12 @@ def class_folders(phase_dir: str | os.PathLike) -> tuple[list[str], list[tuple[s
     classes, ignored = [], []
     with os.scandir(phase_dir) as entries:
         for entry in sorted(entries, key=lambda e: e.name):
-            if entry.is_dir():  # follows a symlinked class folder
-                why = ignored_folder(entry.name)
-                classes.append(entry.name) if why is None else ignored.append((entry.path, why))
+            if not entry.is_dir():  # (is_dir follows a symlinked class folder)
+                continue
+            if (why := ignored_folder(entry.name)) is None:
+                classes.append(entry.name)
+            else:
+                ignored.append((entry.path, why))
     return classes, ignored
 
 
@@ -752,6 +755,6 @@ def split_datasets(root: str | os.PathLike, transforms: dict[str, v2.Compose], v
     return sets
 
 
-# Truncated JPEGs make PIL raise mid-decode; CheckedImageFolder handles that per file, so
-# we keep PIL strict (never silently pad a half image with grey).
+# Truncated JPEGs make PIL raise mid-decode; the scan skips such files (check_image) and
+# read_image names one it meets later, so we keep PIL strict (never pad half an image with grey).
 ImageFile.LOAD_TRUNCATED_IMAGES = False
