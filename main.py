@@ -8,21 +8,25 @@
     python main.py --evaluate runs/<run>/best.pth --data DIR [--split test]
     python main.py --predict photo.jpg [--checkpoint runs/<run>/best.pth]
 
-Problems with the input (unknown names, bad values, a missing folder, weights that are
-not on this machine) print one message and exit with status 2, before any training.
+Problems with the input or the machine (unknown names, bad values, a missing or unreadable
+folder, a damaged file, weights that are not on this machine, no permission, a full disk)
+print one message, "error: ...", and exit with status 2. To see the Python traceback
+behind such a message, run with TL_DEBUG=1.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 from pathlib import Path
 
 from tl import TLError
 
 
-def _int_at_least(minimum: int):
-    """An argparse type: a whole number >= minimum, with a one-line message otherwise."""
+def _int_at_least(minimum: int, maximum: int | None = None):
+    """An argparse type: a whole number >= minimum (and <= maximum), with a one-line message otherwise."""
 
     def parse(text: str) -> int:
         try:
@@ -31,12 +35,26 @@ def _int_at_least(minimum: int):
             raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
         return value
 
     return parse
 
 
 _positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
+# NumPy's legacy seeding and PYTHONHASHSEED take 32-bit seeds; torch would take 64 bits
+_seed = _int_at_least(0, 2**32 - 1)
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.2, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (0.2 holds out a fifth), got {text}")
+    return value
 
 
 def _positive_float(text: str) -> float:
@@ -52,7 +70,7 @@ def _positive_float(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="main.py", description="Transfer learning recipes from the source documents, on one loop.",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     what = p.add_argument_group("what to do (one of)")
     what.add_argument("--experiment", "-e", metavar="NAME", help="train one recipe (see --list)")
     what.add_argument("--list", action="store_true", help="list the recipes and backbones")
@@ -71,8 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--src", type=Path, help="with --prepare: the flat folder of cat.N.jpg / dog.N.jpg")
     data.add_argument("--dest", type=Path, help="with --prepare: where train/ val/ test/ are created")
     data.add_argument("--force", action="store_true", help="with --prepare: replace the splits in a non-empty --dest")
-    data.add_argument("--val-split", type=_positive_float, metavar="FRACTION",
+    data.add_argument("--val-split", type=_fraction, metavar="FRACTION",
                       help="data folder has only class folders: hold out this fraction per class as val")
+    data.add_argument("--split-seed", type=_seed, default=0,
+                      help="seed of the --val-split draw alone (default 0): --seed does not change the val set")
+    data.add_argument("--max-per-class", type=_positive_int, metavar="N",
+                      help="use only the first N images of each class in each split (--quick: 8)")
     data.add_argument("--verify-images", action="store_true",
                       help="decode every image fully before training (finds truncated files; slower)")
     data.add_argument("--split", default="val", choices=["train", "val", "test"], help="split for --evaluate")
@@ -91,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     model.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                        help="mixed precision on CUDA (bf16, or fp16 with a grad scaler)")
-    model.add_argument("--seed", type=int, default=0)
+    model.add_argument("--seed", type=_seed, default=0, help="training seed, 0 .. 2**32-1 (default 0)")
     model.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                        help="NHWC memory layout (default on: faster on GPUs and, measured, on CPU)")
 
@@ -146,9 +168,12 @@ def run_options(args: argparse.Namespace):
         channels_last=args.channels_last, feature_cache=args.feature_cache, cache_views=args.cache_views,
         cache_limit_gb=args.cache_limit_gb, image_cache=args.image_cache, patience=args.patience,
         monitor=args.monitor, informative_names=args.informative_names, val_split=args.val_split,
-        verify_images=args.verify_images)
+        verify_images=args.verify_images, split_seed=args.split_seed, max_per_class=args.max_per_class,
+        allow_pickle=args.allow_pickle)
     if args.quick:
         opts.make_quick()
+        if args.max_per_class:  # an explicit --max-per-class wins over --quick's 8
+            opts.max_per_class = args.max_per_class
     return opts
 
 
@@ -201,7 +226,13 @@ def main(argv: list[str] | None = None) -> int:
                 from tl.models import get_backbone
 
                 get_backbone(args.backbone)  # a typo fails here, before any data is read
-            run(module.RECIPE, module.build, run_options(args))
+            opts = run_options(args)
+            _check_writable(opts.out, "--out")
+            if opts.feature_cache:
+                from tl.features import cache_dir
+
+                _check_writable(cache_dir(), "feature cache folder (TL_CACHE_DIR)", "or pass --no-feature-cache")
+            run(module.RECIPE, module.build, opts)
         elif args.resume:
             resume(args, given_options(argv))
         elif args.evaluate:
@@ -220,13 +251,55 @@ def main(argv: list[str] | None = None) -> int:
             from tl.data import resolve_data_dir
             from tl.plots import data_preview
 
+            _check_writable(args.out / "data-preview", "--out")
             for path in data_preview(resolve_data_dir(args.data), args.backbone or "resnet18",
-                                     args.out / "data-preview", seed=args.seed):
+                                     args.out / "data-preview", seed=args.seed, val_split=args.val_split,
+                                     split_seed=args.split_seed):
                 print(f"wrote {path}")
-    except TLError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (TLError, OSError) as exc:
+        if os.environ.get("TL_DEBUG"):
+            raise  # the developer's view: the full traceback
+        print(f"error: {_message(exc)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _message(exc: Exception) -> str:
+    """The one-line (or few-line) text for a TLError or an OSError from the user's files.
+
+    An OSError is the environment speaking (permissions, space, a file where a folder
+    should be): it is the user's to fix, so it gets a message too, never a traceback."""
+    if isinstance(exc, TLError):
+        text = str(exc)
+        if text.startswith("Caught TLError in DataLoader worker"):
+            # a worker process's error comes back with the worker's traceback in its text: keep our message
+            text = text.rsplit("TLError: ", 1)[-1].strip()
+        return text
+    where = exc.filename or "a file"
+    if exc.errno == errno.ENOSPC:
+        return f"no space left on the device while writing {where}: free some space, or use --out / TL_CACHE_DIR " \
+               f"on another disk"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied: {where}: make it readable (and writable, for outputs) or choose another path"
+    if exc.errno == errno.EROFS:
+        return f"read-only file system: {where}: choose a writable --out (or TL_CACHE_DIR)"
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+        return f"{exc.strerror}: {where}: a file stands where a folder is needed (or the reverse); choose another path"
+    return f"{exc.strerror or exc}: {where}; check the path and the disk"
+
+
+def _check_writable(path: Path, what: str, alternative: str = "") -> None:
+    """Stop before any work (and before a run folder exists) if `path` cannot be created or written.
+
+    The nearest part of `path` that exists decides: it must be a folder this user may write to."""
+    existing = Path(path).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    fix = f"choose another {what}" + (f" {alternative}" if alternative else "")
+    if not existing.is_dir():
+        raise TLError(f"{what} {path}: {existing} is a file, not a folder; {fix}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise TLError(f"{what} {path}: cannot write in {existing} (no permission, or a read-only file system); {fix}")
 
 
 if __name__ == "__main__":

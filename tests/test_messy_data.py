@@ -65,14 +65,23 @@ def test_links_when_possible_copies_otherwise(tmp_path, monkeypatch):
     assert (tmp_path / "copied" / "test" / "dog" / "dog.4.jpg").read_bytes() == (src / "dog.4.jpg").read_bytes()
 
 
-def test_a_non_empty_destination_is_refused_unless_forced(tmp_path):
+def test_a_non_empty_destination_is_refused_and_force_replaces_only_its_own_splits(tmp_path):
     src = _flat_kaggle(tmp_path / "flat", per_class=5)
     dest = tmp_path / "dest"
-    (dest / "train" / "old").mkdir(parents=True)
-    with pytest.raises(TLError, match="not empty"):
+    prepare_dogs_vs_cats(src, dest, log=lambda s: None)
+    (dest / "train" / "old").mkdir()
+    (dest / "notes.txt").write_text("mine")
+    with pytest.raises(TLError, match="not empty.*--force replaces them"):
         prepare_dogs_vs_cats(src, dest, log=lambda s: None)
-    prepare_dogs_vs_cats(src, dest, force=True, log=lambda s: None)
-    assert not (dest / "train" / "old").exists()
+    prepare_dogs_vs_cats(src, dest, force=True, log=lambda s: None)  # the splits it made itself
+    assert not (dest / "train" / "old").exists() and (dest / "notes.txt").read_text() == "mine"
+    foreign = tmp_path / "foreign"
+    (foreign / "train" / "old").mkdir(parents=True)
+    with pytest.raises(TLError, match="not empty; choose a new or empty --dest$"):
+        prepare_dogs_vs_cats(src, foreign, log=lambda s: None)
+    with pytest.raises(TLError, match="replaces only splits made by --prepare"):
+        prepare_dogs_vs_cats(src, foreign, force=True, log=lambda s: None)
+    assert (foreign / "train" / "old").is_dir()
     with pytest.raises(TLError, match="no cat.N.jpg"):
         prepare_dogs_vs_cats(tmp_path / "dest" / "train", tmp_path / "x", log=lambda s: None)
 
@@ -109,16 +118,17 @@ def test_a_folder_of_every_kind_of_bad_file_trains_and_reports_the_skips(tmp_pat
     (folder / "html.jpg").write_text("<html>404</html>")
     (folder / "notes.txt").write_text("hello")
     (folder / ".DS_Store").write_bytes(b"\0")
-    with pytest.warns(UserWarning, match="truncated.jpg"):
-        code = main.main(["-e", "resnet_scratch", "-b", "tiny", "--data", str(data), "--epochs", "1",
-                          "--out", str(tmp_path / "runs"), "--no-progress", "--workers", "0"])
+    code = main.main(["-e", "resnet_scratch", "-b", "tiny", "--data", str(data), "--epochs", "1",
+                      "--out", str(tmp_path / "runs"), "--no-progress", "--workers", "0"])
     assert code == 0
     out = capsys.readouterr().out
-    assert "skipped 2 unusable image file(s)" in out and "empty.jpg: empty file" in out and "html.jpg" in out
+    # the truncated JPEG lacks its end marker, so even the quick scan decodes it and leaves it out
+    assert "skipped 3 unusable image file(s)" in out and "empty.jpg: empty file" in out and "html.jpg" in out
+    assert "truncated.jpg: OSError: image file is truncated" in out
     capsys.readouterr()
     assert main.main(["-e", "resnet_scratch", "-b", "tiny", "--data", str(data), "--epochs", "1", "--verify-images",
                       "--out", str(tmp_path / "runs2"), "--no-progress", "--workers", "0"]) == 0
-    assert "skipped 3 unusable" in capsys.readouterr().out  # the full decode finds the truncated file too
+    assert "skipped 3 unusable" in capsys.readouterr().out  # the full decode of every file agrees
 
 
 def test_a_class_with_no_usable_image_stops_with_a_message(tmp_path, tiny_backbone, capsys):

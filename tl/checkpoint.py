@@ -29,11 +29,13 @@ checks before it scores that file.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import pickle
 import random
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -69,8 +71,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
             os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, RuntimeError) and "inline_container" in str(exc):
+            # torch.save reports a failed write (disk full, I/O error) as a RuntimeError of its zip writer
+            free = shutil.disk_usage(path.parent).free
+            raise OSError(errno.ENOSPC if free < 2**20 else errno.EIO,
+                          f"writing failed ({free / 2**20:.1f} MB free there)", str(path)) from None
         raise
     return path
 
@@ -138,8 +145,18 @@ def state_digest(obj: Any) -> str:
 
 def _torch_load(path: str | os.PathLike, map_location: Any = "cpu", allow_pickle: bool = False) -> Any:
     path = Path(path)
+    if path.is_dir():
+        raise TLError(f"{path} is a folder; pass the weights file inside it (e.g. {path / 'best.pth'})")
     if not path.is_file():
         raise TLError(f"no such file: {path}")
+    if path.stat().st_size == 0:
+        raise TLError(f"{path} is an empty file (0 bytes), not saved weights: an interrupted copy? Use another file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    # torch.save writes a zip archive ("PK\x03\x04"); older torch a raw pickle (protocol byte 0x80)
+    if magic != b"PK\x03\x04" and not magic.startswith(b"\x80"):
+        raise TLError(f"{path} is not a PyTorch file (it starts with {magic!r}, not a zip archive or a pickle): "
+                      f"pass a .pth/.ckpt written by torch.save")
     try:
         # map_location="cpu": tensors saved from a GPU land on the CPU, whatever this machine has.
         return torch.load(path, map_location=map_location, weights_only=not allow_pickle)
@@ -147,9 +164,16 @@ def _torch_load(path: str | os.PathLike, map_location: Any = "cpu", allow_pickle
         raise TLError(f"{path} is not a plain state_dict or checkpoint: it holds pickled Python objects "
                       f"(for instance a whole model saved with torch.save(model)). Loading it would run "
                       f"code from the file; only do that for files you made yourself, with --allow-pickle.\n"
-                      f"  ({str(exc).splitlines()[0][:160]})") from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise TLError(f"{path} is not a readable PyTorch file: {str(exc).splitlines()[0][:200]}") from None
+                      f"  ({_first_line(exc, 160)})") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged file makes torch/pickle raise almost anything
+        raise TLError(f"{path} is not a readable PyTorch file ({_first_line(exc, 200)}); "
+                      f"is it complete? Use another copy") from None
+
+
+def _first_line(exc: BaseException, limit: int) -> str:
+    """The first line of an exception's message, or its type when the message is empty (EOFError)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:limit]}" if lines else type(exc).__name__
 
 
 def load_state_file(path: str | os.PathLike, map_location: Any = "cpu", allow_pickle: bool = False) -> dict:

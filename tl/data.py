@@ -22,6 +22,7 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageFile
 from torch.utils.data import DataLoader
@@ -83,6 +84,25 @@ def build_transforms(
 
 
 # ----------------------------------------------------------------------------- reading images
+# Guards checked on the header, before a single pixel is decoded. Decoding allocates
+# width x height x 3 bytes and the val transform resizes the *shorter* side to 256, so a
+# tiny file can ask for gigabytes: a 375-byte 100000x1 PNG would become 256 x 25,600,000.
+MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS): about 9500 x 9500
+MAX_ASPECT = 20  # longer side / shorter side; a panorama is ~4, a 20:1 strip is not a photo of a class
+# The PIL modes `to_rgb` turns into correct RGB. Others (e.g. "LAB") are skipped with a reason.
+_TO_RGB_MODES = frozenset({"1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "LA", "La", "PA", "CMYK", "YCbCr", "HSV",
+                           "I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
+
+# Folders that are never classes: tool and file-system droppings, not photos of anything.
+# Hidden folders (".thumbs", ".ipynb_checkpoints", ".git") are never classes either.
+SYSTEM_FOLDERS = frozenset({"__MACOSX", "__pycache__", "@eaDir", "lost+found", "$RECYCLE.BIN",
+                            "System Volume Information"})
+
+
+class UnusableImage(ValueError):
+    """An image file that is not used, with the reason (the message) a report shows."""
+
+
 def has_image_extension(path: str | os.PathLike) -> bool:
     """True for visible files whose extension is a still-image format (`.DS_Store`, `.txt`,
     `.gif` placeholders are not samples)."""
@@ -90,71 +110,268 @@ def has_image_extension(path: str | os.PathLike) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open any still image as 8-bit RGB: grayscale, palette, CMYK, RGBA and 16-bit files
-    all reach the network as the 3 channels its first convolution was trained on."""
-    with Image.open(path) as img:
-        img.load()
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            # 16-bit grayscale: PIL's convert("RGB") would clip at 255, so rescale to 8 bits.
-            img = img.point(lambda v: v / 256).convert("L")
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            img = img.convert("RGBA")
-            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(background, img)  # transparent pixels become white, not black
-        return img.convert("RGB")
-
-
-def _check_image(path: str, verify: bool) -> str | None:
-    """Return why `path` is unusable, or None. Reads the header only unless `verify`."""
-    try:
-        if os.path.getsize(path) == 0:
-            return "empty file"
-        with Image.open(path) as img:
-            if verify:
-                img.load()  # a full decode: catches truncated files, costs a JPEG decode each
-    except Exception as exc:  # PIL raises many types for broken files
-        return f"{type(exc).__name__}: {exc}".splitlines()[0][:120]
+def _header_problem(img: Image.Image) -> str | None:
+    """Why an opened (not yet decoded) image must not be decoded, or None."""
+    w, h = img.size
+    if w < 1 or h < 1:
+        return f"empty image ({w}x{h})"
+    if w * h > MAX_PIXELS:
+        return f"too many pixels: {w}x{h} = {w * h:,} > {MAX_PIXELS:,} (decoding would need {w * h * 3 / 2**30:.1f} GB)"
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        return f"extreme aspect ratio {w}x{h} (more than {MAX_ASPECT}:1): resizing it would need gigabytes"
+    if img.mode not in _TO_RGB_MODES:
+        return f"colour mode {img.mode} is not supported: convert the file to RGB"
     return None
 
 
-class CheckedImageFolder(datasets.ImageFolder):
-    """`ImageFolder` that scans its files once and never dies mid-epoch on one bad file.
+def _open(path: str | os.PathLike) -> Image.Image:
+    """`Image.open` with our guards: raises UnusableImage (with the reason) for a file that
+    is empty, not an image, or too big / too thin to decode safely. Reads the header only."""
+    if os.path.getsize(path) == 0:
+        raise UnusableImage("empty file")
+    try:
+        with warnings.catch_warnings():
+            # our MAX_PIXELS check below replaces PIL's warning; its hard error (2x) is caught here
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    except Image.DecompressionBombError as exc:
+        raise UnusableImage(f"too many pixels ({str(exc).split(',')[0]})") from None
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL's ways of saying "not an image I know"
+        raise UnusableImage(_reason(exc)) from None
+    if (problem := _header_problem(img)) is not None:
+        img.close()
+        raise UnusableImage(problem)
+    return img
 
-    The scan (at construction) keeps only files that have an image extension *and* an
-    image header PIL can read; the rest are listed in `self.skipped` as (path, reason).
-    If a file that passed the header check still fails to decode during an epoch (a
-    truncated JPEG), `__getitem__` warns and returns the next readable sample instead
-    of crashing an hour-long run.
+
+def _reason(exc: BaseException) -> str:
+    """One short line for a report ("UnidentifiedImageError: cannot identify image file ...")."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:120]}" if text else type(exc).__name__
+
+
+def _to_8bit(values: np.ndarray, mode: str) -> np.ndarray:
+    """Gray values of any bit depth -> uint8 0..255.
+
+    16-bit modes declare their range (0..65535), so they are divided by 257 (65535 -> 255).
+    Mode "I" (32-bit integer) and "F" (float) declare none: a 32-bit TIFF may hold 0..255,
+    0..65535 or anything. We take the smallest usual range that holds the values ([0, 1] for
+    floats, then 0..255, then 0..65535) and stretch min..max only when none does. Dividing
+    an "I" image of 0..255 values by 256, as the 16-bit rule would, makes it all black."""
+    values = np.nan_to_num(values.astype(np.float64))
+    lo, hi = float(values.min()), float(values.max())
+    if mode.startswith("I;16"):
+        scale, offset = 255 / 65535, 0.0
+    elif lo >= 0 and hi <= 1 and mode == "F":
+        scale, offset = 255.0, 0.0
+    elif lo >= 0 and hi <= 255:
+        scale, offset = 1.0, 0.0
+    elif lo >= 0 and hi <= 65535:
+        scale, offset = 255 / 65535, 0.0
+    else:
+        scale, offset = 255 / max(hi - lo, 1e-12), lo  # (a constant image becomes black, not NaN)
+    return np.clip(np.rint((values - offset) * scale), 0, 255).astype(np.uint8)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any supported PIL mode -> 8-bit RGB, the 3 channels the first convolution was trained on.
+
+    gray of any depth ("1", "L", "I;16*", "I", "F") -> scaled to 0..255 (`_to_8bit`), then RGB;
+    with alpha ("RGBA", "LA", "PA", "La", "RGBa", or a palette / tRNS transparency) -> composited
+    on white, so transparent pixels are not black; "P", "CMYK", "YCbCr", "HSV" -> PIL's conversion.
+    """
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        img = Image.fromarray(_to_8bit(np.asarray(img), img.mode), "L")
+    if img.mode == "La":  # premultiplied gray + alpha: PIL converts it only to LA
+        img = img.convert("LA")
+    if "A" in img.mode or "a" in img.mode or "transparency" in img.info:
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img.convert("RGBA"))
+    return img.convert("RGB")
+
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Open any still image as 8-bit RGB, with the header guards of `_open` (UnusableImage)."""
+    with _open(path) as img:
+        img.load()  # the full decode: a truncated file raises OSError here
+        return to_rgb(img)
+
+
+def _looks_complete(path: str, fmt: str | None) -> bool:
+    """A cheap test for truncation: does the file end the way its format ends?
+
+    Most broken image files are cut-off downloads or copies. A JPEG ends with the marker
+    FF D9, a PNG with its IEND chunk; reading the last kilobyte finds both. A file without
+    the ending is decoded in full to decide (some cameras append data after FF D9; such a
+    file decodes fine and is kept). Other formats have no such cheap test: always decoded."""
+    if fmt not in ("JPEG", "MPO", "PNG"):  # MPO: a camera's JPEG with extra pictures appended
+        return False
+    with open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(path) - 1024))
+        tail = f.read()
+    return (b"IEND" in tail) if fmt == "PNG" else (b"\xff\xd9" in tail)
+
+
+def check_image(path: str, verify: bool = False) -> str | None:
+    """Why `path` cannot be a sample, or None: the scan's decision, made once per file.
+
+    Always: header guards (`_open`), and a full decode of any file that does not end the way
+    its format ends (`_looks_complete`: truncation, at the cost of reading 1 kB). With
+    `verify` (--verify-images): a full decode of every file, the slow and certain way."""
+    try:
+        with _open(path) as img:
+            if verify or not _looks_complete(path, img.format):
+                img.load()
+                to_rgb(img)
+    except UnusableImage as exc:
+        return str(exc)
+    except Exception as exc:  # noqa: BLE001 - PIL decoders raise many types for broken data
+        return _reason(exc)
+    return None
+
+
+def read_image(path: str) -> Image.Image:
+    """`load_rgb` for a file the scan accepted. If it fails now (it changed since the scan, or
+    is broken in a way only a full decode finds), stop with the file's name: never hand the
+    loop another image in its place, which would train that image under this file's label."""
+    try:
+        return load_rgb(path)
+    except (OSError, ValueError, SyntaxError) as exc:
+        reason = str(exc) if isinstance(exc, UnusableImage) else _reason(exc)
+        raise TLError(f"cannot decode {path} ({reason}); it passed the quick scan. Rerun with --verify-images, "
+                      f"which decodes every file before training and skips the broken ones") from None
+
+
+# ----------------------------------------------------------------------------- the data set definition
+def ignored_folder(name: str) -> str | None:
+    """Why a folder is never a class ("hidden", "system folder"), or None."""
+    if name.startswith("."):
+        return "hidden"
+    return "system folder" if name in SYSTEM_FOLDERS else None
+
+
+def class_folders(phase_dir: str | os.PathLike) -> tuple[list[str], list[tuple[str, str]]]:
+    """(class names, ignored folders as (path, why)) of one phase folder: its visible,
+    non-system sub-folders, sorted. THE rule for "which folders are classes"."""
+    classes, ignored = [], []
+    with os.scandir(phase_dir) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            if not entry.is_dir():  # (is_dir follows a symlinked class folder)
+                continue
+            if (why := ignored_folder(entry.name)) is None:
+                classes.append(entry.name)
+            else:
+                ignored.append((entry.path, why))
+    return classes, ignored
+
+
+def _raise(error: OSError) -> None:
+    raise error  # os.walk's default is to skip an unreadable folder in silence
+
+
+def walk_files(top: str, ignored: list | None = None):
+    """Every file under `top`, sorted, depth first. Folder symlinks are followed, but each
+    real folder is entered once: a link to a parent folder cannot loop. Hidden and system
+    sub-folders are left out (and appended to `ignored`)."""
+    seen = set()
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True, onerror=_raise):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        for d in sorted(dirnames):
+            if (why := ignored_folder(d)) is not None and ignored is not None:
+                ignored.append((os.path.join(dirpath, d), why))
+        dirnames[:] = sorted(d for d in dirnames if ignored_folder(d) is None)
+        for name in sorted(filenames):
+            yield os.path.join(dirpath, name)
+
+
+def scan_classes(root: str, classes: list[str], verify: bool = False) -> dict:
+    """The files of each class folder under `root`: which are samples, which are not and why.
+
+    Each real file is counted once. Identity is (device, inode), so a symlink and a hard
+    link are the same file as their target. A file reached under several names belongs to
+    the class folder that really contains it, the innermost one if class folders nest (a
+    link inside bees/ to ../ants/ does not make ants into bees); a file that really lies in
+    two classes' folders (hard links), or that two classes reach only through links, has
+    no single label and is skipped.
+
+    Returns samples [(path, class index)] in class then path order, skipped [(path, why)],
+    duplicates [(path, the path it repeats)] and ignored [(folder, why)].
+    """
+    found: dict[tuple[int, int], list[tuple[int, str, bool]]] = {}
+    order: list[tuple[int, str, tuple[int, int]]] = []
+    skipped, ignored = [], []
+    tops = [os.path.realpath(os.path.join(root, name)) for name in classes]
+    for index, name in enumerate(classes):
+        for path in walk_files(os.path.join(root, name), ignored):
+            if not has_image_extension(path):
+                continue
+            try:
+                st = os.stat(path)
+            except OSError as exc:  # a link to nowhere, a link loop, no permission
+                skipped.append((path, f"cannot be read ({exc.strerror})"))
+                continue
+            identity = (st.st_dev, st.st_ino)
+            inside = os.path.realpath(path).startswith(tops[index] + os.sep)
+            found.setdefault(identity, []).append((index, path, inside))
+            order.append((index, path, identity))
+    samples, duplicates = [], []
+    for index, path, identity in order:
+        places = found[identity]
+        holders = {c for c, _, inside in places if inside}
+        # a class folder that contains another (train/all -> train) does not own that class's files
+        innermost = {c for c in holders if not any(tops[o].startswith(tops[c] + os.sep) for o in holders)}
+        owners = innermost or {c for c, _, _ in places}
+        first = next(p for c, p, _ in places if c in owners)
+        if len(owners) > 1:
+            others = ", ".join(classes[c] for c in sorted(owners) if c != index)
+            skipped.append((path, f"the same file is also in class {others}: its label is ambiguous"))
+        elif path != first:
+            duplicates.append((path, first))
+        elif (why := check_image(path, verify)) is not None:
+            skipped.append((path, why))
+        else:
+            samples.append((path, index))
+    ignored = list({os.path.realpath(path): (path, why) for path, why in ignored}.values())  # once each
+    return {"samples": samples, "skipped": skipped, "duplicates": duplicates, "ignored": ignored}
+
+
+class CheckedImageFolder(datasets.ImageFolder):
+    """`ImageFolder` whose files are decided once, by `class_folders` and `scan_classes`.
+
+    torchvision's ImageFolder takes every sub-folder as a class (a hidden `.thumbs/` too,
+    shifting every label after it) and follows folder links without end. Here the scan at
+    construction keeps only files that are images by extension, counted once, with a header
+    that passes the guards and an ending that shows they are complete. What it leaves out is
+    listed in `skipped` (path, why), `duplicates` (path, same file as) and `ignored` (folder, why).
+
+    So training, the feature and image caches, --evaluate and --show-data all read the same
+    `samples`. Should a file still fail to decode later, `__getitem__` stops with its name
+    (`read_image`); it never substitutes another image, which would change numbers silently.
     """
 
     def __init__(self, root: str | os.PathLike, transform=None, *, verify: bool = False):
-        self.skipped: list[tuple[str, str]] = []
+        self._verify = verify
+        super().__init__(str(root), transform=transform, loader=read_image, allow_empty=True)
 
-        def usable(path: str) -> bool:
-            if not has_image_extension(path):
-                return False
-            reason = _check_image(path, verify)
-            if reason is not None:
-                self.skipped.append((path, reason))
-            return reason is None
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes, self.ignored = class_folders(directory)
+        return classes, {name: i for i, name in enumerate(classes)}
 
-        # allow_empty: a class left with no usable file is reported by image_datasets, in our words
-        super().__init__(str(root), transform=transform, loader=load_rgb, is_valid_file=usable, allow_empty=True)
-
-    def __getitem__(self, index: int):
-        for offset in range(len(self.samples)):
-            i = (index + offset) % len(self.samples)
-            try:
-                return super().__getitem__(i)
-            except (OSError, ValueError, SyntaxError) as exc:
-                warnings.warn(f"skipping unreadable image {self.samples[i][0]}: {exc}", stacklevel=2)
-        raise TLError(f"no readable image left in {self.root}")
+    def make_dataset(self, directory: str, class_to_idx: dict[str, int], *args, **kwargs) -> list[tuple[str, int]]:
+        scan = scan_classes(directory, list(class_to_idx), self._verify)
+        self.skipped, self.duplicates = scan["skipped"], scan["duplicates"]
+        self.ignored = self.ignored + scan["ignored"]
+        return scan["samples"]
 
 
 # ----------------------------------------------------------------------------- folder layout
 def _class_dirs(phase_dir: Path) -> list[str]:
-    return sorted(d.name for d in phase_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    return class_folders(phase_dir)[0]
 
 
 def check_layout(root: str | os.PathLike, phases: tuple[str, ...] = ("train", "val")) -> list[str]:
@@ -184,7 +401,7 @@ def check_layout(root: str | os.PathLike, phases: tuple[str, ...] = ("train", "v
         if not names:
             raise TLError(f"{root / phase} has no class folders\n  {expected}")
         for name in names:
-            if not any(has_image_extension(f) for f in os.listdir(root / phase / name)):
+            if not any(has_image_extension(f) for f in walk_files(str(root / phase / name))):
                 raise TLError(f"class folder {root / phase / name} holds no image files")
         classes[phase] = names
     first = present[0]
@@ -217,14 +434,36 @@ def image_datasets(
         if empty:
             raise TLError(f"no usable image in class folder(s) {empty} of {ds.root}")
         if max_per_class is not None:
-            taken: Counter = Counter()
-            keep = []
-            for path, target in ds.samples:
-                if taken[target] < max_per_class:
-                    keep.append((path, target))
-                    taken[target] += 1
-            _keep_samples(ds, keep)
+            _keep_samples(ds, _first_per_class(ds.samples, max_per_class))
+    _refuse_shared_files(sets)
     return sets
+
+
+def _refuse_shared_files(sets: dict[str, CheckedImageFolder]) -> None:
+    """Stop if one file (a link, or the same inode) is a sample of two phases: val would
+    then score the model on images it trained on, and look better than it is."""
+    seen: dict[tuple[int, int], tuple[str, str]] = {}
+    shared = []
+    for phase, ds in sets.items():
+        for path, _ in ds.samples:
+            st = os.stat(path)
+            other = seen.setdefault((st.st_dev, st.st_ino), (phase, path))
+            if other[0] != phase:
+                shared.append(f"{path} is {other[1]}")
+    if shared:
+        raise TLError(f"{len(shared)} file(s) belong to two splits (e.g. {shared[0]}): the model would be scored "
+                      f"on images it trained on. Keep each image in one split only")
+
+
+def _first_per_class(samples: list[tuple[str, int]], n: int) -> list[tuple[str, int]]:
+    """The first `n` samples of each class, in the given order."""
+    taken: Counter = Counter()
+    keep = []
+    for path, target in samples:
+        if taken[target] < n:
+            keep.append((path, target))
+            taken[target] += 1
+    return keep
 
 
 def _keep_samples(ds: datasets.ImageFolder, samples: list[tuple[str, int]]) -> None:
@@ -234,15 +473,25 @@ def _keep_samples(ds: datasets.ImageFolder, samples: list[tuple[str, int]]) -> N
 
 
 def describe_skipped(sets: dict[str, CheckedImageFolder], show: int = 5) -> str | None:
-    """One short report of the files the scan left out (the first few, then a count)."""
+    """The scan's report: folders that are not classes, files counted once although reachable
+    under several names, and the files left out with the reason (the first few, then a count)."""
+    ignored = [f for ds in sets.values() for f in getattr(ds, "ignored", [])]
+    duplicates = [d for ds in sets.values() for d in getattr(ds, "duplicates", [])]
     skipped = [s for ds in sets.values() for s in ds.skipped]
-    if not skipped:
-        return None
-    lines = [f"skipped {len(skipped)} unusable image file(s):"]
-    lines += [f"  {path}: {why}" for path, why in skipped[:show]]
-    if len(skipped) > show:
-        lines.append(f"  ... and {len(skipped) - show} more")
-    return "\n".join(lines)
+    lines = []
+    if ignored:
+        lines.append(f"ignored {len(ignored)} folder(s) that are not classes (hidden or system folders): "
+                     + ", ".join(path for path, _ in ignored[:show]) + (" ..." if len(ignored) > show else ""))
+    if duplicates:
+        path, same = duplicates[0]
+        lines.append(f"counted {len(duplicates)} file path(s) once: they reach a file already counted, through a "
+                     f"link (e.g. {path} is {same})")
+    if skipped:
+        lines.append(f"skipped {len(skipped)} unusable image file(s):")
+        lines += [f"  {path}: {why}" for path, why in skipped[:show]]
+        if len(skipped) > show:
+            lines.append(f"  ... and {len(skipped) - show} more")
+    return "\n".join(lines) or None
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -298,7 +547,7 @@ class DecodedImages(torch.utils.data.Dataset):
         self.samples, self.targets, self.classes = folder.samples, folder.targets, folder.classes
         self.transform, self.root, self.skipped = folder.transform, folder.root, folder.skipped
         shrink = v2.Resize(resize, antialias=True)
-        self.images = [shrink(v2.functional.pil_to_tensor(load_rgb(path))) for path, _ in folder.samples]
+        self.images = [shrink(v2.functional.pil_to_tensor(read_image(path))) for path, _ in folder.samples]
 
     def __len__(self) -> int:
         return len(self.images)
@@ -357,6 +606,9 @@ KAGGLE_NAME = re.compile(r"^(cat|dog)\.(\d+)\.jpg$", re.IGNORECASE)
 SPLIT_FRACTIONS = (("train", 0.64), ("val", 0.18), ("test", 0.18))  # 000: 16,000 / 4,500 / 4,500 of 25,000
 
 
+PREPARED_MARK = ".made-by-tl-prepare"  # written into each split folder that --prepare creates
+
+
 def prepare_dogs_vs_cats(src: str | os.PathLike, dest: str | os.PathLike, *, force: bool = False,
                          log=print) -> dict:
     """Split Kaggle's flat `train/` folder (`cat.123.jpg`, `dog.45.jpg`) into
@@ -366,12 +618,19 @@ def prepare_dogs_vs_cats(src: str | os.PathLike, dest: str | os.PathLike, *, for
     next 18% to val, the rest to test (8,000 / 2,250 / 2,250 per class on the full 25,000),
     so the same input always gives the same split. Files are hard-linked where the file
     system allows (no second copy on disk), else symlinked, else copied. Names that do not
-    match `cat.N.jpg` / `dog.N.jpg` are reported and left out. A non-empty `dest` is refused
-    unless `force`, which first removes its train/val/test folders.
+    match `cat.N.jpg` / `dog.N.jpg` are reported and left out.
+
+    Nothing the user owns is deleted: `src` and `dest` may not overlap (`--src D/train
+    --dest D` would make D/train the output), a non-empty `dest` is refused, and `force`
+    replaces only split folders that carry the mark this function leaves in each one.
     """
     src, dest = Path(src), Path(dest)
     if not src.is_dir():
         raise TLError(f"--src {src} is not a folder (expected Kaggle's dogs-vs-cats train/ with cat.N.jpg files)")
+    real_src, real_dest = src.resolve(), dest.resolve()
+    if real_src == real_dest or real_dest in real_src.parents or real_src in real_dest.parents:
+        raise TLError(f"--dest {dest} and --src {src} overlap; the split would be written into (and with --force "
+                      f"replace) the source photos. Choose a --dest outside {src}, e.g. {src.parent / 'prepared'}")
     by_class: dict[str, list[tuple[int, Path]]] = {"cat": [], "dog": []}
     ignored = []
     for path in sorted(src.iterdir()):
@@ -382,24 +641,27 @@ def prepare_dogs_vs_cats(src: str | os.PathLike, dest: str | os.PathLike, *, for
             ignored.append(path.name)
     if not all(by_class.values()):
         raise TLError(f"{src} has no cat.N.jpg or no dog.N.jpg files: is it Kaggle's dogs-vs-cats train/ folder?")
+    if dest.exists() and not dest.is_dir():
+        raise TLError(f"--dest {dest} is a file, not a folder: choose a new or empty folder")
     if dest.exists() and any(dest.iterdir()):
+        splits = [dest / phase for phase, _ in SPLIT_FRACTIONS if (dest / phase).exists()]
+        ours = [d for d in splits if (d / PREPARED_MARK).is_file()]
         if not force:
-            raise TLError(f"{dest} is not empty; choose another --dest or pass --force to replace its splits")
-        for phase, _ in SPLIT_FRACTIONS:
-            shutil.rmtree(dest / phase, ignore_errors=True)
-    counts: dict[str, dict[str, int]] = {}
-    methods: Counter = Counter()
-    for name, files in by_class.items():
-        files.sort()  # by index: cat.2 before cat.10
-        n = len(files)
-        n_train, n_val = round(n * SPLIT_FRACTIONS[0][1]), round(n * SPLIT_FRACTIONS[1][1])
-        bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, n)}
-        for phase, (lo, hi) in bounds.items():
-            folder = dest / phase / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for _, path in files[lo:hi]:
-                methods[_link_or_copy(path, folder / path.name)] += 1
-            counts.setdefault(phase, {})[name] = hi - lo
+            hint = (" (its split folders were made by --prepare: --force replaces them)" if ours == splits and ours
+                    else "")
+            raise TLError(f"{dest} is not empty; choose a new or empty --dest{hint}")
+        if foreign := [d for d in splits if d not in ours]:
+            raise TLError(f"--force replaces only splits made by --prepare, and {foreign[0]} was not (it has no "
+                          f"{PREPARED_MARK}); move it away or choose another --dest")
+        for folder in ours:
+            shutil.rmtree(folder)  # links and copies we made; a hard link's source keeps its own name
+    created = []
+    try:
+        counts, methods = _write_splits(by_class, dest, created)
+    except BaseException:
+        for folder in created:  # a half-written split is worse than none
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     log(f"prepared {dest}: " + "; ".join(f"{p} " + ", ".join(f"{c} {k}" for c, k in v.items())
                                          for p, v in counts.items()))
     log("files " + ", ".join(f"{how} {k}" for how, k in methods.items()))
@@ -407,6 +669,32 @@ def prepare_dogs_vs_cats(src: str | os.PathLike, dest: str | os.PathLike, *, for
         log(f"left out {len(ignored)} file(s) not named cat.N.jpg / dog.N.jpg: {', '.join(ignored[:5])}"
             + (" ..." if len(ignored) > 5 else ""))
     return {"counts": counts, "methods": dict(methods), "ignored": ignored}
+
+
+def _write_splits(by_class: dict[str, list[tuple[int, Path]]], dest: Path, created: list[Path]):
+    """Fill dest/{train,val,test}/{cat,dog}/; each split folder is marked, then appended to
+    `created`, before any file goes in, so a failure can remove exactly what was made."""
+    counts: dict[str, dict[str, int]] = {}
+    methods: Counter = Counter()
+    for phase, _ in SPLIT_FRACTIONS:
+        (dest / phase).mkdir(parents=True)
+        created.append(dest / phase)
+        (dest / phase / PREPARED_MARK).write_text("made by main.py --prepare; --force may replace this folder\n")
+    for name, files in by_class.items():
+        files.sort()  # by index: cat.2 before cat.10
+        n = len(files)
+        n_train, n_val = round(n * SPLIT_FRACTIONS[0][1]), round(n * SPLIT_FRACTIONS[1][1])
+        bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, n)}
+        for phase, (lo, hi) in bounds.items():
+            folder = dest / phase / name
+            folder.mkdir()
+            for _, path in files[lo:hi]:
+                target = folder / path.name
+                methods[_link_or_copy(path, target)] += 1
+                if not target.is_file():  # a link that leads nowhere is not a prepared image
+                    raise TLError(f"{target} does not lead to a readable file after linking it to {path}")
+            counts.setdefault(phase, {})[name] = hi - lo
+    return counts, methods
 
 
 def _link_or_copy(src: Path, dst: Path) -> str:
@@ -424,32 +712,51 @@ def _link_or_copy(src: Path, dst: Path) -> str:
 
 
 def split_datasets(root: str | os.PathLike, transforms: dict[str, v2.Compose], val_fraction: float, *,
-                   seed: int = 0, verify: bool = False) -> dict[str, CheckedImageFolder]:
+                   split_seed: int = 0, max_per_class: int | None = None,
+                   verify: bool = False) -> dict[str, CheckedImageFolder]:
     """`--val-split 0.2`: train/val from a folder of class folders with no split of its own.
 
-    Per class, a seeded shuffle sends `val_fraction` of the files to val, the rest to train
-    (nothing is copied: both data sets read the same files)."""
+    Per class, a shuffle seeded with `split_seed` sends `val_fraction` of the files to val,
+    the rest to train (nothing is copied: both data sets read the same files). The split has
+    its own seed, not the training seed: runs that compare seeds must score on the same val
+    images. `max_per_class` (--quick) then keeps the first N of each class in each split, so
+    a quick run's val images are a subset of the full run's.
+    """
     root = Path(root)
     if not 0 < val_fraction < 1:
-        raise TLError(f"--val-split must be between 0 and 1, got {val_fraction}")
-    if not root.is_dir() or not _class_dirs(root):
+        raise TLError(f"--val-split must be between 0 and 1 (a fraction such as 0.2), got {val_fraction}")
+    if not root.is_dir():
+        raise TLError(f"data folder not found: {root}")
+    names = _class_dirs(root)
+    if phases := [p for p in PHASES if p in names]:
+        raise TLError(f"{root} is already split ({', '.join(p + '/' for p in phases)}): --val-split would train "
+                      f"classes named {' and '.join(phases)}. Drop --val-split to use its split, or pass "
+                      f"--data {root / phases[0]} to split that folder")
+    if not names:
         raise TLError(f"--val-split needs a folder of class folders; {root} has none")
     scanned = CheckedImageFolder(root, transforms["train"], verify=verify)  # one scan of the headers
-    rng = random.Random(seed)
+    rng = random.Random(split_seed)
     keep: dict[str, list] = {"train": [], "val": []}
-    for target in range(len(scanned.classes)):
+    too_small = []
+    for target, name in enumerate(scanned.classes):
         items = [s for s in scanned.samples if s[1] == target]
         rng.shuffle(items)
-        n_val = max(1, round(len(items) * val_fraction))
+        n_val = round(len(items) * val_fraction)
+        if not 0 < n_val < len(items):  # one of the two splits would have none of this class
+            too_small.append(f"{name} ({len(items)} usable image(s) -> {n_val} val, {len(items) - n_val} train)")
         keep["val"] += sorted(items[:n_val])
         keep["train"] += sorted(items[n_val:])
+    if too_small:
+        raise TLError(f"--val-split {val_fraction} leaves a split without a class: {'; '.join(too_small)}. "
+                      f"Every class needs images in both train and val: add images, or choose another fraction")
     sets = {"train": scanned, "val": copy.copy(scanned)}  # same files, own transform and sample list
-    sets["val"].transform, sets["val"].skipped = transforms["val"], []  # the skip report is shown once
+    sets["val"].transform = transforms["val"]
+    sets["val"].skipped, sets["val"].duplicates, sets["val"].ignored = [], [], []  # the report is shown once
     for phase, ds in sets.items():
-        _keep_samples(ds, keep[phase])
+        _keep_samples(ds, keep[phase] if max_per_class is None else _first_per_class(keep[phase], max_per_class))
     return sets
 
 
-# Truncated JPEGs make PIL raise mid-decode; CheckedImageFolder handles that per file, so
-# we keep PIL strict (never silently pad a half image with grey).
+# Truncated JPEGs make PIL raise mid-decode; the scan skips such files (check_image) and
+# read_image names one it meets later, so we keep PIL strict (never pad half an image with grey).
 ImageFile.LOAD_TRUNCATED_IMAGES = False

@@ -24,7 +24,7 @@ from torch import nn
 
 from tl import TLError
 from tl.checkpoint import load_into, load_state_file, verify_state_file
-from tl.data import build_transforms, image_datasets, load_rgb
+from tl.data import build_transforms, describe_skipped, image_datasets, load_rgb, split_datasets
 from tl.loop import loss_targets, predictions, resolve_device
 from tl.models import create_model, get_backbone, imagenet_categories
 
@@ -42,6 +42,9 @@ class ModelContext:
     single_logit: bool = False
     stack_head: bool = False
     checksums: dict[str, str] | None = None  # digests of the weight files the run wrote (config.json)
+    data: str | None = None  # the run's data folder, used when --data is not given
+    val_split: float | None = None  # the run split a folder of class folders (--val-split) ...
+    split_seed: int = 0  # ... with this seed: --evaluate rebuilds the same split
 
 
 def context_for(path: Path, backbone: str | None) -> ModelContext:
@@ -49,12 +52,21 @@ def context_for(path: Path, backbone: str | None) -> ModelContext:
     folder = path if path.is_dir() else path.parent
     config_file = folder / "config.json"
     if config_file.is_file():
-        config = json.loads(config_file.read_text())
-        return ModelContext(backbone=backbone or config["recipe"]["backbone"], classes=config["classes"],
-                            image_size=config["options"].get("image_size", 224),
-                            single_logit=config["recipe"].get("loss") == "bce_logit",
-                            stack_head=config["recipe"].get("stack_head", False),
-                            checksums=config.get("checksums"))
+        try:
+            config = json.loads(config_file.read_text())
+            recipe, options = config["recipe"], config["options"]
+            return ModelContext(backbone=backbone or recipe["backbone"], classes=list(config["classes"]),
+                                image_size=int(options.get("image_size", 224)),
+                                single_logit=recipe.get("loss") == "bce_logit",
+                                stack_head=bool(recipe.get("stack_head", False)), data=options.get("data"),
+                                val_split=options.get("val_split"),
+                                # runs saved before --split-seed drew the split with their training seed
+                                split_seed=int(options.get("split_seed", options.get("seed", 0))),
+                                checksums=config.get("checksums"))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise TLError(f"{config_file} is not a run config this project wrote ({type(exc).__name__}: {exc}); "
+                          f"restore it from the run, or move it away and name the architecture with --backbone") \
+                from None
     if not backbone:
         raise TLError(f"no config.json beside {path}: say which architecture it is with --backbone")
     return ModelContext(backbone=backbone, classes=None)
@@ -105,12 +117,19 @@ def epoch_files(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _split_loader(data: Path, split: str, ctx: ModelContext, batch_size: int = 32):
+def _split_loader(data: Path, split: str, ctx: ModelContext, batch_size: int = 32, log=print):
+    """The images of one split, chosen and reported exactly as training chose them (the same scan,
+    and for a --val-split run the same seeded split of the same folder)."""
     spec = get_backbone(ctx.backbone)
     transforms = build_transforms(spec.mean, spec.std, size=ctx.image_size, augment=False)
-    sets = image_datasets(data, transforms, phases=(split,))
-    if split not in sets:
-        raise TLError(f"{data} has no {split}/ folder")
+    if ctx.val_split and not (data / split).is_dir():
+        if split == "test":
+            raise TLError(f"{data} was split with --val-split {ctx.val_split} into train and val: it has no test split")
+        sets = split_datasets(data, transforms, ctx.val_split, split_seed=ctx.split_seed)
+    else:
+        sets = image_datasets(data, transforms, phases=(split,))
+    if report := describe_skipped(sets):
+        log(report)  # the images left out are said, not silently dropped from the score
     ds = sets[split]
     if ctx.classes is not None and ds.classes != ctx.classes:
         raise TLError(f"the model was trained on classes {ctx.classes}, but {data / split} has {ds.classes}")
@@ -125,7 +144,9 @@ def evaluate_command(args) -> None:
     if not path.exists():
         raise TLError(f"no such file or folder: {path}")
     ctx = context_for(path, args.backbone)
-    loader, classes = _split_loader(resolve_data_dir(args.data), args.split, ctx)
+    if args.data is None and ctx.data is not None:
+        print(f"data: {ctx.data} (from the run's config.json)")
+    loader, classes = _split_loader(resolve_data_dir(args.data or ctx.data), args.split, ctx)
     device = resolve_device(args.device)
     if path.is_file():
         model = load_model(path, ctx, len(classes), args.allow_pickle)

@@ -63,15 +63,28 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """"auto" picks the GPU when there is one; an unavailable device is a clear error."""
+    """"auto" picks the GPU when there is one; an unavailable device is a clear error.
+
+    Only devices that compute and that this machine has are accepted: torch.device("meta")
+    or "mps" on Linux parse fine and fail later, deep inside the first forward pass."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    choices = "use auto, cpu, cuda or cuda:N"
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise TLError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TLError(f"--device {name}: no CUDA GPU is visible to PyTorch on this machine")
+        raise TLError(f"unknown device {name!r}; {choices}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TLError(f"--device {name}: no CUDA GPU is visible to PyTorch on this machine; {choices}")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise TLError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), "
+                          f"numbered from 0; {choices}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise TLError(f"--device {name}: Apple's Metal (MPS) backend is not available here; {choices}")
+    elif device.type != "cpu":
+        raise TLError(f"--device {name}: {device.type!r} is not a device this project trains on; {choices}")
     return device
 
 

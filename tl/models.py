@@ -213,7 +213,8 @@ class StackedHead(nn.Module):
         return self.dense(self.pretrained_model(x))  # (B, 1000) ImageNet logits -> (B, out)
 
 
-def create_model(backbone: str, num_classes: int, weights: str = "imagenet", stack: bool = False) -> nn.Module:
+def create_model(backbone: str, num_classes: int, weights: str = "imagenet", stack: bool = False,
+                 allow_pickle: bool = False) -> nn.Module:
     """THE way this project builds a network: architecture, weights, new head.
 
     weights: "imagenet" (pretrained; the only pretrained weights each backbone knows),
@@ -221,12 +222,13 @@ def create_model(backbone: str, num_classes: int, weights: str = "imagenet", sta
              state_dict file (ImageNet-shaped, or one saved by this project).
     stack:   keep the 1000-class ImageNet head and stack a new Linear(1000, num_classes)
              on it (`StackedHead`, document 004 §3) instead of replacing the head.
+    allow_pickle: a weights file may be a whole pickled model (`--allow-pickle`: runs its code).
     """
     if stack:
         inner = create_model(backbone, 1000, "none" if weights not in ("imagenet", "none") else weights)
         model = StackedHead(inner, num_classes)
         if weights not in ("imagenet", "none", None):  # a file saved from a stacked model
-            load_into(model, load_state_file(weights), f"--weights {weights}")
+            load_into(model, load_state_file(weights, allow_pickle=allow_pickle), f"--weights {weights}")
         return model
     spec = get_backbone(backbone)
     # Read the weights before building: a missing file is reported before any work is done.
@@ -235,7 +237,7 @@ def create_model(backbone: str, num_classes: int, weights: str = "imagenet", sta
     elif weights in ("none", None):
         state, source = None, ""
     else:
-        state, source = load_state_file(weights), f"--weights {weights}"
+        state, source = load_state_file(weights, allow_pickle=allow_pickle), f"--weights {weights}"
     model = spec.create()  # random init, ImageNet-sized head
     if state is not None:
         saved_head = state.get(spec.head + ".weight")

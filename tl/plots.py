@@ -136,21 +136,28 @@ def confusion_matrix_plot(matrix: torch.Tensor, classes: list[str], path: str | 
     return _save(fig, path)
 
 
-def data_preview(data_dir: str | Path, backbone: str, out_dir: str | Path, seed: int = 0) -> list[Path]:
+def data_preview(data_dir: str | Path, backbone: str, out_dir: str | Path, seed: int = 0, *,
+                 val_split: float | None = None, split_seed: int = 0, log=print) -> list[Path]:
     """`main.py --show-data`: what the network is shown.
 
     augmentation.png: one training photo through the val transform, then 8 draws of the
         train transform (RandomResizedCrop + flip; document 001's augmentation demo);
     batch.png: 16 training images as a DataLoader serves them, with their class names
         (001, 5-14), de-normalised with the backbone's own mean/std.
+    The images are the training run's own: the same scan, the same --val-split.
     """
-    from tl.data import build_transforms, image_datasets, load_rgb, make_loaders
+    from tl.data import build_transforms, describe_skipped, image_datasets, load_rgb, make_loaders, split_datasets
     from tl.models import get_backbone
 
     spec = get_backbone(backbone)
     torch.manual_seed(seed)
     transforms = build_transforms(spec.mean, spec.std)
-    sets = image_datasets(data_dir, transforms)
+    if val_split:
+        sets = split_datasets(data_dir, transforms, val_split, split_seed=split_seed)
+    else:
+        sets = image_datasets(data_dir, transforms)
+    if report := describe_skipped(sets):
+        log(report)
     train = sets["train"]
     photo = load_rgb(train.samples[0][0])
     views = [transforms["val"](photo)] + [transforms["train"](photo) for _ in range(8)]

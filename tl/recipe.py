@@ -41,7 +41,7 @@ from tl.data import (
     split_datasets,
     val_resize,
 )
-from tl.loop import History, make_grad_scaler, predictions, resolve_device, seed_everything, train_model
+from tl.loop import History, NonFiniteLoss, make_grad_scaler, predictions, resolve_device, seed_everything, train_model
 from tl.models import Backbone, create_model, format_parameter_table, get_backbone, parameter_table
 
 
@@ -90,6 +90,7 @@ class RunOptions:
     image_size: int = 224  # crop size; the val resize keeps 002's 256/224 ratio
     max_per_class: int | None = None  # use only the first N images of each class (smoke runs)
     val_split: float | None = None  # split a folder of class folders into train/val (seeded, per class)
+    split_seed: int = 0  # seed of that split alone: a training --seed must not change the val images
     verify_images: bool = False  # fully decode every image before training (finds truncated files)
     augment: bool = True
     save_every_epoch: bool = False
@@ -103,6 +104,7 @@ class RunOptions:
     monitor: str = "acc"  # what "best" means for best.pth and early stopping: val "acc" or val "loss"
     informative_names: bool = False  # per-epoch files named epoch03-loss0.1820-acc0.9412.pth (004)
     plots: bool = True  # learning curves, confusion matrix and prediction grid in the run folder
+    allow_pickle: bool = False  # --weights may be a whole pickled model (runs code from the file)
     progress: bool = True
 
 
@@ -217,7 +219,8 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None =
     # 1. data: transforms with the backbone's own normalisation, one data set per phase
     transforms = build_transforms(spec.mean, spec.std, size=opts.image_size, augment=opts.augment)
     if opts.val_split:
-        sets = split_datasets(opts.data, transforms, opts.val_split, seed=opts.seed, verify=opts.verify_images)
+        sets = split_datasets(opts.data, transforms, opts.val_split, split_seed=opts.split_seed,
+                              max_per_class=opts.max_per_class, verify=opts.verify_images)
     else:
         sets = image_datasets(opts.data, transforms, max_per_class=opts.max_per_class, verify=opts.verify_images)
     classes = sets["train"].classes
@@ -231,7 +234,8 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None =
     # 2. model: architecture + weights + new head, then the recipe decides what trains
     # (a resumed run gets its weights from the checkpoint, so it needs no pretrained file)
     model = create_model(recipe.backbone, 1 if recipe.loss == "bce_logit" else len(classes),
-                         "none" if ckpt is not None else recipe.weights, stack=recipe.stack_head)
+                         "none" if ckpt is not None else recipe.weights, stack=recipe.stack_head,
+                         allow_pickle=opts.allow_pickle)
     model, optimizer, *rest = build(model, spec, recipe)  # a recipe may also return a scheduler
     scheduler = rest[0] if rest else None
     scaler = make_grad_scaler(device, opts.amp)
@@ -311,9 +315,15 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None =
                               on_epoch_end=on_epoch_end, amp=opts.amp, channels_last=opts.channels_last,
                               best_by=opts.monitor, progress=opts.progress, log=log)
     except BaseException as exc:
-        if ckpt is None and not (run_dir / "last.ckpt").exists():
-            shutil.rmtree(run_dir, ignore_errors=True)  # nothing to resume: leave no half-made folder
+        saved = (run_dir / "last.ckpt").exists()
+        trained = saved and (ckpt is not None or checkpoint.load_checkpoint(run_dir / "last.ckpt")["epoch"] > 0)
+        # a new run that failed before its first training epoch (a broken file, Ctrl-C) has nothing worth
+        # keeping; a NaN loss keeps its last good checkpoint, which its message points to
+        if not trained and not (saved and isinstance(exc, NonFiniteLoss)):
+            shutil.rmtree(run_dir, ignore_errors=True)
         if isinstance(exc, KeyboardInterrupt):
+            if not trained:
+                raise TLError("interrupted before the first training epoch finished: nothing was saved") from None
             raise TLError(f"interrupted: {run_dir / 'last.ckpt'} holds the last completed epoch.\n"
                           f"  continue with: python main.py --resume {run_dir / 'last.ckpt'}") from None
         raise
