@@ -69,7 +69,9 @@ def test_quick_run_writes_config_and_history(tiny_data, tiny_backbone, tmp_path,
     out = capsys.readouterr().out
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert run_dir.name.startswith("resnet_scratch-tiny-")
-    assert out.strip().splitlines()[-1].startswith("best val acc") and str(run_dir) in out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("headline acc") and "(val, final epoch)" in last and "best val acc" in last
+    assert str(run_dir) in out
     config = json.loads((run_dir / "config.json").read_text())
     assert config["recipe"]["lrs"] == {"all": 1e-4} and config["results"]["best_epoch"] >= 0
     history = pd.read_csv(run_dir / "history.csv")
