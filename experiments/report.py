@@ -273,6 +273,7 @@ def write_report(out: str | Path) -> Path:
         "",
         f"- machine: {meta.get('machine', '?')}",
         *provenance(meta),
+        *([f"- note: {meta['note']}"] if meta.get("note") else []),  # a caveat added by hand to meta.json
         "",
         "**Headline accuracy** is never chosen on the images it is scored on: with a test split, the epoch is",
         "chosen on val (best.pth) and that model is scored on test; without one, it is the final epoch's val",
