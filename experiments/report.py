@@ -122,29 +122,31 @@ def noise_words(summary: pd.DataFrame, diffs: pd.DataFrame, dataset: str) -> str
     """The comparison in plain words: which gaps are larger than the noise, which are not."""
     ok = summary[(summary.dataset == dataset) & (summary.status == "ok")].sort_values(
         "headline_acc_mean", ascending=False, kind="stable")
-    if len(ok) < 2 or diffs.empty:
+    pairs = diffs[diffs.dataset == dataset]
+    if len(ok) < 2 or pairs.empty:
         return ""
     name = {i: f"{r.experiment} / {r.backbone}" for i, r in ok.iterrows()}
     top = ok.index[0]
-    first = _pair(diffs, dataset, name[top], name[ok.index[1]])
-    if first is None:
-        return ""
-    seeds, images = first[3], first[4]
+    images, seeds = int(pairs.images.max()), int(pairs.seeds.max())
     lines = [f"**Which differences are real ({dataset}).** The headline is scored on {images} images, so one image "
              f"is {100 / images:.2f} points. For each pair of recipes, {DRAWS:,} bootstrap draws resampled the "
-             f"{seeds} seed(s) (paired by seed) and the images (paired by image); a difference counts only when "
-             f"its 95% interval leaves out 0. Below, each figure is a difference in accuracy in points, "
+             f"seeds both ran (up to {seeds}; paired by seed) and the images (paired by image); a difference counts "
+             f"only when its 95% interval leaves out 0. Below, each figure is a difference in accuracy in points, "
              f"with its 95% interval in brackets (`differences.csv` has every pair).", ""]
-    beats, ties = [], []
+    beats, ties, apart = [], [], []
     for i in ok.index[1:]:
         pair = _pair(diffs, dataset, name[top], name[i])
-        if pair is not None:
+        if pair is None:
+            apart.append(name[i])
+        else:
             (beats if pair[1] > 0 else ties).append(f"{name[i]} {_points(*pair[:3])}")
     lines.append(f"- Highest headline: **{name[top]}**, {100 * ok.loc[top, 'headline_acc_mean']:.1f}%.")
     if beats:
         lines.append(f"- It beats, by more than the noise (its accuracy minus theirs): {'; '.join(beats)}.")
     if ties:
         lines.append(f"- Within noise of it, so not shown to be worse (its accuracy minus theirs): {'; '.join(ties)}.")
+    if apart:
+        lines.append(f"- Not compared with it (no seed in common): {'; '.join(apart)}.")
     for backbone in ok.backbone.unique():
         scratch = ok[(ok.experiment == "resnet_scratch") & (ok.backbone == backbone)]
         if not len(scratch):
