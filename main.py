@@ -143,16 +143,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def list_recipes() -> str:
+    """The README's recipe table (what trains, epochs, batch, learning rates, the command), then
+    each backbone and whether it runs here without a network."""
     from experiments import all_experiments
-    from tl.models import BACKBONES
+    from tl.models import BACKBONES, get_backbone, runs_offline, torchvision_weights_file
 
-    lines = [f"{'experiment':<16} {'from':<16} {'backbone':<9} {'epochs':>6} {'batch':>5}  learning rates"]
+    lines = [f"{'recipe':<16} {'from':<15} {'model':<21} {'epochs':>6} {'batch':>5}  learning rates"]
     for name, module in all_experiments().items():
         r = module.RECIPE
         lrs = ", ".join(f"{g} {lr:g}" for g, lr in r.lrs.items())
-        lines.append(f"{name:<16} {r.source:<16} {r.backbone:<9} {r.train_epochs:>6} {r.batch_size:>5}  {lrs}")
-        lines.append(f"{'':<16} {r.strategy}")
-    lines.append("\nbackbones: " + ", ".join(BACKBONES))
+        model = f"{r.backbone}, {'ImageNet' if r.weights == 'imagenet' else 'random init'}"
+        lines.append(f"{name:<16} {r.source:<15} {model:<21} {r.train_epochs:>6} {r.batch_size:>5}  {lrs}")
+        lines.append(f"{'':<16} trains: {r.strategy}")
+        offline = "needs no weights: runs offline" if r.weights != "imagenet" else "offline: add -b efficientnet_lite0"
+        lines.append(f"{'':<16} command: python main.py -e {name}   ({offline})")
+    cache = torchvision_weights_file("resnet18")[1].parent
+    lines.append(f"\nbackbones (any recipe takes --backbone NAME); ImageNet weights offline? (hub cache: {cache})")
+    for name in BACKBONES:
+        spec = get_backbone(name)
+        if spec.weights_source == "packaged":
+            where = "yes: they ship in a pip package"
+        elif runs_offline(spec):
+            where = f"yes: {torchvision_weights_file(name)[1].name} is in the cache"
+        else:
+            where = f"no: needs the network once for {torchvision_weights_file(name)[1].name} (or --weights PATH)"
+        lines.append(f"  {name:<19} {where}")
     return "\n".join(lines)
 
 
@@ -219,20 +234,19 @@ def main(argv: list[str] | None = None) -> int:
             print(list_recipes())
         elif args.experiment:
             from experiments import get_experiment
+            from tl.models import get_backbone, imagenet_file
             from tl.recipe import run
 
             module = get_experiment(args.experiment)
-            if args.backbone:
-                from tl.models import get_backbone
-
-                get_backbone(args.backbone)  # a typo fails here, before any data is read
-            opts = run_options(args)
-            _check_writable(opts.out, "--out")
-            if opts.feature_cache:
+            spec = get_backbone(args.backbone or module.RECIPE.backbone)  # a typo fails here, before any data
+            _check_writable(args.out, "--out")  # where the run will write, before any work
+            if args.feature_cache:
                 from tl.features import cache_dir
 
                 _check_writable(cache_dir(), "feature cache folder (TL_CACHE_DIR)", "or pass --no-feature-cache")
-            run(module.RECIPE, module.build, opts)
+            if (args.weights or module.RECIPE.weights) == "imagenet" and spec.weights_source != "packaged":
+                imagenet_file(spec)  # weights before data: offline, this message comes first and no data/ is made
+            run(module.RECIPE, module.build, run_options(args))
         elif args.resume:
             resume(args, given_options(argv))
         elif args.evaluate:

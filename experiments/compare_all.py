@@ -1,21 +1,31 @@
 """What does transfer learning buy? Every recipe, same data, same loop, side by side.
 
-    python -m experiments.compare_all --data ../shared/data/hymenoptera_data \\
+    python -m experiments.compare_all --data ../shared/data/hymenoptera_data data/dogs-vs-cats \\
         --backbone efficientnet_lite0 own --seeds 0 1 2
 
-runs each recipe x backbone x seed through `tl.recipe.run` (the one loop) and writes to
-`--out` (default `results/`):
+runs each data set x recipe x backbone x seed through `tl.recipe.run` (the one loop) and
+writes to `--out` (default `results/`):
 
-    runs.csv              one row per run (seed): the raw figures
-    summary.csv           one row per recipe x backbone: mean ± std over seeds (pandas)
-    history/<run>.csv     every run's per-epoch rows, so any figure can be recomputed
-    curves.png            val accuracy and loss per epoch, one line per recipe
-    comparison.png        best val accuracy next to training time
-    curves_<exp>.png      train vs val curves of each recipe
-    meta.json, README.md  the command, the machine, and the table in words (experiments/report.py)
+    runs.csv                        one row per run (seed): the raw figures
+    summary.csv                     one row per data set x recipe x backbone: mean ± std over seeds
+    history/<data>/<run>.csv        every run's per-epoch rows, so any figure can be recomputed
+    predictions/<data>/<run>.csv    per image: the headline model's prediction (for the paired bootstrap)
+    curves_<data>.png               val accuracy and loss per epoch, one line per recipe
+    comparison_<data>.png           headline accuracy next to training time
+    curves_<data>_<exp>_<bb>.png    train vs val curves of each recipe
+    differences.csv                 every pair of recipes: accuracy difference and its 95% interval
+    meta.json, README.md            the commands, the machine, and the tables in words (experiments/report.py)
 
-`--backbone own` means each recipe's own architecture (ResNet18, VGG16). A run that
-cannot start here, e.g. because ImageNet weights for a torchvision backbone are not on
+The headline number of a run is never chosen on the images it is scored on
+(`tl.recipe.score_headline`): test accuracy of the epoch chosen on val where the data
+folder has a `test/` split, else the final epoch's val accuracy.
+
+Rows are keyed by (data set, recipe, backbone). A run of a subset replaces the rows of the
+keys it ran and keeps the others; every table and plot is then redrawn from all rows, and
+files of runs that no longer have a row are removed. meta.json records, per data set, the
+commands its rows come from and whether they were the full comparison (every recipe, not
+--quick). `--backbone own` means each recipe's own architecture (ResNet18, VGG16). A run
+that cannot start here, e.g. because ImageNet weights for a torchvision backbone are not on
 this machine, becomes a `not run` row with the reason; the others go on.
 """
 
@@ -26,35 +36,36 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pandas as pd
-import torch
+from experiments import NAMES
 
-from experiments import NAMES, get_experiment
-from experiments.report import write_report
-from tl import TLError, plots
-from tl.data import resolve_data_dir
-from tl.recipe import RunOptions, resolve, run
+# torch, pandas and tl are imported inside the functions that need them, so that
+# `--help` and argument errors answer at once instead of after seconds of imports.
 
+KEY = ["dataset", "experiment", "backbone"]  # one summary row, one set of seeds
 RUN_COLUMNS = [
-    "experiment", "source", "backbone", "weights", "strategy", "seed", "status", "reason",
+    "dataset", "experiment", "source", "backbone", "weights", "strategy", "seed", "status", "reason",
     "trainable_params", "total_params", "train_epochs", "batch_size", "optimizer", "learning_rates",
+    "headline", "headline_acc", "test_acc",
     "baseline_val_acc", "best_val_acc", "best_epoch", "final_val_acc", "final_val_loss",
-    "train_seconds", "train_images_per_s", "feature_cache", "device", "torch", "date", "run",
+    "train_seconds", "train_images_per_s", "feature_cache", "device", "torch", "quick", "date", "run",
 ]
-MEAN_STD = ["best_val_acc", "final_val_acc"]  # reported as mean and std over seeds
+MEAN_STD = ["headline_acc", "best_val_acc", "final_val_acc"]  # reported as mean and std over seeds
 MEAN_ONLY = ["baseline_val_acc", "best_epoch", "train_seconds", "train_images_per_s"]
 CONSTANT = ["source", "weights", "strategy", "trainable_params", "total_params", "train_epochs",
-            "batch_size", "optimizer", "learning_rates", "feature_cache", "device", "torch"]
+            "batch_size", "optimizer", "learning_rates", "feature_cache", "device", "torch", "headline", "quick"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m experiments.compare_all", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", help="data folder (default: $TL_DATA_DIR or data/hymenoptera_data)")
+    p.add_argument("--data", nargs="+", action="extend", metavar="DIR",
+                   help="data folder(s), each compared separately; repeat or list several "
+                        "(default: $TL_DATA_DIR or data/hymenoptera_data)")
     p.add_argument("--backbone", nargs="+", default=["own"],
                    help="backbone(s) for every recipe; 'own' = each recipe's default (default: own)")
     p.add_argument("--experiments", nargs="+", default=list(NAMES), metavar="NAME", help="a subset of recipes")
@@ -77,22 +88,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_one(name: str, backbone: str, seed: int, args: argparse.Namespace, runs_dir: Path,
-            history_dir: Path, log) -> dict:
-    """One recipe x backbone x seed -> one row of runs.csv (status ok / not run / failed)."""
+def dataset_name(data_dir: Path) -> str:
+    """What the tables call a data set: its folder's name (hymenoptera_data, dogs-vs-cats)."""
+    return Path(data_dir).resolve().name
+
+
+def run_one(name: str, backbone: str, seed: int, data_dir: Path, args: argparse.Namespace, runs_dir: Path,
+            out: Path, log) -> dict:
+    """One data set x recipe x backbone x seed -> one row of runs.csv (status ok / not run / failed).
+
+    An ok run's history and headline predictions are copied to out/history/<data>/ and
+    out/predictions/<data>/, so every figure can be recomputed from `out` alone."""
+    import pandas as pd
+    import torch
+
+    from experiments import get_experiment
+    from tl import TLError
+    from tl.recipe import RunOptions, resolve, run
+
     module = get_experiment(name)
-    opts = RunOptions(data=args.data_dir, backbone=None if backbone == "own" else backbone, epochs=args.epochs,
-                      seed=seed, workers=args.workers, device=args.device, out=runs_dir, progress=False,
+    dataset = dataset_name(data_dir)
+    opts = RunOptions(data=data_dir, backbone=None if backbone == "own" else backbone, epochs=args.epochs,
+                      seed=seed, workers=args.workers, device=args.device, out=runs_dir / dataset, progress=False,
                       plots=False)
     if args.quick:
         opts.make_quick()
     recipe = resolve(module.RECIPE, opts)
     label = f"{name}-{recipe.backbone}-seed{seed}"
     opts.run_name = label
-    row = {"experiment": name, "source": recipe.source, "backbone": recipe.backbone, "strategy": recipe.strategy,
-           "seed": seed, "train_epochs": recipe.train_epochs, "batch_size": recipe.batch_size,
-           "weights": recipe.weights, "learning_rates": _lrs(recipe.lrs), "torch": torch.__version__,
-           "date": time.strftime("%Y-%m-%d"), "run": label}
+    row = {"dataset": dataset, "experiment": name, "source": recipe.source, "backbone": recipe.backbone,
+           "strategy": recipe.strategy, "seed": seed, "train_epochs": recipe.train_epochs,
+           "batch_size": recipe.batch_size, "weights": recipe.weights, "learning_rates": _lrs(recipe.lrs),
+           "torch": torch.__version__, "quick": args.quick, "date": time.strftime("%Y-%m-%d"), "run": label}
     try:
         result = run(module.RECIPE, module.build, opts, log=lambda line: log("    " + line))
     except TLError as exc:
@@ -100,14 +127,18 @@ def run_one(name: str, backbone: str, seed: int, args: argparse.Namespace, runs_
     except Exception as exc:  # a bug in one recipe must not hide the other results
         return row | {"status": "failed", "reason": f"{type(exc).__name__}: {exc}".splitlines()[0]}
     cfg, res = result.config, result.config["results"]
-    pd.DataFrame(result.history.rows).to_csv(history_dir / f"{label}.csv", index=False)
+    for folder in ("history", "predictions"):
+        (out / folder / dataset).mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(result.history.rows).to_csv(out / "history" / dataset / f"{label}.csv", index=False)
+    shutil.copyfile(result.run_dir / "headline_predictions.csv", out / "predictions" / dataset / f"{label}.csv")
     return row | {
         "status": "ok", "reason": "", "weights": cfg["weights_kind"], "optimizer": cfg["optimizer"],
         "learning_rates": ", ".join(f"{g['name']} {g['lr']:g}" for g in cfg["param_groups"]),
         "trainable_params": cfg["trainable_params"], "total_params": cfg["total_params"], "device": cfg["device"],
         "feature_cache": cfg.get("feature_cache", "off"),
-        **{k: res[k] for k in ("baseline_val_acc", "best_val_acc", "best_epoch", "final_val_acc",
-                               "final_val_loss", "train_seconds", "train_images_per_s")},
+        **{k: res[k] for k in ("headline", "headline_acc", "test_acc", "baseline_val_acc", "best_val_acc",
+                               "best_epoch", "final_val_acc", "final_val_loss", "train_seconds",
+                               "train_images_per_s")},
     }
 
 
@@ -115,15 +146,18 @@ def _lrs(lrs: dict) -> str:
     return ", ".join(f"{g} {lr:g}" for g, lr in lrs.items())
 
 
-def summarize(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per recipe x backbone: mean ± std over the seeds that ran (pandas groupby).
+def summarize(runs):
+    """One row per data set x recipe x backbone: mean ± std over the seeds that ran (pandas groupby).
 
     std is the sample standard deviation (ddof=1), empty for a single seed."""
+    import pandas as pd
+
     rows = []
-    for (experiment, backbone), g in runs.groupby(["experiment", "backbone"], sort=False):
+    for (dataset, experiment, backbone), g in runs.groupby(KEY, sort=False):
         ok = g[g.status == "ok"]
         first = (ok if len(ok) else g).iloc[0]
-        row = {"experiment": experiment, "backbone": backbone, **{c: first.get(c) for c in CONSTANT}}
+        row = {"dataset": dataset, "experiment": experiment, "backbone": backbone,
+               **{c: first.get(c) for c in CONSTANT}}
         for c in MEAN_STD:
             row[f"{c}_mean"] = ok[c].mean() if len(ok) else None
             row[f"{c}_std"] = ok[c].std() if len(ok) > 1 else None
@@ -133,12 +167,79 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
         row["date"] = first["date"]
         row["status"] = "ok" if len(ok) == len(g) else ("not run" if (g.status == "not run").all()
                                                         else "partly failed" if len(ok) else "failed")
-        row["reason"] = "" if row["status"] == "ok" else next(r for r in g.reason if r)
+        row["reason"] = "" if row["status"] == "ok" else next(r for r in g.reason if isinstance(r, str) and r)
         rows.append(row)
     return pd.DataFrame(rows)
 
 
+def merge_runs(old, new):
+    """The rows of `new`, plus the rows of `old` whose key (data set, recipe, backbone) `new`
+    did not run. A key that ran again is replaced with all its seeds, never mixed with old
+    ones; rows of a data set from a run of the other kind (--quick or not) are dropped, so
+    smoke figures never stand next to real ones. Sorted by data set, recipe order, backbone, seed."""
+    import pandas as pd
+
+    if old is not None and len(old):
+        ran = set(map(tuple, new[KEY].values))
+        kinds = new.groupby("dataset").quick.first()
+        keep = old[[tuple(k) not in ran and kinds.get(k[0], bool(q)) == bool(q)
+                    for k, q in zip(old[KEY].values, old.quick)]]
+        new = pd.concat([keep, new], ignore_index=True) if len(keep) else new
+    order = {name: i for i, name in enumerate(NAMES)}
+    new = new.assign(_order=new.experiment.map(order))
+    return new.sort_values(["dataset", "_order", "backbone", "seed"], kind="stable").drop(columns="_order")
+
+
+def read_runs(out: Path):
+    """out/runs.csv as written by this version, or None (absent, or from before the headline
+    columns existed: those rows cannot be compared honestly and are left out)."""
+    import pandas as pd
+
+    path = out / "runs.csv"
+    if not path.is_file():
+        return None
+    old = pd.read_csv(path)
+    missing = {"dataset", "headline_acc", "quick"} - set(old.columns)
+    if missing:
+        print(f"note: {path} has no {', '.join(sorted(missing))} column (written before headline numbers); "
+              f"its rows are replaced, not merged", flush=True)
+        return None
+    return old
+
+
+def update_meta(old: dict, entries: dict[str, dict], machine: str) -> dict:
+    """Per data set, the commands its rows come from: a full comparison starts the list
+    afresh, a partial one (a subset of recipes, or --quick) is appended to it."""
+    datasets = dict(old.get("datasets", {}))
+    for dataset, entry in entries.items():
+        before = [] if entry["full"] else datasets.get(dataset, {}).get("commands", [])
+        if any(c.get("quick") != entry["quick"] for c in before):
+            before = []  # rows of the other kind were dropped by merge_runs
+        datasets[dataset] = {"data": entry["data"], "commands": before + [entry]}
+    return {"machine": machine, "datasets": datasets}
+
+
+def remove_stale(out: Path, runs, written: set[Path]) -> list[Path]:
+    """Delete outputs that belong to no row any more: history/ and predictions/ files of runs
+    that are gone or no longer ok, and plots not drawn this time. Only these generated
+    kinds of file are touched (results/ also holds benchmark files)."""
+    ok = runs[runs.status == "ok"]
+    keep = {out / folder / d / f"{r}.csv" for d, r in zip(ok.dataset, ok.run) for folder in ("history", "predictions")}
+    candidates = [p for folder in ("history", "predictions") for p in (out / folder).rglob("*.csv")]
+    candidates += [p for pattern in ("curves*.png", "comparison*.png") for p in out.glob(pattern)]
+    removed = [p for p in candidates if p not in keep and p not in written]
+    for p in removed:
+        p.unlink()
+    for folder in ("history", "predictions"):  # empty data-set folders of runs that are gone
+        for d in sorted((out / folder).glob("*"), reverse=True):
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+    return removed
+
+
 def machine_description() -> str:
+    import torch
+
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -161,21 +262,31 @@ def git_commit() -> str:
         return "unknown"
 
 
-def write_outputs(out: Path, runs: pd.DataFrame, meta: dict) -> pd.DataFrame:
+def write_outputs(out: Path, runs, meta: dict):
+    """Every table and plot, redrawn from all rows of `runs`; then stale files removed."""
+    import pandas as pd
+
+    from experiments.report import write_report
+    from tl import plots
+
     summary = summarize(runs)
-    runs[RUN_COLUMNS].to_csv(out / "runs.csv", index=False)
+    out.mkdir(parents=True, exist_ok=True)
+    runs.reindex(columns=RUN_COLUMNS).to_csv(out / "runs.csv", index=False)
     summary.to_csv(out / "summary.csv", index=False)
-    histories = {}
+    written: set[Path] = set()
     done = runs[runs.status == "ok"]
-    for (experiment, backbone), g in done.groupby(["experiment", "backbone"], sort=False):
-        frames = [pd.read_csv(out / "history" / f"{r}.csv").assign(seed=s) for r, s in zip(g.run, g.seed)]
-        histories[f"{experiment} / {backbone}"] = df = pd.concat(frames)
-        several = done[done.experiment == experiment].backbone.nunique() > 1
-        name = f"curves_{experiment}_{backbone}.png" if several else f"curves_{experiment}.png"
-        plots.run_curves(df, out / name, title=f"{experiment} on {backbone} ({len(g)} seed(s))")
-    if histories:
-        plots.compare_curves(histories, out / "curves.png")
-        plots.comparison_chart(summary, out / "comparison.png")
+    for dataset, runs_ds in done.groupby("dataset", sort=False):
+        histories = {}
+        for (experiment, backbone), g in runs_ds.groupby(["experiment", "backbone"], sort=False):
+            frames = [pd.read_csv(out / "history" / dataset / f"{r}.csv").assign(seed=s) for r, s in zip(g.run, g.seed)]
+            histories[f"{experiment} / {backbone}"] = df = pd.concat(frames)
+            written.add(plots.run_curves(df, out / f"curves_{dataset}_{experiment}_{backbone}.png",
+                                         title=f"{dataset}: {experiment} on {backbone} ({len(g)} seed(s))"))
+        written.add(plots.compare_curves(histories, out / f"curves_{dataset}.png", title=dataset))
+        written.add(plots.comparison_chart(summary[summary.dataset == dataset], out / f"comparison_{dataset}.png",
+                                           title=dataset))
+    for path in remove_stale(out, runs, written):
+        print(f"removed stale {path}")
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     write_report(out)
     return summary
@@ -183,34 +294,56 @@ def write_outputs(out: Path, runs: pd.DataFrame, meta: dict) -> pd.DataFrame:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from tl import TLError
+    from tl.data import resolve_data_dir
+
     try:
-        args.data_dir = resolve_data_dir(args.data)
+        data_dirs = [resolve_data_dir(d) for d in (args.data or [None])]
+        for d in data_dirs:
+            if not Path(d).is_dir():
+                raise TLError(f"data folder not found: {d}")
     except TLError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    names = [dataset_name(d) for d in data_dirs]
+    if len(set(names)) != len(names):
+        print(f"error: two data folders with the same name ({', '.join(names)}): tables key data sets "
+              f"by folder name", file=sys.stderr)
+        return 2
+
+    import pandas as pd
+
     out: Path = args.out or (Path("runs/quick-results") if args.quick else Path("results"))
-    (out / "history").mkdir(parents=True, exist_ok=True)
     runs_dir = args.runs_dir or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
-    plan = [(e, b, s) for e in args.experiments for b in args.backbone for s in args.seeds]
+    plan = [(d, e, b, s) for d in data_dirs for e in args.experiments for b in args.backbone for s in args.seeds]
     commit = git_commit()  # read now: the code that runs is the code loaded at the start
+    command = "python -m experiments.compare_all " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     started = time.time()
-    rows = []
-    for i, (name, backbone, seed) in enumerate(plan, 1):
-        elapsed = time.time() - started
-        print(f"[{i}/{len(plan)}] {name} on {backbone}, seed {seed}  ({elapsed / 60:.1f} min so far)", flush=True)
-        row = run_one(name, backbone, seed, args, runs_dir, out / "history", log=lambda s: print(s, flush=True))
-        tail = f"best val acc {row['best_val_acc']:.4f}" if row["status"] == "ok" else row["reason"]
+    rows, minutes = [], dict.fromkeys(names, 0.0)
+    for i, (data_dir, name, backbone, seed) in enumerate(plan, 1):
+        t0 = time.time()
+        print(f"[{i}/{len(plan)}] {dataset_name(data_dir)}: {name} on {backbone}, seed {seed}  "
+              f"({(t0 - started) / 60:.1f} min so far)", flush=True)
+        row = run_one(name, backbone, seed, data_dir, args, runs_dir, out, log=lambda s: print(s, flush=True))
+        minutes[row["dataset"]] += (time.time() - t0) / 60
+        tail = (f"headline acc {row['headline_acc']:.4f} ({row['headline']})" if row["status"] == "ok"
+                else row["reason"])
         print(f"[{i}/{len(plan)}] {row['status']}: {tail}", flush=True)
         rows.append(row)
-    runs = pd.DataFrame(rows).reindex(columns=RUN_COLUMNS)
-    command = "python -m experiments.compare_all " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    meta = {"command": command, "machine": machine_description(), "commit": commit,
-            "date": time.strftime("%Y-%m-%d %H:%M"), "data": str(args.data_dir),
-            "quick": args.quick, "total_minutes": round((time.time() - started) / 60, 1)}
-    summary = write_outputs(out, runs, meta)
-    print(summary[["experiment", "backbone", "status", "best_val_acc_mean", "best_val_acc_std",
-                   "train_seconds_mean"]].to_string(index=False))
-    print(f"wrote {out}/summary.csv, runs.csv, plots and README.md")
+    total = round((time.time() - started) / 60, 1)
+    new = pd.DataFrame(rows).reindex(columns=RUN_COLUMNS)
+    runs = merge_runs(read_runs(out), new)
+    full = set(args.experiments) == set(NAMES) and not args.quick
+    entries = {dataset_name(d): {
+        "data": str(d), "command": command, "experiments": args.experiments, "backbones": args.backbone,
+        "seeds": args.seeds, "epochs": args.epochs, "quick": args.quick, "full": full, "commit": commit,
+        "date": time.strftime("%Y-%m-%d %H:%M"), "minutes": round(minutes[dataset_name(d)], 1),
+        "command_minutes": total} for d in data_dirs}
+    old_meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").is_file() else {}
+    summary = write_outputs(out, runs, update_meta(old_meta, entries, machine_description()))
+    print(summary[KEY + ["status", "headline_acc_mean", "headline_acc_std", "best_val_acc_mean",
+                         "train_seconds_mean"]].to_string(index=False))
+    print(f"wrote {out}/summary.csv, runs.csv, plots and README.md ({total} min)")
     return 0
 
 

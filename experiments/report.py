@@ -1,20 +1,28 @@
-"""Write `results/README.md` from `summary.csv` and `meta.json`: generated, never typed.
+"""Write `results/README.md` from the files compare_all wrote: generated, never typed.
 
-    python -m experiments.report [results/]
+    python -m experiments.report [RESULTS]          # default: results/
 
-For the project's own `results/` it also rewrites the results blocks (between
-`<!-- results:start -->` and `<!-- results:end -->`) of README.md and docs/RECIPES.md.
+Every number in the page is read from `summary.csv`, `runs.csv`, `meta.json` and the
+per-image predictions in `predictions/`, so rerunning the comparison and then this script
+rewrites the page to match. For the project's own `results/` it also rewrites the results
+blocks (between `<!-- results:start -->` and `<!-- results:end -->`) of README.md and
+docs/RECIPES.md.
 
-Every number in the page is read from the CSV that compare_all wrote, so rerunning the
-comparison and then this script rewrites the page to match.
+Which differences are real? Each headline accuracy moves with the seed (initialisation,
+batch order, augmentation) and with which images happened to be in the scored split. The
+paired bootstrap below resamples both, the same draws for the two recipes compared, and
+calls a difference real only when its 95% interval leaves out 0.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
+from itertools import combinations
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 NOTES = {  # what each recipe is meant to show; the figures that follow come from the CSV
@@ -27,8 +35,134 @@ NOTES = {  # what each recipe is meant to show; the figures that follow come fro
     "vgg_stacked": "The whole ImageNet network, its 1000-class output included, stays frozen; a Linear(1000, 1) "
                    "on those logits learns, one logit with a sigmoid (BCE).",
 }
+DRAWS = 4000  # bootstrap draws: enough for stable 2.5% / 97.5% percentiles
 
 
+# ----------------------------------------------------------------------------- the paired bootstrap
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, draws: int = DRAWS, seed: int = 0) -> tuple[float, float, float]:
+    """Accuracy of recipe A minus recipe B, and a 95% interval for it: (difference, low, high).
+
+    `a` and `b` are (seeds, images) arrays of 1 (correct) and 0: row k of both comes from the
+    same seed, column j from the same image. One bootstrap draw picks seeds and images with
+    replacement, *the same ones for A and B* (paired: an image that is hard for both cancels
+    out), and recomputes the difference; the middle 95% of the draws is the interval. It
+    answers "with other seeds and another sample of such images, how far could the difference
+    move?" With one seed, only the images are resampled.
+
+    Drawing with replacement gives each seed and each image a count (how often it was drawn),
+    so a draw's mean difference is a weighted sum: counts_seeds @ d @ counts_images / (S * N).
+    """
+    rng = np.random.default_rng(seed)
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)  # (S, N): +1 only A right, -1 only B right
+    n_seeds, n_images = d.shape
+    seed_counts = rng.multinomial(n_seeds, np.full(n_seeds, 1 / n_seeds), size=draws)  # (draws, S)
+    image_counts = rng.multinomial(n_images, np.full(n_images, 1 / n_images), size=draws)  # (draws, N)
+    diffs = ((seed_counts @ d) * image_counts).sum(axis=1) / (n_seeds * n_images)  # (draws,)
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    return float(d.mean()), float(low), float(high)
+
+
+def verdict(low: float, high: float) -> str:
+    return "A beats B" if low > 0 else "B beats A" if high < 0 else "within noise"
+
+
+def correctness(out: Path, runs: pd.DataFrame, dataset: str, experiment: str, backbone: str) -> dict[int, pd.Series]:
+    """{seed: per-image 1/0 (indexed by image path)} of one recipe's ok runs, from predictions/."""
+    ok = runs[(runs.dataset == dataset) & (runs.experiment == experiment) & (runs.backbone == backbone)
+              & (runs.status == "ok")]
+    found = {}
+    for run, seed in zip(ok.run, ok.seed):
+        path = out / "predictions" / dataset / f"{run}.csv"
+        if path.is_file():
+            p = pd.read_csv(path)
+            found[int(seed)] = pd.Series((p.label == p.prediction).astype(int).values, index=p.path)
+    return found
+
+
+def differences(out: Path, summary: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Every pair of ok recipes within a data set, compared on the seeds and images they share."""
+    rows = []
+    ok = summary[summary.status == "ok"]
+    for dataset, group in ok.groupby("dataset", sort=False):
+        scores = {(r.experiment, r.backbone): correctness(out, runs, dataset, r.experiment, r.backbone)
+                  for r in group.itertuples()}
+        for ka, kb in combinations(scores, 2):
+            seeds = sorted(set(scores[ka]) & set(scores[kb]))
+            if not seeds:
+                continue
+            images = sorted(set.intersection(*(set(scores[k][s].index) for k in (ka, kb) for s in seeds)))
+            if not images:
+                continue
+            a = np.stack([scores[ka][s].loc[images].values for s in seeds])
+            b = np.stack([scores[kb][s].loc[images].values for s in seeds])
+            diff, low, high = paired_bootstrap(a, b)
+            rows.append({"dataset": dataset, "a": f"{ka[0]} / {ka[1]}", "b": f"{kb[0]} / {kb[1]}",
+                         "seeds": len(seeds), "images": len(images), "diff": diff, "low": low, "high": high,
+                         "verdict": verdict(low, high)})
+    return pd.DataFrame(rows, columns=["dataset", "a", "b", "seeds", "images", "diff", "low", "high", "verdict"])
+
+
+def _pair(diffs: pd.DataFrame, dataset: str, a: str, b: str) -> tuple[float, float, float, int, int] | None:
+    """(A - B, low, high, seeds, images) from the table, whichever way round it was stored."""
+    for x, y, sign in ((a, b, 1), (b, a, -1)):
+        hit = diffs[(diffs.dataset == dataset) & (diffs.a == x) & (diffs.b == y)]
+        if len(hit):
+            r = hit.iloc[0]
+            lo, hi = sorted((sign * r["low"], sign * r["high"]))
+            return sign * r["diff"], lo, hi, int(r.seeds), int(r.images)
+    return None
+
+
+def _points(diff: float, low: float, high: float) -> str:
+    """+6.2 [-12.5, +31.2]: a difference in points and its 95% interval (+ 0.0 turns -0.0 into 0.0)."""
+    return f"{100 * diff + 0.0:+.1f} [{100 * low + 0.0:+.1f}, {100 * high + 0.0:+.1f}]"
+
+
+def noise_words(summary: pd.DataFrame, diffs: pd.DataFrame, dataset: str) -> str:
+    """The comparison in plain words: which gaps are larger than the noise, which are not."""
+    ok = summary[(summary.dataset == dataset) & (summary.status == "ok")].sort_values(
+        "headline_acc_mean", ascending=False, kind="stable")
+    pairs = diffs[diffs.dataset == dataset]
+    if len(ok) < 2 or pairs.empty:
+        return ""
+    name = {i: f"{r.experiment} / {r.backbone}" for i, r in ok.iterrows()}
+    top = ok.index[0]
+    images, seeds = int(pairs.images.max()), int(pairs.seeds.max())
+    lines = [f"**Which differences are real ({dataset}).** The headline is scored on {images} images, so one image "
+             f"is {100 / images:.2f} points. For each pair of recipes, {DRAWS:,} bootstrap draws resampled the "
+             f"seeds both ran (up to {seeds}; paired by seed) and the images (paired by image); a difference counts "
+             f"only when its 95% interval leaves out 0. Below, each figure is a difference in accuracy in points, "
+             f"with its 95% interval in brackets (`differences.csv` has every pair).", ""]
+    beats, ties, apart = [], [], []
+    for i in ok.index[1:]:
+        pair = _pair(diffs, dataset, name[top], name[i])
+        if pair is None:
+            apart.append(name[i])
+        else:
+            (beats if pair[1] > 0 else ties).append(f"{name[i]} {_points(*pair[:3])}")
+    lines.append(f"- Highest headline: **{name[top]}**, {100 * ok.loc[top, 'headline_acc_mean']:.1f}%.")
+    if beats:
+        lines.append(f"- It beats, by more than the noise (its accuracy minus theirs): {'; '.join(beats)}.")
+    if ties:
+        lines.append(f"- Within noise of it, so not shown to be worse (its accuracy minus theirs): {'; '.join(ties)}.")
+    if apart:
+        lines.append(f"- Not compared with it (no seed in common): {'; '.join(apart)}.")
+    for backbone in ok.backbone.unique():
+        scratch = ok[(ok.experiment == "resnet_scratch") & (ok.backbone == backbone)]
+        if not len(scratch):
+            continue
+        words = []
+        for i, r in ok[(ok.backbone == backbone) & (ok.experiment != "resnet_scratch")].iterrows():
+            pair = _pair(diffs, dataset, name[i], name[scratch.index[0]])
+            if pair is not None:
+                better = "better" if pair[1] > 0 else "worse" if pair[2] < 0 else "within noise"
+                words.append(f"{r.experiment} {_points(*pair[:3])}, {better}")
+        if words:
+            lines.append(f"- Against training {backbone} from scratch (recipe minus scratch): {'; '.join(words)}.")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- tables and paragraphs
 def _text(x, default: str = "") -> str:
     return default if x is None or (isinstance(x, float) and pd.isna(x)) else str(x)
 
@@ -37,76 +171,126 @@ def _pct(x) -> str:
     return "" if pd.isna(x) else f"{100 * x:.1f}"
 
 
-def _acc(mean, std) -> str:
+def _acc(mean, std, bold: bool = False) -> str:
     if pd.isna(mean):
         return ""
-    return f"{100 * mean:.1f} ± {100 * std:.1f}" if not pd.isna(std) else f"{100 * mean:.1f}"
+    text = f"{100 * mean:.1f} ± {100 * std:.1f}" if not pd.isna(std) else f"{100 * mean:.1f}"
+    return f"**{text}**" if bold else text
 
 
 def table(summary: pd.DataFrame) -> str:
-    head = ("| experiment | from | backbone | weights | trainable / total params | epochs | batch | optimizer, lr "
-            "| epoch-0 val acc % | best val acc % | final val acc % | best epoch | seeds | train s | train img/s "
-            "| feature cache | status |")
+    """The comparison, headline first; best val is shown but labelled as selected on val."""
+    head = ("| data | experiment | backbone | weights | trainable / total params | epochs | **headline acc %** "
+            "| headline is | best val acc % (selected on val) | final val acc % | epoch-0 val acc % | seeds "
+            "| train s | status |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for _, r in summary.iterrows():
         params = (f"{int(r.trainable_params):,} / {int(r.total_params):,}"
                   if not pd.isna(r.trainable_params) else "")
         status = r.status if r.status == "ok" else f"{r.status}: {r.reason}"
         lines.append(
-            f"| {r.experiment} | {r.source} | {r.backbone} | {r.weights} | {params} | {r.train_epochs} "
-            f"| {r.batch_size} | {'' if pd.isna(r.optimizer) else r.optimizer} {r.learning_rates} "
-            f"| {_pct(r.baseline_val_acc_mean)} | {_acc(r.best_val_acc_mean, r.best_val_acc_std)} "
-            f"| {_acc(r.final_val_acc_mean, r.final_val_acc_std)} "
-            f"| {'' if pd.isna(r.best_epoch_mean) else f'{r.best_epoch_mean:.1f}'} | {r.seeds} "
-            f"| {'' if pd.isna(r.train_seconds_mean) else f'{r.train_seconds_mean:.0f}'} "
+            f"| {r.dataset} | {r.experiment} | {r.backbone} | {r.weights} | {params} | {r.train_epochs} "
+            f"| {_acc(r.headline_acc_mean, r.headline_acc_std, bold=True)} | {_text(r.headline)} "
+            f"| {_acc(r.best_val_acc_mean, r.best_val_acc_std)} | {_acc(r.final_val_acc_mean, r.final_val_acc_std)} "
+            f"| {_pct(r.baseline_val_acc_mean)} | {r.seeds} "
+            f"| {'' if pd.isna(r.train_seconds_mean) else f'{r.train_seconds_mean:.0f}'} | {status} |")
+    return "\n".join(lines)
+
+
+def details(summary: pd.DataFrame) -> str:
+    head = "| data | experiment | backbone | batch | optimizer, lr | best epoch | train img/s | feature cache |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for _, r in summary[summary.status != "not run"].iterrows():
+        lines.append(
+            f"| {r.dataset} | {r.experiment} | {r.backbone} | {r.batch_size} "
+            f"| {_text(r.optimizer)} {r.learning_rates} "
+            f"| {'' if pd.isna(r.best_epoch_mean) else f'{r.best_epoch_mean:.1f}'} "
             f"| {'' if pd.isna(r.train_images_per_s_mean) else f'{r.train_images_per_s_mean:.1f}'} "
-            f"| {_text(r.get('feature_cache'), 'off' if r.status == 'ok' else '')} | {status} |")
+            f"| {_text(r.get('feature_cache'), 'off')} |")
     return "\n".join(lines)
 
 
 def paragraph(r: pd.Series, summary: pd.DataFrame) -> str:
-    text = f"**{r.experiment}** on {r.backbone} ({r.source}). {NOTES.get(r.experiment, '')} "
+    text = f"**{r.experiment}** on {r.backbone}, {r.dataset} ({r.source}). {NOTES.get(r.experiment, '')} "
     if r.status != "ok":
         return text + f"Not run here: {r.reason}"
-    gain = r.best_val_acc_mean - r.baseline_val_acc_mean
-    text += (f"From {_pct(r.baseline_val_acc_mean)}% before training (epoch 0) to a best of "
-             f"{_acc(r.best_val_acc_mean, r.best_val_acc_std)}% (mean ± std over {r.seeds} seed(s)), "
-             f"{100 * gain:+.1f} points, reached at epoch {r.best_epoch_mean:.1f} on average; "
+    text += (f"Headline ({r.headline}): {_acc(r.headline_acc_mean, r.headline_acc_std)}% (mean ± std over "
+             f"{r.seeds} seed(s)), from {_pct(r.baseline_val_acc_mean)}% on val before training (epoch 0). "
+             f"The best val epoch, selected on val and so flattered by it, averaged "
+             f"{_acc(r.best_val_acc_mean, r.best_val_acc_std)}% at epoch {r.best_epoch_mean:.1f}; "
              f"{int(r.trainable_params):,} of {int(r.total_params):,} parameters trained, "
              f"{r.train_seconds_mean:.0f} s of training at {r.train_images_per_s_mean:.1f} images/s.")
-    scratch = summary[(summary.experiment == "resnet_scratch") & (summary.backbone == r.backbone)
-                      & (summary.status == "ok")]
+    scratch = summary[(summary.dataset == r.dataset) & (summary.experiment == "resnet_scratch")
+                      & (summary.backbone == r.backbone) & (summary.status == "ok")]
     if r.experiment != "resnet_scratch" and len(scratch):
-        diff = r.best_val_acc_mean - scratch.best_val_acc_mean.iloc[0]
-        text += (f" Against training the same backbone from scratch ({_pct(scratch.best_val_acc_mean.iloc[0])}%),"
+        diff = r.headline_acc_mean - scratch.headline_acc_mean.iloc[0]
+        text += (f" Against training the same backbone from scratch ({_pct(scratch.headline_acc_mean.iloc[0])}%),"
                  f" that is {100 * diff:+.1f} points.")
     return text
 
 
+def provenance(meta: dict) -> list[str]:
+    """Per data set: the commands its rows come from, and whether that is the full comparison."""
+    lines = []
+    for dataset, info in meta.get("datasets", {}).items():
+        commands = info.get("commands", [])
+        if any(c.get("quick") for c in commands):
+            kind = "**--quick smoke run, not a result**"
+        elif len(commands) == 1 and commands[0].get("full"):
+            kind = "full comparison"
+        else:
+            kind = "**not a full comparison**: rows come from the commands below, some on a subset of the recipes"
+        lines.append(f"- {dataset} (`{info.get('data', '?')}`): {kind}")
+        for c in commands:
+            lines.append(f"  - `{c.get('command', '?')}`: {', '.join(c.get('experiments', []))}; commit "
+                         f"{c.get('commit', '?')}, {c.get('date', '?')}, {c.get('minutes', '?')} min for this data "
+                         f"set ({c.get('command_minutes', '?')} min for the whole command)")
+    return lines
+
+
+class ReportError(Exception):
+    pass
+
+
+def load(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    if not (out / "summary.csv").is_file():
+        raise ReportError(f"{out / 'summary.csv'} not found: run python -m experiments.compare_all first "
+                          f"(or name the folder it wrote)")
+    summary = pd.read_csv(out / "summary.csv")
+    if "headline_acc_mean" not in summary.columns:
+        raise ReportError(f"{out / 'summary.csv'} predates headline numbers: rerun python -m experiments.compare_all")
+    runs = pd.read_csv(out / "runs.csv") if (out / "runs.csv").is_file() else pd.DataFrame(columns=["dataset"])
+    meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").is_file() else {}
+    return summary, runs, meta
+
+
 def write_report(out: str | Path) -> Path:
     out = Path(out)
-    summary = pd.read_csv(out / "summary.csv")
-    meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").exists() else {}
+    summary, runs, meta = load(out)
+    diffs = differences(out, summary, runs)
+    diffs.to_csv(out / "differences.csv", index=False)
     plots = [p.name for p in sorted(out.glob("*.png"))]
     parts = [
         "# Results (generated by `python -m experiments.report` from summary.csv; do not edit by hand)",
         "",
-        f"- command: `{meta.get('command', '?')}`",
         f"- machine: {meta.get('machine', '?')}",
-        f"- code: commit {meta.get('commit', '?')}, run on {meta.get('date', '?')}, "
-        f"{meta.get('total_minutes', '?')} minutes in all",
-        *([f"- note: {meta['note']}"] if meta.get("note") else []),
-        f"- data: `{meta.get('data', '?')}`" + (" (**--quick smoke run, not a result**)" if meta.get("quick") else ""),
+        *provenance(meta),
+        *([f"- note: {meta['note']}"] if meta.get("note") else []),  # a caveat added by hand to meta.json
         "",
-        "Accuracies are on the val split, in %, as mean ± sample std over seeds. *epoch-0* is the untrained",
-        "baseline (the loop validates before the first update); *best* is the best val epoch, *final* the last.",
-        "Raw per-seed figures: `runs.csv`; per-epoch rows: `history/`.",
+        "**Headline accuracy** is never chosen on the images it is scored on: with a test split, the epoch is",
+        "chosen on val (best.pth) and that model is scored on test; without one, it is the final epoch's val",
+        "accuracy (the epoch counts come from the documents). In %, mean ± sample std over seeds. *best val* is",
+        "the maximum over epochs on val, selected on the same images, so optimistic; *epoch-0* is the untrained",
+        "baseline (the loop validates before the first update). Raw per-seed figures: `runs.csv`; per-epoch rows:",
+        "`history/`; per-image predictions of each headline model: `predictions/`.",
         "",
         table(summary),
         "",
-        "## What the numbers show",
-        "",
     ]
+    for dataset in summary.dataset.unique():
+        if words := noise_words(summary, diffs, dataset):
+            parts += [words]
+    parts += ["## Details", "", details(summary), "", "## What the numbers show", ""]
     parts += [paragraph(r, summary) + "\n" for _, r in summary.iterrows()]
     if plots:
         parts += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
@@ -117,30 +301,43 @@ def write_report(out: str | Path) -> Path:
 
 def update_block(path: str | Path, results: str | Path, paragraphs: bool = False) -> bool:
     """Replace the text between `<!-- results:start -->` and `<!-- results:end -->` in `path`
-    with the table (or the per-recipe paragraphs) from `results/summary.csv`.
+    with the table and the noise statement (or the per-recipe paragraphs) from `results/`.
     Returns False if the file has no such markers."""
     path, results = Path(path), Path(results)
     text = path.read_text()
     start, end = "<!-- results:start -->", "<!-- results:end -->"
     if start not in text or end not in text:
         return False
-    summary = pd.read_csv(results / "summary.csv")
-    meta = json.loads((results / "meta.json").read_text()) if (results / "meta.json").exists() else {}
-    body = ("\n".join(paragraph(r, summary) + "\n" for _, r in summary.iterrows()) if paragraphs
-            else table(summary))
-    block = (f"{start}\nProduced by `{meta.get('command', '?')}` on {meta.get('machine', '?')} "
-             f"(commit {meta.get('commit', '?')}, {meta.get('date', '?')}, {meta.get('total_minutes', '?')} min).\n\n"
-             f"{body}\n{end}")
+    summary, runs, meta = load(results)
+    if paragraphs:
+        body = "\n".join(paragraph(r, summary) + "\n" for _, r in summary.iterrows())
+    else:
+        diffs = pd.read_csv(results / "differences.csv") if (results / "differences.csv").is_file() \
+            else differences(results, summary, runs)
+        body = "\n".join([table(summary), ""] + [noise_words(summary, diffs, d) for d in summary.dataset.unique()])
+    block = f"{start}\n" + "\n".join(provenance(meta)) + f"\n\n{body.rstrip()}\n{end}"
     head, rest = text.split(start, 1)
     path.write_text(head + block + rest.split(end, 1)[1])
     return True
 
 
-if __name__ == "__main__":
-    results_dir = Path(sys.argv[1] if len(sys.argv) > 1 else "results")
-    print(write_report(results_dir))
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("results", nargs="?", type=Path, default=Path("results"),
+                   help="the folder compare_all wrote (default: results/)")
+    args = p.parse_args(argv)
+    try:
+        print(write_report(args.results))
+    except ReportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     root = Path(__file__).resolve().parents[1]
-    if results_dir.resolve() == root / "results":  # the project's own results: refresh the study pages too
+    if args.results.resolve() == root / "results":  # the project's own results: refresh the study pages too
         for page, paragraphs in ((root / "README.md", False), (root / "docs" / "RECIPES.md", True)):
-            if update_block(page, results_dir, paragraphs):
+            if update_block(page, args.results, paragraphs):
                 print(f"updated the results block in {page.relative_to(root)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -69,7 +69,9 @@ def test_quick_run_writes_config_and_history(tiny_data, tiny_backbone, tmp_path,
     out = capsys.readouterr().out
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert run_dir.name.startswith("resnet_scratch-tiny-")
-    assert out.strip().splitlines()[-1].startswith("best val acc") and str(run_dir) in out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("headline acc") and "(val, final epoch)" in last and "best val acc" in last
+    assert str(run_dir) in out
     config = json.loads((run_dir / "config.json").read_text())
     assert config["recipe"]["lrs"] == {"all": 1e-4} and config["results"]["best_epoch"] >= 0
     history = pd.read_csv(run_dir / "history.csv")
@@ -88,3 +90,52 @@ def test_frozen_efficientnet_on_hymenoptera_reaches_85_percent(hymenoptera, tmp_
     assert results["baseline_val_acc"] < 0.75  # the random head knows nothing yet
     assert results["best_val_acc"] >= 0.85
     assert "skipped" not in capsys.readouterr().out  # hymenoptera's .gif is simply not an image file
+
+
+def test_list_prints_the_readme_table_and_what_runs_offline(capsys):
+    # a cached torchvision file counts as offline; conftest's TORCH_HOME is an empty temporary folder
+    from tl.models import torchvision_weights_file
+
+    cached = torchvision_weights_file("resnet18")[1]
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"")
+    assert main.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    assert "resnet18, random init" in out and "vgg16, ImageNet" in out
+    assert "command: python main.py -e vgg_finetune" in out and "trains:" in out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    assert lines["efficientnet_lite0"].split()[1] == "yes:" and lines["resnet18"].split()[1] == "yes:"
+    assert lines["vgg16"].split()[1] == "no:" and "vgg16-397923af.pth" in lines["vgg16"]
+
+
+def _failing_download(calls):
+    def download(url, download_root, **kwargs):  # what an offline torchvision download leaves behind
+        calls.append(url)
+        Path(download_root).mkdir(parents=True, exist_ok=True)
+        (Path(download_root) / "hymenoptera_data.zip").write_bytes(b"partial")
+        raise OSError("network access is blocked in tests")
+    return download
+
+
+def test_first_readme_command_offline_stops_on_weights_before_data(capsys, tmp_path, monkeypatch):
+    # `python main.py --experiment vgg_finetune` with no data and no network
+    calls = []
+    monkeypatch.setattr("torchvision.datasets.utils.download_and_extract_archive", _failing_download(calls))
+    monkeypatch.chdir(tmp_path)
+    assert main.main(["--experiment", "vgg_finetune"]) == 2
+    err = capsys.readouterr().err
+    assert "ImageNet weights for vgg16 are not available" in err and "Traceback" not in err
+    assert calls == [] and not (tmp_path / "data").exists()  # no data download was tried
+
+
+def test_a_failed_data_download_leaves_no_empty_data_folder(capsys, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr("torchvision.datasets.utils.download_and_extract_archive", _failing_download(calls))
+    monkeypatch.chdir(tmp_path)
+    assert main.main(["--experiment", "resnet_scratch"]) == 2  # random init: no weights needed, so data fails
+    assert "could not be downloaded" in capsys.readouterr().err and len(calls) == 1
+    assert not (tmp_path / "data").exists()
+    (tmp_path / "data").mkdir()  # a data/ the user made stays, only the partial archive goes
+    (tmp_path / "data" / "mine.txt").write_text("keep")
+    assert main.main(["--experiment", "resnet_scratch"]) == 2
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["mine.txt"]

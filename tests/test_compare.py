@@ -1,14 +1,24 @@
-"""compare_all: every column, right statuses, summary figures recomputable from runs.csv, plots."""
+"""compare_all: every column, right statuses, summary figures recomputable from runs.csv, plots;
+headline numbers per data set, subset reruns that leave nothing stale, the paired bootstrap."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
-from experiments import NAMES, compare_all
+from experiments import NAMES, compare_all, report
 
+ROOT = Path(__file__).resolve().parents[1]
 SUMMARY_COLUMNS = {
+    "dataset", "headline", "headline_acc_mean", "headline_acc_std",
     "experiment", "source", "backbone", "weights", "strategy", "trainable_params", "total_params", "train_epochs",
     "batch_size", "optimizer", "learning_rates", "baseline_val_acc_mean", "best_val_acc_mean", "best_val_acc_std",
     "final_val_acc_mean", "final_val_acc_std", "best_epoch_mean", "seeds", "train_seconds_mean",
@@ -21,57 +31,154 @@ def comparison(tmp_path_factory):
     from tests.conftest import block_network, write_image_folder
 
     tmp = tmp_path_factory.mktemp("compare")
-    data = write_image_folder(tmp / "data", size=64)
+    plain = write_image_folder(tmp / "plain", size=64)  # train/val: headline = final val epoch
+    tested = write_image_folder(tmp / "tested", size=64, phases=("train", "val", "test"))  # headline on test
     out = tmp / "results"
     with pytest.MonkeyPatch.context() as mp:  # module-scoped, so conftest's autouse block is not active yet
         block_network(mp, tmp / "torch_home")
-        code = compare_all.main(["--quick", "--data", str(data), "--backbone", "efficientnet_lite0", "own",
-                                 "--seeds", "0", "1", "--out", str(out), "--runs-dir", str(tmp / "runs"),
-                                 "--workers", "0"])
-    return code, out
+        code = compare_all.main(["--quick", "--data", str(plain), "--data", str(tested),
+                                 "--backbone", "efficientnet_lite0", "own", "--seeds", "0", "1", "--out", str(out),
+                                 "--runs-dir", str(tmp / "runs"), "--workers", "0"])
+    return code, out, {"plain": plain, "tested": tested}
 
 
 def test_quick_comparison_writes_every_column_and_row(comparison):
-    code, out = comparison
+    code, out, _ = comparison
     assert code == 0  # rows that could not run do not fail the command
     summary = pd.read_csv(out / "summary.csv")
     assert SUMMARY_COLUMNS <= set(summary.columns)
-    assert len(summary) == 2 * len(NAMES)
-    lite = summary[summary.backbone == "efficientnet_lite0"]
-    assert list(lite.experiment) == list(NAMES) and (lite.status == "ok").all() and (lite.seeds == 2).all()
-    assert set(lite.weights) == {"packaged", "none"}  # resnet_scratch keeps its random init
+    assert len(summary) == 2 * 2 * len(NAMES)  # 2 data sets x 2 backbones
+    for dataset in ("plain", "tested"):
+        lite = summary[(summary.backbone == "efficientnet_lite0") & (summary.dataset == dataset)]
+        assert list(lite.experiment) == list(NAMES) and (lite.status == "ok").all() and (lite.seeds == 2).all()
+        assert set(lite.weights) == {"packaged", "none"}  # resnet_scratch keeps its random init
 
 
 def test_missing_weights_are_not_run_rows_with_the_reason(comparison):
-    _, out = comparison
-    summary = pd.read_csv(out / "summary.csv").set_index(["experiment", "backbone"])
-    assert summary.loc[("resnet_scratch", "resnet18"), "status"] == "ok"  # random init needs no download
+    _, out, _ = comparison
+    summary = pd.read_csv(out / "summary.csv").set_index(["dataset", "experiment", "backbone"])
+    assert summary.loc[("plain", "resnet_scratch", "resnet18"), "status"] == "ok"  # random init needs no download
     for name, backbone in [("resnet_finetune", "resnet18"), ("resnet_frozen", "resnet18"),
                            ("resnet_bn_only", "resnet18"), ("vgg_transfer", "vgg16"), ("vgg_finetune", "vgg16")]:
-        row = summary.loc[(name, backbone)]
+        row = summary.loc[("plain", name, backbone)]
         assert row.status == "not run" and "ImageNet weights" in row.reason and row.seeds == 0
 
 
 def test_summary_figures_are_recomputable_from_runs_csv(comparison):
-    _, out = comparison
+    _, out, _ = comparison
     runs = pd.read_csv(out / "runs.csv")
-    summary = pd.read_csv(out / "summary.csv").set_index(["experiment", "backbone"])
-    ok = runs[runs.status == "ok"].groupby(["experiment", "backbone"])
+    summary = pd.read_csv(out / "summary.csv").set_index(compare_all.KEY)
+    ok = runs[runs.status == "ok"].groupby(compare_all.KEY)
     for key, acc in ok.best_val_acc.mean().items():
         assert summary.loc[key, "best_val_acc_mean"] == pytest.approx(acc)
+    for key, acc in ok.headline_acc.mean().items():
+        assert summary.loc[key, "headline_acc_mean"] == pytest.approx(acc)
     for key, std in ok.final_val_acc.std().items():
         assert summary.loc[key, "final_val_acc_std"] == pytest.approx(std, nan_ok=True)
-    for run, best in zip(runs[runs.status == "ok"].run, runs[runs.status == "ok"].best_val_acc):
-        history = pd.read_csv(out / "history" / f"{run}.csv")
+    done = runs[runs.status == "ok"]
+    for dataset, run, best, headline in zip(done.dataset, done.run, done.best_val_acc, done.headline_acc):
+        history = pd.read_csv(out / "history" / dataset / f"{run}.csv")
         assert history[history.phase == "val"].acc.max() == pytest.approx(best)
+        predictions = pd.read_csv(out / "predictions" / dataset / f"{run}.csv")  # the headline, image by image
+        assert (predictions.label == predictions.prediction).mean() == pytest.approx(headline)
+
+
+def test_headline_is_test_where_there_is_a_test_split(comparison):
+    _, out, _ = comparison
+    runs = pd.read_csv(out / "runs.csv")
+    done = runs[runs.status == "ok"]
+    tested, plain = done[done.dataset == "tested"], done[done.dataset == "plain"]
+    assert (tested.headline == "test, epoch chosen on val").all()
+    assert tested.headline_acc.tolist() == pytest.approx(tested.test_acc.tolist())
+    assert (plain.headline == "val, final epoch").all() and plain.test_acc.isna().all()
+    assert plain.headline_acc.tolist() == pytest.approx(plain.final_val_acc.tolist())
 
 
 def test_plots_and_report_are_written(comparison):
-    _, out = comparison
-    for name in ["curves.png", "comparison.png", "curves_resnet_frozen.png",
-                 "curves_resnet_scratch_resnet18.png", "curves_resnet_scratch_efficientnet_lite0.png"]:
-        with Image.open(out / name) as img:
-            assert img.format == "PNG" and img.width >= 600 and img.height >= 300
-    report = (out / "README.md").read_text()
-    assert "python -m experiments.compare_all --quick" in report and "| resnet_frozen |" in report
-    assert "not run" in report
+    _, out, _ = comparison
+    for dataset in ("plain", "tested"):
+        for name in [f"curves_{dataset}.png", f"comparison_{dataset}.png",
+                     f"curves_{dataset}_resnet_frozen_efficientnet_lite0.png",
+                     f"curves_{dataset}_resnet_scratch_resnet18.png",
+                     f"curves_{dataset}_resnet_scratch_efficientnet_lite0.png"]:
+            with Image.open(out / name) as img:
+                assert img.format == "PNG" and img.width >= 600 and img.height >= 300
+    text = (out / "README.md").read_text()
+    assert "python -m experiments.compare_all --quick" in text and "| resnet_frozen |" in text
+    assert "not run" in text and "--quick smoke run, not a result" in text
+    assert "Which differences are real (plain)" in text and "Which differences are real (tested)" in text
+    pairs = pd.read_csv(out / "differences.csv")
+    assert set(pairs.dataset) == {"plain", "tested"} and set(pairs.verdict) <= {"A beats B", "B beats A",
+                                                                               "within noise"}
+
+
+def test_a_subset_rerun_replaces_only_its_rows_and_leaves_nothing_stale(comparison, tmp_path):
+    _, first, data = comparison
+    out = tmp_path / "results"
+    shutil.copytree(first, out)
+    before = pd.read_csv(out / "runs.csv")
+    (out / "benchmark.csv").write_text("not ours\n")  # results/ holds other files: they stay
+    (out / "curves_resnet_frozen.png").write_bytes(b"")  # plots and rows of an older layout: removed
+    (out / "history" / "plain" / "gone-seed7.csv").write_text("epoch\n")
+    assert compare_all.main(["--quick", "--data", str(data["plain"]), "--experiments", "resnet_frozen",
+                             "--backbone", "efficientnet_lite0", "--seeds", "5", "--out", str(out),
+                             "--runs-dir", str(tmp_path / "runs"), "--workers", "0"]) == 0
+    after = pd.read_csv(out / "runs.csv")
+    key = (after.dataset == "plain") & (after.experiment == "resnet_frozen") & (after.backbone == "efficientnet_lite0")
+    assert after[key].seed.tolist() == [5]  # the key's old seeds 0 and 1 are replaced, not mixed in
+    old_key = (before.dataset == "plain") & (before.experiment == "resnet_frozen") & (
+        before.backbone == "efficientnet_lite0")
+    pd.testing.assert_frame_equal(after[~key].reset_index(drop=True), before[~old_key].reset_index(drop=True))
+    assert len(pd.read_csv(out / "summary.csv")) == 2 * 2 * len(NAMES)
+    for folder in ("history", "predictions"):
+        names = {p.name for p in (out / folder / "plain").iterdir()}
+        assert "resnet_frozen-efficientnet_lite0-seed5.csv" in names
+        assert not {"resnet_frozen-efficientnet_lite0-seed0.csv", "resnet_frozen-efficientnet_lite0-seed1.csv",
+                    "gone-seed7.csv"} & names
+        assert len(list((out / folder / "tested").iterdir())) == len(list((first / folder / "tested").iterdir()))
+    assert not (out / "curves_resnet_frozen.png").exists() and (out / "benchmark.csv").exists()
+    assert {p.name for p in out.glob("*.png")} == {p.name for p in first.glob("*.png")}  # all redrawn, no extra
+    commands = json.loads((out / "meta.json").read_text())["datasets"]
+    assert len(commands["plain"]["commands"]) == 2 and len(commands["tested"]["commands"]) == 1
+
+
+def test_provenance_says_when_rows_are_not_one_full_comparison():
+    full = {"data": "d", "command": "compare_all", "experiments": list(NAMES), "quick": False, "full": True}
+    part = full | {"command": "compare_all --experiments resnet_frozen", "experiments": ["resnet_frozen"],
+                   "full": False}
+    meta = compare_all.update_meta({}, {"d": full}, "machine")
+    assert "full comparison" in report.provenance(meta)[0] and "not" not in report.provenance(meta)[0]
+    meta = compare_all.update_meta(meta, {"d": part}, "machine")
+    assert "**not a full comparison**" in report.provenance(meta)[0] and len(meta["datasets"]["d"]["commands"]) == 2
+    meta = compare_all.update_meta(meta, {"d": full}, "machine")  # a full rerun starts the list afresh
+    assert len(meta["datasets"]["d"]["commands"]) == 1
+
+
+def test_paired_bootstrap_separates_noise_from_real_differences():
+    rng = np.random.default_rng(0)
+    a = (rng.random((3, 150)) < 0.8).astype(int)  # 3 seeds x 150 images, about 80% right
+    diff, low, high = report.paired_bootstrap(a, a.copy())
+    assert (diff, low, high) == (0, 0, 0) and report.verdict(low, high) == "within noise"
+    b = np.zeros_like(a)  # always wrong
+    diff, low, high = report.paired_bootstrap(a, b)
+    assert low > 0.6 and report.verdict(low, high) == "A beats B"
+    assert report.verdict(*report.paired_bootstrap(b, a)[1:]) == "B beats A"
+    # two recipes that differ on a few images only: a 2-image gap on 150 is within noise
+    c = a.copy()
+    c[:, np.flatnonzero(a[0])[:2]] = 0
+    diff, low, high = report.paired_bootstrap(a, c)
+    assert 0 < diff < 0.02 and low <= 0 <= high and report.verdict(low, high) == "within noise"
+
+
+def test_report_and_compare_all_help_answer_without_a_traceback(tmp_path):
+    for module in ("experiments.report", "experiments.compare_all"):
+        proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 0 and "usage:" in proc.stdout and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "experiments.report", str(tmp_path / "nowhere")], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
+    # --help is fast because nothing heavy is imported before the arguments are parsed
+    proc = subprocess.run([sys.executable, "-c", "import sys, experiments.compare_all, experiments.report; "
+                           "print(sorted({'torch', 'tl.recipe'} & set(sys.modules)))"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.stdout.strip() == "[]"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -58,3 +59,56 @@ def test_summary_counts_trainable_parameters(backbone, groups, expected):
     if backbone == "resnet18":  # output shapes of one 64x64 image
         assert next(line for line in table.splitlines() if line.startswith("avgpool")).split()[1] == "1x512x1x1"
         assert next(line for line in table.splitlines() if line.startswith("fc")).split()[1] == "1x2"
+
+
+@pytest.fixture
+def drawn_figures(monkeypatch):
+    """The figures tl.plots saves, kept open (and drawn) so a test can measure them."""
+    from tl import plots
+
+    figures, close = [], plots.plt.close
+    monkeypatch.setattr(plots.plt, "close", figures.append)
+    yield figures
+    for fig in figures:
+        close(fig)
+
+
+def test_confusion_numbers_are_dark_on_pale_cells(drawn_figures, tmp_path):
+    from tl.plots import confusion_matrix_plot
+
+    # counts 48..51: the colour scale runs from 48 (palest) to 51 (darkest)
+    confusion_matrix_plot(torch.tensor([[50, 48], [49, 51]]), ["a", "b"], tmp_path / "c.png")
+    colours = {t.get_text(): t.get_color() for t in drawn_figures[0].axes[0].texts}
+    assert colours == {"48": "black", "49": "black", "50": "white", "51": "white"}
+
+
+def test_curves_have_whole_epoch_ticks_and_a_legend_off_the_lines(drawn_figures, tmp_path):
+    from tl.plots import compare_curves, run_curves
+
+    rows = [{"epoch": 0, "phase": "val", "loss": 0.7, "acc": 0.5}]
+    rows += [{"epoch": e, "phase": p, "loss": 0.7 - 0.1 * e, "acc": 0.5 + 0.1 * e}
+             for e in (1, 2) for p in ("train", "val")]
+    run_curves(rows, tmp_path / "run.png")
+    compare_curves({f"recipe {i}": pd.DataFrame(rows) for i in range(7)}, tmp_path / "all.png")
+    for fig in drawn_figures:
+        renderer = fig.canvas.get_renderer()
+        for ax in fig.axes:
+            lo, hi = ax.get_xlim()
+            ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+            assert ticks and all(float(t).is_integer() for t in ticks)
+            assert ax.get_legend() is None  # the legend sits outside the axes ...
+            for legend in fig.legends:  # ... and covers none of them
+                assert not legend.get_window_extent(renderer).overlaps(ax.get_window_extent(renderer))
+
+
+def test_grid_titles_stay_clear_of_the_row_above(drawn_figures, tmp_path):
+    from tl.plots import image_grid
+
+    for titles in (["dog (cat)"] * 16, [f"a long class name {i} (another long class name)" for i in range(16)]):
+        image_grid(torch.zeros(16, 3, 64, 64), titles, tmp_path / "g.png", mean=(0, 0, 0), std=(1, 1, 1),
+                   title="predicted (true)")
+        fig = drawn_figures[-1]
+        renderer = fig.canvas.get_renderer()
+        for above, below in zip(fig.axes[:8], fig.axes[8:]):
+            # the second row's title ends below the first row's picture
+            assert below.title.get_window_extent(renderer).y1 <= above.images[0].get_window_extent(renderer).y0

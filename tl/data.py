@@ -587,11 +587,21 @@ def download_hymenoptera(dest: str | os.PathLike) -> Path:
 
     if os.environ.get("TL_OFFLINE"):
         raise TLError(_offline_data_message(dest))
+    dest = Path(dest)
+    # what this call may create; on failure those that did not exist before are removed again,
+    # so a failed download leaves no empty data/ (or half archive) that looks like data next time
+    created = [p for p in (dest / Path(HYMENOPTERA_URL).name, dest / "hymenoptera_data", dest, *dest.parents)
+               if not p.exists()]
     try:
         download_and_extract_archive(HYMENOPTERA_URL, download_root=str(dest))
     except Exception as exc:
+        for p in created:  # deepest first
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
         raise TLError(_offline_data_message(dest, exc)) from None
-    return Path(dest) / "hymenoptera_data"
+    return dest / "hymenoptera_data"
 
 
 def _offline_data_message(dest, exc: Exception | None = None) -> str:

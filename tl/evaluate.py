@@ -83,21 +83,26 @@ def load_model(path: Path, ctx: ModelContext, num_classes: int, allow_pickle: bo
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int) -> dict:
-    """Loss, accuracy, per-class accuracy and confusion matrix (rows = true class)."""
+    """Loss, accuracy, per-class accuracy, confusion matrix (rows = true class), and the
+    predicted class of every image in loader order ("predictions"): per-image results are
+    what a paired comparison of two models needs (experiments/report.py)."""
     model.eval().to(device)
     single = None
     total_loss, confusion = 0.0, torch.zeros(num_classes, num_classes, dtype=torch.long)
+    predicted: list[int] = []
     for inputs, labels in loader:
         outputs = model(inputs.to(device)).float().cpu()
         single = outputs.shape[1] == 1
         criterion = nn.functional.binary_cross_entropy_with_logits if single else nn.functional.cross_entropy
         total_loss += criterion(outputs, loss_targets(outputs, labels), reduction="sum").item()
-        for t, p in zip(labels.tolist(), predictions(outputs).tolist()):
+        batch = predictions(outputs).tolist()
+        predicted += batch
+        for t, p in zip(labels.tolist(), batch):
             confusion[t, p] += 1
     n = int(confusion.sum())
     per_class = (confusion.diag().float() / confusion.sum(1).clamp(min=1)).tolist()
     return {"loss": total_loss / n, "acc": confusion.diag().sum().item() / n, "per_class_acc": per_class,
-            "confusion": confusion, "n": n}
+            "confusion": confusion, "n": n, "predictions": predicted}
 
 
 def format_evaluation(result: dict, classes: list[str]) -> str:

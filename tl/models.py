@@ -121,7 +121,11 @@ def torchvision_weights_file(name: str) -> tuple[str, Path]:
     The URL comes from torchvision's weights API (`ResNet18_Weights.DEFAULT.url` and so on);
     the cache is `$TORCH_HOME/hub/checkpoints/`, the folder `weights=` reads and fills.
     """
-    url = torchvision.models.get_model_weights(name).DEFAULT.url
+    try:
+        url = torchvision.models.get_model_weights(name).DEFAULT.url
+    except (KeyError, ValueError):
+        raise TLError(f"torchvision knows no ImageNet weights for backbone {name!r}: "
+                      f"pass --weights none or --weights PATH") from None
     return url, Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
@@ -133,10 +137,22 @@ def _no_weights_message(name: str, url: str, file: Path, why: str) -> str:
             f"            (3) use --backbone efficientnet_lite0, whose weights ship in a pip package.")
 
 
+def runs_offline(spec: Backbone) -> bool:
+    """True when `spec`'s ImageNet weights are on this machine: shipped in a pip package, or
+    already in the torch hub cache."""
+    return spec.weights_source == "packaged" or torchvision_weights_file(spec.name)[1].is_file()
+
+
 def load_imagenet(spec: Backbone) -> dict[str, torch.Tensor]:
     """The ImageNet state_dict of `spec`, from the cache, a download, or the pip package."""
     if spec.weights_source == "packaged":
         return _packaged_lite0_state(spec)
+    return load_state_file(imagenet_file(spec))
+
+
+def imagenet_file(spec: Backbone) -> Path:
+    """The torch hub cache's ImageNet weights file of a torchvision backbone, downloaded first
+    when it is missing; offline, a TLError that names the file and the ways out."""
     url, file = torchvision_weights_file(spec.name)
     if not file.is_file():
         if _offline():
@@ -147,7 +163,7 @@ def load_imagenet(spec: Backbone) -> dict[str, torch.Tensor]:
             torch.hub.download_url_to_file(url, str(file), hash_prefix=hash_prefix and hash_prefix.group(1))
         except Exception as exc:
             raise TLError(_no_weights_message(spec.name, url, file, f"download failed: {type(exc).__name__}")) from None
-    return load_state_file(file)
+    return file
 
 
 def _packaged_lite0_state(spec: Backbone) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ writes one PNG.
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -15,12 +16,14 @@ matplotlib.use("Agg")  # headless: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def _save(fig, path: str | Path) -> Path:
+    """Write `fig`. Figures here are made with layout="constrained", which places titles,
+    labels and legends outside the axes without overlaps (tight_layout ignores fig.legend)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -31,7 +34,7 @@ def run_curves(rows: list[dict] | pd.DataFrame, path: str | Path, title: str = "
 
     Epoch 0 has only a val point: the untrained baseline, drawn as a hollow marker."""
     df = pd.DataFrame(rows)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), layout="constrained")
     for ax, metric in zip(axes, ("loss", "acc")):
         for phase, color in (("train", "tab:blue"), ("val", "tab:orange")):
             part = df[df.phase == phase].groupby("epoch")[metric].agg(["mean", "min", "max"])
@@ -45,15 +48,17 @@ def run_curves(rows: list[dict] | pd.DataFrame, path: str | Path, title: str = "
                        label="epoch 0: baseline")
         ax.set_xlabel("epoch (0 = before training)")
         ax.set_ylabel("cross-entropy loss" if metric == "loss" else "accuracy")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.grid(alpha=0.3)
-        ax.legend()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels))  # below the axes, over no line
     fig.suptitle(title or "learning curves")
     return _save(fig, path)
 
 
-def compare_curves(histories: dict[str, pd.DataFrame], path: str | Path) -> Path:
+def compare_curves(histories: dict[str, pd.DataFrame], path: str | Path, title: str = "") -> Path:
     """Val accuracy and val loss per epoch, one line per recipe (mean over seeds, min-max band)."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5 + 0.25 * ((len(histories) + 2) // 3)), layout="constrained")
     for label, df in histories.items():
         val = df[df.phase == "val"]
         for ax, metric in zip(axes, ("acc", "loss")):
@@ -65,31 +70,39 @@ def compare_curves(histories: dict[str, pd.DataFrame], path: str | Path) -> Path
         ax.text(0.1, 0.02, "epoch 0 = baseline", transform=ax.get_xaxis_transform(), fontsize=8, color="gray")
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, loc="lower right")
-    fig.suptitle("validation curves per recipe (mean over seeds, band = min..max)")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=3, fontsize=8)
+    fig.suptitle(f"{title + ': ' if title else ''}validation curves per recipe (mean over seeds, band = min..max)")
     return _save(fig, path)
 
 
-def comparison_chart(summary: pd.DataFrame, path: str | Path) -> Path:
-    """Best val accuracy (mean ± std over seeds) next to training time, one bar per recipe."""
+def comparison_chart(summary: pd.DataFrame, path: str | Path, title: str = "") -> Path:
+    """Headline accuracy (mean ± std over seeds) next to training time, one bar per recipe.
+
+    The bar is the headline (not selected on the images it is scored on); the best val
+    accuracy, selected on val, is a hollow marker beside it, so the gap shows the optimism."""
     done = summary[summary.status == "ok"].reset_index(drop=True)
     labels = [f"{e}\n{b}" for e, b in zip(done.experiment, done.backbone)]
-    fig, (ax_acc, ax_time) = plt.subplots(1, 2, figsize=(12, 0.6 * len(done) + 2), sharey=True)
+    fig, (ax_acc, ax_time) = plt.subplots(1, 2, figsize=(12, 0.6 * len(done) + 2.5), sharey=True,
+                                          layout="constrained")
     y = range(len(done))
-    ax_acc.barh(y, done.best_val_acc_mean, xerr=done.best_val_acc_std.fillna(0), color="tab:green",
-                alpha=0.8, capsize=3)
+    headline = done.headline.iloc[0] if len(done) else "headline"
+    ax_acc.barh(y, done.headline_acc_mean, xerr=done.headline_acc_std.fillna(0), color="tab:green",
+                alpha=0.8, capsize=3, label=f"headline: {headline}")
+    ax_acc.scatter(done.best_val_acc_mean, y, marker="D", s=30, facecolors="none", edgecolors="tab:red",
+                   zorder=5, label="best val epoch (selected on val)")
     ax_acc.scatter(done.baseline_val_acc_mean, y, marker="|", s=200, color="black", label="epoch-0 baseline")
     ax_acc.set_xlim(0, 1)
-    ax_acc.set_xlabel("best val accuracy (mean ± std over seeds)")
-    ax_acc.legend(loc="lower left", fontsize=8)
+    ax_acc.set_xlabel("accuracy (mean ± std over seeds)")
+    fig.legend(*ax_acc.get_legend_handles_labels(), loc="outside lower center", ncol=3, fontsize=8)
     ax_time.barh(y, done.train_seconds_mean, color="tab:purple", alpha=0.8)
     ax_time.set_xlabel("training time, seconds (mean over seeds)")
     ax_acc.set_yticks(list(y), labels, fontsize=8)
     ax_acc.invert_yaxis()
     for ax in (ax_acc, ax_time):
         ax.grid(axis="x", alpha=0.3)
-    fig.suptitle("accuracy vs cost")
+    fig.suptitle(f"{title + ': ' if title else ''}accuracy vs cost")
     return _save(fig, path)
 
 
@@ -108,13 +121,14 @@ def image_grid(images: torch.Tensor, titles: list[str], path: str | Path, *, mea
     """A grid of normalised (N, 3, H, W) images with a title (and title colour) each."""
     n = len(images)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2.2 * rows), squeeze=False)
+    # constrained layout keeps each row's titles clear of the images above; long titles wrap
+    fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2.5 * rows + 0.4), squeeze=False, layout="constrained")
     pictures = denormalize(images.detach().cpu().float(), mean, std)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < n:
             ax.imshow(pictures[i].permute(1, 2, 0).numpy())  # (C, H, W) -> (H, W, C) for imshow
-            ax.set_title(titles[i], fontsize=9, color=(colors[i] if colors else "black"))
+            ax.set_title(textwrap.fill(titles[i], 20), fontsize=9, color=(colors[i] if colors else "black"))
     if title:
         fig.suptitle(title)
     return _save(fig, path)
@@ -122,12 +136,15 @@ def image_grid(images: torch.Tensor, titles: list[str], path: str | Path, *, mea
 
 def confusion_matrix_plot(matrix: torch.Tensor, classes: list[str], path: str | Path, title: str = "") -> Path:
     """Rows: true class; columns: predicted class; each cell its count."""
-    fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 2.5, 1.2 * len(classes) + 2))
-    ax.imshow(matrix.numpy(), cmap="Blues")
+    fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 2.5, 1.2 * len(classes) + 2), layout="constrained")
+    image = ax.imshow(matrix.numpy(), cmap="Blues")
+    # the colour scale runs from the smallest count (palest) to the largest (darkest), so
+    # white text goes on cells past the middle of *that* range, not past half the maximum
+    middle = (image.norm.vmin + image.norm.vmax) / 2
     for i in range(len(classes)):
         for j in range(len(classes)):
             v = int(matrix[i, j])
-            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > matrix.max() / 2 else "black")
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > middle else "black")
     ax.set_xticks(range(len(classes)), classes)
     ax.set_yticks(range(len(classes)), classes)
     ax.set_xlabel("predicted")

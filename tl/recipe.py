@@ -10,6 +10,8 @@ recipe: data, model, loop, checkpoints, and the run folder::
         history.csv    one row per (epoch, phase)
         best.pth       state_dict of the best validation epoch
         last.ckpt      full training checkpoint after the latest epoch (--resume)
+        headline_predictions.csv  per image: path, label, prediction of the headline model
+                       (score_headline: test with the epoch chosen on val, else val's final epoch)
         NN.pth         every epoch's state_dict, with --save-every-epoch (document 001)
 """
 
@@ -329,13 +331,20 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None =
         raise
 
     config["results"] = summarize(history) | {"wall_seconds": wall_before + time.time() - started}
+    # 6. the headline number, never chosen on the images it is scored on (issue 14): the test
+    # accuracy of the epoch chosen on val where there is a test/ split, else the final epoch's
+    # val accuracy. Must run here, while `model` still holds the final epoch's weights.
+    config["results"] |= score_headline(net, model, history, cached.get("val", sets["val"]), sets["val"],
+                                        transforms, classes, opts, device, run_dir)
     _write_json(run_dir / "config.json", config)
     write_history_csv(history, run_dir / "history.csv")
     if history.best_state is not None:
         model.load_state_dict(history.best_state)  # hand back the best model, as 002's tutorial does
     if opts.plots:  # val scored on its stored features where they exist: the same numbers, no second pass
         write_run_plots(run_dir, history, net, cached.get("val", sets["val"]), sets["val"], classes, spec, device)
-    log(f"best val acc {history.best_acc:.4f} at epoch {history.best_epoch} -> {run_dir}")
+    res = config["results"]
+    log(f"headline acc {res['headline_acc']:.4f} ({res['headline']}); best val acc {history.best_acc:.4f} "
+        f"at epoch {history.best_epoch} (selected on val) -> {run_dir}")
     return RunResult(run_dir, history, config, model, classes)
 
 
@@ -382,6 +391,45 @@ def resume_run(path: Path, given: dict, log: Callable[[str], None] = print) -> R
     opts = resume_options(ckpt, given, path)
     module = get_experiment(ckpt["config"]["experiment"])
     return run(module.RECIPE, module.build, opts, ckpt=ckpt, resume=Path(path), log=log)
+
+
+def score_headline(net: nn.Module, model: nn.Module, history: History, val_inputs, val_set, transforms: dict,
+                   classes: list[str], opts: RunOptions, device: torch.device, run_dir: Path) -> dict:
+    """The run's headline accuracy, scored on images that played no part in choosing it.
+
+    The best val epoch is chosen on val, so its val accuracy flatters it (the maximum of
+    noisy numbers). Two honest numbers instead:
+
+    * a data folder with a `test/` split: the epoch chosen on val (best.pth, the one early
+      stopping keeps) scored on test, which nothing has looked at;
+    * no test split: the final epoch's val accuracy. The epoch count comes from the recipe's
+      document, not from val, so nothing was selected on these images.
+
+    `net` must still hold the final epoch's weights (the loop's own net: with cached val
+    features it scores them, the same numbers as the loop's last val row). The per-image
+    predictions go to `headline_predictions.csv` (path relative to the data folder, label,
+    prediction), which a paired comparison of two recipes resamples (experiments/report.py).
+    """
+    from tl.evaluate import evaluate
+
+    if (Path(opts.data) / "test").is_dir() and not opts.val_split:
+        # (check_layout has already made sure test/ has the same class folders as train/)
+        test = image_datasets(opts.data, transforms, max_per_class=opts.max_per_class, phases=("test",))["test"]
+        if history.best_state is not None:
+            model.load_state_dict(history.best_state)  # the best-on-val state that run() hands back too
+        what, scored, inputs, images = "test, epoch chosen on val", model, test, test
+    else:
+        what, scored, inputs, images = "val, final epoch", net, val_inputs, val_set
+    result = evaluate(scored, torch.utils.data.DataLoader(inputs, batch_size=32), device, len(classes))
+    rows = [{"path": Path(os.path.relpath(path, opts.data)).as_posix(), "label": classes[label],
+             "prediction": classes[p]} for (path, label), p in zip(images.samples, result["predictions"])]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=["path", "label", "prediction"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    checkpoint.atomic_write_text(run_dir / "headline_predictions.csv", text.getvalue())
+    acc = sum(r["label"] == r["prediction"] for r in rows) / len(rows)
+    return {"headline": what, "headline_acc": acc, "test_acc": acc if what.startswith("test") else None}
 
 
 def write_run_plots(run_dir: Path, history: History, model: nn.Module, val_inputs, val_set, classes: list[str],
