@@ -411,6 +411,7 @@ def plan_cache(model: nn.Module, spec: Backbone, sets: dict, *, frozen_bn_eval: 
     split = split_at_cut(model, spec)
     val = sets["val"]
     probe = torch.stack([val[i][0] for i in range(min(4, len(val)))])  # deterministic val images
+    probe = probe.to(next(model.parameters()).device)
     reason = why_not_cacheable(model, split, frozen_bn_eval, probe)
     if reason is not None:
         return model, {}, f"off ({reason})"

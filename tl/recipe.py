@@ -245,7 +245,7 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None =
     history, start_epoch, wall_before = None, 0, 0.0
     if ckpt is not None:  # 3. resume: the one place a saved run is restored
         history, start_epoch, wall_before = _restore(ckpt, resume, model, optimizer, scheduler, scaler, generator,
-                                                     classes, fingerprint, recipe.num_epochs)
+                                                     classes, fingerprint, recipe.num_epochs, device)
     log(f"{recipe.name} ({recipe.source}) on {recipe.backbone}, weights={recipe.weights}: {recipe.strategy}")
     log(format_parameter_table(model, (1, 3, opts.image_size, opts.image_size)))
 
@@ -349,7 +349,7 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None =
 
 
 def _restore(ckpt: dict, resume: Path, model: nn.Module, optimizer, scheduler, scaler, generator: torch.Generator,
-             classes: list[str], fingerprint: str, num_epochs: int) -> tuple[History, int, float]:
+             classes: list[str], fingerprint: str, num_epochs: int, device: torch.device) -> tuple[History, int, float]:
     """Put a saved run back exactly as it was after its last epoch: weights, optimizer,
     scheduler, scaler, RNG states and history (with the best epoch's weights). Returns
     (history, first epoch to run, wall seconds already spent)."""
@@ -368,6 +368,7 @@ def _restore(ckpt: dict, resume: Path, model: nn.Module, optimizer, scheduler, s
         raise TLError(f"{resume} has already trained all {num_epochs - 1} epochs; "
                       f"pass a larger --epochs (the new total) to train more")
     checkpoint.load_into(model, ckpt["model"], str(resume))
+    model.to(device)  # optimizer state is loaded onto its parameters' device: the one this run trains on
     optimizer.load_state_dict(ckpt["optimizer"])
     if scheduler is not None and ckpt["scheduler"] is not None:
         scheduler.load_state_dict(ckpt["scheduler"])
