@@ -275,6 +275,11 @@ def main(argv: list[str] | None = None) -> int:
             raise  # the developer's view: the full traceback
         print(f"error: {_message(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before training started (the data scan, the feature pass)
+        if os.environ.get("TL_DEBUG"):
+            raise
+        print("error: interrupted before training started; no run folder or checkpoint was changed", file=sys.stderr)
+        return 2
     return 0
 
 

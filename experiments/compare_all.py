@@ -94,16 +94,14 @@ def dataset_name(data_dir: Path) -> str:
 
 
 def run_one(name: str, backbone: str, seed: int, data_dir: Path, args: argparse.Namespace, runs_dir: Path,
-            out: Path, log) -> dict:
-    """One data set x recipe x backbone x seed -> one row of runs.csv (status ok / not run / failed).
-
-    An ok run's history and headline predictions are copied to out/history/<data>/ and
-    out/predictions/<data>/, so every figure can be recomputed from `out` alone."""
-    import pandas as pd
+            log) -> tuple[dict, object]:
+    """One data set x recipe x backbone x seed -> (one row of runs.csv (status ok / not run /
+    failed), the finished run or None). Ctrl-C (tl.Interrupted) is not a row: it stops the
+    whole comparison."""
     import torch
 
     from experiments import get_experiment
-    from tl import TLError
+    from tl import Interrupted, TLError
     from tl.recipe import RunOptions, resolve, run
 
     module = get_experiment(name)
@@ -122,15 +120,13 @@ def run_one(name: str, backbone: str, seed: int, data_dir: Path, args: argparse.
            "torch": torch.__version__, "quick": args.quick, "date": time.strftime("%Y-%m-%d"), "run": label}
     try:
         result = run(module.RECIPE, module.build, opts, log=lambda line: log("    " + line))
+    except Interrupted:
+        raise
     except TLError as exc:
-        return row | {"status": "not run", "reason": str(exc).splitlines()[0]}
+        return row | {"status": "not run", "reason": str(exc).splitlines()[0]}, None
     except Exception as exc:  # a bug in one recipe must not hide the other results
-        return row | {"status": "failed", "reason": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+        return row | {"status": "failed", "reason": f"{type(exc).__name__}: {exc}".splitlines()[0]}, None
     cfg, res = result.config, result.config["results"]
-    for folder in ("history", "predictions"):
-        (out / folder / dataset).mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(result.history.rows).to_csv(out / "history" / dataset / f"{label}.csv", index=False)
-    shutil.copyfile(result.run_dir / "headline_predictions.csv", out / "predictions" / dataset / f"{label}.csv")
     return row | {
         "status": "ok", "reason": "", "weights": cfg["weights_kind"], "optimizer": cfg["optimizer"],
         "learning_rates": ", ".join(f"{g['name']} {g['lr']:g}" for g in cfg["param_groups"]),
@@ -139,7 +135,19 @@ def run_one(name: str, backbone: str, seed: int, data_dir: Path, args: argparse.
         **{k: res[k] for k in ("headline", "headline_acc", "test_acc", "baseline_val_acc", "best_val_acc",
                                "best_epoch", "final_val_acc", "final_val_loss", "train_seconds",
                                "train_images_per_s")},
-    }
+    }, result
+
+
+def keep_run_files(out: Path, dataset: str, label: str, result) -> None:
+    """Copy a finished run's history and headline predictions to out/history/<data>/ and
+    out/predictions/<data>/, so every figure can be recomputed from `out` alone. Called only
+    once the whole comparison has finished, together with the tables that name these runs."""
+    import pandas as pd
+
+    for folder in ("history", "predictions"):
+        (out / folder / dataset).mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(result.history.rows).to_csv(out / "history" / dataset / f"{label}.csv", index=False)
+    shutil.copyfile(result.run_dir / "headline_predictions.csv", out / "predictions" / dataset / f"{label}.csv")
 
 
 def _lrs(lrs: dict) -> str:
@@ -294,7 +302,7 @@ def write_outputs(out: Path, runs, meta: dict):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from tl import TLError
+    from tl import Interrupted, TLError
     from tl.data import resolve_data_dir
 
     try:
@@ -315,22 +323,34 @@ def main(argv: list[str] | None = None) -> int:
 
     out: Path = args.out or (Path("runs/quick-results") if args.quick else Path("results"))
     runs_dir = args.runs_dir or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    if runs_dir.is_dir() and any(runs_dir.iterdir()):
+        print(f"error: --runs-dir {runs_dir} already holds runs; choose a new folder (each comparison trains "
+              f"its own runs)", file=sys.stderr)
+        return 2
     plan = [(d, e, b, s) for d in data_dirs for e in args.experiments for b in args.backbone for s in args.seeds]
     commit = git_commit()  # read now: the code that runs is the code loaded at the start
     command = "python -m experiments.compare_all " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     started = time.time()
-    rows, minutes = [], dict.fromkeys(names, 0.0)
+    rows, finished, minutes = [], [], dict.fromkeys(names, 0.0)
     for i, (data_dir, name, backbone, seed) in enumerate(plan, 1):
         t0 = time.time()
         print(f"[{i}/{len(plan)}] {dataset_name(data_dir)}: {name} on {backbone}, seed {seed}  "
               f"({(t0 - started) / 60:.1f} min so far)", flush=True)
-        row = run_one(name, backbone, seed, data_dir, args, runs_dir, out, log=lambda s: print(s, flush=True))
+        try:
+            row, result = run_one(name, backbone, seed, data_dir, args, runs_dir, log=lambda s: print(s, flush=True))
+        except (Interrupted, KeyboardInterrupt):
+            print(f"error: interrupted: {out} is unchanged (the runs so far are in {runs_dir})", file=sys.stderr)
+            return 2
+        if result is not None:
+            finished.append((row["dataset"], row["run"], result))
         minutes[row["dataset"]] += (time.time() - t0) / 60
         tail = (f"headline acc {row['headline_acc']:.4f} ({row['headline']})" if row["status"] == "ok"
                 else row["reason"])
         print(f"[{i}/{len(plan)}] {row['status']}: {tail}", flush=True)
         rows.append(row)
     total = round((time.time() - started) / 60, 1)
+    for dataset, label, result in finished:
+        keep_run_files(out, dataset, label, result)
     new = pd.DataFrame(rows).reindex(columns=RUN_COLUMNS)
     runs = merge_runs(read_runs(out), new)
     full = set(args.experiments) == set(NAMES) and not args.quick

@@ -487,3 +487,56 @@ def test_tl_debug_shows_the_traceback(tmp_path, monkeypatch):
     with pytest.raises(TLError, match="data folder not found"):
         main.main(["-e", "resnet_scratch", "--data", str(tmp_path / "nowhere")])
     assert "TL_DEBUG=1" in main.build_parser().format_help()
+
+
+# ----------------------------------------------------------------------------- found by the review of issues 12-14
+def test_test_files_shared_with_train_are_refused_before_training(tmp_path, tiny_backbone, capsys):
+    d = write_image_folder(tmp_path / "d", phases=("train", "val", "test"))
+    for test_file in (d / "test" / "class_0").iterdir():  # the "test" images are training images
+        test_file.unlink()
+        os.link(d / "train" / "class_0" / test_file.name, test_file)
+    code, _, err = train(capsys, d, tmp_path / "runs")
+    assert code == 2 and "two splits" in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_a_broken_test_split_stops_the_run_before_it_trains(tmp_path, tiny_backbone, capsys):
+    d = write_image_folder(tmp_path / "d", phases=("train", "val", "test"))
+    for f in (d / "test" / "class_1").iterdir():
+        f.write_bytes(b"not an image")
+    code, out, err = train(capsys, d, tmp_path / "runs")
+    assert code == 2 and "class_1" in err and "test" in err
+    assert "epoch  1" not in out  # nothing trained
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_a_file_name_that_is_not_utf8_trains(tmp_path, tiny_backbone, capsys):
+    d = write_image_folder(tmp_path / "d")
+    folder = os.fsencode(d / "train" / "class_0")
+    os.rename(os.path.join(folder, b"000.png"), os.path.join(folder, b"0\xe9.png"))  # Latin-1 bytes in the name
+    code, _, _ = train(capsys, d, tmp_path / "runs")
+    assert code == 0 and run_config(tmp_path / "runs")["dataset_sizes"] == {"train": 24, "val": 12}
+
+
+def test_a_config_with_wrong_types_is_a_message(tmp_path, tiny_backbone, capsys):
+    d = write_image_folder(tmp_path / "d")
+    assert train(capsys, d, tmp_path / "runs")[0] == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    config = json.loads((run_dir / "config.json").read_text())
+    for field, value in (("checksums", "abc"), ("options", {**config["options"], "val_split": "x"})):
+        (run_dir / "config.json").write_text(json.dumps({**config, field: value}))
+        code, _, err = cli(capsys, "--evaluate", run_dir / "best.pth", "--data", d)
+        assert code == 2 and "not a run config" in err, field
+
+
+def test_ctrl_c_before_training_is_a_message(tmp_path, tiny_backbone, capsys, monkeypatch):
+    from tl import features
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C during the feature pass
+
+    monkeypatch.setattr(features, "plan_cache", interrupted)
+    code, _, err = train(capsys, write_image_folder(tmp_path / "d"), tmp_path / "runs", "--weights", "none",
+                         experiment="resnet_frozen")
+    assert code == 2 and "interrupted before training started" in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

@@ -182,3 +182,33 @@ def test_report_and_compare_all_help_answer_without_a_traceback(tmp_path):
                            "print(sorted({'torch', 'tl.recipe'} & set(sys.modules)))"], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.stdout.strip() == "[]"
+
+
+def test_a_reused_runs_dir_and_ctrl_c_leave_the_results_alone(tmp_path, monkeypatch, capsys):
+    from tests.conftest import write_image_folder
+    from tl import Interrupted
+
+    data = write_image_folder(tmp_path / "d", size=64)
+    out, runs = tmp_path / "results", tmp_path / "runs"
+    base = ["--quick", "--data", str(data), "--experiments", "resnet_frozen", "--backbone", "efficientnet_lite0",
+            "--out", str(out), "--workers", "0"]
+    assert compare_all.main([*base, "--seeds", "0", "1", "--runs-dir", str(runs)]) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert compare_all.main([*base, "--seeds", "0", "1", "--runs-dir", str(runs)]) == 2  # same runs-dir again
+    assert "already holds runs" in capsys.readouterr().err
+
+    import tl.recipe
+
+    real_run, calls = tl.recipe.run, []
+
+    def ctrl_c_on_the_second_run(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Interrupted("interrupted: ...")
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(tl.recipe, "run", ctrl_c_on_the_second_run)
+    assert compare_all.main([*base, "--seeds", "0", "1", "--runs-dir", str(tmp_path / "runs2")]) == 2
+    assert "interrupted" in capsys.readouterr().err
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before  # tables, histories and predictions untouched

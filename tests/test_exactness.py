@@ -71,6 +71,16 @@ def _assert_same_run(a, b):
         assert ra[key] == rb[key], key
     assert pd.read_csv(a / "history.csv").drop(columns=["seconds", "images_per_s"]).equals(
         pd.read_csv(b / "history.csv").drop(columns=["seconds", "images_per_s"]))
+    for run_dir in (a, b):
+        _assert_recorded_digests_match(run_dir)
+
+
+def _assert_recorded_digests_match(run_dir):
+    """Every weight file the run recorded in config.json is the file on disk (what --evaluate checks)."""
+    checksums = json.loads((run_dir / "config.json").read_text())["checksums"]
+    assert "best.pth" in checksums
+    for name, digest in checksums.items():
+        assert checkpoint.state_digest(checkpoint.load_state_file(run_dir / name)) == digest, (run_dir, name)
 
 
 COMBINATIONS = {
@@ -405,3 +415,17 @@ def test_a_killed_writers_temporary_files_go_and_a_live_ones_stay(tmp_path):
     dead.write_bytes(b"half"), live.write_bytes(b"half")
     assert checkpoint.remove_stale_temporaries(tmp_path) == [dead]
     assert live.exists() and not dead.exists()
+
+
+def test_best_pth_stays_valid_when_a_resumed_run_finds_no_new_best(tiny_data, pretrained, tmp_path, capsys):
+    """The review's case: the checkpoint of the best epoch must already carry best.pth's digest,
+    or a resume that finds no better epoch leaves config.json naming the previous best's."""
+    half = _train(tiny_data, tmp_path / "half", 2, "--save-every-epoch", "--monitor", "loss", weights=pretrained)
+    config = json.loads((half / "config.json").read_text())
+    ckpt = checkpoint.load_checkpoint(half / "last.ckpt")
+    assert ckpt["config"]["checksums"] == config["checksums"]  # the checkpoint knows this epoch's files
+    (half / "best.pth").unlink(), (half / "02.pth").unlink()  # killed right after last.ckpt was written
+    assert main.main(["--resume", str(half / "last.ckpt"), "--epochs", "3", "--no-progress"]) == 0
+    _assert_recorded_digests_match(half)
+    assert main.main(["--evaluate", str(half / "best.pth"), "--data", str(tiny_data)]) == 0
+    capsys.readouterr()

@@ -21,3 +21,8 @@ class TLError(Exception):
     The command line prints the message alone, without a traceback, and exits with
     status 2: the message is meant to say what is wrong and how to fix it.
     """
+
+
+class Interrupted(TLError):
+    """Ctrl-C: the run stopped where its last checkpoint left it, and says how to go on.
+    A comparison of many runs stops as a whole rather than recording it as a failed run."""

@@ -88,7 +88,8 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write(path, lambda f: f.write(text.encode()))
+    # backslashreplace: a file name that is not valid UTF-8 is written as \xNN, not a crash
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8", "backslashreplace")))
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:

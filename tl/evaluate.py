@@ -59,10 +59,10 @@ def context_for(path: Path, backbone: str | None) -> ModelContext:
                                 image_size=int(options.get("image_size", 224)),
                                 single_logit=recipe.get("loss") == "bce_logit",
                                 stack_head=bool(recipe.get("stack_head", False)), data=options.get("data"),
-                                val_split=options.get("val_split"),
+                                val_split=None if options.get("val_split") is None else float(options["val_split"]),
                                 # runs saved before --split-seed drew the split with their training seed
                                 split_seed=int(options.get("split_seed", options.get("seed", 0))),
-                                checksums=config.get("checksums"))
+                                checksums=_string_map(config.get("checksums", {})))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise TLError(f"{config_file} is not a run config this project wrote ({type(exc).__name__}: {exc}); "
                           f"restore it from the run, or move it away and name the architecture with --backbone") \
@@ -70,6 +70,13 @@ def context_for(path: Path, backbone: str | None) -> ModelContext:
     if not backbone:
         raise TLError(f"no config.json beside {path}: say which architecture it is with --backbone")
     return ModelContext(backbone=backbone, classes=None)
+
+
+def _string_map(value) -> dict[str, str]:
+    """config.json's {file name: digest}; anything else means the file was edited by hand."""
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise TypeError("checksums must map file names to digests")
+    return value
 
 
 def load_model(path: Path, ctx: ModelContext, num_classes: int, allow_pickle: bool = False) -> nn.Module:

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tl import TLError, checkpoint, features
+from tl import Interrupted, TLError, checkpoint, features
 from tl.data import (
     build_transforms,
     decoded_images,
@@ -173,13 +173,15 @@ def _as_saved(value):
 
 
 def data_fingerprint(sets: dict) -> str:
-    """A digest of which files (relative to their split folder), with which labels and sizes,
-    each phase holds: the identity of the data a run trained on, wherever it lies."""
+    """A digest of which files (relative to their split folder), with which labels and which
+    contents, each phase holds: the identity of the data a run trained on, wherever it lies.
+    (Reading every file once costs about what one epoch's decoding does.)"""
     h = hashlib.sha256()
     for phase in sorted(sets):
         ds = sets[phase]
         for path, target in ds.samples:
-            h.update(f"{phase}|{os.path.relpath(path, ds.root)}|{target}|{os.path.getsize(path)}\n".encode())
+            h.update(f"{phase}|{target}|".encode() + os.fsencode(os.path.relpath(path, ds.root)) + b"|")
+            h.update(hashlib.sha256(Path(path).read_bytes()).digest())
     return h.hexdigest()
 
 
@@ -224,7 +226,11 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None =
         sets = split_datasets(opts.data, transforms, opts.val_split, split_seed=opts.split_seed,
                               max_per_class=opts.max_per_class, verify=opts.verify_images)
     else:
-        sets = image_datasets(opts.data, transforms, max_per_class=opts.max_per_class, verify=opts.verify_images)
+        # a test/ split is scanned now, with train and val: a broken or shared test file stops the run
+        # before it trains, and test images are checked against train's like val's are
+        phases = ("train", "val", "test") if (Path(opts.data) / "test").is_dir() else ("train", "val")
+        sets = image_datasets(opts.data, transforms, max_per_class=opts.max_per_class, verify=opts.verify_images,
+                              phases=phases)
     classes = sets["train"].classes
     if report := describe_skipped(sets):
         log(report)
@@ -232,6 +238,7 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None =
         raise TLError(f"{recipe.name} has a single-logit head, which separates exactly 2 classes; "
                       f"{opts.data} has {len(classes)}: {classes}")
     fingerprint = data_fingerprint(sets)
+    test_set = sets.pop("test", None)  # scored once, after training (score_headline); the loop never sees it
 
     # 2. model: architecture + weights + new head, then the recipe decides what trains
     # (a resumed run gets its weights from the checkpoint, so it needs no pretrained file)
@@ -275,6 +282,8 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None =
                                                           "time": time.strftime("%Y-%m-%d %H:%M:%S")}]
         config["options"] = _options_record(opts)  # the new --epochs total, where the data lies now
         config["recipe"] = dataclasses.asdict(recipe)
+        for name, state in _files_of_saved_epoch(ckpt, history, opts).items():
+            checkpoint.atomic_save(state, run_dir / name)  # a kill after last.ckpt may have cut these off
         log(f"resuming {run_dir} after epoch {ckpt['epoch']}")
     else:
         name = opts.run_name or f"{recipe.name}-{recipe.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -285,26 +294,24 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None =
     config["feature_cache"] = cache_mode
     _write_json(run_dir / "config.json", config)
 
-    def save_weights(state: dict, name: str) -> None:
-        checkpoint.atomic_save(state, run_dir / name)
-        config["checksums"][name] = checkpoint.state_digest(state)  # --evaluate checks the file against it
-
     started = time.time()
 
     def on_epoch_end(epoch: int, hist: History) -> bool:
-        # last.ckpt first: if the run is killed before best.pth is written, the checkpoint
-        # already holds that epoch's weights, which resume uses as the best (see _restore)
+        files = {}  # weight files of this epoch: best.pth, and 001's / 004's per-epoch files
+        if hist.best_epoch == epoch:
+            files["best.pth"] = hist.best_state
+        if opts.save_every_epoch:
+            files[epoch_file_name(epoch, hist.rows[-1], opts.informative_names)] = model.state_dict()
+        for name, state in files.items():  # their digests first: the checkpoint's config carries them
+            config["checksums"][name] = checkpoint.state_digest(state)
+        # last.ckpt before the files: if the run is killed in between, the checkpoint already holds
+        # this epoch's weights, and resume writes the files again from it (see run's resume step)
         checkpoint.save_checkpoint(run_dir / "last.ckpt", epoch=epoch, model=model, optimizer=optimizer,
                                    scheduler=scheduler, scaler=scaler, history=hist.to_dict(), config=config,
                                    classes=classes, loader_generator=generator,
                                    wall_seconds=wall_before + time.time() - started)
-        if hist.best_epoch == epoch:
-            save_weights(hist.best_state, "best.pth")
-        if opts.save_every_epoch:  # 001's 00.pth, 01.pth, ...; or 004's names that carry the val figures
-            val = hist.rows[-1]
-            name = (f"epoch{epoch:02d}-loss{val['loss']:.4f}-acc{val['acc']:.4f}.pth" if opts.informative_names
-                    else f"{epoch:02d}.pth")
-            save_weights(model.state_dict(), name)
+        for name, state in files.items():
+            checkpoint.atomic_save(state, run_dir / name)
         write_history_csv(hist, run_dir / "history.csv")
         _write_json(run_dir / "config.json", config)
         # early stopping (004 §2.3): no new best val `monitor` for `patience` epochs -> stop the loop
@@ -325,8 +332,8 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None =
             shutil.rmtree(run_dir, ignore_errors=True)
         if isinstance(exc, KeyboardInterrupt):
             if not trained:
-                raise TLError("interrupted before the first training epoch finished: nothing was saved") from None
-            raise TLError(f"interrupted: {run_dir / 'last.ckpt'} holds the last completed epoch.\n"
+                raise Interrupted("interrupted before the first training epoch finished: nothing was saved") from None
+            raise Interrupted(f"interrupted: {run_dir / 'last.ckpt'} holds the last completed epoch.\n"
                           f"  continue with: python main.py --resume {run_dir / 'last.ckpt'}") from None
         raise
 
@@ -335,7 +342,7 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None =
     # accuracy of the epoch chosen on val where there is a test/ split, else the final epoch's
     # val accuracy. Must run here, while `model` still holds the final epoch's weights.
     config["results"] |= score_headline(net, model, history, cached.get("val", sets["val"]), sets["val"],
-                                        transforms, classes, opts, device, run_dir)
+                                        test_set, classes, opts, device, run_dir)
     _write_json(run_dir / "config.json", config)
     write_history_csv(history, run_dir / "history.csv")
     if history.best_state is not None:
@@ -384,6 +391,23 @@ def _restore(ckpt: dict, resume: Path, model: nn.Module, optimizer, scheduler, s
     return history, start_epoch, ckpt["wall_seconds"]
 
 
+def epoch_file_name(epoch: int, val_row: dict, informative: bool) -> str:
+    """001's `03.pth`, or 004's name that carries the val figures, `epoch03-loss0.1820-acc0.9412.pth`."""
+    return (f"epoch{epoch:02d}-loss{val_row['loss']:.4f}-acc{val_row['acc']:.4f}.pth" if informative
+            else f"{epoch:02d}.pth")
+
+
+def _files_of_saved_epoch(ckpt: dict, history: History, opts: RunOptions) -> dict:
+    """The weight files the run wrote right after its checkpoint's epoch: all equal to the
+    checkpoint's own weights."""
+    files = {}
+    if history.best_epoch == ckpt["epoch"]:
+        files["best.pth"] = ckpt["model"]
+    if opts.save_every_epoch:
+        files[epoch_file_name(ckpt["epoch"], history.rows[-1], opts.informative_names)] = ckpt["model"]
+    return files
+
+
 def resume_run(path: Path, given: dict, log: Callable[[str], None] = print) -> RunResult:
     """`main.py --resume last.ckpt`: rebuild the saved run's recipe and options, then `run` it."""
     from experiments import get_experiment
@@ -394,7 +418,7 @@ def resume_run(path: Path, given: dict, log: Callable[[str], None] = print) -> R
     return run(module.RECIPE, module.build, opts, ckpt=ckpt, resume=Path(path), log=log)
 
 
-def score_headline(net: nn.Module, model: nn.Module, history: History, val_inputs, val_set, transforms: dict,
+def score_headline(net: nn.Module, model: nn.Module, history: History, val_inputs, val_set, test_set,
                    classes: list[str], opts: RunOptions, device: torch.device, run_dir: Path) -> dict:
     """The run's headline accuracy, scored on images that played no part in choosing it.
 
@@ -413,12 +437,10 @@ def score_headline(net: nn.Module, model: nn.Module, history: History, val_input
     """
     from tl.evaluate import evaluate
 
-    if (Path(opts.data) / "test").is_dir() and not opts.val_split:
-        # (check_layout has already made sure test/ has the same class folders as train/)
-        test = image_datasets(opts.data, transforms, max_per_class=opts.max_per_class, phases=("test",))["test"]
+    if test_set is not None:  # scanned with train and val at the start of the run
         if history.best_state is not None:
             model.load_state_dict(history.best_state)  # the best-on-val state that run() hands back too
-        what, scored, inputs, images = "test, epoch chosen on val", model, test, test
+        what, scored, inputs, images = "test, epoch chosen on val", model, test_set, test_set
     else:
         what, scored, inputs, images = "val, final epoch", net, val_inputs, val_set
     result = evaluate(scored, torch.utils.data.DataLoader(inputs, batch_size=32), device, len(classes))
