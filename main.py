@@ -148,15 +148,18 @@ def list_recipes() -> str:
     from experiments import all_experiments
     from tl.models import BACKBONES, get_backbone, runs_offline, torchvision_weights_file
 
-    lines = [f"{'recipe':<16} {'from':<15} {'model':<21} {'epochs':>6} {'batch':>5}  learning rates"]
+    lines = [f"{'recipe':<17} {'from':<16} {'model':<21} {'epochs':>6} {'batch':>5}  learning rates"]
     for name, module in all_experiments().items():
         r = module.RECIPE
         lrs = ", ".join(f"{g} {lr:g}" for g, lr in r.lrs.items())
+        if r.first_lrs:  # a staged recipe (tl/stages.py): its head-first stage, then the rest
+            first = ", ".join(f"{g} {lr:g}" for g, lr in r.first_lrs.items())
+            lrs = f"first {r.first_epochs} epoch(s): {first}; then {lrs}"
         model = f"{r.backbone}, {'ImageNet' if r.weights == 'imagenet' else 'random init'}"
-        lines.append(f"{name:<16} {r.source:<15} {model:<21} {r.train_epochs:>6} {r.batch_size:>5}  {lrs}")
-        lines.append(f"{'':<16} trains: {r.strategy}")
+        lines.append(f"{name:<17} {r.source:<16} {model:<21} {r.train_epochs:>6} {r.batch_size:>5}  {lrs}")
+        lines.append(f"{'':<17} trains: {r.strategy}")
         offline = "needs no weights: runs offline" if r.weights != "imagenet" else "offline: add -b efficientnet_lite0"
-        lines.append(f"{'':<16} command: python main.py -e {name}   ({offline})")
+        lines.append(f"{'':<17} command: python main.py -e {name}   ({offline})")
     cache = torchvision_weights_file("resnet18")[1].parent
     lines.append(f"\nbackbones (any recipe takes --backbone NAME); ImageNet weights offline? (hub cache: {cache})")
     for name in BACKBONES:

@@ -53,6 +53,7 @@ def build_transforms(
     size: int = 224,
     resize: int | None = None,
     augment: bool = True,
+    policy: str = "standard",
 ) -> dict[str, v2.Compose]:
     """The two pipelines of document 002 §1.3 (`ImageTransform`), with torchvision v2.
 
@@ -68,16 +69,28 @@ def build_transforms(
     convolution expects inputs on that scale. `augment=False` gives the train phase
     the val pipeline, which makes the train features deterministic (and cacheable).
     `resize` defaults to 002's ratio, 256 for a 224 crop (73 for the 64-pixel smoke runs).
+
+    `policy` picks the train augmentation a recipe asks for:
+      "standard"  the crop of 50-100% above (002's `scale=(0.5, 1.0)`);
+      "tutorial"  torchvision's default crop of 8-100% of the image, as the PyTorch
+                  transfer-learning tutorial uses it (`RandomResizedCrop(224)`);
+      "strong"    that 8-100% crop, the flip, and TrivialAugmentWide (Müller & Hutter 2021:
+                  one random photometric or geometric operation of random strength per
+                  image), the augmentation of torchvision's current training recipes.
     """
+    if policy not in ("standard", "tutorial", "strong"):
+        raise ValueError(f"unknown augmentation policy {policy!r}")
     resize = resize if resize is not None else val_resize(size)
     to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]  # uint8 -> [0,1] -> z-scores
     val = v2.Compose([v2.ToImage(), v2.Resize(resize, antialias=True), v2.CenterCrop(size), *to_float])
     if not augment:
         return {"train": val, "val": val, "test": val}
+    scale = (0.5, 1.0) if policy == "standard" else (0.08, 1.0)  # fraction of the image area a crop covers
     train = v2.Compose([
         v2.ToImage(),
-        v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True),
+        v2.RandomResizedCrop(size, scale=scale, antialias=True),
         v2.RandomHorizontalFlip(),
+        *([v2.TrivialAugmentWide()] if policy == "strong" else []),  # on uint8 pixels, before scaling
         *to_float,
     ])
     return {"train": train, "val": val, "test": val}
