@@ -28,9 +28,11 @@ Two details make that exact rather than nearly so:
   `DistributedSampler`, whose equal shard lengths keep the processes' steps in lock step
   (its train rows so include the up to N-1 repeated images: they were trained on).
 * **BatchNorm statistics.** Each process updates its BatchNorm running statistics from
-  its own batches, so they drift apart while the weights do not. `broadcast_buffers`
-  copies process 0's buffers to all after each training phase (or, with `--sync-bn` on
-  GPUs, SyncBatchNorm normalises with the whole N x batch and they never differ).
+  its own batches, so they drift apart while the weights do not. DDP (`broadcast_buffers`,
+  on by default) copies process 0's buffers to all at the start of the forward pass that
+  follows a training step: the first val batch, so val and the saved state use process 0's
+  statistics everywhere (tests/test_distributed.py checks the processes end identical).
+  With `--sync-bn` on GPUs, SyncBatchNorm normalises with the whole N x batch instead.
 
 Random numbers: every process seeds with the same `--seed` and draws the same number of
 random numbers (equal train shards, deterministic val), so all processes' RNG states are
@@ -160,13 +162,6 @@ def sum_over_processes(*values: float) -> tuple[float, ...]:
     t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)  # gloo and NCCL both: every process gets the same sums
     return tuple(t.tolist())
-
-
-def broadcast_buffers(net: nn.Module) -> None:
-    """Copy process 0's buffers (BatchNorm running statistics) to every process."""
-    if is_distributed():
-        for b in unwrap(net).buffers():
-            dist.broadcast(b.data, src=0)
 
 
 def wrap(net: nn.Module, device: torch.device, sync_bn: bool = False) -> nn.Module:

@@ -33,9 +33,9 @@ through arguments; there is no second loop anywhere in the project.
 **Several processes** (`torchrun`, tl/distributed.py) change three things, each a line
 marked `[DDP]`, each a no-op in a single process: the train sampler reshuffles per epoch
 (`set_epoch`); after a phase, the loss, correct and image counts are added up over the
-processes, so every row is over the whole data set, each val image counted once; after
-training, process 0's BatchNorm statistics are copied to all. `net` arrives wrapped in
-DistributedDataParallel, which averages the gradients inside `backward()`.
+processes, so every row is over the whole data set, each val image counted once; the best
+epoch's weights are copied from inside the DistributedDataParallel wrapper that `net` arrives
+in (DDP averages the gradients inside `backward()`, so every process takes the same step).
 """
 
 from __future__ import annotations
@@ -243,8 +243,6 @@ def train_model(
 
             # [DDP] sums over all processes: every figure is over the whole data set (no-op in one process)
             running_loss, running_correct, n = distributed.sum_over_processes(running_loss, running_correct, seen)
-            if phase == "train":
-                distributed.broadcast_buffers(net)  # [DDP] process 0's BatchNorm statistics on every process
             seconds = time.perf_counter() - started
             row = {"epoch": epoch, "phase": phase, "loss": running_loss / n, "acc": running_correct / n,
                    "seconds": seconds, "images_per_s": n / seconds if seconds > 0 else float("nan")}
