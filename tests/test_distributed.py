@@ -40,10 +40,12 @@ FINETUNE = ["-e", "resnet_finetune", "-b", "tiny", "--weights", "none", "--epoch
 
 
 def torchrun(args: list[str], tmp: Path, **env: str) -> subprocess.CompletedProcess:
+    # about 10 s on an idle 2-core machine; the limit only stops a hang (starting 2 processes
+    # that import torch took 3 minutes once on a machine shared with other runs)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(ROOT / "tests" / "ddp_main.py"), *args]
     environment = {**os.environ, "TORCH_HOME": str(tmp / "torch_home"), "TL_CACHE_DIR": str(tmp / "cache"), **env}
-    return subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=180)
+    return subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
 
 
 def _run_dir(out: Path) -> Path:
