@@ -7,6 +7,7 @@
     python main.py --resume runs/<run>/last.ckpt [--epochs N]
     python main.py --evaluate runs/<run>/best.pth --data DIR [--split test]
     python main.py --predict photo.jpg [--checkpoint runs/<run>/best.pth]
+    torchrun --standalone --nproc_per_node=2 main.py --experiment ...   # one process per GPU (tl/distributed.py)
 
 Problems with the input or the machine (unknown names, bad values, a missing or unreadable
 folder, a damaged file, weights that are not on this machine, no permission, a full disk)
@@ -114,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                        help="mixed precision on CUDA (bf16, or fp16 with a grad scaler)")
     model.add_argument("--seed", type=_seed, default=0, help="training seed, 0 .. 2**32-1 (default 0)")
+    model.add_argument("--sync-bn", action="store_true",
+                       help="under torchrun on GPUs: BatchNorm statistics over every process's batch")
     model.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                        help="NHWC memory layout (default on: faster on GPUs and, measured, on CPU)")
 
@@ -187,7 +190,7 @@ def run_options(args: argparse.Namespace):
         cache_limit_gb=args.cache_limit_gb, image_cache=args.image_cache, patience=args.patience,
         monitor=args.monitor, informative_names=args.informative_names, val_split=args.val_split,
         verify_images=args.verify_images, split_seed=args.split_seed, max_per_class=args.max_per_class,
-        allow_pickle=args.allow_pickle)
+        allow_pickle=args.allow_pickle, sync_bn=args.sync_bn)
     if args.quick:
         opts.make_quick()
         if args.max_per_class:  # an explicit --max-per-class wins over --quick's 8
@@ -223,6 +226,20 @@ def resume(args: argparse.Namespace, given: set[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Under torchrun (WORLD_SIZE > 1) every process runs this with the same arguments; the
+    process group is joined first and left last (tl/distributed.py)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return _main(argv)  # one process: nothing to join (and --help stays quick: no torch import)
+    from tl import distributed
+
+    distributed.init_from_env()
+    try:
+        return _main(argv)
+    finally:
+        distributed.shutdown()
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     actions = [a for a in ("experiment", "list", "resume", "evaluate", "predict", "show_data", "prepare")

@@ -30,7 +30,7 @@ from torchvision import datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
-from tl import TLError
+from tl import TLError, distributed
 
 PHASES = ("train", "val", "test")
 # torchvision's list of still-image extensions. It leaves out ".gif" on purpose,
@@ -530,14 +530,19 @@ def make_loaders(
     uninterrupted run would have.
     Workers are not persistent for the same reason: each epoch's workers are seeded afresh
     from the generator.
+    Under torchrun each process loads only its shard (`tl.distributed.sampler`): train's
+    order then comes from `seed` + epoch, val's shards hold every image exactly once.
     """
     loaders = {}
     for phase, ds in sets.items():
         train = phase == "train"
+        # [DDP] under torchrun: this process's shard of the phase (tl/distributed.py); None here otherwise
+        sampler = distributed.sampler(ds, shuffle=train, seed=seed)
         loaders[phase] = DataLoader(
             ds,
             batch_size=batch_size,
-            shuffle=train,
+            shuffle=train and sampler is None,
+            sampler=sampler,
             generator=(generator or torch.Generator().manual_seed(seed)) if train else None,
             num_workers=workers,
             worker_init_fn=_seed_worker if workers else None,

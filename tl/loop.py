@@ -36,6 +36,13 @@ schedule steps once per training epoch (StepLR, as in the PyTorch tutorial) or, 
 `scheduler_interval="step"`, after every optimizer step (one-cycle, warmup + cosine). A
 recipe in several stages (tl/stages.py) calls this function once per stage with the same
 History: epochs `start_epoch .. num_epochs-1` are one stage's share of the run.
+
+**Several processes** (`torchrun`, tl/distributed.py) change three things, each a line
+marked `[DDP]`, each a no-op in a single process: the train sampler reshuffles per epoch
+(`set_epoch`); after a phase, the loss, correct and image counts are added up over the
+processes, so every row is over the whole data set, each val image counted once; the best
+epoch's weights are copied from inside the DistributedDataParallel wrapper that `net` arrives
+in (DDP averages the gradients inside `backward()`, so every process takes the same step).
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ import torch
 from torch import nn
 from tqdm import tqdm  # tqdm.std, not tqdm.auto: see the progress bar in train_model
 
-from tl import TLError
+from tl import TLError, distributed
 from tl.models import BATCHNORM, frozen_batchnorm_modules
 
 
@@ -213,7 +220,8 @@ def train_model(
             else:
                 net.eval()
 
-            running_loss, running_correct = 0.0, 0
+            running_loss, running_correct, seen = 0.0, 0, 0
+            distributed.set_epoch(dataloaders[phase], epoch)  # [DDP] this epoch's shuffle, the same on all ranks
             started = time.perf_counter()
             # (tqdm.auto's bar would call iter() on the DataLoader when created, and the `for`
             # again: each phase would start its workers twice and, with workers, draw once more
@@ -246,9 +254,11 @@ def train_model(
                 # the mean over images even when the last batch is smaller.
                 running_loss += loss.item() * inputs.size(0)
                 running_correct += (preds == labels).sum().item()
+                seen += inputs.size(0)
 
+            # [DDP] sums over all processes: every figure is over the whole data set (no-op in one process)
+            running_loss, running_correct, n = distributed.sum_over_processes(running_loss, running_correct, seen)
             seconds = time.perf_counter() - started
-            n = len(dataloaders[phase].dataset)
             row = {"epoch": epoch, "phase": phase, "loss": running_loss / n, "acc": running_correct / n,
                    "seconds": seconds, "images_per_s": n / seconds if seconds > 0 else float("nan")}
             history.rows.append(row)
@@ -266,7 +276,8 @@ def train_model(
         if better:
             history.best_epoch, history.best_acc, history.best_loss = epoch, val["acc"], val["loss"]
             # a copy on the CPU: the live tensors keep changing as training goes on
-            history.best_state = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
+            history.best_state = {k: v.detach().to("cpu", copy=True)  # [DDP] unwrap: no "module." prefix
+                                  for k, v in distributed.unwrap(net).state_dict().items()}
         if on_epoch_end is not None and on_epoch_end(epoch, history):
             history.stopped_early = epoch
             log(f"stopping after epoch {epoch} (requested by the epoch-end callback)")

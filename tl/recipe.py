@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tl import Interrupted, TLError, checkpoint, features
+from tl import Interrupted, TLError, checkpoint, distributed, features
 from tl.data import (
     build_transforms,
     decoded_images,
@@ -115,6 +115,7 @@ class RunOptions:
     plots: bool = True  # learning curves, confusion matrix and prediction grid in the run folder
     allow_pickle: bool = False  # --weights may be a whole pickled model (runs code from the file)
     progress: bool = True
+    sync_bn: bool = False  # under torchrun on GPUs: BatchNorm statistics over all processes' batches (SyncBatchNorm)
 
 
     def make_quick(self) -> None:
@@ -223,10 +224,16 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None =
     (`_restore`: weights, loss scaler, history, RNG states); the optimizer and scheduler
     belong to the stage the run was in and come back when that stage is set up
     (`_start_stage`). So the result equals an uninterrupted run.
+
+    Under torchrun (tl/distributed.py) every process runs this function with the same
+    options; the lines marked [DDP] make process 0 the only one that prints and writes (run
+    folder, config, checkpoints, history, plots, the feature cache, which the others then
+    load), wrap the net in DistributedDataParallel, and agree on the run folder.
     """
+    log = log if distributed.is_main() else (lambda s: None)  # [DDP] one process speaks
     recipe = resolve(recipe, opts)
     spec = get_backbone(recipe.backbone)
-    device = resolve_device(opts.device)
+    device = distributed.local_device(resolve_device(opts.device))  # [DDP] cuda:LOCAL_RANK under torchrun
     seed_everything(opts.seed)
     if device.type == "cuda":
         # fixed input sizes: let cuDNN time its algorithms once and keep the fastest (002 §1.4)
@@ -280,27 +287,34 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None =
     # 5. the run folder and its record: created only now that everything can start
     if ckpt is not None:
         run_dir = Path(resume).parent
-        checkpoint.remove_stale_temporaries(run_dir)  # a save killed mid-write left these
+        if distributed.is_main():  # [DDP]
+            checkpoint.remove_stale_temporaries(run_dir)  # a save killed mid-write left these
+            for name, state in _files_of_saved_epoch(ckpt, history, opts).items():
+                checkpoint.atomic_save(state, run_dir / name)  # a kill after last.ckpt may have cut these off
         config = ckpt["config"]
         config["resumed"] = [*config.get("resumed", []), {"after_epoch": ckpt["epoch"], "device": str(device),
                                                           "time": time.strftime("%Y-%m-%d %H:%M:%S")}]
         config["options"] = _options_record(opts)  # the new --epochs total, where the data lies now
         config["recipe"] = dataclasses.asdict(recipe)
-        for name, state in _files_of_saved_epoch(ckpt, history, opts).items():
-            checkpoint.atomic_save(state, run_dir / name)  # a kill after last.ckpt may have cut these off
         log(f"resuming {run_dir} after epoch {ckpt['epoch']}")
     else:
         name = opts.run_name or f"{recipe.name}-{recipe.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_dir = make_run_dir(Path(opts.out), name, explicit=opts.run_name is not None)
+        # [DDP] process 0 makes the folder, the others take its name
+        run_dir = distributed.from_main(make_run_dir(Path(opts.out), name, explicit=opts.run_name is not None)
+                                        if distributed.is_main() else None)
         config = _config(recipe, opts, spec, device, model, optimizer, sets, classes) | {
             "data_fingerprint": fingerprint, "checksums": {}}
     config["train_epochs"] = recipe.train_epochs
     _record_stage(config, spans[0], optimizer, scheduler, cache_mode, staged=len(stages) > 1)
-    _write_json(run_dir / "config.json", config)
+    config["world_size"] = distributed.world_size()  # processes; each trains on batch_size images per step
+    if distributed.is_main():  # [DDP]
+        _write_json(run_dir / "config.json", config)
 
     started = time.time()
 
     def on_epoch_end(epoch: int, hist: History) -> bool:
+        if not distributed.is_main():  # [DDP] only process 0 writes; the rows, so the stop, are the same on all
+            return opts.patience is not None and epoch - hist.best_epoch >= opts.patience
         files = {}  # weight files of this epoch: best.pth, and 001's / 004's per-epoch files
         if hist.best_epoch == epoch:
             files["best.pth"] = hist.best_state
@@ -340,6 +354,8 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None =
             if history.stopped_early is not None:
                 break
     except BaseException as exc:
+        if not distributed.is_main():  # [DDP] process 0 alone tidies the run folder
+            raise
         saved = (run_dir / "last.ckpt").exists()
         trained = saved and (ckpt is not None or checkpoint.load_checkpoint(run_dir / "last.ckpt")["epoch"] > 0)
         # a new run that failed before its first training epoch (a broken file, Ctrl-C) has nothing worth
@@ -353,6 +369,9 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None =
                               f"  continue with: python main.py --resume {run_dir / 'last.ckpt'}") from None
         raise
 
+    if not distributed.is_main():  # [DDP] the others have trained their share; process 0 scores and writes
+        return RunResult(run_dir, history, config, model, classes)
+    net = distributed.unwrap(net)  # [DDP] scoring below is one process on all of val: no DDP wrapper
     config["results"] = summarize(history) | {"wall_seconds": wall_before + time.time() - started}
     # 6. the headline number, never chosen on the images it is scored on (issue 14): the test
     # accuracy of the epoch chosen on val where there is a test/ split, else the final epoch's
@@ -387,6 +406,9 @@ def _restore(ckpt: dict, resume: Path, model: nn.Module, scaler, generator: torc
     if history.stopped_early is not None:
         raise TLError(f"{resume}: the run stopped early after epoch {history.stopped_early} (--patience); "
                       f"there is nothing to resume")
+    if config.get("world_size", 1) != distributed.world_size():  # [DDP] shards and batches depend on it
+        raise TLError(f"{resume} was trained by {config.get('world_size', 1)} process(es), this is "
+                      f"{distributed.world_size()}: resume it with the same torchrun --nproc_per_node x --nnodes")
     start_epoch = ckpt["epoch"] + 1
     if start_epoch >= num_epochs:
         raise TLError(f"{resume} has already trained all {num_epochs - 1} epochs; "
@@ -435,7 +457,9 @@ def _start_stage(span: Span, model: nn.Module, spec: Backbone, recipe: Recipe, s
     optimizer = stage.setup(model, spec, recipe)
     net, cached, cache_mode = model, {}, "off"
     if opts.feature_cache:
-        with torch.random.fork_rng(devices=[]):  # the cache's probe and passes draw nothing from the run's RNG
+        # [DDP] process 0 computes and stores the features first; the others wait, then load them.
+        # fork_rng: the cache's probe and passes draw nothing from the run's RNG
+        with distributed.main_first(), torch.random.fork_rng(devices=[]):
             net, cached, cache_mode = features.plan_cache(
                 model, spec, sets, frozen_bn_eval=_either(stage.frozen_bn_eval, recipe.frozen_bn_eval)
                 or _either(stage.bn_eval, recipe.bn_eval), augment=opts.augment,
@@ -450,6 +474,10 @@ def _start_stage(span: Span, model: nn.Module, spec: Backbone, recipe: Recipe, s
     loaders = make_loaders(inputs, recipe.batch_size, seed=opts.seed,
                            workers=0 if len(cached) == len(sets) else opts.workers,
                            pin_memory=device.type == "cuda", generator=generator)
+    if distributed.is_distributed():  # [DDP] on its device and layout first: DDP copies process 0's weights to all;
+        # a new DDP wrapper per stage, since it records which parameters train when it is made
+        net.to(device, memory_format=torch.channels_last if opts.channels_last else torch.contiguous_format)
+        net = distributed.wrap(net, device, opts.sync_bn)
     scheduler = stage.schedule(optimizer, span.epochs, len(loaders["train"])) if stage.schedule else None
     saved = ckpt.get("stage", {"index": 0, "end": None}) if ckpt is not None else None
     if saved is not None and saved["index"] == span.index:
