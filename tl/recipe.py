@@ -39,6 +39,7 @@ from tl.data import (
     decoded_images,
     describe_skipped,
     image_datasets,
+    keep_train_per_class,
     make_loaders,
     split_datasets,
     val_resize,
@@ -91,6 +92,7 @@ class RunOptions:
     run_name: str | None = None  # folder name inside `out`; default <experiment>-<backbone>-<time>
     image_size: int = 224  # crop size; the val resize keeps 002's 256/224 ratio
     max_per_class: int | None = None  # use only the first N images of each class (smoke runs)
+    train_per_class: int | None = None  # train on a seeded draw of N images per class (split_seed; val untouched)
     val_split: float | None = None  # split a folder of class folders into train/val (seeded, per class)
     split_seed: int = 0  # seed of that split alone: a training --seed must not change the val images
     verify_images: bool = False  # fully decode every image before training (finds truncated files)
@@ -225,6 +227,8 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None =
                               max_per_class=opts.max_per_class, verify=opts.verify_images)
     else:
         sets = image_datasets(opts.data, transforms, max_per_class=opts.max_per_class, verify=opts.verify_images)
+    if opts.train_per_class:  # data-efficiency studies: nested, class-balanced, drawn with split_seed
+        keep_train_per_class(sets["train"], opts.train_per_class, opts.split_seed)
     classes = sets["train"].classes
     if report := describe_skipped(sets):
         log(report)
