@@ -35,7 +35,7 @@ def test_every_run_folder_gets_its_pictures(tiny_data, tiny_backbone, tmp_path):
     assert main.main(["-e", "resnet_scratch", "-b", "tiny", "--data", str(tiny_data), "--quick",
                       "--out", str(tmp_path / "runs"), "--no-progress"]) == 0
     (run_dir,) = (tmp_path / "runs").iterdir()
-    for name in ("curves.png", "confusion.png", "predictions.png"):
+    for name in ("curves.png", "confusion.png", "predictions.png", "top_losses.png"):
         _png(run_dir / name)
 
 

@@ -439,7 +439,7 @@ def score_headline(net: nn.Module, model: nn.Module, history: History, val_input
 def write_run_plots(run_dir: Path, history: History, model: nn.Module, val_inputs, val_set, classes: list[str],
                     spec: Backbone, device: torch.device) -> None:
     """The pictures of a finished run: learning curves, and the best model's confusion
-    matrix and prediction grid on val (document 001, 5-26 to 5-29).
+    matrix, prediction grid (document 001, 5-26 to 5-29) and top losses on val.
 
     `val_inputs` is what the loop validated on (images, or their stored features when the
     run cached them); `val_set` holds the images the grid shows."""
@@ -451,6 +451,8 @@ def write_run_plots(run_dir: Path, history: History, model: nn.Module, val_input
     result = evaluate(model, loader, device, len(classes))
     plots.confusion_matrix_plot(result["confusion"], classes, run_dir / "confusion.png",
                                 title=f"val, best epoch: accuracy {result['acc']:.3f}")
+    plots.top_losses_plot(val_set, result["probabilities"], classes, run_dir / "top_losses.png", mean=spec.mean,
+                          std=spec.std)  # the confidently wrong val images (fastai's plot_top_losses)
     step = max(1, len(val_set) // 16)  # 16 images spread over the classes (val is sorted by class)
     images, labels = zip(*(val_set[i] for i in range(0, len(val_set), step)[:16]))
     with torch.no_grad():
