@@ -225,13 +225,18 @@ def predict_command(args) -> int:
         model = create_model(ctx.backbone, 1000, "imagenet")  # the untouched ImageNet classifier
         classes = imagenet_categories()
     spec = get_backbone(ctx.backbone)
+    return _print_predictions(args.predict, predict_images(model, args.predict, classes, spec.mean, spec.std,
+                                                           ctx.image_size))
+
+
+def _print_predictions(images: list[Path], results: list) -> int:
     failed = 0
-    for path, result in predict_images(model, args.predict, classes, spec.mean, spec.std, ctx.image_size):
+    for path, result in results:
         if isinstance(result, str):
             print(f"error: {result}")
             failed += 1
         else:
             print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in result))
     if failed:
-        raise TLError(f"{failed} of {len(args.predict)} image(s) could not be read")
+        raise TLError(f"{failed} of {len(images)} image(s) could not be read")
     return 0
