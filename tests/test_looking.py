@@ -142,7 +142,7 @@ def test_export_agrees_with_pytorch_and_predicts_without_config(fmt, suffix, tin
     assert check["max_abs_logit_diff"] <= 1e-4
     assert "top-1 agreement 1.0000" in capsys.readouterr().out
 
-    photos = sorted((tiny_data / "val" / "class_0").iterdir())[:2] + sorted((tiny_data / "val" / "class_1").iterdir())[:2]
+    photos = [p for k in (0, 1) for p in sorted((tiny_data / "val" / f"class_{k}").iterdir())[:2]]
     assert main.main(["--predict", *map(str, photos), "--checkpoint", str(tiny_run / "best.pth")]) == 0
     from_pth = capsys.readouterr().out.splitlines()
     alone = tmp_path / "shipped"
