@@ -179,9 +179,10 @@ def export_run(run: Path, fmt: str = "onnx", data: str | None = None, out: Path 
     if not weights.is_file():
         raise TLError(f"{weights} not found: --export takes a run folder that holds best.pth (or the .pth file); "
                       f"a run writes best.pth after its first validated epoch")
+    if not (weights.parent / "config.json").is_file():
+        raise TLError(f"no config.json beside {weights}: the exported file needs the run's class names, backbone, "
+                      f"image size and normalisation, which the run recorded there")
     ctx = context_for(weights, None)
-    if ctx.classes is None:  # context_for raises before this without config.json; kept for clarity
-        raise TLError(f"no config.json beside {weights}: the class names are unknown")
     model = load_model(weights, ctx, len(ctx.classes)).cpu()
     meta = describe(ctx, ctx.classes, weights)
     target = Path(out) if out else weights.parent / f"model{FORMATS[fmt]}"
