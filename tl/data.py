@@ -479,6 +479,31 @@ def _first_per_class(samples: list[tuple[str, int]], n: int) -> list[tuple[str, 
     return keep
 
 
+def nested_draw(samples: list[tuple[str, int]], classes: list[str], n: int, seed: int = 0) -> list[tuple[str, int]]:
+    """A seeded, class-balanced draw of `n` samples per class, in class then path order.
+
+    Each class's files (sorted by path, so every machine starts from the same list) are
+    shuffled once by a generator seeded with (`seed`, class name), and the first `n` are
+    kept. The shuffle does not depend on `n`, so the draw for n is a prefix of the draw
+    for any larger n: the subsets of a data-efficiency curve are nested, and a point with
+    more images only adds images. (The first n files by name would not be a random draw:
+    names often follow the order the photos were collected in.)"""
+    keep = []
+    for target, name in enumerate(classes):
+        items = sorted(s for s in samples if s[1] == target)
+        if len(items) < n:
+            raise TLError(f"class {name} has {len(items)} usable training image(s), fewer than the {n} per class "
+                          f"asked for (--train-per-class): choose a smaller number")
+        random.Random(f"{seed}:{name}").shuffle(items)
+        keep += sorted(items[:n])
+    return keep
+
+
+def keep_train_per_class(ds: datasets.ImageFolder, n: int, seed: int = 0) -> None:
+    """`--train-per-class N`: restrict a training set to `nested_draw`'s N images per class."""
+    _keep_samples(ds, nested_draw(ds.samples, ds.classes, n, seed))
+
+
 def _keep_samples(ds: datasets.ImageFolder, samples: list[tuple[str, int]]) -> None:
     """Restrict an ImageFolder to `samples` (ImageFolder keeps the list under three names)."""
     ds.samples = ds.imgs = samples

@@ -39,6 +39,7 @@ from tl.data import (
     decoded_images,
     describe_skipped,
     image_datasets,
+    keep_train_per_class,
     make_loaders,
     split_datasets,
     val_resize,
@@ -98,6 +99,7 @@ class RunOptions:
     run_name: str | None = None  # folder name inside `out`; default <experiment>-<backbone>-<time>
     image_size: int = 224  # crop size; the val resize keeps 002's 256/224 ratio
     max_per_class: int | None = None  # use only the first N images of each class (smoke runs)
+    train_per_class: int | None = None  # train on a seeded draw of N images per class (split_seed; val untouched)
     val_split: float | None = None  # split a folder of class folders into train/val (seeded, per class)
     split_seed: int = 0  # seed of that split alone: a training --seed must not change the val images
     verify_images: bool = False  # fully decode every image before training (finds truncated files)
@@ -251,6 +253,8 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None =
         phases = ("train", "val", "test") if (Path(opts.data) / "test").is_dir() else ("train", "val")
         sets = image_datasets(opts.data, transforms, max_per_class=opts.max_per_class, verify=opts.verify_images,
                               phases=phases)
+    if opts.train_per_class:  # data-efficiency studies: nested, class-balanced, drawn with split_seed
+        keep_train_per_class(sets["train"], opts.train_per_class, opts.split_seed)
     classes = sets["train"].classes
     if report := describe_skipped(sets):
         log(report)
@@ -558,7 +562,7 @@ def score_headline(net: nn.Module, model: nn.Module, history: History, val_input
 def write_run_plots(run_dir: Path, history: History, model: nn.Module, val_inputs, val_set, classes: list[str],
                     spec: Backbone, device: torch.device) -> None:
     """The pictures of a finished run: learning curves, and the best model's confusion
-    matrix and prediction grid on val (document 001, 5-26 to 5-29).
+    matrix, prediction grid (document 001, 5-26 to 5-29) and top losses on val.
 
     `val_inputs` is what the loop validated on (images, or their stored features when the
     run cached them); `val_set` holds the images the grid shows."""
@@ -570,6 +574,8 @@ def write_run_plots(run_dir: Path, history: History, model: nn.Module, val_input
     result = evaluate(model, loader, device, len(classes))
     plots.confusion_matrix_plot(result["confusion"], classes, run_dir / "confusion.png",
                                 title=f"val, best epoch: accuracy {result['acc']:.3f}")
+    plots.top_losses_plot(val_set, result["probabilities"], classes, run_dir / "top_losses.png", mean=spec.mean,
+                          std=spec.std)  # the confidently wrong val images (fastai's plot_top_losses)
     step = max(1, len(val_set) // 16)  # 16 images spread over the classes (val is sorted by class)
     images, labels = zip(*(val_set[i] for i in range(0, len(val_set), step)[:16]))
     with torch.no_grad():
