@@ -7,6 +7,10 @@
     python main.py --resume runs/<run>/last.ckpt [--epochs N]
     python main.py --evaluate runs/<run>/best.pth --data DIR [--split test]
     python main.py --predict photo.jpg [--checkpoint runs/<run>/best.pth]
+    torchrun --standalone --nproc_per_node=2 main.py --experiment ...   # one process per GPU (tl/distributed.py)
+    python main.py --explain photo.jpg --checkpoint runs/<run>/best.pth   # Grad-CAM -> runs/<run>/explain/
+    python main.py --export runs/<run> [--format onnx|torchscript]        # one self-describing file
+    python main.py --predict photo.jpg --checkpoint runs/<run>/model.onnx # no config.json needed
 
 Problems with the input or the machine (unknown names, bad values, a missing or unreadable
 folder, a damaged file, weights that are not on this machine, no permission, a full disk)
@@ -77,7 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--resume", metavar="CKPT", type=Path, help="continue a run from its last.ckpt")
     what.add_argument("--evaluate", metavar="PATH", type=Path,
                       help="score a .pth/.ckpt file, or every epoch file in a run folder")
-    what.add_argument("--predict", metavar="IMAGE", nargs="+", type=Path, help="classify image file(s)")
+    what.add_argument("--predict", metavar="IMAGE", nargs="+", type=Path,
+                      help="classify image file(s) (--checkpoint best.pth, or an exported .onnx / .pt)")
+    what.add_argument("--explain", metavar="IMAGE", nargs="+", type=Path,
+                      help="class-activation maps (Grad-CAM) of --checkpoint RUN/best.pth -> RUN/explain/")
+    what.add_argument("--export", metavar="RUN", type=Path,
+                      help="write RUN's best.pth as one self-describing file and check it on val (tl/export.py)")
     what.add_argument("--prepare", choices=["dogs-vs-cats"],
                       help="split Kaggle's flat dogs-vs-cats train/ folder (--src) into --dest/{train,val,test}")
     what.add_argument("--show-data", action="store_true",
@@ -95,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="seed of the --val-split draw alone (default 0): --seed does not change the val set")
     data.add_argument("--max-per-class", type=_positive_int, metavar="N",
                       help="use only the first N images of each class in each split (--quick: 8)")
+    data.add_argument("--train-per-class", type=_positive_int, metavar="N",
+                      help="train on a seeded draw of N images per class (--split-seed; nested: the draw for N "
+                           "is part of the draw for any larger N); val is untouched")
     data.add_argument("--verify-images", action="store_true",
                       help="decode every image fully before training (finds truncated files; slower)")
     data.add_argument("--split", default="val", choices=["train", "val", "test"], help="split for --evaluate")
@@ -104,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     model = p.add_argument_group("model and training")
     model.add_argument("--backbone", "-b", help="swap the recipe's architecture, keep its strategy")
     model.add_argument("--weights", help="imagenet | none | PATH to a state_dict (default: the recipe's)")
-    model.add_argument("--checkpoint", type=Path, help="trained weights for --predict")
+    model.add_argument("--checkpoint", type=Path, help="trained weights for --predict / --explain")
+    model.add_argument("--format", choices=["onnx", "torchscript"], default="onnx",
+                       help="with --export: the file format (default onnx)")
     model.add_argument("--allow-pickle", action="store_true",
                        help="allow loading whole pickled models (runs code from the file: trusted files only)")
     model.add_argument("--epochs", type=_positive_int, help="training epochs (the epoch-0 baseline is extra)")
@@ -114,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                        help="mixed precision on CUDA (bf16, or fp16 with a grad scaler)")
     model.add_argument("--seed", type=_seed, default=0, help="training seed, 0 .. 2**32-1 (default 0)")
+    model.add_argument("--sync-bn", action="store_true",
+                       help="under torchrun on GPUs: BatchNorm statistics over every process's batch")
     model.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                        help="NHWC memory layout (default on: faster on GPUs and, measured, on CPU)")
 
@@ -148,15 +164,18 @@ def list_recipes() -> str:
     from experiments import all_experiments
     from tl.models import BACKBONES, get_backbone, runs_offline, torchvision_weights_file
 
-    lines = [f"{'recipe':<16} {'from':<15} {'model':<21} {'epochs':>6} {'batch':>5}  learning rates"]
+    lines = [f"{'recipe':<17} {'from':<16} {'model':<21} {'epochs':>6} {'batch':>5}  learning rates"]
     for name, module in all_experiments().items():
         r = module.RECIPE
         lrs = ", ".join(f"{g} {lr:g}" for g, lr in r.lrs.items())
+        if r.first_lrs:  # a staged recipe (tl/stages.py): its head-first stage, then the rest
+            first = ", ".join(f"{g} {lr:g}" for g, lr in r.first_lrs.items())
+            lrs = f"first {r.first_epochs} epoch(s): {first}; then {lrs}"
         model = f"{r.backbone}, {'ImageNet' if r.weights == 'imagenet' else 'random init'}"
-        lines.append(f"{name:<16} {r.source:<15} {model:<21} {r.train_epochs:>6} {r.batch_size:>5}  {lrs}")
-        lines.append(f"{'':<16} trains: {r.strategy}")
+        lines.append(f"{name:<17} {r.source:<16} {model:<21} {r.train_epochs:>6} {r.batch_size:>5}  {lrs}")
+        lines.append(f"{'':<17} trains: {r.strategy}")
         offline = "needs no weights: runs offline" if r.weights != "imagenet" else "offline: add -b efficientnet_lite0"
-        lines.append(f"{'':<16} command: python main.py -e {name}   ({offline})")
+        lines.append(f"{'':<17} command: python main.py -e {name}   ({offline})")
     cache = torchvision_weights_file("resnet18")[1].parent
     lines.append(f"\nbackbones (any recipe takes --backbone NAME); ImageNet weights offline? (hub cache: {cache})")
     for name in BACKBONES:
@@ -184,7 +203,7 @@ def run_options(args: argparse.Namespace):
         cache_limit_gb=args.cache_limit_gb, image_cache=args.image_cache, patience=args.patience,
         monitor=args.monitor, informative_names=args.informative_names, val_split=args.val_split,
         verify_images=args.verify_images, split_seed=args.split_seed, max_per_class=args.max_per_class,
-        allow_pickle=args.allow_pickle)
+        train_per_class=args.train_per_class, allow_pickle=args.allow_pickle, sync_bn=args.sync_bn)
     if args.quick:
         opts.make_quick()
         if args.max_per_class:  # an explicit --max-per-class wins over --quick's 8
@@ -196,7 +215,7 @@ def run_options(args: argparse.Namespace):
 _OPTION_FIELDS = {"no_augment": ("augment",), "no_progress": ("progress",),
                   "quick": ("max_per_class", "image_size", "workers")}
 _NOT_RUN_OPTIONS = {"resume", "experiment", "list", "evaluate", "predict", "prepare", "show_data", "src", "dest",
-                    "force", "split", "checkpoint", "allow_pickle"}
+                    "force", "split", "checkpoint", "allow_pickle", "explain", "export", "format"}
 
 
 def given_options(argv: list[str] | None) -> set[str]:
@@ -220,13 +239,27 @@ def resume(args: argparse.Namespace, given: set[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Under torchrun (WORLD_SIZE > 1) every process runs this with the same arguments; the
+    process group is joined first and left last (tl/distributed.py)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return _main(argv)  # one process: nothing to join (and --help stays quick: no torch import)
+    from tl import distributed
+
+    distributed.init_from_env()
+    try:
+        return _main(argv)
+    finally:
+        distributed.shutdown()
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    actions = [a for a in ("experiment", "list", "resume", "evaluate", "predict", "show_data", "prepare")
-               if getattr(args, a)]
+    actions = [a for a in ("experiment", "list", "resume", "evaluate", "predict", "explain", "export", "show_data",
+                           "prepare") if getattr(args, a)]
     if len(actions) != 1:
-        parser.error("choose exactly one of --experiment, --list, --resume, --evaluate, --predict, --show-data, "
-                     "--prepare")
+        parser.error("choose exactly one of --experiment, --list, --resume, --evaluate, --predict, --explain, "
+                     "--export, --show-data, --prepare")
     if args.prepare and not (args.src and args.dest):
         parser.error("--prepare needs --src DIR and --dest DIR")
     try:
@@ -257,6 +290,14 @@ def main(argv: list[str] | None = None) -> int:
             from tl.evaluate import predict_command
 
             predict_command(args)
+        elif args.explain:
+            from tl.explain import explain_command
+
+            explain_command(args)
+        elif args.export:
+            from tl.export import export_run
+
+            export_run(args.export, args.format, data=args.data)
         elif args.prepare:
             from tl.data import prepare_dogs_vs_cats
 

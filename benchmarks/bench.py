@@ -44,6 +44,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from benchmarks.growth import MARK_END, MARK_START
 from experiments import get_experiment
 from experiments.compare_all import git_commit, machine_description
 from tl.data import build_transforms, image_datasets
@@ -258,7 +259,11 @@ def main(argv: list[str] | None = None) -> int:
                                              for c, m, a, f in zip(frozen.case, frozen.feature_cache,
                                                                    frozen.best_val_acc, frozen.final_val_acc))]
     suffix = "" if device == "cpu" else f"_{device.split(':')[0]}"
-    (args.out / f"benchmark{suffix}.md").write_text("\n".join(lines) + "\n")
+    md = args.out / f"benchmark{suffix}.md"
+    old = md.read_text() if md.exists() else ""
+    # benchmarks/growth.py's section (between its markers) is that script's to replace: keep it
+    growth = old[old.index(MARK_START):old.index(MARK_END) + len(MARK_END)] if MARK_START in old else ""
+    md.write_text("\n".join(lines) + "\n" + (f"\n{growth}\n" if growth else ""))
     if suffix:
         (args.out / "benchmark.csv").rename(args.out / f"benchmark{suffix}.csv")
     (args.out / f"benchmark{suffix}.json").write_text(json.dumps(meta, indent=2) + "\n")

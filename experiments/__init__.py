@@ -20,6 +20,10 @@ NAMES = (
     "vgg_transfer",
     "vgg_finetune",
     "vgg_stacked",
+    "tutorial_finetune",
+    "tutorial_frozen",
+    "two_stage",
+    "modern_finetune",
 )
 
 

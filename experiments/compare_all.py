@@ -116,7 +116,7 @@ def run_one(name: str, backbone: str, seed: int, data_dir: Path, args: argparse.
     opts.run_name = label
     row = {"dataset": dataset, "experiment": name, "source": recipe.source, "backbone": recipe.backbone,
            "strategy": recipe.strategy, "seed": seed, "train_epochs": recipe.train_epochs,
-           "batch_size": recipe.batch_size, "weights": recipe.weights, "learning_rates": _lrs(recipe.lrs),
+           "batch_size": recipe.batch_size, "weights": recipe.weights, "learning_rates": _recipe_lrs(recipe),
            "torch": torch.__version__, "quick": args.quick, "date": time.strftime("%Y-%m-%d"), "run": label}
     try:
         result = run(module.RECIPE, module.build, opts, log=lambda line: log("    " + line))
@@ -128,8 +128,7 @@ def run_one(name: str, backbone: str, seed: int, data_dir: Path, args: argparse.
         return row | {"status": "failed", "reason": f"{type(exc).__name__}: {exc}".splitlines()[0]}, None
     cfg, res = result.config, result.config["results"]
     return row | {
-        "status": "ok", "reason": "", "weights": cfg["weights_kind"], "optimizer": cfg["optimizer"],
-        "learning_rates": ", ".join(f"{g['name']} {g['lr']:g}" for g in cfg["param_groups"]),
+        "status": "ok", "reason": "", "weights": cfg["weights_kind"], **_optimizer_and_lrs(cfg),
         "trainable_params": cfg["trainable_params"], "total_params": cfg["total_params"], "device": cfg["device"],
         "feature_cache": cfg.get("feature_cache", "off"),
         **{k: res[k] for k in ("headline", "headline_acc", "test_acc", "baseline_val_acc", "best_val_acc",
@@ -152,6 +151,28 @@ def keep_run_files(out: Path, dataset: str, label: str, result) -> None:
 
 def _lrs(lrs: dict) -> str:
     return ", ".join(f"{g} {lr:g}" for g, lr in lrs.items())
+
+
+def _recipe_lrs(recipe) -> str:
+    """The recipe's rates; a staged recipe's head-first stage, then the rest."""
+    if recipe.first_lrs:
+        return f"first {recipe.first_epochs}: {_lrs(recipe.first_lrs)}; then {_lrs(recipe.lrs)}"
+    return _lrs(recipe.lrs)
+
+
+def _optimizer_and_lrs(cfg: dict) -> dict:
+    """The optimizer and rates a run used, stage by stage where it had several (config["stages"]);
+    a schedule is named after its stage's rates (the rates are its peaks)."""
+    def groups(gs):
+        return ", ".join(f"{g['name']} {g['lr']:g}" for g in gs)
+
+    stages = cfg.get("stages", [])
+    if len(stages) <= 1:
+        schedule = f" ({stages[0]['schedule']})" if stages and stages[0]["schedule"] != "constant" else ""
+        return {"optimizer": cfg["optimizer"], "learning_rates": groups(cfg["param_groups"]) + schedule}
+    return {"optimizer": " then ".join(dict.fromkeys(s["optimizer"] for s in stages)),
+            "learning_rates": "; then ".join(f"{s['name']}: {groups(s['param_groups'])} ({s['schedule']})"
+                                             for s in stages)}
 
 
 def summarize(runs):

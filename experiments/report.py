@@ -34,6 +34,14 @@ NOTES = {  # what each recipe is meant to show; the figures that follow come fro
     "vgg_finetune": "Everything trains for one epoch, in three SGD groups with their own learning rates.",
     "vgg_stacked": "The whole ImageNet network, its 1000-class output included, stays frozen; a Linear(1000, 1) "
                    "on those logits learns, one logit with a sigmoid (BCE).",
+    "tutorial_finetune": "The PyTorch tutorial's fine-tune: everything trains with SGD, momentum 0.9, batch 4, "
+                         "the rate cut tenfold every 7 of 25 epochs; BatchNorm in train mode.",
+    "tutorial_frozen": "The PyTorch tutorial's fixed feature extractor: only the head trains, but BatchNorm stays "
+                       "in train mode, so the frozen body's statistics drift.",
+    "two_stage": "fastai's fine_tune: one one-cycle epoch for the head (and BatchNorm) on the frozen body, then "
+                 "everything at discriminative rates, one-cycle again.",
+    "modern_finetune": "Current practice: head first on the frozen body, then everything; AdamW, warmup + cosine, "
+                       "label smoothing, TrivialAugment.",
 }
 DRAWS = 4000  # bootstrap draws: enough for stable 2.5% / 97.5% percentiles
 

@@ -14,8 +14,19 @@ from tests.conftest import require_real_data
 from tl import TLError
 from tl.models import BATCHNORM, create_model, get_backbone
 from tl.recipe import Recipe
+from tl.stages import as_stages
 
 SEEDS = Path(__file__).resolve().parents[2] / "shared" / "seeds"
+
+# The PyTorch tutorial "Transfer Learning for Computer Vision" (S. Chilamkurthy,
+# pytorch.org/tutorials/beginner/transfer_learning_tutorial.html): optim.SGD(lr=0.001,
+# momentum=0.9), lr_scheduler.StepLR(step_size=7, gamma=0.1), num_epochs=25 (all train), batch_size=4.
+TUTORIAL = {"lr": 0.001, "momentum": 0.9, "step_size": 7, "gamma": 0.1, "num_epochs": 25, "batch_size": 4}
+# fastai's Learner.fine_tune(epochs, base_lr=2e-3, freeze_epochs=1, lr_mult=100, pct_start=0.3, div=5.0)
+# (fastai/callback/schedule.py); fit_one_cycle's div=25., div_final=1e5; its Adam: wd=0.01 (decoupled),
+# betas (0.9, 0.99), eps 1e-5; DataLoaders bs=64. fine_tune has no default epoch count: 9 here (+1 frozen).
+FASTAI = {"base_lr": 2e-3, "freeze_epochs": 1, "lr_mult": 100, "pct_start": 0.3, "div": 5.0, "freeze_pct_start": 0.99,
+          "freeze_div": 25.0, "div_final": 1e5, "wd": 0.01, "betas": (0.9, 0.99), "eps": 1e-5, "bs": 64, "epochs": 9}
 
 
 def _document(number: str) -> str:
@@ -60,15 +71,26 @@ def _from_documents(name: str):
         return torch.optim.Adam, {"all": 1e-3}, 10, 32
     if name == "vgg_stacked":  # 004 gives none either: 001's head-only Adam at its default lr
         return torch.optim.Adam, {"head": _adam_default_lr()}, 5, 32
+    if name in ("tutorial_finetune", "tutorial_frozen"):
+        lrs = {"all" if name == "tutorial_finetune" else "head": TUTORIAL["lr"]}
+        return torch.optim.SGD, lrs, TUTORIAL["num_epochs"], TUTORIAL["batch_size"]
+    if name == "two_stage":  # stage 2: base_lr halved, slice(base_lr/lr_mult, base_lr) spread geometrically
+        base = FASTAI["base_lr"] / 2
+        lrs = dict(zip(("body", "neck", "head"), (base / FASTAI["lr_mult"], base / FASTAI["lr_mult"] ** 0.5, base)))
+        return torch.optim.AdamW, lrs, FASTAI["freeze_epochs"] + FASTAI["epochs"], FASTAI["bs"]
+    if name == "modern_finetune":  # no document: the recipe's own choices, stated in its docstring
+        return torch.optim.AdamW, {"body": 1e-4, "neck": 3e-4, "head": 1e-3}, 12, 32
     raise AssertionError(f"no document numbers for {name}")
 
 
-def _build(name, backbone=None):
+def _build(name, backbone=None, stage=-1):
+    """(model, optimizer) of a recipe's `stage` (the last by default, the only one for most)."""
     module = get_experiment(name)
     recipe = module.RECIPE
     spec = get_backbone(backbone or recipe.backbone)
     model = create_model(spec.name, 1 if recipe.loss == "bce_logit" else 2, "none", stack=recipe.stack_head)
-    return module.build(model, spec, recipe)
+    model, stages = as_stages(module.build(model, spec, recipe))
+    return model, stages[stage].setup(model, spec, recipe)
 
 
 def _trainable(model):
@@ -86,6 +108,48 @@ def test_recipe_numbers_match_the_documents(name):
     assert {g["name"]: g["lr"] for g in optimizer.param_groups} == lrs
     if optimizer_type is torch.optim.SGD:
         assert all(g["momentum"] == 0.9 for g in optimizer.param_groups)
+    assert {g["name"]: g["lr"] for g in optimizer.param_groups} == pytest.approx(lrs, rel=1e-12)
+
+
+def test_the_tutorial_recipes_step_their_rate_as_the_tutorial_does():
+    for name in ("tutorial_finetune", "tutorial_frozen"):
+        module = get_experiment(name)
+        model = create_model("resnet18", 2, "none")
+        _, _, scheduler = module.build(model, get_backbone("resnet18"), module.RECIPE)
+        assert type(scheduler) is torch.optim.lr_scheduler.StepLR
+        assert (scheduler.step_size, scheduler.gamma) == (TUTORIAL["step_size"], TUTORIAL["gamma"])
+        assert module.RECIPE.augment == "tutorial" and not module.RECIPE.frozen_bn_eval  # model.train() everywhere
+    model, _ = _build("tutorial_frozen")
+    assert _trainable(model) == {"fc.weight", "fc.bias"}
+
+
+def test_two_stage_is_fastais_fine_tune():
+    recipe = get_experiment("two_stage").RECIPE
+    assert recipe.first_epochs == FASTAI["freeze_epochs"]
+    # stage 1: slice(base_lr) = base_lr for the last group, base_lr / 10 for the others
+    assert recipe.first_lrs == {"body": FASTAI["base_lr"] / 10, "neck": FASTAI["base_lr"] / 10,
+                                "head": FASTAI["base_lr"]}
+    model, optimizer = _build("two_stage", stage=0)
+    bn = {f"{m}.{p}" for m, mod in model.named_modules() if isinstance(mod, BATCHNORM) for p in ("weight", "bias")}
+    assert _trainable(model) == bn | {"fc.weight", "fc.bias"}  # freeze() with train_bn=True
+    for _, optimizer in (_build("two_stage", stage=0), _build("two_stage", stage=1)):
+        assert type(optimizer) is torch.optim.AdamW
+        assert all((g["weight_decay"], g["betas"], g["eps"]) == (FASTAI["wd"], FASTAI["betas"], FASTAI["eps"])
+                   for g in optimizer.param_groups)
+    module = get_experiment("two_stage")
+    _, stages = as_stages(module.build(create_model("resnet18", 2, "none"), get_backbone("resnet18"), recipe))
+    for stage, pct, div in zip(stages, (FASTAI["freeze_pct_start"], FASTAI["pct_start"]),
+                               (FASTAI["freeze_div"], FASTAI["div"])):
+        _, optimizer = _build("two_stage", stage=stages.index(stage))
+        sched = stage.schedule(optimizer, 2, 10)
+        lrs = []
+        for _ in range(20):
+            lrs.append(optimizer.param_groups[-1]["lr"])
+            optimizer.step(), sched.step()
+        peak = optimizer.param_groups[-1]["max_lr"]
+        assert stage.interval == "step" and lrs[0] == pytest.approx(peak / div)
+        # torch's peak: the last whole step before pct * total - 1 (tl.stages.one_cycle)
+        assert lrs.index(max(lrs)) == int(pct * 20 - 1 + 1e-9) and lrs[-1] == pytest.approx(peak / FASTAI["div_final"])
 
 
 def test_vgg_finetune_groups_hold_the_documents_layers():
@@ -126,7 +190,7 @@ def test_strategy_survives_a_backbone_swap(name):
     model, optimizer = _build(name, "efficientnet_lite0")
     trainable = _trainable(model)
     head = {"classifier.weight", "classifier.bias"}
-    if name in ("resnet_frozen", "vgg_transfer"):
+    if name in ("resnet_frozen", "vgg_transfer", "tutorial_frozen"):
         assert trainable == head
     elif name == "vgg_stacked":
         assert trainable == {"dense.weight", "dense.bias"} and model.dense.in_features == 1000

@@ -240,9 +240,13 @@ def _as_tuple(x):  # python's random state is nested tuples; keep it so after a 
 
 def save_checkpoint(path: str | os.PathLike, *, epoch: int, model: nn.Module, optimizer, scheduler, scaler,
                     history: dict, config: dict, classes: list[str], loader_generator: torch.Generator | None,
-                    wall_seconds: float) -> Path:
+                    wall_seconds: float, stage: dict | None = None) -> Path:
     """Write the full training state after `epoch` (one dict; see the module docstring),
-    with the digest of everything in it under "digest"."""
+    with the digest of everything in it under "digest".
+
+    `stage` ({"index", "end"}) says which stage of a staged recipe (tl/stages.py) the
+    optimizer and scheduler belong to, and where that stage's epochs end: resume restores
+    them only into that stage, and refuses a new epoch total that would bend its schedule."""
     ckpt = {
         "format": CHECKPOINT_FORMAT,
         "epoch": epoch,
@@ -256,6 +260,7 @@ def save_checkpoint(path: str | os.PathLike, *, epoch: int, model: nn.Module, op
         "classes": classes,
         "rng": rng_state(loader_generator),
         "wall_seconds": wall_seconds,  # training time of the whole run so far, across resumes
+        "stage": stage if stage is not None else {"index": 0, "end": None},  # whose optimizer this is
     }
     ckpt["digest"] = state_digest(ckpt)
     return atomic_save(ckpt, path)

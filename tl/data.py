@@ -30,7 +30,7 @@ from torchvision import datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
-from tl import TLError
+from tl import TLError, distributed
 
 PHASES = ("train", "val", "test")
 # torchvision's list of still-image extensions. It leaves out ".gif" on purpose,
@@ -53,6 +53,7 @@ def build_transforms(
     size: int = 224,
     resize: int | None = None,
     augment: bool = True,
+    policy: str = "standard",
 ) -> dict[str, v2.Compose]:
     """The two pipelines of document 002 §1.3 (`ImageTransform`), with torchvision v2.
 
@@ -68,16 +69,28 @@ def build_transforms(
     convolution expects inputs on that scale. `augment=False` gives the train phase
     the val pipeline, which makes the train features deterministic (and cacheable).
     `resize` defaults to 002's ratio, 256 for a 224 crop (73 for the 64-pixel smoke runs).
+
+    `policy` picks the train augmentation a recipe asks for:
+      "standard"  the crop of 50-100% above (002's `scale=(0.5, 1.0)`);
+      "tutorial"  torchvision's default crop of 8-100% of the image, as the PyTorch
+                  transfer-learning tutorial uses it (`RandomResizedCrop(224)`);
+      "strong"    that 8-100% crop, the flip, and TrivialAugmentWide (Müller & Hutter 2021:
+                  one random photometric or geometric operation of random strength per
+                  image), the augmentation of torchvision's current training recipes.
     """
+    if policy not in ("standard", "tutorial", "strong"):
+        raise ValueError(f"unknown augmentation policy {policy!r}")
     resize = resize if resize is not None else val_resize(size)
     to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]  # uint8 -> [0,1] -> z-scores
     val = v2.Compose([v2.ToImage(), v2.Resize(resize, antialias=True), v2.CenterCrop(size), *to_float])
     if not augment:
         return {"train": val, "val": val, "test": val}
+    scale = (0.5, 1.0) if policy == "standard" else (0.08, 1.0)  # fraction of the image area a crop covers
     train = v2.Compose([
         v2.ToImage(),
-        v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True),
+        v2.RandomResizedCrop(size, scale=scale, antialias=True),
         v2.RandomHorizontalFlip(),
+        *([v2.TrivialAugmentWide()] if policy == "strong" else []),  # on uint8 pixels, before scaling
         *to_float,
     ])
     return {"train": train, "val": val, "test": val}
@@ -466,6 +479,31 @@ def _first_per_class(samples: list[tuple[str, int]], n: int) -> list[tuple[str, 
     return keep
 
 
+def nested_draw(samples: list[tuple[str, int]], classes: list[str], n: int, seed: int = 0) -> list[tuple[str, int]]:
+    """A seeded, class-balanced draw of `n` samples per class, in class then path order.
+
+    Each class's files (sorted by path, so every machine starts from the same list) are
+    shuffled once by a generator seeded with (`seed`, class name), and the first `n` are
+    kept. The shuffle does not depend on `n`, so the draw for n is a prefix of the draw
+    for any larger n: the subsets of a data-efficiency curve are nested, and a point with
+    more images only adds images. (The first n files by name would not be a random draw:
+    names often follow the order the photos were collected in.)"""
+    keep = []
+    for target, name in enumerate(classes):
+        items = sorted(s for s in samples if s[1] == target)
+        if len(items) < n:
+            raise TLError(f"class {name} has {len(items)} usable training image(s), fewer than the {n} per class "
+                          f"asked for (--train-per-class): choose a smaller number")
+        random.Random(f"{seed}:{name}").shuffle(items)
+        keep += sorted(items[:n])
+    return keep
+
+
+def keep_train_per_class(ds: datasets.ImageFolder, n: int, seed: int = 0) -> None:
+    """`--train-per-class N`: restrict a training set to `nested_draw`'s N images per class."""
+    _keep_samples(ds, nested_draw(ds.samples, ds.classes, n, seed))
+
+
 def _keep_samples(ds: datasets.ImageFolder, samples: list[tuple[str, int]]) -> None:
     """Restrict an ImageFolder to `samples` (ImageFolder keeps the list under three names)."""
     ds.samples = ds.imgs = samples
@@ -517,14 +555,19 @@ def make_loaders(
     uninterrupted run would have.
     Workers are not persistent for the same reason: each epoch's workers are seeded afresh
     from the generator.
+    Under torchrun each process loads only its shard (`tl.distributed.sampler`): train's
+    order then comes from `seed` + epoch, val's shards hold every image exactly once.
     """
     loaders = {}
     for phase, ds in sets.items():
         train = phase == "train"
+        # [DDP] under torchrun: this process's shard of the phase (tl/distributed.py); None here otherwise
+        sampler = distributed.sampler(ds, shuffle=train, seed=seed)
         loaders[phase] = DataLoader(
             ds,
             batch_size=batch_size,
-            shuffle=train,
+            shuffle=train and sampler is None,
+            sampler=sampler,
             generator=(generator or torch.Generator().manual_seed(seed)) if train else None,
             num_workers=workers,
             worker_init_fn=_seed_worker if workers else None,

@@ -97,11 +97,13 @@ def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int) -
     single = None
     total_loss, confusion = 0.0, torch.zeros(num_classes, num_classes, dtype=torch.long)
     predicted: list[int] = []
+    probabilities: list[torch.Tensor] = []
     for inputs, labels in loader:
         outputs = model(inputs.to(device)).float().cpu()
         single = outputs.shape[1] == 1
         criterion = nn.functional.binary_cross_entropy_with_logits if single else nn.functional.cross_entropy
         total_loss += criterion(outputs, loss_targets(outputs, labels), reduction="sum").item()
+        probabilities.append(class_probabilities(outputs))
         batch = predictions(outputs).tolist()
         predicted += batch
         for t, p in zip(labels.tolist(), batch):
@@ -109,7 +111,17 @@ def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int) -
     n = int(confusion.sum())
     per_class = (confusion.diag().float() / confusion.sum(1).clamp(min=1)).tolist()
     return {"loss": total_loss / n, "acc": confusion.diag().sum().item() / n, "per_class_acc": per_class,
-            "confusion": confusion, "n": n, "predictions": predicted}
+            "confusion": confusion, "n": n, "predictions": predicted,
+            "probabilities": torch.cat(probabilities) if probabilities else torch.zeros(0, num_classes)}
+
+
+def class_probabilities(outputs: torch.Tensor) -> torch.Tensor:
+    """(B, C) class probabilities from logits: softmax over C logits; a single logit z
+    (004 §3's BCE head) is P(class 1) = sigmoid(z), so the two columns are (1 - p, p)."""
+    if outputs.shape[1] == 1:
+        p1 = torch.sigmoid(outputs[:, 0])
+        return torch.stack([1 - p1, p1], dim=1)
+    return outputs.softmax(1)
 
 
 def format_evaluation(result: dict, classes: list[str]) -> str:
@@ -193,19 +205,22 @@ def predict_images(model: nn.Module, images: list[Path], classes: list[str], mea
         except Exception as exc:
             results.append((path, f"cannot read {path}: {type(exc).__name__}: {exc}".splitlines()[0]))
             continue
-        logits = model(x)[0]
-        if logits.numel() == 1:  # one logit: P(class 1) = sigmoid
-            p1 = torch.sigmoid(logits[0]).item()
-            probs = torch.tensor([1 - p1, p1])
-        else:
-            probs = logits.softmax(0)
+        probs = class_probabilities(model(x))[0]  # one logit: P(class 1) = sigmoid
         values, indices = probs.topk(min(top, len(probs)))
         results.append((path, [(classes[i], v) for v, i in zip(values.tolist(), indices.tolist())]))
     return results
 
 
 def predict_command(args) -> int:
-    """`main.py --predict IMG... [--checkpoint best.pth]`; without a checkpoint, ImageNet names."""
+    """`main.py --predict IMG... [--checkpoint best.pth | model.onnx | model.pt]`; without a
+    checkpoint, ImageNet names. An exported file (`--export`, tl/export.py) carries its own
+    class names, size and normalisation: no config.json is read."""
+    if args.checkpoint and args.checkpoint.suffix in (".onnx", ".pt"):
+        from tl.export import load_exported
+
+        model, meta = load_exported(args.checkpoint)
+        return _print_predictions(args.predict, predict_images(model, args.predict, meta["classes"], meta["mean"],
+                                                               meta["std"], meta["image_size"]))
     if args.checkpoint:
         ctx = context_for(args.checkpoint, args.backbone)
         if ctx.classes is None:
@@ -217,13 +232,18 @@ def predict_command(args) -> int:
         model = create_model(ctx.backbone, 1000, "imagenet")  # the untouched ImageNet classifier
         classes = imagenet_categories()
     spec = get_backbone(ctx.backbone)
+    return _print_predictions(args.predict, predict_images(model, args.predict, classes, spec.mean, spec.std,
+                                                           ctx.image_size))
+
+
+def _print_predictions(images: list[Path], results: list) -> int:
     failed = 0
-    for path, result in predict_images(model, args.predict, classes, spec.mean, spec.std, ctx.image_size):
+    for path, result in results:
         if isinstance(result, str):
             print(f"error: {result}")
             failed += 1
         else:
             print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in result))
     if failed:
-        raise TLError(f"{failed} of {len(args.predict)} image(s) could not be read")
+        raise TLError(f"{failed} of {len(images)} image(s) could not be read")
     return 0

@@ -243,26 +243,32 @@ def compute_features(model: nn.Module, cut: str, dataset: Dataset, *, views: int
     was_training = model.training
     model.eval().to(device, memory_format=layout)
     generator = torch.Generator().manual_seed(seed)
-    out = []
+    # filled batch by batch, allocated once the first batch gives D: the pass holds the cache's
+    # size once (a list of batches joined by cat, then stacked, would hold it three times)
+    out: torch.Tensor | None = None
     # fork_rng: the random crops drawn here depend on `seed` alone and leave the run's own
     # RNG untouched, so a run that finds the cache on disk continues exactly like one that built it
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            for _ in range(views):
-                captured.clear()
+            for view in range(views):
                 loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                                     generator=generator)
+                row = 0
                 for inputs, _labels in loader:
                     try:
                         model(inputs.to(device).contiguous(memory_format=layout))
                     except _Stop:
                         pass
-                out.append(torch.cat(captured))
+                    batch = captured.pop()  # (B, D)
+                    if out is None:
+                        out = torch.empty(views, len(dataset), batch.shape[1])
+                    out[view, row:row + len(batch)] = batch
+                    row += len(batch)
         finally:
             handle.remove()
             model.train(was_training)
-    return torch.stack(out)  # (views, N, D)
+    return out  # (views, N, D)
 
 
 class FeatureSet(Dataset):

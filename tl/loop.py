@@ -26,9 +26,23 @@ Three ideas to take away:
   mean/var*, even if its weights are frozen (`requires_grad=False` stops gradients, not
   buffer updates). `frozen_bn_eval=True` keeps such frozen BatchNorm layers in eval
   mode, so a "frozen" backbone really stays frozen (see docs/ERRATA.md on 001/003).
+  `bn_eval=True` keeps *every* BatchNorm layer in eval mode, trainable or not: its scale
+  and shift still learn, its running statistics stay as ImageNet left them
+  (experiments/bn_policy.py measures what each choice does).
 
 Everything optional (scheduler, checkpoints, early stopping, mixed precision) comes in
-through arguments; there is no second loop anywhere in the project.
+through arguments; there is no second loop anywhere in the project. A learning-rate
+schedule steps once per training epoch (StepLR, as in the PyTorch tutorial) or, with
+`scheduler_interval="step"`, after every optimizer step (one-cycle, warmup + cosine). A
+recipe in several stages (tl/stages.py) calls this function once per stage with the same
+History: epochs `start_epoch .. num_epochs-1` are one stage's share of the run.
+
+**Several processes** (`torchrun`, tl/distributed.py) change three things, each a line
+marked `[DDP]`, each a no-op in a single process: the train sampler reshuffles per epoch
+(`set_epoch`); after a phase, the loss, correct and image counts are added up over the
+processes, so every row is over the whole data set, each val image counted once; the best
+epoch's weights are copied from inside the DistributedDataParallel wrapper that `net` arrives
+in (DDP averages the gradients inside `backward()`, so every process takes the same step).
 """
 
 from __future__ import annotations
@@ -44,8 +58,8 @@ import torch
 from torch import nn
 from tqdm import tqdm  # tqdm.std, not tqdm.auto: see the progress bar in train_model
 
-from tl import TLError
-from tl.models import frozen_batchnorm_modules
+from tl import TLError, distributed
+from tl.models import BATCHNORM, frozen_batchnorm_modules
 
 
 def seed_everything(seed: int) -> None:
@@ -158,8 +172,10 @@ def train_model(
     *,
     device: torch.device | str = "cpu",
     scheduler=None,
+    scheduler_interval: str = "epoch",
     scaler: torch.amp.GradScaler | None = None,
     frozen_bn_eval: bool = False,
+    bn_eval: bool = False,
     start_epoch: int = 0,
     history: History | None = None,
     on_epoch_end: Callable[[int, History], bool | None] | None = None,
@@ -178,6 +194,8 @@ def train_model(
     """
     if best_by not in ("acc", "loss"):
         raise ValueError(f"best_by must be 'acc' or 'loss', not {best_by!r}")
+    if scheduler_interval not in ("epoch", "step"):
+        raise ValueError(f"scheduler_interval must be 'epoch' or 'step', not {scheduler_interval!r}")
     device = torch.device(device)
     history = history if history is not None else History()
     net.to(device)
@@ -185,7 +203,9 @@ def train_model(
         # NHWC: the layout GPU tensor cores prefer, and oneDNN's CPU convolutions too (the
         # depthwise convolutions of EfficientNet/MobileNet most of all: results/benchmark.md)
         net.to(memory_format=torch.channels_last)
-    frozen_bn = frozen_batchnorm_modules(net) if frozen_bn_eval else []
+    # the BatchNorm layers that stay in eval mode while the rest trains: all of them, the frozen ones, or none
+    eval_bn = ([m for m in net.modules() if isinstance(m, BATCHNORM)] if bn_eval
+               else frozen_batchnorm_modules(net) if frozen_bn_eval else [])
     use_amp, amp_dtype = _amp_settings(device, amp)
     scaler = scaler if scaler is not None else make_grad_scaler(device, amp)
 
@@ -195,12 +215,13 @@ def train_model(
                 continue  # the baseline: measure the untrained network before any update
             if phase == "train":
                 net.train()  # Dropout on, BatchNorm uses and updates batch statistics
-                for bn in frozen_bn:
-                    bn.eval()  # ...except frozen BN layers: keep their ImageNet running statistics
+                for bn in eval_bn:
+                    bn.eval()  # ...except these: normalise with, and keep, their ImageNet running statistics
             else:
                 net.eval()
 
-            running_loss, running_correct = 0.0, 0
+            running_loss, running_correct, seen = 0.0, 0, 0
+            distributed.set_epoch(dataloaders[phase], epoch)  # [DDP] this epoch's shuffle, the same on all ranks
             started = time.perf_counter()
             # (tqdm.auto's bar would call iter() on the DataLoader when created, and the `for`
             # again: each phase would start its workers twice and, with workers, draw once more
@@ -226,14 +247,18 @@ def train_model(
                         scaler.scale(loss).backward()  # d(loss)/d(param) for every trainable param
                         scaler.step(optimizer)  # param -= lr * (its update rule)
                         scaler.update()
+                        if scheduler is not None and scheduler_interval == "step":
+                            scheduler.step()  # a per-step schedule: the next batch gets the next rate
 
                 # loss is a batch mean: weight it by the batch size so the epoch figure is
                 # the mean over images even when the last batch is smaller.
                 running_loss += loss.item() * inputs.size(0)
                 running_correct += (preds == labels).sum().item()
+                seen += inputs.size(0)
 
+            # [DDP] sums over all processes: every figure is over the whole data set (no-op in one process)
+            running_loss, running_correct, n = distributed.sum_over_processes(running_loss, running_correct, seen)
             seconds = time.perf_counter() - started
-            n = len(dataloaders[phase].dataset)
             row = {"epoch": epoch, "phase": phase, "loss": running_loss / n, "acc": running_correct / n,
                    "seconds": seconds, "images_per_s": n / seconds if seconds > 0 else float("nan")}
             history.rows.append(row)
@@ -241,8 +266,8 @@ def train_model(
             log(f"epoch {epoch:>2}/{num_epochs - 1} {phase:<5} loss {row['loss']:.4f}  acc {row['acc']:.4f}"
                 f"  [{seconds:5.1f} s, {row['images_per_s']:6.1f} img/s]{tag}")
 
-        if scheduler is not None and epoch > 0:
-            scheduler.step()
+        if scheduler is not None and scheduler_interval == "epoch" and epoch > 0:
+            scheduler.step()  # an epoch schedule (StepLR): after each training epoch, as the tutorial does
         val = history.rows[-1]
         if best_by == "acc":
             better = (val["acc"], -val["loss"]) > (history.best_acc, -history.best_loss)
@@ -251,7 +276,8 @@ def train_model(
         if better:
             history.best_epoch, history.best_acc, history.best_loss = epoch, val["acc"], val["loss"]
             # a copy on the CPU: the live tensors keep changing as training goes on
-            history.best_state = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
+            history.best_state = {k: v.detach().to("cpu", copy=True)  # [DDP] unwrap: no "module." prefix
+                                  for k, v in distributed.unwrap(net).state_dict().items()}
         if on_epoch_end is not None and on_epoch_end(epoch, history):
             history.stopped_early = epoch
             log(f"stopping after epoch {epoch} (requested by the epoch-end callback)")

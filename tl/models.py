@@ -339,35 +339,35 @@ def parameter_table(model: nn.Module) -> list[dict]:
     return rows
 
 
-@torch.no_grad()
-def output_shapes(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 224, 224)) -> dict[str, tuple]:
-    """The output shape of each top-level module for one dummy input (forward hooks)."""
-    shapes: dict[str, tuple] = {}
-    hooks = [child.register_forward_hook(lambda m, i, o, name=name: shapes.__setitem__(name, tuple(o.shape)))
-             for name, child in model.named_children()]
-    was_training = model.training
-    device = next(model.parameters()).device
-    try:
-        model.eval()(torch.zeros(input_size, device=device))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    return shapes
-
-
 def format_parameter_table(model: nn.Module, input_size: tuple[int, ...] | None = None) -> str:
-    """The table printed at the start of every run: per top-level module its output shape
-    (for one `input_size` input), trainable and frozen parameter counts; then which
-    parameter tensors train (documents 001 5-18/5-21 and 002 print these names)."""
-    rows = parameter_table(model)
-    shapes = output_shapes(model, input_size) if input_size else {}
-    width = max(len(r["module"]) for r in rows)
-    lines = [f"{'module':<{width}}  {'output shape':<18} {'trainable':>12}  {'frozen':>12}  {'total':>12}"]
-    for r in rows:
-        shape = "x".join(map(str, shapes.get(r["module"], ())))
-        lines.append(f"{r['module']:<{width}}  {shape:<18} {r['trainable']:>12,}  {r['frozen']:>12,}  "
-                     f"{r['total']:>12,}")
+    """The summary printed at the start of every run: per top-level module its output shape
+    (for one `input_size` input), parameter count and whether it trains, with totals; then
+    which parameter tensors train (documents 001 5-18/5-21 and 002 print these names).
+
+    The table is torchinfo's `summary` (https://github.com/TylerYep/torchinfo), the
+    maintained successor of the `torchsummary` that document 004 §2.2 uses: the same
+    layout, run with one forward pass of a zero image through hooks. `mode="eval"` keeps
+    that pass from touching BatchNorm's running statistics (a train-mode pass would move
+    them, and the run would no longer equal one without the summary)."""
+    from torchinfo import summary
+
+    lines = []
+    if input_size:
+        was_training = model.training
+        device = next(model.parameters()).device
+        try:
+            # a zero image of our own: torchinfo's default input is torch.rand, which would draw from
+            # the run's random stream and shift every later draw (augmentation, initialisation)
+            stats = summary(model, input_data=torch.zeros(input_size, device=device), depth=1, device=device,
+                            mode="eval", verbose=0,
+                            col_names=("output_size", "num_params", "trainable"), row_settings=("var_names",))
+        finally:
+            model.train(was_training)
+        lines.append(str(stats))
+    else:
+        total = parameter_table(model)[-1]
+        lines.append(f"Total params: {total['total']:,}\nTrainable params: {total['trainable']:,}\n"
+                     f"Non-trainable params: {total['frozen']:,}")
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     total = sum(1 for _ in model.parameters())
     if len(names) == total:

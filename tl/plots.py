@@ -186,3 +186,75 @@ def data_preview(data_dir: str | Path, backbone: str, out_dir: str | Path, seed:
     written.append(image_grid(images, [train.classes[i] for i in labels], out_dir / "batch.png", mean=spec.mean,
                               std=spec.std, title="a training batch (augmented), with class names"))
     return written
+
+
+def top_losses_plot(dataset, probabilities: torch.Tensor, classes: list[str], path: str | Path, *, mean, std,
+                    k: int = 16, title: str = "") -> Path:
+    """The val images the model got most confidently wrong (fastai's `plot_top_losses`), each
+    titled "predicted / true / probability of the prediction"; `probabilities` (N, C) are
+    the model's on `dataset`, in its order. With no mistake, the figure says so."""
+    from tl.explain import top_losses
+
+    rows = top_losses(probabilities, list(dataset.targets), k)
+    if not rows:
+        fig, ax = plt.subplots(figsize=(6, 2), layout="constrained")
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"no val image is misclassified ({len(dataset)} images)", ha="center", va="center")
+        fig.suptitle(title or "top losses")
+        return _save(fig, path)
+    images = torch.stack([dataset[r["index"]][0] for r in rows])
+    titles = [f"{classes[r['predicted']]} / {classes[r['true']]} / {r['probability']:.2f}" for r in rows]
+    return image_grid(images, titles, path, mean=mean, std=std, colors=["red"] * len(rows), cols=min(8, len(rows)),
+                      title=title or f"most confidently wrong: predicted / true / probability "
+                                     f"({len(rows)} of the misclassified val images, loss -log p(true) largest first)")
+
+
+def _overlay(ax, picture: torch.Tensor, cam: torch.Tensor | None) -> None:
+    ax.axis("off")
+    ax.imshow(picture.permute(1, 2, 0).numpy())  # (C, H, W) -> (H, W, C)
+    if cam is not None:  # the map over the photo: jet colours, half transparent
+        ax.imshow(cam.numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+
+
+def cam_figure(images: torch.Tensor, rows: list[tuple[str, torch.Tensor, list[str]]], path: str | Path, *,
+               mean, std, photo_titles: list[str] | None = None, title: str = "") -> Path:
+    """Photos in the first row, then one row of class-activation maps per model.
+
+    rows: (row label, maps (N, H, W) in [0, 1], a title per image such as "bee 0.97")."""
+    n = len(images)
+    pictures = denormalize(images.detach().cpu().float(), mean, std)
+    fig, axes = plt.subplots(1 + len(rows), n, figsize=(2.2 * n + 1, 2.5 * (1 + len(rows)) + 0.4), squeeze=False,
+                             layout="constrained")
+    for j in range(n):
+        _overlay(axes[0, j], pictures[j], None)
+        if photo_titles:
+            axes[0, j].set_title(textwrap.fill(photo_titles[j], 22), fontsize=8)
+        for i, (_label, maps, titles) in enumerate(rows, start=1):
+            _overlay(axes[i, j], pictures[j], maps[j])
+            axes[i, j].set_title(textwrap.fill(titles[j], 22), fontsize=8)
+    for i, (label, _, _) in enumerate([("photo", None, None), *rows]):
+        axes[i, 0].text(-0.08, 0.5, label, transform=axes[i, 0].transAxes, rotation=90, ha="right", va="center",
+                        fontsize=9)
+    fig.suptitle(title or "Grad-CAM: where the evidence for the predicted class lies (red = most)")
+    return _save(fig, path)
+
+
+def projection_plot(panels: list[tuple[str, torch.Tensor, torch.Tensor]], labels: list[int], classes: list[str],
+                    path: str | Path, title: str = "") -> Path:
+    """Side-by-side 2-D projections of the same images, coloured by true class.
+
+    panels: (panel title, coords (N, 2), explained variance of the 2 axes)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.8), squeeze=False, layout="constrained")
+    labels_t = torch.as_tensor(labels)
+    for ax, (name, coords, explained) in zip(axes[0], panels):
+        for k, cls in enumerate(classes):
+            pts = coords[labels_t == k]
+            ax.scatter(pts[:, 0], pts[:, 1], s=14, alpha=0.75, label=cls)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel(f"PC 1 ({100 * float(explained[0]):.1f}% of variance)")
+        ax.set_ylabel(f"PC 2 ({100 * float(explained[1]):.1f}% of variance)")
+        ax.grid(alpha=0.3)
+    handles, names = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncol=min(len(classes), 6))
+    fig.suptitle(title or "val images in feature space (PCA of the head's input), coloured by true class")
+    return _save(fig, path)

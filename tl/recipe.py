@@ -33,18 +33,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tl import Interrupted, TLError, checkpoint, features
+from tl import Interrupted, TLError, checkpoint, distributed, features
 from tl.data import (
     build_transforms,
     decoded_images,
     describe_skipped,
     image_datasets,
+    keep_train_per_class,
     make_loaders,
     split_datasets,
     val_resize,
 )
 from tl.loop import History, NonFiniteLoss, make_grad_scaler, predictions, resolve_device, seed_everything, train_model
 from tl.models import Backbone, create_model, format_parameter_table, get_backbone, parameter_table
+from tl.stages import Span, as_stages, describe, place
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,11 @@ class Recipe:
     frozen_bn_eval: bool = False  # keep frozen BatchNorm layers in eval mode while training
     loss: str = "cross_entropy"  # or "bce_logit" for a one-logit head
     stack_head: bool = False  # keep the ImageNet head and stack a new Linear(1000, n) on it (004 §3)
+    bn_eval: bool = False  # every BatchNorm layer in eval mode, trainable or not (experiments/bn_policy.py)
+    label_smoothing: float = 0.0  # cross entropy against soft targets: 1-e on the label, e spread over all
+    augment: str = "standard"  # train augmentation (tl/data.build_transforms): standard, tutorial or strong
+    first_epochs: int = 0  # a staged recipe (tl/stages.py): training epochs of its first stage, within train_epochs
+    first_lrs: dict[str, float] | None = None  # that first stage's rates; `lrs` are then the last stage's
 
     @property
     def num_epochs(self) -> int:
@@ -71,7 +78,8 @@ class Recipe:
         return self.train_epochs + 1
 
 
-BuildFn = Callable[[nn.Module, Backbone, Recipe], tuple[nn.Module, torch.optim.Optimizer]]
+# (model, optimizer), (model, optimizer, scheduler) or (model, [Stage, ...]): see tl/stages.py
+BuildFn = Callable[[nn.Module, Backbone, Recipe], tuple]
 
 
 @dataclass
@@ -91,6 +99,7 @@ class RunOptions:
     run_name: str | None = None  # folder name inside `out`; default <experiment>-<backbone>-<time>
     image_size: int = 224  # crop size; the val resize keeps 002's 256/224 ratio
     max_per_class: int | None = None  # use only the first N images of each class (smoke runs)
+    train_per_class: int | None = None  # train on a seeded draw of N images per class (split_seed; val untouched)
     val_split: float | None = None  # split a folder of class folders into train/val (seeded, per class)
     split_seed: int = 0  # seed of that split alone: a training --seed must not change the val images
     verify_images: bool = False  # fully decode every image before training (finds truncated files)
@@ -108,6 +117,7 @@ class RunOptions:
     plots: bool = True  # learning curves, confusion matrix and prediction grid in the run folder
     allow_pickle: bool = False  # --weights may be a whole pickled model (runs code from the file)
     progress: bool = True
+    sync_bn: bool = False  # under torchrun on GPUs: BatchNorm statistics over all processes' batches (SyncBatchNorm)
 
 
     def make_quick(self) -> None:
@@ -128,6 +138,8 @@ class RunResult:
 def resolve(recipe: Recipe, opts: RunOptions) -> Recipe:
     """The recipe with the command line's overrides applied (`--epochs`, `--lr-scale`, ...)."""
     changes: dict = {"lrs": {g: lr * opts.lr_scale for g, lr in recipe.lrs.items()}}
+    if recipe.first_lrs is not None:
+        changes["first_lrs"] = {g: lr * opts.lr_scale for g, lr in recipe.first_lrs.items()}
     if opts.backbone:
         changes["backbone"] = opts.backbone
     if opts.weights:
@@ -140,7 +152,9 @@ def resolve(recipe: Recipe, opts: RunOptions) -> Recipe:
 
 
 def make_criterion(recipe: Recipe) -> nn.Module:
-    return nn.BCEWithLogitsLoss() if recipe.loss == "bce_logit" else nn.CrossEntropyLoss()
+    if recipe.loss == "bce_logit":
+        return nn.BCEWithLogitsLoss()
+    return nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
 
 
 # Options that may differ when a run is resumed: they cannot change what the run computes
@@ -207,21 +221,29 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None =
     """Run one experiment end to end and return its history (see the module docstring).
 
     With `ckpt` (a loaded `last.ckpt`, see `resume_run`), the run continues in that
-    checkpoint's folder from the epoch after the one it saved. Everything the saved run
-    had (weights, optimizer, scheduler, loss scaler, history, RNG states) is restored in
-    one place, right after the model is built and before anything else uses the model,
-    so the result equals an uninterrupted run.
+    checkpoint's folder from the epoch after the one it saved. What the saved run had is
+    restored right after the model is built and before anything else uses the model
+    (`_restore`: weights, loss scaler, history, RNG states); the optimizer and scheduler
+    belong to the stage the run was in and come back when that stage is set up
+    (`_start_stage`). So the result equals an uninterrupted run.
+
+    Under torchrun (tl/distributed.py) every process runs this function with the same
+    options; the lines marked [DDP] make process 0 the only one that prints and writes (run
+    folder, config, checkpoints, history, plots, the feature cache, which the others then
+    load), wrap the net in DistributedDataParallel, and agree on the run folder.
     """
+    log = log if distributed.is_main() else (lambda s: None)  # [DDP] one process speaks
     recipe = resolve(recipe, opts)
     spec = get_backbone(recipe.backbone)
-    device = resolve_device(opts.device)
+    device = distributed.local_device(resolve_device(opts.device))  # [DDP] cuda:LOCAL_RANK under torchrun
     seed_everything(opts.seed)
     if device.type == "cuda":
         # fixed input sizes: let cuDNN time its algorithms once and keep the fastest (002 §1.4)
         torch.backends.cudnn.benchmark = True
 
     # 1. data: transforms with the backbone's own normalisation, one data set per phase
-    transforms = build_transforms(spec.mean, spec.std, size=opts.image_size, augment=opts.augment)
+    transforms = build_transforms(spec.mean, spec.std, size=opts.image_size, augment=opts.augment,
+                                  policy=recipe.augment)
     if opts.val_split:
         sets = split_datasets(opts.data, transforms, opts.val_split, split_seed=opts.split_seed,
                               max_per_class=opts.max_per_class, verify=opts.verify_images)
@@ -231,6 +253,8 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None =
         phases = ("train", "val", "test") if (Path(opts.data) / "test").is_dir() else ("train", "val")
         sets = image_datasets(opts.data, transforms, max_per_class=opts.max_per_class, verify=opts.verify_images,
                               phases=phases)
+    if opts.train_per_class:  # data-efficiency studies: nested, class-balanced, drawn with split_seed
+        keep_train_per_class(sets["train"], opts.train_per_class, opts.split_seed)
     classes = sets["train"].classes
     if report := describe_skipped(sets):
         log(report)
@@ -245,58 +269,56 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None =
     model = create_model(recipe.backbone, 1 if recipe.loss == "bce_logit" else len(classes),
                          "none" if ckpt is not None else recipe.weights, stack=recipe.stack_head,
                          allow_pickle=opts.allow_pickle)
-    model, optimizer, *rest = build(model, spec, recipe)  # a recipe may also return a scheduler
-    scheduler = rest[0] if rest else None
+    # one stage (an optimizer, maybe a scheduler) or several, each on its own epochs (tl/stages.py)
+    model, stages = as_stages(build(model, spec, recipe))
+    spans = place(stages, recipe.train_epochs)
     scaler = make_grad_scaler(device, opts.amp)
     generator = torch.Generator().manual_seed(opts.seed)  # the train loader's shuffling order
     history, start_epoch, wall_before = None, 0, 0.0
-    if ckpt is not None:  # 3. resume: the one place a saved run is restored
-        history, start_epoch, wall_before = _restore(ckpt, resume, model, optimizer, scheduler, scaler, generator,
-                                                     classes, fingerprint, recipe.num_epochs, device)
+    if ckpt is not None:  # 3. resume: the one place a saved run is restored (its optimizer: in _start_stage)
+        history, start_epoch, wall_before = _restore(ckpt, resume, model, scaler, generator, classes, fingerprint,
+                                                     recipe.num_epochs)
+    spans = [span for span in spans if span.end > start_epoch]  # the stages still to run
     log(f"{recipe.name} ({recipe.source}) on {recipe.backbone}, weights={recipe.weights}: {recipe.strategy}")
-    log(format_parameter_table(model, (1, 3, opts.image_size, opts.image_size)))
 
-    # 4. inputs: stored features where a frozen prefix allows it (computed from the weights
-    # just built or restored), else images
-    net, cached, cache_mode = model, {}, "off"
-    if opts.feature_cache:
-        with torch.random.fork_rng(devices=[]):  # the cache's probe and passes draw nothing from the run's RNG
-            net, cached, cache_mode = features.plan_cache(
-                model, spec, sets, frozen_bn_eval=recipe.frozen_bn_eval, augment=opts.augment,
-                views=opts.cache_views, seed=opts.seed, device=device, dtype=torch.float32,
-                limit_gb=opts.cache_limit_gb, workers=opts.workers, channels_last=opts.channels_last, log=log)
-    if opts.image_cache:
-        sets = {p: ds if p in cached else decoded_images(ds, val_resize(opts.image_size), opts.cache_limit_gb, log)
-                for p, ds in sets.items()}
-    log(f"feature cache: {cache_mode}")
-    loaders = make_loaders({p: cached.get(p, ds) for p, ds in sets.items()}, recipe.batch_size, seed=opts.seed,
-                           workers=0 if len(cached) == len(sets) else opts.workers,
-                           pin_memory=device.type == "cuda", generator=generator)
+    # 4. the first stage to run: what trains and its optimizer; inputs: stored features where a
+    # frozen prefix allows it (computed from the weights just built or restored), else images
+    decoded: dict = {}  # --image-cache: decoded images per phase, shared by the stages
+    optimizer, scheduler, net, cached, loaders, cache_mode = _start_stage(
+        spans[0], model, spec, recipe, sets, decoded, opts, device, generator, ckpt, log)
+    log(format_parameter_table(model, (1, 3, opts.image_size, opts.image_size)))
 
     # 5. the run folder and its record: created only now that everything can start
     if ckpt is not None:
         run_dir = Path(resume).parent
-        checkpoint.remove_stale_temporaries(run_dir)  # a save killed mid-write left these
+        if distributed.is_main():  # [DDP]
+            checkpoint.remove_stale_temporaries(run_dir)  # a save killed mid-write left these
+            for name, state in _files_of_saved_epoch(ckpt, history, opts).items():
+                checkpoint.atomic_save(state, run_dir / name)  # a kill after last.ckpt may have cut these off
         config = ckpt["config"]
         config["resumed"] = [*config.get("resumed", []), {"after_epoch": ckpt["epoch"], "device": str(device),
                                                           "time": time.strftime("%Y-%m-%d %H:%M:%S")}]
         config["options"] = _options_record(opts)  # the new --epochs total, where the data lies now
         config["recipe"] = dataclasses.asdict(recipe)
-        for name, state in _files_of_saved_epoch(ckpt, history, opts).items():
-            checkpoint.atomic_save(state, run_dir / name)  # a kill after last.ckpt may have cut these off
         log(f"resuming {run_dir} after epoch {ckpt['epoch']}")
     else:
         name = opts.run_name or f"{recipe.name}-{recipe.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_dir = make_run_dir(Path(opts.out), name, explicit=opts.run_name is not None)
+        # [DDP] process 0 makes the folder, the others take its name
+        run_dir = distributed.from_main(make_run_dir(Path(opts.out), name, explicit=opts.run_name is not None)
+                                        if distributed.is_main() else None)
         config = _config(recipe, opts, spec, device, model, optimizer, sets, classes) | {
             "data_fingerprint": fingerprint, "checksums": {}}
     config["train_epochs"] = recipe.train_epochs
-    config["feature_cache"] = cache_mode
-    _write_json(run_dir / "config.json", config)
+    _record_stage(config, spans[0], optimizer, scheduler, cache_mode, staged=len(stages) > 1)
+    config["world_size"] = distributed.world_size()  # processes; each trains on batch_size images per step
+    if distributed.is_main():  # [DDP]
+        _write_json(run_dir / "config.json", config)
 
     started = time.time()
 
     def on_epoch_end(epoch: int, hist: History) -> bool:
+        if not distributed.is_main():  # [DDP] only process 0 writes; the rows, so the stop, are the same on all
+            return opts.patience is not None and epoch - hist.best_epoch >= opts.patience
         files = {}  # weight files of this epoch: best.pth, and 001's / 004's per-epoch files
         if hist.best_epoch == epoch:
             files["best.pth"] = hist.best_state
@@ -309,6 +331,7 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None =
         checkpoint.save_checkpoint(run_dir / "last.ckpt", epoch=epoch, model=model, optimizer=optimizer,
                                    scheduler=scheduler, scaler=scaler, history=hist.to_dict(), config=config,
                                    classes=classes, loader_generator=generator,
+                                   stage={"index": span.index, "end": span.end},
                                    wall_seconds=wall_before + time.time() - started)
         for name, state in files.items():
             checkpoint.atomic_save(state, run_dir / name)
@@ -318,12 +341,25 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None =
         return opts.patience is not None and epoch - hist.best_epoch >= opts.patience
 
     try:
-        history = train_model(net, loaders, make_criterion(recipe), optimizer, recipe.num_epochs,
-                              device=device, scheduler=scheduler, scaler=scaler,
-                              frozen_bn_eval=recipe.frozen_bn_eval, start_epoch=start_epoch, history=history,
-                              on_epoch_end=on_epoch_end, amp=opts.amp, channels_last=opts.channels_last,
-                              best_by=opts.monitor, progress=opts.progress, log=log)
+        # the one loop, once per stage, on one History (on_epoch_end saves the current stage's optimizer)
+        for i, span in enumerate(spans):
+            if i > 0:  # a new stage: its own trainable set and fresh optimizer; inputs replanned for it
+                optimizer, scheduler, net, cached, loaders, cache_mode = _start_stage(
+                    span, model, spec, recipe, sets, decoded, opts, device, generator, None, log)
+                _record_stage(config, span, optimizer, scheduler, cache_mode, staged=True)
+            stage = span.stage
+            history = train_model(net, loaders, make_criterion(recipe), optimizer, span.end, device=device,
+                                  scheduler=scheduler, scheduler_interval=stage.interval, scaler=scaler,
+                                  frozen_bn_eval=_either(stage.frozen_bn_eval, recipe.frozen_bn_eval),
+                                  bn_eval=_either(stage.bn_eval, recipe.bn_eval),
+                                  start_epoch=max(start_epoch, span.start), history=history,
+                                  on_epoch_end=on_epoch_end, amp=opts.amp, channels_last=opts.channels_last,
+                                  best_by=opts.monitor, progress=opts.progress, log=log)
+            if history.stopped_early is not None:
+                break
     except BaseException as exc:
+        if not distributed.is_main():  # [DDP] process 0 alone tidies the run folder
+            raise
         saved = (run_dir / "last.ckpt").exists()
         trained = saved and (ckpt is not None or checkpoint.load_checkpoint(run_dir / "last.ckpt")["epoch"] > 0)
         # a new run that failed before its first training epoch (a broken file, Ctrl-C) has nothing worth
@@ -334,9 +370,12 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None =
             if not trained:
                 raise Interrupted("interrupted before the first training epoch finished: nothing was saved") from None
             raise Interrupted(f"interrupted: {run_dir / 'last.ckpt'} holds the last completed epoch.\n"
-                          f"  continue with: python main.py --resume {run_dir / 'last.ckpt'}") from None
+                              f"  continue with: python main.py --resume {run_dir / 'last.ckpt'}") from None
         raise
 
+    if not distributed.is_main():  # [DDP] the others have trained their share; process 0 scores and writes
+        return RunResult(run_dir, history, config, model, classes)
+    net = distributed.unwrap(net)  # [DDP] scoring below is one process on all of val: no DDP wrapper
     config["results"] = summarize(history) | {"wall_seconds": wall_before + time.time() - started}
     # 6. the headline number, never chosen on the images it is scored on (issue 14): the test
     # accuracy of the epoch chosen on val where there is a test/ split, else the final epoch's
@@ -355,11 +394,12 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None =
     return RunResult(run_dir, history, config, model, classes)
 
 
-def _restore(ckpt: dict, resume: Path, model: nn.Module, optimizer, scheduler, scaler, generator: torch.Generator,
-             classes: list[str], fingerprint: str, num_epochs: int, device: torch.device) -> tuple[History, int, float]:
-    """Put a saved run back exactly as it was after its last epoch: weights, optimizer,
-    scheduler, scaler, RNG states and history (with the best epoch's weights). Returns
-    (history, first epoch to run, wall seconds already spent)."""
+def _restore(ckpt: dict, resume: Path, model: nn.Module, scaler, generator: torch.Generator,
+             classes: list[str], fingerprint: str, num_epochs: int) -> tuple[History, int, float]:
+    """Put a saved run back exactly as it was after its last epoch: weights, scaler, RNG
+    states and history (with the best epoch's weights). Returns (history, first epoch to
+    run, wall seconds already spent). The optimizer and scheduler belong to a stage: they
+    come back when that stage starts (`_start_stage`)."""
     config = ckpt["config"]
     if ckpt["classes"] != classes:
         raise TLError(f"{resume} was trained on classes {ckpt['classes']}, but the data has {classes}")
@@ -370,15 +410,14 @@ def _restore(ckpt: dict, resume: Path, model: nn.Module, optimizer, scheduler, s
     if history.stopped_early is not None:
         raise TLError(f"{resume}: the run stopped early after epoch {history.stopped_early} (--patience); "
                       f"there is nothing to resume")
+    if config.get("world_size", 1) != distributed.world_size():  # [DDP] shards and batches depend on it
+        raise TLError(f"{resume} was trained by {config.get('world_size', 1)} process(es), this is "
+                      f"{distributed.world_size()}: resume it with the same torchrun --nproc_per_node x --nnodes")
     start_epoch = ckpt["epoch"] + 1
     if start_epoch >= num_epochs:
         raise TLError(f"{resume} has already trained all {num_epochs - 1} epochs; "
                       f"pass a larger --epochs (the new total) to train more")
     checkpoint.load_into(model, ckpt["model"], str(resume))
-    model.to(device)  # optimizer state is loaded onto its parameters' device: the one this run trains on
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if scheduler is not None and ckpt["scheduler"] is not None:
-        scheduler.load_state_dict(ckpt["scheduler"])
     if ckpt["scaler"] is not None:
         scaler.load_state_dict(ckpt["scaler"])
     if history.best_epoch == ckpt["epoch"]:
@@ -406,6 +445,71 @@ def _files_of_saved_epoch(ckpt: dict, history: History, opts: RunOptions) -> dic
     if opts.save_every_epoch:
         files[epoch_file_name(ckpt["epoch"], history.rows[-1], opts.informative_names)] = ckpt["model"]
     return files
+
+
+def _start_stage(span: Span, model: nn.Module, spec: Backbone, recipe: Recipe, sets: dict, decoded: dict,
+                 opts: RunOptions, device: torch.device, generator: torch.Generator, ckpt: dict | None, log):
+    """Set up one stage just before it trains: what trains and its optimizer (the stage's
+    `setup`), the loop's inputs (stored features where this stage's frozen prefix makes them
+    exact, else images) and its schedule, which needs the number of batches per epoch. A
+    run resumed inside this stage gets its optimizer and scheduler state back; one resumed
+    at the boundary starts the stage fresh, as the uninterrupted run did.
+
+    Returns (optimizer, scheduler, net, cached features, loaders, cache mode)."""
+    stage = span.stage
+    log(f"stage {span.index + 1}: {stage.name}, training epochs {max(span.start, 1)}..{span.end - 1}")
+    optimizer = stage.setup(model, spec, recipe)
+    net, cached, cache_mode = model, {}, "off"
+    if opts.feature_cache:
+        # [DDP] process 0 computes and stores the features first; the others wait, then load them.
+        # fork_rng: the cache's probe and passes draw nothing from the run's RNG
+        with distributed.main_first(), torch.random.fork_rng(devices=[]):
+            net, cached, cache_mode = features.plan_cache(
+                model, spec, sets, frozen_bn_eval=_either(stage.frozen_bn_eval, recipe.frozen_bn_eval)
+                or _either(stage.bn_eval, recipe.bn_eval), augment=opts.augment,
+                views=opts.cache_views, seed=opts.seed, device=device, dtype=torch.float32,
+                limit_gb=opts.cache_limit_gb, workers=opts.workers, channels_last=opts.channels_last, log=log)
+    if opts.image_cache:
+        for p, ds in sets.items():
+            if p not in cached and p not in decoded:
+                decoded[p] = decoded_images(ds, val_resize(opts.image_size), opts.cache_limit_gb, log)
+    log(f"feature cache: {cache_mode}")
+    inputs = {p: cached.get(p, decoded.get(p, ds)) for p, ds in sets.items()}
+    loaders = make_loaders(inputs, recipe.batch_size, seed=opts.seed,
+                           workers=0 if len(cached) == len(sets) else opts.workers,
+                           pin_memory=device.type == "cuda", generator=generator)
+    if distributed.is_distributed():  # [DDP] on its device and layout first: DDP copies process 0's weights to all;
+        # a new DDP wrapper per stage, since it records which parameters train when it is made
+        net.to(device, memory_format=torch.channels_last if opts.channels_last else torch.contiguous_format)
+        net = distributed.wrap(net, device, opts.sync_bn)
+    scheduler = stage.schedule(optimizer, span.epochs, len(loaders["train"])) if stage.schedule else None
+    saved = ckpt.get("stage", {"index": 0, "end": None}) if ckpt is not None else None
+    if saved is not None and saved["index"] == span.index:
+        model.to(device)  # optimizer state is loaded onto its parameters' device: the one this run trains on
+        if scheduler is not None and saved["end"] not in (None, span.end):
+            raise TLError(f"this run's stage {stage.name!r} laid out its learning-rate schedule for training "
+                          f"epochs up to {saved['end'] - 1}; resuming with another --epochs total would bend "
+                          f"it. Resume with --epochs {recipe.train_epochs - span.end + saved['end']}")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scheduler is not None and ckpt["scheduler"] is not None:
+            scheduler.load_state_dict(ckpt["scheduler"])
+    return optimizer, scheduler, net, cached, loaders, cache_mode
+
+
+def _either(value, default):
+    """A stage's own setting, or the recipe's where the stage leaves it open (None)."""
+    return default if value is None else value
+
+
+def _record_stage(config: dict, span: Span, optimizer, scheduler, cache_mode: str, staged: bool) -> None:
+    """The stage that starts, in config.json: its epochs, rates, schedule and feature cache.
+    A staged run's `feature_cache` and `trainable_params` then speak for all its stages."""
+    entry = describe(span, optimizer, scheduler) | {"index": span.index, "feature_cache": cache_mode}
+    config["stages"] = [s for s in config.get("stages", []) if s["index"] != span.index] + [entry]
+    config["feature_cache"] = cache_mode
+    if staged:
+        config["feature_cache"] = "; ".join(f"{s['name']}: {s['feature_cache']}" for s in config["stages"])
+        config["trainable_params"] = max(s["trainable_params"] for s in config["stages"])
 
 
 def resume_run(path: Path, given: dict, log: Callable[[str], None] = print) -> RunResult:
@@ -458,7 +562,7 @@ def score_headline(net: nn.Module, model: nn.Module, history: History, val_input
 def write_run_plots(run_dir: Path, history: History, model: nn.Module, val_inputs, val_set, classes: list[str],
                     spec: Backbone, device: torch.device) -> None:
     """The pictures of a finished run: learning curves, and the best model's confusion
-    matrix and prediction grid on val (document 001, 5-26 to 5-29).
+    matrix, prediction grid (document 001, 5-26 to 5-29) and top losses on val.
 
     `val_inputs` is what the loop validated on (images, or their stored features when the
     run cached them); `val_set` holds the images the grid shows."""
@@ -470,6 +574,8 @@ def write_run_plots(run_dir: Path, history: History, model: nn.Module, val_input
     result = evaluate(model, loader, device, len(classes))
     plots.confusion_matrix_plot(result["confusion"], classes, run_dir / "confusion.png",
                                 title=f"val, best epoch: accuracy {result['acc']:.3f}")
+    plots.top_losses_plot(val_set, result["probabilities"], classes, run_dir / "top_losses.png", mean=spec.mean,
+                          std=spec.std)  # the confidently wrong val images (fastai's plot_top_losses)
     step = max(1, len(val_set) // 16)  # 16 images spread over the classes (val is sorted by class)
     images, labels = zip(*(val_set[i] for i in range(0, len(val_set), step)[:16]))
     with torch.no_grad():

@@ -1,0 +1,212 @@
+"""A model you can ship: one self-describing file, checked against the PyTorch model.
+
+A `best.pth` is only weights: to use it you also need the code that builds the
+architecture, the class names, the image size and the normalisation, which this project
+keeps in `config.json` beside it. An exported file carries all of that inside itself:
+
+    onnx         the graph + weights in the ONNX format (any runtime: onnxruntime, TensorRT,
+                 browsers, phones); the description goes into the model proto's
+                 `metadata_props` (key "tl_meta"), the place ONNX keeps free-form
+                 key/value pairs (https://onnx.ai/onnx/repo-docs/IR.html, "Metadata").
+    torchscript  a traced TorchScript archive (`torch.jit.load` in C++ or Python, no model
+                 code needed); the description rides in the archive as an extra file
+                 (`_extra_files={"tl_meta.json": ...}`, the hook torch.jit.save offers for it).
+                 PyTorch has deprecated TorchScript in favour of `torch.export`, which is why
+                 ONNX is the default here; it is kept because many deployments still read it.
+
+The description ("tl_meta") holds what `--predict` needs and nothing else: class names,
+backbone, input size, the val transform's resize, mean and std, and whether the head is a
+single logit. `load_exported` reads it back, so `--predict --checkpoint model.onnx` works
+with no config.json anywhere.
+
+Exporting is a translation, and translations can be wrong (an operator the exporter maps
+differently, a shape fixed where it should vary), so every export is followed by
+`parity_check`: the PyTorch model and the exported one classify the same val images, and
+the largest difference in logits and the top-1 agreement are printed and stored next to
+the file (`<file>.check.json`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tl import TLError
+from tl.checkpoint import atomic_write, atomic_write_text
+from tl.data import val_resize
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+META_KEY = "tl_meta"  # ONNX metadata_props key; the TorchScript extra file is META_KEY + ".json"
+# float32 logits computed by two runtimes differ by rounding: a few 1e-6 relative. A real
+# translation error (a wrong operator, a fixed shape) is orders of magnitude larger.
+TOLERANCE = 1e-4
+
+
+def describe(ctx, classes: list[str], source: Path) -> dict:
+    """The self-description an exported file carries (everything --predict needs)."""
+    from tl.models import get_backbone
+
+    spec = get_backbone(ctx.backbone)
+    return {"format": "tl-reference export 1", "classes": list(classes), "backbone": ctx.backbone,
+            "image_size": ctx.image_size, "resize": val_resize(ctx.image_size), "mean": list(spec.mean),
+            "std": list(spec.std), "single_logit": ctx.single_logit, "exported_from": str(source)}
+
+
+def _export_onnx(model: nn.Module, example: torch.Tensor, meta: dict, path: Path) -> None:
+    import onnx
+
+    talk = io.StringIO()  # the exporter reports its steps (and, on failure, the whole graph) on stdout
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), contextlib.redirect_stdout(talk), \
+            contextlib.redirect_stderr(talk):
+        warnings.simplefilter("ignore")
+        raw = Path(tmp) / "model.onnx"
+        # dynamo=True is torch 2.14's default exporter (torch.export + onnxscript); the batch
+        # dimension stays free, so the file takes any number of images. external_data=False
+        # keeps the weights inside the one file (the 2 GB protobuf limit is far away here).
+        torch.onnx.export(model, (example,), str(raw), dynamo=True, external_data=False,
+                          input_names=["image"], output_names=["logits"],
+                          dynamic_shapes=({0: torch.export.Dim.DYNAMIC},), verbose=False)
+        proto = onnx.load(str(raw))
+    onnx.helper.set_model_props(proto, {META_KEY: json.dumps(meta)})
+    atomic_write(path, lambda f: f.write(proto.SerializeToString()))
+
+
+def _export_torchscript(model: nn.Module, example: torch.Tensor, meta: dict, path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the FutureWarning that TorchScript is deprecated (see above)
+        # trace, not script: tracing records the operations one forward pass runs, which
+        # works for any architecture here (timm's included) as long as the forward has no
+        # data-dependent branches, and the parity check below would catch one that mattered
+        traced = torch.jit.trace(model, example, check_trace=False)
+        atomic_write(path, lambda f: torch.jit.save(traced, f, _extra_files={META_KEY + ".json": json.dumps(meta)}))
+
+
+class ExportedModel(nn.Module):
+    """An exported file behind the nn.Module interface the rest of the project uses
+    (`predict_images`, `evaluate`): (B, 3, H, W) images in, (B, C) logits out."""
+
+    def __init__(self, path: Path, fmt: str, runner):
+        super().__init__()
+        self.path, self.format, self._run = path, fmt, runner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x.detach().float().cpu().contiguous())
+
+
+def load_exported(path: str | os.PathLike) -> tuple[ExportedModel, dict]:
+    """(model, description) of an exported file: `.onnx` runs in onnxruntime, `.pt` with
+    `torch.jit.load`. No config.json and no model code are needed."""
+    path = Path(path)
+    if not path.is_file():
+        raise TLError(f"no such file: {path}")
+    try:
+        if path.suffix == ".onnx":
+            import onnx
+            import onnxruntime as ort
+
+            props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+            if META_KEY not in props:
+                raise TLError(f"{path} is an ONNX model without this project's description ({META_KEY} in "
+                              f"metadata_props): export it with python main.py --export RUN")
+            meta = json.loads(props[META_KEY])
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            name = session.get_inputs()[0].name
+
+            def run(x: torch.Tensor) -> torch.Tensor:
+                return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+
+            return ExportedModel(path, "onnx", run), meta
+        extra = {META_KEY + ".json": ""}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        if not extra[META_KEY + ".json"]:
+            raise TLError(f"{path} is a TorchScript model without this project's description "
+                          f"({META_KEY}.json): export it with python main.py --export RUN --format torchscript")
+        meta = json.loads(extra[META_KEY + ".json"])
+
+        def run_ts(x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return module(x)
+
+        return ExportedModel(path, "torchscript", run_ts), meta
+    except TLError:
+        raise
+    except Exception as exc:  # not an ONNX/TorchScript file, or a damaged one
+        kind = "an ONNX" if path.suffix == ".onnx" else "a TorchScript"
+        raise TLError(f"{path} is not {kind} model this project exported "
+                      f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+@torch.no_grad()
+def parity_check(model: nn.Module, exported: nn.Module, loader) -> dict:
+    """Both models on the same images: the largest |logit difference| and how often their
+    top-1 classes agree. (Float rounding may differ; classes should not.)"""
+    from tl.loop import predictions
+
+    model.eval()
+    worst, agree, n = 0.0, 0, 0
+    for images, _labels in loader:
+        ours, theirs = model(images).float(), exported(images).float()
+        worst = max(worst, (ours - theirs).abs().max().item())
+        agree += int((predictions(ours) == predictions(theirs)).sum())
+        n += len(images)
+    return {"images": n, "max_abs_logit_diff": worst, "top1_agreement": agree / n if n else None,
+            "tolerance": TOLERANCE, "ok": n > 0 and worst <= TOLERANCE and agree == n}
+
+
+def export_run(run: Path, fmt: str = "onnx", data: str | None = None, out: Path | None = None,
+               log=print) -> tuple[Path, dict]:
+    """`main.py --export RUN [--format onnx|torchscript]`: RUN's best.pth as one
+    self-describing file (default RUN/model.onnx or RUN/model.pt), checked on the run's val
+    images. Returns (file, check figures)."""
+    from tl.data import resolve_data_dir
+    from tl.evaluate import _split_loader, context_for, load_model
+
+    if fmt not in FORMATS:
+        raise TLError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    run = Path(run)
+    weights = run / "best.pth" if run.is_dir() else run
+    if not weights.is_file():
+        raise TLError(f"{weights} not found: --export takes a run folder that holds best.pth (or the .pth file); "
+                      f"a run writes best.pth after its first validated epoch")
+    if not (weights.parent / "config.json").is_file():
+        raise TLError(f"no config.json beside {weights}: the exported file needs the run's class names, backbone, "
+                      f"image size and normalisation, which the run recorded there")
+    ctx = context_for(weights, None)
+    model = load_model(weights, ctx, len(ctx.classes)).cpu()
+    meta = describe(ctx, ctx.classes, weights)
+    target = Path(out) if out else weights.parent / f"model{FORMATS[fmt]}"
+    example = torch.zeros(2, 3, ctx.image_size, ctx.image_size)  # batch 2: a batch of 1 may be specialised
+    try:
+        (_export_onnx if fmt == "onnx" else _export_torchscript)(model, example, meta, target)
+    except TLError:
+        raise
+    except Exception as exc:
+        if os.environ.get("TL_DEBUG"):
+            raise
+        other = "torchscript" if fmt == "onnx" else "onnx"
+        first = re.sub(r"\x1b\[[0-9;]*m", "", str(exc).strip()).split("\n")[0]  # without terminal colours
+        raise TLError(f"cannot export this {ctx.backbone} model to {fmt}: {type(exc).__name__}: {first}\n"
+                      f"  try --format {other} (TL_DEBUG=1 shows the exporter's traceback)") from None
+    log(f"wrote {target} ({target.stat().st_size / 2**20:.1f} MiB, {fmt}, with classes, backbone, size, mean/std)")
+    loader, _ = _split_loader(resolve_data_dir(data or ctx.data), "val", ctx, log=log)
+    exported, _ = load_exported(target)
+    check = parity_check(model, exported, loader) | {"format": fmt, "file": target.name, "torch": torch.__version__}
+    atomic_write_text(target.with_name(target.name + ".check.json"), json.dumps(check, indent=2) + "\n")
+    log(f"check on {check['images']} val images: largest logit difference {check['max_abs_logit_diff']:.2e}, "
+        f"top-1 agreement {check['top1_agreement']:.4f} -> {target.name}.check.json")
+    if not check["ok"]:
+        raise TLError(f"the exported {fmt} model does not match the PyTorch model (largest logit difference "
+                      f"{check['max_abs_logit_diff']:.2e} > {TOLERANCE:g}, or a different class): do not ship "
+                      f"{target}; the figures are in {target.name}.check.json")
+    return target, check
