@@ -111,7 +111,7 @@ def run_one(strategy: str, size: str, seed: int, args: argparse.Namespace, runs_
     if strategy not in NAMES:
         return row | {"status": "not run", "reason": f"recipe {strategy} does not exist yet in experiments/"}
     module = get_experiment(strategy)
-    epochs = args.epochs if args.epochs is not None else EPOCHS.get(strategy)
+    epochs = args.epochs if args.epochs is not None else None if args.quick else EPOCHS.get(strategy)
     opts = RunOptions(data=data, backbone=args.backbone, epochs=epochs, seed=seed, split_seed=args.split_seed,
                       train_per_class=n, device=args.device, workers=0, image_cache=True, out=runs_dir,
                       run_name=row["run"], progress=False, plots=False)
@@ -204,7 +204,7 @@ def page(table, commands: list[dict]) -> str:
                     cells.append(f"{100 * m:.1f}" + (f" ± {100 * sd:.1f}" if c > 1 else "") + f" ({int(c)})")
                 else:
                     cells.append("")
-            epochs = ", ".join(str(e) for e in sorted(set(ok[ok.strategy == strategy].train_epochs)))
+            epochs = ", ".join(str(int(e)) for e in sorted(set(ok[ok.strategy == strategy].train_epochs)))
             lines.append(f"| {strategy} | {epochs} | " + " | ".join(cells) + " |")
         lines += ["", "(n) = seeds. ![accuracy against images per class](data_efficiency.png)", ""]
     for strategy, g in table[table.status != "ok"].groupby("strategy", sort=False):

@@ -45,12 +45,12 @@ def test_headline_is_test_of_the_val_choice_else_final_val(tmp_path, tiny_backbo
     data = _unbalanced(tmp_path / "data", has_test)
     spec = get_backbone(tiny_backbone)
     transforms = build_transforms(spec.mean, spec.std, size=32, augment=False)
-    sets = image_datasets(data, transforms)
+    sets = image_datasets(data, transforms, phases=("train", "val", "test") if has_test else ("train", "val"))
     model = create_model(tiny_backbone, 2, "none")
     best = _always(model, 0)  # the epoch chosen on val ...
     _always(model, 1)  # ... and the final epoch's weights, which the model holds now
     opts = RunOptions(data=data, image_size=32)
-    result = score_headline(model, model, History(best_state=best), sets["val"], sets["val"], transforms,
+    result = score_headline(model, model, History(best_state=best), sets["val"], sets["val"], sets.get("test"),
                             ["class_0", "class_1"], opts, torch.device("cpu"), tmp_path)
     predictions = pd.read_csv(tmp_path / "headline_predictions.csv")
     if has_test:  # best state ("always class_0") on test: 6 of 8 right
