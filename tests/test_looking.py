@@ -205,8 +205,9 @@ def test_data_efficiency_quick_writes_table_and_plot_and_notes_a_missing_recipe(
     from experiments import data_efficiency
 
     out, runs = tmp_path / "out", tmp_path / "runs"
-    argv = ["--data", str(tiny_data), "--backbone", "tiny", "--quick", "--strategies", "resnet_scratch", "not_yet_written",
-            "--sizes", "2", "5", "all", "--seeds", "0", "1", "--out", str(out), "--runs-dir", str(runs)]
+    argv = ["--data", str(tiny_data), "--backbone", "tiny", "--quick", "--strategies", "resnet_scratch",
+            "not_yet_written", "--sizes", "2", "5", "all", "--seeds", "0", "1", "--out", str(out),
+            "--runs-dir", str(runs)]
     assert data_efficiency.main(argv) == 0
     assert "recipe 'not_yet_written' does not exist yet" in capsys.readouterr().out
     table = pd.read_csv(out / "data_efficiency.csv", dtype={"images_per_class": str})
