@@ -49,7 +49,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from tl.checkpoint import atomic_save, remove_stale_temporaries
+from tl.checkpoint import atomic_save, remove_stale_temporaries, state_digest
 from tl.models import BATCHNORM, Backbone
 
 
@@ -341,8 +341,6 @@ def cache_key(digest: str, dataset, *, views: int, random_views: bool, seed: int
 
 
 def _checksum(features: torch.Tensor, targets: torch.Tensor) -> str:
-    from tl.checkpoint import state_digest
-
     return state_digest({"features": features, "targets": targets})
 
 
@@ -369,8 +367,6 @@ def cached_features(model: nn.Module, split: CacheSplit, dataset, *, key: str, v
 
     Returns None (the caller then trains uncached) if they would exceed `limit_gb`."""
     path = cache_dir() / f"{key}.pt"
-    if cache_dir().is_dir():
-        remove_stale_temporaries(cache_dir())  # left by a run killed while it stored features
     targets = torch.tensor(dataset.targets)
     if path.is_file():
         found, why = _read_cache(path, views, len(dataset), split.feature_dim, targets)
@@ -415,6 +411,8 @@ def plan_cache(model: nn.Module, spec: Backbone, sets: dict, *, frozen_bn_eval: 
     checkpoint first): the cache is computed from, and keyed on, exactly those weights.
     The mode string is what the run's config and the results table record."""
     split = split_at_cut(model, spec)
+    if cache_dir().is_dir():
+        remove_stale_temporaries(cache_dir())  # once per run: left by a run killed while it stored features
     val = sets["val"]
     probe = torch.stack([val[i][0] for i in range(min(4, len(val)))])  # deterministic val images
     probe = probe.to(next(model.parameters()).device)

@@ -550,11 +550,7 @@ def score_headline(net: nn.Module, model: nn.Module, history: History, val_input
     result = evaluate(scored, torch.utils.data.DataLoader(inputs, batch_size=32), device, len(classes))
     rows = [{"path": Path(os.path.relpath(path, opts.data)).as_posix(), "label": classes[label],
              "prediction": classes[p]} for (path, label), p in zip(images.samples, result["predictions"])]
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=["path", "label", "prediction"], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    checkpoint.atomic_write_text(run_dir / "headline_predictions.csv", text.getvalue())
+    _write_csv(run_dir / "headline_predictions.csv", ["path", "label", "prediction"], rows)
     acc = sum(r["label"] == r["prediction"] for r in rows) / len(rows)
     return {"headline": what, "headline_acc": acc, "test_acc": acc if what.startswith("test") else None}
 
@@ -638,11 +634,15 @@ def _weights_kind(weights: str, spec: Backbone) -> str:
 
 
 def write_history_csv(history: History, path: Path) -> None:
+    _write_csv(path, ["epoch", "phase", "loss", "acc", "seconds", "images_per_s"], history.rows)
+
+
+def _write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
+    """The run folder's tables, written atomically like every file there (extra keys ignored)."""
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=["epoch", "phase", "loss", "acc", "seconds", "images_per_s"],
-                            extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(text, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    writer.writerows(history.rows)
+    writer.writerows(rows)
     checkpoint.atomic_write_text(path, text.getvalue())
 
 
