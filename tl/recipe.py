@@ -35,6 +35,7 @@ from torch import nn
 
 from tl import Interrupted, TLError, checkpoint, distributed, features
 from tl.data import (
+    DecodedImages,
     build_transforms,
     decoded_images,
     describe_skipped,
@@ -111,6 +112,7 @@ class RunOptions:
     cache_views: int = 0  # with augmentation: K precomputed augmented views per train image (0: train uncached)
     cache_limit_gb: float = 2.0  # refuse a feature or image cache larger than this
     image_cache: bool = False  # decode and resize every image once, keep uint8 tensors in memory
+    device_images: bool = False  # with image_cache: those tensors live on the training device, augmented there
     patience: int | None = None  # early stopping (004 §2.3): stop after this many epochs without a new best
     monitor: str = "acc"  # what "best" means for best.pth and early stopping: val "acc" or val "loss"
     informative_names: bool = False  # per-epoch files named epoch03-loss0.1820-acc0.9412.pth (004)
@@ -469,15 +471,18 @@ def _start_stage(span: Span, model: nn.Module, spec: Backbone, recipe: Recipe, s
                 or _either(stage.bn_eval, recipe.bn_eval), augment=opts.augment,
                 views=opts.cache_views, seed=opts.seed, device=device, dtype=torch.float32,
                 limit_gb=opts.cache_limit_gb, workers=opts.workers, channels_last=opts.channels_last, log=log)
-    if opts.image_cache:
+    if opts.image_cache or opts.device_images:
         for p, ds in sets.items():
             if p not in cached and p not in decoded:
-                decoded[p] = decoded_images(ds, val_resize(opts.image_size), opts.cache_limit_gb, log)
+                decoded[p] = decoded_images(ds, val_resize(opts.image_size), opts.cache_limit_gb, log,
+                                            device=device if opts.device_images else None)
     log(f"feature cache: {cache_mode}")
     inputs = {p: cached.get(p, decoded.get(p, ds)) for p, ds in sets.items()}
+    # images already on the device are transformed in this process and need no pinned copy
+    on_device = opts.device_images and any(isinstance(ds, DecodedImages) for ds in inputs.values())
     loaders = make_loaders(inputs, recipe.batch_size, seed=opts.seed,
-                           workers=0 if len(cached) == len(sets) else opts.workers,
-                           pin_memory=device.type == "cuda", generator=generator)
+                           workers=0 if len(cached) == len(sets) or on_device else opts.workers,
+                           pin_memory=device.type == "cuda" and not on_device, generator=generator)
     if distributed.is_distributed():  # [DDP] on its device and layout first: DDP copies process 0's weights to all;
         # a new DDP wrapper per stage, since it records which parameters train when it is made
         net.to(device, memory_format=torch.channels_last if opts.channels_last else torch.contiguous_format)
