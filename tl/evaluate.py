@@ -24,7 +24,14 @@ from torch import nn
 
 from tl import TLError
 from tl.checkpoint import load_into, load_state_file, verify_state_file
-from tl.data import build_transforms, describe_skipped, image_datasets, load_rgb, split_datasets
+from tl.data import (
+    build_transforms,
+    describe_skipped,
+    image_datasets,
+    keep_train_per_class,
+    load_rgb,
+    split_datasets,
+)
 from tl.loop import loss_targets, predictions, resolve_device
 from tl.models import create_model, get_backbone, imagenet_categories
 
@@ -45,6 +52,7 @@ class ModelContext:
     data: str | None = None  # the run's data folder, used when --data is not given
     val_split: float | None = None  # the run split a folder of class folders (--val-split) ...
     split_seed: int = 0  # ... with this seed: --evaluate rebuilds the same split
+    train_per_class: int | None = None  # the run trained on this seeded draw per class (split_seed): --split train
 
 
 def context_for(path: Path, backbone: str | None) -> ModelContext:
@@ -62,6 +70,7 @@ def context_for(path: Path, backbone: str | None) -> ModelContext:
                                 val_split=None if options.get("val_split") is None else float(options["val_split"]),
                                 # runs saved before --split-seed drew the split with their training seed
                                 split_seed=int(options.get("split_seed", options.get("seed", 0))),
+                                train_per_class=options.get("train_per_class"),
                                 checksums=_string_map(config.get("checksums", {})))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise TLError(f"{config_file} is not a run config this project wrote ({type(exc).__name__}: {exc}); "
@@ -155,6 +164,8 @@ def _split_loader(data: Path, split: str, ctx: ModelContext, batch_size: int = 3
     if report := describe_skipped(sets):
         log(report)  # the images left out are said, not silently dropped from the score
     ds = sets[split]
+    if split == "train" and ctx.train_per_class:
+        keep_train_per_class(ds, int(ctx.train_per_class), ctx.split_seed)  # the images it trained on, no others
     if ctx.classes is not None and ds.classes != ctx.classes:
         raise TLError(f"the model was trained on classes {ctx.classes}, but {data / split} has {ds.classes}")
     return torch.utils.data.DataLoader(ds, batch_size=batch_size), ds.classes
