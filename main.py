@@ -139,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="for frozen recipes, compute the frozen part once (default on where exact)")
     speed.add_argument("--cache-views", type=_non_negative_int, default=0,
                        help="with augmentation, precompute K augmented views per train image (default 0: val only)")
-    speed.add_argument("--cache-limit-gb", type=_positive_float, default=2.0, help="largest cache allowed")
+    speed.add_argument("--cache-limit-gb", type=_positive_float, default=2.0,
+                       help="most memory a cache may take (default 2): a larger feature cache is kept on disk "
+                            "and memory-mapped (same numbers), a larger --image-cache is not made")
     speed.add_argument("--image-cache", action="store_true",
                        help="decode and resize every image once and keep it in memory "
                             "(on a CPU with few cores, add --workers 0: results/benchmark.md)")

@@ -110,7 +110,7 @@ class RunOptions:
     channels_last: bool = True  # NHWC memory layout: faster on GPUs, and on this CPU (results/benchmark.md)
     feature_cache: bool = True  # cache what a frozen prefix computes (tl/features.py) when that is exact
     cache_views: int = 0  # with augmentation: K precomputed augmented views per train image (0: train uncached)
-    cache_limit_gb: float = 2.0  # refuse a feature or image cache larger than this
+    cache_limit_gb: float = 2.0  # memory for a cache: a larger feature cache stays on disk (mmap), no image cache
     image_cache: bool = False  # decode and resize every image once, keep uint8 tensors in memory
     device_images: bool = False  # with image_cache: those tensors live on the training device, augmented there
     patience: int | None = None  # early stopping (004 §2.3): stop after this many epochs without a new best
