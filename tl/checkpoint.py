@@ -70,10 +70,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException as exc:
+        # torch.save reports a failed write (disk full, I/O error) as a RuntimeError of its zip
+        # writer; the free space is measured while the partial file still holds its blocks
+        failed_save = isinstance(exc, RuntimeError) and "inline_container" in str(exc)
+        free = shutil.disk_usage(path.parent).free if failed_save else None
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, RuntimeError) and "inline_container" in str(exc):
-            # torch.save reports a failed write (disk full, I/O error) as a RuntimeError of its zip writer
-            free = shutil.disk_usage(path.parent).free
+        if failed_save:
             raise OSError(errno.ENOSPC if free < 2**20 else errno.EIO,
                           f"writing failed ({free / 2**20:.1f} MB free there)", str(path)) from None
         raise

@@ -612,13 +612,18 @@ class DecodedImages(torch.utils.data.Dataset):
 
 
 def decoded_images(folder: CheckedImageFolder, resize: int, limit_gb: float, log=print,
-                   device: torch.device | str | None = None):
-    """`DecodedImages(folder, resize, device)` if its tensors fit in `limit_gb`, else `folder` unchanged."""
+                   device: torch.device | str | None = None, required: bool = False):
+    """`DecodedImages(folder, resize, device)` if its tensors fit in `limit_gb`, else `folder`
+    unchanged, or, if `required` (`--device-images`, which runs without workers), an error."""
     needed = 0
     for path, _ in folder.samples:
         with Image.open(path) as img:  # the header gives the size without decoding
             w, h = img.size
         needed += 3 * resize * round(resize * max(w, h) / min(w, h))
+    if needed > limit_gb * 2**30 and required:
+        raise TLError(f"--device-images: the decoded images of {folder.root} need {needed / 2**30:.2f} GB, more "
+                      f"than --cache-limit-gb {limit_gb}; raise --cache-limit-gb (they live in the device's "
+                      f"memory) or leave out --device-images")
     if needed > limit_gb * 2**30:
         log(f"image cache for {folder.root} would need {needed / 2**30:.2f} GB > {limit_gb} GB: decoding per epoch")
         return folder

@@ -53,6 +53,7 @@ class ModelContext:
     val_split: float | None = None  # the run split a folder of class folders (--val-split) ...
     split_seed: int = 0  # ... with this seed: --evaluate rebuilds the same split
     train_per_class: int | None = None  # the run trained on this seeded draw per class (split_seed): --split train
+    max_per_class: int | None = None  # the run used only the first N images of each class (--quick)
 
 
 def context_for(path: Path, backbone: str | None) -> ModelContext:
@@ -71,6 +72,7 @@ def context_for(path: Path, backbone: str | None) -> ModelContext:
                                 # runs saved before --split-seed drew the split with their training seed
                                 split_seed=int(options.get("split_seed", options.get("seed", 0))),
                                 train_per_class=options.get("train_per_class"),
+                                max_per_class=options.get("max_per_class"),
                                 checksums=_string_map(config.get("checksums", {})))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise TLError(f"{config_file} is not a run config this project wrote ({type(exc).__name__}: {exc}); "
@@ -158,14 +160,20 @@ def _split_loader(data: Path, split: str, ctx: ModelContext, batch_size: int = 3
     if ctx.val_split and not (data / split).is_dir():
         if split == "test":
             raise TLError(f"{data} was split with --val-split {ctx.val_split} into train and val: it has no test split")
-        sets = split_datasets(data, transforms, ctx.val_split, split_seed=ctx.split_seed)
+        sets = split_datasets(data, transforms, ctx.val_split, split_seed=ctx.split_seed,
+                              max_per_class=ctx.max_per_class)
     else:
-        sets = image_datasets(data, transforms, phases=(split,))
+        sets = image_datasets(data, transforms, phases=(split,), max_per_class=ctx.max_per_class)
     if report := describe_skipped(sets):
         log(report)  # the images left out are said, not silently dropped from the score
     ds = sets[split]
     if split == "train" and ctx.train_per_class:
-        keep_train_per_class(ds, int(ctx.train_per_class), ctx.split_seed)  # the images it trained on, no others
+        try:
+            keep_train_per_class(ds, int(ctx.train_per_class), ctx.split_seed)  # the images it trained on, no others
+        except TLError:
+            raise TLError(f"the run trained on a seeded draw of {ctx.train_per_class} images per class "
+                          f"(--train-per-class); {data / split} has fewer in some class, so its train split "
+                          f"cannot be scored as the run saw it. Score --split val, or its own data folder") from None
     if ctx.classes is not None and ds.classes != ctx.classes:
         raise TLError(f"the model was trained on classes {ctx.classes}, but {data / split} has {ds.classes}")
     return torch.utils.data.DataLoader(ds, batch_size=batch_size), ds.classes

@@ -450,7 +450,7 @@ def cached_features(model: nn.Module, split: CacheSplit, dataset, *, key: str, v
         atomic_save({"features": features, "targets": targets, "checksum": _checksum(features, targets)}, path)
         del features  # unmaps the raw file
     except OSError as exc:
-        if exc.errno != errno.ENOSPC:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):  # disk full, or the user's quota
             raise
         log(no_room(shutil.disk_usage(path.parent).free))  # another writer filled the disk meanwhile
         return None
