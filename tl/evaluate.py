@@ -153,17 +153,19 @@ def epoch_files(folder: Path) -> list[tuple[int, Path]]:
 
 
 def _split_loader(data: Path, split: str, ctx: ModelContext, batch_size: int = 32, log=print):
-    """The images of one split, chosen and reported exactly as training chose them (the same scan,
-    and for a --val-split run the same seeded split of the same folder)."""
+    """The images of one split, chosen and reported as training chose them (the same scan, for a
+    --val-split run the same seeded split of the same folder, and for train the same subset)."""
     spec = get_backbone(ctx.backbone)
     transforms = build_transforms(spec.mean, spec.std, size=ctx.image_size, augment=False)
+    # train: exactly the images the run trained on (its --quick/--max-per-class subset, then its
+    # --train-per-class draw); val and test: the whole split, the more images the better the score
+    subset = ctx.max_per_class if split == "train" else None
     if ctx.val_split and not (data / split).is_dir():
         if split == "test":
             raise TLError(f"{data} was split with --val-split {ctx.val_split} into train and val: it has no test split")
-        sets = split_datasets(data, transforms, ctx.val_split, split_seed=ctx.split_seed,
-                              max_per_class=ctx.max_per_class)
+        sets = split_datasets(data, transforms, ctx.val_split, split_seed=ctx.split_seed, max_per_class=subset)
     else:
-        sets = image_datasets(data, transforms, phases=(split,), max_per_class=ctx.max_per_class)
+        sets = image_datasets(data, transforms, phases=(split,), max_per_class=subset)
     if report := describe_skipped(sets):
         log(report)  # the images left out are said, not silently dropped from the score
     ds = sets[split]
