@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="decode every image fully before training (finds truncated files; slower)")
     data.add_argument("--split", default="val", choices=["train", "val", "test"], help="split for --evaluate")
     data.add_argument("--no-augment", action="store_true", help="train on the val transform (no random crop/flip)")
-    data.add_argument("--workers", type=_non_negative_int, default=2, help="DataLoader worker processes (default 2)")
+    data.add_argument("--workers", type=_non_negative_int,
+                      help="DataLoader worker processes (default 2; 0 with --quick or --device-images)")
 
     model = p.add_argument_group("model and training")
     model.add_argument("--backbone", "-b", help="swap the recipe's architecture, keep its strategy")
@@ -138,10 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="for frozen recipes, compute the frozen part once (default on where exact)")
     speed.add_argument("--cache-views", type=_non_negative_int, default=0,
                        help="with augmentation, precompute K augmented views per train image (default 0: val only)")
-    speed.add_argument("--cache-limit-gb", type=_positive_float, default=2.0, help="largest cache allowed")
+    speed.add_argument("--cache-limit-gb", type=_positive_float, default=2.0,
+                       help="most memory a cache may take (default 2): a larger feature cache is kept on disk "
+                            "and memory-mapped (same numbers), a larger --image-cache is not made")
     speed.add_argument("--image-cache", action="store_true",
                        help="decode and resize every image once and keep it in memory "
                             "(on a CPU with few cores, add --workers 0: results/benchmark.md)")
+    speed.add_argument("--device-images", action="store_true",
+                       help="--image-cache with the images on the training device (a GPU): crops, flips and "
+                            "normalisation run there, no CPU workers (implies --image-cache --workers 0)")
 
     out = p.add_argument_group("output")
     out.add_argument("--out", type=Path, default=Path("runs"), help="parent folder of run folders")
@@ -197,10 +203,11 @@ def run_options(args: argparse.Namespace):
     opts = RunOptions(
         data=resolve_data_dir(args.data), backbone=args.backbone, weights=args.weights, epochs=args.epochs,
         batch_size=args.batch_size, lr_scale=args.lr_scale, device=args.device, seed=args.seed,
-        workers=args.workers, out=args.out, augment=not args.no_augment,
+        workers=2 if args.workers is None else args.workers, out=args.out, augment=not args.no_augment,
         save_every_epoch=args.save_every_epoch, amp=args.amp, progress=not args.no_progress,
         channels_last=args.channels_last, feature_cache=args.feature_cache, cache_views=args.cache_views,
-        cache_limit_gb=args.cache_limit_gb, image_cache=args.image_cache, patience=args.patience,
+        cache_limit_gb=args.cache_limit_gb, image_cache=args.image_cache or args.device_images,
+        device_images=args.device_images, patience=args.patience,
         monitor=args.monitor, informative_names=args.informative_names, val_split=args.val_split,
         verify_images=args.verify_images, split_seed=args.split_seed, max_per_class=args.max_per_class,
         train_per_class=args.train_per_class, allow_pickle=args.allow_pickle, sync_bn=args.sync_bn)
@@ -208,12 +215,20 @@ def run_options(args: argparse.Namespace):
         opts.make_quick()
         if args.max_per_class:  # an explicit --max-per-class wins over --quick's 8
             opts.max_per_class = args.max_per_class
+        if args.workers is not None:  # and an explicit --workers over its 0
+            opts.workers = args.workers
+    if args.device_images:
+        if args.workers:
+            raise TLError(f"--device-images transforms the images where they live, on the training device, in "
+                          f"the main process: it cannot use --workers {args.workers}; leave --workers out")
+        opts.workers = 0
     return opts
 
 
 # how a command-line option maps onto RunOptions fields, where the names differ
 _OPTION_FIELDS = {"no_augment": ("augment",), "no_progress": ("progress",),
-                  "quick": ("max_per_class", "image_size", "workers")}
+                  "quick": ("max_per_class", "image_size", "workers"),
+                  "device_images": ("image_cache", "device_images", "workers")}
 _NOT_RUN_OPTIONS = {"resume", "experiment", "list", "evaluate", "predict", "prepare", "show_data", "src", "dest",
                     "force", "split", "checkpoint", "allow_pickle", "explain", "export", "format"}
 

@@ -7,7 +7,8 @@ For each case it reports the median of `--repeats` measurements (and the min and
 * loop        training images/s of `tl.loop.train_model` in a real run (JPEG decoding,
               augmentation, DataLoader workers, forward, backward, step), and the same with
               `--image-cache --workers 0` (images decoded once before training; crops and flips
-              per epoch in the main process);
+              per epoch in the main process) and, on a GPU, `--device-images` (the decoded
+              images on the GPU, cropped, flipped and normalised there);
 * bound       the same loop on ready tensors: every training image decoded and transformed
               once beforehand and held in memory, so only forward + backward + step remain.
               loop / bound is the share of the compute bound the data pipeline lets us reach.
@@ -64,12 +65,14 @@ def _stats(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def loop_throughput(name, backbone, weights, data, device, workers, epochs=1, image_cache=False) -> float:
+def loop_throughput(name, backbone, weights, data, device, workers, epochs=1, image_cache=False,
+                    device_images=False) -> float:
     """Training images/s of the train phase of a real run (history row)."""
     module = get_experiment(name)
     with tempfile.TemporaryDirectory() as tmp:
         opts = RunOptions(data=data, backbone=backbone, weights=weights, epochs=epochs, workers=workers,
-                          device=device, out=Path(tmp), progress=False, image_cache=image_cache, plots=False)
+                          device=device, out=Path(tmp), progress=False, image_cache=image_cache,
+                          device_images=device_images, plots=False)
         result = run(module.RECIPE, module.build, opts, log=lambda s: None)
     return [r for r in result.history.rows if r["phase"] == "train"][-1]["images_per_s"]
 
@@ -213,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         record("share", case, "%", [100 * statistics.median(loop) / statistics.median(bound)])
         record("share", case + ", --image-cache --workers 0", "%",
                [100 * statistics.median(cached) / statistics.median(bound)])
+        if device != "cpu":  # on the CPU, --device-images is --image-cache --workers 0 again
+            on_device = repeat(loop_throughput, spec, workers=0, device_images=True)
+            record("loop", case + ", --device-images", "img/s", on_device, workers=0)
+            record("share", case + ", --device-images", "%",
+                   [100 * statistics.median(on_device) / statistics.median(bound)])
         record("bound", case + ", channels_last off", "img/s", repeat(compute_bound, spec, channels_last=False))
 
     results = {}

@@ -245,7 +245,8 @@ def update_meta(old: dict, entries: dict[str, dict], machine: str) -> dict:
         if any(c.get("quick") != entry["quick"] for c in before):
             before = []  # rows of the other kind were dropped by merge_runs
         datasets[dataset] = {"data": entry["data"], "commands": before + [entry]}
-    return {"machine": machine, "datasets": datasets}
+    note = {"note": old["note"]} if old.get("note") else {}  # a caveat added by hand stays until removed by hand
+    return {"machine": machine, "datasets": datasets, **note}
 
 
 def remove_stale(out: Path, runs, written: set[Path]) -> list[Path]:

@@ -152,6 +152,9 @@ def test_provenance_says_when_rows_are_not_one_full_comparison():
     assert "**not a full comparison**" in report.provenance(meta)[0] and len(meta["datasets"]["d"]["commands"]) == 2
     meta = compare_all.update_meta(meta, {"d": full}, "machine")  # a full rerun starts the list afresh
     assert len(meta["datasets"]["d"]["commands"]) == 1
+    # a caveat added by hand to meta.json survives the next command that rewrites it
+    meta = compare_all.update_meta(meta | {"note": "two commands"}, {"d": part}, "machine")
+    assert meta["note"] == "two commands"
 
 
 def test_paired_bootstrap_separates_noise_from_real_differences():

@@ -90,6 +90,7 @@ COMBINATIONS = {
     "cached views": ["--cache-views", "2"],
     "workers 2, augmentation": ["--workers", "2"],
     "workers 0, augmentation": ["--workers", "0"],
+    "images on the device, augmentation": ["--device-images"],
     "quick": ["--quick"],
     "early stopping": ["--patience", "1", "--monitor", "loss", "--no-augment"],
 }

@@ -74,16 +74,6 @@ def test_cache_is_reused_and_rebuilt_when_images_or_weights_change(tiny_data, ti
     assert len(list(own_cache_dir.iterdir())) == 5
 
 
-def test_cache_size_limit_is_honoured(tiny_data, tiny_backbone, tmp_path, own_cache_dir):
-    lines = []
-    opts = RunOptions(data=tiny_data, backbone="tiny", weights="none", epochs=1, workers=0, out=tmp_path,
-                      image_size=32, progress=False, cache_limit_gb=1e-9, augment=False)
-    result = run(resnet_frozen.RECIPE, resnet_frozen.build, opts, log=lines.append)
-    assert result.config["feature_cache"] == "off (over the size limit)"
-    assert any("would need" in line and "--cache-limit-gb" in line for line in lines)
-    assert not own_cache_dir.exists() or not any(own_cache_dir.iterdir())
-
-
 def test_folding_batchnorm_gives_the_same_outputs_and_leaves_the_model_alone(tiny_backbone):
     from tests.conftest import TinyNet
 

@@ -53,6 +53,12 @@ def test_train_per_class_trains_on_the_draw_and_leaves_val_alone(tiny_data, tiny
     config = json.loads((run_dir / "config.json").read_text())
     assert config["dataset_sizes"] == {"train": 6, "val": 12}
     assert config["options"]["train_per_class"] == 3
+    # --evaluate --split train scores the images the run trained on, not the whole train folder
+    from tl.evaluate import _split_loader, context_for
+
+    loader, _ = _split_loader(tiny_data, "train", context_for(run_dir / "best.pth", None), log=lambda s: None)
+    full = image_datasets(tiny_data, build_transforms((0.5,) * 3, (0.5,) * 3, size=32))["train"]
+    assert loader.dataset.samples == nested_draw(full.samples, full.classes, 3, seed=0)
 
 
 # ----------------------------------------------------------------------------- what the network looks at

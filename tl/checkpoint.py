@@ -61,9 +61,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     The one way this project writes a file that must never be seen half-written: weights,
     checkpoints, feature caches, history.csv and config.json all go through it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # the writer's process id is in the name, so a later start can tell a dead writer's leftover
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temporary_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -72,14 +70,26 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException as exc:
+        # torch.save reports a failed write (disk full, I/O error) as a RuntimeError of its zip
+        # writer; the free space is measured while the partial file still holds its blocks
+        failed_save = isinstance(exc, RuntimeError) and "inline_container" in str(exc)
+        free = shutil.disk_usage(path.parent).free if failed_save else None
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, RuntimeError) and "inline_container" in str(exc):
-            # torch.save reports a failed write (disk full, I/O error) as a RuntimeError of its zip writer
-            free = shutil.disk_usage(path.parent).free
+        if failed_save:
             raise OSError(errno.ENOSPC if free < 2**20 else errno.EIO,
                           f"writing failed ({free / 2**20:.1f} MB free there)", str(path)) from None
         raise
     return path
+
+
+def temporary_beside(path: str | os.PathLike) -> tuple[int, Path]:
+    """A new empty file `.NAME.PID.XXXXXXXX.tmp` in `path`'s folder (created if needed): its
+    open descriptor and its path. The writer's process id is in the name, so a later start
+    can tell a dead writer's leftover (`remove_stale_temporaries`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    return fd, Path(tmp)
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
@@ -125,7 +135,9 @@ def state_digest(obj: Any) -> str:
         if isinstance(x, torch.Tensor):
             t = x.detach().cpu().contiguous()
             h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            # the bytes are hashed where they lie (no copy): a memory-mapped feature cache is
+            # streamed through page by page instead of being read into memory
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
         elif isinstance(x, dict):
             h.update(b"{")
             for k in sorted(x, key=repr):

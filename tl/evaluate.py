@@ -24,7 +24,14 @@ from torch import nn
 
 from tl import TLError
 from tl.checkpoint import load_into, load_state_file, verify_state_file
-from tl.data import build_transforms, describe_skipped, image_datasets, load_rgb, split_datasets
+from tl.data import (
+    build_transforms,
+    describe_skipped,
+    image_datasets,
+    keep_train_per_class,
+    load_rgb,
+    split_datasets,
+)
 from tl.loop import loss_targets, predictions, resolve_device
 from tl.models import create_model, get_backbone, imagenet_categories
 
@@ -45,6 +52,8 @@ class ModelContext:
     data: str | None = None  # the run's data folder, used when --data is not given
     val_split: float | None = None  # the run split a folder of class folders (--val-split) ...
     split_seed: int = 0  # ... with this seed: --evaluate rebuilds the same split
+    train_per_class: int | None = None  # the run trained on this seeded draw per class (split_seed): --split train
+    max_per_class: int | None = None  # the run used only the first N images of each class (--quick)
 
 
 def context_for(path: Path, backbone: str | None) -> ModelContext:
@@ -62,6 +71,8 @@ def context_for(path: Path, backbone: str | None) -> ModelContext:
                                 val_split=None if options.get("val_split") is None else float(options["val_split"]),
                                 # runs saved before --split-seed drew the split with their training seed
                                 split_seed=int(options.get("split_seed", options.get("seed", 0))),
+                                train_per_class=options.get("train_per_class"),
+                                max_per_class=options.get("max_per_class"),
                                 checksums=_string_map(config.get("checksums", {})))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise TLError(f"{config_file} is not a run config this project wrote ({type(exc).__name__}: {exc}); "
@@ -142,19 +153,29 @@ def epoch_files(folder: Path) -> list[tuple[int, Path]]:
 
 
 def _split_loader(data: Path, split: str, ctx: ModelContext, batch_size: int = 32, log=print):
-    """The images of one split, chosen and reported exactly as training chose them (the same scan,
-    and for a --val-split run the same seeded split of the same folder)."""
+    """The images of one split, chosen and reported as training chose them (the same scan, for a
+    --val-split run the same seeded split of the same folder, and for train the same subset)."""
     spec = get_backbone(ctx.backbone)
     transforms = build_transforms(spec.mean, spec.std, size=ctx.image_size, augment=False)
+    # train: exactly the images the run trained on (its --quick/--max-per-class subset, then its
+    # --train-per-class draw); val and test: the whole split, the more images the better the score
+    subset = ctx.max_per_class if split == "train" else None
     if ctx.val_split and not (data / split).is_dir():
         if split == "test":
             raise TLError(f"{data} was split with --val-split {ctx.val_split} into train and val: it has no test split")
-        sets = split_datasets(data, transforms, ctx.val_split, split_seed=ctx.split_seed)
+        sets = split_datasets(data, transforms, ctx.val_split, split_seed=ctx.split_seed, max_per_class=subset)
     else:
-        sets = image_datasets(data, transforms, phases=(split,))
+        sets = image_datasets(data, transforms, phases=(split,), max_per_class=subset)
     if report := describe_skipped(sets):
         log(report)  # the images left out are said, not silently dropped from the score
     ds = sets[split]
+    if split == "train" and ctx.train_per_class:
+        try:
+            keep_train_per_class(ds, int(ctx.train_per_class), ctx.split_seed)  # the images it trained on, no others
+        except TLError:
+            raise TLError(f"the run trained on a seeded draw of {ctx.train_per_class} images per class "
+                          f"(--train-per-class); {data / split} has fewer in some class, so its train split "
+                          f"cannot be scored as the run saw it. Score --split val, or its own data folder") from None
     if ctx.classes is not None and ds.classes != ctx.classes:
         raise TLError(f"the model was trained on classes {ctx.classes}, but {data / split} has {ds.classes}")
     return torch.utils.data.DataLoader(ds, batch_size=batch_size), ds.classes

@@ -35,13 +35,22 @@ Caches are stored (float32 by default) under `$TL_CACHE_DIR` (default
 nothing else (`cache_key`): change any of it and the cache is rebuilt. A stored file is
 checked when read (shape, row count, labels, a SHA-256 of its contents); a damaged one is
 reported in one line and rebuilt, never used.
+
+A cache larger than `--cache-limit-gb` is not held in memory: it *spills to disk*. The pass
+writes into a memory-mapped file, and the loop reads the cache file memory-mapped
+(`torch.load(mmap=True)`), so the OS pages it in and out as its file cache
+(`cached_features` explains why that is exact and stays within the limit). Only when the
+disk has too little room for it does the run train uncached.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import math
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +58,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from tl.checkpoint import atomic_save, remove_stale_temporaries, state_digest
+from tl.checkpoint import atomic_save, remove_stale_temporaries, state_digest, temporary_beside
 from tl.models import BATCHNORM, Backbone
 
 
@@ -224,12 +233,16 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 @torch.no_grad()
 def compute_features(model: nn.Module, cut: str, dataset: Dataset, *, views: int = 1, batch_size: int | None = None,
                      device: torch.device | str = "cpu", seed: int = 0, workers: int = 0,
-                     channels_last: bool = False) -> torch.Tensor:
-    """(views, N, D) inputs of the module `cut`, for every image of `dataset` in order.
+                     channels_last: bool = False, dtype: torch.dtype = torch.float32,
+                     store: Path | None = None) -> torch.Tensor:
+    """(views, N, D) inputs of the module `cut`, for every image of `dataset` in order, as `dtype`.
 
     The full model runs in eval mode; a forward pre-hook on `cut` stores its input and
     stops the forward pass there. With a random (train) transform, each view is a new draw.
     `channels_last` runs the pass in the NHWC layout the loop would use (faster on CPU too).
+    With `store` (a file), the result lives in that file, memory-mapped (`torch.from_file`,
+    shared: every write goes to the file), not in the process's memory: how a cache larger
+    than `--cache-limit-gb` is computed. The numbers are the same either way.
     """
     batch_size = batch_size or feature_batch_size(device)
     layout = torch.channels_last if channels_last else torch.contiguous_format
@@ -262,7 +275,9 @@ def compute_features(model: nn.Module, cut: str, dataset: Dataset, *, views: int
                         pass
                     batch = captured.pop()  # (B, D)
                     if out is None:
-                        out = torch.empty(views, len(dataset), batch.shape[1])
+                        shape = (views, len(dataset), batch.shape[1])
+                        out = (torch.empty(shape, dtype=dtype) if store is None else
+                               torch.from_file(str(store), shared=True, size=math.prod(shape), dtype=dtype).view(shape))
                     out[view, row:row + len(batch)] = batch
                     row += len(batch)
         finally:
@@ -273,10 +288,11 @@ def compute_features(model: nn.Module, cut: str, dataset: Dataset, *, views: int
 
 class FeatureSet(Dataset):
     """Stored features (views, N, D) and their labels; each access draws one of the views
-    with torch's global RNG (so the draw is seeded and restored on resume like any other)."""
+    with torch's global RNG (so the draw is seeded and restored on resume like any other).
+    `on_disk` is the cache file when `features` is memory-mapped from it rather than in memory."""
 
-    def __init__(self, features: torch.Tensor, targets: torch.Tensor):
-        self.features, self.targets = features, targets
+    def __init__(self, features: torch.Tensor, targets: torch.Tensor, on_disk: Path | None = None):
+        self.features, self.targets, self.on_disk = features, targets, on_disk
 
     def __len__(self) -> int:
         return self.features.shape[1]
@@ -344,10 +360,13 @@ def _checksum(features: torch.Tensor, targets: torch.Tensor) -> str:
     return state_digest({"features": features, "targets": targets})
 
 
-def _read_cache(path: Path, views: int, n: int, dim: int, targets: torch.Tensor) -> tuple[FeatureSet | None, str]:
-    """The stored features at `path` if they are intact and fit, else (None, why not)."""
+def _read_cache(path: Path, views: int, n: int, dim: int, targets: torch.Tensor,
+                mmap: bool = False) -> tuple[FeatureSet | None, str]:
+    """The stored features at `path` if they are intact and fit, else (None, why not).
+    With `mmap` the features stay in the file, memory-mapped; the checks are the same
+    (the checksum then streams through the file's pages)."""
     try:
-        stored = torch.load(path, map_location="cpu", weights_only=True)
+        stored = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         features, stored_targets, checksum = stored["features"], stored["targets"], stored["checksum"]
     except Exception as exc:  # truncated, not a torch file, missing keys: all mean "rebuild"
         return None, f"unreadable ({type(exc).__name__})"
@@ -357,30 +376,89 @@ def _read_cache(path: Path, views: int, n: int, dim: int, targets: torch.Tensor)
         return None, "labels differ from the data set's"
     if _checksum(features, stored_targets) != checksum:
         return None, "contents do not match their checksum"
-    return FeatureSet(features, stored_targets), ""
+    return FeatureSet(features, stored_targets, on_disk=path if mmap else None), ""
+
+
+DISK_MARGIN = 2**28  # bytes left free on the cache's disk beyond what a spilled cache needs (256 MiB)
+
+
+def _gb(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GB"
 
 
 def cached_features(model: nn.Module, split: CacheSplit, dataset, *, key: str, views: int, seed: int, device,
                     dtype: torch.dtype = torch.float32, limit_gb: float = 2.0, workers: int = 0,
-                    channels_last: bool = False, log=print) -> FeatureSet | None:
+                    channels_last: bool = False, phase: str = "", log=print) -> FeatureSet | None:
     """Load the features of `dataset` from the cache, or compute and store them.
 
-    Returns None (the caller then trains uncached) if they would exceed `limit_gb`."""
+    Features larger than `limit_gb` *spill to disk*: they are computed into a memory-mapped
+    file (`compute_features(store=...)`), saved as the usual cache file, and used memory-mapped
+    from it (`torch.load(mmap=True)`); a cache file found on disk is mapped the same way.
+    Why that keeps memory within the limit: mapped pages are the OS's file cache, read from
+    disk when the loop touches them. They are clean copies of the file, so whenever memory is
+    short the kernel simply drops them (and reads them again if needed), whereas the
+    process's own memory would have to be kept or swapped out; the process holds no copy of
+    the features. Why it is exact: the loop reads the very bytes an in-memory cache would
+    hold (the same pass computed them, the same file stores them), so training is
+    bit-identical. `key` does not depend on the limit: a spilled file and an in-memory one
+    are the same cache entry, and either run reuses the other's.
+
+    Returns None (the caller then trains uncached) only when spilling is needed and the cache's
+    disk has too little free space: the raw file being filled and the saved cache file exist
+    side by side for a moment (twice the size), plus `DISK_MARGIN`."""
     path = cache_dir() / f"{key}.pt"
     targets = torch.tensor(dataset.targets)
+    needed = views * len(dataset) * split.feature_dim * torch.tensor([], dtype=dtype).element_size()
+    spill = needed > limit_gb * 2**30
+    spilled = (f"feature cache for {phase or 'a data set'}: {_gb(needed)} > --cache-limit-gb {limit_gb}: "
+               f"kept on disk (memory-mapped) at {path}")
     if path.is_file():
-        found, why = _read_cache(path, views, len(dataset), split.feature_dim, targets)
+        found, why = _read_cache(path, views, len(dataset), split.feature_dim, targets, mmap=spill)
         if found is not None:
+            if spill:
+                log(spilled)
             return found
         log(f"feature cache file {path} is damaged ({why}): rebuilding it")
-    needed = views * len(dataset) * split.feature_dim * torch.tensor([], dtype=dtype).element_size()
-    if needed > limit_gb * 2**30:
-        log(f"feature cache would need {needed / 2**30:.2f} GB > --cache-limit-gb {limit_gb}: running uncached")
+    run = dict(views=views, seed=seed, device=device, workers=workers, channels_last=channels_last, dtype=dtype)
+    if not spill:
+        features = compute_features(model, split.cut, dataset, **run)
+        atomic_save({"features": features, "targets": targets, "checksum": _checksum(features, targets)}, path)
+        return FeatureSet(features, targets)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def no_room(free: int) -> str:
+        return (f"feature cache for {phase or 'a data set'} would need {_gb(needed)} > --cache-limit-gb {limit_gb}, "
+                f"and {path.parent} has {_gb(free)} free, too little to keep it on disk "
+                f"({_gb(2 * needed + DISK_MARGIN)} while it is written): running uncached")
+
+    free = shutil.disk_usage(path.parent).free
+    if free < 2 * needed + DISK_MARGIN:
+        log(no_room(free))
         return None
-    features = compute_features(model, split.cut, dataset, views=views, seed=seed, device=device,
-                                workers=workers, channels_last=channels_last).to(dtype)
-    atomic_save({"features": features, "targets": targets, "checksum": _checksum(features, targets)}, path)
-    return FeatureSet(features, targets)
+    # the raw (views, N, D) array is filled through a shared mapping of a temporary file
+    # (`.KEY.raw.PID.XXXXXXXX.tmp`: a killed run's leftover is swept like any temporary)
+    fd, raw = temporary_beside(path.with_suffix(".raw"))
+    try:
+        try:
+            if hasattr(os, "posix_fallocate"):
+                # reserve the blocks now: a disk that fills up meanwhile fails here with ENOSPC,
+                # not with a SIGBUS when the kernel writes a mapped page back during the pass
+                os.posix_fallocate(fd, 0, needed)
+        finally:
+            os.close(fd)
+        features = compute_features(model, split.cut, dataset, store=raw, **run)
+        atomic_save({"features": features, "targets": targets, "checksum": _checksum(features, targets)}, path)
+        del features  # unmaps the raw file
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):  # disk full, or the user's quota
+            raise
+        log(no_room(shutil.disk_usage(path.parent).free))  # another writer filled the disk meanwhile
+        return None
+    finally:
+        raw.unlink(missing_ok=True)
+    log(spilled)
+    return FeatureSet(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["features"], targets,
+                      on_disk=path)
 
 
 class FeaturesOrImages(nn.Module):
@@ -427,23 +505,27 @@ def plan_cache(model: nn.Module, spec: Backbone, sets: dict, *, frozen_bn_eval: 
     common = dict(seed=seed, device=device, dtype=dtype, limit_gb=limit_gb, workers=workers,
                   channels_last=channels_last, log=log)
 
-    def phase_cache(ds, n_views: int, random_views: bool) -> FeatureSet | None:
+    def phase_cache(phase: str, ds, n_views: int, random_views: bool) -> FeatureSet | None:
         key = cache_key(digest, ds, views=n_views, random_views=random_views, seed=seed, workers=workers, dtype=dtype,
                         device=device, channels_last=channels_last, folded=folded)
-        return cached_features(extractor, split, ds, key=key, views=n_views, **common)
+        return cached_features(extractor, split, ds, key=key, views=n_views, phase=phase, **common)
 
-    cached = {"val": phase_cache(val, 1, False)}
+    cached = {"val": phase_cache("val", val, 1, False)}
     if not augment:
-        cached["train"] = phase_cache(sets["train"], 1, False)
+        cached["train"] = phase_cache("train", sets["train"], 1, False)
     elif views > 0:
-        cached["train"] = phase_cache(sets["train"], views, True)
+        cached["train"] = phase_cache("train", sets["train"], views, True)
+    refused = [phase for phase, fs in cached.items() if fs is None]  # over the limit, too little disk to spill
     cached = {phase: fs for phase, fs in cached.items() if fs is not None}
     if not cached:
-        return model, {}, "off (over the size limit)"
+        return model, {}, "off (over --cache-limit-gb, too little free disk to keep it on disk)"
     if "train" not in cached:
-        mode = "val only (train images are augmented)"
-    elif not augment:
-        mode = "train + val (exact: no augmentation)"
+        mode = "val only (" + ("train: too little free disk" if "train" in refused
+                               else "train images are augmented") + ")"
     else:
-        mode = f"train + val (train: {views} precomputed augmented views per image)"
+        how = "exact: no augmentation" if not augment else f"train: {views} precomputed augmented views per image"
+        mode = f"train + val ({how})" if "val" in cached else f"train only ({how}, val: too little free disk)"
+    on_disk = [phase for phase, fs in cached.items() if fs.on_disk is not None]
+    if on_disk:
+        mode += f" (on disk, memory-mapped: {', '.join(on_disk)})"
     return FeaturesOrImages(model, split.tail), cached, mode

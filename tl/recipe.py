@@ -35,6 +35,7 @@ from torch import nn
 
 from tl import Interrupted, TLError, checkpoint, distributed, features
 from tl.data import (
+    DecodedImages,
     build_transforms,
     decoded_images,
     describe_skipped,
@@ -109,8 +110,9 @@ class RunOptions:
     channels_last: bool = True  # NHWC memory layout: faster on GPUs, and on this CPU (results/benchmark.md)
     feature_cache: bool = True  # cache what a frozen prefix computes (tl/features.py) when that is exact
     cache_views: int = 0  # with augmentation: K precomputed augmented views per train image (0: train uncached)
-    cache_limit_gb: float = 2.0  # refuse a feature or image cache larger than this
+    cache_limit_gb: float = 2.0  # memory for a cache: a larger feature cache stays on disk (mmap), no image cache
     image_cache: bool = False  # decode and resize every image once, keep uint8 tensors in memory
+    device_images: bool = False  # with image_cache: those tensors live on the training device, augmented there
     patience: int | None = None  # early stopping (004 §2.3): stop after this many epochs without a new best
     monitor: str = "acc"  # what "best" means for best.pth and early stopping: val "acc" or val "loss"
     informative_names: bool = False  # per-epoch files named epoch03-loss0.1820-acc0.9412.pth (004)
@@ -119,6 +121,12 @@ class RunOptions:
     progress: bool = True
     sync_bn: bool = False  # under torchrun on GPUs: BatchNorm statistics over all processes' batches (SyncBatchNorm)
 
+
+    def __post_init__(self) -> None:
+        if self.device_images:
+            # images on the device are transformed in the main process: no worker processes,
+            # for the loop and for the feature pass alike (and config.json records that)
+            self.image_cache, self.workers = True, 0
 
     def make_quick(self) -> None:
         """`--quick`: a smoke run of seconds, 8 images per class, 64-pixel crops, 1 training epoch."""
@@ -169,7 +177,9 @@ def resume_options(ckpt: dict, given: dict, source: Path) -> RunOptions:
     `given` holds only what the user actually typed (as RunOptions fields). `data` may name
     another path to the same images (run() checks the files); anything else that differs
     from the saved run stops with a message, because it would change the result."""
-    saved = dict(ckpt["config"]["options"])
+    # an option newer than the checkpoint had its default value in that run
+    saved = {f.name: _as_saved(f.default) for f in dataclasses.fields(RunOptions)
+             if f.default is not dataclasses.MISSING} | dict(ckpt["config"]["options"])
     conflicts = [f"{k.replace('_', '-')} {v} (the run has {saved.get(k)})" for k, v in given.items()
                  if k not in (*RESUME_SAFE, "data") and _as_saved(v) != saved.get(k)]
     if conflicts:
@@ -460,7 +470,15 @@ def _start_stage(span: Span, model: nn.Module, spec: Backbone, recipe: Recipe, s
     log(f"stage {span.index + 1}: {stage.name}, training epochs {max(span.start, 1)}..{span.end - 1}")
     optimizer = stage.setup(model, spec, recipe)
     net, cached, cache_mode = model, {}, "off"
-    if opts.feature_cache:
+    saved = ckpt.get("stage", {"index": 0, "end": None}) if ckpt is not None else None
+    resumed_inside = saved is not None and saved["index"] == span.index
+    saved_mode = next((s["feature_cache"] for s in ckpt["config"].get("stages", []) if s["index"] == span.index),
+                      ckpt["config"].get("feature_cache")) if resumed_inside else None
+    if resumed_inside and str(saved_mode).startswith("off"):
+        # the stage trained uncached before the interruption (for whatever reason: a full disk,
+        # say), so its rest does too: the cache's folded BatchNorm differs in the last float bits
+        cache_mode = saved_mode
+    elif opts.feature_cache:
         # [DDP] process 0 computes and stores the features first; the others wait, then load them.
         # fork_rng: the cache's probe and passes draw nothing from the run's RNG
         with distributed.main_first(), torch.random.fork_rng(devices=[]):
@@ -469,22 +487,28 @@ def _start_stage(span: Span, model: nn.Module, spec: Backbone, recipe: Recipe, s
                 or _either(stage.bn_eval, recipe.bn_eval), augment=opts.augment,
                 views=opts.cache_views, seed=opts.seed, device=device, dtype=torch.float32,
                 limit_gb=opts.cache_limit_gb, workers=opts.workers, channels_last=opts.channels_last, log=log)
-    if opts.image_cache:
+    if opts.image_cache or opts.device_images:
         for p, ds in sets.items():
             if p not in cached and p not in decoded:
-                decoded[p] = decoded_images(ds, val_resize(opts.image_size), opts.cache_limit_gb, log)
+                decoded[p] = decoded_images(ds, val_resize(opts.image_size), opts.cache_limit_gb, log,
+                                            device=device if opts.device_images else None,
+                                            required=opts.device_images)
     log(f"feature cache: {cache_mode}")
+    if resumed_inside and saved_mode is not None and _plain(saved_mode) != _plain(cache_mode):
+        log(f"warning: before the interruption this stage trained with the feature cache '{saved_mode}', now "
+            f"'{cache_mode}'; the rest of the run may differ from an uninterrupted one in the last float bits")
     inputs = {p: cached.get(p, decoded.get(p, ds)) for p, ds in sets.items()}
+    # images already on the device are transformed in this process and need no pinned copy
+    on_device = opts.device_images and any(isinstance(ds, DecodedImages) for ds in inputs.values())
     loaders = make_loaders(inputs, recipe.batch_size, seed=opts.seed,
-                           workers=0 if len(cached) == len(sets) else opts.workers,
-                           pin_memory=device.type == "cuda", generator=generator)
+                           workers=0 if len(cached) == len(sets) or on_device else opts.workers,
+                           pin_memory=device.type == "cuda" and not on_device, generator=generator)
     if distributed.is_distributed():  # [DDP] on its device and layout first: DDP copies process 0's weights to all;
         # a new DDP wrapper per stage, since it records which parameters train when it is made
         net.to(device, memory_format=torch.channels_last if opts.channels_last else torch.contiguous_format)
         net = distributed.wrap(net, device, opts.sync_bn)
     scheduler = stage.schedule(optimizer, span.epochs, len(loaders["train"])) if stage.schedule else None
-    saved = ckpt.get("stage", {"index": 0, "end": None}) if ckpt is not None else None
-    if saved is not None and saved["index"] == span.index:
+    if resumed_inside:
         model.to(device)  # optimizer state is loaded onto its parameters' device: the one this run trains on
         if scheduler is not None and saved["end"] not in (None, span.end):
             raise TLError(f"this run's stage {stage.name!r} laid out its learning-rate schedule for training "
@@ -494,6 +518,11 @@ def _start_stage(span: Span, model: nn.Module, spec: Backbone, recipe: Recipe, s
         if scheduler is not None and ckpt["scheduler"] is not None:
             scheduler.load_state_dict(ckpt["scheduler"])
     return optimizer, scheduler, net, cached, loaders, cache_mode
+
+
+def _plain(cache_mode: str) -> str:
+    """A cache mode without where the cache lies: in memory or on disk, its numbers are the same."""
+    return cache_mode.split(" (on disk")[0]
 
 
 def _either(value, default):

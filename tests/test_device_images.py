@@ -1,0 +1,89 @@
+"""`--device-images`: decoded images kept on the training device and augmented there.
+
+The point of the option is a GPU (issue "Scale out", part 4); this machine has none, so
+what runs here checks the wiring on the CPU, where the option must give exactly the run
+that `--image-cache --workers 0` gives (same crops from the same RNG, same arithmetic).
+The last test runs only where CUDA is visible.
+"""
+
+import pytest
+import torch
+
+import main
+from experiments import get_experiment
+from tl import recipe as recipe_module
+from tl.data import DecodedImages, build_transforms, image_datasets
+from tl.recipe import RunOptions, run
+
+
+def _run(data, out, **options):
+    module = get_experiment("resnet_finetune")
+    opts = RunOptions(data=data, backbone="tiny", weights="none", epochs=2, batch_size=5, out=out,
+                      progress=False, plots=False, **options)
+    return run(module.RECIPE, module.build, opts, log=lambda s: None)
+
+
+def test_device_images_on_the_cpu_train_exactly_like_the_image_cache_without_workers(
+        tiny_data, tiny_backbone, tmp_path, monkeypatch):
+    seen = []
+    real = recipe_module.make_loaders
+
+    def spy(inputs, batch_size, **kwargs):
+        seen.append((kwargs, {p: type(ds).__name__ for p, ds in inputs.items()}))
+        return real(inputs, batch_size, **kwargs)
+
+    monkeypatch.setattr(recipe_module, "make_loaders", spy)
+    a = _run(tiny_data, tmp_path / "a", image_cache=True, workers=0)
+    # asked for 2 workers: images on the device are transformed in the main process regardless
+    b = _run(tiny_data, tmp_path / "b", device_images=True, workers=2)
+    assert seen[1][0]["workers"] == 0 and seen[1][0]["pin_memory"] is False
+    assert seen[1][1] == {"train": "DecodedImages", "val": "DecodedImages"}
+    assert [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in a.history.rows] == \
+           [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in b.history.rows]
+    for name, tensor in a.model.state_dict().items():
+        assert torch.equal(tensor, b.model.state_dict()[name]), name
+    assert b.config["options"]["device_images"] is True
+
+
+def test_decoded_images_stay_on_the_device_they_are_given(tiny_data):
+    sets = image_datasets(tiny_data, build_transforms((0.5,) * 3, (0.5,) * 3, size=32, resize=36))
+    decoded = DecodedImages(sets["train"], resize=36, device="meta")  # a device with no data: nothing is copied back
+    assert all(img.device.type == "meta" for img in decoded.images)
+    assert all(img.dtype == torch.uint8 for img in decoded.images)
+
+
+def test_device_images_with_workers_is_a_clear_error(tiny_data, tiny_backbone, tmp_path, capsys):
+    code = main.main(["-e", "resnet_finetune", "-b", "tiny", "--data", str(tiny_data), "--out", str(tmp_path / "runs"),
+                      "--device-images", "--workers", "2", "--weights", "none", "--no-progress"])
+    assert code == 2
+    assert "--device-images" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("argv, workers, image_cache", [
+    ([], 2, False),
+    (["--quick"], 0, False),
+    (["--quick", "--workers", "1"], 1, False),  # an explicit --workers wins over --quick's 0
+    (["--device-images"], 0, True),
+    (["--device-images", "--workers", "0"], 0, True),
+])
+def test_workers_and_image_cache_from_the_command_line(tiny_data, argv, workers, image_cache):
+    args = main.build_parser().parse_args(["-e", "resnet_finetune", "--data", str(tiny_data), *argv])
+    opts = main.run_options(args)
+    assert (opts.workers, opts.image_cache) == (workers, image_cache)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_images_and_their_augmentation_stay_there(tiny_data, tiny_backbone, tmp_path, monkeypatch):
+    devices = []
+    real = DecodedImages.__getitem__
+
+    def spy(self, i):
+        image, label = real(self, i)
+        devices.append(image.device.type)
+        return image, label
+
+    monkeypatch.setattr(DecodedImages, "__getitem__", spy)
+    result = _run(tiny_data, tmp_path, device_images=True, device="cuda")
+    assert set(devices) == {"cuda"}
+    assert [r["epoch"] for r in result.history.val()] == [0, 1, 2]

@@ -1,0 +1,194 @@
+"""A feature cache over --cache-limit-gb spills to disk: memory-mapped, exact, checked.
+
+SPILL is a limit every cache of the tiny data set exceeds, so each run here keeps its
+features on disk; the same run with the default limit keeps them in memory.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import struct
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from experiments import resnet_frozen
+from tests.conftest import TinyNet
+from tl import checkpoint, features
+from tl.data import build_transforms, image_datasets
+from tl.models import get_backbone, set_trainable
+from tl.recipe import RunOptions, run
+
+SPILL = 1e-9  # GB: about one byte
+
+
+@pytest.fixture(autouse=True)
+def own_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("TL_CACHE_DIR", str(tmp_path / "feature-cache"))
+    return tmp_path / "feature-cache"
+
+
+def _run(data, out, lines=None, **kw):
+    lines = [] if lines is None else lines
+    opts = RunOptions(data=data, backbone="tiny", weights="none", epochs=2, workers=0, out=out, image_size=32,
+                      progress=False, plots=False, augment=False, lr_scale=20, **kw)
+    return run(resnet_frozen.RECIPE, resnet_frozen.build, opts, log=lines.append)
+
+
+def _strip(rows):
+    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in rows]
+
+
+def _assert_same_training(a, b):
+    assert _strip(a.history.rows) == _strip(b.history.rows)
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys()
+    for name, tensor in sa.items():
+        assert torch.equal(tensor, sb[name]), name
+
+
+def _no_feature_pass(*args, **kwargs):
+    raise AssertionError("the cache on disk should have been reused")
+
+
+def test_a_spilled_cache_trains_exactly_like_an_in_memory_one(tiny_data, tiny_backbone, tmp_path, monkeypatch):
+    spilled_dir, memory_dir = tmp_path / "spilled-cache", tmp_path / "memory-cache"
+    monkeypatch.setenv("TL_CACHE_DIR", str(spilled_dir))
+    lines = []
+    spilled = _run(tiny_data, tmp_path / "a", lines, cache_limit_gb=SPILL)
+    monkeypatch.setenv("TL_CACHE_DIR", str(memory_dir))
+    memory = _run(tiny_data, tmp_path / "b")
+
+    assert memory.config["feature_cache"] == "train + val (exact: no augmentation)"
+    assert spilled.config["feature_cache"] == ("train + val (exact: no augmentation) "
+                                               "(on disk, memory-mapped: val, train)")
+    said = [line for line in lines if "kept on disk (memory-mapped) at" in line]
+    assert len(said) == 2 and all("--cache-limit-gb 1e-09" in line for line in said), lines
+    _assert_same_training(spilled, memory)
+
+    # one cache entry, whatever the limit: the same file names (keys) and the same features
+    # (and no temporary left behind: the raw file is gone)
+    names = sorted(p.name for p in spilled_dir.iterdir())
+    assert len(names) == 2 and names == sorted(p.name for p in memory_dir.iterdir())
+    for name in names:
+        a, b = (torch.load(d / name, weights_only=True) for d in (spilled_dir, memory_dir))
+        assert torch.equal(a["features"], b["features"]) and a["checksum"] == b["checksum"]
+
+    # so either run reuses the other's files, with no feature pass
+    monkeypatch.setattr(features, "compute_features", _no_feature_pass)
+    monkeypatch.setenv("TL_CACHE_DIR", str(spilled_dir))
+    _assert_same_training(_run(tiny_data, tmp_path / "c"), memory)
+    monkeypatch.setenv("TL_CACHE_DIR", str(memory_dir))
+    reused = _run(tiny_data, tmp_path / "d", cache_limit_gb=SPILL)
+    assert reused.config["feature_cache"] == spilled.config["feature_cache"]
+    _assert_same_training(reused, memory)
+
+
+def _mapped_file(tensor: torch.Tensor) -> str:
+    """What the memory holding `tensor`'s first byte maps, from /proc/self/maps: a file's
+    path for a file mapping; "[heap]" or "" (anonymous memory) for ordinary memory."""
+    address = tensor.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        low, high = (int(x, 16) for x in fields[0].split("-"))
+        if low <= address < high:
+            return fields[5] if len(fields) == 6 else ""
+    raise AssertionError(f"address {address:#x} is in no mapping")
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads Linux's /proc/self/maps")
+def test_a_spilled_cache_is_memory_mapped_not_read_into_memory(tiny_data, tiny_backbone, own_cache_dir):
+    spec = get_backbone("tiny")
+    torch.manual_seed(0)
+    net = TinyNet()
+    set_trainable(net, spec, ["head"])
+    sets = image_datasets(tiny_data, build_transforms(spec.mean, spec.std, size=32, augment=False))
+
+    def plan(limit_gb):
+        _, cached, mode = features.plan_cache(net, spec, sets, frozen_bn_eval=True, augment=False, views=0, seed=0,
+                                              device=torch.device("cpu"), dtype=torch.float32, limit_gb=limit_gb,
+                                              workers=0, log=lambda s: None)
+        assert set(cached) == {"train", "val"}
+        return cached, mode
+
+    for _ in ("computed", "found on disk"):
+        cached, mode = plan(SPILL)
+        assert mode.endswith("(on disk, memory-mapped: val, train)")
+        for fs in cached.values():  # the features' bytes are the cache file's pages, not a copy
+            assert fs.on_disk is not None and fs.on_disk.parent == own_cache_dir
+            assert _mapped_file(fs.features) == os.path.realpath(fs.on_disk)
+    memory, _ = plan(2.0)  # the same files, read into memory: the check above tells the two apart
+    for phase, fs in memory.items():
+        assert fs.on_disk is None and _mapped_file(fs.features) != os.path.realpath(cached[phase].on_disk)
+        assert torch.equal(fs.features, cached[phase].features)
+    # while the pass runs, the features it computes go straight into the file, not into memory
+    store = own_cache_dir / "store.raw"
+    computed = features.compute_features(features.fold_batchnorm(net), "fc", sets["val"], store=store)  # as the cache
+    assert _mapped_file(computed) == os.path.realpath(store)
+    assert torch.equal(computed, memory["val"].features)
+
+
+def test_the_checksum_reads_the_features_where_they_lie():
+    """`_checksum` (state_digest) hashes a tensor's bytes in place: on a memory-mapped cache it
+    streams through the pages instead of copying the whole cache into memory."""
+    import tracemalloc
+
+    big = torch.zeros(1, 1024, 2048)  # 8 MiB
+    tracemalloc.start()
+    try:
+        features._checksum(big, torch.zeros(1024, dtype=torch.long))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20, f"{peak / 2**20:.1f} MiB allocated to hash 8 MiB"
+
+
+def _flip_first_feature_bit(path: Path) -> None:
+    """Flip one bit of the stored features in place, in the file (a disk's bit rot): the zip
+    archive stays well-formed, only the checksum can tell."""
+    with zipfile.ZipFile(path) as z:
+        record = next(i for i in z.infolist() if i.filename.endswith("/data/0"))  # the first tensor: features
+    raw = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", raw[record.header_offset + 26:record.header_offset + 30])
+    raw[record.header_offset + 30 + name_len + extra_len] ^= 1  # the lowest mantissa bit of features[0, 0, 0]
+    path.write_bytes(bytes(raw))
+
+
+def test_a_damaged_spilled_file_is_reported_and_rebuilt(tiny_data, tiny_backbone, tmp_path, own_cache_dir):
+    first = _run(tiny_data, tmp_path / "a", cache_limit_gb=SPILL)
+    for path in own_cache_dir.glob("*.pt"):
+        _flip_first_feature_bit(path)
+    lines = []
+    second = _run(tiny_data, tmp_path / "b", lines, cache_limit_gb=SPILL)
+    damaged = [line for line in lines if "is damaged (contents do not match their checksum): rebuilding" in line]
+    assert len(damaged) == 2, lines
+    _assert_same_training(first, second)
+    third_lines = []
+    _run(tiny_data, tmp_path / "c", third_lines, cache_limit_gb=SPILL)  # the rebuilt files are good again
+    assert not any("is damaged" in line for line in third_lines), third_lines
+
+
+def test_too_little_disk_to_spill_runs_uncached(tiny_data, tiny_backbone, tmp_path, own_cache_dir, monkeypatch):
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**40, 2**40 - 2**20, 2**20))  # 1 MiB free
+    lines = []
+    result = _run(tiny_data, tmp_path / "a", lines, cache_limit_gb=SPILL)
+    assert result.config["feature_cache"] == "off (over --cache-limit-gb, too little free disk to keep it on disk)"
+    refused = [line for line in lines if "too little to keep it on disk" in line and "running uncached" in line]
+    assert len(refused) == 2, lines
+    assert not own_cache_dir.exists() or not any(own_cache_dir.iterdir())  # not even a temporary
+    # a cache within the limit stays in memory and never asks about the disk
+    assert _run(tiny_data, tmp_path / "b").config["feature_cache"] == "train + val (exact: no augmentation)"
+
+
+def test_the_raw_spill_file_is_a_temporary_that_a_later_run_sweeps(tmp_path):
+    fd, raw = checkpoint.temporary_beside(tmp_path / "0123abcd.raw")
+    os.close(fd)
+    assert checkpoint.remove_stale_temporaries(tmp_path) == [] and raw.exists()  # its writer (this test) lives
+    dead = raw.with_name(raw.name.replace(f".{os.getpid()}.", ".999999999."))  # no such process
+    raw.rename(dead)
+    assert checkpoint.remove_stale_temporaries(tmp_path) == [dead] and not dead.exists()
