@@ -194,3 +194,27 @@ def test_device_images_over_the_limit_does_not_leave_the_run_decoding_without_wo
     assert code == 2 and seen == []  # refused before any loader, with the way out in the message
     assert "raise --cache-limit-gb" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+# ----------------------------------------------------------------------------- 7. torchrun: process 0 decides
+def test_every_process_follows_process_0_when_it_trains_uncached(tiny_data, tiny_backbone, tmp_path, monkeypatch):
+    """Under torchrun, process 0 may fall back to training uncached (no disk room) while another
+    process, checking a moment later, finds room: the processes would then compute different
+    floats. Every process takes process 0's 'off' (tl.distributed.from_main stands in for the
+    broadcast here), so this process trains exactly like an uncached run."""
+    from tl import distributed
+
+    def go(out, **kw):
+        o = RunOptions(data=tiny_data, backbone="tiny", weights="none", epochs=2, out=out, image_size=32, workers=0,
+                       progress=False, plots=False, augment=False, lr_scale=20, **kw)
+        return run(resnet_frozen.RECIPE, resnet_frozen.build, o, log=lambda s: None)
+
+    uncached = go(tmp_path / "a", feature_cache=False)
+    modes = ("off", "val only", "train + val")  # what plan_cache reports; other broadcasts pass through
+    monkeypatch.setattr(distributed, "from_main", lambda obj: "off (process 0: too little disk)"
+                        if isinstance(obj, str) and obj.startswith(modes) else obj)
+    follower = go(tmp_path / "b")
+    assert follower.config["feature_cache"] == "off (process 0: too little disk)"
+    assert _strip(follower.history.rows) == _strip(uncached.history.rows)
+    for name, tensor in uncached.model.state_dict().items():
+        assert torch.equal(tensor, follower.model.state_dict()[name]), name

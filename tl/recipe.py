@@ -487,6 +487,12 @@ def _start_stage(span: Span, model: nn.Module, spec: Backbone, recipe: Recipe, s
                 or _either(stage.bn_eval, recipe.bn_eval), augment=opts.augment,
                 views=opts.cache_views, seed=opts.seed, device=device, dtype=torch.float32,
                 limit_gb=opts.cache_limit_gb, workers=opts.workers, channels_last=opts.channels_last, log=log)
+        main_mode = distributed.from_main(cache_mode)  # [DDP] process 0's decision; ours otherwise
+        if main_mode.startswith("off") and not cache_mode.startswith("off"):
+            # process 0 trains uncached (its disk had no room, say): so does every process
+            net, cached, cache_mode = model, {}, main_mode
+        elif _plain(main_mode) != _plain(cache_mode):
+            log(f"warning: process 0 trains with the feature cache '{main_mode}', this process with '{cache_mode}'")
     if opts.image_cache or opts.device_images:
         for p, ds in sets.items():
             if p not in cached and p not in decoded:
