@@ -76,8 +76,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
         free = shutil.disk_usage(path.parent).free if failed_save else None
         Path(tmp).unlink(missing_ok=True)
         if failed_save:
-            raise OSError(errno.ENOSPC if free < 2**20 else errno.EIO,
-                          f"writing failed ({free / 2**20:.1f} MB free there)", str(path)) from None
+            # the OSError underneath (disk full, quota exceeded, I/O error) keeps its errno;
+            # without one, a disk with under 1 MiB left is taken to be full
+            cause = exc.__context__ if isinstance(exc.__context__, OSError) else None
+            code = cause.errno if cause is not None and cause.errno else errno.ENOSPC if free < 2**20 else errno.EIO
+            raise OSError(code, f"writing failed ({free / 2**20:.1f} MB free there)", str(path)) from None
         raise
     return path
 

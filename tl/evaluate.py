@@ -54,6 +54,7 @@ class ModelContext:
     split_seed: int = 0  # ... with this seed: --evaluate rebuilds the same split
     train_per_class: int | None = None  # the run trained on this seeded draw per class (split_seed): --split train
     max_per_class: int | None = None  # the run used only the first N images of each class (--quick)
+    verify_images: bool = False  # the run decoded every image first and left out those that fail
 
 
 def context_for(path: Path, backbone: str | None) -> ModelContext:
@@ -73,6 +74,7 @@ def context_for(path: Path, backbone: str | None) -> ModelContext:
                                 split_seed=int(options.get("split_seed", options.get("seed", 0))),
                                 train_per_class=options.get("train_per_class"),
                                 max_per_class=options.get("max_per_class"),
+                                verify_images=bool(options.get("verify_images", False)),
                                 checksums=_string_map(config.get("checksums", {})))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise TLError(f"{config_file} is not a run config this project wrote ({type(exc).__name__}: {exc}); "
@@ -163,9 +165,10 @@ def _split_loader(data: Path, split: str, ctx: ModelContext, batch_size: int = 3
     if ctx.val_split and not (data / split).is_dir():
         if split == "test":
             raise TLError(f"{data} was split with --val-split {ctx.val_split} into train and val: it has no test split")
-        sets = split_datasets(data, transforms, ctx.val_split, split_seed=ctx.split_seed, max_per_class=subset)
+        sets = split_datasets(data, transforms, ctx.val_split, split_seed=ctx.split_seed, max_per_class=subset,
+                              verify=ctx.verify_images)
     else:
-        sets = image_datasets(data, transforms, phases=(split,), max_per_class=subset)
+        sets = image_datasets(data, transforms, phases=(split,), max_per_class=subset, verify=ctx.verify_images)
     if report := describe_skipped(sets):
         log(report)  # the images left out are said, not silently dropped from the score
     ds = sets[split]

@@ -37,8 +37,10 @@ from tl import Interrupted, TLError, checkpoint, distributed, features
 from tl.data import (
     DecodedImages,
     build_transforms,
+    decoded_bytes,
     decoded_images,
     describe_skipped,
+    device_images_too_large,
     image_datasets,
     keep_train_per_class,
     make_loaders,
@@ -189,7 +191,11 @@ def resume_options(ckpt: dict, given: dict, source: Path) -> RunOptions:
     saved.update({k: v for k, v in given.items() if k in (*RESUME_SAFE, "data")})
     for key in ("data", "out"):
         saved[key] = Path(saved[key])
-    return RunOptions(**saved)
+    opts = RunOptions(**saved)
+    # as saved, even where __post_init__ would now decide otherwise (a device_images run made through
+    # the API before it forced workers 0 ran its feature pass with its workers): the run continues as it began
+    opts.workers, opts.image_cache = saved["workers"], saved["image_cache"]
+    return opts
 
 
 def _as_saved(value):
@@ -273,6 +279,10 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None =
                       f"{opts.data} has {len(classes)}: {classes}")
     fingerprint = data_fingerprint(sets)
     test_set = sets.pop("test", None)  # scored once, after training (score_headline); the loop never sees it
+    if opts.device_images:  # checked before any stage trains: a later stage may be the first to decode images
+        for ds in sets.values():
+            if (needed := decoded_bytes(ds, val_resize(opts.image_size))) > opts.cache_limit_gb * 2**30:
+                raise TLError(device_images_too_large(ds, needed, opts.cache_limit_gb))
 
     # 2. model: architecture + weights + new head, then the recipe decides what trains
     # (a resumed run gets its weights from the checkpoint, so it needs no pretrained file)
@@ -319,7 +329,8 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None =
         config = _config(recipe, opts, spec, device, model, optimizer, sets, classes) | {
             "data_fingerprint": fingerprint, "checksums": {}}
     config["train_epochs"] = recipe.train_epochs
-    _record_stage(config, spans[0], optimizer, scheduler, cache_mode, staged=len(stages) > 1)
+    _record_stage(config, spans[0], optimizer, scheduler, cache_mode, staged=len(stages) > 1,
+                  cached_phases=sorted(cached))
     config["world_size"] = distributed.world_size()  # processes; each trains on batch_size images per step
     if distributed.is_main():  # [DDP]
         _write_json(run_dir / "config.json", config)
@@ -356,7 +367,7 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None =
             if i > 0:  # a new stage: its own trainable set and fresh optimizer; inputs replanned for it
                 optimizer, scheduler, net, cached, loaders, cache_mode = _start_stage(
                     span, model, spec, recipe, sets, decoded, opts, device, generator, None, log)
-                _record_stage(config, span, optimizer, scheduler, cache_mode, staged=True)
+                _record_stage(config, span, optimizer, scheduler, cache_mode, staged=True, cached_phases=sorted(cached))
             stage = span.stage
             history = train_model(net, loaders, make_criterion(recipe), optimizer, span.end, device=device,
                                   scheduler=scheduler, scheduler_interval=stage.interval, scaler=scaler,
@@ -472,8 +483,9 @@ def _start_stage(span: Span, model: nn.Module, spec: Backbone, recipe: Recipe, s
     net, cached, cache_mode = model, {}, "off"
     saved = ckpt.get("stage", {"index": 0, "end": None}) if ckpt is not None else None
     resumed_inside = saved is not None and saved["index"] == span.index
-    saved_mode = next((s["feature_cache"] for s in ckpt["config"].get("stages", []) if s["index"] == span.index),
-                      ckpt["config"].get("feature_cache")) if resumed_inside else None
+    saved_stage = next((s for s in ckpt["config"].get("stages", []) if s["index"] == span.index),
+                       {}) if resumed_inside else {}
+    saved_mode = saved_stage.get("feature_cache", ckpt["config"].get("feature_cache")) if resumed_inside else None
     if resumed_inside and str(saved_mode).startswith("off"):
         # the stage trained uncached before the interruption (for whatever reason: a full disk,
         # say), so its rest does too: the cache's folded BatchNorm differs in the last float bits
@@ -493,6 +505,10 @@ def _start_stage(span: Span, model: nn.Module, spec: Backbone, recipe: Recipe, s
             net, cached, cache_mode = model, {}, main_mode
         elif _plain(main_mode) != _plain(cache_mode):
             log(f"warning: process 0 trains with the feature cache '{main_mode}', this process with '{cache_mode}'")
+        if "cached_phases" in saved_stage and set(cached) - set(saved_stage["cached_phases"]):
+            # a phase this stage trained uncached before the interruption (no disk room for it, say) stays so
+            cached = {p: fs for p, fs in cached.items() if p in saved_stage["cached_phases"]}
+            net, cache_mode = (net if cached else model), saved_mode
     if opts.image_cache or opts.device_images:
         for p, ds in sets.items():
             if p not in cached and p not in decoded:
@@ -536,10 +552,13 @@ def _either(value, default):
     return default if value is None else value
 
 
-def _record_stage(config: dict, span: Span, optimizer, scheduler, cache_mode: str, staged: bool) -> None:
-    """The stage that starts, in config.json: its epochs, rates, schedule and feature cache.
+def _record_stage(config: dict, span: Span, optimizer, scheduler, cache_mode: str, staged: bool,
+                  cached_phases: list[str]) -> None:
+    """The stage that starts, in config.json: its epochs, rates, schedule and feature cache
+    (and which phases it caches, so a resume inside it caches no other).
     A staged run's `feature_cache` and `trainable_params` then speak for all its stages."""
-    entry = describe(span, optimizer, scheduler) | {"index": span.index, "feature_cache": cache_mode}
+    entry = describe(span, optimizer, scheduler) | {"index": span.index, "feature_cache": cache_mode,
+                                                    "cached_phases": cached_phases}
     config["stages"] = [s for s in config.get("stages", []) if s["index"] != span.index] + [entry]
     config["feature_cache"] = cache_mode
     if staged:
