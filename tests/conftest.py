@@ -110,3 +110,24 @@ def require_real_data(path: Path) -> Path:
 @pytest.fixture
 def hymenoptera() -> Path:
     return require_real_data(HYMENOPTERA)
+
+
+@pytest.fixture
+def own_cache_dir(tmp_path, monkeypatch) -> Path:
+    """A feature-cache folder of the test's own (files that share state use it for every test:
+    `pytestmark = pytest.mark.usefixtures("own_cache_dir")`)."""
+    monkeypatch.setenv("TL_CACHE_DIR", str(tmp_path / "feature-cache"))
+    return tmp_path / "feature-cache"
+
+
+@pytest.fixture
+def pretrained(tmp_path, tiny_backbone) -> Path:
+    """A 'pretrained' TinyNet state_dict with BatchNorm statistics far from a fresh init's, so a
+    run that forgets to load it (or caches from another backbone) shows in the numbers."""
+    torch.manual_seed(1234)
+    net = TinyNet()
+    for bn in (net.stem[1], net.block[1]):
+        bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2)
+    path = tmp_path / "pretrained.pth"
+    torch.save(net.state_dict(), path)
+    return path

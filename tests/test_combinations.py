@@ -26,10 +26,7 @@ from tl.recipe import RunOptions, resume_run, run
 SPILL = 1e-9  # GB: every cache of the tiny data set is over it
 
 
-@pytest.fixture(autouse=True)
-def own_cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("TL_CACHE_DIR", str(tmp_path / "feature-cache"))
-    return tmp_path / "feature-cache"
+pytestmark = pytest.mark.usefixtures("own_cache_dir")  # every test: a feature-cache folder of its own
 
 
 def _strip(rows):

@@ -15,26 +15,9 @@ import torch
 
 import main
 from experiments import resnet_frozen
-from tests.conftest import TinyNet
 from tl.recipe import RunOptions, resume_run, run
 
-
-@pytest.fixture(autouse=True)
-def own_cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("TL_CACHE_DIR", str(tmp_path / "feature-cache"))
-    return tmp_path / "feature-cache"
-
-
-@pytest.fixture
-def pretrained(tmp_path, tiny_backbone):
-    """A 'pretrained' TinyNet with BatchNorm statistics far from a fresh init's (test_exactness's)."""
-    torch.manual_seed(1234)
-    net = TinyNet()
-    for bn in (net.stem[1], net.block[1]):
-        bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2)
-    path = tmp_path / "pretrained.pth"
-    torch.save(net.state_dict(), path)
-    return path
+pytestmark = pytest.mark.usefixtures("own_cache_dir")  # every test: a feature-cache folder of its own
 
 
 def _strip(rows):
