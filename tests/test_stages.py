@@ -15,11 +15,13 @@ from torch.utils.data import DataLoader, TensorDataset
 import main
 import tl.recipe
 from tests.conftest import TinyNet
-from tests.test_exactness import _assert_same_run, own_cache_dir, pretrained  # noqa: F401 - fixtures
+from tests.test_exactness import _assert_same_run
 from tl import checkpoint
 from tl.loop import train_model
 from tl.models import BATCHNORM
 from tl.stages import Stage, one_cycle, place, warmup_cosine
+
+pytestmark = pytest.mark.usefixtures("own_cache_dir")  # every test: a feature-cache folder of its own (conftest)
 
 
 def _run(data, out, recipe, epochs, *extra, weights=None):
