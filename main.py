@@ -206,7 +206,7 @@ def run_options(args: argparse.Namespace):
         workers=2 if args.workers is None else args.workers, out=args.out, augment=not args.no_augment,
         save_every_epoch=args.save_every_epoch, amp=args.amp, progress=not args.no_progress,
         channels_last=args.channels_last, feature_cache=args.feature_cache, cache_views=args.cache_views,
-        cache_limit_gb=args.cache_limit_gb, image_cache=args.image_cache or args.device_images,
+        cache_limit_gb=args.cache_limit_gb, image_cache=args.image_cache,
         device_images=args.device_images, patience=args.patience,
         monitor=args.monitor, informative_names=args.informative_names, val_split=args.val_split,
         verify_images=args.verify_images, split_seed=args.split_seed, max_per_class=args.max_per_class,
@@ -221,8 +221,7 @@ def run_options(args: argparse.Namespace):
         if args.workers:
             raise TLError(f"--device-images transforms the images where they live, on the training device, in "
                           f"the main process: it cannot use --workers {args.workers}; leave --workers out")
-        opts.workers = 0
-    return opts
+    return opts  # (RunOptions itself turns --device-images into --image-cache --workers 0)
 
 
 # how a command-line option maps onto RunOptions fields, where the names differ

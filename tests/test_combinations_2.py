@@ -28,10 +28,10 @@ def _strip(rows):
 def test_device_images_over_the_limit_is_refused_before_a_staged_run_trains(tiny_data, tiny_backbone, tmp_path,
                                                                               capsys):
     """modern_finetune --no-augment: stage 1 (frozen body) runs on cached features, so no image
-    is decoded and decoded_images(required=True) is first called when stage 2 starts, after
-    stage 1 has trained and saved. The run then stops with 'raise --cache-limit-gb or leave
-    out --device-images', and a resume can do neither (both are refused as changing the
-    result): the run can never finish."""
+    is decoded and the image cache was first sized (and refused) when stage 2 started, after
+    stage 1 has trained and saved. The run then stopped with 'raise --cache-limit-gb or leave
+    out --device-images', and a resume could do neither (both are refused as changing the
+    result): the run could never finish; now run() refuses it first."""
     out = tmp_path / "runs"
     argv = ["-e", "modern_finetune", "-b", "tiny", "--weights", "none", "--data", str(tiny_data), "--out", str(out),
             "--epochs", "2", "--batch-size", "4", "--quick", "--no-progress", "--no-augment",

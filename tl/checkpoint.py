@@ -78,8 +78,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
         if failed_save:
             # the OSError underneath (disk full, quota exceeded, I/O error) keeps its errno;
             # without one, a disk with under 1 MiB left is taken to be full
-            cause = exc.__context__ if isinstance(exc.__context__, OSError) else None
-            code = cause.errno if cause is not None and cause.errno else errno.ENOSPC if free < 2**20 else errno.EIO
+            code = getattr(exc.__context__, "errno", None) or (errno.ENOSPC if free < 2**20 else errno.EIO)
             raise OSError(code, f"writing failed ({free / 2**20:.1f} MB free there)", str(path)) from None
         raise
     return path

@@ -611,12 +611,6 @@ class DecodedImages(torch.utils.data.Dataset):
         return self.transform(self.images[i]), self.targets[i]
 
 
-def device_images_too_large(folder: CheckedImageFolder, needed: int, limit_gb: float) -> str:
-    return (f"--device-images: the decoded images of {folder.root} need {needed / 2**30:.2f} GB, more than "
-            f"--cache-limit-gb {limit_gb}; raise --cache-limit-gb (they live in the device's memory) or leave "
-            f"out --device-images")
-
-
 def decoded_bytes(folder: CheckedImageFolder, resize: int) -> int:
     """The bytes `DecodedImages(folder, resize)` will hold, read from the image headers alone."""
     needed = 0
@@ -628,12 +622,10 @@ def decoded_bytes(folder: CheckedImageFolder, resize: int) -> int:
 
 
 def decoded_images(folder: CheckedImageFolder, resize: int, limit_gb: float, log=print,
-                   device: torch.device | str | None = None, required: bool = False):
+                   device: torch.device | str | None = None):
     """`DecodedImages(folder, resize, device)` if its tensors fit in `limit_gb`, else `folder`
-    unchanged, or, if `required` (`--device-images`, which runs without workers), an error."""
+    unchanged (`--device-images` runs are refused before that, in `tl.recipe.run`)."""
     needed = decoded_bytes(folder, resize)
-    if needed > limit_gb * 2**30 and required:
-        raise TLError(device_images_too_large(folder, needed, limit_gb))
     if needed > limit_gb * 2**30:
         log(f"image cache for {folder.root} would need {needed / 2**30:.2f} GB > {limit_gb} GB: decoding per epoch")
         return folder

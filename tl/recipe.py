@@ -40,7 +40,6 @@ from tl.data import (
     decoded_bytes,
     decoded_images,
     describe_skipped,
-    device_images_too_large,
     image_datasets,
     keep_train_per_class,
     make_loaders,
@@ -280,9 +279,12 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None =
     fingerprint = data_fingerprint(sets)
     test_set = sets.pop("test", None)  # scored once, after training (score_headline); the loop never sees it
     if opts.device_images:  # checked before any stage trains: a later stage may be the first to decode images
+        # (without workers, decoding per epoch would be slower than not asking for the option at all)
         for ds in sets.values():
             if (needed := decoded_bytes(ds, val_resize(opts.image_size))) > opts.cache_limit_gb * 2**30:
-                raise TLError(device_images_too_large(ds, needed, opts.cache_limit_gb))
+                raise TLError(f"--device-images: the decoded images of {ds.root} need {needed / 2**30:.2f} GB, "
+                              f"more than --cache-limit-gb {opts.cache_limit_gb}; raise --cache-limit-gb (they "
+                              f"live in the device's memory) or leave out --device-images")
 
     # 2. model: architecture + weights + new head, then the recipe decides what trains
     # (a resumed run gets its weights from the checkpoint, so it needs no pretrained file)
@@ -513,8 +515,7 @@ def _start_stage(span: Span, model: nn.Module, spec: Backbone, recipe: Recipe, s
         for p, ds in sets.items():
             if p not in cached and p not in decoded:
                 decoded[p] = decoded_images(ds, val_resize(opts.image_size), opts.cache_limit_gb, log,
-                                            device=device if opts.device_images else None,
-                                            required=opts.device_images)
+                                            device=device if opts.device_images else None)
     log(f"feature cache: {cache_mode}")
     if resumed_inside and saved_mode is not None and _plain(saved_mode) != _plain(cache_mode):
         log(f"warning: before the interruption this stage trained with the feature cache '{saved_mode}', now "
