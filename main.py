@@ -198,7 +198,7 @@ def list_recipes() -> str:
 
 def run_options(args: argparse.Namespace):
     from tl.data import resolve_data_dir
-    from tl.recipe import RunOptions
+    from tl.engine.run import RunOptions
 
     opts = RunOptions(
         data=resolve_data_dir(args.data), backbone=args.backbone, weights=args.weights, epochs=args.epochs,
@@ -243,8 +243,8 @@ def given_options(argv: list[str] | None) -> set[str]:
 def resume(args: argparse.Namespace, given: set[str]):
     """Continue the run of a last.ckpt with its own saved options. Only --epochs (the new
     total), --device, --no-progress and --data (another path to the same images) may be
-    given; any other option that would change the run is refused (tl.recipe.resume_options)."""
-    from tl.recipe import resume_run
+    given; any other option that would change the run is refused (tl.engine.run.resume_options)."""
+    from tl.engine.run import resume_run
 
     args.data = args.data or "."  # without --data the saved path is used; nothing to resolve or download
     opts = run_options(args)
@@ -281,8 +281,8 @@ def _main(argv: list[str] | None = None) -> int:
             print(list_recipes())
         elif args.experiment:
             from experiments import get_experiment
+            from tl.engine.run import run
             from tl.models import get_backbone, imagenet_file
-            from tl.recipe import run
 
             module = get_experiment(args.experiment)
             spec = get_backbone(args.backbone or module.RECIPE.backbone)  # a typo fails here, before any data
@@ -297,19 +297,19 @@ def _main(argv: list[str] | None = None) -> int:
         elif args.resume:
             resume(args, given_options(argv))
         elif args.evaluate:
-            from tl.evaluate import evaluate_command
+            from tl.engine.evaluate import evaluate_command
 
             evaluate_command(args)
         elif args.predict:
-            from tl.evaluate import predict_command
+            from tl.engine.evaluate import predict_command
 
             predict_command(args)
         elif args.explain:
-            from tl.explain import explain_command
+            from tl.engine.explain import explain_command
 
             explain_command(args)
         elif args.export:
-            from tl.export import export_run
+            from tl.engine.export import export_run
 
             export_run(args.export, args.format, data=args.data)
         elif args.prepare:
@@ -318,7 +318,7 @@ def _main(argv: list[str] | None = None) -> int:
             prepare_dogs_vs_cats(args.src, args.dest, force=args.force)
         elif args.show_data:
             from tl.data import resolve_data_dir
-            from tl.plots import data_preview
+            from tl.engine.plots import data_preview
 
             _check_writable(args.out / "data-preview", "--out")
             for path in data_preview(resolve_data_dir(args.data), args.backbone or "resnet18",

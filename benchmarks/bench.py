@@ -23,7 +23,7 @@ For each case it reports the median of `--repeats` measurements (and the min and
               50 ms, and a bound that cannot be exceeded: main peak + workers x largest worker peak.
 
 Nothing here trains a model in its own loop: every figure comes from `tl.loop.train_model`
-(directly, or through `tl.recipe.run`). Results go to `results/benchmark.csv` and
+(directly, or through `tl.engine.run.run`). Results go to `results/benchmark.csv` and
 `results/benchmark.md`. Timings are measurements, never test thresholds.
 """
 
@@ -49,9 +49,10 @@ from benchmarks.growth import MARK_END, MARK_START
 from experiments import get_experiment
 from experiments.compare_all import git_commit, machine_description
 from tl.data import build_transforms, image_datasets
+from tl.engine.run import RunOptions, resolve, run
 from tl.loop import resolve_device, seed_everything, train_model
 from tl.models import create_model, get_backbone
-from tl.recipe import RunOptions, make_criterion, resolve, run
+from tl.recipe import make_criterion
 
 LOOP_CASES = [  # (recipe, backbone, weights): weights do not change speed, so random ResNet18 stands in
     ("resnet_finetune", "efficientnet_lite0", "imagenet"),

@@ -8,7 +8,7 @@ noise, 80% train / 20% val) and measures, each case in a fresh child process so 
 peak memory is its own (VmHWM, the peak resident set):
 
 * epoch     one training epoch of `resnet_finetune` on a random-init ResNet18 at 64 pixels,
-            through `tl.recipe.run` (decoding, augmentation, forward, backward, step): the
+            through `tl.engine.run.run` (decoding, augmentation, forward, backward, step): the
             train row's seconds, and the child's peak RSS (the run also makes its val
             baseline epoch, the val epoch and the headline pass);
 * features  the frozen EfficientNet-Lite0 feature pass over all N images (`tl.features.plan_cache`,
@@ -41,7 +41,7 @@ EPOCH_CODE = """
 import json, sys
 from pathlib import Path
 from experiments import get_experiment
-from tl.recipe import RunOptions, run
+from tl.engine.run import RunOptions, run
 data, out, workers = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 module = get_experiment("resnet_finetune")
 opts = RunOptions(data=data, backbone="resnet18", weights="none", epochs=1, image_size=64, workers=workers,

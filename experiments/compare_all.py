@@ -3,7 +3,7 @@
     python -m experiments.compare_all --data ../shared/data/hymenoptera_data data/dogs-vs-cats \\
         --backbone efficientnet_lite0 own --seeds 0 1 2
 
-runs each data set x recipe x backbone x seed through `tl.recipe.run` (the one loop) and
+runs each data set x recipe x backbone x seed through `tl.engine.run.run` (the one loop) and
 writes to `--out` (default `results/`):
 
     runs.csv                        one row per run (seed): the raw figures
@@ -17,7 +17,7 @@ writes to `--out` (default `results/`):
     meta.json, README.md            the commands, the machine, and the tables in words (experiments/report.py)
 
 The headline number of a run is never chosen on the images it is scored on
-(`tl.recipe.score_headline`): test accuracy of the epoch chosen on val where the data
+(`tl.engine.run.score_headline`): test accuracy of the epoch chosen on val where the data
 folder has a `test/` split, else the final epoch's val accuracy.
 
 Rows are keyed by (data set, recipe, backbone). A run of a subset replaces the rows of the
@@ -102,7 +102,7 @@ def run_one(name: str, backbone: str, seed: int, data_dir: Path, args: argparse.
 
     from experiments import get_experiment
     from tl import Interrupted, TLError
-    from tl.recipe import RunOptions, resolve, run
+    from tl.engine.run import RunOptions, resolve, run
 
     module = get_experiment(name)
     dataset = dataset_name(data_dir)
@@ -298,7 +298,7 @@ def write_outputs(out: Path, runs, meta: dict):
     import pandas as pd
 
     from experiments.report import write_report
-    from tl import plots
+    from tl.engine import plots
 
     summary = summarize(runs)
     out.mkdir(parents=True, exist_ok=True)

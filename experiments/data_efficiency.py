@@ -27,7 +27,7 @@ training data changed:
   "all" is every training image (not balanced when the classes differ in size).
 * Val is untouched at every size, and the headline is the comparison's: the final epoch's
   val accuracy where there is no test split, else the test accuracy of the epoch chosen on
-  val (`tl.recipe.score_headline`): nothing is selected on the images it is scored on.
+  val (`tl.engine.run.score_headline`): nothing is selected on the images it is scored on.
 * Speed: each run keeps its decoded images in memory (`--image-cache`, with no worker
   processes, the fastest setting on a CPU with few cores: results/benchmark.md), and the
   frozen recipe computes the val features once (the feature cache; its augmented train
@@ -102,7 +102,7 @@ def run_one(strategy: str, size: str, seed: int, args: argparse.Namespace, runs_
     from experiments import get_experiment
     from tl import TLError
     from tl.data import resolve_data_dir
-    from tl.recipe import RunOptions, resolve, run
+    from tl.engine.run import RunOptions, resolve, run
 
     data = resolve_data_dir(args.data)
     n = None if size == "all" else int(size)
@@ -153,7 +153,7 @@ def _x(table, classes: int) -> list[float]:
 def plot(table, path: Path, title: str, classes: int) -> Path:
     """Headline accuracy against images per class (log x), one line per strategy: the mean over
     seeds, a band from the lowest to the highest seed, the seeds as dots."""
-    from tl.plots import _save, plt
+    from tl.engine.plots import _save, plt
 
     ok = table[table.status == "ok"].copy()
     fig, ax = plt.subplots(figsize=(7.5, 5), layout="constrained")
@@ -217,9 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
     import torch
 
-    from tl.checkpoint import atomic_write_text
     from tl.data import check_layout, resolve_data_dir
-    from tl.recipe import _write_json
+    from tl.engine.checkpoint import atomic_write_text
+    from tl.engine.run import _write_json
 
     started = time.time()
     runs_dir = args.runs_dir or Path("runs") / f"data-efficiency-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _load(run: Path):
     """(model, context, config) of a run folder or weight file; best.pth in a folder."""
     from tl import TLError
-    from tl.evaluate import context_for, load_model
+    from tl.engine.evaluate import context_for, load_model
 
     weights = run / "best.pth" if run.is_dir() else run
     if not weights.is_file():
@@ -61,10 +61,10 @@ def look(frozen: Path, finetuned: Path, out: Path, data: str | None = None, imag
 
     from tl import TLError
     from tl.data import resolve_data_dir
-    from tl.evaluate import _split_loader
-    from tl.explain import class_activation_maps, head_features, pca_2d
+    from tl.engine.evaluate import _split_loader
+    from tl.engine.explain import class_activation_maps, head_features, pca_2d
+    from tl.engine.plots import cam_figure, projection_plot
     from tl.models import get_backbone
-    from tl.plots import cam_figure, projection_plot
 
     frozen_model, frozen_ctx, frozen_cfg, frozen_file = _load(frozen)
     tuned_model, tuned_ctx, tuned_cfg, tuned_file = _load(finetuned)
@@ -119,7 +119,7 @@ def look(frozen: Path, finetuned: Path, out: Path, data: str | None = None, imag
         + "; the right panel is the fine-tuned one.", "",
         "![PCA of the features](features.png)", "",
     ]
-    from tl.checkpoint import atomic_write_text
+    from tl.engine.checkpoint import atomic_write_text
 
     written.append(atomic_write_text(out / "README.md", "\n".join(page)))
     for path in written:

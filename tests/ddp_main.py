@@ -22,16 +22,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import main  # noqa: E402
+import tl.engine.run  # noqa: E402
 import tl.features  # noqa: E402
-import tl.recipe  # noqa: E402
 from tests.conftest import TinyNet  # noqa: E402
-from tl import checkpoint, distributed  # noqa: E402
+from tl import distributed  # noqa: E402
+from tl.engine import checkpoint
 from tl.models import BACKBONES, Backbone  # noqa: E402
 
 BACKBONES["tiny"] = Backbone("tiny", TinyNet, head="fc", neck=("block",))
 
 if "TL_TEST_DIGESTS" in os.environ:
-    train_model, compute_features, feature_passes = tl.recipe.train_model, tl.features.compute_features, []
+    train_model, compute_features, feature_passes = tl.engine.run.train_model, tl.features.compute_features, []
 
     def counted_compute_features(*args, **kwargs):
         feature_passes.append(1)
@@ -46,18 +47,18 @@ if "TL_TEST_DIGESTS" in os.environ:
         path.write_text(json.dumps(digests))
         return history
 
-    tl.recipe.train_model = recording_train_model
+    tl.engine.run.train_model = recording_train_model
     tl.features.compute_features = counted_compute_features
 
 if "TL_TEST_KILL_AFTER" in os.environ:
-    write_history_csv = tl.recipe.write_history_csv
+    write_history_csv = tl.engine.run.write_history_csv
 
     def dying_write_history_csv(history, path):
         write_history_csv(history, path)  # the last write of on_epoch_end: the epoch is saved
         if history.rows[-1]["epoch"] == int(os.environ["TL_TEST_KILL_AFTER"]):
             os.kill(os.getpid(), signal.SIGKILL)
 
-    tl.recipe.write_history_csv = dying_write_history_csv
+    tl.engine.run.write_history_csv = dying_write_history_csv
 
 if __name__ == "__main__":
     sys.exit(main.main())

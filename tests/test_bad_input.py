@@ -193,7 +193,7 @@ def test_val_split_has_its_own_seed(tmp_path, tiny_backbone, capsys, monkeypatch
         seen.append([p for p, _ in sets["val"].samples])
         return sets
 
-    monkeypatch.setattr("tl.recipe.split_datasets", spy)
+    monkeypatch.setattr("tl.engine.run.split_datasets", spy)
     for n, extra in enumerate((["--seed", "1"], ["--seed", "2"], ["--seed", "1", "--split-seed", "7"])):
         assert train(capsys, d, tmp_path / f"r{n}", "--val-split", "0.25", *extra)[0] == 0
     assert seen[0] == seen[1]  # another training seed, the same val images

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import main
-from tl import TLError, checkpoint
+from tl import TLError
+from tl.engine import checkpoint
 from tl.models import create_model
 
 

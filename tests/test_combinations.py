@@ -19,9 +19,10 @@ from torch import nn
 
 import main
 from experiments import get_experiment, resnet_frozen
-from tl import checkpoint, features
+from tl import features
 from tl.data import _first_per_class, build_transforms, image_datasets, nested_draw
-from tl.recipe import RunOptions, resume_run, run
+from tl.engine import checkpoint
+from tl.engine.run import RunOptions, resume_run, run
 
 SPILL = 1e-9  # GB: every cache of the tiny data set is over it
 
@@ -42,7 +43,7 @@ def test_evaluate_train_split_scores_the_draw_of_a_max_per_class_run(tiny_data, 
                       out=tmp_path / "runs", image_size=32, progress=False, plots=False,
                       max_per_class=6, train_per_class=3)
     result = run(module.RECIPE, module.build, opts, log=lambda s: None)
-    from tl.evaluate import _split_loader, context_for
+    from tl.engine.evaluate import _split_loader, context_for
 
     loader, _ = _split_loader(tiny_data, "train", context_for(result.run_dir / "best.pth", None), log=lambda s: None)
     full = image_datasets(tiny_data, build_transforms((0.5,) * 3, (0.5,) * 3, size=32))["train"]
@@ -177,7 +178,7 @@ def test_device_images_over_the_limit_does_not_leave_the_run_decoding_without_wo
     fit --cache-limit-gb (default 2 GB, a GPU's memory is far larger). When they do not, the
     image cache is dropped with one log line and the run decodes every JPEG in the main
     process with no workers: much slower than not asking for the option at all."""
-    from tl import recipe as recipe_module
+    from tl.engine import run as recipe_module
 
     seen = []
     real = recipe_module.make_loaders

@@ -15,7 +15,7 @@ import torch
 
 import main
 from experiments import resnet_frozen
-from tl.recipe import RunOptions, resume_run, run
+from tl.engine.run import RunOptions, resume_run, run
 
 pytestmark = pytest.mark.usefixtures("own_cache_dir")  # every test: a feature-cache folder of its own
 
@@ -84,7 +84,7 @@ def test_evaluate_train_split_of_a_verify_images_run_scores_the_images_it_traine
     passes it). _split_loader rebuilds the train draw from a scan *without* verify (ModelContext
     does not carry verify_images): the broken file is back in the list, so the seeded
     --train-per-class draw is another set of images, not 'the images the run trained on'."""
-    from tl.evaluate import _split_loader, context_for
+    from tl.engine.evaluate import _split_loader, context_for
 
     bad = tiny_data / "train" / "class_0" / "000.png"
     data = bytearray(bad.read_bytes())
@@ -151,7 +151,7 @@ def test_resume_of_a_device_images_run_made_before_the_workers_rule(tiny_data, p
     resume_options now rebuilds RunOptions(**saved), whose __post_init__ silently turns the
     saved workers 2 into 0: the resumed run computes other views (another cache key) and
     differs from the uninterrupted run it continues, with no warning and no refusal."""
-    import tl.recipe
+    import tl.engine.run
 
     def opts(out, epochs):
         return RunOptions(data=tiny_data, backbone="tiny", weights=str(pretrained), epochs=epochs, workers=2,
@@ -159,7 +159,7 @@ def test_resume_of_a_device_images_run_made_before_the_workers_rule(tiny_data, p
                           cache_views=2, device_images=True, image_cache=True, run_name="r")
 
     with monkeypatch.context() as m:  # the code before fa194bb: no __post_init__
-        m.setattr(tl.recipe.RunOptions, "__post_init__", lambda self: None)
+        m.setattr(tl.engine.run.RunOptions, "__post_init__", lambda self: None)
         full = run(resnet_frozen.RECIPE, resnet_frozen.build, opts(tmp_path / "full", 4), log=lambda s: None)
         half = run(resnet_frozen.RECIPE, resnet_frozen.build, opts(tmp_path / "half", 2), log=lambda s: None)
     assert half.config["options"]["workers"] == 2

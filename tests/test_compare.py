@@ -182,7 +182,7 @@ def test_report_and_compare_all_help_answer_without_a_traceback(tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
     # --help is fast because nothing heavy is imported before the arguments are parsed
     proc = subprocess.run([sys.executable, "-c", "import sys, experiments.compare_all, experiments.report; "
-                           "print(sorted({'torch', 'tl.recipe'} & set(sys.modules)))"], cwd=ROOT,
+                           "print(sorted({'torch', 'tl.engine.run'} & set(sys.modules)))"], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.stdout.strip() == "[]"
 
@@ -200,9 +200,9 @@ def test_a_reused_runs_dir_and_ctrl_c_leave_the_results_alone(tmp_path, monkeypa
     assert compare_all.main([*base, "--seeds", "0", "1", "--runs-dir", str(runs)]) == 2  # same runs-dir again
     assert "already holds runs" in capsys.readouterr().err
 
-    import tl.recipe
+    import tl.engine.run
 
-    real_run, calls = tl.recipe.run, []
+    real_run, calls = tl.engine.run.run, []
 
     def ctrl_c_on_the_second_run(*args, **kwargs):
         calls.append(1)
@@ -210,7 +210,7 @@ def test_a_reused_runs_dir_and_ctrl_c_leave_the_results_alone(tmp_path, monkeypa
             raise Interrupted("interrupted: ...")
         return real_run(*args, **kwargs)
 
-    monkeypatch.setattr(tl.recipe, "run", ctrl_c_on_the_second_run)
+    monkeypatch.setattr(tl.engine.run, "run", ctrl_c_on_the_second_run)
     assert compare_all.main([*base, "--seeds", "0", "1", "--runs-dir", str(tmp_path / "runs2")]) == 2
     assert "interrupted" in capsys.readouterr().err
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}

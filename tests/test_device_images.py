@@ -11,9 +11,9 @@ import torch
 
 import main
 from experiments import get_experiment
-from tl import recipe as recipe_module
 from tl.data import DecodedImages, build_transforms, image_datasets
-from tl.recipe import RunOptions, run
+from tl.engine import run as recipe_module
+from tl.engine.run import RunOptions, run
 
 
 def _run(data, out, **options):

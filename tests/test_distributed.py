@@ -27,8 +27,8 @@ import pytest
 import torch
 
 from tests.conftest import write_image_folder
-from tl import checkpoint
-from tl.evaluate import _split_loader, context_for, evaluate, load_model
+from tl.engine import checkpoint
+from tl.engine.evaluate import _split_loader, context_for, evaluate, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),

@@ -11,10 +11,10 @@ import main
 from experiments import resnet_frozen, vgg_stacked
 from tl import TLError
 from tl.data import build_transforms, image_datasets, make_loaders
-from tl.evaluate import EPOCH_FILE
+from tl.engine.evaluate import EPOCH_FILE
+from tl.engine.run import RunOptions, run
 from tl.loop import train_model
 from tl.models import create_model, get_backbone, group_of, param_groups, set_trainable
-from tl.recipe import RunOptions, run
 
 
 def test_early_stopping_stops_on_a_plateau_and_keeps_the_best(tiny_data, tiny_backbone, tmp_path):

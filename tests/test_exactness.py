@@ -18,9 +18,10 @@ import pytest
 import torch
 
 import main
-import tl.recipe
+import tl.engine.run
 from tests.conftest import TinyNet, write_image_folder
-from tl import TLError, checkpoint, features
+from tl import TLError, features
+from tl.engine import checkpoint
 from tl.models import get_backbone
 
 pytestmark = pytest.mark.usefixtures("own_cache_dir")  # every test: a feature-cache folder of its own
@@ -97,7 +98,7 @@ def test_resume_equals_an_uninterrupted_run(tiny_data, pretrained, tmp_path, ext
 def test_a_second_resume_after_an_interrupted_one(tiny_data, pretrained, tmp_path, monkeypatch):
     full = _train(tiny_data, tmp_path / "full", 4, "--no-augment", weights=pretrained)
     half = _train(tiny_data, tmp_path / "half", 1, "--no-augment", weights=pretrained)
-    write = tl.recipe.write_history_csv
+    write = tl.engine.run.write_history_csv
 
     def interrupt_after_epoch_2(history, path):
         write(history, path)
@@ -105,7 +106,7 @@ def test_a_second_resume_after_an_interrupted_one(tiny_data, pretrained, tmp_pat
             raise KeyboardInterrupt  # Ctrl-C right after epoch 2 was saved
 
     with monkeypatch.context() as patch:
-        patch.setattr(tl.recipe, "write_history_csv", interrupt_after_epoch_2)
+        patch.setattr(tl.engine.run, "write_history_csv", interrupt_after_epoch_2)
         assert main.main(["--resume", str(half / "last.ckpt"), "--epochs", "4", "--no-progress"]) == 2
     assert checkpoint.load_checkpoint(half / "last.ckpt")["epoch"] == 2
     # the printed command (no --epochs) remembers the raised total of 4
@@ -200,7 +201,7 @@ def test_the_grad_scaler_state_is_saved_and_restored(tmp_path):
 
 # ----------------------------------------------------------------------------- run folders
 def test_two_runs_in_the_same_second_get_their_own_folders(tiny_data, tiny_backbone, tmp_path, monkeypatch):
-    monkeypatch.setattr(tl.recipe.time, "strftime", lambda *a: "20260101-000000")
+    monkeypatch.setattr(tl.engine.run.time, "strftime", lambda *a: "20260101-000000")
     argv = ["-e", "resnet_frozen", "-b", "tiny", "--data", str(tiny_data), "--out", str(tmp_path / "runs"),
             "--epochs", "1", "--no-progress", "--weights", "none"]
     assert main.main(argv) == 0 and main.main(argv) == 0
@@ -208,7 +209,7 @@ def test_two_runs_in_the_same_second_get_their_own_folders(tiny_data, tiny_backb
     assert folders == ["resnet_frozen-tiny-20260101-000000", "resnet_frozen-tiny-20260101-000000-2"]
     assert all((tmp_path / "runs" / f / "last.ckpt").is_file() for f in folders)
     with pytest.raises(TLError, match="already exists"):
-        tl.recipe.make_run_dir(tmp_path / "runs", folders[0], explicit=True)
+        tl.engine.run.make_run_dir(tmp_path / "runs", folders[0], explicit=True)
 
 
 def test_run_folder_files_share_one_mode_and_stale_temporaries_go(tiny_data, pretrained, tmp_path):
@@ -224,7 +225,7 @@ def test_a_failed_start_leaves_no_run_folder(tiny_data, tiny_backbone, tmp_path,
     def fail(*args, **kwargs):
         raise TLError("the loop could not start")
 
-    monkeypatch.setattr(tl.recipe, "train_model", fail)
+    monkeypatch.setattr(tl.engine.run, "train_model", fail)
     assert main.main(["-e", "resnet_frozen", "-b", "tiny", "--data", str(tiny_data), "--out",
                       str(tmp_path / "runs"), "--weights", "none", "--no-progress"]) == 2
     assert not any((tmp_path / "runs").iterdir())
@@ -282,7 +283,7 @@ def test_batchnorm_in_train_mode_and_stochastic_depth_are_not_cached(tiny_backbo
 
 def test_torchvision_efficientnet_with_stochastic_depth_trains_uncached(tiny_data, tmp_path):
     from experiments import resnet_frozen
-    from tl.recipe import RunOptions, run
+    from tl.engine.run import RunOptions, run
 
     opts = RunOptions(data=tiny_data, backbone="efficientnet_b0", weights="none", epochs=1, workers=0,
                       out=tmp_path, image_size=32, progress=False, plots=False)
@@ -347,7 +348,7 @@ def _damage(path, how):
                                  "not a torch file"])
 def test_a_damaged_cache_file_is_reported_and_rebuilt(tiny_data, pretrained, tmp_path, own_cache_dir, how):
     from experiments import resnet_frozen
-    from tl.recipe import RunOptions, run
+    from tl.engine.run import RunOptions, run
 
     def go(out, lines):
         opts = RunOptions(data=tiny_data, backbone="tiny", weights=str(pretrained), epochs=2, workers=0, out=out,
@@ -368,7 +369,7 @@ def test_a_damaged_cache_file_is_reported_and_rebuilt(tiny_data, pretrained, tmp
 
 def test_cached_views_are_distinct_augmented_crops(tiny_data, tiny_backbone, tmp_path, own_cache_dir):
     from experiments import resnet_frozen
-    from tl.recipe import RunOptions, run
+    from tl.engine.run import RunOptions, run
 
     opts = RunOptions(data=tiny_data, backbone="tiny", weights="none", epochs=1, workers=0, out=tmp_path,
                       image_size=32, progress=False, plots=False, cache_views=3)

@@ -10,7 +10,7 @@ import torch
 from experiments import resnet_frozen, resnet_scratch
 from tl import features
 from tl.data import DecodedImages, build_transforms, image_datasets
-from tl.recipe import RunOptions, run
+from tl.engine.run import RunOptions, run
 
 
 @pytest.fixture(autouse=True)

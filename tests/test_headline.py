@@ -16,9 +16,9 @@ import torch
 from experiments import get_experiment
 from tests.conftest import write_image_folder
 from tl.data import build_transforms, image_datasets
+from tl.engine.run import RunOptions, run, score_headline
 from tl.loop import History
 from tl.models import create_model, get_backbone
-from tl.recipe import RunOptions, run, score_headline
 
 
 def _unbalanced(root, test: bool):

@@ -15,7 +15,7 @@ from torch import nn
 import main
 from tests.conftest import TinyNet
 from tl.data import build_transforms, image_datasets, nested_draw
-from tl.explain import class_activation_maps, pca_2d, top_losses
+from tl.engine.explain import class_activation_maps, pca_2d, top_losses
 from tl.models import BACKBONES, Backbone, create_model, format_parameter_table, get_backbone, set_trainable
 
 
@@ -54,7 +54,7 @@ def test_train_per_class_trains_on_the_draw_and_leaves_val_alone(tiny_data, tiny
     assert config["dataset_sizes"] == {"train": 6, "val": 12}
     assert config["options"]["train_per_class"] == 3
     # --evaluate --split train scores the images the run trained on, not the whole train folder
-    from tl.evaluate import _split_loader, context_for
+    from tl.engine.evaluate import _split_loader, context_for
 
     loader, _ = _split_loader(tiny_data, "train", context_for(run_dir / "best.pth", None), log=lambda s: None)
     full = image_datasets(tiny_data, build_transforms((0.5,) * 3, (0.5,) * 3, size=32))["train"]
@@ -63,7 +63,7 @@ def test_train_per_class_trains_on_the_draw_and_leaves_val_alone(tiny_data, tiny
 
 # ----------------------------------------------------------------------------- what the network looks at
 def test_class_activation_map_has_the_image_size_and_is_not_constant(tiny_run):
-    from tl.evaluate import context_for, load_model
+    from tl.engine.evaluate import context_for, load_model
 
     ctx = context_for(tiny_run / "best.pth", None)
     model = load_model(tiny_run / "best.pth", ctx, 2)
@@ -162,7 +162,7 @@ def test_export_agrees_with_pytorch_and_predicts_without_config(fmt, suffix, tin
 
 
 def test_exported_file_describes_itself(tiny_run):
-    from tl.export import load_exported
+    from tl.engine.export import load_exported
 
     assert main.main(["--export", str(tiny_run)]) == 0
     model, meta = load_exported(tiny_run / "model.onnx")

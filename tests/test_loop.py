@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from tl.data import build_transforms, image_datasets, make_loaders
+from tl.engine.run import RunOptions, run
 from tl.loop import History, NonFiniteLoss, predictions, seed_everything, train_model
 from tl.models import create_model, get_backbone, set_trainable
-from tl.recipe import Recipe, RunOptions, run
+from tl.recipe import Recipe
 
 
 def _setup(data, backbone="tiny", batch=8, augment=True, seed=0):

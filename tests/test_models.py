@@ -10,8 +10,8 @@ import torch
 import torchvision
 
 from tl import TLError
-from tl.checkpoint import load_into
 from tl.data import build_transforms, image_datasets, make_loaders
+from tl.engine.checkpoint import load_into
 from tl.models import (
     create_model,
     get_backbone,

@@ -10,8 +10,8 @@ from PIL import Image
 
 import main
 from tl.data import build_transforms
+from tl.engine.plots import denormalize
 from tl.models import create_model, format_parameter_table, get_backbone, set_trainable
-from tl.plots import denormalize
 
 
 def _png(path, min_width=300):
@@ -62,8 +62,8 @@ def test_summary_counts_trainable_parameters(backbone, groups, expected):
 
 @pytest.fixture
 def drawn_figures(monkeypatch):
-    """The figures tl.plots saves, kept open (and drawn) so a test can measure them."""
-    from tl import plots
+    """The figures tl.engine.plots saves, kept open (and drawn) so a test can measure them."""
+    from tl.engine import plots
 
     figures, close = [], plots.plt.close
     monkeypatch.setattr(plots.plt, "close", figures.append)
@@ -73,7 +73,7 @@ def drawn_figures(monkeypatch):
 
 
 def test_confusion_numbers_are_dark_on_pale_cells(drawn_figures, tmp_path):
-    from tl.plots import confusion_matrix_plot
+    from tl.engine.plots import confusion_matrix_plot
 
     # counts 48..51: the colour scale runs from 48 (palest) to 51 (darkest)
     confusion_matrix_plot(torch.tensor([[50, 48], [49, 51]]), ["a", "b"], tmp_path / "c.png")
@@ -82,7 +82,7 @@ def test_confusion_numbers_are_dark_on_pale_cells(drawn_figures, tmp_path):
 
 
 def test_curves_have_whole_epoch_ticks_and_a_legend_off_the_lines(drawn_figures, tmp_path):
-    from tl.plots import compare_curves, run_curves
+    from tl.engine.plots import compare_curves, run_curves
 
     rows = [{"epoch": 0, "phase": "val", "loss": 0.7, "acc": 0.5}]
     rows += [{"epoch": e, "phase": p, "loss": 0.7 - 0.1 * e, "acc": 0.5 + 0.1 * e}
@@ -101,7 +101,7 @@ def test_curves_have_whole_epoch_ticks_and_a_legend_off_the_lines(drawn_figures,
 
 
 def test_grid_titles_stay_clear_of_the_row_above(drawn_figures, tmp_path):
-    from tl.plots import image_grid
+    from tl.engine.plots import image_grid
 
     for titles in (["dog (cat)"] * 16, [f"a long class name {i} (another long class name)" for i in range(16)]):
         image_grid(torch.zeros(16, 3, 64, 64), titles, tmp_path / "g.png", mean=(0, 0, 0), std=(1, 1, 1),

@@ -18,10 +18,11 @@ import torch
 
 from experiments import resnet_frozen
 from tests.conftest import TinyNet
-from tl import checkpoint, features
+from tl import features
 from tl.data import build_transforms, image_datasets
+from tl.engine import checkpoint
+from tl.engine.run import RunOptions, run
 from tl.models import get_backbone, set_trainable
-from tl.recipe import RunOptions, run
 
 SPILL = 1e-9  # GB: about one byte
 

@@ -13,10 +13,10 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import main
-import tl.recipe
+import tl.engine.run
 from tests.conftest import TinyNet
 from tests.test_exactness import _assert_same_run
-from tl import checkpoint
+from tl.engine import checkpoint
 from tl.loop import train_model
 from tl.models import BATCHNORM
 from tl.stages import Stage, one_cycle, place, warmup_cosine
@@ -136,14 +136,14 @@ def test_the_tutorials_step_schedule_cuts_the_rate_every_7_training_epochs(tiny_
 
 # ----------------------------------------------------------------------------- resume inside a schedule or a stage
 def _interrupt_after(monkeypatch, epoch):
-    write = tl.recipe.write_history_csv
+    write = tl.engine.run.write_history_csv
 
     def interrupted(history, path):
         write(history, path)
         if history.rows[-1]["epoch"] == epoch:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(tl.recipe, "write_history_csv", interrupted)
+    monkeypatch.setattr(tl.engine.run, "write_history_csv", interrupted)
 
 
 @pytest.mark.parametrize("recipe, cut, extra", [

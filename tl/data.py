@@ -624,7 +624,7 @@ def decoded_bytes(folder: CheckedImageFolder, resize: int) -> int:
 def decoded_images(folder: CheckedImageFolder, resize: int, limit_gb: float, log=print,
                    device: torch.device | str | None = None):
     """`DecodedImages(folder, resize, device)` if its tensors fit in `limit_gb`, else `folder`
-    unchanged (`--device-images` runs are refused before that, in `tl.recipe.run`)."""
+    unchanged (`--device-images` runs are refused before that, in `tl.engine.run.run`)."""
     needed = decoded_bytes(folder, resize)
     if needed > limit_gb * 2**30:
         log(f"image cache for {folder.root} would need {needed / 2**30:.2f} GB > {limit_gb} GB: decoding per epoch")

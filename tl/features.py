@@ -58,7 +58,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from tl.checkpoint import atomic_save, remove_stale_temporaries, state_digest, temporary_beside
+from tl.engine.checkpoint import atomic_save, remove_stale_temporaries, state_digest, temporary_beside
 from tl.models import BATCHNORM, Backbone
 
 

@@ -33,7 +33,7 @@ import torchvision
 from torch import nn
 
 from tl import TLError
-from tl.checkpoint import load_into, load_state_file
+from tl.engine.checkpoint import load_into, load_state_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

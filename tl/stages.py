@@ -14,7 +14,7 @@ learning-rate scheduler (or the stage has none), stepped after every epoch or, w
     stage 1  "frozen body"   1 epoch,  only the head (and BatchNorm) trains, one-cycle schedule
     stage 2  "everything"    the rest, everything trains at discriminative rates, one-cycle again
 
-`tl.recipe.run` calls `tl.loop.train_model` once per stage with the same History, so the
+`tl.engine.run.run` calls `tl.loop.train_model` once per stage with the same History, so the
 epochs count on across stages and the best epoch is chosen over the whole run. Each stage
 is set up only when it starts: its trainable set decides whether the feature cache is
 exact (a frozen-body stage can train on stored features, the unfrozen one cannot), and its

@@ -100,7 +100,7 @@ def class_activation_maps(model: nn.Module, images: torch.Tensor, target: torch.
 def top_losses(probabilities: torch.Tensor, labels: list[int] | torch.Tensor, k: int = 16) -> list[dict]:
     """The `k` misclassified images with the most confident wrong answer, most confident first.
 
-    probabilities: (N, C) per image (tl.evaluate.evaluate's "probabilities"). Each row:
+    probabilities: (N, C) per image (tl.engine.evaluate.evaluate's "probabilities"). Each row:
     index, predicted, true, probability of the prediction, and the loss -log p(true class),
     which is largest exactly for the confident mistakes (fastai sorts by this loss)."""
     labels = torch.as_tensor(labels)
@@ -148,9 +148,9 @@ def explain_command(args) -> list:
 
     from tl import TLError
     from tl.data import build_transforms, load_rgb
-    from tl.evaluate import context_for, load_model
+    from tl.engine.evaluate import context_for, load_model
+    from tl.engine.plots import cam_figure
     from tl.models import get_backbone
-    from tl.plots import cam_figure
 
     if not args.checkpoint:
         raise TLError("--explain needs --checkpoint RUN/best.pth (the trained model whose attention to show)")

@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from tl import TLError
-from tl.checkpoint import load_into, load_state_file, verify_state_file
 from tl.data import (
     build_transforms,
     describe_skipped,
@@ -32,6 +31,7 @@ from tl.data import (
     load_rgb,
     split_datasets,
 )
+from tl.engine.checkpoint import load_into, load_state_file, verify_state_file
 from tl.loop import loss_targets, predictions, resolve_device
 from tl.models import create_model, get_backbone, imagenet_categories
 
@@ -240,7 +240,7 @@ def predict_command(args) -> int:
     checkpoint, ImageNet names. An exported file (`--export`, tl/export.py) carries its own
     class names, size and normalisation: no config.json is read."""
     if args.checkpoint and args.checkpoint.suffix in (".onnx", ".pt"):
-        from tl.export import load_exported
+        from tl.engine.export import load_exported
 
         model, meta = load_exported(args.checkpoint)
         return _print_predictions(args.predict, predict_images(model, args.predict, meta["classes"], meta["mean"],

@@ -193,7 +193,7 @@ def top_losses_plot(dataset, probabilities: torch.Tensor, classes: list[str], pa
     """The val images the model got most confidently wrong (fastai's `plot_top_losses`), each
     titled "predicted / true / probability of the prediction"; `probabilities` (N, C) are
     the model's on `dataset`, in its order. With no mistake, the figure says so."""
-    from tl.explain import top_losses
+    from tl.engine.explain import top_losses
 
     rows = top_losses(probabilities, list(dataset.targets), k)
     if not rows:
