@@ -168,7 +168,8 @@ def list_recipes() -> str:
     """The README's recipe table (what trains, epochs, batch, learning rates, the command), then
     each backbone and whether it runs here without a network."""
     from experiments import all_experiments
-    from tl.models import BACKBONES, get_backbone, runs_offline, torchvision_weights_file
+    from tl.engine.weights import runs_offline, torchvision_weights_file
+    from tl.models import BACKBONES, get_backbone
 
     lines = [f"{'recipe':<17} {'from':<16} {'model':<21} {'epochs':>6} {'batch':>5}  learning rates"]
     for name, module in all_experiments().items():
@@ -197,8 +198,8 @@ def list_recipes() -> str:
 
 
 def run_options(args: argparse.Namespace):
-    from tl.data import resolve_data_dir
-    from tl.engine.run import RunOptions
+    from tl.engine.options import RunOptions
+    from tl.engine.prepare import resolve_data_dir
 
     opts = RunOptions(
         data=resolve_data_dir(args.data), backbone=args.backbone, weights=args.weights, epochs=args.epochs,
@@ -244,12 +245,13 @@ def resume(args: argparse.Namespace, given: set[str]):
     """Continue the run of a last.ckpt with its own saved options. Only --epochs (the new
     total), --device, --no-progress and --data (another path to the same images) may be
     given; any other option that would change the run is refused (tl.engine.run.resume_options)."""
+    from experiments import get_experiment
     from tl.engine.run import resume_run
 
     args.data = args.data or "."  # without --data the saved path is used; nothing to resolve or download
     opts = run_options(args)
     fields = {f for name in given - _NOT_RUN_OPTIONS for f in _OPTION_FIELDS.get(name, (name,))}
-    return resume_run(args.resume, {f: getattr(opts, f) for f in fields})
+    return resume_run(args.resume, {f: getattr(opts, f) for f in fields}, get_experiment)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -282,13 +284,14 @@ def _main(argv: list[str] | None = None) -> int:
         elif args.experiment:
             from experiments import get_experiment
             from tl.engine.run import run
-            from tl.models import get_backbone, imagenet_file
+            from tl.engine.weights import imagenet_file
+            from tl.models import get_backbone
 
             module = get_experiment(args.experiment)
             spec = get_backbone(args.backbone or module.RECIPE.backbone)  # a typo fails here, before any data
             _check_writable(args.out, "--out")  # where the run will write, before any work
             if args.feature_cache:
-                from tl.features import cache_dir
+                from tl.engine.feature_store import cache_dir
 
                 _check_writable(cache_dir(), "feature cache folder (TL_CACHE_DIR)", "or pass --no-feature-cache")
             if (args.weights or module.RECIPE.weights) == "imagenet" and spec.weights_source != "packaged":
@@ -313,12 +316,12 @@ def _main(argv: list[str] | None = None) -> int:
 
             export_run(args.export, args.format, data=args.data)
         elif args.prepare:
-            from tl.data import prepare_dogs_vs_cats
+            from tl.engine.prepare import prepare_dogs_vs_cats
 
             prepare_dogs_vs_cats(args.src, args.dest, force=args.force)
         elif args.show_data:
-            from tl.data import resolve_data_dir
             from tl.engine.plots import data_preview
+            from tl.engine.prepare import resolve_data_dir
 
             _check_writable(args.out / "data-preview", "--out")
             for path in data_preview(resolve_data_dir(args.data), args.backbone or "resnet18",

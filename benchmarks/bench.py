@@ -48,10 +48,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from benchmarks.growth import MARK_END, MARK_START
 from experiments import get_experiment
 from experiments.compare_all import git_commit, machine_description
-from tl.data import build_transforms, image_datasets
-from tl.engine.run import RunOptions, resolve, run
-from tl.loop import resolve_device, seed_everything, train_model
-from tl.models import create_model, get_backbone
+from tl.data import build_transforms
+from tl.engine.device import resolve_device
+from tl.engine.options import RunOptions, resolve
+from tl.engine.run import run
+from tl.engine.selection import image_datasets
+from tl.engine.weights import build_model
+from tl.loop import Hooks, seed_everything, train_model
+from tl.models import get_backbone
 from tl.recipe import make_criterion
 
 LOOP_CASES = [  # (recipe, backbone, weights): weights do not change speed, so random ResNet18 stands in
@@ -87,12 +91,12 @@ def compute_bound(name, backbone, weights, data, device, channels_last=True, epo
     xs, ys = zip(*(sets["train"][i] for i in range(len(sets["train"]))))
     ready = TensorDataset(torch.stack(xs), torch.tensor(ys))
     seed_everything(0)
-    model, optimizer = module.build(create_model(recipe.backbone, 2, weights), spec, recipe)
+    model, optimizer = module.build(build_model(recipe.backbone, 2, weights), spec, recipe)
     loaders = {"train": DataLoader(ready, batch_size=recipe.batch_size, shuffle=True),
                "val": DataLoader(TensorDataset(ready.tensors[0][:1], ready.tensors[1][:1]))}
     history = train_model(model, loaders, make_criterion(recipe), optimizer, num_epochs=epochs + 1, device=device,
-                          frozen_bn_eval=recipe.frozen_bn_eval, channels_last=channels_last, progress=False,
-                          log=lambda s: None)
+                          hooks=Hooks(frozen_bn_eval=recipe.frozen_bn_eval, channels_last=channels_last,
+                                      progress=False, log=lambda s: None))
     return [r for r in history.rows if r["phase"] == "train"][-1]["images_per_s"]  # the last (warmest) epoch
 
 

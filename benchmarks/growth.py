@@ -11,7 +11,7 @@ peak memory is its own (VmHWM, the peak resident set):
             through `tl.engine.run.run` (decoding, augmentation, forward, backward, step): the
             train row's seconds, and the child's peak RSS (the run also makes its val
             baseline epoch, the val epoch and the headline pass);
-* features  the frozen EfficientNet-Lite0 feature pass over all N images (`tl.features.plan_cache`,
+* features  the frozen EfficientNet-Lite0 feature pass over all N images (`tl.engine.feature_store.plan_cache`,
             train and val, no augmentation, an empty cache folder): seconds, peak RSS, and
             the size of the stored cache next to `--cache-limit-gb`.
 
@@ -41,7 +41,8 @@ EPOCH_CODE = """
 import json, sys
 from pathlib import Path
 from experiments import get_experiment
-from tl.engine.run import RunOptions, run
+from tl.engine.options import RunOptions
+from tl.engine.run import run
 data, out, workers = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 module = get_experiment("resnet_finetune")
 opts = RunOptions(data=data, backbone="resnet18", weights="none", epochs=1, image_size=64, workers=workers,
@@ -58,23 +59,26 @@ import json, sys, time
 from pathlib import Path
 import torch
 from tl import features
-from tl.data import build_transforms, image_datasets
-from tl.models import create_model, get_backbone
+from tl.data import build_transforms
+from tl.engine.selection import image_datasets
+from tl.engine.weights import build_model
+from tl.models import get_backbone
 data, workers, limit_gb = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 spec = get_backbone("efficientnet_lite0")
-model = create_model("efficientnet_lite0", 2, "imagenet")
+model = build_model("efficientnet_lite0", 2, "imagenet")
 for p in model.parameters():
     p.requires_grad = False
 for p in model.get_submodule(spec.head).parameters():
     p.requires_grad = True
 sets = image_datasets(data, build_transforms(spec.mean, spec.std, size=64, augment=False))
 started = time.perf_counter()
-net, cached, mode = features.plan_cache(model, spec, sets, frozen_bn_eval=True, augment=False, views=0, seed=0,
-                                        device=torch.device("cpu"), dtype=torch.float32, limit_gb=limit_gb,
-                                        workers=workers, channels_last=True, log=lambda s: None)
+plan = feature_store.plan_cache(model, spec, sets, frozen_bn_eval=True, augment=False, views=0, seed=0,
+                                device=torch.device("cpu"), dtype=torch.float32, limit_gb=limit_gb,
+                                workers=workers, channels_last=True, log=lambda s: None)
+cached, mode = plan.cached, plan.mode
 seconds = time.perf_counter() - started
 hwm = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM"))
-stored = sum(p.stat().st_size for p in features.cache_dir().glob("*.pt"))
+stored = sum(p.stat().st_size for p in feature_store.cache_dir().glob("*.pt"))
 print("RESULT", json.dumps({"seconds": seconds, "images": sum(len(s) for s in sets.values()), "peak_mib": hwm / 1024,
                             "cache_mib": stored / 2**20, "mode": mode}))
 """

@@ -17,7 +17,7 @@ writes to `--out` (default `results/`):
     meta.json, README.md            the commands, the machine, and the tables in words (experiments/report.py)
 
 The headline number of a run is never chosen on the images it is scored on
-(`tl.engine.run.score_headline`): test accuracy of the epoch chosen on val where the data
+(`tl.engine.records.score_headline`): test accuracy of the epoch chosen on val where the data
 folder has a `test/` split, else the final epoch's val accuracy.
 
 Rows are keyed by (data set, recipe, backbone). A run of a subset replaces the rows of the
@@ -102,7 +102,8 @@ def run_one(name: str, backbone: str, seed: int, data_dir: Path, args: argparse.
 
     from experiments import get_experiment
     from tl import Interrupted, TLError
-    from tl.engine.run import RunOptions, resolve, run
+    from tl.engine.options import RunOptions, resolve
+    from tl.engine.run import run
 
     module = get_experiment(name)
     dataset = dataset_name(data_dir)
@@ -326,7 +327,7 @@ def write_outputs(out: Path, runs, meta: dict):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from tl import Interrupted, TLError
-    from tl.data import resolve_data_dir
+    from tl.engine.prepare import resolve_data_dir
 
     try:
         data_dirs = [resolve_data_dir(d) for d in (args.data or [None])]

@@ -27,7 +27,7 @@ training data changed:
   "all" is every training image (not balanced when the classes differ in size).
 * Val is untouched at every size, and the headline is the comparison's: the final epoch's
   val accuracy where there is no test split, else the test accuracy of the epoch chosen on
-  val (`tl.engine.run.score_headline`): nothing is selected on the images it is scored on.
+  val (`tl.engine.records.score_headline`): nothing is selected on the images it is scored on.
 * Speed: each run keeps its decoded images in memory (`--image-cache`, with no worker
   processes, the fastest setting on a CPU with few cores: results/benchmark.md), and the
   frozen recipe computes the val features once (the feature cache; its augmented train
@@ -101,8 +101,9 @@ def run_one(strategy: str, size: str, seed: int, args: argparse.Namespace, runs_
     """One strategy x subset size x seed -> one row (status ok / not run / failed)."""
     from experiments import get_experiment
     from tl import TLError
-    from tl.data import resolve_data_dir
-    from tl.engine.run import RunOptions, resolve, run
+    from tl.engine.options import RunOptions, resolve
+    from tl.engine.prepare import resolve_data_dir
+    from tl.engine.run import run
 
     data = resolve_data_dir(args.data)
     n = None if size == "all" else int(size)
@@ -217,9 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
     import torch
 
-    from tl.data import check_layout, resolve_data_dir
     from tl.engine.checkpoint import atomic_write_text
-    from tl.engine.run import _write_json
+    from tl.engine.images import check_layout
+    from tl.engine.prepare import resolve_data_dir
+    from tl.engine.records import write_json
 
     started = time.time()
     runs_dir = args.runs_dir or Path("runs") / f"data-efficiency-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -254,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     history = args.out / "data_efficiency.json"  # every command whose rows the table still holds
     earlier = json.loads(history.read_text()).get("commands", []) if history.is_file() and len(table) > len(new) else []
     kept = [m for m in earlier if set(m["strategies"]) - set(args.strategies) and m["quick"] == args.quick]
-    _write_json(history, {"commands": [*kept, meta]})
+    write_json(history, {"commands": [*kept, meta]})
     classes = len(check_layout(resolve_data_dir(args.data)))
     plot(table, args.out / "data_efficiency.png",
          f"{table.dataset.iloc[0]}, {args.backbone}: accuracy against training images per class", classes)

@@ -60,10 +60,10 @@ def look(frozen: Path, finetuned: Path, out: Path, data: str | None = None, imag
     import torch
 
     from tl import TLError
-    from tl.data import resolve_data_dir
     from tl.engine.evaluate import _split_loader
     from tl.engine.explain import class_activation_maps, head_features, pca_2d
     from tl.engine.plots import cam_figure, projection_plot
+    from tl.engine.prepare import resolve_data_dir
     from tl.models import get_backbone
 
     frozen_model, frozen_ctx, frozen_cfg, frozen_file = _load(frozen)

@@ -6,7 +6,7 @@ variable, before it hands the arguments to `main.main`:
 
 TL_TEST_DIGESTS=DIR      each process writes DIR/rank<R>.json: digests of its final weights
                          (as the loop left them) and of its best-epoch copy, and how many
-                         feature passes (tl.features.compute_features) it ran;
+                         feature passes (tl.engine.feature_store.compute_features) it ran;
 TL_TEST_KILL_AFTER=E     process 0 kills itself (SIGKILL, no clean-up) right after it has
                          saved epoch E: a machine that dies mid-run.
 """
@@ -22,8 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import main  # noqa: E402
+import tl.engine.feature_store  # noqa: E402
 import tl.engine.run  # noqa: E402
-import tl.features  # noqa: E402
 from tests.conftest import TinyNet  # noqa: E402
 from tl import distributed  # noqa: E402
 from tl.engine import checkpoint
@@ -32,7 +32,8 @@ from tl.models import BACKBONES, Backbone  # noqa: E402
 BACKBONES["tiny"] = Backbone("tiny", TinyNet, head="fc", neck=("block",))
 
 if "TL_TEST_DIGESTS" in os.environ:
-    train_model, compute_features, feature_passes = tl.engine.run.train_model, tl.features.compute_features, []
+    train_model, feature_passes = tl.engine.run.train_model, []
+    compute_features = tl.engine.feature_store.compute_features
 
     def counted_compute_features(*args, **kwargs):
         feature_passes.append(1)
@@ -48,17 +49,17 @@ if "TL_TEST_DIGESTS" in os.environ:
         return history
 
     tl.engine.run.train_model = recording_train_model
-    tl.features.compute_features = counted_compute_features
+    tl.engine.feature_store.compute_features = counted_compute_features
 
 if "TL_TEST_KILL_AFTER" in os.environ:
-    write_history_csv = tl.engine.run.write_history_csv
+    write_history_csv = tl.engine.records.write_history_csv
 
     def dying_write_history_csv(history, path):
         write_history_csv(history, path)  # the last write of on_epoch_end: the epoch is saved
         if history.rows[-1]["epoch"] == int(os.environ["TL_TEST_KILL_AFTER"]):
             os.kill(os.getpid(), signal.SIGKILL)
 
-    tl.engine.run.write_history_csv = dying_write_history_csv
+    tl.engine.records.write_history_csv = dying_write_history_csv
 
 if __name__ == "__main__":
     sys.exit(main.main())

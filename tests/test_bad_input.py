@@ -24,8 +24,12 @@ from PIL import Image
 
 import main
 from tests.conftest import TinyNet, write_image_folder
-from tl import TLError, data
-from tl.data import build_transforms, describe_skipped, image_datasets, load_rgb, prepare_dogs_vs_cats
+from tl import TLError
+from tl.data import build_transforms
+from tl.engine import feature_store, images, selection
+from tl.engine.images import load_rgb
+from tl.engine.prepare import prepare_dogs_vs_cats
+from tl.engine.selection import describe_skipped, image_datasets
 
 MEAN = STD = (0.5, 0.5, 0.5)
 
@@ -138,7 +142,7 @@ def test_a_class_folder_that_links_to_its_parent_gets_no_files(tmp_path, tiny_ba
         (d / phase / "class_0" / "loop.jpg").symlink_to("loop.jpg")  # a file link to itself
     code, _, err = train(capsys, d, tmp_path / "runs")
     assert code == 2 and "no usable image in class folder(s) ['all']" in err
-    sets = data.scan_classes(str(d / "train"), ["all", "class_0", "class_1"])
+    sets = images.scan_classes(str(d / "train"), ["all", "class_0", "class_1"])
     assert [t for _, t in sets["samples"]].count(1) == 12 and len(sets["samples"]) == 24
     assert (str(d / "train" / "class_0" / "loop.jpg"), "cannot be read (Too many levels of symbolic links)") \
         in sets["skipped"]
@@ -186,14 +190,14 @@ def test_val_split_honours_quick_and_max_per_class(tmp_path, tiny_backbone, caps
 def test_val_split_has_its_own_seed(tmp_path, tiny_backbone, capsys, monkeypatch):
     d = class_folders_only(tmp_path / "d", {"a": 12, "b": 12})
     seen = []
-    real = data.split_datasets
+    real = selection.split_datasets
 
     def spy(*args, **kwargs):
         sets = real(*args, **kwargs)
         seen.append([p for p, _ in sets["val"].samples])
         return sets
 
-    monkeypatch.setattr("tl.engine.run.split_datasets", spy)
+    monkeypatch.setattr("tl.engine.selection.split_datasets", spy)
     for n, extra in enumerate((["--seed", "1"], ["--seed", "2"], ["--seed", "1", "--split-seed", "7"])):
         assert train(capsys, d, tmp_path / f"r{n}", "--val-split", "0.25", *extra)[0] == 0
     assert seen[0] == seen[1]  # another training seed, the same val images
@@ -233,9 +237,9 @@ def test_a_truncated_jpeg_is_skipped_alike_by_every_path(tmp_path, tiny_backbone
 def test_a_file_the_quick_scan_misses_stops_the_run_by_name(tmp_path, tiny_backbone, capsys, monkeypatch):
     d = write_image_folder(tmp_path / "d")
     cut = truncated_jpeg(d / "train" / "class_1" / "cut.jpg")
-    real = data.check_image
+    real = images.check_image
     # stand-in for damage the end-marker test cannot see: the quick scan passes the file
-    monkeypatch.setattr(data, "check_image", lambda path, verify=False: real(path, True) if verify else None)
+    monkeypatch.setattr(images, "check_image", lambda path, verify=False: real(path, True) if verify else None)
     code, _, err = train(capsys, d, tmp_path / "runs", "--workers", "2")  # the error crosses a worker process
     assert code == 2
     assert err.startswith(f"error: cannot decode {cut} (OSError: image file is truncated") and "--verify-images" in err
@@ -247,7 +251,7 @@ def test_a_file_the_quick_scan_misses_stops_the_run_by_name(tmp_path, tiny_backb
 def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tmp_path, tiny_backbone, capsys, monkeypatch):
     d = write_image_folder(tmp_path / "d")
     truncated_jpeg(d / "train" / "class_1" / "cut.jpg")
-    monkeypatch.setattr(data, "check_image", lambda path, verify=False: None)  # the scan misses it
+    monkeypatch.setattr(images, "check_image", lambda path, verify=False: None)  # the scan misses it
     assert train(capsys, d, tmp_path / "runs")[0] == 2
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
@@ -312,7 +316,7 @@ def test_decompression_bombs_are_skipped_before_decoding(tmp_path, capsys):
     report = describe_skipped(sets)
     assert "strip.png: extreme aspect ratio 100000x1" in report and "thin.png: extreme aspect ratio" in report
     assert "huge.png: too many pixels" in report
-    with pytest.raises(data.UnusableImage, match="extreme aspect ratio"):  # --predict reads through the guard too
+    with pytest.raises(images.UnusableImage, match="extreme aspect ratio"):  # --predict reads through the guard too
         load_rgb(folder / "strip.png")
 
 
@@ -530,12 +534,11 @@ def test_a_config_with_wrong_types_is_a_message(tmp_path, tiny_backbone, capsys)
 
 
 def test_ctrl_c_before_training_is_a_message(tmp_path, tiny_backbone, capsys, monkeypatch):
-    from tl import features
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt  # Ctrl-C during the feature pass
 
-    monkeypatch.setattr(features, "plan_cache", interrupted)
+    monkeypatch.setattr(feature_store, "plan_cache", interrupted)
     code, _, err = train(capsys, write_image_folder(tmp_path / "d"), tmp_path / "runs", "--weights", "none",
                          experiment="resnet_frozen")
     assert code == 2 and "interrupted before training started" in err

@@ -11,7 +11,8 @@ import torch
 import main
 from tl import TLError
 from tl.engine import checkpoint
-from tl.models import create_model
+from tl.engine.weights import build_model
+from tl.models import load_into
 
 
 def _train(data, out, epochs, *extra):
@@ -55,8 +56,8 @@ def test_checkpoint_round_trip_holds_everything(tiny_data, tiny_backbone, tmp_pa
     assert json.loads((run_dir / "config.json").read_text())["results"]["best_epoch"] == best
     state = checkpoint.load_state_file(run_dir / "best.pth")
     assert all(torch.equal(t, checkpoint.load_state_file(run_dir / f"{best:02d}.pth")[k]) for k, t in state.items())
-    model = create_model("tiny", 2, "none")
-    checkpoint.load_into(model, state, "best.pth")
+    model = build_model("tiny", 2, "none")
+    load_into(model, state, "best.pth")
 
 
 def test_a_crash_during_a_save_leaves_the_old_file(tmp_path, monkeypatch):
@@ -76,7 +77,7 @@ def test_a_crash_during_a_save_leaves_the_old_file(tmp_path, monkeypatch):
 
 
 def test_pickled_whole_models_need_an_explicit_flag(tmp_path):
-    model = create_model("resnet18", 2, "none")
+    model = build_model("resnet18", 2, "none")
     torch.save(model, tmp_path / "whole.pt")  # documents 000/004's torch.save(model)
     with pytest.raises(TLError, match="allow-pickle"):
         checkpoint.load_state_file(tmp_path / "whole.pt")
@@ -107,7 +108,7 @@ def test_evaluate_reports_mismatches(tiny_data, tiny_backbone, three_class_data,
     run_dir = _train(tiny_data, tmp_path / "runs", 1)
     assert main.main(["--evaluate", str(run_dir / "best.pth"), "--data", str(three_class_data)]) == 2
     assert "trained on classes" in capsys.readouterr().err
-    torch.save(create_model("tiny", 3, "none").state_dict(), tmp_path / "three.pth")
+    torch.save(build_model("tiny", 3, "none").state_dict(), tmp_path / "three.pth")
     assert main.main(["--evaluate", str(tmp_path / "three.pth"), "--backbone", "tiny",
                       "--data", str(tiny_data)]) == 2
     assert "different sizes: probably another number of classes" in capsys.readouterr().err

@@ -94,7 +94,7 @@ def test_frozen_efficientnet_on_hymenoptera_reaches_85_percent(hymenoptera, tmp_
 
 def test_list_prints_the_readme_table_and_what_runs_offline(capsys):
     # a cached torchvision file counts as offline; conftest's TORCH_HOME is an empty temporary folder
-    from tl.models import torchvision_weights_file
+    from tl.engine.weights import torchvision_weights_file
 
     cached = torchvision_weights_file("resnet18")[1]
     cached.parent.mkdir(parents=True)

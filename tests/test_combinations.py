@@ -20,9 +20,11 @@ from torch import nn
 import main
 from experiments import get_experiment, resnet_frozen
 from tl import features
-from tl.data import _first_per_class, build_transforms, image_datasets, nested_draw
-from tl.engine import checkpoint
-from tl.engine.run import RunOptions, resume_run, run
+from tl.data import build_transforms
+from tl.engine import checkpoint, feature_store
+from tl.engine.options import RunOptions
+from tl.engine.run import resume_run, run
+from tl.engine.selection import _first_per_class, image_datasets, nested_draw
 
 SPILL = 1e-9  # GB: every cache of the tiny data set is over it
 
@@ -102,7 +104,7 @@ def test_a_disk_filled_during_the_spill_falls_back_to_uncached(small_disk, monke
     split = features.CacheSplit(model[1], "1")
     data = torch.utils.data.TensorDataset(torch.randn(300, 3, 32, 32), torch.zeros(300, dtype=torch.long))
     data.targets = [0] * 300  # 300 x 3072 x 4 bytes = 3.5 MiB
-    out = features.cached_features(model, split, data, key="k", views=1, seed=0, device="cpu", limit_gb=SPILL,
+    out = feature_store.cached_features(model, split, data, key="k", views=1, seed=0, device="cpu", limit_gb=SPILL,
                                    log=lambda s: None)
     assert out is None  # "running uncached", not an OSError
 
@@ -128,7 +130,7 @@ def test_resume_after_a_run_left_uncached_for_lack_of_disk_equals_the_uninterrup
         half = run(resnet_frozen.RECIPE, resnet_frozen.build, opts(tmp_path / "half", 2), log=lambda s: None)
     assert full.config["feature_cache"].startswith("off")
     assert shutil.disk_usage is real  # the disk has room again
-    resumed = resume_run(half.run_dir / "last.ckpt", {"epochs": 4}, log=lambda s: None)
+    resumed = resume_run(half.run_dir / "last.ckpt", {"epochs": 4}, get_experiment, log=lambda s: None)
     assert _strip(resumed.history.rows) == _strip(full.history.rows)
     for name, tensor in full.model.state_dict().items():
         assert torch.equal(tensor, resumed.model.state_dict()[name]), name
@@ -178,11 +180,11 @@ def test_device_images_over_the_limit_does_not_leave_the_run_decoding_without_wo
     fit --cache-limit-gb (default 2 GB, a GPU's memory is far larger). When they do not, the
     image cache is dropped with one log line and the run decodes every JPEG in the main
     process with no workers: much slower than not asking for the option at all."""
-    from tl.engine import run as recipe_module
+    from tl.engine import stage_setup
 
     seen = []
-    real = recipe_module.make_loaders
-    monkeypatch.setattr(recipe_module, "make_loaders",
+    real = stage_setup.make_loaders
+    monkeypatch.setattr(stage_setup, "make_loaders",
                         lambda inputs, bs, **kw: seen.append((kw["workers"], {type(d).__name__ for d in
                                                                               inputs.values()})) or
                         real(inputs, bs, **kw))

@@ -14,8 +14,10 @@ import pytest
 import torch
 
 import main
-from experiments import resnet_frozen
-from tl.engine.run import RunOptions, resume_run, run
+from experiments import get_experiment, resnet_frozen
+from tl.engine import feature_store
+from tl.engine.options import RunOptions
+from tl.engine.run import resume_run, run
 
 pytestmark = pytest.mark.usefixtures("own_cache_dir")  # every test: a feature-cache folder of its own
 
@@ -53,11 +55,10 @@ def test_resume_inside_a_stage_whose_train_phase_ran_uncached_for_lack_of_disk(t
     too little free disk)': train ran uncached. Resumed after space was freed, train is
     cached (folded BatchNorm, other floats): the resumed run differs from the uninterrupted
     one, which is the very case fa194bb meant to fix (it only warns)."""
-    from tl import features
 
     usage = collections.namedtuple("usage", "total used free")
     # val: 12 x 16 floats = 768 B, train: 24 x 16 = 1536 B; room for 2 x val but not 2 x train
-    free = features.DISK_MARGIN + 2 * 768 + 100
+    free = feature_store.DISK_MARGIN + 2 * 768 + 100
 
     def opts(out, epochs):
         return RunOptions(data=tiny_data, backbone="tiny", weights=str(pretrained), epochs=epochs, workers=0,
@@ -70,7 +71,7 @@ def test_resume_inside_a_stage_whose_train_phase_ran_uncached_for_lack_of_disk(t
         half = run(resnet_frozen.RECIPE, resnet_frozen.build, opts(tmp_path / "half", 2), log=lambda s: None)
     assert full.config["feature_cache"].startswith("val only (train: too little free disk)"), full.config
     logs = []
-    resumed = resume_run(half.run_dir / "last.ckpt", {"epochs": 4}, log=logs.append)
+    resumed = resume_run(half.run_dir / "last.ckpt", {"epochs": 4}, get_experiment, log=logs.append)
     assert _strip(resumed.history.rows) == _strip(full.history.rows), [s for s in logs if "cache" in s]
     for name, tensor in full.model.state_dict().items():
         assert torch.equal(tensor, resumed.model.state_dict()[name]), name
@@ -97,7 +98,8 @@ def test_evaluate_train_split_of_a_verify_images_run_scores_the_images_it_traine
                       out=tmp_path / "runs", image_size=32, progress=False, plots=False, verify_images=True,
                       train_per_class=3)
     result = run(module.RECIPE, module.build, opts, log=lambda s: None)
-    from tl.data import build_transforms, image_datasets, keep_train_per_class
+    from tl.data import build_transforms
+    from tl.engine.selection import image_datasets, keep_train_per_class
 
     trained = image_datasets(tiny_data, build_transforms((0.5,) * 3, (0.5,) * 3, size=32), verify=True)["train"]
     keep_train_per_class(trained, 3, 0)
@@ -139,7 +141,7 @@ def test_a_quota_met_while_saving_a_spilled_cache_runs_uncached(tmp_path, monkey
     split = features.CacheSplit(model[1], "1")
     data = torch.utils.data.TensorDataset(torch.randn(200, 3, 8, 8), torch.zeros(200, dtype=torch.long))
     data.targets = [0] * 200  # 200 x 192 floats: 150 kB
-    out = features.cached_features(model, split, data, key="k", views=1, seed=0, device="cpu", limit_gb=1e-9,
+    out = feature_store.cached_features(model, split, data, key="k", views=1, seed=0, device="cpu", limit_gb=1e-9,
                                    log=lambda s: None)
     assert out is None  # "running uncached", not OSError(EIO)
 
@@ -159,10 +161,10 @@ def test_resume_of_a_device_images_run_made_before_the_workers_rule(tiny_data, p
                           cache_views=2, device_images=True, image_cache=True, run_name="r")
 
     with monkeypatch.context() as m:  # the code before fa194bb: no __post_init__
-        m.setattr(tl.engine.run.RunOptions, "__post_init__", lambda self: None)
+        m.setattr(tl.engine.options.RunOptions, "__post_init__", lambda self: None)
         full = run(resnet_frozen.RECIPE, resnet_frozen.build, opts(tmp_path / "full", 4), log=lambda s: None)
         half = run(resnet_frozen.RECIPE, resnet_frozen.build, opts(tmp_path / "half", 2), log=lambda s: None)
     assert half.config["options"]["workers"] == 2
     logs = []
-    resumed = resume_run(half.run_dir / "last.ckpt", {"epochs": 4}, log=logs.append)
+    resumed = resume_run(half.run_dir / "last.ckpt", {"epochs": 4}, get_experiment, log=logs.append)
     assert _strip(resumed.history.rows) == _strip(full.history.rows) or any("warning" in s for s in logs)

@@ -9,14 +9,9 @@ from PIL import Image
 
 from tests.conftest import write_image_folder
 from tl import TLError
-from tl.data import (
-    build_transforms,
-    check_layout,
-    describe_skipped,
-    image_datasets,
-    load_rgb,
-    make_loaders,
-)
+from tl.data import build_transforms, make_loaders
+from tl.engine.images import check_layout, load_rgb
+from tl.engine.selection import describe_skipped, image_datasets
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 

@@ -11,9 +11,12 @@ import torch
 
 import main
 from experiments import get_experiment
-from tl.data import DecodedImages, build_transforms, image_datasets
-from tl.engine import run as recipe_module
-from tl.engine.run import RunOptions, run
+from tl.data import build_transforms
+from tl.engine import stage_setup
+from tl.engine.image_cache import DecodedImages
+from tl.engine.options import RunOptions
+from tl.engine.run import run
+from tl.engine.selection import image_datasets
 
 
 def _run(data, out, **options):
@@ -26,13 +29,13 @@ def _run(data, out, **options):
 def test_device_images_on_the_cpu_train_exactly_like_the_image_cache_without_workers(
         tiny_data, tiny_backbone, tmp_path, monkeypatch):
     seen = []
-    real = recipe_module.make_loaders
+    real = stage_setup.make_loaders
 
     def spy(inputs, batch_size, **kwargs):
         seen.append((kwargs, {p: type(ds).__name__ for p, ds in inputs.items()}))
         return real(inputs, batch_size, **kwargs)
 
-    monkeypatch.setattr(recipe_module, "make_loaders", spy)
+    monkeypatch.setattr(stage_setup, "make_loaders", spy)
     a = _run(tiny_data, tmp_path / "a", image_cache=True, workers=0)
     # asked for 2 workers: images on the device are transformed in the main process regardless
     b = _run(tiny_data, tmp_path / "b", device_images=True, workers=2)

@@ -10,11 +10,14 @@ from torch import nn
 import main
 from experiments import resnet_frozen, vgg_stacked
 from tl import TLError
-from tl.data import build_transforms, image_datasets, make_loaders
+from tl.data import build_transforms, make_loaders
 from tl.engine.evaluate import EPOCH_FILE
-from tl.engine.run import RunOptions, run
-from tl.loop import train_model
-from tl.models import create_model, get_backbone, group_of, param_groups, set_trainable
+from tl.engine.options import RunOptions
+from tl.engine.run import run
+from tl.engine.selection import image_datasets
+from tl.engine.weights import build_model
+from tl.loop import Hooks, train_model
+from tl.models import get_backbone, group_of, param_groups, set_trainable
 
 
 def test_early_stopping_stops_on_a_plateau_and_keeps_the_best(tiny_data, tiny_backbone, tmp_path):
@@ -81,7 +84,7 @@ ZOO = ["resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "densenet12
 @pytest.mark.parametrize("backbone", ZOO)
 def test_every_listed_backbone_builds_freezes_and_steps(backbone, three_class_data):
     spec = get_backbone(backbone)
-    model = create_model(backbone, 3, "none")
+    model = build_model(backbone, 3, "none")
     groups = {group_of(n, spec) for n, _ in model.named_parameters()}
     assert groups == {"body", "neck", "head"}
     assert model.get_submodule(spec.head).out_features == 3
@@ -91,7 +94,7 @@ def test_every_listed_backbone_builds_freezes_and_steps(backbone, three_class_da
     sets = image_datasets(three_class_data, build_transforms(spec.mean, spec.std, size=64, resize=73),
                           max_per_class=2)
     history = train_model(model, make_loaders(sets, 6), nn.CrossEntropyLoss(), optimizer, num_epochs=2,
-                          frozen_bn_eval=True, progress=False, log=lambda s: None)
+                          hooks=Hooks(frozen_bn_eval=True, progress=False, log=lambda s: None))
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in history.rows)
     for name, p in model.named_parameters():
         if group_of(name, spec) == "body":
@@ -102,4 +105,4 @@ def test_every_listed_backbone_builds_freezes_and_steps(backbone, three_class_da
 
 def test_offline_message_for_the_zoo(tmp_path):
     with pytest.raises(TLError, match="densenet121-.*pth"):
-        create_model("densenet121", 2, "imagenet")
+        build_model("densenet121", 2, "imagenet")

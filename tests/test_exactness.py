@@ -21,7 +21,7 @@ import main
 import tl.engine.run
 from tests.conftest import TinyNet, write_image_folder
 from tl import TLError, features
-from tl.engine import checkpoint
+from tl.engine import checkpoint, feature_store
 from tl.models import get_backbone
 
 pytestmark = pytest.mark.usefixtures("own_cache_dir")  # every test: a feature-cache folder of its own
@@ -98,7 +98,7 @@ def test_resume_equals_an_uninterrupted_run(tiny_data, pretrained, tmp_path, ext
 def test_a_second_resume_after_an_interrupted_one(tiny_data, pretrained, tmp_path, monkeypatch):
     full = _train(tiny_data, tmp_path / "full", 4, "--no-augment", weights=pretrained)
     half = _train(tiny_data, tmp_path / "half", 1, "--no-augment", weights=pretrained)
-    write = tl.engine.run.write_history_csv
+    write = tl.engine.records.write_history_csv
 
     def interrupt_after_epoch_2(history, path):
         write(history, path)
@@ -106,7 +106,7 @@ def test_a_second_resume_after_an_interrupted_one(tiny_data, pretrained, tmp_pat
             raise KeyboardInterrupt  # Ctrl-C right after epoch 2 was saved
 
     with monkeypatch.context() as patch:
-        patch.setattr(tl.engine.run, "write_history_csv", interrupt_after_epoch_2)
+        patch.setattr(tl.engine.records, "write_history_csv", interrupt_after_epoch_2)
         assert main.main(["--resume", str(half / "last.ckpt"), "--epochs", "4", "--no-progress"]) == 2
     assert checkpoint.load_checkpoint(half / "last.ckpt")["epoch"] == 2
     # the printed command (no --epochs) remembers the raised total of 4
@@ -201,7 +201,7 @@ def test_the_grad_scaler_state_is_saved_and_restored(tmp_path):
 
 # ----------------------------------------------------------------------------- run folders
 def test_two_runs_in_the_same_second_get_their_own_folders(tiny_data, tiny_backbone, tmp_path, monkeypatch):
-    monkeypatch.setattr(tl.engine.run.time, "strftime", lambda *a: "20260101-000000")
+    monkeypatch.setattr(tl.engine.records.time, "strftime", lambda *a: "20260101-000000")
     argv = ["-e", "resnet_frozen", "-b", "tiny", "--data", str(tiny_data), "--out", str(tmp_path / "runs"),
             "--epochs", "1", "--no-progress", "--weights", "none"]
     assert main.main(argv) == 0 and main.main(argv) == 0
@@ -209,7 +209,7 @@ def test_two_runs_in_the_same_second_get_their_own_folders(tiny_data, tiny_backb
     assert folders == ["resnet_frozen-tiny-20260101-000000", "resnet_frozen-tiny-20260101-000000-2"]
     assert all((tmp_path / "runs" / f / "last.ckpt").is_file() for f in folders)
     with pytest.raises(TLError, match="already exists"):
-        tl.engine.run.make_run_dir(tmp_path / "runs", folders[0], explicit=True)
+        tl.engine.records.make_run_dir(tmp_path / "runs", folders[0], explicit=True)
 
 
 def test_run_folder_files_share_one_mode_and_stale_temporaries_go(tiny_data, pretrained, tmp_path):
@@ -283,7 +283,8 @@ def test_batchnorm_in_train_mode_and_stochastic_depth_are_not_cached(tiny_backbo
 
 def test_torchvision_efficientnet_with_stochastic_depth_trains_uncached(tiny_data, tmp_path):
     from experiments import resnet_frozen
-    from tl.engine.run import RunOptions, run
+    from tl.engine.options import RunOptions
+    from tl.engine.run import run
 
     opts = RunOptions(data=tiny_data, backbone="efficientnet_b0", weights="none", epochs=1, workers=0,
                       out=tmp_path, image_size=32, progress=False, plots=False)
@@ -301,29 +302,29 @@ def test_the_cache_key_holds_what_changes_the_numbers_and_nothing_else(tiny_data
     ds = _FakeSet([(f, 0) for f in files])
     net = _frozen_tiny()
     split = features.split_at_cut(net, get_backbone("tiny"))
-    digest = features.prefix_digest(net, split)
+    digest = feature_store.prefix_digest(net, split)
     base = dict(views=1, random_views=False, seed=0, workers=0, dtype=torch.float32, device="cpu",
                 channels_last=False, folded=True)
-    key = features.cache_key(digest, ds, **base)
+    key = feature_store.cache_key(digest, ds, **base)
     # nothing else: without random views the seed and the workers do not matter
-    assert features.cache_key(digest, ds, **base | {"seed": 5, "workers": 2}) == key
+    assert feature_store.cache_key(digest, ds, **base | {"seed": 5, "workers": 2}) == key
     # everything that changes the stored numbers does
     for change in ({"folded": False}, {"channels_last": True}, {"dtype": torch.float16}, {"views": 2}):
-        assert features.cache_key(digest, ds, **base | change) != key, change
-    random_key = features.cache_key(digest, ds, **base | {"random_views": True})
-    assert features.cache_key(digest, ds, **base | {"random_views": True, "workers": 2}) != random_key
-    assert features.cache_key(digest, ds, **base | {"random_views": True, "seed": 1}) != random_key
-    assert features.cache_key(digest, _FakeSet([(f, 1) for f in files]), **base) != key  # other labels
-    assert features.cache_key(digest, _FakeSet(ds.samples, "U"), **base) != key  # other transform
+        assert feature_store.cache_key(digest, ds, **base | change) != key, change
+    random_key = feature_store.cache_key(digest, ds, **base | {"random_views": True})
+    assert feature_store.cache_key(digest, ds, **base | {"random_views": True, "workers": 2}) != random_key
+    assert feature_store.cache_key(digest, ds, **base | {"random_views": True, "seed": 1}) != random_key
+    assert feature_store.cache_key(digest, _FakeSet([(f, 1) for f in files]), **base) != key  # other labels
+    assert feature_store.cache_key(digest, _FakeSet(ds.samples, "U"), **base) != key  # other transform
     # the prefix digest sees BatchNorm's eps (not in the state_dict) and its statistics, not the head
     net.stem[1].eps = 1e-3
-    assert features.prefix_digest(net, split) != digest
+    assert feature_store.prefix_digest(net, split) != digest
     net.stem[1].eps = 1e-5
     with torch.no_grad():
         net.fc.weight.add_(1)
-    assert features.prefix_digest(net, split) == digest
+    assert feature_store.prefix_digest(net, split) == digest
     net.block[1].running_var.add_(1)
-    assert features.prefix_digest(net, split) != digest
+    assert feature_store.prefix_digest(net, split) != digest
 
 
 def _damage(path, how):
@@ -348,7 +349,8 @@ def _damage(path, how):
                                  "not a torch file"])
 def test_a_damaged_cache_file_is_reported_and_rebuilt(tiny_data, pretrained, tmp_path, own_cache_dir, how):
     from experiments import resnet_frozen
-    from tl.engine.run import RunOptions, run
+    from tl.engine.options import RunOptions
+    from tl.engine.run import run
 
     def go(out, lines):
         opts = RunOptions(data=tiny_data, backbone="tiny", weights=str(pretrained), epochs=2, workers=0, out=out,
@@ -369,7 +371,8 @@ def test_a_damaged_cache_file_is_reported_and_rebuilt(tiny_data, pretrained, tmp
 
 def test_cached_views_are_distinct_augmented_crops(tiny_data, tiny_backbone, tmp_path, own_cache_dir):
     from experiments import resnet_frozen
-    from tl.engine.run import RunOptions, run
+    from tl.engine.options import RunOptions
+    from tl.engine.run import run
 
     opts = RunOptions(data=tiny_data, backbone="tiny", weights="none", epochs=1, workers=0, out=tmp_path,
                       image_size=32, progress=False, plots=False, cache_views=3)

@@ -9,8 +9,11 @@ import torch
 
 from experiments import resnet_frozen, resnet_scratch
 from tl import features
-from tl.data import DecodedImages, build_transforms, image_datasets
-from tl.engine.run import RunOptions, run
+from tl.data import build_transforms
+from tl.engine.image_cache import DecodedImages
+from tl.engine.options import RunOptions
+from tl.engine.run import run
+from tl.engine.selection import image_datasets
 
 
 @pytest.fixture(autouse=True)
@@ -94,10 +97,11 @@ def test_folding_batchnorm_gives_the_same_outputs_and_leaves_the_model_alone(tin
 
 
 def test_vgg_cut_keeps_dropout_in_the_tail():
-    from tl.models import create_model, get_backbone
+    from tl.engine.weights import build_model
+    from tl.models import get_backbone
 
     spec = get_backbone("vgg16")
-    model = create_model("vgg16", 2, "none")
+    model = build_model("vgg16", 2, "none")
     split = features.split_at_cut(model, spec)
     assert [type(m).__name__ for m in split.tail] == ["Dropout", "Linear", "ReLU", "Dropout", "Linear"]
     assert split.tail[-1] is model.classifier[6]

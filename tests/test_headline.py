@@ -15,10 +15,14 @@ import torch
 
 from experiments import get_experiment
 from tests.conftest import write_image_folder
-from tl.data import build_transforms, image_datasets
-from tl.engine.run import RunOptions, run, score_headline
+from tl.data import build_transforms
+from tl.engine.options import RunOptions
+from tl.engine.records import score_headline
+from tl.engine.run import run
+from tl.engine.selection import image_datasets
+from tl.engine.weights import build_model
 from tl.loop import History
-from tl.models import create_model, get_backbone
+from tl.models import get_backbone
 
 
 def _unbalanced(root, test: bool):
@@ -46,7 +50,7 @@ def test_headline_is_test_of_the_val_choice_else_final_val(tmp_path, tiny_backbo
     spec = get_backbone(tiny_backbone)
     transforms = build_transforms(spec.mean, spec.std, size=32, augment=False)
     sets = image_datasets(data, transforms, phases=("train", "val", "test") if has_test else ("train", "val"))
-    model = create_model(tiny_backbone, 2, "none")
+    model = build_model(tiny_backbone, 2, "none")
     best = _always(model, 0)  # the epoch chosen on val ...
     _always(model, 1)  # ... and the final epoch's weights, which the model holds now
     opts = RunOptions(data=data, image_size=32)

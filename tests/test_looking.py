@@ -14,9 +14,11 @@ from torch import nn
 
 import main
 from tests.conftest import TinyNet
-from tl.data import build_transforms, image_datasets, nested_draw
+from tl.data import build_transforms
 from tl.engine.explain import class_activation_maps, pca_2d, top_losses
-from tl.models import BACKBONES, Backbone, create_model, format_parameter_table, get_backbone, set_trainable
+from tl.engine.selection import image_datasets, nested_draw
+from tl.engine.weights import build_model
+from tl.models import BACKBONES, Backbone, format_parameter_table, get_backbone, set_trainable
 
 
 def _train(data: Path, out: Path, backbone: str = "tiny", experiment: str = "resnet_scratch", *extra: str) -> Path:
@@ -91,7 +93,7 @@ def test_explain_command_writes_a_map_per_photo(tiny_run, tiny_data, capsys):
 
 
 def test_grad_cam_of_a_frozen_model_still_has_gradients(tiny_backbone):
-    model = create_model("tiny", 2, "none")
+    model = build_model("tiny", 2, "none")
     set_trainable(model, get_backbone("tiny"), ["head"])  # no body parameter requires a gradient
     maps, _, _ = class_activation_maps(model, torch.randn(2, 3, 32, 32), target=[0, 1])
     assert maps.shape == (2, 32, 32) and torch.isfinite(maps).all()
@@ -122,7 +124,7 @@ def test_pca_finds_the_direction_of_largest_variance():
 
 # ----------------------------------------------------------------------------- the summary (torchinfo)
 def test_summary_shows_shapes_and_counts_and_changes_nothing(tiny_backbone):
-    model = create_model("resnet18", 2, "none")
+    model = build_model("resnet18", 2, "none")
     set_trainable(model, get_backbone("resnet18"), ["head"])
     model.train()
     buffers = {k: v.clone() for k, v in model.state_dict().items()}

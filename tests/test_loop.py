@@ -8,10 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from tl.data import build_transforms, image_datasets, make_loaders
-from tl.engine.run import RunOptions, run
-from tl.loop import History, NonFiniteLoss, predictions, seed_everything, train_model
-from tl.models import create_model, get_backbone, set_trainable
+from tl.data import build_transforms, make_loaders
+from tl.engine.options import RunOptions
+from tl.engine.run import run
+from tl.engine.selection import image_datasets
+from tl.engine.weights import build_model
+from tl.loop import History, Hooks, NonFiniteLoss, predictions, seed_everything, train_model
+from tl.models import get_backbone, set_trainable
 from tl.recipe import Recipe
 
 
@@ -19,7 +22,7 @@ def _setup(data, backbone="tiny", batch=8, augment=True, seed=0):
     seed_everything(seed)
     spec = get_backbone(backbone)
     sets = image_datasets(data, build_transforms(spec.mean, spec.std, size=32, resize=36, augment=augment))
-    model = create_model(backbone, len(sets["train"].classes), "none")
+    model = build_model(backbone, len(sets["train"].classes), "none")
     return spec, model, make_loaders(sets, batch, seed=seed)
 
 
@@ -30,7 +33,8 @@ def _state(model):
 def test_loop_lowers_loss_and_beats_chance(tiny_data, tiny_backbone):
     spec, model, loaders = _setup(tiny_data)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    hist = train_model(model, loaders, nn.CrossEntropyLoss(), opt, num_epochs=6, progress=False, log=lambda s: None)
+    hist = train_model(model, loaders, nn.CrossEntropyLoss(), opt, num_epochs=6,
+                       hooks=Hooks(progress=False, log=lambda s: None))
     val = hist.val()
     assert val[0]["epoch"] == 0 and len(val) == 6
     assert val[-1]["loss"] < val[0]["loss"]
@@ -44,7 +48,8 @@ def test_epoch_zero_only_validates_and_changes_nothing(tiny_data, tiny_backbone)
     spec, model, loaders = _setup(tiny_data)
     before = _state(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-    hist = train_model(model, loaders, nn.CrossEntropyLoss(), opt, num_epochs=1, progress=False, log=lambda s: None)
+    hist = train_model(model, loaders, nn.CrossEntropyLoss(), opt, num_epochs=1,
+                       hooks=Hooks(progress=False, log=lambda s: None))
     assert [(r["epoch"], r["phase"]) for r in hist.rows] == [(0, "val")]
     after = model.state_dict()
     for name, tensor in before.items():  # weights *and* BatchNorm buffers: eval mode moved nothing
@@ -55,8 +60,8 @@ def test_epoch_zero_only_validates_and_changes_nothing(tiny_data, tiny_backbone)
 def test_loss_and_accuracy_are_weighted_over_the_whole_dataset(tiny_data, tiny_backbone):
     # 12 val images in batches of 5 (5, 5, 2): the epoch figures must equal a one-batch computation
     spec, model, loaders = _setup(tiny_data, batch=5)
-    hist = train_model(model, loaders, nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.1),
-                       num_epochs=1, progress=False, log=lambda s: None)
+    hist = train_model(model, loaders, nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.1), num_epochs=1,
+                       hooks=Hooks(progress=False, log=lambda s: None))
     model.eval()
     xs, ys = zip(*[loaders["val"].dataset[i] for i in range(len(loaders["val"].dataset))])
     with torch.no_grad():
@@ -72,8 +77,8 @@ def test_frozen_parameters_stay_bit_identical(tiny_data, tiny_backbone, frozen_b
     set_trainable(model, spec, ["head"])
     before = _state(model)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    train_model(model, loaders, nn.CrossEntropyLoss(), opt, num_epochs=3, frozen_bn_eval=frozen_bn_eval,
-                progress=False, log=lambda s: None)
+    train_model(model, loaders, nn.CrossEntropyLoss(), opt, num_epochs=3,
+                hooks=Hooks(frozen_bn_eval=frozen_bn_eval, progress=False, log=lambda s: None))
     after = model.state_dict()
     for name, _ in model.named_parameters():
         if name.startswith("fc."):
@@ -114,10 +119,10 @@ def test_batch_order_does_not_depend_on_the_number_of_workers(tiny_data, tiny_ba
         seed_everything(0)
         spec = get_backbone("tiny")
         sets = image_datasets(tiny_data, build_transforms(spec.mean, spec.std, size=32, resize=36, augment=False))
-        model = create_model("tiny", 2, "none")
+        model = build_model("tiny", 2, "none")
         loaders = make_loaders(sets, 4, seed=0, workers=workers)
-        history = train_model(model, loaders, nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.05),
-                              3, progress=True, log=lambda s: None)
+        history = train_model(model, loaders, nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.05), 3,
+                              hooks=Hooks(progress=True, log=lambda s: None))
         results.append(([(r["loss"], r["acc"]) for r in history.rows], _state(model)))
     (rows0, state0), (rows2, state2) = results
     assert rows0 == rows2
@@ -143,7 +148,8 @@ def test_non_finite_loss_stops_before_the_update(tiny_data, tiny_backbone):
     before = _state(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(NonFiniteLoss, match="loss became nan"):
-        train_model(model, loaders, nn.CrossEntropyLoss(), opt, num_epochs=2, progress=False, log=lambda s: None)
+        train_model(model, loaders, nn.CrossEntropyLoss(), opt, num_epochs=2,
+                    hooks=Hooks(progress=False, log=lambda s: None))
     for name, tensor in before.items():
         assert torch.equal(tensor, model.state_dict()[name]) or torch.isnan(tensor).all()
 

@@ -14,8 +14,8 @@ from PIL import Image
 import main
 from tests.conftest import DOGS_VS_CATS, require_real_data, write_image_folder
 from tl import TLError
-from tl.data import prepare_dogs_vs_cats
 from tl.engine.checkpoint import load_checkpoint
+from tl.engine.prepare import prepare_dogs_vs_cats
 
 
 def _flat_kaggle(root: Path, per_class: int = 50) -> Path:

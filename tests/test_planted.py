@@ -24,11 +24,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-import tl.recipe
+import tl.engine.run
 from tests.conftest import TinyNet, write_image_folder
-from tl import Interrupted, TLError, checkpoint, export, features
-from tl.data import build_transforms, describe_skipped, image_datasets, make_loaders
-from tl.loop import make_grad_scaler, train_model
+from tl import Interrupted, TLError, features
+from tl.data import build_transforms, make_loaders
+from tl.engine import checkpoint, export, feature_store
+from tl.engine.device import make_grad_scaler
+from tl.engine.selection import describe_skipped, image_datasets
+from tl.loop import Hooks, train_model
 from tl.models import get_backbone, param_groups, set_trainable
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -56,7 +59,7 @@ def test_resume_refuses_a_best_pth_that_does_not_match_its_recorded_digest(tmp_p
     def restore():
         ckpt = checkpoint.load_checkpoint(tmp_path / "last.ckpt")
         with torch.random.fork_rng(devices=[]):
-            return tl.recipe._restore(ckpt, tmp_path / "last.ckpt", TinyNet(), make_grad_scaler("cpu", False),
+            return tl.engine.resume.restore(ckpt, tmp_path / "last.ckpt", TinyNet(), make_grad_scaler("cpu", False),
                                       torch.Generator(), ["a", "b"], "fp", num_epochs=5)
 
     checkpoint.atomic_save(best_state, tmp_path / "best.pth")  # the genuine best epoch's weights
@@ -157,9 +160,8 @@ def test_the_best_epoch_is_chosen_on_val_rows_not_train_rows():
     def next_epoch(epoch, history):
         net.epoch = epoch + 1
 
-    history = train_model(net, loaders, nn.CrossEntropyLoss(),
-                          torch.optim.SGD(net.parameters(), lr=0.1), 4, on_epoch_end=next_epoch,
-                          progress=False, log=lambda s: None)
+    history = train_model(net, loaders, nn.CrossEntropyLoss(), torch.optim.SGD(net.parameters(), lr=0.1), 4,
+                          hooks=Hooks(end_of_epoch=next_epoch, progress=False, log=lambda s: None))
     accs = {(r["epoch"], r["phase"]): r["acc"] for r in history.rows}
     assert accs[(1, "val")] == 1.0 and accs[(2, "train")] == 1.0 and accs[(2, "val")] == 0.0
     assert history.best_epoch == 1 and history.best_acc == 1.0
@@ -175,8 +177,9 @@ def test_the_cache_key_changes_with_the_prefix_weights(tiny_data, tiny_backbone)
 
     def key(net):
         split = features.split_at_cut(net, spec)
-        return features.cache_key(features.prefix_digest(net, split), Files, views=1, random_views=False, seed=0,
-                                  workers=0, dtype=torch.float32, device="cpu", channels_last=False, folded=True)
+        digest = feature_store.prefix_digest(net, split)
+        return feature_store.cache_key(digest, Files, views=1, random_views=False, seed=0, workers=0,
+                                       dtype=torch.float32, device="cpu", channels_last=False, folded=True)
 
     a = _net(1)
     b = copy.deepcopy(a)
@@ -194,18 +197,18 @@ def _build_step_lr(model, spec, recipe):
     return model, optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.1)
 
 
-STEP_LR = tl.recipe.Recipe(name="planted_step_lr", source="tests", strategy="head only, StepLR(2, 0.1)",
+STEP_LR = tl.engine.run.Recipe(name="planted_step_lr", source="tests", strategy="head only, StepLR(2, 0.1)",
                            backbone="tiny", weights="none", lrs={"head": 0.05}, train_epochs=4, batch_size=8,
                            frozen_bn_eval=True)
 
 
 def test_a_resumed_run_continues_with_the_right_learning_rate(tiny_data, tiny_backbone, tmp_path, monkeypatch):
     def opts(out):  # every phase on stored features: seconds, not minutes
-        return tl.recipe.RunOptions(data=tiny_data, epochs=4, workers=0, out=out, run_name="r", image_size=32,
+        return tl.engine.options.RunOptions(data=tiny_data, epochs=4, workers=0, out=out, run_name="r", image_size=32,
                                     augment=False, progress=False, plots=False)
 
-    full = tl.recipe.run(STEP_LR, _build_step_lr, opts(tmp_path / "full"), log=lambda s: None)
-    write = tl.recipe.write_history_csv
+    full = tl.engine.run.run(STEP_LR, _build_step_lr, opts(tmp_path / "full"), log=lambda s: None)
+    write = tl.engine.records.write_history_csv
 
     def interrupt_after_epoch_1(history, path):
         write(history, path)
@@ -213,13 +216,13 @@ def test_a_resumed_run_continues_with_the_right_learning_rate(tiny_data, tiny_ba
             raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(tl.recipe, "write_history_csv", interrupt_after_epoch_1)
+        patch.setattr(tl.engine.records, "write_history_csv", interrupt_after_epoch_1)
         with pytest.raises(Interrupted):
-            tl.recipe.run(STEP_LR, _build_step_lr, opts(tmp_path / "half"), log=lambda s: None)
+            tl.engine.run.run(STEP_LR, _build_step_lr, opts(tmp_path / "half"), log=lambda s: None)
     saved = tmp_path / "half" / "r" / "last.ckpt"
     ckpt = checkpoint.load_checkpoint(saved)
     assert ckpt["epoch"] == 1
-    resumed = tl.recipe.run(STEP_LR, _build_step_lr, opts(tmp_path / "half"), ckpt=ckpt, resume=saved,
+    resumed = tl.engine.run.run(STEP_LR, _build_step_lr, opts(tmp_path / "half"), ckpt=ckpt, resume=saved,
                             log=lambda s: None)
 
     a = checkpoint.load_checkpoint(tmp_path / "full" / "r" / "last.ckpt")

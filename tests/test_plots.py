@@ -11,7 +11,8 @@ from PIL import Image
 import main
 from tl.data import build_transforms
 from tl.engine.plots import denormalize
-from tl.models import create_model, format_parameter_table, get_backbone, set_trainable
+from tl.engine.weights import build_model
+from tl.models import format_parameter_table, get_backbone, set_trainable
 
 
 def _png(path, min_width=300):
@@ -51,7 +52,7 @@ def test_show_data_writes_the_augmentation_preview_and_a_batch(tiny_data, tmp_pa
     ("resnet18", ["neck", "head"], 8_394_754),
 ])
 def test_summary_counts_trainable_parameters(backbone, groups, expected):
-    model = create_model(backbone, 2, "none")
+    model = build_model(backbone, 2, "none")
     set_trainable(model, get_backbone(backbone), groups)
     table = format_parameter_table(model, (1, 3, 64, 64))  # torchinfo's summary
     assert f"Trainable params: {expected:,}\n" in table

@@ -12,7 +12,8 @@ import torch
 from experiments import NAMES, get_experiment
 from tests.conftest import require_real_data
 from tl import TLError
-from tl.models import BATCHNORM, create_model, get_backbone
+from tl.engine.weights import build_model
+from tl.models import BATCHNORM, get_backbone
 from tl.recipe import Recipe
 from tl.stages import as_stages
 
@@ -88,7 +89,7 @@ def _build(name, backbone=None, stage=-1):
     module = get_experiment(name)
     recipe = module.RECIPE
     spec = get_backbone(backbone or recipe.backbone)
-    model = create_model(spec.name, 1 if recipe.loss == "bce_logit" else 2, "none", stack=recipe.stack_head)
+    model = build_model(spec.name, 1 if recipe.loss == "bce_logit" else 2, "none", stack=recipe.stack_head)
     model, stages = as_stages(module.build(model, spec, recipe))
     return model, stages[stage].setup(model, spec, recipe)
 
@@ -114,7 +115,7 @@ def test_recipe_numbers_match_the_documents(name):
 def test_the_tutorial_recipes_step_their_rate_as_the_tutorial_does():
     for name in ("tutorial_finetune", "tutorial_frozen"):
         module = get_experiment(name)
-        model = create_model("resnet18", 2, "none")
+        model = build_model("resnet18", 2, "none")
         _, _, scheduler = module.build(model, get_backbone("resnet18"), module.RECIPE)
         assert type(scheduler) is torch.optim.lr_scheduler.StepLR
         assert (scheduler.step_size, scheduler.gamma) == (TUTORIAL["step_size"], TUTORIAL["gamma"])
@@ -137,7 +138,7 @@ def test_two_stage_is_fastais_fine_tune():
         assert all((g["weight_decay"], g["betas"], g["eps"]) == (FASTAI["wd"], FASTAI["betas"], FASTAI["eps"])
                    for g in optimizer.param_groups)
     module = get_experiment("two_stage")
-    _, stages = as_stages(module.build(create_model("resnet18", 2, "none"), get_backbone("resnet18"), recipe))
+    _, stages = as_stages(module.build(build_model("resnet18", 2, "none"), get_backbone("resnet18"), recipe))
     for stage, pct, div in zip(stages, (FASTAI["freeze_pct_start"], FASTAI["pct_start"]),
                                (FASTAI["freeze_div"], FASTAI["div"])):
         _, optimizer = _build("two_stage", stage=stages.index(stage))

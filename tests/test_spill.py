@@ -19,9 +19,11 @@ import torch
 from experiments import resnet_frozen
 from tests.conftest import TinyNet
 from tl import features
-from tl.data import build_transforms, image_datasets
-from tl.engine import checkpoint
-from tl.engine.run import RunOptions, run
+from tl.data import build_transforms
+from tl.engine import checkpoint, feature_store
+from tl.engine.options import RunOptions
+from tl.engine.run import run
+from tl.engine.selection import image_datasets
 from tl.models import get_backbone, set_trainable
 
 SPILL = 1e-9  # GB: about one byte
@@ -80,7 +82,7 @@ def test_a_spilled_cache_trains_exactly_like_an_in_memory_one(tiny_data, tiny_ba
         assert torch.equal(a["features"], b["features"]) and a["checksum"] == b["checksum"]
 
     # so either run reuses the other's files, with no feature pass
-    monkeypatch.setattr(features, "compute_features", _no_feature_pass)
+    monkeypatch.setattr(feature_store, "compute_features", _no_feature_pass)
     monkeypatch.setenv("TL_CACHE_DIR", str(spilled_dir))
     _assert_same_training(_run(tiny_data, tmp_path / "c"), memory)
     monkeypatch.setenv("TL_CACHE_DIR", str(memory_dir))
@@ -110,9 +112,10 @@ def test_a_spilled_cache_is_memory_mapped_not_read_into_memory(tiny_data, tiny_b
     sets = image_datasets(tiny_data, build_transforms(spec.mean, spec.std, size=32, augment=False))
 
     def plan(limit_gb):
-        _, cached, mode = features.plan_cache(net, spec, sets, frozen_bn_eval=True, augment=False, views=0, seed=0,
-                                              device=torch.device("cpu"), dtype=torch.float32, limit_gb=limit_gb,
-                                              workers=0, log=lambda s: None)
+        made = feature_store.plan_cache(net, spec, sets, frozen_bn_eval=True, augment=False, views=0, seed=0,
+                                        device=torch.device("cpu"), dtype=torch.float32, limit_gb=limit_gb,
+                                        workers=0, log=lambda s: None)
+        cached, mode = made.cached, made.mode
         assert set(cached) == {"train", "val"}
         return cached, mode
 
@@ -128,7 +131,8 @@ def test_a_spilled_cache_is_memory_mapped_not_read_into_memory(tiny_data, tiny_b
         assert torch.equal(fs.features, cached[phase].features)
     # while the pass runs, the features it computes go straight into the file, not into memory
     store = own_cache_dir / "store.raw"
-    computed = features.compute_features(features.fold_batchnorm(net), "fc", sets["val"], store=store)  # as the cache
+    computed = feature_store.compute_features(features.fold_batchnorm(net), "fc", sets["val"],
+                                              store=store)  # as the cache
     assert _mapped_file(computed) == os.path.realpath(store)
     assert torch.equal(computed, memory["val"].features)
 
@@ -141,7 +145,7 @@ def test_the_checksum_reads_the_features_where_they_lie():
     big = torch.zeros(1, 1024, 2048)  # 8 MiB
     tracemalloc.start()
     try:
-        features._checksum(big, torch.zeros(1024, dtype=torch.long))
+        feature_store._checksum(big, torch.zeros(1024, dtype=torch.long))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

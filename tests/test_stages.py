@@ -17,7 +17,7 @@ import tl.engine.run
 from tests.conftest import TinyNet
 from tests.test_exactness import _assert_same_run
 from tl.engine import checkpoint
-from tl.loop import train_model
+from tl.loop import Hooks, train_model
 from tl.models import BATCHNORM
 from tl.stages import Stage, one_cycle, place, warmup_cosine
 
@@ -83,8 +83,8 @@ def _lrs_seen(net, optimizer, scheduler, interval, epochs, batches=3):
     optimizer.register_step_pre_hook(lambda opt, *_: seen.append(opt.param_groups[0]["lr"]))
     data = TensorDataset(torch.randn(4 * batches, 3), torch.randint(0, 2, (4 * batches,)))
     loaders = {"train": DataLoader(data, batch_size=4), "val": DataLoader(data, batch_size=4)}
-    train_model(net, loaders, torch.nn.CrossEntropyLoss(), optimizer, epochs + 1, scheduler=scheduler,
-                scheduler_interval=interval, progress=False, log=lambda _: None)
+    train_model(net, loaders, torch.nn.CrossEntropyLoss(), optimizer, epochs + 1,
+                hooks=Hooks(scheduler=scheduler, scheduler_interval=interval, progress=False, log=lambda _: None))
     return seen
 
 
@@ -120,30 +120,31 @@ def test_one_cycle_rates_match_the_formula_and_fastais_end_points():
 
 def test_the_tutorials_step_schedule_cuts_the_rate_every_7_training_epochs(tiny_backbone):
     from experiments import tutorial_finetune
-    from tl.models import create_model, get_backbone
+    from tl.engine.weights import build_model
+    from tl.models import get_backbone
 
-    model = create_model("tiny", 2, "none")
+    model = build_model("tiny", 2, "none")
     _, opt, sched = tutorial_finetune.build(model, get_backbone("tiny"), tutorial_finetune.RECIPE)
     seen = []
     opt.register_step_pre_hook(lambda o, *_: seen.append(o.param_groups[0]["lr"]))
     data = TensorDataset(torch.randn(8, 3, 8, 8), torch.randint(0, 2, (8,)))
     loaders = {"train": DataLoader(data, batch_size=4), "val": DataLoader(data, batch_size=4)}
-    train_model(model, loaders, torch.nn.CrossEntropyLoss(), opt, 16, scheduler=sched, progress=False,
-                log=lambda _: None)
+    train_model(model, loaders, torch.nn.CrossEntropyLoss(), opt, 16,
+                hooks=Hooks(scheduler=sched, progress=False, log=lambda _: None))
     per_epoch = seen[::2]  # 2 batches per epoch; training epochs 1..15
     assert per_epoch == pytest.approx([1e-3] * 7 + [1e-4] * 7 + [1e-5], rel=1e-12)
 
 
 # ----------------------------------------------------------------------------- resume inside a schedule or a stage
 def _interrupt_after(monkeypatch, epoch):
-    write = tl.engine.run.write_history_csv
+    write = tl.engine.records.write_history_csv
 
     def interrupted(history, path):
         write(history, path)
         if history.rows[-1]["epoch"] == epoch:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(tl.engine.run, "write_history_csv", interrupted)
+    monkeypatch.setattr(tl.engine.records, "write_history_csv", interrupted)
 
 
 @pytest.mark.parametrize("recipe, cut, extra", [
@@ -191,7 +192,7 @@ def test_batchnorm_in_eval_mode_keeps_its_statistics_bit_identical(bn_eval):
     data = TensorDataset(torch.randn(12, 3, 16, 16) * 2 + 1, torch.randint(0, 2, (12,)))
     loaders = {"train": DataLoader(data, batch_size=4), "val": DataLoader(data, batch_size=4)}
     train_model(net, loaders, torch.nn.CrossEntropyLoss(), torch.optim.SGD(net.parameters(), lr=0.1), 3,
-                bn_eval=bn_eval, progress=False, log=lambda _: None)
+                hooks=Hooks(bn_eval=bn_eval, progress=False, log=lambda _: None))
     after = net.state_dict()
     stats = {k for k in before if k.rsplit(".", 1)[1] in ("running_mean", "running_var", "num_batches_tracked")}
     bn_affine = {f"{n}.{p}" for n, m in net.named_modules() if isinstance(m, BATCHNORM) for p in ("weight", "bias")}

@@ -1,17 +1,21 @@
 """tl: the study library of the transfer-learning reference.
 
 This package knows nothing about any one experiment (karpathy/minGPT's rule for
-`mingpt/` vs `projects/`): the recipes in `experiments/` decide *what* trains,
-`tl/` supplies the pieces they share. Read it in this order:
+`mingpt/` vs `projects/`): the recipes in `experiments/` decide *what* trains, `tl/`
+supplies the pieces they share. Its top level is the core, what a learner reads in one
+sitting; follow one frozen run (`python main.py -e resnet_frozen --quick`) through it:
 
-    data.py        images -> tensors, the phase-dict of DataLoaders
-    models.py      backbones, pretrained weights, new heads, freezing, parameter groups
-    loop.py        THE train/validate loop (the only code that trains a model)
-    recipe.py      one experiment = data + model + loop + checkpoints + results
-    checkpoint.py  saving and resuming
-    evaluate.py    scoring saved models, predicting single images
-    features.py    caching what a frozen backbone computes
-    plots.py       learning curves and pictures
+    recipe.py       the numbers of one variant of the source documents (a Recipe)
+    models.py       a backbone, its pretrained weights, a new head, what trains (body/neck/head)
+    data.py         transforms and the phase dict of DataLoaders the loop walks
+    loop.py         THE train/validate loop: epoch 0 is the untrained baseline
+    features.py     the frozen-feature idea: a frozen prefix computed once, proven exact
+    stages.py       recipes in stages, and learning-rate schedules
+    distributed.py  the few lines several processes (torchrun) change, marked [DDP]
+
+When you need the machinery (a run's folder and records, resume, the caches, image
+hygiene, weights offline, evaluation, export, pictures), open `tl/engine/`: `run.py`
+holds the run as named steps, and every other file there is one job.
 """
 
 

@@ -24,18 +24,18 @@ Three ideas to take away:
 * **`net.train()` vs `net.eval()`** switches Dropout and BatchNorm. In train mode a
   BatchNorm layer normalises with the batch's own statistics *and updates its running
   mean/var*, even if its weights are frozen (`requires_grad=False` stops gradients, not
-  buffer updates). `frozen_bn_eval=True` keeps such frozen BatchNorm layers in eval
+  buffer updates). `Hooks.frozen_bn_eval` keeps such frozen BatchNorm layers in eval
   mode, so a "frozen" backbone really stays frozen (see docs/ERRATA.md on 001/003).
-  `bn_eval=True` keeps *every* BatchNorm layer in eval mode, trainable or not: its scale
+  `Hooks.bn_eval` keeps *every* BatchNorm layer in eval mode, trainable or not: its scale
   and shift still learn, its running statistics stay as ImageNet left them
   (experiments/bn_policy.py measures what each choice does).
 
-Everything optional (scheduler, checkpoints, early stopping, mixed precision) comes in
-through arguments; there is no second loop anywhere in the project. A learning-rate
-schedule steps once per training epoch (StepLR, as in the PyTorch tutorial) or, with
-`scheduler_interval="step"`, after every optimizer step (one-cycle, warmup + cosine). A
-recipe in several stages (tl/stages.py) calls this function once per stage with the same
-History: epochs `start_epoch .. num_epochs-1` are one stage's share of the run.
+Everything optional (a schedule, checkpoints, early stopping, mixed precision) comes in
+through one `Hooks` object whose defaults are the tutorial's loop; there is no second loop
+anywhere in the project. A learning-rate schedule steps once per training epoch (StepLR,
+as in the PyTorch tutorial) or, with `scheduler_interval="step"`, after every optimizer
+step (one-cycle, warmup + cosine). A recipe in several stages (tl/stages.py) calls this
+function once per stage with the same History, which it continues after its last row.
 
 **Several processes** (`torchrun`, tl/distributed.py) change three things, each a line
 marked `[DDP]`, each a no-op in a single process: the train sampler reshuffles per epoch
@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm import tqdm  # tqdm.std, not tqdm.auto: see the progress bar in train_model
+from tqdm import tqdm  # tqdm.std, not tqdm.auto: see the progress bar in run_phase
 
 from tl import TLError, distributed
 from tl.models import BATCHNORM, frozen_batchnorm_modules
@@ -74,32 +74,6 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device
     os.environ.setdefault("PYTHONHASHSEED", str(seed))
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """"auto" picks the GPU when there is one; an unavailable device is a clear error.
-
-    Only devices that compute and that this machine has are accepted: torch.device("meta")
-    or "mps" on Linux parse fine and fail later, deep inside the first forward pass."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    choices = "use auto, cpu, cuda or cuda:N"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise TLError(f"unknown device {name!r}; {choices}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise TLError(f"--device {name}: no CUDA GPU is visible to PyTorch on this machine; {choices}")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise TLError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), "
-                          f"numbered from 0; {choices}")
-    elif device.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise TLError(f"--device {name}: Apple's Metal (MPS) backend is not available here; {choices}")
-    elif device.type != "cpu":
-        raise TLError(f"--device {name}: {device.type!r} is not a device this project trains on; {choices}")
-    return device
 
 
 @dataclass
@@ -149,67 +123,50 @@ def loss_targets(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return labels.float().unsqueeze(1) if outputs.shape[1] == 1 else labels
 
 
-def _amp_settings(device: torch.device, amp: bool) -> tuple[bool, torch.dtype]:
-    if not amp or device.type != "cuda":
-        return False, torch.float32
-    # bf16 has float32's exponent range, so no loss scaling is needed; fp16 needs a GradScaler.
-    return True, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+@dataclass
+class Hooks:
+    """Everything optional about a training run, in one place. The defaults are the tutorial's
+    loop: float32, no schedule, no callbacks, BatchNorm in train mode while training.
 
-
-def make_grad_scaler(device: torch.device | str, amp: bool) -> torch.amp.GradScaler:
-    """The loss scaler fp16 autocast needs (disabled, a no-op, everywhere else). Its scale
-    adapts during training, so a checkpoint saves it and a resumed run restores it."""
-    use_amp, amp_dtype = _amp_settings(torch.device(device), amp)
-    return torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-
-
-def train_model(
-    net: nn.Module,
-    dataloaders: dict[str, torch.utils.data.DataLoader],
-    criterion: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    num_epochs: int,
-    *,
-    device: torch.device | str = "cpu",
-    scheduler=None,
-    scheduler_interval: str = "epoch",
-    scaler: torch.amp.GradScaler | None = None,
-    frozen_bn_eval: bool = False,
-    bn_eval: bool = False,
-    start_epoch: int = 0,
-    history: History | None = None,
-    on_epoch_end: Callable[[int, History], bool | None] | None = None,
-    amp: bool = False,
-    channels_last: bool = False,
-    best_by: str = "acc",
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-) -> History:
-    """Train `net` for epochs `start_epoch .. num_epochs-1`, validating after each.
-
-    `num_epochs` follows 002: it includes the validation-only epoch 0. `on_epoch_end(epoch,
-    history)` runs after every epoch (checkpoints, early stopping); returning True stops
-    training. Resuming passes the restored `history` and `start_epoch = last epoch + 1`.
-    `best_by` picks the best epoch by val "acc" (ties: lower loss) or val "loss" (ties: higher acc).
+    The machinery (tl/engine/) fills these in; a learner can ignore them all. Each hook is a
+    point where a later feature plugs in without a second loop.
     """
-    if best_by not in ("acc", "loss"):
-        raise ValueError(f"best_by must be 'acc' or 'loss', not {best_by!r}")
-    if scheduler_interval not in ("epoch", "step"):
-        raise ValueError(f"scheduler_interval must be 'epoch' or 'step', not {scheduler_interval!r}")
-    device = torch.device(device)
+
+    scheduler: object = None  # a learning-rate schedule (StepLR in the tutorial)
+    scheduler_interval: str = "epoch"  # step it after each training "epoch", or after each optimizer "step"
+    frozen_bn_eval: bool = False  # frozen BatchNorm layers stay in eval mode while training (docs/ERRATA.md)
+    bn_eval: bool = False  # every BatchNorm layer stays in eval mode (experiments/bn_policy.py)
+    best_by: str = "acc"  # the best epoch: highest val "acc" (ties: lower loss), or lowest val "loss"
+    autocast_dtype: torch.dtype | None = None  # mixed precision on a GPU (bf16/fp16); None: float32
+    scaler: torch.amp.GradScaler | None = None  # fp16 only: scales the loss so small gradients survive
+    channels_last: bool = False  # NHWC memory layout (faster convolutions on GPUs and oneDNN CPUs)
+    validate_with: nn.Module | None = None  # score val with this model instead (an averaged copy, say)
+    after_step: Callable[[int], bool | None] | None = None  # after each update; True stops (an LR finder)
+    end_of_phase: Callable[[int, str, dict], None] | None = None  # (epoch, phase, row): logging
+    end_of_epoch: Callable[[int, History], bool | None] | None = None  # checkpoints; True stops early
+    progress: bool = True  # tqdm progress bars
+    log: Callable[[str], None] = print
+
+
+def train_model(net: nn.Module, dataloaders: dict, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+                num_epochs: int, device: torch.device | str = "cpu", history: History | None = None,
+                hooks: Hooks | None = None) -> History:
+    """Train `net` for the epochs `history` has not seen yet, up to `num_epochs - 1`,
+    validating after each. `num_epochs` follows 002: it counts the validation-only epoch 0.
+
+    A new run starts from an empty History; a resumed run, or the next stage of a staged
+    recipe (tl/stages.py), passes the History so far and the loop goes on after its last row.
+    """
+    hooks, device = hooks or Hooks(), torch.device(device)
     history = history if history is not None else History()
-    net.to(device)
-    if channels_last:
-        # NHWC: the layout GPU tensor cores prefer, and oneDNN's CPU convolutions too (the
-        # depthwise convolutions of EfficientNet/MobileNet most of all: results/benchmark.md)
-        net.to(memory_format=torch.channels_last)
+    start_epoch = history.rows[-1]["epoch"] + 1 if history.rows else 0
+    net.to(device, memory_format=torch.channels_last if hooks.channels_last else torch.preserve_format)
     # the BatchNorm layers that stay in eval mode while the rest trains: all of them, the frozen ones, or none
-    eval_bn = ([m for m in net.modules() if isinstance(m, BATCHNORM)] if bn_eval
-               else frozen_batchnorm_modules(net) if frozen_bn_eval else [])
-    use_amp, amp_dtype = _amp_settings(device, amp)
-    scaler = scaler if scaler is not None else make_grad_scaler(device, amp)
+    eval_bn = ([m for m in net.modules() if isinstance(m, BATCHNORM)] if hooks.bn_eval
+               else frozen_batchnorm_modules(net) if hooks.frozen_bn_eval else [])
 
     for epoch in range(start_epoch, num_epochs):
+        stop = False
         for phase in ("train", "val"):
             if epoch == 0 and phase == "train":
                 continue  # the baseline: measure the untrained network before any update
@@ -217,72 +174,91 @@ def train_model(
                 net.train()  # Dropout on, BatchNorm uses and updates batch statistics
                 for bn in eval_bn:
                     bn.eval()  # ...except these: normalise with, and keep, their ImageNet running statistics
-            else:
-                net.eval()
-
-            running_loss, running_correct, seen = 0.0, 0, 0
+            model = net if phase == "train" or hooks.validate_with is None else hooks.validate_with
+            if phase == "val":
+                model.eval()  # Dropout off, BatchNorm uses its running statistics
             distributed.set_epoch(dataloaders[phase], epoch)  # [DDP] this epoch's shuffle, the same on all ranks
-            started = time.perf_counter()
-            # (tqdm.auto's bar would call iter() on the DataLoader when created, and the `for`
-            # again: each phase would start its workers twice and, with workers, draw once more
-            # from the shuffle generator, so the batch order would depend on --workers)
-            batches = tqdm(dataloaders[phase], desc=f"epoch {epoch}/{num_epochs - 1} {phase}",
-                           leave=False, disable=not progress, dynamic_ncols=True)
-            for inputs, labels in batches:
-                # non_blocking: with pinned memory the copy to the GPU overlaps with compute
-                inputs = inputs.to(device, non_blocking=True)
-                labels = labels.to(device, non_blocking=True)
-                if channels_last and inputs.dim() == 4:
-                    inputs = inputs.contiguous(memory_format=torch.channels_last)
-                optimizer.zero_grad(set_to_none=True)  # gradients accumulate unless cleared
-
-                with torch.set_grad_enabled(phase == "train"):
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                        outputs = net(inputs)  # (B, num_classes) logits
-                        loss = criterion(outputs, loss_targets(outputs, labels))  # mean over the batch
-                    preds = predictions(outputs)  # (B,)
-                    if not torch.isfinite(loss):
-                        raise NonFiniteLoss(epoch, phase, loss.item())
-                    if phase == "train":
-                        scaler.scale(loss).backward()  # d(loss)/d(param) for every trainable param
-                        scaler.step(optimizer)  # param -= lr * (its update rule)
-                        scaler.update()
-                        if scheduler is not None and scheduler_interval == "step":
-                            scheduler.step()  # a per-step schedule: the next batch gets the next rate
-
-                # loss is a batch mean: weight it by the batch size so the epoch figure is
-                # the mean over images even when the last batch is smaller.
-                running_loss += loss.item() * inputs.size(0)
-                running_correct += (preds == labels).sum().item()
-                seen += inputs.size(0)
-
-            # [DDP] sums over all processes: every figure is over the whole data set (no-op in one process)
-            running_loss, running_correct, n = distributed.sum_over_processes(running_loss, running_correct, seen)
-            seconds = time.perf_counter() - started
-            row = {"epoch": epoch, "phase": phase, "loss": running_loss / n, "acc": running_correct / n,
-                   "seconds": seconds, "images_per_s": n / seconds if seconds > 0 else float("nan")}
+            row, stop = run_phase(model, dataloaders[phase], criterion, optimizer, (epoch, num_epochs, phase),
+                                  device, hooks)
             history.rows.append(row)
             tag = "  (baseline: no training yet)" if epoch == 0 else ""
-            log(f"epoch {epoch:>2}/{num_epochs - 1} {phase:<5} loss {row['loss']:.4f}  acc {row['acc']:.4f}"
-                f"  [{seconds:5.1f} s, {row['images_per_s']:6.1f} img/s]{tag}")
-
-        if scheduler is not None and scheduler_interval == "epoch" and epoch > 0:
-            scheduler.step()  # an epoch schedule (StepLR): after each training epoch, as the tutorial does
-        val = history.rows[-1]
-        if best_by == "acc":
-            better = (val["acc"], -val["loss"]) > (history.best_acc, -history.best_loss)
-        else:
-            better = (-val["loss"], val["acc"]) > (-history.best_loss, history.best_acc)
-        if better:
-            history.best_epoch, history.best_acc, history.best_loss = epoch, val["acc"], val["loss"]
-            # a copy on the CPU: the live tensors keep changing as training goes on
-            history.best_state = {k: v.detach().to("cpu", copy=True)  # [DDP] unwrap: no "module." prefix
-                                  for k, v in distributed.unwrap(net).state_dict().items()}
-        if on_epoch_end is not None and on_epoch_end(epoch, history):
+            hooks.log(f"epoch {epoch:>2}/{num_epochs - 1} {phase:<5} loss {row['loss']:.4f}  acc {row['acc']:.4f}"
+                      f"  [{row['seconds']:5.1f} s, {row['images_per_s']:6.1f} img/s]{tag}")
+            if hooks.end_of_phase is not None:
+                hooks.end_of_phase(epoch, phase, row)
+        if hooks.scheduler is not None and hooks.scheduler_interval == "epoch" and epoch > 0:
+            hooks.scheduler.step()  # an epoch schedule (StepLR): after each training epoch, as the tutorial does
+        remember_if_best(history, net, hooks.best_by)
+        if stop or (hooks.end_of_epoch is not None and hooks.end_of_epoch(epoch, history)):
             history.stopped_early = epoch
-            log(f"stopping after epoch {epoch} (requested by the epoch-end callback)")
+            hooks.log(f"stopping after epoch {epoch} (requested by a hook)")
             break
     return history
+
+
+def run_phase(net: nn.Module, loader, criterion: nn.Module, optimizer: torch.optim.Optimizer, where: tuple,
+              device: torch.device, hooks: Hooks) -> tuple[dict, bool]:
+    """One pass over one phase's batches: forward, loss, and in "train" backward and step.
+    `where` is (epoch, num_epochs, phase). Returns the phase's row and whether a hook asked to stop."""
+    epoch, num_epochs, phase = where
+    running_loss, running_correct, seen, stop = 0.0, 0, 0, False
+    started = time.perf_counter()
+    # (tqdm.auto's bar would call iter() on the DataLoader when created, and the `for` again: each
+    # phase would start its workers twice and draw once more from the shuffle generator)
+    for inputs, labels in tqdm(loader, desc=f"epoch {epoch}/{num_epochs - 1} {phase}", leave=False,
+                               disable=not hooks.progress, dynamic_ncols=True):
+        # non_blocking: with pinned memory the copy to the GPU overlaps with compute
+        inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if hooks.channels_last and inputs.dim() == 4:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        optimizer.zero_grad(set_to_none=True)  # gradients accumulate unless cleared
+
+        with torch.set_grad_enabled(phase == "train"):
+            with torch.autocast(device.type, dtype=hooks.autocast_dtype, enabled=hooks.autocast_dtype is not None):
+                outputs = net(inputs)  # (B, num_classes) logits
+                loss = criterion(outputs, loss_targets(outputs, labels))  # mean over the batch
+            preds = predictions(outputs)  # (B,)
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(epoch, phase, loss.item())
+            if phase == "train":
+                if hooks.scaler is None:
+                    loss.backward()  # d(loss)/d(param) for every trainable parameter
+                    optimizer.step()  # param -= lr * (its update rule)
+                else:  # fp16: the same two steps on a scaled loss, unscaled before the update
+                    hooks.scaler.scale(loss).backward()
+                    hooks.scaler.step(optimizer)
+                    hooks.scaler.update()
+                if hooks.scheduler is not None and hooks.scheduler_interval == "step":
+                    hooks.scheduler.step()  # a per-step schedule: the next batch gets the next rate
+                stop = hooks.after_step is not None and bool(hooks.after_step(epoch))
+
+        # loss is a batch mean: weight it by the batch size so the epoch figure is
+        # the mean over images even when the last batch is smaller.
+        running_loss += loss.item() * inputs.size(0)
+        running_correct += (preds == labels).sum().item()
+        seen += inputs.size(0)
+        if stop:
+            break
+
+    # [DDP] sums over all processes: every figure is over the whole data set (no-op in one process)
+    running_loss, running_correct, n = distributed.sum_over_processes(running_loss, running_correct, seen)
+    seconds = time.perf_counter() - started
+    return {"epoch": epoch, "phase": phase, "loss": running_loss / n, "acc": running_correct / n,
+            "seconds": seconds, "images_per_s": n / seconds if seconds > 0 else float("nan")}, stop
+
+
+def remember_if_best(history: History, net: nn.Module, best_by: str) -> None:
+    """If the epoch just validated is the best so far, note it and keep a copy of its weights."""
+    val = history.val()[-1]
+    if best_by == "acc":
+        better = (val["acc"], -val["loss"]) > (history.best_acc, -history.best_loss)
+    else:
+        better = (-val["loss"], val["acc"]) > (-history.best_loss, history.best_acc)
+    if better:
+        history.best_epoch, history.best_acc, history.best_loss = val["epoch"], val["acc"], val["loss"]
+        # a copy on the CPU: the live tensors keep changing as training goes on
+        history.best_state = {k: v.detach().to("cpu", copy=True)  # [DDP] unwrap: no "module." prefix
+                              for k, v in distributed.unwrap(net).state_dict().items()}
 
 
 class NonFiniteLoss(TLError):

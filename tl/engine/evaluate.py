@@ -23,17 +23,14 @@ import torch
 from torch import nn
 
 from tl import TLError
-from tl.data import (
-    build_transforms,
-    describe_skipped,
-    image_datasets,
-    keep_train_per_class,
-    load_rgb,
-    split_datasets,
-)
-from tl.engine.checkpoint import load_into, load_state_file, verify_state_file
-from tl.loop import loss_targets, predictions, resolve_device
-from tl.models import create_model, get_backbone, imagenet_categories
+from tl.data import build_transforms
+from tl.engine.checkpoint import load_state_file, verify_state_file
+from tl.engine.device import resolve_device
+from tl.engine.images import load_rgb
+from tl.engine.selection import describe_skipped, image_datasets, keep_train_per_class, split_datasets
+from tl.engine.weights import build_model, imagenet_categories
+from tl.loop import loss_targets, predictions
+from tl.models import get_backbone, load_into
 
 # per-epoch weight files: 001's "03.pth" and 004's "epoch03-loss0.1820-acc0.9412.pth"
 EPOCH_FILE = re.compile(r"^(?:epoch)?(\d+)(?:-loss([\d.]+)-acc([\d.]+))?\.pth$")
@@ -93,7 +90,7 @@ def _string_map(value) -> dict[str, str]:
 
 
 def load_model(path: Path, ctx: ModelContext, num_classes: int, allow_pickle: bool = False) -> nn.Module:
-    model = create_model(ctx.backbone, 1 if ctx.single_logit else num_classes, "none", stack=ctx.stack_head)
+    model = build_model(ctx.backbone, 1 if ctx.single_logit else num_classes, "none", stack=ctx.stack_head)
     state = load_state_file(path, allow_pickle=allow_pickle)
     if path.suffix == ".pth":  # a weight file of a run: check it against the digest the run recorded
         verify_state_file(path, state, (ctx.checksums or {}).get(path.name))
@@ -186,7 +183,7 @@ def _split_loader(data: Path, split: str, ctx: ModelContext, batch_size: int = 3
 
 def evaluate_command(args) -> None:
     """`main.py --evaluate PATH --data DIR [--split test]`: one file, or every epoch file in a folder."""
-    from tl.data import resolve_data_dir
+    from tl.engine.prepare import resolve_data_dir
 
     path: Path = args.evaluate
     if not path.exists():
@@ -253,7 +250,7 @@ def predict_command(args) -> int:
         classes = ctx.classes
     else:
         ctx = ModelContext(backbone=args.backbone or "efficientnet_lite0", classes=None)
-        model = create_model(ctx.backbone, 1000, "imagenet")  # the untouched ImageNet classifier
+        model = build_model(ctx.backbone, 1000, "imagenet")  # the untouched ImageNet classifier
         classes = imagenet_categories()
     spec = get_backbone(ctx.backbone)
     return _print_predictions(args.predict, predict_images(model, args.predict, classes, spec.mean, spec.std,

@@ -120,7 +120,7 @@ def head_module(model: nn.Module, spec: Backbone) -> str:
 def head_features(model: nn.Module, spec: Backbone, dataset, device: torch.device | str = "cpu") -> torch.Tensor:
     """(N, D): what the head sees for each image of `dataset`, in order (the same forward
     pre-hook the feature cache uses, tl/features.py)."""
-    from tl.features import compute_features
+    from tl.engine.feature_store import compute_features
 
     return compute_features(model, head_module(model, spec), dataset, device=device)[0]
 
@@ -147,8 +147,9 @@ def explain_command(args) -> list:
     from pathlib import Path
 
     from tl import TLError
-    from tl.data import build_transforms, load_rgb
+    from tl.data import build_transforms
     from tl.engine.evaluate import context_for, load_model
+    from tl.engine.images import load_rgb
     from tl.engine.plots import cam_figure
     from tl.models import get_backbone
 

@@ -169,8 +169,8 @@ def export_run(run: Path, fmt: str = "onnx", data: str | None = None, out: Path 
     """`main.py --export RUN [--format onnx|torchscript]`: RUN's best.pth as one
     self-describing file (default RUN/model.onnx or RUN/model.pt), checked on the run's val
     images. Returns (file, check figures)."""
-    from tl.data import resolve_data_dir
     from tl.engine.evaluate import _split_loader, context_for, load_model
+    from tl.engine.prepare import resolve_data_dir
 
     if fmt not in FORMATS:
         raise TLError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")

@@ -163,7 +163,9 @@ def data_preview(data_dir: str | Path, backbone: str, out_dir: str | Path, seed:
         (001, 5-14), de-normalised with the backbone's own mean/std.
     The images are the training run's own: the same scan, the same --val-split.
     """
-    from tl.data import build_transforms, describe_skipped, image_datasets, load_rgb, make_loaders, split_datasets
+    from tl.data import build_transforms, make_loaders
+    from tl.engine.images import load_rgb
+    from tl.engine.selection import describe_skipped, image_datasets, split_datasets
     from tl.models import get_backbone
 
     spec = get_backbone(backbone)

@@ -1,0 +1,47 @@
+"""The device a run trains on, and the mixed-precision settings that go with it."""
+
+from __future__ import annotations
+
+import torch
+
+from tl import TLError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """"auto" picks the GPU when there is one; an unavailable device is a clear error.
+
+    Only devices that compute and that this machine has are accepted: torch.device("meta")
+    or "mps" on Linux parse fine and fail later, deep inside the first forward pass."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    choices = "use auto, cpu, cuda or cuda:N"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TLError(f"unknown device {name!r}; {choices}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TLError(f"--device {name}: no CUDA GPU is visible to PyTorch on this machine; {choices}")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise TLError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), "
+                          f"numbered from 0; {choices}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise TLError(f"--device {name}: Apple's Metal (MPS) backend is not available here; {choices}")
+    elif device.type != "cpu":
+        raise TLError(f"--device {name}: {device.type!r} is not a device this project trains on; {choices}")
+    return device
+
+
+def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """The dtype `--amp` trains in on this device: None (float32) except on CUDA, where bf16
+    (float32's exponent range, so no loss scaling is needed) or else fp16."""
+    if not amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def make_grad_scaler(device: torch.device | str, amp: bool) -> torch.amp.GradScaler:
+    """The loss scaler fp16 autocast needs (disabled, a no-op, everywhere else). Its scale
+    adapts during training, so a checkpoint saves it and a resumed run restores it."""
+    return torch.amp.GradScaler("cuda", enabled=autocast_dtype(torch.device(device), amp) == torch.float16)

@@ -1,0 +1,339 @@
+"""The run folder and what it records: config.json, history.csv, the weight files, the
+checkpoint after every epoch, the headline predictions and the pictures.
+
+`RunFolder` is the run's folder as one object: it is opened (a new folder, or the one a
+resumed run continues in), saves after every epoch (the loop's `end_of_epoch` hook), tidies
+up when training fails, and writes the results when training ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tl import Interrupted, TLError, distributed
+from tl.engine import checkpoint
+from tl.engine.options import RunOptions, as_saved
+from tl.loop import History, NonFiniteLoss, predictions
+from tl.models import Backbone, parameter_table
+from tl.recipe import Recipe
+from tl.stages import Span, describe
+
+
+class RunFolder:
+    """The folder of one run and its config record (see the module docstring)."""
+
+    def __init__(self, run_dir: Path, config: dict, ctx, stage):
+        self.run_dir, self.config, self.ctx, self.stage = run_dir, config, ctx, stage
+        self.started = time.time()
+
+    @classmethod
+    def open(cls, ctx, stage, ckpt: dict | None, resume: Path | None) -> RunFolder:
+        """Created only now that everything can start; a resumed run continues in its own folder."""
+        opts, recipe = ctx.opts, ctx.recipe
+        if ckpt is not None:
+            run_dir = Path(resume).parent
+            if distributed.is_main():  # [DDP]
+                checkpoint.remove_stale_temporaries(run_dir)  # a save killed mid-write left these
+                for name, state in files_of_saved_epoch(ckpt, ctx.history, opts).items():
+                    checkpoint.atomic_save(state, run_dir / name)  # a kill after last.ckpt may have cut these off
+            config = ckpt["config"]
+            config["resumed"] = [*config.get("resumed", []), {"after_epoch": ckpt["epoch"], "device": str(ctx.device),
+                                                              "time": time.strftime("%Y-%m-%d %H:%M:%S")}]
+            config["options"] = options_record(opts)  # the new --epochs total, where the data lies now
+            config["recipe"] = dataclasses.asdict(recipe)
+            ctx.log(f"resuming {run_dir} after epoch {ckpt['epoch']}")
+        else:
+            name = opts.run_name or f"{recipe.name}-{recipe.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
+            # [DDP] process 0 makes the folder, the others take its name
+            run_dir = distributed.from_main(make_run_dir(Path(opts.out), name, explicit=opts.run_name is not None)
+                                            if distributed.is_main() else None)
+            config = run_config(recipe, opts, ctx.spec, ctx.device, ctx.model, stage.optimizer, ctx.sets,
+                                ctx.classes) | {"data_fingerprint": ctx.fingerprint, "checksums": {}}
+        config["train_epochs"] = recipe.train_epochs
+        folder = cls(run_dir, config, ctx, stage)
+        folder.record_stage(ctx, stage, write=False)
+        config["world_size"] = distributed.world_size()  # processes; each trains on batch_size images per step
+        if distributed.is_main():  # [DDP]
+            write_json(run_dir / "config.json", config)
+        return folder
+
+    def record_stage(self, ctx, stage, write: bool = True) -> None:
+        record_stage(self.config, stage.span, stage.optimizer, stage.scheduler, stage.plan.mode, staged=ctx.staged,
+                     cached_phases=sorted(stage.plan.cached))
+
+    def end_of_epoch(self, epoch: int, hist: History) -> bool:
+        """After every epoch: the checkpoint, this epoch's weight files, history.csv and config.json;
+        then early stopping (004 §2.3): no new best val `monitor` for `patience` epochs -> stop."""
+        opts = self.ctx.opts
+        stop = opts.patience is not None and epoch - hist.best_epoch >= opts.patience
+        if not distributed.is_main():  # [DDP] only process 0 writes; the rows, so the stop, are the same on all
+            return stop
+        files = {}  # weight files of this epoch: best.pth, and 001's / 004's per-epoch files
+        if hist.best_epoch == epoch:
+            files["best.pth"] = hist.best_state
+        if opts.save_every_epoch:
+            files[epoch_file_name(epoch, hist.rows[-1], opts.informative_names)] = self.ctx.model.state_dict()
+        for name, state in files.items():  # their digests first: the checkpoint's config carries them
+            self.config["checksums"][name] = checkpoint.state_digest(state)
+        # last.ckpt before the files: if the run is killed in between, the checkpoint already holds
+        # this epoch's weights, and resume writes the files again from it (RunFolder.open)
+        span = self.stage.span
+        checkpoint.save_checkpoint(self.run_dir / "last.ckpt", epoch=epoch, model=self.ctx.model,
+                                   optimizer=self.stage.optimizer, scheduler=self.stage.scheduler,
+                                   scaler=self.ctx.scaler, history=hist.to_dict(), config=self.config,
+                                   classes=self.ctx.classes, loader_generator=self.ctx.generator,
+                                   stage={"index": span.index, "end": span.end}, wall_seconds=self.wall_seconds())
+        for name, state in files.items():
+            checkpoint.atomic_save(state, self.run_dir / name)
+        write_history_csv(hist, self.run_dir / "history.csv")
+        write_json(self.run_dir / "config.json", self.config)
+        return stop
+
+    def wall_seconds(self) -> float:
+        return self.ctx.wall_before + time.time() - self.started
+
+    @contextlib.contextmanager
+    def tidy_on_failure(self, resumed: bool):
+        """A new run that failed before its first training epoch (a broken file, Ctrl-C) has nothing
+        worth keeping; a NaN loss keeps its last good checkpoint, which its message points to."""
+        try:
+            yield
+        except BaseException as exc:
+            if not distributed.is_main():  # [DDP] process 0 alone tidies the run folder
+                raise
+            last = self.run_dir / "last.ckpt"
+            trained = last.exists() and (resumed or checkpoint.load_checkpoint(last)["epoch"] > 0)
+            if not trained and not (last.exists() and isinstance(exc, NonFiniteLoss)):
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            if isinstance(exc, KeyboardInterrupt):
+                if not trained:
+                    raise Interrupted("interrupted before the first training epoch finished: nothing was saved") \
+                        from None
+                raise Interrupted(f"interrupted: {last} holds the last completed epoch.\n"
+                                  f"  continue with: python main.py --resume {last}") from None
+            raise
+
+    def finish(self, ctx, history: History) -> None:
+        """The results: the headline number (never chosen on the images it is scored on),
+        config.json and history.csv, the best model handed back, the pictures."""
+        net = distributed.unwrap(self.stage.net)  # [DDP] scoring below is one process on all of val
+        cached = self.stage.plan.cached
+        config = self.config
+        config["results"] = summarize(history) | {"wall_seconds": self.wall_seconds()}
+        # the test accuracy of the epoch chosen on val where there is a test/ split, else the final
+        # epoch's val accuracy. Must run here, while `model` still holds the final epoch's weights.
+        config["results"] |= score_headline(net, ctx.model, history, cached.get("val", ctx.sets["val"]),
+                                            ctx.sets["val"], ctx.test_set, ctx.classes, ctx.opts, ctx.device,
+                                            self.run_dir)
+        write_json(self.run_dir / "config.json", config)
+        write_history_csv(history, self.run_dir / "history.csv")
+        if history.best_state is not None:
+            ctx.model.load_state_dict(history.best_state)  # hand back the best model, as 002's tutorial does
+        if ctx.opts.plots:  # val scored on its stored features where they exist: the same numbers, no second pass
+            write_run_plots(self.run_dir, history, net, cached.get("val", ctx.sets["val"]), ctx.sets["val"],
+                            ctx.classes, ctx.spec, ctx.device)
+        res = config["results"]
+        ctx.log(f"headline acc {res['headline_acc']:.4f} ({res['headline']}); best val acc {history.best_acc:.4f} "
+                f"at epoch {history.best_epoch} (selected on val) -> {self.run_dir}")
+
+
+def data_fingerprint(sets: dict) -> str:
+    """A digest of which files (relative to their split folder), with which labels and which
+    contents, each phase holds: the identity of the data a run trained on, wherever it lies.
+    (Reading every file once costs about what one epoch's decoding does.)"""
+    h = hashlib.sha256()
+    for phase in sorted(sets):
+        ds = sets[phase]
+        for path, target in ds.samples:
+            h.update(f"{phase}|{target}|".encode() + os.fsencode(os.path.relpath(path, ds.root)) + b"|")
+            h.update(hashlib.sha256(Path(path).read_bytes()).digest())
+    return h.hexdigest()
+
+
+def make_run_dir(out: Path, name: str, explicit: bool) -> Path:
+    """Create the run folder, atomically and for this run alone: `mkdir` fails if the name
+    exists, so two runs started in the same second never share a folder. A generated name
+    gets a suffix (-2, -3, ...); a name the caller chose is never reused."""
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(1, 1000):
+        run_dir = out / (name if i == 1 else f"{name}-{i}")
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            if explicit:
+                raise TLError(f"{run_dir} already exists; resume it with --resume {run_dir / 'last.ckpt'} "
+                              f"or choose another --out") from None
+    raise TLError(f"{out} already holds 999 runs named {name}-N; choose another --out")
+
+
+def epoch_file_name(epoch: int, val_row: dict, informative: bool) -> str:
+    """001's `03.pth`, or 004's name that carries the val figures, `epoch03-loss0.1820-acc0.9412.pth`."""
+    return (f"epoch{epoch:02d}-loss{val_row['loss']:.4f}-acc{val_row['acc']:.4f}.pth" if informative
+            else f"{epoch:02d}.pth")
+
+
+def files_of_saved_epoch(ckpt: dict, history: History, opts: RunOptions) -> dict:
+    """The weight files the run wrote right after its checkpoint's epoch: all equal to the
+    checkpoint's own weights."""
+    files = {}
+    if history.best_epoch == ckpt["epoch"]:
+        files["best.pth"] = ckpt["model"]
+    if opts.save_every_epoch:
+        files[epoch_file_name(ckpt["epoch"], history.rows[-1], opts.informative_names)] = ckpt["model"]
+    return files
+
+
+def record_stage(config: dict, span: Span, optimizer, scheduler, cache_mode: str, staged: bool,
+                  cached_phases: list[str]) -> None:
+    """The stage that starts, in config.json: its epochs, rates, schedule and feature cache
+    (and which phases it caches, so a resume inside it caches no other).
+    A staged run's `feature_cache` and `trainable_params` then speak for all its stages."""
+    entry = describe(span, optimizer, scheduler) | {"index": span.index, "feature_cache": cache_mode,
+                                                    "cached_phases": cached_phases}
+    config["stages"] = [s for s in config.get("stages", []) if s["index"] != span.index] + [entry]
+    config["feature_cache"] = cache_mode
+    if staged:
+        config["feature_cache"] = "; ".join(f"{s['name']}: {s['feature_cache']}" for s in config["stages"])
+        config["trainable_params"] = max(s["trainable_params"] for s in config["stages"])
+
+
+def score_headline(net: nn.Module, model: nn.Module, history: History, val_inputs, val_set, test_set,
+                   classes: list[str], opts: RunOptions, device: torch.device, run_dir: Path) -> dict:
+    """The run's headline accuracy, scored on images that played no part in choosing it.
+
+    The best val epoch is chosen on val, so its val accuracy flatters it (the maximum of
+    noisy numbers). Two honest numbers instead:
+
+    * a data folder with a `test/` split: the epoch chosen on val (best.pth, the one early
+      stopping keeps) scored on test, which nothing has looked at;
+    * no test split: the final epoch's val accuracy. The epoch count comes from the recipe's
+      document, not from val, so nothing was selected on these images.
+
+    `net` must still hold the final epoch's weights (the loop's own net: with cached val
+    features it scores them, the same numbers as the loop's last val row). The per-image
+    predictions go to `headline_predictions.csv` (path relative to the data folder, label,
+    prediction), which a paired comparison of two recipes resamples (experiments/report.py).
+    """
+    from tl.engine.evaluate import evaluate
+
+    if test_set is not None:  # scanned with train and val at the start of the run
+        if history.best_state is not None:
+            model.load_state_dict(history.best_state)  # the best-on-val state that run() hands back too
+        what, scored, inputs, images = "test, epoch chosen on val", model, test_set, test_set
+    else:
+        what, scored, inputs, images = "val, final epoch", net, val_inputs, val_set
+    result = evaluate(scored, torch.utils.data.DataLoader(inputs, batch_size=32), device, len(classes))
+    rows = [{"path": Path(os.path.relpath(path, opts.data)).as_posix(), "label": classes[label],
+             "prediction": classes[p]} for (path, label), p in zip(images.samples, result["predictions"])]
+    write_csv(run_dir / "headline_predictions.csv", ["path", "label", "prediction"], rows)
+    acc = sum(r["label"] == r["prediction"] for r in rows) / len(rows)
+    return {"headline": what, "headline_acc": acc, "test_acc": acc if what.startswith("test") else None}
+
+
+def write_run_plots(run_dir: Path, history: History, model: nn.Module, val_inputs, val_set, classes: list[str],
+                    spec: Backbone, device: torch.device) -> None:
+    """The pictures of a finished run: learning curves, and the best model's confusion
+    matrix, prediction grid (document 001, 5-26 to 5-29) and top losses on val.
+
+    `val_inputs` is what the loop validated on (images, or their stored features when the
+    run cached them); `val_set` holds the images the grid shows."""
+    from tl.engine import plots
+    from tl.engine.evaluate import evaluate
+
+    plots.run_curves(history.rows, run_dir / "curves.png", title=run_dir.name)
+    loader = torch.utils.data.DataLoader(val_inputs, batch_size=32)
+    result = evaluate(model, loader, device, len(classes))
+    plots.confusion_matrix_plot(result["confusion"], classes, run_dir / "confusion.png",
+                                title=f"val, best epoch: accuracy {result['acc']:.3f}")
+    plots.top_losses_plot(val_set, result["probabilities"], classes, run_dir / "top_losses.png", mean=spec.mean,
+                          std=spec.std)  # the confidently wrong val images (fastai's plot_top_losses)
+    step = max(1, len(val_set) // 16)  # 16 images spread over the classes (val is sorted by class)
+    images, labels = zip(*(val_set[i] for i in range(0, len(val_set), step)[:16]))
+    with torch.no_grad():
+        preds = predictions(model.eval()(torch.stack(images).to(device))).tolist()
+    titles = [f"{classes[p]} ({classes[t]})" for p, t in zip(preds, labels)]
+    colours = ["green" if p == t else "red" for p, t in zip(preds, labels)]
+    plots.image_grid(torch.stack(images), titles, run_dir / "predictions.png", mean=spec.mean, std=spec.std,
+                     colors=colours, title="predicted (true), best epoch")
+
+
+def summarize(history: History) -> dict:
+    """The figures a comparison needs, computed from the history rows alone."""
+    val = history.val()
+    train = [r for r in history.rows if r["phase"] == "train"]
+    seconds = sum(r["seconds"] for r in train)
+    images = sum(r["images_per_s"] * r["seconds"] for r in train)
+    return {
+        "baseline_val_acc": val[0]["acc"] if val and val[0]["epoch"] == 0 else None,
+        "best_val_acc": history.best_acc,
+        "best_epoch": history.best_epoch,
+        "final_val_acc": val[-1]["acc"] if val else None,
+        "final_val_loss": val[-1]["loss"] if val else None,
+        "train_seconds": seconds,
+        "train_images_per_s": images / seconds if seconds else None,
+        "stopped_early": history.stopped_early,
+    }
+
+
+def run_config(recipe: Recipe, opts: RunOptions, spec: Backbone, device: torch.device, model: nn.Module,
+            optimizer: torch.optim.Optimizer, sets: dict, classes: list[str]) -> dict:
+    total = parameter_table(model)[-1]
+    return {
+        "experiment": recipe.name,
+        "recipe": dataclasses.asdict(recipe),
+        "options": options_record(opts),
+        "weights_kind": weights_kind(recipe.weights, spec),
+        "optimizer": type(optimizer).__name__,
+        "param_groups": [{"name": g.get("name", str(i)), "lr": g["lr"],
+                          "params": sum(p.numel() for p in g["params"])}
+                         for i, g in enumerate(optimizer.param_groups)],
+        "trainable_params": total["trainable"],
+        "total_params": total["total"],
+        "classes": classes,
+        "dataset_sizes": {p: len(ds) for p, ds in sets.items()},
+        "device": str(device),
+        "torch": str(torch.__version__),
+        "python": platform.python_version(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def options_record(opts: RunOptions) -> dict:
+    return {k: as_saved(v) for k, v in dataclasses.asdict(opts).items()}
+
+
+def weights_kind(weights: str, spec: Backbone) -> str:
+    if weights == "imagenet":
+        return "packaged" if spec.weights_source == "packaged" else "imagenet"
+    return "none" if weights in ("none", None) else "file"
+
+
+def write_history_csv(history: History, path: Path) -> None:
+    write_csv(path, ["epoch", "phase", "loss", "acc", "seconds", "images_per_s"], history.rows)
+
+
+def write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
+    """The run folder's tables, written atomically like every file there (extra keys ignored)."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    checkpoint.atomic_write_text(path, text.getvalue())
+
+
+def write_json(path: Path, obj: dict) -> None:
+    checkpoint.atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")

@@ -1,0 +1,81 @@
+"""Resume: the options a saved run continues with, and the state it is restored to."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tl import TLError, distributed
+from tl.engine import checkpoint
+from tl.engine.options import RunOptions, as_saved
+from tl.loop import History
+from tl.models import load_into
+
+# Options that may differ when a run is resumed: they cannot change what the run computes
+# (a new total of --epochs only adds epochs). Every other option is restored from the
+# checkpoint; giving it a different value is an error rather than silently ignored.
+RESUME_SAFE = ("epochs", "device", "progress")
+
+
+def resume_options(ckpt: dict, given: dict, source: Path) -> RunOptions:
+    """The options of the run saved in `ckpt`, with the safe ones in `given` applied.
+
+    `given` holds only what the user actually typed (as RunOptions fields). `data` may name
+    another path to the same images (run() checks the files); anything else that differs
+    from the saved run stops with a message, because it would change the result."""
+    # an option newer than the checkpoint had its default value in that run
+    saved = {f.name: as_saved(f.default) for f in dataclasses.fields(RunOptions)
+             if f.default is not dataclasses.MISSING} | dict(ckpt["config"]["options"])
+    conflicts = [f"{k.replace('_', '-')} {v} (the run has {saved.get(k)})" for k, v in given.items()
+                 if k not in (*RESUME_SAFE, "data") and as_saved(v) != saved.get(k)]
+    if conflicts:
+        raise TLError(f"{source} continues a run with its own options; these would change its result: "
+                      f"{'; '.join(conflicts)}.\n  Resume with only --epochs, --device or --no-progress, "
+                      f"or start a new run with the new options")
+    saved.update({k: v for k, v in given.items() if k in (*RESUME_SAFE, "data")})
+    for key in ("data", "out"):
+        saved[key] = Path(saved[key])
+    opts = RunOptions(**saved)
+    # as saved, even where __post_init__ would now decide otherwise (a device_images run made through
+    # the API before it forced workers 0 ran its feature pass with its workers): the run continues as it began
+    opts.workers, opts.image_cache = saved["workers"], saved["image_cache"]
+    return opts
+
+
+def restore(ckpt: dict, resume: Path, model: nn.Module, scaler, generator: torch.Generator,
+             classes: list[str], fingerprint: str, num_epochs: int) -> tuple[History, int, float]:
+    """Put a saved run back exactly as it was after its last epoch: weights, scaler, RNG
+    states and history (with the best epoch's weights). Returns (history, first epoch to
+    run, wall seconds already spent). The optimizer and scheduler belong to a stage: they
+    come back when that stage starts (`start_stage`)."""
+    config = ckpt["config"]
+    if ckpt["classes"] != classes:
+        raise TLError(f"{resume} was trained on classes {ckpt['classes']}, but the data has {classes}")
+    if config.get("data_fingerprint") != fingerprint:
+        raise TLError(f"{resume} was trained on other images than {config['options']['data']} holds now "
+                      f"(files, labels or sizes differ); resume it on the data it started with")
+    history = History.from_dict(ckpt["history"])
+    if history.stopped_early is not None:
+        raise TLError(f"{resume}: the run stopped early after epoch {history.stopped_early} (--patience); "
+                      f"there is nothing to resume")
+    if config.get("world_size", 1) != distributed.world_size():  # [DDP] shards and batches depend on it
+        raise TLError(f"{resume} was trained by {config.get('world_size', 1)} process(es), this is "
+                      f"{distributed.world_size()}: resume it with the same torchrun --nproc_per_node x --nnodes")
+    start_epoch = ckpt["epoch"] + 1
+    if start_epoch >= num_epochs:
+        raise TLError(f"{resume} has already trained all {num_epochs - 1} epochs; "
+                      f"pass a larger --epochs (the new total) to train more")
+    load_into(model, ckpt["model"], str(resume))
+    if ckpt["scaler"] is not None:
+        scaler.load_state_dict(ckpt["scaler"])
+    if history.best_epoch == ckpt["epoch"]:
+        history.best_state = ckpt["model"]  # the checkpoint's own weights are that epoch's (on_epoch_end)
+    elif history.best_epoch >= 0:
+        best_path = resume.parent / "best.pth"
+        history.best_state = checkpoint.load_state_file(best_path)
+        checkpoint.verify_state_file(best_path, history.best_state, config.get("checksums", {}).get("best.pth"))
+    checkpoint.set_rng_state(ckpt["rng"], generator)
+    return history, start_epoch, ckpt["wall_seconds"]

@@ -1,0 +1,222 @@
+"""Which images a run uses: THE one function that chooses them (`select_images`).
+
+Training, `--evaluate`, `--show-data`, the studies and the benchmarks all call
+`select_images`, so `--val-split`, `--max-per-class` (`--quick`), `--train-per-class`,
+`--verify-images` and the test split mean the same thing everywhere. The files of a
+folder are decided once, by the scan of tl/engine/images.py (`CheckedImageFolder`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from torchvision import datasets
+from torchvision.transforms import v2
+
+from tl import TLError
+from tl.engine.images import PHASES, CheckedImageFolder, check_layout, class_folders
+
+
+def image_datasets(
+    root: str | os.PathLike,
+    transforms: dict[str, v2.Compose],
+    *,
+    max_per_class: int | None = None,
+    verify: bool = False,
+    phases: tuple[str, ...] = ("train", "val"),
+) -> dict[str, CheckedImageFolder]:
+    """One `CheckedImageFolder` for each of `phases` (all required) under `root`.
+
+    `max_per_class` keeps the first N files of each class (sorted by name, so the subset
+    is the same on every machine): the `--quick` smoke runs use it.
+    """
+    check_layout(root, phases)
+    sets = {p: CheckedImageFolder(Path(root) / p, transforms[p], verify=verify) for p in phases}
+    for ds in sets.values():
+        counts = Counter(ds.targets)
+        empty = [c for i, c in enumerate(ds.classes) if counts[i] == 0]
+        if empty:
+            raise TLError(f"no usable image in class folder(s) {empty} of {ds.root}")
+        if max_per_class is not None:
+            _keep_samples(ds, _first_per_class(ds.samples, max_per_class))
+    _refuse_shared_files(sets)
+    return sets
+
+
+def _refuse_shared_files(sets: dict[str, CheckedImageFolder]) -> None:
+    """Stop if one file (a link, or the same inode) is a sample of two phases: val would
+    then score the model on images it trained on, and look better than it is."""
+    seen: dict[tuple[int, int], tuple[str, str]] = {}
+    shared = []
+    for phase, ds in sets.items():
+        for path, _ in ds.samples:
+            st = os.stat(path)
+            other = seen.setdefault((st.st_dev, st.st_ino), (phase, path))
+            if other[0] != phase:
+                shared.append(f"{path} is {other[1]}")
+    if shared:
+        raise TLError(f"{len(shared)} file(s) belong to two splits (e.g. {shared[0]}): the model would be scored "
+                      f"on images it trained on. Keep each image in one split only")
+
+
+def _first_per_class(samples: list[tuple[str, int]], n: int) -> list[tuple[str, int]]:
+    """The first `n` samples of each class, in the given order."""
+    taken: Counter = Counter()
+    keep = []
+    for path, target in samples:
+        if taken[target] < n:
+            keep.append((path, target))
+            taken[target] += 1
+    return keep
+
+
+def nested_draw(samples: list[tuple[str, int]], classes: list[str], n: int, seed: int = 0) -> list[tuple[str, int]]:
+    """A seeded, class-balanced draw of `n` samples per class, in class then path order.
+
+    Each class's files (sorted by path, so every machine starts from the same list) are
+    shuffled once by a generator seeded with (`seed`, class name), and the first `n` are
+    kept. The shuffle does not depend on `n`, so the draw for n is a prefix of the draw
+    for any larger n: the subsets of a data-efficiency curve are nested, and a point with
+    more images only adds images. (The first n files by name would not be a random draw:
+    names often follow the order the photos were collected in.)"""
+    keep = []
+    for target, name in enumerate(classes):
+        items = sorted(s for s in samples if s[1] == target)
+        if len(items) < n:
+            raise TLError(f"class {name} has {len(items)} usable training image(s), fewer than the {n} per class "
+                          f"asked for (--train-per-class): choose a smaller number")
+        random.Random(f"{seed}:{name}").shuffle(items)
+        keep += sorted(items[:n])
+    return keep
+
+
+def keep_train_per_class(ds: datasets.ImageFolder, n: int, seed: int = 0) -> None:
+    """`--train-per-class N`: restrict a training set to `nested_draw`'s N images per class."""
+    _keep_samples(ds, nested_draw(ds.samples, ds.classes, n, seed))
+
+
+def _keep_samples(ds: datasets.ImageFolder, samples: list[tuple[str, int]]) -> None:
+    """Restrict an ImageFolder to `samples` (ImageFolder keeps the list under three names)."""
+    ds.samples = ds.imgs = samples
+    ds.targets = [t for _, t in samples]
+
+
+def describe_skipped(sets: dict[str, CheckedImageFolder], show: int = 5) -> str | None:
+    """The scan's report: folders that are not classes, files counted once although reachable
+    under several names, and the files left out with the reason (the first few, then a count)."""
+    ignored = [f for ds in sets.values() for f in getattr(ds, "ignored", [])]
+    duplicates = [d for ds in sets.values() for d in getattr(ds, "duplicates", [])]
+    skipped = [s for ds in sets.values() for s in ds.skipped]
+    lines = []
+    if ignored:
+        lines.append(f"ignored {len(ignored)} folder(s) that are not classes (hidden or system folders): "
+                     + ", ".join(path for path, _ in ignored[:show]) + (" ..." if len(ignored) > show else ""))
+    if duplicates:
+        path, same = duplicates[0]
+        lines.append(f"counted {len(duplicates)} file path(s) once: they reach a file already counted, through a "
+                     f"link (e.g. {path} is {same})")
+    if skipped:
+        lines.append(f"skipped {len(skipped)} unusable image file(s):")
+        lines += [f"  {path}: {why}" for path, why in skipped[:show]]
+        if len(skipped) > show:
+            lines.append(f"  ... and {len(skipped) - show} more")
+    return "\n".join(lines) or None
+
+
+def split_datasets(root: str | os.PathLike, transforms: dict[str, v2.Compose], val_fraction: float, *,
+                   split_seed: int = 0, max_per_class: int | None = None,
+                   verify: bool = False) -> dict[str, CheckedImageFolder]:
+    """`--val-split 0.2`: train/val from a folder of class folders with no split of its own.
+
+    Per class, a shuffle seeded with `split_seed` sends `val_fraction` of the files to val,
+    the rest to train (nothing is copied: both data sets read the same files). The split has
+    its own seed, not the training seed: runs that compare seeds must score on the same val
+    images. `max_per_class` (--quick) then keeps the first N of each class in each split, so
+    a quick run's val images are a subset of the full run's.
+    """
+    root = Path(root)
+    if not 0 < val_fraction < 1:
+        raise TLError(f"--val-split must be between 0 and 1 (a fraction such as 0.2), got {val_fraction}")
+    if not root.is_dir():
+        raise TLError(f"data folder not found: {root}")
+    names = class_folders(root)[0]
+    if phases := [p for p in PHASES if p in names]:
+        raise TLError(f"{root} is already split ({', '.join(p + '/' for p in phases)}): --val-split would train "
+                      f"classes named {' and '.join(phases)}. Drop --val-split to use its split, or pass "
+                      f"--data {root / phases[0]} to split that folder")
+    if not names:
+        raise TLError(f"--val-split needs a folder of class folders; {root} has none")
+    scanned = CheckedImageFolder(root, transforms["train"], verify=verify)  # one scan of the headers
+    rng = random.Random(split_seed)
+    keep: dict[str, list] = {"train": [], "val": []}
+    too_small = []
+    for target, name in enumerate(scanned.classes):
+        items = [s for s in scanned.samples if s[1] == target]
+        rng.shuffle(items)
+        n_val = round(len(items) * val_fraction)
+        if not 0 < n_val < len(items):  # one of the two splits would have none of this class
+            too_small.append(f"{name} ({len(items)} usable image(s) -> {n_val} val, {len(items) - n_val} train)")
+        keep["val"] += sorted(items[:n_val])
+        keep["train"] += sorted(items[n_val:])
+    if too_small:
+        raise TLError(f"--val-split {val_fraction} leaves a split without a class: {'; '.join(too_small)}. "
+                      f"Every class needs images in both train and val: add images, or choose another fraction")
+    sets = {"train": scanned, "val": copy.copy(scanned)}  # same files, own transform and sample list
+    sets["val"].transform = transforms["val"]
+    sets["val"].skipped, sets["val"].duplicates, sets["val"].ignored = [], [], []  # the report is shown once
+    for phase, ds in sets.items():
+        _keep_samples(ds, keep[phase] if max_per_class is None else _first_per_class(keep[phase], max_per_class))
+    return sets
+
+
+@dataclass(frozen=True)
+class ImageChoice:
+    """The options that choose a run's images, with the meaning they have everywhere."""
+
+    data: Path
+    val_split: float | None = None  # a folder of class folders: hold out this fraction per class as val
+    split_seed: int = 0  # the seed of that split and of the --train-per-class draw alone
+    max_per_class: int | None = None  # the first N files of each class in each split (--quick: 8)
+    train_per_class: int | None = None  # then train on a seeded, nested draw of N per class
+    verify_images: bool = False  # decode every image fully while scanning (finds truncated files)
+
+    @classmethod
+    def of(cls, options) -> ImageChoice:
+        """The choice recorded in a RunOptions, or in anything with the same field names."""
+        return cls(**{f.name: getattr(options, f.name) for f in dataclasses.fields(cls)})
+
+
+def select_images(choice: ImageChoice, transforms: dict, phases: tuple[str, ...] | None = None,
+                  log=print) -> dict[str, CheckedImageFolder]:
+    """THE function that chooses which images each phase holds, for every reader of a data set.
+
+    `phases`: the splits wanted; by default train and val, and test where `data/test/` exists
+    (scanned with them, so a broken or shared test file stops a run before it trains). With
+    `val_split` the folder holds class folders only: train and val are split from it, seeded,
+    and it has no test split. Then `max_per_class` keeps the first N of each class in each
+    split, and `train_per_class` draws the training images (val and test are untouched). What
+    the scan left out is reported through `log`, never dropped silently.
+    """
+    data = Path(choice.data)
+    if choice.val_split:
+        if phases is not None and "test" in phases:
+            raise TLError(f"{data} was split with --val-split {choice.val_split} into train and val: "
+                          f"it has no test split")
+        sets = split_datasets(data, transforms, choice.val_split, split_seed=choice.split_seed,
+                              max_per_class=choice.max_per_class, verify=choice.verify_images)
+        sets = {p: ds for p, ds in sets.items() if phases is None or p in phases}
+    else:
+        phases = phases or (("train", "val", "test") if (data / "test").is_dir() else ("train", "val"))
+        sets = image_datasets(data, transforms, max_per_class=choice.max_per_class, verify=choice.verify_images,
+                              phases=phases)
+    if choice.train_per_class and "train" in sets:  # data-efficiency studies: nested, class-balanced
+        keep_train_per_class(sets["train"], choice.train_per_class, choice.split_seed)
+    if report := describe_skipped(sets):
+        log(report)
+    return sets
