@@ -154,7 +154,7 @@ def epoch_files(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _split_loader(data: Path, split: str, ctx: ModelContext, batch_size: int = 32, log=print):
+def split_loader(data: Path, split: str, ctx: ModelContext, batch_size: int = 32, log=print):
     """The images of one split, chosen and reported as training chose them (the same scan, for a
     --val-split run the same seeded split of the same folder, and for train the same subset)."""
     spec = get_backbone(ctx.backbone)
@@ -194,7 +194,7 @@ def evaluate_command(args) -> None:
     ctx = context_for(path, args.backbone)
     if args.data is None and ctx.data is not None:
         print(f"data: {ctx.data} (from the run's config.json)")
-    loader, classes = _split_loader(resolve_data_dir(args.data or ctx.data), args.split, ctx)
+    loader, classes = split_loader(resolve_data_dir(args.data or ctx.data), args.split, ctx)
     device = resolve_device(args.device)
     if path.is_file():
         model = load_model(path, ctx, len(classes), args.allow_pickle)

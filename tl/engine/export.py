@@ -170,7 +170,7 @@ def export_run(run: Path, fmt: str = "onnx", data: str | None = None, out: Path 
     self-describing file (default RUN/model.onnx or RUN/model.pt), checked on the run's val
     images. Returns (file, check figures)."""
     from tl.data import resolve_data_dir
-    from tl.engine.evaluate import _split_loader, context_for, load_model
+    from tl.engine.evaluate import context_for, load_model, split_loader
 
     if fmt not in FORMATS:
         raise TLError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
@@ -199,7 +199,7 @@ def export_run(run: Path, fmt: str = "onnx", data: str | None = None, out: Path 
         raise TLError(f"cannot export this {ctx.backbone} model to {fmt}: {type(exc).__name__}: {first}\n"
                       f"  try --format {other} (TL_DEBUG=1 shows the exporter's traceback)") from None
     log(f"wrote {target} ({target.stat().st_size / 2**20:.1f} MiB, {fmt}, with classes, backbone, size, mean/std)")
-    loader, _ = _split_loader(resolve_data_dir(data or ctx.data), "val", ctx, log=log)
+    loader, _ = split_loader(resolve_data_dir(data or ctx.data), "val", ctx, log=log)
     exported, _ = load_exported(target)
     check = parity_check(model, exported, loader) | {"format": fmt, "file": target.name, "torch": torch.__version__}
     atomic_write_text(target.with_name(target.name + ".check.json"), json.dumps(check, indent=2) + "\n")
