@@ -43,6 +43,7 @@ from torch import nn
 from tl import TLError
 from tl.data import val_resize
 from tl.engine.checkpoint import atomic_write, atomic_write_text
+from tl.engine.evaluate import context_for, load_model, split_loader
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 META_KEY = "tl_meta"  # ONNX metadata_props key; the TorchScript extra file is META_KEY + ".json"
@@ -170,7 +171,6 @@ def export_run(run: Path, fmt: str = "onnx", data: str | None = None, out: Path 
     self-describing file (default RUN/model.onnx or RUN/model.pt), checked on the run's val
     images. Returns (file, check figures)."""
     from tl.data import resolve_data_dir
-    from tl.engine.evaluate import context_for, load_model, split_loader
 
     if fmt not in FORMATS:
         raise TLError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
