@@ -10,6 +10,9 @@ library (experiments/, tl/engine/, tl/) with plain values: paths, names, numbers
     --export      export_command         --prepare   prepare_command
     --show-data   show_data_command
 
+Every option that configures a run has the name of its RunOptions field as its argparse
+dest (main.build_parser), so `run_options` copies them by name.
+
 The library is imported inside each command, as it is needed: `main.py --help` and
 `--list` stay quick, and no command pays for another's imports.
 """
@@ -17,10 +20,18 @@ The library is imported inside each command, as it is needed: `main.py --help` a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 
 from tl import TLError
+
+# a command-line option that sets more RunOptions fields than its own (for --resume's check of
+# what the user typed): --quick is RunOptions.make_quick, --device-images RunOptions.__post_init__
+_ALSO_SETS = {"quick": ("max_per_class", "image_size", "workers"), "device_images": ("image_cache", "workers")}
+# a RunOptions field that --resume neither compares with the saved run nor applies: --allow-pickle
+# is about loading --weights files, and a resumed run takes its weights from the checkpoint
+_NOT_COMPARED_ON_RESUME = {"allow_pickle"}
 
 
 def list_recipes() -> str:
@@ -56,20 +67,16 @@ def list_recipes() -> str:
 
 
 def run_options(args: argparse.Namespace):
+    """The RunOptions of the command line. Each run option's dest is its RunOptions field, so
+    the values are copied by name; an option left out (None) takes RunOptions' own default
+    (--workers: 2). What is left is logic: --data resolved (the default folder, downloaded when
+    online), --quick, and --device-images refusing --workers."""
     from tl.data import resolve_data_dir
     from tl.engine.run import RunOptions
 
-    opts = RunOptions(
-        data=resolve_data_dir(args.data), backbone=args.backbone, weights=args.weights, epochs=args.epochs,
-        batch_size=args.batch_size, lr_scale=args.lr_scale, device=args.device, seed=args.seed,
-        workers=2 if args.workers is None else args.workers, out=args.out, augment=not args.no_augment,
-        save_every_epoch=args.save_every_epoch, amp=args.amp, progress=not args.no_progress,
-        channels_last=args.channels_last, feature_cache=args.feature_cache, cache_views=args.cache_views,
-        cache_limit_gb=args.cache_limit_gb, image_cache=args.image_cache,
-        device_images=args.device_images, patience=args.patience,
-        monitor=args.monitor, informative_names=args.informative_names, val_split=args.val_split,
-        verify_images=args.verify_images, split_seed=args.split_seed, max_per_class=args.max_per_class,
-        train_per_class=args.train_per_class, allow_pickle=args.allow_pickle, sync_bn=args.sync_bn)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunOptions) if hasattr(args, f.name)}
+    values = {name: value for name, value in values.items() if value is not None}
+    opts = RunOptions(**values | {"data": resolve_data_dir(args.data)})
     if args.quick:
         opts.make_quick()
         if args.max_per_class:  # an explicit --max-per-class wins over --quick's 8
@@ -81,14 +88,6 @@ def run_options(args: argparse.Namespace):
             raise TLError(f"--device-images transforms the images where they live, on the training device, in "
                           f"the main process: it cannot use --workers {args.workers}; leave --workers out")
     return opts  # (RunOptions itself turns --device-images into --image-cache --workers 0)
-
-
-# how a command-line option maps onto RunOptions fields, where the names differ
-_OPTION_FIELDS = {"no_augment": ("augment",), "no_progress": ("progress",),
-                  "quick": ("max_per_class", "image_size", "workers"),
-                  "device_images": ("image_cache", "device_images", "workers")}
-_NOT_RUN_OPTIONS = {"resume", "experiment", "list", "evaluate", "predict", "prepare", "show_data", "src", "dest",
-                    "force", "split", "checkpoint", "allow_pickle", "explain", "export", "format"}
 
 
 def train_command(args: argparse.Namespace):
@@ -115,13 +114,14 @@ def resume_command(args: argparse.Namespace, given: set[str]):
     total), --device, --no-progress and --data (another path to the same images) may be
     given; any other option that would change the run is refused (tl.engine.run.resume_options).
 
-    `given`: the argparse names of the options the user typed (main.given_options)."""
-    from tl.engine.run import resume_run
+    `given`: the dests of the options the user typed (main.given_options)."""
+    from tl.engine.run import RunOptions, resume_run
 
     args.data = args.data or "."  # without --data the saved path is used; nothing to resolve or download
     opts = run_options(args)
-    fields = {f for name in given - _NOT_RUN_OPTIONS for f in _OPTION_FIELDS.get(name, (name,))}
-    return resume_run(args.resume, {f: getattr(opts, f) for f in fields})
+    typed = {field for name in given for field in (name, *_ALSO_SETS.get(name, ()))} - _NOT_COMPARED_ON_RESUME
+    return resume_run(args.resume, {f.name: getattr(opts, f.name) for f in dataclasses.fields(RunOptions)
+                                    if f.name in typed})
 
 
 def evaluate_command(args: argparse.Namespace) -> None:

@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--verify-images", action="store_true",
                       help="decode every image fully before training (finds truncated files; slower)")
     data.add_argument("--split", default="val", choices=["train", "val", "test"], help="split for --evaluate")
-    data.add_argument("--no-augment", action="store_true", help="train on the val transform (no random crop/flip)")
+    data.add_argument("--no-augment", dest="augment", action="store_false",
+                      help="train on the val transform (no random crop/flip)")
     data.add_argument("--workers", type=_non_negative_int,
                       help="DataLoader worker processes (default 2; 0 with --quick or --device-images)")
 
@@ -161,12 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="val metric that defines the best epoch (best.pth, early stopping)")
     out.add_argument("--quick", action="store_true",
                      help="smoke run: 8 images per class, 1 training epoch, 64-pixel images, no workers")
-    out.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    out.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
     return p
 
 
 def given_options(argv: list[str] | None) -> set[str]:
-    """The argparse names of the options the user typed (not those left at their default)."""
+    """The dests of the options the user typed (not those left at their default): for a run
+    option, the name of its RunOptions field (commands.resume_command compares them with the run)."""
     parser = build_parser()
     for action in parser._actions:
         action.default = argparse.SUPPRESS
