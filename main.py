@@ -26,6 +26,7 @@ import os
 import sys
 from pathlib import Path
 
+import commands
 from tl import TLError
 
 
@@ -110,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--verify-images", action="store_true",
                       help="decode every image fully before training (finds truncated files; slower)")
     data.add_argument("--split", default="val", choices=["train", "val", "test"], help="split for --evaluate")
-    data.add_argument("--no-augment", action="store_true", help="train on the val transform (no random crop/flip)")
+    data.add_argument("--no-augment", dest="augment", action="store_false",
+                      help="train on the val transform (no random crop/flip)")
     data.add_argument("--workers", type=_non_negative_int,
                       help="DataLoader worker processes (default 2; 0 with --quick or --device-images)")
 
@@ -160,98 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="val metric that defines the best epoch (best.pth, early stopping)")
     out.add_argument("--quick", action="store_true",
                      help="smoke run: 8 images per class, 1 training epoch, 64-pixel images, no workers")
-    out.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    out.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
     return p
 
 
-def list_recipes() -> str:
-    """The README's recipe table (what trains, epochs, batch, learning rates, the command), then
-    each backbone and whether it runs here without a network."""
-    from experiments import all_experiments
-    from tl.engine.weights import runs_offline, torchvision_weights_file
-    from tl.models import BACKBONES, get_backbone
-
-    lines = [f"{'recipe':<17} {'from':<16} {'model':<21} {'epochs':>6} {'batch':>5}  learning rates"]
-    for name, module in all_experiments().items():
-        r = module.RECIPE
-        lrs = ", ".join(f"{g} {lr:g}" for g, lr in r.lrs.items())
-        if r.first_lrs:  # a staged recipe (tl/stages.py): its head-first stage, then the rest
-            first = ", ".join(f"{g} {lr:g}" for g, lr in r.first_lrs.items())
-            lrs = f"first {r.first_epochs} epoch(s): {first}; then {lrs}"
-        model = f"{r.backbone}, {'ImageNet' if r.weights == 'imagenet' else 'random init'}"
-        lines.append(f"{name:<17} {r.source:<16} {model:<21} {r.train_epochs:>6} {r.batch_size:>5}  {lrs}")
-        lines.append(f"{'':<17} trains: {r.strategy}")
-        offline = "needs no weights: runs offline" if r.weights != "imagenet" else "offline: add -b efficientnet_lite0"
-        lines.append(f"{'':<17} command: python main.py -e {name}   ({offline})")
-    cache = torchvision_weights_file("resnet18")[1].parent
-    lines.append(f"\nbackbones (any recipe takes --backbone NAME); ImageNet weights offline? (hub cache: {cache})")
-    for name in BACKBONES:
-        spec = get_backbone(name)
-        if spec.weights_source == "packaged":
-            where = "yes: they ship in a pip package"
-        elif runs_offline(spec):
-            where = f"yes: {torchvision_weights_file(name)[1].name} is in the cache"
-        else:
-            where = f"no: needs the network once for {torchvision_weights_file(name)[1].name} (or --weights PATH)"
-        lines.append(f"  {name:<19} {where}")
-    return "\n".join(lines)
-
-
-def run_options(args: argparse.Namespace):
-    from tl.engine.options import RunOptions
-    from tl.engine.prepare import resolve_data_dir
-
-    opts = RunOptions(
-        data=resolve_data_dir(args.data), backbone=args.backbone, weights=args.weights, epochs=args.epochs,
-        batch_size=args.batch_size, lr_scale=args.lr_scale, device=args.device, seed=args.seed,
-        workers=2 if args.workers is None else args.workers, out=args.out, augment=not args.no_augment,
-        save_every_epoch=args.save_every_epoch, amp=args.amp, progress=not args.no_progress,
-        channels_last=args.channels_last, feature_cache=args.feature_cache, cache_views=args.cache_views,
-        cache_limit_gb=args.cache_limit_gb, image_cache=args.image_cache,
-        device_images=args.device_images, patience=args.patience,
-        monitor=args.monitor, informative_names=args.informative_names, val_split=args.val_split,
-        verify_images=args.verify_images, split_seed=args.split_seed, max_per_class=args.max_per_class,
-        train_per_class=args.train_per_class, allow_pickle=args.allow_pickle, sync_bn=args.sync_bn)
-    if args.quick:
-        opts.make_quick()
-        if args.max_per_class:  # an explicit --max-per-class wins over --quick's 8
-            opts.max_per_class = args.max_per_class
-        if args.workers is not None:  # and an explicit --workers over its 0
-            opts.workers = args.workers
-    if args.device_images:
-        if args.workers:
-            raise TLError(f"--device-images transforms the images where they live, on the training device, in "
-                          f"the main process: it cannot use --workers {args.workers}; leave --workers out")
-    return opts  # (RunOptions itself turns --device-images into --image-cache --workers 0)
-
-
-# how a command-line option maps onto RunOptions fields, where the names differ
-_OPTION_FIELDS = {"no_augment": ("augment",), "no_progress": ("progress",),
-                  "quick": ("max_per_class", "image_size", "workers"),
-                  "device_images": ("image_cache", "device_images", "workers")}
-_NOT_RUN_OPTIONS = {"resume", "experiment", "list", "evaluate", "predict", "prepare", "show_data", "src", "dest",
-                    "force", "split", "checkpoint", "allow_pickle", "explain", "export", "format"}
-
-
 def given_options(argv: list[str] | None) -> set[str]:
-    """The argparse names of the options the user typed (not those left at their default)."""
+    """The dests of the options the user typed (not those left at their default): for a run
+    option, the name of its RunOptions field (commands.resume_command compares them with the run)."""
     parser = build_parser()
     for action in parser._actions:
         action.default = argparse.SUPPRESS
     return set(vars(parser.parse_args(argv)))
-
-
-def resume(args: argparse.Namespace, given: set[str]):
-    """Continue the run of a last.ckpt with its own saved options. Only --epochs (the new
-    total), --device, --no-progress and --data (another path to the same images) may be
-    given; any other option that would change the run is refused (tl.engine.run.resume_options)."""
-    from experiments import get_experiment
-    from tl.engine.run import resume_run
-
-    args.data = args.data or "."  # without --data the saved path is used; nothing to resolve or download
-    opts = run_options(args)
-    fields = {f for name in given - _NOT_RUN_OPTIONS for f in _OPTION_FIELDS.get(name, (name,))}
-    return resume_run(args.resume, {f: getattr(opts, f) for f in fields}, get_experiment)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -280,54 +201,23 @@ def _main(argv: list[str] | None = None) -> int:
         parser.error("--prepare needs --src DIR and --dest DIR")
     try:
         if args.list:
-            print(list_recipes())
+            print(commands.list_recipes())
         elif args.experiment:
-            from experiments import get_experiment
-            from tl.engine.run import run
-            from tl.engine.weights import imagenet_file
-            from tl.models import get_backbone
-
-            module = get_experiment(args.experiment)
-            spec = get_backbone(args.backbone or module.RECIPE.backbone)  # a typo fails here, before any data
-            _check_writable(args.out, "--out")  # where the run will write, before any work
-            if args.feature_cache:
-                from tl.engine.feature_store import cache_dir
-
-                _check_writable(cache_dir(), "feature cache folder (TL_CACHE_DIR)", "or pass --no-feature-cache")
-            if (args.weights or module.RECIPE.weights) == "imagenet" and spec.weights_source != "packaged":
-                imagenet_file(spec)  # weights before data: offline, this message comes first and no data/ is made
-            run(module.RECIPE, module.build, run_options(args))
+            commands.train_command(args)
         elif args.resume:
-            resume(args, given_options(argv))
+            commands.resume_command(args, given_options(argv))
         elif args.evaluate:
-            from tl.engine.evaluate import evaluate_command
-
-            evaluate_command(args)
+            commands.evaluate_command(args)
         elif args.predict:
-            from tl.engine.evaluate import predict_command
-
-            predict_command(args)
+            commands.predict_command(args)
         elif args.explain:
-            from tl.engine.explain import explain_command
-
-            explain_command(args)
+            commands.explain_command(args)
         elif args.export:
-            from tl.engine.export import export_run
-
-            export_run(args.export, args.format, data=args.data)
+            commands.export_command(args)
         elif args.prepare:
-            from tl.engine.prepare import prepare_dogs_vs_cats
-
-            prepare_dogs_vs_cats(args.src, args.dest, force=args.force)
+            commands.prepare_command(args)
         elif args.show_data:
-            from tl.engine.plots import data_preview
-            from tl.engine.prepare import resolve_data_dir
-
-            _check_writable(args.out / "data-preview", "--out")
-            for path in data_preview(resolve_data_dir(args.data), args.backbone or "resnet18",
-                                     args.out / "data-preview", seed=args.seed, val_split=args.val_split,
-                                     split_seed=args.split_seed):
-                print(f"wrote {path}")
+            commands.show_data_command(args)
     except (TLError, OSError) as exc:
         if os.environ.get("TL_DEBUG"):
             raise  # the developer's view: the full traceback
@@ -363,20 +253,6 @@ def _message(exc: Exception) -> str:
     if exc.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
         return f"{exc.strerror}: {where}: a file stands where a folder is needed (or the reverse); choose another path"
     return f"{exc.strerror or exc}: {where}; check the path and the disk"
-
-
-def _check_writable(path: Path, what: str, alternative: str = "") -> None:
-    """Stop before any work (and before a run folder exists) if `path` cannot be created or written.
-
-    The nearest part of `path` that exists decides: it must be a folder this user may write to."""
-    existing = Path(path).absolute()
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    fix = f"choose another {what}" + (f" {alternative}" if alternative else "")
-    if not existing.is_dir():
-        raise TLError(f"{what} {path}: {existing} is a file, not a folder; {fix}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise TLError(f"{what} {path}: cannot write in {existing} (no permission, or a read-only file system); {fix}")
 
 
 if __name__ == "__main__":

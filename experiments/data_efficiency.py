@@ -154,7 +154,7 @@ def _x(table, classes: int) -> list[float]:
 def plot(table, path: Path, title: str, classes: int) -> Path:
     """Headline accuracy against images per class (log x), one line per strategy: the mean over
     seeds, a band from the lowest to the highest seed, the seeds as dots."""
-    from tl.engine.plots import _save, plt
+    from tl.engine.plots import plt, save_figure
 
     ok = table[table.status == "ok"].copy()
     fig, ax = plt.subplots(figsize=(7.5, 5), layout="constrained")
@@ -178,7 +178,7 @@ def plot(table, path: Path, title: str, classes: int) -> Path:
         ax.text(0.01, 0.01, "not run: " + ", ".join(missing), transform=ax.transAxes, fontsize=8, color="gray")
     fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=8)
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def page(table, commands: list[dict]) -> str:

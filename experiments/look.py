@@ -60,7 +60,7 @@ def look(frozen: Path, finetuned: Path, out: Path, data: str | None = None, imag
     import torch
 
     from tl import TLError
-    from tl.engine.evaluate import _split_loader
+    from tl.engine.evaluate import split_loader
     from tl.engine.explain import class_activation_maps, head_features, pca_2d
     from tl.engine.plots import cam_figure, projection_plot
     from tl.engine.prepare import resolve_data_dir
@@ -77,7 +77,7 @@ def look(frozen: Path, finetuned: Path, out: Path, data: str | None = None, imag
         log(f"note: {frozen_file.parent.name} trained {groups}, not only the head: its body is not the "
             f"ImageNet backbone, and the page says so")
     spec, classes = get_backbone(tuned_ctx.backbone), tuned_ctx.classes
-    loader, _ = _split_loader(resolve_data_dir(data or tuned_ctx.data), "val", tuned_ctx, log=log)
+    loader, _ = split_loader(resolve_data_dir(data or tuned_ctx.data), "val", tuned_ctx, log=log)
     val = loader.dataset
     picks = [round(i * (len(val) - 1) / max(1, images - 1)) for i in range(min(images, len(val)))]
     x = torch.stack([val[i][0] for i in picks])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,7 +12,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+import commands
 import main
+from tl.engine.options import RunOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,6 +31,17 @@ def test_unknown_experiment_is_one_line_and_status_2(capsys, tiny_data):
     assert main.main(["--experiment", "resnet_fancy", "--data", str(tiny_data)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown experiment 'resnet_fancy'") and "Traceback" not in err
+
+
+def test_run_options_are_declared_once():
+    """Every option is a RunOptions field under its own name (its dest), or belongs to an action
+    or a command; left out, the run options give exactly RunOptions' defaults."""
+    parser = main.build_parser()
+    not_run = {"help", "experiment", "list", "resume", "evaluate", "predict", "explain", "export", "prepare",
+               "show_data", "src", "dest", "force", "split", "checkpoint", "format", "quick"}
+    assert {a.dest for a in parser._actions} - not_run <= {f.name for f in dataclasses.fields(RunOptions)}
+    args = parser.parse_args(["-e", "resnet_finetune", "--data", "somewhere"])
+    assert commands.run_options(args) == RunOptions(data=Path("somewhere"))
 
 
 def test_bad_values_exit_2(capsys):

@@ -45,9 +45,9 @@ def test_evaluate_train_split_scores_the_draw_of_a_max_per_class_run(tiny_data, 
                       out=tmp_path / "runs", image_size=32, progress=False, plots=False,
                       max_per_class=6, train_per_class=3)
     result = run(module.RECIPE, module.build, opts, log=lambda s: None)
-    from tl.engine.evaluate import _split_loader, context_for
+    from tl.engine.evaluate import context_for, split_loader
 
-    loader, _ = _split_loader(tiny_data, "train", context_for(result.run_dir / "best.pth", None), log=lambda s: None)
+    loader, _ = split_loader(tiny_data, "train", context_for(result.run_dir / "best.pth", None), log=lambda s: None)
     full = image_datasets(tiny_data, build_transforms((0.5,) * 3, (0.5,) * 3, size=32))["train"]
     trained = nested_draw(_first_per_class(full.samples, 6), full.classes, 3, seed=0)
     assert loader.dataset.samples == trained

@@ -82,10 +82,10 @@ def test_evaluate_train_split_of_a_verify_images_run_scores_the_images_it_traine
                                                                                       tmp_path):
     """A --verify-images run (what read_image's message tells a user to do when a file breaks
     mid-run) skips a PNG whose IDAT data is corrupt but whose IEND is present (the quick scan
-    passes it). _split_loader rebuilds the train draw from a scan *without* verify (ModelContext
+    passes it). split_loader rebuilds the train draw from a scan *without* verify (ModelContext
     does not carry verify_images): the broken file is back in the list, so the seeded
     --train-per-class draw is another set of images, not 'the images the run trained on'."""
-    from tl.engine.evaluate import _split_loader, context_for
+    from tl.engine.evaluate import context_for, split_loader
 
     bad = tiny_data / "train" / "class_0" / "000.png"
     data = bytearray(bad.read_bytes())
@@ -103,7 +103,7 @@ def test_evaluate_train_split_of_a_verify_images_run_scores_the_images_it_traine
 
     trained = image_datasets(tiny_data, build_transforms((0.5,) * 3, (0.5,) * 3, size=32), verify=True)["train"]
     keep_train_per_class(trained, 3, 0)
-    loader, _ = _split_loader(tiny_data, "train", context_for(result.run_dir / "best.pth", None), log=lambda s: None)
+    loader, _ = split_loader(tiny_data, "train", context_for(result.run_dir / "best.pth", None), log=lambda s: None)
     assert loader.dataset.samples == trained.samples
 
 

@@ -9,6 +9,7 @@ The last test runs only where CUDA is visible.
 import pytest
 import torch
 
+import commands
 import main
 from experiments import get_experiment
 from tl.data import build_transforms
@@ -72,7 +73,7 @@ def test_device_images_with_workers_is_a_clear_error(tiny_data, tiny_backbone, t
 ])
 def test_workers_and_image_cache_from_the_command_line(tiny_data, argv, workers, image_cache):
     args = main.build_parser().parse_args(["-e", "resnet_finetune", "--data", str(tiny_data), *argv])
-    opts = main.run_options(args)
+    opts = commands.run_options(args)
     assert (opts.workers, opts.image_cache) == (workers, image_cache)
 
 

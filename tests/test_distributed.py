@@ -28,7 +28,7 @@ import torch
 
 from tests.conftest import write_image_folder
 from tl.engine import checkpoint
-from tl.engine.evaluate import _split_loader, context_for, evaluate, load_model
+from tl.engine.evaluate import context_for, evaluate, load_model, split_loader
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -86,7 +86,7 @@ def test_distributed_val_rows_equal_a_single_process_evaluation(ddp_run, tiny_ba
     for epoch in range(4):
         path = run / f"{epoch:02d}.pth"
         ctx = context_for(path, None)
-        loader, classes = _split_loader(data, "val", ctx)
+        loader, classes = split_loader(data, "val", ctx)
         result = evaluate(load_model(path, ctx, len(classes)), loader, torch.device("cpu"), len(classes))
         assert result["n"] == 21
         assert val.loc[epoch, "acc"] == result["acc"], epoch  # exactly: every val image counted once
@@ -136,6 +136,6 @@ def test_feature_cache_is_computed_once_and_shared(tmp_path, tiny_backbone):
     run = _run_dir(tmp_path / "runs")
     best = json.loads((run / "config.json").read_text())["results"]["best_val_acc"]
     ctx = context_for(run / "best.pth", None)
-    loader, classes = _split_loader(data, "val", ctx)
+    loader, classes = split_loader(data, "val", ctx)
     assert evaluate(load_model(run / "best.pth", ctx, len(classes)), loader, torch.device("cpu"),
                     len(classes))["acc"] == best

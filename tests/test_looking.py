@@ -56,9 +56,9 @@ def test_train_per_class_trains_on_the_draw_and_leaves_val_alone(tiny_data, tiny
     assert config["dataset_sizes"] == {"train": 6, "val": 12}
     assert config["options"]["train_per_class"] == 3
     # --evaluate --split train scores the images the run trained on, not the whole train folder
-    from tl.engine.evaluate import _split_loader, context_for
+    from tl.engine.evaluate import context_for, split_loader
 
-    loader, _ = _split_loader(tiny_data, "train", context_for(run_dir / "best.pth", None), log=lambda s: None)
+    loader, _ = split_loader(tiny_data, "train", context_for(run_dir / "best.pth", None), log=lambda s: None)
     full = image_datasets(tiny_data, build_transforms((0.5,) * 3, (0.5,) * 3, size=32))["train"]
     assert loader.dataset.samples == nested_draw(full.samples, full.classes, 3, seed=0)
 

@@ -25,10 +25,9 @@ from torch import nn
 from tl import TLError
 from tl.data import build_transforms
 from tl.engine.checkpoint import load_state_file, verify_state_file
-from tl.engine.device import resolve_device
 from tl.engine.images import load_rgb
 from tl.engine.selection import describe_skipped, image_datasets, keep_train_per_class, split_datasets
-from tl.engine.weights import build_model, imagenet_categories
+from tl.engine.weights import build_model
 from tl.loop import loss_targets, predictions
 from tl.models import get_backbone, load_into
 
@@ -151,7 +150,7 @@ def epoch_files(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _split_loader(data: Path, split: str, ctx: ModelContext, batch_size: int = 32, log=print):
+def split_loader(data: Path, split: str, ctx: ModelContext, batch_size: int = 32, log=print):
     """The images of one split, chosen and reported as training chose them (the same scan, for a
     --val-split run the same seeded split of the same folder, and for train the same subset)."""
     spec = get_backbone(ctx.backbone)
@@ -181,36 +180,26 @@ def _split_loader(data: Path, split: str, ctx: ModelContext, batch_size: int = 3
     return torch.utils.data.DataLoader(ds, batch_size=batch_size), ds.classes
 
 
-def evaluate_command(args) -> None:
-    """`main.py --evaluate PATH --data DIR [--split test]`: one file, or every epoch file in a folder."""
-    from tl.engine.prepare import resolve_data_dir
-
-    path: Path = args.evaluate
-    if not path.exists():
-        raise TLError(f"no such file or folder: {path}")
-    ctx = context_for(path, args.backbone)
-    if args.data is None and ctx.data is not None:
-        print(f"data: {ctx.data} (from the run's config.json)")
-    loader, classes = _split_loader(resolve_data_dir(args.data or ctx.data), args.split, ctx)
-    device = resolve_device(args.device)
-    if path.is_file():
-        model = load_model(path, ctx, len(classes), args.allow_pickle)
-        print(format_evaluation(evaluate(model, loader, device, len(classes)), classes))
-        return
-    files = epoch_files(path)
+def evaluate_folder(folder: Path, ctx: ModelContext, loader, classes: list[str], device: torch.device, split: str,
+                    allow_pickle: bool = False, log=print) -> pd.DataFrame:
+    """Every per-epoch weight file of a run folder (00.pth, 01.pth, ... from --save-every-epoch),
+    ordered by epoch, scored on `loader` (the images of `split`): one row each, written to
+    FOLDER/eval_<split>.csv. Document 001's `eval_model` (5-24) done right (docs/ERRATA.md)."""
+    files = epoch_files(folder)
     if not files:
-        raise TLError(f"{path} holds no per-epoch weight files (00.pth, 01.pth, ... from --save-every-epoch)")
+        raise TLError(f"{folder} holds no per-epoch weight files (00.pth, 01.pth, ... from --save-every-epoch)")
     rows = []
     for epoch, file in files:
-        result = evaluate(load_model(file, ctx, len(classes), args.allow_pickle), loader, device, len(classes))
+        result = evaluate(load_model(file, ctx, len(classes), allow_pickle), loader, device, len(classes))
         rows.append({"epoch": epoch, "file": file.name, "loss": result["loss"], "acc": result["acc"],
                      **{f"acc_{c}": a for c, a in zip(classes, result["per_class_acc"])}})
-        print(f"epoch {epoch:>3}  {file.name:<40} loss {result['loss']:.4f}  acc {result['acc']:.4f}")
+        log(f"epoch {epoch:>3}  {file.name:<40} loss {result['loss']:.4f}  acc {result['acc']:.4f}")
     table = pd.DataFrame(rows)
-    out = path / f"eval_{args.split}.csv"
+    out = folder / f"eval_{split}.csv"
     table.to_csv(out, index=False)
     best = table.loc[table.acc.idxmax()]
-    print(f"best {args.split} accuracy {best.acc:.4f} at epoch {int(best.epoch)}; wrote {out}")
+    log(f"best {split} accuracy {best.acc:.4f} at epoch {int(best.epoch)}; wrote {out}")
+    return table
 
 
 @torch.no_grad()
@@ -230,41 +219,3 @@ def predict_images(model: nn.Module, images: list[Path], classes: list[str], mea
         values, indices = probs.topk(min(top, len(probs)))
         results.append((path, [(classes[i], v) for v, i in zip(values.tolist(), indices.tolist())]))
     return results
-
-
-def predict_command(args) -> int:
-    """`main.py --predict IMG... [--checkpoint best.pth | model.onnx | model.pt]`; without a
-    checkpoint, ImageNet names. An exported file (`--export`, tl/export.py) carries its own
-    class names, size and normalisation: no config.json is read."""
-    if args.checkpoint and args.checkpoint.suffix in (".onnx", ".pt"):
-        from tl.engine.export import load_exported
-
-        model, meta = load_exported(args.checkpoint)
-        return _print_predictions(args.predict, predict_images(model, args.predict, meta["classes"], meta["mean"],
-                                                               meta["std"], meta["image_size"]))
-    if args.checkpoint:
-        ctx = context_for(args.checkpoint, args.backbone)
-        if ctx.classes is None:
-            raise TLError(f"no config.json beside {args.checkpoint}, so its class names are unknown")
-        model = load_model(args.checkpoint, ctx, len(ctx.classes), args.allow_pickle)
-        classes = ctx.classes
-    else:
-        ctx = ModelContext(backbone=args.backbone or "efficientnet_lite0", classes=None)
-        model = build_model(ctx.backbone, 1000, "imagenet")  # the untouched ImageNet classifier
-        classes = imagenet_categories()
-    spec = get_backbone(ctx.backbone)
-    return _print_predictions(args.predict, predict_images(model, args.predict, classes, spec.mean, spec.std,
-                                                           ctx.image_size))
-
-
-def _print_predictions(images: list[Path], results: list) -> int:
-    failed = 0
-    for path, result in results:
-        if isinstance(result, str):
-            print(f"error: {result}")
-            failed += 1
-        else:
-            print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in result))
-    if failed:
-        raise TLError(f"{failed} of {len(images)} image(s) could not be read")
-    return 0

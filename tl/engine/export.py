@@ -43,6 +43,7 @@ from torch import nn
 from tl import TLError
 from tl.data import val_resize
 from tl.engine.checkpoint import atomic_write, atomic_write_text
+from tl.engine.evaluate import context_for, load_model, split_loader
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 META_KEY = "tl_meta"  # ONNX metadata_props key; the TorchScript extra file is META_KEY + ".json"
@@ -169,7 +170,6 @@ def export_run(run: Path, fmt: str = "onnx", data: str | None = None, out: Path 
     """`main.py --export RUN [--format onnx|torchscript]`: RUN's best.pth as one
     self-describing file (default RUN/model.onnx or RUN/model.pt), checked on the run's val
     images. Returns (file, check figures)."""
-    from tl.engine.evaluate import _split_loader, context_for, load_model
     from tl.engine.prepare import resolve_data_dir
 
     if fmt not in FORMATS:
@@ -199,7 +199,7 @@ def export_run(run: Path, fmt: str = "onnx", data: str | None = None, out: Path 
         raise TLError(f"cannot export this {ctx.backbone} model to {fmt}: {type(exc).__name__}: {first}\n"
                       f"  try --format {other} (TL_DEBUG=1 shows the exporter's traceback)") from None
     log(f"wrote {target} ({target.stat().st_size / 2**20:.1f} MiB, {fmt}, with classes, backbone, size, mean/std)")
-    loader, _ = _split_loader(resolve_data_dir(data or ctx.data), "val", ctx, log=log)
+    loader, _ = split_loader(resolve_data_dir(data or ctx.data), "val", ctx, log=log)
     exported, _ = load_exported(target)
     check = parity_check(model, exported, loader) | {"format": fmt, "file": target.name, "torch": torch.__version__}
     atomic_write_text(target.with_name(target.name + ".check.json"), json.dumps(check, indent=2) + "\n")

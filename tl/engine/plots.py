@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
     """Write `fig`. Figures here are made with layout="constrained", which places titles,
     labels and legends outside the axes without overlaps (tight_layout ignores fig.legend)."""
     path = Path(path)
@@ -53,7 +53,7 @@ def run_curves(rows: list[dict] | pd.DataFrame, path: str | Path, title: str = "
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=len(labels))  # below the axes, over no line
     fig.suptitle(title or "learning curves")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def compare_curves(histories: dict[str, pd.DataFrame], path: str | Path, title: str = "") -> Path:
@@ -74,7 +74,7 @@ def compare_curves(histories: dict[str, pd.DataFrame], path: str | Path, title: 
         ax.grid(alpha=0.3)
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=3, fontsize=8)
     fig.suptitle(f"{title + ': ' if title else ''}validation curves per recipe (mean over seeds, band = min..max)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def comparison_chart(summary: pd.DataFrame, path: str | Path, title: str = "") -> Path:
@@ -103,7 +103,7 @@ def comparison_chart(summary: pd.DataFrame, path: str | Path, title: str = "") -
     for ax in (ax_acc, ax_time):
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle(f"{title + ': ' if title else ''}accuracy vs cost")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def denormalize(images: torch.Tensor, mean, std) -> torch.Tensor:
@@ -131,7 +131,7 @@ def image_grid(images: torch.Tensor, titles: list[str], path: str | Path, *, mea
             ax.set_title(textwrap.fill(titles[i], 20), fontsize=9, color=(colors[i] if colors else "black"))
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def confusion_matrix_plot(matrix: torch.Tensor, classes: list[str], path: str | Path, title: str = "") -> Path:
@@ -150,7 +150,7 @@ def confusion_matrix_plot(matrix: torch.Tensor, classes: list[str], path: str | 
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title or "confusion matrix")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def data_preview(data_dir: str | Path, backbone: str, out_dir: str | Path, seed: int = 0, *,
@@ -203,7 +203,7 @@ def top_losses_plot(dataset, probabilities: torch.Tensor, classes: list[str], pa
         ax.axis("off")
         ax.text(0.5, 0.5, f"no val image is misclassified ({len(dataset)} images)", ha="center", va="center")
         fig.suptitle(title or "top losses")
-        return _save(fig, path)
+        return save_figure(fig, path)
     images = torch.stack([dataset[r["index"]][0] for r in rows])
     titles = [f"{classes[r['predicted']]} / {classes[r['true']]} / {r['probability']:.2f}" for r in rows]
     return image_grid(images, titles, path, mean=mean, std=std, colors=["red"] * len(rows), cols=min(8, len(rows)),
@@ -238,7 +238,7 @@ def cam_figure(images: torch.Tensor, rows: list[tuple[str, torch.Tensor, list[st
         axes[i, 0].text(-0.08, 0.5, label, transform=axes[i, 0].transAxes, rotation=90, ha="right", va="center",
                         fontsize=9)
     fig.suptitle(title or "Grad-CAM: where the evidence for the predicted class lies (red = most)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def projection_plot(panels: list[tuple[str, torch.Tensor, torch.Tensor]], labels: list[int], classes: list[str],
@@ -259,4 +259,4 @@ def projection_plot(panels: list[tuple[str, torch.Tensor, torch.Tensor]], labels
     handles, names = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, names, loc="outside lower center", ncol=min(len(classes), 6))
     fig.suptitle(title or "val images in feature space (PCA of the head's input), coloured by true class")
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -1,0 +1,274 @@
+"""The commands of main.py: one function per action of the command line.
+
+main.py parses the arguments (build_parser), picks the action and turns errors into
+messages and exit codes; each command here takes the parsed arguments and calls the
+library (experiments/, tl/engine/, tl/) with plain values: paths, names, numbers.
+
+    --list        list_recipes           --evaluate  evaluate_command
+    --experiment  train_command          --predict   predict_command
+    --resume      resume_command         --explain   explain_command
+    --export      export_command         --prepare   prepare_command
+    --show-data   show_data_command
+
+Every option that configures a run has the name of its RunOptions field as its argparse
+dest (main.build_parser), so `run_options` copies them by name.
+
+The library is imported inside each command, as it is needed: `main.py --help` and
+`--list` stay quick, and no command pays for another's imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from pathlib import Path
+
+from tl import TLError
+
+# a command-line option that sets more RunOptions fields than its own (for --resume's check of
+# what the user typed): --quick is RunOptions.make_quick, --device-images RunOptions.__post_init__
+_ALSO_SETS = {"quick": ("max_per_class", "image_size", "workers"), "device_images": ("image_cache", "workers")}
+# a RunOptions field that --resume neither compares with the saved run nor applies: --allow-pickle
+# is about loading --weights files, and a resumed run takes its weights from the checkpoint
+_NOT_COMPARED_ON_RESUME = {"allow_pickle"}
+
+
+def list_recipes() -> str:
+    """The README's recipe table (what trains, epochs, batch, learning rates, the command), then
+    each backbone and whether it runs here without a network."""
+    from experiments import all_experiments
+    from tl.engine.weights import runs_offline, torchvision_weights_file
+    from tl.models import BACKBONES, get_backbone
+
+    lines = [f"{'recipe':<17} {'from':<16} {'model':<21} {'epochs':>6} {'batch':>5}  learning rates"]
+    for name, module in all_experiments().items():
+        r = module.RECIPE
+        lrs = ", ".join(f"{g} {lr:g}" for g, lr in r.lrs.items())
+        if r.first_lrs:  # a staged recipe (tl/stages.py): its head-first stage, then the rest
+            first = ", ".join(f"{g} {lr:g}" for g, lr in r.first_lrs.items())
+            lrs = f"first {r.first_epochs} epoch(s): {first}; then {lrs}"
+        model = f"{r.backbone}, {'ImageNet' if r.weights == 'imagenet' else 'random init'}"
+        lines.append(f"{name:<17} {r.source:<16} {model:<21} {r.train_epochs:>6} {r.batch_size:>5}  {lrs}")
+        lines.append(f"{'':<17} trains: {r.strategy}")
+        offline = "needs no weights: runs offline" if r.weights != "imagenet" else "offline: add -b efficientnet_lite0"
+        lines.append(f"{'':<17} command: python main.py -e {name}   ({offline})")
+    cache = torchvision_weights_file("resnet18")[1].parent
+    lines.append(f"\nbackbones (any recipe takes --backbone NAME); ImageNet weights offline? (hub cache: {cache})")
+    for name in BACKBONES:
+        spec = get_backbone(name)
+        if spec.weights_source == "packaged":
+            where = "yes: they ship in a pip package"
+        elif runs_offline(spec):
+            where = f"yes: {torchvision_weights_file(name)[1].name} is in the cache"
+        else:
+            where = f"no: needs the network once for {torchvision_weights_file(name)[1].name} (or --weights PATH)"
+        lines.append(f"  {name:<19} {where}")
+    return "\n".join(lines)
+
+
+def run_options(args: argparse.Namespace):
+    """The RunOptions of the command line. Each run option's dest is its RunOptions field, so
+    the values are copied by name; an option left out (None) takes RunOptions' own default
+    (--workers: 2). What is left is logic: --data resolved (the default folder, downloaded when
+    online), --quick, and --device-images refusing --workers."""
+    from tl.engine.options import RunOptions
+    from tl.engine.prepare import resolve_data_dir
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunOptions) if hasattr(args, f.name)}
+    values = {name: value for name, value in values.items() if value is not None}
+    opts = RunOptions(**values | {"data": resolve_data_dir(args.data)})
+    if args.quick:
+        opts.make_quick()
+        if args.max_per_class:  # an explicit --max-per-class wins over --quick's 8
+            opts.max_per_class = args.max_per_class
+        if args.workers is not None:  # and an explicit --workers over its 0
+            opts.workers = args.workers
+    if args.device_images:
+        if args.workers:
+            raise TLError(f"--device-images transforms the images where they live, on the training device, in "
+                          f"the main process: it cannot use --workers {args.workers}; leave --workers out")
+    return opts  # (RunOptions itself turns --device-images into --image-cache --workers 0)
+
+
+def train_command(args: argparse.Namespace):
+    """`main.py --experiment NAME`: check what can be checked before any work (the names, the
+    folders the run writes, the ImageNet weights), then train."""
+    from experiments import get_experiment
+    from tl.engine.run import run
+    from tl.engine.weights import imagenet_file
+    from tl.models import get_backbone
+
+    module = get_experiment(args.experiment)
+    spec = get_backbone(args.backbone or module.RECIPE.backbone)  # a typo fails here, before any data
+    _check_writable(args.out, "--out")  # where the run will write, before any work
+    if args.feature_cache:
+        from tl.engine.feature_store import cache_dir
+
+        _check_writable(cache_dir(), "feature cache folder (TL_CACHE_DIR)", "or pass --no-feature-cache")
+    if (args.weights or module.RECIPE.weights) == "imagenet" and spec.weights_source != "packaged":
+        imagenet_file(spec)  # weights before data: offline, this message comes first and no data/ is made
+    return run(module.RECIPE, module.build, run_options(args))
+
+
+def resume_command(args: argparse.Namespace, given: set[str]):
+    """Continue the run of a last.ckpt with its own saved options. Only --epochs (the new
+    total), --device, --no-progress and --data (another path to the same images) may be
+    given; any other option that would change the run is refused (tl.engine.run.resume_options).
+
+    `given`: the dests of the options the user typed (main.given_options)."""
+    from experiments import get_experiment
+    from tl.engine.options import RunOptions
+    from tl.engine.run import resume_run
+
+    args.data = args.data or "."  # without --data the saved path is used; nothing to resolve or download
+    opts = run_options(args)
+    typed = {field for name in given for field in (name, *_ALSO_SETS.get(name, ()))} - _NOT_COMPARED_ON_RESUME
+    return resume_run(args.resume, {f.name: getattr(opts, f.name) for f in dataclasses.fields(RunOptions)
+                                    if f.name in typed}, get_experiment)
+
+
+def evaluate_command(args: argparse.Namespace) -> None:
+    """`main.py --evaluate PATH --data DIR [--split test]`: one file, or every epoch file in a folder."""
+    from tl.engine.device import resolve_device
+    from tl.engine.evaluate import context_for, evaluate, evaluate_folder, format_evaluation, load_model, split_loader
+    from tl.engine.prepare import resolve_data_dir
+
+    path: Path = args.evaluate
+    if not path.exists():
+        raise TLError(f"no such file or folder: {path}")
+    ctx = context_for(path, args.backbone)
+    if args.data is None and ctx.data is not None:
+        print(f"data: {ctx.data} (from the run's config.json)")
+    loader, classes = split_loader(resolve_data_dir(args.data or ctx.data), args.split, ctx)
+    device = resolve_device(args.device)
+    if path.is_file():
+        model = load_model(path, ctx, len(classes), args.allow_pickle)
+        print(format_evaluation(evaluate(model, loader, device, len(classes)), classes))
+        return
+    evaluate_folder(path, ctx, loader, classes, device, args.split, args.allow_pickle)
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    """`main.py --predict IMG... [--checkpoint best.pth | model.onnx | model.pt]`; without a
+    checkpoint, ImageNet names. An exported file (`--export`, tl/engine/export.py) carries its own
+    class names, size and normalisation: no config.json is read."""
+    from tl.engine.evaluate import ModelContext, context_for, load_model, predict_images
+    from tl.engine.weights import build_model, imagenet_categories
+    from tl.models import get_backbone
+
+    if args.checkpoint and args.checkpoint.suffix in (".onnx", ".pt"):
+        from tl.engine.export import load_exported
+
+        model, meta = load_exported(args.checkpoint)
+        return _print_predictions(args.predict, predict_images(model, args.predict, meta["classes"], meta["mean"],
+                                                               meta["std"], meta["image_size"]))
+    if args.checkpoint:
+        ctx = context_for(args.checkpoint, args.backbone)
+        if ctx.classes is None:
+            raise TLError(f"no config.json beside {args.checkpoint}, so its class names are unknown")
+        model = load_model(args.checkpoint, ctx, len(ctx.classes), args.allow_pickle)
+        classes = ctx.classes
+    else:
+        ctx = ModelContext(backbone=args.backbone or "efficientnet_lite0", classes=None)
+        model = build_model(ctx.backbone, 1000, "imagenet")  # the untouched ImageNet classifier
+        classes = imagenet_categories()
+    spec = get_backbone(ctx.backbone)
+    return _print_predictions(args.predict, predict_images(model, args.predict, classes, spec.mean, spec.std,
+                                                           ctx.image_size))
+
+
+def _print_predictions(images: list[Path], results: list) -> int:
+    failed = 0
+    for path, result in results:
+        if isinstance(result, str):
+            print(f"error: {result}")
+            failed += 1
+        else:
+            print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in result))
+    if failed:
+        raise TLError(f"{failed} of {len(images)} image(s) could not be read")
+    return 0
+
+
+def explain_command(args: argparse.Namespace) -> list:
+    """`main.py --explain IMG... --checkpoint RUN/best.pth`: for each photo, the photo and its
+    Grad-CAM for the predicted class, written to RUN/explain/<photo name>-cam.png."""
+    from tl.data import build_transforms
+    from tl.engine.evaluate import context_for, load_model
+    from tl.engine.explain import class_activation_maps
+    from tl.engine.images import load_rgb
+    from tl.engine.plots import cam_figure
+    from tl.models import get_backbone
+
+    if not args.checkpoint:
+        raise TLError("--explain needs --checkpoint RUN/best.pth (the trained model whose attention to show)")
+    if args.checkpoint.suffix in (".onnx", ".pt"):
+        raise TLError(f"{args.checkpoint} is an exported file, which has no gradients to compute a map from: "
+                      f"pass the run's best.pth")
+    if not args.checkpoint.is_file():
+        raise TLError(f"no such file: {args.checkpoint}")
+    ctx = context_for(args.checkpoint, args.backbone)
+    if ctx.classes is None:
+        raise TLError(f"no config.json beside {args.checkpoint}, so its class names are unknown")
+    model = load_model(args.checkpoint, ctx, len(ctx.classes), args.allow_pickle)
+    spec = get_backbone(ctx.backbone)
+    transform = build_transforms(spec.mean, spec.std, size=ctx.image_size, augment=False)["val"]
+    out_dir = Path(args.checkpoint).parent / "explain"
+    written, failed = [], 0
+    for path in args.explain:
+        try:
+            x = transform(load_rgb(path)).unsqueeze(0)  # (1, 3, H, W)
+        except Exception as exc:
+            print(f"error: cannot read {path}: {type(exc).__name__}: {exc}".splitlines()[0])
+            failed += 1
+            continue
+        maps, predicted, prob = class_activation_maps(model, x)
+        label = f"{ctx.classes[int(predicted[0])]} {float(prob[0]):.3f}"
+        out = cam_figure(x, [("Grad-CAM", maps, [f"predicted: {label}"])], out_dir / f"{Path(path).stem}-cam.png",
+                         mean=spec.mean, std=spec.std, photo_titles=[Path(path).name],
+                         title="Grad-CAM for the predicted class (red: where its evidence lies)")
+        print(f"{path}: predicted {label} -> {out}")
+        written.append(out)
+    if failed:
+        raise TLError(f"{failed} of {len(args.explain)} image(s) could not be read")
+    return written
+
+
+def export_command(args: argparse.Namespace):
+    """`main.py --export RUN [--format onnx|torchscript]` (tl/engine/export.py)."""
+    from tl.engine.export import export_run
+
+    return export_run(args.export, args.format, data=args.data)
+
+
+def prepare_command(args: argparse.Namespace) -> None:
+    """`main.py --prepare dogs-vs-cats --src DIR --dest DIR`."""
+    from tl.engine.prepare import prepare_dogs_vs_cats
+
+    prepare_dogs_vs_cats(args.src, args.dest, force=args.force)
+
+
+def show_data_command(args: argparse.Namespace) -> None:
+    """`main.py --show-data`: augmentation.png and batch.png in OUT/data-preview/."""
+    from tl.engine.plots import data_preview
+    from tl.engine.prepare import resolve_data_dir
+
+    _check_writable(args.out / "data-preview", "--out")
+    for path in data_preview(resolve_data_dir(args.data), args.backbone or "resnet18", args.out / "data-preview",
+                             seed=args.seed, val_split=args.val_split, split_seed=args.split_seed):
+        print(f"wrote {path}")
+
+
+def _check_writable(path: Path, what: str, alternative: str = "") -> None:
+    """Stop before any work (and before a run folder exists) if `path` cannot be created or written.
+
+    The nearest part of `path` that exists decides: it must be a folder this user may write to."""
+    existing = Path(path).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    fix = f"choose another {what}" + (f" {alternative}" if alternative else "")
+    if not existing.is_dir():
+        raise TLError(f"{what} {path}: {existing} is a file, not a folder; {fix}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise TLError(f"{what} {path}: cannot write in {existing} (no permission, or a read-only file system); {fix}")
