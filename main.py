@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--explain", metavar="IMAGE", nargs="+", type=Path,
                       help="class-activation maps (Grad-CAM) of --checkpoint RUN/best.pth -> RUN/explain/")
     what.add_argument("--export", metavar="RUN", type=Path,
-                      help="write RUN's best.pth as one self-describing file and check it on val (tl/export.py)")
+                      help="write RUN's best.pth as one self-describing file and check it on val (tl/engine/export.py)")
     what.add_argument("--prepare", choices=["dogs-vs-cats"],
                       help="split Kaggle's flat dogs-vs-cats train/ folder (--src) into --dest/{train,val,test}")
     what.add_argument("--show-data", action="store_true",
@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                        help="NHWC memory layout (default on: faster on GPUs and, measured, on CPU)")
 
-    speed = p.add_argument_group("caches (tl/features.py, tl/data.py)")
+    speed = p.add_argument_group("caches (tl/features.py, tl/engine/feature_store.py, tl/engine/image_cache.py)")
     speed.add_argument("--feature-cache", action=argparse.BooleanOptionalAction, default=True,
                        help="for frozen recipes, compute the frozen part once (default on where exact)")
     speed.add_argument("--cache-views", type=_non_negative_int, default=0,

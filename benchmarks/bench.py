@@ -52,7 +52,7 @@ from tl.data import build_transforms
 from tl.engine.device import resolve_device
 from tl.engine.options import RunOptions, resolve
 from tl.engine.run import run
-from tl.engine.selection import image_datasets
+from tl.engine.selection import ImageChoice, select_images
 from tl.engine.weights import build_model
 from tl.loop import Hooks, seed_everything, train_model
 from tl.models import get_backbone
@@ -87,7 +87,8 @@ def compute_bound(name, backbone, weights, data, device, channels_last=True, epo
     module = get_experiment(name)
     recipe = resolve(module.RECIPE, RunOptions(data=data, backbone=backbone, weights=weights))
     spec = get_backbone(recipe.backbone)
-    sets = image_datasets(data, build_transforms(spec.mean, spec.std, augment=False))
+    sets = select_images(ImageChoice(Path(data)), build_transforms(spec.mean, spec.std, augment=False),
+                         phases=("train", "val"))
     xs, ys = zip(*(sets["train"][i] for i in range(len(sets["train"]))))
     ready = TensorDataset(torch.stack(xs), torch.tensor(ys))
     seed_everything(0)

@@ -60,7 +60,7 @@ from pathlib import Path
 import torch
 from tl import features
 from tl.data import build_transforms
-from tl.engine.selection import image_datasets
+from tl.engine.selection import ImageChoice, select_images
 from tl.engine.weights import build_model
 from tl.models import get_backbone
 data, workers, limit_gb = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
@@ -70,7 +70,8 @@ for p in model.parameters():
     p.requires_grad = False
 for p in model.get_submodule(spec.head).parameters():
     p.requires_grad = True
-sets = image_datasets(data, build_transforms(spec.mean, spec.std, size=64, augment=False))
+sets = select_images(ImageChoice(Path(data)), build_transforms(spec.mean, spec.std, size=64, augment=False),
+                     phases=("train", "val"))
 started = time.perf_counter()
 plan = feature_store.plan_cache(model, spec, sets, frozen_bn_eval=True, augment=False, views=0, seed=0,
                                 device=torch.device("cpu"), dtype=torch.float32, limit_gb=limit_gb,

@@ -20,7 +20,7 @@ training data changed:
   are the recipe's own, except where `EPOCHS` below shortens a full-network strategy to fit
   the study in 45 minutes on a 2-core CPU; the same number at every subset size.
   `--epochs N` sets every strategy's epochs.
-* The subsets are drawn once, from `--split-seed` (default 0), by `tl.data.nested_draw`:
+* The subsets are drawn once, from `--split-seed` (default 0), by `tl.engine.selection.nested_draw`:
   class-balanced and nested (the 5 images of a class include its 2, the 10 include the 5),
   so a curve that rises shows the value of *more* images, not of *other* images. The
   training `--seeds` change initialisation, augmentation and order, never the subset.

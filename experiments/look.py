@@ -7,7 +7,7 @@ that fine-tuned it, on the same data, backbone and image size, and writes to `--
 (default `results/looking/`):
 
     cams.png         the same val photos, then each model's Grad-CAM for its predicted class
-                     (tl/explain.py): where the evidence for that class lies
+                     (tl/engine/explain.py): where the evidence for that class lies
     features.png     the val images' features (the input of the final Linear) projected onto
                      their two principal components, from the ImageNet backbone (the frozen
                      run's body, unchanged by training) and from the fine-tuned one, coloured
@@ -109,7 +109,7 @@ def look(frozen: Path, finetuned: Path, out: Path, data: str | None = None, imag
         f"backbone {tuned_ctx.backbone}, {tuned_ctx.image_size}-pixel images, val of `{data or tuned_ctx.data}`.", "",
         "## Where each model looks", "",
         "The first row is the photo; below it, each model's Grad-CAM for the class it predicts (red: where "
-        "the evidence for that class lies; tl/explain.py explains the method). Photos: " + ", ".join(rel) + ".", "",
+        "the evidence for that class lies; tl/engine/explain.py explains the method). Photos: " + ", ".join(rel) + ".", "",
         "![Grad-CAM of both models](cams.png)", "",
         "## How each backbone arranges the val images", "",
         "Each point is a val image: the vector the head sees, projected onto its two principal components "

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from tl import TLError
 from tl.data import build_transforms
 from tl.engine.checkpoint import load_state_file, verify_state_file
 from tl.engine.images import load_rgb
-from tl.engine.selection import describe_skipped, image_datasets, keep_train_per_class, split_datasets
+from tl.engine.selection import ImageChoice, TooFewImages, select_images
 from tl.engine.weights import build_model
 from tl.loop import loss_targets, predictions
 from tl.models import get_backbone, load_into
@@ -156,25 +157,18 @@ def split_loader(data: Path, split: str, ctx: ModelContext, batch_size: int = 32
     spec = get_backbone(ctx.backbone)
     transforms = build_transforms(spec.mean, spec.std, size=ctx.image_size, augment=False)
     # train: exactly the images the run trained on (its --quick/--max-per-class subset, then its
-    # --train-per-class draw); val and test: the whole split, the more images the better the score
-    subset = ctx.max_per_class if split == "train" else None
-    if ctx.val_split and not (data / split).is_dir():
-        if split == "test":
-            raise TLError(f"{data} was split with --val-split {ctx.val_split} into train and val: it has no test split")
-        sets = split_datasets(data, transforms, ctx.val_split, split_seed=ctx.split_seed, max_per_class=subset,
-                              verify=ctx.verify_images)
-    else:
-        sets = image_datasets(data, transforms, phases=(split,), max_per_class=subset, verify=ctx.verify_images)
-    if report := describe_skipped(sets):
-        log(report)  # the images left out are said, not silently dropped from the score
-    ds = sets[split]
-    if split == "train" and ctx.train_per_class:
-        try:
-            keep_train_per_class(ds, int(ctx.train_per_class), ctx.split_seed)  # the images it trained on, no others
-        except TLError:
-            raise TLError(f"the run trained on a seeded draw of {ctx.train_per_class} images per class "
-                          f"(--train-per-class); {data / split} has fewer in some class, so its train split "
-                          f"cannot be scored as the run saw it. Score --split val, or its own data folder") from None
+    # --train-per-class draw); val and test: the whole split, the more images the better the score.
+    # A folder that is split already is scored as it is, even if the run split its own (--val-split).
+    choice = dataclasses.replace(ImageChoice.of(ctx), data=data,
+                                 val_split=None if (data / split).is_dir() else ctx.val_split)
+    if split != "train":
+        choice = dataclasses.replace(choice, max_per_class=None, train_per_class=None)
+    try:
+        ds = select_images(choice, transforms, phases=(split,), log=log)[split]
+    except TooFewImages:
+        raise TLError(f"the run trained on a seeded draw of {ctx.train_per_class} images per class "
+                      f"(--train-per-class); {data / split} has fewer in some class, so its train split "
+                      f"cannot be scored as the run saw it. Score --split val, or its own data folder") from None
     if ctx.classes is not None and ds.classes != ctx.classes:
         raise TLError(f"the model was trained on classes {ctx.classes}, but {data / split} has {ds.classes}")
     return torch.utils.data.DataLoader(ds, batch_size=batch_size), ds.classes

@@ -1,6 +1,6 @@
 """Learn by looking: where the network looks, what it gets wrong, how it arranges images.
 
-Three views of a trained model, each a short function (the pictures are drawn by tl/plots.py):
+Three views of a trained model, each a short function (the pictures are drawn by tl/engine/plots.py):
 
 * `class_activation_maps`: Grad-CAM (Selvaraju et al., "Grad-CAM: Visual Explanations from
   Deep Networks via Gradient-based Localization", ICCV 2017, arXiv:1610.02391). Take the

@@ -165,18 +165,14 @@ def data_preview(data_dir: str | Path, backbone: str, out_dir: str | Path, seed:
     """
     from tl.data import build_transforms, make_loaders
     from tl.engine.images import load_rgb
-    from tl.engine.selection import describe_skipped, image_datasets, split_datasets
+    from tl.engine.selection import ImageChoice, select_images
     from tl.models import get_backbone
 
     spec = get_backbone(backbone)
     torch.manual_seed(seed)
     transforms = build_transforms(spec.mean, spec.std)
-    if val_split:
-        sets = split_datasets(data_dir, transforms, val_split, split_seed=split_seed)
-    else:
-        sets = image_datasets(data_dir, transforms)
-    if report := describe_skipped(sets):
-        log(report)
+    sets = select_images(ImageChoice(Path(data_dir), val_split=val_split, split_seed=split_seed), transforms,
+                         phases=("train", "val"), log=log)
     train = sets["train"]
     photo = load_rgb(train.samples[0][0])
     views = [transforms["val"](photo)] + [transforms["train"](photo) for _ in range(8)]

@@ -76,6 +76,10 @@ def _first_per_class(samples: list[tuple[str, int]], n: int) -> list[tuple[str, 
     return keep
 
 
+class TooFewImages(TLError):
+    """A class has fewer usable images than a --train-per-class draw asks for."""
+
+
 def nested_draw(samples: list[tuple[str, int]], classes: list[str], n: int, seed: int = 0) -> list[tuple[str, int]]:
     """A seeded, class-balanced draw of `n` samples per class, in class then path order.
 
@@ -89,7 +93,7 @@ def nested_draw(samples: list[tuple[str, int]], classes: list[str], n: int, seed
     for target, name in enumerate(classes):
         items = sorted(s for s in samples if s[1] == target)
         if len(items) < n:
-            raise TLError(f"class {name} has {len(items)} usable training image(s), fewer than the {n} per class "
+            raise TooFewImages(f"class {name} has {len(items)} usable training image(s), fewer than the {n} per class "
                           f"asked for (--train-per-class): choose a smaller number")
         random.Random(f"{seed}:{name}").shuffle(items)
         keep += sorted(items[:n])
