@@ -108,8 +108,8 @@ def look(frozen: Path, finetuned: Path, out: Path, data: str | None = None, imag
         f"`{frozen_file}` ({frozen_cfg['experiment']}) and `{tuned_file}` ({tuned_cfg['experiment']}), "
         f"backbone {tuned_ctx.backbone}, {tuned_ctx.image_size}-pixel images, val of `{data or tuned_ctx.data}`.", "",
         "## Where each model looks", "",
-        "The first row is the photo; below it, each model's Grad-CAM for the class it predicts (red: where "
-        "the evidence for that class lies; tl/engine/explain.py explains the method). Photos: " + ", ".join(rel) + ".", "",
+        "The first row is the photo; below it, each model's Grad-CAM for the class it predicts (red: where the "
+        "evidence for that class lies; tl/engine/explain.py has the method). Photos: " + ", ".join(rel) + ".", "",
         "![Grad-CAM of both models](cams.png)", "",
         "## How each backbone arranges the val images", "",
         "Each point is a val image: the vector the head sees, projected onto its two principal components "

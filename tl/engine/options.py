@@ -35,7 +35,7 @@ class RunOptions:
     save_every_epoch: bool = False
     amp: bool = True  # mixed precision, only ever used on CUDA
     channels_last: bool = True  # NHWC memory layout: faster on GPUs, and on this CPU (results/benchmark.md)
-    feature_cache: bool = True  # cache what a frozen prefix computes (tl/features.py, tl/engine/feature_store.py) when that is exact
+    feature_cache: bool = True  # cache what a frozen prefix computes (tl/features.py) where that is exact
     cache_views: int = 0  # with augmentation: K precomputed augmented views per train image (0: train uncached)
     cache_limit_gb: float = 2.0  # memory for a cache: a larger feature cache stays on disk (mmap), no image cache
     image_cache: bool = False  # decode and resize every image once, keep uint8 tensors in memory
