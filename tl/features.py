@@ -1,4 +1,4 @@
-"""Feature cache: when only the head trains, run the frozen backbone once, not every epoch.
+"""Frozen features: when only the head trains, run the frozen backbone once, not every epoch.
 
 In a frozen-backbone recipe (`resnet_frozen`, `vgg_transfer`) every epoch pushes the same
 images through the same frozen network to train a layer of a few thousand parameters:
@@ -27,20 +27,9 @@ rather than at `classifier.6`. Then:
   each epoch draws one of them per image: an approximation, said as such in the results.
 
 The one-time pass runs a copy of the network with each frozen BatchNorm folded into the
-convolution before it (`fold_batchnorm`), in small batches and in the loop's memory layout:
-it is the only backbone work a cached run does, so it is worth making cheap.
-
-Caches are stored (float32 by default) under `$TL_CACHE_DIR` (default
-`~/.cache/tl-reference/features`), keyed on everything the stored numbers depend on and
-nothing else (`cache_key`): change any of it and the cache is rebuilt. A stored file is
-checked when read (shape, row count, labels, a SHA-256 of its contents); a damaged one is
-reported in one line and rebuilt, never used.
-
-A cache larger than `--cache-limit-gb` is not held in memory: it *spills to disk*. The pass
-writes into a memory-mapped file, and the loop reads the cache file memory-mapped
-(`torch.load(mmap=True)`), so the OS pages it in and out as its file cache
-(`cached_features` explains why that is exact and stays within the limit). Only when the
-disk has too little room for it does the run train uncached.
+convolution before it (`fold_batchnorm`): it is the only backbone work a cached run does.
+Where the features are computed, stored, checked and found again is the machinery's job
+(tl/engine/feature_store.py).
 """
 
 from __future__ import annotations
