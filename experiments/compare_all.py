@@ -27,11 +27,18 @@ commands its rows come from and whether they were the full comparison (every rec
 --quick). `--backbone own` means each recipe's own architecture (ResNet18, VGG16). A run
 that cannot start here, e.g. because ImageNet weights for a torchvision backbone are not on
 this machine, becomes a `not run` row with the reason; the others go on.
+
+Two comparisons may run at the same time into one `--out` folder: each trains in its own
+runs folder, and the writing (history/ and predictions/ files, the tables, the plots, the
+removal of stale files) happens under a lock on `--out/.compare_all.lock` (`fcntl.flock`).
+A comparison that finds the lock taken says which process holds it and waits; it then
+merges its rows with the ones the other wrote, so no row and no file is lost.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -250,6 +257,19 @@ def update_meta(old: dict, entries: dict[str, dict], machine: str) -> dict:
     return {"machine": machine, "datasets": datasets, **note}
 
 
+def missing_run_files(out: Path, planned) -> list[Path]:
+    """The history/ and predictions/ files that the ok rows of out/runs.csv this comparison
+    keeps (`planned` holds the keys it will run) need, and that are not there: deleted by
+    hand, or by two comparisons that wrote at once before they took turns (`results_lock`)."""
+    old = read_runs(out)
+    if old is None:
+        return []
+    kept = merge_runs(old, planned)
+    ok = kept[kept.status == "ok"].reindex(columns=RUN_COLUMNS)
+    need = [out / folder / d / f"{r}.csv" for d, r in zip(ok.dataset, ok.run) for folder in ("history", "predictions")]
+    return [p for p in need if not p.is_file()]
+
+
 def remove_stale(out: Path, runs, written: set[Path]) -> list[Path]:
     """Delete outputs that belong to no row any more: history/ and predictions/ files of runs
     that are gone or no longer ok, and plots not drawn this time. Only these generated
@@ -324,6 +344,41 @@ def write_outputs(out: Path, runs, meta: dict):
     return summary
 
 
+LOCK_NAME = ".compare_all.lock"
+
+
+@contextlib.contextmanager
+def results_lock(out: Path, command: str, log=print):
+    """Hold `out`'s lock while the block writes there: an exclusive `fcntl.flock` on
+    out/.compare_all.lock, which names its holder (process id, command, time). A second
+    comparison blocks here until the first has finished writing, after saying for whom
+    it waits. The lock goes with the process, so a killed holder never leaves it stuck.
+    (Windows has no fcntl: there the folder is not locked.)"""
+    try:
+        import fcntl
+    except ImportError:  # not Unix
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK_NAME, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            log(f"{out} is being written by {holder}; waiting for it to finish (its rows are kept)")
+            fcntl.flock(f, fcntl.LOCK_EX)
+            log(f"{out} is free: writing")
+        f.truncate(0)
+        f.write(f"process {os.getpid()} ({command}, since {time.strftime('%H:%M:%S')})\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from tl import Interrupted, TLError
@@ -346,12 +401,25 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
     out: Path = args.out or (Path("runs/quick-results") if args.quick else Path("results"))
-    runs_dir = args.runs_dir or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
-    if runs_dir.is_dir() and any(runs_dir.iterdir()):
-        print(f"error: --runs-dir {runs_dir} already holds runs; choose a new folder (each comparison trains "
+    if args.runs_dir and args.runs_dir.is_dir() and any(args.runs_dir.iterdir()):
+        print(f"error: --runs-dir {args.runs_dir} already holds runs; choose a new folder (each comparison trains "
               f"its own runs)", file=sys.stderr)
         return 2
+    from experiments import get_experiment
+    from tl.engine.records import make_run_dir
+
     plan = [(d, e, b, s) for d in data_dirs for e in args.experiments for b in args.backbone for s in args.seeds]
+    planned = pd.DataFrame([{"dataset": dataset_name(d), "experiment": e, "seed": s, "quick": args.quick,
+                             "backbone": get_experiment(e).RECIPE.backbone if b == "own" else b, "status": "planned"}
+                            for d, e, b, s in plan])
+    if missing := missing_run_files(out, planned):  # found now, not after hours of training
+        print(f"error: {out}/runs.csv names runs whose files are gone: {', '.join(map(str, missing[:3]))}"
+              f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}; run those recipes again into "
+              f"{out} (--experiments, --backbone), or delete their rows from runs.csv", file=sys.stderr)
+        return 2
+
+    # a folder of its own, even for two comparisons started in the same second (-2, -3, ...)
+    runs_dir = args.runs_dir or make_run_dir(Path("runs"), f"compare-{time.strftime('%Y%m%d-%H%M%S')}", False)
     commit = git_commit()  # read now: the code that runs is the code loaded at the start
     command = "python -m experiments.compare_all " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     started = time.time()
@@ -373,18 +441,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{i}/{len(plan)}] {row['status']}: {tail}", flush=True)
         rows.append(row)
     total = round((time.time() - started) / 60, 1)
-    for dataset, label, result in finished:
-        keep_run_files(out, dataset, label, result)
-    new = pd.DataFrame(rows).reindex(columns=RUN_COLUMNS)
-    runs = merge_runs(read_runs(out), new)
     full = set(args.experiments) == set(NAMES) and not args.quick
     entries = {dataset_name(d): {
         "data": str(d), "command": command, "experiments": args.experiments, "backbones": args.backbone,
         "seeds": args.seeds, "epochs": args.epochs, "quick": args.quick, "full": full, "commit": commit,
         "date": time.strftime("%Y-%m-%d %H:%M"), "minutes": round(minutes[dataset_name(d)], 1),
         "command_minutes": total} for d in data_dirs}
-    old_meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").is_file() else {}
-    summary = write_outputs(out, runs, update_meta(old_meta, entries, machine_description()))
+    try:
+        with results_lock(out, command, log=lambda s: print(s, flush=True)):  # one writer at a time
+            for dataset, label, result in finished:
+                keep_run_files(out, dataset, label, result)
+            runs = merge_runs(read_runs(out), pd.DataFrame(rows).reindex(columns=RUN_COLUMNS))
+            old_meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").is_file() else {}
+            summary = write_outputs(out, runs, update_meta(old_meta, entries, machine_description()))
+    except KeyboardInterrupt:
+        print(f"error: interrupted while waiting for or writing {out}; the runs are in {runs_dir}", file=sys.stderr)
+        return 2
     print(summary[KEY + ["status", "headline_acc_mean", "headline_acc_std", "best_val_acc_mean",
                          "train_seconds_mean"]].to_string(index=False))
     print(f"wrote {out}/summary.csv, runs.csv, plots and README.md ({total} min)")

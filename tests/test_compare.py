@@ -215,3 +215,76 @@ def test_a_reused_runs_dir_and_ctrl_c_leave_the_results_alone(tmp_path, monkeypa
     assert "interrupted" in capsys.readouterr().err
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before  # tables, histories and predictions untouched
+
+
+def _compare_in_child(argv: list[str], barrier, log_path: str) -> None:
+    """One `compare_all` in a process of its own (spawned, so no torch state is forked), made to
+    meet the other one after training, so both come to write `--out` at the same moment."""
+    import contextlib
+    import os
+    import socket
+    import time
+
+    from tests.conftest import _refuse_internet
+
+    socket.socket.connect = _refuse_internet
+    os.environ["TL_CACHE_DIR"] = str(Path(log_path).with_suffix(".cache"))
+    real_run_one, real_read_runs, trained = compare_all.run_one, compare_all.read_runs, []
+
+    def run_one_then_meet(*args, **kwargs):
+        result = real_run_one(*args, **kwargs)
+        barrier.wait(timeout=300)  # both have trained: now both write
+        trained.append(1)
+        return result
+
+    def read_runs_slowly(out):
+        old = real_read_runs(out)
+        if trained:
+            time.sleep(1.5)  # a window in which the other comparison writes, if nothing stops it
+        return old
+
+    compare_all.run_one, compare_all.read_runs = run_one_then_meet, read_runs_slowly
+    with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        code = compare_all.main(argv)
+    sys.exit(code)
+
+
+def test_two_comparisons_at_once_take_turns_and_lose_nothing(tmp_path, capsys):
+    import multiprocessing
+
+    from tests.conftest import write_image_folder
+
+    data = write_image_folder(tmp_path / "d", size=64, train=4, val=4)
+    out = tmp_path / "results"
+    spawn = multiprocessing.get_context("spawn")
+    barrier = spawn.Barrier(2)
+    children, logs = [], []
+    for name in ("resnet_frozen", "vgg_transfer"):
+        argv = ["--quick", "--data", str(data), "--experiments", name, "--backbone", "efficientnet_lite0",
+                "--out", str(out), "--runs-dir", str(tmp_path / f"runs-{name}"), "--workers", "0"]
+        logs.append(tmp_path / f"{name}.log")
+        children.append(spawn.Process(target=_compare_in_child, args=(argv, barrier, str(logs[-1]))))
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(timeout=600)
+    texts = [log.read_text() for log in logs]
+    assert [child.exitcode for child in children] == [0, 0], texts
+    runs = pd.read_csv(out / "runs.csv")
+    assert sorted(runs.experiment) == ["resnet_frozen", "vgg_transfer"] and (runs.status == "ok").all()
+    assert sorted(pd.read_csv(out / "summary.csv").experiment) == ["resnet_frozen", "vgg_transfer"]
+    for folder in ("history", "predictions"):
+        assert sorted(p.name for p in (out / folder / "d").iterdir()) == [
+            "resnet_frozen-efficientnet_lite0-seed0.csv", "vgg_transfer-efficientnet_lite0-seed0.csv"]
+    # the second one to write said that it waits, and for which process
+    waited = [i for i, text in enumerate(texts) if "waiting for it to finish" in text]
+    assert len(waited) == 1, texts
+    assert f"process {children[1 - waited[0]].pid} (" in texts[waited[0]]
+    # a folder that lost a run's files (as two comparisons writing at once did) stops the next
+    # comparison at once, with the files named, instead of a traceback after its training
+    (out / "history" / "d" / "vgg_transfer-efficientnet_lite0-seed0.csv").unlink()
+    assert compare_all.main(["--quick", "--data", str(data), "--experiments", "resnet_frozen", "--backbone",
+                             "efficientnet_lite0", "--out", str(out), "--runs-dir", str(tmp_path / "runs3")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "vgg_transfer-efficientnet_lite0-seed0.csv" in err
+    assert not (tmp_path / "runs3").exists()  # stopped before training
