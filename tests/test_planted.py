@@ -79,8 +79,10 @@ def test_parity_check_compares_the_model_with_the_exported_file(tmp_path):
     with torch.no_grad():  # the same network with its logits negated: every top-1 class differs
         other.fc.weight.neg_(), other.fc.bias.neg_()
     example = torch.zeros(2, 3, 32, 32)
-    export._export_torchscript(other, example, {"classes": ["a", "b"]}, tmp_path / "other.pt")
-    export._export_torchscript(model, example, {"classes": ["a", "b"]}, tmp_path / "same.pt")
+    meta = {"format": export.FORMAT, "classes": [f"c{i}" for i in range(1000)], "backbone": "tiny",  # TinyNet: 1000
+            "image_size": 32, "resize": 37, "mean": [0.5] * 3, "std": [0.5] * 3, "single_logit": False}
+    export._export_torchscript(other, example, meta, tmp_path / "other.pt")
+    export._export_torchscript(model, example, meta, tmp_path / "same.pt")
     torch.manual_seed(0)
     loader = [(torch.randn(4, 3, 32, 32), torch.zeros(4, dtype=torch.long)) for _ in range(2)]
 

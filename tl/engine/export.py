@@ -17,7 +17,10 @@ keeps in `config.json` beside it. An exported file carries all of that inside it
 The description ("tl_meta") holds what `--predict` needs and nothing else: class names,
 backbone, input size, the val transform's resize, mean and std, and whether the head is a
 single logit. `load_exported` reads it back, so `--predict --checkpoint model.onnx` works
-with no config.json anywhere.
+with no config.json anywhere, and checks it first (`check_description`): every field there,
+of its type, and fitting the graph (one output per class, or one logit for 2 classes, and
+images of `image_size`), so a description edited by hand is one message, never a traceback
+or made-up class names.
 
 Exporting is a translation, and translations can be wrong (an operator the exporter maps
 differently, a shape fixed where it should vary), so every export is followed by
@@ -47,6 +50,9 @@ from tl.engine.evaluate import context_for, load_model, split_loader
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 META_KEY = "tl_meta"  # ONNX metadata_props key; the TorchScript extra file is META_KEY + ".json"
+FORMAT = "tl-reference export 1"
+NEEDED = {"format": str, "classes": list, "backbone": str, "image_size": int, "resize": int, "mean": list,
+          "std": list, "single_logit": bool}  # what `describe` writes; "exported_from" is only provenance
 # float32 logits computed by two runtimes differ by rounding: a few 1e-6 relative. A real
 # translation error (a wrong operator, a fixed shape) is orders of magnitude larger.
 TOLERANCE = 1e-4
@@ -57,7 +63,7 @@ def describe(ctx, classes: list[str], source: Path) -> dict:
     from tl.models import get_backbone
 
     spec = get_backbone(ctx.backbone)
-    return {"format": "tl-reference export 1", "classes": list(classes), "backbone": ctx.backbone,
+    return {"format": FORMAT, "classes": list(classes), "backbone": ctx.backbone,
             "image_size": ctx.image_size, "resize": val_resize(ctx.image_size), "mean": list(spec.mean),
             "std": list(spec.std), "single_logit": ctx.single_logit, "exported_from": str(source)}
 
@@ -103,9 +109,65 @@ class ExportedModel(nn.Module):
         return self._run(x.detach().float().cpu().contiguous())
 
 
+def _description_problems(meta, outputs) -> list[str]:
+    """What is wrong with an exported file's description, checked field by field and against
+    the graph: `outputs(size)` gives the logits of one blank image of that size."""
+    if not isinstance(meta, dict):
+        return [f"it is a JSON {type(meta).__name__}, not an object"]
+    wrong = [f"{k} is missing" if k not in meta else f"{k} is {type(meta[k]).__name__} {meta[k]!r}, not {t.__name__}"
+             for k, t in NEEDED.items() if k not in meta or type(meta[k]) is not t]  # bool is no int here
+    if wrong:
+        return wrong
+    classes, size = meta["classes"], meta["image_size"]
+    problems = [] if meta["format"] == FORMAT else [f"format is {meta['format']!r}, this code reads {FORMAT!r}"]
+    if len(classes) < 2 or not all(isinstance(c, str) and c for c in classes) or len(set(classes)) != len(classes):
+        problems.append(f"classes must be 2 or more distinct names, not {classes!r}")
+    for key in ("mean", "std"):
+        values = meta[key]
+        if len(values) != 3 or not all(type(v) in (int, float) for v in values) or (key == "std" and min(values) <= 0):
+            problems.append(f"{key} must be 3 numbers (R, G, B){' above 0' if key == 'std' else ''}, not {values!r}")
+    if size < 1 or meta["resize"] != val_resize(size):
+        problems.append(f"image_size {size} and resize {meta['resize']} do not fit: the val transform resizes to "
+                        f"{val_resize(max(size, 1))} and crops {size} (tl/data.py val_resize)")
+    if problems:
+        return problems
+    try:
+        shape = tuple(outputs(size).shape)
+    except Exception as exc:
+        return [f"the model does not take {size}x{size} images ({type(exc).__name__})"]
+    width = shape[-1] if len(shape) == 2 else None
+    if meta["single_logit"] and (width != 1 or len(classes) != 2):
+        problems.append(f"single_logit is true, which needs 1 output and 2 classes; the model has {width} "
+                        f"output(s) and the description {len(classes)} classes")
+    elif not meta["single_logit"] and width != len(classes):
+        problems.append(f"it names {len(classes)} classes but the model has {width} output(s)"
+                        + (" (a single-logit head: set single_logit true, with 2 classes)" if width == 1 else ""))
+    return problems
+
+
+def check_description(meta, path: Path, run) -> dict:
+    """`meta` if it holds every field `--predict` needs, of the right type, and fits the
+    graph (one output per class, or one logit for 2 classes); else a TLError naming them.
+    A hand-edited description must not give made-up class names or a traceback."""
+    problems = _description_problems(meta, lambda size: run(torch.zeros(1, 3, size, size)))
+    if problems:
+        raise TLError(f"{path}: its description ({META_KEY}) does not fit the model: {'; '.join(problems)}. "
+                      f"Export the run again (python main.py --export RUN) rather than editing it")
+    return meta
+
+
+def _read_description(text: str, path: Path):
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise TLError(f"{path}: its description ({META_KEY}) is not JSON: export the run again "
+                      f"(python main.py --export RUN) rather than editing it") from None
+
+
 def load_exported(path: str | os.PathLike) -> tuple[ExportedModel, dict]:
     """(model, description) of an exported file: `.onnx` runs in onnxruntime, `.pt` with
-    `torch.jit.load`. No config.json and no model code are needed."""
+    `torch.jit.load`. No config.json and no model code are needed; the description is
+    checked against the graph (`check_description`)."""
     path = Path(path)
     if not path.is_file():
         raise TLError(f"no such file: {path}")
@@ -118,14 +180,14 @@ def load_exported(path: str | os.PathLike) -> tuple[ExportedModel, dict]:
             if META_KEY not in props:
                 raise TLError(f"{path} is an ONNX model without this project's description ({META_KEY} in "
                               f"metadata_props): export it with python main.py --export RUN")
-            meta = json.loads(props[META_KEY])
+            meta = _read_description(props[META_KEY], path)
             session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             name = session.get_inputs()[0].name
 
             def run(x: torch.Tensor) -> torch.Tensor:
                 return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
 
-            return ExportedModel(path, "onnx", run), meta
+            return ExportedModel(path, "onnx", run), check_description(meta, path, run)
         extra = {META_KEY + ".json": ""}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -133,13 +195,13 @@ def load_exported(path: str | os.PathLike) -> tuple[ExportedModel, dict]:
         if not extra[META_KEY + ".json"]:
             raise TLError(f"{path} is a TorchScript model without this project's description "
                           f"({META_KEY}.json): export it with python main.py --export RUN --format torchscript")
-        meta = json.loads(extra[META_KEY + ".json"])
+        meta = _read_description(extra[META_KEY + ".json"], path)
 
         def run_ts(x: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
                 return module(x)
 
-        return ExportedModel(path, "torchscript", run_ts), meta
+        return ExportedModel(path, "torchscript", run_ts), check_description(meta, path, run_ts)
     except TLError:
         raise
     except Exception as exc:  # not an ONNX/TorchScript file, or a damaged one

@@ -1,0 +1,123 @@
+"""Bad input, third round (issue 25): a hand-edited exported file, a resume on another
+thread count, names that differ only in their Unicode form, and Ctrl-C's exit status.
+
+As in tests/test_bad_input.py, each test builds its input itself and checks the exact
+outcome: the exit status, one `error:` line that names the problem, no traceback."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import onnx
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import main
+from tests.conftest import TinyNet
+from tl.data import val_resize
+from tl.engine import export
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    """main.main(argv) -> (exit status, stdout, stderr); never a traceback."""
+    code = main.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return code, out, err
+
+
+# ----------------------------------------------------------------------------- 5. an exported file edited by hand
+def _described(outputs: int, classes: list[str], single_logit: bool = False) -> dict:
+    return {"format": export.FORMAT, "classes": classes, "backbone": "tiny", "image_size": 32,
+            "resize": val_resize(32), "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "single_logit": single_logit,
+            "exported_from": "runs/r/best.pth"}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A 2-class and a single-logit TinyNet exported to ONNX and TorchScript, and a photo."""
+    tmp = tmp_path_factory.mktemp("exported")
+    files = {}
+    for outputs in (2, 1):
+        torch.manual_seed(0)
+        net = TinyNet()
+        net.fc = nn.Linear(16, outputs)
+        example = torch.zeros(2, 3, 32, 32)
+        meta = _described(outputs, ["ant", "bee"], single_logit=outputs == 1)
+        files[outputs, "onnx"] = tmp / f"out{outputs}.onnx"
+        export._export_onnx(net.eval(), example, meta, files[outputs, "onnx"])
+        files[outputs, "torchscript"] = tmp / f"out{outputs}.pt"
+        export._export_torchscript(net.eval(), example, meta, files[outputs, "torchscript"])
+    Image.new("RGB", (40, 40), (200, 40, 40)).save(tmp / "photo.png")
+    return files, tmp / "photo.png"
+
+
+def _edit(source, target, change) -> None:
+    """A copy of the exported file whose description went through `change(dict) -> dict or text`."""
+    if source.suffix == ".onnx":
+        proto = onnx.load(str(source))
+        meta = json.loads({p.key: p.value for p in proto.metadata_props}[export.META_KEY])
+        new = change(meta)
+        onnx.helper.set_model_props(proto, {export.META_KEY: new if isinstance(new, str) else json.dumps(new)})
+        onnx.save(proto, str(target))
+        return
+    extra = {export.META_KEY + ".json": ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript's deprecation
+        module = torch.jit.load(str(source), _extra_files=extra)
+        new = change(json.loads(extra[export.META_KEY + ".json"]))
+        torch.jit.save(module, str(target), _extra_files={export.META_KEY + ".json": new if isinstance(new, str)
+                                                          else json.dumps(new)})
+
+
+EDITS = {  # name: (what the edit does to the description, what the message must say)
+    "a key missing": (lambda m: {k: v for k, v in m.items() if k != "mean"}, "mean is missing"),
+    "classes a string": (lambda m: m | {"classes": "ant,bee"}, "classes is str"),
+    "image_size a string": (lambda m: m | {"image_size": "32"}, "image_size is str"),
+    "single_logit a number": (lambda m: m | {"single_logit": 1}, "single_logit is int"),
+    "std of 2 numbers": (lambda m: m | {"std": [0.2, 0.2]}, "std must be 3 numbers"),
+    "std of 0": (lambda m: m | {"std": [0.2, 0.0, 0.2]}, "std must be 3 numbers (R, G, B) above 0"),
+    "resize for another size": (lambda m: m | {"resize": 40}, "image_size 32 and resize 40 do not fit"),
+    "an image size the graph refuses": (lambda m: m | {"image_size": 8, "resize": val_resize(8)},
+                                        "the model does not take 8x8"),
+    "more classes than outputs": (lambda m: m | {"classes": ["ant", "bee", "wasp"]},
+                                  "names 3 classes but the model has 2 output(s)"),
+    "fewer classes than outputs": (lambda m: m | {"classes": ["ant"]}, "classes must be 2 or more"),
+    "the same class twice": (lambda m: m | {"classes": ["ant", "ant"]}, "distinct names"),
+    "a single logit claimed": (lambda m: m | {"single_logit": True}, "single_logit is true, which needs 1 output"),
+    "another format": (lambda m: m | {"format": "tl-reference export 9"}, "format is 'tl-reference export 9'"),
+    "a list, not an object": (lambda m: [m], "a JSON list, not an object"),
+    "not JSON": (lambda m: "{classes: ant", "is not JSON"),
+}
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_an_edited_export_description_is_one_message_and_exit_2(exported, fmt, tmp_path, capsys):
+    files, photo = exported
+    code, out, _ = cli(capsys, "--predict", photo, "--checkpoint", files[2, fmt])
+    assert code == 0 and out.startswith(f"{photo}: ")  # the file as exported predicts
+    for name, (change, says) in EDITS.items():
+        if name == "an image size the graph refuses" and fmt == "torchscript":
+            continue  # a traced TinyNet pools adaptively: it takes any size (ONNX fixed 32x32 in the graph)
+        edited = tmp_path / f"edited{files[2, fmt].suffix}"
+        _edit(files[2, fmt], edited, change)
+        code, out, err = cli(capsys, "--predict", photo, "--checkpoint", edited)
+        assert code == 2 and not out, name
+        assert err.startswith(f"error: {edited}: its description") and says in err, (name, err)
+        assert len(err.strip().splitlines()) == 1, name
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_a_single_logit_export_is_two_classes(exported, fmt, tmp_path, capsys):
+    files, photo = exported
+    code, out, _ = cli(capsys, "--predict", photo, "--checkpoint", files[1, fmt])
+    assert code == 0 and {name.rstrip(",") for name in out.split()[1::2]} == {"ant", "bee"}
+    for change, says in ((lambda m: m | {"single_logit": False}, "set single_logit true, with 2 classes"),
+                         (lambda m: m | {"classes": ["ant", "bee", "wasp"]}, "needs 1 output and 2 classes")):
+        edited = tmp_path / f"edited{files[1, fmt].suffix}"
+        _edit(files[1, fmt], edited, change)
+        code, _, err = cli(capsys, "--predict", photo, "--checkpoint", edited)
+        assert code == 2 and says in err, err
