@@ -10,15 +10,19 @@ import json
 import warnings
 
 import onnx
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
 from torch import nn
 
 import main
-from tests.conftest import TinyNet
-from tl.data import val_resize
-from tl.engine import export
+from tests.conftest import TinyNet, write_image_folder
+from tl.data import build_transforms, val_resize
+from tl.engine import export, feature_store, resume
+from tl.engine.selection import image_datasets
+
+MEAN = (0.5, 0.5, 0.5)
 
 
 def cli(capsys, *argv) -> tuple[int, str, str]:
@@ -121,3 +125,40 @@ def test_a_single_logit_export_is_two_classes(exported, fmt, tmp_path, capsys):
         _edit(files[1, fmt], edited, change)
         code, _, err = cli(capsys, "--predict", photo, "--checkpoint", edited)
         assert code == 2 and says in err, err
+
+
+# ----------------------------------------------------------------------------- 6. resume on another thread count
+def test_a_resume_on_another_thread_count_trains_on_the_recorded_one(tmp_path, tiny_backbone, capsys):
+    data = write_image_folder(tmp_path / "d", train=16, val=8)
+    base = ["-e", "resnet_finetune", "-b", "tiny", "--data", data, "--weights", "none", "--quick", "--no-progress"]
+    torch.set_num_threads(2)
+    assert cli(capsys, *base, "--epochs", "3", "--out", tmp_path / "full")[0] == 0
+    assert cli(capsys, *base, "--epochs", "1", "--out", tmp_path / "half")[0] == 0
+    ((full,), (half,)) = (tmp_path / "full").iterdir(), (tmp_path / "half").iterdir()
+    assert json.loads((half / "config.json").read_text())["threads"] == 2
+    torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 would
+    code, out, _ = cli(capsys, "--resume", half / "last.ckpt", "--epochs", "3", "--no-progress")
+    assert code == 0 and "CPU threads: 2, as the run was trained (this process had 1)" in out
+    assert torch.get_num_threads() == 2
+    figures = [pd.read_csv(run / "history.csv").drop(columns=["seconds", "images_per_s"]) for run in (full, half)]
+    pd.testing.assert_frame_equal(*figures, check_exact=True)  # exactly the uninterrupted run
+
+
+def test_an_old_checkpoint_without_a_thread_count_resumes_on_this_one(tmp_path, capsys):
+    config = {"options": {}}
+    torch.set_num_threads(1)
+    lines = []
+    resume.restore_threads(config, lines.append)
+    assert torch.get_num_threads() == 1 and config["threads"] == 1 and "does not say how many" in lines[0]
+
+
+def test_the_feature_cache_key_follows_the_cpu_thread_count(tiny_data):
+    ds = image_datasets(tiny_data, build_transforms(MEAN, MEAN, size=32, augment=False))["val"]
+    keys = {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        keys[threads] = {device: feature_store.cache_key("d", ds, views=1, random_views=False, seed=0, workers=0,
+                                                         dtype=torch.float32, device=device, channels_last=False,
+                                                         folded=False) for device in ("cpu", "cuda")}
+    assert keys[1]["cpu"] != keys[2]["cpu"]  # CPU features computed on another count differ in the last bits
+    assert keys[1]["cuda"] == keys[2]["cuda"]  # a GPU's do not depend on the CPU's threads

@@ -306,6 +306,7 @@ def run_config(recipe: Recipe, opts: RunOptions, spec: Backbone, device: torch.d
         "classes": classes,
         "dataset_sizes": {p: len(ds) for p, ds in sets.items()},
         "device": str(device),
+        "threads": torch.get_num_threads(),  # CPU sums split over threads: resume restores the count
         "torch": str(torch.__version__),
         "python": platform.python_version(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),

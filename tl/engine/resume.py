@@ -45,6 +45,23 @@ def resume_options(ckpt: dict, given: dict, source: Path) -> RunOptions:
     return opts
 
 
+def restore_threads(config: dict, log) -> None:
+    """The CPU thread count the run trained with (config["threads"]), set again: a sum split
+    over another number of threads rounds differently, so without it a resumed run would
+    differ from an uninterrupted one in the last bits (1e-4 in a val loss after a few epochs).
+    A checkpoint from before the count was recorded continues on this process's count, which
+    is recorded from now on."""
+    saved, now = config.get("threads"), torch.get_num_threads()
+    if saved is None:
+        config["threads"] = now
+        log(f"CPU threads: {now} (the checkpoint does not say how many the run had; if it was another "
+            f"count, the last bits of the numbers may differ from an uninterrupted run)")
+        return
+    if saved != now:
+        torch.set_num_threads(saved)
+    log(f"CPU threads: {saved}, as the run was trained" + (f" (this process had {now})" if saved != now else ""))
+
+
 def restore(ckpt: dict, resume: Path, model: nn.Module, scaler, generator: torch.Generator,
              classes: list[str], fingerprint: str, num_epochs: int) -> tuple[History, int, float]:
     """Put a saved run back exactly as it was after its last epoch: weights, scaler, RNG

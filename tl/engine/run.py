@@ -36,7 +36,7 @@ from tl.engine import checkpoint, records
 from tl.engine.device import autocast_dtype, make_grad_scaler, resolve_device
 from tl.engine.image_cache import decoded_bytes
 from tl.engine.options import RunOptions, resolve
-from tl.engine.resume import restore, resume_options
+from tl.engine.resume import restore, restore_threads, resume_options
 from tl.engine.selection import ImageChoice, select_images
 from tl.engine.stage_setup import StageSetup, stage_hooks, start_stage
 from tl.engine.weights import build_model
@@ -156,8 +156,9 @@ def build_model_and_stages(ctx: RunContext, build: BuildFn, resumed: bool) -> No
 
 
 def restore_run(ctx: RunContext, ckpt: dict, resume: Path) -> None:
-    """Weights, loss scaler, history and RNG states as the saved run left them; the stages
-    it finished are not run again."""
+    """The thread count, weights, loss scaler, history and RNG states as the saved run left
+    them; the stages it finished are not run again."""
+    restore_threads(ckpt["config"], ctx.log)
     ctx.history, start_epoch, ctx.wall_before = restore(ckpt, resume, ctx.model, ctx.scaler, ctx.generator,
                                                         ctx.classes, ctx.fingerprint, ctx.recipe.num_epochs)
     ctx.spans = [span for span in ctx.spans if span.end > start_epoch]
