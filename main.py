@@ -15,7 +15,8 @@
 Problems with the input or the machine (unknown names, bad values, a missing or unreadable
 folder, a damaged file, weights that are not on this machine, no permission, a full disk)
 print one message, "error: ...", and exit with status 2. To see the Python traceback
-behind such a message, run with TL_DEBUG=1.
+behind such a message, run with TL_DEBUG=1. Ctrl-C exits with 130, the shell's status for
+an interrupt, after saying where the run stopped and how to resume it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ import sys
 from pathlib import Path
 
 import commands
-from tl import TLError
+from tl import Interrupted, TLError
+
+INTERRUPTED = 130  # the shell's exit status for Ctrl-C (128 + SIGINT)
 
 
 def _int_at_least(minimum: int, maximum: int | None = None):
@@ -222,12 +225,12 @@ def _main(argv: list[str] | None = None) -> int:
         if os.environ.get("TL_DEBUG"):
             raise  # the developer's view: the full traceback
         print(f"error: {_message(exc)}", file=sys.stderr)
-        return 2
+        return INTERRUPTED if isinstance(exc, Interrupted) else 2  # Ctrl-C in training: where it stopped
     except KeyboardInterrupt:  # Ctrl-C before training started (the data scan, the feature pass)
         if os.environ.get("TL_DEBUG"):
             raise
         print("error: interrupted before training started; no run folder or checkpoint was changed", file=sys.stderr)
-        return 2
+        return INTERRUPTED
     return 0
 
 

@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             row, result = run_one(name, backbone, seed, data_dir, args, runs_dir, log=lambda s: print(s, flush=True))
         except (Interrupted, KeyboardInterrupt):
             print(f"error: interrupted: {out} is unchanged (the runs so far are in {runs_dir})", file=sys.stderr)
-            return 2
+            return 130  # the shell's status for Ctrl-C
         if result is not None:
             finished.append((row["dataset"], row["run"], result))
         minutes[row["dataset"]] += (time.time() - t0) / 60
@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
             summary = write_outputs(out, runs, update_meta(old_meta, entries, machine_description()))
     except KeyboardInterrupt:
         print(f"error: interrupted while waiting for or writing {out}; the runs are in {runs_dir}", file=sys.stderr)
-        return 2
+        return 130
     print(summary[KEY + ["status", "headline_acc_mean", "headline_acc_std", "best_val_acc_mean",
                          "train_seconds_mean"]].to_string(index=False))
     print(f"wrote {out}/summary.csv, runs.csv, plots and README.md ({total} min)")

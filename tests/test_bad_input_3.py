@@ -1,5 +1,6 @@
 """Bad input, third round (issue 25): a hand-edited exported file, a resume on another
-thread count, names that differ only in their Unicode form, and Ctrl-C's exit status.
+thread count, names that differ only in their Unicode form, and Ctrl-C's exit status
+(two comparisons at once: tests/test_compare.py; the distributed banner: tests/test_distributed.py).
 
 As in tests/test_bad_input.py, each test builds its input itself and checks the exact
 outcome: the exit status, one `error:` line that names the problem, no traceback."""
@@ -7,6 +8,7 @@ outcome: the exit status, one `error:` line that names the problem, no traceback
 from __future__ import annotations
 
 import json
+import unicodedata
 import warnings
 
 import onnx
@@ -19,7 +21,7 @@ from torch import nn
 import main
 from tests.conftest import TinyNet, write_image_folder
 from tl.data import build_transforms, val_resize
-from tl.engine import export, feature_store, resume
+from tl.engine import export, feature_store, names, records, resume
 from tl.engine.selection import image_datasets
 
 MEAN = (0.5, 0.5, 0.5)
@@ -162,3 +164,40 @@ def test_the_feature_cache_key_follows_the_cpu_thread_count(tiny_data):
                                                          folded=False) for device in ("cpu", "cuda")}
     assert keys[1]["cpu"] != keys[2]["cpu"]  # CPU features computed on another count differ in the last bits
     assert keys[1]["cuda"] == keys[2]["cuda"]  # a GPU's do not depend on the CPU's threads
+
+
+# ----------------------------------------------------------------------------- 7. messages that show the difference
+def test_a_class_named_in_two_unicode_forms_is_shown_how_it_differs(tmp_path, tiny_backbone, capsys):
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    root = write_image_folder(tmp_path / "d")
+    (root / "train" / "class_1").rename(root / "train" / nfc)
+    (root / "val" / "class_1").rename(root / "val" / nfd)  # as a folder copied from a Mac may be
+    if {p.name for p in (root / "val").iterdir()} != {"class_0", nfd}:
+        pytest.skip("this file system normalises names")
+    code, _, err = cli(capsys, "-e", "resnet_scratch", "-b", "tiny", "--data", root, "--out", tmp_path / "runs",
+                       "--no-progress")
+    assert code == 2 and "class folders differ between phases" in err
+    assert "'café' differs only in its Unicode form: train spells it NFC (U+0063 U+0061 U+0066 U+00E9), " \
+           "val NFD (U+0063 U+0061 U+0066 U+0065 U+0301)" in err
+    assert "class_0" not in err.split("\n", 1)[1]  # only the names that differ are explained
+    assert names.how_names_differ(["a", "b"], ["a", "c"], "x", "y") == ""  # names that differ visibly: no note
+
+
+def test_ctrl_c_in_training_exits_130_with_the_command_that_resumes(tmp_path, tiny_backbone, capsys, monkeypatch):
+    write = records.write_history_csv
+
+    def ctrl_c_after_epoch_1(history, path):
+        write(history, path)
+        if history.rows[-1]["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(records, "write_history_csv", ctrl_c_after_epoch_1)
+    code, _, err = cli(capsys, "-e", "resnet_scratch", "-b", "tiny", "--data", write_image_folder(tmp_path / "d"),
+                       "--out", tmp_path / "runs", "--epochs", "2", "--quick", "--no-progress")
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert code == 130  # the shell's status for Ctrl-C, not 2 ("your input")
+    assert err.startswith("error: interrupted:")
+    assert f"continue with: python main.py --resume {run_dir}/last.ckpt" in err
+    monkeypatch.setattr(records, "write_history_csv", write)
+    assert cli(capsys, "--resume", run_dir / "last.ckpt", "--no-progress")[0] == 0  # the hint works as printed
+    assert pd.read_csv(run_dir / "history.csv").epoch.max() == 2

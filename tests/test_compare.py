@@ -211,7 +211,7 @@ def test_a_reused_runs_dir_and_ctrl_c_leave_the_results_alone(tmp_path, monkeypa
         return real_run(*args, **kwargs)
 
     monkeypatch.setattr(tl.engine.run, "run", ctrl_c_on_the_second_run)
-    assert compare_all.main([*base, "--seeds", "0", "1", "--runs-dir", str(tmp_path / "runs2")]) == 2
+    assert compare_all.main([*base, "--seeds", "0", "1", "--runs-dir", str(tmp_path / "runs2")]) == 130  # Ctrl-C
     assert "interrupted" in capsys.readouterr().err
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before  # tables, histories and predictions untouched

@@ -29,4 +29,5 @@ class TLError(Exception):
 
 class Interrupted(TLError):
     """Ctrl-C: the run stopped where its last checkpoint left it, and says how to go on.
-    A comparison of many runs stops as a whole rather than recording it as a failed run."""
+    The command line exits with 130, the shell's status for Ctrl-C, not 2. A comparison
+    of many runs stops as a whole rather than recording it as a failed run."""

@@ -27,6 +27,7 @@ from tl import TLError
 from tl.data import build_transforms
 from tl.engine.checkpoint import load_state_file, verify_state_file
 from tl.engine.images import load_rgb
+from tl.engine.names import how_names_differ
 from tl.engine.selection import ImageChoice, TooFewImages, select_images
 from tl.engine.weights import build_model
 from tl.loop import loss_targets, predictions
@@ -170,7 +171,8 @@ def split_loader(data: Path, split: str, ctx: ModelContext, batch_size: int = 32
                       f"(--train-per-class); {data / split} has fewer in some class, so its train split "
                       f"cannot be scored as the run saw it. Score --split val, or its own data folder") from None
     if ctx.classes is not None and ds.classes != ctx.classes:
-        raise TLError(f"the model was trained on classes {ctx.classes}, but {data / split} has {ds.classes}")
+        raise TLError(f"the model was trained on classes {ctx.classes}, but {data / split} has {ds.classes}"
+                      + how_names_differ(ctx.classes, ds.classes, "the model's config", str(data / split)))
     return torch.utils.data.DataLoader(ds, batch_size=batch_size), ds.classes
 
 

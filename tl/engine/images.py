@@ -352,8 +352,11 @@ def check_layout(root: str | os.PathLike, phases: tuple[str, ...] = ("train", "v
     first = present[0]
     for phase in present[1:]:
         if classes[phase] != classes[first]:
+            from tl.engine.names import how_names_differ  # names that print alike (NFC / NFD)
+
             raise TLError(f"class folders differ between phases: {first}={classes[first]} "
-                          f"but {phase}={classes[phase]}; every phase needs the same classes")
+                          f"but {phase}={classes[phase]}; every phase needs the same classes"
+                          + how_names_differ(classes[first], classes[phase], first, phase))
     return present
 
 

@@ -10,6 +10,7 @@ from torch import nn
 
 from tl import TLError, distributed
 from tl.engine import checkpoint
+from tl.engine.names import how_names_differ
 from tl.engine.options import RunOptions, as_saved
 from tl.loop import History
 from tl.models import load_into
@@ -70,7 +71,8 @@ def restore(ckpt: dict, resume: Path, model: nn.Module, scaler, generator: torch
     come back when that stage starts (`start_stage`)."""
     config = ckpt["config"]
     if ckpt["classes"] != classes:
-        raise TLError(f"{resume} was trained on classes {ckpt['classes']}, but the data has {classes}")
+        raise TLError(f"{resume} was trained on classes {ckpt['classes']}, but the data has {classes}"
+                      + how_names_differ(ckpt["classes"], classes, "the checkpoint", "the data"))
     if config.get("data_fingerprint") != fingerprint:
         raise TLError(f"{resume} was trained on other images than {config['options']['data']} holds now "
                       f"(files, labels or sizes differ); resume it on the data it started with")
