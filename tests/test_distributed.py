@@ -74,6 +74,10 @@ def test_processes_end_with_identical_weights(ddp_run):
     assert checkpoint.state_digest(checkpoint.load_checkpoint(ddp_run["run"] / "last.ckpt")["model"]) == \
         ranks[0]["final"]
     assert ddp_run["stdout"].count("headline acc") == 1  # one process prints and writes
+    # ...and it says at the start that the run is distributed, over what, with which batch
+    assert ddp_run["stdout"].count("distributed: ") == 1
+    assert "distributed: 2 processes on 1 machine(s), backend gloo, devices cpu x2; batch 4 per process, 8 per step" \
+        in ddp_run["stdout"].splitlines()[0:3]
 
 
 def test_distributed_val_rows_equal_a_single_process_evaluation(ddp_run, tiny_backbone):

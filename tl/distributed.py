@@ -45,6 +45,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
+from collections import Counter
 from collections.abc import Iterator
 
 import torch
@@ -112,6 +114,17 @@ def from_main(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def describe(device: torch.device, batch_size: int) -> str:
+    """The line a distributed run starts with: processes, machines, backend, every process's
+    device, and the batch per process and per step. Every process must call it (it gathers)."""
+    found = [None] * world_size()
+    dist.all_gather_object(found, (socket.gethostname(), str(device)))
+    devices = Counter(d for _, d in found)
+    return (f"distributed: {world_size()} processes on {len({host for host, _ in found})} machine(s), backend "
+            f"{dist.get_backend()}, devices {', '.join(d + (f' x{n}' if n > 1 else '') for d, n in devices.items())}; "
+            f"batch {batch_size} per process, {batch_size * world_size()} per step")
 
 
 def local_device(device: torch.device) -> torch.device:

@@ -108,6 +108,8 @@ def begin(recipe: Recipe, opts: RunOptions, log: Callable[[str], None]) -> RunCo
     recipe = resolve(recipe, opts)
     spec = get_backbone(recipe.backbone)
     device = distributed.local_device(resolve_device(opts.device))  # [DDP] cuda:LOCAL_RANK under torchrun
+    if distributed.is_distributed():  # [DDP] say so once: processes, backend, devices, batch per process
+        log(distributed.describe(device, recipe.batch_size))
     seed_everything(opts.seed)
     if device.type == "cuda":
         # fixed input sizes: let cuDNN time its algorithms once and keep the fastest (002 §1.4)
