@@ -134,12 +134,12 @@ def test_a_resume_on_another_thread_count_trains_on_the_recorded_one(tmp_path, t
     data = write_image_folder(tmp_path / "d", train=16, val=8)
     base = ["-e", "resnet_finetune", "-b", "tiny", "--data", data, "--weights", "none", "--quick", "--no-progress"]
     torch.set_num_threads(2)
-    assert cli(capsys, *base, "--epochs", "3", "--out", tmp_path / "full")[0] == 0
+    assert cli(capsys, *base, "--epochs", "2", "--out", tmp_path / "full")[0] == 0
     assert cli(capsys, *base, "--epochs", "1", "--out", tmp_path / "half")[0] == 0
     ((full,), (half,)) = (tmp_path / "full").iterdir(), (tmp_path / "half").iterdir()
     assert json.loads((half / "config.json").read_text())["threads"] == 2
     torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 would
-    code, out, _ = cli(capsys, "--resume", half / "last.ckpt", "--epochs", "3", "--no-progress")
+    code, out, _ = cli(capsys, "--resume", half / "last.ckpt", "--epochs", "2", "--no-progress")
     assert code == 0 and "CPU threads: 2, as the run was trained (this process had 1)" in out
     assert torch.get_num_threads() == 2
     figures = [pd.read_csv(run / "history.csv").drop(columns=["seconds", "images_per_s"]) for run in (full, half)]
