@@ -364,9 +364,14 @@ def results_lock(out: Path, command: str, log=print):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            log(f"{out} is being written by {holder}; waiting for it to finish (its rows are kept)")
+            holder = ""
+            for _ in range(20):  # the holder writes its name just after it takes the lock
+                f.seek(0)
+                if holder := f.read().strip():
+                    break
+                time.sleep(0.1)
+            log(f"{out} is being written by {holder or 'another process'}; waiting for it to finish "
+                f"(its rows are kept)")
             fcntl.flock(f, fcntl.LOCK_EX)
             log(f"{out} is free: writing")
         f.truncate(0)

@@ -279,7 +279,7 @@ def test_two_comparisons_at_once_take_turns_and_lose_nothing(tmp_path, capsys):
     # the second one to write said that it waits, and for which process
     waited = [i for i, text in enumerate(texts) if "waiting for it to finish" in text]
     assert len(waited) == 1, texts
-    assert f"process {children[1 - waited[0]].pid} (" in texts[waited[0]]
+    assert f"is being written by process {children[1 - waited[0]].pid} (" in texts[waited[0]], texts[waited[0]]
     # a folder that lost a run's files (as two comparisons writing at once did) stops the next
     # comparison at once, with the files named, instead of a traceback after its training
     (out / "history" / "d" / "vgg_transfer-efficientnet_lite0-seed0.csv").unlink()
