@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--train-per-class", type=_positive_int, metavar="N",
                       help="train on a seeded draw of N images per class (--split-seed; nested: the draw for N "
                            "is part of the draw for any larger N); val is untouched")
+    data.add_argument("--follow-links", action="store_true",
+                      help="include files reached through links that leave the data folder (reported either way)")
     data.add_argument("--verify-images", action="store_true",
                       help="decode every image fully before training (finds truncated files; slower)")
     data.add_argument("--split", default="val", choices=["train", "val", "test"], help="split for --evaluate")

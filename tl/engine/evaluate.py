@@ -52,6 +52,7 @@ class ModelContext:
     train_per_class: int | None = None  # the run trained on this seeded draw per class (split_seed): --split train
     max_per_class: int | None = None  # the run used only the first N images of each class (--quick)
     verify_images: bool = False  # the run decoded every image first and left out those that fail
+    follow_links: bool = False  # the run included files reached through links that leave its data folder
 
 
 def context_for(path: Path, backbone: str | None) -> ModelContext:
@@ -72,6 +73,7 @@ def context_for(path: Path, backbone: str | None) -> ModelContext:
                                 train_per_class=options.get("train_per_class"),
                                 max_per_class=options.get("max_per_class"),
                                 verify_images=bool(options.get("verify_images", False)),
+                                follow_links=bool(options.get("follow_links", False)),
                                 checksums=_string_map(config.get("checksums", {})))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise TLError(f"{config_file} is not a run config this project wrote ({type(exc).__name__}: {exc}); "

@@ -31,6 +31,7 @@ class RunOptions:
     val_split: float | None = None  # split a folder of class folders into train/val (seeded, per class)
     split_seed: int = 0  # seed of that split alone: a training --seed must not change the val images
     verify_images: bool = False  # fully decode every image before training (finds truncated files)
+    follow_links: bool = False  # include files reached through links that leave the data folder
     augment: bool = True
     save_every_epoch: bool = False
     amp: bool = True  # mixed precision, only ever used on CUDA
