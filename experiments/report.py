@@ -329,12 +329,38 @@ def update_block(path: str | Path, results: str | Path, paragraphs: bool = False
     return True
 
 
+def replot(out: Path) -> list[Path]:
+    """Every result picture that the committed tables hold the numbers of: the comparison's
+    (runs.csv, summary.csv, history/), the BatchNorm study's and the data-efficiency study's.
+    (results/looking/ shows models' maps and features: it needs the run folders, see experiments/look.py.)"""
+    from experiments import bn_policy, compare_all, data_efficiency
+
+    out = Path(out)
+    summary, runs, _ = load(out)
+    drawn = sorted(compare_all.draw_comparison(out, runs, summary))
+    if (out / "bn_policy.csv").is_file():
+        drawn.append(bn_policy.plot(pd.read_csv(out / "bn_policy.csv"), out / "bn_policy.png"))
+    if (out / "data_efficiency.csv").is_file():
+        table = pd.read_csv(out / "data_efficiency.csv", dtype={"images_per_class": str})
+        numeric = table[table.images_per_class != "all"].iloc[0]
+        classes = round(numeric.train_images / float(numeric.images_per_class))
+        drawn.append(data_efficiency.plot(table, out / "data_efficiency.png",
+                                          f"{table.dataset.iloc[0]}, {table.backbone.iloc[0]}: accuracy against "
+                                          f"training images per class", classes))
+    return drawn
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.report", description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="?", type=Path, default=Path("results"),
                    help="the folder compare_all wrote (default: results/)")
+    p.add_argument("--replot", action="store_true",
+                   help="redraw the result pictures from the committed tables (no training), then the report")
     args = p.parse_args(argv)
     try:
+        if args.replot:
+            for path in replot(args.results):
+                print(f"redrew {path}")
         print(write_report(args.results))
     except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)

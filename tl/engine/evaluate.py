@@ -193,8 +193,9 @@ def evaluate_folder(folder: Path, ctx: ModelContext, loader, classes: list[str],
     table = pd.DataFrame(rows)
     out = folder / f"eval_{split}.csv"
     table.to_csv(out, index=False)
-    best = table.loc[table.acc.idxmax()]
-    log(f"best {split} accuracy {best.acc:.4f} at epoch {int(best.epoch)}; wrote {out}")
+    # training's rule: the highest accuracy, ties to the lower loss, then to the earlier epoch
+    best = table.sort_values(["acc", "loss", "epoch"], ascending=[False, True, True]).iloc[0]
+    log(f"best {split} accuracy {best.acc:.4f} at epoch {int(best.epoch)} (ties: lower loss); wrote {out}")
     return table
 
 
