@@ -191,9 +191,32 @@ def main(argv: list[str] | None = None) -> int:
         distributed.shutdown()
 
 
+def torch_pair_problem() -> str | None:
+    """Why torch and torchvision cannot work together here, or None: read from the installed
+    packages' metadata before anything imports torchvision, whose import would otherwise fail
+    deep inside with "operator torchvision::nms does not exist". torchvision 0.(N+15) goes with
+    torch 2.N (0.29 with 2.14)."""
+    from importlib import metadata
+
+    try:
+        torch_version, vision_version = metadata.version("torch"), metadata.version("torchvision")
+    except metadata.PackageNotFoundError as exc:
+        return f"{exc.name} is not installed: pip install -r requirements.txt (README: Setup)"
+    major, minor = (int(x) for x in torch_version.split(".")[:2])
+    vision_minor = int(vision_version.split(".")[1])
+    if major == 2 and vision_minor != minor + 15:
+        return (f"torchvision {vision_version} does not match torch {torch_version} (torch 2.{minor} needs "
+                f"torchvision 0.{minor + 15}): pip install 'torchvision==0.{minor + 15}.*', or install the pair "
+                f"again, e.g. pip install torch==2.14.1 torchvision==0.29.1 (README: Setup)")
+    return None
+
+
 def _main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if (problem := torch_pair_problem()) is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     actions = [a for a in ("experiment", "list", "resume", "evaluate", "predict", "explain", "export", "show_data",
                            "prepare") if getattr(args, a)]
     if len(actions) != 1:

@@ -307,6 +307,22 @@ def write_report(out: str | Path) -> Path:
     return path
 
 
+def update_which_recipe(path: str | Path, results: str | Path) -> bool:
+    """Replace the README's "which recipe" block (between `<!-- which-recipe:start -->` and
+    `<!-- which-recipe:end -->`) with `which_recipe` of the committed results."""
+    path, results = Path(path), Path(results)
+    text = path.read_text()
+    start, end = "<!-- which-recipe:start -->", "<!-- which-recipe:end -->"
+    if start not in text or end not in text:
+        return False
+    summary, runs, _ = load(results)
+    diffs = pd.read_csv(results / "differences.csv") if (results / "differences.csv").is_file() \
+        else differences(results, summary, runs)
+    head, rest = text.split(start, 1)
+    path.write_text(f"{head}{start}\n{which_recipe(summary, diffs)}\n{end}{rest.split(end, 1)[1]}")
+    return True
+
+
 def update_block(path: str | Path, results: str | Path, paragraphs: bool = False) -> bool:
     """Replace the text between `<!-- results:start -->` and `<!-- results:end -->` in `path`
     with the table and the noise statement (or the per-recipe paragraphs) from `results/`.
@@ -327,6 +343,61 @@ def update_block(path: str | Path, results: str | Path, paragraphs: bool = False
     head, rest = text.split(start, 1)
     path.write_text(head + block + rest.split(end, 1)[1])
     return True
+
+
+DATA_COMMAND = {  # how each committed data set is named on a command line, online and offline
+    "hymenoptera_data": ("", " --data ../shared/data/hymenoptera_data"),
+    "dogs-vs-cats": (" --data data/dogs-vs-cats", " --data data/dogs-vs-cats"),
+}
+PREPARE = {"dogs-vs-cats": "python main.py --prepare dogs-vs-cats --src ../shared/data/dogs-vs-cats-subset/train "
+                           "--dest data/dogs-vs-cats  # once: Kaggle's flat folder split into train/val/test"}
+
+
+def which_recipe(summary: pd.DataFrame, diffs: pd.DataFrame) -> str:
+    """The README's short answer, from the committed results: per data set, the most accurate
+    recipe, and the cheapest of those the paired bootstrap cannot tell from it. Cost is the
+    training images a run pushes through per second of its measured throughput (epochs / img/s),
+    not wall time taken on a shared machine. Tuned recipes (tuned_*) are left out: they are tuned
+    for one data set."""
+    lines = ["| data set | most accurate | cheapest within its noise |", "|---|---|---|"]
+    commands = []
+    for dataset, group in summary[summary.status == "ok"].groupby("dataset", sort=False):
+        group = group[~group.experiment.str.startswith("tuned_")]
+        if group.empty:
+            continue
+        best = group.loc[group.headline_acc_mean.idxmax()]
+        name = f"{best.experiment} / {best.backbone}"
+        close = diffs[(diffs.dataset == dataset) & (diffs.verdict == "within noise")
+                      & ((diffs.a == name) | (diffs.b == name))]
+        peers = {row.a if row.b == name else row.b for row in close.itertuples()}
+        pool = group[[f"{e} / {b}" in peers | {name} for e, b in zip(group.experiment, group.backbone)]]
+        cost = pool.train_epochs / pool.train_images_per_s_mean
+        cheap = pool.loc[cost.idxmin()]
+
+        def cell(r):
+            two = " (a single-logit head: two classes only)" if _single_logit(r.experiment) else ""
+            return (f"`{r.experiment}` ({r.backbone}): {100 * r.headline_acc_mean:.1f} ± "
+                    f"{100 * r.headline_acc_std:.1f}%; {int(r.train_epochs)} training epochs at "
+                    f"{r.train_images_per_s_mean:.0f} img/s, {r.train_seconds_mean:.0f} s of training on "
+                    f"this 2-core CPU{two}")
+
+        lines.append(f"| {dataset} ({best.headline}) | {cell(best)} | {cell(cheap)} |")
+        online, offline = DATA_COMMAND.get(dataset, (" --data DIR", " --data DIR"))
+        commands += [f"# {dataset}: the most accurate, then the cheaper; online, then offline (this machine)"]
+        commands += [PREPARE[dataset]] if dataset in PREPARE else []
+        for r in dict.fromkeys([best.experiment, cheap.experiment]):
+            row = group[group.experiment == r].iloc[0]
+            epochs = f" --epochs {int(row.train_epochs)}" if dataset == "dogs-vs-cats" else ""
+            for data in dict.fromkeys([online, offline]):
+                commands.append(f"python main.py -e {r} -b {row.backbone}{data}{epochs}")
+    return "\n".join(lines + ["", "The commands that made those rows (dogs-vs-cats was run shortened, with "
+                               "`--epochs`, to fit this machine):", "", "```bash", *commands, "```"])
+
+
+def _single_logit(experiment: str) -> bool:
+    from experiments import NAMES, get_experiment
+
+    return experiment in NAMES and get_experiment(experiment).RECIPE.loss == "bce_logit"
 
 
 def replot(out: Path) -> list[Path]:
@@ -367,9 +438,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     root = Path(__file__).resolve().parents[1]
     if args.results.resolve() == root / "results":  # the project's own results: refresh the study pages too
-        for page, paragraphs in ((root / "README.md", False), (root / "docs" / "RECIPES.md", True)):
+        for page, paragraphs in ((root / "docs" / "GUIDE.md", False), (root / "docs" / "RECIPES.md", True)):
             if update_block(page, args.results, paragraphs):
                 print(f"updated the results block in {page.relative_to(root)}")
+        if update_which_recipe(root / "README.md", args.results):
+            print("updated the README's answer to 'which recipe should I use?'")
     return 0
 
 
