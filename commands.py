@@ -129,24 +129,28 @@ def resume_command(args: argparse.Namespace, given: set[str]):
 
 
 def evaluate_command(args: argparse.Namespace) -> None:
-    """`main.py --evaluate PATH --data DIR [--split test]`: one file, or every epoch file in a folder."""
+    """`main.py --evaluate PATH --data DIR [--split test]`: one file, or every epoch file in a folder; with
+    the classification report of that file (of the final epoch's) in FOLDER/evaluate-<file>-<split>/."""
+    from tl.engine import evaluate as ev
     from tl.engine.device import resolve_device
-    from tl.engine.evaluate import context_for, evaluate, evaluate_folder, format_evaluation, load_model, split_loader
     from tl.engine.prepare import resolve_data_dir
 
     path: Path = args.evaluate
     if not path.exists():
         raise TLError(f"no such file or folder: {path}")
-    ctx = context_for(path, args.backbone)
+    ctx = ev.context_for(path, args.backbone)
     if args.data is None and ctx.data is not None:
         print(f"data: {ctx.data} (from the run's config.json)")
-    loader, classes = split_loader(resolve_data_dir(args.data or ctx.data), args.split, ctx)
+    loader, classes = ev.split_loader(resolve_data_dir(args.data or ctx.data), args.split, ctx)
     device = resolve_device(args.device)
     if path.is_file():
-        model = load_model(path, ctx, len(classes), args.allow_pickle)
-        print(format_evaluation(evaluate(model, loader, device, len(classes)), classes))
+        model = ev.load_model(path, ctx, len(classes), args.allow_pickle)
+        result = ev.evaluate(model, loader, device, len(classes))
+        print(ev.format_evaluation(result, classes))
+        ev.write_evaluation_report(path.parent / f"evaluate-{path.stem}-{args.split}", result, loader.dataset,
+                                   classes)
         return
-    evaluate_folder(path, ctx, loader, classes, device, args.split, args.allow_pickle)
+    ev.evaluate_folder(path, ctx, loader, classes, device, args.split, args.allow_pickle)
 
 
 def predict_command(args: argparse.Namespace) -> int:

@@ -4,12 +4,19 @@ unbalanced classes (class weights, a balanced sampler, the imbalance study)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
+import pytest
 import torch
 from PIL import Image
 
+import main
+from tests.conftest import write_image_folder
 from tl.data import build_transforms
-from tl.engine import feature_store, images
+from tl.engine import feature_store, images, metrics
 from tl.engine.images import CheckedImageFolder, load_rgb
 
 MEAN = STD = (0.5, 0.5, 0.5)
@@ -61,3 +68,69 @@ def test_the_feature_cache_key_names_the_reader(tiny_data, monkeypatch):
     before = key()
     monkeypatch.setattr(feature_store, "READER", images.READER + ", and something new")
     assert key() != before  # features stored by another reader are not found again
+
+
+# ----------------------------------------------------------------------------- the classification report
+def test_report_figures_match_a_confusion_matrix_worked_by_hand(tmp_path):
+    # true a: 3 called a, 1 called b;  true b: 2 called a, 2 called b;  true c: 1 called b, 1 called c
+    pairs = [("a", "a")] * 3 + [("a", "b")] + [("b", "a")] * 2 + [("b", "b")] * 2 + [("c", "b"), ("c", "c")]
+    labels, predicted = zip(*pairs)
+    paths = [f"val/{t}/{i}.jpg" for i, (t, _) in enumerate(pairs)]
+    report = metrics.classification_report(labels, predicted, paths, ["a", "b", "c", "d"])  # d: never seen
+    assert report["support"].tolist() == [4, 4, 2, 0]
+    assert report["precision"][:3] == pytest.approx([3 / 5, 2 / 4, 1 / 1])  # column sums 5, 4, 1
+    assert report["recall"][:3] == pytest.approx([3 / 4, 2 / 4, 1 / 2])  # row sums 4, 4, 2
+    assert report["f1"][:3] == pytest.approx([2 / 3, 1 / 2, 2 / 3])  # 2PR / (P + R)
+    assert report["accuracy"] == pytest.approx(6 / 10)
+    assert report["balanced_accuracy"] == pytest.approx((3 / 4 + 1 / 2 + 1 / 2) / 3)  # d has no support
+    assert report["macro_f1"] == pytest.approx((2 / 3 + 1 / 2 + 2 / 3) / 3)  # d neither true nor predicted
+    assert [(p["true"], p["predicted"], p["count"]) for p in report["pairs"]] == \
+        [("b", "a", 2), ("a", "b", 1), ("c", "b", 1)]
+    assert report["pairs"][0]["files"] == ["val/b/4.jpg", "val/b/5.jpg"]
+    # a class that is predicted but never true counts in macro-F1 (F1 0), not in balanced accuracy
+    lopsided = metrics.scores(np.array([[2, 2], [0, 0]]))
+    assert lopsided["macro_f1"] == pytest.approx((2 * 1 * 0.5 / 1.5 + 0) / 2)
+    assert lopsided["balanced_accuracy"] == pytest.approx(0.5)
+
+    page = metrics.write_report(tmp_path, report, "by hand")
+    table = pd.read_csv(tmp_path / "classification_report.csv").set_index("class")
+    assert table.loc["a", "precision"] == pytest.approx(0.6) and table.loc["c", "support"] == 2
+    assert table.loc["macro average", "f1"] == pytest.approx(report["macro_f1"])
+    assert table.loc["balanced accuracy", "recall"] == pytest.approx(report["balanced_accuracy"])
+    assert table.loc["accuracy", "f1"] == pytest.approx(0.6)
+    text = page.read_text()
+    assert "| a | 0.6000 | 0.7500 | 0.6667 | 4 |" in text
+    assert "- b -> a: 2 image(s): `val/b/4.jpg`, `val/b/5.jpg`" in text
+    confused = pd.read_csv(tmp_path / "confused_pairs.csv")
+    assert confused.iloc[0].tolist() == ["b", "a", 2, "val/b/4.jpg; val/b/5.jpg"]
+
+
+def _train(data, out, *extra, experiment="resnet_scratch") -> Path:
+    """A one-epoch --quick run of the tiny backbone; its run folder."""
+    assert main.main(["-e", experiment, "-b", "tiny", "--data", str(data), "--quick", "--out", str(out),
+                      "--no-progress", *map(str, extra)]) == 0
+    (run_dir,) = Path(out).iterdir()
+    return run_dir
+
+
+def test_every_run_folder_and_every_evaluate_get_a_classification_report(tmp_path, tiny_backbone, capsys):
+    data = write_image_folder(tmp_path / "data", train=8, val=4, phases=("train", "val", "test"))
+    run_dir = _train(data, tmp_path / "runs")
+    headline = json.loads((run_dir / "config.json").read_text())["results"]
+    predictions = pd.read_csv(run_dir / "headline_predictions.csv")
+    table = pd.read_csv(run_dir / "classification_report.csv").set_index("class")
+    assert table.loc["accuracy", "f1"] == pytest.approx(headline["headline_acc"])  # the headline model, on test
+    assert table.loc[["class_0", "class_1"], "support"].tolist() == [4, 4]
+    expected = metrics.classification_report(predictions.label, predictions.prediction, predictions.path,
+                                             ["class_0", "class_1"])
+    assert table.loc["macro average", "f1"] == pytest.approx(expected["macro_f1"])
+    assert "macro-F1" in capsys.readouterr().out and (run_dir / "confused_pairs.csv").is_file()
+    assert "Classification report" in (run_dir / "classification_report.md").read_text()
+
+    assert main.main(["--evaluate", str(run_dir / "best.pth"), "--split", "val"]) == 0
+    out = capsys.readouterr().out
+    accuracy = float(out.split("accuracy ")[1].split()[0])
+    report = pd.read_csv(run_dir / "evaluate-best-val" / "classification_report.csv").set_index("class")
+    assert report.loc["accuracy", "f1"] == pytest.approx(accuracy, abs=1e-4)
+    assert report.loc[["class_0", "class_1"], "support"].tolist() == [4, 4]  # val's images, not test's
+    assert f"-> {run_dir / 'evaluate-best-val' / 'classification_report.md'}" in out

@@ -12,6 +12,8 @@ first stage, open the run folder, train stage by stage through the one loop
         last.ckpt      full training checkpoint after the latest epoch (--resume)
         headline_predictions.csv  per image: path, label, prediction of the headline model
                        (score_headline: test with the epoch chosen on val, else val's final epoch)
+        classification_report.csv / .md, confused_pairs.csv  that model per class: precision, recall,
+                       F1, support; macro-F1, balanced accuracy; the most-confused pairs and their files
         NN.pth         every epoch's state_dict, with --save-every-epoch (document 001)
 
 Under torchrun (tl/distributed.py) every process runs `run` with the same options; the
