@@ -5,6 +5,7 @@ unbalanced classes (class weights, a balanced sampler, the imbalance study)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from tl.data import build_transforms
 from tl.engine import feature_store, images, metrics
 from tl.engine.images import CheckedImageFolder, load_rgb
 
+ROOT = Path(__file__).resolve().parents[1]
 MEAN = STD = (0.5, 0.5, 0.5)
 ORIENTATION = 0x0112  # the EXIF tag: 6 = "turn 90 degrees clockwise to view"
 
@@ -134,3 +136,41 @@ def test_every_run_folder_and_every_evaluate_get_a_classification_report(tmp_pat
     assert report.loc["accuracy", "f1"] == pytest.approx(accuracy, abs=1e-4)
     assert report.loc[["class_0", "class_1"], "support"].tolist() == [4, 4]  # val's images, not test's
     assert f"-> {run_dir / 'evaluate-best-val' / 'classification_report.md'}" in out
+
+
+def test_report_adds_macro_f1_and_balanced_accuracy_from_the_saved_predictions(tmp_path):
+    """`python -m experiments.report` on (a part of) the committed results: no run is trained."""
+    from experiments import report
+
+    results, out = ROOT / "results", tmp_path / "results"
+    summary = pd.read_csv(results / "summary.csv", dtype=str)
+    runs = pd.read_csv(results / "runs.csv", dtype=str)
+    keep = summary[(summary.dataset == "dogs-vs-cats") & summary.experiment.isin(["resnet_frozen", "vgg_transfer"])]
+    (out / "predictions" / "dogs-vs-cats").mkdir(parents=True)
+    keep.to_csv(out / "summary.csv", index=False)
+    mine = runs[(runs.dataset == "dogs-vs-cats") & runs.experiment.isin(keep.experiment)]
+    mine.to_csv(out / "runs.csv", index=False)
+    for run in mine[mine.status == "ok"].run:
+        shutil.copy(results / "predictions" / "dogs-vs-cats" / f"{run}.csv", out / "predictions" / "dogs-vs-cats")
+    assert report.main([str(out)]) == 0
+
+    after = pd.read_csv(out / "summary.csv", dtype=str)
+    assert after[keep.columns].equals(keep.reset_index(drop=True))  # what was there is unchanged
+    row = pd.read_csv(out / "summary.csv").set_index(["experiment", "backbone"]).loc[
+        ("resnet_frozen", "efficientnet_lite0")]
+    f1s, balanced = [], []
+    for run in mine[(mine.experiment == "resnet_frozen") & (mine.status == "ok")].run:  # 3 seeds, by hand
+        p = pd.read_csv(out / "predictions" / "dogs-vs-cats" / f"{run}.csv")
+        recall = {c: (p.prediction[p.label == c] == c).mean() for c in ("cat", "dog")}
+        precision = {c: (p.label[p.prediction == c] == c).mean() for c in ("cat", "dog")}
+        f1s.append(np.mean([2 * precision[c] * recall[c] / (precision[c] + recall[c]) for c in recall]))
+        balanced.append(np.mean(list(recall.values())))
+    assert row.headline_macro_f1_mean == pytest.approx(np.mean(f1s))
+    assert row.headline_macro_f1_std == pytest.approx(np.std(f1s, ddof=1))
+    assert row.headline_balanced_acc_mean == pytest.approx(np.mean(balanced))
+    not_run = pd.read_csv(out / "summary.csv").set_index(["experiment", "backbone"]).loc[("resnet_frozen", "resnet18")]
+    assert np.isnan(not_run.headline_macro_f1_mean)
+    page = (out / "README.md").read_text()
+    assert "| **headline acc %** | headline macro-F1 % | headline balanced acc % |" in page
+    assert f"| **{100 * row.headline_acc_mean:.1f} ± {100 * row.headline_acc_std:.1f}** " \
+           f"| {100 * np.mean(f1s):.1f} ± {100 * np.std(f1s, ddof=1):.1f} | {100 * np.mean(balanced):.1f} ± " in page
