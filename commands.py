@@ -156,8 +156,46 @@ def evaluate_command(args: argparse.Namespace) -> None:
 def predict_command(args: argparse.Namespace) -> int:
     """`main.py --predict IMG... [--checkpoint best.pth | model.onnx | model.pt]`; without a
     checkpoint, ImageNet names. An exported file (`--export`, tl/engine/export.py) carries its own
-    class names, size and normalisation: no config.json is read."""
-    from tl.engine.evaluate import ModelContext, context_for, load_model, predict_images
+    class names, size and normalisation: no config.json is read. `--predict DIR`: a folder, sub-folders
+    included, classified into a CSV table (`predict_folder_command`)."""
+    from tl.engine.evaluate import predict_images
+
+    if any(path.is_dir() for path in args.predict):
+        if len(args.predict) > 1:
+            raise TLError("--predict takes one folder alone (its sub-folders are included), or image files")
+        return predict_folder_command(args)
+    if args.csv:
+        raise TLError("--csv names the table of --predict DIR, a folder: pass a folder, or leave out --csv")
+    model, classes, mean, std, size = _prediction_model(args)
+    return _print_predictions(args.predict, predict_images(model, args.predict, classes, mean, std, size))
+
+
+def predict_folder_command(args: argparse.Namespace) -> int:
+    """`main.py --predict DIR [--csv FILE]`: every image under DIR into one CSV table (tl/engine/predict.py);
+    where the table goes is checked before any work, and an existing file is never written over."""
+    from tl.data import build_transforms
+    from tl.engine.device import resolve_device
+    from tl.engine.predict import check_table_path, new_table_path, predict_folder
+
+    if args.csv is not None:
+        check_table_path(args.csv)
+        _check_writable(args.csv.parent, "--csv folder")
+        table = args.csv
+    else:
+        _check_writable(args.out, "--out")
+        table = new_table_path(args.out)
+    model, classes, mean, std, size = _prediction_model(args)
+    transform = build_transforms(mean, std, size=size, augment=False)["val"]
+    predict_folder(model, args.predict[0], table, classes, transform, batch_size=args.batch_size or 32,
+                   device=resolve_device(args.device), workers=2 if args.workers is None else args.workers,
+                   progress=args.progress)
+    return 0
+
+
+def _prediction_model(args: argparse.Namespace) -> tuple:
+    """(model, class names, mean, std, image size) of --checkpoint: a run's weight file (with its
+    config.json), an exported .onnx / .pt file alone, or, without one, the ImageNet classifier."""
+    from tl.engine.evaluate import ModelContext, context_for, load_model
     from tl.engine.weights import build_model, imagenet_categories
     from tl.models import get_backbone
 
@@ -165,8 +203,7 @@ def predict_command(args: argparse.Namespace) -> int:
         from tl.engine.export import load_exported
 
         model, meta = load_exported(args.checkpoint)
-        return _print_predictions(args.predict, predict_images(model, args.predict, meta["classes"], meta["mean"],
-                                                               meta["std"], meta["image_size"]))
+        return model, meta["classes"], meta["mean"], meta["std"], meta["image_size"]
     if args.checkpoint:
         ctx = context_for(args.checkpoint, args.backbone)
         if ctx.classes is None:
@@ -178,8 +215,7 @@ def predict_command(args: argparse.Namespace) -> int:
         model = build_model(ctx.backbone, 1000, "imagenet")  # the untouched ImageNet classifier
         classes = imagenet_categories()
     spec = get_backbone(ctx.backbone)
-    return _print_predictions(args.predict, predict_images(model, args.predict, classes, spec.mean, spec.std,
-                                                           ctx.image_size))
+    return model, classes, spec.mean, spec.std, ctx.image_size
 
 
 def _print_predictions(images: list[Path], results: list) -> int:

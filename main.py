@@ -7,6 +7,7 @@
     python main.py --resume runs/<run>/last.ckpt [--epochs N]
     python main.py --evaluate runs/<run>/best.pth --data DIR [--split test]
     python main.py --predict photo.jpg [--checkpoint runs/<run>/best.pth]
+    python main.py --predict photos/ --checkpoint runs/<run>/best.pth [--csv table.csv]  # a folder -> CSV
     torchrun --standalone --nproc_per_node=2 main.py --experiment ...   # one process per GPU (tl/distributed.py)
     python main.py --explain photo.jpg --checkpoint runs/<run>/best.pth   # Grad-CAM -> runs/<run>/explain/
     python main.py --export runs/<run> [--format onnx|torchscript]        # one self-describing file
@@ -83,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--evaluate", metavar="PATH", type=Path,
                       help="score a .pth/.ckpt file, or every epoch file in a run folder")
     what.add_argument("--predict", metavar="IMAGE", nargs="+", type=Path,
-                      help="classify image file(s) (--checkpoint best.pth, or an exported .onnx / .pt)")
+                      help="classify image file(s), or every image in a folder into a CSV table "
+                           "(--checkpoint best.pth, or an exported .onnx / .pt)")
     what.add_argument("--explain", metavar="IMAGE", nargs="+", type=Path,
                       help="class-activation maps (Grad-CAM) of --checkpoint RUN/best.pth -> RUN/explain/")
     what.add_argument("--export", metavar="RUN", type=Path,
@@ -153,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     out = p.add_argument_group("output")
     out.add_argument("--out", type=Path, default=Path("runs"), help="parent folder of run folders")
+    out.add_argument("--csv", type=Path, metavar="FILE",
+                     help="with --predict DIR: the table to write (default OUT/predictions-<time>.csv; "
+                          "an existing file is never written over)")
     out.add_argument("--save-every-epoch", action="store_true", help="also write 00.pth, 01.pth, ... (001)")
     out.add_argument("--informative-names", action="store_true",
                      help="with --save-every-epoch: name files epoch03-loss0.1820-acc0.9412.pth (004)")

@@ -4,6 +4,7 @@ unbalanced classes (class weights, a balanced sampler, the imbalance study)."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -174,3 +175,121 @@ def test_report_adds_macro_f1_and_balanced_accuracy_from_the_saved_predictions(t
     assert "| **headline acc %** | headline macro-F1 % | headline balanced acc % |" in page
     assert f"| **{100 * row.headline_acc_mean:.1f} ± {100 * row.headline_acc_std:.1f}** " \
            f"| {100 * np.mean(f1s):.1f} ± {100 * np.std(f1s, ddof=1):.1f} | {100 * np.mean(balanced):.1f} ± " in page
+
+
+# ----------------------------------------------------------------------------- a folder in, a table out
+@pytest.fixture
+def tiny_run(tmp_path, tiny_backbone) -> Path:
+    return _train(write_image_folder(tmp_path / "data"), tmp_path / "runs")
+
+
+def _photo_folder(root: Path) -> Path:
+    """Photos in sub-folders, beside a text file, a broken 'photo', a truncated PNG and a hidden folder."""
+    write_image_folder(root / "holiday", train=4, phases=("train",), seed=7)  # holiday/train/class_k/00N.png
+    (root / "notes.txt").write_text("not a photo")
+    (root / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    whole = (root / "holiday" / "train" / "class_0" / "000.png").read_bytes()
+    (root / "cut.png").write_bytes(whole[: len(whole) // 2])
+    (root / ".thumbs").mkdir()
+    (root / ".thumbs" / "x.png").write_bytes(whole)
+    return root
+
+
+def test_a_folder_of_photos_becomes_a_table(tiny_run, tmp_path, capsys):
+    from tl.engine.evaluate import context_for, load_model, predict_images
+    from tl.models import get_backbone
+
+    photos = _photo_folder(tmp_path / "photos")
+    out = tmp_path / "out"
+    assert main.main(["--predict", str(photos), "--checkpoint", str(tiny_run / "best.pth"), "--out", str(out),
+                      "--batch-size", "3", "--workers", "0", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    (table,) = out.glob("predictions-*.csv")
+    rows = pd.read_csv(table)
+    assert list(rows.columns) == ["path", "prediction", "p_class_0", "p_class_1"]
+    assert sorted(rows.path) == [f"holiday/train/class_{k}/{i:03d}.png" for k in (0, 1) for i in range(4)]
+    assert rows[["p_class_0", "p_class_1"]].sum(axis=1).tolist() == pytest.approx([1.0] * 8, abs=1e-6)
+    assert (rows.prediction == rows[["p_class_0", "p_class_1"]].idxmax(axis=1).str[2:]).all()
+    for name, why in (("notes.txt", "not an image file"), ("broken.jpg", ""), ("cut.png", ""),
+                      (".thumbs", "hidden folder, not read")):
+        assert f"  {name}: {why}" in printed  # listed by name, and in no table
+    assert "skipped 4 file(s) or folder(s)" in printed
+    counts = rows.prediction.value_counts()
+    assert "predicted classes: " + ", ".join(f"{c} {n}" for c, n in counts.items()) in printed
+    # the numbers --predict gives one named file
+    ctx = context_for(tiny_run / "best.pth", None)
+    spec = get_backbone("tiny")
+    one = photos / rows.path[0]
+    ((_, top),) = predict_images(load_model(tiny_run / "best.pth", ctx, 2), [one], ["class_0", "class_1"], spec.mean,
+                                 spec.std, ctx.image_size, top=1)
+    assert rows.loc[0, f"p_{top[0][0]}"] == pytest.approx(top[0][1], abs=1e-6)
+
+    # --csv FILE, and never over an existing file
+    assert main.main(["--predict", str(photos), "--checkpoint", str(tiny_run / "best.pth"), "--csv",
+                      str(tmp_path / "mine.csv"), "--workers", "0", "--no-progress"]) == 0
+    assert pd.read_csv(tmp_path / "mine.csv").equals(rows)
+    capsys.readouterr()
+    before = table.read_bytes()
+    assert main.main(["--predict", str(photos), "--checkpoint", str(tiny_run / "best.pth"), "--csv", str(table)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --csv") and "exists already" in err and len(err.strip().splitlines()) == 1
+    assert table.read_bytes() == before
+
+
+def test_an_exported_model_alone_classifies_a_folder(tiny_run, tmp_path):
+    photos = write_image_folder(tmp_path / "photos", train=3, phases=("train",), seed=3)
+    assert main.main(["--export", str(tiny_run), "--format", "torchscript"]) == 0
+    alone = tmp_path / "shipped"
+    alone.mkdir()
+    shutil.copy(tiny_run / "model.pt", alone / "model.pt")  # no config.json beside it
+    tables = {}
+    for name, checkpoint in (("pth", tiny_run / "best.pth"), ("pt", alone / "model.pt")):
+        assert main.main(["--predict", str(photos), "--checkpoint", str(checkpoint), "--csv",
+                          str(tmp_path / f"{name}.csv"), "--workers", "0", "--no-progress"]) == 0
+        tables[name] = pd.read_csv(tmp_path / f"{name}.csv")
+    assert tables["pt"].path.tolist() == tables["pth"].path.tolist()
+    assert tables["pt"].prediction.tolist() == tables["pth"].prediction.tolist()
+    assert np.allclose(tables["pt"].iloc[:, 2:], tables["pth"].iloc[:, 2:], atol=1e-5)
+
+
+def test_a_single_logit_head_gives_both_classes(tmp_path):
+    from tl.engine.predict import classify, table_text
+
+    photos = write_image_folder(tmp_path / "photos", train=2, phases=("train",))
+    files = sorted(str(p) for p in photos.rglob("*.png"))
+    torch.manual_seed(0)
+    one_logit = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 1))
+    probabilities, failed = classify(one_logit, files, build_transforms(MEAN, STD, size=8, augment=False)["val"],
+                                     progress=False)
+    assert not failed and len(probabilities) == 4
+    with torch.no_grad():
+        logit = one_logit(build_transforms(MEAN, STD, size=8, augment=False)["val"](load_rgb(files[0]))[None])[0, 0]
+    assert probabilities[0].tolist() == pytest.approx([1 - torch.sigmoid(logit).item(), torch.sigmoid(logit).item()])
+    rows = pd.read_csv(io.StringIO(table_text(photos, files, probabilities, ["cat", "dog"])))
+    assert list(rows.columns) == ["path", "prediction", "p_cat", "p_dog"]
+    assert rows[["p_cat", "p_dog"]].sum(axis=1).tolist() == pytest.approx([1.0] * 4, abs=1e-6)
+
+
+def test_predicting_a_folder_refuses_bad_input_before_writing(tiny_run, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "sub" / "readme.txt").write_text("no photos here")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    photos = write_image_folder(tmp_path / "photos", train=1, phases=("train",))
+    best = str(tiny_run / "best.pth")
+    for argv, words in (
+            (["--predict", str(empty), "--checkpoint", best, "--out", str(tmp_path / "out")], "holds no image files"),
+            (["--predict", str(photos), "--checkpoint", best, "--csv", str(a_file / "t.csv")], "is a file, not a"),
+            (["--predict", str(photos), str(photos), "--checkpoint", best], "one folder alone"),
+            (["--predict", str(photos / "train" / "class_0" / "000.png"), "--checkpoint", best, "--csv",
+              str(tmp_path / "t.csv")], "--csv names the table of --predict DIR")):
+        assert main.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and words in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "t.csv").exists()
+    (photos / "train" / "class_0" / "000.png").write_bytes(b"")  # only unreadable 'images' left
+    (photos / "train" / "class_1" / "000.png").write_bytes(b"")
+    assert main.main(["--predict", str(photos), "--checkpoint", best, "--out", str(tmp_path / "out"),
+                      "--workers", "0"]) == 2
+    assert "none of the 2 image file(s)" in capsys.readouterr().err and not list((tmp_path / "out").glob("*.csv"))
