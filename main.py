@@ -73,6 +73,12 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _auto(text: str) -> str:
+    if text != "auto":
+        raise argparse.ArgumentTypeError(f"the one choice is 'auto' (inverse class frequency), got {text!r}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="main.py", description="Transfer learning recipes from the source documents, on one loop.",
@@ -135,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--seed", type=_seed, default=0, help="training seed, 0 .. 2**32-1 (default 0)")
     model.add_argument("--sync-bn", action="store_true",
                        help="under torchrun on GPUs: BatchNorm statistics over every process's batch")
+    model.add_argument("--class-weights", type=_auto,
+                       help="auto: weigh each class's loss by its inverse frequency in train (unbalanced classes; "
+                            "pos_weight for a single logit)")
+    model.add_argument("--balanced-sampler", action="store_true",
+                       help="draw the training images with replacement so that every class is drawn equally often")
     model.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                        help="NHWC memory layout (default on: faster on GPUs and, measured, on CPU)")
 

@@ -17,9 +17,12 @@ from PIL import Image
 
 import main
 from tests.conftest import write_image_folder
-from tl.data import build_transforms
-from tl.engine import feature_store, images, metrics
+from tl import distributed
+from tl.data import build_transforms, make_loaders
+from tl.engine import balance, feature_store, images, metrics
 from tl.engine.images import CheckedImageFolder, load_rgb
+from tl.engine.options import RunOptions
+from tl.recipe import Recipe, make_criterion
 
 ROOT = Path(__file__).resolve().parents[1]
 MEAN = STD = (0.5, 0.5, 0.5)
@@ -293,3 +296,106 @@ def test_predicting_a_folder_refuses_bad_input_before_writing(tiny_run, tmp_path
     assert main.main(["--predict", str(photos), "--checkpoint", best, "--out", str(tmp_path / "out"),
                       "--workers", "0"]) == 2
     assert "none of the 2 image file(s)" in capsys.readouterr().err and not list((tmp_path / "out").glob("*.csv"))
+
+
+# ----------------------------------------------------------------------------- unbalanced classes
+def test_class_weights_are_the_inverse_class_frequency_in_the_loss():
+    weights = balance.inverse_frequency([10, 2])  # N = 12, C = 2: 12 / (2 * 10), 12 / (2 * 2)
+    assert weights.tolist() == pytest.approx([0.6, 3.0])
+    assert balance.inverse_frequency([5, 5, 5]).tolist() == pytest.approx([1, 1, 1])
+    logits, labels = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), torch.tensor([0, 1, 1])
+    recipe = Recipe(name="r", source="s", strategy="s")
+    per_image = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    expected = (per_image * weights[labels]).sum() / weights[labels].sum()  # the weighted mean
+    assert make_criterion(recipe, weights)(logits, labels).item() == pytest.approx(expected.item())
+    assert make_criterion(recipe)(logits, labels).item() == pytest.approx(per_image.mean().item())
+    one = make_criterion(Recipe(name="r", source="s", strategy="s", loss="bce_logit"), weights)
+    assert one.pos_weight.tolist() == pytest.approx([10 / 2])  # n_0 / n_1: class 1 is the positive one
+
+
+def _labels_of(loader) -> list[int]:
+    return [int(t) for _, labels in loader for t in labels]
+
+
+def test_the_balanced_sampler_draws_every_class_equally_and_repeats_from_its_generator():
+    targets = torch.tensor([0] * 40 + [1] * 8)
+    data = torch.utils.data.TensorDataset(torch.arange(48.0), targets)
+    _, weights = balance.balance(RunOptions(data=Path("d"), balanced_sampler=True), targets, ["a", "b"], log=print)
+    generator = torch.Generator().manual_seed(3)
+    loader = make_loaders({"train": data}, 8, generator=generator, sample_weights=weights)["train"]
+    drawn = [t for _ in range(50) for t in _labels_of(loader)]
+    assert len(drawn) == 50 * 48 and 0.45 < np.mean(drawn) < 0.55  # class b: 1/6 of the images, half the draws
+    state = generator.get_state()
+    next_epoch = _labels_of(loader)
+    generator.set_state(state)  # what --resume restores
+    assert _labels_of(loader) == next_epoch
+    plain = make_loaders({"train": data}, 8, generator=torch.Generator().manual_seed(3))["train"]
+    assert sorted(_labels_of(plain)) == targets.tolist()  # without weights: a permutation, as before
+
+
+def test_under_torchrun_each_process_takes_its_share_of_one_weighted_draw(monkeypatch):
+    weights = torch.tensor([1.0] * 9 + [5.0] * 2)
+    shares = [distributed.WeightedShardSampler(weights, 2, rank, seed=4) for rank in (0, 1)]
+    for epoch in (0, 1):
+        for s in shares:
+            s.set_epoch(epoch)
+        drawn = torch.multinomial(weights.double(), 12, replacement=True,
+                                  generator=torch.Generator().manual_seed(4 + epoch)).tolist()
+        assert list(shares[0]) == drawn[0::2] and list(shares[1]) == drawn[1::2]  # dealt out, nothing lost
+        assert len(shares[0]) == len(shares[1]) == 6
+    assert list(shares[0]) != list(distributed.WeightedShardSampler(weights, 2, 0, seed=4))  # epoch 1 != epoch 0
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    loader = make_loaders({"train": torch.utils.data.TensorDataset(torch.arange(11.0))}, 4, seed=4,
+                          sample_weights=weights)["train"]
+    assert isinstance(loader.sampler, distributed.WeightedShardSampler) and loader.sampler.rank == 1
+    distributed.set_epoch(loader, 1)
+    assert [int(x) for (batch,) in loader for x in batch] == list(shares[1])
+
+
+def _unbalanced(root: Path) -> Path:
+    """class_0: 12 training images, class_1: 3 (4x fewer); val balanced."""
+    data = write_image_folder(root, train=12, val=6)
+    for extra in sorted((data / "train" / "class_1").iterdir())[3:]:
+        extra.unlink()
+    return data
+
+
+def test_unbalanced_runs_say_so_and_both_options_resume_exactly_with_the_feature_cache(
+        tmp_path, pretrained, own_cache_dir, capsys):
+    from tests.test_exactness import _assert_same_run
+    from tests.test_exactness import _train as train_frozen
+
+    data = _unbalanced(tmp_path / "data")
+    options = ("--class-weights", "auto", "--balanced-sampler", "--no-augment")  # no augmentation: train cached
+    full = train_frozen(data, tmp_path / "full", 3, *options, weights=pretrained)
+    printed = capsys.readouterr().out
+    assert "differ in size by more than 3x (class_0 12, class_1 3)" in printed
+    assert "Balancing with --class-weights and --balanced-sampler" in printed
+    assert "feature cache: train + val" in printed
+    config = json.loads((full / "config.json").read_text())
+    assert config["options"]["class_weights"] == "auto" and config["options"]["balanced_sampler"] is True
+    assert config["train_class_counts"] == {"class_0": 12, "class_1": 3}
+    half = train_frozen(data, tmp_path / "half", 1, *options, weights=pretrained)
+    assert main.main(["--resume", str(half / "last.ckpt"), "--epochs", "3", "--no-progress"]) == 0
+    _assert_same_run(full, half)
+    plain = train_frozen(data, tmp_path / "plain", 3, "--no-augment", weights=pretrained)
+    assert "try --class-weights auto (the loss) or --balanced-sampler" in capsys.readouterr().out
+    assert pd.read_csv(plain / "history.csv").loss.tolist() != pd.read_csv(full / "history.csv").loss.tolist()
+
+
+def test_balancing_options_refuse_what_they_cannot_mean(tmp_path, tiny_backbone, capsys):
+    with pytest.raises(SystemExit) as info:
+        main.main(["-e", "resnet_scratch", "--data", str(tmp_path), "--class-weights", "inverse"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and [line for line in err.splitlines() if "error:" in line] == [
+        "main.py: error: argument --class-weights: the one choice is 'auto' (inverse class frequency), got 'inverse'"]
+    one_class = write_image_folder(tmp_path / "one", classes=1)
+    for option in (["--balanced-sampler"], ["--class-weights", "auto"]):
+        assert main.main(["-e", "resnet_scratch", "-b", "tiny", "--data", str(one_class), "--quick",
+                          "--out", str(tmp_path / "runs"), *option]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {option[0]} balance classes against each other") and "one class" in err
+        assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # nothing half-made

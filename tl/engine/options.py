@@ -47,6 +47,8 @@ class RunOptions:
     allow_pickle: bool = False  # --weights may be a whole pickled model (runs code from the file)
     progress: bool = True
     sync_bn: bool = False  # under torchrun on GPUs: BatchNorm statistics over all processes' batches (SyncBatchNorm)
+    class_weights: str | None = None  # "auto": weigh each class's loss by its inverse frequency in train
+    balanced_sampler: bool = False  # draw train images with replacement, every class equally often
 
 
     def __post_init__(self) -> None:

@@ -26,6 +26,7 @@ from torch import nn
 
 from tl import Interrupted, TLError, distributed
 from tl.engine import checkpoint, metrics
+from tl.engine.balance import class_counts
 from tl.engine.options import RunOptions, as_saved
 from tl.loop import History, NonFiniteLoss, predictions
 from tl.models import Backbone, parameter_table
@@ -310,6 +311,7 @@ def run_config(recipe: Recipe, opts: RunOptions, spec: Backbone, device: torch.d
         "total_params": total["total"],
         "classes": classes,
         "dataset_sizes": {p: len(ds) for p, ds in sets.items()},
+        "train_class_counts": dict(zip(classes, class_counts(sets["train"].targets, len(classes)))),
         "device": str(device),
         "torch": str(torch.__version__),
         "python": platform.python_version(),
