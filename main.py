@@ -79,6 +79,24 @@ def _auto(text: str) -> str:
     return text
 
 
+def _class_fraction(text: str) -> tuple[str, float]:
+    name, _, value = text.rpartition("=")
+    try:
+        fraction = float(value)
+    except ValueError:
+        fraction = None
+    if not name or fraction is None or not 0 < fraction <= 1:
+        raise argparse.ArgumentTypeError(f"expected CLASS=FRACTION, a fraction in (0, 1], e.g. cat=0.1; got {text!r}")
+    return name, fraction
+
+
+class _ClassFractions(argparse.Action):
+    """`--train-fraction cat=0.1 dog=0.5` -> {"cat": 0.1, "dog": 0.5} (the RunOptions field)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, dict(values))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="main.py", description="Transfer learning recipes from the source documents, on one loop.",
@@ -116,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--train-per-class", type=_positive_int, metavar="N",
                       help="train on a seeded draw of N images per class (--split-seed; nested: the draw for N "
                            "is part of the draw for any larger N); val is untouched")
+    data.add_argument("--train-fraction", nargs="+", type=_class_fraction, action=_ClassFractions,
+                      metavar="CLASS=FRACTION", help="keep a seeded fraction of these classes' training images "
+                      "(--split-seed), e.g. cat=0.1: unbalanced classes made on purpose; val and test are untouched")
     data.add_argument("--verify-images", action="store_true",
                       help="decode every image fully before training (finds truncated files; slower)")
     data.add_argument("--split", default="val", choices=["train", "val", "test"], help="split for --evaluate")

@@ -399,3 +399,57 @@ def test_balancing_options_refuse_what_they_cannot_mean(tmp_path, tiny_backbone,
         assert err.startswith(f"error: {option[0]} balance classes against each other") and "one class" in err
         assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # nothing half-made
+
+
+def test_a_seeded_fraction_of_a_class_is_kept_for_training_only(tmp_path):
+    from tl import TLError
+    from tl.engine.selection import ImageChoice, fraction_draw, nested_draw, select_images
+
+    samples = [(f"c{k}/{i:03d}.png", k) for k in range(2) for i in range(30)]
+    kept = fraction_draw(samples, ["cat", "dog"], {"cat": 0.1}, seed=0)
+    cats = [s for s in kept if s[1] == 0]
+    assert len(cats) == 3 and [s for s in kept if s[1] == 1] == samples[30:]  # 10% of the cats, every dog
+    assert set(cats) == set(nested_draw(samples, ["cat", "dog"], 3, seed=0)[:3])  # the start of the nested draw
+    assert fraction_draw(samples, ["cat", "dog"], {"cat": 0.1}, seed=1) != kept  # seeded
+    assert len(fraction_draw(samples, ["cat", "dog"], {"cat": 0.001})) == 31  # at least one image
+    with pytest.raises(TLError, match="names cow, not a class"):
+        fraction_draw(samples, ["cat", "dog"], {"cow": 0.5})
+    data = write_image_folder(tmp_path / "data", train=10, val=4, phases=("train", "val", "test"))
+    transforms = build_transforms(MEAN, STD, size=16, augment=False)
+    sets = select_images(ImageChoice(data, train_fraction={"class_1": 0.2}), transforms, log=lambda s: None)
+    assert [sets["train"].targets.count(k) for k in (0, 1)] == [10, 2]
+    assert len(sets["val"]) == len(sets["test"]) == 8  # untouched
+    args = main.build_parser().parse_args(["-e", "resnet_frozen", "--train-fraction", "class_1=0.2"])
+    assert args.train_fraction == {"class_1": 0.2}
+
+
+def test_the_imbalance_study_on_tiny_data_with_one_seed(tmp_path, pretrained, own_cache_dir, capsys):
+    from experiments import imbalance
+
+    data = write_image_folder(tmp_path / "data", train=10, val=4, phases=("train", "val", "test"))
+    out = tmp_path / "results"
+    assert imbalance.main(["--data", str(data), "--keep", "class_0=0.1", "--backbone", "tiny", "--weights",
+                           str(pretrained), "--seeds", "0", "--quick", "--workers", "0", "--out", str(out),
+                           "--runs-dir", str(tmp_path / "runs")]) == 0
+    runs = pd.read_csv(out / "imbalance.csv")
+    assert len(runs) == 6 and (runs.status == "ok").all()  # 2 recipes x 3 ways x 1 seed
+    assert set(runs.way) == {"plain", "weights", "sampler"} and set(runs.recipe) == {"resnet_frozen", "resnet_finetune"}
+    assert (runs.train_counts == "class_0=1 class_1=8").all()  # --quick keeps 8, then 10% of them, at least 1
+    assert (runs.headline == "test, epoch chosen on val").all()
+    for r in runs.itertuples():  # every figure from the run's own per-image predictions, on the untouched test split
+        p = pd.read_csv(out / "imbalance" / f"{r.run}.csv")
+        assert len(p) == 8 and p.path.str.startswith("test/").all()
+        assert r.accuracy == pytest.approx((p.label == p.prediction).mean())
+        assert r.minority_recall == pytest.approx((p.prediction[p.label == "class_0"] == "class_0").mean())
+        recalls = [(p.prediction[p.label == c] == c).mean() for c in ("class_0", "class_1")]
+        assert r.balanced_accuracy == pytest.approx(np.mean(recalls))
+    configs = {r.way: json.loads((tmp_path / "runs" / r.run / "config.json").read_text())["options"]
+               for r in runs[runs.recipe == "resnet_frozen"].itertuples()}
+    assert configs["weights"]["class_weights"] == "auto" and not configs["weights"]["balanced_sampler"]
+    assert configs["sampler"]["balanced_sampler"] and configs["plain"]["class_weights"] is None
+    page = (out / "imbalance.md").read_text()
+    assert "| resnet_frozen | sampler | 1 |" in page
+    for recipe in ("resnet_frozen", "resnet_finetune"):
+        for way in ("weights", "sampler"):
+            for measure in ("accuracy", "balanced accuracy", "minority recall"):
+                assert f"- {recipe}, {way}, {measure}: " in page

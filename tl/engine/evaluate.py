@@ -52,6 +52,7 @@ class ModelContext:
     val_split: float | None = None  # the run split a folder of class folders (--val-split) ...
     split_seed: int = 0  # ... with this seed: --evaluate rebuilds the same split
     train_per_class: int | None = None  # the run trained on this seeded draw per class (split_seed): --split train
+    train_fraction: dict[str, float] | None = None  # ... and kept this seeded fraction of some classes
     max_per_class: int | None = None  # the run used only the first N images of each class (--quick)
     verify_images: bool = False  # the run decoded every image first and left out those that fail
 
@@ -72,6 +73,7 @@ def context_for(path: Path, backbone: str | None) -> ModelContext:
                                 # runs saved before --split-seed drew the split with their training seed
                                 split_seed=int(options.get("split_seed", options.get("seed", 0))),
                                 train_per_class=options.get("train_per_class"),
+                                train_fraction=options.get("train_fraction"),
                                 max_per_class=options.get("max_per_class"),
                                 verify_images=bool(options.get("verify_images", False)),
                                 checksums=_string_map(config.get("checksums", {})))
@@ -164,7 +166,7 @@ def split_loader(data: Path, split: str, ctx: ModelContext, batch_size: int = 32
     choice = dataclasses.replace(ImageChoice.of(ctx), data=data,
                                  val_split=None if (data / split).is_dir() else ctx.val_split)
     if split != "train":
-        choice = dataclasses.replace(choice, max_per_class=None, train_per_class=None)
+        choice = dataclasses.replace(choice, max_per_class=None, train_per_class=None, train_fraction=None)
     try:
         ds = select_images(choice, transforms, phases=(split,), log=log)[split]
     except TooFewImages:
