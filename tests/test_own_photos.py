@@ -17,7 +17,7 @@ from PIL import Image
 
 import main
 from tests.conftest import write_image_folder
-from tl import distributed
+from tl import TLError, distributed
 from tl.data import build_transforms, make_loaders
 from tl.engine import balance, feature_store, images, metrics
 from tl.engine.images import CheckedImageFolder, load_rgb
@@ -391,6 +391,8 @@ def test_balancing_options_refuse_what_they_cannot_mean(tmp_path, tiny_backbone,
     err = capsys.readouterr().err
     assert info.value.code == 2 and [line for line in err.splitlines() if "error:" in line] == [
         "main.py: error: argument --class-weights: the one choice is 'auto' (inverse class frequency), got 'inverse'"]
+    with pytest.raises(TLError, match="--class-weights takes 'auto'"):  # the same through the API
+        balance.balance(RunOptions(data=tmp_path, class_weights="inverse"), [0, 1], ["a", "b"])
     one_class = write_image_folder(tmp_path / "one", classes=1)
     for option in (["--balanced-sampler"], ["--class-weights", "auto"]):
         assert main.main(["-e", "resnet_scratch", "-b", "tiny", "--data", str(one_class), "--quick",
@@ -402,7 +404,6 @@ def test_balancing_options_refuse_what_they_cannot_mean(tmp_path, tiny_backbone,
 
 
 def test_a_seeded_fraction_of_a_class_is_kept_for_training_only(tmp_path):
-    from tl import TLError
     from tl.engine.selection import ImageChoice, fraction_draw, nested_draw, select_images
 
     samples = [(f"c{k}/{i:03d}.png", k) for k in range(2) for i in range(30)]

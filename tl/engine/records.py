@@ -150,10 +150,10 @@ class RunFolder:
             write_run_plots(self.run_dir, history, net, cached.get("val", ctx.sets["val"]), ctx.sets["val"],
                             ctx.classes, ctx.spec, ctx.device)
         res = config["results"]
-        ctx.log(f"headline acc {res['headline_acc']:.4f} ({res['headline']}); best val acc {history.best_acc:.4f} "
-                f"at epoch {history.best_epoch} (selected on val) -> {self.run_dir}")
         ctx.log(f"classification report of the headline model: macro-F1 {report['macro_f1']:.4f}, balanced accuracy "
                 f"{report['balanced_accuracy']:.4f} -> {page}")
+        ctx.log(f"headline acc {res['headline_acc']:.4f} ({res['headline']}); best val acc {history.best_acc:.4f} "
+                f"at epoch {history.best_epoch} (selected on val) -> {self.run_dir}")
 
 
 def data_fingerprint(sets: dict) -> str:
