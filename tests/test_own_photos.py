@@ -121,7 +121,7 @@ def _train(data, out, *extra, experiment="resnet_scratch") -> Path:
 
 def test_every_run_folder_and_every_evaluate_get_a_classification_report(tmp_path, tiny_backbone, capsys):
     data = write_image_folder(tmp_path / "data", train=8, val=4, phases=("train", "val", "test"))
-    run_dir = _train(data, tmp_path / "runs")
+    run_dir = _train(data, tmp_path / "runs", "--save-every-epoch")
     headline = json.loads((run_dir / "config.json").read_text())["results"]
     predictions = pd.read_csv(run_dir / "headline_predictions.csv")
     table = pd.read_csv(run_dir / "classification_report.csv").set_index("class")
@@ -140,6 +140,9 @@ def test_every_run_folder_and_every_evaluate_get_a_classification_report(tmp_pat
     assert report.loc["accuracy", "f1"] == pytest.approx(accuracy, abs=1e-4)
     assert report.loc[["class_0", "class_1"], "support"].tolist() == [4, 4]  # val's images, not test's
     assert f"-> {run_dir / 'evaluate-best-val' / 'classification_report.md'}" in out
+    assert main.main(["--evaluate", str(run_dir), "--split", "test"]) == 0  # every epoch file: the final one's
+    final = pd.read_csv(run_dir / "evaluate-01-test" / "classification_report.csv").set_index("class")
+    assert final.loc["accuracy", "f1"] == pytest.approx(pd.read_csv(run_dir / "eval_test.csv").acc.iloc[-1])
 
 
 def test_report_adds_macro_f1_and_balanced_accuracy_from_the_saved_predictions(tmp_path):
