@@ -4,9 +4,10 @@
 
 Every number in the page is read from `summary.csv`, `runs.csv`, `meta.json` and the
 per-image predictions in `predictions/`, so rerunning the comparison and then this script
-rewrites the page to match. For the project's own `results/` it also rewrites the results
-blocks (between `<!-- results:start -->` and `<!-- results:end -->`) of README.md and
-docs/RECIPES.md.
+rewrites the page to match. The headline model's macro-F1 and balanced accuracy are computed
+here from those predictions, without training anything again, and added to `summary.csv`.
+For the project's own `results/` it also rewrites the results blocks (between
+`<!-- results:start -->` and `<!-- results:end -->`) of README.md and docs/RECIPES.md.
 
 Which differences are real? Each headline accuracy moves with the seed (initialisation,
 batch order, augmentation) and with which images happened to be in the scored split. The
@@ -170,6 +171,36 @@ def noise_words(summary: pd.DataFrame, diffs: pd.DataFrame, dataset: str) -> str
     return "\n".join(lines) + "\n"
 
 
+# ----------------------------------------------------------------------------- beyond accuracy
+BALANCE = {"headline_macro_f1": "macro_f1", "headline_balanced_acc": "balanced_accuracy"}  # column: report key
+
+
+def with_class_balance(out: Path, summary: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """`summary` with the headline model's macro-F1 and balanced accuracy beside its accuracy
+    (`headline_macro_f1_mean`/`_std`, `headline_balanced_acc_mean`/`_std`: mean and sample std
+    over seeds, as for the accuracy), computed from each ok run's per-image predictions in
+    `out/predictions/` (tl/engine/metrics.py): no run is trained again. A row whose runs left
+    no predictions gets empty cells."""
+    from tl.engine.metrics import report_of_predictions
+
+    values: dict[str, list] = {f"{c}_{s}": [] for c in BALANCE for s in ("mean", "std")}
+    for r in summary.itertuples():
+        ok = runs[(runs.dataset == r.dataset) & (runs.experiment == r.experiment) & (runs.backbone == r.backbone)
+                  & (runs.status == "ok")] if len(runs) else runs
+        files = [out / "predictions" / r.dataset / f"{run}.csv" for run in getattr(ok, "run", [])]
+        reports = [report_of_predictions(f) for f in files if f.is_file()]
+        for column, key in BALANCE.items():
+            per_seed = pd.Series([rep[key] for rep in reports], dtype=float)
+            values[f"{column}_mean"].append(per_seed.mean() if len(per_seed) else np.nan)
+            values[f"{column}_std"].append(per_seed.std() if len(per_seed) > 1 else np.nan)
+    summary = summary.drop(columns=[c for c in values if c in summary.columns])
+    at = list(summary.columns).index("headline_acc_std") + 1 if "headline_acc_std" in summary.columns \
+        else len(summary.columns)
+    for i, (column, column_values) in enumerate(values.items()):
+        summary.insert(at + i, column, column_values)
+    return summary
+
+
 # ----------------------------------------------------------------------------- tables and paragraphs
 def _text(x, default: str = "") -> str:
     return default if x is None or (isinstance(x, float) and pd.isna(x)) else str(x)
@@ -189,6 +220,7 @@ def _acc(mean, std, bold: bool = False) -> str:
 def table(summary: pd.DataFrame) -> str:
     """The comparison, headline first; best val is shown but labelled as selected on val."""
     head = ("| data | experiment | backbone | weights | trainable / total params | epochs | **headline acc %** "
+            "| headline macro-F1 % | headline balanced acc % "
             "| headline is | best val acc % (selected on val) | final val acc % | epoch-0 val acc % | seeds "
             "| train s | status |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -198,7 +230,9 @@ def table(summary: pd.DataFrame) -> str:
         status = r.status if r.status == "ok" else f"{r.status}: {r.reason}"
         lines.append(
             f"| {r.dataset} | {r.experiment} | {r.backbone} | {r.weights} | {params} | {r.train_epochs} "
-            f"| {_acc(r.headline_acc_mean, r.headline_acc_std, bold=True)} | {_text(r.headline)} "
+            f"| {_acc(r.headline_acc_mean, r.headline_acc_std, bold=True)} "
+            f"| {_acc(r.get('headline_macro_f1_mean'), r.get('headline_macro_f1_std'))} "
+            f"| {_acc(r.get('headline_balanced_acc_mean'), r.get('headline_balanced_acc_std'))} | {_text(r.headline)} "
             f"| {_acc(r.best_val_acc_mean, r.best_val_acc_std)} | {_acc(r.final_val_acc_mean, r.final_val_acc_std)} "
             f"| {_pct(r.baseline_val_acc_mean)} | {r.seeds} "
             f"| {'' if pd.isna(r.train_seconds_mean) else f'{r.train_seconds_mean:.0f}'} | {status} |")
@@ -269,12 +303,13 @@ def load(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
         raise ReportError(f"{out / 'summary.csv'} predates headline numbers: rerun python -m experiments.compare_all")
     runs = pd.read_csv(out / "runs.csv") if (out / "runs.csv").is_file() else pd.DataFrame(columns=["dataset"])
     meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").is_file() else {}
-    return summary, runs, meta
+    return with_class_balance(out, summary, runs), runs, meta
 
 
 def write_report(out: str | Path) -> Path:
     out = Path(out)
     summary, runs, meta = load(out)
+    summary.to_csv(out / "summary.csv", index=False)  # with the macro-F1 and balanced accuracy columns
     diffs = differences(out, summary, runs)
     diffs.to_csv(out / "differences.csv", index=False)
     plots = [p.name for p in sorted(out.glob("*.png"))]
@@ -287,7 +322,9 @@ def write_report(out: str | Path) -> Path:
         "",
         "**Headline accuracy** is never chosen on the images it is scored on: with a test split, the epoch is",
         "chosen on val (best.pth) and that model is scored on test; without one, it is the final epoch's val",
-        "accuracy (the epoch counts come from the documents). In %, mean ± sample std over seeds. *best val* is",
+        "accuracy (the epoch counts come from the documents). In %, mean ± sample std over seeds. Beside it, the",
+        "same model's macro-F1 and balanced accuracy (mean recall over classes), from its per-image predictions",
+        "(`predictions/`): on unbalanced classes they show what accuracy hides. *best val* is",
         "the maximum over epochs on val, selected on the same images, so optimistic; *epoch-0* is the untrained",
         "baseline (the loop validates before the first update). Raw per-seed figures: `runs.csv`; per-epoch rows:",
         "`history/`; per-image predictions of each headline model: `predictions/`.",

@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 from torchvision import datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -151,10 +151,22 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+# What `load_rgb` does to a file's pixels, for the keys of caches built from them (feature_store.cache_key)
+READER = "rgb, exif orientation applied"
+
+
 def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open any still image as 8-bit RGB, with the header guards of `_open` (UnusableImage)."""
+    """Open any still image as 8-bit RGB, upright, with the header guards of `_open` (UnusableImage).
+
+    Upright: a phone stores a portrait photo as landscape pixels plus an EXIF tag saying "turn
+    me" (Orientation); every viewer obeys it, so must we, or a cat lies on its side in training
+    and stands in the viewer. A tag that cannot be read leaves the pixels as stored."""
     with _open(path) as img:
         img.load()  # the full decode: a truncated file raises OSError here
+        try:
+            ImageOps.exif_transpose(img, in_place=True)
+        except Exception:  # noqa: BLE001 - a damaged EXIF block: the pixels as stored
+            pass
         return to_rgb(img)
 
 

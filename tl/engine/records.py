@@ -1,5 +1,6 @@
 """The run folder and what it records: config.json, history.csv, the weight files, the
-checkpoint after every epoch, the headline predictions and the pictures.
+checkpoint after every epoch, the headline predictions, their classification report
+(tl/engine/metrics.py) and the pictures.
 
 `RunFolder` is the run's folder as one object: it is opened (a new folder, or the one a
 resumed run continues in), saves after every epoch (the loop's `end_of_epoch` hook), tidies
@@ -25,7 +26,8 @@ import torch
 from torch import nn
 
 from tl import Interrupted, TLError, distributed
-from tl.engine import checkpoint
+from tl.engine import checkpoint, metrics
+from tl.engine.balance import class_counts
 from tl.engine.options import RunOptions, as_saved
 from tl.loop import History, NonFiniteLoss
 from tl.models import Backbone, parameter_table
@@ -141,6 +143,8 @@ class RunFolder:
         config["results"] |= headline.record
         write_json(self.run_dir / "config.json", config)
         write_history_csv(history, self.run_dir / "history.csv")
+        report = metrics.report_of_predictions(self.run_dir / "headline_predictions.csv", ctx.classes)
+        page = metrics.write_report(self.run_dir, report, f"{self.run_dir.name}, {config['results']['headline']}")
         if history.best_state is not None:
             ctx.model.load_state_dict(history.best_state)  # hand back the best model, as 002's tutorial does
         if ctx.opts.plots:
@@ -150,6 +154,8 @@ class RunFolder:
                 ctx.log(f"warning: the run's pictures could not be drawn ({type(exc).__name__}: {exc}); "
                         f"its results are saved in {self.run_dir}")
         res = config["results"]
+        ctx.log(f"classification report of the headline model: macro-F1 {report['macro_f1']:.4f}, balanced accuracy "
+                f"{report['balanced_accuracy']:.4f} -> {page}")
         ctx.log(f"headline acc {res['headline_acc']:.4f} ({res['headline']}); best val acc {history.best_acc:.4f} "
                 f"at epoch {history.best_epoch} (selected on val) -> {self.run_dir}")
 
@@ -318,6 +324,7 @@ def run_config(recipe: Recipe, opts: RunOptions, spec: Backbone, device: torch.d
         "total_params": total["total"],
         "classes": classes,
         "dataset_sizes": {p: len(ds) for p, ds in sets.items()},
+        "train_class_counts": dict(zip(classes, class_counts(sets["train"].targets, len(classes)))),
         "device": str(device),
         "torch": str(torch.__version__),
         "python": platform.python_version(),

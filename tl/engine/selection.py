@@ -115,6 +115,26 @@ def keep_train_per_class(ds: datasets.ImageFolder, n: int, seed: int = 0) -> Non
     _keep_samples(ds, nested_draw(ds.samples, ds.classes, n, seed))
 
 
+def fraction_draw(samples: list[tuple[str, int]], classes: list[str], fractions: dict[str, float],
+                  seed: int = 0) -> list[tuple[str, int]]:
+    """The samples, with only a seeded `fractions[name]` of the classes it names (at least one
+    image each): an unbalanced training set made from a balanced one (experiments/imbalance.py).
+    Each class is shuffled as `nested_draw` shuffles it, so the images kept are the first of
+    that class's draw, the same for every fraction and nested like it."""
+    if unknown := sorted(set(fractions) - set(classes)):
+        raise TLError(f"--train-fraction names {', '.join(unknown)}, not a class of this data set ({classes})")
+    if bad := [f"{name}={f}" for name, f in fractions.items() if not 0 < f <= 1]:
+        raise TLError(f"--train-fraction keeps a fraction between 0 and 1 of a class, not {', '.join(bad)}")
+    keep = []
+    for target, name in enumerate(classes):
+        items = sorted(s for s in samples if s[1] == target)
+        if name in fractions:
+            random.Random(f"{seed}:{name}").shuffle(items)
+            items = sorted(items[:max(1, round(fractions[name] * len(items)))])
+        keep += items
+    return keep
+
+
 def _keep_samples(ds: datasets.ImageFolder, samples: list[tuple[str, int]]) -> None:
     """Restrict an ImageFolder to `samples` (ImageFolder keeps the list under three names)."""
     ds.samples = ds.imgs = samples
@@ -221,6 +241,7 @@ class ImageChoice:
     split_seed: int = 0  # the seed of that split and of the --train-per-class draw alone
     max_per_class: int | None = None  # the first N files of each class in each split (--quick: 8)
     train_per_class: int | None = None  # then train on a seeded, nested draw of N per class
+    train_fraction: dict[str, float] | None = None  # then keep a seeded fraction of these classes' training images
     verify_images: bool = False  # decode every image fully while scanning (finds truncated files)
     follow_links: bool = False  # include files reached through links that leave the data folder
 
@@ -238,7 +259,8 @@ def select_images(choice: ImageChoice, transforms: dict, phases: tuple[str, ...]
     (scanned with them, so a broken or shared test file stops a run before it trains). With
     `val_split` the folder holds class folders only: train and val are split from it, seeded,
     and it has no test split. Then `max_per_class` keeps the first N of each class in each
-    split, and `train_per_class` draws the training images (val and test are untouched). What
+    split, `train_per_class` draws the training images and `train_fraction` keeps a seeded part
+    of some classes' training images (val and test are untouched: `fraction_draw`). What
     the scan left out is reported through `log`, never dropped silently.
     """
     data = Path(choice.data)
@@ -256,6 +278,9 @@ def select_images(choice: ImageChoice, transforms: dict, phases: tuple[str, ...]
                               phases=phases, follow_links=choice.follow_links)
     if choice.train_per_class and "train" in sets:  # data-efficiency studies: nested, class-balanced
         keep_train_per_class(sets["train"], choice.train_per_class, choice.split_seed)
+    if choice.train_fraction and "train" in sets:  # unbalanced classes made on purpose, seeded
+        train = sets["train"]
+        _keep_samples(train, fraction_draw(train.samples, train.classes, choice.train_fraction, choice.split_seed))
     if report := describe_skipped(sets):
         log(report)
     return sets
