@@ -129,31 +129,73 @@ def resume_command(args: argparse.Namespace, given: set[str]):
 
 
 def evaluate_command(args: argparse.Namespace) -> None:
-    """`main.py --evaluate PATH --data DIR [--split test]`: one file, or every epoch file in a folder."""
+    """`main.py --evaluate PATH --data DIR [--split test]`: one file, or every epoch file in a folder; with
+    the classification report of that file (of the final epoch's) in FOLDER/evaluate-<file>-<split>/."""
+    from tl.engine import evaluate as ev
     from tl.engine.device import resolve_device
-    from tl.engine.evaluate import context_for, evaluate, evaluate_folder, format_evaluation, load_model, split_loader
     from tl.engine.prepare import resolve_data_dir
 
     path: Path = args.evaluate
     if not path.exists():
         raise TLError(f"no such file or folder: {path}")
-    ctx = context_for(path, args.backbone)
+    ctx = ev.context_for(path, args.backbone)
     if args.data is None and ctx.data is not None:
         print(f"data: {ctx.data} (from the run's config.json)")
-    loader, classes = split_loader(resolve_data_dir(args.data or ctx.data), args.split, ctx)
+    loader, classes = ev.split_loader(resolve_data_dir(args.data or ctx.data), args.split, ctx)
     device = resolve_device(args.device)
     if path.is_file():
-        model = load_model(path, ctx, len(classes), args.allow_pickle)
-        print(format_evaluation(evaluate(model, loader, device, len(classes)), classes))
+        model = ev.load_model(path, ctx, len(classes), args.allow_pickle)
+        result = ev.evaluate(model, loader, device, len(classes))
+        print(ev.format_evaluation(result, classes))
+        ev.write_evaluation_report(path.parent / f"evaluate-{path.stem}-{args.split}", result, loader.dataset,
+                                   classes)
         return
-    evaluate_folder(path, ctx, loader, classes, device, args.split, args.allow_pickle)
+    ev.evaluate_folder(path, ctx, loader, classes, device, args.split, args.allow_pickle)
 
 
 def predict_command(args: argparse.Namespace) -> int:
     """`main.py --predict IMG... [--checkpoint best.pth | model.onnx | model.pt]`; without a
     checkpoint, ImageNet names. An exported file (`--export`, tl/engine/export.py) carries its own
-    class names, size and normalisation: no config.json is read."""
-    from tl.engine.evaluate import ModelContext, context_for, load_model, predict_images
+    class names, size and normalisation: no config.json is read. `--predict DIR`: a folder, sub-folders
+    included, classified into a CSV table (`predict_folder_command`)."""
+    from tl.engine.evaluate import predict_images
+
+    if any(path.is_dir() for path in args.predict):
+        if len(args.predict) > 1:
+            raise TLError("--predict takes one folder alone (its sub-folders are included), or image files")
+        return predict_folder_command(args)
+    if args.csv:
+        raise TLError("--csv names the table of --predict DIR, a folder: pass a folder, or leave out --csv")
+    model, classes, mean, std, size = _prediction_model(args)
+    return _print_predictions(args.predict, predict_images(model, args.predict, classes, mean, std, size))
+
+
+def predict_folder_command(args: argparse.Namespace) -> int:
+    """`main.py --predict DIR [--csv FILE]`: every image under DIR into one CSV table (tl/engine/predict.py);
+    where the table goes is checked before any work, and an existing file is never written over."""
+    from tl.data import build_transforms
+    from tl.engine.device import resolve_device
+    from tl.engine.predict import check_table_path, new_table_path, predict_folder
+
+    if args.csv is not None:
+        check_table_path(args.csv)
+        _check_writable(args.csv.parent, "--csv folder")
+        table = args.csv
+    else:
+        _check_writable(args.out, "--out")
+        table = new_table_path(args.out)
+    model, classes, mean, std, size = _prediction_model(args)
+    transform = build_transforms(mean, std, size=size, augment=False)["val"]
+    predict_folder(model, args.predict[0], table, classes, transform, batch_size=args.batch_size or 32,
+                   device=resolve_device(args.device), workers=2 if args.workers is None else args.workers,
+                   progress=args.progress)
+    return 0
+
+
+def _prediction_model(args: argparse.Namespace) -> tuple:
+    """(model, class names, mean, std, image size) of --checkpoint: a run's weight file (with its
+    config.json), an exported .onnx / .pt file alone, or, without one, the ImageNet classifier."""
+    from tl.engine.evaluate import ModelContext, context_for, load_model
     from tl.engine.weights import build_model, imagenet_categories
     from tl.models import get_backbone
 
@@ -161,8 +203,7 @@ def predict_command(args: argparse.Namespace) -> int:
         from tl.engine.export import load_exported
 
         model, meta = load_exported(args.checkpoint)
-        return _print_predictions(args.predict, predict_images(model, args.predict, meta["classes"], meta["mean"],
-                                                               meta["std"], meta["image_size"]))
+        return model, meta["classes"], meta["mean"], meta["std"], meta["image_size"]
     if args.checkpoint:
         ctx = context_for(args.checkpoint, args.backbone)
         if ctx.classes is None:
@@ -174,8 +215,7 @@ def predict_command(args: argparse.Namespace) -> int:
         model = build_model(ctx.backbone, 1000, "imagenet")  # the untouched ImageNet classifier
         classes = imagenet_categories()
     spec = get_backbone(ctx.backbone)
-    return _print_predictions(args.predict, predict_images(model, args.predict, classes, spec.mean, spec.std,
-                                                           ctx.image_size))
+    return model, classes, spec.mean, spec.std, ctx.image_size
 
 
 def _print_predictions(images: list[Path], results: list) -> int:

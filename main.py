@@ -7,6 +7,7 @@
     python main.py --resume runs/<run>/last.ckpt [--epochs N]
     python main.py --evaluate runs/<run>/best.pth --data DIR [--split test]
     python main.py --predict photo.jpg [--checkpoint runs/<run>/best.pth]
+    python main.py --predict photos/ --checkpoint runs/<run>/best.pth [--csv table.csv]  # a folder -> CSV
     torchrun --standalone --nproc_per_node=2 main.py --experiment ...   # one process per GPU (tl/distributed.py)
     python main.py --explain photo.jpg --checkpoint runs/<run>/best.pth   # Grad-CAM -> runs/<run>/explain/
     python main.py --export runs/<run> [--format onnx|torchscript]        # one self-describing file
@@ -75,6 +76,30 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _auto(text: str) -> str:
+    if text != "auto":
+        raise argparse.ArgumentTypeError(f"the one choice is 'auto' (inverse class frequency), got {text!r}")
+    return text
+
+
+def _class_fraction(text: str) -> tuple[str, float]:
+    name, _, value = text.rpartition("=")
+    try:
+        fraction = float(value)
+    except ValueError:
+        fraction = None
+    if not name or fraction is None or not 0 < fraction <= 1:
+        raise argparse.ArgumentTypeError(f"expected CLASS=FRACTION, a fraction in (0, 1], e.g. cat=0.1; got {text!r}")
+    return name, fraction
+
+
+class _ClassFractions(argparse.Action):
+    """`--train-fraction cat=0.1 dog=0.5` -> {"cat": 0.1, "dog": 0.5} (the RunOptions field)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, dict(values))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="main.py", description="Transfer learning recipes from the source documents, on one loop.",
@@ -86,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--evaluate", metavar="PATH", type=Path,
                       help="score a .pth/.ckpt file, or every epoch file in a run folder")
     what.add_argument("--predict", metavar="IMAGE", nargs="+", type=Path,
-                      help="classify image file(s) (--checkpoint best.pth, or an exported .onnx / .pt)")
+                      help="classify image file(s), or every image in a folder into a CSV table "
+                           "(--checkpoint best.pth, or an exported .onnx / .pt)")
     what.add_argument("--explain", metavar="IMAGE", nargs="+", type=Path,
                       help="class-activation maps (Grad-CAM) of --checkpoint RUN/best.pth -> RUN/explain/")
     what.add_argument("--export", metavar="RUN", type=Path,
@@ -111,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--train-per-class", type=_positive_int, metavar="N",
                       help="train on a seeded draw of N images per class (--split-seed; nested: the draw for N "
                            "is part of the draw for any larger N); val is untouched")
+    data.add_argument("--follow-links", action="store_true",
+                      help="include files reached through links that leave the data folder (reported either way)")
+    data.add_argument("--train-fraction", nargs="+", type=_class_fraction, action=_ClassFractions,
+                      metavar="CLASS=FRACTION", help="keep a seeded fraction of these classes' training images "
+                      "(--split-seed), e.g. cat=0.1: unbalanced classes made on purpose; val and test are untouched")
     data.add_argument("--verify-images", action="store_true",
                       help="decode every image fully before training (finds truncated files; slower)")
     data.add_argument("--split", default="val", choices=["train", "val", "test"], help="split for --evaluate")
@@ -136,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--seed", type=_seed, default=0, help="training seed, 0 .. 2**32-1 (default 0)")
     model.add_argument("--sync-bn", action="store_true",
                        help="under torchrun on GPUs: BatchNorm statistics over every process's batch")
+    model.add_argument("--class-weights", type=_auto,
+                       help="auto: weigh each class's loss by its inverse frequency in train (unbalanced classes; "
+                            "pos_weight for a single logit)")
+    model.add_argument("--balanced-sampler", action="store_true",
+                       help="draw the training images with replacement so that every class is drawn equally often")
     model.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                        help="NHWC memory layout (default on: faster on GPUs and, measured, on CPU)")
 
@@ -156,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     out = p.add_argument_group("output")
     out.add_argument("--out", type=Path, default=Path("runs"), help="parent folder of run folders")
+    out.add_argument("--csv", type=Path, metavar="FILE",
+                     help="with --predict DIR: the table to write (default OUT/predictions-<time>.csv; "
+                          "an existing file is never written over)")
     out.add_argument("--save-every-epoch", action="store_true", help="also write 00.pth, 01.pth, ... (001)")
     out.add_argument("--informative-names", action="store_true",
                      help="with --save-every-epoch: name files epoch03-loss0.1820-acc0.9412.pth (004)")
@@ -192,9 +231,32 @@ def main(argv: list[str] | None = None) -> int:
         distributed.shutdown()
 
 
+def torch_pair_problem() -> str | None:
+    """Why torch and torchvision cannot work together here, or None: read from the installed
+    packages' metadata before anything imports torchvision, whose import would otherwise fail
+    deep inside with "operator torchvision::nms does not exist". torchvision 0.(N+15) goes with
+    torch 2.N (0.29 with 2.14)."""
+    from importlib import metadata
+
+    try:
+        torch_version, vision_version = metadata.version("torch"), metadata.version("torchvision")
+    except metadata.PackageNotFoundError as exc:
+        return f"{exc.name} is not installed: pip install -r requirements.txt (README: Setup)"
+    major, minor = (int(x) for x in torch_version.split(".")[:2])
+    vision_minor = int(vision_version.split(".")[1])
+    if major == 2 and vision_minor != minor + 15:
+        return (f"torchvision {vision_version} does not match torch {torch_version} (torch 2.{minor} needs "
+                f"torchvision 0.{minor + 15}): pip install 'torchvision==0.{minor + 15}.*', or install the pair "
+                f"again, e.g. pip install torch==2.14.1 torchvision==0.29.1 (README: Setup)")
+    return None
+
+
 def _main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if (problem := torch_pair_problem()) is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     actions = [a for a in ("experiment", "list", "resume", "evaluate", "predict", "explain", "export", "show_data",
                            "prepare") if getattr(args, a)]
     if len(actions) != 1:

@@ -152,28 +152,29 @@ def summarize(df):
 
 
 def plot(df, path: Path) -> Path:
-    """Per data set: headline accuracy (mean ± std over seeds) and the mean shift of the statistics."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Per data set: headline accuracy (mean ± std over seeds) and the mean shift of the statistics,
+    each bar labelled with its value (a shift of 0 is a result: the statistics did not move)."""
+    from tl.engine.plots import plt, save_figure
 
     s = summarize(df)
     datasets = list(dict.fromkeys(s.dataset))
-    fig, axes = plt.subplots(len(datasets), 2, figsize=(11, 3.2 * len(datasets)), squeeze=False)
+    fig, axes = plt.subplots(len(datasets), 2, figsize=(12, 3.4 * len(datasets)), squeeze=False,
+                             layout="constrained")
     for row, dataset in zip(axes, datasets):
         d = s[s.dataset == dataset]
-        row[0].barh(d.policy, 100 * d.headline_mean, xerr=100 * d.headline_std.fillna(0), color="tab:blue")
-        row[0].set_xlabel(f"headline accuracy % ({d.headline.iloc[0]})")
-        row[0].set_xlim(max(0, 100 * (d.headline_mean - d.headline_std.fillna(0)).min() - 5), 100)
+        acc, std = 100 * d.headline_mean, 100 * d.headline_std.fillna(0)
+        row[0].barh(d.policy, acc, xerr=std, color="tab:blue")
+        row[0].set_xlabel(f"headline accuracy, % ({d.headline.iloc[0]}; mean ± std over seeds)")
+        row[0].set_xlim(max(0, (acc - std).min() - 5), 100)
+        for y, value in enumerate(acc):
+            row[0].text(row[0].get_xlim()[0], y, f" {value:.1f}", va="center", color="white", fontsize=8)
         row[1].barh(d.policy, d["shift"], color="tab:orange")
-        row[1].set_xlabel("running-mean shift (ImageNet std units, mean over BN layers)")
+        row[1].set_xlabel("running-mean shift from ImageNet's\n(in ImageNet std units, mean over BatchNorm layers)")
+        for y, value in enumerate(d["shift"]):
+            row[1].text(value, y, f" {value:.3f}" + (" (unchanged)" if value == 0 else ""), va="center", fontsize=8)
+        row[1].set_xlim(0, max(d["shift"].max(), 1e-9) * 1.35)
         row[0].set_title(dataset, loc="left")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _pct(x: float) -> str:

@@ -314,17 +314,13 @@ def git_commit() -> str:
         return "unknown"
 
 
-def write_outputs(out: Path, runs, meta: dict):
-    """Every table and plot, redrawn from all rows of `runs`; then stale files removed."""
+def draw_comparison(out: Path, runs, summary) -> set[Path]:
+    """The comparison's pictures, drawn from the tables alone (runs, summary, history/): per data set
+    the curves of each recipe, all recipes' val curves, and accuracy against cost."""
     import pandas as pd
 
-    from experiments.report import write_report
     from tl.engine import plots
 
-    summary = summarize(runs)
-    out.mkdir(parents=True, exist_ok=True)
-    runs.reindex(columns=RUN_COLUMNS).to_csv(out / "runs.csv", index=False)
-    summary.to_csv(out / "summary.csv", index=False)
     written: set[Path] = set()
     done = runs[runs.status == "ok"]
     for dataset, runs_ds in done.groupby("dataset", sort=False):
@@ -337,6 +333,19 @@ def write_outputs(out: Path, runs, meta: dict):
         written.add(plots.compare_curves(histories, out / f"curves_{dataset}.png", title=dataset))
         written.add(plots.comparison_chart(summary[summary.dataset == dataset], out / f"comparison_{dataset}.png",
                                            title=dataset))
+    return written
+
+
+def write_outputs(out: Path, runs, meta: dict):
+    """Every table and plot, redrawn from all rows of `runs`; then stale files removed."""
+
+    from experiments.report import write_report
+
+    summary = summarize(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    runs.reindex(columns=RUN_COLUMNS).to_csv(out / "runs.csv", index=False)
+    summary.to_csv(out / "summary.csv", index=False)
+    written = draw_comparison(out, runs, summary)
     for path in remove_stale(out, runs, written):
         print(f"removed stale {path}")
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -4,9 +4,10 @@
 
 Every number in the page is read from `summary.csv`, `runs.csv`, `meta.json` and the
 per-image predictions in `predictions/`, so rerunning the comparison and then this script
-rewrites the page to match. For the project's own `results/` it also rewrites the results
-blocks (between `<!-- results:start -->` and `<!-- results:end -->`) of README.md and
-docs/RECIPES.md.
+rewrites the page to match. The headline model's macro-F1 and balanced accuracy are computed
+here from those predictions, without training anything again, and added to `summary.csv`.
+For the project's own `results/` it also rewrites the results blocks (between
+`<!-- results:start -->` and `<!-- results:end -->`) of README.md and docs/RECIPES.md.
 
 Which differences are real? Each headline accuracy moves with the seed (initialisation,
 batch order, augmentation) and with which images happened to be in the scored split. The
@@ -170,6 +171,36 @@ def noise_words(summary: pd.DataFrame, diffs: pd.DataFrame, dataset: str) -> str
     return "\n".join(lines) + "\n"
 
 
+# ----------------------------------------------------------------------------- beyond accuracy
+BALANCE = {"headline_macro_f1": "macro_f1", "headline_balanced_acc": "balanced_accuracy"}  # column: report key
+
+
+def with_class_balance(out: Path, summary: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """`summary` with the headline model's macro-F1 and balanced accuracy beside its accuracy
+    (`headline_macro_f1_mean`/`_std`, `headline_balanced_acc_mean`/`_std`: mean and sample std
+    over seeds, as for the accuracy), computed from each ok run's per-image predictions in
+    `out/predictions/` (tl/engine/metrics.py): no run is trained again. A row whose runs left
+    no predictions gets empty cells."""
+    from tl.engine.metrics import report_of_predictions
+
+    values: dict[str, list] = {f"{c}_{s}": [] for c in BALANCE for s in ("mean", "std")}
+    for r in summary.itertuples():
+        ok = runs[(runs.dataset == r.dataset) & (runs.experiment == r.experiment) & (runs.backbone == r.backbone)
+                  & (runs.status == "ok")] if len(runs) else runs
+        files = [out / "predictions" / r.dataset / f"{run}.csv" for run in getattr(ok, "run", [])]
+        reports = [report_of_predictions(f) for f in files if f.is_file()]
+        for column, key in BALANCE.items():
+            per_seed = pd.Series([rep[key] for rep in reports], dtype=float)
+            values[f"{column}_mean"].append(per_seed.mean() if len(per_seed) else np.nan)
+            values[f"{column}_std"].append(per_seed.std() if len(per_seed) > 1 else np.nan)
+    summary = summary.drop(columns=[c for c in values if c in summary.columns])
+    at = list(summary.columns).index("headline_acc_std") + 1 if "headline_acc_std" in summary.columns \
+        else len(summary.columns)
+    for i, (column, column_values) in enumerate(values.items()):
+        summary.insert(at + i, column, column_values)
+    return summary
+
+
 # ----------------------------------------------------------------------------- tables and paragraphs
 def _text(x, default: str = "") -> str:
     return default if x is None or (isinstance(x, float) and pd.isna(x)) else str(x)
@@ -189,6 +220,7 @@ def _acc(mean, std, bold: bool = False) -> str:
 def table(summary: pd.DataFrame) -> str:
     """The comparison, headline first; best val is shown but labelled as selected on val."""
     head = ("| data | experiment | backbone | weights | trainable / total params | epochs | **headline acc %** "
+            "| headline macro-F1 % | headline balanced acc % "
             "| headline is | best val acc % (selected on val) | final val acc % | epoch-0 val acc % | seeds "
             "| train s | status |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -198,7 +230,9 @@ def table(summary: pd.DataFrame) -> str:
         status = r.status if r.status == "ok" else f"{r.status}: {r.reason}"
         lines.append(
             f"| {r.dataset} | {r.experiment} | {r.backbone} | {r.weights} | {params} | {r.train_epochs} "
-            f"| {_acc(r.headline_acc_mean, r.headline_acc_std, bold=True)} | {_text(r.headline)} "
+            f"| {_acc(r.headline_acc_mean, r.headline_acc_std, bold=True)} "
+            f"| {_acc(r.get('headline_macro_f1_mean'), r.get('headline_macro_f1_std'))} "
+            f"| {_acc(r.get('headline_balanced_acc_mean'), r.get('headline_balanced_acc_std'))} | {_text(r.headline)} "
             f"| {_acc(r.best_val_acc_mean, r.best_val_acc_std)} | {_acc(r.final_val_acc_mean, r.final_val_acc_std)} "
             f"| {_pct(r.baseline_val_acc_mean)} | {r.seeds} "
             f"| {'' if pd.isna(r.train_seconds_mean) else f'{r.train_seconds_mean:.0f}'} | {status} |")
@@ -269,12 +303,13 @@ def load(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
         raise ReportError(f"{out / 'summary.csv'} predates headline numbers: rerun python -m experiments.compare_all")
     runs = pd.read_csv(out / "runs.csv") if (out / "runs.csv").is_file() else pd.DataFrame(columns=["dataset"])
     meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").is_file() else {}
-    return summary, runs, meta
+    return with_class_balance(out, summary, runs), runs, meta
 
 
 def write_report(out: str | Path) -> Path:
     out = Path(out)
     summary, runs, meta = load(out)
+    summary.to_csv(out / "summary.csv", index=False)  # with the macro-F1 and balanced accuracy columns
     diffs = differences(out, summary, runs)
     diffs.to_csv(out / "differences.csv", index=False)
     plots = [p.name for p in sorted(out.glob("*.png"))]
@@ -287,7 +322,9 @@ def write_report(out: str | Path) -> Path:
         "",
         "**Headline accuracy** is never chosen on the images it is scored on: with a test split, the epoch is",
         "chosen on val (best.pth) and that model is scored on test; without one, it is the final epoch's val",
-        "accuracy (the epoch counts come from the documents). In %, mean ± sample std over seeds. *best val* is",
+        "accuracy (the epoch counts come from the documents). In %, mean ± sample std over seeds. Beside it, the",
+        "same model's macro-F1 and balanced accuracy (mean recall over classes), from its per-image predictions",
+        "(`predictions/`): on unbalanced classes they show what accuracy hides. *best val* is",
         "the maximum over epochs on val, selected on the same images, so optimistic; *epoch-0* is the untrained",
         "baseline (the loop validates before the first update). Raw per-seed figures: `runs.csv`; per-epoch rows:",
         "`history/`; per-image predictions of each headline model: `predictions/`.",
@@ -305,6 +342,22 @@ def write_report(out: str | Path) -> Path:
     path = out / "README.md"
     path.write_text("\n".join(parts))
     return path
+
+
+def update_which_recipe(path: str | Path, results: str | Path) -> bool:
+    """Replace the README's "which recipe" block (between `<!-- which-recipe:start -->` and
+    `<!-- which-recipe:end -->`) with `which_recipe` of the committed results."""
+    path, results = Path(path), Path(results)
+    text = path.read_text()
+    start, end = "<!-- which-recipe:start -->", "<!-- which-recipe:end -->"
+    if start not in text or end not in text:
+        return False
+    summary, runs, _ = load(results)
+    diffs = pd.read_csv(results / "differences.csv") if (results / "differences.csv").is_file() \
+        else differences(results, summary, runs)
+    head, rest = text.split(start, 1)
+    path.write_text(f"{head}{start}\n{which_recipe(summary, diffs)}\n{end}{rest.split(end, 1)[1]}")
+    return True
 
 
 def update_block(path: str | Path, results: str | Path, paragraphs: bool = False) -> bool:
@@ -329,21 +382,104 @@ def update_block(path: str | Path, results: str | Path, paragraphs: bool = False
     return True
 
 
+DATA_COMMAND = {  # how each committed data set is named on a command line, online and offline
+    "hymenoptera_data": ("", " --data ../shared/data/hymenoptera_data"),
+    "dogs-vs-cats": (" --data data/dogs-vs-cats", " --data data/dogs-vs-cats"),
+}
+PREPARE = {"dogs-vs-cats": "python main.py --prepare dogs-vs-cats --src ../shared/data/dogs-vs-cats-subset/train "
+                           "--dest data/dogs-vs-cats  # once: Kaggle's flat folder split into train/val/test"}
+
+
+def which_recipe(summary: pd.DataFrame, diffs: pd.DataFrame) -> str:
+    """The README's short answer, from the committed results: per data set, the most accurate
+    recipe, and the cheapest of those the paired bootstrap cannot tell from it. Cost is the
+    training images a run pushes through per second of its measured throughput (epochs / img/s),
+    not wall time taken on a shared machine. Tuned recipes (tuned_*) are left out: they are tuned
+    for one data set."""
+    lines = ["| data set | most accurate | cheapest within its noise |", "|---|---|---|"]
+    commands = []
+    for dataset, group in summary[summary.status == "ok"].groupby("dataset", sort=False):
+        group = group[~group.experiment.str.startswith("tuned_")]
+        if group.empty:
+            continue
+        best = group.loc[group.headline_acc_mean.idxmax()]
+        name = f"{best.experiment} / {best.backbone}"
+        close = diffs[(diffs.dataset == dataset) & (diffs.verdict == "within noise")
+                      & ((diffs.a == name) | (diffs.b == name))]
+        peers = {row.a if row.b == name else row.b for row in close.itertuples()}
+        pool = group[[f"{e} / {b}" in peers | {name} for e, b in zip(group.experiment, group.backbone)]]
+        cost = pool.train_epochs / pool.train_images_per_s_mean
+        cheap = pool.loc[cost.idxmin()]
+
+        def cell(r):
+            two = " (a single-logit head: two classes only)" if _single_logit(r.experiment) else ""
+            return (f"`{r.experiment}` ({r.backbone}): {100 * r.headline_acc_mean:.1f} ± "
+                    f"{100 * r.headline_acc_std:.1f}%; {int(r.train_epochs)} training epochs at "
+                    f"{r.train_images_per_s_mean:.0f} img/s, {r.train_seconds_mean:.0f} s of training on "
+                    f"this 2-core CPU{two}")
+
+        lines.append(f"| {dataset} ({best.headline}) | {cell(best)} | {cell(cheap)} |")
+        online, offline = DATA_COMMAND.get(dataset, (" --data DIR", " --data DIR"))
+        commands += [f"# {dataset}: the most accurate, then the cheaper; online, then offline (this machine)"]
+        commands += [PREPARE[dataset]] if dataset in PREPARE else []
+        for r in dict.fromkeys([best.experiment, cheap.experiment]):
+            row = group[group.experiment == r].iloc[0]
+            epochs = f" --epochs {int(row.train_epochs)}" if dataset == "dogs-vs-cats" else ""
+            for data in dict.fromkeys([online, offline]):
+                commands.append(f"python main.py -e {r} -b {row.backbone}{data}{epochs}")
+    return "\n".join(lines + ["", "The commands that made those rows (dogs-vs-cats was run shortened, with "
+                               "`--epochs`, to fit this machine):", "", "```bash", *commands, "```"])
+
+
+def _single_logit(experiment: str) -> bool:
+    from experiments import NAMES, get_experiment
+
+    return experiment in NAMES and get_experiment(experiment).RECIPE.loss == "bce_logit"
+
+
+def replot(out: Path) -> list[Path]:
+    """Every result picture that the committed tables hold the numbers of: the comparison's
+    (runs.csv, summary.csv, history/), the BatchNorm study's and the data-efficiency study's.
+    (results/looking/ shows models' maps and features: it needs the run folders, see experiments/look.py.)"""
+    from experiments import bn_policy, compare_all, data_efficiency
+
+    out = Path(out)
+    summary, runs, _ = load(out)
+    drawn = sorted(compare_all.draw_comparison(out, runs, summary))
+    if (out / "bn_policy.csv").is_file():
+        drawn.append(bn_policy.plot(pd.read_csv(out / "bn_policy.csv"), out / "bn_policy.png"))
+    if (out / "data_efficiency.csv").is_file():
+        table = pd.read_csv(out / "data_efficiency.csv", dtype={"images_per_class": str})
+        numeric = table[table.images_per_class != "all"].iloc[0]
+        classes = round(numeric.train_images / float(numeric.images_per_class))
+        drawn.append(data_efficiency.plot(table, out / "data_efficiency.png",
+                                          f"{table.dataset.iloc[0]}, {table.backbone.iloc[0]}: accuracy against "
+                                          f"training images per class", classes))
+    return drawn
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.report", description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="?", type=Path, default=Path("results"),
                    help="the folder compare_all wrote (default: results/)")
+    p.add_argument("--replot", action="store_true",
+                   help="redraw the result pictures from the committed tables (no training), then the report")
     args = p.parse_args(argv)
     try:
+        if args.replot:
+            for path in replot(args.results):
+                print(f"redrew {path}")
         print(write_report(args.results))
     except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     root = Path(__file__).resolve().parents[1]
     if args.results.resolve() == root / "results":  # the project's own results: refresh the study pages too
-        for page, paragraphs in ((root / "README.md", False), (root / "docs" / "RECIPES.md", True)):
+        for page, paragraphs in ((root / "docs" / "GUIDE.md", False), (root / "docs" / "RECIPES.md", True)):
             if update_block(page, args.results, paragraphs):
                 print(f"updated the results block in {page.relative_to(root)}")
+        if update_which_recipe(root / "README.md", args.results):
+            print("updated the README's answer to 'which recipe should I use?'")
     return 0
 
 

@@ -117,14 +117,56 @@ def test_a_link_to_the_parent_folder_neither_loops_nor_relabels(tmp_path, tiny_b
     for f in (d / "val" / "class_1").iterdir():
         f.unlink()
     (d / "val" / "class_1").rmdir()
-    (d / "val" / "class_1").symlink_to(elsewhere)  # a linked class folder is followed
-    code, out, _ = train(capsys, d, tmp_path / "runs")
+    (d / "val" / "class_1").symlink_to(elsewhere)  # a class folder that is a link to another disk
+    code, _, err = train(capsys, d, tmp_path / "refused")
+    # its files leave the data folder: left out by default, so the class is empty, and the message says why
+    assert code == 2 and "no usable image in class folder(s) ['class_1']" in err and "--follow-links" in err
+    assert f"leads to {elsewhere.resolve() / '000.png'}" in err
+    code, out, _ = train(capsys, d, tmp_path / "runs", "--follow-links")  # followed when asked for
     assert code == 0
     assert run_config(tmp_path / "runs")["dataset_sizes"] == {"train": 24, "val": 12}
     assert "counted 12 file path(s) once" in out
-    sets = image_datasets(d, build_transforms(MEAN, STD, size=32))
+    assert "6 file(s) are reached through links that leave the data folder" in out and "included" in out
+    sets = image_datasets(d, build_transforms(MEAN, STD, size=32), follow_links=True)
     for path, target in sets["train"].samples:  # every file keeps the label of the folder that holds it
         assert os.path.realpath(path).split(os.sep)[-2] == sets["train"].classes[target]
+
+
+def test_a_link_that_leaves_the_data_folder_is_reported_and_left_out(tmp_path, tiny_backbone, capsys):
+    d = write_image_folder(tmp_path / "d")
+    system = write_image_folder(tmp_path / "usr" / "share", classes=1, phases=("val",), val=5) / "val" / "class_0"
+    (d / "val" / "class_0" / "icons").symlink_to(system)  # 5 unrelated pictures would become class_0
+    code, out, _ = train(capsys, d, tmp_path / "runs")
+    assert code == 0 and run_config(tmp_path / "runs")["dataset_sizes"] == {"train": 24, "val": 12}
+    assert "5 file(s) are reached through links that leave the data folder, into " + str(system.resolve()) in out
+    assert "left out (pass --follow-links to include them)" in out
+    sets = image_datasets(d, build_transforms(MEAN, STD, size=32), follow_links=True)
+    assert len(sets["val"]) == 17
+
+
+def test_gif_jfif_and_jpe_files_are_decided_by_one_rule_and_named(tmp_path):
+    d = write_image_folder(tmp_path / "d")
+    folder = d / "train" / "class_0"
+    Image.open(folder / "000.png").convert("RGB").save(folder / "photo.jfif", format="JPEG")
+    Image.open(folder / "000.png").convert("RGB").save(folder / "photo2.jpe", format="JPEG")
+    Image.open(folder / "000.png").convert("P").save(folder / "still.gif")
+    frames = [Image.open(folder / f"00{i}.png").convert("P") for i in range(2)]
+    frames[0].save(folder / "moving.gif", save_all=True, append_images=frames[1:])
+    (folder / "notes.txt").write_text("not a photo")
+    sets = image_datasets(d, build_transforms(MEAN, STD, size=32))
+    names = {Path(p).name for p, _ in sets["train"].samples}
+    assert {"photo.jfif", "photo2.jpe"} <= names and not names & {"still.gif", "moving.gif", "notes.txt"}
+    report = describe_skipped(sets)
+    assert "left out 3 file(s) that are not images" in report
+    for name in ("still.gif", "moving.gif"):
+        assert f"{folder / name}: a GIF" in report
+    assert f"{folder / 'notes.txt'}: not an image file (.txt" in report
+
+
+def test_hymenoptera_keeps_its_files_and_names_the_placeholder(hymenoptera):
+    sets = image_datasets(hymenoptera, build_transforms(MEAN, STD, size=32))
+    assert {p: len(ds) for p, ds in sets.items()} == {"train": 244, "val": 153}
+    assert f"{hymenoptera / 'train' / 'ants' / 'imageNotFound.gif'}: a GIF" in describe_skipped(sets)
 
 
 def test_a_file_in_two_classes_has_no_label_and_is_skipped(tmp_path):

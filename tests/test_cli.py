@@ -38,7 +38,7 @@ def test_run_options_are_declared_once():
     or a command; left out, the run options give exactly RunOptions' defaults."""
     parser = main.build_parser()
     not_run = {"help", "experiment", "list", "resume", "evaluate", "predict", "explain", "export", "prepare",
-               "show_data", "src", "dest", "force", "split", "checkpoint", "format", "quick"}
+               "show_data", "src", "dest", "force", "split", "checkpoint", "format", "quick", "csv"}
     assert {a.dest for a in parser._actions} - not_run <= {f.name for f in dataclasses.fields(RunOptions)}
     args = parser.parse_args(["-e", "resnet_finetune", "--data", "somewhere"])
     assert commands.run_options(args) == RunOptions(data=Path("somewhere"))
@@ -153,3 +153,16 @@ def test_a_failed_data_download_leaves_no_empty_data_folder(capsys, tmp_path, mo
     (tmp_path / "data" / "mine.txt").write_text("keep")
     assert main.main(["--experiment", "resnet_scratch"]) == 2
     assert [p.name for p in (tmp_path / "data").iterdir()] == ["mine.txt"]
+
+
+def test_a_torch_torchvision_mismatch_is_one_line_before_torchvision_is_imported(monkeypatch, capsys):
+    from importlib import metadata
+
+    versions = {"torch": "2.14.1", "torchvision": "0.24.1"}
+    monkeypatch.setattr(metadata, "version", lambda name: versions[name])
+    assert main.main(["--list"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: torchvision 0.24.1 does not match torch 2.14.1") and err.count("\n") == 1
+    assert "torchvision==0.29" in err
+    versions["torchvision"] = "0.29.1+cpu"
+    assert main.main(["--list"]) == 0

@@ -43,7 +43,9 @@ def test_old_run_evaluates_to_the_same_numbers(old_run):
     text = io.StringIO()
     with redirect_stdout(text):
         assert main.main(["--evaluate", str(old_run / "best.pth"), "--data", str(DATA)]) == 0
-    assert [line for line in text.getvalue().splitlines() if "acc" in line] == EXPECTED["evaluate_lines"]
+    # (the classification report's line, issue 22, came later: the numbers made then are the promise)
+    assert [line for line in text.getvalue().splitlines()
+            if "acc" in line and not line.startswith("classification report:")] == EXPECTED["evaluate_lines"]
 
 
 def test_old_run_exports_the_same_model(old_run):

@@ -55,7 +55,7 @@ def test_headline_is_test_of_the_val_choice_else_final_val(tmp_path, tiny_backbo
     _always(model, 1)  # ... and the final epoch's weights, which the model holds now
     opts = RunOptions(data=data, image_size=32)
     result = score_headline(model, model, History(best_state=best), sets["val"], sets["val"], sets.get("test"),
-                            ["class_0", "class_1"], opts, torch.device("cpu"), tmp_path)
+                            ["class_0", "class_1"], opts, torch.device("cpu"), tmp_path).record
     predictions = pd.read_csv(tmp_path / "headline_predictions.csv")
     if has_test:  # best state ("always class_0") on test: 6 of 8 right
         assert result["headline"] == "test, epoch chosen on val"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -14,8 +15,10 @@ from PIL import Image
 import main
 from tests.conftest import DOGS_VS_CATS, require_real_data, write_image_folder
 from tl import TLError
+from tl.data import build_transforms
 from tl.engine.checkpoint import load_checkpoint
 from tl.engine.prepare import prepare_dogs_vs_cats
+from tl.engine.selection import describe_links, image_datasets
 
 
 def _flat_kaggle(root: Path, per_class: int = 50) -> Path:
@@ -159,3 +162,18 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_data, ti
     (run_dir,) = (tmp_path / "runs").iterdir()
     ckpt = load_checkpoint(run_dir / "last.ckpt")
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
+
+
+def test_the_links_prepare_makes_are_its_own_and_stay_usable(tmp_path, monkeypatch):
+    src = _flat_kaggle(tmp_path / "flat", per_class=5)
+
+    def no_hard_links(*args, **kwargs):
+        raise OSError(errno.EXDEV, "cross-device link")
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    report = prepare_dogs_vs_cats(src, tmp_path / "dest", log=lambda s: None)
+    assert report["methods"] == {"symlinked": 10}
+    sets = image_datasets(tmp_path / "dest", build_transforms((0.5,) * 3, (0.5,) * 3, size=32),
+                          phases=("train", "val", "test"))
+    assert sum(len(ds) for ds in sets.values()) == 10  # every link leads out of dest, into --src: still used
+    assert not any(ds.outside for ds in sets.values()) and describe_links(sets) == []

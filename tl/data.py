@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, WeightedRandomSampler
 from torchvision.transforms import v2
 
 from tl import distributed
@@ -94,6 +94,7 @@ def make_loaders(
     workers: int = 0,
     pin_memory: bool = False,
     generator: torch.Generator | None = None,
+    sample_weights: torch.Tensor | None = None,
 ) -> dict[str, DataLoader]:
     """The phase-dict of DataLoaders that the loop walks (002 §1.3 step 3).
 
@@ -105,18 +106,23 @@ def make_loaders(
     from the generator.
     Under torchrun each process loads only its shard (`tl.distributed.sampler`): train's
     order then comes from `seed` + epoch, val's shards hold every image exactly once.
+    `sample_weights` (one per train image, `--balanced-sampler`): train draws len(train) images
+    with replacement, each with that weight (a `WeightedRandomSampler` on the same generator).
     """
     loaders = {}
     for phase, ds in sets.items():
         train = phase == "train"
+        weights, order = (sample_weights, generator or torch.Generator().manual_seed(seed)) if train else (None, None)
         # [DDP] under torchrun: this process's shard of the phase (tl/distributed.py); None here otherwise
-        sampler = distributed.sampler(ds, shuffle=train, seed=seed)
+        sampler = distributed.sampler(ds, shuffle=train, seed=seed, weights=weights)
+        if sampler is None and weights is not None:  # classes drawn as often as their weights say
+            sampler = WeightedRandomSampler(weights, len(ds), generator=order)
         loaders[phase] = DataLoader(
             ds,
             batch_size=batch_size,
             shuffle=train and sampler is None,
             sampler=sampler,
-            generator=(generator or torch.Generator().manual_seed(seed)) if train else None,
+            generator=order,
             num_workers=workers,
             worker_init_fn=_seed_worker if workers else None,
             pin_memory=pin_memory,  # page-locked host memory: faster, asynchronous copies to a GPU

@@ -148,14 +148,39 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-def sampler(dataset: Dataset, *, shuffle: bool, seed: int) -> Sampler | None:
+class WeightedShardSampler(Sampler[int]):
+    """`--balanced-sampler` in N processes: one weighted draw (with replacement) from seed +
+    epoch, the same on every process, dealt out: process r takes draws r, r + N, r + 2N, ...
+    Each shard has ceil(len / N) images, so the processes step in lock step."""
+
+    def __init__(self, weights, num_replicas: int, rank: int, seed: int):
+        self.weights, self.num_replicas, self.rank = torch.as_tensor(weights, dtype=torch.double), num_replicas, rank
+        self.seed, self.epoch = seed, 0
+        self.num_samples = -(-len(self.weights) // num_replicas)  # ceil
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        drawn = torch.multinomial(self.weights, self.num_samples * self.num_replicas, replacement=True, generator=g)
+        return iter(drawn[self.rank::self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def sampler(dataset: Dataset, *, shuffle: bool, seed: int, weights=None) -> Sampler | None:
     """This process's share of `dataset`; None in a single process (the DataLoader's own).
 
     train: `DistributedSampler`, a permutation drawn from seed + epoch (`set_epoch`), the
-    same on every process, cut into N equal shards (the last padded with repeated images).
+    same on every process, cut into N equal shards (the last padded with repeated images);
+    with `weights` (`--balanced-sampler`), its share of one weighted draw (`WeightedShardSampler`).
     val/test: `ShardSampler`, every image once."""
     if not is_distributed():
         return None
+    if shuffle and weights is not None:
+        return WeightedShardSampler(weights, world_size(), rank(), seed)
     if shuffle:
         return DistributedSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=True, seed=seed)
     return ShardSampler(dataset, world_size(), rank())
@@ -164,7 +189,7 @@ def sampler(dataset: Dataset, *, shuffle: bool, seed: int) -> Sampler | None:
 def set_epoch(loader: DataLoader, epoch: int) -> None:
     """A new shuffle each epoch: the DistributedSampler draws its permutation from seed + epoch
     (so a resumed run needs no saved sampler state)."""
-    if isinstance(loader.sampler, DistributedSampler):
+    if isinstance(loader.sampler, (DistributedSampler, WeightedShardSampler)):
         loader.sampler.set_epoch(epoch)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from tl.models import Backbone
@@ -49,7 +50,11 @@ class Recipe:
 BuildFn = Callable[[nn.Module, Backbone, Recipe], tuple]
 
 
-def make_criterion(recipe: Recipe) -> nn.Module:
+def make_criterion(recipe: Recipe, class_weights: torch.Tensor | None = None) -> nn.Module:
+    """The loss the recipe implies. `class_weights` (one per class; `--class-weights auto` gives the
+    inverse class frequency) weigh each image's loss by its class, so a rare class counts as much
+    as a common one; a single logit takes them as `pos_weight`, the weight of class 1 over class 0."""
     if recipe.loss == "bce_logit":
-        return nn.BCEWithLogitsLoss()
-    return nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+        pos_weight = None if class_weights is None else class_weights[1:] / class_weights[0]
+        return nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    return nn.CrossEntropyLoss(weight=class_weights, label_smoothing=recipe.label_smoothing)

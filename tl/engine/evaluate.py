@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,8 @@ from torch import nn
 from tl import TLError
 from tl.data import build_transforms
 from tl.engine.checkpoint import load_state_file, verify_state_file
-from tl.engine.images import load_rgb
+from tl.engine.images import PHASES, load_rgb
+from tl.engine.metrics import classification_report, write_report
 from tl.engine.names import how_names_differ
 from tl.engine.selection import ImageChoice, TooFewImages, select_images
 from tl.engine.weights import build_model
@@ -51,8 +53,10 @@ class ModelContext:
     val_split: float | None = None  # the run split a folder of class folders (--val-split) ...
     split_seed: int = 0  # ... with this seed: --evaluate rebuilds the same split
     train_per_class: int | None = None  # the run trained on this seeded draw per class (split_seed): --split train
+    train_fraction: dict[str, float] | None = None  # ... and kept this seeded fraction of some classes
     max_per_class: int | None = None  # the run used only the first N images of each class (--quick)
     verify_images: bool = False  # the run decoded every image first and left out those that fail
+    follow_links: bool = False  # the run included files reached through links that leave its data folder
 
 
 def context_for(path: Path, backbone: str | None) -> ModelContext:
@@ -71,8 +75,10 @@ def context_for(path: Path, backbone: str | None) -> ModelContext:
                                 # runs saved before --split-seed drew the split with their training seed
                                 split_seed=int(options.get("split_seed", options.get("seed", 0))),
                                 train_per_class=options.get("train_per_class"),
+                                train_fraction=options.get("train_fraction"),
                                 max_per_class=options.get("max_per_class"),
                                 verify_images=bool(options.get("verify_images", False)),
+                                follow_links=bool(options.get("follow_links", False)),
                                 checksums=_string_map(config.get("checksums", {})))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise TLError(f"{config_file} is not a run config this project wrote ({type(exc).__name__}: {exc}); "
@@ -163,7 +169,7 @@ def split_loader(data: Path, split: str, ctx: ModelContext, batch_size: int = 32
     choice = dataclasses.replace(ImageChoice.of(ctx), data=data,
                                  val_split=None if (data / split).is_dir() else ctx.val_split)
     if split != "train":
-        choice = dataclasses.replace(choice, max_per_class=None, train_per_class=None)
+        choice = dataclasses.replace(choice, max_per_class=None, train_per_class=None, train_fraction=None)
     try:
         ds = select_images(choice, transforms, phases=(split,), log=log)[split]
     except TooFewImages:
@@ -187,15 +193,32 @@ def evaluate_folder(folder: Path, ctx: ModelContext, loader, classes: list[str],
     rows = []
     for epoch, file in files:
         result = evaluate(load_model(file, ctx, len(classes), allow_pickle), loader, device, len(classes))
+        if file == files[-1][1]:  # the final epoch's, which nothing selected: its classification report
+            write_evaluation_report(folder / f"evaluate-{file.stem}-{split}", result, loader.dataset, classes, log)
         rows.append({"epoch": epoch, "file": file.name, "loss": result["loss"], "acc": result["acc"],
                      **{f"acc_{c}": a for c, a in zip(classes, result["per_class_acc"])}})
         log(f"epoch {epoch:>3}  {file.name:<40} loss {result['loss']:.4f}  acc {result['acc']:.4f}")
     table = pd.DataFrame(rows)
     out = folder / f"eval_{split}.csv"
     table.to_csv(out, index=False)
-    best = table.loc[table.acc.idxmax()]
-    log(f"best {split} accuracy {best.acc:.4f} at epoch {int(best.epoch)}; wrote {out}")
+    # training's rule: the highest accuracy, ties to the lower loss, then to the earlier epoch
+    best = table.sort_values(["acc", "loss", "epoch"], ascending=[False, True, True]).iloc[0]
+    log(f"best {split} accuracy {best.acc:.4f} at epoch {int(best.epoch)} (ties: lower loss); wrote {out}")
     return table
+
+
+def write_evaluation_report(folder: Path, result: dict, dataset, classes: list[str], log=print) -> dict:
+    """The classification report (tl/engine/metrics.py) of an `evaluate` result on `dataset`'s
+    images, written to `folder` (classification_report.csv/.md, confused_pairs.csv)."""
+    root = Path(dataset.root)  # files named from the data folder, as in headline_predictions.csv
+    root = root.parent if root.name in PHASES else root  # (a --val-split run's split is the data folder)
+    report = classification_report([classes[t] for _, t in dataset.samples],
+                                   [classes[p] for p in result["predictions"]],
+                                   [Path(os.path.relpath(p, root)).as_posix() for p, _ in dataset.samples], classes)
+    page = write_report(folder, report, f"{folder.name} ({dataset.root})")
+    log(f"classification report: macro-F1 {report['macro_f1']:.4f}, balanced accuracy "
+        f"{report['balanced_accuracy']:.4f} -> {page}")
+    return report
 
 
 @torch.no_grad()

@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from tl.engine.checkpoint import atomic_save, remove_stale_temporaries, state_digest, temporary_beside
+from tl.engine.images import READER
 from tl.features import (
     CacheSplit,
     FeatureSet,
@@ -148,15 +149,17 @@ def cache_key(digest: str, dataset, *, views: int, random_views: bool, seed: int
 
     the prefix (`prefix_digest`), how the pass ran (device type, memory layout, batch size,
     BatchNorm folding, storage dtype: each changes the float rounding), the library versions
-    (decoders, resampling, kernels), the transform, and each file with its label, size and
-    modification time. On the CPU, the thread count too: a convolution split over another
-    number of threads sums in another order. The seed and the worker count decide which
-    random crops are drawn (each worker seeds its own RNG), so they enter the key only for
-    random views: without augmentation every seed reuses the same features."""
+    (decoders, resampling, kernels), how a file becomes pixels (`images.READER`: EXIF orientation
+    applied), the transform, and each file with its label, size and modification time. On the
+    CPU, the thread count too: a convolution split over another number of threads sums in
+    another order. The seed and the worker count decide which random crops are drawn (each
+    worker seeds its own RNG), so they enter the key only for random views: without
+    augmentation every seed reuses the same features."""
     files = [(p, t, os.path.getsize(p), os.stat(p).st_mtime_ns) for p, t in dataset.samples]
     settings = {"prefix": digest, "transform": repr(dataset.transform), "files": files, "views": views,
                 "dtype": str(dtype), "device": torch.device(device).type, "channels_last": channels_last,
-                "batch_size": feature_batch_size(device), "folded": folded, "versions": _library_versions()}
+                "batch_size": feature_batch_size(device), "folded": folded, "versions": _library_versions(),
+                "reader": READER}
     if settings["device"] == "cpu":
         settings["threads"] = torch.get_num_threads()
     if random_views:

@@ -14,16 +14,17 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 from torchvision import datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from tl import TLError
 
 PHASES = ("train", "val", "test")
-# torchvision's list of still-image extensions. It leaves out ".gif" on purpose,
-# which is why hymenoptera's `train/ants/imageNotFound.gif` placeholder is not a sample.
-IMAGE_EXTENSIONS = IMG_EXTENSIONS
+# torchvision's still-image extensions, and JPEG's two other names. A GIF is left out with its
+# reason (`not_an_image`): hymenoptera's `train/ants/imageNotFound.gif` is a placeholder, not an ant.
+IMAGE_EXTENSIONS = IMG_EXTENSIONS + (".jfif", ".jpe")
+PREPARED_MARK = ".made-by-tl-prepare"  # written into each split folder that --prepare creates
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -49,11 +50,25 @@ class UnusableImage(ValueError):
     """An image file that is not used, with the reason (the message) a report shows."""
 
 
-def has_image_extension(path: str | os.PathLike) -> bool:
-    """True for visible files whose extension is a still-image format (`.DS_Store`, `.txt`,
-    `.gif` placeholders are not samples)."""
+def not_an_image(path: str | os.PathLike) -> str | None:
+    """Why a file in a data folder is not a photo this project trains on, or None: THE rule for
+    training, evaluation and folder prediction alike (a file named on the command line may be
+    any still image PIL reads). Every file it leaves out is reported with this reason."""
     name = os.path.basename(path)
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+    extension = os.path.splitext(name)[1].lower()
+    if name.startswith("."):
+        return "hidden file"
+    if extension in IMAGE_EXTENSIONS:
+        return None
+    if extension == ".gif":
+        # GIFs are animations, drawings and placeholders (hymenoptera's imageNotFound.gif), rarely photos
+        return "a GIF (animations, graphics, placeholders): convert it to PNG or JPEG to use it"
+    return f"not an image file ({extension or 'no extension'}; images are {', '.join(IMAGE_EXTENSIONS)})"
+
+
+def has_image_extension(path: str | os.PathLike) -> bool:
+    """True for a file `not_an_image` accepts (its contents are checked later)."""
+    return not_an_image(path) is None
 
 
 def _header_problem(img: Image.Image) -> str | None:
@@ -136,10 +151,22 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+# What `load_rgb` does to a file's pixels, for the keys of caches built from them (feature_store.cache_key)
+READER = "rgb, exif orientation applied"
+
+
 def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open any still image as 8-bit RGB, with the header guards of `_open` (UnusableImage)."""
+    """Open any still image as 8-bit RGB, upright, with the header guards of `_open` (UnusableImage).
+
+    Upright: a phone stores a portrait photo as landscape pixels plus an EXIF tag saying "turn
+    me" (Orientation); every viewer obeys it, so must we, or a cat lies on its side in training
+    and stands in the viewer. A tag that cannot be read leaves the pixels as stored."""
     with _open(path) as img:
         img.load()  # the full decode: a truncated file raises OSError here
+        try:
+            ImageOps.exif_transpose(img, in_place=True)
+        except Exception:  # noqa: BLE001 - a damaged EXIF block: the pixels as stored
+            pass
         return to_rgb(img)
 
 
@@ -234,7 +261,8 @@ def walk_files(top: str, ignored: list | None = None):
             yield os.path.join(dirpath, name)
 
 
-def scan_classes(root: str, classes: list[str], verify: bool = False) -> dict:
+def scan_classes(root: str, classes: list[str], verify: bool = False, within: str | None = None,
+                 follow_links: bool = False) -> dict:
     """The files of each class folder under `root`: which are samples, which are not and why.
 
     Each real file is counted once. Identity is (device, inode), so a symlink and a hard
@@ -244,17 +272,30 @@ def scan_classes(root: str, classes: list[str], verify: bool = False) -> dict:
     two classes' folders (hard links), or that two classes reach only through links, has
     no single label and is skipped.
 
+    A file reached through a link that leaves the data folder `within` (judged with the
+    folder's own links resolved) is someone else's file: a link to a system folder would add
+    its pictures to a class. It is left out unless `follow_links`, and listed in `outside`
+    either way; links that `--prepare` made (a split folder holding PREPARED_MARK) are its own.
+
     Returns samples [(path, class index)] in class then path order, skipped [(path, why)],
-    duplicates [(path, the path it repeats)] and ignored [(folder, why)].
+    duplicates [(path, the path it repeats)], ignored [(folder, why)], not_images [(path, why)]
+    and outside [(path, where it leads)].
     """
     found: dict[tuple[int, int], list[tuple[int, str, bool]]] = {}
     order: list[tuple[int, str, tuple[int, int]]] = []
-    skipped, ignored = [], []
+    skipped, ignored, not_images, outside = [], [], [], []
     tops = [os.path.realpath(os.path.join(root, name)) for name in classes]
+    home = os.path.realpath(within if within is not None else root) + os.sep
+    own_links = os.path.isfile(os.path.join(root, PREPARED_MARK))
     for index, name in enumerate(classes):
         for path in walk_files(os.path.join(root, name), ignored):
-            if not has_image_extension(path):
+            if (why := not_an_image(path)) is not None:
+                not_images.append((path, why))
                 continue
+            if not own_links and not (real := os.path.realpath(path)).startswith(home):
+                outside.append((path, real))
+                if not follow_links:
+                    continue
             try:
                 st = os.stat(path)
             except OSError as exc:  # a link to nowhere, a link loop, no permission
@@ -282,7 +323,8 @@ def scan_classes(root: str, classes: list[str], verify: bool = False) -> dict:
         else:
             samples.append((path, index))
     ignored = list({os.path.realpath(path): (path, why) for path, why in ignored}.values())  # once each
-    return {"samples": samples, "skipped": skipped, "duplicates": duplicates, "ignored": ignored}
+    return {"samples": samples, "skipped": skipped, "duplicates": duplicates, "ignored": ignored,
+            "not_images": not_images, "outside": outside}
 
 
 class CheckedImageFolder(datasets.ImageFolder):
@@ -299,8 +341,9 @@ class CheckedImageFolder(datasets.ImageFolder):
     (`read_image`); it never substitutes another image, which would change numbers silently.
     """
 
-    def __init__(self, root: str | os.PathLike, transform=None, *, verify: bool = False):
-        self._verify = verify
+    def __init__(self, root: str | os.PathLike, transform=None, *, verify: bool = False,
+                 within: str | os.PathLike | None = None, follow_links: bool = False):
+        self._verify, self._within, self.follow_links = verify, within, follow_links
         super().__init__(str(root), transform=transform, loader=read_image, allow_empty=True)
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
@@ -308,8 +351,9 @@ class CheckedImageFolder(datasets.ImageFolder):
         return classes, {name: i for i, name in enumerate(classes)}
 
     def make_dataset(self, directory: str, class_to_idx: dict[str, int], *args, **kwargs) -> list[tuple[str, int]]:
-        scan = scan_classes(directory, list(class_to_idx), self._verify)
+        scan = scan_classes(directory, list(class_to_idx), self._verify, self._within, self.follow_links)
         self.skipped, self.duplicates = scan["skipped"], scan["duplicates"]
+        self.not_images, self.outside = scan["not_images"], scan["outside"]
         self.ignored = self.ignored + scan["ignored"]
         return scan["samples"]
 

@@ -28,9 +28,11 @@ class RunOptions:
     image_size: int = 224  # crop size; the val resize keeps 002's 256/224 ratio
     max_per_class: int | None = None  # use only the first N images of each class (smoke runs)
     train_per_class: int | None = None  # train on a seeded draw of N images per class (split_seed; val untouched)
+    train_fraction: dict[str, float] | None = None  # keep a seeded fraction of these classes' train images
     val_split: float | None = None  # split a folder of class folders into train/val (seeded, per class)
     split_seed: int = 0  # seed of that split alone: a training --seed must not change the val images
     verify_images: bool = False  # fully decode every image before training (finds truncated files)
+    follow_links: bool = False  # include files reached through links that leave the data folder
     augment: bool = True
     save_every_epoch: bool = False
     amp: bool = True  # mixed precision, only ever used on CUDA
@@ -47,6 +49,8 @@ class RunOptions:
     allow_pickle: bool = False  # --weights may be a whole pickled model (runs code from the file)
     progress: bool = True
     sync_bn: bool = False  # under torchrun on GPUs: BatchNorm statistics over all processes' batches (SyncBatchNorm)
+    class_weights: str | None = None  # "auto": weigh each class's loss by its inverse frequency in train
+    balanced_sampler: bool = False  # draw train images with replacement, every class equally often
 
 
     def __post_init__(self) -> None:

@@ -7,6 +7,7 @@ writes one PNG.
 
 from __future__ import annotations
 
+import functools
 import textwrap
 from pathlib import Path
 
@@ -16,6 +17,7 @@ matplotlib.use("Agg")  # headless: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from matplotlib import font_manager, ft2font  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
@@ -27,6 +29,33 @@ def save_figure(fig, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+MAX_CLASSES_SHOWN = 30  # a confusion matrix with more classes shows the most-confused ones (all in confusion.csv)
+MAX_INCHES = 14  # no figure grows past this on either side, whatever the class count (at 110 dpi: 1540 pixels)
+
+
+@functools.lru_cache(maxsize=1)
+def _glyphs() -> frozenset[int]:
+    """The characters the figures' font can draw (CI has only DejaVu Sans: no Hangul, no CJK)."""
+    font = font_manager.findfont(font_manager.FontProperties(family=plt.rcParams["font.family"]))
+    return frozenset(ft2font.FT2Font(font).get_charmap())
+
+
+def class_label(name: str, index: int, limit: int = 24) -> str:
+    """A class name as a figure shows it: shortened with an ellipsis past `limit` characters,
+    and its number "#index" where the font lacks a glyph for it (the full names go to a CSV)."""
+    if not all(ord(c) in _glyphs() for c in name):
+        return f"#{index}"
+    return name if len(name) <= limit else name[: limit - 1] + "\u2026"
+
+
+def series_styles(n: int) -> list[dict]:
+    """Distinct colour and line style for each of `n` series: 10 colours, then dashes, then dots,
+    so 12 recipes on one chart never share a look."""
+    colours = plt.get_cmap("tab10").colors
+    dashes = ("-", "--", ":", "-.")
+    return [{"color": colours[i % 10], "linestyle": dashes[(i // 10) % len(dashes)]} for i in range(n)]
 
 
 def run_curves(rows: list[dict] | pd.DataFrame, path: str | Path, title: str = "") -> Path:
@@ -59,12 +88,12 @@ def run_curves(rows: list[dict] | pd.DataFrame, path: str | Path, title: str = "
 def compare_curves(histories: dict[str, pd.DataFrame], path: str | Path, title: str = "") -> Path:
     """Val accuracy and val loss per epoch, one line per recipe (mean over seeds, min-max band)."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5 + 0.25 * ((len(histories) + 2) // 3)), layout="constrained")
-    for label, df in histories.items():
+    for (label, df), style in zip(histories.items(), series_styles(len(histories))):
         val = df[df.phase == "val"]
         for ax, metric in zip(axes, ("acc", "loss")):
             g = val.groupby("epoch")[metric].agg(["mean", "min", "max"])
-            (line,) = ax.plot(g.index, g["mean"], marker="o", markersize=3, label=label)
-            ax.fill_between(g.index, g["min"], g["max"], color=line.get_color(), alpha=0.15)
+            ax.plot(g.index, g["mean"], marker="o", markersize=3, label=label, **style)
+            ax.fill_between(g.index, g["min"], g["max"], color=style["color"], alpha=0.12)
     for ax, name in zip(axes, ("val accuracy", "val loss")):
         ax.axvline(0, color="gray", linestyle=":", linewidth=1)
         ax.text(0.1, 0.02, "epoch 0 = baseline", transform=ax.get_xaxis_transform(), fontsize=8, color="gray")
@@ -78,27 +107,36 @@ def compare_curves(histories: dict[str, pd.DataFrame], path: str | Path, title: 
 
 
 def comparison_chart(summary: pd.DataFrame, path: str | Path, title: str = "") -> Path:
-    """Headline accuracy (mean ± std over seeds) next to training time, one bar per recipe.
+    """Headline accuracy (mean ± std over seeds) next to training time, one row per recipe.
 
-    The bar is the headline (not selected on the images it is scored on); the best val
-    accuracy, selected on val, is a hollow marker beside it, so the gap shows the optimism."""
+    The dot is the headline (not selected on the images it is scored on); the best val
+    accuracy, selected on val, is a hollow diamond beside it, so the gap shows the optimism.
+    The axis spans the best recipes' range, where the choice is made (a 0-1 axis hides the
+    difference between 92% and 95%); a recipe far below it is written at the left edge."""
     done = summary[summary.status == "ok"].reset_index(drop=True)
     labels = [f"{e}\n{b}" for e, b in zip(done.experiment, done.backbone)]
     fig, (ax_acc, ax_time) = plt.subplots(1, 2, figsize=(12, 0.6 * len(done) + 2.5), sharey=True,
                                           layout="constrained")
-    y = range(len(done))
+    y = list(range(len(done)))
     headline = done.headline.iloc[0] if len(done) else "headline"
-    ax_acc.barh(y, done.headline_acc_mean, xerr=done.headline_acc_std.fillna(0), color="tab:green",
-                alpha=0.8, capsize=3, label=f"headline: {headline}")
-    ax_acc.scatter(done.best_val_acc_mean, y, marker="D", s=30, facecolors="none", edgecolors="tab:red",
-                   zorder=5, label="best val epoch (selected on val)")
-    ax_acc.scatter(done.baseline_val_acc_mean, y, marker="|", s=200, color="black", label="epoch-0 baseline")
-    ax_acc.set_xlim(0, 1)
-    ax_acc.set_xlabel("accuracy (mean ± std over seeds)")
-    fig.legend(*ax_acc.get_legend_handles_labels(), loc="outside lower center", ncol=3, fontsize=8)
+    mean, std = done.headline_acc_mean, done.headline_acc_std.fillna(0)
+    left = max(0.0, ((mean.max() if len(done) else 0.0) - 0.12) // 0.05 * 0.05)
+    shown = mean - std >= left
+    ax_acc.errorbar(mean[shown], [i for i, ok in zip(y, shown) if ok], xerr=std[shown], fmt="o", color="tab:green",
+                    capsize=3, label=f"headline: {headline}")
+    best = done.best_val_acc_mean[shown]
+    ax_acc.scatter(best, [i for i, ok in zip(y, shown) if ok], marker="D", s=30,
+                   facecolors="none", edgecolors="tab:red", zorder=5, label="best val epoch (selected on val)")
+    for i, ok in enumerate(shown):
+        if not ok:
+            ax_acc.text(left, i, f" \u25c0 {mean[i]:.3f} ± {std[i]:.3f}", va="center", ha="left", fontsize=8,
+                        color="tab:green")
+    ax_acc.set_xlim(left, 1.0)
+    ax_acc.set_xlabel(f"accuracy (mean ± std over seeds; the axis starts at {left:.2f})")
+    fig.legend(*ax_acc.get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=8)
     ax_time.barh(y, done.train_seconds_mean, color="tab:purple", alpha=0.8)
     ax_time.set_xlabel("training time, seconds (mean over seeds)")
-    ax_acc.set_yticks(list(y), labels, fontsize=8)
+    ax_acc.set_yticks(y, labels, fontsize=8)
     ax_acc.invert_yaxis()
     for ax in (ax_acc, ax_time):
         ax.grid(axis="x", alpha=0.3)
@@ -128,29 +166,56 @@ def image_grid(images: torch.Tensor, titles: list[str], path: str | Path, *, mea
         ax.axis("off")
         if i < n:
             ax.imshow(pictures[i].permute(1, 2, 0).numpy())  # (C, H, W) -> (H, W, C) for imshow
-            ax.set_title(textwrap.fill(titles[i], 20), fontsize=9, color=(colors[i] if colors else "black"))
+            ax.set_title(textwrap.fill(textwrap.shorten(titles[i], 40, placeholder="\u2026"), 20), fontsize=9,
+                         color=(colors[i] if colors else "black"))
     if title:
         fig.suptitle(title)
     return save_figure(fig, path)
 
 
 def confusion_matrix_plot(matrix: torch.Tensor, classes: list[str], path: str | Path, title: str = "") -> Path:
-    """Rows: true class; columns: predicted class; each cell its count."""
-    fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 2.5, 1.2 * len(classes) + 2), layout="constrained")
-    image = ax.imshow(matrix.numpy(), cmap="Blues")
+    """Rows: true class; columns: predicted class; each cell its count.
+
+    Bounded for any class count: past MAX_CLASSES_SHOWN classes it shows the classes with the
+    most errors (the whole matrix, with full names, is in the CSV the caller writes beside it);
+    names are shortened or numbered (`class_label`)."""
+    shown = list(range(len(classes)))
+    if len(classes) > MAX_CLASSES_SHOWN:  # the most-confused classes: errors made on them or into them
+        errors = (matrix.sum(0) + matrix.sum(1) - 2 * matrix.diagonal()).tolist()
+        shown = sorted(sorted(shown, key=lambda k: -errors[k])[:MAX_CLASSES_SHOWN])
+        title = f"{title or 'confusion matrix'}\n(the {len(shown)} most-confused of {len(classes)} classes)"
+    sub = matrix[shown][:, shown]
+    side = min(MAX_INCHES, 0.45 * len(shown) + 3)
+    fig, ax = plt.subplots(figsize=(side, side), layout="constrained")
+    image = ax.imshow(sub.numpy(), cmap="Blues")
     # the colour scale runs from the smallest count (palest) to the largest (darkest), so
     # white text goes on cells past the middle of *that* range, not past half the maximum
     middle = (image.norm.vmin + image.norm.vmax) / 2
-    for i in range(len(classes)):
-        for j in range(len(classes)):
-            v = int(matrix[i, j])
-            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > middle else "black")
-    ax.set_xticks(range(len(classes)), classes)
-    ax.set_yticks(range(len(classes)), classes)
+    size = 9 if len(shown) <= 12 else 6
+    for i in range(len(shown)):
+        for j in range(len(shown)):
+            v = int(sub[i, j])
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=size, color="white" if v > middle else "black")
+    labels = [class_label(classes[k], k) for k in shown]
+    ax.set_xticks(range(len(shown)), labels, rotation=90 if len(shown) > 6 else 0, fontsize=size + 1)
+    ax.set_yticks(range(len(shown)), labels, fontsize=size + 1)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title or "confusion matrix")
+    ax.set_title(title or "confusion matrix", fontsize=10)
     return save_figure(fig, path)
+
+
+def class_names_csv(classes: list[str], path: str | Path) -> Path:
+    """The full name of every class beside the label the pictures give it."""
+    from tl.engine.checkpoint import atomic_write_text
+
+    rows = "".join(f"{k},{_csv_field(class_label(c, k))},{_csv_field(c)}\n" for k, c in enumerate(classes))
+    atomic_write_text(Path(path), "index,label_in_pictures,class\n" + rows)
+    return Path(path)
+
+
+def _csv_field(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
 
 
 def data_preview(data_dir: str | Path, backbone: str, out_dir: str | Path, seed: int = 0, *,
@@ -187,7 +252,7 @@ def data_preview(data_dir: str | Path, backbone: str, out_dir: str | Path, seed:
 
 
 def top_losses_plot(dataset, probabilities: torch.Tensor, classes: list[str], path: str | Path, *, mean, std,
-                    k: int = 16, title: str = "") -> Path:
+                    k: int = 16, title: str = "", split: str = "val") -> Path:
     """The val images the model got most confidently wrong (fastai's `plot_top_losses`), each
     titled "predicted / true / probability of the prediction"; `probabilities` (N, C) are
     the model's on `dataset`, in its order. With no mistake, the figure says so."""
@@ -197,14 +262,16 @@ def top_losses_plot(dataset, probabilities: torch.Tensor, classes: list[str], pa
     if not rows:
         fig, ax = plt.subplots(figsize=(6, 2), layout="constrained")
         ax.axis("off")
-        ax.text(0.5, 0.5, f"no val image is misclassified ({len(dataset)} images)", ha="center", va="center")
+        ax.text(0.5, 0.5, f"no {split} image is misclassified ({len(dataset)} images)", ha="center", va="center")
         fig.suptitle(title or "top losses")
         return save_figure(fig, path)
     images = torch.stack([dataset[r["index"]][0] for r in rows])
-    titles = [f"{classes[r['predicted']]} / {classes[r['true']]} / {r['probability']:.2f}" for r in rows]
+    names = [Path(dataset.samples[r["index"]][0]).name if hasattr(dataset, "samples") else "" for r in rows]
+    titles = [f"{class_label(classes[r['predicted']], r['predicted'])} / {class_label(classes[r['true']], r['true'])}"
+              f" / {r['probability']:.2f} {name}" for r, name in zip(rows, names)]
     return image_grid(images, titles, path, mean=mean, std=std, colors=["red"] * len(rows), cols=min(8, len(rows)),
-                      title=title or f"most confidently wrong: predicted / true / probability "
-                                     f"({len(rows)} of the misclassified val images, loss -log p(true) largest first)")
+                      title=title or f"most confidently wrong: predicted / true / probability / file "
+                                     f"({len(rows)} of the misclassified {split} images, largest loss first)")
 
 
 def _overlay(ax, picture: torch.Tensor, cam: torch.Tensor | None) -> None:
@@ -226,15 +293,22 @@ def cam_figure(images: torch.Tensor, rows: list[tuple[str, torch.Tensor, list[st
     for j in range(n):
         _overlay(axes[0, j], pictures[j], None)
         if photo_titles:
-            axes[0, j].set_title(textwrap.fill(photo_titles[j], 22), fontsize=8)
+            axes[0, j].set_title(textwrap.shorten(photo_titles[j], 28, placeholder="\u2026")
+                                 if " " in photo_titles[j] else _middle_cut(photo_titles[j], 28), fontsize=8)
         for i, (_label, maps, titles) in enumerate(rows, start=1):
             _overlay(axes[i, j], pictures[j], maps[j])
             axes[i, j].set_title(textwrap.fill(titles[j], 22), fontsize=8)
     for i, (label, _, _) in enumerate([("photo", None, None), *rows]):
         axes[i, 0].text(-0.08, 0.5, label, transform=axes[i, 0].transAxes, rotation=90, ha="right", va="center",
                         fontsize=9)
-    fig.suptitle(title or "Grad-CAM: where the evidence for the predicted class lies (red = most)")
+    fig.suptitle(textwrap.fill(title or "Grad-CAM: where the evidence for the predicted class lies (red = most)",
+                               max(40, int(18 * n))), fontsize=10)
     return save_figure(fig, path)
+
+
+def _middle_cut(name: str, limit: int) -> str:
+    """A file name cut in its middle, so its start and its extension both stay readable."""
+    return name if len(name) <= limit else name[: limit // 2 - 1] + "\u2026" + name[-(limit // 2):]
 
 
 def projection_plot(panels: list[tuple[str, torch.Tensor, torch.Tensor]], labels: list[int], classes: list[str],
@@ -247,7 +321,7 @@ def projection_plot(panels: list[tuple[str, torch.Tensor, torch.Tensor]], labels
     for ax, (name, coords, explained) in zip(axes[0], panels):
         for k, cls in enumerate(classes):
             pts = coords[labels_t == k]
-            ax.scatter(pts[:, 0], pts[:, 1], s=14, alpha=0.75, label=cls)
+            ax.scatter(pts[:, 0], pts[:, 1], s=14, alpha=0.75, label=class_label(cls, k))
         ax.set_title(name, fontsize=10)
         ax.set_xlabel(f"PC 1 ({100 * float(explained[0]):.1f}% of variance)")
         ax.set_ylabel(f"PC 2 ({100 * float(explained[1]):.1f}% of variance)")

@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 from tl import TLError
+from tl.engine.images import PREPARED_MARK
 
 DEFAULT_DATA_DIR = Path("data/hymenoptera_data")
 
@@ -64,7 +65,6 @@ KAGGLE_NAME = re.compile(r"^(cat|dog)\.(\d+)\.jpg$", re.IGNORECASE)
 SPLIT_FRACTIONS = (("train", 0.64), ("val", 0.18), ("test", 0.18))  # 000: 16,000 / 4,500 / 4,500 of 25,000
 
 
-PREPARED_MARK = ".made-by-tl-prepare"  # written into each split folder that --prepare creates
 
 
 def prepare_dogs_vs_cats(src: str | os.PathLike, dest: str | os.PathLike, *, force: bool = False,

@@ -1,5 +1,6 @@
 """The run folder and what it records: config.json, history.csv, the weight files, the
-checkpoint after every epoch, the headline predictions and the pictures.
+checkpoint after every epoch, the headline predictions, their classification report
+(tl/engine/metrics.py) and the pictures.
 
 `RunFolder` is the run's folder as one object: it is opened (a new folder, or the one a
 resumed run continues in), saves after every epoch (the loop's `end_of_epoch` hook), tidies
@@ -18,15 +19,17 @@ import os
 import platform
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from tl import Interrupted, TLError, distributed
-from tl.engine import checkpoint
+from tl.engine import checkpoint, metrics
+from tl.engine.balance import class_counts
 from tl.engine.options import RunOptions, as_saved
-from tl.loop import History, NonFiniteLoss, predictions
+from tl.loop import History, NonFiniteLoss
 from tl.models import Backbone, parameter_table
 from tl.recipe import Recipe
 from tl.stages import Span, describe
@@ -135,17 +138,24 @@ class RunFolder:
         config["results"] = summarize(history) | {"wall_seconds": self.wall_seconds()}
         # the test accuracy of the epoch chosen on val where there is a test/ split, else the final
         # epoch's val accuracy. Must run here, while `model` still holds the final epoch's weights.
-        config["results"] |= score_headline(net, ctx.model, history, cached.get("val", ctx.sets["val"]),
-                                            ctx.sets["val"], ctx.test_set, ctx.classes, ctx.opts, ctx.device,
-                                            self.run_dir)
+        headline = score_headline(net, ctx.model, history, cached.get("val", ctx.sets["val"]), ctx.sets["val"],
+                                  ctx.test_set, ctx.classes, ctx.opts, ctx.device, self.run_dir)
+        config["results"] |= headline.record
         write_json(self.run_dir / "config.json", config)
         write_history_csv(history, self.run_dir / "history.csv")
+        report = metrics.report_of_predictions(self.run_dir / "headline_predictions.csv", ctx.classes)
+        page = metrics.write_report(self.run_dir, report, f"{self.run_dir.name}, {config['results']['headline']}")
         if history.best_state is not None:
             ctx.model.load_state_dict(history.best_state)  # hand back the best model, as 002's tutorial does
-        if ctx.opts.plots:  # val scored on its stored features where they exist: the same numbers, no second pass
-            write_run_plots(self.run_dir, history, net, cached.get("val", ctx.sets["val"]), ctx.sets["val"],
-                            ctx.classes, ctx.spec, ctx.device)
+        if ctx.opts.plots:
+            try:
+                write_run_plots(self.run_dir, history, headline, ctx.classes, ctx.spec)
+            except Exception as exc:  # noqa: BLE001 - the run is saved; a picture must never lose it
+                ctx.log(f"warning: the run's pictures could not be drawn ({type(exc).__name__}: {exc}); "
+                        f"its results are saved in {self.run_dir}")
         res = config["results"]
+        ctx.log(f"classification report of the headline model: macro-F1 {report['macro_f1']:.4f}, balanced accuracy "
+                f"{report['balanced_accuracy']:.4f} -> {page}")
         ctx.log(f"headline acc {res['headline_acc']:.4f} ({res['headline']}); best val acc {history.best_acc:.4f} "
                 f"at epoch {history.best_epoch} (selected on val) -> {self.run_dir}")
 
@@ -211,8 +221,17 @@ def record_stage(config: dict, span: Span, optimizer, scheduler, cache_mode: str
         config["trainable_params"] = max(s["trainable_params"] for s in config["stages"])
 
 
+@dataclass
+class Headline:
+    """The headline model's predictions on the headline split: what the number and the pictures show."""
+
+    record: dict  # headline, headline_acc, test_acc: what config.json's results hold
+    evaluation: dict  # tl.engine.evaluate.evaluate's result: predictions, probabilities, confusion
+    images: object  # the data set scored (its images, in the order of the predictions)
+
+
 def score_headline(net: nn.Module, model: nn.Module, history: History, val_inputs, val_set, test_set,
-                   classes: list[str], opts: RunOptions, device: torch.device, run_dir: Path) -> dict:
+                   classes: list[str], opts: RunOptions, device: torch.device, run_dir: Path) -> Headline:
     """The run's headline accuracy, scored on images that played no part in choosing it.
 
     The best val epoch is chosen on val, so its val accuracy flatters it (the maximum of
@@ -241,34 +260,34 @@ def score_headline(net: nn.Module, model: nn.Module, history: History, val_input
              "prediction": classes[p]} for (path, label), p in zip(images.samples, result["predictions"])]
     write_csv(run_dir / "headline_predictions.csv", ["path", "label", "prediction"], rows)
     acc = sum(r["label"] == r["prediction"] for r in rows) / len(rows)
-    return {"headline": what, "headline_acc": acc, "test_acc": acc if what.startswith("test") else None}
+    record = {"headline": what, "headline_acc": acc, "test_acc": acc if what.startswith("test") else None}
+    return Headline(record, result, images)
 
 
-def write_run_plots(run_dir: Path, history: History, model: nn.Module, val_inputs, val_set, classes: list[str],
-                    spec: Backbone, device: torch.device) -> None:
-    """The pictures of a finished run: learning curves, and the best model's confusion
-    matrix, prediction grid (document 001, 5-26 to 5-29) and top losses on val.
-
-    `val_inputs` is what the loop validated on (images, or their stored features when the
-    run cached them); `val_set` holds the images the grid shows."""
+def write_run_plots(run_dir: Path, history: History, headline: Headline, classes: list[str],
+                    spec: Backbone) -> None:
+    """The pictures of a finished run: learning curves, and the headline model's confusion
+    matrix, prediction grid (document 001, 5-26 to 5-29) and top losses on the headline split,
+    each titled with what it shows, so a picture never disagrees with the printed result."""
     from tl.engine import plots
-    from tl.engine.evaluate import evaluate
 
     plots.run_curves(history.rows, run_dir / "curves.png", title=run_dir.name)
-    loader = torch.utils.data.DataLoader(val_inputs, batch_size=32)
-    result = evaluate(model, loader, device, len(classes))
+    what, acc, result = headline.record["headline"], headline.record["headline_acc"], headline.evaluation
+    split = what.split(",")[0]
+    plots.class_names_csv(classes, run_dir / "classes.csv")  # full names beside the pictures' labels
     plots.confusion_matrix_plot(result["confusion"], classes, run_dir / "confusion.png",
-                                title=f"val, best epoch: accuracy {result['acc']:.3f}")
-    plots.top_losses_plot(val_set, result["probabilities"], classes, run_dir / "top_losses.png", mean=spec.mean,
-                          std=spec.std)  # the confidently wrong val images (fastai's plot_top_losses)
-    step = max(1, len(val_set) // 16)  # 16 images spread over the classes (val is sorted by class)
-    images, labels = zip(*(val_set[i] for i in range(0, len(val_set), step)[:16]))
-    with torch.no_grad():
-        preds = predictions(model.eval()(torch.stack(images).to(device))).tolist()
-    titles = [f"{classes[p]} ({classes[t]})" for p, t in zip(preds, labels)]
+                                title=f"{what}: accuracy {acc:.4f}")
+    plots.top_losses_plot(headline.images, result["probabilities"], classes, run_dir / "top_losses.png",
+                          mean=spec.mean, std=spec.std, split=split)  # fastai's plot_top_losses
+    images = headline.images
+    step = max(1, len(images) // 16)  # 16 images spread over the classes (a split is sorted by class)
+    picked = list(range(0, len(images), step))[:16]
+    preds = [int(result["predictions"][i]) for i in picked]
+    labels = [images.targets[i] for i in picked]
+    titles = [f"{plots.class_label(classes[p], p)} ({plots.class_label(classes[t], t)})" for p, t in zip(preds, labels)]
     colours = ["green" if p == t else "red" for p, t in zip(preds, labels)]
-    plots.image_grid(torch.stack(images), titles, run_dir / "predictions.png", mean=spec.mean, std=spec.std,
-                     colors=colours, title="predicted (true), best epoch")
+    plots.image_grid(torch.stack([images[i][0] for i in picked]), titles, run_dir / "predictions.png",
+                     mean=spec.mean, std=spec.std, colors=colours, title=f"predicted (true) on {what}")
 
 
 def summarize(history: History) -> dict:
@@ -305,6 +324,7 @@ def run_config(recipe: Recipe, opts: RunOptions, spec: Backbone, device: torch.d
         "total_params": total["total"],
         "classes": classes,
         "dataset_sizes": {p: len(ds) for p, ds in sets.items()},
+        "train_class_counts": dict(zip(classes, class_counts(sets["train"].targets, len(classes)))),
         "device": str(device),
         "threads": torch.get_num_threads(),  # CPU sums split over threads: resume restores the count
         "torch": str(torch.__version__),

@@ -12,6 +12,8 @@ first stage, open the run folder, train stage by stage through the one loop
         last.ckpt      full training checkpoint after the latest epoch (--resume)
         headline_predictions.csv  per image: path, label, prediction of the headline model
                        (score_headline: test with the epoch chosen on val, else val's final epoch)
+        classification_report.csv / .md, confused_pairs.csv  that model per class: precision, recall,
+                       F1, support; macro-F1, balanced accuracy; the most-confused pairs and their files
         NN.pth         every epoch's state_dict, with --save-every-epoch (document 001)
 
 Under torchrun (tl/distributed.py) every process runs `run` with the same options; the
@@ -33,6 +35,7 @@ from torch import nn
 from tl import TLError, distributed
 from tl.data import build_transforms, val_resize
 from tl.engine import checkpoint, records
+from tl.engine.balance import balance
 from tl.engine.device import autocast_dtype, make_grad_scaler, resolve_device
 from tl.engine.image_cache import decoded_bytes
 from tl.engine.options import RunOptions, resolve
@@ -76,6 +79,8 @@ class RunContext:
     decoded: dict = field(default_factory=dict)  # --image-cache: decoded images per phase, shared by the stages
     history: History | None = None
     wall_before: float = 0.0  # training seconds of the run before a resume
+    class_weights: torch.Tensor | None = None  # --class-weights auto: the loss's weight per class
+    sample_weights: torch.Tensor | None = None  # --balanced-sampler: the train draw's weight per image
 
 
 def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None = None, resume: Path | None = None,
@@ -130,6 +135,7 @@ def choose_images(ctx: RunContext) -> None:
     if recipe.loss == "bce_logit" and len(ctx.classes) != 2:
         raise TLError(f"{recipe.name} has a single-logit head, which separates exactly 2 classes; "
                       f"{opts.data} has {len(ctx.classes)}: {ctx.classes}")
+    ctx.class_weights, ctx.sample_weights = balance(opts, sets["train"].targets, ctx.classes, ctx.log)
     ctx.fingerprint = records.data_fingerprint(sets)
     ctx.test_set = sets.pop("test", None)
     ctx.sets = sets
@@ -181,8 +187,9 @@ def train_stages(ctx: RunContext, first: StageSetup, folder: records.RunFolder, 
                 folder.record_stage(ctx, setup)
             folder.stage = setup  # whose optimizer and scheduler the checkpoints save
             hooks = dataclasses.replace(stage_hooks(span, ctx.recipe, setup.scheduler), **run_hooks)
-            history = train_model(setup.net, setup.loaders, make_criterion(ctx.recipe), setup.optimizer, span.end,
-                                  ctx.device, history, hooks)
+            criterion = make_criterion(ctx.recipe, ctx.class_weights).to(ctx.device)
+            history = train_model(setup.net, setup.loaders, criterion, setup.optimizer, span.end, ctx.device, history,
+                                  hooks)
             if history.stopped_early is not None:
                 break
     return history

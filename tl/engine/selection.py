@@ -30,23 +30,33 @@ def image_datasets(
     max_per_class: int | None = None,
     verify: bool = False,
     phases: tuple[str, ...] = ("train", "val"),
+    follow_links: bool = False,
 ) -> dict[str, CheckedImageFolder]:
     """One `CheckedImageFolder` for each of `phases` (all required) under `root`.
 
     `max_per_class` keeps the first N files of each class (sorted by name, so the subset
-    is the same on every machine): the `--quick` smoke runs use it.
+    is the same on every machine): the `--quick` smoke runs use it. Files reached through
+    links that leave `root` are left out unless `follow_links` (images.scan_classes).
     """
     check_layout(root, phases)
-    sets = {p: CheckedImageFolder(Path(root) / p, transforms[p], verify=verify) for p in phases}
+    sets = {p: CheckedImageFolder(Path(root) / p, transforms[p], verify=verify, within=root,
+                                  follow_links=follow_links) for p in phases}
     for ds in sets.values():
-        counts = Counter(ds.targets)
-        empty = [c for i, c in enumerate(ds.classes) if counts[i] == 0]
-        if empty:
-            raise TLError(f"no usable image in class folder(s) {empty} of {ds.root}")
+        refuse_empty_classes(ds, root)
         if max_per_class is not None:
             _keep_samples(ds, _first_per_class(ds.samples, max_per_class))
     _refuse_shared_files(sets)
     return sets
+
+
+def refuse_empty_classes(ds: CheckedImageFolder, root: str | os.PathLike) -> None:
+    counts = Counter(ds.targets)
+    empty = [c for i, c in enumerate(ds.classes) if counts[i] == 0]
+    if empty:
+        outside = "".join(f"\n  {path} leads to {real}" for path, real in ds.outside[:3])
+        hint = (f"; {len(ds.outside)} file(s) of {ds.root} are reached through links that leave {root} and were "
+                f"left out (pass --follow-links to include them):{outside}") if ds.outside else ""
+        raise TLError(f"no usable image in class folder(s) {empty} of {ds.root}{hint}")
 
 
 def _refuse_shared_files(sets: dict[str, CheckedImageFolder]) -> None:
@@ -105,6 +115,26 @@ def keep_train_per_class(ds: datasets.ImageFolder, n: int, seed: int = 0) -> Non
     _keep_samples(ds, nested_draw(ds.samples, ds.classes, n, seed))
 
 
+def fraction_draw(samples: list[tuple[str, int]], classes: list[str], fractions: dict[str, float],
+                  seed: int = 0) -> list[tuple[str, int]]:
+    """The samples, with only a seeded `fractions[name]` of the classes it names (at least one
+    image each): an unbalanced training set made from a balanced one (experiments/imbalance.py).
+    Each class is shuffled as `nested_draw` shuffles it, so the images kept are the first of
+    that class's draw, the same for every fraction and nested like it."""
+    if unknown := sorted(set(fractions) - set(classes)):
+        raise TLError(f"--train-fraction names {', '.join(unknown)}, not a class of this data set ({classes})")
+    if bad := [f"{name}={f}" for name, f in fractions.items() if not 0 < f <= 1]:
+        raise TLError(f"--train-fraction keeps a fraction between 0 and 1 of a class, not {', '.join(bad)}")
+    keep = []
+    for target, name in enumerate(classes):
+        items = sorted(s for s in samples if s[1] == target)
+        if name in fractions:
+            random.Random(f"{seed}:{name}").shuffle(items)
+            items = sorted(items[:max(1, round(fractions[name] * len(items)))])
+        keep += items
+    return keep
+
+
 def _keep_samples(ds: datasets.ImageFolder, samples: list[tuple[str, int]]) -> None:
     """Restrict an ImageFolder to `samples` (ImageFolder keeps the list under three names)."""
     ds.samples = ds.imgs = samples
@@ -117,7 +147,13 @@ def describe_skipped(sets: dict[str, CheckedImageFolder], show: int = 5) -> str 
     ignored = [f for ds in sets.values() for f in getattr(ds, "ignored", [])]
     duplicates = [d for ds in sets.values() for d in getattr(ds, "duplicates", [])]
     skipped = [s for ds in sets.values() for s in ds.skipped]
-    lines = []
+    lines = describe_links(sets, show)
+    not_images = [s for ds in sets.values() for s in getattr(ds, "not_images", [])]
+    if not_images:
+        lines.append(f"left out {len(not_images)} file(s) that are not images this project trains on:")
+        lines += [f"  {path}: {why}" for path, why in not_images[:show]]
+        if len(not_images) > show:
+            lines.append(f"  ... and {len(not_images) - show} more")
     if ignored:
         lines.append(f"ignored {len(ignored)} folder(s) that are not classes (hidden or system folders): "
                      + ", ".join(path for path, _ in ignored[:show]) + (" ..." if len(ignored) > show else ""))
@@ -133,9 +169,22 @@ def describe_skipped(sets: dict[str, CheckedImageFolder], show: int = 5) -> str 
     return "\n".join(lines) or None
 
 
+def describe_links(sets: dict[str, CheckedImageFolder], show: int = 5) -> list[str]:
+    """Files reached through links that leave the data folder: how many, and where the links lead."""
+    outside = [o for ds in sets.values() for o in getattr(ds, "outside", [])]
+    if not outside:
+        return []
+    follow = any(getattr(ds, "follow_links", False) for ds in sets.values())
+    places = sorted({os.path.dirname(real) for _, real in outside})
+    return [f"{len(outside)} file(s) are reached through links that leave the data folder, into "
+            f"{', '.join(places[:show])}{' ...' if len(places) > show else ''}: "
+            + ("included (--follow-links)" if follow else "left out (pass --follow-links to include them)"),
+            *[f"  {path} -> {real}" for path, real in outside[:show]]]
+
+
 def split_datasets(root: str | os.PathLike, transforms: dict[str, v2.Compose], val_fraction: float, *,
                    split_seed: int = 0, max_per_class: int | None = None,
-                   verify: bool = False) -> dict[str, CheckedImageFolder]:
+                   verify: bool = False, follow_links: bool = False) -> dict[str, CheckedImageFolder]:
     """`--val-split 0.2`: train/val from a folder of class folders with no split of its own.
 
     Per class, a shuffle seeded with `split_seed` sends `val_fraction` of the files to val,
@@ -156,7 +205,10 @@ def split_datasets(root: str | os.PathLike, transforms: dict[str, v2.Compose], v
                       f"--data {root / phases[0]} to split that folder")
     if not names:
         raise TLError(f"--val-split needs a folder of class folders; {root} has none")
-    scanned = CheckedImageFolder(root, transforms["train"], verify=verify)  # one scan of the headers
+    scanned = CheckedImageFolder(root, transforms["train"], verify=verify, within=root,  # one scan of the headers
+                                 follow_links=follow_links)
+    if scanned.outside:  # say why a class came out empty
+        refuse_empty_classes(scanned, root)
     rng = random.Random(split_seed)
     keep: dict[str, list] = {"train": [], "val": []}
     too_small = []
@@ -173,7 +225,8 @@ def split_datasets(root: str | os.PathLike, transforms: dict[str, v2.Compose], v
                       f"Every class needs images in both train and val: add images, or choose another fraction")
     sets = {"train": scanned, "val": copy.copy(scanned)}  # same files, own transform and sample list
     sets["val"].transform = transforms["val"]
-    sets["val"].skipped, sets["val"].duplicates, sets["val"].ignored = [], [], []  # the report is shown once
+    for report in ("skipped", "duplicates", "ignored", "not_images", "outside"):
+        setattr(sets["val"], report, [])  # the report is shown once
     for phase, ds in sets.items():
         _keep_samples(ds, keep[phase] if max_per_class is None else _first_per_class(keep[phase], max_per_class))
     return sets
@@ -188,7 +241,9 @@ class ImageChoice:
     split_seed: int = 0  # the seed of that split and of the --train-per-class draw alone
     max_per_class: int | None = None  # the first N files of each class in each split (--quick: 8)
     train_per_class: int | None = None  # then train on a seeded, nested draw of N per class
+    train_fraction: dict[str, float] | None = None  # then keep a seeded fraction of these classes' training images
     verify_images: bool = False  # decode every image fully while scanning (finds truncated files)
+    follow_links: bool = False  # include files reached through links that leave the data folder
 
     @classmethod
     def of(cls, options) -> ImageChoice:
@@ -204,7 +259,8 @@ def select_images(choice: ImageChoice, transforms: dict, phases: tuple[str, ...]
     (scanned with them, so a broken or shared test file stops a run before it trains). With
     `val_split` the folder holds class folders only: train and val are split from it, seeded,
     and it has no test split. Then `max_per_class` keeps the first N of each class in each
-    split, and `train_per_class` draws the training images (val and test are untouched). What
+    split, `train_per_class` draws the training images and `train_fraction` keeps a seeded part
+    of some classes' training images (val and test are untouched: `fraction_draw`). What
     the scan left out is reported through `log`, never dropped silently.
     """
     data = Path(choice.data)
@@ -213,14 +269,18 @@ def select_images(choice: ImageChoice, transforms: dict, phases: tuple[str, ...]
             raise TLError(f"{data} was split with --val-split {choice.val_split} into train and val: "
                           f"it has no test split")
         sets = split_datasets(data, transforms, choice.val_split, split_seed=choice.split_seed,
-                              max_per_class=choice.max_per_class, verify=choice.verify_images)
+                              max_per_class=choice.max_per_class, verify=choice.verify_images,
+                              follow_links=choice.follow_links)
         sets = {p: ds for p, ds in sets.items() if phases is None or p in phases}
     else:
         phases = phases or (("train", "val", "test") if (data / "test").is_dir() else ("train", "val"))
         sets = image_datasets(data, transforms, max_per_class=choice.max_per_class, verify=choice.verify_images,
-                              phases=phases)
+                              phases=phases, follow_links=choice.follow_links)
     if choice.train_per_class and "train" in sets:  # data-efficiency studies: nested, class-balanced
         keep_train_per_class(sets["train"], choice.train_per_class, choice.split_seed)
+    if choice.train_fraction and "train" in sets:  # unbalanced classes made on purpose, seeded
+        train = sets["train"]
+        _keep_samples(train, fraction_draw(train.samples, train.classes, choice.train_fraction, choice.split_seed))
     if report := describe_skipped(sets):
         log(report)
     return sets

@@ -126,4 +126,5 @@ def stage_loaders(ctx, plan: CachePlan) -> dict:
     on_device = opts.device_images and any(isinstance(ds, DecodedImages) for ds in inputs.values())
     return make_loaders(inputs, ctx.recipe.batch_size, seed=opts.seed,
                         workers=0 if len(plan.cached) == len(ctx.sets) or on_device else opts.workers,
-                        pin_memory=ctx.device.type == "cuda" and not on_device, generator=ctx.generator)
+                        pin_memory=ctx.device.type == "cuda" and not on_device, generator=ctx.generator,
+                        sample_weights=ctx.sample_weights)
