@@ -446,15 +446,37 @@ def _single_logit(experiment: str) -> bool:
     return experiment in NAMES and get_experiment(experiment).RECIPE.loss == "bce_logit"
 
 
+def draw_comparison(out: Path, runs, summary) -> set[Path]:
+    """The comparison's pictures, drawn from the tables alone (runs, summary, history/): per data set
+    the curves of each recipe, all recipes' val curves, and accuracy against cost."""
+    import pandas as pd
+
+    from tl.engine import plots
+
+    written: set[Path] = set()
+    done = runs[runs.status == "ok"]
+    for dataset, runs_ds in done.groupby("dataset", sort=False):
+        histories = {}
+        for (experiment, backbone), g in runs_ds.groupby(["experiment", "backbone"], sort=False):
+            frames = [pd.read_csv(out / "history" / dataset / f"{r}.csv").assign(seed=s) for r, s in zip(g.run, g.seed)]
+            histories[f"{experiment} / {backbone}"] = df = pd.concat(frames)
+            written.add(plots.run_curves(df, out / f"curves_{dataset}_{experiment}_{backbone}.png",
+                                         title=f"{dataset}: {experiment} on {backbone} ({len(g)} seed(s))"))
+        written.add(plots.compare_curves(histories, out / f"curves_{dataset}.png", title=dataset))
+        written.add(plots.comparison_chart(summary[summary.dataset == dataset], out / f"comparison_{dataset}.png",
+                                           title=dataset))
+    return written
+
+
 def replot(out: Path) -> list[Path]:
     """Every result picture that the committed tables hold the numbers of: the comparison's
     (runs.csv, summary.csv, history/), the BatchNorm study's and the data-efficiency study's.
     (results/looking/ shows models' maps and features: it needs the run folders, see experiments/look.py.)"""
-    from experiments import bn_policy, compare_all, data_efficiency
+    from experiments import bn_policy, data_efficiency
 
     out = Path(out)
     summary, runs, _ = load(out)
-    drawn = sorted(compare_all.draw_comparison(out, runs, summary))
+    drawn = sorted(draw_comparison(out, runs, summary))
     if (out / "bn_policy.csv").is_file():
         drawn.append(bn_policy.plot(pd.read_csv(out / "bn_policy.csv"), out / "bn_policy.png"))
     if (out / "data_efficiency.csv").is_file():
