@@ -161,7 +161,7 @@ def test_resume_mid_schedule_and_mid_stage_equals_an_uninterrupted_run(tiny_data
         _interrupt_after(patch, cut)
         argv = ["-e", recipe, "-b", "tiny", "--data", str(tiny_data), "--out", str(tmp_path / "half"), "--epochs",
                 "4", "--batch-size", "5", "--no-progress", "--weights", str(pretrained), *extra]
-        assert main.main(argv) == 2
+        assert main.main(argv) == 130  # Ctrl-C
     (half,) = (tmp_path / "half").iterdir()
     assert checkpoint.load_checkpoint(half / "last.ckpt")["epoch"] == cut
     assert main.main(["--resume", str(half / "last.ckpt"), "--no-progress"]) == 0
@@ -174,7 +174,7 @@ def test_a_new_epoch_total_that_would_bend_a_running_schedule_is_refused(tiny_da
         _interrupt_after(patch, 2)
         argv = ["-e", "two_stage", "-b", "tiny", "--data", str(tiny_data), "--out", str(tmp_path / "r"), "--epochs",
                 "4", "--batch-size", "5", "--no-progress", "--weights", str(pretrained)]
-        assert main.main(argv) == 2
+        assert main.main(argv) == 130  # Ctrl-C
     (run_dir,) = (tmp_path / "r").iterdir()
     capsys.readouterr()
     assert main.main(["--resume", str(run_dir / "last.ckpt"), "--epochs", "6", "--no-progress"]) == 2
