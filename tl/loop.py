@@ -191,7 +191,7 @@ def train_model(net: nn.Module, dataloaders: dict, criterion: nn.Module, optimiz
         remember_if_best(history, net, hooks.best_by)
         if stop or (hooks.end_of_epoch is not None and hooks.end_of_epoch(epoch, history)):
             history.stopped_early = epoch
-            hooks.log(f"stopping after epoch {epoch} (requested by a hook)")
+            hooks.log(f"stopping after epoch {epoch} (requested by the epoch-end callback)")
             break
     return history
 

@@ -1,0 +1,31 @@
+"""Review of the core split (issue 21), whose promise is no behaviour change: each test holds
+the new code to what the code before the split (commit 8918d7a) printed, wrote or accepted,
+or to what a new piece of the split says it does. Each was seen to fail before its fix."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tl.loop import Hooks, train_model
+
+
+def _tiny_loaders() -> dict:
+    torch.manual_seed(0)
+    x = torch.randn(16, 4)
+    ds = torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long())
+    return {phase: torch.utils.data.DataLoader(ds, batch_size=4) for phase in ("train", "val")}
+
+
+def _train(epochs: int, **hooks) -> tuple:
+    net, logs = nn.Linear(4, 2), []
+    history = train_model(net, _tiny_loaders(), nn.CrossEntropyLoss(), torch.optim.SGD(net.parameters(), lr=0.1),
+                          epochs, hooks=Hooks(progress=False, log=logs.append, **hooks))
+    return history, logs
+
+
+def test_early_stopping_prints_the_line_it_printed_before_the_split():
+    """--patience's stop is announced as before the split (a stdout line of the command line)."""
+    history, logs = _train(5, end_of_epoch=lambda epoch, hist: epoch == 2)
+    assert history.stopped_early == 2
+    assert logs[-1] == "stopping after epoch 2 (requested by the epoch-end callback)"
