@@ -29,3 +29,12 @@ def test_early_stopping_prints_the_line_it_printed_before_the_split():
     history, logs = _train(5, end_of_epoch=lambda epoch, hist: epoch == 2)
     assert history.stopped_early == 2
     assert logs[-1] == "stopping after epoch 2 (requested by the epoch-end callback)"
+
+
+def test_after_step_returning_true_stops_training():
+    """Hooks.after_step: "True stops". The train phase's request must survive the val phase of
+    the same epoch (it was overwritten by val's run_phase, so training went on to the end)."""
+    history, logs = _train(4, after_step=lambda epoch: True)
+    assert history.stopped_early == 1
+    assert [(r["epoch"], r["phase"]) for r in history.rows] == [(0, "val"), (1, "train"), (1, "val")]
+    assert logs[-1] == "stopping after epoch 1 (requested by after_step)"

@@ -178,8 +178,9 @@ def train_model(net: nn.Module, dataloaders: dict, criterion: nn.Module, optimiz
             if phase == "val":
                 model.eval()  # Dropout off, BatchNorm uses its running statistics
             distributed.set_epoch(dataloaders[phase], epoch)  # [DDP] this epoch's shuffle, the same on all ranks
-            row, stop = run_phase(model, dataloaders[phase], criterion, optimizer, (epoch, num_epochs, phase),
-                                  device, hooks)
+            row, phase_stop = run_phase(model, dataloaders[phase], criterion, optimizer,
+                                        (epoch, num_epochs, phase), device, hooks)
+            stop = stop or phase_stop  # after_step's request outlives the val phase that follows
             history.rows.append(row)
             tag = "  (baseline: no training yet)" if epoch == 0 else ""
             hooks.log(f"epoch {epoch:>2}/{num_epochs - 1} {phase:<5} loss {row['loss']:.4f}  acc {row['acc']:.4f}"
@@ -191,7 +192,8 @@ def train_model(net: nn.Module, dataloaders: dict, criterion: nn.Module, optimiz
         remember_if_best(history, net, hooks.best_by)
         if stop or (hooks.end_of_epoch is not None and hooks.end_of_epoch(epoch, history)):
             history.stopped_early = epoch
-            hooks.log(f"stopping after epoch {epoch} (requested by the epoch-end callback)")
+            who = "after_step" if stop else "the epoch-end callback"
+            hooks.log(f"stopping after epoch {epoch} (requested by {who})")
             break
     return history
 
