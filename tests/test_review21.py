@@ -4,9 +4,17 @@ or to what a new piece of the split says it does. Each was seen to fail before i
 
 from __future__ import annotations
 
+import shutil
+
+import pytest
 import torch
 from torch import nn
 
+from experiments import get_experiment
+from tests.conftest import write_image_folder
+from tests.fixtures.make_tiny_run import RUN
+from tl import TLError
+from tl.engine.run import resume_run
 from tl.loop import Hooks, train_model
 
 
@@ -38,3 +46,14 @@ def test_after_step_returning_true_stops_training():
     assert history.stopped_early == 1
     assert [(r["epoch"], r["phase"]) for r in history.rows] == [(0, "val"), (1, "train"), (1, "val")]
     assert logs[-1] == "stopping after epoch 1 (requested by after_step)"
+
+
+def test_a_refused_resume_says_nothing_before_its_error(tmp_path, tiny_backbone, own_cache_dir):
+    """--resume on other data: the refusal is the only thing printed, as before the split (the
+    recipe line came first: it was logged when the model was built, before the checks)."""
+    shutil.copytree(RUN, tmp_path / "run")
+    three = write_image_folder(tmp_path / "three", classes=3, train=2, val=2, size=16)
+    logs = []
+    with pytest.raises(TLError, match="was trained on classes"):
+        resume_run(tmp_path / "run" / "last.ckpt", {"data": three, "epochs": 2}, get_experiment, log=logs.append)
+    assert logs == []
