@@ -14,6 +14,7 @@ from experiments import get_experiment
 from tests.conftest import write_image_folder
 from tests.fixtures.make_tiny_run import RUN
 from tl import TLError
+from tl.engine.evaluate import ModelContext, split_loader
 from tl.engine.run import resume_run
 from tl.loop import Hooks, train_model
 
@@ -57,3 +58,15 @@ def test_a_refused_resume_says_nothing_before_its_error(tmp_path, tiny_backbone,
     with pytest.raises(TLError, match="was trained on classes"):
         resume_run(tmp_path / "run" / "last.ckpt", {"data": three, "epochs": 2}, get_experiment, log=logs.append)
     assert logs == []
+
+
+def test_evaluating_val_of_a_val_split_run_reports_the_broken_files(tmp_path, tiny_backbone):
+    """--evaluate (and --export's check) of a --val-split run rebuild its split of one folder:
+    the files that scan left out are reported for --split val too, not only for train."""
+    flat = write_image_folder(tmp_path / "d", train=8, size=16, phases=("train",)) / "train"
+    (flat / "class_1" / "broken.png").write_bytes(b"not an image")
+    ctx = ModelContext(backbone="tiny", classes=["class_0", "class_1"], image_size=32, val_split=0.25)
+    for split in ("train", "val"):
+        logs = []
+        split_loader(flat, split, ctx, log=logs.append)
+        assert len(logs) == 1 and "skipped 1 unusable image file(s)" in logs[0] and "broken.png" in logs[0], split

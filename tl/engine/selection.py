@@ -214,13 +214,15 @@ def select_images(choice: ImageChoice, transforms: dict, phases: tuple[str, ...]
                           f"it has no test split")
         sets = split_datasets(data, transforms, choice.val_split, split_seed=choice.split_seed,
                               max_per_class=choice.max_per_class, verify=choice.verify_images)
+        report = describe_skipped(sets)  # of the one folder both splits come from (train's set holds it)
         sets = {p: ds for p, ds in sets.items() if phases is None or p in phases}
     else:
         phases = phases or (("train", "val", "test") if (data / "test").is_dir() else ("train", "val"))
         sets = image_datasets(data, transforms, max_per_class=choice.max_per_class, verify=choice.verify_images,
                               phases=phases)
+        report = describe_skipped(sets)
     if choice.train_per_class and "train" in sets:  # data-efficiency studies: nested, class-balanced
         keep_train_per_class(sets["train"], choice.train_per_class, choice.split_seed)
-    if report := describe_skipped(sets):
+    if report:
         log(report)
     return sets
