@@ -4,6 +4,7 @@ or to what a new piece of the split says it does. Each was seen to fail before i
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -14,7 +15,7 @@ from experiments import get_experiment
 from tests.conftest import write_image_folder
 from tests.fixtures.make_tiny_run import RUN
 from tl import TLError
-from tl.engine.evaluate import ModelContext, split_loader
+from tl.engine.evaluate import ModelContext, context_for, split_loader
 from tl.engine.run import resume_run
 from tl.loop import Hooks, train_model
 
@@ -70,3 +71,19 @@ def test_evaluating_val_of_a_val_split_run_reports_the_broken_files(tmp_path, ti
         logs = []
         split_loader(flat, split, ctx, log=logs.append)
         assert len(logs) == 1 and "skipped 1 unusable image file(s)" in logs[0] and "broken.png" in logs[0], split
+
+
+def test_a_hand_edited_train_per_class_string_is_still_a_count(tmp_path, tiny_backbone):
+    """config.json edited by hand to "train_per_class": "3": --evaluate --split train scored the
+    run's draw of 3 per class before the split (split_loader took int() of it); it must not crash."""
+    data = write_image_folder(tmp_path / "d", train=6, val=2, size=16)
+    config = {"recipe": {"backbone": "tiny"}, "classes": ["class_0", "class_1"],
+              "options": {"image_size": 32, "train_per_class": "3", "max_per_class": "5"}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    ctx = context_for(tmp_path / "best.pth", None)
+    assert (ctx.train_per_class, ctx.max_per_class) == (3, 5)
+    loader, _ = split_loader(data, "train", ctx, log=lambda s: None)
+    assert len(loader.dataset) == 6
+    (tmp_path / "config.json").write_text(json.dumps(config | {"options": {"train_per_class": "three"}}))
+    with pytest.raises(TLError, match="not a run config"):
+        context_for(tmp_path / "best.pth", None)
