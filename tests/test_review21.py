@@ -11,10 +11,12 @@ import pytest
 import torch
 from torch import nn
 
+import main
 from experiments import get_experiment
 from tests.conftest import write_image_folder
-from tests.fixtures.make_tiny_run import RUN
+from tests.fixtures.make_tiny_run import DATA, RUN
 from tl import TLError
+from tl.engine import checkpoint
 from tl.engine.evaluate import ModelContext, context_for, split_loader
 from tl.engine.run import resume_run
 from tl.loop import Hooks, train_model
@@ -87,3 +89,28 @@ def test_a_hand_edited_train_per_class_string_is_still_a_count(tmp_path, tiny_ba
     (tmp_path / "config.json").write_text(json.dumps(config | {"options": {"train_per_class": "three"}}))
     with pytest.raises(TLError, match="not a run config"):
         context_for(tmp_path / "best.pth", None)
+
+
+def _edit_checkpoint(path, change) -> None:
+    """A hand edit of last.ckpt that keeps it loadable: the digest is written anew."""
+    ckpt = checkpoint.load_checkpoint(path)
+    change(ckpt)
+    ckpt["digest"] = checkpoint.state_digest(ckpt)
+    torch.save(ckpt, path)
+
+
+def test_resume_of_a_checkpoint_that_recorded_cached_phases_but_no_cache_mode(tmp_path, tiny_backbone, own_cache_dir):
+    """A stage entry with `cached_phases` but no `feature_cache` words (nor the config's): the
+    code before the split resumed it (caching only those phases); the split's CachePlan read
+    `.kind` of a plan that was never recorded (AttributeError)."""
+    shutil.copytree(RUN, tmp_path / "run")
+
+    def forget_the_words(ckpt):
+        del ckpt["config"]["feature_cache"], ckpt["config"]["stages"][0]["feature_cache"]
+        ckpt["config"]["stages"][0]["cached_phases"] = []  # val, which this plan caches, was not cached
+
+    _edit_checkpoint(tmp_path / "run" / "last.ckpt", forget_the_words)
+    assert main.main(["--resume", str(tmp_path / "run" / "last.ckpt"), "--epochs", "2", "--data", str(DATA),
+                      "--no-progress"]) == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["stages"][0]["cached_phases"] == [] and config["results"]["best_epoch"] >= 0

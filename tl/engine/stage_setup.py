@@ -101,8 +101,10 @@ def plan_inputs(span: Span, ctx, saved_mode: str | None, saved_phases: list[str]
             log(f"warning: process 0 trains with the feature cache '{main.mode}', this process with '{plan.mode}'")
         if saved_phases is not None and set(plan.cached) - set(saved_phases):
             kept = {p: fs for p, fs in plan.cached.items() if p in saved_phases}
+            # (a checkpoint that recorded no mode in words, only the phases: the phases say it)
             plan = CachePlan(plan.net if kept else model, kept, why_off=None if kept else "",
-                             description=saved.kind, recorded_as=saved_mode)
+                             description=saved.kind if saved is not None else " + ".join(sorted(kept)),
+                             recorded_as=saved_mode or "")
     else:
         plan = CachePlan(model, why_off="")
     log(f"feature cache: {plan.mode}")
