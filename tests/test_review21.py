@@ -18,7 +18,8 @@ from tests.fixtures.make_tiny_run import DATA, RUN
 from tl import TLError
 from tl.engine import checkpoint
 from tl.engine.evaluate import ModelContext, context_for, split_loader
-from tl.engine.run import resume_run
+from tl.engine.options import RunOptions
+from tl.engine.run import resume_run, run
 from tl.loop import Hooks, train_model
 
 
@@ -114,3 +115,14 @@ def test_resume_of_a_checkpoint_that_recorded_cached_phases_but_no_cache_mode(tm
                       "--no-progress"]) == 0
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["stages"][0]["cached_phases"] == [] and config["results"]["best_epoch"] >= 0
+
+
+def test_an_image_cache_speaks_before_the_feature_cache_line(tiny_data, tiny_backbone, tmp_path, own_cache_dir):
+    """Before the split a stage said its --image-cache lines (over the limit here; on a GPU
+    --device-images always says where its images are), then "feature cache: ..."."""
+    module, logs = get_experiment("resnet_finetune"), []
+    opts = RunOptions(data=tiny_data, backbone="tiny", weights="none", epochs=1, workers=0, out=tmp_path,
+                      image_size=32, image_cache=True, cache_limit_gb=1e-9, plots=False, progress=False)
+    run(module.RECIPE, module.build, opts, log=logs.append)
+    said = [line.split(" for ")[0].split(":")[0] for line in logs if line.startswith(("image cache", "feature cache"))]
+    assert said == ["image cache", "image cache", "feature cache"]
