@@ -126,3 +126,13 @@ def test_an_image_cache_speaks_before_the_feature_cache_line(tiny_data, tiny_bac
     run(module.RECIPE, module.build, opts, log=logs.append)
     said = [line.split(" for ")[0].split(":")[0] for line in logs if line.startswith(("image cache", "feature cache"))]
     assert said == ["image cache", "image cache", "feature cache"]
+
+
+@pytest.mark.parametrize("hooks, message", [({"best_by": "accuracy"}, "best_by"),
+                                            ({"scheduler_interval": "batch"}, "scheduler_interval")])
+def test_the_loop_refuses_a_best_by_or_interval_it_does_not_know(hooks, message):
+    """Before the split train_model refused these (a monitor edited into a checkpoint by hand
+    stopped there); since, "accuracy" silently chose the best epoch by loss, and "batch"
+    silently never stepped the schedule."""
+    with pytest.raises(ValueError, match=message):
+        _train(2, **hooks)

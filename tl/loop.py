@@ -158,6 +158,10 @@ def train_model(net: nn.Module, dataloaders: dict, criterion: nn.Module, optimiz
     recipe (tl/stages.py), passes the History so far and the loop goes on after its last row.
     """
     hooks, device = hooks or Hooks(), torch.device(device)
+    if hooks.best_by not in ("acc", "loss"):
+        raise ValueError(f"best_by must be 'acc' or 'loss', not {hooks.best_by!r}")
+    if hooks.scheduler_interval not in ("epoch", "step"):
+        raise ValueError(f"scheduler_interval must be 'epoch' or 'step', not {hooks.scheduler_interval!r}")
     history = history if history is not None else History()
     start_epoch = history.rows[-1]["epoch"] + 1 if history.rows else 0
     net.to(device, memory_format=torch.channels_last if hooks.channels_last else torch.preserve_format)
