@@ -34,8 +34,8 @@ Everything optional (a schedule, checkpoints, early stopping, mixed precision) c
 through one `Hooks` object whose defaults are the tutorial's loop; there is no second loop
 anywhere in the project. A learning-rate schedule steps once per training epoch (StepLR,
 as in the PyTorch tutorial) or, with `scheduler_interval="step"`, after every optimizer
-step (one-cycle, warmup + cosine). A recipe in several stages (tl/stages.py) calls this
-function once per stage with the same History, which it continues after its last row.
+step (one-cycle, warmup + cosine). A recipe in several stages (tl/stages.py) is trained by
+calling this function once per stage with the same History, which it continues after its last row.
 
 **Several processes** (`torchrun`, tl/distributed.py) change three things, each a line
 marked `[DDP]`, each a no-op in a single process: the train sampler reshuffles per epoch
