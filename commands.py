@@ -114,7 +114,7 @@ def train_command(args: argparse.Namespace):
 def resume_command(args: argparse.Namespace, given: set[str]):
     """Continue the run of a last.ckpt with its own saved options. Only --epochs (the new
     total), --device, --no-progress and --data (another path to the same images) may be
-    given; any other option that would change the run is refused (tl.engine.run.resume_options).
+    given; any other option that would change the run is refused (tl.engine.resume.resume_options).
 
     `given`: the dests of the options the user typed (main.given_options)."""
     from experiments import get_experiment

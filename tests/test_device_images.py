@@ -37,9 +37,10 @@ def test_device_images_on_the_cpu_train_exactly_like_the_image_cache_without_wor
         return real(inputs, batch_size, **kwargs)
 
     monkeypatch.setattr(stage_setup, "make_loaders", spy)
-    a = _run(tiny_data, tmp_path / "a", image_cache=True, workers=0)
+    # device="cpu": where a GPU is visible, "auto" would put b's images there (other resize kernels)
+    a = _run(tiny_data, tmp_path / "a", image_cache=True, workers=0, device="cpu")
     # asked for 2 workers: images on the device are transformed in the main process regardless
-    b = _run(tiny_data, tmp_path / "b", device_images=True, workers=2)
+    b = _run(tiny_data, tmp_path / "b", device_images=True, workers=2, device="cpu")
     assert seen[1][0]["workers"] == 0 and seen[1][0]["pin_memory"] is False
     assert seen[1][1] == {"train": "DecodedImages", "val": "DecodedImages"}
     assert [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in a.history.rows] == \

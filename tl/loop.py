@@ -34,8 +34,8 @@ Everything optional (a schedule, checkpoints, early stopping, mixed precision) c
 through one `Hooks` object whose defaults are the tutorial's loop; there is no second loop
 anywhere in the project. A learning-rate schedule steps once per training epoch (StepLR,
 as in the PyTorch tutorial) or, with `scheduler_interval="step"`, after every optimizer
-step (one-cycle, warmup + cosine). A recipe in several stages (tl/stages.py) calls this
-function once per stage with the same History, which it continues after its last row.
+step (one-cycle, warmup + cosine). A recipe in several stages (tl/stages.py) is trained by
+calling this function once per stage with the same History, which it continues after its last row.
 
 **Several processes** (`torchrun`, tl/distributed.py) change three things, each a line
 marked `[DDP]`, each a no-op in a single process: the train sampler reshuffles per epoch
@@ -158,6 +158,10 @@ def train_model(net: nn.Module, dataloaders: dict, criterion: nn.Module, optimiz
     recipe (tl/stages.py), passes the History so far and the loop goes on after its last row.
     """
     hooks, device = hooks or Hooks(), torch.device(device)
+    if hooks.best_by not in ("acc", "loss"):
+        raise ValueError(f"best_by must be 'acc' or 'loss', not {hooks.best_by!r}")
+    if hooks.scheduler_interval not in ("epoch", "step"):
+        raise ValueError(f"scheduler_interval must be 'epoch' or 'step', not {hooks.scheduler_interval!r}")
     history = history if history is not None else History()
     start_epoch = history.rows[-1]["epoch"] + 1 if history.rows else 0
     net.to(device, memory_format=torch.channels_last if hooks.channels_last else torch.preserve_format)
@@ -178,8 +182,9 @@ def train_model(net: nn.Module, dataloaders: dict, criterion: nn.Module, optimiz
             if phase == "val":
                 model.eval()  # Dropout off, BatchNorm uses its running statistics
             distributed.set_epoch(dataloaders[phase], epoch)  # [DDP] this epoch's shuffle, the same on all ranks
-            row, stop = run_phase(model, dataloaders[phase], criterion, optimizer, (epoch, num_epochs, phase),
-                                  device, hooks)
+            row, phase_stop = run_phase(model, dataloaders[phase], criterion, optimizer,
+                                        (epoch, num_epochs, phase), device, hooks)
+            stop = stop or phase_stop  # after_step's request outlives the val phase that follows
             history.rows.append(row)
             tag = "  (baseline: no training yet)" if epoch == 0 else ""
             hooks.log(f"epoch {epoch:>2}/{num_epochs - 1} {phase:<5} loss {row['loss']:.4f}  acc {row['acc']:.4f}"
@@ -191,7 +196,8 @@ def train_model(net: nn.Module, dataloaders: dict, criterion: nn.Module, optimiz
         remember_if_best(history, net, hooks.best_by)
         if stop or (hooks.end_of_epoch is not None and hooks.end_of_epoch(epoch, history)):
             history.stopped_early = epoch
-            hooks.log(f"stopping after epoch {epoch} (requested by a hook)")
+            who = "after_step" if stop else "the epoch-end callback"
+            hooks.log(f"stopping after epoch {epoch} (requested by {who})")
             break
     return history
 

@@ -57,7 +57,7 @@ class Backbone:
 
 def _tv(name: str) -> Callable[[], nn.Module]:
     # weights=None: random init. Pretrained weights are loaded afterwards by
-    # `load_imagenet`, so that a missing file can be reported before anything else happens.
+    # `tl.engine.weights.load_imagenet`, so that a missing file can be reported before anything else happens.
     return lambda: torchvision.models.get_model(name, weights=None)
 
 
@@ -104,9 +104,6 @@ def get_backbone(name: str) -> Backbone:
         raise TLError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}")
     spec = BACKBONES[name]
     return spec if spec.cache_cut else dataclasses.replace(spec, cache_cut=spec.head)
-
-
-# ----------------------------------------------------------------------------- pretrained weights
 
 
 # ----------------------------------------------------------------------------- building
@@ -179,7 +176,7 @@ def set_trainable(model: nn.Module, spec: Backbone, groups: Iterable[str]) -> No
 
     A frozen parameter gets no gradient, so the optimizer never moves it. Freezing does
     NOT freeze BatchNorm's running mean/var: those are buffers, updated by every forward
-    pass in train mode. That is what the loop's `frozen_bn_eval` switch is for.
+    pass in train mode. That is what the loop's `Hooks.frozen_bn_eval` switch is for.
     """
     groups = set(groups)
     unknown = groups - {"body", "neck", "head"}

@@ -52,8 +52,8 @@ class Stage:
 @dataclass
 class Span:
     """A stage placed on the loop's epoch axis: it runs loop epochs `start .. end-1`
-    (`train_model(start_epoch=start, num_epochs=end)`). The first stage starts at the
-    validation-only epoch 0, so it holds `epochs + 1` loop epochs."""
+    (`train_model(..., num_epochs=end, history)` with a History that ends at epoch `start - 1`).
+    The first stage starts at the validation-only epoch 0, so it holds `epochs + 1` loop epochs."""
 
     index: int  # position in the recipe's list of stages (what the checkpoint records)
     stage: Stage

@@ -74,9 +74,9 @@ def context_for(path: Path, backbone: str | None) -> ModelContext:
                                 val_split=None if options.get("val_split") is None else float(options["val_split"]),
                                 # runs saved before --split-seed drew the split with their training seed
                                 split_seed=int(options.get("split_seed", options.get("seed", 0))),
-                                train_per_class=options.get("train_per_class"),
+                                train_per_class=_whole_or_none(options.get("train_per_class")),
                                 train_fraction=options.get("train_fraction"),
-                                max_per_class=options.get("max_per_class"),
+                                max_per_class=_whole_or_none(options.get("max_per_class")),
                                 verify_images=bool(options.get("verify_images", False)),
                                 follow_links=bool(options.get("follow_links", False)),
                                 checksums=_string_map(config.get("checksums", {})))
@@ -87,6 +87,11 @@ def context_for(path: Path, backbone: str | None) -> ModelContext:
     if not backbone:
         raise TLError(f"no config.json beside {path}: say which architecture it is with --backbone")
     return ModelContext(backbone=backbone, classes=None)
+
+
+def _whole_or_none(value) -> int | None:
+    """A count from config.json ("3", edited by hand, is 3 too); anything else is a ValueError."""
+    return None if value is None else int(value)
 
 
 def _string_map(value) -> dict[str, str]:

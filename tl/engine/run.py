@@ -97,6 +97,8 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None =
     build_model_and_stages(ctx, build, resumed=ckpt is not None)
     if ckpt is not None:  # the one place a saved run is restored (its optimizer: in start_stage)
         restore_run(ctx, ckpt, resume)
+    r = ctx.recipe  # said once the model is built (and a saved run restored: its refusals come first)
+    ctx.log(f"{r.name} ({r.source}) on {r.backbone}, weights={r.weights}: {r.strategy}")
     first = start_stage(ctx.spans[0], ctx, ckpt)
     ctx.log(format_parameter_table(ctx.model, (1, 3, opts.image_size, opts.image_size)))
     folder = records.RunFolder.open(ctx, first, ckpt, resume)
@@ -160,7 +162,6 @@ def build_model_and_stages(ctx: RunContext, build: BuildFn, resumed: bool) -> No
     ctx.spans, ctx.staged = place(stages, recipe.train_epochs), len(stages) > 1
     ctx.scaler = make_grad_scaler(ctx.device, ctx.opts.amp)
     ctx.generator = torch.Generator().manual_seed(ctx.opts.seed)
-    ctx.log(f"{recipe.name} ({recipe.source}) on {recipe.backbone}, weights={recipe.weights}: {recipe.strategy}")
 
 
 def restore_run(ctx: RunContext, ckpt: dict, resume: Path) -> None:

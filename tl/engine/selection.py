@@ -271,16 +271,18 @@ def select_images(choice: ImageChoice, transforms: dict, phases: tuple[str, ...]
         sets = split_datasets(data, transforms, choice.val_split, split_seed=choice.split_seed,
                               max_per_class=choice.max_per_class, verify=choice.verify_images,
                               follow_links=choice.follow_links)
+        report = describe_skipped(sets)  # of the one folder both splits come from (train's set holds it)
         sets = {p: ds for p, ds in sets.items() if phases is None or p in phases}
     else:
         phases = phases or (("train", "val", "test") if (data / "test").is_dir() else ("train", "val"))
         sets = image_datasets(data, transforms, max_per_class=choice.max_per_class, verify=choice.verify_images,
                               phases=phases, follow_links=choice.follow_links)
+        report = describe_skipped(sets)
     if choice.train_per_class and "train" in sets:  # data-efficiency studies: nested, class-balanced
         keep_train_per_class(sets["train"], choice.train_per_class, choice.split_seed)
     if choice.train_fraction and "train" in sets:  # unbalanced classes made on purpose, seeded
         train = sets["train"]
         _keep_samples(train, fraction_draw(train.samples, train.classes, choice.train_fraction, choice.split_seed))
-    if report := describe_skipped(sets):
+    if report:
         log(report)
     return sets

@@ -56,6 +56,7 @@ def start_stage(span: Span, ctx, ckpt: dict | None) -> StageSetup:
     saved_mode = saved_stage.get("feature_cache", ckpt["config"].get("feature_cache")) if resumed_inside else None
     plan = plan_inputs(span, ctx, saved_mode, saved_stage.get("cached_phases"))
     loaders = stage_loaders(ctx, plan)
+    say_plan(ctx, plan, saved_mode)
     net = plan.net
     if distributed.is_distributed():  # [DDP] on its device and layout first: DDP copies process 0's weights to all;
         # a new DDP wrapper per stage, since it records which parameters train when it is made
@@ -101,15 +102,23 @@ def plan_inputs(span: Span, ctx, saved_mode: str | None, saved_phases: list[str]
             log(f"warning: process 0 trains with the feature cache '{main.mode}', this process with '{plan.mode}'")
         if saved_phases is not None and set(plan.cached) - set(saved_phases):
             kept = {p: fs for p, fs in plan.cached.items() if p in saved_phases}
+            # (a checkpoint that recorded no mode in words, only the phases: the phases say it)
             plan = CachePlan(plan.net if kept else model, kept, why_off=None if kept else "",
-                             description=saved.kind, recorded_as=saved_mode)
+                             description=saved.kind if saved is not None else " + ".join(sorted(kept)),
+                             recorded_as=saved_mode or "")
     else:
         plan = CachePlan(model, why_off="")
-    log(f"feature cache: {plan.mode}")
-    if saved is not None and saved.kind != plan.kind:
-        log(f"warning: before the interruption this stage trained with the feature cache '{saved.mode}', now "
-            f"'{plan.mode}'; the rest of the run may differ from an uninterrupted one in the last float bits")
     return plan
+
+
+def say_plan(ctx, plan: CachePlan, saved_mode: str | None) -> None:
+    """The stage's feature-cache line (said once its loaders are made, after an --image-cache's
+    lines), and a warning where a resumed stage now caches otherwise than before."""
+    ctx.log(f"feature cache: {plan.mode}")
+    saved = CachePlan.recorded(ctx.model, saved_mode) if saved_mode is not None else None
+    if saved is not None and saved.kind != plan.kind:
+        ctx.log(f"warning: before the interruption this stage trained with the feature cache '{saved.mode}', now "
+                f"'{plan.mode}'; the rest of the run may differ from an uninterrupted one in the last float bits")
 
 
 def stage_loaders(ctx, plan: CachePlan) -> dict:
