@@ -36,7 +36,7 @@ class RunOptions:
     augment: bool = True
     save_every_epoch: bool = False
     amp: bool = True  # mixed precision, only ever used on CUDA
-    channels_last: bool = True  # NHWC memory layout: faster on GPUs, and on this CPU (results/benchmark.md)
+    channels_last: bool | None = None  # NHWC memory layout; None: by measurement, on for a CPU, off for CUDA
     feature_cache: bool = True  # cache what a frozen prefix computes (tl/features.py) where that is exact
     cache_views: int = 0  # with augmentation: K precomputed augmented views per train image (0: train uncached)
     cache_limit_gb: float = 2.0  # memory for a cache: a larger feature cache stays on disk (mmap), no image cache

@@ -36,7 +36,7 @@ from tl import TLError, distributed
 from tl.data import build_transforms, val_resize
 from tl.engine import checkpoint, records
 from tl.engine.balance import balance
-from tl.engine.device import autocast_dtype, make_grad_scaler, resolve_device
+from tl.engine.device import autocast_dtype, default_channels_last, make_grad_scaler, resolve_device
 from tl.engine.image_cache import decoded_bytes
 from tl.engine.options import RunOptions, resolve
 from tl.engine.resume import restore, restore_threads, resume_options
@@ -115,6 +115,8 @@ def begin(recipe: Recipe, opts: RunOptions, log: Callable[[str], None]) -> RunCo
     device = distributed.local_device(resolve_device(opts.device))  # [DDP] cuda:LOCAL_RANK under torchrun
     if distributed.is_distributed():  # [DDP] say so once: processes, backend, devices, batch per process
         log(distributed.describe(device, recipe.batch_size))
+    if opts.channels_last is None:  # left out: the layout measured faster on this device (config.json records it)
+        opts.channels_last = default_channels_last(device)
     seed_everything(opts.seed)
     if device.type == "cuda":
         # fixed input sizes: let cuDNN time its algorithms once and keep the fastest (002 §1.4)
