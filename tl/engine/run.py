@@ -180,6 +180,7 @@ def train_stages(ctx: RunContext, first: StageSetup, folder: records.RunFolder, 
     history, setup = ctx.history, first
     opts = ctx.opts
     run_hooks = dict(autocast_dtype=autocast_dtype(ctx.device, opts.amp), channels_last=opts.channels_last,
+                     device_sums=ctx.device.type == "cuda",  # no host sync per step (tl/loop.py run_phase)
                      scaler=ctx.scaler if ctx.scaler.is_enabled() else None, best_by=opts.monitor,
                      progress=opts.progress, log=ctx.log, end_of_epoch=folder.end_of_epoch)
     with folder.tidy_on_failure(resumed):
