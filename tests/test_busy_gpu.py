@@ -74,3 +74,62 @@ def test_with_device_sums_a_non_finite_loss_stops_at_the_phase_end(tiny_data, ti
         train_model(model, loaders, torch.nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.1),
                     num_epochs=2, hooks=hooks)
     assert batches == []  # no row, no checkpoint: the phase never ended
+
+
+def _decoded_train(data, size=32, resize=36, policy="standard"):
+    from tl.data import build_transforms
+    from tl.engine.image_cache import DecodedImages
+    from tl.engine.selection import image_datasets
+
+    sets = image_datasets(data, build_transforms((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), size=size,
+                                                 resize=resize, policy=policy))
+    return DecodedImages(sets["train"], resize=resize, device="cpu")  # --device-images, the device a CPU
+
+
+def test_batched_crops_draw_the_boxes_and_flips_of_the_per_image_path(tiny_data, monkeypatch):
+    from torchvision.transforms import v2
+
+    decoded = _decoded_train(tiny_data)
+    assert decoded.collate is not None
+    images = decoded.images[:7]
+    drawn, flipped = [], []
+    real_params, real_flip = v2.RandomResizedCrop.make_params, v2.RandomHorizontalFlip.transform
+    torch.manual_seed(3)
+    with monkeypatch.context() as m:  # the per-image path, its draws recorded
+        m.setattr(v2.RandomResizedCrop, "make_params", lambda self, f: drawn.append(real_params(self, f)) or drawn[-1])
+        m.setattr(v2.RandomHorizontalFlip, "transform",
+                  lambda self, x, p: flipped.__setitem__(len(drawn) - 1, True) or real_flip(self, x, p))
+        flipped.extend([False] * len(images))
+        one_by_one = torch.stack([decoded.transform(img) for img in images])
+    after_per_image = torch.get_rng_state()
+    torch.manual_seed(3)
+    boxes, flips = decoded.collate.draw(images)
+    assert torch.equal(torch.get_rng_state(), after_per_image)  # the very same draws, no more, no fewer
+    assert boxes.tolist() == [[d["top"], d["left"], d["height"], d["width"]] for d in drawn]
+    assert flips.tolist() == flipped and 0 < sum(flipped) < len(images)
+    batched = decoded.collate.apply(images, boxes, flips)
+    assert batched.shape == one_by_one.shape == (7, 3, 32, 32)
+    # pixels: the same crop, resized by another interpolation (normalised units; 1/255/0.225 = 0.017)
+    diff = (batched - one_by_one).abs()
+    assert diff.mean() < 0.05 and diff.max() < 0.6, (diff.mean(), diff.max())
+
+
+def test_pipelines_that_draw_their_own_numbers_stay_per_image(tiny_data):
+    decoded = _decoded_train(tiny_data, policy="strong")  # TrivialAugmentWide
+    assert decoded.collate is None
+    image, _ = decoded[0]
+    assert image.dtype == torch.float32 and image.shape == (3, 32, 32)
+
+
+def test_a_resumed_device_images_run_equals_an_uninterrupted_one(tiny_data, tiny_backbone, tmp_path):
+    """On the CPU `--device-images` keeps the images on the CPU and takes the batched path."""
+    from tests.test_checkpoint import _strip, _train
+    from tl.engine import checkpoint
+
+    full = _train(tiny_data, tmp_path / "full", 3, "--device-images")
+    half = _train(tiny_data, tmp_path / "half", 1, "--device-images")
+    assert main.main(["--resume", str(half / "last.ckpt"), "--epochs", "3", "--no-progress"]) == 0
+    a, b = checkpoint.load_checkpoint(full / "last.ckpt"), checkpoint.load_checkpoint(half / "last.ckpt")
+    assert _strip(a["history"]["rows"]) == _strip(b["history"]["rows"]) and a["epoch"] == 3
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
