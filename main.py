@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--device-images", action="store_true",
                        help="--image-cache with the images on the training device (a GPU): crops, flips and "
                             "normalisation run there, no CPU workers (implies --image-cache --workers 0)")
+    speed.add_argument("--compile", action="store_true",
+                       help="torch.compile the network the loop trains (a GPU's speed; the first batches wait "
+                            "for the compiler; checkpoints keep the plain module's names)")
 
     out = p.add_argument_group("output")
     out.add_argument("--out", type=Path, default=Path("runs"), help="parent folder of run folders")

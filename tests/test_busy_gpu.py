@@ -133,3 +133,30 @@ def test_a_resumed_device_images_run_equals_an_uninterrupted_one(tiny_data, tiny
     assert _strip(a["history"]["rows"]) == _strip(b["history"]["rows"]) and a["epoch"] == 3
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
+
+
+def test_compile_trains_the_same_network_and_saves_the_plain_names(tiny_data, tiny_backbone, tmp_path):
+    """`--compile` on the CPU (inductor needs a C++ compiler; about 50 s
+    here, most of it compiling). Checkpoints keep the
+    plain module's names, config.json records the option, and a resume that changes it is refused."""
+    import time
+
+    from tl import TLError
+    from tl.engine import checkpoint
+    from tl.engine.resume import resume_options
+
+    started = time.perf_counter()
+    plain, compiled = _run(tiny_data, tmp_path / "a"), _run(tiny_data, tmp_path / "b", compile=True)
+    print(f"compiled run: {time.perf_counter() - started:.1f} s")
+    assert compiled.config["options"]["compile"] is True and plain.config["options"]["compile"] is False
+    assert compiled.model._compiled_call_impl is not None and plain.model._compiled_call_impl is None
+    a, b = (checkpoint.load_state_file(r.run_dir / "best.pth") for r in (plain, compiled))
+    assert list(a) == list(b)  # no "_orig_mod." prefix
+    ckpt = checkpoint.load_checkpoint(compiled.run_dir / "last.ckpt")
+    assert list(ckpt["model"]) == list(a)
+    rows = [[r["loss"] for r in x.history.rows] for x in (plain, compiled)]
+    assert all(abs(p - c) < 1e-3 for p, c in zip(*rows)), rows  # the same network, another kernel fusion
+    import pytest
+
+    with pytest.raises(TLError, match="compile False"):
+        resume_options(ckpt, {"compile": False}, compiled.run_dir / "last.ckpt")

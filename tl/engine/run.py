@@ -189,6 +189,8 @@ def train_stages(ctx: RunContext, first: StageSetup, folder: records.RunFolder, 
                 setup = start_stage(span, ctx, None)
                 folder.record_stage(ctx, setup)
             folder.stage = setup  # whose optimizer and scheduler the checkpoints save
+            if opts.compile:  # in place: the module's call is compiled, its state_dict keeps its plain names
+                setup.net.compile()
             hooks = dataclasses.replace(stage_hooks(span, ctx.recipe, setup.scheduler), **run_hooks)
             criterion = make_criterion(ctx.recipe, ctx.class_weights).to(ctx.device)
             history = train_model(setup.net, setup.loaders, criterion, setup.optimizer, span.end, ctx.device, history,
