@@ -233,13 +233,15 @@ def run_phase(net: nn.Module, loader, criterion: nn.Module, optimizer: torch.opt
                     hooks.scheduler.step()  # a per-step schedule: the next batch gets the next rate
                 stop = hooks.after_step is not None and bool(hooks.after_step(epoch))
 
-        # loss is a batch mean: weight it by the batch size so the epoch figure is
-        # the mean over images even when the last batch is smaller.
-        if not hooks.device_sums:  # the tutorial's lines: on a CPU, .item() costs nothing
+        # loss is a batch mean: weight it by the batch size so the epoch figure is the mean over
+        # images even when the last batch is smaller. `.item()` copies a number to Python: free on
+        # a CPU, but on a GPU it waits for every queued kernel, so the GPU idles while Python
+        # prepares the next batch; there (`device_sums`) the sums stay on the GPU, read once a phase.
+        if not hooks.device_sums:  # the tutorial's two lines
             running_loss += loss.item() * inputs.size(0)
             running_correct += (preds == labels).sum().item()
-        else:  # on a GPU, .item() waits for every queued kernel: the GPU idles while Python queues the
-            running_loss += loss.detach().double() * inputs.size(0)  # next batch; so sum there, read once
+        else:
+            running_loss += loss.detach().double() * inputs.size(0)  # float64, as Python's float above
             running_correct += (preds == labels).sum()
         seen += inputs.size(0)
         if stop:
