@@ -314,32 +314,10 @@ def git_commit() -> str:
         return "unknown"
 
 
-def draw_comparison(out: Path, runs, summary) -> set[Path]:
-    """The comparison's pictures, drawn from the tables alone (runs, summary, history/): per data set
-    the curves of each recipe, all recipes' val curves, and accuracy against cost."""
-    import pandas as pd
-
-    from tl.engine import plots
-
-    written: set[Path] = set()
-    done = runs[runs.status == "ok"]
-    for dataset, runs_ds in done.groupby("dataset", sort=False):
-        histories = {}
-        for (experiment, backbone), g in runs_ds.groupby(["experiment", "backbone"], sort=False):
-            frames = [pd.read_csv(out / "history" / dataset / f"{r}.csv").assign(seed=s) for r, s in zip(g.run, g.seed)]
-            histories[f"{experiment} / {backbone}"] = df = pd.concat(frames)
-            written.add(plots.run_curves(df, out / f"curves_{dataset}_{experiment}_{backbone}.png",
-                                         title=f"{dataset}: {experiment} on {backbone} ({len(g)} seed(s))"))
-        written.add(plots.compare_curves(histories, out / f"curves_{dataset}.png", title=dataset))
-        written.add(plots.comparison_chart(summary[summary.dataset == dataset], out / f"comparison_{dataset}.png",
-                                           title=dataset))
-    return written
-
-
 def write_outputs(out: Path, runs, meta: dict):
     """Every table and plot, redrawn from all rows of `runs`; then stale files removed."""
 
-    from experiments.report import write_report
+    from experiments.report import draw_comparison, write_report
 
     summary = summarize(runs)
     out.mkdir(parents=True, exist_ok=True)

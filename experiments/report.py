@@ -344,42 +344,51 @@ def write_report(out: str | Path) -> Path:
     return path
 
 
+def _replace_block(path: Path, name: str, body) -> bool:
+    """Replace the text between `<!-- NAME:start -->` and `<!-- NAME:end -->` in `path` with
+    `body()` (called only when the markers are there). Returns False if they are not."""
+    text = path.read_text()
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    if start not in text or end not in text:
+        return False
+    head, rest = text.split(start, 1)
+    path.write_text(f"{head}{start}\n{body().rstrip()}\n{end}{rest.split(end, 1)[1]}")
+    return True
+
+
+def _differences(results: Path, summary: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    return pd.read_csv(results / "differences.csv") if (results / "differences.csv").is_file() \
+        else differences(results, summary, runs)
+
+
 def update_which_recipe(path: str | Path, results: str | Path) -> bool:
     """Replace the README's "which recipe" block (between `<!-- which-recipe:start -->` and
     `<!-- which-recipe:end -->`) with `which_recipe` of the committed results."""
-    path, results = Path(path), Path(results)
-    text = path.read_text()
-    start, end = "<!-- which-recipe:start -->", "<!-- which-recipe:end -->"
-    if start not in text or end not in text:
-        return False
-    summary, runs, _ = load(results)
-    diffs = pd.read_csv(results / "differences.csv") if (results / "differences.csv").is_file() \
-        else differences(results, summary, runs)
-    head, rest = text.split(start, 1)
-    path.write_text(f"{head}{start}\n{which_recipe(summary, diffs)}\n{end}{rest.split(end, 1)[1]}")
-    return True
+    results = Path(results)
+
+    def body() -> str:
+        summary, runs, _ = load(results)
+        return which_recipe(summary, _differences(results, summary, runs))
+
+    return _replace_block(Path(path), "which-recipe", body)
 
 
 def update_block(path: str | Path, results: str | Path, paragraphs: bool = False) -> bool:
     """Replace the text between `<!-- results:start -->` and `<!-- results:end -->` in `path`
     with the table and the noise statement (or the per-recipe paragraphs) from `results/`.
     Returns False if the file has no such markers."""
-    path, results = Path(path), Path(results)
-    text = path.read_text()
-    start, end = "<!-- results:start -->", "<!-- results:end -->"
-    if start not in text or end not in text:
-        return False
-    summary, runs, meta = load(results)
-    if paragraphs:
-        body = "\n".join(paragraph(r, summary) + "\n" for _, r in summary.iterrows())
-    else:
-        diffs = pd.read_csv(results / "differences.csv") if (results / "differences.csv").is_file() \
-            else differences(results, summary, runs)
-        body = "\n".join([table(summary), ""] + [noise_words(summary, diffs, d) for d in summary.dataset.unique()])
-    block = f"{start}\n" + "\n".join(provenance(meta)) + f"\n\n{body.rstrip()}\n{end}"
-    head, rest = text.split(start, 1)
-    path.write_text(head + block + rest.split(end, 1)[1])
-    return True
+    results = Path(results)
+
+    def body() -> str:
+        summary, runs, meta = load(results)
+        if paragraphs:
+            text = "\n".join(paragraph(r, summary) + "\n" for _, r in summary.iterrows())
+        else:
+            diffs = _differences(results, summary, runs)
+            text = "\n".join([table(summary), ""] + [noise_words(summary, diffs, d) for d in summary.dataset.unique()])
+        return "\n".join(provenance(meta)) + f"\n\n{text.rstrip()}"
+
+    return _replace_block(Path(path), "results", body)
 
 
 DATA_COMMAND = {  # how each committed data set is named on a command line, online and offline
@@ -437,15 +446,37 @@ def _single_logit(experiment: str) -> bool:
     return experiment in NAMES and get_experiment(experiment).RECIPE.loss == "bce_logit"
 
 
+def draw_comparison(out: Path, runs, summary) -> set[Path]:
+    """The comparison's pictures, drawn from the tables alone (runs, summary, history/): per data set
+    the curves of each recipe, all recipes' val curves, and accuracy against cost."""
+    import pandas as pd
+
+    from tl.engine import plots
+
+    written: set[Path] = set()
+    done = runs[runs.status == "ok"]
+    for dataset, runs_ds in done.groupby("dataset", sort=False):
+        histories = {}
+        for (experiment, backbone), g in runs_ds.groupby(["experiment", "backbone"], sort=False):
+            frames = [pd.read_csv(out / "history" / dataset / f"{r}.csv").assign(seed=s) for r, s in zip(g.run, g.seed)]
+            histories[f"{experiment} / {backbone}"] = df = pd.concat(frames)
+            written.add(plots.run_curves(df, out / f"curves_{dataset}_{experiment}_{backbone}.png",
+                                         title=f"{dataset}: {experiment} on {backbone} ({len(g)} seed(s))"))
+        written.add(plots.compare_curves(histories, out / f"curves_{dataset}.png", title=dataset))
+        written.add(plots.comparison_chart(summary[summary.dataset == dataset], out / f"comparison_{dataset}.png",
+                                           title=dataset))
+    return written
+
+
 def replot(out: Path) -> list[Path]:
     """Every result picture that the committed tables hold the numbers of: the comparison's
     (runs.csv, summary.csv, history/), the BatchNorm study's and the data-efficiency study's.
     (results/looking/ shows models' maps and features: it needs the run folders, see experiments/look.py.)"""
-    from experiments import bn_policy, compare_all, data_efficiency
+    from experiments import bn_policy, data_efficiency
 
     out = Path(out)
     summary, runs, _ = load(out)
-    drawn = sorted(compare_all.draw_comparison(out, runs, summary))
+    drawn = sorted(draw_comparison(out, runs, summary))
     if (out / "bn_policy.csv").is_file():
         drawn.append(bn_policy.plot(pd.read_csv(out / "bn_policy.csv"), out / "bn_policy.png"))
     if (out / "data_efficiency.csv").is_file():

@@ -107,7 +107,7 @@ def test_a_second_resume_after_an_interrupted_one(tiny_data, pretrained, tmp_pat
 
     with monkeypatch.context() as patch:
         patch.setattr(tl.engine.records, "write_history_csv", interrupt_after_epoch_2)
-        assert main.main(["--resume", str(half / "last.ckpt"), "--epochs", "4", "--no-progress"]) == 2
+        assert main.main(["--resume", str(half / "last.ckpt"), "--epochs", "4", "--no-progress"]) == 130  # Ctrl-C
     assert checkpoint.load_checkpoint(half / "last.ckpt")["epoch"] == 2
     # the printed command (no --epochs) remembers the raised total of 4
     assert main.main(["--resume", str(half / "last.ckpt"), "--no-progress"]) == 0

@@ -126,3 +126,18 @@ def test_evaluate_names_the_best_epoch_by_training_s_rule_on_a_tie(tmp_path, mon
     lines = []
     ev.evaluate_folder(tmp_path, None, None, [], "cpu", "val", log=lines.append)
     assert "best val accuracy 0.9000 at epoch 3" in lines[-1]  # equal accuracy: the lower loss, as training picks
+
+
+def test_grad_cam_titles_keep_the_file_extension_and_the_title_fits(tmp_path, monkeypatch):
+    titles = []
+    real = plots.save_figure
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: (
+        titles.append(([ax.get_title() for ax in fig.axes[:2]], fig._suptitle.get_text())), real(fig, path))[1])
+    images = torch.zeros(2, 3, 16, 16)
+    maps = torch.rand(2, 16, 16)
+    names = ["a_very_long_photo_name_from_a_phone_camera_20261126_153000.jpg", "bee.jpg"]
+    plots.cam_figure(images, [("Grad-CAM", maps, ["bee 0.97", "ant 0.51"])], tmp_path / "cam.png", mean=(0.5,) * 3,
+                     std=(0.5,) * 3, photo_titles=names, title="x " * 80)
+    (first, second), suptitle = titles[0]
+    assert first.endswith(".jpg") and "\u2026" in first and len(first) <= 28 and second == "bee.jpg"
+    assert all(len(line) <= 40 for line in suptitle.splitlines())  # wrapped to the figure, not clipped
