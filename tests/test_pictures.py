@@ -4,6 +4,7 @@ and split they show, and never lose a trained run. Sizes and element counts, nev
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -125,7 +126,7 @@ def test_evaluate_names_the_best_epoch_by_training_s_rule_on_a_tie(tmp_path, mon
     monkeypatch.setattr(ev, "evaluate", lambda name, *a, **k: {"acc": scores[name][0], "loss": scores[name][1],
                                                                   "per_class_acc": []})
     lines = []
-    ev.evaluate_folder(tmp_path, None, None, [], "cpu", "val", log=lines.append)
+    ev.evaluate_folder(tmp_path, None, SimpleNamespace(dataset=None), [], "cpu", "val", log=lines.append)
     assert "best val accuracy 0.9000 at epoch 3" in lines[-1]  # equal accuracy: the lower loss, as training picks
 
 
