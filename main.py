@@ -172,8 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "pos_weight for a single logit)")
     model.add_argument("--balanced-sampler", action="store_true",
                        help="draw the training images with replacement so that every class is drawn equally often")
-    model.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                       help="NHWC memory layout (default on: faster on GPUs and, measured, on CPU)")
+    model.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                       help="NHWC memory layout (default by measurement: on for a CPU, off for CUDA; "
+                            "results/benchmark.md, results/benchmark_cuda.md)")
 
     speed = p.add_argument_group("caches (tl/features.py, tl/engine/feature_store.py, tl/engine/image_cache.py)")
     speed.add_argument("--feature-cache", action=argparse.BooleanOptionalAction, default=True,
@@ -189,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--device-images", action="store_true",
                        help="--image-cache with the images on the training device (a GPU): crops, flips and "
                             "normalisation run there, no CPU workers (implies --image-cache --workers 0)")
+    speed.add_argument("--compile", action="store_true",
+                       help="torch.compile the network the loop trains (a GPU's speed; the first batches wait "
+                            "for the compiler; checkpoints keep the plain module's names)")
 
     out = p.add_argument_group("output")
     out.add_argument("--out", type=Path, default=Path("runs"), help="parent folder of run folders")

@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         record("share", case, "%", [100 * statistics.median(loop) / statistics.median(bound)])
         record("share", case + ", --image-cache --workers 0", "%",
                [100 * statistics.median(cached) / statistics.median(bound)])
-        if device != "cpu":  # on the CPU, --device-images is --image-cache --workers 0 again
+        if device != "cpu":  # on the CPU, --device-images is --image-cache --workers 0 with batched crops
             on_device = repeat(loop_throughput, spec, workers=0, device_images=True)
             record("loop", case + ", --device-images", "img/s", on_device, workers=0)
             record("share", case + ", --device-images", "%",

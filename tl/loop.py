@@ -140,6 +140,7 @@ class Hooks:
     autocast_dtype: torch.dtype | None = None  # mixed precision on a GPU (bf16/fp16); None: float32
     scaler: torch.amp.GradScaler | None = None  # fp16 only: scales the loss so small gradients survive
     channels_last: bool = False  # NHWC memory layout (faster convolutions on GPUs and oneDNN CPUs)
+    device_sums: bool = False  # loss sums and correct counts stay on the device, read once per phase (a GPU)
     validate_with: nn.Module | None = None  # score val with this model instead (an averaged copy, say)
     after_step: Callable[[int], bool | None] | None = None  # after each update; True stops (an LR finder)
     end_of_phase: Callable[[int, str, dict], None] | None = None  # (epoch, phase, row): logging
@@ -224,7 +225,7 @@ def run_phase(net: nn.Module, loader, criterion: nn.Module, optimizer: torch.opt
                 outputs = net(inputs)  # (B, num_classes) logits
                 loss = criterion(outputs, loss_targets(outputs, labels))  # mean over the batch
             preds = predictions(outputs)  # (B,)
-            if not torch.isfinite(loss):
+            if not hooks.device_sums and not torch.isfinite(loss):
                 raise NonFiniteLoss(epoch, phase, loss.item())
             if phase == "train":
                 if hooks.scaler is None:
@@ -238,13 +239,22 @@ def run_phase(net: nn.Module, loader, criterion: nn.Module, optimizer: torch.opt
                     hooks.scheduler.step()  # a per-step schedule: the next batch gets the next rate
                 stop = hooks.after_step is not None and bool(hooks.after_step(epoch))
 
-        # loss is a batch mean: weight it by the batch size so the epoch figure is
-        # the mean over images even when the last batch is smaller.
-        running_loss += loss.item() * inputs.size(0)
-        running_correct += (preds == labels).sum().item()
+        # loss is a batch mean: weight it by the batch size so the epoch figure is the mean over
+        # images even when the last batch is smaller. `.item()` copies a number to Python: free on
+        # a CPU, but on a GPU it waits for every queued kernel, so the GPU idles while Python
+        # prepares the next batch; there (`device_sums`) the sums stay on the GPU, read once a phase.
+        if not hooks.device_sums:  # the tutorial's two lines
+            running_loss += loss.item() * inputs.size(0)
+            running_correct += (preds == labels).sum().item()
+        else:
+            running_loss += loss.detach().double() * inputs.size(0)  # float64, as Python's float above
+            running_correct += (preds == labels).sum()
         seen += inputs.size(0)
         if stop:
             break
+    running_loss, running_correct = float(running_loss), int(running_correct)  # device sums: the one read
+    if not math.isfinite(running_loss):  # device sums: a NaN/inf loss is seen here, at the phase end
+        raise NonFiniteLoss(epoch, phase, running_loss, at_phase_end=True)
 
     # [DDP] sums over all processes: every figure is over the whole data set (no-op in one process)
     running_loss, running_correct, n = distributed.sum_over_processes(running_loss, running_correct, seen)
@@ -271,7 +281,9 @@ class NonFiniteLoss(TLError):
     """The loss became NaN or infinite: the step is not taken and the run stops, so the
     last checkpoint on disk is the last good state."""
 
-    def __init__(self, epoch: int, phase: str, value: float):
-        super().__init__(f"the {phase} loss became {value} in epoch {epoch}: training stopped before "
-                         f"the update, the last saved checkpoint is the last good state. Try a smaller "
-                         f"learning rate (--lr-scale 0.1) or check the data for broken images.")
+    def __init__(self, epoch: int, phase: str, value: float, at_phase_end: bool = False):
+        when = ("training stopped at the end of the phase (on a GPU the loss is read once per phase), before "
+                "any checkpoint of this epoch" if at_phase_end else "training stopped before the update")
+        super().__init__(f"the {phase} loss became {value} in epoch {epoch}: {when}, the last saved checkpoint "
+                         f"is the last good state. Try a smaller learning rate (--lr-scale 0.1) or check the "
+                         f"data for broken images.")

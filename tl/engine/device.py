@@ -45,3 +45,12 @@ def make_grad_scaler(device: torch.device | str, amp: bool) -> torch.amp.GradSca
     """The loss scaler fp16 autocast needs (disabled, a no-op, everywhere else). Its scale
     adapts during training, so a checkpoint saves it and a resumed run restores it."""
     return torch.amp.GradScaler("cuda", enabled=autocast_dtype(torch.device(device), amp) == torch.float16)
+
+
+def default_channels_last(device: torch.device) -> bool:
+    """`--channels-last` left out: the layout measured faster on this kind of device. On the
+    2-core CPU, NHWC won for every backbone of results/benchmark.md (efficientnet_lite0 finetune:
+    27.2 vs 18.7 img/s, compute bound); on an H100 the contiguous layout won for efficientnet_lite0
+    finetune (385.6 img/s off vs 326.0 on, as issue 24 reports it: results/benchmark_cuda.md, as
+    committed, has no channels_last-off row yet). Other devices: off."""
+    return device.type == "cpu"

@@ -36,12 +36,13 @@ class RunOptions:
     augment: bool = True
     save_every_epoch: bool = False
     amp: bool = True  # mixed precision, only ever used on CUDA
-    channels_last: bool = True  # NHWC memory layout: faster on GPUs, and on this CPU (results/benchmark.md)
+    channels_last: bool | None = None  # NHWC memory layout; None: by measurement, on for a CPU, off for CUDA
     feature_cache: bool = True  # cache what a frozen prefix computes (tl/features.py) where that is exact
     cache_views: int = 0  # with augmentation: K precomputed augmented views per train image (0: train uncached)
     cache_limit_gb: float = 2.0  # memory for a cache: a larger feature cache stays on disk (mmap), no image cache
     image_cache: bool = False  # decode and resize every image once, keep uint8 tensors in memory
     device_images: bool = False  # with image_cache: those tensors live on the training device, augmented there
+    compile: bool = False  # torch.compile the network the loop trains (checkpoints keep the plain module's names)
     patience: int | None = None  # early stopping (004 §2.3): stop after this many epochs without a new best
     monitor: str = "acc"  # what "best" means for best.pth and early stopping: val "acc" or val "loss"
     informative_names: bool = False  # per-epoch files named epoch03-loss0.1820-acc0.9412.pth (004)

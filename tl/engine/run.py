@@ -36,7 +36,7 @@ from tl import TLError, distributed
 from tl.data import build_transforms, val_resize
 from tl.engine import checkpoint, records
 from tl.engine.balance import balance
-from tl.engine.device import autocast_dtype, make_grad_scaler, resolve_device
+from tl.engine.device import autocast_dtype, default_channels_last, make_grad_scaler, resolve_device
 from tl.engine.image_cache import decoded_bytes
 from tl.engine.options import RunOptions, resolve
 from tl.engine.resume import restore, restore_threads, resume_options
@@ -117,6 +117,8 @@ def begin(recipe: Recipe, opts: RunOptions, log: Callable[[str], None]) -> RunCo
     device = distributed.local_device(resolve_device(opts.device))  # [DDP] cuda:LOCAL_RANK under torchrun
     if distributed.is_distributed():  # [DDP] say so once: processes, backend, devices, batch per process
         log(distributed.describe(device, recipe.batch_size))
+    if opts.channels_last is None:  # left out: the layout measured faster on this device (config.json records it)
+        opts.channels_last = default_channels_last(device)
     seed_everything(opts.seed)
     if device.type == "cuda":
         # fixed input sizes: let cuDNN time its algorithms once and keep the fastest (002 §1.4)
@@ -179,6 +181,7 @@ def train_stages(ctx: RunContext, first: StageSetup, folder: records.RunFolder, 
     history, setup = ctx.history, first
     opts = ctx.opts
     run_hooks = dict(autocast_dtype=autocast_dtype(ctx.device, opts.amp), channels_last=opts.channels_last,
+                     device_sums=ctx.device.type == "cuda",  # no host sync per step (tl/loop.py run_phase)
                      scaler=ctx.scaler if ctx.scaler.is_enabled() else None, best_by=opts.monitor,
                      progress=opts.progress, log=ctx.log, end_of_epoch=folder.end_of_epoch)
     with folder.tidy_on_failure(resumed):
@@ -187,6 +190,8 @@ def train_stages(ctx: RunContext, first: StageSetup, folder: records.RunFolder, 
                 setup = start_stage(span, ctx, None)
                 folder.record_stage(ctx, setup)
             folder.stage = setup  # whose optimizer and scheduler the checkpoints save
+            if opts.compile:  # in place: the module's call is compiled, its state_dict keeps its plain names
+                setup.net.compile()
             hooks = dataclasses.replace(stage_hooks(span, ctx.recipe, setup.scheduler), **run_hooks)
             criterion = make_criterion(ctx.recipe, ctx.class_weights).to(ctx.device)
             history = train_model(setup.net, setup.loaders, criterion, setup.optimizer, span.end, ctx.device, history,

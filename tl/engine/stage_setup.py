@@ -133,7 +133,11 @@ def stage_loaders(ctx, plan: CachePlan) -> dict:
     inputs = {p: plan.cached.get(p, ctx.decoded.get(p, ds)) for p, ds in ctx.sets.items()}
     # images already on the device are transformed in this process and need no pinned copy
     on_device = opts.device_images and any(isinstance(ds, DecodedImages) for ds in inputs.values())
-    return make_loaders(inputs, ctx.recipe.batch_size, seed=opts.seed,
-                        workers=0 if len(plan.cached) == len(ctx.sets) or on_device else opts.workers,
-                        pin_memory=ctx.device.type == "cuda" and not on_device, generator=ctx.generator,
-                        sample_weights=ctx.sample_weights)
+    loaders = make_loaders(inputs, ctx.recipe.batch_size, seed=opts.seed,
+                           workers=0 if len(plan.cached) == len(ctx.sets) or on_device else opts.workers,
+                           pin_memory=ctx.device.type == "cuda" and not on_device, generator=ctx.generator,
+                           sample_weights=ctx.sample_weights)
+    for phase, ds in inputs.items():
+        if getattr(ds, "collate", None) is not None:  # --device-images: a batch augmented at once (BatchedCrops)
+            loaders[phase].collate_fn = ds.collate
+    return loaders
