@@ -47,6 +47,7 @@ def build_transforms(
     val:   deterministic. Resize the *shorter side* to `resize` (256), then cut the central
            `size` (224) square. The order matters: 003 crops first and resizes after,
            which yields 256-pixel images and throws away most of each photo (docs/ERRATA.md).
+    test:  the val pipeline: a headline is never scored on random crops.
 
     `mean`/`std` must be the ones the backbone's weights were trained with (ImageNet
     statistics for torchvision, 0.5 for the packaged EfficientNet-Lite0): the first

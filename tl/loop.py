@@ -164,7 +164,7 @@ def train_model(net: nn.Module, dataloaders: dict, criterion: nn.Module, optimiz
     if hooks.scheduler_interval not in ("epoch", "step"):
         raise ValueError(f"scheduler_interval must be 'epoch' or 'step', not {hooks.scheduler_interval!r}")
     history = history if history is not None else History()
-    start_epoch = history.rows[-1]["epoch"] + 1 if history.rows else 0
+    start_epoch = history.rows[-1]["epoch"] + 1 if history.rows else 0  # after a resume or a stage: go on
     net.to(device, memory_format=torch.channels_last if hooks.channels_last else torch.preserve_format)
     # the BatchNorm layers that stay in eval mode while the rest trains: all of them, the frozen ones, or none
     eval_bn = ([m for m in net.modules() if isinstance(m, BATCHNORM)] if hooks.bn_eval
@@ -194,7 +194,7 @@ def train_model(net: nn.Module, dataloaders: dict, criterion: nn.Module, optimiz
                 hooks.end_of_phase(epoch, phase, row)
         if hooks.scheduler is not None and hooks.scheduler_interval == "epoch" and epoch > 0:
             hooks.scheduler.step()  # an epoch schedule (StepLR): after each training epoch, as the tutorial does
-        remember_if_best(history, net, hooks.best_by)
+        remember_if_best(history, hooks.validate_with or net, hooks.best_by)  # the weights val scored
         if stop or (hooks.end_of_epoch is not None and hooks.end_of_epoch(epoch, history)):
             history.stopped_early = epoch
             who = "after_step" if stop else "the epoch-end callback"

@@ -27,7 +27,7 @@ class Recipe:
     source: str  # document and section it reproduces, e.g. "002 §1.4"
     strategy: str  # one line: what trains
     backbone: str = "resnet18"  # the document's architecture; --backbone swaps it, the strategy stays
-    weights: str = "imagenet"  # "imagenet" (pretrained) or "none" (random init)
+    weights: str = "imagenet"  # "imagenet" (pretrained), "none" (random init) or a state_dict file
     lrs: dict[str, float] = field(default_factory=lambda: {"all": 1e-3})  # per group: body/neck/head, or all
     train_epochs: int = 10  # epochs that train; the loop adds the validation-only epoch 0
     batch_size: int = 32

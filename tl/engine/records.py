@@ -67,13 +67,13 @@ class RunFolder:
                                 ctx.classes) | {"data_fingerprint": ctx.fingerprint, "checksums": {}}
         config["train_epochs"] = recipe.train_epochs
         folder = cls(run_dir, config, ctx, stage)
-        folder.record_stage(ctx, stage, write=False)
+        folder.record_stage(ctx, stage)
         config["world_size"] = distributed.world_size()  # processes; each trains on batch_size images per step
         if distributed.is_main():  # [DDP]
             write_json(run_dir / "config.json", config)
         return folder
 
-    def record_stage(self, ctx, stage, write: bool = True) -> None:
+    def record_stage(self, ctx, stage) -> None:
         record_stage(self.config, stage.span, stage.optimizer, stage.scheduler, stage.plan.mode, staged=ctx.staged,
                      cached_phases=sorted(stage.plan.cached))
 
