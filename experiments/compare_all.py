@@ -100,6 +100,23 @@ def dataset_name(data_dir: Path) -> str:
     return Path(data_dir).resolve().name
 
 
+def train_or_reason(module, opts, log) -> tuple[object, dict]:
+    """(the run's result, {}) or (None, {"status", "reason"}) when it could not run or failed: in
+    a study of many runs, one recipe's problem is a row of the table, not the end of the study.
+    Ctrl-C still stops the whole study."""
+    from tl import Interrupted, TLError
+    from tl.engine.run import run
+
+    try:
+        return run(module.RECIPE, module.build, opts, log=lambda line: log("    " + line)), {}
+    except Interrupted:
+        raise
+    except TLError as exc:
+        return None, {"status": "not run", "reason": str(exc).splitlines()[0]}
+    except Exception as exc:  # a bug in one recipe must not hide the other results
+        return None, {"status": "failed", "reason": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+
+
 def run_one(name: str, backbone: str, seed: int, data_dir: Path, args: argparse.Namespace, runs_dir: Path,
             log) -> tuple[dict, object]:
     """One data set x recipe x backbone x seed -> (one row of runs.csv (status ok / not run /
@@ -108,9 +125,7 @@ def run_one(name: str, backbone: str, seed: int, data_dir: Path, args: argparse.
     import torch
 
     from experiments import get_experiment
-    from tl import Interrupted, TLError
     from tl.engine.options import RunOptions, resolve
-    from tl.engine.run import run
 
     module = get_experiment(name)
     dataset = dataset_name(data_dir)
@@ -126,14 +141,9 @@ def run_one(name: str, backbone: str, seed: int, data_dir: Path, args: argparse.
            "strategy": recipe.strategy, "seed": seed, "train_epochs": recipe.train_epochs,
            "batch_size": recipe.batch_size, "weights": recipe.weights, "learning_rates": _recipe_lrs(recipe),
            "torch": torch.__version__, "quick": args.quick, "date": time.strftime("%Y-%m-%d"), "run": label}
-    try:
-        result = run(module.RECIPE, module.build, opts, log=lambda line: log("    " + line))
-    except Interrupted:
-        raise
-    except TLError as exc:
-        return row | {"status": "not run", "reason": str(exc).splitlines()[0]}, None
-    except Exception as exc:  # a bug in one recipe must not hide the other results
-        return row | {"status": "failed", "reason": f"{type(exc).__name__}: {exc}".splitlines()[0]}, None
+    result, failure = train_or_reason(module, opts, log)
+    if failure:
+        return row | failure, None
     cfg, res = result.config, result.config["results"]
     return row | {
         "status": "ok", "reason": "", "weights": cfg["weights_kind"], **_optimizer_and_lrs(cfg),

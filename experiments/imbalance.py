@@ -85,9 +85,8 @@ def run_one(recipe: str, way: str, seed: int, args: argparse.Namespace, runs_dir
             log) -> tuple[dict, Path | None]:
     """One recipe x way x seed: (its row, its headline predictions file, or None when it did not run)."""
     from experiments import get_experiment
-    from tl import Interrupted, TLError
+    from experiments.compare_all import train_or_reason
     from tl.engine.options import RunOptions
-    from tl.engine.run import run
 
     minority, fraction = args.keep
     label = f"{recipe}-{args.backbone}-{way}-seed{seed}"
@@ -99,12 +98,9 @@ def run_one(recipe: str, way: str, seed: int, args: argparse.Namespace, runs_dir
     if args.quick:
         opts.make_quick()
     module = get_experiment(recipe)
-    try:
-        result = run(module.RECIPE, module.build, opts, log=lambda line: log("    " + line))
-    except Interrupted:
-        raise
-    except TLError as exc:
-        return row | {"status": "not run", "reason": str(exc).splitlines()[0]}, None
+    result, failure = train_or_reason(module, opts, log)
+    if failure:
+        return row | failure, None
     res = result.config["results"]
     predictions = result.run_dir / "headline_predictions.csv"
     counts = " ".join(f"{c}={n}" for c, n in result.config["train_class_counts"].items())
