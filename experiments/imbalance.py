@@ -155,6 +155,36 @@ def differences(out: Path, runs, minority: str):
                                        "verdict"])
 
 
+def plot(runs, path: Path, minority: str) -> Path:
+    """Per recipe: accuracy, balanced accuracy and the minority class's recall for each way
+    (mean ± std over seeds, seeds as dots), on a 0-1 axis: the minority's recall is the point."""
+    from tl.engine.plots import plt, save_figure
+
+    ok = runs[runs.status == "ok"]
+    recipes = list(dict.fromkeys(ok.recipe))
+    measures = (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"),
+                ("minority_recall", f"{minority} recall"))
+    fig, axes = plt.subplots(1, max(1, len(recipes)), figsize=(5.5 * max(1, len(recipes)), 4.2), squeeze=False,
+                             sharey=True, layout="constrained")
+    for ax, recipe in zip(axes[0], recipes):
+        part = ok[ok.recipe == recipe]
+        for k, (column, label) in enumerate(measures):
+            for i, way in enumerate(WAYS):
+                values = part[part.way == way][column].astype(float)
+                x = i + (k - 1) * 0.25
+                ax.errorbar([x], [values.mean()], yerr=[values.std(ddof=0) if len(values) > 1 else 0], fmt="o",
+                            color=f"C{k}", capsize=3, label=label if i == 0 else None)
+                ax.scatter([x] * len(values), values, s=10, color=f"C{k}", alpha=0.4)
+        ax.set_xticks(range(len(WAYS)), list(WAYS))
+        ax.set_ylim(0, 1.02)
+        ax.set_title(recipe, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("on the untouched test split")
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", ncol=3, fontsize=8)
+    fig.suptitle(f"training {minority} kept at a fraction: plain, class weights, balanced sampler")
+    return save_figure(fig, path)
+
+
 def write_page(out: Path, runs, diffs, command: str, minutes: float) -> Path:
     from experiments.compare_all import git_commit, machine_description
 
@@ -208,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             row, predictions = run_one(recipe, way, seed, args, runs_dir, log=lambda s: print(s, flush=True))
         except (Interrupted, KeyboardInterrupt):
             print(f"error: interrupted: {args.out} is unchanged (the runs so far are in {runs_dir})", file=sys.stderr)
-            return 2
+            return 130  # the shell's status for an interrupt, as main.py
         if predictions is not None:
             files[row["run"]] = predictions
         rows.append(row)
@@ -220,9 +250,10 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copyfile(predictions, args.out / "imbalance" / f"{run}.csv")
     runs = pd.DataFrame(rows).reindex(columns=COLUMNS)
     runs.to_csv(args.out / "imbalance.csv", index=False)
+    plot(runs, args.out / "imbalance.png", args.keep[0])
     diffs = differences(args.out, runs, args.keep[0])
     page = write_page(args.out, runs, diffs, command, (time.time() - started) / 60)
-    print(f"wrote {args.out / 'imbalance.csv'} and {page}")
+    print(f"wrote {args.out / 'imbalance.csv'}, imbalance.png and {page}")
     return 0
 
 

@@ -453,6 +453,8 @@ def test_the_imbalance_study_on_tiny_data_with_one_seed(tmp_path, pretrained, ow
     assert configs["sampler"]["balanced_sampler"] and configs["plain"]["class_weights"] is None
     page = (out / "imbalance.md").read_text()
     assert "| resnet_frozen | sampler | 1 |" in page
+    with Image.open(out / "imbalance.png") as picture:  # the picture beside the table
+        assert picture.format == "PNG" and max(picture.size) <= 14 * 110 + 1
     for recipe in ("resnet_frozen", "resnet_finetune"):
         for way in ("weights", "sampler"):
             for measure in ("accuracy", "balanced accuracy", "minority recall"):
