@@ -194,7 +194,7 @@ def train_model(net: nn.Module, dataloaders: dict, criterion: nn.Module, optimiz
                 hooks.end_of_phase(epoch, phase, row)
         if hooks.scheduler is not None and hooks.scheduler_interval == "epoch" and epoch > 0:
             hooks.scheduler.step()  # an epoch schedule (StepLR): after each training epoch, as the tutorial does
-        remember_if_best(history, hooks.validate_with or net, hooks.best_by)  # the weights val scored
+        remember_if_best(history, model, hooks.best_by)  # the weights val just scored
         if stop or (hooks.end_of_epoch is not None and hooks.end_of_epoch(epoch, history)):
             history.stopped_early = epoch
             who = "after_step" if stop else "the epoch-end callback"
