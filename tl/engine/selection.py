@@ -149,11 +149,8 @@ def describe_skipped(sets: dict[str, CheckedImageFolder], show: int = 5) -> str 
     skipped = [s for ds in sets.values() for s in ds.skipped]
     lines = describe_links(sets, show)
     not_images = [s for ds in sets.values() for s in getattr(ds, "not_images", [])]
-    if not_images:
-        lines.append(f"left out {len(not_images)} file(s) that are not images this project trains on:")
-        lines += [f"  {path}: {why}" for path, why in not_images[:show]]
-        if len(not_images) > show:
-            lines.append(f"  ... and {len(not_images) - show} more")
+    lines += _listed(f"left out {len(not_images)} file(s) that are not images this project trains on:",
+                     not_images, show)
     if ignored:
         lines.append(f"ignored {len(ignored)} folder(s) that are not classes (hidden or system folders): "
                      + ", ".join(path for path, _ in ignored[:show]) + (" ..." if len(ignored) > show else ""))
@@ -161,12 +158,16 @@ def describe_skipped(sets: dict[str, CheckedImageFolder], show: int = 5) -> str 
         path, same = duplicates[0]
         lines.append(f"counted {len(duplicates)} file path(s) once: they reach a file already counted, through a "
                      f"link (e.g. {path} is {same})")
-    if skipped:
-        lines.append(f"skipped {len(skipped)} unusable image file(s):")
-        lines += [f"  {path}: {why}" for path, why in skipped[:show]]
-        if len(skipped) > show:
-            lines.append(f"  ... and {len(skipped) - show} more")
+    lines += _listed(f"skipped {len(skipped)} unusable image file(s):", skipped, show)
     return "\n".join(lines) or None
+
+
+def _listed(title: str, files: list[tuple[str, str]], show: int) -> list[str]:
+    """`title`, then the first `show` (path, why) lines and a count of the rest; nothing for no files."""
+    if not files:
+        return []
+    more = [f"  ... and {len(files) - show} more"] if len(files) > show else []
+    return [title, *(f"  {path}: {why}" for path, why in files[:show]), *more]
 
 
 def describe_links(sets: dict[str, CheckedImageFolder], show: int = 5) -> list[str]:
