@@ -63,7 +63,11 @@ def timm_spec(name: str) -> Backbone:
     neck = _neck(model, name, head)
     if len(cfg.get("mean", ())) != 3 or len(cfg.get("std", ())) != 3:
         raise TLError(f"{name} does not take RGB images (its mean is {cfg.get('mean')})")
-    return Backbone(name, functools.partial(timm.create_model, arch, pretrained=False), head=head, neck=neck,
+    # a vision transformer cuts the image into a fixed grid of patches: let it take other sizes (--quick's 64)
+    fixed = getattr(getattr(model, "patch_embed", None), "strict_img_size", False)
+    options = {"dynamic_img_size": True} if fixed else {}
+    create = functools.partial(timm.create_model, arch, pretrained=False, **options)
+    return Backbone(name, create, head=head, neck=neck,
                     mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), weights_source="timm", cache_cut=head,
                     image_size=int(cfg["input_size"][-1]))
 
