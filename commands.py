@@ -38,8 +38,9 @@ def list_recipes() -> str:
     """The README's recipe table (what trains, epochs, batch, learning rates, the command), then
     each backbone and whether it runs here without a network."""
     from experiments import all_experiments
+    from tl.engine.timm_backbones import backbone_spec
     from tl.engine.weights import runs_offline, torchvision_weights_file
-    from tl.models import BACKBONES, get_backbone
+    from tl.models import BACKBONES
 
     lines = [f"{'recipe':<17} {'from':<16} {'model':<21} {'epochs':>6} {'batch':>5}  learning rates"]
     for name, module in all_experiments().items():
@@ -56,14 +57,16 @@ def list_recipes() -> str:
     cache = torchvision_weights_file("resnet18")[1].parent
     lines.append(f"\nbackbones (any recipe takes --backbone NAME); ImageNet weights offline? (hub cache: {cache})")
     for name in BACKBONES:
-        spec = get_backbone(name)
+        spec = backbone_spec(name)
         if spec.weights_source == "packaged":
             where = "yes: they ship in a pip package"
         elif runs_offline(spec):
             where = f"yes: {torchvision_weights_file(name)[1].name} is in the cache"
         else:
             where = f"no: needs the network once for {torchvision_weights_file(name)[1].name} (or --weights PATH)"
-        lines.append(f"  {name:<19} {where}")
+        lines.append(f"  {name:<19} {where}" + (f" ({spec.image_size}-pixel images)" if spec.image_size != 224 else ""))
+    lines.append(f"  {'timm:NAME':<19} any timm model, e.g. timm:convnext_tiny: --weights PATH to its state_dict, "
+                 f"or online --weights imagenet (timm downloads it)")
     return "\n".join(lines)
 
 
@@ -84,6 +87,8 @@ def run_options(args: argparse.Namespace):
             opts.max_per_class = args.max_per_class
         if args.workers is not None:  # and an explicit --workers over its 0
             opts.workers = args.workers
+        if args.image_size is not None:  # and an explicit --image-size over its 64
+            opts.image_size = args.image_size
     if args.device_images:
         if args.workers:
             raise TLError(f"--device-images transforms the images where they live, on the training device, in "
@@ -96,18 +101,18 @@ def train_command(args: argparse.Namespace):
     folders the run writes, the ImageNet weights), then train."""
     from experiments import get_experiment
     from tl.engine.run import run
-    from tl.engine.weights import imagenet_file
-    from tl.models import get_backbone
+    from tl.engine.timm_backbones import backbone_spec
+    from tl.engine.weights import require_imagenet
 
     module = get_experiment(args.experiment)
-    spec = get_backbone(args.backbone or module.RECIPE.backbone)  # a typo fails here, before any data
+    spec = backbone_spec(args.backbone or module.RECIPE.backbone)  # a typo fails here, before any data
     _check_writable(args.out, "--out")  # where the run will write, before any work
     if args.feature_cache:
         from tl.engine.feature_store import cache_dir
 
         _check_writable(cache_dir(), "feature cache folder (TL_CACHE_DIR)", "or pass --no-feature-cache")
-    if (args.weights or module.RECIPE.weights) == "imagenet" and spec.weights_source != "packaged":
-        imagenet_file(spec)  # weights before data: offline, this message comes first and no data/ is made
+    if (args.weights or module.RECIPE.weights) == "imagenet":
+        require_imagenet(spec)  # weights before data: offline, this message comes first and no data/ is made
     return run(module.RECIPE, module.build, run_options(args))
 
 
@@ -196,8 +201,8 @@ def _prediction_model(args: argparse.Namespace) -> tuple:
     """(model, class names, mean, std, image size) of --checkpoint: a run's weight file (with its
     config.json), an exported .onnx / .pt file alone, or, without one, the ImageNet classifier."""
     from tl.engine.evaluate import ModelContext, context_for, load_model
+    from tl.engine.timm_backbones import backbone_spec
     from tl.engine.weights import build_model, imagenet_categories
-    from tl.models import get_backbone
 
     if args.checkpoint and args.checkpoint.suffix in (".onnx", ".pt"):
         from tl.engine.export import load_exported
@@ -214,7 +219,7 @@ def _prediction_model(args: argparse.Namespace) -> tuple:
         ctx = ModelContext(backbone=args.backbone or "efficientnet_lite0", classes=None)
         model = build_model(ctx.backbone, 1000, "imagenet")  # the untouched ImageNet classifier
         classes = imagenet_categories()
-    spec = get_backbone(ctx.backbone)
+    spec = backbone_spec(ctx.backbone)
     return model, classes, spec.mean, spec.std, ctx.image_size
 
 
@@ -239,7 +244,7 @@ def explain_command(args: argparse.Namespace) -> list:
     from tl.engine.explain import class_activation_maps
     from tl.engine.images import load_rgb
     from tl.engine.plots import cam_figure
-    from tl.models import get_backbone
+    from tl.engine.timm_backbones import backbone_spec
 
     if not args.checkpoint:
         raise TLError("--explain needs --checkpoint RUN/best.pth (the trained model whose attention to show)")
@@ -252,7 +257,7 @@ def explain_command(args: argparse.Namespace) -> list:
     if ctx.classes is None:
         raise TLError(f"no config.json beside {args.checkpoint}, so its class names are unknown")
     model = load_model(args.checkpoint, ctx, len(ctx.classes), args.allow_pickle)
-    spec = get_backbone(ctx.backbone)
+    spec = backbone_spec(ctx.backbone)
     transform = build_transforms(spec.mean, spec.std, size=ctx.image_size, augment=False)["val"]
     out_dir = Path(args.checkpoint).parent / "explain"
     written, failed = [], 0

@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--verify-images", action="store_true",
                       help="decode every image fully before training (finds truncated files; slower)")
     data.add_argument("--split", default="val", choices=["train", "val", "test"], help="split for --evaluate")
+    data.add_argument("--image-size", type=_int_at_least(16), metavar="N",
+                      help="crop size in pixels (default: the backbone's own, 224 for most; --quick: 64)")
     data.add_argument("--no-augment", dest="augment", action="store_false",
                       help="train on the val transform (no random crop/flip)")
     data.add_argument("--workers", type=_non_negative_int,

@@ -53,9 +53,9 @@ from tl.engine.device import resolve_device
 from tl.engine.options import RunOptions, resolve
 from tl.engine.run import run
 from tl.engine.selection import ImageChoice, select_images
+from tl.engine.timm_backbones import backbone_spec
 from tl.engine.weights import build_model
 from tl.loop import Hooks, seed_everything, train_model
-from tl.models import get_backbone
 from tl.recipe import make_criterion
 
 LOOP_CASES = [  # (recipe, backbone, weights): weights do not change speed, so random ResNet18 stands in
@@ -86,9 +86,9 @@ def compute_bound(name, backbone, weights, data, device, channels_last=True, epo
     """The loop's training images/s on tensors already in memory (no decoding, no augmentation)."""
     module = get_experiment(name)
     recipe = resolve(module.RECIPE, RunOptions(data=data, backbone=backbone, weights=weights))
-    spec = get_backbone(recipe.backbone)
-    sets = select_images(ImageChoice(Path(data)), build_transforms(spec.mean, spec.std, augment=False),
-                         phases=("train", "val"))
+    spec = backbone_spec(recipe.backbone)
+    transforms = build_transforms(spec.mean, spec.std, size=spec.image_size, augment=False)
+    sets = select_images(ImageChoice(Path(data)), transforms, phases=("train", "val"))
     xs, ys = zip(*(sets["train"][i] for i in range(len(sets["train"]))))
     ready = TensorDataset(torch.stack(xs), torch.tensor(ys))
     seed_everything(0)

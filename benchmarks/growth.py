@@ -62,9 +62,9 @@ from tl import features
 from tl.data import build_transforms
 from tl.engine.selection import ImageChoice, select_images
 from tl.engine.weights import build_model
-from tl.models import get_backbone
+from tl.engine.timm_backbones import backbone_spec
 data, workers, limit_gb = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
-spec = get_backbone("efficientnet_lite0")
+spec = backbone_spec("efficientnet_lite0")
 model = build_model("efficientnet_lite0", 2, "imagenet")
 for p in model.parameters():
     p.requires_grad = False

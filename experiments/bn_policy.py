@@ -49,7 +49,8 @@ from pathlib import Path
 
 import torch
 
-from tl.models import BATCHNORM, param_groups, set_trainable
+from experiments.resnet_bn_only import train_batchnorm
+from tl.models import param_groups, set_trainable
 from tl.recipe import Recipe
 
 EPOCHS, BATCH, MAX_PER_CLASS = 2, 16, 320  # see the module docstring: the full study in about 22 minutes here
@@ -84,9 +85,7 @@ def build(model, spec, recipe):
     else:
         set_trainable(model, spec, ["head"])
         if recipe.name == "frozen_bn_affine":
-            for module in model.modules():
-                if isinstance(module, BATCHNORM):
-                    module.requires_grad_(True)  # scale and shift train; the filters stay
+            train_batchnorm(model, spec, recipe)  # scale and shift train; the filters stay
     return model, torch.optim.Adam(param_groups(model, spec, recipe.lrs))
 
 
@@ -115,14 +114,15 @@ def run_policy(policy: str, data: Path, backbone: str, seed: int, args, runs_dir
     from tl.engine import checkpoint
     from tl.engine.options import RunOptions
     from tl.engine.run import run
+    from tl.engine.timm_backbones import folder_label
     from tl.engine.weights import build_model
 
     recipe = dataclasses.replace(POLICIES[policy], backbone=backbone, train_epochs=args.epochs,
                                  batch_size=args.batch_size)
     dataset = Path(data).resolve().name
     opts = RunOptions(data=Path(data), seed=seed, workers=args.workers, device=args.device,
-                      out=runs_dir / dataset, run_name=f"{policy}-{backbone}-seed{seed}", progress=False, plots=False,
-                      max_per_class=args.max_per_class)
+                      out=runs_dir / dataset, run_name=f"{policy}-{folder_label(backbone)}-seed{seed}", progress=False,
+                      plots=False, max_per_class=args.max_per_class)
     if args.quick:
         opts.make_quick()
         opts.epochs = None  # the study's own --epochs (1 with --quick) is already in the recipe

@@ -126,6 +126,7 @@ def run_one(name: str, backbone: str, seed: int, data_dir: Path, args: argparse.
 
     from experiments import get_experiment
     from tl.engine.options import RunOptions, resolve
+    from tl.engine.timm_backbones import folder_label
 
     module = get_experiment(name)
     dataset = dataset_name(data_dir)
@@ -135,7 +136,7 @@ def run_one(name: str, backbone: str, seed: int, data_dir: Path, args: argparse.
     if args.quick:
         opts.make_quick()
     recipe = resolve(module.RECIPE, opts)
-    label = f"{name}-{recipe.backbone}-seed{seed}"
+    label = f"{name}-{folder_label(recipe.backbone)}-seed{seed}"  # timm:NAME -> timm-NAME
     opts.run_name = label
     row = {"dataset": dataset, "experiment": name, "source": recipe.source, "backbone": recipe.backbone,
            "strategy": recipe.strategy, "seed": seed, "train_epochs": recipe.train_epochs,

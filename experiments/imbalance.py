@@ -87,9 +87,10 @@ def run_one(recipe: str, way: str, seed: int, args: argparse.Namespace, runs_dir
     from experiments import get_experiment
     from experiments.compare_all import train_or_reason
     from tl.engine.options import RunOptions
+    from tl.engine.timm_backbones import folder_label
 
     minority, fraction = args.keep
-    label = f"{recipe}-{args.backbone}-{way}-seed{seed}"
+    label = f"{recipe}-{folder_label(args.backbone)}-{way}-seed{seed}"
     row = {"recipe": recipe, "backbone": args.backbone, "way": way, "seed": seed, "minority": minority,
            "kept": fraction, "run": label}
     opts = RunOptions(data=Path(args.data), backbone=args.backbone, weights=args.weights, epochs=args.epochs, seed=seed,

@@ -64,7 +64,7 @@ def look(frozen: Path, finetuned: Path, out: Path, data: str | None = None, imag
     from tl.engine.explain import class_activation_maps, head_features, pca_2d
     from tl.engine.plots import cam_figure, projection_plot
     from tl.engine.prepare import resolve_data_dir
-    from tl.models import get_backbone
+    from tl.engine.timm_backbones import backbone_spec
 
     frozen_model, frozen_ctx, frozen_cfg, frozen_file = _load(frozen)
     tuned_model, tuned_ctx, tuned_cfg, tuned_file = _load(finetuned)
@@ -76,7 +76,7 @@ def look(frozen: Path, finetuned: Path, out: Path, data: str | None = None, imag
     if groups != ["head"]:
         log(f"note: {frozen_file.parent.name} trained {groups}, not only the head: its body is not the "
             f"ImageNet backbone, and the page says so")
-    spec, classes = get_backbone(tuned_ctx.backbone), tuned_ctx.classes
+    spec, classes = backbone_spec(tuned_ctx.backbone), tuned_ctx.classes
     loader, _ = split_loader(resolve_data_dir(data or tuned_ctx.data), "val", tuned_ctx, log=log)
     val = loader.dataset
     picks = [round(i * (len(val) - 1) / max(1, images - 1)) for i in range(min(images, len(val)))]

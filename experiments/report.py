@@ -452,6 +452,7 @@ def draw_comparison(out: Path, runs, summary) -> set[Path]:
     import pandas as pd
 
     from tl.engine import plots
+    from tl.engine.timm_backbones import folder_label
 
     written: set[Path] = set()
     done = runs[runs.status == "ok"]
@@ -460,7 +461,7 @@ def draw_comparison(out: Path, runs, summary) -> set[Path]:
         for (experiment, backbone), g in runs_ds.groupby(["experiment", "backbone"], sort=False):
             frames = [pd.read_csv(out / "history" / dataset / f"{r}.csv").assign(seed=s) for r, s in zip(g.run, g.seed)]
             histories[f"{experiment} / {backbone}"] = df = pd.concat(frames)
-            written.add(plots.run_curves(df, out / f"curves_{dataset}_{experiment}_{backbone}.png",
+            written.add(plots.run_curves(df, out / f"curves_{dataset}_{experiment}_{folder_label(backbone)}.png",
                                          title=f"{dataset}: {experiment} on {backbone} ({len(g)} seed(s))"))
         written.add(plots.compare_curves(histories, out / f"curves_{dataset}.png", title=dataset))
         written.add(plots.comparison_chart(summary[summary.dataset == dataset], out / f"comparison_{dataset}.png",

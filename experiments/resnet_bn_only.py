@@ -13,6 +13,7 @@ trainable, so `frozen_bn_eval` does not apply to them: they run in train mode.
 
 import torch
 
+from tl import TLError
 from tl.models import BATCHNORM, param_groups, set_trainable
 from tl.recipe import Recipe
 
@@ -26,9 +27,20 @@ RECIPE = Recipe(
 )
 
 
+def train_batchnorm(model, spec, recipe) -> None:
+    """Make every BatchNorm layer's weight (scale) and bias (shift) trainable. A network
+    without BatchNorm (ConvNeXt and ViT normalise with LayerNorm) stops here, before any
+    training: the recipe would silently train its head alone."""
+    layers = [m for m in model.modules() if isinstance(m, BATCHNORM)]
+    if not layers:
+        raise TLError(f"{recipe.name} trains the BatchNorm layers and the head, but {spec.name} has no BatchNorm "
+                      f"layer (it normalises otherwise, e.g. with LayerNorm): choose a backbone with BatchNorm, "
+                      f"or resnet_frozen to train the head alone")
+    for module in layers:
+        module.requires_grad_(True)
+
+
 def build(model, spec, recipe):
     set_trainable(model, spec, ["head"])
-    for module in model.modules():
-        if isinstance(module, BATCHNORM):
-            module.requires_grad_(True)  # weight (scale) and bias (shift) of every BN layer
+    train_batchnorm(model, spec, recipe)
     return model, torch.optim.Adam(param_groups(model, spec, recipe.lrs))

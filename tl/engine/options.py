@@ -25,7 +25,7 @@ class RunOptions:
     workers: int = 2
     out: Path = Path("runs")
     run_name: str | None = None  # folder name inside `out`; default <experiment>-<backbone>-<time>
-    image_size: int = 224  # crop size; the val resize keeps 002's 256/224 ratio
+    image_size: int | None = None  # crop size; None: the backbone's own (224 for most); val resizes by 256/224
     max_per_class: int | None = None  # use only the first N images of each class (smoke runs)
     train_per_class: int | None = None  # train on a seeded draw of N images per class (split_seed; val untouched)
     train_fraction: dict[str, float] | None = None  # keep a seeded fraction of these classes' train images

@@ -231,11 +231,11 @@ def data_preview(data_dir: str | Path, backbone: str, out_dir: str | Path, seed:
     from tl.data import build_transforms, make_loaders
     from tl.engine.images import load_rgb
     from tl.engine.selection import ImageChoice, select_images
-    from tl.models import get_backbone
+    from tl.engine.timm_backbones import backbone_spec
 
-    spec = get_backbone(backbone)
+    spec = backbone_spec(backbone)
     torch.manual_seed(seed)
-    transforms = build_transforms(spec.mean, spec.std)
+    transforms = build_transforms(spec.mean, spec.std, size=spec.image_size)
     sets = select_images(ImageChoice(Path(data_dir), val_split=val_split, split_seed=split_seed), transforms,
                          phases=("train", "val"), log=log)
     train = sets["train"]
@@ -244,7 +244,8 @@ def data_preview(data_dir: str | Path, backbone: str, out_dir: str | Path, seed:
     out_dir = Path(out_dir)
     written = [image_grid(torch.stack(views), ["val transform"] + [f"train draw {i}" for i in range(1, 9)],
                           out_dir / "augmentation.png", mean=spec.mean, std=spec.std, cols=9,
-                          title=f"RandomResizedCrop(224, scale=(0.5, 1)) + flip: {Path(train.samples[0][0]).name}")]
+                          title=f"RandomResizedCrop({spec.image_size}, scale=(0.5, 1)) + flip: "
+                                f"{Path(train.samples[0][0]).name}")]
     images, labels = next(iter(make_loaders({"train": train}, 16, seed=seed)["train"]))
     written.append(image_grid(images, [train.classes[i] for i in labels], out_dir / "batch.png", mean=spec.mean,
                               std=spec.std, title="a training batch (augmented), with class names"))

