@@ -208,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="val metric that defines the best epoch (best.pth, early stopping)")
     out.add_argument("--quick", action="store_true",
                      help="smoke run: 8 images per class, 1 training epoch, 64-pixel images, no workers")
+    out.add_argument("--tensorboard", action="store_true",
+                     help="log loss and accuracy per epoch and every group's learning rate per step to "
+                          "RUN/tensorboard/ (tensorboard --logdir runs)")
     out.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
     return p
 

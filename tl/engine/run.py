@@ -34,8 +34,9 @@ from torch import nn
 
 from tl import TLError, distributed
 from tl.data import build_transforms, val_resize
-from tl.engine import checkpoint, records
+from tl.engine import checkpoint, records, tensorboard
 from tl.engine.balance import balance
+from tl.engine.callbacks import combine
 from tl.engine.device import autocast_dtype, default_channels_last, make_grad_scaler, resolve_device
 from tl.engine.image_cache import decoded_bytes
 from tl.engine.options import RunOptions, resolve
@@ -185,7 +186,8 @@ def train_stages(ctx: RunContext, first: StageSetup, folder: records.RunFolder, 
                      device_sums=ctx.device.type == "cuda",  # no host sync per step (tl/loop.py run_phase)
                      scaler=ctx.scaler if ctx.scaler.is_enabled() else None, best_by=opts.monitor,
                      progress=opts.progress, log=ctx.log, end_of_epoch=folder.end_of_epoch)
-    with folder.tidy_on_failure(resumed):
+    with folder.tidy_on_failure(resumed), tensorboard.opened(opts.tensorboard, folder.run_dir, history,
+                                                             len(first.loaders["train"])) as board:
         for i, span in enumerate(ctx.spans):
             if i > 0:
                 setup = start_stage(span, ctx, None)
@@ -193,7 +195,9 @@ def train_stages(ctx: RunContext, first: StageSetup, folder: records.RunFolder, 
             folder.stage = setup  # whose optimizer and scheduler the checkpoints save
             if opts.compile:  # in place: the module's call is compiled, its state_dict keeps its plain names
                 setup.net.compile()
-            hooks = dataclasses.replace(stage_hooks(span, ctx.recipe, setup.scheduler), **run_hooks)
+            board.follow(setup.optimizer)  # --tensorboard: the rates of this stage's optimizer, per step
+            hooks = dataclasses.replace(stage_hooks(span, ctx.recipe, setup.scheduler), **run_hooks,
+                                        after_step=combine(board.after_step), end_of_phase=combine(board.end_of_phase))
             criterion = make_criterion(ctx.recipe, ctx.class_weights).to(ctx.device)
             history = train_model(setup.net, setup.loaders, criterion, setup.optimizer, span.end, ctx.device, history,
                                   hooks)
