@@ -127,15 +127,16 @@ def begin(recipe: Recipe, opts: RunOptions, log: Callable[[str], None]) -> RunCo
     return RunContext(recipe, spec, opts, device, log)
 
 
-def choose_images(ctx: RunContext) -> None:
+def choose_images(ctx: RunContext, phases: tuple[str, ...] | None = None) -> None:
     """The run's images (`select_images`, the one function that chooses them), with the
-    transforms of its backbone, and the checks that must stop a run before it trains."""
+    transforms of its backbone, and the checks that must stop a run before it trains.
+    `phases`: the splits to read (default: train, val and test where it exists)."""
     opts, recipe = ctx.opts, ctx.recipe
     transforms = build_transforms(ctx.spec.mean, ctx.spec.std, size=opts.image_size, augment=opts.augment,
                                   policy=recipe.augment)
     # a test/ split is scanned now, with train and val: a broken or shared test file stops the run
     # before it trains, and test images are checked against train's like val's are
-    sets = select_images(ImageChoice.of(opts), transforms, log=ctx.log)
+    sets = select_images(ImageChoice.of(opts), transforms, phases=phases, log=ctx.log)
     ctx.classes = sets["train"].classes
     if recipe.loss == "bce_logit" and len(ctx.classes) != 2:
         raise TLError(f"{recipe.name} has a single-logit head, which separates exactly 2 classes; "
