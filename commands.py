@@ -8,7 +8,7 @@ library (experiments/, tl/engine/, tl/) with plain values: paths, names, numbers
     --experiment  train_command          --predict   predict_command
     --resume      resume_command         --explain   explain_command
     --export      export_command         --prepare   prepare_command
-    --show-data   show_data_command
+    --show-data   show_data_command      --find-lr   find_lr_command
 
 Every option that configures a run has the name of its RunOptions field as its argparse
 dest (main.build_parser), so `run_options` copies them by name.
@@ -101,10 +101,17 @@ def train_command(args: argparse.Namespace):
     folders the run writes, the ImageNet weights), then train."""
     from experiments import get_experiment
     from tl.engine.run import run
+
+    module = get_experiment(args.experiment)
+    _check_before_work(args, module)
+    return run(module.RECIPE, module.build, run_options(args))
+
+
+def _check_before_work(args: argparse.Namespace, module) -> None:
+    """The names, the folders a run writes, the ImageNet weights: checked before any data is read."""
     from tl.engine.timm_backbones import backbone_spec
     from tl.engine.weights import require_imagenet
 
-    module = get_experiment(args.experiment)
     spec = backbone_spec(args.backbone or module.RECIPE.backbone)  # a typo fails here, before any data
     _check_writable(args.out, "--out")  # where the run will write, before any work
     if args.feature_cache:
@@ -113,7 +120,22 @@ def train_command(args: argparse.Namespace):
         _check_writable(cache_dir(), "feature cache folder (TL_CACHE_DIR)", "or pass --no-feature-cache")
     if (args.weights or module.RECIPE.weights) == "imagenet":
         require_imagenet(spec)  # weights before data: offline, this message comes first and no data/ is made
-    return run(module.RECIPE, module.build, run_options(args))
+
+
+def find_lr_command(args: argparse.Namespace):
+    """`main.py -e NAME --find-lr`: the learning-rate range test of the recipe's first stage
+    (tl/engine/lr_finder.py), with the same checks as a training run before any work."""
+    from experiments import get_experiment
+    from tl.engine.lr_finder import find_lr
+
+    if args.resume:
+        raise TLError("--find-lr tests learning rates from the recipe's starting weights; it cannot continue a run "
+                      "(--resume): use -e NAME --find-lr with the run's recipe and --backbone")
+    if not args.experiment:
+        raise TLError("--find-lr goes with --experiment NAME: the recipe whose learning rates it tests")
+    module = get_experiment(args.experiment)
+    _check_before_work(args, module)
+    return find_lr(module.RECIPE, module.build, run_options(args))
 
 
 def resume_command(args: argparse.Namespace, given: set[str]):

@@ -11,6 +11,7 @@
     torchrun --standalone --nproc_per_node=2 main.py --experiment ...   # one process per GPU (tl/distributed.py)
     python main.py --explain photo.jpg --checkpoint runs/<run>/best.pth   # Grad-CAM -> runs/<run>/explain/
     python main.py --export runs/<run> [--format onnx|torchscript]        # one self-describing file
+    python main.py -e RECIPE --data DIR --find-lr   # learning-rate range test -> runs/lr-finder-.../
     python main.py --predict photo.jpg --checkpoint runs/<run>/model.onnx # no config.json needed
 
 Problems with the input or the machine (unknown names, bad values, a missing or unreadable
@@ -121,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="split Kaggle's flat dogs-vs-cats train/ folder (--src) into --dest/{train,val,test}")
     what.add_argument("--show-data", action="store_true",
                       help="write augmentation.png and batch.png of the data set to OUT/data-preview/")
+    what.add_argument("--find-lr", action="store_true",
+                      help="with --experiment: the learning-rate range test on train (tl/engine/lr_finder.py) -> "
+                           "OUT/lr-finder-<recipe>-<backbone>-<time>/ (a plot and a CSV); nothing is trained for keeps")
 
     data = p.add_argument_group("data")
     data.add_argument("--data", metavar="DIR", help="folder with train/ and val/ class folders "
@@ -210,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="val metric that defines the best epoch (best.pth, early stopping)")
     out.add_argument("--quick", action="store_true",
                      help="smoke run: 8 images per class, 1 training epoch, 64-pixel images, no workers")
+    out.add_argument("--tensorboard", action="store_true",
+                     help="log loss and accuracy per epoch and every group's learning rate per step to "
+                          "RUN/tensorboard/ (tensorboard --logdir runs)")
     out.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
     return p
 
@@ -271,7 +278,9 @@ def _main(argv: list[str] | None = None) -> int:
     if args.prepare and not (args.src and args.dest):
         parser.error("--prepare needs --src DIR and --dest DIR")
     try:
-        if args.list:
+        if args.find_lr:
+            commands.find_lr_command(args)
+        elif args.list:
             print(commands.list_recipes())
         elif args.experiment:
             commands.train_command(args)

@@ -52,6 +52,7 @@ class RunOptions:
     sync_bn: bool = False  # under torchrun on GPUs: BatchNorm statistics over all processes' batches (SyncBatchNorm)
     class_weights: str | None = None  # "auto": weigh each class's loss by its inverse frequency in train
     balanced_sampler: bool = False  # draw train images with replacement, every class equally often
+    tensorboard: bool = False  # event files in RUN/tensorboard/: loss and accuracy per epoch, rates per step
 
 
     def __post_init__(self) -> None:

@@ -34,8 +34,9 @@ from torch import nn
 
 from tl import TLError, distributed
 from tl.data import build_transforms, val_resize
-from tl.engine import checkpoint, records
+from tl.engine import checkpoint, records, tensorboard
 from tl.engine.balance import balance
+from tl.engine.callbacks import combine
 from tl.engine.device import autocast_dtype, default_channels_last, make_grad_scaler, resolve_device
 from tl.engine.image_cache import decoded_bytes
 from tl.engine.options import RunOptions, resolve
@@ -129,15 +130,16 @@ def begin(recipe: Recipe, opts: RunOptions, log: Callable[[str], None]) -> RunCo
     return RunContext(recipe, spec, opts, device, log)
 
 
-def choose_images(ctx: RunContext) -> None:
+def choose_images(ctx: RunContext, phases: tuple[str, ...] | None = None) -> None:
     """The run's images (`select_images`, the one function that chooses them), with the
-    transforms of its backbone, and the checks that must stop a run before it trains."""
+    transforms of its backbone, and the checks that must stop a run before it trains.
+    `phases`: the splits to read (default: train, val and test where it exists)."""
     opts, recipe = ctx.opts, ctx.recipe
     transforms = build_transforms(ctx.spec.mean, ctx.spec.std, size=opts.image_size, augment=opts.augment,
                                   policy=recipe.augment)
     # a test/ split is scanned now, with train and val: a broken or shared test file stops the run
     # before it trains, and test images are checked against train's like val's are
-    sets = select_images(ImageChoice.of(opts), transforms, log=ctx.log)
+    sets = select_images(ImageChoice.of(opts), transforms, phases=phases, log=ctx.log)
     ctx.classes = sets["train"].classes
     if recipe.loss == "bce_logit" and len(ctx.classes) != 2:
         raise TLError(f"{recipe.name} has a single-logit head, which separates exactly 2 classes; "
@@ -188,7 +190,8 @@ def train_stages(ctx: RunContext, first: StageSetup, folder: records.RunFolder, 
                      device_sums=ctx.device.type == "cuda",  # no host sync per step (tl/loop.py run_phase)
                      scaler=ctx.scaler if ctx.scaler.is_enabled() else None, best_by=opts.monitor,
                      progress=opts.progress, log=ctx.log, end_of_epoch=folder.end_of_epoch)
-    with folder.tidy_on_failure(resumed):
+    with folder.tidy_on_failure(resumed), tensorboard.opened(opts.tensorboard, folder.run_dir, history,
+                                                             len(first.loaders["train"])) as board:
         for i, span in enumerate(ctx.spans):
             if i > 0:
                 setup = start_stage(span, ctx, None)
@@ -196,7 +199,9 @@ def train_stages(ctx: RunContext, first: StageSetup, folder: records.RunFolder, 
             folder.stage = setup  # whose optimizer and scheduler the checkpoints save
             if opts.compile:  # in place: the module's call is compiled, its state_dict keeps its plain names
                 setup.net.compile()
-            hooks = dataclasses.replace(stage_hooks(span, ctx.recipe, setup.scheduler), **run_hooks)
+            board.follow(setup.optimizer)  # --tensorboard: the rates of this stage's optimizer, per step
+            hooks = dataclasses.replace(stage_hooks(span, ctx.recipe, setup.scheduler), **run_hooks,
+                                        after_step=combine(board.after_step), end_of_phase=combine(board.end_of_phase))
             criterion = make_criterion(ctx.recipe, ctx.class_weights).to(ctx.device)
             history = train_model(setup.net, setup.loaders, criterion, setup.optimizer, span.end, ctx.device, history,
                                   hooks)

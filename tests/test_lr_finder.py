@@ -1,0 +1,149 @@
+"""The learning-rate range test (`--find-lr`, tl/engine/lr_finder.py): a geometric sweep through
+the one loop, its stop on divergence, the suggestion, train only, and the command line's bad
+input. Tiny images and the tiny backbone: seconds."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import math
+import os
+import shutil
+import types
+
+import pytest
+import torch
+
+import main
+from experiments import resnet_frozen
+from tl.engine import lr_finder
+from tl.engine.options import RunOptions
+
+pytestmark = pytest.mark.usefixtures("own_cache_dir")
+
+
+def _find(tiny_data, pretrained, out, recipe=resnet_frozen, build=None, **kw):
+    opts = RunOptions(data=tiny_data, backbone="tiny", weights=str(pretrained), batch_size=4, workers=0,
+                      image_size=32, out=out, progress=False)
+    return lr_finder.find_lr(recipe.RECIPE, build or recipe.build, opts, log=lambda _: None, **kw)
+
+
+# ----------------------------------------------------------------------------- the range test
+def test_the_rate_grows_geometrically_per_step_through_the_one_loop(tiny_data, pretrained, tmp_path, monkeypatch):
+    calls = []
+    real = lr_finder.train_model
+    monkeypatch.setattr(lr_finder, "train_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    result = _find(tiny_data, pretrained, tmp_path / "out", start_lr=1e-6, end_lr=1e-4, steps=12)
+    t = result.test
+    assert calls == [1]  # one call of the one loop
+    assert len(t.lrs) == 12 and not t.diverged  # 6 train batches per epoch: it ran on into a second epoch
+    ratios = [b / a for a, b in zip(t.lrs, t.lrs[1:])]
+    assert t.lrs[0] == pytest.approx(1e-6) and t.lrs[-1] == pytest.approx(1e-4)
+    assert ratios == pytest.approx([100 ** (1 / 11)] * 11)  # the same factor every step
+    assert result.group == "head" and result.recipe_lr == 1e-3
+    rows = list(csv.DictReader((result.folder / "lr_finder.csv").open()))
+    assert [float(r["lr"]) for r in rows] == pytest.approx(t.lrs) and len(rows) == 12
+    assert (result.folder / "lr_finder.png").stat().st_size > 0
+    assert sorted(p.name for p in result.folder.iterdir()) == ["lr_finder.csv", "lr_finder.png"]  # not a run
+    assert result.folder.parent == tmp_path / "out" and result.folder.name.startswith("lr-finder-resnet_frozen-tiny-")
+
+
+def test_a_huge_end_rate_diverges_and_stops_before_the_planned_steps(tiny_data, pretrained, tmp_path):
+    # class 1's training images are copies of class 0's: no rate takes the loss below log 2 (the colours
+    # alone would let ever larger weights drive it to zero), so large steps make it explode
+    for f in (tiny_data / "train" / "class_1").iterdir():
+        shutil.copy(tiny_data / "train" / "class_0" / f.name, f)
+    result = _find(tiny_data, pretrained, tmp_path / "out", start_lr=1e-4, end_lr=1e8, steps=40)
+    t = result.test
+    assert t.diverged and len(t.lrs) < 40
+    assert t.smoothed[-1] > 4 * min(t.smoothed) and all(s <= 4 * min(t.smoothed) for s in t.smoothed[:-1])
+
+
+def test_ratios_between_groups_are_kept(tiny_data, pretrained, tmp_path):
+    from experiments import two_stage  # first stage: body 2e-4, neck 2e-4, head 2e-3 (and BatchNorm)
+
+    result = _find(tiny_data, pretrained, tmp_path / "out", recipe=two_stage, start_lr=1e-5, end_lr=1e-3, steps=5)
+    assert result.stage == "frozen body" and result.group == "head" and result.recipe_lr == 2e-3
+    opt = result.test.optimizer
+    rates = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert rates["body"] / rates["head"] == pytest.approx(0.1)
+
+
+def test_the_suggestion_is_a_tenth_of_the_rate_at_the_lowest_smoothed_loss():
+    lrs = [10 ** (-7 + 8 * i / 99) for i in range(100)]
+    # a valley whose floor is at 1e-2 (log10 = -2), rising steeply after it
+    smoothed = [2 + (math.log10(lr) + 2) ** 2 * (1 if lr < 1e-2 else 5) for lr in lrs]
+    smoothed[-1] = math.nan  # a diverged last point is ignored
+    rate, best = lr_finder.suggestion(lrs, smoothed)
+    assert lrs[best] == pytest.approx(1e-2, rel=0.1) and rate == pytest.approx(lrs[best] / 10)
+    with pytest.raises(lr_finder.TLError):
+        lr_finder.suggestion([1e-3], [math.inf])
+
+
+def test_the_range_test_never_reads_val_or_test(tiny_data, pretrained, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from tests.conftest import write_image_folder
+
+    write_image_folder(tiny_data, phases=("test",))
+    for split in ("val", "test"):  # broken files: a scan or a read of them would stop the run
+        for f in (tiny_data / split).rglob("*.png"):
+            f.write_bytes(b"not an image")
+    opened, real_open = [], Image.open
+    monkeypatch.setattr(Image, "open", lambda fp, *a, **k: opened.append(str(fp)) or real_open(fp, *a, **k))
+    result = _find(tiny_data, pretrained, tmp_path / "out", start_lr=1e-5, end_lr=1e-3, steps=3)
+    assert len(result.test.lrs) == 3
+    assert opened and all(os.sep + "train" + os.sep in p for p in opened)
+
+
+# ----------------------------------------------------------------------------- the command line
+def test_find_lr_on_the_command_line_prints_the_suggestion_beside_the_recipes_rate(tiny_data, pretrained, tmp_path,
+                                                                                   capsys, monkeypatch):
+    monkeypatch.setattr(lr_finder, "find_lr", functools.partial(lr_finder.find_lr, steps=20))  # seconds
+    argv = ["-e", "resnet_frozen", "-b", "tiny", "--weights", str(pretrained), "--data", str(tiny_data), "--out",
+            str(tmp_path / "out"), "--find-lr", "--quick", "--batch-size", "4", "--no-progress"]
+    assert main.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "suggested rate for group 'head'" in out and "the recipe's: 1.0e-03" in out
+    (folder,) = (tmp_path / "out").iterdir()
+    assert not (folder / "config.json").exists() and not (folder / "last.ckpt").exists()
+
+
+def _frozen_everything(model, spec, recipe):
+    for p in model.parameters():
+        p.requires_grad = False
+    return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+def test_bad_input_is_one_error_line_and_status_2(tiny_data, pretrained, tmp_path, capsys, monkeypatch):
+    frozen = types.SimpleNamespace(RECIPE=resnet_frozen.RECIPE, build=_frozen_everything)
+    monkeypatch.setattr("experiments.get_experiment", lambda name: frozen)
+    argv = ["-e", "resnet_frozen", "-b", "tiny", "--weights", str(pretrained), "--data", str(tiny_data), "--out",
+            str(tmp_path / "out"), "--find-lr", "--quick", "--no-progress"]
+    assert main.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: resnet_frozen's first stage ('train') trains no parameter") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    monkeypatch.undo()
+    assert main.main(["--resume", str(tmp_path / "last.ckpt"), "--find-lr"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --find-lr") and "--resume" in err and err.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------- the table of every recipe
+def test_lr_table_writes_one_row_per_recipe(tiny_data, pretrained, tmp_path, capsys):
+    from experiments import lr_table
+
+    argv = ["--data", str(tiny_data), "--backbone", "tiny", "--weights", str(pretrained), "--recipes", "resnet_frozen",
+            "two_stage", "--steps", "6", "--quick", "--out", str(tmp_path / "results"), "--runs-dir",
+            str(tmp_path / "runs")]
+    assert lr_table.main(argv) == 0
+    rows = list(csv.DictReader((tmp_path / "results" / "lr_finder.csv").open()))
+    assert [(r["recipe"], r["stage"], r["group"], r["status"]) for r in rows] == [
+        ("resnet_frozen", "train", "head", "ok"), ("two_stage", "frozen body", "head", "ok")]
+    assert [float(r["documented_lr"]) for r in rows] == [1e-3, 2e-3]
+    for r in rows:
+        assert float(r["ratio"]) == pytest.approx(float(r["suggested_lr"]) / float(r["documented_lr"]))
+    md = (tmp_path / "results" / "lr_finder.md").read_text()
+    assert "python -m experiments.lr_table --data" in md and "| two_stage | frozen body | head | 2.0e-03 |" in md
+    assert len(list((tmp_path / "runs").iterdir())) == 2  # each recipe's plot and CSV
