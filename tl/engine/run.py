@@ -34,14 +34,14 @@ from torch import nn
 
 from tl import TLError, distributed
 from tl.data import build_transforms, val_resize
-from tl.engine import checkpoint, records
+from tl.engine import averaging, checkpoint, records
 from tl.engine.balance import balance
 from tl.engine.device import autocast_dtype, default_channels_last, make_grad_scaler, resolve_device
 from tl.engine.image_cache import decoded_bytes
 from tl.engine.options import RunOptions, resolve
 from tl.engine.resume import restore, restore_threads, resume_options
 from tl.engine.selection import ImageChoice, select_images
-from tl.engine.stage_setup import StageSetup, stage_hooks, start_stage
+from tl.engine.stage_setup import StageSetup, every_step, stage_hooks, start_stage
 from tl.engine.weights import build_model
 from tl.loop import History, seed_everything, train_model
 from tl.models import Backbone, format_parameter_table, get_backbone
@@ -81,6 +81,7 @@ class RunContext:
     wall_before: float = 0.0  # training seconds of the run before a resume
     class_weights: torch.Tensor | None = None  # --class-weights auto: the loss's weight per class
     sample_weights: torch.Tensor | None = None  # --balanced-sampler: the train draw's weight per image
+    ema: nn.Module | None = None  # --ema: the average of the weights that val scores (tl/engine/averaging.py)
 
 
 def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None = None, resume: Path | None = None,
@@ -97,6 +98,7 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None =
     build_model_and_stages(ctx, build, resumed=ckpt is not None)
     if ckpt is not None:  # the one place a saved run is restored (its optimizer: in start_stage)
         restore_run(ctx, ckpt, resume)
+    ctx.ema = averaging.weight_average(ctx.model, ctx.recipe.ema_decay, ckpt)  # --ema; None when off
     r = ctx.recipe  # said once the model is built (and a saved run restored: its refusals come first)
     ctx.log(f"{r.name} ({r.source}) on {r.backbone}, weights={r.weights}: {r.strategy}")
     first = start_stage(ctx.spans[0], ctx, ckpt)
@@ -181,10 +183,12 @@ def train_stages(ctx: RunContext, first: StageSetup, folder: records.RunFolder, 
     fresh optimizer, and its inputs are planned anew."""
     history, setup = ctx.history, first
     opts = ctx.opts
+    steps = [] if ctx.ema is None else [averaging.update_after_step(ctx.ema, ctx.model)]  # after each update
     run_hooks = dict(autocast_dtype=autocast_dtype(ctx.device, opts.amp), channels_last=opts.channels_last,
                      device_sums=ctx.device.type == "cuda",  # no host sync per step (tl/loop.py run_phase)
                      scaler=ctx.scaler if ctx.scaler.is_enabled() else None, best_by=opts.monitor,
-                     progress=opts.progress, log=ctx.log, end_of_epoch=folder.end_of_epoch)
+                     progress=opts.progress, log=ctx.log, end_of_epoch=folder.end_of_epoch,
+                     after_step=every_step(steps))
     with folder.tidy_on_failure(resumed):
         for i, span in enumerate(ctx.spans):
             if i > 0:
@@ -193,7 +197,10 @@ def train_stages(ctx: RunContext, first: StageSetup, folder: records.RunFolder, 
             folder.stage = setup  # whose optimizer and scheduler the checkpoints save
             if opts.compile:  # in place: the module's call is compiled, its state_dict keeps its plain names
                 setup.net.compile()
-            hooks = dataclasses.replace(stage_hooks(span, ctx.recipe, setup.scheduler), **run_hooks)
+            if ctx.ema is not None:  # one average over every stage, scored in this stage's form
+                setup.scored = averaging.val_net(ctx.ema, setup.plan.net, ctx.spec, ctx.device, opts.channels_last)
+            hooks = dataclasses.replace(stage_hooks(span, ctx.recipe, setup.scheduler), validate_with=setup.scored,
+                                        **run_hooks)
             criterion = make_criterion(ctx.recipe, ctx.class_weights).to(ctx.device)
             history = train_model(setup.net, setup.loaders, criterion, setup.optimizer, span.end, ctx.device, history,
                                   hooks)

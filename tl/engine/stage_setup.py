@@ -5,6 +5,7 @@ resumed inside this stage, the optimizer and scheduler state it had."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,7 @@ class StageSetup:
     net: nn.Module  # what the loop trains: the model, or the model behind stored features, maybe in DDP
     loaders: dict
     plan: CachePlan  # what is cached, and why
+    scored: nn.Module | None = None  # what val scores when it is not `net`: the average of the weights (--ema)
 
 
 def either(value, default):
@@ -41,6 +43,20 @@ def stage_hooks(span: Span, recipe, scheduler) -> Hooks:
     return Hooks(scheduler=scheduler, scheduler_interval=span.stage.interval,
                  frozen_bn_eval=either(span.stage.frozen_bn_eval, recipe.frozen_bn_eval),
                  bn_eval=either(span.stage.bn_eval, recipe.bn_eval))
+
+
+def every_step(callbacks: list[Callable[[int], bool | None]]) -> Callable[[int], bool] | None:
+    """The loop's one `after_step` hook made of several step callbacks (an average of the weights,
+    say): each runs after every optimizer step, in order, and training stops when any of them
+    returns True. None when there are none."""
+    if not callbacks:
+        return None
+
+    def after_step(epoch: int) -> bool:
+        stops = [bool(callback(epoch)) for callback in callbacks]  # all run, even after one asks to stop
+        return any(stops)
+
+    return after_step
 
 
 def start_stage(span: Span, ctx, ckpt: dict | None) -> StageSetup:
