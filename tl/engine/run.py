@@ -8,7 +8,7 @@ first stage, open the run folder, train stage by stage through the one loop
     runs/<experiment>-<backbone>-<YYYYmmdd-HHMMSS>/
         config.json    the resolved configuration and, at the end, the results
         history.csv    one row per (epoch, phase)
-        best.pth       state_dict of the best validation epoch
+        best.pth       state_dict of the best validation epoch (with --ema: the average's, which val scored)
         last.ckpt      full training checkpoint after the latest epoch (--resume)
         headline_predictions.csv  per image: path, label, prediction of the headline model
                        (score_headline: test with the epoch chosen on val, else val's final epoch)
