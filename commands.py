@@ -100,8 +100,11 @@ def train_command(args: argparse.Namespace):
     """`main.py --experiment NAME`: check what can be checked before any work (the names, the
     folders the run writes, the ImageNet weights), then train."""
     from experiments import get_experiment
+    from tl.engine.averaging import check_decay
     from tl.engine.run import run
 
+    if args.ema is not None:  # (0, the recipe's "off", is refused too: to train without an average, leave --ema out)
+        check_decay(args.ema, "--ema")
     module = get_experiment(args.experiment)
     _check_before_work(args, module)
     return run(module.RECIPE, module.build, run_options(args))
@@ -157,8 +160,11 @@ def resume_command(args: argparse.Namespace, given: set[str]):
 
 def evaluate_command(args: argparse.Namespace) -> None:
     """`main.py --evaluate PATH --data DIR [--split test]`: one file, or every epoch file in a folder; with
-    the classification report of that file (of the final epoch's) in FOLDER/evaluate-<file>-<split>/."""
+    the classification report of that file (of the final epoch's) in FOLDER/evaluate-<file>-<split>/.
+    With test-time augmentation (the run's recorded recipe, unless --tta / --no-tta says otherwise) each
+    photo is scored with its mirror, and the report goes to .../evaluate-<file>-<split>-tta/."""
     from tl.engine import evaluate as ev
+    from tl.engine.averaging import mirrored_if
     from tl.engine.device import resolve_device
     from tl.engine.prepare import resolve_data_dir
 
@@ -168,14 +174,15 @@ def evaluate_command(args: argparse.Namespace) -> None:
     ctx = ev.context_for(path, args.backbone)
     if args.data is None and ctx.data is not None:
         print(f"data: {ctx.data} (from the run's config.json)")
+    ctx = dataclasses.replace(ctx, tta=_tta(ctx.tta, args.tta))
     loader, classes = ev.split_loader(resolve_data_dir(args.data or ctx.data), args.split, ctx)
     device = resolve_device(args.device)
     if path.is_file():
-        model = ev.load_model(path, ctx, len(classes), args.allow_pickle)
+        model = mirrored_if(ev.load_model(path, ctx, len(classes), args.allow_pickle), ctx.tta)
         result = ev.evaluate(model, loader, device, len(classes))
         print(ev.format_evaluation(result, classes))
-        ev.write_evaluation_report(path.parent / f"evaluate-{path.stem}-{args.split}", result, loader.dataset,
-                                   classes)
+        ev.write_evaluation_report(path.parent / f"evaluate-{path.stem}-{args.split}{'-tta' if ctx.tta else ''}",
+                                   result, loader.dataset, classes)
         return
     ev.evaluate_folder(path, ctx, loader, classes, device, args.split, args.allow_pickle)
 
@@ -221,7 +228,10 @@ def predict_folder_command(args: argparse.Namespace) -> int:
 
 def _prediction_model(args: argparse.Namespace) -> tuple:
     """(model, class names, mean, std, image size) of --checkpoint: a run's weight file (with its
-    config.json), an exported .onnx / .pt file alone, or, without one, the ImageNet classifier."""
+    config.json), an exported .onnx / .pt file alone, or, without one, the ImageNet classifier.
+    Test-time augmentation (photo and mirror averaged) where the run's recipe recorded it or --tta
+    asks; an exported file records no recipe, so there only --tta turns it on."""
+    from tl.engine.averaging import mirrored_if
     from tl.engine.evaluate import ModelContext, context_for, load_model
     from tl.engine.timm_backbones import backbone_spec
     from tl.engine.weights import build_model, imagenet_categories
@@ -229,20 +239,31 @@ def _prediction_model(args: argparse.Namespace) -> tuple:
     if args.checkpoint and args.checkpoint.suffix in (".onnx", ".pt"):
         from tl.engine.export import load_exported
 
-        model, meta = load_exported(args.checkpoint)
+        model, meta = load_exported(args.checkpoint)  # the mirror: the session runs twice, on flipped images
+        model = mirrored_if(model, _tta(False, args.tta))
         return model, meta["classes"], meta["mean"], meta["std"], meta["image_size"]
     if args.checkpoint:
         ctx = context_for(args.checkpoint, args.backbone)
         if ctx.classes is None:
             raise TLError(f"no config.json beside {args.checkpoint}, so its class names are unknown")
-        model = load_model(args.checkpoint, ctx, len(ctx.classes), args.allow_pickle)
+        model = mirrored_if(load_model(args.checkpoint, ctx, len(ctx.classes), args.allow_pickle),
+                            _tta(ctx.tta, args.tta))
         classes = ctx.classes
     else:
         ctx = ModelContext(backbone=args.backbone or "efficientnet_lite0", classes=None)
         model = build_model(ctx.backbone, 1000, "imagenet")  # the untouched ImageNet classifier
+        model = mirrored_if(model, _tta(False, args.tta))
         classes = imagenet_categories()
     spec = backbone_spec(ctx.backbone)
     return model, classes, spec.mean, spec.std, ctx.image_size
+
+
+def _tta(recorded: bool, asked: bool | None) -> bool:
+    """Test-time augmentation as --tta / --no-tta say, else as the run recorded it; said when on."""
+    tta = recorded if asked is None else asked
+    if tta:
+        print("test-time augmentation: each photo and its left-right mirror, probabilities averaged")
+    return tta
 
 
 def _print_predictions(images: list[Path], results: list) -> int:

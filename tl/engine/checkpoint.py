@@ -192,13 +192,13 @@ def _first_line(exc: BaseException, limit: int) -> str:
 
 
 def load_state_file(path: str | os.PathLike, map_location: Any = "cpu", allow_pickle: bool = False) -> dict:
-    """The model state_dict in `path`: a state_dict file, one of our checkpoints (its
-    "model" entry) or, with `allow_pickle`, a whole pickled model (its `.state_dict()`)."""
+    """The model state_dict in `path`: a state_dict file, one of our checkpoints (the weights
+    its val scored, `scored_weights`) or, with `allow_pickle`, a whole pickled model (its `.state_dict()`)."""
     obj = _torch_load(path, map_location, allow_pickle)
     if isinstance(obj, nn.Module):
         return obj.state_dict()
     if isinstance(obj, dict) and str(obj.get("format", "")).startswith("tl-checkpoint-"):
-        obj = _checked(obj, path)["model"]
+        obj = scored_weights(_checked(obj, path))
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise TLError(f"{path} does not hold a state_dict (a dict of tensors)")
     return obj
@@ -230,9 +230,12 @@ def _as_tuple(x):  # python's random state is nested tuples; keep it so after a 
 
 def save_checkpoint(path: str | os.PathLike, *, epoch: int, model: nn.Module, optimizer, scheduler, scaler,
                     history: dict, config: dict, classes: list[str], loader_generator: torch.Generator | None,
-                    wall_seconds: float, stage: dict | None = None) -> Path:
+                    wall_seconds: float, stage: dict | None = None, ema: nn.Module | None = None) -> Path:
     """Write the full training state after `epoch` (one dict; see the module docstring),
     with the digest of everything in it under "digest".
+
+    `ema`: the run's average of the weights (tl/engine/averaging.py), an `AveragedModel` whose
+    state (its module's weights and buffers, and `n_averaged`) lets a resumed run continue it.
 
     `stage` ({"index", "end"}) says which stage of a staged recipe (tl/stages.py) the
     optimizer and scheduler belong to, and where that stage's epochs end: resume restores
@@ -251,6 +254,7 @@ def save_checkpoint(path: str | os.PathLike, *, epoch: int, model: nn.Module, op
         "rng": rng_state(loader_generator),
         "wall_seconds": wall_seconds,  # training time of the whole run so far, across resumes
         "stage": stage if stage is not None else {"index": 0, "end": None},  # whose optimizer this is
+        "ema": ema.state_dict() if ema is not None else None,  # the average of the weights (--ema), or None
     }
     ckpt["digest"] = state_digest(ckpt)
     return atomic_save(ckpt, path)
@@ -276,6 +280,14 @@ def _checked(ckpt: dict, path) -> dict:
                       f"(a disk or copy error changed it). It cannot be resumed or scored safely; "
                       f"use the run's best.pth, or start the run again")
     return ckpt
+
+
+def scored_weights(ckpt: dict) -> dict:
+    """The weights val scored at the checkpoint's epoch: the average's where the run keeps an
+    average of the weights (--ema, tl/engine/averaging.py), else the model's own."""
+    if ckpt.get("ema") is None:
+        return ckpt["model"]
+    return {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
 
 
 def verify_state_file(path: str | os.PathLike, state: dict, expected: str | None) -> None:

@@ -26,6 +26,7 @@ from torch import nn
 
 from tl import TLError
 from tl.data import build_transforms
+from tl.engine.averaging import mirrored_if
 from tl.engine.checkpoint import load_state_file, verify_state_file
 from tl.engine.images import PHASES, load_rgb
 from tl.engine.metrics import classification_report, write_report
@@ -58,6 +59,7 @@ class ModelContext:
     max_per_class: int | None = None  # the run used only the first N images of each class (--quick)
     verify_images: bool = False  # the run decoded every image first and left out those that fail
     follow_links: bool = False  # the run included files reached through links that leave its data folder
+    tta: bool = False  # the run's recipe scores each photo with its mirror (tl/engine/averaging.py)
 
     def __post_init__(self) -> None:
         if self.image_size is None:
@@ -84,6 +86,7 @@ def context_for(path: Path, backbone: str | None) -> ModelContext:
                                 max_per_class=_whole_or_none(options.get("max_per_class")),
                                 verify_images=bool(options.get("verify_images", False)),
                                 follow_links=bool(options.get("follow_links", False)),
+                                tta=bool(recipe.get("tta", False)),
                                 checksums=_string_map(config.get("checksums", {})))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise TLError(f"{config_file} is not a run config this project wrote ({type(exc).__name__}: {exc}); "
@@ -196,20 +199,23 @@ def evaluate_folder(folder: Path, ctx: ModelContext, loader, classes: list[str],
                     allow_pickle: bool = False, log=print) -> pd.DataFrame:
     """Every per-epoch weight file of a run folder (00.pth, 01.pth, ... from --save-every-epoch),
     ordered by epoch, scored on `loader` (the images of `split`): one row each, written to
-    FOLDER/eval_<split>.csv. Document 001's `eval_model` (5-24) done right (docs/ERRATA.md)."""
+    FOLDER/eval_<split>.csv (eval_<split>-tta.csv with `ctx.tta`: each photo and its mirror).
+    Document 001's `eval_model` (5-24) done right (docs/ERRATA.md)."""
     files = epoch_files(folder)
     if not files:
         raise TLError(f"{folder} holds no per-epoch weight files (00.pth, 01.pth, ... from --save-every-epoch)")
-    rows = []
+    rows, tta = [], "-tta" if ctx.tta else ""
     for epoch, file in files:
-        result = evaluate(load_model(file, ctx, len(classes), allow_pickle), loader, device, len(classes))
+        model = mirrored_if(load_model(file, ctx, len(classes), allow_pickle), ctx.tta)
+        result = evaluate(model, loader, device, len(classes))
         if file == files[-1][1]:  # the final epoch's, which nothing selected: its classification report
-            write_evaluation_report(folder / f"evaluate-{file.stem}-{split}", result, loader.dataset, classes, log)
+            write_evaluation_report(folder / f"evaluate-{file.stem}-{split}{tta}", result, loader.dataset, classes,
+                                    log)
         rows.append({"epoch": epoch, "file": file.name, "loss": result["loss"], "acc": result["acc"],
                      **{f"acc_{c}": a for c, a in zip(classes, result["per_class_acc"])}})
         log(f"epoch {epoch:>3}  {file.name:<40} loss {result['loss']:.4f}  acc {result['acc']:.4f}")
     table = pd.DataFrame(rows)
-    out = folder / f"eval_{split}.csv"
+    out = folder / f"eval_{split}{tta}.csv"
     table.to_csv(out, index=False)
     # training's rule: the highest accuracy, ties to the lower loss, then to the earlier epoch
     best = table.sort_values(["acc", "loss", "epoch"], ascending=[False, True, True]).iloc[0]

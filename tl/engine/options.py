@@ -53,6 +53,8 @@ class RunOptions:
     class_weights: str | None = None  # "auto": weigh each class's loss by its inverse frequency in train
     balanced_sampler: bool = False  # draw train images with replacement, every class equally often
     tensorboard: bool = False  # event files in RUN/tensorboard/: loss and accuracy per epoch, rates per step
+    ema: float | None = None  # decay of an average of the weights (tl/engine/averaging.py); None: the recipe's own
+    tta: bool | None = None  # score and predict with the photo and its mirror averaged; None: the recipe's own
 
 
     def __post_init__(self) -> None:
@@ -80,6 +82,10 @@ def resolve(recipe: Recipe, opts: RunOptions) -> Recipe:
         changes["train_epochs"] = opts.epochs
     if opts.batch_size is not None:
         changes["batch_size"] = opts.batch_size
+    if opts.ema is not None:
+        changes["ema_decay"] = opts.ema
+    if opts.tta is not None:
+        changes["tta"] = opts.tta
     return dataclasses.replace(recipe, **changes)
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from tl import Interrupted, TLError, distributed
-from tl.engine import checkpoint, metrics
+from tl.engine import averaging, checkpoint, metrics
 from tl.engine.balance import class_counts
 from tl.engine.options import RunOptions, as_saved
 from tl.engine.timm_backbones import folder_label
@@ -89,7 +89,8 @@ class RunFolder:
         if hist.best_epoch == epoch:
             files["best.pth"] = hist.best_state
         if opts.save_every_epoch:
-            files[epoch_file_name(epoch, hist.rows[-1], opts.informative_names)] = self.ctx.model.state_dict()
+            scored = self.ctx.model if self.ctx.ema is None else self.ctx.ema.module  # the weights val scored
+            files[epoch_file_name(epoch, hist.rows[-1], opts.informative_names)] = scored.state_dict()
         for name, state in files.items():  # their digests first: the checkpoint's config carries them
             self.config["checksums"][name] = checkpoint.state_digest(state)
         # last.ckpt before the files: if the run is killed in between, the checkpoint already holds
@@ -99,7 +100,8 @@ class RunFolder:
                                    optimizer=self.stage.optimizer, scheduler=self.stage.scheduler,
                                    scaler=self.ctx.scaler, history=hist.to_dict(), config=self.config,
                                    classes=self.ctx.classes, loader_generator=self.ctx.generator,
-                                   stage={"index": span.index, "end": span.end}, wall_seconds=self.wall_seconds())
+                                   stage={"index": span.index, "end": span.end}, wall_seconds=self.wall_seconds(),
+                                   ema=self.ctx.ema)
         for name, state in files.items():
             checkpoint.atomic_save(state, self.run_dir / name)
         write_history_csv(hist, self.run_dir / "history.csv")
@@ -133,14 +135,15 @@ class RunFolder:
     def finish(self, ctx, history: History) -> None:
         """The results: the headline number (never chosen on the images it is scored on),
         config.json and history.csv, the best model handed back, the pictures."""
-        net = distributed.unwrap(self.stage.net)  # [DDP] scoring below is one process on all of val
+        # the model val scored: the loop's own net, or the average of the weights (--ema)
+        net = distributed.unwrap(self.stage.net) if self.stage.scored is None else self.stage.scored  # [DDP]
         cached = self.stage.plan.cached
         config = self.config
         config["results"] = summarize(history) | {"wall_seconds": self.wall_seconds()}
         # the test accuracy of the epoch chosen on val where there is a test/ split, else the final
         # epoch's val accuracy. Must run here, while `model` still holds the final epoch's weights.
         headline = score_headline(net, ctx.model, history, cached.get("val", ctx.sets["val"]), ctx.sets["val"],
-                                  ctx.test_set, ctx.classes, ctx.opts, ctx.device, self.run_dir)
+                                  ctx.test_set, ctx.classes, ctx.opts, ctx.device, self.run_dir, ctx.recipe.tta)
         config["results"] |= headline.record
         write_json(self.run_dir / "config.json", config)
         write_history_csv(history, self.run_dir / "history.csv")
@@ -199,12 +202,12 @@ def epoch_file_name(epoch: int, val_row: dict, informative: bool) -> str:
 
 def files_of_saved_epoch(ckpt: dict, history: History, opts: RunOptions) -> dict:
     """The weight files the run wrote right after its checkpoint's epoch: all equal to the
-    checkpoint's own weights."""
-    files = {}
+    weights that epoch's val scored (the model's, or its average's with --ema)."""
+    files, scored = {}, checkpoint.scored_weights(ckpt)
     if history.best_epoch == ckpt["epoch"]:
-        files["best.pth"] = ckpt["model"]
+        files["best.pth"] = scored
     if opts.save_every_epoch:
-        files[epoch_file_name(ckpt["epoch"], history.rows[-1], opts.informative_names)] = ckpt["model"]
+        files[epoch_file_name(ckpt["epoch"], history.rows[-1], opts.informative_names)] = scored
     return files
 
 
@@ -232,7 +235,8 @@ class Headline:
 
 
 def score_headline(net: nn.Module, model: nn.Module, history: History, val_inputs, val_set, test_set,
-                   classes: list[str], opts: RunOptions, device: torch.device, run_dir: Path) -> Headline:
+                   classes: list[str], opts: RunOptions, device: torch.device, run_dir: Path,
+                   tta: bool = False) -> Headline:
     """The run's headline accuracy, scored on images that played no part in choosing it.
 
     The best val epoch is chosen on val, so its val accuracy flatters it (the maximum of
@@ -247,6 +251,11 @@ def score_headline(net: nn.Module, model: nn.Module, history: History, val_input
     features it scores them, the same numbers as the loop's last val row). The per-image
     predictions go to `headline_predictions.csv` (path relative to the data folder, label,
     prediction), which a paired comparison of two recipes resamples (experiments/report.py).
+
+    With an average of the weights (--ema) `net` and best.pth are the average's weights: the
+    model scored is the one val scored and best.pth holds. With `tta` (the recipe's, decided
+    before training, never on these images) each image and its mirror are scored and their
+    probabilities averaged (tl/engine/averaging.py): then val is read as images, not stored features.
     """
     from tl.engine.evaluate import evaluate
 
@@ -256,6 +265,8 @@ def score_headline(net: nn.Module, model: nn.Module, history: History, val_input
         what, scored, inputs, images = "test, epoch chosen on val", model, test_set, test_set
     else:
         what, scored, inputs, images = "val, final epoch", net, val_inputs, val_set
+    if tta:
+        what, scored, inputs = f"{what}, mirror averaged", averaging.Mirrored(scored), images
     result = evaluate(scored, torch.utils.data.DataLoader(inputs, batch_size=32), device, len(classes))
     rows = [{"path": Path(os.path.relpath(path, opts.data)).as_posix(), "label": classes[label],
              "prediction": classes[p]} for (path, label), p in zip(images.samples, result["predictions"])]

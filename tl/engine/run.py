@@ -8,7 +8,7 @@ first stage, open the run folder, train stage by stage through the one loop
     runs/<experiment>-<backbone>-<YYYYmmdd-HHMMSS>/
         config.json    the resolved configuration and, at the end, the results
         history.csv    one row per (epoch, phase)
-        best.pth       state_dict of the best validation epoch
+        best.pth       state_dict of the best validation epoch (with --ema: the average's, which val scored)
         last.ckpt      full training checkpoint after the latest epoch (--resume)
         headline_predictions.csv  per image: path, label, prediction of the headline model
                        (score_headline: test with the epoch chosen on val, else val's final epoch)
@@ -34,7 +34,7 @@ from torch import nn
 
 from tl import TLError, distributed
 from tl.data import build_transforms, val_resize
-from tl.engine import checkpoint, records, tensorboard
+from tl.engine import averaging, checkpoint, records, tensorboard
 from tl.engine.balance import balance
 from tl.engine.callbacks import combine
 from tl.engine.device import autocast_dtype, default_channels_last, make_grad_scaler, resolve_device
@@ -83,6 +83,7 @@ class RunContext:
     wall_before: float = 0.0  # training seconds of the run before a resume
     class_weights: torch.Tensor | None = None  # --class-weights auto: the loss's weight per class
     sample_weights: torch.Tensor | None = None  # --balanced-sampler: the train draw's weight per image
+    ema: nn.Module | None = None  # --ema: the average of the weights that val scores (tl/engine/averaging.py)
 
 
 def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None = None, resume: Path | None = None,
@@ -99,6 +100,7 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None =
     build_model_and_stages(ctx, build, resumed=ckpt is not None)
     if ckpt is not None:  # the one place a saved run is restored (its optimizer: in start_stage)
         restore_run(ctx, ckpt, resume)
+    ctx.ema = averaging.weight_average(ctx.model, ctx.recipe.ema_decay, ckpt)  # --ema; None when off
     r = ctx.recipe  # said once the model is built (and a saved run restored: its refusals come first)
     ctx.log(f"{r.name} ({r.source}) on {r.backbone}, weights={r.weights}: {r.strategy}")
     first = start_stage(ctx.spans[0], ctx, ckpt)
@@ -186,6 +188,7 @@ def train_stages(ctx: RunContext, first: StageSetup, folder: records.RunFolder, 
     fresh optimizer, and its inputs are planned anew."""
     history, setup = ctx.history, first
     opts = ctx.opts
+    ema_step = None if ctx.ema is None else averaging.update_after_step(ctx.ema, ctx.model)  # after each update
     run_hooks = dict(autocast_dtype=autocast_dtype(ctx.device, opts.amp), channels_last=opts.channels_last,
                      device_sums=ctx.device.type == "cuda",  # no host sync per step (tl/loop.py run_phase)
                      scaler=ctx.scaler if ctx.scaler.is_enabled() else None, best_by=opts.monitor,
@@ -200,8 +203,11 @@ def train_stages(ctx: RunContext, first: StageSetup, folder: records.RunFolder, 
             if opts.compile:  # in place: the module's call is compiled, its state_dict keeps its plain names
                 setup.net.compile()
             board.follow(setup.optimizer)  # --tensorboard: the rates of this stage's optimizer, per step
+            if ctx.ema is not None:  # one average over every stage, scored in this stage's form
+                setup.scored = averaging.val_net(ctx.ema, setup.plan.net, ctx.spec, ctx.device, opts.channels_last)
             hooks = dataclasses.replace(stage_hooks(span, ctx.recipe, setup.scheduler), **run_hooks,
-                                        after_step=combine(board.after_step), end_of_phase=combine(board.end_of_phase))
+                                        validate_with=setup.scored, after_step=combine(ema_step, board.after_step),
+                                        end_of_phase=combine(board.end_of_phase))
             criterion = make_criterion(ctx.recipe, ctx.class_weights).to(ctx.device)
             history = train_model(setup.net, setup.loaders, criterion, setup.optimizer, span.end, ctx.device, history,
                                   hooks)

@@ -29,6 +29,7 @@ class StageSetup:
     net: nn.Module  # what the loop trains: the model, or the model behind stored features, maybe in DDP
     loaders: dict
     plan: CachePlan  # what is cached, and why
+    scored: nn.Module | None = None  # what val scores when it is not `net`: the average of the weights (--ema)
 
 
 def either(value, default):

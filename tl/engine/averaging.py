@@ -1,0 +1,138 @@
+"""Two averages practitioners tune with: of the weights over the last training steps (an
+exponential moving average, `--ema DECAY`, Recipe.ema_decay) and of the predictions over two
+views of each photo (test-time augmentation, `--tta`, Recipe.tta).
+
+Whether a recipe uses either is decided before training (a Recipe field) or on an inner split
+of train by a tuner, never by comparing on the val or test images that score the headline: a
+choice made by looking at those images would flatter the very number they give.
+
+**The average of the weights.** Each optimizer step follows one mini-batch's gradient, so the
+weights after the last step carry the noise of the last few batches: they jitter around a
+good region instead of sitting in it. An average of the weights over the last steps lies
+nearer the middle of that region, where the loss changes slowly in every direction, and such
+flat regions tend to generalise better (Polyak averaging; the EMA of timm's and torchvision's
+ImageNet recipes). After every optimizer step
+
+    average = decay * average + (1 - decay) * weights
+
+so the weights of k steps ago count decay**k: the average remembers about 1 / (1 - decay)
+steps (0.999: about the last 1000 updates; 0.99: the last 100). A run here takes a few
+hundred steps (245 hymenoptera photos in batches of 32: 8 steps an epoch), so a decay like
+0.99 fits; with 0.999 the average at the end would still be mostly the weights it started
+from. It starts at the weights before training (the pretrained network with its untrained
+head) and lags behind the training weights, most in the first epochs, whose val rows score
+that lagging average. timm and torchvision warm the decay up over the first steps (or
+`adjust` it to the run's length); this project keeps the plain formula. BatchNorm's running
+mean and variance are averaged too (`use_buffers=True`): statistics close to, not exactly,
+those the averaged weights would measure (SWA recomputes them with a pass over train; with a
+decay near 1 the averaged statistics serve).
+
+What the average is used for, so that what is saved and what is scored stay one model:
+
+* every val row from epoch 0 on scores the average (the loop's `Hooks.validate_with`), so the
+  best epoch, `best.pth` and the per-epoch files of `--save-every-epoch` are the average's
+  weights, and the headline (test with the best epoch, or val with the final one) scores them;
+* the training weights go on training; `last.ckpt` holds both, and the average's state
+  (with `n_averaged`), so `--resume` continues the same average;
+* a staged recipe (tl/stages.py) keeps one average over all its stages;
+* under the feature cache the loop trains the head alone, on the model's own parameters; the
+  average is of the whole model, whose frozen prefix stays exactly as it was, so the cached
+  features serve the averaged head too (`val_net`);
+* under torchrun every process averages its unwrapped module (all hold the same weights).
+
+**The mirror at test time.** A photo of a bee mirrored left-right is still a photo of a bee,
+which is why training flips photos at random. So at test time the network can look twice,
+at the centre crop and at its mirror, and average its two probabilities (softmax over the
+classes; for a single logit, the sigmoid): errors that depend on one view partly cancel. The
+mirror is a fair view only where the label survives it: not for text or digits (a mirrored
+"b" is a "d"), nor for left and right turn signs. It costs two forward passes per image. The
+headline, `--evaluate` and `--predict` use it when a run's recipe says so (or `--tta`); the
+loop's per-epoch val rows stay the plain forward pass (cached val features have no mirror).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from tl import TLError
+from tl.features import FeaturesOrImages, split_at_cut
+from tl.models import Backbone
+
+
+def check_decay(decay: float, name: str = "ema_decay") -> float:
+    """A decay in (0, 1): 0 would copy the latest weights, 1 never move from the first."""
+    if not 0 < decay < 1:
+        raise TLError(f"{name} {decay}: the decay of an average of the weights lies strictly between 0 and 1 "
+                      f"(0.99 remembers about the last 100 steps, 0.999 the last 1000)")
+    return decay
+
+
+def weight_average(model: nn.Module, decay: float, ckpt: dict | None = None) -> AveragedModel | None:
+    """The exponential average of `model`'s weights and BatchNorm buffers, starting at its current
+    weights (or, for a resumed run, as its checkpoint saved it); None when `decay` is 0 (off)."""
+    if not decay:
+        return None
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(check_decay(decay)), use_buffers=True)
+    ema.module.requires_grad_(False)  # it is computed, never trained
+    ema.update_parameters(model)  # the first update copies: the average starts at the weights before training
+    if ckpt is not None:
+        if ckpt.get("ema") is None:
+            raise TLError("this checkpoint holds no average of the weights, though its run asks for one")
+        ema.load_state_dict(ckpt["ema"])
+    return ema
+
+
+def update_after_step(ema: AveragedModel, model: nn.Module) -> Callable[[int], None]:
+    """The step callback: fold the weights after this optimizer step into the average. It returns
+    None, since an `after_step` that returns True stops training."""
+
+    def update(epoch: int) -> None:
+        ema.update_parameters(model)
+
+    return update
+
+
+def val_net(ema: AveragedModel, loop_net: nn.Module, spec: Backbone, device, channels_last: bool) -> nn.Module:
+    """The averaged model in the form the loop feeds it: the averaged whole model, or, where the
+    stage reads stored features (`FeaturesOrImages`), the averaged head for features and the
+    averaged model for images."""
+    ema.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    if isinstance(loop_net, FeaturesOrImages):
+        return FeaturesOrImages(ema.module, split_at_cut(ema.module, spec).tail)
+    return ema.module
+
+
+class Mirrored(nn.Module):
+    """Test-time augmentation: `model` on the images and on their left-right mirrors, the two
+    probabilities averaged. It returns logits of the averaged probabilities (log p for several
+    classes, log(p / (1 - p)) for a single logit), so a loss, `predictions` and
+    `class_probabilities` treat it as any model."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise TLError("test-time mirroring needs images (B, 3, H, W), not stored features")
+        return averaged_logits([self.model(x).float(), self.model(torch.flip(x, dims=[3])).float()])
+
+
+def averaged_logits(outputs: list[torch.Tensor]) -> torch.Tensor:
+    """Logits whose probabilities are the mean of the views' probabilities, computed in log space
+    (a sum of exponentials, `logsumexp`) so that a confident view gives no log(0)."""
+    views = math.log(len(outputs))
+    if outputs[0].shape[1] == 1:  # one logit z: P(class 1) = sigmoid(z), P(class 0) = sigmoid(-z)
+        log_p1 = torch.logsumexp(torch.stack([nn.functional.logsigmoid(z) for z in outputs]), 0) - views
+        log_p0 = torch.logsumexp(torch.stack([nn.functional.logsigmoid(-z) for z in outputs]), 0) - views
+        return log_p1 - log_p0
+    return torch.logsumexp(torch.stack([z.log_softmax(1) for z in outputs]), 0) - views
+
+
+def mirrored_if(model: nn.Module, tta: bool) -> nn.Module:
+    return Mirrored(model).eval() if tta else model
