@@ -4,27 +4,39 @@
 
 For each case it reports the median of `--repeats` measurements (and the min and max):
 
-* loop        training images/s of `tl.loop.train_model` in a real run (JPEG decoding,
-              augmentation, DataLoader workers, forward, backward, step), and the same with
-              `--image-cache --workers 0` (images decoded once before training; crops and flips
-              per epoch in the main process) and, on a GPU, `--device-images` (the decoded
-              images on the GPU, cropped, flipped and normalised there);
-* bound       the same loop on ready tensors: every training image decoded and transformed
-              once beforehand and held in memory, so only forward + backward + step remain.
-              loop / bound is the share of the compute bound the data pipeline lets us reach.
-              The bound is also taken with channels_last off, the evidence for its default;
+* loop        training images/s of `tl.loop.train_model` in a real run (`--configs`: "jpeg", JPEG
+              decoding and augmentation in `--workers` DataLoader workers; "image-cache",
+              `--image-cache --workers 0`, images decoded once before training, crops and flips
+              per epoch in the main process; "device-images", `--device-images`, the decoded
+              images on the device, cropped, flipped and normalised there in batches: by default
+              only off the CPU), each in the device's default layout; "loop-layout": the fastest
+              of those paths again in the other layout;
+* bound       the same loop on ready tensors ("bound"; "bound-layout" in the other layout):
+              every training image decoded and transformed once beforehand and moved to the
+              device before the loop starts, read in seeded shuffled batches of the recipe's size
+              that stay there, trained with the loop's own settings on that device (bf16 autocast
+              and per-phase reads on CUDA, the recipe's BatchNorm modes: `bound_training`, built
+              by the functions a run uses), so only forward + backward + step remain.
+              loop / bound ("share", against the bound of the loop's layout) is the share of the
+              compute bound the data path lets us reach;
+* --compile   `--compile-case RECIPE/BACKBONE`: torch.compile against eager on one case;
 * frozen      end-to-end seconds of `resnet_frozen` for N training epochs with the
               feature cache off, on with an empty cache (the feature pass is part of the
               cost), and on with the features already stored (a second run: another seed,
               more epochs), the cost of an epoch after the first, the val accuracy of each,
-              and the speed-ups;
+              and the speed-ups (`--skip-frozen` leaves them out);
 * memory      a hymenoptera run with both caches on: the main process's exact peak RSS, the
               peak of the whole process tree's PSS (shared pages counted once) sampled every
-              50 ms, and a bound that cannot be exceeded: main peak + workers x largest worker peak.
+              50 ms, and a bound that cannot be exceeded: main peak + workers x largest worker peak;
+* end-to-end  `--compare-minutes`: `experiments.compare_all` with seed 0 in a child process
+              writing to a temporary folder (never results/): its wall minutes and its runs'
+              train seconds, beside the same runs' train seconds on the CPU from results/runs.csv.
 
 Nothing here trains a model in its own loop: every figure comes from `tl.loop.train_model`
-(directly, or through `tl.engine.run.run`). Results go to `results/benchmark.csv` and
-`results/benchmark.md`. Timings are measurements, never test thresholds.
+(directly, or through `tl.engine.run.run`). Results go to `results/benchmark.csv`, `.md` and
+`.json` (`benchmark_cuda.*` on a GPU, whose every row and header name the card), rewritten after
+each part, so a command stopped by `--deadline` or a timeout keeps what it measured.
+Timings are measurements, never test thresholds. benchmarks/gpu_session.sh runs the GPU set.
 """
 
 from __future__ import annotations
@@ -241,7 +253,7 @@ def peak_memory(data, workers) -> dict:
 
 CONFIGS = ("jpeg", "image-cache", "device-images", "bound", "bound-layout", "loop-layout")
 PATHS = {  # data path -> (what the case's label adds, loop_throughput's options besides --workers)
-    "jpeg": ("", {}),  # JPEG decoding and augmentation in --workers DataLoader workers
+    "jpeg": (", JPEG decoding in {workers} workers", {}),  # decoding and augmentation in DataLoader workers
     "image-cache": (", --image-cache --workers 0", {"workers": 0, "image_cache": True}),
     "device-images": (", --device-images", {"workers": 0, "device_images": True}),
 }
@@ -276,7 +288,7 @@ def measure_case(spec, configs, args, data, device, record) -> dict:
         if path in configs:
             kw = {"workers": args.workers, **kw}
             loops[path] = repeat(loop_throughput, **kw)
-            record("loop", case + label, "img/s", loops[path], workers=kw["workers"])
+            record("loop", case + label.format(**kw), "img/s", loops[path], workers=kw["workers"])
     for on in (default, not default):
         if ("bound" if on == default else "bound-layout") in configs:
             bounds[on] = repeat(compute_bound, channels_last=on)
@@ -287,11 +299,12 @@ def measure_case(spec, configs, args, data, device, record) -> dict:
             record("share", label, "%", [100 * statistics.median(values) / statistics.median(bounds[on])])
 
     for path, values in loops.items():
-        share(case + PATHS[path][0], values, default)
+        share(case + PATHS[path][0].format(workers=args.workers), values, default)
     if "loop-layout" in configs and loops:
         best = max(loops, key=lambda p: statistics.median(loops[p]))
         label, kw = PATHS[best]
         kw = {"workers": args.workers, **kw}
+        label = label.format(**kw)
         other = repeat(loop_throughput, channels_last=not default, **kw)
         record("loop", f"{case}{label}, {layout(not default)}", "img/s", other, workers=kw["workers"])
         share(f"{case}{label}, {layout(not default)}", other, not default)
@@ -304,6 +317,7 @@ def measure_compile(spec, path, measured, args, data, device, record) -> None:
     case = f"{spec[0]} / {spec[1]}"
     label, kw = PATHS[path]
     kw = {"workers": args.workers, **kw}
+    label = label.format(**kw)
     eager = measured.get(path)
     if eager is None:
         eager = [loop_throughput(*spec, data, device, epochs=args.loop_epochs, **kw) for _ in range(args.repeats)]
@@ -341,7 +355,8 @@ def compare_end_to_end(args, data, device, record, notes, timeout: float) -> Non
                "--seeds", "0", "--device", device, "--workers", str(args.workers), "--out", str(out),
                "--runs-dir", str(Path(tmp) / "runs")] + (["--epochs", str(args.compare_epochs)]
                                                          if args.compare_epochs else [])
-        shown = "python -m experiments.compare_all " + " ".join(cmd[:cmd.index("--out")])
+        shown = "python -m experiments.compare_all " + " ".join(a for i, a in enumerate(cmd) if not (
+            a in ("--out", "--runs-dir") or i and cmd[i - 1] in ("--out", "--runs-dir")))  # not the temporary folders
         print(f"end-to-end: {shown}", flush=True)
         started = time.perf_counter()
         child = subprocess.Popen([sys.executable, "-m", "experiments.compare_all", *cmd], cwd=ROOT,
@@ -405,7 +420,8 @@ def time_limit(seconds: float | None, what: str, notes: list[str]):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0],
+                                allow_abbrev=False)  # the recorded command names every option in full
     p.add_argument("--data", default="../shared/data/hymenoptera_data")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
