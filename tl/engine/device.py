@@ -47,6 +47,26 @@ def make_grad_scaler(device: torch.device | str, amp: bool) -> torch.amp.GradSca
     return torch.amp.GradScaler("cuda", enabled=autocast_dtype(torch.device(device), amp) == torch.float16)
 
 
+def prepare_device(device: torch.device) -> None:
+    """What a run sets once for its device before it trains: on CUDA, fixed input sizes let
+    cuDNN time its algorithms once and keep the fastest (002 §1.4)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def device_hooks(device: torch.device, amp: bool = True, channels_last: bool | None = None,
+                 scaler: torch.amp.GradScaler | None = None) -> dict:
+    """The loop's settings (fields of `tl.loop.Hooks`) that the device decides, as a run has
+    them: the autocast dtype of `--amp`, the memory layout (None: the one measured faster
+    here), loss sums kept on a GPU and read once per phase (no host sync per step), and the
+    loss scaler where fp16 needs one. `tl.engine.run` trains with these, and the benchmark's
+    compute bound (benchmarks/bench.py) too, so the bound measures the loop a run has."""
+    return dict(autocast_dtype=autocast_dtype(device, amp),
+                channels_last=default_channels_last(device) if channels_last is None else channels_last,
+                device_sums=device.type == "cuda",  # no host sync per step (tl/loop.py run_phase)
+                scaler=scaler if scaler is not None and scaler.is_enabled() else None)
+
+
 def default_channels_last(device: torch.device) -> bool:
     """`--channels-last` left out: the layout measured faster on this kind of device. On the
     2-core CPU, NHWC won for every backbone of results/benchmark.md (efficientnet_lite0 finetune:

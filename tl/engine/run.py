@@ -37,7 +37,7 @@ from tl.data import build_transforms, val_resize
 from tl.engine import averaging, checkpoint, records, tensorboard
 from tl.engine.balance import balance
 from tl.engine.callbacks import combine
-from tl.engine.device import autocast_dtype, default_channels_last, make_grad_scaler, resolve_device
+from tl.engine.device import default_channels_last, device_hooks, make_grad_scaler, prepare_device, resolve_device
 from tl.engine.image_cache import decoded_bytes
 from tl.engine.options import RunOptions, resolve
 from tl.engine.resume import restore, restore_threads, resume_options
@@ -126,9 +126,7 @@ def begin(recipe: Recipe, opts: RunOptions, log: Callable[[str], None]) -> RunCo
     if opts.channels_last is None:  # left out: the layout measured faster on this device (config.json records it)
         opts.channels_last = default_channels_last(device)
     seed_everything(opts.seed)
-    if device.type == "cuda":
-        # fixed input sizes: let cuDNN time its algorithms once and keep the fastest (002 §1.4)
-        torch.backends.cudnn.benchmark = True
+    prepare_device(device)  # CUDA: cuDNN picks the fastest algorithms for the fixed input sizes
     return RunContext(recipe, spec, opts, device, log)
 
 
@@ -189,9 +187,7 @@ def train_stages(ctx: RunContext, first: StageSetup, folder: records.RunFolder, 
     history, setup = ctx.history, first
     opts = ctx.opts
     ema_step = None if ctx.ema is None else averaging.update_after_step(ctx.ema, ctx.model)  # after each update
-    run_hooks = dict(autocast_dtype=autocast_dtype(ctx.device, opts.amp), channels_last=opts.channels_last,
-                     device_sums=ctx.device.type == "cuda",  # no host sync per step (tl/loop.py run_phase)
-                     scaler=ctx.scaler if ctx.scaler.is_enabled() else None, best_by=opts.monitor,
+    run_hooks = dict(**device_hooks(ctx.device, opts.amp, opts.channels_last, ctx.scaler), best_by=opts.monitor,
                      progress=opts.progress, log=ctx.log, end_of_epoch=folder.end_of_epoch)
     with folder.tidy_on_failure(resumed), tensorboard.opened(opts.tensorboard, folder.run_dir, history,
                                                              len(first.loaders["train"])) as board:
