@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -81,18 +82,23 @@ class RunContext:
     wall_before: float = 0.0  # training seconds of the run before a resume
     class_weights: torch.Tensor | None = None  # --class-weights auto: the loss's weight per class
     sample_weights: torch.Tensor | None = None  # --balanced-sampler: the train draw's weight per image
+    on_epoch: Callable[[int, History], None] | None = None  # called after each epoch is saved (a pruner)
 
 
 def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None = None, resume: Path | None = None,
-        log: Callable[[str], None] = print) -> RunResult:
+        log: Callable[[str], None] = print, on_epoch: Callable[[int, History], None] | None = None) -> RunResult:
     """Run one experiment end to end and return its history (see the module docstring).
 
     With `ckpt` (a loaded `last.ckpt`, see `resume_run`), the run continues in that
     checkpoint's folder from the epoch after the one it saved: what the saved run had is
     restored right after the model is built and before anything else uses the model, so
     the result equals an uninterrupted run.
+
+    `on_epoch(epoch, history)` is called after each epoch, once the run folder has saved it;
+    an exception it raises (a search's pruner: experiments/tune.py) ends the run there.
     """
     ctx = begin(recipe, opts, log)
+    ctx.on_epoch = on_epoch
     choose_images(ctx)
     build_model_and_stages(ctx, build, resumed=ckpt is not None)
     if ckpt is not None:  # the one place a saved run is restored (its optimizer: in start_stage)
@@ -184,7 +190,7 @@ def train_stages(ctx: RunContext, first: StageSetup, folder: records.RunFolder, 
     run_hooks = dict(autocast_dtype=autocast_dtype(ctx.device, opts.amp), channels_last=opts.channels_last,
                      device_sums=ctx.device.type == "cuda",  # no host sync per step (tl/loop.py run_phase)
                      scaler=ctx.scaler if ctx.scaler.is_enabled() else None, best_by=opts.monitor,
-                     progress=opts.progress, log=ctx.log, end_of_epoch=folder.end_of_epoch)
+                     progress=opts.progress, log=ctx.log, end_of_epoch=partial(_end_of_epoch, ctx, folder))
     with folder.tidy_on_failure(resumed):
         for i, span in enumerate(ctx.spans):
             if i > 0:
@@ -200,6 +206,14 @@ def train_stages(ctx: RunContext, first: StageSetup, folder: records.RunFolder, 
             if history.stopped_early is not None:
                 break
     return history
+
+
+def _end_of_epoch(ctx: RunContext, folder: records.RunFolder, epoch: int, history: History) -> bool:
+    """The run folder saves the epoch first; then the caller's `on_epoch` sees it."""
+    stop = folder.end_of_epoch(epoch, history)
+    if ctx.on_epoch is not None:
+        ctx.on_epoch(epoch, history)
+    return stop
 
 
 def resume_run(path: Path, given: dict, find_recipe: Callable[[str], object],
