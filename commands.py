@@ -37,7 +37,7 @@ _NOT_COMPARED_ON_RESUME = {"allow_pickle"}
 def list_recipes() -> str:
     """The README's recipe table (what trains, epochs, batch, learning rates, the command), then
     each backbone and whether it runs here without a network."""
-    from experiments import all_experiments
+    from experiments import NAMES, all_experiments, tuned_dir, tuned_files
     from tl.engine.weights import runs_offline, torchvision_weights_file
     from tl.models import BACKBONES, get_backbone
 
@@ -53,6 +53,9 @@ def list_recipes() -> str:
         lines.append(f"{'':<17} trains: {r.strategy}")
         offline = "needs no weights: runs offline" if r.weights != "imagenet" else "offline: add -b efficientnet_lite0"
         lines.append(f"{'':<17} command: python main.py -e {name}   ({offline})")
+    tuned = [f"tuned_{name} ({', '.join(files)})" for name in NAMES if (files := tuned_files(name))]
+    lines.append(f"\ntuned recipes (python -m experiments.tune; --data picks the data set's numbers): "
+                 f"{', '.join(tuned) or f'none in {tuned_dir()}'}")
     cache = torchvision_weights_file("resnet18")[1].parent
     lines.append(f"\nbackbones (any recipe takes --backbone NAME); ImageNet weights offline? (hub cache: {cache})")
     for name in BACKBONES:
@@ -95,11 +98,13 @@ def train_command(args: argparse.Namespace):
     """`main.py --experiment NAME`: check what can be checked before any work (the names, the
     folders the run writes, the ImageNet weights), then train."""
     from experiments import get_experiment
+    from tl.engine.prepare import DEFAULT_DATA_DIR
     from tl.engine.run import run
     from tl.engine.weights import imagenet_file
     from tl.models import get_backbone
 
-    module = get_experiment(args.experiment)
+    # the data folder's name picks a tuned recipe's numbers; it is resolved (downloaded) later
+    module = get_experiment(args.experiment, args.data or os.environ.get("TL_DATA_DIR") or DEFAULT_DATA_DIR)
     spec = get_backbone(args.backbone or module.RECIPE.backbone)  # a typo fails here, before any data
     _check_writable(args.out, "--out")  # where the run will write, before any work
     if args.feature_cache:

@@ -216,12 +216,13 @@ def _end_of_epoch(ctx: RunContext, folder: records.RunFolder, epoch: int, histor
     return stop
 
 
-def resume_run(path: Path, given: dict, find_recipe: Callable[[str], object],
+def resume_run(path: Path, given: dict, find_recipe: Callable[[str, Path], object],
                log: Callable[[str], None] = print) -> RunResult:
     """`main.py --resume last.ckpt`: rebuild the saved run's recipe and options, then `run` it.
-    `find_recipe(name)` returns the recipe module (RECIPE, build): `experiments.get_experiment`."""
+    `find_recipe(name, data)` returns the recipe module (RECIPE, build): `experiments.get_experiment`
+    (the data folder picks a tuned recipe's numbers)."""
     ckpt = checkpoint.load_checkpoint(path)
     opts = resume_options(ckpt, given, path)
-    module = find_recipe(ckpt["config"]["experiment"])
+    module = find_recipe(ckpt["config"]["experiment"], opts.data)
     return run(module.RECIPE, module.build, opts, ckpt=ckpt, resume=Path(path), log=log)
 
