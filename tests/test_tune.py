@@ -265,3 +265,16 @@ def test_a_class_too_small_for_an_inner_val_is_refused(tmp_path, pretrained, cap
     assert _tune(tmp_path, data, pretrained, "--trials", "1") == 2
     assert "too few training images to carve an inner val" in _one_error(capsys)
 
+
+# ----------------------------------------------------------------------------- compare_all
+def test_compare_all_adds_a_tuned_recipe_where_its_data_set_has_one(tmp_path, monkeypatch):
+    from experiments import compare_all
+
+    monkeypatch.setenv("TL_TUNED_DIR", str(tmp_path))
+    (tmp_path / "modern_finetune-hymenoptera_data.json").write_text("{}")
+    args = compare_all.parse_args([])
+    assert compare_all.experiments_for(Path("x/hymenoptera_data"), args)[-1] == "tuned_modern_finetune"
+    assert "tuned_modern_finetune" not in compare_all.experiments_for(Path("x/dogs-vs-cats"), args)
+    asked = compare_all.parse_args(["--experiments", "resnet_frozen", "tuned_modern_finetune"])
+    assert compare_all.experiments_for(Path("x/hymenoptera_data"), asked) == ["resnet_frozen", "tuned_modern_finetune"]
+    assert compare_all._order("tuned_modern_finetune") > compare_all._order("modern_finetune")
