@@ -292,7 +292,8 @@ def write_pages(study, s: Search, setup: dict, folder: Path, command: str) -> li
              f"Scored on an inner split carved from train (seed {setup['seed']}): {split}. val/ and test/ were not "
              f"read. Budget: {s.args.trials} finished trials; {len(complete)} complete, {len(done) - len(complete)} "
              f"pruned, {len(study.trials) - len(done)} failed or running. CPU time of the trials: "
-             f"{total_cpu(study) / 3600:.2f} h (user + system, this process and its workers).", ""]
+             f"{total_cpu(study):.0f} s = {total_cpu(study) / 3600:.2f} h (user + system, this process and its "
+             f"DataLoader workers).", ""]
     if complete:
         best = study.best_trial
         lines += [f"Best: trial {best.number}, inner score {best.value:.4f} (a maximum over trials: it flatters; "

@@ -177,6 +177,17 @@ def test_an_interrupted_search_goes_on_with_the_missing_trials(tiny_data, pretra
     assert len(_study(tmp_path).trials) == 3
 
 
+def test_k_fold_scores_a_trial_by_the_mean_over_its_folds(tiny_data, pretrained, tmp_path):
+    assert _tune(tmp_path, tiny_data, pretrained, "--trials", "1", "--folds", "2") == 0
+    configs = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "trials").rglob("config.json")}
+    assert sorted(configs) == ["trial0000-fold0", "trial0000-fold1"]
+    assert [configs[name]["options"]["inner_fold"] for name in sorted(configs)] == [0, 1]
+    mean = sum(c["results"]["final_val_acc"] for c in configs.values()) / 2
+    tuned = json.loads((tmp_path / "tuned" / "modern_finetune-tiny.json").read_text())
+    assert tuned["best_inner_score"] == pytest.approx(mean)
+    assert tuned["inner_split"] == {"inner_val": None, "folds": 2, "seed": 0}
+
+
 def test_a_pruned_trial_stops_and_leaves_no_run_behind(tiny_data, pretrained, tmp_path, monkeypatch, capsys):
     import optuna
 
