@@ -15,10 +15,11 @@ chosen recipe, `tuned_<recipe>`, is then trained on all of train and scored like
 (`compare_all`), so its headline is as honest as theirs.
 
 `--inner-val 0.2` (the default) holds out a fifth of each class: one training run per
-trial, but hymenoptera's 244 training images leave about 50 to score on, where one image is
-2 points of accuracy, so close settings are told apart by noise. `--folds K` scores every
-training image once: K runs per trial, each holding out one fold, and the trial's score is
-their mean; K times the CPU time for a steadier score (K = 5: about 5x the noise-free part).
+trial, but hymenoptera's 244 training images leave 49 to score on, where one image is 2
+points of accuracy, so settings closer than that are told apart by noise. `--folds K`
+scores every training image once: K runs per trial, each holding out one fold and training
+on the rest, and the trial's score is their mean (one image: 0.4 points). It costs K times
+the CPU time per trial, so within the same time a search tries K times fewer settings.
 
 What is searched (the table SPACE in tl/engine/tuning.py; one row per number, a new Recipe
 field is one more row): every learning rate times `lr_scale` (log-uniform 0.1-10), the
