@@ -164,8 +164,9 @@ def pruning_reporter(trial, fold: int, log):
 
 def score_trial(trial, s: Search, log=print) -> float:
     """One trial: the recipe with its drawn numbers, trained on inner train through the one loop
-    and scored on inner val (its final epoch: nothing is selected on these images either);
-    with --folds, the mean over the folds."""
+    and scored on inner val by the run's headline (with no test split, the final epoch's inner
+    val accuracy: nothing is selected on these images either, and a recipe's test-time
+    averaging counts); with --folds, the mean over the folds."""
     import optuna
 
     from tl.engine.run import run
@@ -186,7 +187,7 @@ def score_trial(trial, s: Search, log=print) -> float:
                 shutil.rmtree(s.runs_dir / name, ignore_errors=True)  # a pruned trial leaves nothing behind
                 trial.set_user_attr("pruned_because", str(exc).splitlines()[0])
                 raise optuna.TrialPruned(str(exc)) from None
-            scores.append(result.config["results"]["final_val_acc"])
+            scores.append(result.config["results"]["headline_acc"])  # no test split: the final epoch's inner val
             for f in [*result.run_dir.glob("*.pth"), *result.run_dir.glob("*.ckpt")]:
                 f.unlink()  # the numbers are what a trial leaves; its config.json and history.csv stay
     finally:

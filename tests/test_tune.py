@@ -182,7 +182,7 @@ def test_k_fold_scores_a_trial_by_the_mean_over_its_folds(tiny_data, pretrained,
     configs = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "trials").rglob("config.json")}
     assert sorted(configs) == ["trial0000-fold0", "trial0000-fold1"]
     assert [configs[name]["options"]["inner_fold"] for name in sorted(configs)] == [0, 1]
-    mean = sum(c["results"]["final_val_acc"] for c in configs.values()) / 2
+    mean = sum(c["results"]["headline_acc"] for c in configs.values()) / 2
     tuned = json.loads((tmp_path / "tuned" / "modern_finetune-tiny.json").read_text())
     assert tuned["best_inner_score"] == pytest.approx(mean)
     assert tuned["inner_split"] == {"inner_val": None, "folds": 2, "seed": 0}
@@ -222,7 +222,7 @@ def test_the_search_space_follows_the_recipe():
 
     @dataclasses.dataclass(frozen=True)
     class Later(Recipe):  # fields another change adds: searched as soon as they exist
-        ema_decay: float | None = None
+        ema_decay: float = 0.0
         tta: bool = False
 
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
@@ -234,6 +234,7 @@ def test_the_search_space_follows_the_recipe():
     trial = study.ask()
     suggest(trial, Later(name="l", source="s", strategy="s"), 3)
     assert {"ema_decay", "tta"} <= set(trial.params)
+    assert study.trials[1].distributions["ema_decay"].choices == (0.0, 0.9, 0.98)
     modern = get_experiment("modern_finetune").RECIPE
     trial = study.ask()
     changes = suggest(trial, modern, 12)

@@ -65,9 +65,10 @@ SPACE: dict[str, Knob] = {
                     lambda r, v: {"augment": v}),
     "bn_policy": Knob(lambda r: True, lambda t, r, m: t.suggest_categorical("bn_policy", list(BN_POLICIES)),
                       lambda r, v: dict(zip(("frozen_bn_eval", "bn_eval"), BN_POLICIES[v]))),
-    # searched once Recipe has these fields: the recipe's own value (off) or one of the others
+    # searched once Recipe has these fields: the recipe's own value (off) or another. A run here takes
+    # about 100 optimizer steps, so the averages remember the last 10 or 50 steps (tl/engine/averaging.py)
     "ema_decay": Knob(_has("ema_decay"), lambda t, r, m: t.suggest_categorical(
-        "ema_decay", list(dict.fromkeys([r.ema_decay, 0.99, 0.999]))), lambda r, v: {"ema_decay": v}),
+        "ema_decay", list(dict.fromkeys([r.ema_decay, 0.9, 0.98]))), lambda r, v: {"ema_decay": v}),
     "tta": Knob(_has("tta"), lambda t, r, m: t.suggest_categorical("tta", [False, True]), lambda r, v: {"tta": v}),
 }
 
