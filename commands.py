@@ -37,7 +37,7 @@ _NOT_COMPARED_ON_RESUME = {"allow_pickle"}
 def list_recipes() -> str:
     """The README's recipe table (what trains, epochs, batch, learning rates, the command), then
     each backbone and whether it runs here without a network."""
-    from experiments import all_experiments
+    from experiments import NAMES, all_experiments, tuned_dir, tuned_files
     from tl.engine.timm_backbones import backbone_spec
     from tl.engine.weights import runs_offline, torchvision_weights_file
     from tl.models import BACKBONES
@@ -54,6 +54,9 @@ def list_recipes() -> str:
         lines.append(f"{'':<17} trains: {r.strategy}")
         offline = "needs no weights: runs offline" if r.weights != "imagenet" else "offline: add -b efficientnet_lite0"
         lines.append(f"{'':<17} command: python main.py -e {name}   ({offline})")
+    tuned = [f"tuned_{name} ({', '.join(files)})" for name in NAMES if (files := tuned_files(name))]
+    lines.append(f"\ntuned recipes (python -m experiments.tune; --data picks the data set's numbers): "
+                 f"{', '.join(tuned) or f'none in {tuned_dir()}'}")
     cache = torchvision_weights_file("resnet18")[1].parent
     lines.append(f"\nbackbones (any recipe takes --backbone NAME); ImageNet weights offline? (hub cache: {cache})")
     for name in BACKBONES:
@@ -99,15 +102,23 @@ def run_options(args: argparse.Namespace):
 def train_command(args: argparse.Namespace):
     """`main.py --experiment NAME`: check what can be checked before any work (the names, the
     folders the run writes, the ImageNet weights), then train."""
-    from experiments import get_experiment
     from tl.engine.averaging import check_decay
     from tl.engine.run import run
 
     if args.ema is not None:  # (0, the recipe's "off", is refused too: to train without an average, leave --ema out)
         check_decay(args.ema, "--ema")
-    module = get_experiment(args.experiment)
+    module = _recipe_module(args)
     _check_before_work(args, module)
     return run(module.RECIPE, module.build, run_options(args))
+
+
+def _recipe_module(args: argparse.Namespace):
+    """The recipe module of `-e NAME`; the data folder's name picks a tuned recipe's numbers
+    (the folder itself is resolved, or downloaded, later)."""
+    from experiments import get_experiment
+    from tl.engine.prepare import DEFAULT_DATA_DIR
+
+    return get_experiment(args.experiment, args.data or os.environ.get("TL_DATA_DIR") or DEFAULT_DATA_DIR)
 
 
 def _check_before_work(args: argparse.Namespace, module) -> None:
@@ -128,7 +139,6 @@ def _check_before_work(args: argparse.Namespace, module) -> None:
 def find_lr_command(args: argparse.Namespace):
     """`main.py -e NAME --find-lr`: the learning-rate range test of the recipe's first stage
     (tl/engine/lr_finder.py), with the same checks as a training run before any work."""
-    from experiments import get_experiment
     from tl.engine.lr_finder import find_lr
 
     if args.resume:
@@ -136,7 +146,7 @@ def find_lr_command(args: argparse.Namespace):
                       "(--resume): use -e NAME --find-lr with the run's recipe and --backbone")
     if not args.experiment:
         raise TLError("--find-lr goes with --experiment NAME: the recipe whose learning rates it tests")
-    module = get_experiment(args.experiment)
+    module = _recipe_module(args)
     _check_before_work(args, module)
     return find_lr(module.RECIPE, module.build, run_options(args))
 

@@ -16,6 +16,11 @@ writes to `--out` (default `results/`):
     differences.csv                 every pair of recipes: accuracy difference and its 95% interval
     meta.json, README.md            the commands, the machine, and the tables in words (experiments/report.py)
 
+Where experiments/tune.py has left numbers for a data set (experiments/tuned/<recipe>-<data
+set>.json), `tuned_<recipe>` is compared on that data set too, trained and scored like every
+other recipe: its numbers were chosen on an inner split of train, so val and test are as
+unseen for it as for the rest.
+
 The headline number of a run is never chosen on the images it is scored on
 (`tl.engine.records.score_headline`): test accuracy of the epoch chosen on val where the data
 folder has a `test/` split, else the final epoch's val accuracy.
@@ -75,7 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default: $TL_DATA_DIR or data/hymenoptera_data)")
     p.add_argument("--backbone", nargs="+", default=["own"],
                    help="backbone(s) for every recipe; 'own' = each recipe's default (default: own)")
-    p.add_argument("--experiments", nargs="+", default=list(NAMES), metavar="NAME", help="a subset of recipes")
+    p.add_argument("--experiments", nargs="+", metavar="NAME",
+                   help="a subset of recipes (default: all, and tuned_<recipe> where experiments/tune.py left "
+                        "numbers for the data set)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="repeat each run with these seeds")
     p.add_argument("--epochs", type=int, help="training epochs for every recipe (default: each recipe's own)")
     p.add_argument("--out", type=Path, default=None,
@@ -87,9 +94,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 8 images per class, 1 training epoch, 64-pixel images")
     args = p.parse_args(argv)
+    args.with_tuned = args.experiments is None
+    args.experiments = args.experiments or list(NAMES)
     for name in args.experiments:
-        if name not in NAMES:
-            p.error(f"unknown experiment {name!r}; choose from {', '.join(NAMES)}")
+        if name.removeprefix("tuned_") not in NAMES:
+            p.error(f"unknown experiment {name!r}; choose from {', '.join(NAMES)}, or tuned_<one of them>")
     if args.epochs is not None and args.epochs < 1:
         p.error("--epochs must be at least 1")
     return args
@@ -98,6 +107,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def dataset_name(data_dir: Path) -> str:
     """What the tables call a data set: its folder's name (hymenoptera_data, dogs-vs-cats)."""
     return Path(data_dir).resolve().name
+
+
+def experiments_for(data_dir: Path, args: argparse.Namespace) -> list[str]:
+    """The recipes compared on one data set: those asked for, and by default each tuned_<recipe>
+    whose numbers were tuned on this data set (experiments/tune.py), trained like any other."""
+    from experiments import tuned_files
+
+    tuned = [f"tuned_{n}" for n in NAMES if args.with_tuned and dataset_name(data_dir) in tuned_files(n)]
+    return [*args.experiments, *(t for t in tuned if t not in args.experiments)]
+
+
+def _order(name: str) -> float:
+    """Recipe order in the tables: the registry's, a tuned recipe right after its base."""
+    base = name.removeprefix("tuned_")
+    return NAMES.index(base) + (0.5 if base != name else 0) if base in NAMES else len(NAMES)
 
 
 def train_or_reason(module, opts, log) -> tuple[object, dict]:
@@ -128,7 +152,7 @@ def run_one(name: str, backbone: str, seed: int, data_dir: Path, args: argparse.
     from tl.engine.options import RunOptions, resolve
     from tl.engine.timm_backbones import folder_label
 
-    module = get_experiment(name)
+    module = get_experiment(name, data_dir)
     dataset = dataset_name(data_dir)
     opts = RunOptions(data=data_dir, backbone=None if backbone == "own" else backbone, epochs=args.epochs,
                       seed=seed, workers=args.workers, device=args.device, out=runs_dir / dataset, progress=False,
@@ -233,8 +257,7 @@ def merge_runs(old, new):
         keep = old[[tuple(k) not in ran and kinds.get(k[0], bool(q)) == bool(q)
                     for k, q in zip(old[KEY].values, old.quick)]]
         new = pd.concat([keep, new], ignore_index=True) if len(keep) else new
-    order = {name: i for i, name in enumerate(NAMES)}
-    new = new.assign(_order=new.experiment.map(order))
+    new = new.assign(_order=new.experiment.map(_order))
     return new.sort_values(["dataset", "_order", "backbone", "seed"], kind="stable").drop(columns="_order")
 
 
@@ -411,10 +434,15 @@ def main(argv: list[str] | None = None) -> int:
     from experiments import get_experiment
     from tl.engine.records import make_run_dir
 
-    plan = [(d, e, b, s) for d in data_dirs for e in args.experiments for b in args.backbone for s in args.seeds]
-    planned = pd.DataFrame([{"dataset": dataset_name(d), "experiment": e, "seed": s, "quick": args.quick,
-                             "backbone": get_experiment(e).RECIPE.backbone if b == "own" else b, "status": "planned"}
-                            for d, e, b, s in plan])
+    try:
+        plan = [(d, e, b, s) for d in data_dirs for e in experiments_for(d, args) for b in args.backbone
+                for s in args.seeds]
+        planned = pd.DataFrame([{"dataset": dataset_name(d), "experiment": e, "seed": s, "quick": args.quick,
+                                 "backbone": get_experiment(e, d).RECIPE.backbone if b == "own" else b,
+                                 "status": "planned"} for d, e, b, s in plan])
+    except TLError as exc:  # tuned_<recipe> asked for a data set it has no numbers for
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if missing := missing_run_files(out, planned):  # found now, not after hours of training
         print(f"error: {out}/runs.csv names runs whose files are gone: {', '.join(map(str, missing[:3]))}"
               f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}; run those recipes again into "
@@ -444,9 +472,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{i}/{len(plan)}] {row['status']}: {tail}", flush=True)
         rows.append(row)
     total = round((time.time() - started) / 60, 1)
-    full = set(args.experiments) == set(NAMES) and not args.quick
+    full = set(NAMES) <= set(args.experiments) and not args.quick
     entries = {dataset_name(d): {
-        "data": str(d), "command": command, "experiments": args.experiments, "backbones": args.backbone,
+        "data": str(d), "command": command, "experiments": experiments_for(d, args), "backbones": args.backbone,
         "seeds": args.seeds, "epochs": args.epochs, "quick": args.quick, "full": full, "commit": commit,
         "date": time.strftime("%Y-%m-%d %H:%M"), "minutes": round(minutes[dataset_name(d)], 1),
         "command_minutes": total} for d in data_dirs}

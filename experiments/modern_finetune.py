@@ -49,20 +49,20 @@ RECIPE = Recipe(
     train_epochs=12,
     batch_size=32,
     frozen_bn_eval=True,  # stage 1: the frozen body's BatchNorm keeps its ImageNet statistics (and is cacheable)
+    weight_decay=0.05,  # AdamW's, in both stages
     label_smoothing=0.1,
     augment="strong",
 )
-WEIGHT_DECAY = 0.05
 
 
 def head_only(model, spec, recipe):
     set_trainable(model, spec, ["head"])
-    return torch.optim.AdamW(param_groups(model, spec, recipe.first_lrs), weight_decay=WEIGHT_DECAY)
+    return torch.optim.AdamW(param_groups(model, spec, recipe.first_lrs), weight_decay=recipe.weight_decay)
 
 
 def everything(model, spec, recipe):
     set_trainable(model, spec, ["body", "neck", "head"])
-    return torch.optim.AdamW(param_groups(model, spec, recipe.lrs), weight_decay=WEIGHT_DECAY)
+    return torch.optim.AdamW(param_groups(model, spec, recipe.lrs), weight_decay=recipe.weight_decay)
 
 
 def build(model, spec, recipe):

@@ -44,6 +44,15 @@ NOTES = {  # what each recipe is meant to show; the figures that follow come fro
     "modern_finetune": "Current practice: head first on the frozen body, then everything; AdamW, warmup + cosine, "
                        "label smoothing, TrivialAugment.",
 }
+
+
+def note(experiment: str) -> str:
+    if experiment.startswith("tuned_"):
+        return (f"{experiment[len('tuned_'):]} with its numbers chosen by a search on an inner split of train "
+                f"(python -m experiments.tune: val and test unseen), then trained and scored like the others.")
+    return NOTES.get(experiment, "")
+
+
 DRAWS = 4000  # bootstrap draws: enough for stable 2.5% / 97.5% percentiles
 
 
@@ -253,7 +262,7 @@ def details(summary: pd.DataFrame) -> str:
 
 
 def paragraph(r: pd.Series, summary: pd.DataFrame) -> str:
-    text = f"**{r.experiment}** on {r.backbone}, {r.dataset} ({r.source}). {NOTES.get(r.experiment, '')} "
+    text = f"**{r.experiment}** on {r.backbone}, {r.dataset} ({r.source}). {note(r.experiment)} "
     if r.status != "ok":
         return text + f"Not run here: {r.reason}"
     text += (f"Headline ({r.headline}): {_acc(r.headline_acc_mean, r.headline_acc_std)}% (mean ± std over "

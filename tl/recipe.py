@@ -35,6 +35,7 @@ class Recipe:
     loss: str = "cross_entropy"  # or "bce_logit" for a one-logit head
     stack_head: bool = False  # keep the ImageNet head and stack a new Linear(1000, n) on it (004 §3)
     bn_eval: bool = False  # every BatchNorm layer in eval mode, trainable or not (experiments/bn_policy.py)
+    weight_decay: float | None = None  # for a build whose optimizer reads it (modern_finetune); None: none read
     label_smoothing: float = 0.0  # cross entropy against soft targets: 1-e on the label, e spread over all
     augment: str = "standard"  # train augmentation (tl/data.build_transforms): standard, tutorial or strong
     first_epochs: int = 0  # a staged recipe (tl/stages.py): training epochs of its first stage, within train_epochs

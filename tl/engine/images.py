@@ -385,7 +385,7 @@ def check_layout(root: str | os.PathLike, phases: tuple[str, ...] = ("train", "v
                     "pass --val-split 0.2 to split it, or arrange the folders as above")
         raise TLError(f"missing phase folder(s) {', '.join(missing)} in {root}\n  {expected}{hint}")
     classes = {}
-    for phase in present:
+    for phase in [p for p in present if p in phases]:  # a split not asked for is not read (tuning: val, test)
         names = _class_dirs(root / phase)
         if not names:
             raise TLError(f"{root / phase} has no class folders\n  {expected}")
@@ -393,8 +393,8 @@ def check_layout(root: str | os.PathLike, phases: tuple[str, ...] = ("train", "v
             if not any(has_image_extension(f) for f in walk_files(str(root / phase / name))):
                 raise TLError(f"class folder {root / phase / name} holds no image files")
         classes[phase] = names
-    first = present[0]
-    for phase in present[1:]:
+    first, *others = classes
+    for phase in others:
         if classes[phase] != classes[first]:
             from tl.engine.names import how_names_differ  # names that print alike (NFC / NFD)
 

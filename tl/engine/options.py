@@ -33,6 +33,9 @@ class RunOptions:
     split_seed: int = 0  # seed of that split alone: a training --seed must not change the val images
     verify_images: bool = False  # fully decode every image before training (finds truncated files)
     follow_links: bool = False  # include files reached through links that leave the data folder
+    inner_val: float | None = None  # tuning: score on this fraction of train/ (per class); val/ and test/ unread
+    folds: int | None = None  # tuning: K folds of train/ instead, inner val = fold `inner_fold`
+    inner_fold: int = 0
     augment: bool = True
     save_every_epoch: bool = False
     amp: bool = True  # mixed precision, only ever used on CUDA

@@ -84,18 +84,23 @@ class RunContext:
     class_weights: torch.Tensor | None = None  # --class-weights auto: the loss's weight per class
     sample_weights: torch.Tensor | None = None  # --balanced-sampler: the train draw's weight per image
     ema: nn.Module | None = None  # --ema: the average of the weights that val scores (tl/engine/averaging.py)
+    on_epoch: Callable[[int, History], None] | None = None  # called after each epoch is saved (a pruner)
 
 
 def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None = None, resume: Path | None = None,
-        log: Callable[[str], None] = print) -> RunResult:
+        log: Callable[[str], None] = print, on_epoch: Callable[[int, History], None] | None = None) -> RunResult:
     """Run one experiment end to end and return its history (see the module docstring).
 
     With `ckpt` (a loaded `last.ckpt`, see `resume_run`), the run continues in that
     checkpoint's folder from the epoch after the one it saved: what the saved run had is
     restored right after the model is built and before anything else uses the model, so
     the result equals an uninterrupted run.
+
+    `on_epoch(epoch, history)` is called after each epoch, once the run folder has saved it;
+    an exception it raises (a search's pruner: experiments/tune.py) ends the run there.
     """
     ctx = begin(recipe, opts, log)
+    ctx.on_epoch = on_epoch
     choose_images(ctx)
     build_model_and_stages(ctx, build, resumed=ckpt is not None)
     if ckpt is not None:  # the one place a saved run is restored (its optimizer: in start_stage)
@@ -188,7 +193,8 @@ def train_stages(ctx: RunContext, first: StageSetup, folder: records.RunFolder, 
     opts = ctx.opts
     ema_step = None if ctx.ema is None else averaging.update_after_step(ctx.ema, ctx.model)  # after each update
     run_hooks = dict(**device_hooks(ctx.device, opts.amp, opts.channels_last, ctx.scaler), best_by=opts.monitor,
-                     progress=opts.progress, log=ctx.log, end_of_epoch=folder.end_of_epoch)
+                     progress=opts.progress, log=ctx.log,
+                     end_of_epoch=combine(folder.end_of_epoch, ctx.on_epoch))  # the folder saves, then a pruner looks
     with folder.tidy_on_failure(resumed), tensorboard.opened(opts.tensorboard, folder.run_dir, history,
                                                              len(first.loaders["train"])) as board:
         for i, span in enumerate(ctx.spans):
@@ -212,12 +218,13 @@ def train_stages(ctx: RunContext, first: StageSetup, folder: records.RunFolder, 
     return history
 
 
-def resume_run(path: Path, given: dict, find_recipe: Callable[[str], object],
+def resume_run(path: Path, given: dict, find_recipe: Callable[[str, Path], object],
                log: Callable[[str], None] = print) -> RunResult:
     """`main.py --resume last.ckpt`: rebuild the saved run's recipe and options, then `run` it.
-    `find_recipe(name)` returns the recipe module (RECIPE, build): `experiments.get_experiment`."""
+    `find_recipe(name, data)` returns the recipe module (RECIPE, build): `experiments.get_experiment`
+    (the data folder picks a tuned recipe's numbers)."""
     ckpt = checkpoint.load_checkpoint(path)
     opts = resume_options(ckpt, given, path)
-    module = find_recipe(ckpt["config"]["experiment"])
+    module = find_recipe(ckpt["config"]["experiment"], opts.data)
     return run(module.RECIPE, module.build, opts, ckpt=ckpt, resume=Path(path), log=log)
 

@@ -4,6 +4,10 @@ Training, `--evaluate`, `--show-data`, the studies and the benchmarks all call
 `select_images`, so `--val-split`, `--max-per-class` (`--quick`), `--train-per-class`,
 `--verify-images` and the test split mean the same thing everywhere. The files of a
 folder are decided once, by the scan of tl/engine/images.py (`CheckedImageFolder`).
+
+A search for a recipe's numbers (experiments/tune.py) asks for an *inner* split
+(`inner_val` or `folds`): train/ alone is read and split into inner train and inner val,
+and val/ and test/ are not opened at all (`inner_split`).
 """
 
 from __future__ import annotations
@@ -224,12 +228,67 @@ def split_datasets(root: str | os.PathLike, transforms: dict[str, v2.Compose], v
     if too_small:
         raise TLError(f"--val-split {val_fraction} leaves a split without a class: {'; '.join(too_small)}. "
                       f"Every class needs images in both train and val: add images, or choose another fraction")
-    sets = {"train": scanned, "val": copy.copy(scanned)}  # same files, own transform and sample list
-    sets["val"].transform = transforms["val"]
-    for report in ("skipped", "duplicates", "ignored", "not_images", "outside"):
-        setattr(sets["val"], report, [])  # the report is shown once
+    sets = {"train": scanned, "val": _second_view(scanned, transforms["val"])}
     for phase, ds in sets.items():
         _keep_samples(ds, keep[phase] if max_per_class is None else _first_per_class(keep[phase], max_per_class))
+    return sets
+
+
+def _second_view(ds: CheckedImageFolder, transform) -> CheckedImageFolder:
+    """The same scanned files under another transform, with a sample list of its own."""
+    view = copy.copy(ds)
+    view.transform = transform
+    for report in ("skipped", "duplicates", "ignored", "not_images", "outside"):
+        setattr(view, report, [])  # the scan's report is shown once
+    return view
+
+
+def inner_split(samples: list[tuple[str, int]], classes: list[str], *, fraction: float | None = None,
+                folds: int | None = None, fold: int = 0, seed: int = 0) -> tuple[list, list]:
+    """(inner train, inner val): training images split again, for choosing a recipe's numbers.
+
+    Why: a search tries many settings and keeps the one that scored best. Scored on val or
+    test, the winner's number is the maximum of many noisy measurements of those very
+    images, and it flatters the winner; the real val and test then no longer measure
+    anything honestly. So the search scores on images carved from train, and the real
+    val and test stay unseen until the chosen recipe is trained and scored like any other.
+
+    Per class, the files (sorted by path) are shuffled by a generator seeded with
+    (`seed`, class name). `fraction`: the first round(fraction * n) of them, at least one
+    and at most n - 1, are inner val. `folds` = K: the shuffled files are dealt round-robin
+    into K folds and fold `fold` is inner val, so the K folds together score every training
+    image once. Both are class-balanced: each class gives the same share."""
+    train, val, too_small = [], [], []
+    for target, name in enumerate(classes):
+        items = sorted(s for s in samples if s[1] == target)
+        random.Random(f"inner:{seed}:{name}").shuffle(items)
+        if folds:
+            held = items[fold::folds] if len(items) >= folds else []
+        else:
+            held = items[:min(max(1, round(len(items) * fraction)), len(items) - 1)]
+        if not held:
+            too_small.append(f"{name} ({len(items)} usable training image(s))")
+        val += sorted(held)
+        train += sorted(set(items) - set(held))
+    if too_small:
+        need = f"at least --folds {folds}" if folds else "at least 2"
+        raise TLError(f"too few training images to carve an inner val from: {', '.join(too_small)}; every class "
+                      f"needs {need} (one for inner train, one for inner val): add images, or choose fewer folds")
+    return train, val
+
+
+def _inner_sets(train: CheckedImageFolder, val_transform, choice: ImageChoice) -> dict[str, CheckedImageFolder]:
+    """Inner train and inner val, both from the scanned train/ (`inner_split`)."""
+    if choice.folds is None and not 0 < choice.inner_val < 1:
+        raise TLError(f"--inner-val must be between 0 and 1 (a fraction such as 0.2), got {choice.inner_val}")
+    if choice.folds is not None and not 0 <= choice.inner_fold < choice.folds or choice.folds == 1:
+        raise TLError(f"--folds must be at least 2 and the inner fold one of 0 .. folds - 1, got --folds "
+                      f"{choice.folds}, fold {choice.inner_fold}")
+    keep_train, keep_val = inner_split(train.samples, train.classes, fraction=choice.inner_val, folds=choice.folds,
+                                       fold=choice.inner_fold, seed=choice.split_seed)
+    sets = {"train": train, "val": _second_view(train, val_transform)}
+    _keep_samples(sets["train"], keep_train)
+    _keep_samples(sets["val"], keep_val)
     return sets
 
 
@@ -245,11 +304,15 @@ class ImageChoice:
     train_fraction: dict[str, float] | None = None  # then keep a seeded fraction of these classes' training images
     verify_images: bool = False  # decode every image fully while scanning (finds truncated files)
     follow_links: bool = False  # include files reached through links that leave the data folder
+    inner_val: float | None = None  # tuning: this fraction of each class of train/ is inner val; val/, test/ unread
+    folds: int | None = None  # tuning, instead: train/ dealt into K folds per class, fold `inner_fold` is inner val
+    inner_fold: int = 0
 
     @classmethod
     def of(cls, options) -> ImageChoice:
-        """The choice recorded in a RunOptions, or in anything with the same field names."""
-        return cls(**{f.name: getattr(options, f.name) for f in dataclasses.fields(cls)})
+        """The choice recorded in a RunOptions, or in anything with the same field names (one that
+        lacks a field, such as --evaluate's ModelContext the inner split, gets its default)."""
+        return cls(**{f.name: getattr(options, f.name, f.default) for f in dataclasses.fields(cls)})
 
 
 def select_images(choice: ImageChoice, transforms: dict, phases: tuple[str, ...] | None = None,
@@ -263,8 +326,17 @@ def select_images(choice: ImageChoice, transforms: dict, phases: tuple[str, ...]
     split, `train_per_class` draws the training images and `train_fraction` keeps a seeded part
     of some classes' training images (val and test are untouched: `fraction_draw`). What
     the scan left out is reported through `log`, never dropped silently.
+
+    With `inner_val` or `folds` (a search, experiments/tune.py) train and val are the inner
+    train and inner val carved from train (`inner_split`), before the draws above; val/ and
+    test/ are not read (with `val_split`, the one folder is scanned, its val part unused).
     """
     data = Path(choice.data)
+    inner = choice.inner_val is not None or choice.folds is not None
+    if inner and phases is not None and "test" in phases:
+        raise TLError("an inner split (tuning) is carved from train/ alone: it has no test split")
+    if inner and not choice.val_split:
+        phases = ("train",)  # val/ and test/ are not even listed
     if choice.val_split:
         if phases is not None and "test" in phases:
             raise TLError(f"{data} was split with --val-split {choice.val_split} into train and val: "
@@ -279,6 +351,8 @@ def select_images(choice: ImageChoice, transforms: dict, phases: tuple[str, ...]
         sets = image_datasets(data, transforms, max_per_class=choice.max_per_class, verify=choice.verify_images,
                               phases=phases, follow_links=choice.follow_links)
         report = describe_skipped(sets)
+    if inner:
+        sets = _inner_sets(sets["train"], transforms["val"], choice)
     if choice.train_per_class and "train" in sets:  # data-efficiency studies: nested, class-balanced
         keep_train_per_class(sets["train"], choice.train_per_class, choice.split_seed)
     if choice.train_fraction and "train" in sets:  # unbalanced classes made on purpose, seeded

@@ -1,0 +1,416 @@
+"""Tuning without peeking: choose a recipe's numbers on images carved from train, never on val or test.
+
+    python -m experiments.tune --recipe modern_finetune --data ../shared/data/hymenoptera_data \\
+        --backbone efficientnet_lite0 --trials 30
+    python main.py -e tuned_modern_finetune --data ../shared/data/hymenoptera_data
+
+Why an inner split. A search tries many settings and keeps the best-scoring one. Were it
+scored on val (or test), the winner's number would be the largest of many noisy
+measurements on those very images: it flatters the winner, and val and test would no longer
+measure anything honestly (the "winner's curse"; Cawley & Talbot, JMLR 2010, call it
+overfitting in model selection). So every trial trains on an *inner train* and is scored
+on an *inner val*, both carved from train/ by `tl.engine.selection.select_images` (seeded,
+the same share of each class); val/ and test/ are not even listed during the search. The
+chosen recipe, `tuned_<recipe>`, is then trained on all of train and scored like any other
+(`compare_all`), so its headline is as honest as theirs.
+
+`--inner-val 0.2` (the default) holds out a fifth of each class: one training run per
+trial, but hymenoptera's 244 training images leave 49 to score on, where one image is 2
+points of accuracy, so settings closer than that are told apart by noise. `--folds K`
+scores every training image once: K runs per trial, each holding out one fold and training
+on the rest, and the trial's score is their mean (one image: 0.4 points). It costs K times
+the CPU time per trial, so within the same time a search tries K times fewer settings.
+
+What is searched (the table SPACE in tl/engine/tuning.py; one row per number, a new Recipe
+field is one more row): every learning rate times `lr_scale` (log-uniform 0.1-10), the
+body/neck rates relative to the head (`body_factor`), weight decay where the recipe's
+optimizer reads one, the training epochs (up to the recipe's own, or `--max-epochs`),
+label smoothing, the augmentation (tutorial / standard / strong), and the BatchNorm policy
+(train / frozen layers in eval / all in eval: experiments/bn_policy.py).
+
+How. Optuna's TPE sampler (Bergstra et al., NeurIPS 2011; seeded with `--seed`) first
+draws at random, then splits the trials so far into the better ones and the rest, models
+where each lies in the search space, and proposes numbers that are likely under the first
+and unlikely under the second. The median pruner stops a trial after an epoch whose inner
+val accuracy is below the median of earlier trials at the same epoch (from the 6th trial
+and the 2nd epoch on): bad settings cost a few epochs, not a whole run. It compares equal
+epoch numbers, so a short schedule (its cosine already low) is compared with the early
+epochs of a long one: pruning favours fast starters. A trial whose loss diverges counts as
+pruned.
+
+The study lives in a SQLite file (`--storage`, default $TL_CACHE_DIR/tuning/<recipe>-<data
+set>.db): run the same command again and an interrupted search goes on with the trials
+still missing (Ctrl-C exits with 130 and keeps every finished trial); a trial whose process
+was killed stops sending heartbeats and is run again. The file records the recipe, the data
+set (its name and the fingerprint of train/), the backbone and the inner split; it refuses
+a search that asks another question. Trial runs are ordinary runs of the one loop
+(tl.engine.run.run) under `--runs-dir`; their weights are deleted after scoring.
+
+Written at the end:
+
+    experiments/tuned/<recipe>-<data set>.json   the chosen numbers (--tuned-dir): tuned_<recipe>
+    <out>/<recipe>-<data set>/trials.md, .csv    one row per trial: state, numbers, inner score, time
+    <out>/<recipe>-<data set>/history.png        inner score per trial, and the best so far
+    <out>/<recipe>-<data set>/importance.png     which numbers mattered (PED-ANOVA, Optuna's default)
+
+`--quick` is a smoke search (8 images per class, 64-pixel crops, at most 2 epochs) that
+writes to runs/quick-tuning/ and leaves experiments/tuned/ alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shlex
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from experiments import NAMES, get_experiment, tuned_dir
+
+FINISHED = ("COMPLETE", "PRUNED")  # the trials a budget of --trials counts
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m experiments.tune", description=__doc__.split("\n\n")[0])
+    p.add_argument("--recipe", required=True, choices=NAMES, metavar="NAME", help="the recipe whose numbers to tune")
+    p.add_argument("--data", metavar="DIR", help="data folder with train/ (default: $TL_DATA_DIR or "
+                   "data/hymenoptera_data); val/ and test/ are not read")
+    p.add_argument("--trials", type=int, required=True, help="finished trials (complete or pruned) to reach")
+    p.add_argument("--backbone", help="the backbone to tune on (default: the recipe's)")
+    p.add_argument("--weights", help="imagenet | PATH to a state_dict (default: the recipe's)")
+    split = p.add_mutually_exclusive_group()
+    split.add_argument("--inner-val", type=float, default=None, metavar="FRACTION",
+                       help="score each trial on this fraction of each class of train/ (default 0.2)")
+    split.add_argument("--folds", type=int, help="score each trial by K-fold cross-validation over train/ instead")
+    p.add_argument("--seed", type=int, default=0, help="seed of the inner split, the sampler and the trial runs")
+    p.add_argument("--max-epochs", type=int, help="most training epochs a trial may draw (default: the recipe's)")
+    p.add_argument("--storage", type=Path, help="the study's SQLite file (default $TL_CACHE_DIR/tuning/"
+                   "<recipe>-<data set>.db)")
+    p.add_argument("--study-name", help="default <recipe>-<data set>-<backbone>")
+    p.add_argument("--out", type=Path, help="pages folder (default results/tuning; --quick: runs/quick-tuning)")
+    p.add_argument("--tuned-dir", type=Path, help="where the chosen numbers go (default experiments/tuned, or "
+                   "$TL_TUNED_DIR; --quick: <out>/tuned)")
+    p.add_argument("--runs-dir", type=Path, help="the trials' run folders (default runs/tune/<study name>)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="smoke search: 8 images per class, 64 pixels, 2 epochs")
+    return p.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The numbers argparse cannot check alone, each refused in one line (main: exit 2)."""
+    from tl import TLError
+
+    if args.trials < 1:
+        raise TLError(f"--trials must be at least 1, got {args.trials}")
+    if args.inner_val is not None and not 0 < args.inner_val < 1:
+        raise TLError(f"--inner-val must be between 0 and 1 (a fraction such as 0.2), got {args.inner_val}")
+    if args.folds is not None and args.folds < 2:
+        raise TLError(f"--folds must be at least 2, got {args.folds}")
+    if args.max_epochs is not None and args.max_epochs < 1:
+        raise TLError(f"--max-epochs must be at least 1, got {args.max_epochs}")
+    if args.inner_val is None and args.folds is None:
+        args.inner_val = 0.2
+
+
+@dataclasses.dataclass
+class Search:
+    """What every trial of one search shares."""
+
+    args: argparse.Namespace
+    recipe: object  # the base Recipe, on the search's backbone and weights
+    build: object
+    data: Path
+    runs_dir: Path
+    max_epochs: int
+
+
+def trial_options(s: Search, run_name: str, fold: int):
+    """A trial run's options: the inner split, a scratch folder, no pictures or bars."""
+    from tl.engine.options import RunOptions
+
+    a = s.args
+    opts = RunOptions(data=s.data, seed=a.seed, split_seed=a.seed, workers=a.workers, device=a.device,
+                      out=s.runs_dir, run_name=run_name, plots=False, progress=False,
+                      inner_val=None if a.folds else a.inner_val, folds=a.folds, inner_fold=fold)
+    if a.quick:
+        opts.make_quick()
+        opts.epochs = None  # the trial's drawn epochs are in its recipe
+    return opts
+
+
+def pruning_reporter(trial, fold: int, log):
+    """The loop's end-of-epoch hook for one trial run: report the epoch's inner val accuracy
+    to Optuna and stop the run (optuna.TrialPruned) when the pruner says so. With folds, the
+    first fold's curve is the one reported and pruned on."""
+    import optuna
+
+    def on_epoch(epoch: int, history) -> None:
+        acc = history.val()[-1]["acc"]
+        log(f"  trial {trial.number}{f' fold {fold}' if fold is not None else ''} epoch {epoch}: "
+            f"inner val acc {acc:.4f}")
+        if fold in (None, 0):
+            trial.report(acc, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"inner val acc {acc:.4f} after epoch {epoch} is below the median")
+    return on_epoch
+
+
+def score_trial(trial, s: Search, log=print) -> float:
+    """One trial: the recipe with its drawn numbers, trained on inner train through the one loop
+    and scored on inner val by the run's headline (with no test split, the final epoch's inner
+    val accuracy: nothing is selected on these images either, and a recipe's test-time
+    averaging counts); with --folds, the mean over the folds."""
+    import optuna
+
+    from tl.engine.run import run
+    from tl.engine.tuning import suggest
+    from tl.loop import NonFiniteLoss
+
+    recipe = dataclasses.replace(s.recipe, **suggest(trial, s.recipe, s.max_epochs))
+    log(f"trial {trial.number}: " + ", ".join(f"{k}={_short(v)}" for k, v in trial.params.items()))
+    cpu, scores = cpu_seconds(), []
+    try:
+        for fold in range(s.args.folds or 1):
+            name = f"trial{trial.number:04d}" + (f"-fold{fold}" if s.args.folds else "")
+            shutil.rmtree(s.runs_dir / name, ignore_errors=True)  # left by a killed process of a deleted study
+            try:
+                result = run(recipe, s.build, trial_options(s, name, fold), log=lambda line: None,
+                             on_epoch=pruning_reporter(trial, fold if s.args.folds else None, log))
+            except (optuna.TrialPruned, NonFiniteLoss) as exc:
+                shutil.rmtree(s.runs_dir / name, ignore_errors=True)  # a pruned trial leaves nothing behind
+                trial.set_user_attr("pruned_because", str(exc).splitlines()[0])
+                raise optuna.TrialPruned(str(exc)) from None
+            scores.append(result.config["results"]["headline_acc"])  # no test split: the final epoch's inner val
+            for f in [*result.run_dir.glob("*.pth"), *result.run_dir.glob("*.ckpt")]:
+                f.unlink()  # the numbers are what a trial leaves; its config.json and history.csv stay
+    finally:
+        trial.set_user_attr("cpu_seconds", cpu_seconds() - cpu)
+    log(f"trial {trial.number}: inner score {sum(scores) / len(scores):.4f}")
+    return sum(scores) / len(scores)
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the DataLoader workers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def _short(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def prepare(args: argparse.Namespace, data: Path):
+    """The base recipe on the search's backbone, the setup a study file must match, and the
+    checks that must stop a search before its first trial (the inner split is drawn once)."""
+    from tl.data import build_transforms
+    from tl.engine.records import data_fingerprint
+    from tl.engine.selection import ImageChoice, select_images
+    from tl.engine.timm_backbones import backbone_spec
+    from tl.engine.weights import require_imagenet
+
+    module = get_experiment(args.recipe)
+    recipe = dataclasses.replace(module.RECIPE, **{k: v for k, v in (("backbone", args.backbone),
+                                                                     ("weights", args.weights)) if v})
+    spec = backbone_spec(recipe.backbone)
+    if recipe.weights == "imagenet":
+        require_imagenet(spec)  # offline and not cached: said now, not in the first trial
+    transforms = build_transforms(spec.mean, spec.std, size=64 if args.quick else spec.image_size, augment=False)
+    choice = ImageChoice(data, max_per_class=8 if args.quick else None, split_seed=args.seed)
+    train = select_images(choice, transforms, phases=("train",), log=print)
+    inner = dataclasses.replace(choice, inner_val=None if args.folds else args.inner_val, folds=args.folds)
+    select_images(inner, transforms, log=lambda line: None)  # a class too small to split stops here
+    max_epochs = 2 if args.quick else (args.max_epochs or recipe.train_epochs)
+    setup = {"recipe": args.recipe, "dataset": data.resolve().name, "data_fingerprint": data_fingerprint(train),
+             "backbone": recipe.backbone, "weights": recipe.weights, "inner_val": inner.inner_val,
+             "folds": args.folds, "seed": args.seed, "max_epochs": max_epochs, "quick": args.quick}
+    return Search(args, recipe, module.build, data, Path(), max_epochs), setup
+
+
+def finished(study) -> list:
+    return [t for t in study.trials if t.state.name in FINISHED]
+
+
+def write_tuned(study, s: Search, setup: dict, path: Path, command: str) -> Path:
+    """The chosen numbers, and how they were chosen: the file tuned_<recipe> reads."""
+    import optuna
+
+    from tl.engine.tuning import suggest
+
+    best = study.best_trial
+    fields = suggest(optuna.trial.FixedTrial(best.params), s.recipe, s.max_epochs)
+    fields["backbone"] = s.recipe.backbone
+    states = [t.state.name for t in study.trials]
+    tuned = {"recipe": setup["recipe"], "dataset": setup["dataset"], "backbone": s.recipe.backbone,
+             "data_fingerprint": setup["data_fingerprint"],
+             "inner_split": {"inner_val": setup["inner_val"], "folds": setup["folds"], "seed": setup["seed"]},
+             "trials": {"budget": s.args.trials, **{k.lower(): states.count(k) for k in (*FINISHED, "FAIL")}},
+             "best_trial": best.number, "best_inner_score": best.value, "params": best.params,
+             "recipe_fields": fields, "cpu_seconds": round(total_cpu(study), 1), "command": command,
+             "study": {"storage": str(s.args.storage), "name": study.study_name}, "quick": s.args.quick,
+             "date": time.strftime("%Y-%m-%d %H:%M")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(tuned, indent=2) + "\n")
+    return path
+
+
+def total_cpu(study) -> float:
+    return sum(t.user_attrs.get("cpu_seconds", 0.0) for t in study.trials)
+
+
+def trial_rows(study) -> list[dict]:
+    rows = []
+    for t in study.trials:
+        steps = sorted(t.intermediate_values)
+        rows.append({"number": t.number, "state": t.state.name, "inner_score": t.value,
+                     "last_epoch": steps[-1] if steps else None,
+                     "duration_s": round(t.duration.total_seconds(), 1) if t.duration else None,
+                     "cpu_s": round(t.user_attrs.get("cpu_seconds", math.nan), 1),
+                     **{f"param {k}": v for k, v in t.params.items()}})
+    return rows
+
+
+def write_pages(study, s: Search, setup: dict, folder: Path, command: str) -> list[Path]:
+    """trials.csv and trials.md (one row per trial, the budget, the CPU time), history.png, importance.png."""
+    import pandas as pd
+
+    folder.mkdir(parents=True, exist_ok=True)
+    df = pd.DataFrame(trial_rows(study))
+    df.to_csv(folder / "trials.csv", index=False)
+    importances = draw_importance(study, folder / "importance.png")
+    draw_history(study, folder / "history.png")
+    done = finished(study)
+    complete = [t for t in done if t.state.name == "COMPLETE"]
+    split = (f"{setup['folds']}-fold cross-validation over train/" if setup["folds"]
+             else f"inner val = {setup['inner_val']} of each class of train/")
+    lines = [f"# Tuning {setup['recipe']} on {setup['dataset']} ({setup['backbone']})", "",
+             f"`{command}`", "",
+             f"Scored on an inner split carved from train (seed {setup['seed']}): {split}. val/ and test/ were not "
+             f"read. Budget: {s.args.trials} finished trials; {len(complete)} complete, {len(done) - len(complete)} "
+             f"pruned, {len(study.trials) - len(done)} failed or running. CPU time of the trials: "
+             f"{total_cpu(study):.0f} s = {total_cpu(study) / 3600:.2f} h (user + system, this process and its "
+             f"DataLoader workers).", ""]
+    if complete:
+        best = study.best_trial
+        lines += [f"Best: trial {best.number}, inner score {best.value:.4f} (a maximum over trials: it flatters; "
+                  f"train tuned_{setup['recipe']} and read its headline instead).", ""]
+    lines += [markdown_table(df) if len(df) else "(no trials)", "",
+              "Parameter importance (PED-ANOVA): " + (", ".join(f"{k} {v:.2f}" for k, v in importances.items())
+                                                      or "needs at least 2 complete trials"), "",
+              "![history](history.png) ![importance](importance.png)", ""]
+    (folder / "trials.md").write_text("\n".join(lines))
+    return [folder / n for n in ("trials.md", "trials.csv", "history.png", "importance.png")]
+
+
+def markdown_table(df) -> str:
+    cells = [[_short(v) if v == v and v is not None else "" for v in row] for row in df.itertuples(index=False)]
+    return "\n".join(["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns),
+                      *("| " + " | ".join(row) + " |" for row in cells)])
+
+
+def draw_history(study, path: Path) -> Path:
+    """Inner score of each trial (pruned ones at their last reported epoch) and the best so far."""
+    from tl.engine.plots import plt, save_figure
+
+    fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    pruned = [t for t in study.trials if t.state.name == "PRUNED" and t.intermediate_values]
+    ax.plot([t.number for t in done], [t.value for t in done], "o", label="complete: inner score")
+    ax.plot([t.number for t in pruned], [t.intermediate_values[max(t.intermediate_values)] for t in pruned], "x",
+            color="grey", label="pruned: inner val acc when stopped")
+    best, line = -math.inf, []
+    for t in done:
+        best = max(best, t.value)
+        line.append((t.number, best))
+    if line:
+        ax.step(*zip(*line), where="post", color="tab:red", label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("inner val accuracy")
+    ax.legend(loc="lower right")
+    return save_figure(fig, path)
+
+
+def draw_importance(study, path: Path) -> dict:
+    """Optuna's PED-ANOVA importances (pure numpy/scipy; fANOVA would need scikit-learn), as bars."""
+    import optuna
+
+    from tl.engine.plots import plt, save_figure
+
+    try:
+        with warnings.catch_warnings():  # "quantiles select the same set of trials" with few trials: all equal
+            warnings.simplefilter("ignore", UserWarning)
+            importances = optuna.importance.get_param_importances(
+                study, evaluator=optuna.importance.PedAnovaImportanceEvaluator())
+    except Exception:  # noqa: BLE001 - too few trials, or all alike: the picture says so, the search is kept
+        importances = {}
+    fig, ax = plt.subplots(figsize=(6, 3.5), layout="constrained")
+    if importances:
+        names = list(importances)[::-1]
+        ax.barh(names, [importances[n] for n in names])
+        ax.set_xlabel("importance (PED-ANOVA, sums to 1)")
+    else:
+        ax.text(0.5, 0.5, "not enough complete trials to say", ha="center", va="center")
+        ax.set_axis_off()
+    save_figure(fig, path)
+    return importances
+
+
+def main(argv=None) -> int:
+    from tl import Interrupted, TLError
+
+    args = parse_args(argv)
+    command = "python -m experiments.tune " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    try:
+        return search(args, command)
+    except (KeyboardInterrupt, Interrupted):
+        print(f"error: interrupted: the study in {args.storage} keeps its finished trials; run the same command "
+              f"again to go on", file=sys.stderr)
+        return 130
+    except TLError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def search(args: argparse.Namespace, command: str) -> int:
+    import optuna
+
+    from tl.engine.feature_store import cache_dir
+    from tl.engine.prepare import resolve_data_dir
+    from tl.engine.tuning import open_study
+
+    check_args(args)
+    data = resolve_data_dir(args.data)
+    s, setup = prepare(args, data)
+    key = f"{args.recipe}-{setup['dataset']}"
+    name = args.study_name or f"{key}-{s.recipe.backbone}"
+    args.storage = args.storage or cache_dir() / "tuning" / f"{key}{'-quick' if args.quick else ''}.db"
+    out = args.out or Path("runs/quick-tuning" if args.quick else "results/tuning")
+    tuned = args.tuned_dir or (out / "tuned" if args.quick else tuned_dir())
+    s.runs_dir = args.runs_dir or Path("runs/tune") / name
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = open_study(args.storage, name, setup, args.seed)
+    remaining = args.trials - len(finished(study))
+    print(f"study {name!r} in {args.storage}: {len(finished(study))} of {args.trials} trials finished; "
+          f"running {max(0, remaining)}", flush=True)
+    if remaining > 0:
+        study.optimize(lambda trial: score_trial(trial, s, log=lambda line: print(line, flush=True)),
+                       n_trials=remaining, gc_after_trial=True, callbacks=[optuna.study.MaxTrialsCallback(
+                           args.trials, states=tuple(getattr(optuna.trial.TrialState, k) for k in FINISHED))])
+    pages = write_pages(study, s, setup, out / key, command)
+    if not any(t.state.name == "COMPLETE" for t in study.trials):
+        print(f"no trial completed (all pruned or failed): no tuned numbers written; pages: {pages[0]}")
+        return 0
+    path = write_tuned(study, s, setup, tuned / f"{key}.json", command)
+    print(f"best: trial {study.best_trial.number}, inner score {study.best_value:.4f} -> {path}; pages: {pages[0]}")
+    print(f"train it on all of train and score it on val/test: python main.py -e tuned_{args.recipe} --data {data}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
