@@ -126,7 +126,8 @@ def test_evaluate_names_the_best_epoch_by_training_s_rule_on_a_tie(tmp_path, mon
     monkeypatch.setattr(ev, "evaluate", lambda name, *a, **k: {"acc": scores[name][0], "loss": scores[name][1],
                                                                   "per_class_acc": []})
     lines = []
-    ev.evaluate_folder(tmp_path, None, SimpleNamespace(dataset=None), [], "cpu", "val", log=lines.append)
+    ev.evaluate_folder(tmp_path, SimpleNamespace(tta=False), SimpleNamespace(dataset=None), [], "cpu", "val",
+                       log=lines.append)
     assert "best val accuracy 0.9000 at epoch 3" in lines[-1]  # equal accuracy: the lower loss, as training picks
 
 
