@@ -3,11 +3,15 @@ the outcome, correct work or one `error:` line with exit status 2, never a trace
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import torch
 from torch import nn
 
 import main
 from tests.conftest import TinyNet
+from tl.engine import checkpoint
 from tl.models import BACKBONES, Backbone
 
 
@@ -39,3 +43,50 @@ def test_an_image_size_too_small_for_the_backbone_is_refused_before_training(tin
                          "--quick", "--image-size", 16, "--out", tmp_path / "runs", "--no-progress")
     assert code == 2 and err.startswith("error: wide cannot take 16-pixel images"), err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+# ----------------------------------------------------------------------------- a last.ckpt whose "ema" was edited
+def _run_with_ema(capsys, data, backbone, out) -> Path:
+    code, _, err = cli(capsys, "-e", "resnet_scratch", "--data", data, "-b", backbone, "--weights", "none",
+                       "--quick", "--image-size", 32, "--ema", 0.9, "--out", out, "--no-progress")
+    assert code == 0, err
+    (run,) = out.iterdir()
+    return run
+
+
+def _edit(ckpt_path: Path, change) -> None:
+    """Change a last.ckpt by hand, the digest recomputed: only the content checks can tell."""
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    ckpt.pop("digest")
+    change(ckpt)
+    ckpt["digest"] = checkpoint.state_digest(ckpt)
+    torch.save(ckpt, ckpt_path)
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda c: c.update(ema="garbage"), 'average of the weights ("ema") is not the state of an average'),
+    (lambda c: c["ema"].pop("n_averaged"), "average of the weights does not fit its model"),
+    (lambda c: c["ema"].update(n_averaged=torch.zeros(3)), "average of the weights does not fit its model"),
+    (lambda c: c.update(ema=None), "holds no average of the weights"),
+])
+def test_a_hand_edited_average_in_last_ckpt_is_refused(tiny_data, tiny_backbone, tmp_path, capsys, change, says):
+    run = _run_with_ema(capsys, tiny_data, tiny_backbone, tmp_path / "runs")
+    _edit(run / "last.ckpt", change)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    code, _, err = cli(capsys, "--resume", run / "last.ckpt", "--epochs", 2, "--no-progress")
+    assert code == 2 and says in err and err.startswith("error:"), err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # nothing written, nothing lost
+    if "not the state" in says:  # --evaluate reads the average too
+        code, _, err = cli(capsys, "--evaluate", run / "last.ckpt", "--data", tiny_data)
+        assert code == 2 and says in err, err
+
+
+def test_an_average_added_by_hand_to_a_run_without_one_is_refused(tiny_data, tiny_backbone, tmp_path, capsys):
+    donor = _run_with_ema(capsys, tiny_data, tiny_backbone, tmp_path / "donor")
+    code, _, err = cli(capsys, "-e", "resnet_scratch", "--data", tiny_data, "-b", tiny_backbone, "--weights", "none",
+                       "--quick", "--image-size", 32, "--out", tmp_path / "runs", "--no-progress")
+    (run,) = (tmp_path / "runs").iterdir()
+    ema = torch.load(donor / "last.ckpt", weights_only=False)["ema"]
+    _edit(run / "last.ckpt", lambda c: c.update(ema=ema))
+    code, _, err = cli(capsys, "--resume", run / "last.ckpt", "--epochs", 2, "--no-progress")
+    assert code == 2 and "though its run asks for none" in err, err
