@@ -3,6 +3,8 @@ the outcome, correct work or one `error:` line with exit status 2, never a trace
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -90,3 +92,45 @@ def test_an_average_added_by_hand_to_a_run_without_one_is_refused(tiny_data, tin
     _edit(run / "last.ckpt", lambda c: c.update(ema=ema))
     code, _, err = cli(capsys, "--resume", run / "last.ckpt", "--epochs", 2, "--no-progress")
     assert code == 2 and "though its run asks for none" in err, err
+
+
+# ----------------------------------------------------------------------------- a search's --storage
+def _tune(tmp_path: Path, data: Path, backbone: str, storage: Path, *extra) -> int:
+    from experiments import tune
+
+    return tune.main([str(a) for a in ("--recipe", "modern_finetune", "--data", data, "--backbone", backbone,
+                                       "--weights", "none", "--quick", "--out", tmp_path / "pages", "--tuned-dir",
+                                       tmp_path / "tuned", "--runs-dir", tmp_path / "trials", "--storage", storage,
+                                       *extra)])
+
+
+def _foreign_sqlite(path: Path) -> Path:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE studies (x INTEGER)")
+        db.commit()
+    return path
+
+
+@pytest.mark.parametrize("make, says", [
+    (lambda p: p.write_text("my notes\n") and p, "is not a SQLite file"),
+    (lambda p: (p.write_text("x"), p / "study.db")[1], "is a file, not a folder"),
+    (lambda p: (p.mkdir(), p)[1], "is a folder"),
+    (_foreign_sqlite, "is a SQLite file of another program"),
+    (lambda p: (p.write_bytes(b"SQLite format 3\x00" + b"garbage" * 20), p)[1], "SQLite cannot read it"),
+])
+def test_a_storage_that_is_not_a_study_file_is_refused_and_kept(tiny_data, tiny_backbone, tmp_path, capsys, make,
+                                                                 says):
+    storage = make(tmp_path / "store.db")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("store.db*") if p.is_file()}
+    assert _tune(tmp_path, tiny_data, tiny_backbone, storage, "--trials", 1) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --storage") and says in err and "Traceback" not in err, err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("store.db*") if p.is_file()} == before
+    assert not (tmp_path / "trials").exists()
+
+
+def test_a_storage_path_with_a_question_mark_is_that_file(tmp_path):
+    from tl.engine.tuning import make_storage
+
+    make_storage(tmp_path / "a?b#c.db")
+    assert [p.name for p in tmp_path.iterdir()] == ["a?b#c.db"]

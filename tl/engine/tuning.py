@@ -9,8 +9,10 @@ tuned file (`tuned_recipe`) needs none.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import sqlite3
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,13 +91,55 @@ def make_storage(path: Path):
     HEARTBEAT_S seconds; one silent for GRACE_S (its process was killed) is marked failed when
     the next trial starts, and RetryHeartbeatStaleTrialCallback queues its numbers again."""
     import optuna
+    from sqlalchemy.engine import URL
+    from sqlalchemy.exc import SQLAlchemyError
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():  # both are marked experimental in Optuna 5.0
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(
-            f"sqlite:///{path}", heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=RETRIES))
+    check_storage_file(path)
+    # the path as a URL's database part, quoted: a "?" or "#" in it would otherwise start the URL's query
+    url = URL.create("sqlite", database=str(path)).render_as_string(hide_password=False)
+    try:
+        with warnings.catch_warnings():  # both are marked experimental in Optuna 5.0
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=RETRIES))
+    except SQLAlchemyError as exc:  # a locked, read-only or damaged database
+        raise TLError(f"--storage {path}: SQLite cannot use it ({str(exc.orig or exc).splitlines()[0][:120]}); "
+                      f"choose another --storage") from None
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def check_storage_file(path: Path) -> None:
+    """Stop unless `path` is a SQLite file or can become one: not a folder, not another kind of
+    file (which SQLite would refuse, or a user would not want overwritten), in a folder that can be made."""
+    if path.is_dir():
+        raise TLError(f"--storage {path} is a folder: name the study's SQLite file, e.g. {path / 'study.db'}")
+    if file := next((p for p in path.parents if p.exists() and not p.is_dir()), None):
+        raise TLError(f"--storage {path}: {file} is a file, not a folder; choose another --storage")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "rb") as f:
+            head = f.read(len(SQLITE_MAGIC))
+    except FileNotFoundError:
+        head = None  # a new study file: SQLite creates it
+    except OSError as exc:
+        raise TLError(f"--storage {path}: {exc.strerror or exc} ({exc.filename or path}); "
+                      f"choose another --storage") from None
+    if head and head != SQLITE_MAGIC:
+        raise TLError(f"--storage {path} is not a SQLite file (it starts with {head[:8]!r}): it is left as it is; "
+                      f"choose another --storage")
+    if head:  # a SQLite file: Optuna's (its table version_info), or one without tables; another program's is kept
+        try:
+            with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+                tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.Error as exc:
+            raise TLError(f"--storage {path}: SQLite cannot read it ({exc}); choose another --storage") from None
+        if tables and "version_info" not in tables:
+            raise TLError(f"--storage {path} is a SQLite file of another program (tables "
+                          f"{', '.join(sorted(tables)[:4])}), not an Optuna study: it is left as it is; "
+                          f"choose another --storage")
 
 
 def open_study(path: Path, name: str, setup: dict, seed: int, startup: int = 5):
