@@ -4,6 +4,7 @@ the outcome, correct work or one `error:` line with exit status 2, never a trace
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 from pathlib import Path
 
@@ -134,3 +135,39 @@ def test_a_storage_path_with_a_question_mark_is_that_file(tmp_path):
 
     make_storage(tmp_path / "a?b#c.db")
     assert [p.name for p in tmp_path.iterdir()] == ["a?b#c.db"]
+
+
+# ----------------------------------------------------------------------------- a tuned file edited by hand
+@pytest.mark.parametrize("fields, says", [
+    ({"augment": "bogus"}, 'recipe_fields.augment = "bogus" is none of'),
+    ({"train_epochs": "3"}, "is not a whole number >= 1"),
+    ({"train_epochs": 2.5}, "is not a whole number >= 1"),
+    ({"batch_size": 0}, "is not a whole number >= 1"),
+    ({"lrs": {"head": "fast"}}, "is not a table of positive learning rates"),
+    ({"lrs": [1e-3]}, "is not a table of positive learning rates"),
+    ({"label_smoothing": 2.0}, "is not a label smoothing"),
+    ({"weight_decay": -1.0}, "is not a weight decay"),
+    ({"ema_decay": 1.5}, "is not a decay in (0, 1)"),
+    ({"tta": "yes"}, "is not true or false"),
+    ({"loss": "mse"}, "is none of cross_entropy, bce_logit"),
+    ({"bogus_field": 1}, "is not a field a tuned file may set"),
+    ({"name": "x"}, "is not a field a tuned file may set"),
+])
+def test_a_tuned_file_with_a_field_outside_the_recipe_is_refused(tiny_data, tiny_backbone, tmp_path, monkeypatch,
+                                                                 capsys, fields, says):
+    monkeypatch.setenv("TL_TUNED_DIR", str(tmp_path / "tuned"))
+    (tmp_path / "tuned").mkdir()
+    tuned = {"recipe": "modern_finetune", "dataset": tiny_data.name, "params": {},
+             "recipe_fields": {"train_epochs": 2, "augment": "strong", "tta": True} | fields}
+    (tmp_path / "tuned" / f"modern_finetune-{tiny_data.name}.json").write_text(json.dumps(tuned))
+    code, _, err = cli(capsys, "-e", "tuned_modern_finetune", "--data", tiny_data, "-b", tiny_backbone, "--weights",
+                       "none", "--quick", "--image-size", 32, "--out", tmp_path / "runs", "--no-progress")
+    assert code == 2 and err.startswith("error: ") and says in err and err.count("\n") == 1, err
+    assert not (tmp_path / "runs").exists()
+    if fields == {"augment": "bogus"}:  # the valid fields alone: a recipe that trains
+        tuned["recipe_fields"].pop("augment")
+        (tmp_path / "tuned" / f"modern_finetune-{tiny_data.name}.json").write_text(json.dumps(tuned))
+        code, out, err = cli(capsys, "-e", "tuned_modern_finetune", "--data", tiny_data, "-b", tiny_backbone,
+                             "--weights", "none", "--quick", "--image-size", 32, "--out", tmp_path / "runs",
+                             "--no-progress")
+        assert code == 0 and "mirror averaged" in out, err

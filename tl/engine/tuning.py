@@ -169,6 +169,45 @@ def open_study(path: Path, name: str, setup: dict, seed: int, startup: int = 5):
     return study
 
 
+CHOICES = {"augment": ("standard", "tutorial", "strong"), "loss": ("cross_entropy", "bce_logit")}
+NOT_TUNED = ("name", "source", "strategy")  # the tuned recipe's own, never a file's
+
+
+def field_problem(base: Recipe, name: str, value) -> str | None:
+    """Why `value` cannot be the Recipe field `name` of a tuned file (None: it can): a field
+    Recipe has, of its type (an int for an int, a number for a float, a bool for a bool, rates
+    as {group: positive number}), within its range."""
+    known = {f.name for f in dataclasses.fields(base)} - set(NOT_TUNED)
+    if name not in known:
+        return "is not a field a tuned file may set"
+    current = getattr(base, name)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if name in ("lrs", "first_lrs"):
+        if value is None and name == "first_lrs":
+            return None
+        ok = isinstance(value, dict) and value and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf") for v in value.values())
+        return None if ok else "is not a table of positive learning rates per group"
+    if name == "weight_decay":
+        return None if value is None or (number and value >= 0) else "is not a weight decay (a number >= 0, or null)"
+    if isinstance(current, bool):
+        return None if isinstance(value, bool) else "is not true or false"
+    if isinstance(current, int):
+        low = {"first_epochs": 0}.get(name, 1)
+        return None if number and isinstance(value, int) and value >= low else f"is not a whole number >= {low}"
+    if isinstance(current, float):
+        if not number:
+            return "is not a number"
+        if name == "label_smoothing" and not 0 <= value < 1:
+            return "is not a label smoothing in [0, 1)"
+        if name == "ema_decay" and not (value == 0 or 0 < value < 1):
+            return "is not a decay in (0, 1) (or 0: off)"
+        return None
+    if name in CHOICES and value not in CHOICES[name]:
+        return f"is none of {', '.join(CHOICES[name])}"
+    return None if isinstance(value, type(current)) else f"is not a {type(current).__name__}"
+
+
 def tuned_recipe(base: Recipe, path: Path) -> Recipe:
     """The recipe a tuned file (experiments/tune.py) describes: `base` with the chosen fields
     replaced, named tuned_<base>."""
@@ -177,6 +216,12 @@ def tuned_recipe(base: Recipe, path: Path) -> Recipe:
         fields = tuned["recipe_fields"]
         if tuned["recipe"] != base.name:
             raise TLError(f"{path} holds numbers tuned for {tuned['recipe']}, not {base.name}")
+        if not isinstance(fields, dict) or not isinstance(tuned["params"], dict):
+            raise TypeError("recipe_fields and params must be JSON objects")
+        for name, value in fields.items():
+            if why := field_problem(base, name, value):
+                raise TLError(f"{path}: recipe_fields.{name} = {json.dumps(value)} {why}; the file was edited by "
+                              f"hand or by another version: run python -m experiments.tune again")
         return dataclasses.replace(
             base, **fields, name=f"tuned_{base.name}",
             source=f"{base.source}; numbers tuned on an inner val of {tuned['dataset']} ({path.name})",
