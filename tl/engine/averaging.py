@@ -60,6 +60,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from tl import TLError
+from tl.engine.checkpoint import check_ema_state
 from tl.features import FeaturesOrImages, split_at_cut
 from tl.models import Backbone
 
@@ -76,6 +77,9 @@ def weight_average(model: nn.Module, decay: float, ckpt: dict | None = None) -> 
     """The exponential average of `model`'s weights and BatchNorm buffers, starting at its current
     weights (or, for a resumed run, as its checkpoint saved it); None when `decay` is 0 (off)."""
     if not decay:
+        if ckpt is not None and ckpt.get("ema") is not None:
+            raise TLError("this checkpoint holds an average of the weights, though its run asks for none: "
+                          "the file was edited or comes from another run")
         return None
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(check_decay(decay)), use_buffers=True)
     ema.module.requires_grad_(False)  # it is computed, never trained
@@ -83,7 +87,12 @@ def weight_average(model: nn.Module, decay: float, ckpt: dict | None = None) -> 
     if ckpt is not None:
         if ckpt.get("ema") is None:
             raise TLError("this checkpoint holds no average of the weights, though its run asks for one")
-        ema.load_state_dict(ckpt["ema"])
+        check_ema_state(ckpt["ema"])
+        try:
+            ema.load_state_dict(ckpt["ema"])
+        except RuntimeError as exc:  # missing or extra layers, other shapes
+            raise TLError(f"this checkpoint's average of the weights does not fit its model: the file was edited "
+                          f"or damaged ({str(exc).strip().splitlines()[-1].strip()[:160]})") from None
     return ema
 
 

@@ -198,7 +198,7 @@ def load_state_file(path: str | os.PathLike, map_location: Any = "cpu", allow_pi
     if isinstance(obj, nn.Module):
         return obj.state_dict()
     if isinstance(obj, dict) and str(obj.get("format", "")).startswith("tl-checkpoint-"):
-        obj = scored_weights(_checked(obj, path))
+        obj = scored_weights(_checked(obj, path), path)
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise TLError(f"{path} does not hold a state_dict (a dict of tensors)")
     return obj
@@ -282,12 +282,22 @@ def _checked(ckpt: dict, path) -> dict:
     return ckpt
 
 
-def scored_weights(ckpt: dict) -> dict:
+def scored_weights(ckpt: dict, path: str | os.PathLike = "this checkpoint") -> dict:
     """The weights val scored at the checkpoint's epoch: the average's where the run keeps an
     average of the weights (--ema, tl/engine/averaging.py), else the model's own."""
     if ckpt.get("ema") is None:
         return ckpt["model"]
+    check_ema_state(ckpt["ema"], path)
     return {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+
+
+def check_ema_state(state, path: str | os.PathLike = "this checkpoint") -> None:
+    """Stop unless `state` is an AveragedModel's state_dict: tensors, the module's under "module."."""
+    if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
+            and any(isinstance(k, str) and k.startswith("module.") for k in state)):
+        raise TLError(f"{path}: its average of the weights (\"ema\") is not the state of an average "
+                      f"(a dict of tensors): the file was edited or damaged; use the run's best.pth, "
+                      f"or start the run again")
 
 
 def verify_state_file(path: str | os.PathLike, state: dict, expected: str | None) -> None:

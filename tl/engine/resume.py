@@ -91,7 +91,7 @@ def restore(ckpt: dict, resume: Path, model: nn.Module, scaler, generator: torch
     if ckpt["scaler"] is not None:
         scaler.load_state_dict(ckpt["scaler"])
     if history.best_epoch == ckpt["epoch"]:
-        history.best_state = checkpoint.scored_weights(ckpt)  # that epoch's, as val scored them (end_of_epoch)
+        history.best_state = checkpoint.scored_weights(ckpt, resume)  # that epoch's, as val scored them (end_of_epoch)
     elif history.best_epoch >= 0:
         best_path = resume.parent / "best.pth"
         history.best_state = checkpoint.load_state_file(best_path)

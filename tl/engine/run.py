@@ -44,7 +44,7 @@ from tl.engine.resume import restore, restore_threads, resume_options
 from tl.engine.selection import ImageChoice, select_images
 from tl.engine.stage_setup import StageSetup, stage_hooks, start_stage
 from tl.engine.timm_backbones import backbone_spec
-from tl.engine.weights import build_model
+from tl.engine.weights import build_model, check_image_size
 from tl.loop import History, seed_everything, train_model
 from tl.models import Backbone, format_parameter_table
 from tl.recipe import BuildFn, Recipe, make_criterion
@@ -170,6 +170,7 @@ def build_model_and_stages(ctx: RunContext, build: BuildFn, resumed: bool) -> No
     model = build_model(recipe.backbone, 1 if recipe.loss == "bce_logit" else len(ctx.classes),
                         "none" if resumed else recipe.weights, stack=recipe.stack_head,
                         allow_pickle=ctx.opts.allow_pickle)
+    check_image_size(model, recipe.backbone, ctx.opts.image_size)  # too small for its downsampling: refused here
     ctx.model, stages = as_stages(build(model, ctx.spec, recipe))
     ctx.spans, ctx.staged = place(stages, recipe.train_epochs), len(stages) > 1
     ctx.scaler = make_grad_scaler(ctx.device, ctx.opts.amp)

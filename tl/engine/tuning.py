@@ -9,8 +9,10 @@ tuned file (`tuned_recipe`) needs none.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import sqlite3
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,13 +91,55 @@ def make_storage(path: Path):
     HEARTBEAT_S seconds; one silent for GRACE_S (its process was killed) is marked failed when
     the next trial starts, and RetryHeartbeatStaleTrialCallback queues its numbers again."""
     import optuna
+    from sqlalchemy.engine import URL
+    from sqlalchemy.exc import SQLAlchemyError
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():  # both are marked experimental in Optuna 5.0
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(
-            f"sqlite:///{path}", heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=RETRIES))
+    check_storage_file(path)
+    # the path as a URL's database part, quoted: a "?" or "#" in it would otherwise start the URL's query
+    url = URL.create("sqlite", database=str(path)).render_as_string(hide_password=False)
+    try:
+        with warnings.catch_warnings():  # both are marked experimental in Optuna 5.0
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=RETRIES))
+    except SQLAlchemyError as exc:  # a locked, read-only or damaged database
+        raise TLError(f"--storage {path}: SQLite cannot use it ({str(exc.orig or exc).splitlines()[0][:120]}); "
+                      f"choose another --storage") from None
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def check_storage_file(path: Path) -> None:
+    """Stop unless `path` is a SQLite file or can become one: not a folder, not another kind of
+    file (which SQLite would refuse, or a user would not want overwritten), in a folder that can be made."""
+    if path.is_dir():
+        raise TLError(f"--storage {path} is a folder: name the study's SQLite file, e.g. {path / 'study.db'}")
+    if file := next((p for p in path.parents if p.exists() and not p.is_dir()), None):
+        raise TLError(f"--storage {path}: {file} is a file, not a folder; choose another --storage")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "rb") as f:
+            head = f.read(len(SQLITE_MAGIC))
+    except FileNotFoundError:
+        head = None  # a new study file: SQLite creates it
+    except OSError as exc:
+        raise TLError(f"--storage {path}: {exc.strerror or exc} ({exc.filename or path}); "
+                      f"choose another --storage") from None
+    if head and head != SQLITE_MAGIC:
+        raise TLError(f"--storage {path} is not a SQLite file (it starts with {head[:8]!r}): it is left as it is; "
+                      f"choose another --storage")
+    if head:  # a SQLite file: Optuna's (its table version_info), or one without tables; another program's is kept
+        try:
+            with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+                tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.Error as exc:
+            raise TLError(f"--storage {path}: SQLite cannot read it ({exc}); choose another --storage") from None
+        if tables and "version_info" not in tables:
+            raise TLError(f"--storage {path} is a SQLite file of another program (tables "
+                          f"{', '.join(sorted(tables)[:4])}), not an Optuna study: it is left as it is; "
+                          f"choose another --storage")
 
 
 def open_study(path: Path, name: str, setup: dict, seed: int, startup: int = 5):
@@ -125,6 +169,45 @@ def open_study(path: Path, name: str, setup: dict, seed: int, startup: int = 5):
     return study
 
 
+CHOICES = {"augment": ("standard", "tutorial", "strong"), "loss": ("cross_entropy", "bce_logit")}
+NOT_TUNED = ("name", "source", "strategy")  # the tuned recipe's own, never a file's
+
+
+def field_problem(base: Recipe, name: str, value) -> str | None:
+    """Why `value` cannot be the Recipe field `name` of a tuned file (None: it can): a field
+    Recipe has, of its type (an int for an int, a number for a float, a bool for a bool, rates
+    as {group: positive number}), within its range."""
+    known = {f.name for f in dataclasses.fields(base)} - set(NOT_TUNED)
+    if name not in known:
+        return "is not a field a tuned file may set"
+    current = getattr(base, name)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if name in ("lrs", "first_lrs"):
+        if value is None and name == "first_lrs":
+            return None
+        ok = isinstance(value, dict) and value and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf") for v in value.values())
+        return None if ok else "is not a table of positive learning rates per group"
+    if name == "weight_decay":
+        return None if value is None or (number and value >= 0) else "is not a weight decay (a number >= 0, or null)"
+    if isinstance(current, bool):
+        return None if isinstance(value, bool) else "is not true or false"
+    if isinstance(current, int):
+        low = {"first_epochs": 0}.get(name, 1)
+        return None if number and isinstance(value, int) and value >= low else f"is not a whole number >= {low}"
+    if isinstance(current, float):
+        if not number:
+            return "is not a number"
+        if name == "label_smoothing" and not 0 <= value < 1:
+            return "is not a label smoothing in [0, 1)"
+        if name == "ema_decay" and not (value == 0 or 0 < value < 1):
+            return "is not a decay in (0, 1) (or 0: off)"
+        return None
+    if name in CHOICES and value not in CHOICES[name]:
+        return f"is none of {', '.join(CHOICES[name])}"
+    return None if isinstance(value, type(current)) else f"is not a {type(current).__name__}"
+
+
 def tuned_recipe(base: Recipe, path: Path) -> Recipe:
     """The recipe a tuned file (experiments/tune.py) describes: `base` with the chosen fields
     replaced, named tuned_<base>."""
@@ -133,6 +216,12 @@ def tuned_recipe(base: Recipe, path: Path) -> Recipe:
         fields = tuned["recipe_fields"]
         if tuned["recipe"] != base.name:
             raise TLError(f"{path} holds numbers tuned for {tuned['recipe']}, not {base.name}")
+        if not isinstance(fields, dict) or not isinstance(tuned["params"], dict):
+            raise TypeError("recipe_fields and params must be JSON objects")
+        for name, value in fields.items():
+            if why := field_problem(base, name, value):
+                raise TLError(f"{path}: recipe_fields.{name} = {json.dumps(value)} {why}; the file was edited by "
+                              f"hand or by another version: run python -m experiments.tune again")
         return dataclasses.replace(
             base, **fields, name=f"tuned_{base.name}",
             source=f"{base.source}; numbers tuned on an inner val of {tuned['dataset']} ({path.name})",
