@@ -332,7 +332,8 @@ def draw_history(study, path: Path) -> Path:
         ax.step(*zip(*line), where="post", color="tab:red", label="best so far")
     ax.set_xlabel("trial")
     ax.set_ylabel("inner val accuracy")
-    ax.legend(loc="lower right")
+    ax.xaxis.get_major_locator().set_params(integer=True)  # trials are whole numbers
+    fig.legend(loc="outside lower center", ncols=3, fontsize="small")  # below the axes: it hides no point
     return save_figure(fig, path)
 
 
