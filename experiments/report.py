@@ -440,11 +440,11 @@ def which_recipe(summary: pd.DataFrame, diffs: pd.DataFrame) -> str:
         online, offline = DATA_COMMAND.get(dataset, (" --data DIR", " --data DIR"))
         commands += [f"# {dataset}: the most accurate, then the cheaper; online, then offline (this machine)"]
         commands += [PREPARE[dataset]] if dataset in PREPARE else []
-        for r in dict.fromkeys([best.experiment, cheap.experiment]):
-            row = group[group.experiment == r].iloc[0]
+        for r, backbone in dict.fromkeys([(best.experiment, best.backbone), (cheap.experiment, cheap.backbone)]):
+            row = group[(group.experiment == r) & (group.backbone == backbone)].iloc[0]  # the row named above
             epochs = f" --epochs {int(row.train_epochs)}" if dataset == "dogs-vs-cats" else ""
             for data in dict.fromkeys([online, offline]):
-                commands.append(f"python main.py -e {r} -b {row.backbone}{data}{epochs}")
+                commands.append(f"python main.py -e {r} -b {backbone}{data}{epochs}")
     return "\n".join(lines + ["", "The commands that made those rows (dogs-vs-cats was run shortened, with "
                                "`--epochs`, to fit this machine):", "", "```bash", *commands, "```"])
 

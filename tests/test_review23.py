@@ -171,3 +171,20 @@ def test_a_tuned_file_with_a_field_outside_the_recipe_is_refused(tiny_data, tiny
                              "--weights", "none", "--quick", "--image-size", 32, "--out", tmp_path / "runs",
                              "--no-progress")
         assert code == 0 and "mirror averaged" in out, err
+
+
+def test_which_recipe_commands_name_the_backbone_of_the_row_they_answer_with():
+    """The README's answer names the most accurate row (a recipe on a backbone); its command
+    must train that row, not the same recipe's first row on another backbone."""
+    import pandas as pd
+
+    from experiments.report import which_recipe
+
+    ROOT = Path(__file__).resolve().parents[1]
+    summary = pd.read_csv(ROOT / "results" / "summary.csv")
+    diffs = pd.read_csv(ROOT / "results" / "differences.csv")
+    hym = summary[(summary.dataset == "hymenoptera_data") & (summary.status == "ok")]
+    best = hym.loc[hym.headline_acc_mean.idxmax()]
+    text = which_recipe(summary, diffs)
+    assert f"`{best.experiment}` ({best.backbone})" in text
+    assert f"python main.py -e {best.experiment} -b {best.backbone}" in text
