@@ -30,6 +30,9 @@ def val_resize(size: int) -> int:
     return round(size * 256 / 224)
 
 
+AUGMENT_POLICIES = ("standard", "tutorial", "strong")  # the train augmentations build_transforms knows
+
+
 def build_transforms(
     mean: tuple[float, ...],
     std: tuple[float, ...],
@@ -63,7 +66,7 @@ def build_transforms(
                   one random photometric or geometric operation of random strength per
                   image), the augmentation of torchvision's current training recipes.
     """
-    if policy not in ("standard", "tutorial", "strong"):
+    if policy not in AUGMENT_POLICIES:
         raise ValueError(f"unknown augmentation policy {policy!r}")
     resize = resize if resize is not None else val_resize(size)
     to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]  # uint8 -> [0,1] -> z-scores

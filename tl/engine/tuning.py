@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tl import TLError
+from tl.data import AUGMENT_POLICIES
 from tl.recipe import Recipe
 
 HEARTBEAT_S, GRACE_S, RETRIES = 60, 180, 2  # a trial silent for 3 minutes was killed: it is run again, twice at most
@@ -169,7 +170,7 @@ def open_study(path: Path, name: str, setup: dict, seed: int, startup: int = 5):
     return study
 
 
-CHOICES = {"augment": ("standard", "tutorial", "strong"), "loss": ("cross_entropy", "bce_logit")}
+CHOICES = {"augment": AUGMENT_POLICIES, "loss": ("cross_entropy", "bce_logit")}
 NOT_TUNED = ("name", "source", "strategy")  # the tuned recipe's own, never a file's
 
 
@@ -200,7 +201,7 @@ def field_problem(base: Recipe, name: str, value) -> str | None:
             return "is not a number"
         if name == "label_smoothing" and not 0 <= value < 1:
             return "is not a label smoothing in [0, 1)"
-        if name == "ema_decay" and not (value == 0 or 0 < value < 1):
+        if name == "ema_decay" and value != 0 and not 0 < value < 1:  # averaging.check_decay's range, or 0: off
             return "is not a decay in (0, 1) (or 0: off)"
         return None
     if name in CHOICES and value not in CHOICES[name]:
