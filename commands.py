@@ -294,7 +294,7 @@ def explain_command(args: argparse.Namespace) -> list:
     Grad-CAM for the predicted class, written to RUN/explain/<photo name>-cam.png."""
     from tl.data import build_transforms
     from tl.engine.evaluate import context_for, load_model
-    from tl.engine.explain import class_activation_maps
+    from tl.engine.explain import class_activation_maps, mirrored_activation_maps
     from tl.engine.images import load_rgb
     from tl.engine.plots import cam_figure
     from tl.engine.timm_backbones import backbone_spec
@@ -313,6 +313,7 @@ def explain_command(args: argparse.Namespace) -> list:
     spec = backbone_spec(ctx.backbone)
     transform = build_transforms(spec.mean, spec.std, size=ctx.image_size, augment=False)["val"]
     out_dir = Path(args.checkpoint).parent / "explain"
+    cam = mirrored_activation_maps if _tta(ctx.tta, args.tta) else class_activation_maps
     written, failed = [], 0
     for path in args.explain:
         try:
@@ -321,7 +322,7 @@ def explain_command(args: argparse.Namespace) -> list:
             print(f"error: cannot read {path}: {type(exc).__name__}: {exc}".splitlines()[0])
             failed += 1
             continue
-        maps, predicted, prob = class_activation_maps(model, x)
+        maps, predicted, prob = cam(model, x)
         label = f"{ctx.classes[int(predicted[0])]} {float(prob[0]):.3f}"
         out = cam_figure(x, [("Grad-CAM", maps, [f"predicted: {label}"])], out_dir / f"{Path(path).stem}-cam.png",
                          mean=spec.mean, std=spec.std, photo_titles=[Path(path).name],

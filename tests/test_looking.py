@@ -92,6 +92,26 @@ def test_explain_command_writes_a_map_per_photo(tiny_run, tiny_data, capsys):
     assert "--explain needs --checkpoint" in capsys.readouterr().err
 
 
+def test_explain_with_tta_explains_the_averaged_answer(tiny_run, tiny_data, capsys):
+    from tl.engine.averaging import Mirrored
+    from tl.engine.evaluate import context_for, load_model
+    from tl.engine.explain import mirrored_activation_maps
+
+    model = load_model(tiny_run / "best.pth", context_for(tiny_run / "best.pth", None), 2)
+    x = torch.randn(2, 3, 32, 32)
+    maps, predicted, probs = mirrored_activation_maps(model, x)
+    with torch.no_grad():
+        averaged = Mirrored(model).eval()(x).softmax(1)
+    assert predicted.tolist() == averaged.argmax(1).tolist()
+    assert torch.allclose(probs, averaged.max(1).values, atol=1e-6)
+    # the two views together: the mirror's map of the mirrored photo is the photo's map mirrored
+    flipped, _, _ = mirrored_activation_maps(model, torch.flip(x, dims=[3]))
+    assert torch.allclose(flipped, torch.flip(maps, dims=[2]), atol=1e-5)
+    photo = next((tiny_data / "val" / "class_1").iterdir())
+    assert main.main(["--explain", str(photo), "--checkpoint", str(tiny_run / "best.pth"), "--tta"]) == 0
+    assert "test-time augmentation" in capsys.readouterr().out
+
+
 def test_grad_cam_of_a_frozen_model_still_has_gradients(tiny_backbone):
     model = build_model("tiny", 2, "none")
     set_trainable(model, get_backbone("tiny"), ["head"])  # no body parameter requires a gradient

@@ -97,6 +97,26 @@ def class_activation_maps(model: nn.Module, images: torch.Tensor, target: torch.
     return (maps.clamp(min=0) / peak).cpu(), predicted.cpu(), probs.gather(1, target.view(-1, 1))[:, 0].cpu()
 
 
+def mirrored_activation_maps(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Grad-CAM under test-time augmentation (`--tta`): the class is the one the averaged
+    probabilities of the photo and its mirror predict (tl/engine/averaging.Mirrored), and the
+    map is the mean of the photo's map and the mirror's map flipped back, so it shows where
+    the evidence lies for the answer the two views give together. Same returns as
+    `class_activation_maps`; the probability is the averaged one."""
+    from tl.engine.averaging import Mirrored
+
+    was_training = model.training
+    with torch.no_grad():
+        probs = _TwoLogits(Mirrored(model).eval())(images).float().softmax(1)
+    model.train(was_training)
+    predicted = probs.argmax(1)
+    photo, _, _ = class_activation_maps(model, images, predicted)
+    mirror, _, _ = class_activation_maps(model, torch.flip(images, dims=[3]), predicted)
+    maps = (photo + torch.flip(mirror, dims=[2])) / 2
+    peak = maps.flatten(1).amax(1).clamp(min=1e-12).view(-1, 1, 1)
+    return maps / peak, predicted.cpu(), probs.gather(1, predicted.view(-1, 1))[:, 0].cpu()
+
+
 def top_losses(probabilities: torch.Tensor, labels: list[int] | torch.Tensor, k: int = 16) -> list[dict]:
     """The `k` misclassified images with the most confident wrong answer, most confident first.
 
