@@ -245,7 +245,7 @@ def write_tuned(study, s: Search, setup: dict, path: Path, command: str) -> Path
 
     best = study.best_trial
     fields = suggest(optuna.trial.FixedTrial(best.params), s.recipe, s.max_epochs)
-    fields["backbone"] = s.recipe.backbone
+    fields["backbone"], fields["weights"] = s.recipe.backbone, s.recipe.weights  # the network the numbers fit
     states = [t.state.name for t in study.trials]
     tuned = {"recipe": setup["recipe"], "dataset": setup["dataset"], "backbone": s.recipe.backbone,
              "data_fingerprint": setup["data_fingerprint"],

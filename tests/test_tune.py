@@ -146,7 +146,8 @@ def test_a_search_reads_no_val_or_test_image_and_its_recipe_trains(sealed, pretr
     assert all(getattr(recipe, k) == v for k, v in tuned["recipe_fields"].items())
     assert get_experiment("tuned_modern_finetune").RECIPE == recipe  # the one tuned file there is
     capsys.readouterr()
-    assert main.main(["-e", "tuned_modern_finetune", "--data", str(sealed), "--weights", str(pretrained), "--quick",
+    assert tuned["recipe_fields"]["weights"] == str(pretrained)  # the tuned recipe starts where the search did
+    assert main.main(["-e", "tuned_modern_finetune", "--data", str(sealed), "--quick",
                       "--out", str(tmp_path / "runs"), "--no-progress"]) == 0
     assert "headline acc" in capsys.readouterr().out
     assert main.main(["-e", "tuned_modern_finetune", "--data", str(tmp_path / "elsewhere")]) == 2
