@@ -28,8 +28,8 @@ from pathlib import Path
 
 from experiments import NAMES
 
-COLUMNS = ["recipe", "stage", "group", "documented_lr", "suggested_lr", "ratio", "steps", "diverged", "status",
-           "reason"]
+COLUMNS = ["recipe", "stage", "group", "documented_lr", "suggested_lr", "ratio", "steps", "diverged", "no_window",
+           "status", "reason"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,7 +54,7 @@ def find_one(name: str, args: argparse.Namespace, runs_dir: Path) -> dict:
     """One recipe's range test -> one row (status ok, or not run with the reason)."""
     from experiments import get_experiment
     from tl import TLError
-    from tl.engine.lr_finder import find_lr
+    from tl.engine.lr_finder import find_lr, no_window
     from tl.engine.options import RunOptions
     from tl.engine.prepare import resolve_data_dir
 
@@ -69,7 +69,7 @@ def find_one(name: str, args: argparse.Namespace, runs_dir: Path) -> dict:
         return {"recipe": name, "status": "not run", "reason": str(exc).splitlines()[0]}
     return {"recipe": name, "stage": r.stage, "group": r.group, "documented_lr": r.recipe_lr,
             "suggested_lr": r.suggested_lr, "ratio": r.suggested_lr / r.recipe_lr, "steps": len(r.test.lrs),
-            "diverged": r.test.diverged, "status": "ok", "reason": ""}
+            "diverged": r.test.diverged, "no_window": no_window(r.test) or "", "status": "ok", "reason": ""}
 
 
 def page(rows: list[dict], meta: dict) -> str:
@@ -87,8 +87,14 @@ def page(rows: list[dict], meta: dict) -> str:
             lines.append(f"| {r['recipe']} | not run: {r['reason']} | | | | | |")
             continue
         steps = f"{r['steps']}{' (diverged)' if r['diverged'] else ''}"
+        edge = f" (no window: lowest at the {r['no_window']} rate)" if r.get("no_window") else ""
         lines.append(f"| {r['recipe']} | {r['stage']} | {r['group']} | {r['documented_lr']:.1e} | "
-                     f"{r['suggested_lr']:.1e} | {r['ratio']:.3g} | {steps} |")
+                     f"{r['suggested_lr']:.1e}{edge} | {r['ratio']:.3g} | {steps} |")
+    if any(r.get("no_window") for r in rows):
+        lines += ["", "*No window*: the smoothed loss was lowest at an end of the sweep, so the number is the "
+                  "sweep's edge divided by ten, not a rate the curve points to. At the first rate the loss never "
+                  "fell within the test's steps, which is what a network from random weights does (its loss moves "
+                  "slowly at first at every rate); such a row needs a longer test, not a smaller rate."]
     return "\n".join(lines) + "\n"
 
 

@@ -147,3 +147,19 @@ def test_lr_table_writes_one_row_per_recipe(tiny_data, pretrained, tmp_path, cap
     md = (tmp_path / "results" / "lr_finder.md").read_text()
     assert "python -m experiments.lr_table --data" in md and "| two_stage | frozen body | head | 2.0e-03 |" in md
     assert len(list((tmp_path / "runs").iterdir())) == 2  # each recipe's plot and CSV
+
+
+def test_a_minimum_at_the_edge_of_the_sweep_is_said_to_be_no_window():
+    from experiments import lr_table
+
+    lrs = [1e-7 * 10 ** (i / 10) for i in range(50)]
+    flat = types.SimpleNamespace(lrs=lrs, smoothed=[0.69 + 0.001 * i for i in range(50)])  # never fell
+    dip = types.SimpleNamespace(lrs=lrs, smoothed=[0.69 - 0.01 * i if i < 30 else 0.4 + 0.1 * i for i in range(50)])
+    ended = types.SimpleNamespace(lrs=lrs, smoothed=[0.69 - 0.01 * i for i in range(50)])  # still falling at the end
+    assert [lr_finder.no_window(t) for t in (flat, dip, ended)] == ["first", None, "last"]
+    row = {"recipe": "resnet_scratch", "stage": "train", "group": "all", "documented_lr": 1e-4, "suggested_lr": 1e-8,
+           "ratio": 1e-4, "steps": 50, "diverged": False, "no_window": "first", "status": "ok", "reason": ""}
+    md = lr_table.page([row], {"command": "c", "machine": "m", "seconds": 1.0})
+    assert "1.0e-08 (no window: lowest at the first rate)" in md and "*No window*" in md
+    assert "*No window*" not in lr_table.page([{**row, "no_window": ""}], {"command": "c", "machine": "m",
+                                                                           "seconds": 1.0})

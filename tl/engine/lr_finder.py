@@ -243,10 +243,18 @@ def report(result: LrFinderResult, log) -> None:
     if others:
         log("the other groups at the recipe's ratios: " + ", ".join(f"{g} {lr * ratio:.1e} (recipe {lr:.1e})"
                                                                     for g, lr in others.items()))
-    _, best = suggestion(t.lrs, t.smoothed)
-    if best == 0 or best == len(t.lrs) - 1:
-        log(f"warning: the smoothed loss was lowest at the {'first' if best == 0 else 'last'} rate tested: the curve "
+    if edge := no_window(t):
+        log(f"warning: the smoothed loss was lowest at the {edge} rate tested: the curve "
             f"shows no clear window, so the suggestion says little (more steps, or another range, may)")
+
+
+def no_window(test: RangeTest) -> str | None:
+    """"first" or "last" when the smoothed loss was lowest at an end of the sweep, else None. At
+    the first rate it never fell (a network from random weights, whose loss barely moves in a few
+    dozen steps, is the usual case); at the last the sweep ended before the loss turned up. Either
+    way the minimum is the sweep's edge, not a property of the network."""
+    _, best = suggestion(test.lrs, test.smoothed)
+    return "first" if best == 0 else "last" if best == len(test.lrs) - 1 else None
     if result.folder is not None:
         log(f"-> {result.folder / 'lr_finder.png'}, {result.folder / 'lr_finder.csv'}  (a starting point to try, "
             f"not a tuned rate)")
