@@ -170,3 +170,24 @@ def test_every_configuration_of_a_case_and_the_compile_case_make_their_rows(monk
     assert got[("loop", f"{case}, --device-images, --compile")] == 135
     assert got[("speedup", f"{case}, --device-images: --compile / eager")] == 1.5
     assert calls.count(("device-images", None, False)) == 2  # eager measured once (2 repeats), reused for --compile
+
+
+def test_side_by_side_pairs_loop_rows_by_case_and_path(tmp_path):
+    from benchmarks import side_by_side
+
+    before, after = tmp_path / "before.csv", tmp_path / "after.csv"
+    before.write_text("kind,case,unit,median,min,max,n\n"
+                      "loop,resnet_finetune / efficientnet_lite0,img/s,20.0,19.0,21.0,3\n"
+                      "loop,\"resnet_finetune / efficientnet_lite0, --image-cache --workers 0\",img/s,25.0,24.0,26.0,3\n"
+                      "bound,resnet_finetune / efficientnet_lite0,img/s,27.0,26.0,28.0,3\n")
+    after.write_text("kind,case,unit,median,min,max,n\n"
+                     "loop,\"resnet_finetune / efficientnet_lite0, JPEG decoding in 2 workers\",img/s,30.0,29.0,31.0,2\n"
+                     "loop,\"resnet_finetune / efficientnet_lite0, --image-cache --workers 0\",img/s,20.0,19.0,21.0,2\n"
+                     "loop,\"resnet_finetune / efficientnet_lite0, --image-cache --workers 0, --compile\",img/s,3.0,"
+                     "3.0,3.0,1\n")
+    md = side_by_side.page(before, after, "t")
+    rows = [line for line in md.splitlines() if line.startswith("| resnet_finetune")]
+    assert rows == ["| resnet_finetune / efficientnet_lite0 | JPEG in workers | 20.00 (19.00-21.00) | "
+                    "30.00 (29.00-31.00) | 1.50 |",
+                    "| resnet_finetune / efficientnet_lite0 | image cache | 25.00 (24.00-26.00) | "
+                    "20.00 (19.00-21.00) | 0.80 |"]
