@@ -92,9 +92,10 @@ def page(rows: list[dict], meta: dict) -> str:
                      f"{r['suggested_lr']:.1e}{edge} | {r['ratio']:.3g} | {steps} |")
     if any(r.get("no_window") for r in rows):
         lines += ["", "*No window*: the smoothed loss was lowest at an end of the sweep, so the number is the "
-                  "sweep's edge divided by ten, not a rate the curve points to. At the first rate the loss never "
-                  "fell within the test's steps, which is what a network from random weights does (its loss moves "
-                  "slowly at first at every rate); such a row needs a longer test, not a smaller rate."]
+                  "sweep's edge divided by ten, not a rate the curve points to. At the first rate the smoothed loss "
+                  "never fell below its start within the test's steps: a loss that moves slowly (random weights) "
+                  "or a per-batch loss too noisy to show a dip (small batches: the tutorial recipes train with 4) "
+                  "does this; such a row needs a longer test or larger batches, not the rate printed."]
     return "\n".join(lines) + "\n"
 
 
