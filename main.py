@@ -182,8 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="score val, keep best.pth and the headline with an exponential average of the weights, "
                             "updated after every step (0.99: about the last 100 steps; tl/engine/averaging.py)")
     model.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                       help="test-time augmentation: the headline, --evaluate, --predict and --explain average each photo's and "
-                            "its mirror's probabilities (default: the recipe's, or the run's config.json)")
+                       help="test-time augmentation: the headline, --evaluate, --predict and --explain average each "
+                            "photo's and its mirror's probabilities (default: the recipe's, or the run's config.json)")
     model.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                        help="NHWC memory layout (default by measurement: on for a CPU, off for CUDA; "
                             "results/benchmark.md, results/benchmark_cuda.md)")

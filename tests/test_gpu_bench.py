@@ -178,10 +178,12 @@ def test_side_by_side_pairs_loop_rows_by_case_and_path(tmp_path):
     before, after = tmp_path / "before.csv", tmp_path / "after.csv"
     before.write_text("kind,case,unit,median,min,max,n\n"
                       "loop,resnet_finetune / efficientnet_lite0,img/s,20.0,19.0,21.0,3\n"
-                      "loop,\"resnet_finetune / efficientnet_lite0, --image-cache --workers 0\",img/s,25.0,24.0,26.0,3\n"
+                      "loop,\"resnet_finetune / efficientnet_lite0, --image-cache --workers 0\",img/s,25.0,24.0,"
+                      "26.0,3\n"
                       "bound,resnet_finetune / efficientnet_lite0,img/s,27.0,26.0,28.0,3\n")
     after.write_text("kind,case,unit,median,min,max,n\n"
-                     "loop,\"resnet_finetune / efficientnet_lite0, JPEG decoding in 2 workers\",img/s,30.0,29.0,31.0,2\n"
+                     "loop,\"resnet_finetune / efficientnet_lite0, JPEG decoding in 2 workers\",img/s,30.0,29.0,"
+                     "31.0,2\n"
                      "loop,\"resnet_finetune / efficientnet_lite0, --image-cache --workers 0\",img/s,20.0,19.0,21.0,2\n"
                      "loop,\"resnet_finetune / efficientnet_lite0, --image-cache --workers 0, --compile\",img/s,3.0,"
                      "3.0,3.0,1\n")

@@ -246,15 +246,15 @@ def report(result: LrFinderResult, log) -> None:
     if edge := no_window(t):
         log(f"warning: the smoothed loss was lowest at the {edge} rate tested: the curve "
             f"shows no clear window, so the suggestion says little (more steps, or another range, may)")
+    if result.folder is not None:
+        log(f"-> {result.folder / 'lr_finder.png'}, {result.folder / 'lr_finder.csv'}  (a starting point to try, "
+            f"not a tuned rate)")
 
 
 def no_window(test: RangeTest) -> str | None:
     """"first" or "last" when the smoothed loss was lowest at an end of the sweep, else None. At
-    the first rate it never fell (a network from random weights, whose loss barely moves in a few
-    dozen steps, is the usual case); at the last the sweep ended before the loss turned up. Either
-    way the minimum is the sweep's edge, not a property of the network."""
+    the first rate it never fell below its start (a loss that moves slowly, as from random weights,
+    or one too noisy to show a dip, as with batches of 4); at the last the sweep ended before the
+    loss turned up. Either way the minimum is the sweep's edge, not a property of the network."""
     _, best = suggestion(test.lrs, test.smoothed)
     return "first" if best == 0 else "last" if best == len(test.lrs) - 1 else None
-    if result.folder is not None:
-        log(f"-> {result.folder / 'lr_finder.png'}, {result.folder / 'lr_finder.csv'}  (a starting point to try, "
-            f"not a tuned rate)")
