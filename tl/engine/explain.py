@@ -110,8 +110,9 @@ def mirrored_activation_maps(model: nn.Module, images: torch.Tensor) -> tuple[to
         probs = _TwoLogits(Mirrored(model).eval())(images).float().softmax(1)
     model.train(was_training)
     predicted = probs.argmax(1)
-    photo, _, _ = class_activation_maps(model, images, predicted)
-    mirror, _, _ = class_activation_maps(model, torch.flip(images, dims=[3]), predicted)
+    layer = cam_layer(model, images.shape[-1])[1]  # found once, for both views
+    photo, _, _ = class_activation_maps(model, images, predicted, layer)
+    mirror, _, _ = class_activation_maps(model, torch.flip(images, dims=[3]), predicted, layer)
     maps = (photo + torch.flip(mirror, dims=[2])) / 2
     peak = maps.flatten(1).amax(1).clamp(min=1e-12).view(-1, 1, 1)
     return maps / peak, predicted.cpu(), probs.gather(1, predicted.view(-1, 1))[:, 0].cpu()
