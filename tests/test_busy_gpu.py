@@ -1,6 +1,7 @@
 """Issue 24, "A GPU kept busy": what of it runs on a CPU. The channels_last default by device,
 the batched augmentation of `--device-images`, loss sums kept on the device, `--compile`."""
 
+import pytest
 import torch
 
 import main
@@ -76,14 +77,14 @@ def test_with_device_sums_a_non_finite_loss_stops_at_the_phase_end(tiny_data, ti
     assert batches == []  # no row, no checkpoint: the phase never ended
 
 
-def _decoded_train(data, size=32, resize=36, policy="standard"):
+def _decoded_train(data, size=32, resize=36, policy="standard", device="cpu"):
     from tl.data import build_transforms
     from tl.engine.image_cache import DecodedImages
     from tl.engine.selection import image_datasets
 
     sets = image_datasets(data, build_transforms((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), size=size,
                                                  resize=resize, policy=policy))
-    return DecodedImages(sets["train"], resize=resize, device="cpu")  # --device-images, the device a CPU
+    return DecodedImages(sets["train"], resize=resize, device=device)  # --device-images (on the CPU by default)
 
 
 def test_batched_crops_draw_the_boxes_and_flips_of_the_per_image_path(tiny_data, monkeypatch):
@@ -160,3 +161,39 @@ def test_compile_trains_the_same_network_and_saves_the_plain_names(tiny_data, ti
 
     with pytest.raises(TLError, match="compile False"):
         resume_options(ckpt, {"compile": False}, compiled.run_dir / "last.ckpt")
+
+
+class _NoWaitWhileServing:
+    """A train loader wrapped so that, from its second pass on (the first autotunes cuDNN),
+    any host sync while its batches are served and trained on raises: CUDA's sync debug mode
+    "error" is on from the first batch until the loader is exhausted, before the phase end's one read."""
+
+    def __init__(self, loader):
+        self.loader, self.passes = loader, 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        self.passes += 1
+        torch.cuda.set_sync_debug_mode("error" if self.passes > 1 else 0)
+        try:
+            yield from self.loader
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_a_device_images_train_step_never_waits_for_the_gpu(tiny_data, tiny_backbone):
+    from torch.utils.data import DataLoader
+
+    from tl.engine.device import device_hooks
+    from tl.loop import Hooks, train_model
+
+    model, loaders = _loop_setup(tiny_data)
+    train = _decoded_train(tiny_data, device="cuda")
+    loaders["train"] = _NoWaitWhileServing(DataLoader(train, batch_size=5, shuffle=True, collate_fn=train.collate))
+    hooks = Hooks(progress=False, log=lambda s: None, **device_hooks(torch.device("cuda")))
+    history = train_model(model, loaders, torch.nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.1),
+                          num_epochs=3, device="cuda", hooks=hooks)
+    assert loaders["train"].passes == 2 and len(history.rows) == 5

@@ -64,6 +64,7 @@ class BatchedCrops:
 
     def __init__(self, crop: v2.RandomResizedCrop, flip: v2.RandomHorizontalFlip, normalize: v2.Normalize):
         self.crop, self.flip, self.mean, self.std = crop, flip, normalize.mean, normalize.std
+        self.mean_std_on = {}  # device -> (mean, std) as (1, 3, 1, 1) tensors there, made once
 
     @classmethod
     def of(cls, transform) -> BatchedCrops | None:
@@ -95,19 +96,33 @@ class BatchedCrops:
         # one (B, 3, tall, wide) canvas; edge-replicated padding: a box's border samples see the image's edge
         canvas = torch.stack([F.pad(i[None].float(), (0, wide - i.shape[-1], 0, tall - i.shape[-2]),
                                     mode="replicate")[0] for i in images])
-        top, left, h, w = boxes.to(device, torch.float32).unbind(1)
+        top, left, h, w, flip = to_device_queued(torch.cat([boxes, flips[:, None]], 1).float(), device).unbind(1)
         rois = torch.stack([torch.arange(len(images), device=device, dtype=torch.float32), left, top,
                             left + w, top + h], 1)  # (batch index, x1, y1, x2, y2)
         out = roi_align(canvas, rois, (height, width), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
         out = out.round_().clamp_(0, 255)  # the uint8 values the per-image resize gives
-        out = torch.where(flips.to(device)[:, None, None, None], out.flip(-1), out)
-        return v2.functional.normalize(out / 255, self.mean, self.std)
+        out = torch.where(flip.bool()[:, None, None, None], out.flip(-1), out)
+        if device not in self.mean_std_on:  # (v2's normalize makes them from lists at every call: a waiting copy)
+            self.mean_std_on[device] = [to_device_queued(torch.tensor(v).view(1, 3, 1, 1), device)
+                                        for v in (self.mean, self.std)]
+        mean, std = self.mean_std_on[device]
+        return (out / 255 - mean) / std  # v2.Normalize's arithmetic
 
     def __call__(self, batch: list) -> tuple[torch.Tensor, torch.Tensor]:
         """The DataLoader's collate_fn: (image, label) pairs -> (inputs, labels), augmented."""
         images, labels = zip(*batch)
         boxes, flips = self.draw(images)
-        return self.apply(images, boxes, flips), torch.tensor(labels)
+        return self.apply(images, boxes, flips), to_device_queued(torch.tensor(labels), images[0].device)
+
+
+def to_device_queued(small: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`small` (a CPU tensor) copied to `device` without waiting for the GPU. A plain
+    `.to("cuda")` from ordinary memory first waits for every kernel already queued (the last
+    step's backward) to finish, so the GPU idles while Python prepares the next batch; from
+    page-locked (pinned) memory the copy is queued behind those kernels like one more."""
+    if device.type == "cuda":
+        small = small.pin_memory()
+    return small.to(device, non_blocking=True)
 
 
 def decoded_bytes(folder: CheckedImageFolder, resize: int) -> int:
