@@ -169,7 +169,7 @@ class _NoWaitWhileServing:
     "error" is on from the first batch until the loader is exhausted, before the phase end's one read."""
 
     def __init__(self, loader):
-        self.loader, self.passes = loader, 0
+        self.loader, self.sampler, self.passes = loader, loader.sampler, 0  # (the loop reads .sampler)
 
     def __len__(self) -> int:
         return len(self.loader)
