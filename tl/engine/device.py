@@ -70,7 +70,7 @@ def device_hooks(device: torch.device, amp: bool = True, channels_last: bool | N
 def default_channels_last(device: torch.device) -> bool:
     """`--channels-last` left out: the layout measured faster on this kind of device. On the
     2-core CPU, NHWC won for every backbone of results/benchmark.md (efficientnet_lite0 finetune:
-    27.2 vs 18.7 img/s, compute bound); on an H100 the contiguous layout won for efficientnet_lite0
-    finetune (385.6 img/s off vs 326.0 on, as issue 24 reports it: results/benchmark_cuda.md, as
-    committed, has no channels_last-off row yet). Other devices: off."""
+    27.2 vs 18.7 img/s, compute bound); on CUDA the contiguous layout won for efficientnet_lite0
+    on an H200 (results/benchmark_cuda.md, bounds: finetune 597.5 img/s off vs 394.9 on,
+    BatchNorm-only 1903.2 vs 1667.0) and on an H100 (issue 24: 385.6 vs 326.0). Other devices: off."""
     return device.type == "cpu"

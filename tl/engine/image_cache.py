@@ -23,8 +23,9 @@ class DecodedImages(torch.utils.data.Dataset):
     `device` (`--device-images`): keep the tensors on the training device instead, so the
     crop, flip and normalisation run there too and the loop's `inputs.to(device)` has
     nothing left to copy. Why: a GPU trains a batch faster than CPU workers can decode and
-    augment its JPEGs (results/benchmark_cuda.md measured the loop at 22-53% of its compute
-    bound with 8 workers); decoded once, the images cost the GPU a few small kernels each.
+    augment its JPEGs (on an H200, results/benchmark_cuda.md: the fine-tune loop at 58% of its
+    compute bound with 8 JPEG workers, 80% with the images on the GPU); decoded once, the images
+    cost the GPU a few small kernels per batch.
     torchvision's v2 transforms run on CUDA tensors unchanged, and they draw their random
     crop and flip from torch's global CPU generator whatever the tensor's device, so the
     crops are the ones `--image-cache --workers 0` draws, and a checkpoint restores them.
