@@ -80,6 +80,24 @@ def test_processes_end_with_identical_weights(ddp_run):
         in ddp_run["stdout"].splitlines()[0:3]
 
 
+def test_with_ema_every_process_averages_the_same_weights(ddp_run):
+    """--ema under torchrun: each process folds its own (identical) weights into its average
+    after every step, so the averages, and what val scored, stay identical across processes;
+    process 0 saves that average in last.ckpt and as best.pth."""
+    tmp, digests = ddp_run["tmp"], ddp_run["tmp"] / "digests_ema"
+    digests.mkdir()
+    done = torchrun([*FINETUNE, "--ema", "0.8", "--data", str(ddp_run["data"]), "--out", str(tmp / "runs_ema")],
+                    tmp, TL_TEST_DIGESTS=str(digests))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ranks = [json.loads((digests / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["final"] == ranks[1]["final"] and ranks[0]["best"] == ranks[1]["best"]
+    run = _run_dir(tmp / "runs_ema")
+    ckpt = checkpoint.load_checkpoint(run / "last.ckpt")
+    assert int(ckpt["ema"]["n_averaged"]) == 1 + 3 * 5  # the start, then 3 epochs of 5 steps (17 images x 2, 4 each)
+    assert checkpoint.state_digest(checkpoint.load_state_file(run / "best.pth")) == ranks[0]["best"]
+    assert ranks[0]["best"] != ranks[0]["final"]  # the average, not the loop's last weights
+
+
 def test_distributed_val_rows_equal_a_single_process_evaluation(ddp_run, tiny_backbone):
     run, data = ddp_run["run"], ddp_run["data"]
     config = json.loads((run / "config.json").read_text())

@@ -224,6 +224,13 @@ def wrap(net: nn.Module, device: torch.device, sync_bn: bool = False) -> nn.Modu
     return nn.parallel.DistributedDataParallel(net, device_ids=ids)
 
 
+def broadcast_buffers(net: nn.Module) -> None:
+    """Process 0's buffers (BatchNorm statistics) copied to every process; nothing in one process."""
+    if is_distributed():
+        for buffer in net.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def unwrap(net: nn.Module) -> nn.Module:
     """The module inside a DDP wrapper (its state_dict has no "module." prefix)."""
     return net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net

@@ -38,7 +38,9 @@ What the average is used for, so that what is saved and what is scored stay one 
 * under the feature cache the loop trains the head alone, on the model's own parameters; the
   average is of the whole model, whose frozen prefix stays exactly as it was, so the cached
   features serve the averaged head too (`val_net`);
-* under torchrun every process averages its unwrapped module (all hold the same weights).
+* under torchrun every process averages its unwrapped module. The weights are the same in all
+  processes, the BatchNorm statistics are not (each saw its own batches) until DDP copies process
+  0's at the next forward; the update makes that copy first, so all processes average one model.
 
 **The mirror at test time.** A photo of a bee mirrored left-right is still a photo of a bee,
 which is why training flips photos at random. So at test time the network can look twice,
@@ -59,7 +61,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from tl import TLError
+from tl import TLError, distributed
 from tl.engine.checkpoint import check_ema_state
 from tl.features import FeaturesOrImages, split_at_cut
 from tl.models import Backbone
@@ -101,6 +103,7 @@ def update_after_step(ema: AveragedModel, model: nn.Module) -> Callable[[int], N
     None, since an `after_step` that returns True stops training."""
 
     def update(epoch: int) -> None:
+        distributed.broadcast_buffers(model)  # [DDP] process 0's BatchNorm statistics, as its next forward copies them
         ema.update_parameters(model)
 
     return update
