@@ -147,7 +147,8 @@ def test_compile_trains_the_same_network_and_saves_the_plain_names(tiny_data, ti
     from tl.engine.resume import resume_options
 
     started = time.perf_counter()
-    plain, compiled = _run(tiny_data, tmp_path / "a"), _run(tiny_data, tmp_path / "b", compile=True)
+    # with --ema in both: the average is of the compiled network's weights, under their plain names too
+    plain, compiled = _run(tiny_data, tmp_path / "a", ema=0.7), _run(tiny_data, tmp_path / "b", compile=True, ema=0.7)
     print(f"compiled run: {time.perf_counter() - started:.1f} s")
     assert compiled.config["options"]["compile"] is True and plain.config["options"]["compile"] is False
     assert compiled.model._compiled_call_impl is not None and plain.model._compiled_call_impl is None
@@ -155,6 +156,8 @@ def test_compile_trains_the_same_network_and_saves_the_plain_names(tiny_data, ti
     assert list(a) == list(b)  # no "_orig_mod." prefix
     ckpt = checkpoint.load_checkpoint(compiled.run_dir / "last.ckpt")
     assert list(ckpt["model"]) == list(a)
+    plain_ckpt = checkpoint.load_checkpoint(plain.run_dir / "last.ckpt")
+    assert list(ckpt["ema"]) == list(plain_ckpt["ema"]) and int(ckpt["ema"]["n_averaged"]) > 1
     rows = [[r["loss"] for r in x.history.rows] for x in (plain, compiled)]
     assert all(abs(p - c) < 1e-3 for p, c in zip(*rows)), rows  # the same network, another kernel fusion
     import pytest
