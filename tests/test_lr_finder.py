@@ -153,10 +153,18 @@ def test_a_minimum_at_the_edge_of_the_sweep_is_said_to_be_no_window():
     from experiments import lr_table
 
     lrs = [1e-7 * 10 ** (i / 10) for i in range(50)]
-    flat = types.SimpleNamespace(lrs=lrs, smoothed=[0.69 + 0.001 * i for i in range(50)])  # never fell
-    dip = types.SimpleNamespace(lrs=lrs, smoothed=[0.69 - 0.01 * i if i < 30 else 0.4 + 0.1 * i for i in range(50)])
-    ended = types.SimpleNamespace(lrs=lrs, smoothed=[0.69 - 0.01 * i for i in range(50)])  # still falling at the end
+    curve = functools.partial(types.SimpleNamespace, lrs=lrs, diverged=False)
+    flat = curve(smoothed=[0.69 + 0.001 * i for i in range(50)])  # never fell
+    dip = curve(smoothed=[0.69 - 0.01 * i if i < 30 else 0.4 + 0.1 * i for i in range(50)])
+    ended = curve(smoothed=[0.69 - 0.01 * i for i in range(50)])  # still falling at the end
     assert [lr_finder.no_window(t) for t in (flat, dip, ended)] == ["first", None, "last"]
+    # falling until the next step's loss overflowed (the loop's NonFiniteLoss: that step is not recorded): the
+    # loss did turn up, at once, so the lowest point is the curve's turn, as when the NaN step is recorded
+    overflowed = curve(smoothed=[0.69 - 0.01 * i for i in range(30)], lrs=lrs[:30], diverged=True)
+    recorded = curve(smoothed=[0.69 - 0.01 * i for i in range(30)] + [math.nan], lrs=lrs[:31], diverged=True)
+    assert lr_finder.no_window(overflowed) is None and lr_finder.no_window(recorded) is None
+    one_step = curve(smoothed=[0.69], lrs=lrs[:1], diverged=True)  # diverged at the second step: no curve at all
+    assert lr_finder.no_window(one_step) == "first"
     row = {"recipe": "resnet_scratch", "stage": "train", "group": "all", "documented_lr": 1e-4, "suggested_lr": 1e-8,
            "ratio": 1e-4, "steps": 50, "diverged": False, "no_window": "first", "status": "ok", "reason": ""}
     md = lr_table.page([row], {"command": "c", "machine": "m", "seconds": 1.0})

@@ -255,6 +255,10 @@ def no_window(test: RangeTest) -> str | None:
     """"first" or "last" when the smoothed loss was lowest at an end of the sweep, else None. At
     the first rate it never fell below its start (a loss that moves slowly, as from random weights,
     or one too noisy to show a dip, as with batches of 4); at the last the sweep ended before the
-    loss turned up. Either way the minimum is the sweep's edge, not a property of the network."""
+    loss turned up. Either way the minimum is the sweep's edge, not a property of the network.
+    A sweep that diverged did turn up, if at once (the step whose loss overflowed is not recorded):
+    its last rate is where the curve turned, not an edge."""
     _, best = suggestion(test.lrs, test.smoothed)
-    return "first" if best == 0 else "last" if best == len(test.lrs) - 1 else None
+    if best == 0:
+        return "first"
+    return "last" if best == len(test.lrs) - 1 and not test.diverged else None
