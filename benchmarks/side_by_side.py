@@ -18,12 +18,22 @@ from pathlib import Path
 import pandas as pd
 
 
+def data_path(case: str) -> str:
+    """The data path of a loop row's case ("image cache", "device images" or "JPEG in workers"),
+    with the case's further qualifiers ("device images, channels_last on"): rows that differ in
+    any of them are different measurements, and each must pair with its own."""
+    _, *rest = case.split(", ")
+    where = rest[0] if rest else ""
+    path = ("device images" if "--device-images" in where else "image cache" if "--image-cache" in where
+            else "JPEG in workers")
+    return ", ".join([path, *rest[1:]])
+
+
 def loop_rows(csv: Path) -> pd.DataFrame:
     """The loop rows of one benchmark.csv, keyed by (case, path); --compile rows are left out."""
     table = pd.read_csv(csv)
     table = table[(table["kind"] == "loop") & ~table["case"].str.contains("--compile")].copy()
-    table["path"] = ["image cache" if "--image-cache" in c else "device images" if "--device-images" in c
-                     else "JPEG in workers" for c in table["case"]]
+    table["path"] = [data_path(c) for c in table["case"]]
     table["case"] = table["case"].str.split(",").str[0]
     return table.set_index(["case", "path"])[["median", "min", "max", "n"]]
 

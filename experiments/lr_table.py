@@ -87,14 +87,16 @@ def page(rows: list[dict], meta: dict) -> str:
             lines.append(f"| {r['recipe']} | not run: {r['reason']} | | | | | |")
             continue
         steps = f"{r['steps']}{' (diverged)' if r['diverged'] else ''}"
-        edge = f" (no window: lowest at the {r['no_window']} rate)" if r.get("no_window") else ""
+        where = {"first": "within a decade of the first rate", "last": "at the last rate"}.get(r.get("no_window"))
+        edge = f" (no window: lowest {where})" if where else ""
         lines.append(f"| {r['recipe']} | {r['stage']} | {r['group']} | {r['documented_lr']:.1e} | "
                      f"{r['suggested_lr']:.1e}{edge} | {r['ratio']:.3g} | {steps} |")
     if any(r.get("no_window") for r in rows):
-        lines += ["", "*No window*: the smoothed loss was lowest at an end of the sweep, so the number is the "
-                  "sweep's edge divided by ten, not a rate the curve points to. At the first rate the smoothed loss "
-                  "never fell below its start within the test's steps: a loss that moves slowly (random weights) "
-                  "or a per-batch loss too noisy to show a dip (small batches: the tutorial recipes train with 4) "
+        lines += ["", "*No window*: the smoothed loss was lowest at an end of the sweep, so the number is (near) "
+                  "the sweep's edge divided by ten, not a rate the curve points to. Lowest within a decade of the "
+                  "first rate (so the suggestion is below every rate tested), the smoothed loss never clearly fell "
+                  "within the test's steps: a loss that moves slowly (random weights) or a per-batch loss too noisy "
+                  "to show a dip (small batches: the tutorial recipes train with 4) "
                   "does this; such a row needs a longer test or larger batches, not the rate printed."]
     return "\n".join(lines) + "\n"
 

@@ -193,3 +193,20 @@ def test_side_by_side_pairs_loop_rows_by_case_and_path(tmp_path):
                     "30.00 (29.00-31.00) | 1.50 |",
                     "| resnet_finetune / efficientnet_lite0 | image cache | 25.00 (24.00-26.00) | "
                     "20.00 (19.00-21.00) | 0.80 |"]
+
+
+def test_side_by_side_keeps_a_cases_further_qualifiers_apart(tmp_path):
+    """The CUDA benchmark has '--device-images' and '--device-images, channels_last on' for one
+    recipe: each pairs with its own row of the other run, never with the other layout's."""
+    from benchmarks import side_by_side
+
+    case = "resnet_finetune / efficientnet_lite0"
+    header = "kind,case,unit,median,min,max,n\n"
+    before, after = tmp_path / "before.csv", tmp_path / "after.csv"
+    before.write_text(header + f"loop,\"{case}, --device-images\",img/s,100.0,99.0,101.0,2\n"
+                      f"loop,\"{case}, --device-images, channels_last on\",img/s,80.0,79.0,81.0,2\n")
+    after.write_text(header + f"loop,\"{case}, --device-images\",img/s,110.0,109.0,111.0,2\n"
+                     f"loop,\"{case}, --device-images, channels_last on\",img/s,40.0,39.0,41.0,2\n")
+    rows = [line for line in side_by_side.page(before, after, "t").splitlines() if line.startswith(f"| {case}")]
+    assert rows == [f"| {case} | device images | 100.00 (99.00-101.00) | 110.00 (109.00-111.00) | 1.10 |",
+                    f"| {case} | device images, channels_last on | 80.00 (79.00-81.00) | 40.00 (39.00-41.00) | 0.50 |"]

@@ -275,3 +275,29 @@ def test_look_writes_cams_features_and_a_page(tiny_data, tiny_backbone, tmp_path
     page = (out / "README.md").read_text()
     assert "![Grad-CAM of both models](cams.png)" in page and "features.png" in page
     assert look.main(["--frozen", str(tmp_path), "--finetuned", str(tuned), "--out", str(out)]) == 2
+
+
+def test_explain_with_tta_of_a_one_logit_model(tiny_data, tiny_backbone, tmp_path, capsys):
+    """vgg_stacked's single logit (BCE): the averaged answer is the mirrored sigmoid's, and its
+    probability is that of the class predicted, whichever of the two it is."""
+    from tl.engine.averaging import Mirrored
+    from tl.engine.evaluate import context_for, load_model
+    from tl.engine.explain import class_activation_maps, mirrored_activation_maps
+
+    run_dir = _train(tiny_data, tmp_path / "runs", "tiny", "vgg_stacked", "--weights", "none")
+    model = load_model(run_dir / "best.pth", context_for(run_dir / "best.pth", None), 2)
+    x = torch.randn(3, 3, 32, 32)
+    maps, predicted, probs = mirrored_activation_maps(model, x)
+    with torch.no_grad():
+        p1 = torch.sigmoid(Mirrored(model).eval()(x)[:, 0])  # P(class 1) of the two views averaged
+    assert predicted.tolist() == (p1 > 0.5).long().tolist()
+    assert torch.allclose(probs, torch.where(predicted == 1, p1, 1 - p1), atol=1e-6)
+    assert maps.shape == (3, 32, 32) and torch.isfinite(maps).all() and maps.max() <= 1
+    flipped, _, _ = mirrored_activation_maps(model, torch.flip(x, dims=[3]))
+    assert torch.allclose(flipped, torch.flip(maps, dims=[2]), atol=1e-5)
+    _, single, _ = class_activation_maps(model, x)  # the one-view path takes the single logit too
+    with torch.no_grad():
+        assert single.tolist() == (model(x)[:, 0] > 0).long().tolist()
+    photo = next((tiny_data / "val" / "class_1").iterdir())
+    assert main.main(["--explain", str(photo), "--checkpoint", str(run_dir / "best.pth"), "--tta"]) == 0
+    assert "predicted class_" in capsys.readouterr().out

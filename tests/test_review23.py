@@ -152,6 +152,11 @@ def test_a_storage_path_with_a_question_mark_is_that_file(tmp_path):
     ({"loss": "mse"}, "is none of cross_entropy, bce_logit"),
     ({"bogus_field": 1}, "is not a field a tuned file may set"),
     ({"name": "x"}, "is not a field a tuned file may set"),
+    ({"stack_head": True}, "is not a field a tuned file may set"),  # the recipe's build is written for its own head
+    ({"first_lrs": None}, "for the recipe's groups (head)"),  # a staged recipe needs its first stage's rates
+    ({"lrs": {"head": 1e-3}}, "is not a table of positive learning rates for the recipe's groups (body, neck, head)"),
+    ({"lrs": {"all": 1e-3}}, "for the recipe's groups (body, neck, head)"),
+    ({"first_lrs": {"head": 1e-3, "body": 1e-4}}, "for the recipe's groups (head)"),
 ])
 def test_a_tuned_file_with_a_field_outside_the_recipe_is_refused(tiny_data, tiny_backbone, tmp_path, monkeypatch,
                                                                  capsys, fields, says):
@@ -161,7 +166,8 @@ def test_a_tuned_file_with_a_field_outside_the_recipe_is_refused(tiny_data, tiny
              "recipe_fields": {"train_epochs": 2, "augment": "strong", "tta": True} | fields}
     (tmp_path / "tuned" / f"modern_finetune-{tiny_data.name}.json").write_text(json.dumps(tuned))
     code, _, err = cli(capsys, "-e", "tuned_modern_finetune", "--data", tiny_data, "-b", tiny_backbone, "--weights",
-                       "none", "--quick", "--image-size", 32, "--out", tmp_path / "runs", "--no-progress")
+                       "none", "--quick", "--epochs", 2, "--image-size", 32, "--out", tmp_path / "runs",
+                       "--no-progress")  # two epochs: the second stage builds its optimizer
     assert code == 2 and err.startswith("error: ") and says in err and err.count("\n") == 1, err
     assert not (tmp_path / "runs").exists()
     if fields == {"augment": "bogus"}:  # the valid fields alone: a recipe that trains

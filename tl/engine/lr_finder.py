@@ -244,7 +244,8 @@ def report(result: LrFinderResult, log) -> None:
         log("the other groups at the recipe's ratios: " + ", ".join(f"{g} {lr * ratio:.1e} (recipe {lr:.1e})"
                                                                     for g, lr in others.items()))
     if edge := no_window(t):
-        log(f"warning: the smoothed loss was lowest at the {edge} rate tested: the curve "
+        where = "within a decade of the first rate" if edge == "first" else "at the last rate"
+        log(f"warning: the smoothed loss was lowest {where} tested: the curve "
             f"shows no clear window, so the suggestion says little (more steps, or another range, may)")
     if result.folder is not None:
         log(f"-> {result.folder / 'lr_finder.png'}, {result.folder / 'lr_finder.csv'}  (a starting point to try, "
@@ -252,9 +253,15 @@ def report(result: LrFinderResult, log) -> None:
 
 
 def no_window(test: RangeTest) -> str | None:
-    """"first" or "last" when the smoothed loss was lowest at an end of the sweep, else None. At
-    the first rate it never fell below its start (a loss that moves slowly, as from random weights,
-    or one too noisy to show a dip, as with batches of 4); at the last the sweep ended before the
-    loss turned up. Either way the minimum is the sweep's edge, not a property of the network."""
-    _, best = suggestion(test.lrs, test.smoothed)
-    return "first" if best == 0 else "last" if best == len(test.lrs) - 1 else None
+    """"first" or "last" when the smoothed loss was lowest at an end of the sweep, else None.
+    "first": lowest within a decade of the first rate, so the suggestion (a tenth of that rate)
+    is below every rate tested: the loss never clearly fell (a loss that moves slowly, as from
+    random weights, or one too noisy to show a dip, as with batches of 4), and where among the
+    first few rates its noise put the minimum means nothing. "last": the sweep ended before the
+    loss turned up. Either way the minimum is the sweep's edge, not a property of the network.
+    A sweep that diverged did turn up, if at once (the step whose loss overflowed is not recorded):
+    its last rate is where the curve turned, not an edge."""
+    suggested, best = suggestion(test.lrs, test.smoothed)
+    if suggested < test.lrs[0]:
+        return "first"
+    return "last" if best == len(test.lrs) - 1 and not test.diverged else None

@@ -171,24 +171,28 @@ def open_study(path: Path, name: str, setup: dict, seed: int, startup: int = 5):
 
 
 CHOICES = {"augment": AUGMENT_POLICIES, "loss": ("cross_entropy", "bce_logit")}
-NOT_TUNED = ("name", "source", "strategy")  # the tuned recipe's own, never a file's
+# the tuned recipe's own, never a file's; stack_head too: the recipe's build is written for its own head
+NOT_TUNED = ("name", "source", "strategy", "stack_head")
 
 
 def field_problem(base: Recipe, name: str, value) -> str | None:
     """Why `value` cannot be the Recipe field `name` of a tuned file (None: it can): a field
-    Recipe has, of its type (an int for an int, a number for a float, a bool for a bool, rates
-    as {group: positive number}), within its range."""
+    Recipe has, of its type (an int for an int, a number for a float, a bool for a bool), within
+    its range. Rates are {group: positive number} for exactly the groups of `base`'s own rates:
+    a search scales the recipe's rates and keeps their groups, and the recipe's build gives each
+    of those groups its parameters (a group left out would leave its parameters without a rate)."""
     known = {f.name for f in dataclasses.fields(base)} - set(NOT_TUNED)
     if name not in known:
         return "is not a field a tuned file may set"
     current = getattr(base, name)
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if name in ("lrs", "first_lrs"):
-        if value is None and name == "first_lrs":
-            return None
-        ok = isinstance(value, dict) and value and all(
+        if current is None:  # a recipe in one stage has no first-stage rates
+            return None if value is None else "is not null (the recipe trains in one stage)"
+        ok = isinstance(value, dict) and set(value) == set(current) and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf") for v in value.values())
-        return None if ok else "is not a table of positive learning rates per group"
+        groups = ", ".join(current)
+        return None if ok else f"is not a table of positive learning rates for the recipe's groups ({groups})"
     if name == "weight_decay":
         return None if value is None or (number and value >= 0) else "is not a weight decay (a number >= 0, or null)"
     if isinstance(current, bool):
