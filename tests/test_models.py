@@ -121,3 +121,20 @@ def test_mapped_efficientnet_lite0_recognises_ants_and_bees(hymenoptera):
             hits += (model(x).topk(5, 1).indices == wanted[:, None]).any(1).sum().item()
             total += len(y)
     assert hits / total > 0.85  # chance of a given class in the top 5 of 1000: 0.5%
+
+
+def test_a_stacked_head_sits_on_a_local_imagenet_shaped_weights_file(pretrained, tmp_path):
+    """004 §3's stacked head offline: `--weights PATH` to a local copy of the ImageNet state_dict
+    is the network under the stack (its 1000-class classifier kept), as `imagenet` would be;
+    a file saved from a stacked model still loads whole."""
+    import torch
+
+    from tl.engine.weights import build_model
+
+    state = torch.load(pretrained)
+    model = build_model("tiny", 1, str(pretrained), stack=True)
+    inner = model.pretrained_model.state_dict()
+    assert all(torch.equal(inner[k], v) for k, v in state.items())  # the classifier's 1000 outputs too
+    torch.save(model.state_dict(), tmp_path / "stacked.pth")
+    again = build_model("tiny", 1, str(tmp_path / "stacked.pth"), stack=True)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))

@@ -167,10 +167,14 @@ def build_model(backbone: str, num_classes: int, weights: str = "imagenet", stac
         file_state = load_state_file(weights, allow_pickle=allow_pickle)
     imagenet = load_imagenet(spec) if weights == "imagenet" else None
     if stack:
-        if imagenet is not None and (outputs := imagenet[spec.head + ".weight"].shape[0]) != 1000:
-            raise TLError(f"a stacked head sits on the 1000 outputs of an ImageNet classifier; the pretrained "
-                          f"classifier of {backbone} has {outputs}: replace the head instead (another recipe)")
-        model = StackedHead(create_model(spec, 1000, imagenet, f"ImageNet weights of {backbone}"), num_classes)
+        source = f"ImageNet weights of {backbone}"
+        if file_state is not None and not any(str(k).startswith("pretrained_model.") for k in file_state):
+            imagenet, file_state, source = file_state, None, f"--weights {weights}"  # a local ImageNet-shaped copy
+        head = f"{spec.head}.weight"
+        if imagenet is not None and head in imagenet and (outputs := imagenet[head].shape[0]) != 1000:
+            raise TLError(f"a stacked head sits on the 1000 outputs of an ImageNet classifier; the classifier "
+                          f"of {source} has {outputs}: replace the head instead (another recipe)")
+        model = StackedHead(create_model(spec, 1000, imagenet, source), num_classes)
         if file_state is not None:  # a file saved from a stacked model
             load_into(model, file_state, f"--weights {weights}")
         return model
