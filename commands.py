@@ -280,7 +280,7 @@ def _print_predictions(images: list[Path], results: list) -> int:
     failed = 0
     for path, result in results:
         if isinstance(result, str):
-            print(f"error: {result}")
+            print(f"skipped: {result}")  # the one error: line, with the count, comes at the end
             failed += 1
         else:
             print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in result))
@@ -319,7 +319,7 @@ def explain_command(args: argparse.Namespace) -> list:
         try:
             x = transform(load_rgb(path)).unsqueeze(0)  # (1, 3, H, W)
         except Exception as exc:
-            print(f"error: cannot read {path}: {type(exc).__name__}: {exc}".splitlines()[0])
+            print(f"skipped: cannot read {path}: {type(exc).__name__}: {exc}".splitlines()[0])
             failed += 1
             continue
         maps, predicted, prob = cam(model, x)

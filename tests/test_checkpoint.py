@@ -131,6 +131,8 @@ def test_predict_with_a_checkpoint_uses_the_runs_class_names(hymenoptera, tmp_pa
     assert set(named) == {"ants", "bees"}  # the run's two classes, not ImageNet's names
     assert sum(map(float, named.values())) == pytest.approx(1, abs=2e-3)
     assert "cannot read" in out.out and "1 of 2 image(s)" in out.err
+    assert [x for x in (out.out + out.err).splitlines() if x.startswith("error:")] == \
+        ["error: 1 of 2 image(s) could not be read"]  # one error: line; the photo's own line says skipped
 
 
 def test_predict_without_a_checkpoint_names_imagenet_classes(hymenoptera, capsys):
