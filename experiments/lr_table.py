@@ -74,6 +74,7 @@ def find_one(name: str, args: argparse.Namespace, runs_dir: Path) -> dict:
 
 def page(rows: list[dict], meta: dict) -> str:
     """The markdown page: what was run, then the table."""
+    from tl.engine.lr_finder import NO_WINDOW  # lazily, as run() imports the finder
     lines = ["# The recipes' learning rates and the range test's suggestion", "",
              f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}; wall time {meta['seconds']:.0f} s.", "",
              "Each recipe's first stage, as its run would start it; every group's rate swept by the same factor per "
@@ -87,7 +88,7 @@ def page(rows: list[dict], meta: dict) -> str:
             lines.append(f"| {r['recipe']} | not run: {r['reason']} | | | | | |")
             continue
         steps = f"{r['steps']}{' (diverged)' if r['diverged'] else ''}"
-        where = {"first": "within a decade of the first rate", "last": "at the last rate"}.get(r.get("no_window"))
+        where = NO_WINDOW.get(r.get("no_window"))
         edge = f" (no window: lowest {where})" if where else ""
         lines.append(f"| {r['recipe']} | {r['stage']} | {r['group']} | {r['documented_lr']:.1e} | "
                      f"{r['suggested_lr']:.1e}{edge} | {r['ratio']:.3g} | {steps} |")

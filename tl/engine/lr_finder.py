@@ -67,6 +67,8 @@ from tl.recipe import BuildFn, Recipe, make_criterion
 START_LR, END_LR, STEPS = 1e-7, 10.0, 100  # the reference group's sweep: fastai's lr_find defaults
 SMOOTHING = 0.98  # exponential moving average of the loss (fastai's beta)
 DIVERGED = 4.0  # stop when the smoothed loss exceeds this many times its best
+# where the smoothed loss was lowest, for each answer of `no_window`, in the words a report prints
+NO_WINDOW = {"first": "within a decade of the first rate", "last": "at the last rate"}
 
 
 class LastLoss(nn.Module):
@@ -244,8 +246,7 @@ def report(result: LrFinderResult, log) -> None:
         log("the other groups at the recipe's ratios: " + ", ".join(f"{g} {lr * ratio:.1e} (recipe {lr:.1e})"
                                                                     for g, lr in others.items()))
     if edge := no_window(t):
-        where = "within a decade of the first rate" if edge == "first" else "at the last rate"
-        log(f"warning: the smoothed loss was lowest {where} tested: the curve "
+        log(f"warning: the smoothed loss was lowest {NO_WINDOW[edge]} tested: the curve "
             f"shows no clear window, so the suggestion says little (more steps, or another range, may)")
     if result.folder is not None:
         log(f"-> {result.folder / 'lr_finder.png'}, {result.folder / 'lr_finder.csv'}  (a starting point to try, "
