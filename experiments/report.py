@@ -415,7 +415,7 @@ def which_recipe(summary: pd.DataFrame, diffs: pd.DataFrame) -> str:
     not wall time taken on a shared machine. Tuned recipes (tuned_*) are left out: they are tuned
     for one data set."""
     lines = ["| data set | most accurate | cheapest within its noise |", "|---|---|---|"]
-    commands = []
+    commands, shortened = [], []
     for dataset, group in summary[summary.status == "ok"].groupby("dataset", sort=False):
         group = group[~group.experiment.str.startswith("tuned_")]
         if group.empty:
@@ -432,7 +432,7 @@ def which_recipe(summary: pd.DataFrame, diffs: pd.DataFrame) -> str:
         def cell(r):
             two = " (a single-logit head: two classes only)" if _single_logit(r.experiment) else ""
             return (f"`{r.experiment}` ({r.backbone}): {100 * r.headline_acc_mean:.1f} ± "
-                    f"{100 * r.headline_acc_std:.1f}%; {int(r.train_epochs)} training epochs at "
+                    f"{100 * r.headline_acc_std:.1f}%; {_epochs(r.train_epochs)} at "
                     f"{r.train_images_per_s_mean:.0f} img/s, {r.train_seconds_mean:.0f} s of training on "
                     f"this 2-core CPU{two}")
 
@@ -442,11 +442,25 @@ def which_recipe(summary: pd.DataFrame, diffs: pd.DataFrame) -> str:
         commands += [PREPARE[dataset]] if dataset in PREPARE else []
         for r, backbone in dict.fromkeys([(best.experiment, best.backbone), (cheap.experiment, cheap.backbone)]):
             row = group[(group.experiment == r) & (group.backbone == backbone)].iloc[0]  # the row named above
-            epochs = f" --epochs {int(row.train_epochs)}" if dataset == "dogs-vs-cats" else ""
+            own = _own_epochs(r)
+            epochs = f" --epochs {int(row.train_epochs)}" if own != int(row.train_epochs) else ""
+            shortened += [dataset] if epochs and dataset not in shortened else []
             for data in dict.fromkeys([online, offline]):
                 commands.append(f"python main.py -e {r} -b {backbone}{data}{epochs}")
-    return "\n".join(lines + ["", "The commands that made those rows (dogs-vs-cats was run shortened, with "
-                               "`--epochs`, to fit this machine):", "", "```bash", *commands, "```"])
+    why = (f" ({' and '.join(shortened)} run with `--epochs` other than the recipe's own, to fit this machine)"
+           if shortened else "")
+    return "\n".join(lines + ["", f"The commands that made those rows{why}:", "", "```bash", *commands, "```"])
+
+
+def _epochs(n) -> str:
+    return f"{int(n)} training epoch{'' if int(n) == 1 else 's'}"
+
+
+def _own_epochs(experiment: str) -> int | None:
+    """A recipe's own training epochs (None for a name this checkout does not define)."""
+    from experiments import NAMES, get_experiment
+
+    return get_experiment(experiment).RECIPE.train_epochs if experiment in NAMES else None
 
 
 def _single_logit(experiment: str) -> bool:

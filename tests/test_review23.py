@@ -194,3 +194,29 @@ def test_which_recipe_commands_name_the_backbone_of_the_row_they_answer_with():
     text = which_recipe(summary, diffs)
     assert f"`{best.experiment}` ({best.backbone})" in text
     assert f"python main.py -e {best.experiment} -b {best.backbone}" in text
+
+
+def test_which_recipe_adds_epochs_only_to_a_row_trained_shorter_than_its_recipe():
+    """A command in the README must retrain the row it answers with: `--epochs N` appears only when
+    the row's epochs differ from the recipe's own, and only then does the text say it was shortened."""
+    import pandas as pd
+
+    from experiments import get_experiment
+    from experiments.report import which_recipe
+
+    own = get_experiment("modern_finetune").RECIPE.train_epochs
+
+    def summary(epochs):
+        return pd.DataFrame([dict(dataset="dogs-vs-cats", status="ok", experiment="modern_finetune",
+                                  backbone="efficientnet_lite0", headline="test, epoch chosen on val",
+                                  headline_acc_mean=0.99, headline_acc_std=0.004, train_epochs=epochs,
+                                  train_images_per_s_mean=30.0, train_seconds_mean=500.0)])
+
+    diffs = pd.DataFrame(columns=["dataset", "verdict", "a", "b"])
+    full = which_recipe(summary(own), diffs)
+    assert "--epochs" not in full and "other than the recipe's own" not in full
+    assert f"{own} training epochs" in full
+    short = which_recipe(summary(1), diffs)
+    assert "--data data/dogs-vs-cats --epochs 1" in short
+    assert "dogs-vs-cats run with `--epochs` other than the recipe's own" in short
+    assert "1 training epoch at" in short
