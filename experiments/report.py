@@ -292,11 +292,19 @@ def provenance(meta: dict) -> list[str]:
         else:
             kind = "**not a full comparison**: rows come from the commands below, some on a subset of the recipes"
         lines.append(f"- {dataset} (`{info.get('data', '?')}`): {kind}")
-        for c in commands:
-            lines.append(f"  - `{c.get('command', '?')}`: {', '.join(c.get('experiments', []))}; commit "
+        for i, c in enumerate(commands):
+            later = {pair for d in commands[i + 1:] for pair in _pairs(d)}
+            rerun = [f"{e} / {b}" for e, b in _pairs(c) if (e, b) in later]
+            since = f" (since rerun by a later command: {', '.join(rerun)})" if rerun else ""
+            lines.append(f"  - `{c.get('command', '?')}`: {', '.join(c.get('experiments', []))}{since}; commit "
                          f"{c.get('commit', '?')}, {c.get('date', '?')}, {c.get('minutes', '?')} min for this data "
                          f"set ({c.get('command_minutes', '?')} min for the whole command)")
     return lines
+
+
+def _pairs(command: dict) -> list[tuple[str, str]]:
+    """The (recipe, backbone) rows one recorded compare_all command made."""
+    return [(e, b) for e in command.get("experiments", []) for b in command.get("backbones", [])]
 
 
 class ReportError(Exception):
@@ -449,7 +457,9 @@ def which_recipe(summary: pd.DataFrame, diffs: pd.DataFrame) -> str:
                 commands.append(f"python main.py -e {r} -b {backbone}{data}{epochs}")
     why = (f" ({' and '.join(shortened)} run with `--epochs` other than the recipe's own, to fit this machine)"
            if shortened else "")
-    return "\n".join(lines + ["", f"The commands that made those rows{why}:", "", "```bash", *commands, "```"])
+    return "\n".join(lines + ["", "The tuned recipes (`tuned_*`) are left out of this answer: their numbers were "
+                               "searched for one data set (their rows are in results/README.md).", "",
+                               f"The commands that made those rows{why}:", "", "```bash", *commands, "```"])
 
 
 def _epochs(n) -> str:

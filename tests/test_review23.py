@@ -220,3 +220,18 @@ def test_which_recipe_adds_epochs_only_to_a_row_trained_shorter_than_its_recipe(
     assert "--data data/dogs-vs-cats --epochs 1" in short
     assert "dogs-vs-cats run with `--epochs` other than the recipe's own" in short
     assert "1 training epoch at" in short
+
+
+def test_provenance_says_which_rows_of_a_command_a_later_command_replaced():
+    """results/README lists every command; a row rerun by a later command (same recipe and backbone)
+    must not read as if the earlier, shorter command still made it."""
+    from experiments.report import provenance
+
+    first = dict(command="compare_all --epochs 2", experiments=["tutorial_finetune", "tutorial_frozen"],
+                 backbones=["efficientnet_lite0", "own"])
+    second = dict(command="compare_all", experiments=["tutorial_frozen"], backbones=["efficientnet_lite0"])
+    lines = provenance({"datasets": {"dogs-vs-cats": {"data": "d", "commands": [first, second]}}})
+    earlier = next(line for line in lines if "--epochs 2" in line)
+    assert "since rerun by a later command: tutorial_frozen / efficientnet_lite0)" in earlier
+    assert "tutorial_finetune /" not in earlier and "tutorial_frozen / own" not in earlier
+    assert "since rerun" not in next(line for line in lines if "`compare_all`" in line)
