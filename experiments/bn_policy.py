@@ -31,10 +31,10 @@ runs/quick-bn_policy/ and leaves results/ and the docs alone.
 
 Defaults: 2 training epochs, batch 16, and at most 320 images per class and split, which
 halves dogs-vs-cats' training set (641 per class) and leaves every other split of both data
-sets whole (all have fewer). They are chosen so the full study (2 data sets x 5 policies x
-3 seeds = 30 runs of EfficientNet-Lite0) takes about 22 minutes on this project's 2-core
-CPU machine: an estimate from the per-image training speeds the committed comparison
-measured there (results/summary.csv), not a timed full run.
+sets whole (all have fewer). They keep the full study (2 data sets x 5 policies x 3 seeds =
+30 runs of EfficientNet-Lite0) short on this project's 2-core CPU: the committed one
+(results/bn_policy.csv) spent 10.7 minutes training, the sum of its train_seconds column
+(evaluation and loading add to the wall time).
 """
 
 from __future__ import annotations
@@ -199,7 +199,9 @@ def section(df) -> str:
         std = f" ± {_pct(r.headline_std)}" if r.seeds > 1 else ""
         lines.append(f"| {r.dataset} | {r.policy} | {_pct(r.headline_mean)}{std} | {r.seeds} | {r.shift:.3f} | "
                      f"{r.var_change:.3f} | {r.seconds:.0f} |")
-    lines.append("")
+    lines += ["", "\"Beyond the noise\" below is this study's own rule, simpler than the paired bootstrap of "
+              "results/differences.csv: the difference of two means must exceed both the larger seed standard "
+              "deviation of the two and one image.", ""]
     advice = []
     for dataset, d in s.groupby("dataset", sort=False):
         d = d.set_index("policy")

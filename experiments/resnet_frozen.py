@@ -20,7 +20,7 @@ from tl.recipe import Recipe
 
 RECIPE = Recipe(
     name="resnet_frozen",
-    source="001 5-19..5-22",
+    source="001 5-16..5-22",
     strategy="ImageNet init, frozen body (BN in eval mode), only the new head trains",
     lrs={"head": 1e-3},  # torch.optim.Adam's default, which 001 relies on
     train_epochs=13,

@@ -71,6 +71,7 @@ def default_channels_last(device: torch.device) -> bool:
     """`--channels-last` left out: the layout measured faster on this kind of device. On the
     2-core CPU, NHWC won for every backbone of results/benchmark.md (efficientnet_lite0 finetune:
     27.2 vs 18.7 img/s, compute bound); on CUDA the contiguous layout won for efficientnet_lite0
-    on an H200 (results/benchmark_cuda.md, bounds: finetune 597.5 img/s off vs 394.9 on,
-    BatchNorm-only 1903.2 vs 1667.0) and on an H100 (issue 24: 385.6 vs 326.0). Other devices: off."""
+    fine-tune on an H200 (results/benchmark_cuda.md, bounds: 597.5 img/s off vs 394.9 on, repeats
+    585-610 vs 382-408; BatchNorm-only 1903.2 vs 1667.0 overlaps, 1608-2198 vs 1531-1803) and on an
+    H100 (385.6 vs 326.0, commit 1585a0e's message). Other devices: off."""
     return device.type == "cpu"
