@@ -265,6 +265,9 @@ def paragraph(r: pd.Series, summary: pd.DataFrame) -> str:
     text = f"**{r.experiment}** on {r.backbone}, {r.dataset} ({r.source}). {note(r.experiment)} "
     if r.status != "ok":
         return text + f"Not run here: {r.reason}"
+    own = _own_epochs(r.experiment)
+    if own is not None and own != int(r.train_epochs):  # the note above describes the recipe's own schedule
+        text += f"This row ran {_epochs(r.train_epochs)} (`--epochs {int(r.train_epochs)}`), not the recipe's {own}. "
     text += (f"Headline ({r.headline}): {_acc(r.headline_acc_mean, r.headline_acc_std)}% (mean ± std over "
              f"{r.seeds} seed(s)), from {_pct(r.baseline_val_acc_mean)}% on val before training (epoch 0). "
              f"The best val epoch, selected on val and so flattered by it, averaged "

@@ -235,3 +235,20 @@ def test_provenance_says_which_rows_of_a_command_a_later_command_replaced():
     assert "since rerun by a later command: tutorial_frozen / efficientnet_lite0)" in earlier
     assert "tutorial_finetune /" not in earlier and "tutorial_frozen / own" not in earlier
     assert "since rerun" not in next(line for line in lines if "`compare_all`" in line)
+
+
+def test_a_recipe_paragraph_says_when_its_row_trained_fewer_epochs_than_the_recipe():
+    """The recipe's note describes its own schedule ("every 7 of 25 epochs"); a shortened row must
+    say so beside it, and a full row must not."""
+    import pandas as pd
+
+    from experiments.report import paragraph
+
+    row = pd.Series(dict(experiment="tutorial_finetune", backbone="efficientnet_lite0", dataset="d", source="s",
+                         status="ok", train_epochs=2, headline="val", headline_acc_mean=0.9, headline_acc_std=0.01,
+                         seeds=3, baseline_val_acc_mean=0.5, best_val_acc_mean=0.9, best_val_acc_std=0.01,
+                         best_epoch_mean=2.0, trainable_params=10, total_params=20, train_seconds_mean=5.0,
+                         train_images_per_s_mean=9.0))
+    empty = pd.DataFrame(columns=["dataset", "experiment", "backbone", "status"])
+    assert "This row ran 2 training epochs (`--epochs 2`), not the recipe's 25." in paragraph(row, empty)
+    assert "This row ran" not in paragraph(row.copy().replace({2: 25}), empty)
