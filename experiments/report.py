@@ -265,9 +265,9 @@ def paragraph(r: pd.Series, summary: pd.DataFrame) -> str:
     text = f"**{r.experiment}** on {r.backbone}, {r.dataset} ({r.source}). {note(r.experiment)} "
     if r.status != "ok":
         return text + f"Not run here: {r.reason}"
-    own = _own_epochs(r.experiment)
-    if own is not None and own != int(r.train_epochs):  # the note above describes the recipe's own schedule
-        text += f"This row ran {_epochs(r.train_epochs)} (`--epochs {int(r.train_epochs)}`), not the recipe's {own}. "
+    if flag := _epochs_flag(r.experiment, r.train_epochs):  # the note above describes the recipe's own schedule
+        text += (f"This row ran {_epochs(r.train_epochs)} (`{flag.strip()}`), not the recipe's "
+                 f"{_own_epochs(r.experiment)}. ")
     text += (f"Headline ({r.headline}): {_acc(r.headline_acc_mean, r.headline_acc_std)}% (mean ± std over "
              f"{r.seeds} seed(s)), from {_pct(r.baseline_val_acc_mean)}% on val before training (epoch 0). "
              f"The best val epoch, selected on val and so flattered by it, averaged "
@@ -426,7 +426,7 @@ def which_recipe(summary: pd.DataFrame, diffs: pd.DataFrame) -> str:
     not wall time taken on a shared machine. Tuned recipes (tuned_*) are left out: they are tuned
     for one data set."""
     lines = ["| data set | most accurate | cheapest within its noise |", "|---|---|---|"]
-    commands, shortened = [], []
+    commands, shortened = [], {}  # shortened: the data sets whose commands need --epochs, in order
     for dataset, group in summary[summary.status == "ok"].groupby("dataset", sort=False):
         group = group[~group.experiment.str.startswith("tuned_")]
         if group.empty:
@@ -453,9 +453,8 @@ def which_recipe(summary: pd.DataFrame, diffs: pd.DataFrame) -> str:
         commands += [PREPARE[dataset]] if dataset in PREPARE else []
         for r, backbone in dict.fromkeys([(best.experiment, best.backbone), (cheap.experiment, cheap.backbone)]):
             row = group[(group.experiment == r) & (group.backbone == backbone)].iloc[0]  # the row named above
-            own = _own_epochs(r)
-            epochs = f" --epochs {int(row.train_epochs)}" if own != int(row.train_epochs) else ""
-            shortened += [dataset] if epochs and dataset not in shortened else []
+            epochs = _epochs_flag(r, row.train_epochs)
+            shortened.update({dataset: True} if epochs else {})
             for data in dict.fromkeys([online, offline]):
                 commands.append(f"python main.py -e {r} -b {backbone}{data}{epochs}")
     why = (f" ({' and '.join(shortened)} run with `--epochs` other than the recipe's own, to fit this machine)"
@@ -467,6 +466,12 @@ def which_recipe(summary: pd.DataFrame, diffs: pd.DataFrame) -> str:
 
 def _epochs(n) -> str:
     return f"{int(n)} training epoch{'' if int(n) == 1 else 's'}"
+
+
+def _epochs_flag(experiment: str, epochs) -> str:
+    """' --epochs N' when a row trained other than its recipe's own epochs (what retrains it), else ''."""
+    own = _own_epochs(experiment)
+    return "" if own in (None, int(epochs)) else f" --epochs {int(epochs)}"
 
 
 def _own_epochs(experiment: str) -> int | None:
