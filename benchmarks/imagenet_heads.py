@@ -33,20 +33,20 @@ from tl.engine.weights import build_model
 from tl.models import IMAGENET_MEAN, IMAGENET_STD, get_backbone
 
 ANT, BEE = 310, 309  # ImageNet class indices
-VARIANTS = {  # name -> (use the backbone's own mean/std, BatchNorm eps)
-    "as a run builds it": (True, 1e-3),
-    "ImageNet mean/std": (False, 1e-3),
+VARIANTS = {  # name -> (use the backbone's own mean/std, BatchNorm eps; None: as tl/models.py sets it, 1e-3)
+    "as a run builds it": (True, None),
+    "ImageNet mean/std": (False, None),
     "BatchNorm eps 1e-5": (True, 1e-5),
 }
 
 
 @torch.no_grad()
-def hits(backbone: str, data: Path, own_norm: bool, eps: float) -> tuple[int, int, int]:
+def hits(backbone: str, data: Path, own_norm: bool = True, eps: float | None = None) -> tuple[int, int, int]:
     """(top-1 hits, top-5 hits, images) of the untouched ImageNet classifier on val/."""
     spec = get_backbone(backbone)
     model = build_model(backbone, 1000, "imagenet").eval()
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if eps is not None and isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eps = eps
     mean, std = (spec.mean, spec.std) if own_norm else (IMAGENET_MEAN, IMAGENET_STD)
     sets = image_datasets(data, build_transforms(mean, std, size=spec.image_size, augment=False))
