@@ -62,6 +62,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from benchmarks import command
 from benchmarks.growth import MARK_END, MARK_START
 from experiments import get_experiment
 from experiments.compare_all import git_commit, machine_description
@@ -576,4 +577,4 @@ def write_results(out: Path, rows: list[dict], notes: list[str], meta: dict) -> 
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command(main))

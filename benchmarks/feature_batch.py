@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from benchmarks import at_least, command
+
 
 def images_per_second(backbone: str, weights: str, data: Path, batch_size: int, channels_last: bool) -> float:
     from tl.data import build_transforms
@@ -43,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=Path("../shared/data/hymenoptera_data"))
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--weights", default="imagenet", help="imagenet | none | PATH (the speed hardly depends on them)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 8, 16, 32, 64])
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch-sizes", type=at_least(1), nargs="+", default=[4, 8, 16, 32, 64])
+    p.add_argument("--repeats", type=at_least(1), default=3)
     p.add_argument("--layout", choices=["channels_last", "contiguous"], default="channels_last",
                    help="the run's default on this CPU is channels_last")
     p.add_argument("--out", type=Path, default=Path("results"))
@@ -77,4 +79,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command(main))

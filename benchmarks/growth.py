@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from benchmarks import at_least, command
+
 MARK_START, MARK_END = "<!-- growth:start -->", "<!-- growth:end -->"
 
 # run in a child process: one training epoch, or the feature pass; prints one JSON line
@@ -153,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     from experiments.compare_all import git_commit, machine_description
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.growth", description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 25000])
+    p.add_argument("--sizes", type=at_least(10), nargs="+", default=[1000, 5000, 25000],
+                   help="images per data set (>= 10: both classes in train and val)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (0: the 2-core CPU's best)")
     p.add_argument("--cache-limit-gb", type=float, default=2.0)
     p.add_argument("--out", type=Path, default=Path("results"))
@@ -192,4 +195,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command(main))

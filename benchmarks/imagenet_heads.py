@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import argparse
 import csv
+import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from benchmarks import command
 from experiments.compare_all import git_commit
+from tl import TLError
 from tl.data import build_transforms, make_loaders
 from tl.engine.selection import image_datasets
 from tl.engine.weights import build_model
@@ -50,6 +53,9 @@ def hits(backbone: str, data: Path, own_norm: bool = True, eps: float | None = N
             m.eps = eps
     mean, std = (spec.mean, spec.std) if own_norm else (IMAGENET_MEAN, IMAGENET_STD)
     sets = image_datasets(data, build_transforms(mean, std, size=spec.image_size, augment=False))
+    if sorted(sets["val"].classes) != ["ants", "bees"]:
+        raise TLError(f"{data}/val has the classes {', '.join(sets['val'].classes)}: this check needs "
+                      f"hymenoptera's ants and bees, the two ImageNet classes it scores")
     ants = sets["val"].class_to_idx["ants"]
     top1 = top5 = total = 0
     for x, y in make_loaders({"val": sets["val"]}, 32)["val"]:
@@ -61,7 +67,7 @@ def hits(backbone: str, data: Path, own_norm: bool = True, eps: float | None = N
     return top1, top5, total
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", type=Path, default=Path("../shared/data/hymenoptera_data"))
     p.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
@@ -87,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     lines += [f"| {r['backbone']} | {r['variant']} | {r['top1']}/{r['images']} ({r['top1_pct']}%) | "
               f"{r['top5']}/{r['images']} ({r['top5_pct']}%) |" for r in rows]
     (args.out / "imagenet_heads.md").write_text("\n".join(lines) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(command(main))

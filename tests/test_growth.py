@@ -50,3 +50,16 @@ def test_feature_batch_times_the_runs_feature_pass_at_each_batch_size(tiny_backb
     table = pd.read_csv(tmp_path / "benchmark_feature_batch.csv")
     assert list(table.batch_size) == [2, 5] and (table.img_s_median > 0).all()
     assert "--batch-sizes 2 5" in (tmp_path / "benchmark_feature_batch.md").read_text()
+
+
+def test_a_benchmark_given_bad_input_says_one_error_line_and_exits_2(tiny_data, tmp_path, capsys):
+    """Every benchmark runs through benchmarks.command: a missing data folder, or a data set
+    that is not the one a check needs, is an `error:` line and status 2, not a traceback."""
+    from benchmarks import command, feature_batch, imagenet_heads
+
+    assert command(lambda: feature_batch.main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path)])) == 2
+    assert capsys.readouterr().err.startswith("error: data folder not found")
+    assert command(lambda: imagenet_heads.main(["--data", str(tiny_data), "--backbones", "efficientnet_lite0",
+                                                "--out", str(tmp_path)])) == 2
+    assert "needs hymenoptera's ants and bees" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.md"))  # nothing written
