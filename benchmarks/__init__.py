@@ -9,13 +9,14 @@ from collections.abc import Callable
 
 
 def command(main: Callable[[], int | None]) -> int:
-    """Run a benchmark's `main`: bad input (a TLError: a missing data folder, say) is one
-    `error:` line and exit status 2, as for main.py, never a traceback."""
+    """Run a benchmark's `main`: bad input (a TLError: a missing data folder, say) or an OSError
+    from the user's files (an `--out` that cannot be written) is one `error:` line and exit
+    status 2, as for main.py, never a traceback."""
     from tl import TLError
 
     try:
         return main() or 0
-    except TLError as exc:
+    except (TLError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

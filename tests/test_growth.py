@@ -63,3 +63,13 @@ def test_a_benchmark_given_bad_input_says_one_error_line_and_exits_2(tiny_data, 
                                                 "--out", str(tmp_path)])) == 2
     assert "needs hymenoptera's ants and bees" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.md"))  # nothing written
+
+
+def test_a_benchmark_that_cannot_write_its_table_says_so_in_one_line(tiny_backbone, tiny_data, tmp_path, capsys):
+    from benchmarks import command, feature_batch
+
+    (tmp_path / "a-file").write_text("")
+    assert command(lambda: feature_batch.main(["--data", str(tiny_data), "--backbone", tiny_backbone, "--weights",
+                                               "none", "--batch-sizes", "2", "--repeats", "1",
+                                               "--out", str(tmp_path / "a-file" / "out")])) == 2
+    assert capsys.readouterr().err.startswith("error: [Errno 20] Not a directory")
