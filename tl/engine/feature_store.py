@@ -46,9 +46,10 @@ from tl.models import Backbone
 
 def feature_batch_size(device: torch.device | str) -> int:
     """Images per forward pass of the one-time feature pass. On a GPU, large batches fill the
-    device. On this 2-core CPU, small ones win: EfficientNet-Lite0 inference ran at 124 img/s
-    with batches of 8 and 91 img/s with 32, because a batch's activations (32 x 32 x 112 x 112
-    floats after the stem alone) no longer fit the CPU caches (measured with channels_last)."""
+    device. On this 2-core CPU, small ones win: the EfficientNet-Lite0 pass (channels_last, JPEG
+    decoding included) ran at 97-106 img/s with batches of 4 to 16, 80 with 32 and 68 with 64
+    (results/benchmark_feature_batch.md), because a large batch's activations (32 x 32 x 112 x 112
+    floats after the stem alone) no longer fit the CPU caches."""
     return 64 if torch.device(device).type == "cuda" else 8
 
 
