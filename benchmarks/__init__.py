@@ -4,21 +4,41 @@ test thresholds. Each module is a command, `python -m benchmarks.NAME --help`.""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
+
+from tl import TLError
 
 
 def command(main: Callable[[], int | None]) -> int:
     """Run a benchmark's `main`: bad input (a TLError: a missing data folder, say) or an OSError
     from the user's files (an `--out` that cannot be written) is one `error:` line and exit
     status 2, as for main.py, never a traceback."""
-    from tl import TLError
-
     try:
         return main() or 0
     except (TLError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def output_folder(out: Path) -> Path:
+    """`--out`, created and checked before anything is measured, so that a folder that cannot be
+    written stops the command at once rather than after the measurement."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK):
+        raise TLError(f"--out {out} is not writable")
+    return out
+
+
+def write_files(files: dict[Path, str]) -> None:
+    """Write every file atomically (temporary file, then rename), each text built beforehand, so a
+    failed write never leaves a new table beside an old page."""
+    from tl.engine.checkpoint import atomic_write_text
+
+    for path, text in files.items():
+        atomic_write_text(path, text)
 
 
 def at_least(minimum: int) -> Callable[[str], int]:

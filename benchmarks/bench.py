@@ -62,7 +62,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks import command
+from benchmarks import at_least, command
 from benchmarks.growth import MARK_END, MARK_START
 from experiments import get_experiment
 from experiments.compare_all import git_commit, machine_description
@@ -424,20 +424,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0],
                                 allow_abbrev=False)  # the recorded command names every option in full
     p.add_argument("--data", default="../shared/data/hymenoptera_data")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=at_least(1), default=3)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--frozen-epochs", type=int, default=5)
+    p.add_argument("--workers", type=at_least(0), default=2)
+    p.add_argument("--frozen-epochs", type=at_least(1), default=5)
     p.add_argument("--out", type=Path, default=Path("results"))
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-frozen", action="store_true", help="leave out the frozen end-to-end runs")
-    p.add_argument("--cases", type=int, default=len(LOOP_CASES), help="measure only the first N loop cases")
+    p.add_argument("--cases", type=at_least(1), default=len(LOOP_CASES), help="measure only the first N loop cases")
     p.add_argument("--case", action="append", type=case_spec, metavar="RECIPE/BACKBONE",
                    help="measure this loop case (repeatable; replaces --cases), e.g. resnet_bn_only/efficientnet_lite0")
     p.add_argument("--configs", nargs="+", choices=CONFIGS, metavar="CONFIG",
                    help=f"the configurations of each loop case: {', '.join(CONFIGS)} (default: all; "
                         "device-images only off the CPU unless named)")
-    p.add_argument("--loop-epochs", type=int, default=1,
+    p.add_argument("--loop-epochs", type=at_least(1), default=1,
                    help="training epochs per throughput run; the last is reported (use 2 on a GPU, whose "
                         "first epoch includes cuDNN autotuning)")
     p.add_argument("--compile-case", type=case_spec, metavar="RECIPE/BACKBONE",
@@ -445,7 +445,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile-path", choices=tuple(PATHS),
                    help="its data path (default: the case's fastest measured, else device-images on a GPU, "
                         "image-cache on the CPU)")
-    p.add_argument("--compile-repeats", type=int, help="repeats of the compiled run (default --repeats)")
+    p.add_argument("--compile-repeats", type=at_least(1), help="repeats of the compiled run (default --repeats)")
     p.add_argument("--compare-minutes", action="store_true",
                    help="also time experiments.compare_all end to end with seed 0 (into a temporary folder)")
     p.add_argument("--compare-experiments", nargs="+", default=list(DOCUMENT_RECIPES), metavar="NAME")
@@ -470,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         commit = f"{os.environ['BENCH_COMMIT']} (from BENCH_COMMIT: this copy has no .git)"
     card = machine_description() if device == "cpu" else torch.cuda.get_device_name(torch.device(device))
     configs = args.configs or [c for c in CONFIGS if c != "device-images" or device != "cpu"]
-    command = "python -m benchmarks.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    invocation = "python -m benchmarks.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     rows, notes = [], []
 
     def record(kind, case, unit, values, **extra):
@@ -480,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
               f"n={s['n']})", flush=True)
 
     def save(done: str) -> None:  # after every part: a run stopped by a timeout keeps what it measured
-        write_results(args.out, rows, notes, {"command": command.strip(), "machine": machine_description(),
+        write_results(args.out, rows, notes, {"command": invocation.strip(), "machine": machine_description(),
                                               "card": card, "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M"),
                                               "device": device, "complete": done == "all", "written_after": done})
 

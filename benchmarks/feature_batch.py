@@ -20,10 +20,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks import at_least, command
+from benchmarks import at_least, command, output_folder, write_files
 
 
 def images_per_second(backbone: str, weights: str, data: Path, batch_size: int, channels_last: bool) -> float:
+    """Images/s of one feature pass over train/, as a run's `compute_features` makes it."""
     from tl.data import build_transforms
     from tl.engine.feature_store import compute_features
     from tl.engine.selection import image_datasets
@@ -34,7 +35,7 @@ def images_per_second(backbone: str, weights: str, data: Path, batch_size: int, 
     model = build_model(backbone, 2, weights)
     train = image_datasets(data, build_transforms(spec.mean, spec.std, size=spec.image_size, augment=False))["train"]
     started = time.perf_counter()
-    compute_features(model, spec.cache_cut or spec.head, train, batch_size=batch_size, channels_last=channels_last)
+    compute_features(model, spec.cache_cut, train, batch_size=batch_size, channels_last=channels_last)
     return len(train) / (time.perf_counter() - started)
 
 
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the run's default on this CPU is channels_last")
     p.add_argument("--out", type=Path, default=Path("results"))
     args = p.parse_args(argv)
-    commit, rows = git_commit(), []
+    out, commit, rows = output_folder(args.out), git_commit(), []
     case = args.backbone, args.weights, args.data
     images_per_second(*case, 8, args.layout == "channels_last")  # warm-up: the files in the page cache
     for batch_size in args.batch_sizes:
@@ -62,19 +63,17 @@ def main(argv: list[str] | None = None) -> int:
                      "img_s_max": round(max(speeds), 1), "repeats": args.repeats})
         print(f"batch {batch_size:>3}: {statistics.median(speeds):6.1f} img/s (min {min(speeds):.1f}, "
               f"max {max(speeds):.1f})", flush=True)
-    command = "python -m benchmarks.feature_batch " + " ".join(argv if argv is not None else sys.argv[1:])
-    table = pd.DataFrame(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(args.out / "benchmark_feature_batch.csv", index=False)
+    invocation = "python -m benchmarks.feature_batch " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = ["# The feature pass's batch size", "",
-             f"`{command.strip()}` at commit {commit}, {time.strftime('%Y-%m-%d %H:%M')}, on "
+             f"`{invocation.strip()}` at commit {commit}, {time.strftime('%Y-%m-%d %H:%M')}, on "
              f"{machine_description()}: images/s of the one-time feature pass over "
              f"train/ (JPEG decoding included, --workers 0), median of {args.repeats} passes.", "",
              "| backbone | layout | batch | img/s (median) | min | max |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['backbone']} | {r['layout']} | {r['batch_size']} | {r['img_s_median']} | {r['img_s_min']} | "
               f"{r['img_s_max']} |" for r in rows]
-    (args.out / "benchmark_feature_batch.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}/benchmark_feature_batch.csv and .md")
+    write_files({out / "benchmark_feature_batch.csv": pd.DataFrame(rows).to_csv(index=False),
+                 out / "benchmark_feature_batch.md": "\n".join(lines) + "\n"})
+    print(f"wrote {out}/benchmark_feature_batch.csv and .md")
     return 0
 
 

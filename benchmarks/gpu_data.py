@@ -25,6 +25,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from benchmarks import at_least, command
+from tl import TLError
+
 VAL_SHORT_SIDE = 256  # tl.data.val_resize(224)
 
 
@@ -58,11 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_data", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=Path("../shared/data/hymenoptera_data"))
     p.add_argument("--out", type=Path, default=Path(".gpudata/hymenoptera_data"))
-    p.add_argument("--train-per-class", type=int)
-    p.add_argument("--val-per-class", type=int)
+    p.add_argument("--train-per-class", type=at_least(1))
+    p.add_argument("--val-per-class", type=at_least(1))
     args = p.parse_args(argv)
-    if args.out.exists():
-        shutil.rmtree(args.out)
+    for split in ("train", "val"):
+        if not (args.data / split).is_dir():
+            raise TLError(f"no {split}/ folder in {args.data}: expected {args.data}/{split}/<class>/<images>")
+    if args.out.is_dir():
+        shutil.rmtree(args.out)  # the data is there: only now replace the old copy
     n_train = copy_split(args.data / "train", args.out / "train", args.train_per_class, val=False)
     n_val = copy_split(args.data / "val", args.out / "val", args.val_per_class, val=True)
     size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
@@ -72,4 +78,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command(main))

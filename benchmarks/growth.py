@@ -60,7 +60,7 @@ FEATURE_CODE = """
 import json, sys, time
 from pathlib import Path
 import torch
-from tl import features
+from tl.engine import feature_store
 from tl.data import build_transforms
 from tl.engine.selection import ImageChoice, select_images
 from tl.engine.weights import build_model
@@ -109,7 +109,9 @@ def _child(code: str, *args: str, env: dict | None = None) -> dict:
     done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, cwd=Path(__file__).resolve().parents[1])
     if done.returncode:
-        raise RuntimeError(f"a measurement failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        from tl import TLError
+
+        raise TLError(f"a measurement failed (exit status {done.returncode}):\n{done.stderr[-3000:]}")
     return json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT"))[7:])
 
 
@@ -184,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             "feature pass seconds": fit(ns, list(table.feature_s)),
             "feature pass peak MiB": fit(ns, list(table.feature_peak_mib)),
             "cache on disk MiB": fit(ns, list(table.cache_mib))}
-    command = "python -m benchmarks.growth " + " ".join(argv if argv is not None else sys.argv[1:])
-    meta = {"command": command.strip(), "machine": machine_description(), "commit": commit,
+    invocation = "python -m benchmarks.growth " + " ".join(argv if argv is not None else sys.argv[1:])
+    meta = {"command": invocation.strip(), "machine": machine_description(), "commit": commit,
             "date": time.strftime("%Y-%m-%d %H:%M")}
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "benchmark_growth.csv", index=False)

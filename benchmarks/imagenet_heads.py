@@ -20,14 +20,14 @@ Top-5 hits are reported too (tests/test_models.py asserts Lite0's top-5 share is
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
+import pandas as pd
 import torch
 from torch import nn
 
-from benchmarks import command
+from benchmarks import command, output_folder, write_files
 from experiments.compare_all import git_commit
 from tl import TLError
 from tl.data import build_transforms, make_loaders
@@ -68,31 +68,31 @@ def hits(backbone: str, data: Path, own_norm: bool = True, eps: float | None = N
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    lite = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+    p = argparse.ArgumentParser(prog="python -m benchmarks.imagenet_heads", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=Path("../shared/data/hymenoptera_data"))
-    p.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+    p.add_argument("--backbones", nargs="+", choices=lite, default=lite,
+                   help="the packaged TensorFlow-converted weights whose normalisation and eps this checks")
     p.add_argument("--out", type=Path, default=Path("results"))
     args = p.parse_args(argv)
-    commit, rows = git_commit(), []
+    invocation = "python -m benchmarks.imagenet_heads " + " ".join(argv if argv is not None else sys.argv[1:])
+    out, commit, rows = output_folder(args.out), git_commit(), []
     for backbone in args.backbones:
         for variant, (own_norm, eps) in VARIANTS.items():
             top1, top5, total = hits(backbone, args.data, own_norm, eps)
             rows.append({"backbone": backbone, "variant": variant, "top1": top1, "top5": top5, "images": total,
                          "top1_pct": round(100 * top1 / total, 1), "top5_pct": round(100 * top5 / total, 1)})
             print(f"{backbone:20s} {variant:20s} top-1 {top1}/{total}  top-5 {top5}/{total}", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "imagenet_heads.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
     lines = ["# The packaged ImageNet classifiers on hymenoptera's val photos", "",
-             f"`python -m benchmarks.imagenet_heads --data {args.data}`: how often the untouched 1000-class",
+             f"`{invocation.strip()}`: how often the untouched 1000-class",
              "classifier names ImageNet's \"ant\" (310) or \"bee\" (309) class right, before any training",
              f"(commit {commit}). Chance is 0.1% for top-1 and 0.5% for top-5.", "",
              "| backbone | variant | top-1 | top-5 |", "|---|---|---|---|"]
     lines += [f"| {r['backbone']} | {r['variant']} | {r['top1']}/{r['images']} ({r['top1_pct']}%) | "
               f"{r['top5']}/{r['images']} ({r['top5_pct']}%) |" for r in rows]
-    (args.out / "imagenet_heads.md").write_text("\n".join(lines) + "\n")
+    write_files({out / "imagenet_heads.csv": pd.DataFrame(rows).to_csv(index=False),
+                 out / "imagenet_heads.md": "\n".join(lines) + "\n"})
+    print(f"wrote {out}/imagenet_heads.csv and .md")
     return 0
 
 

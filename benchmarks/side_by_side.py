@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from benchmarks import command
+
 
 def data_path(case: str) -> str:
     """The data path of a loop row's case ("image cache", "device images" or "JPEG in workers"),
@@ -64,4 +66,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command(main))

@@ -73,3 +73,33 @@ def test_a_benchmark_that_cannot_write_its_table_says_so_in_one_line(tiny_backbo
                                                "none", "--batch-sizes", "2", "--repeats", "1",
                                                "--out", str(tmp_path / "a-file" / "out")])) == 2
     assert capsys.readouterr().err.startswith("error: [Errno 20] Not a directory")
+
+
+def test_growth_measures_the_feature_pass_in_its_child_process(tmp_path, monkeypatch):
+    """The feature-pass child of benchmarks/growth.py runs (it names tl's modules as they are)."""
+    import json
+
+    from benchmarks.growth import FEATURE_CODE, _child
+
+    data = make_images(tmp_path / "images", 10, size=32)
+    result = _child(FEATURE_CODE, str(data), "0", "1.0", env={"TL_CACHE_DIR": str(tmp_path / "cache")})
+    assert result["images"] == 10 and result["seconds"] > 0, json.dumps(result)
+
+
+def test_gpu_data_keeps_its_old_copy_when_the_data_folder_is_wrong(tmp_path, capsys):
+    from benchmarks import command, gpu_data
+
+    (tmp_path / "old" / "train").mkdir(parents=True)
+    assert command(lambda: gpu_data.main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "old")])) == 2
+    assert capsys.readouterr().err.startswith("error: no train/ folder")
+    assert (tmp_path / "old" / "train").is_dir()
+
+
+def test_a_benchmark_checks_its_out_folder_before_measuring(tiny_data, tmp_path, capsys, monkeypatch):
+    import tl.engine.feature_store as feature_store
+    from benchmarks import command, feature_batch
+
+    monkeypatch.setattr(feature_store, "compute_features", lambda *a, **kw: pytest.fail("measured first"))
+    (tmp_path / "a-file").write_text("")
+    assert command(lambda: feature_batch.main(["--data", str(tiny_data), "--out", str(tmp_path / "a-file")])) == 2
+    assert capsys.readouterr().err.startswith("error: ")
