@@ -33,8 +33,8 @@ def output_folder(out: Path) -> Path:
 
 
 def write_files(files: dict[Path, str]) -> None:
-    """Write every file atomically (temporary file, then rename), each text built beforehand, so a
-    failed write never leaves a new table beside an old page."""
+    """Write each file atomically (temporary file, then rename), every text built before the first
+    write: a failed write leaves no half-written file, and nothing is written after a failed measurement."""
     from tl.engine.checkpoint import atomic_write_text
 
     for path, text in files.items():
