@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +40,11 @@ def write_files(files: dict[Path, str]) -> None:
 
     for path, text in files.items():
         atomic_write_text(path, text)
+
+
+def spread(values: list[float]) -> dict:
+    """The median of repeated measurements, their min and max, and how many there were."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
 def at_least(minimum: int) -> Callable[[str], int]:

@@ -62,7 +62,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks import at_least, command
+from benchmarks import at_least, command, spread
 from benchmarks.growth import MARK_END, MARK_START
 from experiments import get_experiment
 from experiments.compare_all import git_commit, machine_description
@@ -84,10 +84,6 @@ LOOP_CASES = [  # (recipe, backbone, weights): weights do not change speed, so r
     ("resnet_bn_only", "efficientnet_lite0", "imagenet"),
     ("vgg_finetune", "efficientnet_lite0", "imagenet"),
 ]
-
-
-def _stats(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
 def loop_throughput(name, backbone, weights, data, device, workers, epochs=1, image_cache=False,
@@ -474,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, notes = [], []
 
     def record(kind, case, unit, values, **extra):
-        s = _stats(values)
+        s = spread(values)
         rows.append({"kind": kind, "case": case, "unit": unit, **s, "card": card, **extra})
         print(f"{kind:<8} {case:<58} {s['median']:10.2f} {unit}  (min {s['min']:.2f}, max {s['max']:.2f}, "
               f"n={s['n']})", flush=True)

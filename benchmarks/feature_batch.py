@@ -13,29 +13,33 @@ size: images/s, the median of `--repeats` passes (and the min and max). Its figu
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 
-from benchmarks import at_least, command, output_folder, write_files
+from benchmarks import at_least, command, output_folder, spread, write_files
 
 
-def images_per_second(backbone: str, weights: str, data: Path, batch_size: int, channels_last: bool) -> float:
-    """Images/s of one feature pass over train/, as a run's `compute_features` makes it."""
+def feature_pass_case(backbone: str, weights: str, data: Path) -> tuple:
+    """(model, cut, train/ with the val transform): what a run's feature pass reads, built once."""
     from tl.data import build_transforms
-    from tl.engine.feature_store import compute_features
     from tl.engine.selection import image_datasets
     from tl.engine.weights import build_model
     from tl.models import get_backbone
 
     spec = get_backbone(backbone)
-    model = build_model(backbone, 2, weights)
     train = image_datasets(data, build_transforms(spec.mean, spec.std, size=spec.image_size, augment=False))["train"]
+    return build_model(backbone, 2, weights), spec.cache_cut, train
+
+
+def images_per_second(model, cut: str, train, batch_size: int, channels_last: bool) -> float:
+    """Images/s of one feature pass over train/, as a run's `compute_features` makes it."""
+    from tl.engine.feature_store import compute_features
+
     started = time.perf_counter()
-    compute_features(model, spec.cache_cut, train, batch_size=batch_size, channels_last=channels_last)
+    compute_features(model, cut, train, batch_size=batch_size, channels_last=channels_last)
     return len(train) / (time.perf_counter() - started)
 
 
@@ -53,16 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("results"))
     args = p.parse_args(argv)
     out, commit, rows = output_folder(args.out), git_commit(), []
-    case = args.backbone, args.weights, args.data
+    case = feature_pass_case(args.backbone, args.weights, args.data)
     images_per_second(*case, 8, args.layout == "channels_last")  # warm-up: the files in the page cache
     for batch_size in args.batch_sizes:
-        speeds = [images_per_second(*case, batch_size, args.layout == "channels_last")
-                  for _ in range(args.repeats)]
+        s = spread([images_per_second(*case, batch_size, args.layout == "channels_last")
+                    for _ in range(args.repeats)])
         rows.append({"backbone": args.backbone, "layout": args.layout, "batch_size": batch_size,
-                     "img_s_median": round(statistics.median(speeds), 1), "img_s_min": round(min(speeds), 1),
-                     "img_s_max": round(max(speeds), 1), "repeats": args.repeats})
-        print(f"batch {batch_size:>3}: {statistics.median(speeds):6.1f} img/s (min {min(speeds):.1f}, "
-              f"max {max(speeds):.1f})", flush=True)
+                     "img_s_median": round(s["median"], 1), "img_s_min": round(s["min"], 1),
+                     "img_s_max": round(s["max"], 1), "repeats": s["n"]})
+        print(f"batch {batch_size:>3}: {s['median']:6.1f} img/s (min {s['min']:.1f}, max {s['max']:.1f})", flush=True)
     invocation = "python -m benchmarks.feature_batch " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = ["# The feature pass's batch size", "",
              f"`{invocation.strip()}` at commit {commit}, {time.strftime('%Y-%m-%d %H:%M')}, on "
