@@ -1,8 +1,12 @@
-"""The experiments: one short file per variant taught in the source documents.
+"""The experiments: the recipes, their registry, and the studies that compare them.
 
-Each file answers one question, names the document and section it reproduces, and
-holds a `RECIPE` (the document's numbers) and a `build(model, spec, recipe)` that
-decides what trains. `NAMES` is the registry `main.py` and `compare_all` use.
+experiments/recipes/ holds one short file per variant taught in the source documents
+(a `RECIPE` and a `build(model, spec, recipe)`; see its `__init__`). This module is the
+registry `main.py` and `compare_all` use: `NAMES`, and `get_experiment`, which loads
+`experiments.recipes.<name>`. The other modules here are studies and harness scripts run
+as `python -m experiments.<name>` (compare_all, report, tune, bn_policy, data_efficiency,
+imbalance, look, lr_table); `experiments/common.py` holds the helpers they and
+`benchmarks/` share.
 
 `tuned_<recipe>` (e.g. tuned_modern_finetune) is a recipe with numbers chosen by a search
 (experiments/tune.py) on one data set: the base recipe with the fields of
@@ -42,7 +46,7 @@ def get_experiment(name: str, data: str | os.PathLike | None = None) -> ModuleTy
     if name not in NAMES:
         raise TLError(f"unknown experiment {name!r}; choose one of: {', '.join(NAMES)}, or tuned_<one of them> "
                       f"(see --list)")
-    return importlib.import_module(f"experiments.{name}")
+    return importlib.import_module(f"experiments.recipes.{name}")
 
 
 def tuned_dir() -> Path:
