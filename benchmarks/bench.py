@@ -65,7 +65,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from benchmarks import at_least, command, spread
 from benchmarks.growth import MARK_END, MARK_START
 from experiments import get_experiment
-from experiments.compare_all import git_commit, machine_description
+from experiments.common import git_commit, machine_description
 from tl.data import build_transforms
 from tl.engine.device import default_channels_last, device_hooks, make_grad_scaler, prepare_device, resolve_device
 from tl.engine.options import RunOptions, resolve
@@ -344,7 +344,7 @@ def compare_end_to_end(args, data, device, record, notes, timeout: float) -> Non
     """`experiments.compare_all` with one seed, in a child process writing to a temporary folder
     (never the committed results/): its wall time, its runs' summed train seconds, and the same
     runs' train seconds on the CPU from the committed results/runs.csv."""
-    from experiments.compare_all import dataset_name
+    from experiments.common import dataset_name
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "results"

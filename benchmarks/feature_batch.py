@@ -44,7 +44,7 @@ def images_per_second(model, cut: str, train, batch_size: int, channels_last: bo
 
 
 def main(argv: list[str] | None = None) -> int:
-    from experiments.compare_all import git_commit, machine_description
+    from experiments.common import git_commit, machine_description
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.feature_batch", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=Path("../shared/data/hymenoptera_data"))

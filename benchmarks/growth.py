@@ -154,7 +154,7 @@ def merge_section(path: Path, section: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from experiments.compare_all import git_commit, machine_description
+    from experiments.common import git_commit, machine_description
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.growth", description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=at_least(10), nargs="+", default=[1000, 5000, 25000],

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from benchmarks import command, output_folder, write_files
-from experiments.compare_all import git_commit
+from experiments.common import git_commit
 from tl import TLError
 from tl.data import build_transforms, make_loaders
 from tl.engine.selection import image_datasets

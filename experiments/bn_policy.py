@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.resnet_bn_only import train_batchnorm
+from experiments.recipes.resnet_bn_only import train_batchnorm
 from tl.models import param_groups, set_trainable
 from tl.recipe import Recipe
 

@@ -46,15 +46,14 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from experiments import NAMES
+from experiments.common import dataset_name, git_commit, machine_description, train_or_reason
 
 # torch, pandas and tl are imported inside the functions that need them, so that
 # `--help` and argument errors answer at once instead of after seconds of imports.
@@ -104,11 +103,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def dataset_name(data_dir: Path) -> str:
-    """What the tables call a data set: its folder's name (hymenoptera_data, dogs-vs-cats)."""
-    return Path(data_dir).resolve().name
-
-
 def experiments_for(data_dir: Path, args: argparse.Namespace) -> list[str]:
     """The recipes compared on one data set: those asked for, and by default each tuned_<recipe>
     whose numbers were tuned on this data set (experiments/tune.py), trained like any other."""
@@ -122,23 +116,6 @@ def _order(name: str) -> float:
     """Recipe order in the tables: the registry's, a tuned recipe right after its base."""
     base = name.removeprefix("tuned_")
     return NAMES.index(base) + (0.5 if base != name else 0) if base in NAMES else len(NAMES)
-
-
-def train_or_reason(module, opts, log) -> tuple[object, dict]:
-    """(the run's result, {}) or (None, {"status", "reason"}) when it could not run or failed: in
-    a study of many runs, one recipe's problem is a row of the table, not the end of the study.
-    Ctrl-C still stops the whole study."""
-    from tl import Interrupted, TLError
-    from tl.engine.run import run
-
-    try:
-        return run(module.RECIPE, module.build, opts, log=lambda line: log("    " + line)), {}
-    except Interrupted:
-        raise
-    except TLError as exc:
-        return None, {"status": "not run", "reason": str(exc).splitlines()[0]}
-    except Exception as exc:  # a bug in one recipe must not hide the other results
-        return None, {"status": "failed", "reason": f"{type(exc).__name__}: {exc}".splitlines()[0]}
 
 
 def run_one(name: str, backbone: str, seed: int, data_dir: Path, args: argparse.Namespace, runs_dir: Path,
@@ -320,32 +297,6 @@ def remove_stale(out: Path, runs, written: set[Path]) -> list[Path]:
             if d.is_dir() and not any(d.iterdir()):
                 d.rmdir()
     return removed
-
-
-def machine_description() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return f"{os.cpu_count()} CPU cores ({cpu}){gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        # changed code, not changed results: the tables this command rewrites do not count
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"],
-                               capture_output=True, text=True).stdout.strip()
-        return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def write_outputs(out: Path, runs, meta: dict):

@@ -85,7 +85,7 @@ def run_one(recipe: str, way: str, seed: int, args: argparse.Namespace, runs_dir
             log) -> tuple[dict, Path | None]:
     """One recipe x way x seed: (its row, its headline predictions file, or None when it did not run)."""
     from experiments import get_experiment
-    from experiments.compare_all import train_or_reason
+    from experiments.common import train_or_reason
     from tl.engine.options import RunOptions
     from tl.engine.timm_backbones import folder_label
 
@@ -126,7 +126,7 @@ def differences(out: Path, runs, minority: str):
     the paired bootstrap over the seeds both ran and the images they share."""
     import pandas as pd
 
-    from experiments.report import paired_bootstrap
+    from experiments.common import paired_bootstrap
 
     found, rows = _per_image(out, runs), []
     for recipe in dict.fromkeys(runs.recipe):
@@ -187,7 +187,7 @@ def plot(runs, path: Path, minority: str) -> Path:
 
 
 def write_page(out: Path, runs, diffs, command: str, minutes: float) -> Path:
-    from experiments.compare_all import git_commit, machine_description
+    from experiments.common import git_commit, machine_description
 
     ok = runs[runs.status == "ok"]
     minority, kept = runs.minority.iloc[0], runs.kept.iloc[0]

@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from experiments.common import DRAWS, paired_bootstrap
+
 NOTES = {  # what each recipe is meant to show; the figures that follow come from the CSV
     "resnet_scratch": "No pretrained weights: the control. Whatever the others gain over it is what ImageNet buys.",
     "resnet_finetune": "Pretrained start, every layer trains at a small learning rate.",
@@ -51,33 +53,6 @@ def note(experiment: str) -> str:
         return (f"{experiment[len('tuned_'):]} with its numbers chosen by a search on an inner split of train "
                 f"(python -m experiments.tune: val and test unseen), then trained and scored like the others.")
     return NOTES.get(experiment, "")
-
-
-DRAWS = 4000  # bootstrap draws: enough for stable 2.5% / 97.5% percentiles
-
-
-# ----------------------------------------------------------------------------- the paired bootstrap
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, draws: int = DRAWS, seed: int = 0) -> tuple[float, float, float]:
-    """Accuracy of recipe A minus recipe B, and a 95% interval for it: (difference, low, high).
-
-    `a` and `b` are (seeds, images) arrays of 1 (correct) and 0: row k of both comes from the
-    same seed, column j from the same image. One bootstrap draw picks seeds and images with
-    replacement, *the same ones for A and B* (paired: an image that is hard for both cancels
-    out), and recomputes the difference; the middle 95% of the draws is the interval. It
-    answers "with other seeds and another sample of such images, how far could the difference
-    move?" With one seed, only the images are resampled.
-
-    Drawing with replacement gives each seed and each image a count (how often it was drawn),
-    so a draw's mean difference is a weighted sum: counts_seeds @ d @ counts_images / (S * N).
-    """
-    rng = np.random.default_rng(seed)
-    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)  # (S, N): +1 only A right, -1 only B right
-    n_seeds, n_images = d.shape
-    seed_counts = rng.multinomial(n_seeds, np.full(n_seeds, 1 / n_seeds), size=draws)  # (draws, S)
-    image_counts = rng.multinomial(n_images, np.full(n_images, 1 / n_images), size=draws)  # (draws, N)
-    diffs = ((seed_counts @ d) * image_counts).sum(axis=1) / (n_seeds * n_images)  # (draws,)
-    low, high = np.percentile(diffs, [2.5, 97.5])
-    return float(d.mean()), float(low), float(high)
 
 
 def verdict(low: float, high: float) -> str:

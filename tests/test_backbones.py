@@ -59,7 +59,7 @@ def test_packaged_lite_weights_map_onto_timm_with_every_tensor_checked(name, siz
 
 def test_a_run_crops_at_the_backbone_size_unless_told_and_its_tools_read_the_recorded_size(tiny_data, tmp_path,
                                                                                              monkeypatch):
-    from experiments import resnet_finetune
+    from experiments.recipes import resnet_finetune
     from tl.engine.options import RunOptions
     from tl.engine.run import run
 
@@ -102,7 +102,7 @@ def test_a_timm_spec_puts_every_parameter_in_exactly_one_group(arch):
 
 def test_a_timm_backbone_runs_end_to_end_and_its_run_evaluates_predicts_resumes_and_exports(
         tiny_data, tmp_path, capsys, own_cache_dir):
-    from experiments import resnet_frozen
+    from experiments.recipes import resnet_frozen
     from tl.engine.options import RunOptions
     from tl.engine.run import run as train
 

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 import main
-from experiments import get_experiment, resnet_frozen
+from experiments import get_experiment
+from experiments.recipes import resnet_frozen
 from tl import features
 from tl.data import build_transforms
 from tl.engine import checkpoint, feature_store

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import main
-from experiments import get_experiment, resnet_frozen
+from experiments import get_experiment
+from experiments.recipes import resnet_frozen
 from tl.engine import feature_store
 from tl.engine.options import RunOptions
 from tl.engine.run import resume_run, run
@@ -93,7 +94,7 @@ def test_evaluate_train_split_of_a_verify_images_run_scores_the_images_it_traine
     for k in range(i + 20, i + 60):
         data[k] ^= 0xFF
     bad.write_bytes(bytes(data))
-    module = __import__("experiments.resnet_finetune", fromlist=["RECIPE"])
+    module = __import__("experiments.recipes.resnet_finetune", fromlist=["RECIPE"])
     opts = RunOptions(data=tiny_data, backbone="tiny", weights="none", epochs=1, batch_size=4, workers=0,
                       out=tmp_path / "runs", image_size=32, progress=False, plots=False, verify_images=True,
                       train_per_class=3)

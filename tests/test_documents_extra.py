@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import main
-from experiments import resnet_frozen, vgg_stacked
+from experiments.recipes import resnet_frozen, vgg_stacked
 from tl import TLError
 from tl.data import build_transforms, make_loaders
 from tl.engine.evaluate import EPOCH_FILE

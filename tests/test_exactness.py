@@ -282,7 +282,7 @@ def test_batchnorm_in_train_mode_and_stochastic_depth_are_not_cached(tiny_backbo
 
 
 def test_torchvision_efficientnet_with_stochastic_depth_trains_uncached(tiny_data, tmp_path):
-    from experiments import resnet_frozen
+    from experiments.recipes import resnet_frozen
     from tl.engine.options import RunOptions
     from tl.engine.run import run
 
@@ -348,7 +348,7 @@ def _damage(path, how):
 @pytest.mark.parametrize("how", ["truncated", "swapped rows", "flipped mantissa bits", "too few rows",
                                  "not a torch file"])
 def test_a_damaged_cache_file_is_reported_and_rebuilt(tiny_data, pretrained, tmp_path, own_cache_dir, how):
-    from experiments import resnet_frozen
+    from experiments.recipes import resnet_frozen
     from tl.engine.options import RunOptions
     from tl.engine.run import run
 
@@ -370,7 +370,7 @@ def test_a_damaged_cache_file_is_reported_and_rebuilt(tiny_data, pretrained, tmp
 
 
 def test_cached_views_are_distinct_augmented_crops(tiny_data, tiny_backbone, tmp_path, own_cache_dir):
-    from experiments import resnet_frozen
+    from experiments.recipes import resnet_frozen
     from tl.engine.options import RunOptions
     from tl.engine.run import run
 

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from experiments import resnet_frozen, resnet_scratch
+from experiments.recipes import resnet_frozen, resnet_scratch
 from tl import features
 from tl.data import build_transforms
 from tl.engine.image_cache import DecodedImages

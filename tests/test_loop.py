@@ -130,7 +130,7 @@ def test_batch_order_does_not_depend_on_the_number_of_workers(tiny_data, tiny_ba
 
 
 def test_three_classes_end_to_end(three_class_data, tiny_backbone, tmp_path):
-    from experiments import resnet_scratch
+    from experiments.recipes import resnet_scratch
 
     opts = RunOptions(data=three_class_data, backbone="tiny", epochs=5, workers=0, out=tmp_path, image_size=32,
                       lr_scale=100, progress=False)

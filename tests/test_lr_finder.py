@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import main
-from experiments import resnet_frozen
+from experiments.recipes import resnet_frozen
 from tl.engine import lr_finder
 from tl.engine.options import RunOptions
 
@@ -60,7 +60,7 @@ def test_a_huge_end_rate_diverges_and_stops_before_the_planned_steps(tiny_data, 
 
 
 def test_ratios_between_groups_are_kept(tiny_data, pretrained, tmp_path):
-    from experiments import two_stage  # first stage: body 2e-4, neck 2e-4, head 2e-3 (and BatchNorm)
+    from experiments.recipes import two_stage  # first stage: body 2e-4, neck 2e-4, head 2e-3 (and BatchNorm)
 
     result = _find(tiny_data, pretrained, tmp_path / "out", recipe=two_stage, start_lr=1e-5, end_lr=1e-3, steps=5)
     assert result.stage == "frozen body" and result.group == "head" and result.recipe_lr == 2e-3

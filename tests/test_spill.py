@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments import resnet_frozen
+from experiments.recipes import resnet_frozen
 from tests.conftest import TinyNet
 from tl import features
 from tl.data import build_transforms

@@ -119,7 +119,7 @@ def test_one_cycle_rates_match_the_formula_and_fastais_end_points():
 
 
 def test_the_tutorials_step_schedule_cuts_the_rate_every_7_training_epochs(tiny_backbone):
-    from experiments import tutorial_finetune
+    from experiments.recipes import tutorial_finetune
     from tl.engine.weights import build_model
     from tl.models import get_backbone
 

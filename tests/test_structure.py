@@ -20,7 +20,7 @@ CORE_LINES, FUNCTION_LINES, FUNCTION_PARAMS, TRACED_CORE_LINES = 1500, 60, 8, 80
 
 def _modules() -> dict[str, Path]:
     """Every module of the project (not the tests), by dotted name."""
-    files = [ROOT / "main.py", ROOT / "commands.py", *ROOT.glob("tl/**/*.py"), *ROOT.glob("experiments/*.py")]
+    files = [ROOT / "main.py", ROOT / "commands.py", *ROOT.glob("tl/**/*.py"), *ROOT.glob("experiments/**/*.py")]
     names = {}
     for f in files:
         if f.is_file():
