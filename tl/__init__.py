@@ -1,7 +1,7 @@
 """tl: the study library of the transfer-learning reference.
 
 This package knows nothing about any one experiment (karpathy/minGPT's rule for
-`mingpt/` vs `projects/`): the recipes in `experiments/` decide *what* trains, `tl/`
+`mingpt/` vs `projects/`): the recipes in `experiments/recipes/` decide *what* trains, `tl/`
 supplies the pieces they share. Its top level is the core, what a learner reads in one
 sitting; follow one frozen run through it, as docs/READING.md does (it runs offline here):
 `python main.py -e resnet_frozen -b efficientnet_lite0 --data ../shared/data/hymenoptera_data --quick`

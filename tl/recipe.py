@@ -1,6 +1,6 @@
 """The Recipe: the numbers of one variant of the source documents, and the loss they imply.
 
-A recipe file in `experiments/` holds a `RECIPE = Recipe(...)` with the numbers of its
+A recipe file in `experiments/recipes/` holds a `RECIPE = Recipe(...)` with the numbers of its
 source document and a `build(model, spec, recipe)` that decides which parameters train
 and with which optimizer (see tl/models.py for the groups it names, tl/stages.py for a
 recipe in several stages). `tl.engine.run` turns a recipe into a run.
