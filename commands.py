@@ -38,7 +38,7 @@ def list_recipes() -> str:
     """The README's recipe table (what trains, epochs, batch, learning rates, the command), then
     each backbone and whether it runs here without a network."""
     from experiments import NAMES, all_experiments, tuned_dir, tuned_files
-    from tl.engine.timm_backbones import backbone_spec
+    from tl.engine.backbones import backbone_spec
     from tl.engine.weights import runs_offline, torchvision_weights_file
     from tl.models import BACKBONES
 
@@ -102,7 +102,7 @@ def run_options(args: argparse.Namespace):
 def train_command(args: argparse.Namespace):
     """`main.py --experiment NAME`: check what can be checked before any work (the names, the
     folders the run writes, the ImageNet weights), then train."""
-    from tl.engine.averaging import check_decay
+    from tl.engine.ema import check_decay
     from tl.engine.run import run
 
     if args.ema is not None:  # (0, the recipe's "off", is refused too: to train without an average, leave --ema out)
@@ -123,7 +123,7 @@ def _recipe_module(args: argparse.Namespace):
 
 def _check_before_work(args: argparse.Namespace, module) -> None:
     """The names, the folders a run writes, the ImageNet weights: checked before any data is read."""
-    from tl.engine.timm_backbones import backbone_spec
+    from tl.engine.backbones import backbone_spec
     from tl.engine.weights import require_imagenet
 
     spec = backbone_spec(args.backbone or module.RECIPE.backbone)  # a typo fails here, before any data
@@ -174,21 +174,22 @@ def evaluate_command(args: argparse.Namespace) -> None:
     With test-time augmentation (the run's recorded recipe, unless --tta / --no-tta says otherwise) each
     photo is scored with its mirror, and the report goes to .../evaluate-<file>-<split>-tta/."""
     from tl.engine import evaluate as ev
-    from tl.engine.averaging import mirrored_if
     from tl.engine.device import resolve_device
+    from tl.engine.model_loading import context_for, load_model
     from tl.engine.prepare import resolve_data_dir
+    from tl.engine.tta import mirrored_if
 
     path: Path = args.evaluate
     if not path.exists():
         raise TLError(f"no such file or folder: {path}")
-    ctx = ev.context_for(path, args.backbone)
+    ctx = context_for(path, args.backbone)
     if args.data is None and ctx.data is not None:
         print(f"data: {ctx.data} (from the run's config.json)")
     ctx = dataclasses.replace(ctx, tta=_tta(ctx.tta, args.tta))
     loader, classes = ev.split_loader(resolve_data_dir(args.data or ctx.data), args.split, ctx)
     device = resolve_device(args.device)
     if path.is_file():
-        model = mirrored_if(ev.load_model(path, ctx, len(classes), args.allow_pickle), ctx.tta)
+        model = mirrored_if(load_model(path, ctx, len(classes), args.allow_pickle), ctx.tta)
         result = ev.evaluate(model, loader, device, len(classes))
         print(ev.format_evaluation(result, classes))
         ev.write_evaluation_report(path.parent / f"evaluate-{path.stem}-{args.split}{'-tta' if ctx.tta else ''}",
@@ -202,7 +203,7 @@ def predict_command(args: argparse.Namespace) -> int:
     checkpoint, ImageNet names. An exported file (`--export`, tl/engine/export.py) carries its own
     class names, size and normalisation: no config.json is read. `--predict DIR`: a folder, sub-folders
     included, classified into a CSV table (`predict_folder_command`)."""
-    from tl.engine.evaluate import predict_images
+    from tl.engine.predict import predict_images
 
     if any(path.is_dir() for path in args.predict):
         if len(args.predict) > 1:
@@ -241,9 +242,9 @@ def _prediction_model(args: argparse.Namespace) -> tuple:
     config.json), an exported .onnx / .pt file alone, or, without one, the ImageNet classifier.
     Test-time augmentation (photo and mirror averaged) where the run's recipe recorded it or --tta
     asks; an exported file records no recipe, so there only --tta turns it on."""
-    from tl.engine.averaging import mirrored_if
-    from tl.engine.evaluate import ModelContext, context_for, load_model
-    from tl.engine.timm_backbones import backbone_spec
+    from tl.engine.backbones import backbone_spec
+    from tl.engine.model_loading import ModelContext, context_for, load_model
+    from tl.engine.tta import mirrored_if
     from tl.engine.weights import build_model, imagenet_categories
 
     if args.checkpoint and args.checkpoint.suffix in (".onnx", ".pt"):
@@ -293,11 +294,11 @@ def explain_command(args: argparse.Namespace) -> list:
     """`main.py --explain IMG... --checkpoint RUN/best.pth`: for each photo, the photo and its
     Grad-CAM for the predicted class, written to RUN/explain/<photo name>-cam.png."""
     from tl.data import build_transforms
-    from tl.engine.evaluate import context_for, load_model
+    from tl.engine.backbones import backbone_spec
     from tl.engine.explain import class_activation_maps, mirrored_activation_maps
     from tl.engine.images import load_rgb
+    from tl.engine.model_loading import context_for, load_model
     from tl.engine.plots import cam_figure
-    from tl.engine.timm_backbones import backbone_spec
 
     if not args.checkpoint:
         raise TLError("--explain needs --checkpoint RUN/best.pth (the trained model whose attention to show)")

@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="draw the training images with replacement so that every class is drawn equally often")
     model.add_argument("--ema", type=float, metavar="DECAY",
                        help="score val, keep best.pth and the headline with an exponential average of the weights, "
-                            "updated after every step (0.99: about the last 100 steps; tl/engine/averaging.py)")
+                            "updated after every step (0.99: about the last 100 steps; tl/engine/ema.py)")
     model.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                        help="test-time augmentation: the headline, --evaluate, --predict and --explain average each "
                             "photo's and its mirror's probabilities (default: the recipe's, or the run's config.json)")

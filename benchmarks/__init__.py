@@ -36,7 +36,7 @@ def output_folder(out: Path) -> Path:
 def write_files(files: dict[Path, str]) -> None:
     """Write each file atomically (temporary file, then rename), every text built before the first
     write: a failed write leaves no half-written file, and nothing is written after a failed measurement."""
-    from tl.engine.checkpoint import atomic_write_text
+    from tl.engine.files import atomic_write_text
 
     for path, text in files.items():
         atomic_write_text(path, text)

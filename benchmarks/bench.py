@@ -67,12 +67,12 @@ from benchmarks.growth import MARK_END, MARK_START
 from experiments import get_experiment
 from experiments.common import git_commit, machine_description
 from tl.data import build_transforms
+from tl.engine.backbones import backbone_spec
 from tl.engine.device import default_channels_last, device_hooks, make_grad_scaler, prepare_device, resolve_device
 from tl.engine.options import RunOptions, resolve
 from tl.engine.run import run
 from tl.engine.selection import ImageChoice, select_images
 from tl.engine.stage_setup import stage_hooks
-from tl.engine.timm_backbones import backbone_spec
 from tl.engine.weights import build_model
 from tl.loop import seed_everything, train_model
 from tl.recipe import make_criterion

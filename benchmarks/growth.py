@@ -64,7 +64,7 @@ from tl.engine import feature_store
 from tl.data import build_transforms
 from tl.engine.selection import ImageChoice, select_images
 from tl.engine.weights import build_model
-from tl.engine.timm_backbones import backbone_spec
+from tl.engine.backbones import backbone_spec
 data, workers, limit_gb = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 spec = backbone_spec("efficientnet_lite0")
 model = build_model("efficientnet_lite0", 2, "imagenet")

@@ -16,7 +16,7 @@ The policies, everything else equal (Adam, the same epochs, batch size and seed)
     finetune_bn_train  everything trains, BN in train mode (resnet_finetune, the tutorial)
     finetune_bn_eval   everything trains, BN in eval mode: scale/shift learn, statistics stay (bn_eval)
 
-For each run it records the headline accuracy (tl.engine.records.score_headline: test accuracy of
+For each run it records the headline accuracy (tl.engine.headline.score_headline: test accuracy of
 the epoch chosen on val where the data has test/, else the final epoch's val accuracy:
 never selected on the images it is scored on) and how far the running statistics moved
 from ImageNet's, measured on the final epoch's weights (`drift`). It writes
@@ -112,9 +112,9 @@ def drift(before: dict, after: dict) -> dict:
 def run_policy(policy: str, data: Path, backbone: str, seed: int, args, runs_dir: Path) -> dict:
     """One data set x policy x seed through the one loop (tl.engine.run.run) -> one CSV row."""
     from tl.engine import checkpoint
+    from tl.engine.backbones import folder_label
     from tl.engine.options import RunOptions
     from tl.engine.run import run
-    from tl.engine.timm_backbones import folder_label
     from tl.engine.weights import build_model
 
     recipe = dataclasses.replace(POLICIES[policy], backbone=backbone, train_epochs=args.epochs,

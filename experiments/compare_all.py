@@ -22,7 +22,7 @@ other recipe: its numbers were chosen on an inner split of train, so val and tes
 unseen for it as for the rest.
 
 The headline number of a run is never chosen on the images it is scored on
-(`tl.engine.records.score_headline`): test accuracy of the epoch chosen on val where the data
+(`tl.engine.headline.score_headline`): test accuracy of the epoch chosen on val where the data
 folder has a `test/` split, else the final epoch's val accuracy.
 
 Rows are keyed by (data set, recipe, backbone). A run of a subset replaces the rows of the
@@ -126,8 +126,8 @@ def run_one(name: str, backbone: str, seed: int, data_dir: Path, args: argparse.
     import torch
 
     from experiments import get_experiment
+    from tl.engine.backbones import folder_label
     from tl.engine.options import RunOptions, resolve
-    from tl.engine.timm_backbones import folder_label
 
     module = get_experiment(name, data_dir)
     dataset = dataset_name(data_dir)
@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
               f"its own runs)", file=sys.stderr)
         return 2
     from experiments import get_experiment
-    from tl.engine.records import make_run_dir
+    from tl.engine.run_folder import make_run_dir
 
     try:
         plan = [(d, e, b, s) for d in data_dirs for e in experiments_for(d, args) for b in args.backbone

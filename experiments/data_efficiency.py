@@ -27,7 +27,7 @@ training data changed:
   "all" is every training image (not balanced when the classes differ in size).
 * Val is untouched at every size, and the headline is the comparison's: the final epoch's
   val accuracy where there is no test split, else the test accuracy of the epoch chosen on
-  val (`tl.engine.records.score_headline`): nothing is selected on the images it is scored on.
+  val (`tl.engine.headline.score_headline`): nothing is selected on the images it is scored on.
 * Speed: each run keeps its decoded images in memory (`--image-cache`, with no worker
   processes, the fastest setting on a CPU with few cores: results/benchmark.md), and the
   frozen recipe computes the val features once (the feature cache; its augmented train
@@ -218,10 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
     import torch
 
-    from tl.engine.checkpoint import atomic_write_text
+    from tl.engine.files import atomic_write_text, write_json
     from tl.engine.images import check_layout
     from tl.engine.prepare import resolve_data_dir
-    from tl.engine.records import write_json
 
     started = time.time()
     runs_dir = args.runs_dir or Path("runs") / f"data-efficiency-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -13,7 +13,7 @@ efficientnet_lite0 trains three ways with every seed:
     weights    --class-weights auto: the inverse class frequency in the cross-entropy
     sampler    --balanced-sampler: every class drawn equally often (with replacement)
 
-and its headline model (test, the epoch chosen on val: tl/engine/records.score_headline) is
+and its headline model (test, the epoch chosen on val: tl/engine/headline.score_headline) is
 scored per image. Writes to `--out` (default `results/`):
 
     imbalance.csv               one row per recipe x way x seed: accuracy, balanced accuracy and
@@ -86,8 +86,8 @@ def run_one(recipe: str, way: str, seed: int, args: argparse.Namespace, runs_dir
     """One recipe x way x seed: (its row, its headline predictions file, or None when it did not run)."""
     from experiments import get_experiment
     from experiments.common import train_or_reason
+    from tl.engine.backbones import folder_label
     from tl.engine.options import RunOptions
-    from tl.engine.timm_backbones import folder_label
 
     minority, fraction = args.keep
     label = f"{recipe}-{folder_label(args.backbone)}-{way}-seed{seed}"

@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _load(run: Path):
     """(model, context, config) of a run folder or weight file; best.pth in a folder."""
     from tl import TLError
-    from tl.engine.evaluate import context_for, load_model
+    from tl.engine.model_loading import context_for, load_model
 
     weights = run / "best.pth" if run.is_dir() else run
     if not weights.is_file():
@@ -60,11 +60,11 @@ def look(frozen: Path, finetuned: Path, out: Path, data: str | None = None, imag
     import torch
 
     from tl import TLError
+    from tl.engine.backbones import backbone_spec
     from tl.engine.evaluate import split_loader
     from tl.engine.explain import class_activation_maps, head_features, pca_2d
     from tl.engine.plots import cam_figure, projection_plot
     from tl.engine.prepare import resolve_data_dir
-    from tl.engine.timm_backbones import backbone_spec
 
     frozen_model, frozen_ctx, frozen_cfg, frozen_file = _load(frozen)
     tuned_model, tuned_ctx, tuned_cfg, tuned_file = _load(finetuned)
@@ -119,7 +119,7 @@ def look(frozen: Path, finetuned: Path, out: Path, data: str | None = None, imag
         + "; the right panel is the fine-tuned one.", "",
         "![PCA of the features](features.png)", "",
     ]
-    from tl.engine.checkpoint import atomic_write_text
+    from tl.engine.files import atomic_write_text
 
     written.append(atomic_write_text(out / "README.md", "\n".join(page)))
     for path in written:

@@ -105,7 +105,7 @@ def page(rows: list[dict], meta: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from tl.engine.records import write_csv
+    from tl.engine.files import write_csv
 
     args = parse_args(argv)
     runs_dir = args.runs_dir or Path(f"runs/lr-table-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -468,7 +468,7 @@ def draw_comparison(out: Path, runs, summary) -> set[Path]:
     import pandas as pd
 
     from tl.engine import plots
-    from tl.engine.timm_backbones import folder_label
+    from tl.engine.backbones import folder_label
 
     written: set[Path] = set()
     done = runs[runs.status == "ok"]

@@ -210,9 +210,9 @@ def prepare(args: argparse.Namespace, data: Path):
     """The base recipe on the search's backbone, the setup a study file must match, and the
     checks that must stop a search before its first trial (the inner split is drawn once)."""
     from tl.data import build_transforms
-    from tl.engine.records import data_fingerprint
+    from tl.engine.backbones import backbone_spec
+    from tl.engine.run_folder import data_fingerprint
     from tl.engine.selection import ImageChoice, select_images
-    from tl.engine.timm_backbones import backbone_spec
     from tl.engine.weights import require_imagenet
 
     module = get_experiment(args.recipe)

@@ -26,7 +26,7 @@ import tl.engine.feature_store  # noqa: E402
 import tl.engine.run  # noqa: E402
 from tests.conftest import TinyNet  # noqa: E402
 from tl import distributed  # noqa: E402
-from tl.engine import checkpoint
+from tl.engine import files
 from tl.models import BACKBONES, Backbone  # noqa: E402
 
 BACKBONES["tiny"] = Backbone("tiny", TinyNet, head="fc", neck=("block",))
@@ -41,8 +41,8 @@ if "TL_TEST_DIGESTS" in os.environ:
 
     def recording_train_model(net, *args, **kwargs):
         history = train_model(net, *args, **kwargs)
-        digests = {"final": checkpoint.state_digest(distributed.unwrap(net).state_dict()),
-                   "best": checkpoint.state_digest(history.best_state), "world_size": distributed.world_size(),
+        digests = {"final": files.state_digest(distributed.unwrap(net).state_dict()),
+                   "best": files.state_digest(history.best_state), "world_size": distributed.world_size(),
                    "feature_passes": len(feature_passes)}
         path = Path(os.environ["TL_TEST_DIGESTS"]) / f"rank{distributed.rank()}.json"
         path.write_text(json.dumps(digests))
@@ -52,14 +52,14 @@ if "TL_TEST_DIGESTS" in os.environ:
     tl.engine.feature_store.compute_features = counted_compute_features
 
 if "TL_TEST_KILL_AFTER" in os.environ:
-    write_history_csv = tl.engine.records.write_history_csv
+    write_history_csv = tl.engine.run_folder.write_history_csv
 
     def dying_write_history_csv(history, path):
         write_history_csv(history, path)  # the last write of on_epoch_end: the epoch is saved
         if history.rows[-1]["epoch"] == int(os.environ["TL_TEST_KILL_AFTER"]):
             os.kill(os.getpid(), signal.SIGKILL)
 
-    tl.engine.records.write_history_csv = dying_write_history_csv
+    tl.engine.run_folder.write_history_csv = dying_write_history_csv
 
 if __name__ == "__main__":
     sys.exit(main.main())

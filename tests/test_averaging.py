@@ -1,4 +1,4 @@
-"""The two averages of tl/engine/averaging.py: of the weights (--ema, Recipe.ema_decay) and of a
+"""The two averages of tl/engine/ema.py and tl/engine/tta.py: of the weights (--ema, Recipe.ema_decay) and of a
 photo's and its mirror's probabilities (--tta, Recipe.tta). Each is checked against numbers
 computed here by hand, and --ema's run is checked to resume exactly."""
 
@@ -14,11 +14,11 @@ from torch.utils.data import DataLoader, TensorDataset
 import main
 from experiments import get_experiment
 from tests.conftest import TinyNet
-from tl.engine import averaging, checkpoint, export
-from tl.engine.callbacks import combine
+from tl.engine import checkpoint, export, tta
+from tl.engine.ema import update_after_step, weight_average
 from tl.engine.evaluate import class_probabilities
 from tl.engine.options import RunOptions
-from tl.engine.run import resume_run, run
+from tl.engine.run import combine, resume_run, run
 from tl.loop import Hooks, train_model
 
 pytestmark = pytest.mark.usefixtures("own_cache_dir")  # every test: a feature-cache folder of its own
@@ -46,11 +46,11 @@ def _strip(rows):
 # ----------------------------------------------------------------------------- the average of the weights
 def test_the_average_is_the_hand_computed_exponential_average_with_batchnorm_buffers():
     net, decay = _net(), 0.8
-    ema = averaging.weight_average(net, decay)
+    ema = weight_average(net, decay)
     seen = [{k: v.detach().clone() for k, v in net.state_dict().items()}]  # the weights before training
     record = lambda epoch: seen.append({k: v.detach().clone() for k, v in net.state_dict().items()})  # noqa: E731
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    hooks = Hooks(after_step=combine(averaging.update_after_step(ema, net), record), progress=False,
+    hooks = Hooks(after_step=combine(update_after_step(ema, net), record), progress=False,
                   log=lambda s: None)
     train_model(net, _tiny_loaders(), nn.CrossEntropyLoss(), optimizer, 3, hooks=hooks)
     assert len(seen) == 1 + 2 * 2  # two training epochs of 2 steps, each seen by both step callbacks
@@ -73,8 +73,8 @@ def test_val_scores_the_average_and_the_best_epoch_keeps_its_weights():
     rows = {}
     for decay in (0.0, 1 - 1e-7):
         net = _net()
-        ema = averaging.weight_average(net, decay)
-        steps = [averaging.update_after_step(ema, net)] if ema is not None else []
+        ema = weight_average(net, decay)
+        steps = [update_after_step(ema, net)] if ema is not None else []
         scored = net if ema is None else ema.module
         at_epoch_end = []  # the scored model's weights after each epoch
 
@@ -180,7 +180,7 @@ def test_the_mirror_averages_the_softmax_probabilities_of_both_views():
     plain = torch.stack([3 * left + right, left - 2 * right], 1)
     mirrored = torch.stack([3 * right + left, right - 2 * left], 1)  # the halves swap places
     expected = (plain.softmax(1) + mirrored.softmax(1)) / 2
-    got = class_probabilities(averaging.Mirrored(LeftRight(2))(x))
+    got = class_probabilities(tta.Mirrored(LeftRight(2))(x))
     assert torch.allclose(got, expected, atol=1e-6)
     assert not torch.allclose(got, plain.softmax(1), atol=1e-2)  # the mirror changed something
 
@@ -192,7 +192,7 @@ def test_a_single_logit_averages_the_sigmoid_probabilities_and_stays_finite():
     left, right = x[..., :2].mean((1, 2, 3)), x[..., 2:].mean((1, 2, 3))
     z, z_mirror = 2 * left + 3 * right, 2 * right + 3 * left  # (3l + r) - (l - 2r), and mirrored
     expected = (torch.sigmoid(z) + torch.sigmoid(z_mirror)) / 2
-    out = averaging.Mirrored(LeftRight(1))(x)
+    out = tta.Mirrored(LeftRight(1))(x)
     assert out.shape == (3, 1) and torch.isfinite(out).all()
     assert torch.allclose(class_probabilities(out)[:, 1], expected, atol=1e-6)
     assert expected[2] == 0.5
@@ -202,7 +202,7 @@ def test_a_single_logit_averages_the_sigmoid_probabilities_and_stays_finite():
 
 def test_stored_features_have_no_mirror():
     with pytest.raises(Exception, match="needs images"):
-        averaging.Mirrored(nn.Linear(4, 2))(torch.zeros(2, 4))
+        tta.Mirrored(nn.Linear(4, 2))(torch.zeros(2, 4))
 
 
 def test_evaluate_and_predict_use_the_recorded_mirror_unless_told(tiny_data, tiny_backbone, tmp_path, capsys):
@@ -238,5 +238,5 @@ def test_an_exported_file_is_mirrored_by_running_it_on_flipped_images(tmp_path):
     exported, _ = export.load_exported(tmp_path / "m.onnx")
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
-        assert torch.allclose(averaging.Mirrored(exported)(x), averaging.Mirrored(net)(x), atol=1e-5)
-        assert not torch.allclose(averaging.Mirrored(net)(x), net(x).log_softmax(1), atol=1e-4)
+        assert torch.allclose(tta.Mirrored(exported)(x), tta.Mirrored(net)(x), atol=1e-5)
+        assert not torch.allclose(tta.Mirrored(net)(x), net(x).log_softmax(1), atol=1e-4)

@@ -18,8 +18,8 @@ import commands
 import main
 from tests.conftest import TinyNet
 from tl import TLError
-from tl.engine.evaluate import ModelContext, context_for
-from tl.engine.timm_backbones import backbone_spec
+from tl.engine.backbones import backbone_spec
+from tl.engine.model_loading import ModelContext, context_for
 from tl.engine.weights import build_model, packaged_lite_state, pair_by_position
 from tl.features import CacheSplit, why_not_cacheable
 from tl.models import BACKBONES, Backbone, group_of, load_into, param_groups, set_trainable

@@ -21,7 +21,7 @@ from torch import nn
 import main
 from tests.conftest import TinyNet, write_image_folder
 from tl.data import build_transforms, val_resize
-from tl.engine import export, feature_store, names, records, resume
+from tl.engine import class_names, export, feature_store, resume, run_folder
 from tl.engine.selection import image_datasets
 
 MEAN = (0.5, 0.5, 0.5)
@@ -180,24 +180,24 @@ def test_a_class_named_in_two_unicode_forms_is_shown_how_it_differs(tmp_path, ti
     assert "'café' differs only in its Unicode form: train spells it NFC (U+0063 U+0061 U+0066 U+00E9), " \
            "val NFD (U+0063 U+0061 U+0066 U+0065 U+0301)" in err
     assert "class_0" not in err.split("\n", 1)[1]  # only the names that differ are explained
-    assert names.how_names_differ(["a", "b"], ["a", "c"], "x", "y") == ""  # names that differ visibly: no note
+    assert class_names.how_names_differ(["a", "b"], ["a", "c"], "x", "y") == ""  # names that differ visibly: no note
 
 
 def test_ctrl_c_in_training_exits_130_with_the_command_that_resumes(tmp_path, tiny_backbone, capsys, monkeypatch):
-    write = records.write_history_csv
+    write = run_folder.write_history_csv
 
     def ctrl_c_after_epoch_1(history, path):
         write(history, path)
         if history.rows[-1]["epoch"] == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(records, "write_history_csv", ctrl_c_after_epoch_1)
+    monkeypatch.setattr(run_folder, "write_history_csv", ctrl_c_after_epoch_1)
     code, _, err = cli(capsys, "-e", "resnet_scratch", "-b", "tiny", "--data", write_image_folder(tmp_path / "d"),
                        "--out", tmp_path / "runs", "--epochs", "2", "--quick", "--no-progress")
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert code == 130  # the shell's status for Ctrl-C, not 2 ("your input")
     assert err.startswith("error: interrupted:")
     assert f"continue with: python main.py --resume {run_dir}/last.ckpt" in err
-    monkeypatch.setattr(records, "write_history_csv", write)
+    monkeypatch.setattr(run_folder, "write_history_csv", write)
     assert cli(capsys, "--resume", run_dir / "last.ckpt", "--no-progress")[0] == 0  # the hint works as printed
     assert pd.read_csv(run_dir / "history.csv").epoch.max() == 2

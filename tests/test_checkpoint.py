@@ -10,7 +10,7 @@ import torch
 
 import main
 from tl import TLError
-from tl.engine import checkpoint
+from tl.engine import checkpoint, files
 from tl.engine.weights import build_model
 from tl.models import load_into
 
@@ -62,7 +62,7 @@ def test_checkpoint_round_trip_holds_everything(tiny_data, tiny_backbone, tmp_pa
 
 def test_a_crash_during_a_save_leaves_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "last.ckpt"
-    checkpoint.atomic_save({"w": torch.ones(3)}, path)
+    files.atomic_save({"w": torch.ones(3)}, path)
 
     def crash(obj, f, *args, **kwargs):
         f.write(b"half a checkpoint")
@@ -70,7 +70,7 @@ def test_a_crash_during_a_save_leaves_the_old_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.atomic_save({"w": torch.zeros(3)}, path)
+        files.atomic_save({"w": torch.zeros(3)}, path)
     monkeypatch.undo()
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind

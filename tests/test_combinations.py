@@ -22,7 +22,7 @@ from experiments import get_experiment
 from experiments.recipes import resnet_frozen
 from tl import features
 from tl.data import build_transforms
-from tl.engine import checkpoint, feature_store
+from tl.engine import feature_store, files
 from tl.engine.options import RunOptions
 from tl.engine.run import resume_run, run
 from tl.engine.selection import _first_per_class, image_datasets, nested_draw
@@ -46,7 +46,8 @@ def test_evaluate_train_split_scores_the_draw_of_a_max_per_class_run(tiny_data, 
                       out=tmp_path / "runs", image_size=32, progress=False, plots=False,
                       max_per_class=6, train_per_class=3)
     result = run(module.RECIPE, module.build, opts, log=lambda s: None)
-    from tl.engine.evaluate import context_for, split_loader
+    from tl.engine.evaluate import split_loader
+    from tl.engine.model_loading import context_for
 
     loader, _ = split_loader(tiny_data, "train", context_for(result.run_dir / "best.pth", None), log=lambda s: None)
     full = image_datasets(tiny_data, build_transforms((0.5,) * 3, (0.5,) * 3, size=32))["train"]
@@ -76,7 +77,7 @@ def test_a_full_disk_is_reported_as_enospc_not_eio(small_disk):
     """atomic_write deletes its temporary *before* measuring the free space, so the space the
     temporary took counts as free: a full disk is reported as 'errno 5 EIO, 8.0 MB free'."""
     with pytest.raises(OSError) as info:
-        checkpoint.atomic_save({"x": torch.zeros(3 * 2**20)}, small_disk / "c.pt")  # 12 MB on 8 MB
+        files.atomic_save({"x": torch.zeros(3 * 2**20)}, small_disk / "c.pt")  # 12 MB on 8 MB
     assert info.value.errno == errno.ENOSPC, info.value
 
 

@@ -86,7 +86,8 @@ def test_evaluate_train_split_of_a_verify_images_run_scores_the_images_it_traine
     passes it). split_loader rebuilds the train draw from a scan *without* verify (ModelContext
     does not carry verify_images): the broken file is back in the list, so the seeded
     --train-per-class draw is another set of images, not 'the images the run trained on'."""
-    from tl.engine.evaluate import context_for, split_loader
+    from tl.engine.evaluate import split_loader
+    from tl.engine.model_loading import context_for
 
     bad = tiny_data / "train" / "class_0" / "000.png"
     data = bytearray(bad.read_bytes())

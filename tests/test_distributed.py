@@ -27,8 +27,9 @@ import pytest
 import torch
 
 from tests.conftest import write_image_folder
-from tl.engine import checkpoint
-from tl.engine.evaluate import context_for, evaluate, load_model, split_loader
+from tl.engine import checkpoint, files
+from tl.engine.evaluate import evaluate, split_loader
+from tl.engine.model_loading import context_for, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -71,7 +72,7 @@ def test_processes_end_with_identical_weights(ddp_run):
     assert ranks[0]["final"] == ranks[1]["final"]  # parameters and BatchNorm buffers
     assert ranks[0]["best"] == ranks[1]["best"]
     # ...and what process 0 saved is that state
-    assert checkpoint.state_digest(checkpoint.load_checkpoint(ddp_run["run"] / "last.ckpt")["model"]) == \
+    assert files.state_digest(checkpoint.load_checkpoint(ddp_run["run"] / "last.ckpt")["model"]) == \
         ranks[0]["final"]
     assert ddp_run["stdout"].count("headline acc") == 1  # one process prints and writes
     # ...and it says at the start that the run is distributed, over what, with which batch
@@ -94,7 +95,7 @@ def test_with_ema_every_process_averages_the_same_weights(ddp_run):
     run = _run_dir(tmp / "runs_ema")
     ckpt = checkpoint.load_checkpoint(run / "last.ckpt")
     assert int(ckpt["ema"]["n_averaged"]) == 1 + 3 * 5  # the start, then 3 epochs of 5 steps (17 images x 2, 4 each)
-    assert checkpoint.state_digest(checkpoint.load_state_file(run / "best.pth")) == ranks[0]["best"]
+    assert files.state_digest(checkpoint.load_state_file(run / "best.pth")) == ranks[0]["best"]
     assert ranks[0]["best"] != ranks[0]["final"]  # the average, not the loop's last weights
 
 
@@ -131,9 +132,9 @@ def test_a_killed_distributed_run_resumes_to_the_same_result(ddp_run):
     strip = ["seconds", "images_per_s"]
     assert pd.read_csv(full / "history.csv").drop(columns=strip).equals(pd.read_csv(half / "history.csv").drop(
         columns=strip))
-    assert checkpoint.state_digest(a["model"]) == checkpoint.state_digest(b["model"])
-    assert checkpoint.state_digest(checkpoint.load_state_file(full / "best.pth")) == \
-        checkpoint.state_digest(checkpoint.load_state_file(half / "best.pth"))
+    assert files.state_digest(a["model"]) == files.state_digest(b["model"])
+    assert files.state_digest(checkpoint.load_state_file(full / "best.pth")) == \
+        files.state_digest(checkpoint.load_state_file(half / "best.pth"))
 
 
 def test_resume_with_another_process_count_is_refused(ddp_run, tmp_path):

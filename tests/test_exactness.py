@@ -21,7 +21,7 @@ import main
 import tl.engine.run
 from tests.conftest import TinyNet, write_image_folder
 from tl import TLError, features
-from tl.engine import checkpoint, feature_store
+from tl.engine import checkpoint, feature_store, files
 from tl.models import get_backbone
 
 pytestmark = pytest.mark.usefixtures("own_cache_dir")  # every test: a feature-cache folder of its own
@@ -65,7 +65,7 @@ def _assert_recorded_digests_match(run_dir):
     checksums = json.loads((run_dir / "config.json").read_text())["checksums"]
     assert "best.pth" in checksums
     for name, digest in checksums.items():
-        assert checkpoint.state_digest(checkpoint.load_state_file(run_dir / name)) == digest, (run_dir, name)
+        assert files.state_digest(checkpoint.load_state_file(run_dir / name)) == digest, (run_dir, name)
 
 
 COMBINATIONS = {
@@ -98,7 +98,7 @@ def test_resume_equals_an_uninterrupted_run(tiny_data, pretrained, tmp_path, ext
 def test_a_second_resume_after_an_interrupted_one(tiny_data, pretrained, tmp_path, monkeypatch):
     full = _train(tiny_data, tmp_path / "full", 4, "--no-augment", weights=pretrained)
     half = _train(tiny_data, tmp_path / "half", 1, "--no-augment", weights=pretrained)
-    write = tl.engine.records.write_history_csv
+    write = tl.engine.run_folder.write_history_csv
 
     def interrupt_after_epoch_2(history, path):
         write(history, path)
@@ -106,7 +106,7 @@ def test_a_second_resume_after_an_interrupted_one(tiny_data, pretrained, tmp_pat
             raise KeyboardInterrupt  # Ctrl-C right after epoch 2 was saved
 
     with monkeypatch.context() as patch:
-        patch.setattr(tl.engine.records, "write_history_csv", interrupt_after_epoch_2)
+        patch.setattr(tl.engine.run_folder, "write_history_csv", interrupt_after_epoch_2)
         assert main.main(["--resume", str(half / "last.ckpt"), "--epochs", "4", "--no-progress"]) == 130  # Ctrl-C
     assert checkpoint.load_checkpoint(half / "last.ckpt")["epoch"] == 2
     # the printed command (no --epochs) remembers the raised total of 4
@@ -201,7 +201,7 @@ def test_the_grad_scaler_state_is_saved_and_restored(tmp_path):
 
 # ----------------------------------------------------------------------------- run folders
 def test_two_runs_in_the_same_second_get_their_own_folders(tiny_data, tiny_backbone, tmp_path, monkeypatch):
-    monkeypatch.setattr(tl.engine.records.time, "strftime", lambda *a: "20260101-000000")
+    monkeypatch.setattr(tl.engine.run_folder.time, "strftime", lambda *a: "20260101-000000")
     argv = ["-e", "resnet_frozen", "-b", "tiny", "--data", str(tiny_data), "--out", str(tmp_path / "runs"),
             "--epochs", "1", "--no-progress", "--weights", "none"]
     assert main.main(argv) == 0 and main.main(argv) == 0
@@ -209,7 +209,7 @@ def test_two_runs_in_the_same_second_get_their_own_folders(tiny_data, tiny_backb
     assert folders == ["resnet_frozen-tiny-20260101-000000", "resnet_frozen-tiny-20260101-000000-2"]
     assert all((tmp_path / "runs" / f / "last.ckpt").is_file() for f in folders)
     with pytest.raises(TLError, match="already exists"):
-        tl.engine.records.make_run_dir(tmp_path / "runs", folders[0], explicit=True)
+        tl.engine.run_folder.make_run_dir(tmp_path / "runs", folders[0], explicit=True)
 
 
 def test_run_folder_files_share_one_mode_and_stale_temporaries_go(tiny_data, pretrained, tmp_path):
@@ -402,7 +402,7 @@ def test_a_killed_writers_temporary_files_go_and_a_live_ones_stay(tmp_path):
     dead = tmp_path / ".x.pt.999999999.abc.tmp"  # no such process
     live = tmp_path / f".x.pt.{os.getpid()}.abc.tmp"  # a save in progress in this process
     dead.write_bytes(b"half"), live.write_bytes(b"half")
-    assert checkpoint.remove_stale_temporaries(tmp_path) == [dead]
+    assert files.remove_stale_temporaries(tmp_path) == [dead]
     assert live.exists() and not dead.exists()
 
 

@@ -16,8 +16,8 @@ import torch
 from experiments import get_experiment
 from tests.conftest import write_image_folder
 from tl.data import build_transforms
+from tl.engine.headline import score_headline
 from tl.engine.options import RunOptions
-from tl.engine.records import score_headline
 from tl.engine.run import run
 from tl.engine.selection import image_datasets
 from tl.engine.weights import build_model

@@ -56,7 +56,8 @@ def test_train_per_class_trains_on_the_draw_and_leaves_val_alone(tiny_data, tiny
     assert config["dataset_sizes"] == {"train": 6, "val": 12}
     assert config["options"]["train_per_class"] == 3
     # --evaluate --split train scores the images the run trained on, not the whole train folder
-    from tl.engine.evaluate import context_for, split_loader
+    from tl.engine.evaluate import split_loader
+    from tl.engine.model_loading import context_for
 
     loader, _ = split_loader(tiny_data, "train", context_for(run_dir / "best.pth", None), log=lambda s: None)
     full = image_datasets(tiny_data, build_transforms((0.5,) * 3, (0.5,) * 3, size=32))["train"]
@@ -65,7 +66,7 @@ def test_train_per_class_trains_on_the_draw_and_leaves_val_alone(tiny_data, tiny
 
 # ----------------------------------------------------------------------------- what the network looks at
 def test_class_activation_map_has_the_image_size_and_is_not_constant(tiny_run):
-    from tl.engine.evaluate import context_for, load_model
+    from tl.engine.model_loading import context_for, load_model
 
     ctx = context_for(tiny_run / "best.pth", None)
     model = load_model(tiny_run / "best.pth", ctx, 2)
@@ -93,9 +94,9 @@ def test_explain_command_writes_a_map_per_photo(tiny_run, tiny_data, capsys):
 
 
 def test_explain_with_tta_explains_the_averaged_answer(tiny_run, tiny_data, capsys):
-    from tl.engine.averaging import Mirrored
-    from tl.engine.evaluate import context_for, load_model
     from tl.engine.explain import mirrored_activation_maps
+    from tl.engine.model_loading import context_for, load_model
+    from tl.engine.tta import Mirrored
 
     model = load_model(tiny_run / "best.pth", context_for(tiny_run / "best.pth", None), 2)
     x = torch.randn(2, 3, 32, 32)
@@ -280,9 +281,9 @@ def test_look_writes_cams_features_and_a_page(tiny_data, tiny_backbone, tmp_path
 def test_explain_with_tta_of_a_one_logit_model(tiny_data, tiny_backbone, tmp_path, capsys):
     """vgg_stacked's single logit (BCE): the averaged answer is the mirrored sigmoid's, and its
     probability is that of the class predicted, whichever of the two it is."""
-    from tl.engine.averaging import Mirrored
-    from tl.engine.evaluate import context_for, load_model
     from tl.engine.explain import class_activation_maps, mirrored_activation_maps
+    from tl.engine.model_loading import context_for, load_model
+    from tl.engine.tta import Mirrored
 
     run_dir = _train(tiny_data, tmp_path / "runs", "tiny", "vgg_stacked", "--weights", "none")
     model = load_model(run_dir / "best.pth", context_for(run_dir / "best.pth", None), 2)

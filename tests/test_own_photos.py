@@ -202,7 +202,8 @@ def _photo_folder(root: Path) -> Path:
 
 
 def test_a_folder_of_photos_becomes_a_table(tiny_run, tmp_path, capsys):
-    from tl.engine.evaluate import context_for, load_model, predict_images
+    from tl.engine.model_loading import context_for, load_model
+    from tl.engine.predict import predict_images
     from tl.models import get_backbone
 
     photos = _photo_folder(tmp_path / "photos")

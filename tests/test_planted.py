@@ -28,7 +28,7 @@ import tl.engine.run
 from tests.conftest import TinyNet, write_image_folder
 from tl import Interrupted, TLError, features
 from tl.data import build_transforms, make_loaders
-from tl.engine import checkpoint, export, feature_store
+from tl.engine import checkpoint, export, feature_store, files
 from tl.engine.device import make_grad_scaler
 from tl.engine.selection import describe_skipped, image_datasets
 from tl.loop import Hooks, train_model
@@ -49,7 +49,7 @@ def test_resume_refuses_a_best_pth_that_does_not_match_its_recorded_digest(tmp_p
     history = {"rows": [{"epoch": e, "phase": "val", "loss": 1.0, "acc": 0.5} for e in range(3)],
                "best_epoch": 1, "best_acc": 0.5, "best_loss": 1.0, "stopped_early": None}
     config = {"data_fingerprint": "fp", "world_size": 1,
-              "checksums": {"best.pth": checkpoint.state_digest(best_state)}}
+              "checksums": {"best.pth": files.state_digest(best_state)}}
     generator = torch.Generator().manual_seed(0)
     checkpoint.save_checkpoint(tmp_path / "last.ckpt", epoch=2, model=later_model,
                                optimizer=torch.optim.SGD(later_model.parameters(), lr=0.1), scheduler=None,
@@ -62,12 +62,12 @@ def test_resume_refuses_a_best_pth_that_does_not_match_its_recorded_digest(tmp_p
             return tl.engine.resume.restore(ckpt, tmp_path / "last.ckpt", TinyNet(), make_grad_scaler("cpu", False),
                                       torch.Generator(), ["a", "b"], "fp", num_epochs=5)
 
-    checkpoint.atomic_save(best_state, tmp_path / "best.pth")  # the genuine best epoch's weights
+    files.atomic_save(best_state, tmp_path / "best.pth")  # the genuine best epoch's weights
     restored, start_epoch, _ = restore()
     assert start_epoch == 3 and restored.best_epoch == 1
     assert all(torch.equal(t, best_state[k]) for k, t in restored.best_state.items())
     # other valid weights in the same format (a copy from another run, a damaged disk that still loads)
-    checkpoint.atomic_save(_net(3).state_dict(), tmp_path / "best.pth")
+    files.atomic_save(_net(3).state_dict(), tmp_path / "best.pth")
     with pytest.raises(TLError, match="best.pth"):
         restore()
 
@@ -210,7 +210,7 @@ def test_a_resumed_run_continues_with_the_right_learning_rate(tiny_data, tiny_ba
                                     augment=False, progress=False, plots=False)
 
     full = tl.engine.run.run(STEP_LR, _build_step_lr, opts(tmp_path / "full"), log=lambda s: None)
-    write = tl.engine.records.write_history_csv
+    write = tl.engine.run_folder.write_history_csv
 
     def interrupt_after_epoch_1(history, path):
         write(history, path)
@@ -218,7 +218,7 @@ def test_a_resumed_run_continues_with_the_right_learning_rate(tiny_data, tiny_ba
             raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(tl.engine.records, "write_history_csv", interrupt_after_epoch_1)
+        patch.setattr(tl.engine.run_folder, "write_history_csv", interrupt_after_epoch_1)
         with pytest.raises(Interrupted):
             tl.engine.run.run(STEP_LR, _build_step_lr, opts(tmp_path / "half"), log=lambda s: None)
     saved = tmp_path / "half" / "r" / "last.ckpt"

@@ -16,8 +16,9 @@ from experiments import get_experiment
 from tests.conftest import write_image_folder
 from tests.fixtures.make_tiny_run import DATA, RUN
 from tl import TLError
-from tl.engine import checkpoint
-from tl.engine.evaluate import ModelContext, context_for, split_loader
+from tl.engine import checkpoint, files
+from tl.engine.evaluate import split_loader
+from tl.engine.model_loading import ModelContext, context_for
 from tl.engine.options import RunOptions
 from tl.engine.run import resume_run, run
 from tl.loop import Hooks, train_model
@@ -96,7 +97,7 @@ def _edit_checkpoint(path, change) -> None:
     """A hand edit of last.ckpt that keeps it loadable: the digest is written anew."""
     ckpt = checkpoint.load_checkpoint(path)
     change(ckpt)
-    ckpt["digest"] = checkpoint.state_digest(ckpt)
+    ckpt["digest"] = files.state_digest(ckpt)
     torch.save(ckpt, path)
 
 

@@ -14,7 +14,7 @@ from torch import nn
 
 import main
 from tests.conftest import TinyNet
-from tl.engine import checkpoint
+from tl.engine import files
 from tl.models import BACKBONES, Backbone
 
 
@@ -62,7 +62,7 @@ def _edit(ckpt_path: Path, change) -> None:
     ckpt = torch.load(ckpt_path, weights_only=False)
     ckpt.pop("digest")
     change(ckpt)
-    ckpt["digest"] = checkpoint.state_digest(ckpt)
+    ckpt["digest"] = files.state_digest(ckpt)
     torch.save(ckpt, ckpt_path)
 
 

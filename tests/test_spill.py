@@ -20,7 +20,7 @@ from experiments.recipes import resnet_frozen
 from tests.conftest import TinyNet
 from tl import features
 from tl.data import build_transforms
-from tl.engine import checkpoint, feature_store
+from tl.engine import feature_store, files
 from tl.engine.options import RunOptions
 from tl.engine.run import run
 from tl.engine.selection import image_datasets
@@ -191,9 +191,9 @@ def test_too_little_disk_to_spill_runs_uncached(tiny_data, tiny_backbone, tmp_pa
 
 
 def test_the_raw_spill_file_is_a_temporary_that_a_later_run_sweeps(tmp_path):
-    fd, raw = checkpoint.temporary_beside(tmp_path / "0123abcd.raw")
+    fd, raw = files.temporary_beside(tmp_path / "0123abcd.raw")
     os.close(fd)
-    assert checkpoint.remove_stale_temporaries(tmp_path) == [] and raw.exists()  # its writer (this test) lives
+    assert files.remove_stale_temporaries(tmp_path) == [] and raw.exists()  # its writer (this test) lives
     dead = raw.with_name(raw.name.replace(f".{os.getpid()}.", ".999999999."))  # no such process
     raw.rename(dead)
-    assert checkpoint.remove_stale_temporaries(tmp_path) == [dead] and not dead.exists()
+    assert files.remove_stale_temporaries(tmp_path) == [dead] and not dead.exists()

@@ -137,14 +137,14 @@ def test_the_tutorials_step_schedule_cuts_the_rate_every_7_training_epochs(tiny_
 
 # ----------------------------------------------------------------------------- resume inside a schedule or a stage
 def _interrupt_after(monkeypatch, epoch):
-    write = tl.engine.records.write_history_csv
+    write = tl.engine.run_folder.write_history_csv
 
     def interrupted(history, path):
         write(history, path)
         if history.rows[-1]["epoch"] == epoch:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(tl.engine.records, "write_history_csv", interrupted)
+    monkeypatch.setattr(tl.engine.run_folder, "write_history_csv", interrupted)
 
 
 @pytest.mark.parametrize("recipe, cut, extra", [

@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import main
 import tl.engine.tensorboard
-from tl.engine.callbacks import combine
+from tl.engine.run import combine
 
 pytestmark = pytest.mark.usefixtures("own_cache_dir")
 

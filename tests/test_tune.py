@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import write_image_folder
 from tl import TLError
 from tl.data import build_transforms
-from tl.engine import records
+from tl.engine import run_folder
 from tl.engine.selection import ImageChoice, inner_split, select_images
 
 pytestmark = pytest.mark.usefixtures("own_cache_dir")
@@ -86,7 +86,7 @@ def test_an_inner_run_is_not_mistaken_for_a_real_one(tmp_path):
     root = write_image_folder(tmp_path / "d", train=6, val=6, size=16)
     real = select_images(_choice(root), TRANSFORMS, log=lambda s: None)
     inner = select_images(_choice(root, inner_val=0.5), TRANSFORMS, log=lambda s: None)
-    assert records.data_fingerprint(real) != records.data_fingerprint(inner)
+    assert run_folder.data_fingerprint(real) != run_folder.data_fingerprint(inner)
 
 
 @pytest.mark.parametrize("kw, words", [({"inner_val": 0.2}, "at least 2"), ({"folds": 3}, "at least --folds 3"),

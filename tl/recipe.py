@@ -40,7 +40,7 @@ class Recipe:
     augment: str = "standard"  # train augmentation (tl/data.build_transforms): standard, tutorial or strong
     first_epochs: int = 0  # a staged recipe (tl/stages.py): training epochs of its first stage, within train_epochs
     first_lrs: dict[str, float] | None = None  # that first stage's rates; `lrs` are then the last stage's
-    ema_decay: float = 0.0  # val and best.pth use an average of the weights (tl/engine/averaging.py); 0: off
+    ema_decay: float = 0.0  # val and best.pth use an average of the weights (tl/engine/ema.py); 0: off
     tta: bool = False  # the headline and predictions average each photo's and its mirror's probabilities (same)
 
     @property

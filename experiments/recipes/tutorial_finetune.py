@@ -24,7 +24,7 @@ training phase. Here that is `train_epochs=25` after our epoch-0 baseline, with 
 stepped after each training epoch: epochs 1-7 at 1e-3, 8-14 at 1e-4, 15-21 at 1e-5,
 22-25 at 1e-6. The tutorial returns the epoch with the best val accuracy and prints that
 accuracy, a number chosen on the images it is scored on; the run folder keeps that epoch
-(best.pth), but the headline here is scored without selection (tl.engine.records.score_headline).
+(best.pth), but the headline here is scored without selection (tl.engine.headline.score_headline).
 """
 
 import torch

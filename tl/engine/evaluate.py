@@ -1,4 +1,4 @@
-"""Scoring saved models and classifying single images (inference only: nothing trains here).
+"""Scoring saved models on a split of images (inference only: nothing trains here).
 
 * `evaluate`: loss, accuracy, per-class accuracy and the confusion matrix of a model
   on one split. The confusion matrix says *which* mistakes are made: 90% accuracy can
@@ -6,18 +6,16 @@
 * `evaluate_folder`: document 001's `eval_model` (5-24) done right: every per-epoch
   file of a run, ordered by epoch, one row each. 001's version returns inside the loop
   after the first file and thresholds class *indices* at 0.5 (docs/ERRATA.md).
-* `predict_images`: document 002 §1.1's ILSVRCPredictor: top classes with
-  probabilities, with the class names stored in the run (or ImageNet's 1000 names,
-  read from torchvision's weights metadata instead of a downloaded JSON).
+
+The saved model is rebuilt by tl/engine/model_loading.py; classifying photos without labels
+is tl/engine/predict.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -26,96 +24,17 @@ from torch import nn
 
 from tl import TLError
 from tl.data import build_transforms
-from tl.engine.averaging import mirrored_if
-from tl.engine.checkpoint import load_state_file, verify_state_file
-from tl.engine.images import PHASES, load_rgb
+from tl.engine.backbones import backbone_spec
+from tl.engine.class_names import how_names_differ
+from tl.engine.images import PHASES
 from tl.engine.metrics import classification_report, write_report
-from tl.engine.names import how_names_differ
+from tl.engine.model_loading import ModelContext, load_model
 from tl.engine.selection import ImageChoice, TooFewImages, select_images
-from tl.engine.timm_backbones import backbone_spec
-from tl.engine.weights import build_model
+from tl.engine.tta import mirrored_if
 from tl.loop import loss_targets, predictions
-from tl.models import load_into
 
 # per-epoch weight files: 001's "03.pth" and 004's "epoch03-loss0.1820-acc0.9412.pth"
 EPOCH_FILE = re.compile(r"^(?:epoch)?(\d+)(?:-loss([\d.]+)-acc([\d.]+))?\.pth$")
-
-
-@dataclass
-class ModelContext:
-    """What is needed to rebuild a saved model: architecture, classes, input size, loss."""
-
-    backbone: str
-    classes: list[str] | None
-    image_size: int | None = None  # None: the backbone's own (tl.models.Backbone.image_size)
-    single_logit: bool = False
-    stack_head: bool = False
-    checksums: dict[str, str] | None = None  # digests of the weight files the run wrote (config.json)
-    data: str | None = None  # the run's data folder, used when --data is not given
-    val_split: float | None = None  # the run split a folder of class folders (--val-split) ...
-    split_seed: int = 0  # ... with this seed: --evaluate rebuilds the same split
-    train_per_class: int | None = None  # the run trained on this seeded draw per class (split_seed): --split train
-    train_fraction: dict[str, float] | None = None  # ... and kept this seeded fraction of some classes
-    max_per_class: int | None = None  # the run used only the first N images of each class (--quick)
-    verify_images: bool = False  # the run decoded every image first and left out those that fail
-    follow_links: bool = False  # the run included files reached through links that leave its data folder
-    tta: bool = False  # the run's recipe scores each photo with its mirror (tl/engine/averaging.py)
-
-    def __post_init__(self) -> None:
-        if self.image_size is None:
-            self.image_size = backbone_spec(self.backbone).image_size
-
-
-def context_for(path: Path, backbone: str | None) -> ModelContext:
-    """Read the run's config.json beside `path` (or inside it, for a folder); else `--backbone`."""
-    folder = path if path.is_dir() else path.parent
-    config_file = folder / "config.json"
-    if config_file.is_file():
-        try:
-            config = json.loads(config_file.read_text())
-            recipe, options = config["recipe"], config["options"]
-            return ModelContext(backbone=backbone or recipe["backbone"], classes=list(config["classes"]),
-                                image_size=_whole_or_none(options.get("image_size")),
-                                single_logit=recipe.get("loss") == "bce_logit",
-                                stack_head=bool(recipe.get("stack_head", False)), data=options.get("data"),
-                                val_split=None if options.get("val_split") is None else float(options["val_split"]),
-                                # runs saved before --split-seed drew the split with their training seed
-                                split_seed=int(options.get("split_seed", options.get("seed", 0))),
-                                train_per_class=_whole_or_none(options.get("train_per_class")),
-                                train_fraction=options.get("train_fraction"),
-                                max_per_class=_whole_or_none(options.get("max_per_class")),
-                                verify_images=bool(options.get("verify_images", False)),
-                                follow_links=bool(options.get("follow_links", False)),
-                                tta=bool(recipe.get("tta", False)),
-                                checksums=_string_map(config.get("checksums", {})))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise TLError(f"{config_file} is not a run config this project wrote ({type(exc).__name__}: {exc}); "
-                          f"restore it from the run, or move it away and name the architecture with --backbone") \
-                from None
-    if not backbone:
-        raise TLError(f"no config.json beside {path}: say which architecture it is with --backbone")
-    return ModelContext(backbone=backbone, classes=None)
-
-
-def _whole_or_none(value) -> int | None:
-    """A count from config.json ("3", edited by hand, is 3 too); anything else is a ValueError."""
-    return None if value is None else int(value)
-
-
-def _string_map(value) -> dict[str, str]:
-    """config.json's {file name: digest}; anything else means the file was edited by hand."""
-    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-        raise TypeError("checksums must map file names to digests")
-    return value
-
-
-def load_model(path: Path, ctx: ModelContext, num_classes: int, allow_pickle: bool = False) -> nn.Module:
-    model = build_model(ctx.backbone, 1 if ctx.single_logit else num_classes, "none", stack=ctx.stack_head)
-    state = load_state_file(path, allow_pickle=allow_pickle)
-    if path.suffix == ".pth":  # a weight file of a run: check it against the digest the run recorded
-        verify_state_file(path, state, (ctx.checksums or {}).get(path.name))
-    load_into(model, state, str(path))
-    return model.eval()
 
 
 @torch.no_grad()
@@ -235,22 +154,3 @@ def write_evaluation_report(folder: Path, result: dict, dataset, classes: list[s
     log(f"classification report: macro-F1 {report['macro_f1']:.4f}, balanced accuracy "
         f"{report['balanced_accuracy']:.4f} -> {page}")
     return report
-
-
-@torch.no_grad()
-def predict_images(model: nn.Module, images: list[Path], classes: list[str], mean, std, size: int = 224,
-                   top: int = 3) -> list[tuple[Path, list[tuple[str, float]] | str]]:
-    """For each image: its top classes with probabilities, or why it could not be read."""
-    transform = build_transforms(mean, std, size=size, augment=False)["val"]
-    model.eval()
-    results = []
-    for path in images:
-        try:
-            x = transform(load_rgb(path)).unsqueeze(0)  # (1, 3, H, W): a batch of one
-        except Exception as exc:
-            results.append((path, f"cannot read {path}: {type(exc).__name__}: {exc}".splitlines()[0]))
-            continue
-        probs = class_probabilities(model(x))[0]  # one logit: P(class 1) = sigmoid
-        values, indices = probs.topk(min(top, len(probs)))
-        results.append((path, [(classes[i], v) for v, i in zip(values.tolist(), indices.tolist())]))
-    return results

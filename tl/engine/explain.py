@@ -99,11 +99,11 @@ def class_activation_maps(model: nn.Module, images: torch.Tensor, target: torch.
 
 def mirrored_activation_maps(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Grad-CAM under test-time augmentation (`--tta`): the class is the one the averaged
-    probabilities of the photo and its mirror predict (tl/engine/averaging.Mirrored), and the
+    probabilities of the photo and its mirror predict (tl/engine/tta.Mirrored), and the
     map is the mean of the photo's map and the mirror's map flipped back, so it shows where
     the evidence lies for the answer the two views give together. Same returns as
     `class_activation_maps`; the probability is the averaged one."""
-    from tl.engine.averaging import Mirrored
+    from tl.engine.tta import Mirrored
 
     was_training = model.training
     with torch.no_grad():

@@ -45,8 +45,9 @@ from torch import nn
 
 from tl import TLError
 from tl.data import val_resize
-from tl.engine.checkpoint import atomic_write, atomic_write_text
-from tl.engine.evaluate import context_for, load_model, split_loader
+from tl.engine.evaluate import split_loader
+from tl.engine.files import atomic_write, atomic_write_text
+from tl.engine.model_loading import context_for, load_model
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 META_KEY = "tl_meta"  # ONNX metadata_props key; the TorchScript extra file is META_KEY + ".json"
@@ -60,7 +61,7 @@ TOLERANCE = 1e-4
 
 def describe(ctx, classes: list[str], source: Path) -> dict:
     """The self-description an exported file carries (everything --predict needs)."""
-    from tl.engine.timm_backbones import backbone_spec
+    from tl.engine.backbones import backbone_spec
 
     spec = backbone_spec(ctx.backbone)
     return {"format": FORMAT, "classes": list(classes), "backbone": ctx.backbone,

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from tl.engine.checkpoint import atomic_save, remove_stale_temporaries, state_digest, temporary_beside
+from tl.engine.files import atomic_save, remove_stale_temporaries, state_digest, temporary_beside
 from tl.engine.images import READER
 from tl.features import (
     CacheSplit,

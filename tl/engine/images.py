@@ -396,7 +396,7 @@ def check_layout(root: str | os.PathLike, phases: tuple[str, ...] = ("train", "v
     first, *others = classes
     for phase in others:
         if classes[phase] != classes[first]:
-            from tl.engine.names import how_names_differ  # names that print alike (NFC / NFD)
+            from tl.engine.class_names import how_names_differ  # names that print alike (NFC / NFD)
 
             raise TLError(f"class folders differ between phases: {first}={classes[first]} "
                           f"but {phase}={classes[phase]}; every phase needs the same classes"

@@ -55,11 +55,11 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, TensorDataset
 
 from tl import TLError, distributed
-from tl.engine import records
-from tl.engine.callbacks import combine
 from tl.engine.device import autocast_dtype
+from tl.engine.files import write_csv
 from tl.engine.options import RunOptions
-from tl.engine.run import begin, build_model_and_stages, choose_images
+from tl.engine.run import begin, build_model_and_stages, choose_images, combine
+from tl.engine.run_folder import make_run_dir
 from tl.engine.stage_setup import stage_hooks, start_stage
 from tl.loop import NonFiniteLoss, train_model
 from tl.recipe import BuildFn, Recipe, make_criterion
@@ -199,10 +199,10 @@ def held_back_batch(train: DataLoader) -> DataLoader:
 
 def write_range_test(result: LrFinderResult, out: Path) -> Path:
     """OUT/lr-finder-<recipe>-<backbone>-<time>/ with lr_finder.csv and lr_finder.png."""
-    folder = records.make_run_dir(out, f"lr-finder-{result.recipe}-{result.backbone}-{time.strftime('%Y%m%d-%H%M%S')}",
+    folder = make_run_dir(out, f"lr-finder-{result.recipe}-{result.backbone}-{time.strftime('%Y%m%d-%H%M%S')}",
                                   explicit=False)
     t = result.test
-    records.write_csv(folder / "lr_finder.csv", ["lr", "loss", "smoothed"],
+    write_csv(folder / "lr_finder.csv", ["lr", "loss", "smoothed"],
                       [{"lr": lr, "loss": loss, "smoothed": s} for lr, loss, s in zip(t.lrs, t.losses, t.smoothed)])
     range_test_plot(result, folder / "lr_finder.png")
     return folder

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tl.engine.checkpoint import atomic_write_text
+from tl.engine.files import atomic_write_text
 
 SHOWN_FILES = 10  # file names per confused pair in the Markdown (the CSV has all)
 

@@ -56,7 +56,7 @@ class RunOptions:
     class_weights: str | None = None  # "auto": weigh each class's loss by its inverse frequency in train
     balanced_sampler: bool = False  # draw train images with replacement, every class equally often
     tensorboard: bool = False  # event files in RUN/tensorboard/: loss and accuracy per epoch, rates per step
-    ema: float | None = None  # decay of an average of the weights (tl/engine/averaging.py); None: the recipe's own
+    ema: float | None = None  # decay of an average of the weights (tl/engine/ema.py); None: the recipe's own
     tta: bool | None = None  # score and predict with the photo and its mirror averaged; None: the recipe's own
 
 

@@ -1,4 +1,5 @@
-"""Pictures: learning curves, the recipe comparison, and image grids.
+"""Pictures: learning curves, the recipe comparison, image grids, and the pictures of a
+finished run (`write_run_plots`).
 
 matplotlib's Agg backend draws to files without a screen, so every function here works
 on a server or in CI; each takes plain data (history rows, tensors) and a path, and
@@ -10,6 +11,7 @@ from __future__ import annotations
 import functools
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -19,6 +21,11 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from matplotlib import font_manager, ft2font  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+if TYPE_CHECKING:
+    from tl.engine.headline import Headline
+    from tl.loop import History
+    from tl.models import Backbone
 
 
 def save_figure(fig, path: str | Path) -> Path:
@@ -207,7 +214,7 @@ def confusion_matrix_plot(matrix: torch.Tensor, classes: list[str], path: str | 
 
 def class_names_csv(classes: list[str], path: str | Path) -> Path:
     """The full name of every class beside the label the pictures give it."""
-    from tl.engine.checkpoint import atomic_write_text
+    from tl.engine.files import atomic_write_text
 
     rows = "".join(f"{k},{_csv_field(class_label(c, k))},{_csv_field(c)}\n" for k, c in enumerate(classes))
     atomic_write_text(Path(path), "index,label_in_pictures,class\n" + rows)
@@ -229,9 +236,9 @@ def data_preview(data_dir: str | Path, backbone: str, out_dir: str | Path, seed:
     The images are the training run's own: the same scan, the same --val-split.
     """
     from tl.data import build_transforms, make_loaders
+    from tl.engine.backbones import backbone_spec
     from tl.engine.images import load_rgb
     from tl.engine.selection import ImageChoice, select_images
-    from tl.engine.timm_backbones import backbone_spec
 
     spec = backbone_spec(backbone)
     torch.manual_seed(seed)
@@ -331,3 +338,27 @@ def projection_plot(panels: list[tuple[str, torch.Tensor, torch.Tensor]], labels
     fig.legend(handles, names, loc="outside lower center", ncol=min(len(classes), 6))
     fig.suptitle(title or "val images in feature space (PCA of the head's input), coloured by true class")
     return save_figure(fig, path)
+
+
+def write_run_plots(run_dir: Path, history: History, headline: Headline, classes: list[str],
+                    spec: Backbone) -> None:
+    """The pictures of a finished run: learning curves, and the headline model's confusion
+    matrix, prediction grid (document 001, 5-26 to 5-29) and top losses on the headline split,
+    each titled with what it shows, so a picture never disagrees with the printed result."""
+    run_curves(history.rows, run_dir / "curves.png", title=run_dir.name)
+    what, acc, result = headline.record["headline"], headline.record["headline_acc"], headline.evaluation
+    split = what.split(",")[0]
+    class_names_csv(classes, run_dir / "classes.csv")  # full names beside the pictures' labels
+    confusion_matrix_plot(result["confusion"], classes, run_dir / "confusion.png",
+                          title=f"{what}: accuracy {acc:.4f}")
+    top_losses_plot(headline.images, result["probabilities"], classes, run_dir / "top_losses.png",
+                    mean=spec.mean, std=spec.std, split=split)  # fastai's plot_top_losses
+    images = headline.images
+    step = max(1, len(images) // 16)  # 16 images spread over the classes (a split is sorted by class)
+    picked = list(range(0, len(images), step))[:16]
+    preds = [int(result["predictions"][i]) for i in picked]
+    labels = [images.targets[i] for i in picked]
+    titles = [f"{class_label(classes[p], p)} ({class_label(classes[t], t)})" for p, t in zip(preds, labels)]
+    colours = ["green" if p == t else "red" for p, t in zip(preds, labels)]
+    image_grid(torch.stack([images[i][0] for i in picked]), titles, run_dir / "predictions.png",
+               mean=spec.mean, std=spec.std, colors=colours, title=f"predicted (true) on {what}")

@@ -1,4 +1,5 @@
-"""A folder of photos in, a table out: `main.py --predict DIR --checkpoint RUN/best.pth`.
+"""Classifying photos without labels: single images (`predict_images`, `main.py --predict
+IMG...`) and a folder of photos in, a table out (`main.py --predict DIR --checkpoint RUN/best.pth`).
 
 Every file under DIR (sub-folders included, hidden and system folders left out, as in a
 data set) is decided by the rule training uses (tl/engine/images.py): its name must say
@@ -29,8 +30,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from tl import TLError
-from tl.engine.checkpoint import atomic_write_text
+from tl.data import build_transforms
 from tl.engine.evaluate import class_probabilities
+from tl.engine.files import atomic_write_text
 from tl.engine.images import check_image, load_rgb, not_an_image, walk_files
 
 
@@ -144,3 +146,24 @@ def predict_folder(model: nn.Module, folder: Path, table: Path, classes: list[st
         for line in listing:
             log(line)
     return {"table": table, "images": len(probabilities), "counts": dict(counts), "skipped": sorted(left_out)}
+
+
+@torch.no_grad()
+def predict_images(model: nn.Module, images: list[Path], classes: list[str], mean, std, size: int = 224,
+                   top: int = 3) -> list[tuple[Path, list[tuple[str, float]] | str]]:
+    """For each image: its top classes with probabilities, or why it could not be read.
+    Document 002 §1.1's ILSVRCPredictor, with the class names stored in the run (or ImageNet's
+    1000 names, read from torchvision's weights metadata instead of a downloaded JSON)."""
+    transform = build_transforms(mean, std, size=size, augment=False)["val"]
+    model.eval()
+    results = []
+    for path in images:
+        try:
+            x = transform(load_rgb(path)).unsqueeze(0)  # (1, 3, H, W): a batch of one
+        except Exception as exc:
+            results.append((path, f"cannot read {path}: {type(exc).__name__}: {exc}".splitlines()[0]))
+            continue
+        probs = class_probabilities(model(x))[0]  # one logit: P(class 1) = sigmoid
+        values, indices = probs.topk(min(top, len(probs)))
+        results.append((path, [(classes[i], v) for v, i in zip(values.tolist(), indices.tolist())]))
+    return results

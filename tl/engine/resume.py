@@ -10,7 +10,7 @@ from torch import nn
 
 from tl import TLError, distributed
 from tl.engine import checkpoint
-from tl.engine.names import how_names_differ
+from tl.engine.class_names import how_names_differ
 from tl.engine.options import RunOptions, as_saved
 from tl.loop import History
 from tl.models import load_into

@@ -34,16 +34,17 @@ from torch import nn
 
 from tl import TLError, distributed
 from tl.data import build_transforms, val_resize
-from tl.engine import averaging, checkpoint, records, tensorboard
+from tl.engine import checkpoint, tensorboard
+from tl.engine.backbones import backbone_spec
 from tl.engine.balance import balance
-from tl.engine.callbacks import combine
 from tl.engine.device import default_channels_last, device_hooks, make_grad_scaler, prepare_device, resolve_device
+from tl.engine.ema import update_after_step, val_net, weight_average
 from tl.engine.image_cache import decoded_bytes
 from tl.engine.options import RunOptions, resolve
 from tl.engine.resume import restore, restore_threads, resume_options
+from tl.engine.run_folder import RunFolder, data_fingerprint
 from tl.engine.selection import ImageChoice, select_images
 from tl.engine.stage_setup import StageSetup, stage_hooks, start_stage
-from tl.engine.timm_backbones import backbone_spec
 from tl.engine.weights import build_model, check_image_size
 from tl.loop import History, seed_everything, train_model
 from tl.models import Backbone, format_parameter_table
@@ -83,7 +84,7 @@ class RunContext:
     wall_before: float = 0.0  # training seconds of the run before a resume
     class_weights: torch.Tensor | None = None  # --class-weights auto: the loss's weight per class
     sample_weights: torch.Tensor | None = None  # --balanced-sampler: the train draw's weight per image
-    ema: nn.Module | None = None  # --ema: the average of the weights that val scores (tl/engine/averaging.py)
+    ema: nn.Module | None = None  # --ema: the average of the weights that val scores (tl/engine/ema.py)
     on_epoch: Callable[[int, History], None] | None = None  # called after each epoch is saved (a pruner)
 
 
@@ -105,12 +106,12 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None =
     build_model_and_stages(ctx, build, resumed=ckpt is not None)
     if ckpt is not None:  # the one place a saved run is restored (its optimizer: in start_stage)
         restore_run(ctx, ckpt, resume)
-    ctx.ema = averaging.weight_average(ctx.model, ctx.recipe.ema_decay, ckpt)  # --ema; None when off
+    ctx.ema = weight_average(ctx.model, ctx.recipe.ema_decay, ckpt)  # --ema; None when off
     r = ctx.recipe  # said once the model is built (and a saved run restored: its refusals come first)
     ctx.log(f"{r.name} ({r.source}) on {r.backbone}, weights={r.weights}: {r.strategy}")
     first = start_stage(ctx.spans[0], ctx, ckpt)
     ctx.log(format_parameter_table(ctx.model, (1, 3, opts.image_size, opts.image_size)))
-    folder = records.RunFolder.open(ctx, first, ckpt, resume)
+    folder = RunFolder.open(ctx, first, ckpt, resume)
     history = train_stages(ctx, first, folder, resumed=ckpt is not None)
     if not distributed.is_main():  # [DDP] the others have trained their share; process 0 scores and writes
         return RunResult(folder.run_dir, history, folder.config, ctx.model, ctx.classes)
@@ -150,7 +151,7 @@ def choose_images(ctx: RunContext, phases: tuple[str, ...] | None = None) -> Non
         raise TLError(f"{recipe.name} has a single-logit head, which separates exactly 2 classes; "
                       f"{opts.data} has {len(ctx.classes)}: {ctx.classes}")
     ctx.class_weights, ctx.sample_weights = balance(opts, sets["train"].targets, ctx.classes, ctx.log)
-    ctx.fingerprint = records.data_fingerprint(sets)
+    ctx.fingerprint = data_fingerprint(sets)
     ctx.test_set = sets.pop("test", None)
     ctx.sets = sets
     if opts.device_images:  # checked before any stage trains: a later stage may be the first to decode images
@@ -187,12 +188,12 @@ def restore_run(ctx: RunContext, ckpt: dict, resume: Path) -> None:
     ctx.spans = [span for span in ctx.spans if span.end > start_epoch]
 
 
-def train_stages(ctx: RunContext, first: StageSetup, folder: records.RunFolder, resumed: bool) -> History:
+def train_stages(ctx: RunContext, first: StageSetup, folder: RunFolder, resumed: bool) -> History:
     """The one loop, once per stage, on one History. A new stage gets its own trainable set and
     fresh optimizer, and its inputs are planned anew."""
     history, setup = ctx.history, first
     opts = ctx.opts
-    ema_step = None if ctx.ema is None else averaging.update_after_step(ctx.ema, ctx.model)  # after each update
+    ema_step = None if ctx.ema is None else update_after_step(ctx.ema, ctx.model)  # after each update
     run_hooks = dict(**device_hooks(ctx.device, opts.amp, opts.channels_last, ctx.scaler), best_by=opts.monitor,
                      progress=opts.progress, log=ctx.log,
                      end_of_epoch=combine(folder.end_of_epoch, ctx.on_epoch))  # the folder saves, then a pruner looks
@@ -207,7 +208,7 @@ def train_stages(ctx: RunContext, first: StageSetup, folder: records.RunFolder, 
                 setup.net.compile()
             board.follow(setup.optimizer)  # --tensorboard: the rates of this stage's optimizer, per step
             if ctx.ema is not None:  # one average over every stage, scored in this stage's form
-                setup.scored = averaging.val_net(ctx.ema, setup.plan.net, ctx.spec, ctx.device, opts.channels_last)
+                setup.scored = val_net(ctx.ema, setup.plan.net, ctx.spec, ctx.device, opts.channels_last)
             hooks = dataclasses.replace(stage_hooks(span, ctx.recipe, setup.scheduler), **run_hooks,
                                         validate_with=setup.scored, after_step=combine(ema_step, board.after_step),
                                         end_of_phase=combine(board.end_of_phase))
@@ -217,6 +218,29 @@ def train_stages(ctx: RunContext, first: StageSetup, folder: records.RunFolder, 
             if history.stopped_early is not None:
                 break
     return history
+
+
+def combine(*callbacks: Callable | None) -> Callable | None:
+    """Several callbacks on one hook of the loop (tl/loop.py `Hooks`), which holds one callable:
+    features that each want a say (TensorBoard logging, a learning-rate finder, an average of
+    the weights, the run folder's saving) are combined here, so none of them needs to know the
+    others, and the loop stays as it is.
+
+    One callable that calls every given callback (None ones are left out) with the same
+    arguments, in order, and returns True if any of them did ("stop"). Every callback is
+    called each time, even after one asked to stop: a logger still records the last step.
+    No callback at all gives None, the loop's "nothing to call"."""
+    present = [c for c in callbacks if c is not None]
+    if not present:
+        return None
+    if len(present) == 1:
+        return present[0]
+
+    def all_of(*args) -> bool:
+        results = [c(*args) for c in present]  # a list, not any(...): no callback is skipped
+        return any(bool(r) for r in results)
+
+    return all_of
 
 
 def resume_run(path: Path, given: dict, find_recipe: Callable[[str, Path], object],

@@ -1,4 +1,5 @@
 """Any timm model as a backbone: `--backbone timm:convnext_tiny`, `timm:resnet50`, ...
+(tl/engine/backbones.py looks up every `--backbone` name and comes here for `timm:`.)
 
 The registry in tl/models.py names each backbone's parts by hand. For the hundreds of
 architectures in timm (https://github.com/huggingface/pytorch-image-models) the same
@@ -24,25 +25,9 @@ import functools
 from torch import nn
 
 from tl import TLError
-from tl.models import BACKBONES, Backbone, get_backbone
+from tl.models import Backbone
 
 PREFIX = "timm:"
-
-
-def backbone_spec(name: str) -> Backbone:
-    """The Backbone of a `--backbone` name: the registry's (tl.models.BACKBONES), or one read
-    from timm for `timm:NAME`."""
-    if name.startswith(PREFIX):
-        return timm_spec(name)
-    if name not in BACKBONES:
-        raise TLError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}, "
-                      f"or timm:NAME for a timm model (e.g. timm:convnext_tiny)")
-    return get_backbone(name)
-
-
-def folder_label(backbone: str) -> str:
-    """A backbone's name as part of a file or folder name: `timm:resnet50` -> `timm-resnet50`."""
-    return backbone.replace(":", "-")
 
 
 @functools.lru_cache(maxsize=16)  # a run asks several times; building the spec creates the model once

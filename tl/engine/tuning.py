@@ -69,7 +69,7 @@ SPACE: dict[str, Knob] = {
     "bn_policy": Knob(lambda r: True, lambda t, r, m: t.suggest_categorical("bn_policy", list(BN_POLICIES)),
                       lambda r, v: dict(zip(("frozen_bn_eval", "bn_eval"), BN_POLICIES[v]))),
     # searched once Recipe has these fields: the recipe's own value (off) or another. A run here takes
-    # about 100 optimizer steps, so the averages remember the last 10 or 50 steps (tl/engine/averaging.py)
+    # about 100 optimizer steps, so the averages remember the last 10 or 50 steps (tl/engine/ema.py)
     "ema_decay": Knob(_has("ema_decay"), lambda t, r, m: t.suggest_categorical(
         "ema_decay", list(dict.fromkeys([r.ema_decay, 0.9, 0.98]))), lambda r, v: {"ema_decay": v}),
     "tta": Knob(_has("tta"), lambda t, r, m: t.suggest_categorical("tta", [False, True]), lambda r, v: {"tta": v}),
@@ -205,7 +205,7 @@ def field_problem(base: Recipe, name: str, value) -> str | None:
             return "is not a number"
         if name == "label_smoothing" and not 0 <= value < 1:
             return "is not a label smoothing in [0, 1)"
-        if name == "ema_decay" and value != 0 and not 0 < value < 1:  # averaging.check_decay's range, or 0: off
+        if name == "ema_decay" and value != 0 and not 0 < value < 1:  # ema.check_decay's range, or 0: off
             return "is not a decay in (0, 1) (or 0: off)"
         return None
     if name in CHOICES and value not in CHOICES[name]:

@@ -14,8 +14,9 @@ import torchvision
 from torch import nn
 
 from tl import TLError
+from tl.engine.backbones import backbone_spec
 from tl.engine.checkpoint import load_state_file
-from tl.engine.timm_backbones import PREFIX, backbone_spec
+from tl.engine.timm_backbones import PREFIX
 from tl.models import Backbone, StackedHead, create_model, load_into
 
 

@@ -1,17 +1,17 @@
-"""Two averages practitioners tune with: of the weights over the last training steps (an
-exponential moving average, `--ema DECAY`, Recipe.ema_decay) and of the predictions over two
-views of each photo (test-time augmentation, `--tta`, Recipe.tta).
+"""The average of the weights over the last training steps: an exponential moving average
+(`--ema DECAY`, Recipe.ema_decay). Its sibling at test time, the average of the predictions
+over a photo and its mirror, is tl/engine/tta.py.
 
-Whether a recipe uses either is decided before training (a Recipe field) or on an inner split
+Whether a recipe uses it is decided before training (a Recipe field) or on an inner split
 of train by a tuner, never by comparing on the val or test images that score the headline: a
 choice made by looking at those images would flatter the very number they give.
 
-**The average of the weights.** Each optimizer step follows one mini-batch's gradient, so the
-weights after the last step carry the noise of the last few batches: they jitter around a
-good region instead of sitting in it. An average of the weights over the last steps lies
-nearer the middle of that region, where the loss changes slowly in every direction, and such
-flat regions tend to generalise better (Polyak averaging; the EMA of timm's and torchvision's
-ImageNet recipes). After every optimizer step
+Each optimizer step follows one mini-batch's gradient, so the weights after the last step
+carry the noise of the last few batches: they jitter around a good region instead of sitting
+in it. An average of the weights over the last steps lies nearer the middle of that region,
+where the loss changes slowly in every direction, and such flat regions tend to generalise
+better (Polyak averaging; the EMA of timm's and torchvision's ImageNet recipes). After every
+optimizer step
 
     average = decay * average + (1 - decay) * weights
 
@@ -41,20 +41,10 @@ What the average is used for, so that what is saved and what is scored stay one 
 * under torchrun every process averages its unwrapped module. The weights are the same in all
   processes, the BatchNorm statistics are not (each saw its own batches) until DDP copies process
   0's at the next forward; the update makes that copy first, so all processes average one model.
-
-**The mirror at test time.** A photo of a bee mirrored left-right is still a photo of a bee,
-which is why training flips photos at random. So at test time the network can look twice,
-at the centre crop and at its mirror, and average its two probabilities (softmax over the
-classes; for a single logit, the sigmoid): errors that depend on one view partly cancel. The
-mirror is a fair view only where the label survives it: not for text or digits (a mirrored
-"b" is a "d"), nor for left and right turn signs. It costs two forward passes per image. The
-headline, `--evaluate` and `--predict` use it when a run's recipe says so (or `--tta`); the
-loop's per-epoch val rows stay the plain forward pass (cached val features have no mirror).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -117,34 +107,3 @@ def val_net(ema: AveragedModel, loop_net: nn.Module, spec: Backbone, device, cha
     if isinstance(loop_net, FeaturesOrImages):
         return FeaturesOrImages(ema.module, split_at_cut(ema.module, spec).tail)
     return ema.module
-
-
-class Mirrored(nn.Module):
-    """Test-time augmentation: `model` on the images and on their left-right mirrors, the two
-    probabilities averaged. It returns logits of the averaged probabilities (log p for several
-    classes, log(p / (1 - p)) for a single logit), so a loss, `predictions` and
-    `class_probabilities` treat it as any model."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4:
-            raise TLError("test-time mirroring needs images (B, 3, H, W), not stored features")
-        return averaged_logits([self.model(x).float(), self.model(torch.flip(x, dims=[3])).float()])
-
-
-def averaged_logits(outputs: list[torch.Tensor]) -> torch.Tensor:
-    """Logits whose probabilities are the mean of the views' probabilities, computed in log space
-    (a sum of exponentials, `logsumexp`) so that a confident view gives no log(0)."""
-    views = math.log(len(outputs))
-    if outputs[0].shape[1] == 1:  # one logit z: P(class 1) = sigmoid(z), P(class 0) = sigmoid(-z)
-        log_p1 = torch.logsumexp(torch.stack([nn.functional.logsigmoid(z) for z in outputs]), 0) - views
-        log_p0 = torch.logsumexp(torch.stack([nn.functional.logsigmoid(-z) for z in outputs]), 0) - views
-        return log_p1 - log_p0
-    return torch.logsumexp(torch.stack([z.log_softmax(1) for z in outputs]), 0) - views
-
-
-def mirrored_if(model: nn.Module, tta: bool) -> nn.Module:
-    return Mirrored(model).eval() if tta else model

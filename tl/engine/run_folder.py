@@ -1,6 +1,6 @@
-"""The run folder and what it records: config.json, history.csv, the weight files, the
-checkpoint after every epoch, the headline predictions, their classification report
-(tl/engine/metrics.py) and the pictures.
+"""The run folder and what it records: config.json, history.csv, the weight files and the
+checkpoint after every epoch; at the end the headline (tl/engine/headline.py), its
+classification report (tl/engine/metrics.py) and the pictures (tl/engine/plots.py).
 
 `RunFolder` is the run's folder as one object: it is opened (a new folder, or the one a
 resumed run continues in), saves after every epoch (the loop's `end_of_epoch` hook), tidies
@@ -10,26 +10,25 @@ up when training fails, and writes the results when training ends.
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import hashlib
-import io
-import json
 import os
 import platform
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from tl import Interrupted, TLError, distributed
-from tl.engine import averaging, checkpoint, metrics
+from tl.engine import checkpoint, metrics
+from tl.engine.backbones import folder_label
 from tl.engine.balance import class_counts
+from tl.engine.early_stopping import should_stop
+from tl.engine.files import atomic_save, remove_stale_temporaries, state_digest, write_csv, write_json
+from tl.engine.headline import score_headline
 from tl.engine.options import RunOptions, as_saved
-from tl.engine.timm_backbones import folder_label
 from tl.loop import History, NonFiniteLoss
 from tl.models import Backbone, parameter_table
 from tl.recipe import Recipe
@@ -50,9 +49,9 @@ class RunFolder:
         if ckpt is not None:
             run_dir = Path(resume).parent
             if distributed.is_main():  # [DDP]
-                checkpoint.remove_stale_temporaries(run_dir)  # a save killed mid-write left these
+                remove_stale_temporaries(run_dir)  # a save killed mid-write left these
                 for name, state in files_of_saved_epoch(ckpt, ctx.history, opts).items():
-                    checkpoint.atomic_save(state, run_dir / name)  # a kill after last.ckpt may have cut these off
+                    atomic_save(state, run_dir / name)  # a kill after last.ckpt may have cut these off
             config = ckpt["config"]
             config["resumed"] = [*config.get("resumed", []), {"after_epoch": ckpt["epoch"], "device": str(ctx.device),
                                                               "time": time.strftime("%Y-%m-%d %H:%M:%S")}]
@@ -80,9 +79,9 @@ class RunFolder:
 
     def end_of_epoch(self, epoch: int, hist: History) -> bool:
         """After every epoch: the checkpoint, this epoch's weight files, history.csv and config.json;
-        then early stopping (004 §2.3): no new best val `monitor` for `patience` epochs -> stop."""
+        then early stopping (tl/engine/early_stopping.py): True asks the loop to stop."""
         opts = self.ctx.opts
-        stop = opts.patience is not None and epoch - hist.best_epoch >= opts.patience
+        stop = should_stop(opts.patience, epoch, hist.best_epoch)
         if not distributed.is_main():  # [DDP] only process 0 writes; the rows, so the stop, are the same on all
             return stop
         files = {}  # weight files of this epoch: best.pth, and 001's / 004's per-epoch files
@@ -92,7 +91,7 @@ class RunFolder:
             scored = self.ctx.model if self.ctx.ema is None else self.ctx.ema.module  # the weights val scored
             files[epoch_file_name(epoch, hist.rows[-1], opts.informative_names)] = scored.state_dict()
         for name, state in files.items():  # their digests first: the checkpoint's config carries them
-            self.config["checksums"][name] = checkpoint.state_digest(state)
+            self.config["checksums"][name] = state_digest(state)
         # last.ckpt before the files: if the run is killed in between, the checkpoint already holds
         # this epoch's weights, and resume writes the files again from it (RunFolder.open)
         span = self.stage.span
@@ -103,7 +102,7 @@ class RunFolder:
                                    stage={"index": span.index, "end": span.end}, wall_seconds=self.wall_seconds(),
                                    ema=self.ctx.ema)
         for name, state in files.items():
-            checkpoint.atomic_save(state, self.run_dir / name)
+            atomic_save(state, self.run_dir / name)
         write_history_csv(hist, self.run_dir / "history.csv")
         write_json(self.run_dir / "config.json", self.config)
         return stop
@@ -153,6 +152,8 @@ class RunFolder:
             ctx.model.load_state_dict(history.best_state)  # hand back the best model, as 002's tutorial does
         if ctx.opts.plots:
             try:
+                from tl.engine.plots import write_run_plots  # matplotlib is imported only to draw
+
                 write_run_plots(self.run_dir, history, headline, ctx.classes, ctx.spec)
             except Exception as exc:  # noqa: BLE001 - the run is saved; a picture must never lose it
                 ctx.log(f"warning: the run's pictures could not be drawn ({type(exc).__name__}: {exc}); "
@@ -225,83 +226,6 @@ def record_stage(config: dict, span: Span, optimizer, scheduler, cache_mode: str
         config["trainable_params"] = max(s["trainable_params"] for s in config["stages"])
 
 
-@dataclass
-class Headline:
-    """The headline model's predictions on the headline split: what the number and the pictures show."""
-
-    record: dict  # headline, headline_acc, test_acc: what config.json's results hold
-    evaluation: dict  # tl.engine.evaluate.evaluate's result: predictions, probabilities, confusion
-    images: object  # the data set scored (its images, in the order of the predictions)
-
-
-def score_headline(net: nn.Module, model: nn.Module, history: History, val_inputs, val_set, test_set,
-                   classes: list[str], opts: RunOptions, device: torch.device, run_dir: Path,
-                   tta: bool = False) -> Headline:
-    """The run's headline accuracy, scored on images that played no part in choosing it.
-
-    The best val epoch is chosen on val, so its val accuracy flatters it (the maximum of
-    noisy numbers). Two honest numbers instead:
-
-    * a data folder with a `test/` split: the epoch chosen on val (best.pth, the one early
-      stopping keeps) scored on test, which nothing has looked at;
-    * no test split: the final epoch's val accuracy. The epoch count comes from the recipe's
-      document, not from val, so nothing was selected on these images.
-
-    `net` must still hold the final epoch's weights (the loop's own net: with cached val
-    features it scores them, the same numbers as the loop's last val row). The per-image
-    predictions go to `headline_predictions.csv` (path relative to the data folder, label,
-    prediction), which a paired comparison of two recipes resamples (experiments/report.py).
-
-    With an average of the weights (--ema) `net` and best.pth are the average's weights: the
-    model scored is the one val scored and best.pth holds. With `tta` (the recipe's, decided
-    before training, never on these images) each image and its mirror are scored and their
-    probabilities averaged (tl/engine/averaging.py): then val is read as images, not stored features.
-    """
-    from tl.engine.evaluate import evaluate
-
-    if test_set is not None:  # scanned with train and val at the start of the run
-        if history.best_state is not None:
-            model.load_state_dict(history.best_state)  # the best-on-val state that run() hands back too
-        what, scored, inputs, images = "test, epoch chosen on val", model, test_set, test_set
-    else:
-        what, scored, inputs, images = "val, final epoch", net, val_inputs, val_set
-    if tta:
-        what, scored, inputs = f"{what}, mirror averaged", averaging.Mirrored(scored), images
-    result = evaluate(scored, torch.utils.data.DataLoader(inputs, batch_size=32), device, len(classes))
-    rows = [{"path": Path(os.path.relpath(path, opts.data)).as_posix(), "label": classes[label],
-             "prediction": classes[p]} for (path, label), p in zip(images.samples, result["predictions"])]
-    write_csv(run_dir / "headline_predictions.csv", ["path", "label", "prediction"], rows)
-    acc = sum(r["label"] == r["prediction"] for r in rows) / len(rows)
-    record = {"headline": what, "headline_acc": acc, "test_acc": acc if what.startswith("test") else None}
-    return Headline(record, result, images)
-
-
-def write_run_plots(run_dir: Path, history: History, headline: Headline, classes: list[str],
-                    spec: Backbone) -> None:
-    """The pictures of a finished run: learning curves, and the headline model's confusion
-    matrix, prediction grid (document 001, 5-26 to 5-29) and top losses on the headline split,
-    each titled with what it shows, so a picture never disagrees with the printed result."""
-    from tl.engine import plots
-
-    plots.run_curves(history.rows, run_dir / "curves.png", title=run_dir.name)
-    what, acc, result = headline.record["headline"], headline.record["headline_acc"], headline.evaluation
-    split = what.split(",")[0]
-    plots.class_names_csv(classes, run_dir / "classes.csv")  # full names beside the pictures' labels
-    plots.confusion_matrix_plot(result["confusion"], classes, run_dir / "confusion.png",
-                                title=f"{what}: accuracy {acc:.4f}")
-    plots.top_losses_plot(headline.images, result["probabilities"], classes, run_dir / "top_losses.png",
-                          mean=spec.mean, std=spec.std, split=split)  # fastai's plot_top_losses
-    images = headline.images
-    step = max(1, len(images) // 16)  # 16 images spread over the classes (a split is sorted by class)
-    picked = list(range(0, len(images), step))[:16]
-    preds = [int(result["predictions"][i]) for i in picked]
-    labels = [images.targets[i] for i in picked]
-    titles = [f"{plots.class_label(classes[p], p)} ({plots.class_label(classes[t], t)})" for p, t in zip(preds, labels)]
-    colours = ["green" if p == t else "red" for p, t in zip(preds, labels)]
-    plots.image_grid(torch.stack([images[i][0] for i in picked]), titles, run_dir / "predictions.png",
-                     mean=spec.mean, std=spec.std, colors=colours, title=f"predicted (true) on {what}")
-
-
 def summarize(history: History) -> dict:
     """The figures a comparison needs, computed from the history rows alone."""
     val = history.val()
@@ -357,16 +281,3 @@ def weights_kind(weights: str, spec: Backbone) -> str:
 
 def write_history_csv(history: History, path: Path) -> None:
     write_csv(path, ["epoch", "phase", "loss", "acc", "seconds", "images_per_s"], history.rows)
-
-
-def write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
-    """The run folder's tables, written atomically like every file there (extra keys ignored)."""
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    checkpoint.atomic_write_text(path, text.getvalue())
-
-
-def write_json(path: Path, obj: dict) -> None:
-    checkpoint.atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")

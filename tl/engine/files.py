@@ -1,0 +1,151 @@
+"""Writing files that are never seen half-written, and the digest that tells two states apart.
+
+Every write goes to a temporary file in the same folder, is flushed to disk, and is
+then renamed over the target: a rename is atomic, so a run killed at any instant
+leaves either the old file or the new one, never half of one. (A kill between the
+write and the rename leaves the temporary `.NAME.*.tmp`; `remove_stale_temporaries`
+clears it when the run folder is next used.)
+
+Atomic is not the same as intact: a disk or a copy can still flip bits inside a
+file that loads without complaint. So a checkpoint (tl/engine/checkpoint.py) carries a
+SHA-256 digest of its contents (`state_digest`), and a run's config.json records the
+digest of each weight file it wrote.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+# mkstemp creates files readable by their owner only (0600); the files of a run folder
+# should get the same mode as any other file the user creates (0644 with the usual umask)
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """Call `write(f)` on a temporary file beside `path`, fsync, then rename onto `path`.
+
+    The one way this project writes a file that must never be seen half-written: weights,
+    checkpoints, feature caches, history.csv and config.json all go through it."""
+    path = Path(path)
+    fd, tmp = temporary_beside(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        # torch.save reports a failed write (disk full, I/O error) as a RuntimeError of its zip
+        # writer; the free space is measured while the partial file still holds its blocks
+        failed_save = isinstance(exc, RuntimeError) and "inline_container" in str(exc)
+        free = shutil.disk_usage(path.parent).free if failed_save else None
+        Path(tmp).unlink(missing_ok=True)
+        if failed_save:
+            # the OSError underneath (disk full, quota exceeded, I/O error) keeps its errno;
+            # without one, a disk with under 1 MiB left is taken to be full
+            code = getattr(exc.__context__, "errno", None) or (errno.ENOSPC if free < 2**20 else errno.EIO)
+            raise OSError(code, f"writing failed ({free / 2**20:.1f} MB free there)", str(path)) from None
+        raise
+    return path
+
+
+def temporary_beside(path: str | os.PathLike) -> tuple[int, Path]:
+    """A new empty file `.NAME.PID.XXXXXXXX.tmp` in `path`'s folder (created if needed): its
+    open descriptor and its path. The writer's process id is in the name, so a later start
+    can tell a dead writer's leftover (`remove_stale_temporaries`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    return fd, Path(tmp)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """`torch.save(obj)` through `atomic_write`."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    # backslashreplace: a file name that is not valid UTF-8 is written as \xNN, not a crash
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8", "backslashreplace")))
+
+
+def write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
+    """The run folder's tables, written atomically like every file there (extra keys ignored)."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, text.getvalue())
+
+
+def write_json(path: Path, obj: dict) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the `.NAME.PID.*.tmp` files that a killed `atomic_write` left in `folder`:
+    those whose writing process no longer exists. A live process's file is left alone, so
+    this is safe on a folder several runs share (the feature cache)."""
+    stale = []
+    for p in Path(folder).glob(".*.tmp"):
+        pid = p.name.rsplit(".", 3)[-3] if p.name.count(".") >= 4 else ""
+        if p.is_file() and not (pid.isdigit() and _alive(int(pid))):
+            p.unlink(missing_ok=True)
+            stale.append(p)
+    return stale
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, owned by someone else
+    return True
+
+
+def state_digest(obj: Any) -> str:
+    """SHA-256 of a nested structure of tensors and plain values, independent of how it was
+    stored: dict keys in sorted order, each tensor as its dtype, shape and raw bytes. Two
+    objects get the same digest exactly when a training run could not tell them apart."""
+    h = hashlib.sha256()
+
+    def feed(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            # the bytes are hashed where they lie (no copy): a memory-mapped feature cache is
+            # streamed through page by page instead of being read into memory
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(x, dict):
+            h.update(b"{")
+            for k in sorted(x, key=repr):
+                h.update(repr(k).encode())
+                feed(x[k])
+            h.update(b"}")
+        elif isinstance(x, (list, tuple)):
+            h.update(b"[")
+            for v in x:
+                feed(v)
+            h.update(b"]")
+        else:
+            h.update(repr(x).encode())
+
+    feed(obj)
+    return h.hexdigest()
