@@ -6,6 +6,10 @@ leaves either the old file or the new one, never half of one. (A kill between th
 write and the rename leaves the temporary `.NAME.*.tmp`; `remove_stale_temporaries`
 clears it when the run folder is next used.)
 
+A written file gets the mode of any other file the user creates: the temporary is
+created with 0o666, which the kernel trims by the process's umask (0644 under the usual
+umask 022, 0640 under 027). The umask is never read or set here.
+
 Atomic is not the same as intact: a disk or a copy can still flip bits inside a
 file that loads without complaint. So a checkpoint (tl/engine/checkpoint.py) carries a
 SHA-256 digest of its contents (`state_digest`), and a run's config.json records the
@@ -20,19 +24,13 @@ import hashlib
 import io
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 import torch
-
-# mkstemp creates files readable by their owner only (0600); the files of a run folder
-# should get the same mode as any other file the user creates (0644 with the usual umask)
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-FILE_MODE = 0o666 & ~_UMASK
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
@@ -41,13 +39,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     The one way this project writes a file that must never be seen half-written: weights,
     checkpoints, feature caches, history.csv and config.json all go through it."""
     path = Path(path)
-    fd, tmp = temporary_beside(path)
+    fd, tmp = temporary_beside(path, mode=0o666)  # the user's umask gives the mode (see the module docstring)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException as exc:
         # torch.save reports a failed write (disk full, I/O error) as a RuntimeError of its zip
@@ -64,14 +61,21 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     return path
 
 
-def temporary_beside(path: str | os.PathLike) -> tuple[int, Path]:
+def temporary_beside(path: str | os.PathLike, mode: int = 0o600) -> tuple[int, Path]:
     """A new empty file `.NAME.PID.XXXXXXXX.tmp` in `path`'s folder (created if needed): its
     open descriptor and its path. The writer's process id is in the name, so a later start
-    can tell a dead writer's leftover (`remove_stale_temporaries`)."""
+    can tell a dead writer's leftover (`remove_stale_temporaries`). `mode` is trimmed by the
+    umask, as for any new file: 0o600 (the default, as `tempfile.mkstemp`) is the owner's alone."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    return fd, Path(tmp)
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, flags, mode), tmp
+        except FileExistsError:
+            continue  # a name drawn twice: draw again
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path.parent))
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
