@@ -40,12 +40,13 @@ from tl.engine.balance import balance
 from tl.engine.device import default_channels_last, device_hooks, make_grad_scaler, prepare_device, resolve_device
 from tl.engine.ema import update_after_step, val_net, weight_average
 from tl.engine.image_cache import decoded_bytes
+from tl.engine.image_size import check_image_size
 from tl.engine.options import RunOptions, resolve
 from tl.engine.resume import restore, restore_threads, resume_options
 from tl.engine.run_folder import RunFolder, data_fingerprint
 from tl.engine.selection import ImageChoice, select_images
 from tl.engine.stage_setup import StageSetup, stage_hooks, start_stage
-from tl.engine.weights import build_model, check_image_size
+from tl.engine.weights import build_model
 from tl.loop import History, seed_everything, train_model
 from tl.models import Backbone, format_parameter_table
 from tl.recipe import BuildFn, Recipe, make_criterion
@@ -171,7 +172,7 @@ def build_model_and_stages(ctx: RunContext, build: BuildFn, resumed: bool) -> No
     model = build_model(recipe.backbone, 1 if recipe.loss == "bce_logit" else len(ctx.classes),
                         "none" if resumed else recipe.weights, stack=recipe.stack_head,
                         allow_pickle=ctx.opts.allow_pickle)
-    check_image_size(model, recipe.backbone, ctx.opts.image_size)  # too small for its downsampling: refused here
+    check_image_size(model, ctx.spec, recipe.backbone, ctx.opts.image_size, None if resumed else ctx.sets["val"])
     ctx.model, stages = as_stages(build(model, ctx.spec, recipe))
     ctx.spans, ctx.staged = place(stages, recipe.train_epochs), len(stages) > 1
     ctx.scaler = make_grad_scaler(ctx.device, ctx.opts.amp)

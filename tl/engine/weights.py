@@ -182,20 +182,3 @@ def build_model(backbone: str, num_classes: int, weights: str = "imagenet", stac
     if imagenet is not None:
         return create_model(spec, num_classes, imagenet, f"ImageNet weights of {backbone}")
     return create_model(spec, num_classes, file_state, f"--weights {weights}")
-
-
-def check_image_size(model: nn.Module, backbone: str, size: int) -> None:
-    """A TLError, before any training, where `model` cannot take `size`-pixel images (its
-    downsampling leaves nothing for a later layer: VGG or ConvNeXt below 32 pixels). One forward
-    pass of a blank image in eval mode, no gradient: no weight, statistic or random state moves."""
-    modes = {m: m.training for m in model.modules()}
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, 3, size, size, device=next(model.parameters()).device))
-    except RuntimeError as exc:
-        raise TLError(f"{backbone} cannot take {size}-pixel images (--image-size {size}): its downsampling "
-                      f"leaves too little for a later layer ({str(exc).splitlines()[0][:120]}); "
-                      f"choose a larger --image-size (32 or more)") from None
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
