@@ -96,6 +96,21 @@ def test_folding_batchnorm_gives_the_same_outputs_and_leaves_the_model_alone(tin
     assert features.fold_batchnorm(plain) is plain  # nothing to fold, nothing copied
 
 
+def test_forward_to_gives_the_cuts_input_and_runs_nothing_from_the_cut_on():
+    from tests.conftest import TinyNet
+
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    ran = []
+    model.fc.register_forward_hook(lambda module, inputs, output: ran.append(module))
+    x = torch.randn(2, 3, 32, 32)
+    got = features.forward_to(model, "fc", x)
+    assert not ran  # the forward pass stopped at the cut: the tail did not run
+    assert not model.fc._forward_pre_hooks  # and the stopping hook is gone
+    with torch.no_grad():
+        assert torch.equal(got, model.pool(model.block(model.stem(x))).flatten(1))
+
+
 def test_vgg_cut_keeps_dropout_in_the_tail():
     from tl.engine.weights import build_model
     from tl.models import get_backbone

@@ -12,9 +12,9 @@ and hand the loop the tail as `net` and DataLoaders of stored features instead o
 The loop itself does not change (tl/loop.py is still the only training loop).
 
 When is that exact? The prefix must be a fixed function during training: no trainable
-parameter in it, and in the loop's train-mode setup (`net.train()`, frozen BatchNorm back
-in eval mode when the recipe says so) it must compute exactly what it computes in eval
-mode and change none of its buffers. That is not decided from a list of module types
+parameter in it, and in the loop's train-mode setup (`net.train()`, then the BatchNorm layers
+that `tl.models.eval_batchnorm` names back in eval mode) it must compute exactly what it
+computes in eval mode and change none of its buffers. That is not decided from a list of module types
 (Dropout, Dropout2d, StochasticDepth, DropPath, BatchNorm in train mode, and whatever
 module comes next): `check_prefix_is_fixed` *tries it* on a few images, and caches only if
 the outputs agree bit for bit and every buffer stays as it was. Dropout *after* the cut
@@ -75,8 +75,11 @@ def split_at_cut(model: nn.Module, spec: Backbone) -> CacheSplit:
     return CacheSplit(model.get_submodule(spec.cache_cut), spec.cache_cut)
 
 
-def why_not_cacheable(model: nn.Module, split: CacheSplit, frozen_bn_eval: bool, probe: torch.Tensor) -> str | None:
+def why_not_cacheable(model: nn.Module, split: CacheSplit, frozen_bn_eval: bool, probe: torch.Tensor,
+                      bn_eval: bool = False) -> str | None:
     """None if the prefix is a fixed function during training, else the reason it is not.
+    `frozen_bn_eval` and `bn_eval` are the loop's (`Hooks`): they choose which BatchNorm layers
+    it trains in eval mode (`tl.models.eval_batchnorm`), and so what the prefix computes there.
 
     The conditions are checked rather than assumed from module types:
     1. no parameter before the cut trains;
@@ -87,16 +90,20 @@ def why_not_cacheable(model: nn.Module, split: CacheSplit, frozen_bn_eval: bool,
     trainable = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in tail_params]
     if trainable:
         return f"parameters before the cut point {split.cut} train (e.g. {trainable[0]})"
-    return check_prefix_is_fixed(model, split, frozen_bn_eval, probe)
+    return check_prefix_is_fixed(model, split, frozen_bn_eval, probe, bn_eval)
 
 
 @torch.no_grad()
-def _prefix_output(model: nn.Module, cut: str, images: torch.Tensor) -> torch.Tensor:
-    """The input of the module `cut` for `images` (the forward pass stops there)."""
+def forward_to(model: nn.Module, cut: str, images: torch.Tensor) -> torch.Tensor:
+    """The input of the module `cut` when `model` runs on `images`, in the model's current mode.
+
+    A forward pre-hook on `cut` takes that input and raises `StopForward`: nothing from the
+    cut on runs, so no compute is spent on the tail and nothing in it can change. The check
+    below and the feature pass (tl/engine/feature_store.py) both stop the network this way."""
     captured = []
 
     def hook(module, inputs):
-        captured.append(inputs[0].detach().clone())
+        captured.append(inputs[0])
         raise StopForward
 
     handle = model.get_submodule(cut).register_forward_pre_hook(hook)
@@ -110,33 +117,33 @@ def _prefix_output(model: nn.Module, cut: str, images: torch.Tensor) -> torch.Te
 
 
 def check_prefix_is_fixed(model: nn.Module, split: CacheSplit, frozen_bn_eval: bool,
-                          probe: torch.Tensor) -> str | None:
+                          probe: torch.Tensor, bn_eval: bool = False) -> str | None:
     """Run the prefix on `probe` as the loop would train it and compare with eval mode.
 
-    The loop's train setup is `model.train()` and, with `frozen_bn_eval`, every frozen
-    BatchNorm back in eval mode (tl/loop.py). Two passes in that setup, with different
+    The loop's train setup is `model.train()`, then the layers of `eval_batchnorm(model,
+    frozen_bn_eval, bn_eval)` back in eval mode (tl/loop.py asks the same function, so the
+    check tries what the loop will run). Two passes in that setup, with different
     random seeds, must both equal the eval-mode pass bit for bit: a Dropout, a stochastic
     depth or a BatchNorm normalising with batch statistics breaks that. A BatchNorm in
     train mode also updates its running statistics, which the buffer comparison sees. The
     model's buffers, mode and the global RNG are restored afterwards, whatever happens."""
-    from tl.models import frozen_batchnorm_modules
+    from tl.models import eval_batchnorm
 
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     was_training = model.training
     try:
         with torch.random.fork_rng(devices=[]):
             model.eval()
-            reference = _prefix_output(model, split.cut, probe)
+            reference = forward_to(model, split.cut, probe).clone()
             with torch.no_grad():
                 tail_ends = torch.allclose(split.tail(reference), model(probe), rtol=1e-4, atol=1e-5)
             passes = []
             for seed in (1, 2):
                 torch.manual_seed(seed)
                 model.train()
-                if frozen_bn_eval:
-                    for bn in frozen_batchnorm_modules(model):
-                        bn.eval()
-                passes.append(_prefix_output(model, split.cut, probe))
+                for bn in eval_batchnorm(model, frozen_bn_eval, bn_eval):
+                    bn.eval()
+                passes.append(forward_to(model, split.cut, probe).clone())
         changed = [n for n, b in model.named_buffers() if not torch.equal(b, buffers[n])]
     finally:
         with torch.no_grad():

@@ -59,7 +59,7 @@ from torch import nn
 from tqdm import tqdm  # tqdm.std, not tqdm.auto: see the progress bar in run_phase
 
 from tl import TLError, distributed
-from tl.models import BATCHNORM, frozen_batchnorm_modules
+from tl.models import eval_batchnorm
 
 
 def seed_everything(seed: int) -> None:
@@ -167,8 +167,7 @@ def train_model(net: nn.Module, dataloaders: dict, criterion: nn.Module, optimiz
     start_epoch = history.rows[-1]["epoch"] + 1 if history.rows else 0  # after a resume or a stage: go on
     net.to(device, memory_format=torch.channels_last if hooks.channels_last else torch.preserve_format)
     # the BatchNorm layers that stay in eval mode while the rest trains: all of them, the frozen ones, or none
-    eval_bn = ([m for m in net.modules() if isinstance(m, BATCHNORM)] if hooks.bn_eval
-               else frozen_batchnorm_modules(net) if hooks.frozen_bn_eval else [])
+    eval_bn = eval_batchnorm(net, hooks.frozen_bn_eval, hooks.bn_eval)
 
     for epoch in range(start_epoch, num_epochs):
         stop = False

@@ -210,10 +210,19 @@ def param_groups(model: nn.Module, spec: Backbone, lrs: dict[str, float]) -> lis
     return [{"name": g, "lr": lr, "params": buckets[g]} for g, lr in lrs.items() if buckets[g]]
 
 
-def frozen_batchnorm_modules(model: nn.Module) -> list[nn.Module]:
-    """BatchNorm layers whose affine parameters are all frozen (or that have none)."""
-    return [m for m in model.modules()
-            if isinstance(m, BATCHNORM) and not any(p.requires_grad for p in m.parameters())]
+def eval_batchnorm(model: nn.Module, frozen_bn_eval: bool, bn_eval: bool) -> list[nn.Module]:
+    """The BatchNorm layers that stay in eval mode while the rest of `model` trains: every one
+    with `bn_eval`, with `frozen_bn_eval` those whose affine parameters are all frozen (or that
+    have none), else none. In eval mode a layer normalises with its running statistics and keeps them.
+
+    The loop (tl/loop.py) puts these layers in eval mode, and the feature cache's check
+    (tl/features.py) asks the same function: stored features are exact only if the frozen
+    prefix computes in the loop's train mode what it computes in eval mode, so the check must
+    try exactly the layers the loop will train with."""
+    if not (bn_eval or frozen_bn_eval):
+        return []
+    return [m for m in model.modules() if isinstance(m, BATCHNORM)
+            and (bn_eval or not any(p.requires_grad for p in m.parameters()))]
 
 
 def parameter_table(model: nn.Module) -> list[dict]:

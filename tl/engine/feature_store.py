@@ -36,8 +36,8 @@ from tl.features import (
     CacheSplit,
     FeatureSet,
     FeaturesOrImages,
-    StopForward,
     fold_batchnorm,
+    forward_to,
     split_at_cut,
     why_not_cacheable,
 )
@@ -60,8 +60,8 @@ def compute_features(model: nn.Module, cut: str, dataset: Dataset, *, views: int
                      store: Path | None = None) -> torch.Tensor:
     """(views, N, D) inputs of the module `cut`, for every image of `dataset` in order, as `dtype`.
 
-    The full model runs in eval mode; a forward pre-hook on `cut` stores its input and
-    stops the forward pass there. With a random (train) transform, each view is a new draw.
+    The full model runs in eval mode, up to `cut` only (`tl.features.forward_to`). With a
+    random (train) transform, each view is a new draw.
     `channels_last` runs the pass in the NHWC layout the loop would use (faster on CPU too).
     With `store` (a file), the result lives in that file, memory-mapped (`torch.from_file`,
     shared: every write goes to the file), not in the process's memory: how a cache larger
@@ -69,13 +69,6 @@ def compute_features(model: nn.Module, cut: str, dataset: Dataset, *, views: int
     """
     batch_size = batch_size or feature_batch_size(device)
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    captured: list[torch.Tensor] = []
-
-    def hook(module, inputs):
-        captured.append(inputs[0].flatten(1).float().cpu())  # (B, D)
-        raise StopForward
-
-    handle = model.get_submodule(cut).register_forward_pre_hook(hook)
     was_training = model.training
     model.eval().to(device, memory_format=layout)
     generator = torch.Generator().manual_seed(seed)
@@ -92,11 +85,8 @@ def compute_features(model: nn.Module, cut: str, dataset: Dataset, *, views: int
                                     generator=generator)
                 row = 0
                 for inputs, _labels in loader:
-                    try:
-                        model(inputs.to(device).contiguous(memory_format=layout))
-                    except StopForward:
-                        pass
-                    batch = captured.pop()  # (B, D)
+                    batch = forward_to(model, cut, inputs.to(device).contiguous(memory_format=layout))
+                    batch = batch.flatten(1).float().cpu()  # (B, D)
                     if out is None:
                         shape = (views, len(dataset), batch.shape[1])
                         out = (torch.empty(shape, dtype=dtype) if store is None else
@@ -104,7 +94,6 @@ def compute_features(model: nn.Module, cut: str, dataset: Dataset, *, views: int
                     out[view, row:row + len(batch)] = batch
                     row += len(batch)
         finally:
-            handle.remove()
             model.train(was_training)
     return out  # (views, N, D)
 
@@ -317,8 +306,9 @@ class CachePlan:
 
 def plan_cache(model: nn.Module, spec: Backbone, sets: dict, *, frozen_bn_eval: bool, augment: bool, views: int,
                seed: int, device, dtype: torch.dtype, limit_gb: float, workers: int, channels_last: bool = False,
-               log=print) -> CachePlan:
-    """Decide what to cache and build it (see `CachePlan`).
+               bn_eval: bool = False, log=print) -> CachePlan:
+    """Decide what to cache and build it (see `CachePlan`). `frozen_bn_eval` and `bn_eval` are
+    the loop's: the features are exact only if the prefix computes with them what it computes in eval mode.
 
     `model` must already hold the weights it will train from (a resumed run loads its
     checkpoint first): the cache is computed from, and keyed on, exactly those weights.
@@ -329,7 +319,7 @@ def plan_cache(model: nn.Module, spec: Backbone, sets: dict, *, frozen_bn_eval: 
     val = sets["val"]
     probe = torch.stack([val[i][0] for i in range(min(4, len(val)))])  # deterministic val images
     probe = probe.to(next(model.parameters()).device)
-    reason = why_not_cacheable(model, split, frozen_bn_eval, probe)
+    reason = why_not_cacheable(model, split, frozen_bn_eval, probe, bn_eval)
     if reason is not None:
         return CachePlan(model, why_off=reason)
     # the feature pass runs a copy with its BatchNorms folded into the convolutions (exact

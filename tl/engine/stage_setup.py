@@ -87,13 +87,13 @@ def plan_inputs(span: Span, ctx, saved_mode: str | None, saved_phases: list[str]
     if saved is not None and saved.off:
         plan = saved  # the stage trained uncached before the interruption (a full disk, say): its rest does too
     elif opts.feature_cache:
-        frozen = either(span.stage.frozen_bn_eval, ctx.recipe.frozen_bn_eval) or either(span.stage.bn_eval,
-                                                                                          ctx.recipe.bn_eval)
+        bn = stage_hooks(span, ctx.recipe, None)  # the loop's BatchNorm settings: the cache's check tries the same
         # [DDP] process 0 computes and stores the features first; the others wait, then load them.
         # fork_rng: the cache's probe and passes draw nothing from the run's RNG
         with distributed.main_first(), torch.random.fork_rng(devices=[]):
             plan = feature_store.plan_cache(
-                model, ctx.spec, ctx.sets, frozen_bn_eval=frozen, augment=opts.augment, views=opts.cache_views,
+                model, ctx.spec, ctx.sets, frozen_bn_eval=bn.frozen_bn_eval, bn_eval=bn.bn_eval, augment=opts.augment,
+                views=opts.cache_views,
                 seed=opts.seed, device=ctx.device, dtype=torch.float32, limit_gb=opts.cache_limit_gb,
                 workers=opts.workers, channels_last=opts.channels_last, log=log)
         main = CachePlan.recorded(model, distributed.from_main(plan.mode))  # [DDP] process 0's decision
