@@ -225,6 +225,16 @@ def eval_batchnorm(model: nn.Module, frozen_bn_eval: bool, bn_eval: bool) -> lis
             and (bn_eval or not any(p.requires_grad for p in m.parameters()))]
 
 
+def unfreeze_batchnorm(model: nn.Module) -> list[nn.Module]:
+    """Make every BatchNorm layer's scale and shift (its affine parameters) trainable, and
+    return the layers: none for a network that normalises otherwise (LayerNorm in ConvNeXt
+    and ViT). What else trains is the caller's choice (fastai's `train_bn`: the head too)."""
+    layers = [m for m in model.modules() if isinstance(m, BATCHNORM)]
+    for module in layers:
+        module.requires_grad_(True)
+    return layers
+
+
 def parameter_table(model: nn.Module) -> list[dict]:
     """Trainable / frozen parameter counts per top-level module, plus a total row."""
     rows = []

@@ -14,7 +14,7 @@ trainable, so `frozen_bn_eval` does not apply to them: they run in train mode.
 import torch
 
 from tl import TLError
-from tl.models import BATCHNORM, param_groups, set_trainable
+from tl.models import param_groups, set_trainable, unfreeze_batchnorm
 from tl.recipe import Recipe
 
 RECIPE = Recipe(
@@ -28,16 +28,14 @@ RECIPE = Recipe(
 
 
 def train_batchnorm(model, spec, recipe) -> None:
-    """Make every BatchNorm layer's weight (scale) and bias (shift) trainable. A network
+    """Make every BatchNorm layer's weight (scale) and bias (shift) trainable
+    (`tl.models.unfreeze_batchnorm`; experiments/bn_policy.py trains them the same way). A network
     without BatchNorm (ConvNeXt and ViT normalise with LayerNorm) stops here, before any
     training: the recipe would silently train its head alone."""
-    layers = [m for m in model.modules() if isinstance(m, BATCHNORM)]
-    if not layers:
+    if not unfreeze_batchnorm(model):
         raise TLError(f"{recipe.name} trains the BatchNorm layers and the head, but {spec.name} has no BatchNorm "
                       f"layer (it normalises otherwise, e.g. with LayerNorm): choose a backbone with BatchNorm, "
                       f"or resnet_frozen to train the head alone")
-    for module in layers:
-        module.requires_grad_(True)
 
 
 def build(model, spec, recipe):

@@ -36,7 +36,7 @@ be cached: BatchNorm trains in both.
 
 import torch
 
-from tl.models import BATCHNORM, param_groups, set_trainable
+from tl.models import param_groups, set_trainable, unfreeze_batchnorm
 from tl.recipe import Recipe
 from tl.stages import Stage, one_cycle
 
@@ -61,9 +61,7 @@ def adam(model, spec, lrs):
 
 def freeze_with_bn(model, spec, recipe):
     set_trainable(model, spec, ["head"])  # freeze(): only the last group ...
-    for module in model.modules():
-        if isinstance(module, BATCHNORM):
-            module.requires_grad_(True)  # ... and, train_bn=True, every BatchNorm layer's scale and shift
+    unfreeze_batchnorm(model)  # ... and, train_bn=True, every BatchNorm layer's scale and shift (none: the head alone)
     return adam(model, spec, recipe.first_lrs)
 
 
