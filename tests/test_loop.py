@@ -164,3 +164,70 @@ def test_history_round_trips_through_a_dict():
     h = History(rows=[{"epoch": 0, "phase": "val", "loss": 1.0, "acc": 0.5, "seconds": 1, "images_per_s": 2}],
                 best_epoch=0, best_acc=0.5, best_loss=1.0)
     assert History.from_dict(h.to_dict()).to_dict() == h.to_dict()
+
+
+# ----------------------------------------------------------------------------- a loss that turns non-finite mid-run
+class _TurnsAt:
+    """A criterion whose loss turns `into` (inf or nan) from the `at`-th training step on (0-based);
+    validation batches (no gradient) are never touched and not counted."""
+
+    def __init__(self, at: int, into: float):
+        self.at, self.into, self.steps = at, into, 0
+
+    def __call__(self, outputs, labels):
+        loss = nn.functional.cross_entropy(outputs, labels)
+        if not torch.is_grad_enabled():
+            return loss
+        self.steps += 1
+        return loss * self.into if self.steps > self.at else loss
+
+
+class _PoisonedBatches:
+    """The train loader, with the `at`-th batch it yields (0-based, counted over epochs) made of inf pixels."""
+
+    def __init__(self, loader, at: int):
+        self.loader, self.sampler, self.at, self.drawn = loader, loader.sampler, at, 0
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for inputs, labels in self.loader:
+            self.drawn += 1
+            yield (torch.full_like(inputs, math.inf) if self.drawn - 1 == self.at else inputs), labels
+
+
+@pytest.mark.parametrize("case", ["inf loss, SGD with momentum", "nan loss, Adam", "inf pixels, SGD with momentum",
+                                  "inf loss, first step of an epoch"])
+def test_a_loss_that_turns_non_finite_after_real_updates_applies_no_update(tiny_data, tiny_backbone, case):
+    """24 train images in batches of 8: 3 steps an epoch. The loss turns non-finite at a step after
+    real updates; the run stops there, and the weights and the optimizer's state are bit for bit
+    those after the last finite step: the non-finite gradient was never applied."""
+    spec, model, loaders = _setup(tiny_data, augment=False)
+    at = 3 if "first step" in case else 4  # epoch 2's first or second step, after epoch 1's 3 updates
+    criterion = _TurnsAt(at, math.nan if "nan" in case else math.inf) if "loss" in case else nn.CrossEntropyLoss()
+    if "pixels" in case:
+        loaders = {**loaders, "train": _PoisonedBatches(loaders["train"], at)}
+    opt = (torch.optim.Adam(model.parameters(), lr=1e-2) if "Adam" in case
+           else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    after_steps = []
+
+    def keep(epoch):  # the parameters and the optimizer's state after each update
+        after_steps.append(({n: p.detach().clone() for n, p in model.named_parameters()},
+                            {i: {k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
+                             for i, s in opt.state_dict()["state"].items()}))
+
+    history = History()
+    with pytest.raises(NonFiniteLoss, match="loss became (inf|nan) in epoch 2: training stopped before the update"):
+        train_model(model, loaders, criterion, opt, num_epochs=4, history=history,
+                    hooks=Hooks(after_step=keep, progress=False, log=lambda s: None))
+    assert len(after_steps) == at  # the updates before the bad step were real ...
+    assert not torch.equal(after_steps[0][0]["fc.weight"], after_steps[-1][0]["fc.weight"])
+    params, state = after_steps[-1]
+    for name, p in model.named_parameters():  # ... and the bad step applied nothing
+        assert torch.equal(p, params[name]), name
+    now = opt.state_dict()["state"]
+    assert now.keys() == state.keys()
+    for i, tensors in state.items():
+        assert all(torch.equal(now[i][k], v) for k, v in tensors.items()), i
+    assert [(r["epoch"], r["phase"]) for r in history.rows] == [(0, "val"), (1, "train"), (1, "val")]
