@@ -24,15 +24,12 @@ an interrupt, after saying where the run stopped and how to resume it.
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import sys
 from pathlib import Path
 
 import commands
-from tl import Interrupted, TLError
-
-INTERRUPTED = 130  # the shell's exit status for Ctrl-C (128 + SIGINT)
+from tl.engine.command import command
 
 
 def _int_at_least(minimum: int, maximum: int | None = None):
@@ -283,62 +280,33 @@ def _main(argv: list[str] | None = None) -> int:
                      "--export, --show-data, --prepare")
     if args.prepare and not (args.src and args.dest):
         parser.error("--prepare needs --src DIR and --dest DIR")
-    try:
-        if args.find_lr:
-            commands.find_lr_command(args)
-        elif args.list:
-            print(commands.list_recipes())
-        elif args.experiment:
-            commands.train_command(args)
-        elif args.resume:
-            commands.resume_command(args, given_options(argv))
-        elif args.evaluate:
-            commands.evaluate_command(args)
-        elif args.predict:
-            commands.predict_command(args)
-        elif args.explain:
-            commands.explain_command(args)
-        elif args.export:
-            commands.export_command(args)
-        elif args.prepare:
-            commands.prepare_command(args)
-        elif args.show_data:
-            commands.show_data_command(args)
-    except (TLError, OSError) as exc:
-        if os.environ.get("TL_DEBUG"):
-            raise  # the developer's view: the full traceback
-        print(f"error: {_message(exc)}", file=sys.stderr)
-        return INTERRUPTED if isinstance(exc, Interrupted) else 2  # Ctrl-C in training: where it stopped
-    except KeyboardInterrupt:  # Ctrl-C before training started (the data scan, the feature pass)
-        if os.environ.get("TL_DEBUG"):
-            raise
-        print("error: interrupted before training started; no run folder or checkpoint was changed", file=sys.stderr)
-        return INTERRUPTED
-    return 0
+    # the one wrapper every command shares (tl/engine/command.py): a TLError or an OSError is one
+    # error: line and exit 2, Ctrl-C exit 130
+    return command(lambda: _dispatch(args, argv),
+                   interrupted="interrupted before training started; no run folder or checkpoint was changed")
 
 
-def _message(exc: Exception) -> str:
-    """The one-line (or few-line) text for a TLError or an OSError from the user's files.
-
-    An OSError is the environment speaking (permissions, space, a file where a folder
-    should be): it is the user's to fix, so it gets a message too, never a traceback."""
-    if isinstance(exc, TLError):
-        text = str(exc)
-        if text.startswith("Caught TLError in DataLoader worker"):
-            # a worker process's error comes back with the worker's traceback in its text: keep our message
-            text = text.rsplit("TLError: ", 1)[-1].strip()
-        return text
-    where = exc.filename or "a file"
-    if exc.errno == errno.ENOSPC:
-        return f"no space left on the device while writing {where}: free some space, or use --out / TL_CACHE_DIR " \
-               f"on another disk"
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return f"permission denied: {where}: make it readable (and writable, for outputs) or choose another path"
-    if exc.errno == errno.EROFS:
-        return f"read-only file system: {where}: choose a writable --out (or TL_CACHE_DIR)"
-    if exc.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
-        return f"{exc.strerror}: {where}: a file stands where a folder is needed (or the reverse); choose another path"
-    return f"{exc.strerror or exc}: {where}; check the path and the disk"
+def _dispatch(args: argparse.Namespace, argv: list[str] | None) -> None:
+    if args.find_lr:
+        commands.find_lr_command(args)
+    elif args.list:
+        print(commands.list_recipes())
+    elif args.experiment:
+        commands.train_command(args)
+    elif args.resume:
+        commands.resume_command(args, given_options(argv))
+    elif args.evaluate:
+        commands.evaluate_command(args)
+    elif args.predict:
+        commands.predict_command(args)
+    elif args.explain:
+        commands.explain_command(args)
+    elif args.export:
+        commands.export_command(args)
+    elif args.prepare:
+        commands.prepare_command(args)
+    elif args.show_data:
+        commands.show_data_command(args)
 
 
 if __name__ == "__main__":

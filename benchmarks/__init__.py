@@ -1,27 +1,18 @@
 """Measurements of the loop, the caches and the data path: timings and figures for results/, never
-test thresholds. Each module is a command, `python -m benchmarks.NAME --help`."""
+test thresholds. Each module is a command, `python -m benchmarks.NAME --help`, run by
+`command` (tl/engine/command.py), the wrapper main.py and the studies share: a TLError or an
+OSError is one error: line and exit status 2, Ctrl-C exit 130."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import statistics
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from tl import TLError
-
-
-def command(main: Callable[[], int | None]) -> int:
-    """Run a benchmark's `main`: bad input (a TLError: a missing data folder, say) or an OSError
-    from the user's files (an `--out` that cannot be written) is one `error:` line and exit
-    status 2, as for main.py, never a traceback."""
-    try:
-        return main() or 0
-    except (TLError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+from tl.engine.command import command  # noqa: F401  (every benchmark's `sys.exit(command(main))`)
 
 
 def output_folder(out: Path) -> Path:

@@ -259,4 +259,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tl.engine.command import command  # the one error: line and exit 2 every command shares
+
+    sys.exit(command(main))

@@ -414,4 +414,6 @@ def search(args: argparse.Namespace, command: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tl.engine.command import command  # the one error: line and exit 2 every command shares
+
+    sys.exit(command(main))
