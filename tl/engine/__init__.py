@@ -29,6 +29,7 @@ model
   backbones.py        every --backbone name to its Backbone
   timm_backbones.py   a timm model read as a Backbone
   weights.py          pretrained weights (where from, what if absent) and build_model
+  image_size.py       whether the network can take, and see, --image-size pixels
   device.py           the device and its mixed-precision settings
 after training
   evaluate.py         scoring a saved model on a split (--evaluate)
