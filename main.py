@@ -220,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--tensorboard", action="store_true",
                      help="log loss and accuracy per epoch and every group's learning rate per step to "
                           "RUN/tensorboard/ (tensorboard --logdir runs)")
-    out.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
+    out.add_argument("--no-progress", dest="progress", action="store_false",
+                     help="no progress bars on stderr (training, the feature pass, the scan of the images, "
+                          "--evaluate, --predict DIR)")
     return p
 
 
@@ -287,6 +289,13 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace, argv: list[str] | None) -> None:
+    from tl.engine.progress import progress_shown
+
+    with progress_shown(args.progress):  # --no-progress: every bar off (tl/engine/progress.py), the loop's too
+        _command(args, argv)
+
+
+def _command(args: argparse.Namespace, argv: list[str] | None) -> None:
     if args.find_lr:
         commands.find_lr_command(args)
     elif args.list:

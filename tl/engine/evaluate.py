@@ -29,6 +29,7 @@ from tl.engine.class_names import how_names_differ
 from tl.engine.images import PHASES
 from tl.engine.metrics import classification_report, write_report
 from tl.engine.model_loading import ModelContext, load_model
+from tl.engine.progress import progress
 from tl.engine.selection import ImageChoice, TooFewImages, select_images
 from tl.engine.tta import mirrored_if
 from tl.loop import loss_targets, predictions
@@ -47,7 +48,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int) -
     total_loss, confusion = 0.0, torch.zeros(num_classes, num_classes, dtype=torch.long)
     predicted: list[int] = []
     probabilities: list[torch.Tensor] = []
-    for inputs, labels in loader:
+    for inputs, labels in progress(loader, f"scoring {len(loader.dataset)} images", unit=" batches"):
         outputs = model(inputs.to(device)).float().cpu()
         single = outputs.shape[1] == 1
         criterion = nn.functional.binary_cross_entropy_with_logits if single else nn.functional.cross_entropy

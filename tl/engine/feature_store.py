@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from tl.engine.files import atomic_save, remove_stale_temporaries, state_digest, temporary_beside
 from tl.engine.images import READER
+from tl.engine.progress import progress
 from tl.features import (
     CacheSplit,
     FeatureSet,
@@ -84,7 +85,9 @@ def compute_features(model: nn.Module, cut: str, dataset: Dataset, *, views: int
                 loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                                     generator=generator)
                 row = 0
-                for inputs, _labels in loader:
+                desc = f"features of {getattr(dataset, 'root', f'{len(dataset)} images')}" + (
+                    f", view {view + 1}/{views}" if views > 1 else "")
+                for inputs, _labels in progress(loader, desc, unit=" batches"):
                     batch = forward_to(model, cut, inputs.to(device).contiguous(memory_format=layout))
                     batch = batch.flatten(1).float().cpu()  # (B, D)
                     if out is None:

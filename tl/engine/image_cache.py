@@ -9,6 +9,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2
 
 from tl.engine.images import CheckedImageFolder, read_image
+from tl.engine.progress import progress
 
 
 class DecodedImages(torch.utils.data.Dataset):
@@ -40,7 +41,7 @@ class DecodedImages(torch.utils.data.Dataset):
         self.transform, self.root, self.skipped = folder.transform, folder.root, folder.skipped
         shrink = v2.Resize(resize, antialias=True)  # on the CPU, as the cache without `device`
         self.images = [shrink(v2.functional.pil_to_tensor(read_image(path))).to(device or "cpu")
-                       for path, _ in folder.samples]
+                       for path, _ in progress(folder.samples, f"decoding {folder.root}", unit=" images")]
         # --device-images: the loader's collate_fn augments the whole batch; items stay untransformed
         self.collate = BatchedCrops.of(self.transform) if device is not None else None
 

@@ -19,6 +19,7 @@ from torchvision import datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from tl import TLError
+from tl.engine.progress import progress
 
 PHASES = ("train", "val", "test")
 # torchvision's still-image extensions, and JPEG's two other names. A GIF is left out with its
@@ -306,7 +307,8 @@ def scan_classes(root: str, classes: list[str], verify: bool = False, within: st
             found.setdefault(identity, []).append((index, path, inside))
             order.append((index, path, identity))
     samples, duplicates = [], []
-    for index, path, identity in order:
+    # each file's header is read (and with `verify` the whole image decoded): seconds to minutes on a large folder
+    for index, path, identity in progress(order, f"checking {root}", unit=" files"):
         places = found[identity]
         holders = {c for c, _, inside in places if inside}
         # a class folder that contains another (train/all -> train) does not own that class's files

@@ -27,13 +27,13 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from tl import TLError
 from tl.data import build_transforms
 from tl.engine.evaluate import class_probabilities
 from tl.engine.files import atomic_write_text
 from tl.engine.images import check_image, load_rgb, not_an_image, walk_files
+from tl.engine.progress import progress as show
 
 
 def _why(exc: BaseException) -> str:
@@ -41,11 +41,12 @@ def _why(exc: BaseException) -> str:
     return f"cannot be read ({type(exc).__name__}: {lines[0][:120]})" if lines else f"cannot be read ({exc!r})"
 
 
-def scan_folder(folder: Path) -> tuple[list[str], list[tuple[str, str]]]:
-    """(the image files under `folder`, sorted; [(file or folder, why it is left out)])."""
+def scan_folder(folder: Path, progress: bool = True) -> tuple[list[str], list[tuple[str, str]]]:
+    """(the image files under `folder`, sorted; [(file or folder, why it is left out)]), counting the
+    files seen on stderr (`progress`)."""
     ignored: list[tuple[str, str]] = []
     files, left_out = [], []
-    for path in walk_files(str(folder), ignored):
+    for path in show(walk_files(str(folder), ignored), f"scanning {folder}", unit=" files", enabled=progress):
         if (why := not_an_image(path)) is None:  # the rule training uses, with its reason
             files.append(path)
         else:
@@ -85,7 +86,7 @@ def classify(model: nn.Module, files: list[str], transform, *, batch_size: int =
     model.eval().to(device)
     loader = DataLoader(Photos(files, transform), batch_size=batch_size, num_workers=workers, collate_fn=_batch)
     probabilities, failed = {}, []
-    for images, indices, bad in tqdm(loader, desc="classifying", disable=not progress, dynamic_ncols=True):
+    for images, indices, bad in show(loader, f"classifying {len(files)} images", unit=" batches", enabled=progress):
         failed += bad
         if images is not None:
             probs = class_probabilities(model(images.to(device)).float().cpu())
@@ -125,7 +126,7 @@ def predict_folder(model: nn.Module, folder: Path, table: Path, classes: list[st
     """Classify every image under `folder` into the CSV `table` (see the module docstring) and
     log a summary: images per predicted class, and every file left out with the reason.
     A folder without one readable image is an error, and nothing is written."""
-    files, left_out = scan_folder(folder)
+    files, left_out = scan_folder(folder, progress)
     if not files:
         raise TLError(f"{folder} holds no image files (looked in every sub-folder; "
                       f"{len(left_out)} other file(s) or folder(s)): nothing to classify, nothing written")

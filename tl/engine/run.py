@@ -25,6 +25,7 @@ wrap the net in DistributedDataParallel, and agree on the run folder.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ from tl.engine.ema import update_after_step, val_net, weight_average
 from tl.engine.image_cache import decoded_bytes
 from tl.engine.image_size import check_image_size
 from tl.engine.options import RunOptions, resolve
+from tl.engine.progress import progress_shown
 from tl.engine.resume import restore, restore_threads, resume_options
 from tl.engine.run_folder import RunFolder, data_fingerprint
 from tl.engine.selection import ImageChoice, select_images
@@ -89,6 +91,19 @@ class RunContext:
     on_epoch: Callable[[int, History], None] | None = None  # called after each epoch is saved (a pruner)
 
 
+def _bars_as_options(run_fn: Callable[..., RunResult]) -> Callable[..., RunResult]:
+    """`run` with the machinery's progress bars (the scan, the feature pass, the image cache, the
+    headline's scoring: tl/engine/progress.py) shown as its `opts.progress` says, as the loop's are."""
+
+    @functools.wraps(run_fn)
+    def run_with_bars(recipe: Recipe, build: BuildFn, opts: RunOptions, **kwargs) -> RunResult:
+        with progress_shown(opts.progress):
+            return run_fn(recipe, build, opts, **kwargs)
+
+    return run_with_bars
+
+
+@_bars_as_options
 def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None = None, resume: Path | None = None,
         log: Callable[[str], None] = print, on_epoch: Callable[[int, History], None] | None = None) -> RunResult:
     """Run one experiment end to end and return its history (see the module docstring).
