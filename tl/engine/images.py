@@ -262,6 +262,13 @@ def walk_files(top: str, ignored: list | None = None):
             yield os.path.join(dirpath, name)
 
 
+def lies_in(real: str, folder: str) -> bool:
+    """True when the resolved path `real` lies inside the resolved folder `folder`: THE test for
+    "in the data folder" and "in this class folder". A name is compared up to a separator, so
+    data2/ and data-old/ do not lie in data/, nor ants/ in ant/."""
+    return real.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 def scan_classes(root: str, classes: list[str], verify: bool = False, within: str | None = None,
                  follow_links: bool = False) -> dict:
     """The files of each class folder under `root`: which are samples, which are not and why.
@@ -286,14 +293,14 @@ def scan_classes(root: str, classes: list[str], verify: bool = False, within: st
     order: list[tuple[int, str, tuple[int, int]]] = []
     skipped, ignored, not_images, outside = [], [], [], []
     tops = [os.path.realpath(os.path.join(root, name)) for name in classes]
-    home = os.path.realpath(within if within is not None else root) + os.sep
+    home = os.path.realpath(within if within is not None else root)
     own_links = os.path.isfile(os.path.join(root, PREPARED_MARK))
     for index, name in enumerate(classes):
         for path in walk_files(os.path.join(root, name), ignored):
             if (why := not_an_image(path)) is not None:
                 not_images.append((path, why))
                 continue
-            if not own_links and not (real := os.path.realpath(path)).startswith(home):
+            if not own_links and not lies_in(real := os.path.realpath(path), home):
                 outside.append((path, real))
                 if not follow_links:
                     continue
@@ -303,7 +310,7 @@ def scan_classes(root: str, classes: list[str], verify: bool = False, within: st
                 skipped.append((path, f"cannot be read ({exc.strerror})"))
                 continue
             identity = (st.st_dev, st.st_ino)
-            inside = os.path.realpath(path).startswith(tops[index] + os.sep)
+            inside = lies_in(os.path.realpath(path), tops[index])
             found.setdefault(identity, []).append((index, path, inside))
             order.append((index, path, identity))
     samples, duplicates = [], []
@@ -312,7 +319,7 @@ def scan_classes(root: str, classes: list[str], verify: bool = False, within: st
         places = found[identity]
         holders = {c for c, _, inside in places if inside}
         # a class folder that contains another (train/all -> train) does not own that class's files
-        innermost = {c for c in holders if not any(tops[o].startswith(tops[c] + os.sep) for o in holders)}
+        innermost = {c for c in holders if not any(lies_in(tops[o], tops[c]) for o in holders)}
         owners = innermost or {c for c, _, _ in places}
         first = next(p for c, p, _ in places if c in owners)
         if len(owners) > 1:

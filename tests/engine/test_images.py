@@ -1,0 +1,131 @@
+"""tl/engine/images.py: which files of a data folder are samples, and with which label."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_image_folder
+from tl.data import build_transforms
+from tl.engine.selection import image_datasets
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _sets(root, **kwargs):
+    return image_datasets(root, build_transforms(MEAN, STD, size=32), **kwargs)
+
+
+def _names(ds, root) -> set[tuple[str, str]]:
+    """The samples as (path relative to the split, class name)."""
+    return {(os.path.relpath(path, Path(root) / "train"), ds.classes[label]) for path, label in ds.samples}
+
+
+# ----------------------------------------------------------------------------- links that leave the data folder
+def _data_with_siblings(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """data/ and siblings whose names begin with "data" (data2/, data-old/, data_backup/), with
+    links from data/train/class_0/ into each sibling, and one into data/ itself outside any split.
+    Returns (data, {link under train/: the real file it leads to, for the links that leave data/})."""
+    d = write_image_folder(tmp_path / "data")
+    for name in ("data2", "data-old", "data_backup"):
+        write_image_folder(tmp_path / name, classes=1, train=2, phases=("train",))
+    (d / "extra").mkdir()
+    shutil.copy(d / "train" / "class_1" / "000.png", d / "extra" / "kept.png")
+    c0 = d / "train" / "class_0"
+    (c0 / "from_data2.png").symlink_to(Path("..", "..", "..", "data2", "train", "class_0", "000.png"))  # relative
+    (c0 / "from_old.png").symlink_to(tmp_path / "data-old" / "train" / "class_0" / "001.png")  # absolute
+    (c0 / "backup").symlink_to(tmp_path / "data_backup" / "train" / "class_0")  # a folder link: 2 files
+    (c0 / "kept.png").symlink_to(Path("..", "..", "extra", "kept.png"))  # inside data/, in no split: class_0's
+    real = lambda *parts: os.path.realpath(tmp_path.joinpath(*parts))  # noqa: E731
+    leaving = {"class_0/from_data2.png": real("data2", "train", "class_0", "000.png"),
+               "class_0/from_old.png": real("data-old", "train", "class_0", "001.png"),
+               "class_0/backup/000.png": real("data_backup", "train", "class_0", "000.png"),
+               "class_0/backup/001.png": real("data_backup", "train", "class_0", "001.png")}
+    return d, leaving
+
+
+@pytest.mark.parametrize("given", ["data", "data/", "a link to data", "data given as data/train/../"])
+def test_a_sibling_folder_whose_name_begins_like_the_data_folder_is_outside_it(tmp_path, given):
+    """data2/, data-old/ and data_backup/ lie beside data/, not in it: files reached through links
+    into them are left out and listed (`outside`), and taken only with follow_links. A link to a file
+    of data/ outside any split stays in. However the data folder is named, the answer is the same."""
+    d, leaving = _data_with_siblings(tmp_path)
+    (tmp_path / "alias").symlink_to(d)
+    root = {"data": str(d), "data/": str(d) + os.sep, "a link to data": str(tmp_path / "alias"),
+            "data given as data/train/../": str(d / "train" / "..")}[given]
+    train = _sets(root)["train"]
+    own = {(f"class_{k}/{i:03d}.png", f"class_{k}") for k in (0, 1) for i in range(12)}
+    assert _names(train, root) == own | {("class_0/kept.png", "class_0")}
+    assert {os.path.relpath(p, Path(root) / "train"): real for p, real in train.outside} == leaving
+    followed = _sets(root, follow_links=True)["train"]
+    assert _names(followed, root) == _names(train, root) | {(link, "class_0") for link in leaving}
+    assert {os.path.relpath(p, Path(root) / "train") for p, _ in followed.outside} == set(leaving)
+
+
+# ----------------------------------------------------------------------------- links inside one split
+def _split_with_links(tmp_path: Path, case: str) -> tuple[Path, dict[str, str]]:
+    """A split with three classes (ant, ants, bees: two names that begin alike), 4 files each, and
+    one kind of link or second name inside it. Returns (data, {expected sample: its class})."""
+    d = write_image_folder(tmp_path / "d", classes=3, train=4, val=4)
+    for phase in ("train", "val"):
+        for k, name in enumerate(("ant", "ants", "bees")):
+            (d / phase / f"class_{k}").rename(d / phase / name)
+    t = d / "train"
+    expected = {f"{name}/{i:03d}.png": name for name in ("ant", "ants", "bees") for i in range(4)}
+    if case == "a link to another class":
+        (t / "bees" / "linked.png").symlink_to(Path("..", "ants", "001.png"))
+    elif case == "a link met before its target":  # ant/ is scanned before ants/
+        (t / "ant" / "linked.png").symlink_to(t / "ants" / "002.png")
+    elif case == "a link within its class":
+        (t / "bees" / "again.png").symlink_to("003.png")
+    elif case == "a chain of two links":  # bees/ -> ant/ (a link) -> ants/ (the file)
+        (t / "ant" / "hop.png").symlink_to(Path("..", "ants", "000.png"))
+        (t / "bees" / "chain.png").symlink_to(Path("..", "ant", "hop.png"))
+    elif case == "a folder link to another class":
+        (t / "bees" / "more").symlink_to(Path("..", "ant"))
+    elif case == "a hard link within its class":
+        os.link(t / "ants" / "000.png", t / "ants" / "hard.png")
+    elif case == "a hard link in another class":  # one file, really in two classes: no single label
+        os.link(t / "ant" / "000.png", t / "bees" / "hard.png")
+        del expected["ant/000.png"]
+    return d, expected
+
+
+@pytest.mark.parametrize("case", ["a link to another class", "a link met before its target", "a link within its class",
+                                  "a chain of two links", "a folder link to another class",
+                                  "a hard link within its class", "a hard link in another class"])
+def test_a_file_reached_under_two_names_in_one_split_counts_once_with_the_label_of_its_folder(tmp_path, case):
+    """A link inside a split (bees/x.png -> ../ants/y.png) adds no sample and moves none: the file
+    is one sample, of the class folder it really lies in (ants, not ant, whose name begins alike),
+    and its other name is listed as a duplicate; a file that really lies in two classes (a hard link)
+    has no single label and is left out."""
+    d, expected = _split_with_links(tmp_path, case)
+    train = _sets(d)["train"]
+    assert train.classes == ["ant", "ants", "bees"]
+    assert _names(train, d) == set(expected.items())
+    assert len(train.samples) == len(expected) and len(train.targets) == len(expected)
+    assert [train.classes[t] for t in train.targets] == [expected[os.path.relpath(p, d / "train")]
+                                                         for p, _ in train.samples]
+    reals = [os.path.realpath(p) for p, _ in train.samples]
+    assert len(set(reals)) == len(reals)
+    other_names = {os.path.relpath(p, d / "train") for p, _ in train.duplicates}
+    other_names |= {os.path.relpath(p, d / "train") for p, why in train.skipped if "ambiguous" in why}
+    added = {"a link to another class": {"bees/linked.png"}, "a link met before its target": {"ant/linked.png"},
+             "a link within its class": {"bees/again.png"}, "a chain of two links": {"ant/hop.png", "bees/chain.png"},
+             "a folder link to another class": {f"bees/more/{i:03d}.png" for i in range(4)},
+             "a hard link within its class": {"ants/hard.png"},
+             "a hard link in another class": {"ant/000.png", "bees/hard.png"}}[case]
+    assert other_names == added
+
+
+def test_lies_in_compares_names_up_to_a_separator():
+    from tl.engine.images import lies_in
+
+    inside = [("/d/data/x.png", "/d/data"), ("/d/data/a/b.png", "/d/data/"), ("/x.png", "/")]
+    outside = [("/d/data2/x.png", "/d/data"), ("/d/data-old/x.png", "/d/data"), ("/d/data_backup/x", "/d/data"),
+               ("/d/data", "/d/data"), ("/d/ants/1.png", "/d/ant"), ("/d/dat/x.png", "/d/data")]
+    assert all(lies_in(real, folder) for real, folder in inside)
+    assert not any(lies_in(real, folder) for real, folder in outside)
