@@ -36,10 +36,10 @@ def feature_pass_case(backbone: str, weights: str, data: Path) -> tuple:
 
 def images_per_second(model, cut: str, train, batch_size: int, channels_last: bool) -> float:
     """Images/s of one feature pass over train/, as a run's `compute_features` makes it."""
-    from tl.engine.feature_store import compute_features
+    from tl.engine.feature_store import FeaturePass, compute_features
 
     started = time.perf_counter()
-    compute_features(model, cut, train, batch_size=batch_size, channels_last=channels_last)
+    compute_features(model, cut, train, FeaturePass(batch_size=batch_size, channels_last=channels_last))
     return len(train) / (time.perf_counter() - started)
 
 

@@ -75,9 +75,10 @@ for p in model.get_submodule(spec.head).parameters():
 sets = select_images(ImageChoice(Path(data)), build_transforms(spec.mean, spec.std, size=64, augment=False),
                      phases=("train", "val"))
 started = time.perf_counter()
-plan = feature_store.plan_cache(model, spec, sets, frozen_bn_eval=True, augment=False, views=0, seed=0,
-                                device=torch.device("cpu"), dtype=torch.float32, limit_gb=limit_gb,
-                                workers=workers, channels_last=True, log=lambda s: None)
+how = feature_store.FeaturePass(seed=0, workers=workers, device=torch.device("cpu"), channels_last=True,
+                                dtype=torch.float32)
+plan = feature_store.plan_cache(model, spec, sets, how, frozen_bn_eval=True, augment=False, views=0,
+                                limit_gb=limit_gb, log=lambda s: None)
 cached, mode = plan.cached, plan.mode
 seconds = time.perf_counter() - started
 hwm = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM"))

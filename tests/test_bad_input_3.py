@@ -159,9 +159,9 @@ def test_the_feature_cache_key_follows_the_cpu_thread_count(tiny_data):
     keys = {}
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        keys[threads] = {device: feature_store.cache_key("d", ds, views=1, random_views=False, seed=0, workers=0,
-                                                         dtype=torch.float32, device=device, channels_last=False,
-                                                         folded=False) for device in ("cpu", "cuda")}
+        keys[threads] = {device: feature_store.cache_key("d", ds, feature_store.FeaturePass(
+            views=1, random_views=False, seed=0, workers=0, dtype=torch.float32, device=device, channels_last=False,
+            folded=False)) for device in ("cpu", "cuda")}
     assert keys[1]["cpu"] != keys[2]["cpu"]  # CPU features computed on another count differ in the last bits
     assert keys[1]["cuda"] == keys[2]["cuda"]  # a GPU's do not depend on the CPU's threads
 

@@ -106,8 +106,8 @@ def test_a_disk_filled_during_the_spill_falls_back_to_uncached(small_disk, monke
     split = features.CacheSplit(model[1], "1")
     data = torch.utils.data.TensorDataset(torch.randn(300, 3, 32, 32), torch.zeros(300, dtype=torch.long))
     data.targets = [0] * 300  # 300 x 3072 x 4 bytes = 3.5 MiB
-    out = feature_store.cached_features(model, split, data, key="k", views=1, seed=0, device="cpu", limit_gb=SPILL,
-                                   log=lambda s: None)
+    out = feature_store.cached_features(model, split, data, feature_store.FeaturePass(views=1, seed=0, device="cpu"),
+                                        key="k", limit_gb=SPILL, log=lambda s: None)
     assert out is None  # "running uncached", not an OSError
 
 

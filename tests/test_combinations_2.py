@@ -143,8 +143,8 @@ def test_a_quota_met_while_saving_a_spilled_cache_runs_uncached(tmp_path, monkey
     split = features.CacheSplit(model[1], "1")
     data = torch.utils.data.TensorDataset(torch.randn(200, 3, 8, 8), torch.zeros(200, dtype=torch.long))
     data.targets = [0] * 200  # 200 x 192 floats: 150 kB
-    out = feature_store.cached_features(model, split, data, key="k", views=1, seed=0, device="cpu", limit_gb=1e-9,
-                                   log=lambda s: None)
+    out = feature_store.cached_features(model, split, data, feature_store.FeaturePass(views=1, seed=0, device="cpu"),
+                                        key="k", limit_gb=1e-9, log=lambda s: None)
     assert out is None  # "running uncached", not OSError(EIO)
 
 

@@ -22,6 +22,7 @@ import tl.engine.run
 from tests.conftest import TinyNet, write_image_folder
 from tl import TLError, features
 from tl.engine import checkpoint, feature_store, files
+from tl.engine.feature_store import FeaturePass
 from tl.models import get_backbone
 
 pytestmark = pytest.mark.usefixtures("own_cache_dir")  # every test: a feature-cache folder of its own
@@ -305,17 +306,18 @@ def test_the_cache_key_holds_what_changes_the_numbers_and_nothing_else(tiny_data
     digest = feature_store.prefix_digest(net, split)
     base = dict(views=1, random_views=False, seed=0, workers=0, dtype=torch.float32, device="cpu",
                 channels_last=False, folded=True)
-    key = feature_store.cache_key(digest, ds, **base)
+    key = feature_store.cache_key(digest, ds, FeaturePass(**base))
     # nothing else: without random views the seed and the workers do not matter
-    assert feature_store.cache_key(digest, ds, **base | {"seed": 5, "workers": 2}) == key
+    assert feature_store.cache_key(digest, ds, FeaturePass(**base | {"seed": 5, "workers": 2})) == key
     # everything that changes the stored numbers does
     for change in ({"folded": False}, {"channels_last": True}, {"dtype": torch.float16}, {"views": 2}):
-        assert feature_store.cache_key(digest, ds, **base | change) != key, change
-    random_key = feature_store.cache_key(digest, ds, **base | {"random_views": True})
-    assert feature_store.cache_key(digest, ds, **base | {"random_views": True, "workers": 2}) != random_key
-    assert feature_store.cache_key(digest, ds, **base | {"random_views": True, "seed": 1}) != random_key
-    assert feature_store.cache_key(digest, _FakeSet([(f, 1) for f in files]), **base) != key  # other labels
-    assert feature_store.cache_key(digest, _FakeSet(ds.samples, "U"), **base) != key  # other transform
+        assert feature_store.cache_key(digest, ds, FeaturePass(**base | change)) != key, change
+    random_key = feature_store.cache_key(digest, ds, FeaturePass(**base | {"random_views": True}))
+    assert feature_store.cache_key(digest, ds, FeaturePass(**base | {"random_views": True, "workers": 2})) != random_key
+    assert feature_store.cache_key(digest, ds, FeaturePass(**base | {"random_views": True, "seed": 1})) != random_key
+    assert feature_store.cache_key(digest, _FakeSet([(f, 1) for f in files]),
+                                   FeaturePass(**base)) != key  # other labels
+    assert feature_store.cache_key(digest, _FakeSet(ds.samples, "U"), FeaturePass(**base)) != key  # other transform
     # the prefix digest sees BatchNorm's eps (not in the state_dict) and its statistics, not the head
     net.stem[1].eps = 1e-3
     assert feature_store.prefix_digest(net, split) != digest

@@ -43,7 +43,7 @@ def test_feature_batch_times_the_runs_feature_pass_at_each_batch_size(tiny_backb
     asked = []
     real = feature_store.compute_features
     monkeypatch.setattr(feature_store, "compute_features",
-                        lambda *a, **kw: asked.append(kw["batch_size"]) or real(*a, **kw))
+                        lambda *a, **kw: asked.append(a[3].batch_size) or real(*a, **kw))
     feature_batch.main(["--data", str(tiny_data), "--backbone", tiny_backbone, "--weights", "none",
                         "--batch-sizes", "2", "5", "--repeats", "2", "--out", str(tmp_path)])
     assert asked == [8, 2, 2, 5, 5]

@@ -68,8 +68,9 @@ def test_the_feature_cache_key_names_the_reader(tiny_data, monkeypatch):
     ds = CheckedImageFolder(tiny_data / "val", build_transforms(MEAN, STD, size=16, augment=False)["val"])
 
     def key():
-        return feature_store.cache_key("d", ds, views=1, random_views=False, seed=0, workers=0, dtype=torch.float32,
-                                       device="cpu", channels_last=False, folded=False)
+        return feature_store.cache_key("d", ds, feature_store.FeaturePass(
+            views=1, random_views=False, seed=0, workers=0, dtype=torch.float32, device="cpu", channels_last=False,
+            folded=False))
 
     before = key()
     monkeypatch.setattr(feature_store, "READER", images.READER + ", and something new")

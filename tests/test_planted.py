@@ -180,8 +180,9 @@ def test_the_cache_key_changes_with_the_prefix_weights(tiny_data, tiny_backbone)
     def key(net):
         split = features.split_at_cut(net, spec)
         digest = feature_store.prefix_digest(net, split)
-        return feature_store.cache_key(digest, Files, views=1, random_views=False, seed=0, workers=0,
-                                       dtype=torch.float32, device="cpu", channels_last=False, folded=True)
+        return feature_store.cache_key(digest, Files, feature_store.FeaturePass(
+            views=1, random_views=False, seed=0, workers=0, dtype=torch.float32, device="cpu", channels_last=False,
+            folded=True))
 
     a = _net(1)
     b = copy.deepcopy(a)

@@ -112,9 +112,9 @@ def test_a_spilled_cache_is_memory_mapped_not_read_into_memory(tiny_data, tiny_b
     sets = image_datasets(tiny_data, build_transforms(spec.mean, spec.std, size=32, augment=False))
 
     def plan(limit_gb):
-        made = feature_store.plan_cache(net, spec, sets, frozen_bn_eval=True, augment=False, views=0, seed=0,
-                                        device=torch.device("cpu"), dtype=torch.float32, limit_gb=limit_gb,
-                                        workers=0, log=lambda s: None)
+        how = feature_store.FeaturePass(seed=0, device=torch.device("cpu"), dtype=torch.float32, workers=0)
+        made = feature_store.plan_cache(net, spec, sets, how, frozen_bn_eval=True, augment=False, views=0,
+                                        limit_gb=limit_gb, log=lambda s: None)
         cached, mode = made.cached, made.mode
         assert set(cached) == {"train", "val"}
         return cached, mode
@@ -132,7 +132,7 @@ def test_a_spilled_cache_is_memory_mapped_not_read_into_memory(tiny_data, tiny_b
     # while the pass runs, the features it computes go straight into the file, not into memory
     store = own_cache_dir / "store.raw"
     computed = feature_store.compute_features(features.fold_batchnorm(net), "fc", sets["val"],
-                                              store=store)  # as the cache
+                                              feature_store.FeaturePass(), store=store)  # as the cache
     assert _mapped_file(computed) == os.path.realpath(store)
     assert torch.equal(computed, memory["val"].features)
 

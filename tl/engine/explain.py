@@ -139,11 +139,11 @@ def head_module(model: nn.Module, spec: Backbone) -> str:
 
 
 def head_features(model: nn.Module, spec: Backbone, dataset, device: torch.device | str = "cpu") -> torch.Tensor:
-    """(N, D): what the head sees for each image of `dataset`, in order (the same forward
-    pre-hook the feature cache uses, tl/features.py)."""
-    from tl.engine.feature_store import compute_features
+    """(N, D): what the head sees for each image of `dataset`, in order (the feature cache's
+    own pass, stopped at the head by `tl.features.forward_to`)."""
+    from tl.engine.feature_store import FeaturePass, compute_features
 
-    return compute_features(model, head_module(model, spec), dataset, device=device)[0]
+    return compute_features(model, head_module(model, spec), dataset, FeaturePass(device=device))[0]
 
 
 def pca_2d(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

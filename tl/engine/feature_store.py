@@ -23,7 +23,7 @@ import json
 import math
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -54,35 +54,53 @@ def feature_batch_size(device: torch.device | str) -> int:
     return 64 if torch.device(device).type == "cuda" else 8
 
 
+@dataclass(frozen=True)
+class FeaturePass:
+    """How one feature pass runs: every setting, besides the prefix and the images, that decides
+    the stored numbers. `compute_features` runs by it and `cache_key` hashes it, so a setting the
+    pass uses cannot be left out of the key (a cache found again would then hold other numbers)."""
+
+    views: int = 1  # features per image: one, or --cache-views random crops
+    random_views: bool = False  # the transform draws at random: the seed and the workers choose the draws
+    seed: int = 0
+    workers: int = 0  # DataLoader workers: each seeds its own RNG
+    device: torch.device | str = "cpu"
+    channels_last: bool = False  # the NHWC layout the loop would use (faster on CPU too)
+    dtype: torch.dtype = torch.float32  # how the features are stored
+    folded: bool = False  # the model passed is the copy with BatchNorm folded into the convolutions
+    batch_size: int | None = None  # images per forward pass; None: `feature_batch_size(device)`
+
+    @property
+    def batch(self) -> int:
+        return self.batch_size or feature_batch_size(self.device)
+
+
 @torch.no_grad()
-def compute_features(model: nn.Module, cut: str, dataset: Dataset, *, views: int = 1, batch_size: int | None = None,
-                     device: torch.device | str = "cpu", seed: int = 0, workers: int = 0,
-                     channels_last: bool = False, dtype: torch.dtype = torch.float32,
+def compute_features(model: nn.Module, cut: str, dataset: Dataset, how: FeaturePass,
                      store: Path | None = None) -> torch.Tensor:
-    """(views, N, D) inputs of the module `cut`, for every image of `dataset` in order, as `dtype`.
+    """(views, N, D) inputs of the module `cut`, for every image of `dataset` in order, as `how.dtype`.
 
     The full model runs in eval mode, up to `cut` only (`tl.features.forward_to`). With a
     random (train) transform, each view is a new draw.
-    `channels_last` runs the pass in the NHWC layout the loop would use (faster on CPU too).
     With `store` (a file), the result lives in that file, memory-mapped (`torch.from_file`,
     shared: every write goes to the file), not in the process's memory: how a cache larger
     than `--cache-limit-gb` is computed. The numbers are the same either way.
     """
-    batch_size = batch_size or feature_batch_size(device)
-    layout = torch.channels_last if channels_last else torch.contiguous_format
+    views, device, dtype = how.views, how.device, how.dtype
+    layout = torch.channels_last if how.channels_last else torch.contiguous_format
     was_training = model.training
     model.eval().to(device, memory_format=layout)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(how.seed)
     # filled batch by batch, allocated once the first batch gives D: the pass holds the cache's
     # size once (a list of batches joined by cat, then stacked, would hold it three times)
     out: torch.Tensor | None = None
     # fork_rng: the random crops drawn here depend on `seed` alone and leave the run's own
     # RNG untouched, so a run that finds the cache on disk continues exactly like one that built it
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(how.seed)
         try:
             for view in range(views):
-                loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                loader = DataLoader(dataset, batch_size=how.batch, shuffle=False, num_workers=how.workers,
                                     generator=generator)
                 row = 0
                 desc = f"features of {getattr(dataset, 'root', f'{len(dataset)} images')}" + (
@@ -136,12 +154,11 @@ def _library_versions() -> dict:
     return versions
 
 
-def cache_key(digest: str, dataset, *, views: int, random_views: bool, seed: int, workers: int, dtype: torch.dtype,
-              device, channels_last: bool, folded: bool) -> str:
+def cache_key(digest: str, dataset, how: FeaturePass) -> str:
     """A hash of everything the stored features of `dataset` depend on, and nothing else:
 
-    the prefix (`prefix_digest`), how the pass ran (device type, memory layout, batch size,
-    BatchNorm folding, storage dtype: each changes the float rounding), the library versions
+    the prefix (`prefix_digest`), how the pass ran (`how`: the views, device type, memory layout,
+    batch size, BatchNorm folding, storage dtype: each changes the float rounding), the library versions
     (decoders, resampling, kernels), how a file becomes pixels (`images.READER`: EXIF orientation
     applied), the transform, and each file with its label, size and modification time. On the
     CPU, the thread count too: a convolution split over another number of threads sums in
@@ -149,14 +166,14 @@ def cache_key(digest: str, dataset, *, views: int, random_views: bool, seed: int
     worker seeds its own RNG), so they enter the key only for random views: without
     augmentation every seed reuses the same features."""
     files = [(p, t, os.path.getsize(p), os.stat(p).st_mtime_ns) for p, t in dataset.samples]
-    settings = {"prefix": digest, "transform": repr(dataset.transform), "files": files, "views": views,
-                "dtype": str(dtype), "device": torch.device(device).type, "channels_last": channels_last,
-                "batch_size": feature_batch_size(device), "folded": folded, "versions": _library_versions(),
+    settings = {"prefix": digest, "transform": repr(dataset.transform), "files": files, "views": how.views,
+                "dtype": str(how.dtype), "device": torch.device(how.device).type, "channels_last": how.channels_last,
+                "batch_size": how.batch, "folded": how.folded, "versions": _library_versions(),
                 "reader": READER}
     if settings["device"] == "cpu":
         settings["threads"] = torch.get_num_threads()
-    if random_views:
-        settings |= {"seed": seed, "workers": workers}
+    if how.random_views:
+        settings |= {"seed": how.seed, "workers": how.workers}
     return hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:32]
 
 
@@ -190,10 +207,10 @@ def _gb(nbytes: float) -> str:
     return f"{nbytes / 2**30:.2f} GB"
 
 
-def cached_features(model: nn.Module, split: CacheSplit, dataset, *, key: str, views: int, seed: int, device,
-                    dtype: torch.dtype = torch.float32, limit_gb: float = 2.0, workers: int = 0,
-                    channels_last: bool = False, phase: str = "", log=print) -> FeatureSet | None:
-    """Load the features of `dataset` from the cache, or compute and store them.
+def cached_features(model: nn.Module, split: CacheSplit, dataset, how: FeaturePass, *, key: str,
+                    limit_gb: float = 2.0, phase: str = "", log=print) -> FeatureSet | None:
+    """Load the features of `dataset` from the cache (under `key`, `cache_key`'s hash of `how`
+    and the rest), or compute them by `how` and store them.
 
     Features larger than `limit_gb` *spill to disk*: they are computed into a memory-mapped
     file (`compute_features(store=...)`), saved as the usual cache file, and used memory-mapped
@@ -212,20 +229,19 @@ def cached_features(model: nn.Module, split: CacheSplit, dataset, *, key: str, v
     side by side for a moment (twice the size), plus `DISK_MARGIN`."""
     path = cache_dir() / f"{key}.pt"
     targets = torch.tensor(dataset.targets)
-    needed = views * len(dataset) * split.feature_dim * torch.tensor([], dtype=dtype).element_size()
+    needed = how.views * len(dataset) * split.feature_dim * torch.tensor([], dtype=how.dtype).element_size()
     spill = needed > limit_gb * 2**30
     spilled = (f"feature cache for {phase or 'a data set'}: {_gb(needed)} > --cache-limit-gb {limit_gb}: "
                f"kept on disk (memory-mapped) at {path}")
     if path.is_file():
-        found, why = _read_cache(path, views, len(dataset), split.feature_dim, targets, mmap=spill)
+        found, why = _read_cache(path, how.views, len(dataset), split.feature_dim, targets, mmap=spill)
         if found is not None:
             if spill:
                 log(spilled)
             return found
         log(f"feature cache file {path} is damaged ({why}): rebuilding it")
-    run = dict(views=views, seed=seed, device=device, workers=workers, channels_last=channels_last, dtype=dtype)
     if not spill:
-        features = compute_features(model, split.cut, dataset, **run)
+        features = compute_features(model, split.cut, dataset, how)
         atomic_save({"features": features, "targets": targets, "checksum": _checksum(features, targets)}, path)
         return FeatureSet(features, targets)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -250,7 +266,7 @@ def cached_features(model: nn.Module, split: CacheSplit, dataset, *, key: str, v
                 os.posix_fallocate(fd, 0, needed)
         finally:
             os.close(fd)
-        features = compute_features(model, split.cut, dataset, store=raw, **run)
+        features = compute_features(model, split.cut, dataset, how, store=raw)
         atomic_save({"features": features, "targets": targets, "checksum": _checksum(features, targets)}, path)
         del features  # unmaps the raw file
     except OSError as exc:
@@ -307,11 +323,12 @@ class CachePlan:
         return cls(model, description=kind, recorded_as=mode)
 
 
-def plan_cache(model: nn.Module, spec: Backbone, sets: dict, *, frozen_bn_eval: bool, augment: bool, views: int,
-               seed: int, device, dtype: torch.dtype, limit_gb: float, workers: int, channels_last: bool = False,
-               bn_eval: bool = False, log=print) -> CachePlan:
+def plan_cache(model: nn.Module, spec: Backbone, sets: dict, how: FeaturePass, *, frozen_bn_eval: bool,
+               augment: bool, views: int, limit_gb: float, bn_eval: bool = False, log=print) -> CachePlan:
     """Decide what to cache and build it (see `CachePlan`). `frozen_bn_eval` and `bn_eval` are
     the loop's: the features are exact only if the prefix computes with them what it computes in eval mode.
+    `how` is the pass's seed, workers, device, layout and dtype; each phase's pass is `how` with
+    its own views (`views` random crops for augmented train images, else one).
 
     `model` must already hold the weights it will train from (a resumed run loads its
     checkpoint first): the cache is computed from, and keyed on, exactly those weights.
@@ -330,13 +347,11 @@ def plan_cache(model: nn.Module, spec: Backbone, sets: dict, *, frozen_bn_eval: 
     extractor = fold_batchnorm(model)
     folded = extractor is not model
     digest = prefix_digest(model, split)
-    common = dict(seed=seed, device=device, dtype=dtype, limit_gb=limit_gb, workers=workers,
-                  channels_last=channels_last, log=log)
 
     def phase_cache(phase: str, ds, n_views: int, random_views: bool) -> FeatureSet | None:
-        key = cache_key(digest, ds, views=n_views, random_views=random_views, seed=seed, workers=workers, dtype=dtype,
-                        device=device, channels_last=channels_last, folded=folded)
-        return cached_features(extractor, split, ds, key=key, views=n_views, phase=phase, **common)
+        run = replace(how, views=n_views, random_views=random_views, folded=folded)
+        return cached_features(extractor, split, ds, run, key=cache_key(digest, ds, run), limit_gb=limit_gb,
+                               phase=phase, log=log)
 
     cached = {"val": phase_cache("val", val, 1, False)}
     if not augment:
@@ -351,7 +366,7 @@ def plan_cache(model: nn.Module, spec: Backbone, sets: dict, *, frozen_bn_eval: 
         mode = "val only (" + ("train: too little free disk" if "train" in refused
                                else "train images are augmented") + ")"
     else:
-        how = "exact: no augmentation" if not augment else f"train: {views} precomputed augmented views per image"
-        mode = f"train + val ({how})" if "val" in cached else f"train only ({how}, val: too little free disk)"
+        detail = "exact: no augmentation" if not augment else f"train: {views} precomputed augmented views per image"
+        mode = f"train + val ({detail})" if "val" in cached else f"train only ({detail}, val: too little free disk)"
     on_disk = tuple(phase for phase, fs in cached.items() if fs.on_disk is not None)
     return CachePlan(FeaturesOrImages(model, split.tail), cached, on_disk=on_disk, description=mode)

@@ -13,7 +13,7 @@ from torch import nn
 from tl import TLError, distributed
 from tl.data import make_loaders, val_resize
 from tl.engine import feature_store
-from tl.engine.feature_store import CachePlan
+from tl.engine.feature_store import CachePlan, FeaturePass
 from tl.engine.image_cache import DecodedImages, decoded_images
 from tl.loop import Hooks
 from tl.stages import Span
@@ -88,14 +88,14 @@ def plan_inputs(span: Span, ctx, saved_mode: str | None, saved_phases: list[str]
         plan = saved  # the stage trained uncached before the interruption (a full disk, say): its rest does too
     elif opts.feature_cache:
         bn = stage_hooks(span, ctx.recipe, None)  # the loop's BatchNorm settings: the cache's check tries the same
+        how = FeaturePass(seed=opts.seed, workers=opts.workers, device=ctx.device, channels_last=opts.channels_last,
+                          dtype=torch.float32)
         # [DDP] process 0 computes and stores the features first; the others wait, then load them.
         # fork_rng: the cache's probe and passes draw nothing from the run's RNG
         with distributed.main_first(), torch.random.fork_rng(devices=[]):
-            plan = feature_store.plan_cache(
-                model, ctx.spec, ctx.sets, frozen_bn_eval=bn.frozen_bn_eval, bn_eval=bn.bn_eval, augment=opts.augment,
-                views=opts.cache_views,
-                seed=opts.seed, device=ctx.device, dtype=torch.float32, limit_gb=opts.cache_limit_gb,
-                workers=opts.workers, channels_last=opts.channels_last, log=log)
+            plan = feature_store.plan_cache(model, ctx.spec, ctx.sets, how, frozen_bn_eval=bn.frozen_bn_eval,
+                                            bn_eval=bn.bn_eval, augment=opts.augment, views=opts.cache_views,
+                                            limit_gb=opts.cache_limit_gb, log=log)
         main = CachePlan.recorded(model, distributed.from_main(plan.mode))  # [DDP] process 0's decision
         if main.off and not plan.off:
             plan = main  # process 0 trains uncached (its disk had no room, say): so does every process
