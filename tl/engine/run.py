@@ -187,7 +187,7 @@ def build_model_and_stages(ctx: RunContext, build: BuildFn, resumed: bool) -> No
     model = build_model(recipe.backbone, 1 if recipe.loss == "bce_logit" else len(ctx.classes),
                         "none" if resumed else recipe.weights, stack=recipe.stack_head,
                         allow_pickle=ctx.opts.allow_pickle)
-    check_image_size(model, ctx.spec, recipe.backbone, ctx.opts.image_size, None if resumed else ctx.sets["val"])
+    check_image_size(model, ctx.spec, recipe.backbone, ctx.opts.image_size, None if resumed else ctx.sets.get("val"))
     ctx.model, stages = as_stages(build(model, ctx.spec, recipe))
     ctx.spans, ctx.staged = place(stages, recipe.train_epochs), len(stages) > 1
     ctx.scaler = make_grad_scaler(ctx.device, ctx.opts.amp)
