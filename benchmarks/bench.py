@@ -49,7 +49,6 @@ import json
 import math
 import os
 import resource
-import shutil
 import signal
 import statistics
 import subprocess
@@ -69,6 +68,7 @@ from experiments.common import git_commit, machine_description
 from tl.data import build_transforms
 from tl.engine.backbones import backbone_spec
 from tl.engine.device import default_channels_last, device_hooks, make_grad_scaler, prepare_device, resolve_device
+from tl.engine.files import atomic_copy, atomic_write_text
 from tl.engine.options import RunOptions, resolve
 from tl.engine.run import run
 from tl.engine.selection import ImageChoice, select_images
@@ -372,7 +372,7 @@ def compare_end_to_end(args, data, device, record, notes, timeout: float) -> Non
         runs = pd.read_csv(out / "runs.csv")
         if args.compare_keep:
             args.compare_keep.mkdir(parents=True, exist_ok=True)
-            shutil.copy(out / "runs.csv", args.compare_keep / "compare_runs.csv")
+            atomic_copy(out / "runs.csv", args.compare_keep / "compare_runs.csv")
     ok = runs[runs.status == "ok"]
     what = f"compare_all {dataset_name(data)}, {len(runs)} runs ({', '.join(args.compare_backbones)}, seed 0)"
     record("end-to-end", f"{what}, wall time", "min", [minutes])
@@ -567,8 +567,8 @@ def write_results(out: Path, rows: list[dict], notes: list[str], meta: dict) -> 
     old = md.read_text() if md.exists() else ""
     # benchmarks/growth.py's section (between its markers) is that script's to replace: keep it
     growth = old[old.index(MARK_START):old.index(MARK_END) + len(MARK_END)] if MARK_START in old else ""
-    md.write_text("\n".join(lines) + "\n" + (f"\n{growth}\n" if growth else ""))
-    (out / f"benchmark{suffix}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(md, "\n".join(lines) + "\n" + (f"\n{growth}\n" if growth else ""))
+    atomic_write_text(out / f"benchmark{suffix}.json", json.dumps(meta, indent=2) + "\n")
     print(f"wrote {out}/benchmark{suffix}.csv, .md and .json", flush=True)
 
 

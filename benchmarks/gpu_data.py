@@ -21,6 +21,7 @@ dry run of gpu_session.sh). The folder is git-ignored (.gitignore: /.gpudata/).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -37,22 +38,26 @@ def shrink(src: Path, dst: Path, short: int = VAL_SHORT_SIDE) -> None:
     from PIL import Image
     from torchvision.transforms import v2
 
+    from tl.engine.files import atomic_copy, atomic_write
     from tl.engine.images import load_rgb
 
     image = load_rgb(str(src))
     if min(image.size) <= short:
-        shutil.copyfile(src, dst)
+        atomic_copy(src, dst)
         return
     tensor = v2.Resize(short, antialias=True)(v2.functional.pil_to_tensor(image))
-    Image.fromarray(tensor.permute(1, 2, 0).to(torch.uint8).numpy()).save(dst, "JPEG", quality=95)
+    small = Image.fromarray(tensor.permute(1, 2, 0).to(torch.uint8).numpy())
+    atomic_write(dst, lambda f: small.save(f, "JPEG", quality=95))
 
 
 def copy_split(src: Path, dst: Path, per_class: int | None, val: bool) -> int:
+    from tl.engine.files import atomic_copy
+
     count = 0
     for folder in sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")):
         (dst / folder.name).mkdir(parents=True, exist_ok=True)
         for file in sorted(f for f in folder.iterdir() if f.is_file())[:per_class]:
-            (shrink if val else shutil.copyfile)(file, dst / folder.name / file.name)
+            (shrink if val else atomic_copy)(file, dst / folder.name / file.name)
             count += 1
     return count
 
@@ -67,10 +72,17 @@ def main(argv: list[str] | None = None) -> int:
     for split in ("train", "val"):
         if not (args.data / split).is_dir():
             raise TLError(f"no {split}/ folder in {args.data}: expected {args.data}/{split}/<class>/<images>")
-    if args.out.is_dir():
-        shutil.rmtree(args.out)  # the data is there: only now replace the old copy
-    n_train = copy_split(args.data / "train", args.out / "train", args.train_per_class, val=False)
-    n_val = copy_split(args.data / "val", args.out / "val", args.val_per_class, val=True)
+    # the copy is made in a folder beside --out and renamed onto it once whole: a disk that fills up
+    # leaves the old copy (or none), never a data folder with part of the images
+    making = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
+    try:
+        n_train = copy_split(args.data / "train", making / "train", args.train_per_class, val=False)
+        n_val = copy_split(args.data / "val", making / "val", args.val_per_class, val=True)
+        if args.out.is_dir():
+            shutil.rmtree(args.out)  # the new copy is whole: only now replace the old one
+        making.rename(args.out)
+    finally:
+        shutil.rmtree(making, ignore_errors=True)
     size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
     print(f"wrote {args.out}: {n_train} train images (copied), {n_val} val images (shorter side "
           f"{VAL_SHORT_SIDE}), {size / 2**20:.1f} MiB")

@@ -92,6 +92,8 @@ def make_images(root: Path, n: int, size: int = 64, seed: int = 0) -> Path:
     """n JPEGs in root/{train,val}/{red,blue}/: 80% train, 20% val, half of each class."""
     from PIL import Image
 
+    from tl.engine.files import atomic_write
+
     rng = np.random.default_rng(seed)
     colours = {"red": (200, 40, 40), "blue": (40, 40, 200)}
     for i in range(n):
@@ -100,7 +102,8 @@ def make_images(root: Path, n: int, size: int = 64, seed: int = 0) -> Path:
         folder = root / phase / name
         folder.mkdir(parents=True, exist_ok=True)
         pixels = np.clip(np.array(colours[name]) + rng.integers(-60, 60, size=(size, size, 3)), 0, 255)
-        Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i:06d}.jpg", quality=90)
+        image = Image.fromarray(pixels.astype(np.uint8))
+        atomic_write(folder / f"{i:06d}.jpg", lambda f: image.save(f, "JPEG", quality=90))  # noqa: B023 (called at once)
     return root
 
 
@@ -151,7 +154,9 @@ def merge_section(path: Path, section: str) -> None:
         text = before + section.rstrip("\n") + rest.split(MARK_END, 1)[1]
     else:
         text = text + ("\n" if text and not text.endswith("\n\n") else "") + section
-    path.write_text(text)
+    from tl.engine.files import atomic_write_text
+
+    atomic_write_text(path, text)
 
 
 def main(argv: list[str] | None = None) -> int:

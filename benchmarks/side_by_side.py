@@ -59,8 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--title", default="The loop before and after, same machine")
     args = p.parse_args(argv)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(page(args.before, args.after, args.title))
+    from tl.engine.files import atomic_write_text
+
+    atomic_write_text(args.out, page(args.before, args.after, args.title))
     print(f"-> {args.out}")
     return 0
 

@@ -247,8 +247,9 @@ def write_section(csv_path: Path, doc: Path) -> Path:
         text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
-    doc.write_text(text)
-    return doc
+    from tl.engine.files import atomic_write_text
+
+    return atomic_write_text(doc, text)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -47,7 +47,6 @@ import contextlib
 import json
 import os
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -163,10 +162,12 @@ def keep_run_files(out: Path, dataset: str, label: str, result) -> None:
     once the whole comparison has finished, together with the tables that name these runs."""
     import pandas as pd
 
+    from tl.engine.files import atomic_copy
+
     for folder in ("history", "predictions"):
         (out / folder / dataset).mkdir(parents=True, exist_ok=True)
     pd.DataFrame(result.history.rows).to_csv(out / "history" / dataset / f"{label}.csv", index=False)
-    shutil.copyfile(result.run_dir / "headline_predictions.csv", out / "predictions" / dataset / f"{label}.csv")
+    atomic_copy(result.run_dir / "headline_predictions.csv", out / "predictions" / dataset / f"{label}.csv")
 
 
 def _lrs(lrs: dict) -> str:
@@ -303,6 +304,7 @@ def write_outputs(out: Path, runs, meta: dict):
     """Every table and plot, redrawn from all rows of `runs`; then stale files removed."""
 
     from experiments.report import draw_comparison, write_report
+    from tl.engine.files import atomic_write_text
 
     summary = summarize(runs)
     out.mkdir(parents=True, exist_ok=True)
@@ -311,7 +313,7 @@ def write_outputs(out: Path, runs, meta: dict):
     written = draw_comparison(out, runs, summary)
     for path in remove_stale(out, runs, written):
         print(f"removed stale {path}")
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
     write_report(out)
     return summary
 

@@ -213,18 +213,17 @@ def write_page(out: Path, runs, diffs, command: str, minutes: float) -> Path:
                      f"[{100 * r.low:+.1f}, {100 * r.high:+.1f}] ({r.verdict}; {r.seeds} seed(s), {r.images} images)")
     not_ok = runs[runs.status != "ok"]
     lines += [f"- not run: {r.run}: {r.reason}" for r in not_ok.itertuples()]
-    path = out / "imbalance.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    from tl.engine.files import atomic_write_text
+
+    return atomic_write_text(out / "imbalance.md", "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import shutil
-
     import pandas as pd
 
     from tl import Interrupted
+    from tl.engine.files import atomic_copy
 
     runs_dir = args.runs_dir or Path("runs") / f"imbalance-{time.strftime('%Y%m%d-%H%M%S')}"
     if runs_dir.is_dir() and any(runs_dir.iterdir()):
@@ -248,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
               if row["status"] == "ok" else row["reason"]), flush=True)
     (args.out / "imbalance").mkdir(parents=True, exist_ok=True)
     for run, predictions in files.items():
-        shutil.copyfile(predictions, args.out / "imbalance" / f"{run}.csv")
+        atomic_copy(predictions, args.out / "imbalance" / f"{run}.csv")
     runs = pd.DataFrame(rows).reindex(columns=COLUMNS)
     runs.to_csv(args.out / "imbalance.csv", index=False)
     plot(runs, args.out / "imbalance.png", args.keep[0])

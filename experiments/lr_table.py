@@ -105,7 +105,7 @@ def page(rows: list[dict], meta: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from tl.engine.files import write_csv
+    from tl.engine.files import atomic_write_text, write_csv
 
     args = parse_args(argv)
     runs_dir = args.runs_dir or Path(f"runs/lr-table-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": time.time() - started}
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(args.out / "lr_finder.csv", COLUMNS, rows)
-    (args.out / "lr_finder.md").write_text(page(rows, meta))
+    atomic_write_text(args.out / "lr_finder.md", page(rows, meta))
     print(f"-> {args.out / 'lr_finder.md'}, {args.out / 'lr_finder.csv'}")
     return 0
 

@@ -334,9 +334,9 @@ def write_report(out: str | Path) -> Path:
     parts += [paragraph(r, summary) + "\n" for _, r in summary.iterrows()]
     if plots:
         parts += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
-    path = out / "README.md"
-    path.write_text("\n".join(parts))
-    return path
+    from tl.engine.files import atomic_write_text
+
+    return atomic_write_text(out / "README.md", "\n".join(parts))
 
 
 def _replace_block(path: Path, name: str, body) -> bool:
@@ -347,7 +347,9 @@ def _replace_block(path: Path, name: str, body) -> bool:
     if start not in text or end not in text:
         return False
     head, rest = text.split(start, 1)
-    path.write_text(f"{head}{start}\n{body().rstrip()}\n{end}{rest.split(end, 1)[1]}")
+    from tl.engine.files import atomic_write_text
+
+    atomic_write_text(path, f"{head}{start}\n{body().rstrip()}\n{end}{rest.split(end, 1)[1]}")
     return True
 
 

@@ -255,9 +255,9 @@ def write_tuned(study, s: Search, setup: dict, path: Path, command: str) -> Path
              "recipe_fields": fields, "cpu_seconds": round(total_cpu(study), 1), "command": command,
              "study": {"storage": str(s.args.storage), "name": study.study_name}, "quick": s.args.quick,
              "date": time.strftime("%Y-%m-%d %H:%M")}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(tuned, indent=2) + "\n")
-    return path
+    from tl.engine.files import atomic_write_text
+
+    return atomic_write_text(path, json.dumps(tuned, indent=2) + "\n")
 
 
 def total_cpu(study) -> float:
@@ -279,6 +279,8 @@ def trial_rows(study) -> list[dict]:
 def write_pages(study, s: Search, setup: dict, folder: Path, command: str) -> list[Path]:
     """trials.csv and trials.md (one row per trial, the budget, the CPU time), history.png, importance.png."""
     import pandas as pd
+
+    from tl.engine.files import atomic_write_text
 
     folder.mkdir(parents=True, exist_ok=True)
     df = pd.DataFrame(trial_rows(study))
@@ -304,7 +306,7 @@ def write_pages(study, s: Search, setup: dict, folder: Path, command: str) -> li
               "Parameter importance (PED-ANOVA): " + (", ".join(f"{k} {v:.2f}" for k, v in importances.items())
                                                       or "needs at least 2 complete trials"), "",
               "![history](history.png) ![importance](importance.png)", ""]
-    (folder / "trials.md").write_text("\n".join(lines))
+    atomic_write_text(folder / "trials.md", "\n".join(lines))
     return [folder / n for n in ("trials.md", "trials.csv", "history.png", "importance.png")]
 
 

@@ -252,8 +252,8 @@ def export_run(run: Path, fmt: str = "onnx", data: str | None = None, out: Path 
     example = torch.zeros(2, 3, ctx.image_size, ctx.image_size)  # batch 2: a batch of 1 may be specialised
     try:
         (_export_onnx if fmt == "onnx" else _export_torchscript)(model, example, meta, target)
-    except TLError:
-        raise
+    except (TLError, OSError):
+        raise  # bad input, or the disk (full, not writable): the other format would not help
     except Exception as exc:
         if os.environ.get("TL_DEBUG"):
             raise

@@ -36,10 +36,18 @@ import torch
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Call `write(f)` on a temporary file beside `path`, fsync, then rename onto `path`.
 
-    The one way this project writes a file that must never be seen half-written: weights,
-    checkpoints, feature caches, history.csv and config.json all go through it."""
+    The one way this project writes a file: weights, checkpoints, feature caches, tables,
+    pictures, exported models, the studies' and benchmarks' pages all go through it. When
+    any step fails (a full disk, a quota, an I/O error), the temporary is removed and the
+    error is raised as an OSError naming `path`: the old file stays as it was, or there is
+    none, never an empty or half-written one."""
     path = Path(path)
-    fd, tmp = temporary_beside(path, mode=0o666)  # the user's umask gives the mode (see the module docstring)
+    try:
+        fd, tmp = temporary_beside(path, mode=0o666)  # the user's umask gives the mode (see the module docstring)
+    except OSError as exc:
+        if exc.filename is None or not Path(exc.filename).name.startswith(f".{path.name}."):
+            raise  # a folder that cannot be made names itself
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc  # the message names the target, not the temporary
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -57,6 +65,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
             # without one, a disk with under 1 MiB left is taken to be full
             code = getattr(exc.__context__, "errno", None) or (errno.ENOSPC if free < 2**20 else errno.EIO)
             raise OSError(code, f"writing failed ({free / 2**20:.1f} MB free there)", str(path)) from None
+        if isinstance(exc, OSError) and exc.filename in (None, str(tmp)):
+            # a failed write names no file, a failed rename the temporary: the message names the target
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
     return path
 
@@ -86,6 +97,17 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     # backslashreplace: a file name that is not valid UTF-8 is written as \xNN, not a crash
     return atomic_write(path, lambda f: f.write(text.encode("utf-8", "backslashreplace")))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_copy(src: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """The bytes of `src` as the file `path`, through `atomic_write`. (`shutil.copyfile` writes
+    the target in place: a disk that fills up meanwhile leaves it empty or cut short.)"""
+    with open(src, "rb") as source:
+        return atomic_write(path, lambda f: shutil.copyfileobj(source, f, 2**20))
 
 
 def write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:

@@ -9,6 +9,7 @@ writes one PNG.
 from __future__ import annotations
 
 import functools
+import io
 import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,13 +30,19 @@ if TYPE_CHECKING:
 
 
 def save_figure(fig, path: str | Path) -> Path:
-    """Write `fig`. Figures here are made with layout="constrained", which places titles,
-    labels and legends outside the axes without overlaps (tight_layout ignores fig.legend)."""
+    """Write `fig`, drawn in memory first and then written atomically (tl/engine/files.py), so a
+    full disk leaves no empty or cut-off picture. Figures here are made with layout="constrained",
+    which places titles, labels and legends outside the axes without overlaps (tight_layout
+    ignores fig.legend)."""
+    from tl.engine.files import atomic_write_bytes
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    picture = io.BytesIO()
+    try:
+        fig.savefig(picture, format=path.suffix[1:].lower() or "png", dpi=110)
+    finally:
+        plt.close(fig)
+    return atomic_write_bytes(path, picture.getvalue())
 
 
 MAX_CLASSES_SHOWN = 30  # a confusion matrix with more classes shows the most-confused ones (all in confusion.csv)

@@ -132,12 +132,14 @@ def prepare_dogs_vs_cats(src: str | os.PathLike, dest: str | os.PathLike, *, for
 def _write_splits(by_class: dict[str, list[tuple[int, Path]]], dest: Path, created: list[Path]):
     """Fill dest/{train,val,test}/{cat,dog}/; each split folder is marked, then appended to
     `created`, before any file goes in, so a failure can remove exactly what was made."""
+    from tl.engine.files import atomic_write_text
+
     counts: dict[str, dict[str, int]] = {}
     methods: Counter = Counter()
     for phase, _ in SPLIT_FRACTIONS:
         (dest / phase).mkdir(parents=True)
         created.append(dest / phase)
-        (dest / phase / PREPARED_MARK).write_text("made by main.py --prepare; --force may replace this folder\n")
+        atomic_write_text(dest / phase / PREPARED_MARK, "made by main.py --prepare; --force may replace this folder\n")
     for name, files in by_class.items():
         files.sort()  # by index: cat.2 before cat.10
         n = len(files)
@@ -156,6 +158,8 @@ def _write_splits(by_class: dict[str, list[tuple[int, Path]]], dest: Path, creat
 
 
 def _link_or_copy(src: Path, dst: Path) -> str:
+    from tl.engine.files import atomic_copy
+
     try:
         os.link(src, dst)  # same file, second name: no extra disk space
         return "hard-linked"
@@ -165,5 +169,6 @@ def _link_or_copy(src: Path, dst: Path) -> str:
         dst.symlink_to(src.resolve())
         return "symlinked"
     except OSError:
-        shutil.copy2(src, dst)
+        atomic_copy(src, dst)  # a disk that fills up leaves no cut-off photo (and the splits made are removed)
+        shutil.copystat(src, dst)  # its times, as a link would show them
         return "copied"

@@ -155,6 +155,9 @@ class RunFolder:
                 from tl.engine.plots import write_run_plots  # matplotlib is imported only to draw
 
                 write_run_plots(self.run_dir, history, headline, ctx.classes, ctx.spec)
+            except OSError:  # a full disk, no permission: the command's one error: line says where (exit 2)
+                ctx.log(f"the run's results are saved in {self.run_dir}; its pictures could not be written")
+                raise
             except Exception as exc:  # noqa: BLE001 - the run is saved; a picture must never lose it
                 ctx.log(f"warning: the run's pictures could not be drawn ({type(exc).__name__}: {exc}); "
                         f"its results are saved in {self.run_dir}")
