@@ -65,6 +65,7 @@ from benchmarks import at_least, command, spread
 from benchmarks.growth import MARK_END, MARK_START
 from experiments import get_experiment
 from experiments.common import git_commit, machine_description
+from tl import TLError
 from tl.data import build_transforms
 from tl.engine.backbones import backbone_spec
 from tl.engine.device import default_channels_last, device_hooks, make_grad_scaler, prepare_device, resolve_device
@@ -73,6 +74,7 @@ from tl.engine.options import RunOptions, resolve
 from tl.engine.run import run
 from tl.engine.selection import ImageChoice, select_images
 from tl.engine.stage_setup import stage_hooks
+from tl.engine.tables import read_table, write_table
 from tl.engine.weights import build_model
 from tl.loop import seed_everything, train_model
 from tl.recipe import make_criterion
@@ -331,9 +333,9 @@ def committed_cpu_runs(runs: pd.DataFrame) -> tuple[float, str] | None:
     trained on the CPU: (their train seconds summed, that machine), or None where one is missing."""
     keys = ["dataset", "experiment", "backbone", "seed", "train_epochs"]
     try:
-        committed = pd.read_csv(ROOT / "results" / "runs.csv")
+        committed = read_table(ROOT / "results" / "runs.csv")
         machine = json.loads((ROOT / "results" / "meta.json").read_text()).get("machine", "CPU")
-    except (OSError, ValueError):
+    except (OSError, ValueError, TLError):
         return None
     cpu = committed[(committed.device == "cpu") & (committed.status == "ok") & (committed.quick.astype(str) != "True")]
     merged = runs[keys].merge(cpu[keys + ["train_seconds"]].drop_duplicates(keys), on=keys, how="left")
@@ -369,7 +371,7 @@ def compare_end_to_end(args, data, device, record, notes, timeout: float) -> Non
         if code != 0 or not (out / "runs.csv").is_file():
             notes.append(f"end-to-end: `{shown}` failed with exit code {code}; no figure")
             return
-        runs = pd.read_csv(out / "runs.csv")
+        runs = read_table(out / "runs.csv")
         if args.compare_keep:
             args.compare_keep.mkdir(parents=True, exist_ok=True)
             atomic_copy(out / "runs.csv", args.compare_keep / "compare_runs.csv")
@@ -542,7 +544,7 @@ def write_results(out: Path, rows: list[dict], notes: list[str], meta: dict) -> 
     out.mkdir(parents=True, exist_ok=True)
     suffix = "" if device == "cpu" else f"_{device.split(':')[0]}"
     table = pd.DataFrame(rows)
-    table.to_csv(out / f"benchmark{suffix}.csv", index=False)
+    write_table(out / f"benchmark{suffix}.csv", table)
     meta = {**meta, "peak_rss_self_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "notes": notes}
     where = f"device {device}" + ("" if device == "cpu" else f": {meta['card']} (every figure below was measured "
                                                                f"on this card, in this one command)")

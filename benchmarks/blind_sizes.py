@@ -25,6 +25,7 @@ from tl.data import build_transforms
 from tl.engine.backbones import backbone_spec
 from tl.engine.image_size import head_input
 from tl.engine.selection import image_datasets
+from tl.engine.tables import table_text
 from tl.engine.weights import build_model
 
 NETWORKS = [("efficientnet_lite0", "imagenet"), ("efficientnet_lite1", "imagenet"),
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = [f"{r.all_zero}/{r.photos} zero, {r.identical_pairs} pairs" if r.takes else "-"
                  for r in group.itertuples()]
         lines.append(f"| {backbone} | {weights} | " + " | ".join(cells) + " |")
-    write_files({out / "blind_sizes.csv": table.to_csv(index=False), out / "blind_sizes.md": "\n".join(lines) + "\n"})
+    write_files({out / "blind_sizes.csv": table_text(table), out / "blind_sizes.md": "\n".join(lines) + "\n"})
     print(f"wrote {out}/blind_sizes.csv and .md")
     return 0
 

@@ -17,9 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
-
 from benchmarks import at_least, command, output_folder, spread, write_files
+from tl.engine.tables import table_text
 
 
 def feature_pass_case(backbone: str, weights: str, data: Path) -> tuple:
@@ -74,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
              "| backbone | layout | batch | img/s (median) | min | max |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['backbone']} | {r['layout']} | {r['batch_size']} | {r['img_s_median']} | {r['img_s_min']} | "
               f"{r['img_s_max']} |" for r in rows]
-    write_files({out / "benchmark_feature_batch.csv": pd.DataFrame(rows).to_csv(index=False),
+    write_files({out / "benchmark_feature_batch.csv": table_text(rows),
                  out / "benchmark_feature_batch.md": "\n".join(lines) + "\n"})
     print(f"wrote {out}/benchmark_feature_batch.csv and .md")
     return 0

@@ -161,6 +161,7 @@ def merge_section(path: Path, section: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from experiments.common import git_commit, machine_description
+    from tl.engine.tables import write_table
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.growth", description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=at_least(10), nargs="+", default=[1000, 5000, 25000],
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"command": invocation.strip(), "machine": machine_description(), "commit": commit,
             "date": time.strftime("%Y-%m-%d %H:%M")}
     args.out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(args.out / "benchmark_growth.csv", index=False)
+    write_table(args.out / "benchmark_growth.csv", table)
     merge_section(args.out / "benchmark.md", markdown(table, fits, meta))
     print(f"wrote {args.out}/benchmark_growth.csv and the growth section of {args.out}/benchmark.md")
     return 0

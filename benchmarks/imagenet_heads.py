@@ -23,7 +23,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import pandas as pd
 import torch
 from torch import nn
 
@@ -32,6 +31,7 @@ from experiments.common import git_commit
 from tl import TLError
 from tl.data import build_transforms, make_loaders
 from tl.engine.selection import image_datasets
+from tl.engine.tables import table_text
 from tl.engine.weights import build_model
 from tl.models import IMAGENET_MEAN, IMAGENET_STD, get_backbone
 
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
              "| backbone | variant | top-1 | top-5 |", "|---|---|---|---|"]
     lines += [f"| {r['backbone']} | {r['variant']} | {r['top1']}/{r['images']} ({r['top1_pct']}%) | "
               f"{r['top5']}/{r['images']} ({r['top5_pct']}%) |" for r in rows]
-    write_files({out / "imagenet_heads.csv": pd.DataFrame(rows).to_csv(index=False),
+    write_files({out / "imagenet_heads.csv": table_text(rows),
                  out / "imagenet_heads.md": "\n".join(lines) + "\n"})
     print(f"wrote {out}/imagenet_heads.csv and .md")
     return 0

@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks import command
+from tl.engine.tables import read_table
 
 
 def data_path(case: str) -> str:
@@ -33,7 +34,7 @@ def data_path(case: str) -> str:
 
 def loop_rows(csv: Path) -> pd.DataFrame:
     """The loop rows of one benchmark.csv, keyed by (case, path); --compile rows are left out."""
-    table = pd.read_csv(csv)
+    table = read_table(csv)
     table = table[(table["kind"] == "loop") & ~table["case"].str.contains("--compile")].copy()
     table["path"] = [data_path(c) for c in table["case"]]
     table["case"] = table["case"].str.split(",").str[0]

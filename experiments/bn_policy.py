@@ -115,6 +115,7 @@ def run_policy(policy: str, data: Path, backbone: str, seed: int, args, runs_dir
     from tl.engine.backbones import folder_label
     from tl.engine.options import RunOptions
     from tl.engine.run import run
+    from tl.engine.tables import read_table
     from tl.engine.weights import build_model
 
     recipe = dataclasses.replace(POLICIES[policy], backbone=backbone, train_epochs=args.epochs,
@@ -135,7 +136,7 @@ def run_policy(policy: str, data: Path, backbone: str, seed: int, args, runs_dir
             "train_epochs": recipe.train_epochs, "batch_size": recipe.batch_size, "headline": res["headline"],
             "headline_acc": res["headline_acc"], "final_val_acc": res["final_val_acc"],
             "best_val_acc": res["best_val_acc"],
-            "headline_images": len((result.run_dir / "headline_predictions.csv").read_text().splitlines()) - 1,
+            "headline_images": len(read_table(result.run_dir / "headline_predictions.csv")),
             **drift(pretrained, final), "train_seconds": res["train_seconds"], "quick": args.quick,
             "run": str(result.run_dir)}
 
@@ -239,10 +240,10 @@ START, END = "<!-- bn_policy:start -->", "<!-- bn_policy:end -->"
 
 def write_section(csv_path: Path, doc: Path) -> Path:
     """Put `section()` of the CSV between the bn_policy markers of `doc` (appended the first time)."""
-    import pandas as pd
+    from tl.engine.tables import read_table
 
     text = doc.read_text() if doc.is_file() else ""
-    block = f"{START}\n{section(pd.read_csv(csv_path))}{END}"
+    block = f"{START}\n{section(read_table(csv_path))}{END}"
     if START in text:
         text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
     else:
@@ -279,6 +280,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     import pandas as pd
 
+    from tl.engine.tables import write_table
+
     args = parse_args(argv)
     root = Path(__file__).resolve().parents[1]
     data = args.data or [root.parent / "shared" / "data" / "hymenoptera_data", Path("data/dogs-vs-cats")]
@@ -300,7 +303,7 @@ def main(argv=None) -> int:
         print(f"    headline {r['headline_acc']:.4f}, mean shift {r['bn_mean_shift']:.4f}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     df = pd.DataFrame(rows).reindex(columns=COLUMNS)
-    df.to_csv(out / "bn_policy.csv", index=False)
+    write_table(out / "bn_policy.csv", df)
     plot(df, out / "bn_policy.png")
     write_section(out / "bn_policy.csv", doc)
     print(f"wrote {out / 'bn_policy.csv'}, {out / 'bn_policy.png'} and the section in {doc} "

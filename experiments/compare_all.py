@@ -160,13 +160,12 @@ def keep_run_files(out: Path, dataset: str, label: str, result) -> None:
     """Copy a finished run's history and headline predictions to out/history/<data>/ and
     out/predictions/<data>/, so every figure can be recomputed from `out` alone. Called only
     once the whole comparison has finished, together with the tables that name these runs."""
-    import pandas as pd
-
     from tl.engine.files import atomic_copy
+    from tl.engine.tables import write_table
 
     for folder in ("history", "predictions"):
         (out / folder / dataset).mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(result.history.rows).to_csv(out / "history" / dataset / f"{label}.csv", index=False)
+    write_table(out / "history" / dataset / f"{label}.csv", result.history.rows)
     atomic_copy(result.run_dir / "headline_predictions.csv", out / "predictions" / dataset / f"{label}.csv")
 
 
@@ -242,12 +241,12 @@ def merge_runs(old, new):
 def read_runs(out: Path):
     """out/runs.csv as written by this version, or None (absent, or from before the headline
     columns existed: those rows cannot be compared honestly and are left out)."""
-    import pandas as pd
+    from tl.engine.tables import read_table
 
     path = out / "runs.csv"
     if not path.is_file():
         return None
-    old = pd.read_csv(path)
+    old = read_table(path)
     missing = {"dataset", "headline_acc", "quick"} - set(old.columns)
     if missing:
         print(f"note: {path} has no {', '.join(sorted(missing))} column (written before headline numbers); "
@@ -305,11 +304,12 @@ def write_outputs(out: Path, runs, meta: dict):
 
     from experiments.report import draw_comparison, write_report
     from tl.engine.files import atomic_write_text
+    from tl.engine.tables import write_table
 
     summary = summarize(runs)
     out.mkdir(parents=True, exist_ok=True)
-    runs.reindex(columns=RUN_COLUMNS).to_csv(out / "runs.csv", index=False)
-    summary.to_csv(out / "summary.csv", index=False)
+    write_table(out / "runs.csv", runs, RUN_COLUMNS)
+    write_table(out / "summary.csv", summary)
     written = draw_comparison(out, runs, summary)
     for path in remove_stale(out, runs, written):
         print(f"removed stale {path}")

@@ -221,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     from tl.engine.files import atomic_write_text, write_json
     from tl.engine.images import check_layout
     from tl.engine.prepare import resolve_data_dir
+    from tl.engine.tables import read_table, write_table
 
     started = time.time()
     runs_dir = args.runs_dir or Path("runs") / f"data-efficiency-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -244,8 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         new[column] = new[column].astype("Int64")
     args.out.mkdir(parents=True, exist_ok=True)
     csv = args.out / "data_efficiency.csv"
-    table = merge(pd.read_csv(csv, dtype={"images_per_class": str}) if csv.is_file() else None, new)
-    atomic_write_text(csv, table.to_csv(index=False))
+    table = merge(read_table(csv, text=["images_per_class"]) if csv.is_file() else None, new)
+    # a size is text ("8" or "all"); in the file a count is a number, as a spreadsheet shows it
+    write_table(csv, table.assign(images_per_class=[s if s == "all" else int(s) for s in table.images_per_class]))
     wall = time.time() - started
     meta = {"command": "python -m experiments.data_efficiency " + shlex.join(sys.argv[1:] if argv is None else argv),
             "strategies": args.strategies, "quick": args.quick,

@@ -112,11 +112,11 @@ def run_one(recipe: str, way: str, seed: int, args: argparse.Namespace, runs_dir
 
 def _per_image(out: Path, runs) -> dict:
     """{(recipe, way): {seed: DataFrame(path -> label, correct)}} from out/imbalance/<run>.csv."""
-    import pandas as pd
+    from tl.engine.tables import read_table
 
     found: dict = {}
     for r in runs[runs.status == "ok"].itertuples():
-        p = pd.read_csv(out / "imbalance" / f"{r.run}.csv").set_index("path")
+        p = read_table(out / "imbalance" / f"{r.run}.csv", text=("path", "label", "prediction")).set_index("path")
         found.setdefault((r.recipe, r.way), {})[int(r.seed)] = p.assign(correct=(p.label == p.prediction).astype(int))
     return found
 
@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tl import Interrupted
     from tl.engine.files import atomic_copy
+    from tl.engine.tables import write_table
 
     runs_dir = args.runs_dir or Path("runs") / f"imbalance-{time.strftime('%Y%m%d-%H%M%S')}"
     if runs_dir.is_dir() and any(runs_dir.iterdir()):
@@ -249,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     for run, predictions in files.items():
         atomic_copy(predictions, args.out / "imbalance" / f"{run}.csv")
     runs = pd.DataFrame(rows).reindex(columns=COLUMNS)
-    runs.to_csv(args.out / "imbalance.csv", index=False)
+    write_table(args.out / "imbalance.csv", runs)
     plot(runs, args.out / "imbalance.png", args.keep[0])
     diffs = differences(args.out, runs, args.keep[0])
     page = write_page(args.out, runs, diffs, command, (time.time() - started) / 60)

@@ -105,7 +105,8 @@ def page(rows: list[dict], meta: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from tl.engine.files import atomic_write_text, write_csv
+    from tl.engine.files import atomic_write_text
+    from tl.engine.tables import write_table
 
     args = parse_args(argv)
     runs_dir = args.runs_dir or Path(f"runs/lr-table-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
             "seconds": time.time() - started}
     args.out.mkdir(parents=True, exist_ok=True)
-    write_csv(args.out / "lr_finder.csv", COLUMNS, rows)
+    write_table(args.out / "lr_finder.csv", rows, COLUMNS)
     atomic_write_text(args.out / "lr_finder.md", page(rows, meta))
     print(f"-> {args.out / 'lr_finder.md'}, {args.out / 'lr_finder.csv'}")
     return 0

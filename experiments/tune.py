@@ -281,10 +281,11 @@ def write_pages(study, s: Search, setup: dict, folder: Path, command: str) -> li
     import pandas as pd
 
     from tl.engine.files import atomic_write_text
+    from tl.engine.tables import write_table
 
     folder.mkdir(parents=True, exist_ok=True)
     df = pd.DataFrame(trial_rows(study))
-    df.to_csv(folder / "trials.csv", index=False)
+    write_table(folder / "trials.csv", df)
     importances = draw_importance(study, folder / "importance.png")
     draw_history(study, folder / "history.png")
     done = finished(study)

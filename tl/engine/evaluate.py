@@ -31,6 +31,7 @@ from tl.engine.metrics import classification_report, write_report
 from tl.engine.model_loading import ModelContext, load_model
 from tl.engine.progress import progress
 from tl.engine.selection import ImageChoice, TooFewImages, select_images
+from tl.engine.tables import write_table
 from tl.engine.tta import mirrored_if
 from tl.loop import loss_targets, predictions
 
@@ -136,7 +137,7 @@ def evaluate_folder(folder: Path, ctx: ModelContext, loader, classes: list[str],
         log(f"epoch {epoch:>3}  {file.name:<40} loss {result['loss']:.4f}  acc {result['acc']:.4f}")
     table = pd.DataFrame(rows)
     out = folder / f"eval_{split}{tta}.csv"
-    table.to_csv(out, index=False)
+    write_table(out, table)
     # training's rule: the highest accuracy, ties to the lower loss, then to the earlier epoch
     best = table.sort_values(["acc", "loss", "epoch"], ascending=[False, True, True]).iloc[0]
     log(f"best {split} accuracy {best.acc:.4f} at epoch {int(best.epoch)} (ties: lower loss); wrote {out}")

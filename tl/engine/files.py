@@ -18,10 +18,8 @@ digest of each weight file it wrote.
 
 from __future__ import annotations
 
-import csv
 import errno
 import hashlib
-import io
 import json
 import os
 import secrets
@@ -108,15 +106,6 @@ def atomic_copy(src: str | os.PathLike, path: str | os.PathLike) -> Path:
     the target in place: a disk that fills up meanwhile leaves it empty or cut short.)"""
     with open(src, "rb") as source:
         return atomic_write(path, lambda f: shutil.copyfileobj(source, f, 2**20))
-
-
-def write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
-    """The run folder's tables, written atomically like every file there (extra keys ignored)."""
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, text.getvalue())
 
 
 def write_json(path: Path, obj: dict) -> None:

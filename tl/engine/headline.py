@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tl.engine.files import write_csv
 from tl.engine.options import RunOptions
+from tl.engine.tables import write_table
 from tl.engine.tta import Mirrored
 from tl.loop import History
 
@@ -65,7 +65,7 @@ def score_headline(net: nn.Module, model: nn.Module, history: History, val_input
     result = evaluate(scored, torch.utils.data.DataLoader(inputs, batch_size=32), device, len(classes))
     rows = [{"path": Path(os.path.relpath(path, opts.data)).as_posix(), "label": classes[label],
              "prediction": classes[p]} for (path, label), p in zip(images.samples, result["predictions"])]
-    write_csv(run_dir / "headline_predictions.csv", ["path", "label", "prediction"], rows)
+    write_table(run_dir / "headline_predictions.csv", rows, ["path", "label", "prediction"])
     acc = sum(r["label"] == r["prediction"] for r in rows) / len(rows)
     record = {"headline": what, "headline_acc": acc, "test_acc": acc if what.startswith("test") else None}
     return Headline(record, result, images)

@@ -56,11 +56,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tl import TLError, distributed
 from tl.engine.device import autocast_dtype
-from tl.engine.files import write_csv
 from tl.engine.options import RunOptions
 from tl.engine.run import begin, build_model_and_stages, choose_images, combine
 from tl.engine.run_folder import make_run_dir
 from tl.engine.stage_setup import stage_hooks, start_stage
+from tl.engine.tables import write_table
 from tl.loop import NonFiniteLoss, train_model
 from tl.recipe import BuildFn, Recipe, make_criterion
 
@@ -202,8 +202,8 @@ def write_range_test(result: LrFinderResult, out: Path) -> Path:
     folder = make_run_dir(out, f"lr-finder-{result.recipe}-{result.backbone}-{time.strftime('%Y%m%d-%H%M%S')}",
                                   explicit=False)
     t = result.test
-    write_csv(folder / "lr_finder.csv", ["lr", "loss", "smoothed"],
-                      [{"lr": lr, "loss": loss, "smoothed": s} for lr, loss, s in zip(t.lrs, t.losses, t.smoothed)])
+    write_table(folder / "lr_finder.csv", [{"lr": lr, "loss": loss, "smoothed": s}
+                                           for lr, loss, s in zip(t.lrs, t.losses, t.smoothed)])
     range_test_plot(result, folder / "lr_finder.png")
     return folder
 

@@ -23,14 +23,13 @@ often, and on which files: the files to look at first.
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from tl.engine.files import atomic_write_text
+from tl.engine.tables import read_table, write_table
 
 SHOWN_FILES = 10  # file names per confused pair in the Markdown (the CSV has all)
 
@@ -86,20 +85,11 @@ def classification_report(labels: Sequence[str], predicted: Sequence[str], paths
 def report_of_predictions(path: str | Path, classes: Sequence[str] | None = None) -> dict:
     """The report of a per-image table with the columns path, label, prediction (a run's
     headline_predictions.csv, results/predictions/...). Without `classes`, the class names
-    that occur in it, sorted."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    classes = list(classes) if classes is not None else sorted({r[k] for r in rows for k in ("label", "prediction")})
-    return classification_report([r["label"] for r in rows], [r["prediction"] for r in rows],
-                                 [r["path"] for r in rows], classes)
-
-
-def _csv(fields: list[str], rows: list[list]) -> str:
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(fields)
-    writer.writerows(rows)
-    return text.getvalue()
+    that occur in it, sorted. Its names are read as text, as written (tl/engine/tables.py)."""
+    rows = read_table(path, text=("path", "label", "prediction"))
+    labels, predicted = list(rows["label"]), list(rows["prediction"])
+    classes = list(classes) if classes is not None else sorted(set(labels) | set(predicted))
+    return classification_report(labels, predicted, list(rows["path"]), classes)
 
 
 def report_markdown(report: dict, title: str) -> str:
@@ -130,8 +120,7 @@ def write_report(folder: str | Path, report: dict, title: str) -> Path:
     rows += [["macro average", report["macro_precision"], report["macro_recall"], report["macro_f1"], report["n"]],
              ["balanced accuracy", "", report["balanced_accuracy"], "", report["n"]],
              ["accuracy", report["accuracy"], report["accuracy"], report["accuracy"], report["n"]]]
-    atomic_write_text(folder / "classification_report.csv", _csv(["class", "precision", "recall", "f1", "support"],
-                                                                 rows))
-    atomic_write_text(folder / "confused_pairs.csv", _csv(["true", "predicted", "count", "files"], [
-        [p["true"], p["predicted"], p["count"], "; ".join(p["files"])] for p in report["pairs"]]))
+    write_table(folder / "classification_report.csv", rows, ["class", "precision", "recall", "f1", "support"])
+    write_table(folder / "confused_pairs.csv", [[p["true"], p["predicted"], p["count"], "; ".join(p["files"])]
+                                                for p in report["pairs"]], ["true", "predicted", "count", "files"])
     return atomic_write_text(folder / "classification_report.md", report_markdown(report, title))

@@ -221,15 +221,10 @@ def confusion_matrix_plot(matrix: torch.Tensor, classes: list[str], path: str | 
 
 def class_names_csv(classes: list[str], path: str | Path) -> Path:
     """The full name of every class beside the label the pictures give it."""
-    from tl.engine.files import atomic_write_text
+    from tl.engine.tables import write_table
 
-    rows = "".join(f"{k},{_csv_field(class_label(c, k))},{_csv_field(c)}\n" for k, c in enumerate(classes))
-    atomic_write_text(Path(path), "index,label_in_pictures,class\n" + rows)
-    return Path(path)
-
-
-def _csv_field(text: str) -> str:
-    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
+    return write_table(path, [[k, class_label(c, k), c] for k, c in enumerate(classes)],
+                       ["index", "label_in_pictures", "class"])
 
 
 def data_preview(data_dir: str | Path, backbone: str, out_dir: str | Path, seed: int = 0, *,

@@ -16,8 +16,6 @@ both of its classes, 1 - p and p).
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import time
 from collections import Counter
@@ -34,6 +32,7 @@ from tl.engine.evaluate import class_probabilities
 from tl.engine.files import atomic_write_text
 from tl.engine.images import check_image, load_rgb, not_an_image, walk_files
 from tl.engine.progress import progress as show
+from tl.engine.tables import table_text as csv_text
 
 
 def _why(exc: BaseException) -> str:
@@ -111,13 +110,10 @@ def check_table_path(path: Path) -> None:
 
 
 def table_text(folder: Path, files: list[str], probabilities: dict[int, torch.Tensor], classes: list[str]) -> str:
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["path", "prediction", *(f"p_{c}" for c in classes)])
-    for i, p in sorted(probabilities.items()):
-        writer.writerow([Path(os.path.relpath(files[i], folder)).as_posix(), classes[int(p.argmax())],
-                         *(float(v) for v in p)])
-    return text.getvalue()
+    """The CSV text of the table (tl/engine/tables.py: a spreadsheet runs none of its names)."""
+    rows = [[Path(os.path.relpath(files[i], folder)).as_posix(), classes[int(p.argmax())], *(float(v) for v in p)]
+            for i, p in sorted(probabilities.items())]
+    return csv_text(rows, ["path", "prediction", *(f"p_{c}" for c in classes)])
 
 
 def predict_folder(model: nn.Module, folder: Path, table: Path, classes: list[str], transform, *,

@@ -26,9 +26,10 @@ from tl.engine import checkpoint, metrics
 from tl.engine.backbones import folder_label
 from tl.engine.balance import class_counts
 from tl.engine.early_stopping import should_stop
-from tl.engine.files import atomic_save, remove_stale_temporaries, state_digest, write_csv, write_json
+from tl.engine.files import atomic_save, remove_stale_temporaries, state_digest, write_json
 from tl.engine.headline import score_headline
 from tl.engine.options import RunOptions, as_saved
+from tl.engine.tables import write_table
 from tl.loop import History, NonFiniteLoss
 from tl.models import Backbone, parameter_table
 from tl.recipe import Recipe
@@ -283,4 +284,4 @@ def weights_kind(weights: str, spec: Backbone) -> str:
 
 
 def write_history_csv(history: History, path: Path) -> None:
-    write_csv(path, ["epoch", "phase", "loss", "acc", "seconds", "images_per_s"], history.rows)
+    write_table(path, history.rows, ["epoch", "phase", "loss", "acc", "seconds", "images_per_s"])
