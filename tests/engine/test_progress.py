@@ -1,7 +1,8 @@
 """tl/engine/progress.py: every pass of the machinery that can take long shows a bar on stderr
 (the check of a data folder's files, the feature pass, the image cache, scoring, the scan and
 classification of --predict DIR), and --no-progress (or RunOptions.progress=False) silences
-every one of them."""
+every one of them. On tiny data every pass ends before a bar's delay; the tests but the last
+show bars at once (DELAY 0)."""
 
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ def run_three_commands(capfd, tmp_path, *flags) -> dict[str, str]:
 
 
 @pytest.fixture(autouse=True)
-def bars_on():
+def bars_on(monkeypatch):
+    monkeypatch.setattr(progress_module, "DELAY", 0)  # a bar from a pass's start, however short
     show_progress(True)  # whatever a test before left
     yield
     show_progress(True)
@@ -110,3 +112,15 @@ def test_each_switch_silences_the_wrapper_and_is_restored(silence, capfd):
 def test_a_count_without_a_length_is_shown(capfd):
     assert list(progress((x for x in "abc"), "scanning somewhere", unit=" files")) == ["a", "b", "c"]
     assert re.search(r"scanning somewhere: \d+ files \[", capfd.readouterr().err)
+
+
+def test_a_pass_shorter_than_the_delay_shows_nothing_and_a_longer_one_a_bar(monkeypatch, capfd):
+    import time
+
+    monkeypatch.setattr(progress_module, "DELAY", 2.0)
+    assert sum(progress(range(100), "quick")) == 4950
+    assert capfd.readouterr().err == ""  # a quick scan's output stays as it was
+    monkeypatch.setattr(progress_module, "DELAY", 0.05)
+    for _ in progress(range(5), "slow", unit=" files"):
+        time.sleep(0.03)
+    assert re.search(r"slow: +\d+%.*\[", capfd.readouterr().err)

@@ -6,7 +6,9 @@ the image cache's decoding (tl/engine/image_cache.py), the check of a data folde
 the scan and classification of --predict DIR (tl/engine/predict.py) each iterate through it,
 so none of them is silent for minutes on a large data set. (The training loop, tl/loop.py,
 shows its own bar per phase: the core never imports the machinery.) A bar is tqdm's, on
-stderr, and is cleared when its pass ends; stdout keeps the run's own lines.
+stderr, and is cleared when its pass ends; stdout keeps the run's own lines. It appears only
+once its pass has run for `DELAY` seconds: a pass that ends sooner prints nothing, so a small
+data set's output (and an error line after a quick scan) stays as it is.
 
 Whether bars show is one switch for the process, on unless turned off:
 
@@ -27,6 +29,7 @@ from collections.abc import Iterable, Iterator
 from tqdm import tqdm  # tqdm.std: tqdm.auto's bar would call iter() on a DataLoader twice (tl/loop.py)
 
 _shown = True  # the process's switch (see the module docstring)
+DELAY = 2.0  # seconds a pass runs before its bar appears
 
 
 def show_progress(on: bool) -> None:
@@ -53,6 +56,7 @@ def progress_shown(on: bool) -> Iterator[None]:
 
 def progress(iterable: Iterable, desc: str, total: int | None = None, unit: str = "it", enabled: bool = True):
     """`iterable`, showing a bar on stderr as it is consumed: "desc: 40%|...| 100/250 [00:30<00:45]",
-    or, without a length (`total` None and no `len()`), a count of the items seen so far."""
+    or, without a length (`total` None and no `len()`), a count of the items seen so far; from
+    `DELAY` seconds on."""
     return tqdm(iterable, desc=desc, total=total, unit=unit, disable=not (enabled and _shown), leave=False,
-                dynamic_ncols=True, file=sys.stderr)
+                delay=DELAY, dynamic_ncols=True, file=sys.stderr)
