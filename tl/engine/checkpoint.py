@@ -30,6 +30,7 @@ import json
 import os
 import pickle
 import random
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,9 @@ def _torch_load(path: str | os.PathLike, map_location: Any = "cpu", allow_pickle
         raise TLError(f"{path} is an empty file (0 bytes), not saved weights: an interrupted copy? Use another file")
     with open(path, "rb") as f:
         magic = f.read(4)
+    if (exported := _exported_format(path, magic)) is not None:
+        raise TLError(f"{path} is a model exported with --export ({exported}), not saved weights: --predict "
+                      f"--checkpoint {path} reads it; here pass a run's .pth/.ckpt (the best.pth it was exported from)")
     # torch.save writes a zip archive ("PK\x03\x04"); older torch a raw pickle (protocol byte 0x80)
     if magic != b"PK\x03\x04" and not magic.startswith(b"\x80"):
         raise TLError(f"{path} is not a PyTorch file (it starts with {magic!r}, not a zip archive or a pickle): "
@@ -67,6 +71,19 @@ def _torch_load(path: str | os.PathLike, map_location: Any = "cpu", allow_pickle
     except Exception as exc:  # noqa: BLE001 - a damaged file makes torch/pickle raise almost anything
         raise TLError(f"{path} is not a readable PyTorch file ({_first_line(exc, 200)}); "
                       f"is it complete? Use another copy") from None
+
+
+def _exported_format(path: Path, magic: bytes) -> str | None:
+    """The format of a file --export wrote (tl/engine/export.py), "onnx" or "torchscript"; else None."""
+    if path.suffix == ".onnx":
+        return "onnx"
+    if magic != b"PK\x03\x04":
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:  # its description, export.META_KEY, rides as an extra file
+            return "torchscript" if any(name.endswith("/extra/tl_meta.json") for name in archive.namelist()) else None
+    except (OSError, zipfile.BadZipFile):
+        return None
 
 
 def _first_line(exc: BaseException, limit: int) -> str:

@@ -88,6 +88,24 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, meta: dict, path: Path
     atomic_write(path, lambda f: f.write(proto.SerializeToString()))
 
 
+class FixedSize(nn.Module):
+    """A traced network behind a check of the image size, itself scripted so that the check is
+    saved in the file. ONNX fixes the input's height and width in the graph; a trace records no
+    such check, and a network that pools adaptively takes any size and answers for a picture it
+    was not trained on. So an exported TorchScript model, too, refuses images of another size
+    than its run trained at, in any program that loads it."""
+
+    def __init__(self, net: nn.Module, image_size: int):
+        super().__init__()
+        self.net, self.image_size = net, image_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.size(2) != self.image_size or x.size(3) != self.image_size:
+            raise RuntimeError("this model takes (B, 3, " + str(self.image_size) + ", " + str(self.image_size)
+                               + ") images, the size its run trained at")
+        return self.net(x)
+
+
 def _export_torchscript(model: nn.Module, example: torch.Tensor, meta: dict, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the FutureWarning that TorchScript is deprecated (see above)
@@ -95,18 +113,23 @@ def _export_torchscript(model: nn.Module, example: torch.Tensor, meta: dict, pat
         # works for any architecture here (timm's included) as long as the forward has no
         # data-dependent branches, and the parity check below would catch one that mattered
         traced = torch.jit.trace(model, example, check_trace=False)
-        atomic_write(path, lambda f: torch.jit.save(traced, f, _extra_files={META_KEY + ".json": json.dumps(meta)}))
+        guarded = torch.jit.script(FixedSize(traced, meta["image_size"]))  # (the check is scripted, not traced)
+        atomic_write(path, lambda f: torch.jit.save(guarded, f, _extra_files={META_KEY + ".json": json.dumps(meta)}))
 
 
 class ExportedModel(nn.Module):
     """An exported file behind the nn.Module interface the rest of the project uses
-    (`predict_images`, `evaluate`): (B, 3, H, W) images in, (B, C) logits out."""
+    (`predict_images`, `classify`, the parity check): (B, 3, S, S) images in, (B, C) logits out,
+    where S is the size its description records and its graph takes; other sizes are refused."""
 
-    def __init__(self, path: Path, fmt: str, runner):
+    def __init__(self, path: Path, fmt: str, runner, image_size: int):
         super().__init__()
-        self.path, self.format, self._run = path, fmt, runner
+        self.path, self.format, self._run, self.image_size = path, fmt, runner, image_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or tuple(x.shape[2:]) != (self.image_size, self.image_size):
+            raise TLError(f"{self.path} takes {self.image_size}x{self.image_size} images, the size its run trained "
+                          f"at, not {'x'.join(map(str, x.shape[2:]))}: resize them as its description says")
         return self._run(x.detach().float().cpu().contiguous())
 
 
@@ -188,7 +211,8 @@ def load_exported(path: str | os.PathLike) -> tuple[ExportedModel, dict]:
             def run(x: torch.Tensor) -> torch.Tensor:
                 return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
 
-            return ExportedModel(path, "onnx", run), check_description(meta, path, run)
+            meta = check_description(meta, path, run)
+            return ExportedModel(path, "onnx", run, meta["image_size"]), meta
         extra = {META_KEY + ".json": ""}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -202,7 +226,8 @@ def load_exported(path: str | os.PathLike) -> tuple[ExportedModel, dict]:
             with torch.no_grad():
                 return module(x)
 
-        return ExportedModel(path, "torchscript", run_ts), check_description(meta, path, run_ts)
+        meta = check_description(meta, path, run_ts)
+        return ExportedModel(path, "torchscript", run_ts, meta["image_size"]), meta
     except TLError:
         raise
     except Exception as exc:  # not an ONNX/TorchScript file, or a damaged one
