@@ -10,6 +10,7 @@ import pytest
 
 from tests.conftest import write_image_folder
 from tl.data import build_transforms
+from tl.engine import images
 from tl.engine.selection import image_datasets
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -63,6 +64,18 @@ def test_a_sibling_folder_whose_name_begins_like_the_data_folder_is_outside_it(t
     followed = _sets(root, follow_links=True)["train"]
     assert _names(followed, root) == _names(train, root) | {(link, "class_0") for link in leaving}
     assert {os.path.relpath(p, Path(root) / "train") for p, _ in followed.outside} == set(leaving)
+
+
+def test_a_link_to_the_data_folder_itself_is_inside_it_and_its_val_files_are_refused_in_train(tmp_path):
+    """data/train/class_0/all -> data/: every file it reaches lies in data/ (none is `outside`), so
+    val's files would become train samples of class_0 through it; one file in two splits is refused."""
+    d = write_image_folder(tmp_path / "data")
+    (d / "train" / "class_0" / "all").symlink_to(Path("..", ".."))
+    with pytest.raises(Exception, match=r"12 file\(s\) belong to two splits") as caught:
+        _sets(d)
+    assert type(caught.value).__name__ == "TLError"
+    train = images.CheckedImageFolder(d / "train", within=d)
+    assert train.outside == [] and len(train.samples) == 24 + 12  # its own 24, and val's 12 through the link
 
 
 # ----------------------------------------------------------------------------- links inside one split

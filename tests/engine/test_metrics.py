@@ -1,0 +1,42 @@
+"""TODO."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from tl.engine import metrics
+
+
+def test_report_figures_match_a_confusion_matrix_worked_by_hand(tmp_path):
+    # true a: 3 called a, 1 called b;  true b: 2 called a, 2 called b;  true c: 1 called b, 1 called c
+    pairs = [("a", "a")] * 3 + [("a", "b")] + [("b", "a")] * 2 + [("b", "b")] * 2 + [("c", "b"), ("c", "c")]
+    labels, predicted = zip(*pairs)
+    paths = [f"val/{t}/{i}.jpg" for i, (t, _) in enumerate(pairs)]
+    report = metrics.classification_report(labels, predicted, paths, ["a", "b", "c", "d"])  # d: never seen
+    assert report["support"].tolist() == [4, 4, 2, 0]
+    assert report["precision"][:3] == pytest.approx([3 / 5, 2 / 4, 1 / 1])  # column sums 5, 4, 1
+    assert report["recall"][:3] == pytest.approx([3 / 4, 2 / 4, 1 / 2])  # row sums 4, 4, 2
+    assert report["f1"][:3] == pytest.approx([2 / 3, 1 / 2, 2 / 3])  # 2PR / (P + R)
+    assert report["accuracy"] == pytest.approx(6 / 10)
+    assert report["balanced_accuracy"] == pytest.approx((3 / 4 + 1 / 2 + 1 / 2) / 3)  # d has no support
+    assert report["macro_f1"] == pytest.approx((2 / 3 + 1 / 2 + 2 / 3) / 3)  # d neither true nor predicted
+    assert [(p["true"], p["predicted"], p["count"]) for p in report["pairs"]] == \
+        [("b", "a", 2), ("a", "b", 1), ("c", "b", 1)]
+    assert report["pairs"][0]["files"] == ["val/b/4.jpg", "val/b/5.jpg"]
+    # a class that is predicted but never true counts in macro-F1 (F1 0), not in balanced accuracy
+    lopsided = metrics.scores(np.array([[2, 2], [0, 0]]))
+    assert lopsided["macro_f1"] == pytest.approx((2 * 1 * 0.5 / 1.5 + 0) / 2)
+    assert lopsided["balanced_accuracy"] == pytest.approx(0.5)
+
+    page = metrics.write_report(tmp_path, report, "by hand")
+    table = pd.read_csv(tmp_path / "classification_report.csv").set_index("class")
+    assert table.loc["a", "precision"] == pytest.approx(0.6) and table.loc["c", "support"] == 2
+    assert table.loc["macro average", "f1"] == pytest.approx(report["macro_f1"])
+    assert table.loc["balanced accuracy", "recall"] == pytest.approx(report["balanced_accuracy"])
+    assert table.loc["accuracy", "f1"] == pytest.approx(0.6)
+    text = page.read_text()
+    assert "| a | 0.6000 | 0.7500 | 0.6667 | 4 |" in text
+    assert "- b -> a: 2 image(s): `val/b/4.jpg`, `val/b/5.jpg`" in text
+    confused = pd.read_csv(tmp_path / "confused_pairs.csv")
+    assert confused.iloc[0].tolist() == ["b", "a", 2, "val/b/4.jpg; val/b/5.jpg"]

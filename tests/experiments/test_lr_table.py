@@ -1,0 +1,26 @@
+"""TODO."""
+
+from __future__ import annotations
+
+import pytest
+import csv
+from experiments.recipes import resnet_frozen
+
+
+@pytest.mark.usefixtures("own_cache_dir")
+def test_lr_table_writes_one_row_per_recipe(tiny_data, pretrained, tmp_path, capsys):
+    from experiments import lr_table
+
+    argv = ["--data", str(tiny_data), "--backbone", "tiny", "--weights", str(pretrained), "--recipes", "resnet_frozen",
+            "two_stage", "--steps", "6", "--quick", "--out", str(tmp_path / "results"), "--runs-dir",
+            str(tmp_path / "runs")]
+    assert lr_table.main(argv) == 0
+    rows = list(csv.DictReader((tmp_path / "results" / "lr_finder.csv").open()))
+    assert [(r["recipe"], r["stage"], r["group"], r["status"]) for r in rows] == [
+        ("resnet_frozen", "train", "head", "ok"), ("two_stage", "frozen body", "head", "ok")]
+    assert [float(r["documented_lr"]) for r in rows] == [1e-3, 2e-3]
+    for r in rows:
+        assert float(r["ratio"]) == pytest.approx(float(r["suggested_lr"]) / float(r["documented_lr"]))
+    md = (tmp_path / "results" / "lr_finder.md").read_text()
+    assert "python -m experiments.lr_table --data" in md and "| two_stage | frozen body | head | 2.0e-03 |" in md
+    assert len(list((tmp_path / "runs").iterdir())) == 2  # each recipe's plot and CSV

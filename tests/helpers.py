@@ -1,0 +1,187 @@
+"""TODO."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tests.conftest import TinyNet
+from experiments import get_experiment
+from tl.engine.options import RunOptions
+from tl.engine.run import run
+from pathlib import Path
+import main
+import numpy as np
+from PIL import Image
+import json
+from tl.engine import checkpoint, files
+import pandas as pd
+from tl.engine import checkpoint
+from tl.models import get_backbone
+
+
+def two_class_tiny_net():
+    torch.manual_seed(0)
+    net = TinyNet()
+    net.fc = nn.Linear(16, 2)
+    return net
+
+
+def train_with_ema(data, out, recipe, epochs, weights, **options):
+    """A --quick run of `recipe` on the tiny backbone through the API (no pictures: seconds)."""
+    module = get_experiment(recipe)
+    opts = RunOptions(data=data, backbone="tiny", weights=str(weights), epochs=epochs, out=out, batch_size=5,
+                      lr_scale=20, progress=False, plots=False, augment=False, ema=0.7, run_name="r", **options)
+    opts.make_quick()
+    return run(module.RECIPE, module.build, opts, log=lambda s: None).run_dir
+
+
+def kaggle_folder(root: Path, n: int = 5) -> Path:
+    root.mkdir(parents=True)
+    for name in ("cat", "dog"):
+        for i in range(n):
+            picture(root / f"{name}.{i}.jpg", (16, 16), seed=i)
+    return root
+
+
+def class_folders_only(root: Path, counts: dict[str, int]) -> Path:
+    """root/<class>/*.png without a train/val split (the --val-split layout)."""
+    for k, (name, n) in enumerate(counts.items()):
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            picture(root / name / f"{i:03d}.png", seed=100 * k + i)
+    return root
+
+
+def cli_exit(capsys, *argv) -> tuple[int, str, str]:
+    """main.main(argv) -> (exit status, stdout, stderr); argparse's exits count too. No traceback, ever."""
+    try:
+        code = main.main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return code, out, err
+
+
+def picture(path: Path, size=(40, 40), seed=0) -> Path:
+    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def train_one_epoch(capsys, data_dir, out, *extra, experiment="resnet_scratch"):
+    """A one-epoch run of the tiny backbone; returns (exit status, stdout, stderr)."""
+    return cli_exit(capsys, "-e", experiment, "-b", "tiny", "--data", data_dir, "--epochs", "1", "--out", out,
+               "--no-progress", "--workers", "0", *extra)
+
+
+def loop_setup(data, seed=0):
+    from tl.data import build_transforms, make_loaders
+    from tl.engine.selection import image_datasets
+    from tl.engine.weights import build_model
+    from tl.loop import seed_everything
+
+    seed_everything(seed)
+    sets = image_datasets(data, build_transforms((0.5,) * 3, (0.5,) * 3, size=32, resize=36))
+    model = build_model("tiny", len(sets["train"].classes), "none")
+    return model, make_loaders(sets, 5, seed=seed)
+
+
+def finetune_one_epoch(data, out, **options):
+    module = get_experiment("resnet_finetune")
+    opts = RunOptions(data=data, backbone="tiny", weights="none", epochs=1, batch_size=5, out=out,
+                      progress=False, plots=False, **options)
+    return run(module.RECIPE, module.build, opts, log=lambda s: None)
+
+
+def without_timings(rows):
+    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in rows]
+
+
+def train_scratch(data, out, epochs, *extra):
+    argv = ["-e", "resnet_scratch", "-b", "tiny", "--data", str(data), "--out", str(out), "--epochs", str(epochs),
+            "--lr-scale", "50", "--batch-size", "5", "--no-progress", *extra]
+    assert main.main(argv) == 0
+    (run_dir,) = out.iterdir()
+    return run_dir
+
+
+def assert_recorded_digests_match(run_dir):
+    """Every weight file the run recorded in config.json is the file on disk (what --evaluate checks)."""
+    checksums = json.loads((run_dir / "config.json").read_text())["checksums"]
+    assert "best.pth" in checksums
+    for name, digest in checksums.items():
+        assert files.state_digest(checkpoint.load_state_file(run_dir / name)) == digest, (run_dir, name)
+
+
+def assert_same_run(a, b):
+    ca, cb = checkpoint.load_checkpoint(a / "last.ckpt"), checkpoint.load_checkpoint(b / "last.ckpt")
+    assert ca["epoch"] == cb["epoch"]
+    assert without_timings(ca["history"]["rows"]) == without_timings(cb["history"]["rows"])
+    assert ca["history"]["stopped_early"] == cb["history"]["stopped_early"]
+    for name, tensor in ca["model"].items():
+        assert torch.equal(tensor, cb["model"][name]), name
+    best_a, best_b = checkpoint.load_state_file(a / "best.pth"), checkpoint.load_state_file(b / "best.pth")
+    assert all(torch.equal(t, best_b[k]) for k, t in best_a.items())
+    ra = json.loads((a / "config.json").read_text())["results"]
+    rb = json.loads((b / "config.json").read_text())["results"]
+    for key in ("best_val_acc", "best_epoch", "final_val_acc", "final_val_loss", "baseline_val_acc"):
+        assert ra[key] == rb[key], key
+    assert pd.read_csv(a / "history.csv").drop(columns=["seconds", "images_per_s"]).equals(
+        pd.read_csv(b / "history.csv").drop(columns=["seconds", "images_per_s"]))
+    for run_dir in (a, b):
+        assert_recorded_digests_match(run_dir)
+
+
+def frozen_tiny(prefix_extra: torch.nn.Module | None = None):
+    from tl.models import set_trainable
+
+    net = TinyNet()
+    if prefix_extra is not None:
+        net.block.append(prefix_extra)
+    set_trainable(net, get_backbone("tiny"), ["head"])
+    return net
+
+
+def train_frozen(data, out, epochs, *extra, weights=None, code=0):
+    argv = ["-e", "resnet_frozen", "-b", "tiny", "--data", str(data), "--out", str(out), "--epochs", str(epochs),
+            "--lr-scale", "20", "--batch-size", "5", "--no-progress", *extra]
+    if weights is not None:
+        argv += ["--weights", str(weights)]
+    assert main.main(argv) == code
+    (run_dir,) = out.iterdir()
+    return run_dir
+
+
+def train_three_epochs(data: Path, out: Path, backbone: str = "tiny", experiment: str = "resnet_scratch", *extra: str) -> Path:
+    assert main.main(["-e", experiment, "-b", backbone, "--data", str(data), "--quick", "--epochs", "3",
+                      "--out", str(out), "--no-progress", *extra]) == 0
+    (run_dir,) = out.iterdir()
+    return run_dir
+
+
+def train_quick(data, out, *extra, experiment="resnet_scratch") -> Path:
+    """A one-epoch --quick run of the tiny backbone; its run folder."""
+    assert main.main(["-e", experiment, "-b", "tiny", "--data", str(data), "--quick", "--out", str(out),
+                      "--no-progress", *map(str, extra)]) == 0
+    (run_dir,) = Path(out).iterdir()
+    return run_dir
+
+
+def seeded_tiny_net(seed: int) -> TinyNet:
+    torch.manual_seed(seed)
+    return TinyNet()
+
+
+def png_size(path, min_width=300):
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.width >= min_width
+        return img.size
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    """main.main(argv) -> (exit status, stdout, stderr); never a traceback."""
+    code = main.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return code, out, err

@@ -1,0 +1,35 @@
+"""TODO."""
+
+from __future__ import annotations
+
+from tests.helpers import train_one_epoch
+from tests.helpers import kaggle_folder
+from tests.helpers import cli_exit
+import main
+from tests.conftest import DOGS_VS_CATS, require_real_data
+
+
+def test_prepare_never_touches_the_source(tmp_path, capsys):
+    d = tmp_path / "D"
+    src = kaggle_folder(d / "train_one_epoch")
+    before = sorted(p.name for p in src.iterdir())
+    for dest, extra in ((d, ["--force"]), (d, []), (src / "out", ["--force"]), (src, [])):
+        code, _, err = cli_exit(capsys, "--prepare", "dogs-vs-cats", "--src", src, "--dest", dest, *extra)
+        assert code == 2 and "overlap" in err
+    assert sorted(p.name for p in src.iterdir()) == before  # nothing deleted, nothing added
+    assert all(p.is_file() and not p.is_symlink() for p in src.iterdir())
+
+
+def test_real_subset_prepares_trains_and_reports_test_accuracy(tmp_path, capsys):
+    src = require_real_data(DOGS_VS_CATS) / "train"
+    assert main.main(["--prepare", "dogs-vs-cats", "--src", str(src), "--dest", str(tmp_path / "dvc")]) == 0
+    counts = {p: len(list((tmp_path / "dvc" / p / "cat").iterdir())) for p in ("train", "val", "test")}
+    assert counts == {"train": 641, "val": 180, "test": 180}
+    assert main.main(["-e", "resnet_frozen", "-b", "efficientnet_lite0", "--data", str(tmp_path / "dvc"), "--quick",
+                      "--out", str(tmp_path / "runs"), "--no-progress"]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    capsys.readouterr()
+    assert main.main(["--evaluate", str(run_dir / "best.pth"), "--data", str(tmp_path / "dvc"),
+                      "--split", "test"]) == 0
+    out = capsys.readouterr().out
+    assert "(360 images)" in out and "cat" in out and "dog" in out
