@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -131,3 +134,67 @@ def pretrained(tmp_path, tiny_backbone) -> Path:
     path = tmp_path / "pretrained.pth"
     torch.save(net.state_dict(), path)
     return path
+
+
+@pytest.fixture
+def trained_run(tiny_data, tiny_backbone, tmp_path, capsys) -> Path:
+    from tests.helpers import train_one_epoch
+
+    assert train_one_epoch(capsys, tiny_data, tmp_path / "runs")[0] == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    return run_dir
+
+
+def mount_small_tmpfs(where: Path, size: str) -> None:
+    where.mkdir(parents=True, exist_ok=True)
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True,
+                       capture_output=True)
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("needs root to mount a small tmpfs (a disk that really fills up)")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    where = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
+    mount_small_tmpfs(where, "8m")
+    yield where
+    subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@pytest.fixture
+def quick_run(tiny_data, tiny_backbone, tmp_path) -> Path:
+    from tests.helpers import train_three_epochs
+
+    return train_three_epochs(tiny_data, tmp_path / "runs")
+
+
+_WATCHED: list[Path] = []  # folders whose listing or opening is recorded in _SEEN
+_SEEN: list[str] = []
+
+
+def _audit(event: str, args: tuple) -> None:
+    """Every listing (os.scandir, os.listdir: os.walk, glob and Path.iterdir use them) and every
+    open() of a path inside a watched folder. Without the file names a listing gives, no image
+    of the folder can be decoded either. (An audit hook stays for the process: it only records.)"""
+    if _WATCHED and event in ("open", "os.scandir", "os.listdir") and args and isinstance(args[0], (str, Path)):
+        path = os.path.abspath(args[0])
+        if any(path == str(w) or path.startswith(str(w) + os.sep) for w in _WATCHED):
+            _SEEN.append(f"{event} {path}")
+
+
+sys.addaudithook(_audit)
+
+
+@pytest.fixture
+def sealed(tmp_path):
+    """train/: 10 + 7 images per class; val/ and test/ exist, and any listing or opening of
+    them (or of anything inside) is recorded: the test then asserts nothing was."""
+    root = write_image_folder(tmp_path / "sealed", train=10, val=3, size=16, phases=("train", "val", "test"))
+    for f in sorted((root / "train" / "class_1").glob("*.png"))[:3]:  # an unequal second class
+        f.unlink()
+    _SEEN.clear()
+    _WATCHED[:] = [(root / "val").resolve(), (root / "test").resolve()]
+    yield root
+    _WATCHED.clear()
+    assert not _SEEN, f"val/ or test/ was read: {_SEEN[:3]}"

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
 import torch
+from PIL import Image
 from torch import nn
-from tests.conftest import TinyNet
+
+import main
 from experiments import get_experiment
+from tests.conftest import TinyNet
+from tl.engine import checkpoint, files
 from tl.engine.options import RunOptions
 from tl.engine.run import run
-from pathlib import Path
-import main
-import numpy as np
-from PIL import Image
-import json
-from tl.engine import checkpoint, files
-import pandas as pd
-from tl.engine import checkpoint
 from tl.models import get_backbone
 
 
@@ -33,6 +34,12 @@ def train_with_ema(data, out, recipe, epochs, weights, **options):
                       lr_scale=20, progress=False, plots=False, augment=False, ema=0.7, run_name="r", **options)
     opts.make_quick()
     return run(module.RECIPE, module.build, opts, log=lambda s: None).run_dir
+
+
+def picture(path: Path, size=(40, 40), seed=0) -> Path:
+    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
 
 
 def kaggle_folder(root: Path, n: int = 5) -> Path:
@@ -61,12 +68,6 @@ def cli_exit(capsys, *argv) -> tuple[int, str, str]:
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err
     return code, out, err
-
-
-def picture(path: Path, size=(40, 40), seed=0) -> Path:
-    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(path)
-    return path
 
 
 def train_one_epoch(capsys, data_dir, out, *extra, experiment="resnet_scratch"):
@@ -153,7 +154,8 @@ def train_frozen(data, out, epochs, *extra, weights=None, code=0):
     return run_dir
 
 
-def train_three_epochs(data: Path, out: Path, backbone: str = "tiny", experiment: str = "resnet_scratch", *extra: str) -> Path:
+def train_three_epochs(data: Path, out: Path, backbone: str = "tiny", experiment: str = "resnet_scratch",
+                       *extra: str) -> Path:
     assert main.main(["-e", experiment, "-b", backbone, "--data", str(data), "--quick", "--epochs", "3",
                       "--out", str(out), "--no-progress", *extra]) == 0
     (run_dir,) = out.iterdir()

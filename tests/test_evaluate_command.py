@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-from tests.helpers import train_one_epoch
-from tests.helpers import cli_exit
-from tests.helpers import class_folders_only
-import pytest
 import json
-from tests.conftest import write_image_folder
+import os
+
 import pandas as pd
-import main
-from tests.helpers import train_scratch
+import pytest
 import torch
-from tl.engine.weights import build_model
+
+import main
 from experiments import get_experiment
+from tests.conftest import write_image_folder
+from tests.helpers import class_folders_only, cli_exit, train_frozen, train_one_epoch, train_scratch
+from tl.engine.evaluate import EPOCH_FILE
 from tl.engine.options import RunOptions
 from tl.engine.run import run
-from tl.engine.evaluate import EPOCH_FILE
-import os
-from tests.helpers import train_frozen
-from tl.engine import tta
+from tl.engine.weights import build_model
 
 
 def test_evaluate_reads_the_data_and_the_split_from_the_run(tmp_path, tiny_backbone, capsys):

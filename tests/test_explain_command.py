@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import main
 import torch
-from tl.engine.explain import class_activation_maps
+
+import main
 from tests.helpers import train_three_epochs
+from tl.engine.explain import class_activation_maps
 
 
 def test_explain_command_writes_a_map_per_photo(quick_run, tiny_data, capsys):
@@ -40,7 +41,7 @@ def test_explain_with_tta_explains_the_averaged_answer(quick_run, tiny_data, cap
 def test_explain_with_tta_of_a_one_logit_model(tiny_data, tiny_backbone, tmp_path, capsys):
     """vgg_stacked's single logit (BCE): the averaged answer is the mirrored sigmoid's, and its
     probability is that of the class predicted, whichever of the two it is."""
-    from tl.engine.explain import class_activation_maps, mirrored_activation_maps
+    from tl.engine.explain import mirrored_activation_maps
     from tl.engine.model_loading import context_for, load_model
     from tl.engine.tta import Mirrored
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
+
 import pytest
-import main
 import torch
-from tl.models import get_backbone
-from tl.models import BACKBONES, Backbone
-from tests.helpers import train_three_epochs
+
+import main
 from tests.conftest import TinyNet
+from tests.helpers import train_three_epochs
+from tl.models import BACKBONES, Backbone, get_backbone
 
 
 @pytest.mark.parametrize("fmt,suffix", [("onnx", ".onnx"), ("torchscript", ".pt")])
@@ -52,6 +53,14 @@ def test_export_of_a_run_without_best_pth_is_exit_2(tmp_path, capsys):
     assert "best.pth not found" in err and "Traceback" not in err
 
 
+class EigNet(TinyNet):
+    """A forward with an operator ONNX has no counterpart for (a symmetric eigen-solver)."""
+
+    def forward(self, x):
+        v = self.pool(self.block(self.stem(x))).flatten(1)  # (B, 16)
+        return self.fc(v) + torch.linalg.eigvalsh(v.T @ v)[: self.fc.out_features]
+
+
 def test_a_model_onnx_cannot_express_is_a_message_and_exit_2(tiny_data, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(BACKBONES, "eig", Backbone("eig", EigNet, head="fc", neck=("block",)))
     run_dir = train_three_epochs(tiny_data, tmp_path / "runs", "eig")
@@ -61,9 +70,3 @@ def test_a_model_onnx_cannot_express_is_a_message_and_exit_2(tiny_data, tmp_path
     assert "Traceback" not in err and not (run_dir / "model.onnx").exists()
 
 
-class EigNet(TinyNet):
-    """A forward with an operator ONNX has no counterpart for (a symmetric eigen-solver)."""
-
-    def forward(self, x):
-        v = self.pool(self.block(self.stem(x))).flatten(1)  # (B, 16)
-        return self.fc(v) + torch.linalg.eigvalsh(v.T @ v)[: self.fc.out_features]

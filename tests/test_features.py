@@ -8,12 +8,14 @@ import pytest
 import torch
 
 from experiments.recipes import resnet_frozen, resnet_scratch
+from tests.conftest import TinyNet
+from tests.helpers import frozen_tiny
 from tl import features
-from tl.data import build_transforms
-from tl.engine.image_cache import DecodedImages
+from tl.data import make_loaders
 from tl.engine.options import RunOptions
 from tl.engine.run import run
-from tl.engine.selection import image_datasets
+from tl.features import CacheSplit, why_not_cacheable
+from tl.models import get_backbone
 
 
 @pytest.fixture(autouse=True)
@@ -122,11 +124,80 @@ def test_vgg_cut_keeps_dropout_in_the_tail():
     assert split.tail[-1] is model.classifier[6]
 
 
-def test_decoded_image_cache_gives_the_same_val_tensors(tiny_data):
-    t = build_transforms((0.5,) * 3, (0.5,) * 3, size=32, resize=36)
-    sets = image_datasets(tiny_data, t)
-    decoded = DecodedImages(sets["val"], resize=36)
-    for i in range(len(decoded)):
-        assert torch.equal(decoded[i][0], sets["val"][i][0])
-        assert decoded[i][1] == sets["val"][i][1]
-    assert DecodedImages(sets["train"], resize=36)[0][0].shape == (3, 32, 32)
+def test_training_on_cached_views_draws_more_than_one_view_per_image():
+    views, n = 3, 6
+    stored = torch.arange(views, dtype=torch.float32).view(views, 1, 1).expand(views, n, 2).contiguous()
+    fs = features.FeatureSet(stored, torch.zeros(n, dtype=torch.long))  # stored[v, i] == v
+    loaders = make_loaders({"train": fs}, batch_size=n, seed=0)
+    drawn: list[int] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for _epoch in range(6):
+            for x, _ in loaders["train"]:
+                drawn += x[:, 0].long().tolist()
+    assert len(drawn) == 6 * n and set(drawn) <= set(range(views))
+    assert len(set(drawn)) > 1, "every epoch trained on the same view of every image: K does nothing"
+
+
+class Noisy(torch.nn.Module):
+    """A module no list of module types knows: adds noise in train mode only."""
+
+    def forward(self, x):
+        return x + torch.randn_like(x) if self.training else x
+
+
+@pytest.mark.parametrize("module, cacheable", [
+    (None, True), (torch.nn.Dropout(0.0), True), (torch.nn.Identity(), True),
+    (torch.nn.Dropout2d(0.2), False), (torch.nn.AlphaDropout(0.2), False), (Noisy(), False),
+])
+def test_cacheability_is_tried_not_looked_up(tiny_backbone, module, cacheable):
+    from torchvision.ops import StochasticDepth  # noqa: F401  (torchvision's efficientnet_b0 uses it)
+
+    net = frozen_tiny(module)
+    split = features.split_at_cut(net, get_backbone("tiny"))
+    probe = torch.randn(4, 3, 32, 32)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    rng = torch.get_rng_state()
+    reason = features.why_not_cacheable(net, split, frozen_bn_eval=True, probe=probe)
+    assert (reason is None) == cacheable, reason
+    assert torch.equal(torch.get_rng_state(), rng)  # the probe draws nothing from the run's RNG
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert net.training  # mode restored
+
+
+def test_batchnorm_in_train_mode_and_stochastic_depth_are_not_cached(tiny_backbone):
+    from torchvision.ops import StochasticDepth
+
+    net = frozen_tiny()
+    split = features.split_at_cut(net, get_backbone("tiny"))
+    probe = torch.randn(4, 3, 32, 32)
+    reason = features.why_not_cacheable(net, split, frozen_bn_eval=False, probe=probe)
+    assert reason is not None and "running_mean" in reason
+    assert all(torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean)) for bn in (net.stem[1], net.block[1]))
+    net = frozen_tiny(StochasticDepth(0.5, "row"))
+    assert features.why_not_cacheable(net, split, frozen_bn_eval=True, probe=probe) is not None
+
+
+def test_torchvision_efficientnet_with_stochastic_depth_trains_uncached(tiny_data, tmp_path):
+    from experiments.recipes import resnet_frozen
+    from tl.engine.options import RunOptions
+    from tl.engine.run import run
+
+    opts = RunOptions(data=tiny_data, backbone="efficientnet_b0", weights="none", epochs=1, workers=0,
+                      out=tmp_path, image_size=32, progress=False, plots=False)
+    result = run(resnet_frozen.RECIPE, resnet_frozen.build, opts, log=lambda s: None)
+    assert result.config["feature_cache"].startswith("off (the layers before classifier compute something else")
+
+
+def test_a_layer_after_the_cut_turns_the_feature_cache_off():
+    class Rescaled(TinyNet):  # something runs after the final Linear: its input is not the model's last step
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    probe = torch.rand(2, 3, 32, 32)
+    for net, reason in ((TinyNet(), None), (Rescaled(), "computes more after fc")):
+        net.requires_grad_(False)
+        why = why_not_cacheable(net, CacheSplit(net.fc, "fc"), frozen_bn_eval=True, probe=probe)
+        assert why is None if reason is None else reason in why
+
+

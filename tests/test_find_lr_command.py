@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
 import functools
+import types
+
+import pytest
+import torch
+
 import main
 from experiments.recipes import resnet_frozen
 from tl.engine import lr_finder
-import types
-import torch
 
 
 @pytest.mark.usefixtures("own_cache_dir")
@@ -22,6 +24,12 @@ def test_find_lr_on_the_command_line_prints_the_suggestion_beside_the_recipes_ra
     assert "suggested rate for group 'head'" in out and "the recipe's: 1.0e-03" in out
     (folder,) = (tmp_path / "out").iterdir()
     assert not (folder / "config.json").exists() and not (folder / "last.ckpt").exists()
+
+
+def _frozen_everything(model, spec, recipe):
+    for p in model.parameters():
+        p.requires_grad = False
+    return model, torch.optim.SGD(model.parameters(), lr=0.1)
 
 
 @pytest.mark.usefixtures("own_cache_dir")
@@ -40,7 +48,3 @@ def test_bad_input_is_one_error_line_and_status_2(tiny_data, pretrained, tmp_pat
     assert err.startswith("error: --find-lr") and "--resume" in err and err.count("\n") == 1
 
 
-def _frozen_everything(model, spec, recipe):
-    for p in model.parameters():
-        p.requires_grad = False
-    return model, torch.optim.SGD(model.parameters(), lr=0.1)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.helpers import loop_setup
 from tl.data import build_transforms, make_loaders
 from tl.engine.options import RunOptions
 from tl.engine.run import run
@@ -231,3 +232,117 @@ def test_a_loss_that_turns_non_finite_after_real_updates_applies_no_update(tiny_
     for i, tensors in state.items():
         assert all(torch.equal(now[i][k], v) for k, v in tensors.items()), i
     assert [(r["epoch"], r["phase"]) for r in history.rows] == [(0, "val"), (1, "train"), (1, "val")]
+
+
+def _linear_loaders() -> dict:
+    torch.manual_seed(0)
+    x = torch.randn(16, 4)
+    ds = torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long())
+    return {phase: torch.utils.data.DataLoader(ds, batch_size=4) for phase in ("train", "val")}
+
+
+def _train_linear(epochs: int, **hooks) -> tuple:
+    net, logs = nn.Linear(4, 2), []
+    history = train_model(net, _linear_loaders(), nn.CrossEntropyLoss(), torch.optim.SGD(net.parameters(), lr=0.1),
+                          epochs, hooks=Hooks(progress=False, log=logs.append, **hooks))
+    return history, logs
+
+
+def test_a_stop_asked_for_at_the_epoch_end_is_announced():
+    """--patience's stop is announced as before the split (a stdout line of the command line)."""
+    history, logs = _train_linear(5, end_of_epoch=lambda epoch, hist: epoch == 2)
+    assert history.stopped_early == 2
+    assert logs[-1] == "stopping after epoch 2 (requested by the epoch-end callback)"
+
+
+def test_after_step_returning_true_stops_training():
+    """Hooks.after_step: "True stops". The train phase's request must survive the val phase of
+    the same epoch (it was overwritten by val's run_phase, so training went on to the end)."""
+    history, logs = _train_linear(4, after_step=lambda epoch: True)
+    assert history.stopped_early == 1
+    assert [(r["epoch"], r["phase"]) for r in history.rows] == [(0, "val"), (1, "train"), (1, "val")]
+    assert logs[-1] == "stopping after epoch 1 (requested by after_step)"
+
+
+@pytest.mark.parametrize("hooks, message", [({"best_by": "accuracy"}, "best_by"),
+                                            ({"scheduler_interval": "batch"}, "scheduler_interval")])
+def test_the_loop_refuses_a_best_by_or_interval_it_does_not_know(hooks, message):
+    """Before the split train_model refused these (a monitor edited into a checkpoint by hand
+    stopped there); since, "accuracy" silently chose the best epoch by loss, and "batch"
+    silently never stepped the schedule."""
+    with pytest.raises(ValueError, match=message):
+        _train_linear(2, **hooks)
+
+
+class _Scripted(nn.Module):
+    """Right or wrong on every image, as `plan[(epoch, phase)]` says: the input is the one-hot
+    label, and the logits are it (right) or its negation (wrong). One parameter, so the
+    optimizer has something to step."""
+
+    def __init__(self, plan: dict):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(()))
+        self.plan, self.epoch = plan, 0
+
+    def forward(self, x):
+        right = self.plan[(self.epoch, "train" if self.training else "val")]
+        return (x if right else -x) * (1 + 0 * self.w)
+
+
+def test_the_best_epoch_is_chosen_on_val_rows_not_train_rows():
+    # val is right only in epoch 1; train is right in epochs 2 and 3
+    plan = {(0, "val"): False, (1, "train"): False, (1, "val"): True, (2, "train"): True, (2, "val"): False,
+            (3, "train"): True, (3, "val"): False}
+    net = _Scripted(plan)
+    labels = torch.tensor([0, 1, 1, 0])
+    data = torch.utils.data.TensorDataset(nn.functional.one_hot(labels, 2).float(), labels)
+    loaders = {phase: torch.utils.data.DataLoader(data, batch_size=4) for phase in ("train", "val")}
+
+    def next_epoch(epoch, history):
+        net.epoch = epoch + 1
+
+    history = train_model(net, loaders, nn.CrossEntropyLoss(), torch.optim.SGD(net.parameters(), lr=0.1), 4,
+                          hooks=Hooks(end_of_epoch=next_epoch, progress=False, log=lambda s: None))
+    accs = {(r["epoch"], r["phase"]): r["acc"] for r in history.rows}
+    assert accs[(1, "val")] == 1.0 and accs[(2, "train")] == 1.0 and accs[(2, "val")] == 0.0
+    assert history.best_epoch == 1 and history.best_acc == 1.0
+
+
+def test_sums_kept_on_the_device_give_the_same_history_as_the_per_step_item(tiny_data, tiny_backbone):
+    """`Hooks(device_sums=True)` is what a CUDA run uses; forced here on the CPU, it must give the
+    very numbers of the tutorial's per-step `.item()` (both sum float32 losses in float64)."""
+    from tl.loop import Hooks, train_model
+
+    histories, states = [], []
+    for device_sums in (False, True):
+        model, loaders = loop_setup(tiny_data)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        h = train_model(model, loaders, torch.nn.CrossEntropyLoss(), opt, num_epochs=3,
+                        hooks=Hooks(progress=False, log=lambda s: None, device_sums=device_sums))
+        histories.append([{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in h.rows])
+        states.append(model.state_dict())
+    assert histories[0] == histories[1]
+    assert all(type(r["loss"]) is float and type(r["acc"]) is float for r in histories[1])
+    for name, tensor in states[0].items():
+        assert torch.equal(tensor, states[1][name]), name
+
+
+def test_with_device_sums_a_non_finite_loss_stops_at_the_phase_end(tiny_data, tiny_backbone):
+    import math
+
+    import pytest
+
+    from tl.loop import Hooks, NonFiniteLoss, train_model
+
+    model, loaders = loop_setup(tiny_data)
+    with torch.no_grad():
+        model.fc.weight.fill_(math.nan)
+    batches = []
+    hooks = Hooks(progress=False, log=lambda s: None, device_sums=True,
+                  end_of_phase=lambda *a: batches.append(a))
+    with pytest.raises(NonFiniteLoss, match="loss became nan in epoch 0: training stopped at the end of the phase"):
+        train_model(model, loaders, torch.nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.1),
+                    num_epochs=2, hooks=hooks)
+    assert batches == []  # no row, no checkpoint: the phase never ended
+
+

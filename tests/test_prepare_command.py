@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from tests.helpers import train_one_epoch
-from tests.helpers import kaggle_folder
-from tests.helpers import cli_exit
 import main
 from tests.conftest import DOGS_VS_CATS, require_real_data
+from tests.helpers import cli_exit, kaggle_folder
 
 
 def test_prepare_never_touches_the_source(tmp_path, capsys):
     d = tmp_path / "D"
-    src = kaggle_folder(d / "train_one_epoch")
+    src = kaggle_folder(d / "train")
     before = sorted(p.name for p in src.iterdir())
     for dest, extra in ((d, ["--force"]), (d, []), (src / "out", ["--force"]), (src, [])):
         code, _, err = cli_exit(capsys, "--prepare", "dogs-vs-cats", "--src", src, "--dest", dest, *extra)

@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import json
 import shutil
-import main
-from tests.fixtures.make_tiny_run import DATA, RUN
-from tl.engine.run import run
+from pathlib import Path
+
+import pandas as pd
 import pytest
 import torch
-from tests.helpers import cli
-import pandas as pd
+
+import main
 from tests.conftest import write_image_folder
-from tl.engine import checkpoint
-from tests.helpers import train_frozen
+from tests.fixtures.make_tiny_run import DATA, RUN
+from tests.helpers import cli, train_frozen
 from tl.engine import checkpoint, files
-from pathlib import Path
-from tl.engine import files
+
+
+def _edit_checkpoint(path, change) -> None:
+    """A hand edit of last.ckpt that keeps it loadable: the digest is written anew."""
+    ckpt = checkpoint.load_checkpoint(path)
+    change(ckpt)
+    ckpt["digest"] = files.state_digest(ckpt)
+    torch.save(ckpt, path)
 
 
 def test_resume_of_a_checkpoint_that_recorded_cached_phases_but_no_cache_mode(tmp_path, tiny_backbone, own_cache_dir):
@@ -34,6 +40,23 @@ def test_resume_of_a_checkpoint_that_recorded_cached_phases_but_no_cache_mode(tm
                       "--no-progress"]) == 0
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["stages"][0]["cached_phases"] == [] and config["results"]["best_epoch"] >= 0
+
+
+def _edit_last_ckpt(ckpt_path: Path, change) -> None:
+    """Change a last.ckpt by hand, the digest recomputed: only the content checks can tell."""
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    ckpt.pop("digest")
+    change(ckpt)
+    ckpt["digest"] = files.state_digest(ckpt)
+    torch.save(ckpt, ckpt_path)
+
+
+def _run_with_ema(capsys, data, backbone, out) -> Path:
+    code, _, err = cli(capsys, "-e", "resnet_scratch", "--data", data, "-b", backbone, "--weights", "none",
+                       "--quick", "--image-size", 32, "--ema", 0.9, "--out", out, "--no-progress")
+    assert code == 0, err
+    (run,) = out.iterdir()
+    return run
 
 
 @pytest.mark.parametrize("change, says", [
@@ -149,26 +172,3 @@ def test_flipped_bytes_anywhere_in_a_checkpoint_never_load_silently(tiny_data, p
     assert err.startswith("error:") and "Traceback" not in err
 
 
-def _edit_checkpoint(path, change) -> None:
-    """A hand edit of last.ckpt that keeps it loadable: the digest is written anew."""
-    ckpt = checkpoint.load_checkpoint(path)
-    change(ckpt)
-    ckpt["digest"] = files.state_digest(ckpt)
-    torch.save(ckpt, path)
-
-
-def _edit_last_ckpt(ckpt_path: Path, change) -> None:
-    """Change a last.ckpt by hand, the digest recomputed: only the content checks can tell."""
-    ckpt = torch.load(ckpt_path, weights_only=False)
-    ckpt.pop("digest")
-    change(ckpt)
-    ckpt["digest"] = files.state_digest(ckpt)
-    torch.save(ckpt, ckpt_path)
-
-
-def _run_with_ema(capsys, data, backbone, out) -> Path:
-    code, _, err = cli(capsys, "-e", "resnet_scratch", "--data", data, "-b", backbone, "--weights", "none",
-                       "--quick", "--image-size", 32, "--ema", 0.9, "--out", out, "--no-progress")
-    assert code == 0, err
-    (run,) = out.iterdir()
-    return run

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import main
 import tl.engine.run
 from tests.conftest import TinyNet
-from tests.test_exactness import _assert_same_run
+from tests.helpers import assert_same_run
 from tl.engine import checkpoint
 from tl.loop import Hooks, train_model
 from tl.models import BATCHNORM
@@ -165,7 +165,7 @@ def test_resume_mid_schedule_and_mid_stage_equals_an_uninterrupted_run(tiny_data
     (half,) = (tmp_path / "half").iterdir()
     assert checkpoint.load_checkpoint(half / "last.ckpt")["epoch"] == cut
     assert main.main(["--resume", str(half / "last.ckpt"), "--no-progress"]) == 0
-    _assert_same_run(full, half)
+    assert_same_run(full, half)
 
 
 def test_a_new_epoch_total_that_would_bend_a_running_schedule_is_refused(tiny_data, pretrained, tmp_path,  # noqa: F811

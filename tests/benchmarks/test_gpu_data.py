@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 
-
-
 def test_gpu_data_keeps_its_old_copy_when_the_data_folder_is_wrong(tmp_path, capsys):
     from benchmarks import command, gpu_data
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 
-
-
 def test_side_by_side_pairs_loop_rows_by_case_and_path(tmp_path):
     from benchmarks import side_by_side
 

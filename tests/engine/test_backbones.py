@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+
 import commands
 import main
 from tests.conftest import TinyNet

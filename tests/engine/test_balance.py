@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
-from tl.engine import balance
-from tl.recipe import Recipe, make_criterion
-from pathlib import Path
-import numpy as np
+
 from tl.data import make_loaders
+from tl.engine import balance
 from tl.engine.options import RunOptions
+from tl.recipe import Recipe, make_criterion
 
 
 def test_class_weights_are_the_inverse_class_frequency_in_the_loss():
@@ -24,6 +26,10 @@ def test_class_weights_are_the_inverse_class_frequency_in_the_loss():
     assert make_criterion(recipe)(logits, labels).item() == pytest.approx(per_image.mean().item())
     one = make_criterion(Recipe(name="r", source="s", strategy="s", loss="bce_logit"), weights)
     assert one.pos_weight.tolist() == pytest.approx([10 / 2])  # n_0 / n_1: class 1 is the positive one
+
+
+def _labels_of(loader) -> list[int]:
+    return [int(t) for _, labels in loader for t in labels]
 
 
 def test_the_balanced_sampler_draws_every_class_equally_and_repeats_from_its_generator():
@@ -42,5 +48,3 @@ def test_the_balanced_sampler_draws_every_class_equally_and_repeats_from_its_gen
     assert sorted(_labels_of(plain)) == targets.tolist()  # without weights: a permutation, as before
 
 
-def _labels_of(loader) -> list[int]:
-    return [int(t) for _, labels in loader for t in labels]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import unicodedata
+
 import pytest
+
 from tests.conftest import write_image_folder
-from tl.engine import class_names
 from tests.helpers import cli
+from tl.engine import class_names
 
 
 def test_a_class_named_in_two_unicode_forms_is_shown_how_it_differs(tmp_path, tiny_backbone, capsys):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 
-
-
 def test_a_benchmark_given_bad_input_says_one_error_line_and_exits_2(tiny_data, tmp_path, capsys):
     """Every benchmark runs through benchmarks.command: a missing data folder, or a data set
     that is not the one a check needs, is an `error:` line and status 2, not a traceback."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from experiments.recipes import resnet_frozen
 from tl.engine.options import RunOptions
 from tl.engine.run import run

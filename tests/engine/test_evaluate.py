@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import pytest
+
+from experiments import get_experiment
 from tests.conftest import write_image_folder
+from tl.data import build_transforms
 from tl.engine.evaluate import split_loader
 from tl.engine.model_loading import ModelContext
-import pytest
-from experiments import get_experiment
-from tl.data import build_transforms
 from tl.engine.options import RunOptions
 from tl.engine.run import run
 from tl.engine.selection import _first_per_class, image_datasets, nested_draw
-from types import SimpleNamespace
 
 
 def test_evaluating_val_of_a_val_split_run_reports_the_broken_files(tmp_path, tiny_backbone):

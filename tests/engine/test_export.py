@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from pathlib import Path
@@ -15,6 +16,7 @@ from PIL import Image
 
 import main
 from tests.conftest import write_image_folder
+from tests.helpers import seeded_tiny_net
 from tl import TLError
 from tl.data import val_resize
 from tl.engine import export
@@ -137,3 +139,27 @@ def test_evaluate_refuses_an_exported_file_naming_predict(shipped, tiny_backbone
     out, err = capsys.readouterr()
     assert err.startswith(f"error: {path} is a model exported with --export ({fmt}), not saved weights: --predict")
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in out + err
+
+
+def test_parity_check_compares_the_model_with_the_exported_file(tmp_path):
+    model = seeded_tiny_net(1).eval()
+    other = copy.deepcopy(model)
+    with torch.no_grad():  # the same network with its logits negated: every top-1 class differs
+        other.fc.weight.neg_(), other.fc.bias.neg_()
+    example = torch.zeros(2, 3, 32, 32)
+    meta = {"format": export.FORMAT, "classes": [f"c{i}" for i in range(1000)], "backbone": "tiny",  # TinyNet: 1000
+            "image_size": 32, "resize": 37, "mean": [0.5] * 3, "std": [0.5] * 3, "single_logit": False}
+    export._export_torchscript(other, example, meta, tmp_path / "other.pt")
+    export._export_torchscript(model, example, meta, tmp_path / "same.pt")
+    torch.manual_seed(0)
+    loader = [(torch.randn(4, 3, 32, 32), torch.zeros(4, dtype=torch.long)) for _ in range(2)]
+
+    exported_other, _ = export.load_exported(tmp_path / "other.pt")
+    check = export.parity_check(model, exported_other, loader)
+    assert check["images"] == 8
+    assert not check["ok"]
+    assert check["top1_agreement"] < 1 and check["max_abs_logit_diff"] > export.TOLERANCE
+
+    exported_same, _ = export.load_exported(tmp_path / "same.pt")
+    check = export.parity_check(model, exported_same, loader)
+    assert check["ok"] and check["top1_agreement"] == 1.0

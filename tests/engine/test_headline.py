@@ -87,4 +87,3 @@ def test_a_run_records_its_headline(tmp_path, tiny_backbone, has_test):
     else:  # the loop's own last val row, and the same number from the stored predictions
         assert res["headline"] == "val, final epoch" and res["headline_acc"] == pytest.approx(res["final_val_acc"])
         assert len(predictions) == 12 and predictions.path.str.startswith("val/").all()
-

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from tests.conftest import write_image_folder
+from tl import TLError
 from tl.data import build_transforms
 from tl.engine import images
-from tl.engine.selection import image_datasets
+from tl.engine.images import CheckedImageFolder, check_layout, load_rgb
+from tl.engine.selection import describe_skipped, image_datasets
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -142,3 +149,146 @@ def test_lies_in_compares_names_up_to_a_separator():
                ("/d/data", "/d/data"), ("/d/ants/1.png", "/d/ant"), ("/d/dat/x.png", "/d/data")]
     assert all(lies_in(real, folder) for real, folder in inside)
     assert not any(lies_in(real, folder) for real, folder in outside)
+
+
+GREY = (0.5, 0.5, 0.5)  # the mean and the std the tests below normalise with
+
+
+def _mode_image(mode: str) -> tuple[Image.Image, str, np.ndarray]:
+    """(image in `mode`, file suffix, the RGB pixels it must become) for a 1x4 strip."""
+    if mode == "I":  # 32-bit integer, values 0..255: used to come out all black
+        values = np.array([[0, 64, 128, 255]], np.int32)
+        return Image.fromarray(values, "I"), ".tiff", np.repeat(values[..., None], 3, 2)
+    if mode == "I;16":
+        values = np.array([[0, 257 * 64, 257 * 128, 65535]], np.uint16)
+        return Image.fromarray(values), ".png", np.repeat(np.array([[0, 64, 128, 255]])[..., None], 3, 2)
+    if mode == "F":
+        values = np.array([[0.0, 0.25, 0.5, 1.0]], np.float32)
+        return Image.fromarray(values, "F"), ".tiff", np.repeat(np.array([[0, 64, 128, 255]])[..., None], 3, 2)
+    if mode == "1":
+        return (Image.fromarray(np.array([[0, 255, 0, 255]], np.uint8)).convert("1"), ".png",
+                np.repeat(np.array([[0, 255, 0, 255]])[..., None], 3, 2))
+    if mode == "CMYK":
+        img = Image.new("CMYK", (4, 1), (0, 255, 255, 0))  # no cyan, full magenta + yellow: red
+        return img, ".tiff", np.tile(np.array([255, 0, 0]), (1, 4, 1))
+    if mode == "LA":  # gray 100 opaque, and fully transparent pixels, which must become white
+        img = Image.fromarray(np.array([[[100, 255], [0, 0], [100, 255], [0, 0]]], np.uint8), "LA")
+        return img, ".png", np.array([[[100] * 3, [255] * 3, [100] * 3, [255] * 3]])
+    if mode == "P":  # a palette with a transparent index
+        img = Image.fromarray(np.array([[0, 1, 0, 1]], np.uint8), "P")
+        img.putpalette([10, 20, 30, 200, 0, 0] + [0] * 762)
+        img.info["transparency"] = 1
+        return img, ".png", np.array([[[10, 20, 30], [255] * 3, [10, 20, 30], [255] * 3]])
+    raise ValueError(mode)
+
+
+@pytest.mark.parametrize("mode", ["I", "I;16", "F", "1", "CMYK", "LA", "P"])
+def test_every_mode_becomes_the_right_rgb(tmp_path, mode):
+    img, suffix, expected = _mode_image(mode)
+    path = tmp_path / f"img{suffix}"
+    img.save(path, **({"transparency": 1} if mode == "P" else {}))
+    assert Image.open(path).mode == mode
+    out = np.asarray(load_rgb(path)).astype(int)
+    assert out.shape == (1, 4, 3)
+    assert np.abs(out - expected).max() <= 1, out.tolist()
+
+
+def header_only_png(path: Path, width: int, height: int) -> Path:
+    """A PNG that *declares* width x height 1-bit pixels and holds no pixel data (a few dozen bytes)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_decompression_bombs_are_skipped_before_decoding(tmp_path, capsys):
+    d = write_image_folder(tmp_path / "d")
+    folder = d / "train" / "class_0"
+    Image.new("1", (100000, 1)).save(folder / "strip.png")  # a few hundred bytes, 19.7 GB once resized
+    Image.new("1", (20000, 2)).save(folder / "thin.png")
+    header_only_png(folder / "huge.png", 12000, 12000)  # 144 M pixels declared in 57 bytes
+    assert (folder / "strip.png").stat().st_size < 1000
+    sets = image_datasets(d, build_transforms(GREY, GREY, size=32))
+    assert len(sets["train"]) == 24
+    report = describe_skipped(sets)
+    assert "strip.png: extreme aspect ratio 100000x1" in report and "thin.png: extreme aspect ratio" in report
+    assert "huge.png: too many pixels" in report
+    with pytest.raises(images.UnusableImage, match="extreme aspect ratio"):  # --predict reads through the guard too
+        load_rgb(folder / "strip.png")
+
+
+def test_layout_errors_are_clear(tmp_path):
+    with pytest.raises(TLError, match="data folder not found"):
+        check_layout(tmp_path / "nope")
+    write_image_folder(tmp_path / "a", phases=("train",))
+    with pytest.raises(TLError, match="missing phase folder.*val"):
+        check_layout(tmp_path / "a")
+    write_image_folder(tmp_path / "b")
+    (tmp_path / "b" / "val" / "class_2").mkdir()
+    with pytest.raises(TLError, match="holds no image files"):
+        check_layout(tmp_path / "b")
+    write_image_folder(tmp_path / "c")
+    (tmp_path / "c" / "val" / "class_1").rename(tmp_path / "c" / "val" / "other")
+    with pytest.raises(TLError, match="class folders differ"):
+        check_layout(tmp_path / "c")
+
+
+def test_flat_class_folders_get_a_layout_hint(tmp_path):
+    write_image_folder(tmp_path / "x", phases=("train",))
+    with pytest.raises(TLError, match="no train/val split"):
+        check_layout(tmp_path / "x" / "train")
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "CMYK", "RGBA", "I;16", "LA"])
+def test_every_image_mode_loads_as_rgb(tmp_path, mode):
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8))
+    if mode == "I;16":
+        img = Image.fromarray((np.arange(600).reshape(20, 30) * 100).astype(np.uint16))
+    else:
+        img = rgb.convert(mode)
+    path = tmp_path / ("img.tiff" if mode in ("I;16", "CMYK") else "img.png")
+    img.save(path)
+    out = load_rgb(path)
+    assert out.mode == "RGB" and out.size == (30, 20)
+    if mode == "I;16":
+        assert np.asarray(out).max() > 200  # rescaled, not clipped to a white/black image
+
+
+ORIENTATION = 0x0112  # the EXIF tag: 6 = "turn 90 degrees clockwise to view"
+
+
+def _save_turned(pixels: np.ndarray, path, fmt: str, **options) -> None:
+    """The pixels as a phone stores them: turned a quarter left, with Orientation 6 saying how to turn back."""
+    exif = Image.Exif()
+    exif[ORIENTATION] = 6
+    Image.fromarray(pixels).transpose(Image.Transpose.ROTATE_90).save(path, fmt, exif=exif, **options)
+
+
+def _upright(seed: int = 0, size=(30, 20)) -> np.ndarray:
+    """(H, W, 3) pixels of a photo taken in portrait: 20 wide, 30 tall, no symmetry."""
+    return np.random.default_rng(seed).integers(0, 256, (size[0], size[1], 3), dtype=np.uint8)
+
+
+def test_a_turned_png_with_its_orientation_tag_reads_as_the_upright_photo(tmp_path):
+    pixels = _upright()
+    for k in range(2):  # a data set: class_0 holds the upright photo, class_1 the turned one
+        (tmp_path / "train" / f"class_{k}").mkdir(parents=True)
+    Image.fromarray(pixels).save(tmp_path / "train" / "class_0" / "upright.png")
+    _save_turned(pixels, tmp_path / "train" / "class_1" / "turned.png", "PNG")
+    with Image.open(tmp_path / "train" / "class_1" / "turned.png") as stored:
+        assert stored.size == (30, 20)  # as stored: landscape
+    assert np.array_equal(np.asarray(load_rgb(tmp_path / "train" / "class_1" / "turned.png")), pixels)
+    # what training, the caches and --evaluate read: the same tensor for both files
+    ds = CheckedImageFolder(tmp_path / "train", build_transforms(GREY, GREY, size=16, augment=False)["val"])
+    assert torch.equal(ds[0][0], ds[1][0])
+
+
+def test_a_turned_jpeg_reads_upright(tmp_path):
+    pixels = np.kron(_upright(1, (6, 4)), np.ones((8, 8, 1), dtype=np.uint8))  # 8x8 blocks survive JPEG
+    _save_turned(pixels, tmp_path / "turned.jpg", "JPEG", quality=95, subsampling=0)
+    read = np.asarray(load_rgb(tmp_path / "turned.jpg")).astype(int)
+    assert read.shape == pixels.shape
+    assert np.abs(read - pixels).mean() < 3 < np.abs(read - pixels[::-1, ::-1]).mean()  # upright, not upside down
+
+

@@ -12,9 +12,7 @@ import shutil
 import types
 
 import pytest
-import torch
 
-import main
 from experiments.recipes import resnet_frozen
 from tl.engine import lr_finder
 from tl.engine.options import RunOptions
@@ -97,56 +95,9 @@ def test_the_range_test_never_reads_val_or_test(tiny_data, pretrained, tmp_path,
 
 
 # ----------------------------------------------------------------------------- the command line
-def test_find_lr_on_the_command_line_prints_the_suggestion_beside_the_recipes_rate(tiny_data, pretrained, tmp_path,
-                                                                                   capsys, monkeypatch):
-    monkeypatch.setattr(lr_finder, "find_lr", functools.partial(lr_finder.find_lr, steps=20))  # seconds
-    argv = ["-e", "resnet_frozen", "-b", "tiny", "--weights", str(pretrained), "--data", str(tiny_data), "--out",
-            str(tmp_path / "out"), "--find-lr", "--quick", "--batch-size", "4", "--no-progress"]
-    assert main.main(argv) == 0
-    out = capsys.readouterr().out
-    assert "suggested rate for group 'head'" in out and "the recipe's: 1.0e-03" in out
-    (folder,) = (tmp_path / "out").iterdir()
-    assert not (folder / "config.json").exists() and not (folder / "last.ckpt").exists()
-
-
-def _frozen_everything(model, spec, recipe):
-    for p in model.parameters():
-        p.requires_grad = False
-    return model, torch.optim.SGD(model.parameters(), lr=0.1)
-
-
-def test_bad_input_is_one_error_line_and_status_2(tiny_data, pretrained, tmp_path, capsys, monkeypatch):
-    frozen = types.SimpleNamespace(RECIPE=resnet_frozen.RECIPE, build=_frozen_everything)
-    monkeypatch.setattr("experiments.get_experiment", lambda name, data=None: frozen)
-    argv = ["-e", "resnet_frozen", "-b", "tiny", "--weights", str(pretrained), "--data", str(tiny_data), "--out",
-            str(tmp_path / "out"), "--find-lr", "--quick", "--no-progress"]
-    assert main.main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: resnet_frozen's first stage ('train') trains no parameter") and err.count("\n") == 1
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
-    monkeypatch.undo()
-    assert main.main(["--resume", str(tmp_path / "last.ckpt"), "--find-lr"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: --find-lr") and "--resume" in err and err.count("\n") == 1
 
 
 # ----------------------------------------------------------------------------- the table of every recipe
-def test_lr_table_writes_one_row_per_recipe(tiny_data, pretrained, tmp_path, capsys):
-    from experiments import lr_table
-
-    argv = ["--data", str(tiny_data), "--backbone", "tiny", "--weights", str(pretrained), "--recipes", "resnet_frozen",
-            "two_stage", "--steps", "6", "--quick", "--out", str(tmp_path / "results"), "--runs-dir",
-            str(tmp_path / "runs")]
-    assert lr_table.main(argv) == 0
-    rows = list(csv.DictReader((tmp_path / "results" / "lr_finder.csv").open()))
-    assert [(r["recipe"], r["stage"], r["group"], r["status"]) for r in rows] == [
-        ("resnet_frozen", "train", "head", "ok"), ("two_stage", "frozen body", "head", "ok")]
-    assert [float(r["documented_lr"]) for r in rows] == [1e-3, 2e-3]
-    for r in rows:
-        assert float(r["ratio"]) == pytest.approx(float(r["suggested_lr"]) / float(r["documented_lr"]))
-    md = (tmp_path / "results" / "lr_finder.md").read_text()
-    assert "python -m experiments.lr_table --data" in md and "| two_stage | frozen body | head | 2.0e-03 |" in md
-    assert len(list((tmp_path / "runs").iterdir())) == 2  # each recipe's plot and CSV
 
 
 def test_a_minimum_at_the_edge_of_the_sweep_is_said_to_be_no_window():

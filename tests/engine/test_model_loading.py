@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+
 import pytest
+
 from tests.conftest import write_image_folder
 from tl import TLError
 from tl.engine.evaluate import split_loader

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+
 import commands
 import main
 from tl.engine.options import RunOptions

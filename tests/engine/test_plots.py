@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from PIL import Image
 
-import main
+from tests.conftest import write_image_folder
 from tl.data import build_transforms
+from tl.engine import plots
+from tl.engine.options import RunOptions
 from tl.engine.plots import denormalize
-from tl.engine.weights import build_model
-from tl.models import format_parameter_table, get_backbone, set_trainable
-
-
-def _png(path, min_width=300):
-    with Image.open(path) as img:
-        assert img.format == "PNG" and img.width >= min_width
-        return img.size
+from tl.engine.run import run
+from tl.recipe import Recipe
 
 
 def test_denormalize_round_trips():
@@ -30,35 +28,6 @@ def test_denormalize_round_trips():
     # 001's im_convert, x * (mean + std), is not the inverse
     wrong = (normalised * (torch.tensor(mean) + torch.tensor(std)).view(3, 1, 1)).clamp(0, 1)
     assert not torch.allclose(wrong, restored, atol=0.05)
-
-
-def test_every_run_folder_gets_its_pictures(tiny_data, tiny_backbone, tmp_path):
-    assert main.main(["-e", "resnet_scratch", "-b", "tiny", "--data", str(tiny_data), "--quick",
-                      "--out", str(tmp_path / "runs"), "--no-progress"]) == 0
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    for name in ("curves.png", "confusion.png", "predictions.png", "top_losses.png"):
-        _png(run_dir / name)
-
-
-def test_show_data_writes_the_augmentation_preview_and_a_batch(tiny_data, tmp_path, capsys):
-    assert main.main(["--show-data", "--data", str(tiny_data), "--out", str(tmp_path)]) == 0
-    width, _ = _png(tmp_path / "data-preview" / "augmentation.png", min_width=900)  # 9 images in a row
-    _png(tmp_path / "data-preview" / "batch.png")
-    assert "augmentation.png" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("backbone,groups,expected", [
-    ("resnet18", ["head"], 1026), ("vgg16", ["head"], 8194), ("efficientnet_lite0", ["head"], 2562),
-    ("resnet18", ["neck", "head"], 8_394_754),
-])
-def test_summary_counts_trainable_parameters(backbone, groups, expected):
-    model = build_model(backbone, 2, "none")
-    set_trainable(model, get_backbone(backbone), groups)
-    table = format_parameter_table(model, (1, 3, 64, 64))  # torchinfo's summary
-    assert f"Trainable params: {expected:,}\n" in table
-    if backbone == "resnet18":  # output shapes of one 64x64 image
-        assert "[1, 512, 1, 1]" in next(line for line in table.splitlines() if "(avgpool)" in line)
-        assert "[1, 2]" in next(line for line in table.splitlines() if "(fc)" in line)
 
 
 @pytest.fixture
@@ -112,3 +81,122 @@ def test_grid_titles_stay_clear_of_the_row_above(drawn_figures, tmp_path):
         for above, below in zip(fig.axes[:8], fig.axes[8:]):
             # the second row's title ends below the first row's picture
             assert below.title.get_window_extent(renderer).y1 <= above.images[0].get_window_extent(renderer).y0
+
+
+def _capture(monkeypatch) -> list:
+    """The figures the plots module saves, with their text elements counted before saving."""
+    seen, real = [], plots.save_figure
+
+    def save(fig, path):
+        seen.append({"texts": sum(len(ax.texts) for ax in fig.axes), "size": tuple(fig.get_size_inches())})
+        return real(fig, path)
+
+    monkeypatch.setattr(plots, "save_figure", save)
+    return seen
+
+
+@pytest.mark.usefixtures("own_cache_dir")
+@pytest.mark.parametrize("n", [2, 120, 1000])
+def test_the_confusion_matrix_is_bounded_for_any_class_count(n, tmp_path, monkeypatch):
+    seen = _capture(monkeypatch)
+    torch.manual_seed(0)
+    matrix = torch.randint(0, 5, (n, n))
+    classes = [f"class number {k} with a rather long name indeed" for k in range(n)]
+    path = plots.confusion_matrix_plot(matrix, classes, tmp_path / "c.png", title="val, final epoch")
+    with Image.open(path) as img:
+        assert max(img.size) <= plots.MAX_INCHES * 110 + 1
+    shown = min(n, plots.MAX_CLASSES_SHOWN)
+    assert seen[0]["texts"] == shown * shown  # one count per cell shown, never n * n
+
+
+@pytest.mark.usefixtures("own_cache_dir")
+def test_class_labels_shorten_long_names_and_number_what_the_font_cannot_draw(tmp_path):
+    assert plots.class_label("ants", 0) == "ants"
+    long = plots.class_label("x" * 200, 3)
+    assert len(long) == 24 and long.endswith("\u2026")
+    assert plots.class_label("개", 7) == "#7"  # DejaVu Sans has no Hangul: the number, with a legend
+    path = plots.class_names_csv(["개", "a, b", "cat"], tmp_path / "classes.csv")
+    table = pd.read_csv(path)
+    assert table["class"].tolist() == ["개", "a, b", "cat"]
+    assert table.label_in_pictures.tolist() == ["#0", "a, b", "cat"]
+
+
+@pytest.mark.usefixtures("own_cache_dir")
+def test_twelve_recipes_never_share_a_colour_and_style(tmp_path):
+    styles = plots.series_styles(12)
+    assert len({(s["color"], s["linestyle"]) for s in styles}) == 12
+
+
+@pytest.mark.usefixtures("own_cache_dir")
+def test_the_comparison_axis_spans_the_accuracies_where_the_choice_is_made(tmp_path, monkeypatch):
+    axes = []
+    real = plots.save_figure
+    monkeypatch.setattr(plots, "save_figure",
+                        lambda fig, path: (axes.append(fig.axes[0].get_xlim()), real(fig, path))[1])
+    summary = pd.DataFrame({"status": ["ok"] * 2, "experiment": ["a", "b"], "backbone": ["x", "x"],
+                            "headline": ["val, final epoch"] * 2, "headline_acc_mean": [0.93, 0.95],
+                            "headline_acc_std": [0.01, 0.007], "best_val_acc_mean": [0.94, 0.96],
+                            "baseline_val_acc_mean": [0.5, 0.45], "train_seconds_mean": [10.0, 20.0]})
+    plots.comparison_chart(summary, tmp_path / "chart.png")
+    assert 0.8 <= axes[0][0] <= 0.9 and axes[0][1] == 1.0
+
+
+def _tiny_run(data, tmp_path, **options):
+    recipe = Recipe(name="pictures", source="test", strategy="all", backbone="tiny", weights="none", train_epochs=1,
+                    batch_size=8)
+
+    def build(model, spec, recipe):
+        return model, torch.optim.SGD(model.parameters(), lr=0.05)
+
+    opts = RunOptions(data=data, workers=0, out=tmp_path / "runs", image_size=32, progress=False, **options)
+    return run(recipe, build, opts, log=lambda s: None)
+
+
+@pytest.mark.usefixtures("own_cache_dir")
+@pytest.mark.parametrize("with_test", [False, True])
+def test_the_run_pictures_show_the_headline_model_on_the_headline_split(with_test, tmp_path, tiny_backbone,
+                                                                         monkeypatch):
+    phases = ("train", "val", "test") if with_test else ("train", "val")
+    data = write_image_folder(tmp_path / "d", phases=phases)
+    titles = []
+    real = plots.confusion_matrix_plot
+    monkeypatch.setattr(plots, "confusion_matrix_plot",
+                        lambda matrix, classes, path, title="": (titles.append((title, int(matrix.sum()))),
+                                                                 real(matrix, classes, path, title))[1])
+    result = _tiny_run(data, tmp_path)
+    res = json.loads((result.run_dir / "config.json").read_text())["results"]
+    (title, total), = titles
+    assert title == f"{res['headline']}: accuracy {res['headline_acc']:.4f}"
+    assert total == len(pd.read_csv(result.run_dir / "headline_predictions.csv"))  # the headline split's images
+    assert (result.run_dir / "classes.csv").is_file()
+
+
+@pytest.mark.usefixtures("own_cache_dir")
+def test_a_picture_that_cannot_be_drawn_never_loses_the_run(tmp_path, tiny_backbone, monkeypatch):
+    data = write_image_folder(tmp_path / "d")
+
+    def broken(*args, **kwargs):
+        raise MemoryError("no room for the picture")
+
+    monkeypatch.setattr(plots, "confusion_matrix_plot", broken)
+    result = _tiny_run(data, tmp_path)
+    config = json.loads((result.run_dir / "config.json").read_text())
+    assert "headline_acc" in config["results"] and (result.run_dir / "best.pth").is_file()
+
+
+@pytest.mark.usefixtures("own_cache_dir")
+def test_grad_cam_titles_keep_the_file_extension_and_the_title_fits(tmp_path, monkeypatch):
+    titles = []
+    real = plots.save_figure
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: (
+        titles.append(([ax.get_title() for ax in fig.axes[:2]], fig._suptitle.get_text())), real(fig, path))[1])
+    images = torch.zeros(2, 3, 16, 16)
+    maps = torch.rand(2, 16, 16)
+    names = ["a_very_long_photo_name_from_a_phone_camera_20261126_153000.jpg", "bee.jpg"]
+    plots.cam_figure(images, [("Grad-CAM", maps, ["bee 0.97", "ant 0.51"])], tmp_path / "cam.png", mean=(0.5,) * 3,
+                     std=(0.5,) * 3, photo_titles=names, title="x " * 80)
+    (first, second), suptitle = titles[0]
+    assert first.endswith(".jpg") and "\u2026" in first and len(first) <= 28 and second == "bee.jpg"
+    assert all(len(line) <= 40 for line in suptitle.splitlines())  # wrapped to the figure, not clipped
+
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import shutil
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import main
 from tests.conftest import write_image_folder
 from tl.data import build_transforms
 from tl.engine.evaluate import evaluate
-from tl.engine.images import CheckedImageFolder
+from tl.engine.images import CheckedImageFolder, load_rgb
 from tl.engine.model_loading import context_for, load_model
 from tl.engine.predict import predict_images
 from tl.models import get_backbone
@@ -98,3 +99,26 @@ def test_every_reader_of_photos_turns_them_upright_by_their_exif_tag(tiny_run, t
     result = evaluate(model, torch.utils.data.DataLoader(ds, batch_size=1), torch.device("cpu"), 2)
     scored = {Path(path).stem: result["probabilities"][i].numpy() for i, (path, _) in enumerate(ds.samples)}
     _same_and_different(scored, stems)
+
+
+MEAN = STD = (0.5, 0.5, 0.5)
+
+
+def test_a_single_logit_head_gives_both_classes(tmp_path):
+    from tl.engine.predict import classify, table_text
+
+    photos = write_image_folder(tmp_path / "photos", train=2, phases=("train",))
+    files = sorted(str(p) for p in photos.rglob("*.png"))
+    torch.manual_seed(0)
+    one_logit = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 1))
+    probabilities, failed = classify(one_logit, files, build_transforms(MEAN, STD, size=8, augment=False)["val"],
+                                     progress=False)
+    assert not failed and len(probabilities) == 4
+    with torch.no_grad():
+        logit = one_logit(build_transforms(MEAN, STD, size=8, augment=False)["val"](load_rgb(files[0]))[None])[0, 0]
+    assert probabilities[0].tolist() == pytest.approx([1 - torch.sigmoid(logit).item(), torch.sigmoid(logit).item()])
+    rows = pd.read_csv(io.StringIO(table_text(photos, files, probabilities, ["cat", "dog"])))
+    assert list(rows.columns) == ["path", "prediction", "p_cat", "p_dog"]
+    assert rows[["p_cat", "p_dog"]].sum(axis=1).tolist() == pytest.approx([1.0] * 4, abs=1e-6)
+
+

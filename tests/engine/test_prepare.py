@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-import main
-from tests.conftest import DOGS_VS_CATS, require_real_data, write_image_folder
+from tests.helpers import kaggle_folder
 from tl import TLError
 from tl.data import build_transforms
-from tl.engine.checkpoint import load_checkpoint
 from tl.engine.prepare import prepare_dogs_vs_cats
 from tl.engine.selection import describe_links, image_datasets
 
@@ -89,81 +85,6 @@ def test_a_non_empty_destination_is_refused_and_force_replaces_only_its_own_spli
         prepare_dogs_vs_cats(tmp_path / "dest" / "train", tmp_path / "x", log=lambda s: None)
 
 
-def test_real_subset_prepares_trains_and_reports_test_accuracy(tmp_path, capsys):
-    src = require_real_data(DOGS_VS_CATS) / "train"
-    assert main.main(["--prepare", "dogs-vs-cats", "--src", str(src), "--dest", str(tmp_path / "dvc")]) == 0
-    counts = {p: len(list((tmp_path / "dvc" / p / "cat").iterdir())) for p in ("train", "val", "test")}
-    assert counts == {"train": 641, "val": 180, "test": 180}
-    assert main.main(["-e", "resnet_frozen", "-b", "efficientnet_lite0", "--data", str(tmp_path / "dvc"), "--quick",
-                      "--out", str(tmp_path / "runs"), "--no-progress"]) == 0
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    capsys.readouterr()
-    assert main.main(["--evaluate", str(run_dir / "best.pth"), "--data", str(tmp_path / "dvc"),
-                      "--split", "test"]) == 0
-    out = capsys.readouterr().out
-    assert "(360 images)" in out and "cat" in out and "dog" in out
-
-
-def test_a_folder_of_every_kind_of_bad_file_trains_and_reports_the_skips(tmp_path, tiny_backbone, capsys):
-    data = write_image_folder(tmp_path / "messy")
-    folder = data / "train" / "class_0"
-    rgb = Image.open(folder / "000.png").convert("RGB")
-    rgb.convert("L").save(folder / "gray.png")
-    rgb.convert("P").save(folder / "palette.png")
-    rgb.convert("CMYK").save(folder / "cmyk.jpg")
-    rgb.convert("RGBA").save(folder / "rgba.png")
-    Image.fromarray((np.arange(40 * 40).reshape(40, 40) * 30).astype(np.uint16)).save(folder / "sixteen.png")
-    rgb.resize((3000, 2000)).save(folder / "huge.jpg")
-    rgb.resize((300, 300)).save(folder / "truncated.jpg", quality=95)
-    raw = (folder / "truncated.jpg").read_bytes()
-    (folder / "truncated.jpg").write_bytes(raw[: len(raw) // 2])
-    (folder / "empty.jpg").write_bytes(b"")
-    (folder / "html.jpg").write_text("<html>404</html>")
-    (folder / "notes.txt").write_text("hello")
-    (folder / ".DS_Store").write_bytes(b"\0")
-    code = main.main(["-e", "resnet_scratch", "-b", "tiny", "--data", str(data), "--epochs", "1",
-                      "--out", str(tmp_path / "runs"), "--no-progress", "--workers", "0"])
-    assert code == 0
-    out = capsys.readouterr().out
-    # the truncated JPEG lacks its end marker, so even the quick scan decodes it and leaves it out
-    assert "skipped 3 unusable image file(s)" in out and "empty.jpg: empty file" in out and "html.jpg" in out
-    assert "truncated.jpg: OSError: image file is truncated" in out
-    capsys.readouterr()
-    assert main.main(["-e", "resnet_scratch", "-b", "tiny", "--data", str(data), "--epochs", "1", "--verify-images",
-                      "--out", str(tmp_path / "runs2"), "--no-progress", "--workers", "0"]) == 0
-    assert "skipped 3 unusable" in capsys.readouterr().out  # the full decode of every file agrees
-
-
-def test_a_class_with_no_usable_image_stops_with_a_message(tmp_path, tiny_backbone, capsys):
-    data = write_image_folder(tmp_path / "d")
-    for f in (data / "val" / "class_1").iterdir():
-        f.write_bytes(b"")
-    assert main.main(["-e", "resnet_scratch", "-b", "tiny", "--data", str(data), "--out", str(tmp_path)]) == 2
-    assert "no usable image in class folder(s) ['class_1']" in capsys.readouterr().err
-
-
-def test_val_split_on_a_folder_of_class_folders(tmp_path, tiny_backbone, capsys):
-    data = write_image_folder(tmp_path / "d", train=20, phases=("train",)) / "train"
-    assert main.main(["-e", "resnet_scratch", "-b", "tiny", "--data", str(data), "--out", str(tmp_path / "r")]) == 2
-    assert "--val-split" in capsys.readouterr().err
-    for out in ("r1", "r2"):
-        assert main.main(["-e", "resnet_scratch", "-b", "tiny", "--data", str(data), "--val-split", "0.25",
-                          "--epochs", "1", "--out", str(tmp_path / out), "--no-progress", "--workers", "0"]) == 0
-    configs = [json.loads(next((tmp_path / o).iterdir()).joinpath("config.json").read_text()) for o in ("r1", "r2")]
-    assert configs[0]["dataset_sizes"] == {"train": 30, "val": 10}
-    assert configs[0]["results"]["best_val_acc"] == configs[1]["results"]["best_val_acc"]
-
-
-def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_data, tiny_backbone, tmp_path, capsys):
-    code = main.main(["-e", "resnet_scratch", "-b", "tiny", "--data", str(tiny_data), "--epochs", "3",
-                      "--lr-scale", "1e30", "--out", str(tmp_path / "runs"), "--no-progress", "--workers", "0"])
-    assert code == 2
-    assert "loss became" in capsys.readouterr().err
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    ckpt = load_checkpoint(run_dir / "last.ckpt")
-    assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
-
-
 def test_the_links_prepare_makes_are_its_own_and_stay_usable(tmp_path, monkeypatch):
     src = _flat_kaggle(tmp_path / "flat", per_class=5)
 
@@ -177,3 +98,20 @@ def test_the_links_prepare_makes_are_its_own_and_stay_usable(tmp_path, monkeypat
                           phases=("train", "val", "test"))
     assert sum(len(ds) for ds in sets.values()) == 10  # every link leads out of dest, into --src: still used
     assert not any(ds.outside for ds in sets.values()) and describe_links(sets) == []
+
+
+def test_prepare_never_reports_success_over_broken_links(tmp_path, monkeypatch):
+    src = kaggle_folder(tmp_path / "flat")
+
+    def no_hard_links(*args, **kwargs):
+        raise OSError(errno.EXDEV, "cross-device link")
+
+    def dangling(self, target, *args, **kwargs):
+        os.symlink(str(target) + ".gone", self)  # a link that leads nowhere
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    monkeypatch.setattr(Path, "symlink_to", dangling)
+    with pytest.raises(TLError, match="does not lead to a readable file"):
+        prepare_dogs_vs_cats(src, tmp_path / "dest", log=lambda s: None)
+    assert list((tmp_path / "dest").iterdir()) == []  # what it made is gone again
+    assert len(list(src.iterdir())) == 10

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 import tl.engine.run
 from tests.conftest import TinyNet
-from tl import TLError
-from tl.engine import checkpoint, files
-from tl.engine.device import make_grad_scaler
 from tests.helpers import seeded_tiny_net
-from tl.engine import resume
+from tl import TLError
+from tl.engine import checkpoint, files, resume
+from tl.engine.device import make_grad_scaler
 
 
 def test_resume_refuses_a_best_pth_that_does_not_match_its_recorded_digest(tmp_path):

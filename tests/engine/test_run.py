@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import shutil
+
 import pytest
+
 from experiments import get_experiment
 from tests.conftest import write_image_folder
 from tests.fixtures.make_tiny_run import RUN
-from tl import TLError
-from tl.engine.run import resume_run, run
 from tests.helpers import finetune_one_epoch
-from tl.engine.run import combine
+from tl import TLError
+from tl.engine.run import combine, resume_run
 
 
 def test_a_refused_resume_says_nothing_before_its_error(tmp_path, tiny_backbone, own_cache_dir):
@@ -36,7 +37,8 @@ def test_compile_trains_the_same_network_and_saves_the_plain_names(tiny_data, ti
 
     started = time.perf_counter()
     # with --ema in both: the average is of the compiled network's weights, under their plain names too
-    plain, compiled = finetune_one_epoch(tiny_data, tmp_path / "a", ema=0.7), finetune_one_epoch(tiny_data, tmp_path / "b", compile=True, ema=0.7)
+    plain = finetune_one_epoch(tiny_data, tmp_path / "a", ema=0.7)
+    compiled = finetune_one_epoch(tiny_data, tmp_path / "b", compile=True, ema=0.7)
     print(f"compiled run: {time.perf_counter() - started:.1f} s")
     assert compiled.config["options"]["compile"] is True and plain.config["options"]["compile"] is False
     assert compiled.model._compiled_call_impl is not None and plain.model._compiled_call_impl is None

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
+import os
+from collections import Counter
+from pathlib import Path
+
 import pytest
+from PIL import Image
+
+import main
 from tests.conftest import write_image_folder
 from tl import TLError
 from tl.data import build_transforms
-from tl.engine.selection import image_datasets
-from tl.engine.selection import describe_skipped, image_datasets
-from pathlib import Path
-from PIL import Image
-from tests.helpers import train_one_epoch
-import os
-from tl.engine.selection import nested_draw
-import main
-from collections import Counter
-from tl.engine.selection import select_images
 from tl.engine import run_folder
-from tl.engine.selection import inner_split
-from tl.engine.selection import ImageChoice
+from tl.engine.selection import ImageChoice, describe_skipped, image_datasets, inner_split, nested_draw, select_images
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def test_a_val_symlink_to_a_train_file_is_the_same_file(tmp_path):
@@ -36,16 +34,20 @@ def test_the_skip_report_names_broken_files_of_every_split(tmp_path):
               for i, phase in enumerate(("train", "val", "test"))}
     for path in broken.values():
         path.write_bytes(b"not a picture")
-    sets = image_datasets(root, build_transforms(IMAGENET_MEAN, IMAGENET_STD, size=8, augment=False), phases=("train", "val", "test"))
+    sets = image_datasets(root, build_transforms(IMAGENET_MEAN, IMAGENET_STD, size=8, augment=False),
+                          phases=("train", "val", "test"))
     report = describe_skipped(sets)
     assert report is not None
     for phase, path in broken.items():
         assert str(path) in report, phase
 
 
+MEAN = STD = (0.5, 0.5, 0.5)
+
+
 def test_gif_jfif_and_jpe_files_are_decided_by_one_rule_and_named(tmp_path):
     d = write_image_folder(tmp_path / "d")
-    folder = d / "train_one_epoch" / "class_0"
+    folder = d / "train" / "class_0"
     Image.open(folder / "000.png").convert("RGB").save(folder / "photo.jfif", format="JPEG")
     Image.open(folder / "000.png").convert("RGB").save(folder / "photo2.jpe", format="JPEG")
     Image.open(folder / "000.png").convert("P").save(folder / "still.gif")
@@ -53,7 +55,7 @@ def test_gif_jfif_and_jpe_files_are_decided_by_one_rule_and_named(tmp_path):
     frames[0].save(folder / "moving.gif", save_all=True, append_images=frames[1:])
     (folder / "notes.txt").write_text("not a photo")
     sets = image_datasets(d, build_transforms(MEAN, STD, size=32))
-    names = {Path(p).name for p, _ in sets["train_one_epoch"].samples}
+    names = {Path(p).name for p, _ in sets["train"].samples}
     assert {"photo.jfif", "photo2.jpe"} <= names and not names & {"still.gif", "moving.gif", "notes.txt"}
     report = describe_skipped(sets)
     assert "left out 3 file(s) that are not images" in report
@@ -64,15 +66,15 @@ def test_gif_jfif_and_jpe_files_are_decided_by_one_rule_and_named(tmp_path):
 
 def test_hymenoptera_keeps_its_files_and_names_the_placeholder(hymenoptera):
     sets = image_datasets(hymenoptera, build_transforms(MEAN, STD, size=32))
-    assert {p: len(ds) for p, ds in sets.items()} == {"train_one_epoch": 244, "val": 153}
+    assert {p: len(ds) for p, ds in sets.items()} == {"train": 244, "val": 153}
     assert f"{hymenoptera / 'train' / 'ants' / 'imageNotFound.gif'}: a GIF" in describe_skipped(sets)
 
 
 def test_a_file_in_two_classes_has_no_label_and_is_skipped(tmp_path):
     d = write_image_folder(tmp_path / "d")
-    os.link(d / "train_one_epoch" / "class_0" / "000.png", d / "train_one_epoch" / "class_1" / "same.png")  # one file, two names
+    os.link(d / "train" / "class_0" / "000.png", d / "train" / "class_1" / "same.png")  # one file, two names
     sets = image_datasets(d, build_transforms(MEAN, STD, size=32))
-    assert len(sets["train_one_epoch"]) == 23  # 11 + 12: the file is in neither class
+    assert len(sets["train"]) == 23  # 11 + 12: the file is in neither class
     assert "the same file is also in class class_1: its label is ambiguous" in describe_skipped(sets)
 
 
@@ -143,6 +145,13 @@ def test_a_seeded_fraction_of_a_class_is_kept_for_training_only(tmp_path):
     assert args.train_fraction == {"class_1": 0.2}
 
 
+TRANSFORMS = build_transforms((0.5,) * 3, (0.5,) * 3, size=16, augment=False)
+
+
+def _choice(data: Path, **kw) -> ImageChoice:
+    return ImageChoice(data, **kw)
+
+
 @pytest.mark.usefixtures("own_cache_dir")
 def test_the_inner_split_is_seeded_class_balanced_and_disjoint(sealed):
     sets = select_images(_choice(sealed, inner_val=0.3), TRANSFORMS, log=lambda s: None)
@@ -194,14 +203,3 @@ def test_inner_split_alone():
     assert Counter(t for _, t in val) == {0: 2, 1: 1} and len(train) == 11
 
 
-MEAN = STD = (0.5, 0.5, 0.5)
-
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-TRANSFORMS = build_transforms((0.5,) * 3, (0.5,) * 3, size=16, augment=False)
-
-
-def _choice(data: Path, **kw) -> ImageChoice:
-    return ImageChoice(data, **kw)

@@ -12,17 +12,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import main
 import tl.engine.tensorboard
-from tl.engine.run import combine
 
 pytestmark = pytest.mark.usefixtures("own_cache_dir")
-
-
-def test_combine_calls_every_callback_and_stops_if_any_asks():
-    seen = []
-    both = combine(lambda e: seen.append(("a", e)) or True, None, lambda e: seen.append(("b", e)))
-    assert both(3) is True and seen == [("a", 3), ("b", 3)]  # the second is called after the first asked to stop
-    assert combine(lambda e: None, lambda e: None)(0) is False
-    assert combine(None, None) is None
 
 
 def _scalars(run_dir) -> dict[str, list[tuple[int, float]]]:

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import pytest
-from tl import TLError
-from tl.engine.weights import build_model
 import os
 from pathlib import Path
+
+import pytest
+import timm
 import torch
 import torchvision
-from tl.engine.weights import build_model, torchvision_weights_file
+
+from tl import TLError
 from tl.engine.backbones import backbone_spec
-from tl.engine.weights import packaged_lite_state, pair_by_position
+from tl.engine.weights import build_model, packaged_lite_state, pair_by_position, torchvision_weights_file
 from tl.models import load_into
-import timm
 
 
 def test_offline_message_for_the_zoo(tmp_path):

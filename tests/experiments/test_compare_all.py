@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -157,22 +156,6 @@ def test_provenance_says_when_rows_are_not_one_full_comparison():
     assert meta["note"] == "two commands"
 
 
-def test_paired_bootstrap_separates_noise_from_real_differences():
-    rng = np.random.default_rng(0)
-    a = (rng.random((3, 150)) < 0.8).astype(int)  # 3 seeds x 150 images, about 80% right
-    diff, low, high = report.paired_bootstrap(a, a.copy())
-    assert (diff, low, high) == (0, 0, 0) and report.verdict(low, high) == "within noise"
-    b = np.zeros_like(a)  # always wrong
-    diff, low, high = report.paired_bootstrap(a, b)
-    assert low > 0.6 and report.verdict(low, high) == "A beats B"
-    assert report.verdict(*report.paired_bootstrap(b, a)[1:]) == "B beats A"
-    # two recipes that differ on a few images only: a 2-image gap on 150 is within noise
-    c = a.copy()
-    c[:, np.flatnonzero(a[0])[:2]] = 0
-    diff, low, high = report.paired_bootstrap(a, c)
-    assert 0 < diff < 0.02 and low <= 0 <= high and report.verdict(low, high) == "within noise"
-
-
 def test_report_and_compare_all_help_answer_without_a_traceback(tmp_path):
     for module in ("experiments.report", "experiments.compare_all"):
         proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True)
@@ -288,3 +271,17 @@ def test_two_comparisons_at_once_take_turns_and_lose_nothing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error:") and "vgg_transfer-efficientnet_lite0-seed0.csv" in err
     assert not (tmp_path / "runs3").exists()  # stopped before training
+
+
+@pytest.mark.usefixtures("own_cache_dir")
+def test_compare_all_adds_a_tuned_recipe_where_its_data_set_has_one(tmp_path, monkeypatch):
+    from experiments import compare_all
+
+    monkeypatch.setenv("TL_TUNED_DIR", str(tmp_path))
+    (tmp_path / "modern_finetune-hymenoptera_data.json").write_text("{}")
+    args = compare_all.parse_args([])
+    assert compare_all.experiments_for(Path("x/hymenoptera_data"), args)[-1] == "tuned_modern_finetune"
+    assert "tuned_modern_finetune" not in compare_all.experiments_for(Path("x/dogs-vs-cats"), args)
+    asked = compare_all.parse_args(["--experiments", "resnet_frozen", "tuned_modern_finetune"])
+    assert compare_all.experiments_for(Path("x/hymenoptera_data"), asked) == ["resnet_frozen", "tuned_modern_finetune"]
+    assert compare_all._order("tuned_modern_finetune") > compare_all._order("modern_finetune")

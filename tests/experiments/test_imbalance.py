@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+
 from tests.conftest import write_image_folder
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from PIL import Image
+
 from tests.helpers import train_three_epochs
 
 

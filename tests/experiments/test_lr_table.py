@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
 import csv
-from experiments.recipes import resnet_frozen
+
+import pytest
 
 
 @pytest.mark.usefixtures("own_cache_dir")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-import numpy as np
-from experiments import report
 import shutil
+from pathlib import Path
+
+import numpy as np
 import pandas as pd
 import pytest
+
+from experiments import report
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_which_recipe_commands_name_the_backbone_of_the_row_they_answer_with():
@@ -139,4 +143,3 @@ def test_report_adds_macro_f1_and_balanced_accuracy_from_the_saved_predictions(t
            f"| {100 * np.mean(f1s):.1f} ± {100 * np.std(f1s, ddof=1):.1f} | {100 * np.mean(balanced):.1f} ± " in page
 
 
-ROOT = Path(__file__).resolve().parents[1]

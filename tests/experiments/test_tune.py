@@ -4,103 +4,16 @@ recipe or data set) and what it writes: the tuned numbers, the pages, the `tuned
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
-import sys
-from collections import Counter
+import sqlite3
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_image_folder
-from tl import TLError
-from tl.data import build_transforms
-from tl.engine import run_folder
-from tl.engine.selection import ImageChoice, inner_split, select_images
+from tests.conftest import _SEEN, _WATCHED, write_image_folder
 
 pytestmark = pytest.mark.usefixtures("own_cache_dir")
-TRANSFORMS = build_transforms((0.5,) * 3, (0.5,) * 3, size=16, augment=False)
-
-
-def _choice(data: Path, **kw) -> ImageChoice:
-    return ImageChoice(data, **kw)
-
-
-_WATCHED: list[Path] = []  # folders whose listing or opening is recorded in _SEEN
-_SEEN: list[str] = []
-
-
-def _audit(event: str, args: tuple) -> None:
-    """Every listing (os.scandir, os.listdir: os.walk, glob and Path.iterdir use them) and every
-    open() of a path inside a watched folder. Without the file names a listing gives, no image
-    of the folder can be decoded either. (An audit hook stays for the process: it only records.)"""
-    if _WATCHED and event in ("open", "os.scandir", "os.listdir") and args and isinstance(args[0], (str, Path)):
-        path = os.path.abspath(args[0])
-        if any(path == str(w) or path.startswith(str(w) + os.sep) for w in _WATCHED):
-            _SEEN.append(f"{event} {path}")
-
-
-sys.addaudithook(_audit)
-
-
-@pytest.fixture
-def sealed(tmp_path):
-    """train/: 10 + 7 images per class; val/ and test/ exist, and any listing or opening of
-    them (or of anything inside) is recorded: the test then asserts nothing was."""
-    root = write_image_folder(tmp_path / "sealed", train=10, val=3, size=16, phases=("train", "val", "test"))
-    for f in sorted((root / "train" / "class_1").glob("*.png"))[:3]:  # an unequal second class
-        f.unlink()
-    _SEEN.clear()
-    _WATCHED[:] = [(root / "val").resolve(), (root / "test").resolve()]
-    yield root
-    _WATCHED.clear()
-    assert not _SEEN, f"val/ or test/ was read: {_SEEN[:3]}"
-
-
-def test_the_inner_split_is_seeded_class_balanced_and_disjoint(sealed):
-    sets = select_images(_choice(sealed, inner_val=0.3), TRANSFORMS, log=lambda s: None)
-    assert set(sets) == {"train", "val"}
-    train, val = sets["train"].samples, sets["val"].samples
-    assert not set(train) & set(val)
-    assert all(Path(p).parent.parent == sealed / "train" for p, _ in train + val)  # all from train/
-    assert Counter(t for _, t in val) == {0: 3, 1: 2}  # round(0.3 * 10), round(0.3 * 7)
-    assert len(train) + len(val) == 17
-    again = select_images(_choice(sealed, inner_val=0.3), TRANSFORMS, log=lambda s: None)
-    assert again["val"].samples == val  # seeded
-    other = select_images(_choice(sealed, inner_val=0.3, split_seed=1), TRANSFORMS, log=lambda s: None)
-    assert other["val"].samples != val
-    assert sets["val"].transform is TRANSFORMS["val"] and sets["train"].transform is TRANSFORMS["train"]
-
-
-def test_k_folds_score_every_training_image_once(sealed):
-    vals = [select_images(_choice(sealed, folds=3, inner_fold=k), TRANSFORMS, log=lambda s: None)["val"].samples
-            for k in range(3)]
-    flat = [s for v in vals for s in v]
-    assert len(flat) == len(set(flat)) == 17
-    assert all(Counter(t for _, t in v)[0] >= 3 and Counter(t for _, t in v)[1] >= 2 for v in vals)
-
-
-def test_an_inner_run_is_not_mistaken_for_a_real_one(tmp_path):
-    """Its data fingerprint differs from the real run's (resume refuses to mix them) and its
-    feature cache entries are keyed by the files they hold (tl/engine/feature_store.cache_key)."""
-    root = write_image_folder(tmp_path / "d", train=6, val=6, size=16)
-    real = select_images(_choice(root), TRANSFORMS, log=lambda s: None)
-    inner = select_images(_choice(root, inner_val=0.5), TRANSFORMS, log=lambda s: None)
-    assert run_folder.data_fingerprint(real) != run_folder.data_fingerprint(inner)
-
-
-@pytest.mark.parametrize("kw, words", [({"inner_val": 0.2}, "at least 2"), ({"folds": 3}, "at least --folds 3"),
-                                       ({"inner_val": 1.0}, "between 0 and 1"), ({"folds": 1}, "at least 2")])
-def test_too_small_a_class_or_a_bad_fraction_is_refused(tmp_path, kw, words):
-    root = write_image_folder(tmp_path / "d", train=1, val=2, size=16)
-    with pytest.raises(TLError, match=words):
-        select_images(_choice(root, **kw), TRANSFORMS, log=lambda s: None)
-
-
-def test_inner_split_alone():
-    samples = [(f"/d/a/{i}.png", 0) for i in range(10)] + [(f"/d/b/{i}.png", 1) for i in range(4)]
-    train, val = inner_split(samples, ["a", "b"], fraction=0.2)
-    assert Counter(t for _, t in val) == {0: 2, 1: 1} and len(train) == 11
 
 
 # ----------------------------------------------------------------------------- the search
@@ -202,41 +115,6 @@ def test_a_pruned_trial_stops_and_leaves_no_run_behind(tiny_data, pretrained, tm
     assert (tmp_path / "pages" / "modern_finetune-tiny" / "importance.png").is_file()
 
 
-def test_the_study_file_beats_and_retries_a_killed_trial(tmp_path):
-    import optuna
-
-    from tl.engine import tuning
-
-    storage = tuning.make_storage(tmp_path / "s.db")
-    assert (storage.heartbeat_interval, storage.grace_period) == (tuning.HEARTBEAT_S, tuning.GRACE_S) == (60, 180)
-    callback = storage.heartbeat_stale_trial_callback
-    assert isinstance(callback, optuna.storages.RetryHeartbeatStaleTrialCallback) and callback._max_retry == 2
-
-
-def test_the_search_space_follows_the_recipe():
-    import optuna
-
-    from experiments import get_experiment
-    from tl.engine.tuning import suggest
-    from tl.recipe import Recipe
-
-    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
-    plain = Recipe(name="p", source="s", strategy="s", lrs={"all": 1e-3}, loss="bce_logit")
-    trial = study.ask()
-    changes = suggest(trial, plain, 3)
-    assert set(trial.params) == {"lr_scale", "train_epochs", "augment", "bn_policy", "ema_decay", "tta"}  # no decay,
-    # smoothing or groups where the recipe has none
-    assert changes["lrs"]["all"] == pytest.approx(1e-3 * trial.params["lr_scale"]) and 1 <= changes["train_epochs"] <= 3
-    assert study.trials[0].distributions["ema_decay"].choices == (0.0, 0.9, 0.98)
-    modern = get_experiment("modern_finetune").RECIPE
-    trial = study.ask()
-    changes = suggest(trial, modern, 12)
-    p = trial.params
-    assert changes["lrs"]["head"] == pytest.approx(1e-3 * p["lr_scale"])
-    assert changes["lrs"]["body"] == pytest.approx(1e-4 * p["lr_scale"] * p["body_factor"])
-    assert changes["first_lrs"]["head"] == pytest.approx(3e-3 * p["lr_scale"]) and 2 <= changes["train_epochs"] <= 12
-
-
 # ----------------------------------------------------------------------------- refused, in one line
 def _one_error(capsys) -> str:
     err = capsys.readouterr().err
@@ -272,14 +150,39 @@ def test_a_class_too_small_for_an_inner_val_is_refused(tmp_path, pretrained, cap
 
 
 # ----------------------------------------------------------------------------- compare_all
-def test_compare_all_adds_a_tuned_recipe_where_its_data_set_has_one(tmp_path, monkeypatch):
-    from experiments import compare_all
 
-    monkeypatch.setenv("TL_TUNED_DIR", str(tmp_path))
-    (tmp_path / "modern_finetune-hymenoptera_data.json").write_text("{}")
-    args = compare_all.parse_args([])
-    assert compare_all.experiments_for(Path("x/hymenoptera_data"), args)[-1] == "tuned_modern_finetune"
-    assert "tuned_modern_finetune" not in compare_all.experiments_for(Path("x/dogs-vs-cats"), args)
-    asked = compare_all.parse_args(["--experiments", "resnet_frozen", "tuned_modern_finetune"])
-    assert compare_all.experiments_for(Path("x/hymenoptera_data"), asked) == ["resnet_frozen", "tuned_modern_finetune"]
-    assert compare_all._order("tuned_modern_finetune") > compare_all._order("modern_finetune")
+
+def _foreign_sqlite(path: Path) -> Path:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE studies (x INTEGER)")
+        db.commit()
+    return path
+
+
+def _tune_with_storage(tmp_path: Path, data: Path, backbone: str, storage: Path, *extra) -> int:
+    from experiments import tune
+
+    return tune.main([str(a) for a in ("--recipe", "modern_finetune", "--data", data, "--backbone", backbone,
+                                       "--weights", "none", "--quick", "--out", tmp_path / "pages", "--tuned-dir",
+                                       tmp_path / "tuned", "--runs-dir", tmp_path / "trials", "--storage", storage,
+                                       *extra)])
+
+
+@pytest.mark.parametrize("make, says", [
+    (lambda p: p.write_text("my notes\n") and p, "is not a SQLite file"),
+    (lambda p: (p.write_text("x"), p / "study.db")[1], "is a file, not a folder"),
+    (lambda p: (p.mkdir(), p)[1], "is a folder"),
+    (_foreign_sqlite, "is a SQLite file of another program"),
+    (lambda p: (p.write_bytes(b"SQLite format 3\x00" + b"garbage" * 20), p)[1], "SQLite cannot read it"),
+])
+def test_a_storage_that_is_not_a_study_file_is_refused_and_kept(tiny_data, tiny_backbone, tmp_path, capsys, make,
+                                                                 says):
+    storage = make(tmp_path / "store.db")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("store.db*") if p.is_file()}
+    assert _tune_with_storage(tmp_path, tiny_data, tiny_backbone, storage, "--trials", 1) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --storage") and says in err and "Traceback" not in err, err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("store.db*") if p.is_file()} == before
+    assert not (tmp_path / "trials").exists()
+
+
