@@ -35,7 +35,7 @@ this machine, becomes a `not run` row with the reason; the others go on.
 
 Two comparisons may run at the same time into one `--out` folder: each trains in its own
 runs folder, and the writing (history/ and predictions/ files, the tables, the plots, the
-removal of stale files) happens under a lock on `--out/.compare_all.lock` (`fcntl.flock`).
+removal of stale files) happens under a lock on `--out/.compare_all.lock` (tl/engine/folder_lock.py).
 A comparison that finds the lock taken says which process holds it and waits; it then
 merges its rows with the ones the other wrote, so no row and no file is lost.
 """
@@ -43,9 +43,7 @@ merges its rows with the ones the other wrote, so no row and no file is lost.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import shlex
 import sys
 import time
@@ -321,41 +319,16 @@ def write_outputs(out: Path, runs, meta: dict):
 LOCK_NAME = ".compare_all.lock"
 
 
-@contextlib.contextmanager
 def results_lock(out: Path, command: str, log=print):
-    """Hold `out`'s lock while the block writes there: an exclusive `fcntl.flock` on
-    out/.compare_all.lock, which names its holder (process id, command, time). A second
-    comparison blocks here until the first has finished writing, after saying for whom
-    it waits. The lock goes with the process, so a killed holder never leaves it stuck.
-    (Windows has no fcntl: there the folder is not locked.)"""
-    try:
-        import fcntl
-    except ImportError:  # not Unix
-        yield
-        return
+    """Hold `out`'s lock while the block writes there (tl/engine/folder_lock.py): out/.compare_all.lock
+    names its holder (process id, command, machine, time). A second comparison waits here until
+    the first has finished writing, after saying for whom it waits. The lock goes with the
+    process, so a killed holder never leaves it stuck. (Windows has no fcntl: there the folder
+    is not locked.)"""
+    from tl.engine.folder_lock import hold
+
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / LOCK_NAME, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = ""
-            for _ in range(20):  # the holder writes its name just after it takes the lock
-                f.seek(0)
-                if holder := f.read().strip():
-                    break
-                time.sleep(0.1)
-            log(f"{out} is being written by {holder or 'another process'}; waiting for it to finish "
-                f"(its rows are kept)")
-            fcntl.flock(f, fcntl.LOCK_EX)
-            log(f"{out} is free: writing")
-        f.truncate(0)
-        f.write(f"process {os.getpid()} ({command}, since {time.strftime('%H:%M:%S')})\n")
-        f.flush()
-        try:
-            yield
-        finally:
-            f.truncate(0)
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return hold(out, LOCK_NAME, wait=True, command=command, note=" (its rows are kept)", log=log)
 
 
 def main(argv: list[str] | None = None) -> int:

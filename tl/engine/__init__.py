@@ -24,6 +24,7 @@ data
   class_names.py      class names that print alike but differ in their Unicode form
 files
   files.py            atomic writes, stale temporaries swept, the digest of a state
+  folder_lock.py      one writer per folder: an exclusive lock that names its holder
   checkpoint.py       the state_dict and checkpoint formats, read with weights_only
 model
   backbones.py        every --backbone name to its Backbone

@@ -1,0 +1,166 @@
+"""tl/engine/folder_lock.py: one writer per folder. A second process that asks for a held
+folder stops at once naming the holder (pid, command, machine, since when), or waits for it
+and says for whom; a holder that is killed, however, frees the folder at once; a second hold
+inside one process is a second writer too; a forked child neither keeps nor frees its parent's
+lock; released, the lock file is empty and free."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tl.engine import folder_lock
+from tl.engine.folder_lock import FolderBusy, hold
+
+ROOT = Path(__file__).resolve().parents[2]
+HOLDER = """
+import sys, time
+from pathlib import Path
+from tl.engine.folder_lock import hold
+with hold(Path(sys.argv[1]), ".test.lock", wait=False, command="the holder's command"):
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+    last = time.time()  # the last instant it surely held the folder
+print("held until", last, flush=True)
+"""
+
+
+def _holder(folder: Path, seconds: float = 60) -> subprocess.Popen:
+    """Another process that holds `folder` for `seconds`, started once it says so."""
+    child = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder), str(seconds)], cwd=ROOT,
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "held"
+    return child
+
+
+def test_a_second_process_stops_at_once_naming_the_holder(tmp_path):
+    child = _holder(tmp_path)
+    try:
+        started = time.time()
+        with pytest.raises(FolderBusy) as caught, hold(tmp_path, ".test.lock", wait=False):
+            pytest.fail("the block ran while another process held the folder")
+        message = str(caught.value)
+        assert time.time() - started < 5  # at once: the holder's line is read, nothing waited for
+        assert f"is being written by process {child.pid} (the holder's command; on {socket.gethostname()}, " \
+               f"since {time.strftime('%Y-%m-%d')}" in message, message
+        assert "\n" not in message
+        assert not folder_lock.held_here(tmp_path, ".test.lock")
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_waiting_process_says_for_whom_and_writes_once_the_holder_is_done(tmp_path):
+    child = _holder(tmp_path, seconds=1.5)
+    said = []
+    with hold(tmp_path, ".test.lock", wait=True, command="the waiter", note=" (its rows are kept)", log=said.append):
+        entered = time.time()
+        assert (tmp_path / ".test.lock").read_text().startswith(f"process {os.getpid()} (the waiter; on ")
+    released = float(child.stdout.readline().split()[-1])
+    assert entered >= released  # it entered only after the holder had finished
+    assert said[0].startswith(f"{tmp_path} is being written by process {child.pid} (the holder's command; ")
+    assert said[0].endswith("waiting for it to finish (its rows are kept)")
+    assert said[1] == f"{tmp_path} is free: writing"
+    child.wait()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+def test_a_killed_holder_frees_the_folder_at_once(tmp_path, sig):
+    child = _holder(tmp_path)
+    os.kill(child.pid, sig)
+    child.wait()
+    with hold(tmp_path, ".test.lock", wait=False):  # nothing stale is left to refuse it
+        assert folder_lock.held_here(tmp_path, ".test.lock")
+
+
+FORKING_HOLDER = """
+import os, sys, time
+from pathlib import Path
+from tl.engine.folder_lock import hold
+with hold(Path(sys.argv[1]), ".test.lock", wait=False, command="the parent"):
+    started, ready = os.pipe()
+    child = os.fork()  # as a DataLoader worker is
+    if child == 0:
+        os.write(ready, b"!")  # the child runs (its first act, closing its copies, is done)
+        if sys.argv[2] == "child lives on":
+            time.sleep(60)
+        sys.exit(0)  # out through the end of the with block, as a normal exit goes
+    os.read(started, 1)
+    print(child, flush=True)
+    if sys.argv[2] == "child exits":
+        os.waitpid(child, 0)
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_forked_child_neither_keeps_nor_releases_its_parents_lock(tmp_path):
+    """flock belongs to the open file, which fork shares: a child that outlives its killed
+    parent must not keep the folder, and a child that ends must not free it under its parent."""
+    for mode in ("child lives on", "child exits"):
+        parent = subprocess.Popen([sys.executable, "-c", FORKING_HOLDER, str(tmp_path), mode], cwd=ROOT,
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        child = int(parent.stdout.readline())
+        assert parent.stdout.readline().strip() == "held"
+        try:
+            if mode == "child exits":  # the parent still holds it, and its line is intact
+                assert _try(tmp_path) == "busy", mode
+                assert (tmp_path / ".test.lock").read_text().startswith(f"process {parent.pid} (the parent; ")
+            else:
+                os.kill(parent.pid, signal.SIGKILL)
+                parent.wait()
+                os.kill(child, 0)  # the child is still alive
+                assert _try(tmp_path) == "held", mode
+        finally:
+            parent.kill()
+            parent.wait()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+
+
+def test_a_second_hold_in_the_same_process_is_a_second_writer(tmp_path):
+    with hold(tmp_path, ".test.lock", wait=False, command="first"):
+        with pytest.raises(FolderBusy, match=f"process {os.getpid()} \\(first; "), \
+                hold(tmp_path, ".test.lock", wait=False):
+            pass
+        assert folder_lock.held_here(tmp_path, ".test.lock")  # the first still holds it
+        thread_entered = []
+        thread = threading.Thread(target=lambda: thread_entered.append(_try(tmp_path)))
+        thread.start()
+        thread.join()
+        assert thread_entered == ["busy"]  # another thread of this process too
+
+
+def _try(folder: Path) -> str:
+    try:
+        with hold(folder, ".test.lock", wait=False):
+            return "held"
+    except FolderBusy:
+        return "busy"
+
+
+def test_a_released_lock_is_empty_and_free_and_its_file_stays(tmp_path):
+    with hold(tmp_path, ".test.lock", wait=False):
+        pass
+    assert (tmp_path / ".test.lock").read_text() == ""  # kept: deleting it could give two processes the lock
+    assert not folder_lock.held_here(tmp_path, ".test.lock")
+    with pytest.raises(RuntimeError), hold(tmp_path, ".test.lock", wait=False):
+        raise RuntimeError("the block failed")
+    assert _try(tmp_path) == "held"  # a block that raised released it too
+
+
+def test_without_fcntl_the_block_runs_unlocked(tmp_path, monkeypatch):
+    """Windows has no fcntl: there, as the docstring says, folders are not locked."""
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # `import fcntl` raises ImportError
+    with hold(tmp_path, ".test.lock", wait=False), hold(tmp_path, ".test.lock", wait=False):
+        pass
+    assert not (tmp_path / ".test.lock").exists()
