@@ -1,8 +1,8 @@
 """tl/engine/progress.py: every pass of the machinery that can take long shows a bar on stderr
 (the check of a data folder's files, the feature pass, the image cache, scoring, the scan and
-classification of --predict DIR), and --no-progress (or RunOptions.progress=False) silences
-every one of them. On tiny data every pass ends before a bar's delay; the tests but the last
-show bars at once (DELAY 0)."""
+classification of --predict DIR, the check of an exported model), and --no-progress (or
+RunOptions.progress=False) silences every one of them. On tiny data every pass ends before a
+bar's delay; the tests but the last show bars at once (DELAY 0)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ TRAINING_BARS = {"the check of a data folder": "checking ", "the feature pass": 
                  "the image cache": "decoding ", "scoring the headline": "scoring "}
 EVALUATE_BARS = {"the check of a data folder": "checking ", "scoring": "scoring "}
 PREDICT_BARS = {"the scan of a folder": "scanning ", "classifying": "classifying "}
+EXPORT_BARS = {"the check of the exported model": "checking the export "}
 A_BAR = re.compile(r"\[\d\d:\d\d")  # every tqdm bar shows its elapsed time: "... 3/12 [00:01<00:03, ..."
 
 
@@ -30,9 +31,9 @@ def cli(capfd, *argv) -> tuple[int, str]:
     return code, err
 
 
-def run_three_commands(capfd, tmp_path, *flags) -> dict[str, str]:
-    """A frozen run (features of val, decoded train images), --evaluate of its best.pth and
-    --predict of a folder, each with `flags`: the stderr of each."""
+def run_the_commands(capfd, tmp_path, *flags) -> dict[str, str]:
+    """A frozen run (features of val, decoded train images), --evaluate of its best.pth,
+    --predict of a folder and --export, each with `flags`: the stderr of each."""
     data = write_image_folder(tmp_path / "data", train=6, val=4)
     runs = tmp_path / "runs"
     code, train = cli(capfd, "-e", "resnet_frozen", "-b", "tiny", "--weights", "none", "--data", data, "--epochs",
@@ -44,7 +45,9 @@ def run_three_commands(capfd, tmp_path, *flags) -> dict[str, str]:
     code, predict = cli(capfd, "--predict", data / "val", "--checkpoint", run / "best.pth", "--csv",
                         tmp_path / "table.csv", "--workers", "0", *flags)
     assert code == 0, predict
-    return {"train": train, "evaluate": evaluate, "predict": predict}
+    code, export = cli(capfd, "--export", run, "--format", "torchscript", *flags)
+    assert code == 0, export
+    return {"train": train, "evaluate": evaluate, "predict": predict, "export": export}
 
 
 @pytest.fixture(autouse=True)
@@ -56,17 +59,19 @@ def bars_on(monkeypatch):
 
 
 def test_every_long_pass_of_a_command_shows_a_bar_on_stderr(tiny_backbone, tmp_path, capfd):
-    err = run_three_commands(capfd, tmp_path)
-    for command, bars in (("train", TRAINING_BARS), ("evaluate", EVALUATE_BARS), ("predict", PREDICT_BARS)):
+    err = run_the_commands(capfd, tmp_path)
+    for command, bars in (("train", TRAINING_BARS), ("evaluate", EVALUATE_BARS), ("predict", PREDICT_BARS),
+                          ("export", EXPORT_BARS)):
         for what, text in bars.items():
             assert text in err[command], f"{command}: no bar for {what} on stderr:\n{err[command]}"
 
 
 def test_no_progress_silences_every_bar_of_every_command(tiny_backbone, tmp_path, capfd):
-    err = run_three_commands(capfd, tmp_path, "--no-progress")
+    err = run_the_commands(capfd, tmp_path, "--no-progress")
     for command, text in err.items():
         assert not A_BAR.search(text), f"{command} --no-progress drew a bar:\n{text}"
-        assert not any(bar in text for bar in {*TRAINING_BARS.values(), *PREDICT_BARS.values()}), text
+        assert not any(bar in text for bar in {*TRAINING_BARS.values(), *PREDICT_BARS.values(),
+                                               *EXPORT_BARS.values()}), text
     assert progress_module.progress_enabled()  # the switch is main.py's for one command, not the process's
 
 

@@ -14,6 +14,8 @@ run
   resume.py           the options a saved run continues with, the state it is restored to
   early_stopping.py   --patience: when training stops
   headline.py         the headline number, on images that played no part in choosing it
+  command.py          how every command ends: one error: line and exit 2, Ctrl-C exit 130
+  progress.py         a bar on stderr for each long pass; --no-progress turns them off
 data
   selection.py        the one function that chooses a run's images
   images.py           which files in a data folder are usable images

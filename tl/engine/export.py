@@ -240,11 +240,12 @@ def load_exported(path: str | os.PathLike) -> tuple[ExportedModel, dict]:
 def parity_check(model: nn.Module, exported: nn.Module, loader) -> dict:
     """Both models on the same images: the largest |logit difference| and how often their
     top-1 classes agree. (Float rounding may differ; classes should not.)"""
+    from tl.engine.progress import progress
     from tl.loop import predictions
 
     model.eval()
     worst, agree, n = 0.0, 0, 0
-    for images, _labels in loader:
+    for images, _labels in progress(loader, f"checking the export on {len(loader.dataset)} images", unit=" batches"):
         ours, theirs = model(images).float(), exported(images).float()
         worst = max(worst, (ours - theirs).abs().max().item())
         agree += int((predictions(ours) == predictions(theirs)).sum())
