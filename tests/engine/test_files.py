@@ -11,6 +11,8 @@ import stat
 import pytest
 import torch
 
+from tests.test_full_disk import FillingDisk, fill
+from tests.test_full_disk import full_tmpfs as full_tmpfs  # the fixture: a real full disk where the tests run as root
 from tl.engine import checkpoint, files
 
 
@@ -40,6 +42,85 @@ def test_importing_and_writing_never_touch_the_umask(tmp_path, monkeypatch):
     reloaded.atomic_save({"w": torch.ones(2)}, tmp_path / "best.pth")
     assert (tmp_path / "history.csv").read_text() == "epoch\n"
     assert torch.equal(torch.load(tmp_path / "best.pth", weights_only=True)["w"], torch.ones(2))
+
+
+# ----------------------------------------------------------------------------- a write that fails
+WRITERS = {
+    "text": lambda path, src: files.atomic_write_text(path, "a table\n" * 500),
+    "bytes": lambda path, src: files.atomic_write_bytes(path, b"\x89PNG" + bytes(4000)),
+    "copy": lambda path, src: files.atomic_copy(src, path),
+    "torch.save": lambda path, src: files.atomic_save({"w": torch.arange(1000.0)}, path),
+    "json": lambda path, src: files.write_json(path, {"epochs": list(range(500))}),
+}
+
+
+def _fail_at_fsync(monkeypatch):
+    def fsync(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def _fail_at_rename(monkeypatch):
+    def replace(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device", str(src), None, str(dst))
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+FAILURES = {
+    "no room": lambda monkeypatch: FillingDisk(monkeypatch, 0),
+    "room for 100 bytes": lambda monkeypatch: FillingDisk(monkeypatch, 100),
+    "room for 3000 bytes": lambda monkeypatch: FillingDisk(monkeypatch, 3000),
+    "at fsync": _fail_at_fsync,
+    "at the rename": _fail_at_rename,
+}
+
+
+@pytest.mark.parametrize("old", [b"the old whole file\n", None], ids=["over an old file", "a new file"])
+@pytest.mark.parametrize("failure", FAILURES)
+@pytest.mark.parametrize("writer", WRITERS)
+def test_a_write_that_fails_anywhere_leaves_the_old_file_or_none(tmp_path, monkeypatch, writer, failure, old):
+    """Whatever kind of file, and wherever its write fails (a full disk after a few bytes, the
+    flush to disk, the rename): an OSError naming the file, no temporary left, the old file whole."""
+    src = tmp_path / "source.csv"
+    src.write_text("path,prediction\n" * 400)
+    target = tmp_path / "out" / "target"
+    target.parent.mkdir()
+    if old is not None:
+        target.write_bytes(old)
+    with monkeypatch.context() as m:
+        FAILURES[failure](m)
+        with pytest.raises(OSError) as raised:
+            WRITERS[writer](target, src)
+    assert raised.value.filename == str(target)  # the message names the file, not its temporary
+    assert raised.value.errno in (errno.ENOSPC, errno.EIO)
+    assert sorted(p.name for p in target.parent.iterdir()) == ([] if old is None else ["target"])
+    assert old is None or target.read_bytes() == old
+
+
+def test_a_failed_write_is_one_error_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    from tl.engine.command import command
+
+    with monkeypatch.context() as m:
+        FillingDisk(m, 10)
+        code = command(lambda: files.atomic_write_text(tmp_path / "summary.csv", "x" * 100))
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: no space left on the device while writing {tmp_path / 'summary.csv'}")
+
+
+def test_a_write_on_a_really_full_disk_leaves_the_old_file(full_tmpfs):
+    target = full_tmpfs / "runs.csv"
+    target.write_text("the old table\n")
+    fill(full_tmpfs, 0)
+    for write in (lambda: files.atomic_write_text(target, "a new table\n" * 2000),
+                  lambda: files.atomic_save({"w": torch.zeros(10_000)}, target)):
+        with pytest.raises(OSError) as raised:
+            write()
+        assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(target)
+        assert target.read_text() == "the old table\n"
+        assert sorted(p.name for p in full_tmpfs.iterdir()) == [".filler", "runs.csv"]
 
 
 def test_a_crash_during_a_save_leaves_the_old_file(tmp_path, monkeypatch):

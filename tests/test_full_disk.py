@@ -1,0 +1,395 @@
+"""A full disk, at any byte of any write of any command: one `error:` line, exit status 2, and no
+empty, half-written or left-over file; every file that was there before is there as it was.
+
+`FillingDisk` makes every write of tl/engine/files.py (the one way this project writes a file)
+fail with ENOSPC once a given number of bytes has gone to disk, writing the bytes that fit first,
+as a real disk does. Each command runs once with room to spare, to count what each file takes,
+then again with the disk full in the middle of its first file, of its last, and of others
+between: each try fails at another write. `full_tmpfs` is a real full disk (a tmpfs mounted where the test runs as
+root), which also catches a write that does not go through files.py. A last test reads the code:
+no write outside files.py (and the table writer) remains.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import csv
+import errno
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+import main
+from tests.conftest import write_image_folder
+from tl.engine import files
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class FillingDisk:
+    """Every write of tl/engine/files.py fails with ENOSPC once `room` bytes have been written in
+    all (None: no limit); the bytes that fit are written first. `written` counts the bytes,
+    `sizes` the bytes of each file in the order they were written, `failed` names the files whose
+    write failed, `whole` holds the last whole version written of each file."""
+
+    def __init__(self, monkeypatch, room: int | None = None):
+        self.room, self.written, self.sizes, self.failed, self.whole = room, 0, [], [], {}
+        real_fdopen = os.fdopen
+
+        def fdopen(fd, *args, **kwargs):
+            f = real_fdopen(fd, *args, **kwargs)
+            if sys._getframe(1).f_globals.get("__name__") != files.__name__:
+                return f  # someone else's file
+            return _Filling(f, self, os.readlink(f"/proc/self/fd/{fd}"))
+
+        monkeypatch.setattr(os, "fdopen", fdopen)
+
+
+class _Filling:
+    def __init__(self, f, disk: FillingDisk, temporary: str):
+        name = Path(temporary).name  # .NAME.PID.XXXXXXXX.tmp
+        self.f, self.disk, self.target = f, disk, Path(temporary).with_name(name[1:].rsplit(".", 3)[0])
+        self.data = bytearray()
+        disk.sizes.append(0)
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        fits = len(data) if self.disk.room is None else max(0, self.disk.room - self.disk.written)
+        self.disk.written += min(fits, len(data))
+        self.disk.sizes[-1] += min(fits, len(data))
+        if fits < len(data):
+            self.f.write(data[:fits])
+            self.f.flush()  # the part that fits is on disk, in the temporary
+            self.disk.failed.append(self.target)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.data += data
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, *exc):
+        self.f.close()
+        if kind is None:
+            self.disk.whole[self.target] = bytes(self.data)
+
+
+# ----------------------------------------------------------------------------- what a folder holds
+def canonical(path: Path) -> Path:
+    """`path` with a run folder's name (resnet_scratch-tiny-20250101-120000) as RUN: each try's
+    run folder is compared with the first one's."""
+    return Path(*("RUN" if re.search(r"-\d{8}-\d{6}", part) else part for part in path.parts))
+
+
+def snapshot(*folders: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for f in folders if f.exists() for p in sorted(f.rglob("*")) if p.is_file()}
+
+
+def whole(path: Path, data: bytes) -> bool:
+    """Whether `data` is a whole file of its kind: it reads to its end."""
+    import io
+
+    import torch
+
+    if path.suffix == ".png":
+        return data.startswith(b"\x89PNG") and data.endswith(b"IEND\xaeB`\x82")
+    if path.suffix == ".json":
+        return isinstance(json.loads(data), dict)
+    if path.suffix == ".md":
+        return data.endswith(b"\n")
+    if path.suffix == ".csv":  # every row as long as the header
+        rows = list(csv.reader(io.StringIO(data.decode(), newline="")))
+        return data.endswith(b"\n") and len(rows) > 0 and all(len(row) == len(rows[0]) for row in rows)
+    if path.suffix in (".pth", ".ckpt"):
+        return torch.load(io.BytesIO(data), weights_only=True) is not None
+    if path.suffix == ".pt":
+        return torch.jit.load(io.BytesIO(data)) is not None
+    if path.suffix == ".onnx":
+        import onnx
+
+        return onnx.load_from_string(data) is not None
+    return bool(data) or path.name.endswith(".lock")
+
+
+def check_nothing_lost_or_half_written(before: dict[Path, bytes], after: dict[Path, bytes],
+                                       disk: FillingDisk | None = None) -> None:
+    """No temporary is left, no file is empty or cut short (each reads to its end), a file whose
+    write failed holds its last whole version (or is absent, as before), and every file of
+    `before` is still there (as it was, or whole)."""
+    for path in disk.failed if disk else []:
+        assert after.get(path) == disk.whole.get(path, before.get(path)), f"{path}: its failed write changed it"
+    before, after = ({canonical(p): data for p, data in files_.items()} for files_ in (before, after))
+    assert not [p for p in after if p.name.endswith(".tmp")], "a temporary was left behind"
+    for path, data in after.items():
+        assert data == before.get(path) or whole(path, data), f"{path} is empty or cut short"
+    assert not [p for p in before if p not in after], "a file was lost"
+
+
+def one_error_line(code: int, err: str) -> None:
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "no space left on the device" in lines[0], err
+
+
+def fill_at_every_depth(monkeypatch, capfd, command, folders: list[Path], tries: int = 4) -> None:
+    """Run `command()` (an exit status) with room to spare, counting what each file takes, then with
+    the disk full in the middle of its first file, its last, and others between (`tries` in all):
+    each try one error: line, nothing lost or half-written."""
+    before = snapshot(*folders)
+    with monkeypatch.context() as m:
+        disk = FillingDisk(m)
+        code = command()
+        capfd.readouterr()
+    assert code == 0 and disk.written > 0
+    n = len(disk.sizes)
+    chosen = sorted({round(i * (n - 1) / max(1, tries - 1)) for i in range(tries)})
+    for room in (sum(disk.sizes[:k]) + disk.sizes[k] // 2 for k in chosen):
+        restore(folders, before)
+        with monkeypatch.context() as m:
+            full = FillingDisk(m, room)
+            code = command()
+        one_error_line(code, capfd.readouterr().err)
+        assert full.failed, "no write failed"
+        check_nothing_lost_or_half_written(before, snapshot(*folders), full)
+
+
+def restore(folders: list[Path], files_: dict[Path, bytes]) -> None:
+    """The folders as they were before the first try (each try starts from the same files)."""
+    for folder in folders:
+        for p in sorted(folder.rglob("*"), reverse=True) if folder.exists() else []:
+            if p.is_file() and p not in files_:
+                p.unlink()
+        for p, data in files_.items():
+            if p.is_relative_to(folder):
+                p.parent.mkdir(parents=True, exist_ok=True)
+                p.write_bytes(data)
+
+
+def cli(*argv) -> int:
+    return main.main([str(a) for a in argv])
+
+
+# ----------------------------------------------------------------------------- the commands
+@pytest.fixture
+def trained(tiny_backbone, tmp_path) -> Path:
+    """A run folder of the tiny backbone (one epoch) and its data."""
+    data = write_image_folder(tmp_path / "data", train=4, val=4)
+    assert cli("-e", "resnet_scratch", "-b", "tiny", "--data", data, "--epochs", "1", "--out", tmp_path / "runs",
+               "--workers", "0", "--image-size", "32", "--no-progress") == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    return run
+
+
+def test_a_training_run_on_a_full_disk(tiny_backbone, tmp_path, monkeypatch, capfd):
+    data = write_image_folder(tmp_path / "data", train=4, val=4)
+    out = tmp_path / "runs"
+    (out / "an-older-run").mkdir(parents=True)
+    (out / "an-older-run" / "config.json").write_text('{"kept": true}\n')
+
+    def train():
+        for run in out.glob("resnet_scratch-*"):  # each try makes its run folder anew
+            shutil.rmtree(run)
+        return cli("-e", "resnet_scratch", "-b", "tiny", "--data", data, "--epochs", "1", "--out", out,
+                   "--workers", "0", "--image-size", "32", "--no-progress")
+
+    fill_at_every_depth(monkeypatch, capfd, train, [out], tries=3)
+
+
+def test_predict_dir_on_a_full_disk(trained, tmp_path, monkeypatch, capfd):
+    table = tmp_path / "tables" / "table.csv"
+    (tmp_path / "tables").mkdir()
+    (tmp_path / "tables" / "older.csv").write_text("path,prediction\n")
+
+    def predict():
+        table.unlink(missing_ok=True)
+        return cli("--predict", trained.parents[1] / "data" / "val", "--checkpoint", trained / "best.pth",
+                   "--csv", table, "--workers", "0", "--no-progress")
+
+    fill_at_every_depth(monkeypatch, capfd, predict, [tmp_path / "tables"])
+
+
+@pytest.mark.parametrize("fmt, tries", [("onnx", 1), ("torchscript", 2)])  # (an ONNX export takes seconds)
+def test_export_on_a_full_disk(trained, monkeypatch, capfd, fmt, tries):
+    fill_at_every_depth(monkeypatch, capfd, lambda: cli("--export", trained, "--format", fmt), [trained], tries)
+
+
+def test_compare_all_on_a_full_results_folder(tiny_backbone, tmp_path, monkeypatch, capfd):
+    """The results folder holds a comparison (seed 0) and takes a second seed's rows: whatever write
+    the disk fills up at, the first comparison's files stay as they were."""
+    out = tmp_path / "results"
+    fill_at_every_depth(monkeypatch, capfd, cached_comparison(monkeypatch, tmp_path, out), [out], tries=3)
+
+
+def cached_comparison(monkeypatch, tmp_path: Path, out: Path):
+    """`out` holding a comparison of seed 0 (compare_all, tiny data), and the command that adds
+    seed 1's rows to it. Each (recipe, backbone, seed) trains once, before: a try of that command is
+    its writing alone (training is tested elsewhere; here the results folder is)."""
+    from experiments import compare_all
+
+    real, done = compare_all.run_one, {}
+
+    def run_one(name, backbone, seed, *args, **kwargs):
+        if (name, backbone, seed) not in done:
+            done[(name, backbone, seed)] = real(name, backbone, seed, *args, **kwargs)
+        return done[(name, backbone, seed)]
+
+    monkeypatch.setattr(compare_all, "run_one", run_one)
+    data = write_image_folder(tmp_path / "data", train=4, val=4)
+
+    def compare(seeds: list[str], where: Path) -> int:
+        return command(lambda: compare_all.main(["--quick", "--data", str(data), "--experiments", "resnet_scratch",
+                                                 "--backbone", "tiny", "--out", str(where), "--workers", "0",
+                                                 "--seeds", *seeds, "--runs-dir",
+                                                 str(tmp_path / f"runs-{uuid.uuid4().hex}")]))
+
+    assert compare(["0", "1"], tmp_path / "scratch") == 0  # both seeds trained
+    assert compare(["0"], out) == 0
+    return lambda: compare(["0", "1"], out)
+
+
+def command(main_function) -> int:
+    from tl.engine.command import command as run_command
+
+    return run_command(main_function)
+
+
+def test_a_benchmark_on_a_full_disk(tiny_backbone, tmp_path, monkeypatch, capfd):
+    from benchmarks import feature_batch
+
+    data = write_image_folder(tmp_path / "data", train=4, val=4)
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "benchmark.md").write_text("# the loop's page, not this benchmark's\n")
+
+    def measure():
+        return command(lambda: feature_batch.main(["--data", str(data), "--backbone", "tiny", "--weights", "none",
+                                                   "--batch-sizes", "2", "--repeats", "1", "--out", str(out)]))
+
+    fill_at_every_depth(monkeypatch, capfd, measure, [out])
+
+
+# ----------------------------------------------------------------------------- a real full disk
+@pytest.fixture
+def full_tmpfs(tmp_path):
+    """A 4 MiB tmpfs mounted at tmp_path/disk; `fill(pages)` leaves that many 4 KiB pages free.
+    Skipped where the test is not root or mount fails (a container without the capability)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"mount -t tmpfs failed: {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill(disk: Path, pages: int) -> None:
+    """Leave `pages` 4 KiB pages free on `disk` (a filler file takes the rest)."""
+    filler = disk / ".filler"
+    filler.unlink(missing_ok=True)
+    st = os.statvfs(disk)
+    with contextlib.suppress(OSError), open(filler, "wb") as f:
+        f.write(b"\0" * max(0, st.f_bavail * st.f_frsize - pages * 4096))
+
+
+def test_compare_all_on_a_really_full_tmpfs(tiny_backbone, tmp_path, monkeypatch, capfd, full_tmpfs):
+    """The issue's case on a real disk, where a write that bypassed files.py would show too: the
+    results folder full at one write after another (0, 1, 2, 4, 8, ... pages of 4 KiB free)."""
+    out = full_tmpfs / "results"
+    compare = cached_comparison(monkeypatch, tmp_path, out)
+    before = snapshot(out)
+    tries = 0
+    for pages in (0, 1, 2, 4, 8, 16, 32, 64, 128, 256):
+        restore([out], before)
+        fill(full_tmpfs, pages)
+        code = compare()
+        err = capfd.readouterr().err
+        if code == 0:
+            break
+        tries += 1
+        one_error_line(code, err)
+        check_nothing_lost_or_half_written(before, snapshot(out))
+    assert code == 0 and tries > 3, f"{tries} tries failed before one fitted"
+    (full_tmpfs / ".filler").unlink()
+
+
+# ----------------------------------------------------------------------------- the code itself
+# calls that write a file themselves (a name ends so): a failed write would leave half of it
+WRITERS = ("write_text", "write_bytes", "savefig", "save", "shutil.copy", "shutil.copy2", "shutil.copyfile",
+           "shutil.copyfileobj", "json.dump", "tofile", "os.write", "to_csv")
+ALLOWED = {  # (file, text on the line): writes into memory or into files.py's temporary
+    ("tl/engine/plots.py", "fig.savefig(picture,"),
+    ("tl/engine/export.py", "atomic_write(path, lambda f: torch.jit.save("),
+    ("benchmarks/gpu_data.py", "atomic_write(dst, lambda f: small.save("),
+    ("benchmarks/growth.py", 'atomic_write(folder / f"{i:06d}.jpg", lambda f: image.save('),
+    ("tl/engine/folder_lock.py", 'open(path, "a+")'),  # a lock file: its holder's one line, never data
+}
+
+
+def _writes(path: Path) -> list[tuple[int, str]]:
+    """(line, call) of every call in `path` that writes a file by itself."""
+    text = path.read_text()
+    found = []
+    for node in ast.walk(ast.parse(text)):
+        if not isinstance(node, ast.Call):
+            continue
+        name = ast.unparse(node.func)
+        writes = name == "open" and any(isinstance(a, ast.Constant) and isinstance(a.value, str)
+                                        and set(a.value) & set("wax+") for a in [*node.args[1:2],
+                                                                                 *(k.value for k in node.keywords)])
+        # "shutil.copy" as itself; "save" as any object's method (torch.save, image.save)
+        writes |= any(name == w if "." in w else name.endswith("." + w) for w in WRITERS)
+        if name.endswith(".to_csv") and not node.args and not any(k.arg == "path_or_buf" for k in node.keywords):
+            writes = False  # to_csv() without a path returns the text
+        if writes:
+            found.append((node.lineno, text.splitlines()[node.lineno - 1].strip()))
+    return found
+
+
+def test_every_write_goes_through_files_py():
+    """No module writes a file itself (a write that fails half-way would leave half a file, and
+    shutil.copyfile an empty one): tl/engine/files.py does, for every table, page, picture and model."""
+    bad = []
+    for path in [ROOT / "main.py", ROOT / "commands.py", *ROOT.glob("tl/**/*.py"), *ROOT.glob("experiments/**/*.py"),
+                 *ROOT.glob("benchmarks/*.py")]:
+        name = path.relative_to(ROOT).as_posix()
+        if name != "tl/engine/files.py":
+            bad += [f"{name}:{n}: {line}" for n, line in _writes(path)
+                    if not any(name == f and allowed in line for f, allowed in ALLOWED)]
+    assert not bad, "writes that bypass tl/engine/files.py:\n" + "\n".join(bad)
+
+
+def test_the_code_check_sees_each_kind_of_write(tmp_path):
+    """The check above finds every kind of write it looks for (a check that finds nothing proves nothing)."""
+    code = tmp_path / "writes.py"
+    code.write_text("\n".join([
+        "p.write_text('x')", "p.write_bytes(b'x')", "fig.savefig(p)", "torch.save(obj, p)", "img.save(p)",
+        "shutil.copyfile(a, b)", "shutil.copy(a, b)", "json.dump(obj, f)", "df.to_csv(p)", "open(p, 'w')",
+        "open(p, mode='ab')", "os.write(fd, b'x')", "np.save(p, a)",
+        "df.to_csv(index=False)", "open(p)", "open(p, 'rb')", "json.dumps(obj)"]))  # the last four write nothing
+    assert [n for n, _ in _writes(code)] == list(range(1, 14))
+
+
+def test_every_entry_point_runs_through_the_one_wrapper():
+    """`python -m experiments.X` / `benchmarks.X` end through tl.engine.command.command, as main.py does."""
+    for path in [*ROOT.glob("experiments/*.py"), *ROOT.glob("benchmarks/*.py")]:
+        text = path.read_text()
+        if 'if __name__ == "__main__":' in text and path.name != "trace_core.py":  # trace_core runs main.main
+            block = text.split('if __name__ == "__main__":', 1)[1]
+            assert "sys.exit(command(main))" in block, path
