@@ -234,6 +234,70 @@ def test_a_loss_that_turns_non_finite_after_real_updates_applies_no_update(tiny_
     assert [(r["epoch"], r["phase"]) for r in history.rows] == [(0, "val"), (1, "train"), (1, "val")]
 
 
+# ----------------------------------------------------------------------------- the documents' own loop as an oracle
+def _document_002_train_model(net, dataloaders_dict, criterion, optimizer, num_epochs):
+    """Document 002 §1.3's `train_model`, as written there (prints left out), with ERRATA 8
+    applied (the epoch statistics inside the phase loop) and the lines marked `# +` added to
+    collect (epoch, phase, loss, acc)."""
+    from tqdm import tqdm
+
+    rows = []  # +
+    for epoch in range(num_epochs):
+        for phase in ['train', 'val']:
+            if phase == 'train':
+                net.train()
+            else:
+                net.eval()
+            epoch_loss = 0.0
+            epoch_corrects = 0
+
+            if (epoch == 0) and (phase == 'train'):
+                continue
+
+            for inputs, labels in tqdm(dataloaders_dict[phase], disable=True):
+                optimizer.zero_grad()
+
+                with torch.set_grad_enabled(phase == 'train'):
+                    outputs = net(inputs)
+                    loss = criterion(outputs, labels)
+                    _, preds = torch.max(outputs, 1)
+
+                    if phase == 'train':
+                        loss.backward()
+                        optimizer.step()
+
+                    epoch_loss += loss.item() * inputs.size(0)
+                    epoch_corrects += torch.sum(preds == labels.data)
+
+            epoch_loss = epoch_loss / len(dataloaders_dict[phase].dataset)  # ERRATA 8: per phase
+            epoch_acc = epoch_corrects.double() / len(dataloaders_dict[phase].dataset)
+            rows.append((epoch, phase, epoch_loss, epoch_acc.item()))  # +
+    return rows  # +
+
+
+def test_train_model_is_document_002s_loop(tiny_data, tiny_backbone):
+    """With default Hooks, train_model trains exactly as the document's own loop: the same rows
+    (epoch, phase, loss, acc) and the same final weights, bit for bit (each with its own loaders
+    from the same seed, from the same initial weights)."""
+    _, start, _ = _setup(tiny_data)
+    runs = []
+    for loop in ("document", "train_model"):
+        spec, _, loaders = _setup(tiny_data)  # the same seed: the same shuffle and augmentation draws
+        net = build_model("tiny", 2, "none")
+        net.load_state_dict(start.state_dict())
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+        if loop == "document":
+            rows = _document_002_train_model(net, loaders, nn.CrossEntropyLoss(), optimizer, num_epochs=4)
+        else:
+            history = train_model(net, loaders, nn.CrossEntropyLoss(), optimizer, num_epochs=4,
+                                  hooks=Hooks(progress=False, log=lambda line: None))
+            rows = [(r["epoch"], r["phase"], r["loss"], r["acc"]) for r in history.rows]
+        runs.append((rows, _state(net)))
+    (document_rows, document_state), (our_rows, our_state) = runs
+    assert len(our_rows) == 7 and our_rows == document_rows  # epoch 0: val only; then train and val
+    assert all(torch.equal(document_state[k], our_state[k]) for k in document_state)
+
+
 def _linear_loaders() -> dict:
     torch.manual_seed(0)
     x = torch.randn(16, 4)

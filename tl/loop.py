@@ -37,7 +37,7 @@ as in the PyTorch tutorial) or, with `scheduler_interval="step"`, after every op
 step (one-cycle, warmup + cosine). A recipe in several stages (tl/stages.py) is trained by
 calling this function once per stage with the same History, which it continues after its last row.
 
-**Several processes** (`torchrun`, tl/distributed.py) change three things, each a line
+**Several processes** (`torchrun`; tl/distributed.py) change three things, each a line
 marked `[DDP]`, each a no-op in a single process: the train sampler reshuffles per epoch
 (`set_epoch`); after a phase, the loss, correct and image counts are added up over the
 processes, so every row is over the whole data set, each val image counted once; the best
@@ -47,8 +47,8 @@ in (DDP averages the gradients inside `backward()`, so every process takes the s
 
 from __future__ import annotations
 
+import contextlib
 import math
-import os
 import random
 import time
 from collections.abc import Callable
@@ -66,14 +66,15 @@ def seed_everything(seed: int) -> None:
     """The one seeding helper: Python, NumPy and torch (CPU and CUDA) RNGs.
 
     With the same seed, the same data and the same number of threads, a CPU run
-    repeats its history exactly (tests/test_loop.py checks it).
+    repeats its history exactly (tests/test_loop.py checks it). Python's string hashing is
+    not among them: it is seeded when the interpreter starts (PYTHONHASHSEED in the
+    environment), too early for any line here, and nothing in a run depends on it.
     """
     import numpy as np
 
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device
-    os.environ.setdefault("PYTHONHASHSEED", str(seed))
 
 
 @dataclass
@@ -148,6 +149,12 @@ class Hooks:
     progress: bool = True  # tqdm progress bars
     log: Callable[[str], None] = print
 
+    def __post_init__(self):
+        if self.best_by not in ("acc", "loss"):
+            raise ValueError(f"best_by must be 'acc' or 'loss', not {self.best_by!r}")
+        if self.scheduler_interval not in ("epoch", "step"):
+            raise ValueError(f"scheduler_interval must be 'epoch' or 'step', not {self.scheduler_interval!r}")
+
 
 def train_model(net: nn.Module, dataloaders: dict, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                 num_epochs: int, device: torch.device | str = "cpu", history: History | None = None,
@@ -157,47 +164,37 @@ def train_model(net: nn.Module, dataloaders: dict, criterion: nn.Module, optimiz
 
     A new run starts from an empty History; a resumed run, or the next stage of a staged
     recipe (tl/stages.py), passes the History so far and the loop goes on after its last row.
+    The lines of document 002 §1.3 stand in its order; each optional feature is one named call.
     """
     hooks, device = hooks or Hooks(), torch.device(device)
-    if hooks.best_by not in ("acc", "loss"):
-        raise ValueError(f"best_by must be 'acc' or 'loss', not {hooks.best_by!r}")
-    if hooks.scheduler_interval not in ("epoch", "step"):
-        raise ValueError(f"scheduler_interval must be 'epoch' or 'step', not {hooks.scheduler_interval!r}")
     history = history if history is not None else History()
     start_epoch = history.rows[-1]["epoch"] + 1 if history.rows else 0  # after a resume or a stage: go on
-    net.to(device, memory_format=torch.channels_last if hooks.channels_last else torch.preserve_format)
-    # the BatchNorm layers that stay in eval mode while the rest trains: all of them, the frozen ones, or none
-    eval_bn = eval_batchnorm(net, hooks.frozen_bn_eval, hooks.bn_eval)
+    move_to_device(net, device, hooks.channels_last)
+    eval_bn = eval_batchnorm(net, hooks.frozen_bn_eval, hooks.bn_eval)  # BatchNorm layers kept in eval mode
 
     for epoch in range(start_epoch, num_epochs):
         stop = False
         for phase in ("train", "val"):
-            if epoch == 0 and phase == "train":
-                continue  # the baseline: measure the untrained network before any update
             if phase == "train":
                 net.train()  # Dropout on, BatchNorm uses and updates batch statistics
                 for bn in eval_bn:
                     bn.eval()  # ...except these: normalise with, and keep, their ImageNet running statistics
-            model = net if phase == "train" or hooks.validate_with is None else hooks.validate_with
-            if phase == "val":
-                model.eval()  # Dropout off, BatchNorm uses its running statistics
+            else:
+                net.eval()  # Dropout off, BatchNorm uses its running statistics
+
+            if epoch == 0 and phase == "train":
+                continue  # the baseline: measure the untrained network before any update
+
+            model = scored_model(net, phase, hooks)  # val may score an averaged copy (--ema)
             distributed.set_epoch(dataloaders[phase], epoch)  # [DDP] this epoch's shuffle, the same on all ranks
             row, phase_stop = run_phase(model, dataloaders[phase], criterion, optimizer,
                                         (epoch, num_epochs, phase), device, hooks)
-            stop = stop or phase_stop  # after_step's request outlives the val phase that follows
+            stop = stop or phase_stop  # a stop asked during train outlives the val phase that follows
             history.rows.append(row)
-            tag = "  (baseline: no training yet)" if epoch == 0 else ""
-            hooks.log(f"epoch {epoch:>2}/{num_epochs - 1} {phase:<5} loss {row['loss']:.4f}  acc {row['acc']:.4f}"
-                      f"  [{row['seconds']:5.1f} s, {row['images_per_s']:6.1f} img/s]{tag}")
-            if hooks.end_of_phase is not None:
-                hooks.end_of_phase(epoch, phase, row)
-        if hooks.scheduler is not None and hooks.scheduler_interval == "epoch" and epoch > 0:
-            hooks.scheduler.step()  # an epoch schedule (StepLR): after each training epoch, as the tutorial does
+            report(row, num_epochs, hooks)  # 002's print, one line per phase (docs/ERRATA.md 8)
+        step_epoch_schedule(hooks, epoch)  # StepLR: after each training epoch, as the tutorial does
         remember_if_best(history, model, hooks.best_by)  # the weights val just scored
-        if stop or (hooks.end_of_epoch is not None and hooks.end_of_epoch(epoch, history)):
-            history.stopped_early = epoch
-            who = "after_step" if stop else "the epoch-end callback"
-            hooks.log(f"stopping after epoch {epoch} (requested by {who})")
+        if should_stop(epoch, history, stop, hooks):
             break
     return history
 
@@ -207,59 +204,132 @@ def run_phase(net: nn.Module, loader, criterion: nn.Module, optimizer: torch.opt
     """One pass over one phase's batches: forward, loss, and in "train" backward and step.
     `where` is (epoch, num_epochs, phase). Returns the phase's row and whether a hook asked to stop."""
     epoch, num_epochs, phase = where
-    running_loss, running_correct, seen, stop = 0.0, 0, 0, False
+    epoch_loss, epoch_corrects, seen, stop = 0.0, 0, 0, False
     started = time.perf_counter()
-    # (tqdm.auto's bar would call iter() on the DataLoader when created, and the `for` again: each
-    # phase would start its workers twice and draw once more from the shuffle generator)
-    for inputs, labels in tqdm(loader, desc=f"epoch {epoch}/{num_epochs - 1} {phase}", leave=False,
-                               disable=not hooks.progress, dynamic_ncols=True):
-        # non_blocking: with pinned memory the copy to the GPU overlaps with compute
-        inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        if hooks.channels_last and inputs.dim() == 4:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
+
+    for inputs, labels in progress_bar(loader, where, hooks.progress):
+        inputs, labels = to_device(inputs, labels, device, hooks.channels_last)
         optimizer.zero_grad(set_to_none=True)  # gradients accumulate unless cleared
 
         with torch.set_grad_enabled(phase == "train"):
-            with torch.autocast(device.type, dtype=hooks.autocast_dtype, enabled=hooks.autocast_dtype is not None):
+            with autocast(device, hooks.autocast_dtype):  # mixed precision on a GPU; does nothing when off
                 outputs = net(inputs)  # (B, num_classes) logits
                 loss = criterion(outputs, loss_targets(outputs, labels))  # mean over the batch
-            preds = predictions(outputs)  # (B,)
-            if not hooks.device_sums and not torch.isfinite(loss):
-                raise NonFiniteLoss(epoch, phase, loss.item())
+            preds = predictions(outputs)  # (B,) 002's torch.max(outputs, 1)
+            check_finite(loss, where, hooks.device_sums)  # a NaN/inf loss stops before any update
+
             if phase == "train":
                 if hooks.scaler is None:
                     loss.backward()  # d(loss)/d(param) for every trainable parameter
                     optimizer.step()  # param -= lr * (its update rule)
-                else:  # fp16: the same two steps on a scaled loss, unscaled before the update
-                    hooks.scaler.scale(loss).backward()
-                    hooks.scaler.step(optimizer)
-                    hooks.scaler.update()
-                if hooks.scheduler is not None and hooks.scheduler_interval == "step":
-                    hooks.scheduler.step()  # a per-step schedule: the next batch gets the next rate
-                stop = hooks.after_step is not None and bool(hooks.after_step(epoch))
+                else:
+                    scaled_step(loss, optimizer, hooks.scaler)  # fp16: the same two steps on a scaled loss
+                stop = after_update(epoch, hooks)  # a per-step schedule, EMA, an LR finder's stop
 
-        # loss is a batch mean: weight it by the batch size so the epoch figure is the mean over
-        # images even when the last batch is smaller. `.item()` copies a number to Python: free on
-        # a CPU, but on a GPU it waits for every queued kernel, so the GPU idles while Python
-        # prepares the next batch; there (`device_sums`) the sums stay on the GPU, read once a phase.
-        if not hooks.device_sums:  # the tutorial's two lines
-            running_loss += loss.item() * inputs.size(0)
-            running_correct += (preds == labels).sum().item()
-        else:
-            running_loss += loss.detach().double() * inputs.size(0)  # float64, as Python's float above
-            running_correct += (preds == labels).sum()
+            # 002's `loss.item() * inputs.size(0)` and `torch.sum(preds == labels)`, kept as tensors
+            # (float64, as Python's float): the same sums, and on a GPU no wait for the queued kernels
+            # at every batch; they are read once, at the end of the phase
+            epoch_loss += loss.detach().double() * inputs.size(0)  # a batch mean, weighted by its size
+            epoch_corrects += torch.sum(preds == labels)
         seen += inputs.size(0)
         if stop:
             break
-    running_loss, running_correct = float(running_loss), int(running_correct)  # device sums: the one read
-    if not math.isfinite(running_loss):  # device sums: a NaN/inf loss is seen here, at the phase end
-        raise NonFiniteLoss(epoch, phase, running_loss, at_phase_end=True)
+    return phase_row(epoch_loss, epoch_corrects, seen, where, started), stop
 
+
+# ----------------------------------------------------------------------------- the loop's named calls
+def move_to_device(net: nn.Module, device: torch.device, channels_last: bool) -> None:
+    """The model's weights on the device, in NHWC layout when asked (faster convolutions on GPUs)."""
+    net.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+
+
+def to_device(inputs: torch.Tensor, labels: torch.Tensor, device: torch.device, channels_last: bool):
+    """A batch on the device; non_blocking: with pinned memory the copy overlaps with compute."""
+    inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    if channels_last and inputs.dim() == 4:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    return inputs, labels
+
+
+def progress_bar(loader, where: tuple, enabled: bool):
+    """tqdm over the batches (tqdm.std: tqdm.auto's bar would call iter() on the DataLoader when
+    created, and the `for` again, so each phase would start its workers twice and draw once more
+    from the shuffle generator)."""
+    epoch, num_epochs, phase = where
+    return tqdm(loader, desc=f"epoch {epoch}/{num_epochs - 1} {phase}", leave=False, disable=not enabled,
+                dynamic_ncols=True)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """torch.autocast on the device when a dtype is given; otherwise a context that does nothing."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def scored_model(net: nn.Module, phase: str, hooks: Hooks) -> nn.Module:
+    """The model a phase runs: `net`, or in val the averaged copy `hooks.validate_with`, in eval mode."""
+    if phase == "val" and hooks.validate_with is not None:
+        return hooks.validate_with.eval()
+    return net
+
+
+def check_finite(loss: torch.Tensor, where: tuple, device_sums: bool) -> None:
+    """NonFiniteLoss when the loss is NaN or infinite, before backward() and the step. With
+    device sums (a GPU) the check waits for the phase's end (phase_row), to spare a sync a batch."""
+    if not device_sums and not torch.isfinite(loss):
+        epoch, _, phase = where
+        raise NonFiniteLoss(epoch, phase, loss.item())
+
+
+def scaled_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    """fp16's backward and step: the loss scaled up so small gradients survive, unscaled before the update."""
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def after_update(epoch: int, hooks: Hooks) -> bool:
+    """After each optimizer step: a per-step schedule's next rate, then `after_step` (True: stop)."""
+    if hooks.scheduler is not None and hooks.scheduler_interval == "step":
+        hooks.scheduler.step()  # one-cycle, warmup + cosine: the next batch gets the next rate
+    return hooks.after_step is not None and bool(hooks.after_step(epoch))
+
+
+def phase_row(epoch_loss, epoch_corrects, seen: int, where: tuple, started: float) -> dict:
+    """The phase's row: mean loss and accuracy over its images (ERRATA 8: every phase, not only val)."""
+    epoch, _, phase = where
+    epoch_loss, epoch_corrects = float(epoch_loss), int(epoch_corrects)  # the one read of the sums
+    if not math.isfinite(epoch_loss):  # device sums: a NaN/inf loss is seen here, at the phase end
+        raise NonFiniteLoss(epoch, phase, epoch_loss, at_phase_end=True)
     # [DDP] sums over all processes: every figure is over the whole data set (no-op in one process)
-    running_loss, running_correct, n = distributed.sum_over_processes(running_loss, running_correct, seen)
+    epoch_loss, epoch_corrects, n = distributed.sum_over_processes(epoch_loss, epoch_corrects, seen)
     seconds = time.perf_counter() - started
-    return {"epoch": epoch, "phase": phase, "loss": running_loss / n, "acc": running_correct / n,
-            "seconds": seconds, "images_per_s": n / seconds if seconds > 0 else float("nan")}, stop
+    return {"epoch": epoch, "phase": phase, "loss": epoch_loss / n, "acc": epoch_corrects / n,
+            "seconds": seconds, "images_per_s": n / seconds if seconds > 0 else float("nan")}
+
+
+def report(row: dict, num_epochs: int, hooks: Hooks) -> None:
+    """The phase's line (the baseline epoch marked), then the `end_of_phase` hook."""
+    tag = "  (baseline: no training yet)" if row["epoch"] == 0 else ""
+    hooks.log(f"epoch {row['epoch']:>2}/{num_epochs - 1} {row['phase']:<5} loss {row['loss']:.4f}  "
+              f"acc {row['acc']:.4f}  [{row['seconds']:5.1f} s, {row['images_per_s']:6.1f} img/s]{tag}")
+    if hooks.end_of_phase is not None:
+        hooks.end_of_phase(row["epoch"], row["phase"], row)
+
+
+def step_epoch_schedule(hooks: Hooks, epoch: int) -> None:
+    """An epoch schedule (StepLR) steps after each training epoch; epoch 0 did not train."""
+    if hooks.scheduler is not None and hooks.scheduler_interval == "epoch" and epoch > 0:
+        hooks.scheduler.step()
+
+
+def should_stop(epoch: int, history: History, stop: bool, hooks: Hooks) -> bool:
+    """True when `after_step` asked to stop during this epoch, or `end_of_epoch` (checkpoints,
+    early stopping) asks now; the History notes the epoch."""
+    if stop or (hooks.end_of_epoch is not None and hooks.end_of_epoch(epoch, history)):
+        history.stopped_early = epoch
+        hooks.log(f"stopping after epoch {epoch} (requested by {'after_step' if stop else 'the epoch-end callback'})")
+        return True
+    return False
 
 
 def remember_if_best(history: History, net: nn.Module, best_by: str) -> None:
