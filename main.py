@@ -8,7 +8,7 @@
     python main.py --evaluate runs/<run>/best.pth --data DIR [--split test]
     python main.py --predict photo.jpg [--checkpoint runs/<run>/best.pth]
     python main.py --predict photos/ --checkpoint runs/<run>/best.pth [--csv table.csv]  # a folder -> CSV
-    torchrun --standalone --nproc_per_node=2 main.py --experiment ...   # one process per GPU (tl/distributed.py)
+    torchrun --standalone --nproc_per_node=2 main.py --experiment ...   # one process per GPU (tl/engine/distributed.py)
     python main.py --explain photo.jpg --checkpoint runs/<run>/best.pth   # Grad-CAM -> runs/<run>/explain/
     python main.py --export runs/<run> [--format onnx|torchscript]        # one self-describing file
     python main.py -e RECIPE --data DIR --find-lr   # learning-rate range test -> runs/lr-finder-.../
@@ -237,10 +237,10 @@ def given_options(argv: list[str] | None) -> set[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Under torchrun (WORLD_SIZE > 1) every process runs this with the same arguments; the
-    process group is joined first and left last (tl/distributed.py)."""
+    process group is joined first and left last (tl/engine/distributed.py)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return _main(argv)  # one process: nothing to join (and --help stays quick: no torch import)
-    from tl import distributed
+    from tl.engine import distributed
 
     distributed.init_from_env()
     try:

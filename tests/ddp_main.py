@@ -25,8 +25,7 @@ import main  # noqa: E402
 import tl.engine.feature_store  # noqa: E402
 import tl.engine.run  # noqa: E402
 from tests.conftest import TinyNet  # noqa: E402
-from tl import distributed  # noqa: E402
-from tl.engine import files
+from tl.engine import distributed, files  # noqa: E402
 from tl.models import BACKBONES, Backbone  # noqa: E402
 
 BACKBONES["tiny"] = Backbone("tiny", TinyNet, head="fc", neck=("block",))

@@ -17,12 +17,11 @@ those data sets into what the loop eats.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 from torchvision.transforms import v2
-
-from tl import distributed
 
 
 def val_resize(size: int) -> int:
@@ -56,7 +55,8 @@ def build_transforms(
     statistics for torchvision, 0.5 for the packaged EfficientNet-Lite0): the first
     convolution expects inputs on that scale. `augment=False` gives the train phase
     the val pipeline, which makes the train features deterministic (and cacheable).
-    `resize` defaults to 002's ratio, 256 for a 224 crop (73 for the 64-pixel smoke runs).
+    `resize` defaults to torchvision's ImageNet ratio, 256 for a 224 crop (73 for the 64-pixel
+    smoke runs); 002 itself resizes the shorter side to 224 and crops 224, keeping all of it.
 
     `policy` picks the train augmentation a recipe asks for:
       "standard"  the crop of 50-100% above (002's `scale=(0.5, 1.0)`);
@@ -99,6 +99,7 @@ def make_loaders(
     pin_memory: bool = False,
     generator: torch.Generator | None = None,
     sample_weights: torch.Tensor | None = None,
+    shard: Callable | None = None,
 ) -> dict[str, DataLoader]:
     """The phase-dict of DataLoaders that the loop walks (002 §1.3 step 3).
 
@@ -108,8 +109,9 @@ def make_loaders(
     uninterrupted run would have.
     Workers are not persistent for the same reason: each epoch's workers are seeded afresh
     from the generator.
-    Under torchrun each process loads only its shard (`tl.distributed.sampler`): train's
-    order then comes from `seed` + epoch, val's shards hold every image exactly once.
+    [DDP] Under torchrun each process loads only its shard: `shard(dataset, shuffle=, seed=,
+    weights=)` gives this process's sampler (the machinery passes tl/engine/distributed.py's
+    `sampler`; train's order then comes from `seed` + epoch, val's shards hold every image once).
     `sample_weights` (one per train image, `--balanced-sampler`): train draws len(train) images
     with replacement, each with that weight (a `WeightedRandomSampler` on the same generator).
     """
@@ -117,8 +119,8 @@ def make_loaders(
     for phase, ds in sets.items():
         train = phase == "train"
         weights, order = (sample_weights, generator or torch.Generator().manual_seed(seed)) if train else (None, None)
-        # [DDP] under torchrun: this process's shard of the phase (tl/distributed.py); None here otherwise
-        sampler = distributed.sampler(ds, shuffle=train, seed=seed, weights=weights)
+        # [DDP] under torchrun: this process's shard of the phase; None in one process
+        sampler = shard(ds, shuffle=train, seed=seed, weights=weights) if shard is not None else None
         if sampler is None and weights is not None:  # classes drawn as often as their weights say
             sampler = WeightedRandomSampler(weights, len(ds), generator=order)
         loaders[phase] = DataLoader(

@@ -12,7 +12,7 @@ is mostly about dogs. Two standard answers, each one line in the core:
   replacement, image i with weight 1 / n_c(i), so every class is drawn equally often: the
   100 cats are seen about 5 times each, 450 of the dogs once. It draws from the run's
   seeded generator, which the checkpoint saves, so a resumed run draws the same images;
-  under torchrun every process takes its share of one such draw (`tl.distributed`).
+  under torchrun every process takes its share of one such draw (`tl.engine.distributed`).
 
 Both leave val and test alone: they change what the model learns, not how it is scored
 (the classification report, tl/engine/metrics.py, shows per-class recall and balanced

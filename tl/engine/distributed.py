@@ -1,4 +1,5 @@
-"""Several processes, one model: DistributedDataParallel (DDP) under `torchrun`.
+"""Several processes, one model: DistributedDataParallel (DDP) under `torchrun` (the machinery;
+the three lines of the loop it changes are tl/distributed.py).
 
     torchrun --standalone --nproc_per_node=2 main.py -e resnet_finetune ...        # one machine
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=4 \\
@@ -52,7 +53,9 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler
+
+from tl.distributed import set_epoch, sum_over_processes, unwrap  # noqa: F401 - the core's [DDP] lines
 
 
 def init_from_env() -> bool:
@@ -186,20 +189,6 @@ def sampler(dataset: Dataset, *, shuffle: bool, seed: int, weights=None) -> Samp
     return ShardSampler(dataset, world_size(), rank())
 
 
-def set_epoch(loader: DataLoader, epoch: int) -> None:
-    """A new shuffle each epoch: the DistributedSampler draws its permutation from seed + epoch
-    (so a resumed run needs no saved sampler state)."""
-    if isinstance(loader.sampler, (DistributedSampler, WeightedShardSampler)):
-        loader.sampler.set_epoch(epoch)
-
-
-def sum_over_processes(*values: float) -> tuple[float, ...]:
-    """Each value added up over all processes (float64: counts stay exact integers)."""
-    if not is_distributed():
-        return values
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)  # gloo and NCCL both: every process gets the same sums
-    return tuple(t.tolist())
 
 
 def wrap(net: nn.Module, device: torch.device, sync_bn: bool = False) -> nn.Module:
@@ -229,8 +218,3 @@ def broadcast_buffers(net: nn.Module) -> None:
     if is_distributed():
         for buffer in net.buffers():
             dist.broadcast(buffer, src=0)
-
-
-def unwrap(net: nn.Module) -> nn.Module:
-    """The module inside a DDP wrapper (its state_dict has no "module." prefix)."""
-    return net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net

@@ -17,7 +17,7 @@ optimizer step
 
 so the weights of k steps ago count decay**k: the average remembers about 1 / (1 - decay)
 steps (0.999: about the last 1000 updates; 0.99: the last 100). A run here takes a few
-hundred steps (245 hymenoptera photos in batches of 32: 8 steps an epoch), so a decay like
+hundred steps (244 hymenoptera photos in batches of 32: 8 steps an epoch), so a decay like
 0.99 fits; with 0.999 the average at the end would still be mostly the weights it started
 from. It starts at the weights before training (the pretrained network with its untrained
 head) and lags behind the training weights, most in the first epochs, whose val rows score
@@ -51,7 +51,8 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from tl import TLError, distributed
+from tl import TLError
+from tl.engine import distributed
 from tl.engine.checkpoint import check_ema_state
 from tl.features import FeaturesOrImages, split_at_cut
 from tl.models import Backbone

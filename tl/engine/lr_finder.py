@@ -54,7 +54,8 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, TensorDataset
 
-from tl import TLError, distributed
+from tl import TLError
+from tl.engine import distributed
 from tl.engine.device import autocast_dtype
 from tl.engine.options import RunOptions
 from tl.engine.run import begin, build_model_and_stages, choose_images, combine

@@ -23,7 +23,7 @@ writer opens with `purge_step` at the first step the resumed run will take, and 
 drops everything the folder holds from that step on. So the curves of an interrupted and
 resumed run have exactly the steps of an uninterrupted one (tests/test_tensorboard.py).
 
-Under torchrun only process 0 writes (`tl.distributed.is_main`): the rows it logs are already
+Under torchrun only process 0 writes (`tl.engine.distributed.is_main`): the rows it logs are already
 summed over all processes, and every process takes the same steps at the same rates.
 """
 
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from tl import distributed
+from tl.engine import distributed
 from tl.loop import History
 
 
