@@ -45,7 +45,7 @@ def _adam_default_lr() -> float:
 
 def _from_documents(name: str):
     """(optimizer type, {group: lr}, training epochs, batch size) as the source document's
-    own code states them, read from its text in ../shared/seeds (DESIGN.md fixes the
+    own code states them, read from its text in ../shared/seeds (the recipe's own docstring fixes the
     numbers of 000 and 004, which give none)."""
     if name in ("resnet_scratch", "resnet_finetune"):  # 003: Adam(lr = 0.0001), batch 8, EPOCHS = 10
         doc = _document("003")
@@ -68,7 +68,7 @@ def _from_documents(name: str):
             return torch.optim.SGD, {"head": lr}, epochs - 1, batch
         lrs = _numbers(r"'lr':([\d.e-]+)", doc)  # features, classifier.0/.3, classifier.6
         return torch.optim.SGD, dict(zip(("body", "neck", "head"), lrs)), epochs - 1, batch
-    if name == "resnet_bn_only":  # 000 gives no numbers: DESIGN.md's Adam 1e-3, batch 32, 10 epochs
+    if name == "resnet_bn_only":  # 000 gives no numbers: the recipe's own Adam 1e-3, batch 32, 10 epochs
         return torch.optim.Adam, {"all": 1e-3}, 10, 32
     if name == "vgg_stacked":  # 004 gives none either: 001's head-only Adam at its default lr
         return torch.optim.Adam, {"head": _adam_default_lr()}, 5, 32

@@ -6,8 +6,10 @@ classifier. The convolution filters stay as ImageNet learned them; each BatchNor
 scale and shift (and, in train mode, its running statistics) adapt to the new images.
 That is about 9.6 k trainable parameters in ResNet18's body plus the head.
 
-000 gives no optimizer, learning rate or epoch count; DESIGN.md fixes Adam lr 1e-3,
-batch 32, 10 training epochs (plus our epoch-0 baseline). BatchNorm layers here are
+000 gives no optimizer, learning rate or epoch count, so this recipe chooses them: Adam at
+lr 1e-3, the default of Adam and the rate 001 (5-19..5-22) trains its frozen ResNet18's head
+with, since here too only a few parameters train; batch 32 as in 001; 10 training epochs as
+003's ResNet recipes (plus our epoch-0 baseline). BatchNorm layers here are
 trainable, so `frozen_bn_eval` does not apply to them: they run in train mode.
 """
 
