@@ -1,4 +1,6 @@
-"""TODO."""
+"""Helpers that several test files share (fixtures are in conftest.py): the tiny runs the tests
+train through main.main or the API, command-line calls that check for a traceback, test images
+and networks, and the comparison of two runs."""
 
 from __future__ import annotations
 

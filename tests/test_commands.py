@@ -1,4 +1,4 @@
-"""TODO."""
+"""commands.py: the run options a command line gives (workers and the image cache by option)."""
 
 from __future__ import annotations
 

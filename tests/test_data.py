@@ -1,4 +1,5 @@
-"""Data: transforms, folder checks with clear messages, what counts as an image."""
+"""tl/data.py: the transforms (shapes, normalisation, val's resize and centre crop, the test split
+transformed like val) and the loaders' deterministic shuffle."""
 
 from __future__ import annotations
 

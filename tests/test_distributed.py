@@ -1,4 +1,5 @@
-"""DistributedDataParallel under torchrun, on this CPU with 2 gloo processes (tl/engine/distributed.py, tl/distributed.py).
+"""DistributedDataParallel under torchrun, on this CPU with 2 gloo processes: the core's [DDP] lines
+(tl/distributed.py) and the machinery around them (tl/engine/distributed.py).
 
 Each test starts `torchrun --standalone --nproc_per_node=2 tests/ddp_main.py ...` (main.py
 with the tiny backbone registered and two test hooks) as a subprocess and checks:
@@ -27,8 +28,7 @@ import pytest
 import torch
 
 from tests.conftest import write_image_folder
-from tl.data import make_loaders
-from tl.engine import checkpoint, distributed, files
+from tl.engine import checkpoint, files
 from tl.engine.evaluate import evaluate, split_loader
 from tl.engine.model_loading import context_for, load_model
 
@@ -163,24 +163,3 @@ def test_feature_cache_is_computed_once_and_shared(tmp_path, tiny_backbone):
     loader, classes = split_loader(data, "val", ctx)
     assert evaluate(load_model(run / "best.pth", ctx, len(classes)), loader, torch.device("cpu"),
                     len(classes))["acc"] == best
-
-
-def test_under_torchrun_each_process_takes_its_share_of_one_weighted_draw(monkeypatch):
-    weights = torch.tensor([1.0] * 9 + [5.0] * 2)
-    shares = [distributed.WeightedShardSampler(weights, 2, rank, seed=4) for rank in (0, 1)]
-    for epoch in (0, 1):
-        for s in shares:
-            s.set_epoch(epoch)
-        drawn = torch.multinomial(weights.double(), 12, replacement=True,
-                                  generator=torch.Generator().manual_seed(4 + epoch)).tolist()
-        assert list(shares[0]) == drawn[0::2] and list(shares[1]) == drawn[1::2]  # dealt out, nothing lost
-        assert len(shares[0]) == len(shares[1]) == 6
-    assert list(shares[0]) != list(distributed.WeightedShardSampler(weights, 2, 0, seed=4))  # epoch 1 != epoch 0
-    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
-    monkeypatch.setattr(distributed, "world_size", lambda: 2)
-    monkeypatch.setattr(distributed, "rank", lambda: 1)
-    loader = make_loaders({"train": torch.utils.data.TensorDataset(torch.arange(11.0))}, 4, seed=4,
-                          sample_weights=weights, shard=distributed.sampler)["train"]
-    assert isinstance(loader.sampler, distributed.WeightedShardSampler) and loader.sampler.rank == 1
-    distributed.set_epoch(loader, 1)
-    assert [int(x) for (batch,) in loader for x in batch] == list(shares[1])

@@ -1,4 +1,7 @@
-"""TODO."""
+"""`python main.py --evaluate PATH`: a weights file or a folder of epoch files scored on a split of
+the data the run recorded, with the run's own selection of images (its val split, its
+--train-per-class draw), its mirror (--tta) unless told otherwise, and its recorded digests;
+a malformed or hand-edited config.json, or other data, is one error line and exit status 2."""
 
 from __future__ import annotations
 
@@ -77,8 +80,8 @@ def test_evaluate_reports_mismatches(tiny_data, tiny_backbone, three_class_data,
 def test_evaluating_the_train_split_of_another_folder_says_what_went_wrong(tiny_data, tiny_backbone, tmp_path,
                                                                           capsys):
     """A --train-per-class 3 run, scored with --evaluate --split train --data SMALL (2 images a
-    class): the message tells the user to choose a smaller --train-per-class, an option
-    --evaluate does not take."""
+    class): the message says the split cannot be scored as the run saw it, and does not tell
+    the user to choose a smaller --train-per-class, an option --evaluate does not take."""
     from tests.conftest import write_image_folder
 
     small = write_image_folder(tmp_path / "small", train=2, val=2, seed=1)

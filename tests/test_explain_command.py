@@ -1,4 +1,6 @@
-"""TODO."""
+"""`python main.py --explain IMAGE... --checkpoint RUN/best.pth`: one class-activation map per
+photo, and with --tta the map of the averaged (photo and mirror) answer, for a softmax head and
+a one-logit head."""
 
 from __future__ import annotations
 

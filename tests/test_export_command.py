@@ -1,4 +1,6 @@
-"""TODO."""
+"""`python main.py --export RUN`: the exported ONNX / TorchScript file agrees with PyTorch, describes
+itself (classes, sizes, normalisation) so that --predict needs no config.json, and a run
+without best.pth or a model ONNX cannot express is one error line and exit status 2."""
 
 from __future__ import annotations
 

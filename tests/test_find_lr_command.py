@@ -1,4 +1,6 @@
-"""TODO."""
+"""`python main.py -e NAME --find-lr`: the suggestion printed beside the recipe's own rate, no run
+folder written, and bad input (a first stage that trains nothing, --find-lr with --resume) as
+one error line and exit status 2."""
 
 from __future__ import annotations
 

@@ -43,7 +43,7 @@ def test_old_run_evaluates_to_the_same_numbers(old_run):
     text = io.StringIO()
     with redirect_stdout(text):
         assert main.main(["--evaluate", str(old_run / "best.pth"), "--data", str(DATA)]) == 0
-    # (the classification report's line, issue 22, came later: the numbers made then are the promise)
+    # (the classification report's line came later: the numbers made then are the promise)
     assert [line for line in text.getvalue().splitlines()
             if "acc" in line and not line.startswith("classification report:")] == EXPECTED["evaluate_lines"]
 

@@ -1,4 +1,4 @@
-"""TODO."""
+"""`python main.py --list`: every recipe, the README's table, and which backbones run offline."""
 
 from __future__ import annotations
 

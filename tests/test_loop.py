@@ -313,15 +313,15 @@ def _train_linear(epochs: int, **hooks) -> tuple:
 
 
 def test_a_stop_asked_for_at_the_epoch_end_is_announced():
-    """--patience's stop is announced as before the split (a stdout line of the command line)."""
+    """A stop asked for at the epoch end (--patience's) is announced with the command line's stdout line."""
     history, logs = _train_linear(5, end_of_epoch=lambda epoch, hist: epoch == 2)
     assert history.stopped_early == 2
     assert logs[-1] == "stopping after epoch 2 (requested by the epoch-end callback)"
 
 
 def test_after_step_returning_true_stops_training():
-    """Hooks.after_step: "True stops". The train phase's request must survive the val phase of
-    the same epoch (it was overwritten by val's run_phase, so training went on to the end)."""
+    """Hooks.after_step: "True stops". The train phase's request survives the val phase of the
+    same epoch (val's run_phase does not overwrite it), so training stops after that epoch."""
     history, logs = _train_linear(4, after_step=lambda epoch: True)
     assert history.stopped_early == 1
     assert [(r["epoch"], r["phase"]) for r in history.rows] == [(0, "val"), (1, "train"), (1, "val")]
@@ -331,9 +331,9 @@ def test_after_step_returning_true_stops_training():
 @pytest.mark.parametrize("hooks, message", [({"best_by": "accuracy"}, "best_by"),
                                             ({"scheduler_interval": "batch"}, "scheduler_interval")])
 def test_the_loop_refuses_a_best_by_or_interval_it_does_not_know(hooks, message):
-    """Before the split train_model refused these (a monitor edited into a checkpoint by hand
-    stopped there); since, "accuracy" silently chose the best epoch by loss, and "batch"
-    silently never stepped the schedule."""
+    """train_model refuses a best_by or scheduler_interval it does not know (a monitor edited into
+    a checkpoint by hand, say), rather than silently choosing the best epoch by loss for
+    "accuracy" or never stepping the schedule for "batch"."""
     with pytest.raises(ValueError, match=message):
         _train_linear(2, **hooks)
 

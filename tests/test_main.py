@@ -1,4 +1,6 @@
-"""The command line: messages and exit statuses, and one real end-to-end run."""
+"""main.py: the parser and the wrapper every command runs in: bad values exit 2, the real entry
+point in a fresh interpreter prints one message and no traceback, TL_DEBUG=1 shows the
+traceback, and a torch / torchvision mismatch is one line before torchvision is imported."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""Issue 22, "Your own photos, end to end": EXIF orientation in the one reader, a folder of
-photos classified into a table, a classification report for every run and --evaluate, and
-unbalanced classes (class weights, a balanced sampler, the imbalance study)."""
+"""`python main.py --predict IMAGE... / DIR`: single photos named with the run's classes (or
+ImageNet's), a folder of photos classified into a table (also by an exported model alone), and
+bad input (a folder with no photos, an existing table, an exported file whose description was
+edited by hand): one error line, exit status 2, nothing written."""
 
 from __future__ import annotations
 

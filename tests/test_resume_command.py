@@ -1,4 +1,8 @@
-"""TODO."""
+"""`python main.py --resume RUN/last.ckpt`: what a resume refuses (options that would change the
+result, other data, a damaged or hand-edited checkpoint, an average that does not fit, a file
+that is not a training checkpoint) with one error line and exit status 2, and what it restores
+(the CPU thread count, a checkpoint that recorded cached phases without a cache mode).
+That a resumed run equals the uninterrupted one is tests/test_exactness.py's."""
 
 from __future__ import annotations
 
@@ -26,9 +30,8 @@ def _edit_checkpoint(path, change) -> None:
 
 
 def test_resume_of_a_checkpoint_that_recorded_cached_phases_but_no_cache_mode(tmp_path, tiny_backbone, own_cache_dir):
-    """A stage entry with `cached_phases` but no `feature_cache` words (nor the config's): the
-    code before the split resumed it (caching only those phases); the split's CachePlan read
-    `.kind` of a plan that was never recorded (AttributeError)."""
+    """A stage entry with `cached_phases` but no `feature_cache` words (nor the config's) resumes,
+    caching only those phases (no plan was recorded to read)."""
     shutil.copytree(RUN, tmp_path / "run")
 
     def forget_the_words(ckpt):

@@ -1,4 +1,4 @@
-"""TODO."""
+"""`python main.py --show-data`: the augmentation preview and a batch, written as pictures."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""The shape of the code, measured: a core a learner reads in one sitting, and imports that
-run one way (main.py / commands.py -> experiments/ -> tl/engine/ -> tl/ core -> torch).
+"""The shape of the code, measured: a core a learner reads in one sitting, imports that run one
+way (main.py / commands.py -> experiments/ -> tl/engine/ -> tl/ core -> torch), and tests filed
+by the module they test (tests/README.md).
 
 These tests read the source with `ast`; the last one traces a tiny frozen run and counts
 the lines of core functions it enters, so a new feature cannot quietly put itself on the
@@ -8,6 +9,7 @@ learner's path."""
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from pathlib import Path
 
@@ -112,8 +114,8 @@ def test_no_private_name_is_imported_from_another_module():
 
 
 def test_a_frozen_run_enters_few_lines_of_the_core(tiny_data, pretrained, tmp_path, own_cache_dir):
-    """The traced run: `resnet_frozen --quick` on tiny images (the issue's check runs it on
-    hymenoptera with efficientnet_lite0, which enters the same core functions)."""
+    """The traced run: `resnet_frozen --quick` on tiny images (on hymenoptera with efficientnet_lite0
+    the run enters the same core functions)."""
     lengths = {}
     for f in CORE:
         for node in ast.walk(ast.parse(f.read_text())):
@@ -143,3 +145,24 @@ def test_a_frozen_run_enters_few_lines_of_the_core(tiny_data, pretrained, tmp_pa
     total = sum(lengths[k] for k in entered)
     print(f"core lines entered: {total}", *sorted(f"{Path(f).name}:{line}" for f, line in entered))
     assert 0 < total <= TRACED_CORE_LINES, f"the run entered {total} lines of core functions"
+
+
+NOT_A_SUBJECT = re.compile(r"review|round|issue|planted|_\d+\.py$")  # when a test was found, not what it tests
+
+
+def _test_names(path: Path) -> list[str]:
+    return [n.name for n in ast.parse(path.read_text()).body
+            if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")]
+
+
+def test_every_module_has_its_test_file_and_test_files_are_named_for_what_they_test():
+    """tl/M.py's tests are in tests/test_M.py, tl/engine/M.py's in tests/engine/test_M.py (tests/README.md),
+    each file holding at least one test; no test file is named after a review, a round or an issue."""
+    tests = ROOT / "tests"
+    wanted = [tests / f"test_{p.stem}.py" for p in CORE if p.stem != "__init__"]
+    wanted += [tests / "engine" / f"test_{p.stem}.py" for p in sorted((ROOT / "tl" / "engine").glob("*.py"))
+               if p.stem != "__init__"]
+    missing = [str(p.relative_to(ROOT)) for p in wanted if not p.is_file() or not _test_names(p)]
+    assert not missing, f"modules without a test file of their name (or with no test in it): {missing}"
+    misnamed = sorted(str(p.relative_to(ROOT)) for p in tests.rglob("test_*.py") if NOT_A_SUBJECT.search(p.name))
+    assert not misnamed, f"test files named after when they were written, not what they test: {misnamed}"

@@ -1,10 +1,11 @@
-"""Bad input never corrupts labels, deletes files or shows a traceback (issue 13).
+"""`python main.py -e NAME`, a training run through the command line: what it reports (classes,
+data set sizes, skipped files, the headline), the run folder it writes, and bad input, which never
+corrupts labels, deletes files or shows a traceback.
 
-Each test builds its bad input itself (small synthetic images in tmp_path) and checks the
-exact outcome: the classes and data set sizes a run reports, the files left on disk, the
-exit status, and that no output holds a traceback. Exit status 2 means "your input or
-your machine": one message that names the thing and what to do.
-"""
+Each test builds its input itself (small synthetic images in tmp_path) and checks the exact
+outcome: the classes and data set sizes a run reports, the files left on disk, the exit status,
+and that no output holds a traceback. Exit status 2 means "your input or your machine": one
+message that names the thing and what to do; 130 means Ctrl-C."""
 
 from __future__ import annotations
 
@@ -48,7 +49,6 @@ from tl.models import BACKBONES, Backbone
 MEAN = STD = (0.5, 0.5, 0.5)
 
 
-# ----------------------------------------------------------------------------- helpers
 
 
 def run_config(out: Path) -> dict:
@@ -64,13 +64,131 @@ def truncated_jpeg(path: Path) -> Path:
     return path
 
 
-# ----------------------------------------------------------------------------- which folders are classes
+# ----------------------------------------------------------------------------- a run and the folder it writes
+def test_quick_run_writes_config_and_history(tiny_data, tiny_backbone, tmp_path, capsys):
+    assert main.main(["-e", "resnet_scratch", "-b", "tiny", "--data", str(tiny_data), "--quick",
+                      "--out", str(tmp_path / "runs"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert run_dir.name.startswith("resnet_scratch-tiny-")
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("headline acc") and "(val, final epoch)" in last and "best val acc" in last
+    assert str(run_dir) in out
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["recipe"]["lrs"] == {"all": 1e-4} and config["results"]["best_epoch"] >= 0
+    history = pd.read_csv(run_dir / "history.csv")
+    assert list(history.phase) == ["val", "train", "val"]
+    assert {"best.pth", "last.ckpt"} <= {p.name for p in run_dir.iterdir()}
+
+
+@pytest.mark.slow
+def test_frozen_efficientnet_on_hymenoptera_reaches_85_percent(hymenoptera, tmp_path, capsys):
+    """End to end on real photos, through main.py: 2 training epochs of the frozen recipe."""
+    code = main.main(["-e", "resnet_frozen", "--backbone", "efficientnet_lite0", "--data", str(hymenoptera),
+                      "--epochs", "2", "--workers", "0", "--out", str(tmp_path / "runs"), "--no-progress"])
+    assert code == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    results = json.loads((run_dir / "config.json").read_text())["results"]
+    assert results["baseline_val_acc"] < 0.75  # the random head knows nothing yet
+    assert results["best_val_acc"] >= 0.85
+    assert "skipped" not in capsys.readouterr().out  # hymenoptera's .gif is simply not an image file
+
+
+def test_every_run_folder_gets_its_pictures(tiny_data, tiny_backbone, tmp_path):
+    assert main.main(["-e", "resnet_scratch", "-b", "tiny", "--data", str(tiny_data), "--quick",
+                      "--out", str(tmp_path / "runs"), "--no-progress"]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    for name in ("curves.png", "confusion.png", "predictions.png", "top_losses.png"):
+        png_size(run_dir / name)
+
+
+def test_every_run_folder_gets_top_losses(quick_run):
+    with Image.open(quick_run / "top_losses.png") as img:
+        assert img.format == "PNG" and img.width >= 300
+
+
+def test_every_run_folder_and_every_evaluate_get_a_classification_report(tmp_path, tiny_backbone, capsys):
+    data = write_image_folder(tmp_path / "data", train=8, val=4, phases=("train", "val", "test"))
+    run_dir = train_quick(data, tmp_path / "runs", "--save-every-epoch")
+    headline = json.loads((run_dir / "config.json").read_text())["results"]
+    predictions = pd.read_csv(run_dir / "headline_predictions.csv")
+    table = pd.read_csv(run_dir / "classification_report.csv").set_index("class")
+    assert table.loc["accuracy", "f1"] == pytest.approx(headline["headline_acc"])  # the headline model, on test
+    assert table.loc[["class_0", "class_1"], "support"].tolist() == [4, 4]
+    expected = metrics.classification_report(predictions.label, predictions.prediction, predictions.path,
+                                             ["class_0", "class_1"])
+    assert table.loc["macro average", "f1"] == pytest.approx(expected["macro_f1"])
+    assert "macro-F1" in capsys.readouterr().out and (run_dir / "confused_pairs.csv").is_file()
+    assert "Classification report" in (run_dir / "classification_report.md").read_text()
+
+    assert main.main(["--evaluate", str(run_dir / "best.pth"), "--split", "val"]) == 0
+    out = capsys.readouterr().out
+    accuracy = float(out.split("accuracy ")[1].split()[0])
+    report = pd.read_csv(run_dir / "evaluate-best-val" / "classification_report.csv").set_index("class")
+    assert report.loc["accuracy", "f1"] == pytest.approx(accuracy, abs=1e-4)
+    assert report.loc[["class_0", "class_1"], "support"].tolist() == [4, 4]  # val's images, not test's
+    assert f"-> {run_dir / 'evaluate-best-val' / 'classification_report.md'}" in out
+    assert main.main(["--evaluate", str(run_dir), "--split", "test"]) == 0  # every epoch file: the final one's
+    final = pd.read_csv(run_dir / "evaluate-01-test" / "classification_report.csv").set_index("class")
+    assert final.loc["accuracy", "f1"] == pytest.approx(pd.read_csv(run_dir / "eval_test.csv").acc.iloc[-1])
+
+
+def test_train_per_class_trains_on_the_draw_and_leaves_val_alone(tiny_data, tiny_backbone, tmp_path):
+    run_dir = train_three_epochs(tiny_data, tmp_path / "runs", "tiny", "resnet_scratch", "--train-per-class", "3",
+                     "--max-per-class", "100")
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["dataset_sizes"] == {"train": 6, "val": 12}
+    assert config["options"]["train_per_class"] == 3
+    # --evaluate --split train scores the images the run trained on, not the whole train folder
+    from tl.engine.evaluate import split_loader
+    from tl.engine.model_loading import context_for
+
+    loader, _ = split_loader(tiny_data, "train", context_for(run_dir / "best.pth", None), log=lambda s: None)
+    full = image_datasets(tiny_data, build_transforms((0.5,) * 3, (0.5,) * 3, size=32))["train"]
+    assert loader.dataset.samples == nested_draw(full.samples, full.classes, 3, seed=0)
+
+
+@pytest.mark.usefixtures("own_cache_dir")
+def test_two_runs_in_the_same_second_get_their_own_folders(tiny_data, tiny_backbone, tmp_path, monkeypatch):
+    monkeypatch.setattr(tl.engine.run_folder.time, "strftime", lambda *a: "20260101-000000")
+    argv = ["-e", "resnet_frozen", "-b", "tiny", "--data", str(tiny_data), "--out", str(tmp_path / "runs"),
+            "--epochs", "1", "--no-progress", "--weights", "none"]
+    assert main.main(argv) == 0 and main.main(argv) == 0
+    folders = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert folders == ["resnet_frozen-tiny-20260101-000000", "resnet_frozen-tiny-20260101-000000-2"]
+    assert all((tmp_path / "runs" / f / "last.ckpt").is_file() for f in folders)
+    with pytest.raises(TLError, match="already exists"):
+        tl.engine.run_folder.make_run_dir(tmp_path / "runs", folders[0], explicit=True)
+
+
+@pytest.mark.usefixtures("own_cache_dir")
+def test_run_folder_files_share_one_mode_and_stale_temporaries_go(tiny_data, pretrained, tmp_path):
+    run_dir = train_frozen(tiny_data, tmp_path / "runs", 1, "--save-every-epoch", weights=pretrained)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in run_dir.iterdir()}
+    assert len(set(modes.values())) == 1, modes
+    (run_dir / ".last.ckpt.abc123.tmp").write_bytes(b"half a save")  # a save killed mid-write
+    assert main.main(["--resume", str(run_dir / "last.ckpt"), "--epochs", "2", "--no-progress"]) == 0
+    assert not list(run_dir.glob(".*.tmp"))
+
+
+@pytest.mark.usefixtures("own_cache_dir")
+def test_a_failed_start_leaves_no_run_folder(tiny_data, tiny_backbone, tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise TLError("the loop could not start")
+
+    monkeypatch.setattr(tl.engine.run, "train_model", fail)
+    assert main.main(["-e", "resnet_frozen", "-b", "tiny", "--data", str(tiny_data), "--out",
+                      str(tmp_path / "runs"), "--weights", "none", "--no-progress"]) == 2
+    assert not any((tmp_path / "runs").iterdir())
+
+
+# ----------------------------------------------------------------------------- classes and images
 def test_hidden_and_system_folders_are_never_classes(tmp_path, tiny_backbone, capsys):
     d = write_image_folder(tmp_path / "d")
     for folder in (d / "train" / ".thumbs", d / "train" / "__MACOSX", d / "train" / "class_0" / ".cache"):
         folder.mkdir()
         picture(folder / "x.png")
-    (d / "val" / ".ipynb_checkpoints").mkdir()  # empty: it used to stop the run with a wrong message
+    (d / "val" / ".ipynb_checkpoints").mkdir()  # empty: no class either, and no message about it
     code, out, _ = train_one_epoch(capsys, d, tmp_path / "runs")
     assert code == 0
     config = run_config(tmp_path / "runs")
@@ -140,6 +258,52 @@ def test_a_file_in_train_and_val_is_refused(tmp_path, tiny_backbone, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_folder_of_every_kind_of_bad_file_trains_and_reports_the_skips(tmp_path, tiny_backbone, capsys):
+    data = write_image_folder(tmp_path / "messy")
+    folder = data / "train" / "class_0"
+    rgb = Image.open(folder / "000.png").convert("RGB")
+    rgb.convert("L").save(folder / "gray.png")
+    rgb.convert("P").save(folder / "palette.png")
+    rgb.convert("CMYK").save(folder / "cmyk.jpg")
+    rgb.convert("RGBA").save(folder / "rgba.png")
+    Image.fromarray((np.arange(40 * 40).reshape(40, 40) * 30).astype(np.uint16)).save(folder / "sixteen.png")
+    rgb.resize((3000, 2000)).save(folder / "huge.jpg")
+    rgb.resize((300, 300)).save(folder / "truncated.jpg", quality=95)
+    raw = (folder / "truncated.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(raw[: len(raw) // 2])
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "html.jpg").write_text("<html>404</html>")
+    (folder / "notes.txt").write_text("hello")
+    (folder / ".DS_Store").write_bytes(b"\0")
+    code = main.main(["-e", "resnet_scratch", "-b", "tiny", "--data", str(data), "--epochs", "1",
+                      "--out", str(tmp_path / "runs"), "--no-progress", "--workers", "0"])
+    assert code == 0
+    out = capsys.readouterr().out
+    # the truncated JPEG lacks its end marker, so even the quick scan decodes it and leaves it out
+    assert "skipped 3 unusable image file(s)" in out and "empty.jpg: empty file" in out and "html.jpg" in out
+    assert "truncated.jpg: OSError: image file is truncated" in out
+    capsys.readouterr()
+    assert main.main(["-e", "resnet_scratch", "-b", "tiny", "--data", str(data), "--epochs", "1", "--verify-images",
+                      "--out", str(tmp_path / "runs2"), "--no-progress", "--workers", "0"]) == 0
+    assert "skipped 3 unusable" in capsys.readouterr().out  # the full decode of every file agrees
+
+
+def test_a_class_with_no_usable_image_stops_with_a_message(tmp_path, tiny_backbone, capsys):
+    data = write_image_folder(tmp_path / "d")
+    for f in (data / "val" / "class_1").iterdir():
+        f.write_bytes(b"")
+    assert main.main(["-e", "resnet_scratch", "-b", "tiny", "--data", str(data), "--out", str(tmp_path)]) == 2
+    assert "no usable image in class folder(s) ['class_1']" in capsys.readouterr().err
+
+
+def test_a_file_name_that_is_not_utf8_trains(tmp_path, tiny_backbone, capsys):
+    d = write_image_folder(tmp_path / "d")
+    folder = os.fsencode(d / "train" / "class_0")
+    os.rename(os.path.join(folder, b"000.png"), os.path.join(folder, b"0\xe9.png"))  # Latin-1 bytes in the name
+    code, _, _ = train_one_epoch(capsys, d, tmp_path / "runs")
+    assert code == 0 and run_config(tmp_path / "runs")["dataset_sizes"] == {"train": 24, "val": 12}
+
+
 # ----------------------------------------------------------------------------- --val-split
 def test_val_split_refuses_a_folder_that_is_already_split(tmp_path, tiny_backbone, capsys):
     d = write_image_folder(tmp_path / "d")
@@ -187,6 +351,18 @@ def test_val_split_has_its_own_seed(tmp_path, tiny_backbone, capsys, monkeypatch
     assert seen[0] == seen[1]  # another training seed, the same val images
     assert seen[0] != seen[2] and len(seen[2]) == 6
     assert run_config(tmp_path / "r2")["options"]["split_seed"] == 7
+
+
+def test_val_split_on_a_folder_of_class_folders(tmp_path, tiny_backbone, capsys):
+    data = write_image_folder(tmp_path / "d", train=20, phases=("train",)) / "train"
+    assert main.main(["-e", "resnet_scratch", "-b", "tiny", "--data", str(data), "--out", str(tmp_path / "r")]) == 2
+    assert "--val-split" in capsys.readouterr().err
+    for out in ("r1", "r2"):
+        assert main.main(["-e", "resnet_scratch", "-b", "tiny", "--data", str(data), "--val-split", "0.25",
+                          "--epochs", "1", "--out", str(tmp_path / out), "--no-progress", "--workers", "0"]) == 0
+    configs = [json.loads(next((tmp_path / o).iterdir()).joinpath("config.json").read_text()) for o in ("r1", "r2")]
+    assert configs[0]["dataset_sizes"] == {"train": 30, "val": 10}
+    assert configs[0]["results"]["best_val_acc"] == configs[1]["results"]["best_val_acc"]
 
 
 # ----------------------------------------------------------------------------- broken images
@@ -241,12 +417,28 @@ def test_a_damaged_feature_cache_file_is_rebuilt(tiny_data, tiny_backbone, tmp_p
     assert train_one_epoch(capsys, tiny_data, tmp_path / "b", *frozen, experiment="resnet_frozen")[0] == 0
 
 
-# ----------------------------------------------------------------------------- --prepare
+# ----------------------------------------------------------------------------- the test split
+def test_test_files_shared_with_train_are_refused_before_training(tmp_path, tiny_backbone, capsys):
+    d = write_image_folder(tmp_path / "d", phases=("train", "val", "test"))
+    for test_file in (d / "test" / "class_0").iterdir():  # the "test" images are training images
+        test_file.unlink()
+        os.link(d / "train" / "class_0" / test_file.name, test_file)
+    code, _, err = train_one_epoch(capsys, d, tmp_path / "runs")
+    assert code == 2 and "two splits" in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
-# ----------------------------------------------------------------------------- damaged files and configs
+def test_a_broken_test_split_stops_the_run_before_it_trains(tmp_path, tiny_backbone, capsys):
+    d = write_image_folder(tmp_path / "d", phases=("train", "val", "test"))
+    for f in (d / "test" / "class_1").iterdir():
+        f.write_bytes(b"not an image")
+    code, out, err = train_one_epoch(capsys, d, tmp_path / "runs")
+    assert code == 2 and "class_1" in err and "test" in err
+    assert "epoch  1" not in out  # nothing trained
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+# ----------------------------------------------------------------------------- damaged files
 @pytest.mark.parametrize("content", [b"", b"hello, not weights\n"])
 def test_an_empty_or_text_file_as_weights_or_checkpoint(trained_run, tiny_data, tmp_path, capsys, content):
     bad = trained_run / "bad.pth"  # beside the run's config.json, so only the file itself is wrong
@@ -278,6 +470,17 @@ def test_weights_of_a_whole_pickled_model_load_with_allow_pickle(tiny_data, tiny
 
 
 # ----------------------------------------------------------------------------- the machine and the values
+def test_unknown_experiment_is_one_line_and_status_2(capsys, tiny_data):
+    assert main.main(["--experiment", "resnet_fancy", "--data", str(tiny_data)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown experiment 'resnet_fancy'") and "Traceback" not in err
+
+
+def test_missing_data_folder(capsys, tmp_path):
+    assert main.main(["-e", "resnet_scratch", "--data", str(tmp_path / "nowhere")]) == 2
+    assert "data folder not found" in capsys.readouterr().err
+
+
 def test_an_unreadable_class_folder(tiny_data, tiny_backbone, tmp_path, capsys, monkeypatch):
     locked = tiny_data / "train" / "class_1"
     if os.geteuid() == 0:  # root reads through chmod 000: make the folder unreadable the way the OS would
@@ -360,47 +563,87 @@ def test_seeds_out_of_range(tiny_data, tmp_path, capsys, seed):
     assert code == 2 and "--seed" in err
 
 
-# ----------------------------------------------------------------------------- found by the review of issues 12-14
-def test_test_files_shared_with_train_are_refused_before_training(tmp_path, tiny_backbone, capsys):
-    d = write_image_folder(tmp_path / "d", phases=("train", "val", "test"))
-    for test_file in (d / "test" / "class_0").iterdir():  # the "test" images are training images
-        test_file.unlink()
-        os.link(d / "train" / "class_0" / test_file.name, test_file)
-    code, _, err = train_one_epoch(capsys, d, tmp_path / "runs")
-    assert code == 2 and "two splits" in err
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+@pytest.mark.usefixtures("own_cache_dir")
+def test_an_ema_decay_outside_0_1_is_one_error_line(capsys, tmp_path):
+    for bad in ("1", "0", "-0.5", "1.5", "nan"):
+        assert main.main(["-e", "resnet_scratch", "-b", "efficientnet_lite0", "--ema", bad, "--data",
+                          str(tmp_path / "nowhere")]) == 2
+        out, err = capsys.readouterr()
+        assert err.count("\n") == 1 and err.startswith(f"error: --ema {float(bad)}: ") and "between 0 and 1" in err
 
 
-def test_a_broken_test_split_stops_the_run_before_it_trains(tmp_path, tiny_backbone, capsys):
-    d = write_image_folder(tmp_path / "d", phases=("train", "val", "test"))
-    for f in (d / "test" / "class_1").iterdir():
-        f.write_bytes(b"not an image")
-    code, out, err = train_one_epoch(capsys, d, tmp_path / "runs")
-    assert code == 2 and "class_1" in err and "test" in err
-    assert "epoch  1" not in out  # nothing trained
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+def test_balancing_options_refuse_what_they_cannot_mean(tmp_path, tiny_backbone, capsys):
+    with pytest.raises(SystemExit) as info:
+        main.main(["-e", "resnet_scratch", "--data", str(tmp_path), "--class-weights", "inverse"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and [line for line in err.splitlines() if "error:" in line] == [
+        "main.py: error: argument --class-weights: the one choice is 'auto' (inverse class frequency), got 'inverse'"]
+    with pytest.raises(TLError, match="--class-weights takes 'auto'"):  # the same through the API
+        balance.balance(RunOptions(data=tmp_path, class_weights="inverse"), [0, 1], ["a", "b"])
+    one_class = write_image_folder(tmp_path / "one", classes=1)
+    for option in (["--balanced-sampler"], ["--class-weights", "auto"]):
+        assert main.main(["-e", "resnet_scratch", "-b", "tiny", "--data", str(one_class), "--quick",
+                          "--out", str(tmp_path / "runs"), *option]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {option[0]} balance classes against each other") and "one class" in err
+        assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # nothing half-made
 
 
-def test_a_file_name_that_is_not_utf8_trains(tmp_path, tiny_backbone, capsys):
-    d = write_image_folder(tmp_path / "d")
-    folder = os.fsencode(d / "train" / "class_0")
-    os.rename(os.path.join(folder, b"000.png"), os.path.join(folder, b"0\xe9.png"))  # Latin-1 bytes in the name
-    code, _, _ = train_one_epoch(capsys, d, tmp_path / "runs")
-    assert code == 0 and run_config(tmp_path / "runs")["dataset_sizes"] == {"train": 24, "val": 12}
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_data, tiny_backbone, tmp_path, capsys):
+    code = main.main(["-e", "resnet_scratch", "-b", "tiny", "--data", str(tiny_data), "--epochs", "3",
+                      "--lr-scale", "1e30", "--out", str(tmp_path / "runs"), "--no-progress", "--workers", "0"])
+    assert code == 2
+    assert "loss became" in capsys.readouterr().err
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    ckpt = load_checkpoint(run_dir / "last.ckpt")
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
 
 
-def test_ctrl_c_before_training_is_a_message(tmp_path, tiny_backbone, capsys, monkeypatch):
-
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt  # Ctrl-C during the feature pass
-
-    monkeypatch.setattr(feature_store, "plan_cache", interrupted)
-    code, _, err = train_one_epoch(capsys, write_image_folder(tmp_path / "d"), tmp_path / "runs", "--weights", "none",
-                         experiment="resnet_frozen")
-    assert code == 130 and "interrupted before training started" in err  # the shell's status for Ctrl-C
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+# ----------------------------------------------------------------------------- offline
+def test_offline_torchvision_backbone_stops_before_training(capsys, tiny_data, tmp_path):
+    code = main.main(["-e", "vgg_finetune", "--data", str(tiny_data), "--out", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "ImageNet weights for vgg16 are not available" in err and "vgg16-397923af.pth" in err
+    assert "--backbone efficientnet_lite0" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()  # nothing was started
 
 
+def _failing_download(calls):
+    def download(url, download_root, **kwargs):  # what an offline torchvision download leaves behind
+        calls.append(url)
+        Path(download_root).mkdir(parents=True, exist_ok=True)
+        (Path(download_root) / "hymenoptera_data.zip").write_bytes(b"partial")
+        raise OSError("network access is blocked in tests")
+    return download
+
+
+def test_first_readme_command_offline_stops_on_weights_before_data(capsys, tmp_path, monkeypatch):
+    # `python main.py --experiment vgg_finetune` with no data and no network
+    calls = []
+    monkeypatch.setattr("torchvision.datasets.utils.download_and_extract_archive", _failing_download(calls))
+    monkeypatch.chdir(tmp_path)
+    assert main.main(["--experiment", "vgg_finetune"]) == 2
+    err = capsys.readouterr().err
+    assert "ImageNet weights for vgg16 are not available" in err and "Traceback" not in err
+    assert calls == [] and not (tmp_path / "data").exists()  # no data download was tried
+
+
+def test_a_failed_data_download_leaves_no_empty_data_folder(capsys, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr("torchvision.datasets.utils.download_and_extract_archive", _failing_download(calls))
+    monkeypatch.chdir(tmp_path)
+    assert main.main(["--experiment", "resnet_scratch"]) == 2  # random init: no weights needed, so data fails
+    assert "could not be downloaded" in capsys.readouterr().err and len(calls) == 1
+    assert not (tmp_path / "data").exists()
+    (tmp_path / "data").mkdir()  # a data/ the user made stays, only the partial archive goes
+    (tmp_path / "data" / "mine.txt").write_text("keep")
+    assert main.main(["--experiment", "resnet_scratch"]) == 2
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["mine.txt"]
+
+
+# ----------------------------------------------------------------------------- what cannot run
 class WideKernelNet(TinyNet):
     """TinyNet whose first layer is a 20-pixel kernel without padding: it cannot take 16-pixel images."""
 
@@ -464,335 +707,6 @@ def test_a_tuned_file_with_a_field_outside_the_recipe_is_refused(tiny_data, tiny
         assert code == 0 and "mirror averaged" in out, err
 
 
-def test_ctrl_c_in_training_exits_130_with_the_command_that_resumes(tmp_path, tiny_backbone, capsys, monkeypatch):
-    write = run_folder.write_history_csv
-
-    def ctrl_c_after_epoch_1(history, path):
-        write(history, path)
-        if history.rows[-1]["epoch"] == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(run_folder, "write_history_csv", ctrl_c_after_epoch_1)
-    code, _, err = cli(capsys, "-e", "resnet_scratch", "-b", "tiny", "--data", write_image_folder(tmp_path / "d"),
-                       "--out", tmp_path / "runs", "--epochs", "2", "--quick", "--no-progress")
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    assert code == 130  # the shell's status for Ctrl-C, not 2 ("your input")
-    assert err.startswith("error: interrupted:")
-    assert f"continue with: python main.py --resume {run_dir}/last.ckpt" in err
-    monkeypatch.setattr(run_folder, "write_history_csv", write)
-    assert cli(capsys, "--resume", run_dir / "last.ckpt", "--no-progress")[0] == 0  # the hint works as printed
-    assert pd.read_csv(run_dir / "history.csv").epoch.max() == 2
-
-
-def test_unknown_experiment_is_one_line_and_status_2(capsys, tiny_data):
-    assert main.main(["--experiment", "resnet_fancy", "--data", str(tiny_data)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: unknown experiment 'resnet_fancy'") and "Traceback" not in err
-
-
-def test_missing_data_folder(capsys, tmp_path):
-    assert main.main(["-e", "resnet_scratch", "--data", str(tmp_path / "nowhere")]) == 2
-    assert "data folder not found" in capsys.readouterr().err
-
-
-def test_offline_torchvision_backbone_stops_before_training(capsys, tiny_data, tmp_path):
-    code = main.main(["-e", "vgg_finetune", "--data", str(tiny_data), "--out", str(tmp_path / "runs")])
-    err = capsys.readouterr().err
-    assert code == 2
-    assert "ImageNet weights for vgg16 are not available" in err and "vgg16-397923af.pth" in err
-    assert "--backbone efficientnet_lite0" in err and "Traceback" not in err
-    assert not (tmp_path / "runs").exists()  # nothing was started
-
-
-def test_quick_run_writes_config_and_history(tiny_data, tiny_backbone, tmp_path, capsys):
-    assert main.main(["-e", "resnet_scratch", "-b", "tiny", "--data", str(tiny_data), "--quick",
-                      "--out", str(tmp_path / "runs"), "--no-progress"]) == 0
-    out = capsys.readouterr().out
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    assert run_dir.name.startswith("resnet_scratch-tiny-")
-    last = out.strip().splitlines()[-1]
-    assert last.startswith("headline acc") and "(val, final epoch)" in last and "best val acc" in last
-    assert str(run_dir) in out
-    config = json.loads((run_dir / "config.json").read_text())
-    assert config["recipe"]["lrs"] == {"all": 1e-4} and config["results"]["best_epoch"] >= 0
-    history = pd.read_csv(run_dir / "history.csv")
-    assert list(history.phase) == ["val", "train", "val"]
-    assert {"best.pth", "last.ckpt"} <= {p.name for p in run_dir.iterdir()}
-
-
-@pytest.mark.slow
-def test_frozen_efficientnet_on_hymenoptera_reaches_85_percent(hymenoptera, tmp_path, capsys):
-    """End to end on real photos, through main.py: 2 training epochs of the frozen recipe."""
-    code = main.main(["-e", "resnet_frozen", "--backbone", "efficientnet_lite0", "--data", str(hymenoptera),
-                      "--epochs", "2", "--workers", "0", "--out", str(tmp_path / "runs"), "--no-progress"])
-    assert code == 0
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    results = json.loads((run_dir / "config.json").read_text())["results"]
-    assert results["baseline_val_acc"] < 0.75  # the random head knows nothing yet
-    assert results["best_val_acc"] >= 0.85
-    assert "skipped" not in capsys.readouterr().out  # hymenoptera's .gif is simply not an image file
-
-
-def _failing_download(calls):
-    def download(url, download_root, **kwargs):  # what an offline torchvision download leaves behind
-        calls.append(url)
-        Path(download_root).mkdir(parents=True, exist_ok=True)
-        (Path(download_root) / "hymenoptera_data.zip").write_bytes(b"partial")
-        raise OSError("network access is blocked in tests")
-    return download
-
-
-def test_first_readme_command_offline_stops_on_weights_before_data(capsys, tmp_path, monkeypatch):
-    # `python main.py --experiment vgg_finetune` with no data and no network
-    calls = []
-    monkeypatch.setattr("torchvision.datasets.utils.download_and_extract_archive", _failing_download(calls))
-    monkeypatch.chdir(tmp_path)
-    assert main.main(["--experiment", "vgg_finetune"]) == 2
-    err = capsys.readouterr().err
-    assert "ImageNet weights for vgg16 are not available" in err and "Traceback" not in err
-    assert calls == [] and not (tmp_path / "data").exists()  # no data download was tried
-
-
-def test_a_failed_data_download_leaves_no_empty_data_folder(capsys, tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr("torchvision.datasets.utils.download_and_extract_archive", _failing_download(calls))
-    monkeypatch.chdir(tmp_path)
-    assert main.main(["--experiment", "resnet_scratch"]) == 2  # random init: no weights needed, so data fails
-    assert "could not be downloaded" in capsys.readouterr().err and len(calls) == 1
-    assert not (tmp_path / "data").exists()
-    (tmp_path / "data").mkdir()  # a data/ the user made stays, only the partial archive goes
-    (tmp_path / "data" / "mine.txt").write_text("keep")
-    assert main.main(["--experiment", "resnet_scratch"]) == 2
-    assert [p.name for p in (tmp_path / "data").iterdir()] == ["mine.txt"]
-
-
-@pytest.mark.usefixtures("own_cache_dir")
-def test_device_images_over_the_limit_does_not_leave_the_run_decoding_without_workers(
-        tiny_data, tiny_backbone, tmp_path, monkeypatch, capsys):
-    """--device-images forces --workers 0 on the command line before knowing whether the images
-    fit --cache-limit-gb (default 2 GB, a GPU's memory is far larger). When they do not, the
-    image cache is dropped with one log line and the run decodes every JPEG in the main
-    process with no workers: much slower than not asking for the option at all."""
-    from tl.engine import stage_setup
-
-    seen = []
-    real = stage_setup.make_loaders
-    monkeypatch.setattr(stage_setup, "make_loaders",
-                        lambda inputs, bs, **kw: seen.append((kw["workers"], {type(d).__name__ for d in
-                                                                              inputs.values()})) or
-                        real(inputs, bs, **kw))
-    code = main.main(["-e", "resnet_finetune", "-b", "tiny", "--weights", "none", "--data", str(tiny_data),
-                      "--no-progress", "--quick", "--device-images", "--cache-limit-gb", "1e-9",
-                      "--out", str(tmp_path / "runs")])
-    assert code == 2 and seen == []  # refused before any loader, with the way out in the message
-    assert "raise --cache-limit-gb" in capsys.readouterr().err
-    assert not (tmp_path / "runs").exists()
-
-
-@pytest.mark.usefixtures("own_cache_dir")
-def test_device_images_over_the_limit_is_refused_before_a_staged_run_trains(tiny_data, tiny_backbone, tmp_path,
-                                                                              capsys):
-    """modern_finetune --no-augment: stage 1 (frozen body) runs on cached features, so no image
-    is decoded and the image cache was first sized (and refused) when stage 2 started, after
-    stage 1 has trained and saved. The run then stopped with 'raise --cache-limit-gb or leave
-    out --device-images', and a resume could do neither (both are refused as changing the
-    result): the run could never finish; now run() refuses it first."""
-    out = tmp_path / "runs"
-    argv = ["-e", "modern_finetune", "-b", "tiny", "--weights", "none", "--data", str(tiny_data), "--out", str(out),
-            "--epochs", "2", "--batch-size", "4", "--quick", "--no-progress", "--no-augment",
-            "--device-images", "--cache-limit-gb", "1e-9"]
-    assert main.main(argv) == 2
-    assert "raise --cache-limit-gb" in capsys.readouterr().err
-    runs = list(out.iterdir()) if out.exists() else []
-    if runs:  # it trained stage 1 first: then the way out the message names must work
-        code = main.main(["--resume", str(runs[0] / "last.ckpt"), "--no-progress", "--cache-limit-gb", "1"])
-        err = capsys.readouterr().err
-        assert code == 0, err
-
-
-def test_device_images_with_workers_is_a_clear_error(tiny_data, tiny_backbone, tmp_path, capsys):
-    code = main.main(["-e", "resnet_finetune", "-b", "tiny", "--data", str(tiny_data), "--out", str(tmp_path / "runs"),
-                      "--device-images", "--workers", "2", "--weights", "none", "--no-progress"])
-    assert code == 2
-    assert "--device-images" in capsys.readouterr().err
-    assert not (tmp_path / "runs").exists()
-
-
-@pytest.mark.usefixtures("own_cache_dir")
-def test_two_runs_in_the_same_second_get_their_own_folders(tiny_data, tiny_backbone, tmp_path, monkeypatch):
-    monkeypatch.setattr(tl.engine.run_folder.time, "strftime", lambda *a: "20260101-000000")
-    argv = ["-e", "resnet_frozen", "-b", "tiny", "--data", str(tiny_data), "--out", str(tmp_path / "runs"),
-            "--epochs", "1", "--no-progress", "--weights", "none"]
-    assert main.main(argv) == 0 and main.main(argv) == 0
-    folders = sorted(p.name for p in (tmp_path / "runs").iterdir())
-    assert folders == ["resnet_frozen-tiny-20260101-000000", "resnet_frozen-tiny-20260101-000000-2"]
-    assert all((tmp_path / "runs" / f / "last.ckpt").is_file() for f in folders)
-    with pytest.raises(TLError, match="already exists"):
-        tl.engine.run_folder.make_run_dir(tmp_path / "runs", folders[0], explicit=True)
-
-
-@pytest.mark.usefixtures("own_cache_dir")
-def test_run_folder_files_share_one_mode_and_stale_temporaries_go(tiny_data, pretrained, tmp_path):
-    run_dir = train_frozen(tiny_data, tmp_path / "runs", 1, "--save-every-epoch", weights=pretrained)
-    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in run_dir.iterdir()}
-    assert len(set(modes.values())) == 1, modes
-    (run_dir / ".last.ckpt.abc123.tmp").write_bytes(b"half a save")  # a save killed mid-write
-    assert main.main(["--resume", str(run_dir / "last.ckpt"), "--epochs", "2", "--no-progress"]) == 0
-    assert not list(run_dir.glob(".*.tmp"))
-
-
-@pytest.mark.usefixtures("own_cache_dir")
-def test_a_failed_start_leaves_no_run_folder(tiny_data, tiny_backbone, tmp_path, monkeypatch):
-    def fail(*args, **kwargs):
-        raise TLError("the loop could not start")
-
-    monkeypatch.setattr(tl.engine.run, "train_model", fail)
-    assert main.main(["-e", "resnet_frozen", "-b", "tiny", "--data", str(tiny_data), "--out",
-                      str(tmp_path / "runs"), "--weights", "none", "--no-progress"]) == 2
-    assert not any((tmp_path / "runs").iterdir())
-
-
-def test_train_per_class_trains_on_the_draw_and_leaves_val_alone(tiny_data, tiny_backbone, tmp_path):
-    run_dir = train_three_epochs(tiny_data, tmp_path / "runs", "tiny", "resnet_scratch", "--train-per-class", "3",
-                     "--max-per-class", "100")
-    config = json.loads((run_dir / "config.json").read_text())
-    assert config["dataset_sizes"] == {"train": 6, "val": 12}
-    assert config["options"]["train_per_class"] == 3
-    # --evaluate --split train scores the images the run trained on, not the whole train folder
-    from tl.engine.evaluate import split_loader
-    from tl.engine.model_loading import context_for
-
-    loader, _ = split_loader(tiny_data, "train", context_for(run_dir / "best.pth", None), log=lambda s: None)
-    full = image_datasets(tiny_data, build_transforms((0.5,) * 3, (0.5,) * 3, size=32))["train"]
-    assert loader.dataset.samples == nested_draw(full.samples, full.classes, 3, seed=0)
-
-
-def test_every_run_folder_gets_top_losses(quick_run):
-    with Image.open(quick_run / "top_losses.png") as img:
-        assert img.format == "PNG" and img.width >= 300
-
-
-def test_a_folder_of_every_kind_of_bad_file_trains_and_reports_the_skips(tmp_path, tiny_backbone, capsys):
-    data = write_image_folder(tmp_path / "messy")
-    folder = data / "train" / "class_0"
-    rgb = Image.open(folder / "000.png").convert("RGB")
-    rgb.convert("L").save(folder / "gray.png")
-    rgb.convert("P").save(folder / "palette.png")
-    rgb.convert("CMYK").save(folder / "cmyk.jpg")
-    rgb.convert("RGBA").save(folder / "rgba.png")
-    Image.fromarray((np.arange(40 * 40).reshape(40, 40) * 30).astype(np.uint16)).save(folder / "sixteen.png")
-    rgb.resize((3000, 2000)).save(folder / "huge.jpg")
-    rgb.resize((300, 300)).save(folder / "truncated.jpg", quality=95)
-    raw = (folder / "truncated.jpg").read_bytes()
-    (folder / "truncated.jpg").write_bytes(raw[: len(raw) // 2])
-    (folder / "empty.jpg").write_bytes(b"")
-    (folder / "html.jpg").write_text("<html>404</html>")
-    (folder / "notes.txt").write_text("hello")
-    (folder / ".DS_Store").write_bytes(b"\0")
-    code = main.main(["-e", "resnet_scratch", "-b", "tiny", "--data", str(data), "--epochs", "1",
-                      "--out", str(tmp_path / "runs"), "--no-progress", "--workers", "0"])
-    assert code == 0
-    out = capsys.readouterr().out
-    # the truncated JPEG lacks its end marker, so even the quick scan decodes it and leaves it out
-    assert "skipped 3 unusable image file(s)" in out and "empty.jpg: empty file" in out and "html.jpg" in out
-    assert "truncated.jpg: OSError: image file is truncated" in out
-    capsys.readouterr()
-    assert main.main(["-e", "resnet_scratch", "-b", "tiny", "--data", str(data), "--epochs", "1", "--verify-images",
-                      "--out", str(tmp_path / "runs2"), "--no-progress", "--workers", "0"]) == 0
-    assert "skipped 3 unusable" in capsys.readouterr().out  # the full decode of every file agrees
-
-
-def test_a_class_with_no_usable_image_stops_with_a_message(tmp_path, tiny_backbone, capsys):
-    data = write_image_folder(tmp_path / "d")
-    for f in (data / "val" / "class_1").iterdir():
-        f.write_bytes(b"")
-    assert main.main(["-e", "resnet_scratch", "-b", "tiny", "--data", str(data), "--out", str(tmp_path)]) == 2
-    assert "no usable image in class folder(s) ['class_1']" in capsys.readouterr().err
-
-
-def test_val_split_on_a_folder_of_class_folders(tmp_path, tiny_backbone, capsys):
-    data = write_image_folder(tmp_path / "d", train=20, phases=("train",)) / "train"
-    assert main.main(["-e", "resnet_scratch", "-b", "tiny", "--data", str(data), "--out", str(tmp_path / "r")]) == 2
-    assert "--val-split" in capsys.readouterr().err
-    for out in ("r1", "r2"):
-        assert main.main(["-e", "resnet_scratch", "-b", "tiny", "--data", str(data), "--val-split", "0.25",
-                          "--epochs", "1", "--out", str(tmp_path / out), "--no-progress", "--workers", "0"]) == 0
-    configs = [json.loads(next((tmp_path / o).iterdir()).joinpath("config.json").read_text()) for o in ("r1", "r2")]
-    assert configs[0]["dataset_sizes"] == {"train": 30, "val": 10}
-    assert configs[0]["results"]["best_val_acc"] == configs[1]["results"]["best_val_acc"]
-
-
-def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_data, tiny_backbone, tmp_path, capsys):
-    code = main.main(["-e", "resnet_scratch", "-b", "tiny", "--data", str(tiny_data), "--epochs", "3",
-                      "--lr-scale", "1e30", "--out", str(tmp_path / "runs"), "--no-progress", "--workers", "0"])
-    assert code == 2
-    assert "loss became" in capsys.readouterr().err
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    ckpt = load_checkpoint(run_dir / "last.ckpt")
-    assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
-
-
-def test_every_run_folder_and_every_evaluate_get_a_classification_report(tmp_path, tiny_backbone, capsys):
-    data = write_image_folder(tmp_path / "data", train=8, val=4, phases=("train", "val", "test"))
-    run_dir = train_quick(data, tmp_path / "runs", "--save-every-epoch")
-    headline = json.loads((run_dir / "config.json").read_text())["results"]
-    predictions = pd.read_csv(run_dir / "headline_predictions.csv")
-    table = pd.read_csv(run_dir / "classification_report.csv").set_index("class")
-    assert table.loc["accuracy", "f1"] == pytest.approx(headline["headline_acc"])  # the headline model, on test
-    assert table.loc[["class_0", "class_1"], "support"].tolist() == [4, 4]
-    expected = metrics.classification_report(predictions.label, predictions.prediction, predictions.path,
-                                             ["class_0", "class_1"])
-    assert table.loc["macro average", "f1"] == pytest.approx(expected["macro_f1"])
-    assert "macro-F1" in capsys.readouterr().out and (run_dir / "confused_pairs.csv").is_file()
-    assert "Classification report" in (run_dir / "classification_report.md").read_text()
-
-    assert main.main(["--evaluate", str(run_dir / "best.pth"), "--split", "val"]) == 0
-    out = capsys.readouterr().out
-    accuracy = float(out.split("accuracy ")[1].split()[0])
-    report = pd.read_csv(run_dir / "evaluate-best-val" / "classification_report.csv").set_index("class")
-    assert report.loc["accuracy", "f1"] == pytest.approx(accuracy, abs=1e-4)
-    assert report.loc[["class_0", "class_1"], "support"].tolist() == [4, 4]  # val's images, not test's
-    assert f"-> {run_dir / 'evaluate-best-val' / 'classification_report.md'}" in out
-    assert main.main(["--evaluate", str(run_dir), "--split", "test"]) == 0  # every epoch file: the final one's
-    final = pd.read_csv(run_dir / "evaluate-01-test" / "classification_report.csv").set_index("class")
-    assert final.loc["accuracy", "f1"] == pytest.approx(pd.read_csv(run_dir / "eval_test.csv").acc.iloc[-1])
-
-
-def test_balancing_options_refuse_what_they_cannot_mean(tmp_path, tiny_backbone, capsys):
-    with pytest.raises(SystemExit) as info:
-        main.main(["-e", "resnet_scratch", "--data", str(tmp_path), "--class-weights", "inverse"])
-    err = capsys.readouterr().err
-    assert info.value.code == 2 and [line for line in err.splitlines() if "error:" in line] == [
-        "main.py: error: argument --class-weights: the one choice is 'auto' (inverse class frequency), got 'inverse'"]
-    with pytest.raises(TLError, match="--class-weights takes 'auto'"):  # the same through the API
-        balance.balance(RunOptions(data=tmp_path, class_weights="inverse"), [0, 1], ["a", "b"])
-    one_class = write_image_folder(tmp_path / "one", classes=1)
-    for option in (["--balanced-sampler"], ["--class-weights", "auto"]):
-        assert main.main(["-e", "resnet_scratch", "-b", "tiny", "--data", str(one_class), "--quick",
-                          "--out", str(tmp_path / "runs"), *option]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith(f"error: {option[0]} balance classes against each other") and "one class" in err
-        assert len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # nothing half-made
-
-
-def test_every_run_folder_gets_its_pictures(tiny_data, tiny_backbone, tmp_path):
-    assert main.main(["-e", "resnet_scratch", "-b", "tiny", "--data", str(tiny_data), "--quick",
-                      "--out", str(tmp_path / "runs"), "--no-progress"]) == 0
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    for name in ("curves.png", "confusion.png", "predictions.png", "top_losses.png"):
-        png_size(run_dir / name)
-
-
-@pytest.mark.usefixtures("own_cache_dir")
-def test_an_ema_decay_outside_0_1_is_one_error_line(capsys, tmp_path):
-    for bad in ("1", "0", "-0.5", "1.5", "nan"):
-        assert main.main(["-e", "resnet_scratch", "-b", "efficientnet_lite0", "--ema", bad, "--data",
-                          str(tmp_path / "nowhere")]) == 2
-        out, err = capsys.readouterr()
-        assert err.count("\n") == 1 and err.startswith(f"error: --ema {float(bad)}: ") and "between 0 and 1" in err
-
-
 def one_error_line(capsys, *argv) -> str:
     code, _, err = cli(capsys, *argv)
     assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
@@ -820,3 +734,87 @@ def test_batchnorm_only_training_on_a_network_without_batchnorm_stops_before_tra
     assert "epoch" not in out.lower()
 
 
+# ----------------------------------------------------------------------------- --device-images
+def test_device_images_with_workers_is_a_clear_error(tiny_data, tiny_backbone, tmp_path, capsys):
+    code = main.main(["-e", "resnet_finetune", "-b", "tiny", "--data", str(tiny_data), "--out", str(tmp_path / "runs"),
+                      "--device-images", "--workers", "2", "--weights", "none", "--no-progress"])
+    assert code == 2
+    assert "--device-images" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.usefixtures("own_cache_dir")
+def test_device_images_over_the_limit_does_not_leave_the_run_decoding_without_workers(
+        tiny_data, tiny_backbone, tmp_path, monkeypatch, capsys):
+    """--device-images forces --workers 0. Images over --cache-limit-gb (default 2 GB, a GPU's
+    memory is far larger) are refused before any loader is made, with the way out in the
+    message, rather than the image cache dropped and every JPEG decoded in the main process
+    with no workers: much slower than not asking for the option at all."""
+    from tl.engine import stage_setup
+
+    seen = []
+    real = stage_setup.make_loaders
+    monkeypatch.setattr(stage_setup, "make_loaders",
+                        lambda inputs, bs, **kw: seen.append((kw["workers"], {type(d).__name__ for d in
+                                                                              inputs.values()})) or
+                        real(inputs, bs, **kw))
+    code = main.main(["-e", "resnet_finetune", "-b", "tiny", "--weights", "none", "--data", str(tiny_data),
+                      "--no-progress", "--quick", "--device-images", "--cache-limit-gb", "1e-9",
+                      "--out", str(tmp_path / "runs")])
+    assert code == 2 and seen == []  # refused before any loader, with the way out in the message
+    assert "raise --cache-limit-gb" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.usefixtures("own_cache_dir")
+def test_device_images_over_the_limit_is_refused_before_a_staged_run_trains(tiny_data, tiny_backbone, tmp_path,
+                                                                              capsys):
+    """modern_finetune --no-augment: stage 1 (frozen body) runs on cached features and decodes no
+    image; the image cache is first needed when stage 2 starts. --device-images over
+    --cache-limit-gb is refused before stage 1 trains ('raise --cache-limit-gb'), since a resume
+    may change neither option; a run that did save a stage finishes with the resume the message
+    names."""
+    out = tmp_path / "runs"
+    argv = ["-e", "modern_finetune", "-b", "tiny", "--weights", "none", "--data", str(tiny_data), "--out", str(out),
+            "--epochs", "2", "--batch-size", "4", "--quick", "--no-progress", "--no-augment",
+            "--device-images", "--cache-limit-gb", "1e-9"]
+    assert main.main(argv) == 2
+    assert "raise --cache-limit-gb" in capsys.readouterr().err
+    runs = list(out.iterdir()) if out.exists() else []
+    if runs:  # it trained stage 1 first: then the way out the message names must work
+        code = main.main(["--resume", str(runs[0] / "last.ckpt"), "--no-progress", "--cache-limit-gb", "1"])
+        err = capsys.readouterr().err
+        assert code == 0, err
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+def test_ctrl_c_before_training_is_a_message(tmp_path, tiny_backbone, capsys, monkeypatch):
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C during the feature pass
+
+    monkeypatch.setattr(feature_store, "plan_cache", interrupted)
+    code, _, err = train_one_epoch(capsys, write_image_folder(tmp_path / "d"), tmp_path / "runs", "--weights", "none",
+                         experiment="resnet_frozen")
+    assert code == 130 and "interrupted before training started" in err  # the shell's status for Ctrl-C
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_ctrl_c_in_training_exits_130_with_the_command_that_resumes(tmp_path, tiny_backbone, capsys, monkeypatch):
+    write = run_folder.write_history_csv
+
+    def ctrl_c_after_epoch_1(history, path):
+        write(history, path)
+        if history.rows[-1]["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_folder, "write_history_csv", ctrl_c_after_epoch_1)
+    code, _, err = cli(capsys, "-e", "resnet_scratch", "-b", "tiny", "--data", write_image_folder(tmp_path / "d"),
+                       "--out", tmp_path / "runs", "--epochs", "2", "--quick", "--no-progress")
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert code == 130  # the shell's status for Ctrl-C, not 2 ("your input")
+    assert err.startswith("error: interrupted:")
+    assert f"continue with: python main.py --resume {run_dir}/last.ckpt" in err
+    monkeypatch.setattr(run_folder, "write_history_csv", write)
+    assert cli(capsys, "--resume", run_dir / "last.ckpt", "--no-progress")[0] == 0  # the hint works as printed
+    assert pd.read_csv(run_dir / "history.csv").epoch.max() == 2

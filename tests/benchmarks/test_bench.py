@@ -1,6 +1,6 @@
-"""Issue 24's benchmark on a GPU, checked without one: the compute bound trains with the very
-settings a real run has on the device (precision, layout, per-phase reads, BatchNorm modes),
-on batches already on the device; the prepared device script's arguments parse. No timing here."""
+"""benchmarks/bench.py, checked without a GPU: the compute bound trains with the very settings a
+real run has on the device (precision, layout, per-phase reads, BatchNorm modes), on batches
+already on the device; the prepared device script's arguments parse. No timing here."""
 
 import dataclasses
 import os
@@ -19,7 +19,7 @@ from tl.engine.device import device_hooks, make_grad_scaler
 from tl.engine.options import RunOptions
 from tl.engine.run import run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # what the device and the recipe decide; progress, log, best_by and end_of_epoch are the run's bookkeeping
 FIELDS = ("autocast_dtype", "channels_last", "device_sums", "scaler", "frozen_bn_eval", "bn_eval",
           "scheduler_interval")
@@ -142,7 +142,7 @@ def test_a_gpu_table_names_its_card(tmp_path):
 
 
 def test_every_configuration_of_a_case_and_the_compile_case_make_their_rows(monkeypatch):
-    """The rows of issue 24's table, with stand-ins for the timed runs (figures are not tested)."""
+    """The rows of bench.py's table, with stand-ins for the timed runs (figures are not tested)."""
     speed = {"jpeg": 50.0, "image-cache": 80.0, "device-images": 90.0}
     calls = []
 

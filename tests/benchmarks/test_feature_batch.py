@@ -1,4 +1,5 @@
-"""TODO."""
+"""benchmarks/feature_batch.py: it times the run's own feature pass at each batch size, and
+checks its --out folder before measuring."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TODO."""
+"""benchmarks/gpu_data.py: a wrong data folder leaves the old copy in place."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO."""
+"""benchmarks/side_by_side.py: loop rows paired by case and path, a case's further qualifiers kept
+apart."""
 
 from __future__ import annotations
 

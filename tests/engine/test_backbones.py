@@ -1,4 +1,5 @@
-"""TODO."""
+"""tl/engine/backbones.py: a backbone's own input size is what a run crops at unless told, and
+what --evaluate, --predict and --export read back from the run."""
 
 from __future__ import annotations
 

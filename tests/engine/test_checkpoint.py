@@ -1,4 +1,5 @@
-"""Saving, resuming, evaluating saved models and predicting single images."""
+"""tl/engine/checkpoint.py: a checkpoint holds everything a resume needs (the grad scaler's state
+included) and loads back; a pickled whole model needs an explicit flag."""
 
 from __future__ import annotations
 

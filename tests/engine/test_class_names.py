@@ -1,4 +1,5 @@
-"""TODO."""
+"""tl/engine/class_names.py: class folder names that differ between splits only in their Unicode
+form are shown how they differ."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO."""
+"""tl/engine/command.py, the wrapper every command runs in, through the benchmarks: bad input or a
+table that cannot be written is one `error:` line and exit status 2, never a traceback."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO."""
+"""tl/engine/early_stopping.py: --patience stops a run on a plateau and keeps the best epoch's
+weights."""
 
 from __future__ import annotations
 

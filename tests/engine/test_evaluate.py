@@ -1,4 +1,6 @@
-"""TODO."""
+"""tl/engine/evaluate.py: split_loader rebuilds the images a run saw (its val split, its seeded
+--train-per-class draw, its --verify-images scan) and reports the files it leaves out;
+evaluate_folder names the best epoch by training's rule on a tie."""
 
 from __future__ import annotations
 
@@ -30,8 +32,8 @@ def test_evaluating_val_of_a_val_split_run_reports_the_broken_files(tmp_path, ti
 
 @pytest.mark.usefixtures("own_cache_dir")
 def test_evaluate_train_split_scores_the_draw_of_a_max_per_class_run(tiny_data, tiny_backbone, tmp_path):
-    """--train-per-class 3 with --max-per-class 6 (or --quick's 8) trains on a draw from the
-    first 6 images per class; --evaluate --split train draws 3 from *all* 12: other images."""
+    """--train-per-class 3 with --max-per-class 6 (or --quick's 8) trains on a draw of 3 from the
+    first 6 images per class; --evaluate --split train scores that very draw, not 3 drawn from all 12."""
     module = get_experiment("resnet_finetune")
     opts = RunOptions(data=tiny_data, backbone="tiny", weights="none", epochs=1, batch_size=4, workers=0,
                       out=tmp_path / "runs", image_size=32, progress=False, plots=False,
@@ -51,9 +53,8 @@ def test_evaluate_train_split_of_a_verify_images_run_scores_the_images_it_traine
                                                                                       tmp_path):
     """A --verify-images run (what read_image's message tells a user to do when a file breaks
     mid-run) skips a PNG whose IDAT data is corrupt but whose IEND is present (the quick scan
-    passes it). split_loader rebuilds the train draw from a scan *without* verify (ModelContext
-    does not carry verify_images): the broken file is back in the list, so the seeded
-    --train-per-class draw is another set of images, not 'the images the run trained on'."""
+    passes it). split_loader rebuilds the train draw from a scan verified as the run's was, so the
+    seeded --train-per-class draw is the images the run trained on, the broken file left out."""
     from tl.engine.evaluate import split_loader
     from tl.engine.model_loading import context_for
 

@@ -1,5 +1,5 @@
-"""Issue 16, "Learn by looking": nested data subsets, class-activation maps, top losses,
-feature projections, the torchinfo summary, and the exported model (ONNX / TorchScript)."""
+"""tl/engine/explain.py: class-activation maps (of the image's size, not constant, with gradients
+through a frozen model), top losses and the 2-D projection of features."""
 
 from __future__ import annotations
 

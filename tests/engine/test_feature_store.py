@@ -1,8 +1,10 @@
-"""A feature cache over --cache-limit-gb spills to disk: memory-mapped, exact, checked.
+"""tl/engine/feature_store.py: the cache key (what changes the stored numbers, and nothing else), a
+damaged cache file reported and rebuilt, cached views, and a cache over --cache-limit-gb
+spilled to disk: memory-mapped, exact, checked, or uncached when the disk (or a quota) has no
+room.
 
-SPILL is a limit every cache of the tiny data set exceeds, so each run here keeps its
-features on disk; the same run with the default limit keeps them in memory.
-"""
+SPILL is a limit every cache of the tiny data set exceeds, so each run that uses it keeps its
+features on disk; the same run with the default limit keeps them in memory."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from tests.helpers import frozen_tiny, seeded_tiny_net, without_timings
 from tl import features
 from tl.data import build_transforms
 from tl.engine import feature_store, files, images
+from tl.engine.bn_folding import fold_batchnorm
 from tl.engine.feature_store import FeaturePass
 from tl.engine.images import CheckedImageFolder
 from tl.engine.options import RunOptions
@@ -139,7 +142,7 @@ def test_a_spilled_cache_is_memory_mapped_not_read_into_memory(tiny_data, tiny_b
         assert torch.equal(fs.features, cached[phase].features)
     # while the pass runs, the features it computes go straight into the file, not into memory
     store = own_cache_dir / "store.raw"
-    computed = feature_store.compute_features(features.fold_batchnorm(net), "fc", sets["val"],
+    computed = feature_store.compute_features(fold_batchnorm(net), "fc", sets["val"],
                                               feature_store.FeaturePass(), store=store)  # as the cache
     assert _mapped_file(computed) == os.path.realpath(store)
     assert torch.equal(computed, memory["val"].features)
@@ -246,9 +249,8 @@ def test_the_feature_cache_key_follows_the_cpu_thread_count(tiny_data):
 
 
 def test_a_disk_filled_during_the_spill_falls_back_to_uncached(small_disk, monkeypatch):
-    """cached_features promises 'uncached only when the disk lacks room' and catches ENOSPC
-    for 'another writer filled the disk meanwhile'; but the save's failure arrives as EIO
-    (above), so the run crashes instead."""
+    """cached_features runs uncached when the disk lacks room, also when another writer fills the
+    disk after the check and the save fails with ENOSPC: None ('running uncached'), not an OSError."""
     monkeypatch.setenv("TL_CACHE_DIR", str(small_disk / "cache"))
     usage = collections.namedtuple("usage", "total used free")
     real_usage, real_fallocate = shutil.disk_usage, os.posix_fallocate
@@ -276,11 +278,9 @@ def test_a_disk_filled_during_the_spill_falls_back_to_uncached(small_disk, monke
 
 
 def test_a_quota_met_while_saving_a_spilled_cache_runs_uncached(tmp_path, monkeypatch, own_cache_dir):
-    """fa194bb lets cached_features run uncached on EDQUOT, but the failure arrives through
-    atomic_save, which turns torch.save's RuntimeError into ENOSPC only when the *disk* has under
-    1 MiB free. Under a user quota the disk has plenty free: the OSError(EDQUOT) of the file's
-    write (kept by torch as the RuntimeError's __context__) is reported as EIO, and the run
-    crashes instead of running uncached."""
+    """Under a user quota the disk has plenty free while the file's write fails with EDQUOT (kept by
+    torch as its RuntimeError's __context__): cached_features runs uncached, as on a full disk,
+    rather than failing with an OSError."""
     import errno
     import io
     import os

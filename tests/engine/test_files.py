@@ -141,8 +141,8 @@ def test_a_crash_during_a_save_leaves_the_old_file(tmp_path, monkeypatch):
 
 @pytest.mark.usefixtures("own_cache_dir")
 def test_a_full_disk_is_reported_as_enospc_not_eio(small_disk):
-    """atomic_write deletes its temporary *before* measuring the free space, so the space the
-    temporary took counts as free: a full disk is reported as 'errno 5 EIO, 8.0 MB free'."""
+    """A full disk is reported as ENOSPC, not EIO: the space atomic_write's temporary took is not
+    counted as free when the failure is told apart."""
     with pytest.raises(OSError) as info:
         files.atomic_save({"x": torch.zeros(3 * 2**20)}, small_disk / "c.pt")  # 12 MB on 8 MB
     assert info.value.errno == errno.ENOSPC, info.value

@@ -1,9 +1,8 @@
-"""The headline number is never chosen on the images it is scored on (issue 14).
+"""tl/engine/headline.py: the headline number is never chosen on the images it is scored on.
 
 With a test/ split: the epoch chosen on val, scored on test. Without one: the final
 epoch's val accuracy. Two model states that always answer one class, on unbalanced
-splits, tell the cases apart: each gives a different accuracy on each split.
-"""
+splits, tell the cases apart: each gives a different accuracy on each split."""
 
 from __future__ import annotations
 

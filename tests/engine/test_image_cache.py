@@ -1,5 +1,7 @@
-"""Issue 24, "A GPU kept busy": what of it runs on a CPU. The channels_last default by device,
-the batched augmentation of `--device-images`, loss sums kept on the device, `--compile`."""
+"""tl/engine/image_cache.py: decoded images kept in memory or on the training device
+(`--image-cache`, `--device-images`). The train batch of --device-images is augmented at once
+(`BatchedCrops`) with the very crop boxes and flips of the per-image path; pipelines that draw
+their own numbers stay per image. The GPU tests run only where CUDA is visible."""
 
 import pytest
 import torch

@@ -156,7 +156,7 @@ GREY = (0.5, 0.5, 0.5)  # the mean and the std the tests below normalise with
 
 def _mode_image(mode: str) -> tuple[Image.Image, str, np.ndarray]:
     """(image in `mode`, file suffix, the RGB pixels it must become) for a 1x4 strip."""
-    if mode == "I":  # 32-bit integer, values 0..255: used to come out all black
+    if mode == "I":  # 32-bit integer, values 0..255: not all black
         values = np.array([[0, 64, 128, 255]], np.int32)
         return Image.fromarray(values, "I"), ".tiff", np.repeat(values[..., None], 3, 2)
     if mode == "I;16":

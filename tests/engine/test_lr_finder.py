@@ -1,6 +1,6 @@
 """The learning-rate range test (`--find-lr`, tl/engine/lr_finder.py): a geometric sweep through
-the one loop, its stop on divergence, the suggestion, train only, and the command line's bad
-input. Tiny images and the tiny backbone: seconds."""
+the one loop, its stop on divergence, the suggestion, train only, and no window where the
+lowest loss lies at an edge of the sweep. Tiny images and the tiny backbone: seconds."""
 
 from __future__ import annotations
 

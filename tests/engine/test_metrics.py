@@ -1,4 +1,5 @@
-"""TODO."""
+"""tl/engine/metrics.py: the classification report's figures against a confusion matrix worked
+by hand, and the files it writes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO."""
+"""tl/engine/model_loading.py: the run context read from a config.json beside the weights,
+a hand-edited count included."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from tl.engine.model_loading import context_for
 
 
 def test_a_hand_edited_train_per_class_string_is_still_a_count(tmp_path, tiny_backbone):
-    """config.json edited by hand to "train_per_class": "3": --evaluate --split train scored the
-    run's draw of 3 per class before the split (split_loader took int() of it); it must not crash."""
+    """config.json edited by hand to "train_per_class": "3" is read as the count 3 (--evaluate
+    --split train scores the run's draw of 3 per class); a string that is no count is refused."""
     data = write_image_folder(tmp_path / "d", train=6, val=2, size=16)
     config = {"recipe": {"backbone": "tiny"}, "classes": ["class_0", "class_1"],
               "options": {"image_size": 32, "train_per_class": "3", "max_per_class": "5"}}

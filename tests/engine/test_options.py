@@ -1,4 +1,5 @@
-"""TODO."""
+"""tl/engine/options.py: every command-line option is a RunOptions field under its own name, or
+belongs to an action; left out, the run options are RunOptions' defaults."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Document 000's raw Kaggle layout, and data folders that are not clean."""
+"""tl/engine/prepare.py: document 000's raw Kaggle layout split into train/val/test, by links
+where possible and copies otherwise, never over a folder it did not make, and never reporting
+success over broken links."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO."""
+"""tl/engine/resume.py: restore refuses a best.pth that is not the file config.json recorded, and a
+checkpoint without a thread count resumes on this process's count and says so."""
 
 from __future__ import annotations
 

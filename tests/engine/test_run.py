@@ -1,4 +1,5 @@
-"""TODO."""
+"""tl/engine/run.py: a refused resume prints nothing before its error, --compile trains the same
+network and saves the plain names, and combine runs every step callback (any one stops)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from tl.engine.run import combine, resume_run
 
 
 def test_a_refused_resume_says_nothing_before_its_error(tmp_path, tiny_backbone, own_cache_dir):
-    """--resume on other data: the refusal is the only thing printed, as before the split (the
-    recipe line came first: it was logged when the model was built, before the checks)."""
+    """--resume on other data: the refusal is the only thing printed (the checks come before the
+    model is built and its recipe line logged)."""
     shutil.copytree(RUN, tmp_path / "run")
     three = write_image_folder(tmp_path / "three", classes=3, train=2, val=2, size=16)
     logs = []

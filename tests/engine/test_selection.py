@@ -1,4 +1,7 @@
-"""TODO."""
+"""tl/engine/selection.py: which files a data set holds (images only, each with one label, none in
+two splits, broken and non-image files skipped and named), the seeded draws (nested
+--train-per-class, a fraction of a class) and the inner split and folds that tuning carves from
+train."""
 
 from __future__ import annotations
 

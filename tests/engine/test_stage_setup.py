@@ -1,4 +1,4 @@
-"""TODO."""
+"""tl/engine/stage_setup.py: a stage says its image cache lines before its feature cache line."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from tl.engine.run import run
 
 
 def test_an_image_cache_speaks_before_the_feature_cache_line(tiny_data, tiny_backbone, tmp_path, own_cache_dir):
-    """Before the split a stage said its --image-cache lines (over the limit here; on a GPU
-    --device-images always says where its images are), then "feature cache: ..."."""
+    """A stage says its --image-cache lines (over the limit here; on a GPU --device-images always
+    says where its images are), then "feature cache: ..."."""
     module, logs = get_experiment("resnet_finetune"), []
     opts = RunOptions(data=tiny_data, backbone="tiny", weights="none", epochs=1, workers=0, out=tmp_path,
                       image_size=32, image_cache=True, cache_limit_gb=1e-9, plots=False, progress=False)

@@ -1,6 +1,6 @@
 """TensorBoard logging (`--tensorboard`, tl/engine/tensorboard.py): the tags and steps of the event
 files, read back with TensorBoard's own reader, across stages and across an interrupted and
-resumed run; and the helper that puts several callbacks on one hook. Tiny images: seconds."""
+resumed run. Tiny images: seconds."""
 
 from __future__ import annotations
 

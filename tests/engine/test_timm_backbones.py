@@ -1,6 +1,5 @@
-"""Stronger backbones offline (issue 23): EfficientNet-Lite1/Lite2 from their pip packages at
-their own input sizes, any timm model by name (`--backbone timm:NAME`), and recipes that do
-not apply to a network stopping with one clear message before training.
+"""tl/engine/timm_backbones.py: any timm model by name (`--backbone timm:NAME`): every parameter in
+exactly one group, and a run that trains, evaluates, predicts, resumes and exports.
 
 Small models only (timm's resnet18, convnext_atto, mobilenetv3_small_050 at 64 pixels), so
 the whole file takes seconds."""

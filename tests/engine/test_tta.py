@@ -1,6 +1,6 @@
-"""The two averages of tl/engine/ema.py and tl/engine/tta.py: of the weights (--ema, Recipe.ema_decay) and of a
-photo's and its mirror's probabilities (--tta, Recipe.tta). Each is checked against numbers
-computed here by hand, and --ema's run is checked to resume exactly."""
+"""tl/engine/tta.py: the mirror at test time (--tta, Recipe.tta) averages a photo's and its
+mirror's probabilities, checked against numbers computed here by hand, for a softmax and a
+one-logit head and an exported file; stored features have no mirror."""
 
 from __future__ import annotations
 

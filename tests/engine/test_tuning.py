@@ -1,4 +1,5 @@
-"""TODO."""
+"""tl/engine/tuning.py: the study file (a path taken as it is, a heartbeat that retries a killed
+trial) and the search space, which follows the recipe's groups and fields."""
 
 from __future__ import annotations
 

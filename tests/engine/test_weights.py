@@ -1,4 +1,6 @@
-"""TODO."""
+"""tl/engine/weights.py: weights from the torch hub cache, a local file, or a pip package, every
+tensor mapped onto the network (EfficientNet-Lite0/1/2, timm models); offline, one message that
+says how to get them."""
 
 from __future__ import annotations
 

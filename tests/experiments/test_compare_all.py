@@ -1,5 +1,6 @@
 """compare_all: every column, right statuses, summary figures recomputable from runs.csv, plots;
-headline numbers per data set, subset reruns that leave nothing stale, the paired bootstrap."""
+headline numbers per data set, subset reruns that leave nothing stale, two comparisons at once,
+and a tuned recipe added where its data set has one."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from PIL import Image
 
 from experiments import NAMES, compare_all, report
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SUMMARY_COLUMNS = {
     "dataset", "headline", "headline_acc_mean", "headline_acc_std",
     "experiment", "source", "backbone", "weights", "strategy", "trainable_params", "total_params", "train_epochs",

@@ -1,4 +1,4 @@
-"""TODO."""
+"""experiments/data_efficiency.py on tiny data: its table, its plot, and a note for a missing recipe."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO."""
+"""experiments/imbalance.py on tiny data with one seed: every figure from the runs' own per-image
+predictions on the untouched test split, its table, page and picture."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TODO."""
+"""experiments/look.py: class-activation maps, feature projections and a page."""
 
 from __future__ import annotations
 

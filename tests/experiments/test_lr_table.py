@@ -1,4 +1,4 @@
-"""TODO."""
+"""experiments/lr_table.py: one row per recipe, its page and each recipe's range test."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from tl.models import BATCHNORM, get_backbone
 from tl.recipe import Recipe
 from tl.stages import as_stages
 
-SEEDS = Path(__file__).resolve().parents[2] / "shared" / "seeds"
+SEEDS = Path(__file__).resolve().parents[3] / "shared" / "seeds"
 
 # The PyTorch tutorial "Transfer Learning for Computer Vision" (S. Chilamkurthy,
 # pytorch.org/tutorials/beginner/transfer_learning_tutorial.html): optim.SGD(lr=0.001,
