@@ -20,7 +20,7 @@ TRAINING_BARS = {"the check of a data folder": "checking ", "the feature pass": 
                  "the image cache": "decoding ", "scoring the headline": "scoring "}
 EVALUATE_BARS = {"the check of a data folder": "checking ", "scoring": "scoring "}
 PREDICT_BARS = {"the scan of a folder": "scanning ", "classifying": "classifying "}
-EXPORT_BARS = {"the check of the exported model": "checking the export "}
+EXPORT_BARS = {"the check of the exported model": "checking the exported model"}
 A_BAR = re.compile(r"\[\d\d:\d\d")  # every tqdm bar shows its elapsed time: "... 3/12 [00:01<00:03, ..."
 
 

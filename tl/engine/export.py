@@ -245,7 +245,7 @@ def parity_check(model: nn.Module, exported: nn.Module, loader) -> dict:
 
     model.eval()
     worst, agree, n = 0.0, 0, 0
-    for images, _labels in progress(loader, f"checking the export on {len(loader.dataset)} images", unit=" batches"):
+    for images, _labels in progress(loader, "checking the exported model", unit=" batches"):
         ours, theirs = model(images).float(), exported(images).float()
         worst = max(worst, (ours - theirs).abs().max().item())
         agree += int((predictions(ours) == predictions(theirs)).sum())
