@@ -22,11 +22,77 @@ from tl.engine.run import run
 from tl.models import get_backbone
 
 
-def two_class_tiny_net():
-    torch.manual_seed(0)
-    net = TinyNet()
-    net.fc = nn.Linear(16, 2)
-    return net
+# ----------------------------------------------------------------------------- the command line
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    """main.main(argv) -> (exit status, stdout, stderr); never a traceback."""
+    code = main.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return code, out, err
+
+
+def cli_exit(capsys, *argv) -> tuple[int, str, str]:
+    """main.main(argv) -> (exit status, stdout, stderr); argparse's exits count too. No traceback, ever."""
+    try:
+        code = main.main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return code, out, err
+
+
+# ----------------------------------------------------------------------------- a tiny run through main.main
+def train_one_epoch(capsys, data_dir, out, *extra, experiment="resnet_scratch"):
+    """A one-epoch run of the tiny backbone; returns (exit status, stdout, stderr)."""
+    return cli_exit(capsys, "-e", experiment, "-b", "tiny", "--data", data_dir, "--epochs", "1", "--out", out,
+                    "--no-progress", "--workers", "0", *extra)
+
+
+def train_quick(data, out, *extra, experiment="resnet_scratch") -> Path:
+    """A one-epoch --quick run of the tiny backbone; its run folder."""
+    assert main.main(["-e", experiment, "-b", "tiny", "--data", str(data), "--quick", "--out", str(out),
+                      "--no-progress", *map(str, extra)]) == 0
+    (run_dir,) = Path(out).iterdir()
+    return run_dir
+
+
+def train_three_epochs(data: Path, out: Path, backbone: str = "tiny", experiment: str = "resnet_scratch",
+                       *extra: str) -> Path:
+    """A --quick run of 3 epochs through main.main; its run folder."""
+    assert main.main(["-e", experiment, "-b", backbone, "--data", str(data), "--quick", "--epochs", "3",
+                      "--out", str(out), "--no-progress", *extra]) == 0
+    (run_dir,) = out.iterdir()
+    return run_dir
+
+
+def train_scratch(data, out, epochs, *extra):
+    """resnet_scratch on the tiny backbone through main.main; its run folder."""
+    argv = ["-e", "resnet_scratch", "-b", "tiny", "--data", str(data), "--out", str(out), "--epochs", str(epochs),
+            "--lr-scale", "50", "--batch-size", "5", "--no-progress", *extra]
+    assert main.main(argv) == 0
+    (run_dir,) = out.iterdir()
+    return run_dir
+
+
+def train_frozen(data, out, epochs, *extra, weights=None, code=0):
+    """resnet_frozen on the tiny backbone through main.main (exit status `code`); its run folder."""
+    argv = ["-e", "resnet_frozen", "-b", "tiny", "--data", str(data), "--out", str(out), "--epochs", str(epochs),
+            "--lr-scale", "20", "--batch-size", "5", "--no-progress", *extra]
+    if weights is not None:
+        argv += ["--weights", str(weights)]
+    assert main.main(argv) == code
+    (run_dir,) = out.iterdir()
+    return run_dir
+
+
+# ----------------------------------------------------------------------------- the API, the loop alone
+def finetune_one_epoch(data, out, **options):
+    """One epoch of resnet_finetune on the tiny backbone through the API (no pictures); its RunResult."""
+    module = get_experiment("resnet_finetune")
+    opts = RunOptions(data=data, backbone="tiny", weights="none", epochs=1, batch_size=5, out=out,
+                      progress=False, plots=False, **options)
+    return run(module.RECIPE, module.build, opts, log=lambda s: None)
 
 
 def train_with_ema(data, out, recipe, epochs, weights, **options):
@@ -38,13 +104,55 @@ def train_with_ema(data, out, recipe, epochs, weights, **options):
     return run(module.RECIPE, module.build, opts, log=lambda s: None).run_dir
 
 
+def loop_setup(data, seed=0):
+    """(a fresh tiny model, its seeded loaders) on `data`, for a test that calls train_model itself."""
+    from tl.data import build_transforms, make_loaders
+    from tl.engine.selection import image_datasets
+    from tl.engine.weights import build_model
+    from tl.loop import seed_everything
+
+    seed_everything(seed)
+    sets = image_datasets(data, build_transforms((0.5,) * 3, (0.5,) * 3, size=32, resize=36))
+    model = build_model("tiny", len(sets["train"].classes), "none")
+    return model, make_loaders(sets, 5, seed=seed)
+
+
+# ----------------------------------------------------------------------------- networks
+def seeded_tiny_net(seed: int) -> TinyNet:
+    """A TinyNet initialised from `seed`."""
+    torch.manual_seed(seed)
+    return TinyNet()
+
+
+def two_class_tiny_net():
+    """A seeded TinyNet with a 2-class head."""
+    torch.manual_seed(0)
+    net = TinyNet()
+    net.fc = nn.Linear(16, 2)
+    return net
+
+
+def frozen_tiny(prefix_extra: torch.nn.Module | None = None):
+    """A TinyNet that trains its head alone, `prefix_extra` appended to the frozen block."""
+    from tl.models import set_trainable
+
+    net = TinyNet()
+    if prefix_extra is not None:
+        net.block.append(prefix_extra)
+    set_trainable(net, get_backbone("tiny"), ["head"])
+    return net
+
+
+# ----------------------------------------------------------------------------- images and folders
 def picture(path: Path, size=(40, 40), seed=0) -> Path:
+    """A random RGB picture of `size` (width, height) saved at `path`."""
     pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
     Image.fromarray(pixels).save(path)
     return path
 
 
 def kaggle_folder(root: Path, n: int = 5) -> Path:
+    """Kaggle's flat layout: root/cat.N.jpg and root/dog.N.jpg, `n` of each."""
     root.mkdir(parents=True)
     for name in ("cat", "dog"):
         for i in range(n):
@@ -61,63 +169,21 @@ def class_folders_only(root: Path, counts: dict[str, int]) -> Path:
     return root
 
 
-def cli_exit(capsys, *argv) -> tuple[int, str, str]:
-    """main.main(argv) -> (exit status, stdout, stderr); argparse's exits count too. No traceback, ever."""
-    try:
-        code = main.main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err
-    return code, out, err
+def png_size(path, min_width=300):
+    """The (width, height) of a PNG at least `min_width` wide."""
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.width >= min_width
+        return img.size
 
 
-def train_one_epoch(capsys, data_dir, out, *extra, experiment="resnet_scratch"):
-    """A one-epoch run of the tiny backbone; returns (exit status, stdout, stderr)."""
-    return cli_exit(capsys, "-e", experiment, "-b", "tiny", "--data", data_dir, "--epochs", "1", "--out", out,
-               "--no-progress", "--workers", "0", *extra)
-
-
-def loop_setup(data, seed=0):
-    from tl.data import build_transforms, make_loaders
-    from tl.engine.selection import image_datasets
-    from tl.engine.weights import build_model
-    from tl.loop import seed_everything
-
-    seed_everything(seed)
-    sets = image_datasets(data, build_transforms((0.5,) * 3, (0.5,) * 3, size=32, resize=36))
-    model = build_model("tiny", len(sets["train"].classes), "none")
-    return model, make_loaders(sets, 5, seed=seed)
-
-
-def finetune_one_epoch(data, out, **options):
-    module = get_experiment("resnet_finetune")
-    opts = RunOptions(data=data, backbone="tiny", weights="none", epochs=1, batch_size=5, out=out,
-                      progress=False, plots=False, **options)
-    return run(module.RECIPE, module.build, opts, log=lambda s: None)
-
-
+# ----------------------------------------------------------------------------- two runs compared
 def without_timings(rows):
+    """History rows without their timings, which differ between two runs of the same numbers."""
     return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in rows]
 
 
-def train_scratch(data, out, epochs, *extra):
-    argv = ["-e", "resnet_scratch", "-b", "tiny", "--data", str(data), "--out", str(out), "--epochs", str(epochs),
-            "--lr-scale", "50", "--batch-size", "5", "--no-progress", *extra]
-    assert main.main(argv) == 0
-    (run_dir,) = out.iterdir()
-    return run_dir
-
-
-def assert_recorded_digests_match(run_dir):
-    """Every weight file the run recorded in config.json is the file on disk (what --evaluate checks)."""
-    checksums = json.loads((run_dir / "config.json").read_text())["checksums"]
-    assert "best.pth" in checksums
-    for name, digest in checksums.items():
-        assert files.state_digest(checkpoint.load_state_file(run_dir / name)) == digest, (run_dir, name)
-
-
 def assert_same_run(a, b):
+    """Run folders `a` and `b` hold the same run: epochs, rows, weights, best.pth, results, history.csv."""
     ca, cb = checkpoint.load_checkpoint(a / "last.ckpt"), checkpoint.load_checkpoint(b / "last.ckpt")
     assert ca["epoch"] == cb["epoch"]
     assert without_timings(ca["history"]["rows"]) == without_timings(cb["history"]["rows"])
@@ -136,56 +202,9 @@ def assert_same_run(a, b):
         assert_recorded_digests_match(run_dir)
 
 
-def frozen_tiny(prefix_extra: torch.nn.Module | None = None):
-    from tl.models import set_trainable
-
-    net = TinyNet()
-    if prefix_extra is not None:
-        net.block.append(prefix_extra)
-    set_trainable(net, get_backbone("tiny"), ["head"])
-    return net
-
-
-def train_frozen(data, out, epochs, *extra, weights=None, code=0):
-    argv = ["-e", "resnet_frozen", "-b", "tiny", "--data", str(data), "--out", str(out), "--epochs", str(epochs),
-            "--lr-scale", "20", "--batch-size", "5", "--no-progress", *extra]
-    if weights is not None:
-        argv += ["--weights", str(weights)]
-    assert main.main(argv) == code
-    (run_dir,) = out.iterdir()
-    return run_dir
-
-
-def train_three_epochs(data: Path, out: Path, backbone: str = "tiny", experiment: str = "resnet_scratch",
-                       *extra: str) -> Path:
-    assert main.main(["-e", experiment, "-b", backbone, "--data", str(data), "--quick", "--epochs", "3",
-                      "--out", str(out), "--no-progress", *extra]) == 0
-    (run_dir,) = out.iterdir()
-    return run_dir
-
-
-def train_quick(data, out, *extra, experiment="resnet_scratch") -> Path:
-    """A one-epoch --quick run of the tiny backbone; its run folder."""
-    assert main.main(["-e", experiment, "-b", "tiny", "--data", str(data), "--quick", "--out", str(out),
-                      "--no-progress", *map(str, extra)]) == 0
-    (run_dir,) = Path(out).iterdir()
-    return run_dir
-
-
-def seeded_tiny_net(seed: int) -> TinyNet:
-    torch.manual_seed(seed)
-    return TinyNet()
-
-
-def png_size(path, min_width=300):
-    with Image.open(path) as img:
-        assert img.format == "PNG" and img.width >= min_width
-        return img.size
-
-
-def cli(capsys, *argv) -> tuple[int, str, str]:
-    """main.main(argv) -> (exit status, stdout, stderr); never a traceback."""
-    code = main.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err
-    return code, out, err
+def assert_recorded_digests_match(run_dir):
+    """Every weight file the run recorded in config.json is the file on disk (what --evaluate checks)."""
+    checksums = json.loads((run_dir / "config.json").read_text())["checksums"]
+    assert "best.pth" in checksums
+    for name, digest in checksums.items():
+        assert files.state_digest(checkpoint.load_state_file(run_dir / name)) == digest, (run_dir, name)

@@ -24,13 +24,7 @@ from tests.helpers import cli, train_quick
 from tl.data import val_resize
 from tl.engine import export
 
-# ----------------------------------------------------------------------------- EXIF orientation
 
-
-# ----------------------------------------------------------------------------- the classification report
-
-
-# ----------------------------------------------------------------------------- a folder in, a table out
 @pytest.fixture
 def photo_run(tmp_path, tiny_backbone) -> Path:
     return train_quick(write_image_folder(tmp_path / "data"), tmp_path / "runs")
@@ -48,6 +42,35 @@ def _photo_folder(root: Path) -> Path:
     return root
 
 
+# ----------------------------------------------------------------------------- a photo or a few
+def test_predict_with_a_checkpoint_uses_the_runs_class_names(hymenoptera, tmp_path, capsys):
+    assert main.main(["-e", "resnet_frozen", "-b", "efficientnet_lite0", "--data", str(hymenoptera), "--quick",
+                      "--out", str(tmp_path / "runs"), "--no-progress"]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    bee = next((hymenoptera / "val" / "bees").glob("*.jpg"))
+    (tmp_path / "broken.jpg").write_text("not a picture")
+    code = main.main(["--predict", str(bee), str(tmp_path / "broken.jpg"), "--checkpoint", str(run_dir / "best.pth")])
+    out = capsys.readouterr()
+    assert code == 2  # one image could not be read: said clearly, the other still classified
+    line = next(x for x in out.out.splitlines() if x.startswith(str(bee)))
+    named = dict(item.rsplit(" ", 1) for item in line.removeprefix(f"{bee}: ").split(", "))
+    assert set(named) == {"ants", "bees"}  # the run's two classes, not ImageNet's names
+    assert sum(map(float, named.values())) == pytest.approx(1, abs=2e-3)
+    assert "cannot read" in out.out and "1 of 2 image(s)" in out.err
+    assert [x for x in (out.out + out.err).splitlines() if x.startswith("error:")] == \
+        ["error: 1 of 2 image(s) could not be read"]  # one error: line; the photo's own line says skipped
+
+
+def test_predict_without_a_checkpoint_names_imagenet_classes(hymenoptera, capsys):
+    bees = sorted((hymenoptera / "val" / "bees").glob("*.jpg"))[:3]
+    assert main.main(["--predict", *map(str, bees), "--backbone", "efficientnet_lite0"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # each image's top 3 ImageNet classes (names from torchvision's metadata, not the file path)
+    top3 = [[item.rsplit(" ", 1)[0] for item in line.split(": ", 1)[1].split(", ")] for line in lines]
+    assert len(top3) == 3 and sum("bee" in names for names in top3) >= 2  # class 309
+
+
+# ----------------------------------------------------------------------------- a folder in, a table out
 def test_a_folder_of_photos_becomes_a_table(photo_run, tmp_path, capsys):
     from tl.engine.model_loading import context_for, load_model
     from tl.engine.predict import predict_images
@@ -139,9 +162,7 @@ def test_predicting_a_folder_refuses_bad_input_before_writing(photo_run, tmp_pat
     assert "none of the 2 image file(s)" in capsys.readouterr().err and not list((tmp_path / "out").glob("*.csv"))
 
 
-# ----------------------------------------------------------------------------- unbalanced classes
-
-
+# ----------------------------------------------------------------------------- an exported file as the model
 EDITS = {  # name: (what the edit does to the description, what the message must say)
     "a key missing": (lambda m: {k: v for k, v in m.items() if k != "mean"}, "mean is missing"),
     "classes a string": (lambda m: m | {"classes": "ant,bee"}, "classes is str"),
@@ -235,38 +256,9 @@ def test_a_single_logit_export_is_two_classes(exported, fmt, tmp_path, capsys):
         assert code == 2 and says in err, err
 
 
-def test_predict_with_a_checkpoint_uses_the_runs_class_names(hymenoptera, tmp_path, capsys):
-    assert main.main(["-e", "resnet_frozen", "-b", "efficientnet_lite0", "--data", str(hymenoptera), "--quick",
-                      "--out", str(tmp_path / "runs"), "--no-progress"]) == 0
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    bee = next((hymenoptera / "val" / "bees").glob("*.jpg"))
-    (tmp_path / "broken.jpg").write_text("not a picture")
-    code = main.main(["--predict", str(bee), str(tmp_path / "broken.jpg"), "--checkpoint", str(run_dir / "best.pth")])
-    out = capsys.readouterr()
-    assert code == 2  # one image could not be read: said clearly, the other still classified
-    line = next(x for x in out.out.splitlines() if x.startswith(str(bee)))
-    named = dict(item.rsplit(" ", 1) for item in line.removeprefix(f"{bee}: ").split(", "))
-    assert set(named) == {"ants", "bees"}  # the run's two classes, not ImageNet's names
-    assert sum(map(float, named.values())) == pytest.approx(1, abs=2e-3)
-    assert "cannot read" in out.out and "1 of 2 image(s)" in out.err
-    assert [x for x in (out.out + out.err).splitlines() if x.startswith("error:")] == \
-        ["error: 1 of 2 image(s) could not be read"]  # one error: line; the photo's own line says skipped
-
-
-def test_predict_without_a_checkpoint_names_imagenet_classes(hymenoptera, capsys):
-    bees = sorted((hymenoptera / "val" / "bees").glob("*.jpg"))[:3]
-    assert main.main(["--predict", *map(str, bees), "--backbone", "efficientnet_lite0"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    # each image's top 3 ImageNet classes (names from torchvision's metadata, not the file path)
-    top3 = [[item.rsplit(" ", 1)[0] for item in line.split(": ", 1)[1].split(", ")] for line in lines]
-    assert len(top3) == 3 and sum("bee" in names for names in top3) >= 2  # class 309
-
-
 def test_predict_refuses_an_onnx_file_without_the_description(tmp_path, capsys):
     path = tmp_path / "foreign.onnx"
     torch.onnx.export(nn.Linear(3, 2).eval(), (torch.zeros(1, 3),), str(path), dynamo=True, external_data=False,
                       verbose=False)
     assert main.main(["--predict", "x.png", "--checkpoint", str(path)]) == 2
     assert "without this project's description" in capsys.readouterr().err
-
-

@@ -15,8 +15,6 @@ from tl.engine.selection import image_datasets
 from tl.engine.weights import build_model
 from tl.models import get_backbone, set_trainable
 
-# ----------------------------------------------------------------------------- data-efficiency subsets
-
 
 # ----------------------------------------------------------------------------- what the network looks at
 def test_class_activation_map_has_the_image_size_and_is_not_constant(quick_run):
@@ -61,12 +59,3 @@ def test_pca_finds_the_direction_of_largest_variance():
     assert coords.shape == (200, 2)
     assert explained[0] > 0.9 and explained[0] >= explained[1]
     assert torch.corrcoef(torch.stack([coords[:, 0], x[:, 0]]))[0, 1].abs() > 0.99
-
-
-# ----------------------------------------------------------------------------- the summary (torchinfo)
-
-
-# ----------------------------------------------------------------------------- export
-
-
-# ----------------------------------------------------------------------------- the study scripts, tiny

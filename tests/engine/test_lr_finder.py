@@ -94,9 +94,6 @@ def test_the_range_test_never_reads_val_or_test(tiny_data, pretrained, tmp_path,
     assert opened and all(os.sep + "train" + os.sep in p for p in opened)
 
 
-# ----------------------------------------------------------------------------- the command line
-
-
 # ----------------------------------------------------------------------------- the table of every recipe
 
 

@@ -15,8 +15,6 @@ from tests.helpers import cli
 from tl.engine.backbones import backbone_spec
 from tl.models import group_of, param_groups, set_trainable
 
-# ----------------------------------------------------------------------------- EfficientNet-Lite1 / Lite2
-
 
 # ----------------------------------------------------------------------------- timm:NAME
 @pytest.mark.parametrize("arch", ["resnet18", "convnext_atto", "mobilenetv3_small_050"])
@@ -62,6 +60,3 @@ def test_a_timm_backbone_runs_end_to_end_and_its_run_evaluates_predicts_resumes_
     assert cli(capsys, "--export", run, "--format", "torchscript")[0] == 0
     code, out, _ = cli(capsys, "--predict", photo, "--checkpoint", run / "model.pt")
     assert code == 0 and out.startswith(f"{photo}: class_")
-
-
-# ----------------------------------------------------------------------------- bad input: one line, exit 2

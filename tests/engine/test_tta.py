@@ -15,9 +15,6 @@ from tl.engine.evaluate import class_probabilities
 pytestmark = pytest.mark.usefixtures("own_cache_dir")  # every test: a feature-cache folder of its own
 
 
-# ----------------------------------------------------------------------------- the average of the weights
-
-
 # ----------------------------------------------------------------------------- the mirror at test time
 class LeftRight(nn.Module):
     """Logits from the mean brightness of the left and right halves: a mirror swaps them."""
