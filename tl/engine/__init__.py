@@ -10,10 +10,11 @@ run
                       stored features or images, loaders
   options.py          RunOptions: every option of a run that is not the recipe's numbers
   run_folder.py       the run folder: config.json, history.csv, weight files and last.ckpt
-                      after every epoch, the results at the end
+                      after every epoch, the results at the end; one writer, its own checkpoints
   resume.py           the options a saved run continues with, the state it is restored to
   early_stopping.py   --patience: when training stops
   headline.py         the headline number, on images that played no part in choosing it
+  distributed.py      several processes under torchrun: process group, shard samplers, DDP
   command.py          how every command ends: one error: line and exit 2, Ctrl-C exit 130
   progress.py         a bar on stderr for each long pass; --no-progress turns them off
 data
@@ -21,6 +22,7 @@ data
   images.py           which files in a data folder are usable images
   image_cache.py      --image-cache / --device-images: every image decoded once
   feature_store.py    where the features of a frozen prefix are stored and checked
+  bn_folding.py       BatchNorm folded into the convolution before it, for the feature pass
   prepare.py          where the data lives: --data, the download, --prepare dogs-vs-cats
   balance.py          unbalanced classes: class weights, a balanced sampler, the warning
   class_names.py      class names that print alike but differ in their Unicode form
@@ -28,10 +30,13 @@ files
   files.py            atomic writes, stale temporaries swept, the digest of a state
   folder_lock.py      one writer per folder: an exclusive lock that names its holder
   checkpoint.py       the state_dict and checkpoint formats, read with weights_only
+  tables.py           every CSV table: one writer (nothing a spreadsheet runs) and its reader
+  schema.py           the bounds of every file a person may edit and the project reads back
 model
   backbones.py        every --backbone name to its Backbone
   timm_backbones.py   a timm model read as a Backbone
   weights.py          pretrained weights (where from, what if absent) and build_model
+  summary.py          the model summary a run prints: shapes, counts, what trains
   image_size.py       whether the network can take, and see, --image-size pixels
   device.py           the device and its mixed-precision settings
 after training

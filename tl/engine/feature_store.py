@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from tl.engine.bn_folding import fold_batchnorm
 from tl.engine.files import atomic_save, remove_stale_temporaries, state_digest, temporary_beside
 from tl.engine.images import READER
 from tl.engine.progress import progress
@@ -37,7 +38,6 @@ from tl.features import (
     CacheSplit,
     FeatureSet,
     FeaturesOrImages,
-    fold_batchnorm,
     forward_to,
     split_at_cut,
     why_not_cacheable,

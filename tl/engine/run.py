@@ -48,9 +48,10 @@ from tl.engine.resume import restore, restore_threads, resume_options
 from tl.engine.run_folder import RunFolder, data_fingerprint
 from tl.engine.selection import ImageChoice, select_images
 from tl.engine.stage_setup import StageSetup, stage_hooks, start_stage
+from tl.engine.summary import format_parameter_table
 from tl.engine.weights import build_model
 from tl.loop import History, seed_everything, train_model
-from tl.models import Backbone, format_parameter_table
+from tl.models import Backbone
 from tl.recipe import BuildFn, Recipe, make_criterion
 from tl.stages import as_stages, place
 
