@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from tl import TLError
@@ -32,6 +34,27 @@ _ALSO_SETS = {"quick": ("max_per_class", "image_size", "workers"), "device_image
 # a RunOptions field that --resume neither compares with the saved run nor applies: --allow-pickle
 # is about loading --weights files, and a resumed run takes its weights from the checkpoint
 _NOT_COMPARED_ON_RESUME = {"allow_pickle"}
+
+
+def _writes_into_run_folder(folder_of: Callable[[argparse.Namespace], Path | None]):
+    """For a command that writes into a run's folder (a report, an export, maps): it runs only
+    while no run writes that folder, and holds it meanwhile (tl/engine/run_folder.py
+    `held_if_run_folder`); else it stops at once with one error naming the run's process.
+    `folder_of(args)`: the folder the command writes into."""
+    def wrap(command):
+        @functools.wraps(command)
+        def held(args: argparse.Namespace, *rest):
+            from tl.engine.run_folder import held_if_run_folder
+
+            with held_if_run_folder(folder_of(args)):
+                return command(args, *rest)
+        return held
+    return wrap
+
+
+def _folder_of(path: Path | None) -> Path | None:
+    """The folder a path names, or the one a file lies in."""
+    return None if path is None else path if path.is_dir() else path.parent
 
 
 def list_recipes() -> str:
@@ -168,6 +191,7 @@ def resume_command(args: argparse.Namespace, given: set[str]):
                                     if f.name in typed}, get_experiment)
 
 
+@_writes_into_run_folder(lambda args: _folder_of(args.evaluate))
 def evaluate_command(args: argparse.Namespace) -> None:
     """`main.py --evaluate PATH --data DIR [--split test]`: one file, or every epoch file in a folder; with
     the classification report of that file (of the final epoch's) in FOLDER/evaluate-<file>-<split>/.
@@ -290,6 +314,7 @@ def _print_predictions(images: list[Path], results: list) -> int:
     return 0
 
 
+@_writes_into_run_folder(lambda args: _folder_of(args.checkpoint))
 def explain_command(args: argparse.Namespace) -> list:
     """`main.py --explain IMG... --checkpoint RUN/best.pth`: for each photo, the photo and its
     Grad-CAM for the predicted class, written to RUN/explain/<photo name>-cam.png."""
@@ -335,6 +360,7 @@ def explain_command(args: argparse.Namespace) -> list:
     return written
 
 
+@_writes_into_run_folder(lambda args: _folder_of(args.export))
 def export_command(args: argparse.Namespace):
     """`main.py --export RUN [--format onnx|torchscript]` (tl/engine/export.py)."""
     from tl.engine.export import export_run

@@ -8,7 +8,11 @@ two safe ones:
 * a **training checkpoint** (`last.ckpt`, a dict in the style of 004 §2.3 and the
   torchvision references): model and optimizer state, epoch, history, the resolved
   config, class names and RNG states - everything `--resume` needs to carry on
-  exactly where the run stopped.
+  exactly where the run stopped - and the **identity** of the run it belongs to (a run
+  id, the recipe, the seed, the data's fingerprint; tl/engine/run_folder.py `new_identity`),
+  fixed when the run's folder was made. --resume continues a checkpoint only in the folder
+  whose config.json records the same identity (`check_own_checkpoint`). A checkpoint
+  written before identities were recorded has none (`None`).
 
 The third way, `torch.save(model)` (000, 004 §2.1), pickles the Python object itself.
 Loading such a file runs arbitrary code from it, so everything here loads with
@@ -131,7 +135,8 @@ def _as_tuple(x):  # python's random state is nested tuples; keep it so after a 
 
 def save_checkpoint(path: str | os.PathLike, *, epoch: int, model: nn.Module, optimizer, scheduler, scaler,
                     history: dict, config: dict, classes: list[str], loader_generator: torch.Generator | None,
-                    wall_seconds: float, stage: dict | None = None, ema: nn.Module | None = None) -> Path:
+                    wall_seconds: float, stage: dict | None = None, ema: nn.Module | None = None,
+                    identity: dict | None = None) -> Path:
     """Write the full training state after `epoch` (one dict; see the module docstring),
     with the digest of everything in it under "digest".
 
@@ -140,7 +145,10 @@ def save_checkpoint(path: str | os.PathLike, *, epoch: int, model: nn.Module, op
 
     `stage` ({"index", "end"}) says which stage of a staged recipe (tl/stages.py) the
     optimizer and scheduler belong to, and where that stage's epochs end: resume restores
-    them only into that stage, and refuses a new epoch total that would bend its schedule."""
+    them only into that stage, and refuses a new epoch total that would bend its schedule.
+
+    `identity`: the run the checkpoint belongs to, as its folder's config.json records it
+    (see the module docstring)."""
     ckpt = {
         "format": CHECKPOINT_FORMAT,
         "epoch": epoch,
@@ -156,6 +164,7 @@ def save_checkpoint(path: str | os.PathLike, *, epoch: int, model: nn.Module, op
         "wall_seconds": wall_seconds,  # training time of the whole run so far, across resumes
         "stage": stage if stage is not None else {"index": 0, "end": None},  # whose optimizer this is
         "ema": ema.state_dict() if ema is not None else None,  # the average of the weights (--ema), or None
+        "identity": identity,  # whose run this is: resumed only in that run's folder
     }
     ckpt["digest"] = state_digest(ckpt)
     return atomic_save(ckpt, path)

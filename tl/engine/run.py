@@ -35,7 +35,7 @@ from torch import nn
 
 from tl import TLError, distributed
 from tl.data import build_transforms, val_resize
-from tl.engine import checkpoint, tensorboard
+from tl.engine import tensorboard
 from tl.engine.backbones import backbone_spec
 from tl.engine.balance import balance
 from tl.engine.device import default_channels_last, device_hooks, make_grad_scaler, prepare_device, resolve_device
@@ -45,7 +45,7 @@ from tl.engine.image_size import check_image_size
 from tl.engine.options import RunOptions, resolve
 from tl.engine.progress import progress_shown
 from tl.engine.resume import restore, restore_threads, resume_options
-from tl.engine.run_folder import RunFolder, data_fingerprint
+from tl.engine.run_folder import RunFolder, data_fingerprint, resumed
 from tl.engine.selection import ImageChoice, select_images
 from tl.engine.stage_setup import StageSetup, stage_hooks, start_stage
 from tl.engine.summary import format_parameter_table
@@ -112,7 +112,9 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None =
     With `ckpt` (a loaded `last.ckpt`, see `resume_run`), the run continues in that
     checkpoint's folder from the epoch after the one it saved: what the saved run had is
     restored right after the model is built and before anything else uses the model, so
-    the result equals an uninterrupted run.
+    the result equals an uninterrupted run. The folder must be the checkpoint's own, and is
+    written by this process alone (tl/engine/run_folder.py: `resumed` holds it from before the
+    checkpoint is read; `RunFolder.open` takes it where the caller did not).
 
     `on_epoch(epoch, history)` is called after each epoch, once the run folder has saved it;
     an exception it raises (a search's pruner: experiments/tune.py) ends the run there.
@@ -128,11 +130,10 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None =
     ctx.log(f"{r.name} ({r.source}) on {r.backbone}, weights={r.weights}: {r.strategy}")
     first = start_stage(ctx.spans[0], ctx, ckpt)
     ctx.log(format_parameter_table(ctx.model, (1, 3, opts.image_size, opts.image_size)))
-    folder = RunFolder.open(ctx, first, ckpt, resume)
-    history = train_stages(ctx, first, folder, resumed=ckpt is not None)
-    if not distributed.is_main():  # [DDP] the others have trained their share; process 0 scores and writes
-        return RunResult(folder.run_dir, history, folder.config, ctx.model, ctx.classes)
-    folder.finish(ctx, history)
+    with RunFolder.open(ctx, first, ckpt, resume) as folder:  # this process alone writes it until the run ends
+        history = train_stages(ctx, first, folder, resumed=ckpt is not None)
+        if distributed.is_main():  # [DDP] the others have trained their share; process 0 scores and writes
+            folder.finish(ctx, history)
     return RunResult(folder.run_dir, history, folder.config, ctx.model, ctx.classes)
 
 
@@ -264,9 +265,13 @@ def resume_run(path: Path, given: dict, find_recipe: Callable[[str, Path], objec
                log: Callable[[str], None] = print) -> RunResult:
     """`main.py --resume last.ckpt`: rebuild the saved run's recipe and options, then `run` it.
     `find_recipe(name, data)` returns the recipe module (RECIPE, build): `experiments.get_experiment`
-    (the data folder picks a tuned recipe's numbers)."""
-    ckpt = checkpoint.load_checkpoint(path)
-    opts = resume_options(ckpt, given, path)
-    module = find_recipe(ckpt["config"]["experiment"], opts.data)
-    return run(module.RECIPE, module.build, opts, ckpt=ckpt, resume=Path(path), log=log)
+    (the data folder picks a tuned recipe's numbers).
+
+    The run folder is held from before the checkpoint is read to the end of the run (`resumed`):
+    a second resume of the same run stops at once, naming this process, and a checkpoint that
+    is not the folder's own is refused before anything is written."""
+    with resumed(Path(path)) as ckpt:
+        opts = resume_options(ckpt, given, path)
+        module = find_recipe(ckpt["config"]["experiment"], opts.data)
+        return run(module.RECIPE, module.build, opts, ckpt=ckpt, resume=Path(path), log=log)
 

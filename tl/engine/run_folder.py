@@ -5,6 +5,21 @@ classification report (tl/engine/metrics.py) and the pictures (tl/engine/plots.p
 `RunFolder` is the run's folder as one object: it is opened (a new folder, or the one a
 resumed run continues in), saves after every epoch (the loop's `end_of_epoch` hook), tidies
 up when training fails, and writes the results when training ends.
+
+A run folder promises two things:
+
+* **One writer.** The process that runs it holds the folder's lock (`one_writer`,
+  tl/engine/folder_lock.py) from the moment the folder is made or reopened by --resume until
+  the run ends. A second process that wants it (a second --resume of the same run) stops at
+  once with one error that names the holder, and writes nothing there.
+* **Its own checkpoints only.** When the folder is made, config.json records the run's
+  identity (`new_identity`: a random run id, the recipe, the seed, the data's fingerprint),
+  and every checkpoint the run writes carries it. --resume continues a checkpoint only in
+  the folder whose config.json names the same identity (`check_own_checkpoint`): another
+  run's last.ckpt copied in is refused, even with the same recipe, data and epoch. last.ckpt
+  is written before the other files of its epoch, and the identity never changes, so a run
+  killed between those writes still resumes. A folder made before identities were recorded
+  (no identity in config.json) resumes a checkpoint that has none either.
 """
 
 from __future__ import annotations
@@ -12,10 +27,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import os
 import platform
 import shutil
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -27,6 +45,7 @@ from tl.engine.backbones import folder_label
 from tl.engine.balance import class_counts
 from tl.engine.early_stopping import should_stop
 from tl.engine.files import atomic_save, remove_stale_temporaries, state_digest, write_json
+from tl.engine.folder_lock import FolderBusy, held_here, hold
 from tl.engine.headline import score_headline
 from tl.engine.options import RunOptions, as_saved
 from tl.engine.tables import write_table
@@ -42,13 +61,31 @@ class RunFolder:
     def __init__(self, run_dir: Path, config: dict, ctx, stage):
         self.run_dir, self.config, self.ctx, self.stage = run_dir, config, ctx, stage
         self.started = time.time()
+        self.held = contextlib.ExitStack()  # the folder's lock (`one_writer`), released by __exit__
+
+    def __enter__(self) -> RunFolder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.held.close()
 
     @classmethod
     def open(cls, ctx, stage, ckpt: dict | None, resume: Path | None) -> RunFolder:
-        """Created only now that everything can start; a resumed run continues in its own folder."""
+        """Created only now that everything can start; a resumed run continues in its own folder,
+        and only with its own checkpoint. Held by this process alone until the `with` block
+        that uses the returned folder ends (see the module docstring)."""
+        with contextlib.ExitStack() as held:
+            folder = cls._open(ctx, stage, ckpt, resume, held)
+            folder.held = held.pop_all()
+        return folder
+
+    @classmethod
+    def _open(cls, ctx, stage, ckpt: dict | None, resume: Path | None, held: contextlib.ExitStack) -> RunFolder:
         opts, recipe = ctx.opts, ctx.recipe
         if ckpt is not None:
             run_dir = Path(resume).parent
+            held.enter_context(one_writer(run_dir, unless_held=True))  # resume_run holds it from the start
+            check_own_checkpoint(ckpt, Path(resume))  # under the lock, before anything here is written
             if distributed.is_main():  # [DDP]
                 remove_stale_temporaries(run_dir)  # a save killed mid-write left these
                 for name, state in files_of_saved_epoch(ckpt, ctx.history, opts).items():
@@ -64,8 +101,11 @@ class RunFolder:
             # [DDP] process 0 makes the folder, the others take its name
             run_dir = distributed.from_main(make_run_dir(Path(opts.out), name, explicit=opts.run_name is not None)
                                             if distributed.is_main() else None)
+            held.enter_context(one_writer(run_dir))
+            identity = distributed.from_main(new_identity(recipe.name, opts.seed, ctx.fingerprint))  # [DDP] 0's
             config = run_config(recipe, opts, ctx.spec, ctx.device, ctx.model, stage.optimizer, ctx.sets,
-                                ctx.classes) | {"data_fingerprint": ctx.fingerprint, "checksums": {}}
+                                ctx.classes) | {"data_fingerprint": ctx.fingerprint, "checksums": {},
+                                                "identity": identity}
         config["train_epochs"] = recipe.train_epochs
         folder = cls(run_dir, config, ctx, stage)
         folder.record_stage(ctx, stage)
@@ -101,7 +141,7 @@ class RunFolder:
                                    scaler=self.ctx.scaler, history=hist.to_dict(), config=self.config,
                                    classes=self.ctx.classes, loader_generator=self.ctx.generator,
                                    stage={"index": span.index, "end": span.end}, wall_seconds=self.wall_seconds(),
-                                   ema=self.ctx.ema)
+                                   ema=self.ctx.ema, identity=self.config.get("identity"))
         for name, state in files.items():
             atomic_save(state, self.run_dir / name)
         write_history_csv(hist, self.run_dir / "history.csv")
@@ -167,6 +207,90 @@ class RunFolder:
                 f"{report['balanced_accuracy']:.4f} -> {page}")
         ctx.log(f"headline acc {res['headline_acc']:.4f} ({res['headline']}); best val acc {history.best_acc:.4f} "
                 f"at epoch {history.best_epoch} (selected on val) -> {self.run_dir}")
+
+
+LOCK_NAME = ".run.lock"  # the run folder's lock file (tl/engine/folder_lock.py), empty while no one runs it
+
+
+@contextlib.contextmanager
+def one_writer(run_dir: Path, unless_held: bool = False) -> Iterator[None]:
+    """This process alone writes `run_dir` while the block runs: a second process that asks
+    (a second --resume of the run) stops at once with a `FolderBusy` error (one line, exit 2)
+    that names this one (process id, command, machine, since when). A stop, not a wait: the
+    second of two resumes would continue from a checkpoint the first has since replaced.
+    `unless_held`: nothing to do where this process holds the folder already (`resumed`).
+    [DDP] Process 0 holds it for all, and its answer is every process's.
+    (Windows: folders are not locked; see tl/engine/folder_lock.py.)"""
+    with contextlib.ExitStack() as held:
+        busy = None
+        if distributed.is_main() and not (unless_held and held_here(run_dir, LOCK_NAME)):
+            try:
+                held.enter_context(hold(run_dir, LOCK_NAME, wait=False))
+            except FolderBusy as exc:
+                busy = str(exc)
+        if (busy := distributed.from_main(busy)) is not None:
+            raise FolderBusy(busy)
+        yield
+
+
+def held_if_run_folder(folder: Path | None) -> contextlib.AbstractContextManager:
+    """`one_writer(folder)` where `folder` is a run folder (it holds config.json), else nothing:
+    for the commands that write into a run's folder after it (--evaluate, --explain, --export),
+    which stop at once while a run still writes it, rather than read a best.pth whose
+    config.json is not yet written."""
+    is_run = folder is not None and (Path(folder) / "config.json").is_file()
+    return one_writer(Path(folder)) if is_run else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def resumed(path: Path) -> Iterator[dict]:
+    """The checkpoint `path` (a last.ckpt), read while this process holds its run folder
+    (`one_writer`, so the checkpoint read is the folder's latest and no other process writes
+    the folder until the block ends), and checked to be the folder's own (`check_own_checkpoint`).
+    A folder without config.json is no run folder: it is neither locked nor written."""
+    path = Path(path)
+    if not (path.parent / "config.json").is_file():
+        check_own_checkpoint(checkpoint.load_checkpoint(path), path)  # the file's own fault first, else no config
+    with one_writer(path.parent):
+        ckpt = checkpoint.load_checkpoint(path)
+        check_own_checkpoint(ckpt, path)
+        yield ckpt
+
+
+def new_identity(recipe: str, seed: int, fingerprint: str) -> dict:
+    """The identity of a new run, fixed when its folder is made: config.json and every
+    checkpoint of the run carry it (see the module docstring)."""
+    return {"run_id": uuid.uuid4().hex, "recipe": recipe, "seed": seed, "data_fingerprint": fingerprint}
+
+
+def check_own_checkpoint(ckpt: dict, path: Path) -> None:
+    """Stop unless the checkpoint `path` (loaded: `ckpt`) belongs to the run whose folder it
+    lies in: its identity equals the one in that folder's config.json (both absent: a folder
+    and checkpoint from before identities were recorded). Epoch, digest and file names are
+    never taken as proof: a copy of another run's last.ckpt has them all."""
+    folder, theirs = Path(path).parent, ckpt.get("identity")
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except FileNotFoundError:
+        raise TLError(f"{folder} has no config.json, so it is not the folder of the run {path} belongs to; "
+                      f"resume a checkpoint in its own run's folder") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TLError(f"{folder / 'config.json'} is not readable JSON ({exc}); the run cannot be resumed "
+                      f"without it") from None
+    own = config.get("identity") if isinstance(config, dict) else None
+    if theirs != own:
+        raise TLError(f"{path} is not this folder's checkpoint: it belongs to {_describe(theirs)}, and "
+                      f"{folder / 'config.json'} to {_describe(own)}; a run folder resumes only its own "
+                      f"checkpoints: resume it in the folder of its own run")
+
+
+def _describe(identity) -> str:
+    if identity is None:
+        return "no recorded run (written before runs recorded their identity)"
+    if not isinstance(identity, dict):
+        return f"an unreadable identity ({str(identity)[:40]})"
+    return (f"run {str(identity.get('run_id'))[:12]} ({identity.get('recipe')}, seed {identity.get('seed')}, "
+            f"data {str(identity.get('data_fingerprint'))[:12]})")
 
 
 def data_fingerprint(sets: dict) -> str:
