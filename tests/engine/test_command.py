@@ -24,4 +24,4 @@ def test_a_benchmark_that_cannot_write_its_table_says_so_in_one_line(tiny_backbo
     assert command(lambda: feature_batch.main(["--data", str(tiny_data), "--backbone", tiny_backbone, "--weights",
                                                "none", "--batch-sizes", "2", "--repeats", "1",
                                                "--out", str(tmp_path / "a-file" / "out")])) == 2
-    assert capsys.readouterr().err.startswith("error: [Errno 20] Not a directory")
+    assert capsys.readouterr().err.startswith("error: Not a directory")
