@@ -30,6 +30,7 @@ from pathlib import Path
 
 import commands
 from tl.engine.command import command
+from tl.engine.schema import OPTIONS
 
 
 def _int_at_least(minimum: int, maximum: int | None = None):
@@ -50,8 +51,16 @@ def _int_at_least(minimum: int, maximum: int | None = None):
 
 
 _positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
-# NumPy's legacy seeding and PYTHONHASHSEED take 32-bit seeds; torch would take 64 bits
-_seed = _int_at_least(0, 2**32 - 1)
+
+
+def _bounded(name: str, minimum: int | None = None):
+    """An argparse type for the option `name`: the whole numbers tl/engine/schema.py allows it,
+    the bounds its run's config.json is read with (from `minimum` where the command line asks more)."""
+    bounds = OPTIONS[name]
+    return _int_at_least(int(bounds.low if minimum is None else minimum), int(bounds.high))
+
+
+_seed = _bounded("seed")  # 32 bits: NumPy's legacy seeding and PYTHONHASHSEED take no more
 
 
 def _fraction(text: str) -> float:
@@ -146,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--verify-images", action="store_true",
                       help="decode every image fully before training (finds truncated files; slower)")
     data.add_argument("--split", default="val", choices=["train", "val", "test"], help="split for --evaluate")
-    data.add_argument("--image-size", type=_int_at_least(16), metavar="N",
+    data.add_argument("--image-size", type=_bounded("image_size", 16), metavar="N",
                       help="crop size in pixels (default: the backbone's own, 224 for most; --quick: 64)")
     data.add_argument("--no-augment", dest="augment", action="store_false",
                       help="train on the val transform (no random crop/flip)")
@@ -161,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --export: the file format (default onnx)")
     model.add_argument("--allow-pickle", action="store_true",
                        help="allow loading whole pickled models (runs code from the file: trusted files only)")
-    model.add_argument("--epochs", type=_positive_int, help="training epochs (the epoch-0 baseline is extra)")
-    model.add_argument("--batch-size", type=_positive_int)
+    model.add_argument("--epochs", type=_bounded("epochs"), help="training epochs (the epoch-0 baseline is extra)")
+    model.add_argument("--batch-size", type=_bounded("batch_size"))
     model.add_argument("--lr-scale", type=_positive_float, default=1.0, help="multiply every learning rate")
     model.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     model.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
@@ -211,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--save-every-epoch", action="store_true", help="also write 00.pth, 01.pth, ... (001)")
     out.add_argument("--informative-names", action="store_true",
                      help="with --save-every-epoch: name files epoch03-loss0.1820-acc0.9412.pth (004)")
-    model.add_argument("--patience", type=_positive_int,
+    model.add_argument("--patience", type=_bounded("patience"),
                        help="early stopping: stop after N epochs without a new best val --monitor (004 §2.3)")
     model.add_argument("--monitor", choices=["acc", "loss"], default="acc",
                        help="val metric that defines the best epoch (best.pth, early stopping)")

@@ -241,7 +241,8 @@ def write_tuned(study, s: Search, setup: dict, path: Path, command: str) -> Path
     """The chosen numbers, and how they were chosen: the file tuned_<recipe> reads."""
     import optuna
 
-    from tl.engine.tuning import suggest
+    from tl.engine.feature_store import cache_dir
+    from tl.engine.tuning import recorded_path, suggest
 
     best = study.best_trial
     fields = suggest(optuna.trial.FixedTrial(best.params), s.recipe, s.max_epochs)
@@ -253,7 +254,8 @@ def write_tuned(study, s: Search, setup: dict, path: Path, command: str) -> Path
              "trials": {"budget": s.args.trials, **{k.lower(): states.count(k) for k in (*FINISHED, "FAIL")}},
              "best_trial": best.number, "best_inner_score": best.value, "params": best.params,
              "recipe_fields": fields, "cpu_seconds": round(total_cpu(study), 1), "command": command,
-             "study": {"storage": str(s.args.storage), "name": study.study_name}, "quick": s.args.quick,
+             "study": {"storage": recorded_path(s.args.storage, cache_dir()), "name": study.study_name},
+             "quick": s.args.quick,
              "date": time.strftime("%Y-%m-%d %H:%M")}
     from tl.engine.files import atomic_write_text
 

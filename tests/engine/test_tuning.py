@@ -3,6 +3,8 @@ trial) and the search space, which follows the recipe's groups and fields."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 
@@ -48,3 +50,20 @@ def test_the_search_space_follows_the_recipe():
     assert changes["lrs"]["head"] == pytest.approx(1e-3 * p["lr_scale"])
     assert changes["lrs"]["body"] == pytest.approx(1e-4 * p["lr_scale"] * p["body_factor"])
     assert changes["first_lrs"]["head"] == pytest.approx(3e-3 * p["lr_scale"]) and 2 <= changes["train_epochs"] <= 12
+
+
+# ----------------------------------------------------------------------------- where a tuned file names its study
+def test_a_tuned_file_names_its_study_by_no_absolute_path(tmp_path, monkeypatch):
+    """tuning.recorded_path: the study's file as a committed tuned file records it, relative to the
+    cache folder or the working folder, else by its name alone; never a machine's absolute path."""
+    from tl.engine.tuning import recorded_path
+
+    cache, work = tmp_path / "home" / ".cache" / "tl", tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert recorded_path(cache / "tuning" / "r-d.db", cache) == "$TL_CACHE_DIR/tuning/r-d.db"
+    assert recorded_path(work / "studies" / "s.db", cache) == "studies/s.db"
+    assert recorded_path(Path("studies/s.db"), cache) == "studies/s.db"
+    assert recorded_path(tmp_path / "elsewhere" / "s.db", cache) == "s.db"
+    for path in (cache / "tuning" / "r-d.db", work / "s.db", tmp_path / "elsewhere" / "s.db"):
+        assert not Path(recorded_path(path, cache)).is_absolute() and str(tmp_path) not in recorded_path(path, cache)

@@ -45,6 +45,7 @@ from torch import nn
 
 from tl import TLError
 from tl.data import val_resize
+from tl.engine import schema
 from tl.engine.evaluate import split_loader
 from tl.engine.files import atomic_write, atomic_write_text
 from tl.engine.model_loading import context_for, load_model
@@ -52,8 +53,7 @@ from tl.engine.model_loading import context_for, load_model
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 META_KEY = "tl_meta"  # ONNX metadata_props key; the TorchScript extra file is META_KEY + ".json"
 FORMAT = "tl-reference export 1"
-NEEDED = {"format": str, "classes": list, "backbone": str, "image_size": int, "resize": int, "mean": list,
-          "std": list, "single_logit": bool}  # what `describe` writes; "exported_from" is only provenance
+# what `describe` writes and --predict needs: tl/engine/schema.py DESCRIPTION ("exported_from" is only provenance)
 # float32 logits computed by two runtimes differ by rounding: a few 1e-6 relative. A real
 # translation error (a wrong operator, a fixed shape) is orders of magnitude larger.
 TOLERANCE = 1e-4
@@ -138,19 +138,11 @@ def _description_problems(meta, outputs) -> list[str]:
     the graph: `outputs(size)` gives the logits of one blank image of that size."""
     if not isinstance(meta, dict):
         return [f"it is a JSON {type(meta).__name__}, not an object"]
-    wrong = [f"{k} is missing" if k not in meta else f"{k} is {type(meta[k]).__name__} {meta[k]!r}, not {t.__name__}"
-             for k, t in NEEDED.items() if k not in meta or type(meta[k]) is not t]  # bool is no int here
-    if wrong:
+    if wrong := schema.problems(meta, schema.DESCRIPTION):  # each field of its type, within its bounds
         return wrong
     classes, size = meta["classes"], meta["image_size"]
     problems = [] if meta["format"] == FORMAT else [f"format is {meta['format']!r}, this code reads {FORMAT!r}"]
-    if len(classes) < 2 or not all(isinstance(c, str) and c for c in classes) or len(set(classes)) != len(classes):
-        problems.append(f"classes must be 2 or more distinct names, not {classes!r}")
-    for key in ("mean", "std"):
-        values = meta[key]
-        if len(values) != 3 or not all(type(v) in (int, float) for v in values) or (key == "std" and min(values) <= 0):
-            problems.append(f"{key} must be 3 numbers (R, G, B){' above 0' if key == 'std' else ''}, not {values!r}")
-    if size < 1 or meta["resize"] != val_resize(size):
+    if meta["resize"] != val_resize(size):
         problems.append(f"image_size {size} and resize {meta['resize']} do not fit: the val transform resizes to "
                         f"{val_resize(max(size, 1))} and crops {size} (tl/data.py val_resize)")
     if problems:
@@ -174,9 +166,9 @@ def check_description(meta, path: Path, run) -> dict:
     graph (one output per class, or one logit for 2 classes); else a TLError naming them.
     A hand-edited description must not give made-up class names or a traceback."""
     problems = _description_problems(meta, lambda size: run(torch.zeros(1, 3, size, size)))
-    if problems:
-        raise TLError(f"{path}: its description ({META_KEY}) does not fit the model: {'; '.join(problems)}. "
-                      f"Export the run again (python main.py --export RUN) rather than editing it")
+    if problems:  # one error: line each
+        raise schema.SchemaError([f"{path}: its description ({META_KEY}) does not fit the model: {p}. Export the "
+                                  f"run again (python main.py --export RUN) rather than editing it" for p in problems])
     return meta
 
 

@@ -14,6 +14,7 @@ from torch import nn
 from tl import TLError
 from tl.engine.backbones import backbone_spec
 from tl.engine.checkpoint import load_state_file, verify_state_file
+from tl.engine.schema import CONFIG, check
 from tl.engine.weights import build_model
 from tl.models import load_into
 
@@ -50,21 +51,27 @@ def context_for(path: Path, backbone: str | None) -> ModelContext:
     if config_file.is_file():
         try:
             config = json.loads(config_file.read_text())
-            recipe, options = config["recipe"], config["options"]
+        except ValueError as exc:
+            raise TLError(f"{config_file} is not a run config this project wrote (not JSON: {exc}); restore it "
+                          f"from the run, or move it away and name the architecture with --backbone") from None
+        # every field within the bounds of tl/engine/schema.py: one error: line per field that is not
+        check(config, CONFIG, f"{config_file} is not a run config this project wrote: ")
+        recipe, options = config["recipe"], config["options"]
+        try:
             return ModelContext(backbone=backbone or recipe["backbone"], classes=list(config["classes"]),
-                                image_size=_whole_or_none(options.get("image_size")),
+                                image_size=options.get("image_size"),
                                 single_logit=recipe.get("loss") == "bce_logit",
                                 stack_head=bool(recipe.get("stack_head", False)), data=options.get("data"),
                                 val_split=None if options.get("val_split") is None else float(options["val_split"]),
                                 # runs saved before --split-seed drew the split with their training seed
                                 split_seed=int(options.get("split_seed", options.get("seed", 0))),
-                                train_per_class=_whole_or_none(options.get("train_per_class")),
+                                train_per_class=options.get("train_per_class"),
                                 train_fraction=options.get("train_fraction"),
-                                max_per_class=_whole_or_none(options.get("max_per_class")),
+                                max_per_class=options.get("max_per_class"),
                                 verify_images=bool(options.get("verify_images", False)),
                                 follow_links=bool(options.get("follow_links", False)),
                                 tta=bool(recipe.get("tta", False)),
-                                checksums=_string_map(config.get("checksums", {})))
+                                checksums=config.get("checksums", {}))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise TLError(f"{config_file} is not a run config this project wrote ({type(exc).__name__}: {exc}); "
                           f"restore it from the run, or move it away and name the architecture with --backbone") \
@@ -72,18 +79,6 @@ def context_for(path: Path, backbone: str | None) -> ModelContext:
     if not backbone:
         raise TLError(f"no config.json beside {path}: say which architecture it is with --backbone")
     return ModelContext(backbone=backbone, classes=None)
-
-
-def _whole_or_none(value) -> int | None:
-    """A count from config.json ("3", edited by hand, is 3 too); anything else is a ValueError."""
-    return None if value is None else int(value)
-
-
-def _string_map(value) -> dict[str, str]:
-    """config.json's {file name: digest}; anything else means the file was edited by hand."""
-    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-        raise TypeError("checksums must map file names to digests")
-    return value
 
 
 def load_model(path: Path, ctx: ModelContext, num_classes: int, allow_pickle: bool = False) -> nn.Module:

@@ -12,6 +12,7 @@ from tl import TLError, distributed
 from tl.engine import checkpoint
 from tl.engine.class_names import how_names_differ
 from tl.engine.options import RunOptions, as_saved
+from tl.engine.schema import OPTIONS, Field, check
 from tl.loop import History
 from tl.models import load_into
 
@@ -27,6 +28,8 @@ def resume_options(ckpt: dict, given: dict, source: Path) -> RunOptions:
     `given` holds only what the user actually typed (as RunOptions fields). `data` may name
     another path to the same images (run() checks the files); anything else that differs
     from the saved run stops with a message, because it would change the result."""
+    # the options as saved, within the bounds of tl/engine/schema.py (one error: line per option that is not)
+    check(ckpt["config"], {"options": Field("object", required=True, fields=OPTIONS)}, f"{source}: ")
     # an option newer than the checkpoint had its default value in that run
     saved = {f.name: as_saved(f.default) for f in dataclasses.fields(RunOptions)
              if f.default is not dataclasses.MISSING} | dict(ckpt["config"]["options"])

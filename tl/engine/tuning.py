@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tl import TLError
-from tl.data import AUGMENT_POLICIES
+from tl.engine.schema import RECIPE, TUNED, SchemaError, check, problems
 from tl.recipe import Recipe
 
 HEARTBEAT_S, GRACE_S, RETRIES = 60, 180, 2  # a trial silent for 3 minutes was killed: it is run again, twice at most
@@ -170,63 +170,52 @@ def open_study(path: Path, name: str, setup: dict, seed: int, startup: int = 5):
     return study
 
 
-CHOICES = {"augment": AUGMENT_POLICIES, "loss": ("cross_entropy", "bce_logit")}
+def recorded_path(path: Path, cache: Path) -> str:
+    """`path` as a tuned file records it (tuned files are committed, so they name no machine's
+    absolute path): under the cache folder as $TL_CACHE_DIR/..., under the working folder
+    relative to it, else the file's name alone."""
+    path = Path(path).resolve()
+    for root, shown in ((Path(cache).resolve(), "$TL_CACHE_DIR/"), (Path.cwd().resolve(), "")):
+        if path.is_relative_to(root):
+            return shown + path.relative_to(root).as_posix()
+    return path.name
+
+
 # the tuned recipe's own, never a file's; stack_head too: the recipe's build is written for its own head
 NOT_TUNED = ("name", "source", "strategy", "stack_head")
+EDITED = "; the file was edited by hand or by another version: run python -m experiments.tune again"
 
 
-def field_problem(base: Recipe, name: str, value) -> str | None:
-    """Why `value` cannot be the Recipe field `name` of a tuned file (None: it can): a field
-    Recipe has, of its type (an int for an int, a number for a float, a bool for a bool), within
-    its range. Rates are {group: positive number} for exactly the groups of `base`'s own rates:
-    a search scales the recipe's rates and keeps their groups, and the recipe's build gives each
-    of those groups its parameters (a group left out would leave its parameters without a rate)."""
-    known = {f.name for f in dataclasses.fields(base)} - set(NOT_TUNED)
-    if name not in known:
-        return "is not a field a tuned file may set"
-    current = getattr(base, name)
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if name in ("lrs", "first_lrs"):
-        if current is None:  # a recipe in one stage has no first-stage rates
-            return None if value is None else "is not null (the recipe trains in one stage)"
-        ok = isinstance(value, dict) and set(value) == set(current) and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf") for v in value.values())
-        groups = ", ".join(current)
-        return None if ok else f"is not a table of positive learning rates for the recipe's groups ({groups})"
-    if name == "weight_decay":
-        return None if value is None or (number and value >= 0) else "is not a weight decay (a number >= 0, or null)"
-    if isinstance(current, bool):
-        return None if isinstance(value, bool) else "is not true or false"
-    if isinstance(current, int):
-        low = {"first_epochs": 0}.get(name, 1)
-        return None if number and isinstance(value, int) and value >= low else f"is not a whole number >= {low}"
-    if isinstance(current, float):
-        if not number:
-            return "is not a number"
-        if name == "label_smoothing" and not 0 <= value < 1:
-            return "is not a label smoothing in [0, 1)"
-        if name == "ema_decay" and value != 0 and not 0 < value < 1:  # ema.check_decay's range, or 0: off
-            return "is not a decay in (0, 1) (or 0: off)"
-        return None
-    if name in CHOICES and value not in CHOICES[name]:
-        return f"is none of {', '.join(CHOICES[name])}"
-    return None if isinstance(value, type(current)) else f"is not a {type(current).__name__}"
+def fields_problems(base: Recipe, fields: dict) -> list[str]:
+    """Every way `fields` cannot be the Recipe fields of a tuned file for `base`: a field a tuned
+    file may not set, or one out of the schema's bounds (tl/engine/schema.py RECIPE); and rates
+    that are not {group: rate} for exactly the groups of `base`'s own rates: a search scales the
+    recipe's rates and keeps their groups, and the recipe's build gives each of those groups its
+    parameters (a group left out would leave its parameters without a rate)."""
+    allowed = {f.name: RECIPE[f.name] for f in dataclasses.fields(base) if f.name not in NOT_TUNED}
+    found = problems(fields, allowed, "recipe_fields.", unknown="is not a field a tuned file may set")
+    for name in ("lrs", "first_lrs"):
+        value, current = fields.get(name), getattr(base, name)
+        if name not in fields or any(line.startswith(f"recipe_fields.{name} ") for line in found):
+            continue
+        if current is None and value is not None:  # a recipe in one stage has no first-stage rates
+            found.append(f"recipe_fields.{name} = {json.dumps(value)} is not null (the recipe trains in one stage)")
+        elif current is not None and (value is None or set(value) != set(current)):
+            found.append(f"recipe_fields.{name} = {json.dumps(value)} is not a table of positive learning rates "
+                         f"for the recipe's groups ({', '.join(current)})")
+    return found
 
 
 def tuned_recipe(base: Recipe, path: Path) -> Recipe:
     """The recipe a tuned file (experiments/tune.py) describes: `base` with the chosen fields
     replaced, named tuned_<base>."""
     try:
-        tuned = json.loads(Path(path).read_text())
+        tuned = check(json.loads(Path(path).read_text()), TUNED, f"{path}: ", EDITED)
         fields = tuned["recipe_fields"]
         if tuned["recipe"] != base.name:
             raise TLError(f"{path} holds numbers tuned for {tuned['recipe']}, not {base.name}")
-        if not isinstance(fields, dict) or not isinstance(tuned["params"], dict):
-            raise TypeError("recipe_fields and params must be JSON objects")
-        for name, value in fields.items():
-            if why := field_problem(base, name, value):
-                raise TLError(f"{path}: recipe_fields.{name} = {json.dumps(value)} {why}; the file was edited by "
-                              f"hand or by another version: run python -m experiments.tune again")
+        if found := fields_problems(base, fields):
+            raise SchemaError([f"{path}: {line}{EDITED}" for line in found])
         return dataclasses.replace(
             base, **fields, name=f"tuned_{base.name}",
             source=f"{base.source}; numbers tuned on an inner val of {tuned['dataset']} ({path.name})",
