@@ -17,14 +17,13 @@ def test_a_storage_path_with_a_question_mark_is_that_file(tmp_path):
 
 @pytest.mark.usefixtures("own_cache_dir")
 def test_the_study_file_beats_and_retries_a_killed_trial(tmp_path):
-    import optuna
-
     from tl.engine import tuning
+    from tl.engine.trials import LostTrials
 
     storage = tuning.make_storage(tmp_path / "s.db")
     assert (storage.heartbeat_interval, storage.grace_period) == (tuning.HEARTBEAT_S, tuning.GRACE_S) == (60, 180)
     callback = storage.heartbeat_stale_trial_callback
-    assert isinstance(callback, optuna.storages.RetryHeartbeatStaleTrialCallback) and callback._max_retry == 2
+    assert isinstance(callback, LostTrials) and callback.grace_s == 180  # it retries a killed trial once
 
 
 @pytest.mark.usefixtures("own_cache_dir")
@@ -67,3 +66,67 @@ def test_a_tuned_file_names_its_study_by_no_absolute_path(tmp_path, monkeypatch)
     assert recorded_path(tmp_path / "elsewhere" / "s.db", cache) == "s.db"
     for path in (cache / "tuning" / "r-d.db", work / "s.db", tmp_path / "elsewhere" / "s.db"):
         assert not Path(recorded_path(path, cache)).is_absolute() and str(tmp_path) not in recorded_path(path, cache)
+
+
+# ----------------------------------------------------------------------------- a study on a database server
+@pytest.mark.parametrize("given, taken", [
+    ("studies/s.db", Path("studies/s.db")),
+    ("sqlite:///studies/s.db", Path("studies/s.db")),  # a SQLite URL is its file: checked as a path is
+    ("sqlite:////abs/s.db", Path("/abs/s.db")),
+    ("postgresql://u:pw@host:5432/db", "postgresql://u:pw@host:5432/db"),
+    ("mysql+pymysql://u@h/db", "mysql+pymysql://u@h/db"),
+])
+def test_storage_is_a_sqlite_file_or_a_database_url(given, taken):
+    from tl.engine.tuning import storage_arg
+
+    assert storage_arg(given) == taken
+
+
+@pytest.mark.parametrize("url, shown, recorded", [
+    ("postgresql://tl:s3cret@db.lab:5432/studies", "postgresql://tl:***@db.lab:5432/studies",
+     "postgresql://tl:***@db.lab:5432/studies"),
+    ("postgresql+psycopg2://tl:p%40s3cret@db.lab/studies?sslmode=require&password=s3cret",
+     "postgresql+psycopg2://tl:***@db.lab/studies?sslmode=require",
+     "postgresql+psycopg2://tl:***@db.lab/studies"),
+    ("postgresql://postgres:s3cret@/postgres?host=/tmp/pgdir", "postgresql://postgres:***@/postgres?host=%2Ftmp%2Fpgdir",
+     "postgresql://postgres:***@/postgres"),  # a socket's folder is this machine's
+    ("mysql://tl@db.lab/studies", "mysql://tl@db.lab/studies", "mysql://tl@db.lab/studies"),
+    ("postgresql://tl:s3cret@db.lab:fivefour/studies", "postgresql://...", "postgresql://..."),  # unreadable
+])
+def test_a_database_url_is_shown_without_its_password_and_recorded_without_this_machine(tmp_path, url, shown,
+                                                                                        recorded):
+    from tl.engine.tuning import shown_storage
+
+    assert shown_storage(url) == shown and shown_storage(url, tmp_path) == recorded
+    assert shown_storage(tmp_path / "s.db", tmp_path) == "$TL_CACHE_DIR/s.db"  # a file: tuning.recorded_path
+
+
+def test_postgresql_without_a_driver_gets_the_installed_one_or_says_what_to_install(monkeypatch):
+    import importlib.util
+
+    from tl import TLError
+    from tl.engine.tuning import database_url
+
+    installed = {name for name in ("psycopg", "psycopg2") if importlib.util.find_spec(name)}
+    if installed:
+        assert database_url("postgresql://u:pw@h/db").split("://")[0] in {f"postgresql+{d}" for d in installed}
+    assert database_url("postgresql+psycopg2://u:pw@h/db") == "postgresql+psycopg2://u:pw@h/db"  # named: kept
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(TLError, match=r"postgresql://u:\*\*\*@h/db: no PostgreSQL driver is installed: pip install "
+                                      r"psycopg2-binary") as caught:
+        database_url("postgresql://u:pw@h/db")
+    assert "pw" not in str(caught.value)
+
+
+@pytest.mark.parametrize("url", ["postgresql://tl:s3cret@/studies?host=/nonexistent-folder",
+                                 "postgresql+psycopg2://tl:s3cret@127.0.0.1:1/studies",
+                                 "nosuchdatabase://tl:s3cret@h/db",
+                                 "postgresql://tl:s3cret@h:port/db"])
+def test_a_database_that_cannot_be_used_is_one_line_without_its_password(url):
+    from tl import TLError
+    from tl.engine.tuning import make_storage, storage_arg
+
+    with pytest.raises(TLError) as caught:
+        make_storage(storage_arg(url))
+    said = str(caught.value)
+    assert said.startswith("--storage ") and "s3cret" not in said and "\n" not in said, said

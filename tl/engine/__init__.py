@@ -54,4 +54,6 @@ training extras
   tensorboard.py      event files for TensorBoard (--tensorboard)
 search
   tuning.py           the machinery of a search for a recipe's numbers (experiments/tune.py)
+  trials.py           a trial's life in a shared study: its random stream, its process, a lost
+                      trial failed and retried once, why a trial failed
 """

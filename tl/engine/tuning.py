@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import random
 import sqlite3
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from tl import TLError
 from tl.engine.schema import RECIPE, TUNED, SchemaError, check, problems
 from tl.recipe import Recipe
 
-HEARTBEAT_S, GRACE_S, RETRIES = 60, 180, 2  # a trial silent for 3 minutes was killed: it is run again, twice at most
+HEARTBEAT_S, GRACE_S = 60, 180  # a trial silent for 3 minutes was lost (tl/engine/trials.py LostTrials)
 # BatchNorm while training, as (frozen_bn_eval, bn_eval): all in train mode, the frozen ones in eval mode, all in eval
 BN_POLICIES = {"train": (False, False), "frozen_eval": (True, False), "eval": (False, True)}
 
@@ -87,26 +89,107 @@ def suggest(trial, recipe: Recipe, max_epochs: int) -> dict:
     return changes
 
 
-def make_storage(path: Path):
-    """Optuna's study database: SQLite at `path`, with heartbeats. A running trial beats every
-    HEARTBEAT_S seconds; one silent for GRACE_S (its process was killed) is marked failed when
-    the next trial starts, and RetryHeartbeatStaleTrialCallback queues its numbers again."""
+def storage_arg(value: str) -> Path | str:
+    """--storage as given: a database URL (it has "://"; a sqlite:/// URL is its file's path),
+    or the path of a SQLite file."""
+    if "://" not in value:
+        return Path(value)
+    if value.startswith("sqlite:///") and value != "sqlite:///:memory:":
+        from sqlalchemy.engine import make_url
+
+        return Path(make_url(value).database)
+    return value
+
+
+def shown_storage(storage: Path | str, cache: Path | None = None) -> str:
+    """`storage` as messages show it (a URL's password hidden, or left out of its options),
+    and, given the cache folder, as a tuned file records it: a URL without its password and
+    without its options (`?host=...` may name a folder of this machine), a SQLite file by
+    `recorded_path`."""
+    if isinstance(storage, Path):
+        return str(storage) if cache is None else recorded_path(storage, cache)
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(storage)
+    except (ArgumentError, ValueError):  # not a URL SQLAlchemy can read (a port that is no number): none of it shown
+        return storage.split("://", 1)[0] + "://..."
+    options = {} if cache is not None else {k: v for k, v in url.query.items() if "pass" not in k.lower()}
+    return url.set(query=options).render_as_string(hide_password=True)
+
+
+def database_url(storage: str) -> str:
+    """A server database's URL as SQLAlchemy opens it: postgresql:// without a driver gets the
+    PostgreSQL driver that is installed (SQLAlchemy's default differs between its versions)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(storage)
+    except (ArgumentError, ValueError):
+        raise TLError(f"--storage {shown_storage(storage)} is not a database URL (such as "
+                      f"postgresql://user:password@host:5432/database) or a SQLite file's path") from None
+    if url.drivername == "postgresql":
+        import importlib.util
+
+        driver = next((d for d in ("psycopg", "psycopg2") if importlib.util.find_spec(d)), None)
+        if driver is None:
+            raise TLError(f"--storage {shown_storage(storage)}: no PostgreSQL driver is installed: "
+                          f"pip install psycopg2-binary (or psycopg[binary])")
+        url = url.set(drivername=f"postgresql+{driver}")
+    return url.render_as_string(hide_password=False)
+
+
+def make_storage(storage: Path | str):
+    """Optuna's study database, with heartbeats: a SQLite file at a path (the processes of one
+    machine share it), or a server database's URL (PostgreSQL: several machines share it).
+    A running trial beats every HEARTBEAT_S seconds; one silent for GRACE_S (its process or
+    machine stopped) is failed when a trial starts, by Optuna, which hands it to
+    tl.engine.trials.LostTrials (storage.heartbeat_stale_trial_callback)."""
     import optuna
     from sqlalchemy.engine import URL
-    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.exc import IntegrityError, ProgrammingError, SQLAlchemyError
 
-    check_storage_file(path)
-    # the path as a URL's database part, quoted: a "?" or "#" in it would otherwise start the URL's query
-    url = URL.create("sqlite", database=str(path)).render_as_string(hide_password=False)
+    from tl.engine.trials import LostTrials
+
+    if isinstance(storage, Path):
+        check_storage_file(storage)
+        # the path as a URL's database part, quoted: a "?" or "#" in it would otherwise start the URL's query
+        url = URL.create("sqlite", database=str(storage)).render_as_string(hide_password=False)
+        lost, what = LostTrials(study_lock(storage), GRACE_S), "SQLite cannot use it"
+    else:
+        url, lost, what = database_url(storage), LostTrials(grace_s=GRACE_S), "the database cannot be used"
     try:
-        with warnings.catch_warnings():  # both are marked experimental in Optuna 5.0
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=RETRIES))
-    except SQLAlchemyError as exc:  # a locked, read-only or damaged database
-        raise TLError(f"--storage {path}: SQLite cannot use it ({str(exc.orig or exc).splitlines()[0][:120]}); "
-                      f"choose another --storage") from None
+        for attempt in range(4):
+            try:
+                with warnings.catch_warnings():  # both are marked experimental in Optuna 5.0
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                                                      heartbeat_stale_trial_callback=lost)
+            except (IntegrityError, ProgrammingError):  # processes creating a new database's tables at once
+                if attempt == 3:  # clash (PostgreSQL: "duplicate key"); tried again, they find them made
+                    raise
+                time.sleep(0.2 + random.random())
+    except SQLAlchemyError as exc:  # a locked, read-only or damaged file; a server that refuses or is not there
+        said = str(getattr(exc, "orig", None) or exc).splitlines()[0][:120]  # an unknown dialect's has no .orig
+        raise TLError(f"--storage {shown_storage(storage)}: {what} ({said}); choose another --storage") from None
+    except ImportError as exc:  # a URL that names a driver which is not installed
+        raise TLError(f"--storage {shown_storage(storage)}: its database driver {exc.name} is not installed "
+                      f"(pip install it, or name another driver in the URL)") from None
+
+
+def lost_trials(study):
+    """The tl.engine.trials.LostTrials of `study`'s storage (make_storage gave it to Optuna)."""
+    return study._storage.get_heartbeat_stale_trial_callback()  # Optuna keeps the storage as _storage
+
+
+def study_lock(path: Path):
+    """The lock of a SQLite study's lost-trial bookkeeping (tl/engine/trials.py): a lock file
+    beside the study, .<name>.lock, held by one process at a time (tl/engine/folder_lock.py)."""
+    from tl.engine.folder_lock import hold
+
+    return lambda: hold(path.parent, f".{path.name}.lock", wait=True, log=lambda line: None)
 
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -143,30 +226,37 @@ def check_storage_file(path: Path) -> None:
                           f"choose another --storage")
 
 
-def open_study(path: Path, name: str, setup: dict, seed: int, startup: int = 5):
-    """The study `name` in the file at `path`, created or continued (`load_if_exists`).
+def open_study(storage: Path | str, name: str, setup: dict, seed: int, startup: int = 5):
+    """The study `name` in `storage` (a SQLite file's path or a database URL), created or
+    continued (`load_if_exists`): a search run again, or run by several workers at once.
 
     `setup` (recipe, data set and its fingerprint, backbone, inner split, ...) is stored in
-    the study's user_attrs; a file that holds a study of another recipe or data set, or a
+    the study's user_attrs; a storage that holds a study of another recipe or data set, or a
     study of this name with another setup, is refused: its trials answer another question.
-    TPE (seeded) proposes the numbers; the median pruner stops a trial whose inner val accuracy
-    after an epoch is below the median of earlier trials at that epoch."""
+    TPE proposes the numbers, from a random stream per trial (tl/engine/trials.py
+    TrialSampler: seeded by `seed` and the trial's number); the median pruner stops a trial
+    whose inner val accuracy after an epoch is below the median of earlier trials at that
+    epoch. Trials left running by a process of this host that is gone are failed now, and
+    their numbers queued once more (tl/engine/trials.py LostTrials)."""
     import optuna
 
-    storage = make_storage(path)
-    for other in optuna.get_all_study_summaries(storage):
-        theirs = other.user_attrs.get("setup", {})
+    from tl.engine.trials import TrialSampler
+
+    db = make_storage(storage)
+    for other in optuna.get_all_study_summaries(db):
+        if (theirs := other.user_attrs.get("setup")) is None:
+            continue  # created by another process this moment, which stores its setup next
         keys = ("recipe", "dataset", "data_fingerprint") if other.study_name != name else setup
         if differ := [k for k in keys if theirs.get(k) != setup.get(k)]:
-            raise TLError(f"{path} holds study {other.study_name!r} with another "
+            raise TLError(f"{shown_storage(storage)} holds study {other.study_name!r} with another "
                           f"{', '.join(f'{k} ({theirs.get(k)} vs {setup.get(k)})' for k in differ)}: "
                           f"choose another --storage (or --study-name)")
     study = optuna.create_study(
-        storage=storage, study_name=name, direction="maximize", load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=seed),
+        storage=db, study_name=name, direction="maximize", load_if_exists=True, sampler=TrialSampler(seed),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=2))
     if "setup" not in study.user_attrs:
         study.set_user_attr("setup", setup)
+    lost_trials(study).sweep(study)
     return study
 
 

@@ -1,0 +1,205 @@
+"""A trial's life in a shared study (tl/engine/trials.py): a random stream per trial, trials whose
+process is gone failed and retried once, reasons kept, and Ctrl-C or an error said once."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+optuna = pytest.importorskip("optuna")
+
+from tl import Interrupted, TLError  # noqa: E402
+from tl.engine import trials, tuning  # noqa: E402
+
+SETUP = {"recipe": "r", "dataset": "d", "data_fingerprint": "f"}
+
+
+def _objective(trial) -> float:
+    """A search space of the search's kinds: log-uniform and uniform floats, whole numbers, choices."""
+    x = trial.suggest_float("x", 0.1, 10.0, log=True) + trial.suggest_float("y", 0.0, 0.2)
+    return x + trial.suggest_int("n", 1, 6) + len(trial.suggest_categorical("c", ["a", "bb", "ccc"]))
+
+
+def _params(study) -> list[dict]:
+    return [t.params for t in study.trials]
+
+
+def _open(path, seed=0):
+    return tuning.open_study(path, "s", SETUP, seed)
+
+
+# ----------------------------------------------------------------------------- a random stream per trial
+def test_one_search_from_an_empty_study_is_repeatable():
+    """The same --seed gives the same numbers in the same order, past TPE's random start
+    (12 trials); another seed gives others."""
+    runs = {}
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):  # in memory: the sampler is what is tested
+        study = optuna.create_study(direction="maximize", sampler=trials.TrialSampler(seed))
+        study.optimize(lambda t: trials.run_trial(t, _objective), n_trials=12)
+        runs[name] = _params(study)
+    assert runs["a"] == runs["b"]
+    assert not any(p in runs["c"] for p in runs["a"])
+
+
+def test_workers_and_a_search_run_again_never_draw_the_same_numbers(tmp_path):
+    """Two processes on one study with the same seed (two Study objects, as two processes open
+    it), asking in turn, and a third opening after them: all numbers differ."""
+    first, second = _open(tmp_path / "s.db"), _open(tmp_path / "s.db")
+    for _ in range(4):
+        a, b = first.ask(), second.ask()
+        first.tell(a, _objective(a))
+        second.tell(b, _objective(b))
+    again = _open(tmp_path / "s.db")
+    again.optimize(_objective, n_trials=3)
+    seen = [tuple(sorted(p.items())) for p in _params(again)]
+    assert len(seen) == 11 and len(set(seen)) == 11
+
+
+def test_the_stream_is_the_seed_and_the_trial_number():
+    assert trials.trial_seed(0, 3) == trials.trial_seed(0, 3)
+    assert len({trials.trial_seed(s, n) for s in range(4) for n in range(50)}) == 200
+
+
+# ----------------------------------------------------------------------------- who runs a trial
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def _running(study, process: dict | None, **enqueued):
+    """A RUNNING trial that drew its numbers and records `process` (None: records nothing)."""
+    if enqueued:
+        study.enqueue_trial({"x": 1.0, "y": 0.1, "n": 2, "c": "a"}, user_attrs=enqueued)
+    trial = study.ask()
+    _objective(trial)
+    if process is not None:
+        trial.set_user_attr("process", process)
+    return trial.number
+
+
+def test_this_process_and_a_gone_one_are_told_apart():
+    me = trials.this_process()
+    assert me["host"] == socket.gethostname() and me["pid"] == os.getpid() and not trials.gone(me)
+    assert trials.gone({**me, "pid": _dead_pid()})
+    if me["started"] is not None:  # /proc: a reused process id is another process
+        assert trials.gone({**me, "started": me["started"] - 1})
+        zombie = subprocess.Popen([sys.executable, "-c", "pass"])  # ended, not yet waited for
+        while trials._started(zombie.pid)[0] != "Z":
+            time.sleep(0.05)
+        assert trials.gone({**me, "pid": zombie.pid, "started": trials._started(zombie.pid)[1]})
+        zombie.wait()
+
+
+def test_trials_whose_process_is_gone_are_failed_when_the_study_opens_and_retried_once(tmp_path):
+    me = trials.this_process()
+    here_dead = {**me, "pid": _dead_pid()}
+    study = _open(tmp_path / "s.db")
+    study.optimize(_objective, n_trials=1)
+    killed = _running(study, here_dead)
+    reused = _running(study, {**me, "started": (me["started"] or 0) - 1} if me["started"] else here_dead)
+    alive = _running(study, me)
+    elsewhere = _running(study, {"host": "another-machine", "pid": here_dead["pid"], "started": 1})
+    unsaid = _running(study, None)
+    a_retry = _running(study, here_dead, retry_of=0)
+    empty = study.ask()  # drew nothing before its process died
+    empty.set_user_attr("process", here_dead)
+
+    study = _open(tmp_path / "s.db")
+    states = {t.number: t.state.name for t in study.trials}
+    assert [states[n] for n in (killed, reused, a_retry, empty.number)] == ["FAIL"] * 4
+    assert [states[n] for n in (alive, elsewhere, unsaid)] == ["RUNNING"] * 3  # the heartbeat's to judge
+    why = trials.failures(study)
+    assert set(why) == {killed, reused, a_retry, empty.number}
+    assert why[killed] == (f"its process (host {me['host']}, pid {here_dead['pid']}) was gone when the search "
+                           f"was opened again")
+    assert trials.retries(study) == {a_retry: 0, empty.number + 1: killed, empty.number + 2: reused}
+    by_number = {t.number: t for t in study.trials}
+    assert [by_number[empty.number + n].state.name for n in (1, 2)] == ["WAITING", "WAITING"]
+
+    study = _open(tmp_path / "s.db")  # opened again: nothing more to do
+    assert len(study.trials) == empty.number + 3 and len(trials.retries(study)) == 3
+    study.optimize(_objective, n_trials=1)  # a worker takes the first retry, with the killed trial's numbers
+    retry = study.trials[empty.number + 1]
+    assert retry.params == by_number[killed].params and retry.user_attrs["retry_of"] == killed
+
+
+def test_a_retry_whose_process_is_gone_is_not_retried_again(tmp_path):
+    study = _open(tmp_path / "s.db")
+    first = _running(study, {**trials.this_process(), "pid": _dead_pid()})
+    study = _open(tmp_path / "s.db")
+    assert trials.retries(study) == {first + 1: first}
+    trial = study.ask()  # the retry, with the first trial's numbers
+    _objective(trial)
+    assert trial.number == first + 1 and trial.params == study.trials[first].params
+    trial.set_user_attr("process", {**trials.this_process(), "pid": _dead_pid()})
+    study = _open(tmp_path / "s.db")
+    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"] and trials.retries(study) == {first + 1: first}
+
+
+def test_a_silent_trial_of_another_machine_is_failed_after_the_grace_and_retried_once(tmp_path, monkeypatch):
+    """Optuna's heartbeat check fails it and hands it to LostTrials, which says why and queues
+    its numbers once."""
+    monkeypatch.setattr(tuning, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(tuning, "GRACE_S", 1)
+    study = _open(tmp_path / "s.db")
+    number = _running(study, {"host": "another-machine", "pid": 1234, "started": 5})
+    study._storage.record_heartbeat(study.trials[number]._trial_id)
+    time.sleep(2.2)
+    study = _open(tmp_path / "s.db")
+    assert study.trials[number].state.name == "FAIL"
+    assert trials.failures(study)[number].startswith("its heartbeat stopped for more than 1 s (host another-machine, "
+                                                     "pid 1234)")
+    assert trials.retries(study) == {number + 1: number}
+    trials.LostTrials(grace_s=1)(study, study.trials[number])  # handed over again: no second retry
+    assert trials.retries(study) == {number + 1: number}
+
+
+def test_the_trials_still_running_are_those_that_said_who_runs_them_or_are_young(tmp_path):
+    """A trial killed before it recorded its process would otherwise be waited for forever."""
+    study = _open(tmp_path / "s.db")
+    stamped = _running(study, {"host": "another-machine", "pid": 1, "started": 1})
+    unsaid = _running(study, None)
+    assert trials.LostTrials(grace_s=3600).still_running(study) == [stamped, unsaid]
+    assert trials.LostTrials(grace_s=0).still_running(study) == [stamped]
+
+
+# ----------------------------------------------------------------------------- a stop said once
+@pytest.mark.parametrize("error, says", [
+    (KeyboardInterrupt(), "interrupted (Ctrl-C)"),
+    (Interrupted("interrupted: runs/x/last.ckpt holds the last completed epoch"), "interrupted (Ctrl-C)"),
+    (TLError("the data folder went away\nsecond line"), "TLError: the data folder went away"),
+    (RuntimeError("a bug"), "RuntimeError: a bug"),
+])
+def test_a_trial_stopped_by_ctrl_c_or_an_error_is_failed_labelled_and_not_logged_by_optuna(tmp_path, error, says):
+    study = _open(tmp_path / "s.db")
+    study.optimize(_objective, n_trials=1)
+
+    def stopped(trial):
+        _objective(trial)
+        raise error
+
+    def not_ours(trial):
+        raise ValueError("not run through run_trial")
+
+    logged = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append((record.getMessage(), record.exc_info))
+    logging.getLogger("optuna").addHandler(handler)  # where Optuna's own handler sits
+    try:
+        with pytest.raises(type(error)):
+            study.optimize(lambda t: trials.run_trial(t, stopped), n_trials=1)
+        with pytest.raises(ValueError):  # a failure that no one else reports is Optuna's to log, as before
+            study.optimize(not_ours, n_trials=1)
+    finally:
+        logging.getLogger("optuna").removeHandler(handler)
+    assert not [m for m, _ in logged if m.startswith("Trial 1 ")], logged
+    assert [exc[0] for m, exc in logged if m.startswith("Trial 2 failed") and exc] == [ValueError]
+    assert study.trials[1].state.name == "FAIL" and trials.failures(study)[1].startswith(says)
+    assert trials.retries(study) == {} and study.trials[1].user_attrs["process"]["pid"] == os.getpid()
