@@ -28,22 +28,27 @@ optimizer reads one, the training epochs (up to the recipe's own, or `--max-epoc
 label smoothing, the augmentation (tutorial / standard / strong), and the BatchNorm policy
 (train / frozen layers in eval / all in eval: experiments/bn_policy.py).
 
-How. Optuna's TPE sampler (Bergstra et al., NeurIPS 2011; seeded with `--seed`) first
-draws at random, then splits the trials so far into the better ones and the rest, models
-where each lies in the search space, and proposes numbers that are likely under the first
-and unlikely under the second. The median pruner stops a trial after an epoch whose inner
-val accuracy is below the median of earlier trials at the same epoch (from the 6th trial
-and the 2nd epoch on): bad settings cost a few epochs, not a whole run. It compares equal
-epoch numbers, so a short schedule (its cosine already low) is compared with the early
-epochs of a long one: pruning favours fast starters. A trial whose loss diverges counts as
-pruned.
+How. Optuna's TPE sampler (Bergstra et al., NeurIPS 2011) first draws at random, then
+splits the trials so far into the better ones and the rest, models where each lies in the
+search space, and proposes numbers that are likely under the first and unlikely under the
+second. The median pruner stops a trial after an epoch whose inner val accuracy is below
+the median of earlier trials at the same epoch (from the 6th trial and the 2nd epoch on):
+bad settings cost a few epochs, not a whole run. It compares equal epoch numbers, so a
+short schedule (its cosine already low) is compared with the early epochs of a long one:
+pruning favours fast starters. A trial whose loss diverges counts as pruned.
 
 The study lives in a SQLite file (`--storage`, default $TL_CACHE_DIR/tuning/<recipe>-<data
-set>.db): run the same command again and an interrupted search goes on with the trials
-still missing (Ctrl-C exits with 130 and keeps every finished trial); a trial whose process
-was killed stops sending heartbeats and is run again. The file records the recipe, the data
-set (its name and the fingerprint of train/), the backbone and the inner split; it refuses
-a search that asks another question. Trial runs are ordinary runs of the one loop
+set>.db), or in a database several machines reach (`--storage postgresql://...`): run the
+same command again and an interrupted search goes on with the trials still missing (Ctrl-C
+exits with 130 and keeps every finished trial), and run it in several terminals or on
+several machines and they share the search (`tune --help` says how). Each trial draws its
+numbers from a random stream of its own, seeded by `--seed` and the trial's number: one
+uninterrupted search from an empty study is repeatable, while workers, and a search run
+again after a kill, never draw the same numbers. A trial whose process was killed is failed
+when the search is run again and its numbers are tried once more, labelled as a retry
+(tl/engine/trials.py); the pages and the tuned file name both. The study records the
+recipe, the data set (its name and the fingerprint of train/), the backbone and the inner
+split; it refuses a search that asks another question. Trial runs are ordinary runs of the one loop
 (tl.engine.run.run) under `--runs-dir`; their weights are deleted after scoring.
 
 Written at the end:
@@ -77,7 +82,8 @@ FINISHED = ("COMPLETE", "PRUNED")  # the trials a budget of --trials counts
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m experiments.tune", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.tune", description=__doc__.split("\n\n")[0],
+                                epilog=SHARED, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", required=True, choices=NAMES, metavar="NAME", help="the recipe whose numbers to tune")
     p.add_argument("--data", metavar="DIR", help="data folder with train/ (default: $TL_DATA_DIR or "
                    "data/hymenoptera_data); val/ and test/ are not read")
@@ -88,19 +94,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     split.add_argument("--inner-val", type=float, default=None, metavar="FRACTION",
                        help="score each trial on this fraction of each class of train/ (default 0.2)")
     split.add_argument("--folds", type=int, help="score each trial by K-fold cross-validation over train/ instead")
-    p.add_argument("--seed", type=int, default=0, help="seed of the inner split, the sampler and the trial runs")
+    p.add_argument("--seed", type=int, default=0, help="seed of the inner split, the trial runs and, with each "
+                   "trial's number, of the trial's random stream (below)")
     p.add_argument("--max-epochs", type=int, help="most training epochs a trial may draw (default: the recipe's)")
-    p.add_argument("--storage", type=Path, help="the study's SQLite file (default $TL_CACHE_DIR/tuning/"
-                   "<recipe>-<data set>.db)")
+    p.add_argument("--storage", type=_storage, metavar="FILE|URL", help="the study: a SQLite file (default "
+                   "$TL_CACHE_DIR/tuning/<recipe>-<data set>.db), or a database URL that several machines share "
+                   "(postgresql://user:password@host:5432/database)")
     p.add_argument("--study-name", help="default <recipe>-<data set>-<backbone>")
     p.add_argument("--out", type=Path, help="pages folder (default results/tuning; --quick: runs/quick-tuning)")
     p.add_argument("--tuned-dir", type=Path, help="where the chosen numbers go (default experiments/tuned, or "
                    "$TL_TUNED_DIR; --quick: <out>/tuned)")
     p.add_argument("--runs-dir", type=Path, help="the trials' run folders (default runs/tune/<study name>)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader processes of each trial run")
     p.add_argument("--quick", action="store_true", help="smoke search: 8 images per class, 64 pixels, 2 epochs")
     return p.parse_args(argv)
+
+
+SHARED = """\
+A shared search: run the same command in several terminals (the processes of one machine share
+the SQLite file), or on several machines with --storage postgresql://user@host:5432/db (one
+database they all reach; pip install psycopg2-binary; the password from PGPASSWORD or ~/.pgpass
+keeps it off the command line, which the machine's users can see). Each search process runs
+trials until the study holds --trials finished ones, so the budget is exceeded by at most
+(processes - 1) trials: each finishes the trial it started. A process that ends while others
+still run a trial says so, and the last one writes the tuned file and the pages.
+
+--seed and the random numbers: each trial draws from a random stream of its own, seeded by --seed
+and the trial's number (the study numbers the trials of all processes). One uninterrupted search
+from an empty study is repeatable; two processes, or a search run again after a kill, never draw
+the same numbers. A trial whose process was killed is failed when the search is run again (at
+once on the same machine; after 3 minutes without a heartbeat from another one), and its numbers
+are tried once more, as a trial labelled retry_of."""
+
+
+def _storage(value: str):
+    from tl.engine.tuning import storage_arg
+
+    return storage_arg(value)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -242,7 +273,8 @@ def write_tuned(study, s: Search, setup: dict, path: Path, command: str) -> Path
     import optuna
 
     from tl.engine.feature_store import cache_dir
-    from tl.engine.tuning import recorded_path, suggest
+    from tl.engine.trials import failures, retries
+    from tl.engine.tuning import shown_storage, suggest
 
     best = study.best_trial
     fields = suggest(optuna.trial.FixedTrial(best.params), s.recipe, s.max_epochs)
@@ -253,8 +285,11 @@ def write_tuned(study, s: Search, setup: dict, path: Path, command: str) -> Path
              "inner_split": {"inner_val": setup["inner_val"], "folds": setup["folds"], "seed": setup["seed"]},
              "trials": {"budget": s.args.trials, **{k.lower(): states.count(k) for k in (*FINISHED, "FAIL")}},
              "best_trial": best.number, "best_inner_score": best.value, "params": best.params,
+             "over_budget": over_budget(study, s.args.trials),
+             "failed_trials": {str(n): why for n, why in failures(study).items()},
+             "retries": {str(n): of for n, of in retries(study).items()},
              "recipe_fields": fields, "cpu_seconds": round(total_cpu(study), 1), "command": command,
-             "study": {"storage": recorded_path(s.args.storage, cache_dir()), "name": study.study_name},
+             "study": {"storage": shown_storage(s.args.storage, cache_dir()), "name": study.study_name},
              "quick": s.args.quick,
              "date": time.strftime("%Y-%m-%d %H:%M")}
     from tl.engine.files import atomic_write_text
@@ -262,19 +297,28 @@ def write_tuned(study, s: Search, setup: dict, path: Path, command: str) -> Path
     return atomic_write_text(path, json.dumps(tuned, indent=2) + "\n")
 
 
+def over_budget(study, budget: int) -> int:
+    """Finished trials beyond the budget: search processes that run at once each finish the trial they
+    started when the budget is reached, so at most (processes - 1)."""
+    return max(0, len(finished(study)) - budget)
+
+
 def total_cpu(study) -> float:
     return sum(t.user_attrs.get("cpu_seconds", 0.0) for t in study.trials)
 
 
 def trial_rows(study) -> list[dict]:
-    rows = []
+    from tl.engine.trials import failure
+
+    rows, attrs = [], study.user_attrs
     for t in study.trials:
         steps = sorted(t.intermediate_values)
         rows.append({"number": t.number, "state": t.state.name, "inner_score": t.value,
                      "last_epoch": steps[-1] if steps else None,
                      "duration_s": round(t.duration.total_seconds(), 1) if t.duration else None,
                      "cpu_s": round(t.user_attrs.get("cpu_seconds", math.nan), 1),
-                     **{f"param {k}": v for k, v in t.params.items()}})
+                     **{f"param {k}": v for k, v in t.params.items()},
+                     "retry_of": t.user_attrs.get("retry_of"), "failed_because": failure(attrs, t)})
     return rows
 
 
@@ -297,10 +341,13 @@ def write_pages(study, s: Search, setup: dict, folder: Path, command: str) -> li
     lines = [f"# Tuning {setup['recipe']} on {setup['dataset']} ({setup['backbone']})", "",
              f"`{command}`", "",
              f"Scored on an inner split carved from train (seed {setup['seed']}): {split}. val/ and test/ were not "
-             f"read. Budget: {s.args.trials} finished trials; {len(complete)} complete, {len(done) - len(complete)} "
-             f"pruned, {len(study.trials) - len(done)} failed or running. CPU time of the trials: "
-             f"{total_cpu(study):.0f} s = {total_cpu(study) / 3600:.2f} h (user + system, this process and its "
-             f"DataLoader workers).", ""]
+             f"read. Budget: {s.args.trials} finished trials; {len(done)} finished "
+             f"({over_budget(study, s.args.trials)} over the budget: search processes running at once each finish "
+             f"the trial they started): {len(complete)} complete, {len(done) - len(complete)} pruned; "
+             f"{len(study.trials) - len(done)} failed, running or waiting. CPU time of the trials: "
+             f"{total_cpu(study):.0f} s = {total_cpu(study) / 3600:.2f} h (user + system, the trials' processes and "
+             f"their DataLoader workers).", ""]
+    lines += lost_lines(study)
     if complete:
         best = study.best_trial
         lines += [f"Best: trial {best.number}, inner score {best.value:.4f} (a maximum over trials: it flatters; "
@@ -311,6 +358,16 @@ def write_pages(study, s: Search, setup: dict, folder: Path, command: str) -> li
               "![history](history.png) ![importance](importance.png)", ""]
     atomic_write_text(folder / "trials.md", "\n".join(lines))
     return [folder / n for n in ("trials.md", "trials.csv", "history.png", "importance.png")]
+
+
+def lost_lines(study) -> list[str]:
+    """The page's words on the failed trials and the retries (tl/engine/trials.py)."""
+    from tl.engine.trials import failures, retries
+
+    lines = [f"- trial {n} failed: {why}" for n, why in failures(study).items()]
+    lines += [f"- trial {n} tries again the numbers of trial {of}, whose process was lost (once at most)"
+              for n, of in retries(study).items()]
+    return [*lines, ""] if lines else []
 
 
 def markdown_table(df) -> str:
@@ -367,16 +424,28 @@ def draw_importance(study, path: Path) -> dict:
     return importances
 
 
+def shown_argv(args: argparse.Namespace, argv: list[str]) -> list[str]:
+    """The arguments as the tuned file, the pages and the lock's line record them: a --storage
+    URL's password hidden."""
+    from tl.engine.tuning import shown_storage
+
+    if not isinstance(args.storage, str):
+        return list(argv)
+    return [a.replace(args.storage, shown_storage(args.storage)) for a in argv]
+
+
 def main(argv=None) -> int:
     from tl import Interrupted, TLError
 
     args = parse_args(argv)
-    command = "python -m experiments.tune " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = "python -m experiments.tune " + " ".join(shlex.quote(a) for a in shown_argv(args, argv or sys.argv[1:]))
     try:
         return search(args, command)
     except (KeyboardInterrupt, Interrupted):
-        print(f"error: interrupted: the study in {args.storage} keeps its finished trials; run the same command "
-              f"again to go on", file=sys.stderr)
+        from tl.engine.tuning import shown_storage
+
+        print(f"error: interrupted: the study in {shown_storage(args.storage)} keeps its finished trials; run the "
+              f"same command again to go on", file=sys.stderr)
         return 130
     except TLError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -388,7 +457,8 @@ def search(args: argparse.Namespace, command: str) -> int:
 
     from tl.engine.feature_store import cache_dir
     from tl.engine.prepare import resolve_data_dir
-    from tl.engine.tuning import open_study
+    from tl.engine.trials import run_trial
+    from tl.engine.tuning import open_study, shown_storage
 
     check_args(args)
     data = resolve_data_dir(args.data)
@@ -402,19 +472,65 @@ def search(args: argparse.Namespace, command: str) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(args.storage, name, setup, args.seed)
     remaining = args.trials - len(finished(study))
-    print(f"study {name!r} in {args.storage}: {len(finished(study))} of {args.trials} trials finished; "
-          f"running {max(0, remaining)}", flush=True)
-    if remaining > 0:
-        study.optimize(lambda trial: score_trial(trial, s, log=lambda line: print(line, flush=True)),
+    print(f"study {name!r} in {shown_storage(args.storage)}: {len(finished(study))} of {args.trials} trials "
+          f"finished; running {max(0, remaining)}", flush=True)
+    if remaining > 0:  # every worker stops once the study holds the budget's finished trials
+        def log(line: str) -> None:
+            print(line, flush=True)
+
+        study.optimize(lambda trial: run_trial(trial, lambda t: score_trial(t, s, log=log)),
                        n_trials=remaining, gc_after_trial=True, callbacks=[optuna.study.MaxTrialsCallback(
                            args.trials, states=tuple(getattr(optuna.trial.TrialState, k) for k in FINISHED))])
-    pages = write_pages(study, s, setup, out / key, command)
-    if not any(t.state.name == "COMPLETE" for t in study.trials):
+    return write_results(study, s, setup, Written(out / key, tuned / f"{key}.json", command))
+
+
+LOCK_NAME = ".tune.lock"  # in the pages' folder (--out): one worker writes the pages and the tuned file
+
+
+@dataclasses.dataclass
+class Written:
+    """Where a search's results go: its pages' folder, its tuned file, and the command it records."""
+
+    pages: Path
+    tuned: Path
+    command: str
+
+
+def write_results(study, s: Search, setup: dict, to: Written) -> int:
+    """The pages and the tuned file, written by one process of a shared search: under the lock
+    of --out, the process that finds no trial running (the last to end). Where the study's
+    results were written for exactly the trials it holds now (by a process that ended at the
+    same moment, or by an earlier run of the command) and the files are there, they are left."""
+    from optuna.trial import TrialState
+
+    from tl.engine.folder_lock import hold
+    from tl.engine.trials import this_process
+    from tl.engine.tuning import lost_trials
+
+    to.pages.parent.mkdir(parents=True, exist_ok=True)
+    with hold(to.pages.parent, LOCK_NAME, wait=True, command=to.command, note=" (another process of this search)"):
+        lost = lost_trials(study)
+        lost.sweep(study, when="when a process of the search ended")
+        if running := lost.still_running(study):
+            print(f"trials {', '.join(map(str, running))} still run in other processes: the last process to end "
+                  f"writes the tuned file and the pages")
+            return 0
+        ended = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+        written = study.user_attrs.get("results_written", {})
+        if written.get("trials") == ended and (to.pages / "trials.md").is_file() and to.tuned.is_file():
+            print(f"the tuned file and the pages of these {ended} trials were written by {written.get('by')}: "
+                  f"{to.pages / 'trials.md'}")
+            return 0
+        pages = write_pages(study, s, setup, to.pages, to.command)
+        complete = any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+        path = write_tuned(study, s, setup, to.tuned, to.command) if complete else None
+        me = this_process()
+        study.set_user_attr("results_written", {"trials": ended, "by": f"host {me['host']}, pid {me['pid']}"})
+    if path is None:
         print(f"no trial completed (all pruned or failed): no tuned numbers written; pages: {pages[0]}")
         return 0
-    path = write_tuned(study, s, setup, tuned / f"{key}.json", command)
     print(f"best: trial {study.best_trial.number}, inner score {study.best_value:.4f} -> {path}; pages: {pages[0]}")
-    print(f"train it on all of train and score it on val/test: python main.py -e tuned_{args.recipe} --data {data}")
+    print(f"train it on all of train and score it on val/test: python main.py -e tuned_{s.args.recipe} --data {s.data}")
     return 0
 
 

@@ -1,12 +1,22 @@
 """Tuning without peeking (experiments/tune.py): the inner split carved from train, a search
 that never reads val/ or test/, its study file (continued, refused when it belongs to another
-recipe or data set) and what it writes: the tuned numbers, the pages, the `tuned_<recipe>` recipe."""
+recipe or data set) and what it writes: the tuned numbers, the pages, the `tuned_<recipe>` recipe;
+a search as real processes: killed mid-trial and run again at once, interrupted with Ctrl-C, and
+shared by two processes on a PostgreSQL server, of which one writes the results."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import platform
+import shutil
+import signal
 import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -186,3 +196,175 @@ def test_a_storage_that_is_not_a_study_file_is_refused_and_kept(tiny_data, tiny_
     assert not (tmp_path / "trials").exists()
 
 
+# ----------------------------------------------------------------------------- a search as processes
+ROOT = Path(__file__).resolve().parents[2]
+KEY = "modern_finetune-tiny"
+
+
+def _argv(tmp_path: Path, storage, *extra) -> list[str]:
+    return [sys.executable, str(ROOT / "tests" / "tune_main.py"), "--recipe", "modern_finetune", "--data",
+            str(tmp_path / "tiny"), "--backbone", "tiny", "--weights", "none", "--quick", "--workers", "0",
+            "--device", "cpu", "--out", str(tmp_path / "pages"), "--tuned-dir", str(tmp_path / "tuned"),
+            "--runs-dir", str(tmp_path / "trials"), "--storage", str(storage), *map(str, extra)]
+
+
+def _env(tmp_path: Path, **extra) -> dict:
+    return {**os.environ, "TL_CACHE_DIR": str(tmp_path / "cache"), **extra}
+
+
+def _start(tmp_path: Path, name: str, argv: list[str], **env) -> subprocess.Popen:
+    with open(tmp_path / f"{name}.out", "w") as out, open(tmp_path / f"{name}.err", "w") as err:
+        return subprocess.Popen(argv, cwd=ROOT, env=_env(tmp_path, **env), stdout=out, stderr=err)
+
+
+def _wait_for(child: subprocess.Popen, log: Path, text: str) -> None:
+    deadline = time.monotonic() + 240
+    while text not in log.read_text():
+        assert child.poll() is None and time.monotonic() < deadline, (log.read_text(), child.returncode)
+        time.sleep(0.1)
+
+
+def _distinct(trials) -> bool:
+    seen = [tuple(sorted(t.params.items())) for t in trials]
+    return len(seen) == len(set(seen))
+
+
+def test_a_search_killed_mid_trial_and_run_again_at_once_tries_new_numbers(tiny_data, tiny_backbone, tmp_path,
+                                                                          monkeypatch, capsys):
+    """SIGKILL mid-trial (no word, no cleanup), then the same command at once (here, in this
+    process): the killed trial is failed and named, its numbers are tried once more as a
+    labelled retry, and no other numbers repeat (a sampler that restarted from its seed's
+    state repeated trial 0's)."""
+    from experiments import tune
+    from tl.engine.trials import failures, retries
+
+    argv = _argv(tmp_path, tmp_path / "study.db", "--trials", 3)
+    first = _start(tmp_path, "first", argv, TL_TEST_HOLD_TRIAL="1")
+    try:
+        _wait_for(first, tmp_path / "first.out", "holding trial 1")
+    finally:
+        first.kill()
+        first.wait()
+    monkeypatch.setenv("TL_CACHE_DIR", str(tmp_path / "cache"))
+    assert tune.main(argv[2:]) == 0
+    assert "1 of 3 trials finished; running 2" in capsys.readouterr().out
+
+    study = _study(tmp_path)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    why = f"its process (host {study.trials[1].user_attrs['process']['host']}, pid {first.pid}) was gone when the " \
+          f"search was opened again"
+    assert failures(study) == {1: why} and retries(study) == {2: 1}
+    assert study.trials[2].params == study.trials[1].params
+    assert _distinct(study.trials[:2] + study.trials[3:])
+    page = (tmp_path / "pages" / KEY / "trials.md").read_text()
+    assert f"- trial 1 failed: {why}" in page and "- trial 2 tries again the numbers of trial 1" in page
+    tuned = json.loads((tmp_path / "tuned" / f"{KEY}.json").read_text())
+    assert tuned["failed_trials"] == {"1": why} and tuned["retries"] == {"2": 1} and tuned["over_budget"] == 0
+    assert "was gone" in (tmp_path / "pages" / KEY / "trials.csv").read_text()
+
+
+def test_ctrl_c_mid_trial_is_one_error_line_and_exit_130(tiny_data, tmp_path):
+    from tl.engine.trials import failures
+
+    child = _start(tmp_path, "run", _argv(tmp_path, tmp_path / "study.db", "--trials", 2), TL_TEST_HOLD_TRIAL="0")
+    try:
+        _wait_for(child, tmp_path / "run.out", "holding trial 0")
+        child.send_signal(signal.SIGINT)
+        child.wait(timeout=120)
+    finally:
+        child.kill()
+        child.wait()
+    err = (tmp_path / "run.err").read_text()
+    assert child.returncode == 130, err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        f"error: interrupted: the study in {tmp_path / 'study.db'} keeps its finished trials; run the same command "
+        f"again to go on"], err
+    assert "Traceback" not in err and "Trial 0 failed" not in err, err
+    study = _study(tmp_path)
+    assert [t.state.name for t in study.trials] == ["FAIL"] and failures(study)[0].startswith("interrupted")
+
+
+# ----------------------------------------------------------------------------- a shared search
+def _postgres():
+    """A PostgreSQL server from pip (pgserver) in a folder of its own, or the test's skip
+    (not under CI on the platforms pgserver has wheels for: there it must start)."""
+    must = (os.environ.get("CI") == "true" and sys.platform == "linux" and platform.machine() == "x86_64"
+            and (3, 10) <= sys.version_info[:2] < (3, 13))
+    try:
+        import pgserver
+
+        from tl.engine.tuning import database_url
+
+        database_url("postgresql://x@/y")  # a driver SQLAlchemy can use is installed
+        folder = tempfile.mkdtemp(prefix="pg")  # short: the server's socket path has at most 107 characters
+        return pgserver.get_server(folder, cleanup_mode="stop")
+    except Exception as exc:  # noqa: BLE001 - whatever stops the server is the skip's reason
+        if must:
+            pytest.fail(f"PostgreSQL (pgserver) did not start, and CI must run this test: {exc}")
+        pytest.skip(f"PostgreSQL (pgserver) cannot start here: {type(exc).__name__}: {exc}")
+
+
+def test_two_processes_share_a_search_on_a_postgresql_server(tiny_data, tmp_path):
+    """Two search processes, one study on a real server, a budget of 4: no numbers repeat, the
+    budget is exceeded by at most 1, one process writes the one tuned file, which holds no password."""
+    import optuna
+    from sqlalchemy.engine import make_url
+
+    from tl.engine.tuning import database_url
+
+    server = _postgres()
+    try:
+        url = make_url(server.get_uri()).set(password="s3cret-pw").render_as_string(hide_password=False)
+        argv = _argv(tmp_path, url, "--trials", 4)
+        children = [_start(tmp_path, f"w{i}", argv) for i in range(2)]
+        for child in children:
+            child.wait(timeout=300)
+        outs = [(tmp_path / f"w{i}.out").read_text() for i in range(2)]
+        assert [c.returncode for c in children] == [0, 0], [(tmp_path / f"w{i}.err").read_text() for i in range(2)]
+        everyone = optuna.load_study(study_name=None, storage=database_url(url)).trials
+        finished = [t for t in everyone if t.state.name in ("COMPLETE", "PRUNED")]
+    except Exception:
+        print((Path(server.pgdata) / "log").read_text()[-3000:])  # the server's own account, shown on failure
+        raise
+    finally:
+        server.cleanup()
+        shutil.rmtree(server.pgdata, ignore_errors=True)
+    assert 4 <= len(finished) <= 5 and len(everyone) == len(finished) and _distinct(everyone)
+    assert {t.user_attrs["process"]["pid"] for t in everyone} <= {c.pid for c in children}
+    writers = [out for out in outs if "best: trial" in out]
+    assert len(writers) == 1, outs
+    other = outs[1 - outs.index(writers[0])]
+    assert "still run in other processes" in other or "were written by host" in other, other
+    assert [p.name for p in (tmp_path / "tuned").iterdir()] == [f"{KEY}.json"]
+    text = (tmp_path / "tuned" / f"{KEY}.json").read_text()
+    tuned = json.loads(text)
+    assert tuned["study"]["storage"] == "postgresql://postgres:***@/postgres"  # no password, no socket folder
+    assert "s3cret" not in text and "--storage 'postgresql://postgres:***@/postgres?host=" in tuned["command"]
+    assert tuned["over_budget"] == len(finished) - 4
+    page = (tmp_path / "pages" / KEY / "trials.md").read_text()
+    assert f"{len(finished)} finished ({len(finished) - 4} over the budget" in page and "s3cret" not in page
+    assert not any("s3cret" in out for out in outs)
+    assert "s3cret" not in (tmp_path / "pages" / ".tune.lock").read_text()
+
+
+# ----------------------------------------------------------------------------- who writes the results
+def test_a_process_that_ends_while_another_runs_a_trial_writes_nothing(tmp_path, capsys):
+    from experiments import tune
+    from tl.engine import trials, tuning
+
+    study = tuning.open_study(tmp_path / "s.db", "s", {"recipe": "r", "dataset": "d", "data_fingerprint": "f"}, 0)
+    trial = study.ask()
+    trial.set_user_attr("process", trials.this_process())  # this process is alive: its trial runs
+    to = tune.Written(tmp_path / "pages" / "r-d", tmp_path / "tuned" / "r-d.json", "python -m experiments.tune")
+    assert tune.write_results(study, None, {}, to) == 0
+    assert "trials 0 still run in other processes: the last process to end writes" in capsys.readouterr().out
+    assert not to.pages.exists() and not to.tuned.exists()
+    study.tell(trial, 0.5)
+    study.set_user_attr("results_written", {"trials": 1, "by": "host h, pid 1"})
+    to.pages.mkdir(parents=True)
+    (to.pages / "trials.md").write_text("written by the other process\n")
+    to.tuned.parent.mkdir()
+    to.tuned.write_text("{}\n")
+    assert tune.write_results(study, None, {}, to) == 0  # the other process wrote them for these trials
+    assert "the tuned file and the pages of these 1 trials were written by host h, pid 1" in capsys.readouterr().out
+    assert (to.pages / "trials.md").read_text() == "written by the other process\n"
