@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tl import TLError, distributed
-from tl.engine import checkpoint
+from tl import TLError
+from tl.engine import checkpoint, distributed
 from tl.engine.class_names import how_names_differ
 from tl.engine.options import RunOptions, as_saved
 from tl.engine.schema import OPTIONS, Field, check

@@ -16,7 +16,7 @@ first stage, open the run folder, train stage by stage through the one loop
                        F1, support; macro-F1, balanced accuracy; the most-confused pairs and their files
         NN.pth         every epoch's state_dict, with --save-every-epoch (document 001)
 
-Under torchrun (tl/distributed.py) every process runs `run` with the same options; the
+Under torchrun (tl/engine/distributed.py) every process runs `run` with the same options; the
 lines marked [DDP] make process 0 the only one that prints and writes (run folder,
 config, checkpoints, history, plots, the feature cache, which the others then load),
 wrap the net in DistributedDataParallel, and agree on the run folder.
@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tl import TLError, distributed
+from tl import TLError
 from tl.data import build_transforms, val_resize
-from tl.engine import tensorboard
+from tl.engine import distributed, tensorboard
 from tl.engine.backbones import backbone_spec
 from tl.engine.balance import balance
 from tl.engine.device import default_channels_last, device_hooks, make_grad_scaler, prepare_device, resolve_device

@@ -39,8 +39,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tl import Interrupted, TLError, distributed
-from tl.engine import checkpoint, metrics
+from tl import Interrupted, TLError
+from tl.engine import checkpoint, distributed, metrics
 from tl.engine.backbones import folder_label
 from tl.engine.balance import class_counts
 from tl.engine.early_stopping import should_stop

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tl import TLError, distributed
+from tl import TLError
 from tl.data import make_loaders, val_resize
-from tl.engine import feature_store
+from tl.engine import distributed, feature_store
 from tl.engine.feature_store import CachePlan, FeaturePass
 from tl.engine.image_cache import DecodedImages, decoded_images
 from tl.loop import Hooks
@@ -137,7 +137,7 @@ def stage_loaders(ctx, plan: CachePlan) -> dict:
     loaders = make_loaders(inputs, ctx.recipe.batch_size, seed=opts.seed,
                            workers=0 if len(plan.cached) == len(ctx.sets) or on_device else opts.workers,
                            pin_memory=ctx.device.type == "cuda" and not on_device, generator=ctx.generator,
-                           sample_weights=ctx.sample_weights)
+                           sample_weights=ctx.sample_weights, shard=distributed.sampler)
     for phase, ds in inputs.items():
         if getattr(ds, "collate", None) is not None:  # --device-images: a batch augmented at once (BatchedCrops)
             loaders[phase].collate_fn = ds.collate
