@@ -458,7 +458,7 @@ def search(args: argparse.Namespace, command: str) -> int:
     from tl.engine.feature_store import cache_dir
     from tl.engine.prepare import resolve_data_dir
     from tl.engine.trials import run_trial
-    from tl.engine.tuning import open_study, shown_storage
+    from tl.engine.tuning import open_study, shown_storage, storage_errors
 
     check_args(args)
     data = resolve_data_dir(args.data)
@@ -470,18 +470,19 @@ def search(args: argparse.Namespace, command: str) -> int:
     tuned = args.tuned_dir or (out / "tuned" if args.quick else tuned_dir())
     s.runs_dir = args.runs_dir or Path("runs/tune") / name
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = open_study(args.storage, name, setup, args.seed)
-    remaining = args.trials - len(finished(study))
-    print(f"study {name!r} in {shown_storage(args.storage)}: {len(finished(study))} of {args.trials} trials "
-          f"finished; running {max(0, remaining)}", flush=True)
-    if remaining > 0:  # every worker stops once the study holds the budget's finished trials
-        def log(line: str) -> None:
-            print(line, flush=True)
+    with storage_errors(args.storage):  # a damaged study database: one error: line
+        study = open_study(args.storage, name, setup, args.seed)
+        remaining = args.trials - len(finished(study))
+        print(f"study {name!r} in {shown_storage(args.storage)}: {len(finished(study))} of {args.trials} trials "
+              f"finished; running {max(0, remaining)}", flush=True)
+        if remaining > 0:  # every worker stops once the study holds the budget's finished trials
+            def log(line: str) -> None:
+                print(line, flush=True)
 
-        study.optimize(lambda trial: run_trial(trial, lambda t: score_trial(t, s, log=log)),
-                       n_trials=remaining, gc_after_trial=True, callbacks=[optuna.study.MaxTrialsCallback(
-                           args.trials, states=tuple(getattr(optuna.trial.TrialState, k) for k in FINISHED))])
-    return write_results(study, s, setup, Written(out / key, tuned / f"{key}.json", command))
+            study.optimize(lambda trial: run_trial(trial, lambda t: score_trial(t, s, log=log)),
+                           n_trials=remaining, gc_after_trial=True, callbacks=[optuna.study.MaxTrialsCallback(
+                               args.trials, states=tuple(getattr(optuna.trial.TrialState, k) for k in FINISHED))])
+        return write_results(study, s, setup, Written(out / key, tuned / f"{key}.json", command))
 
 
 LOCK_NAME = ".tune.lock"  # in the pages' folder (--out): one worker writes the pages and the tuned file

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from tl import TLError
+from tl.engine import tuning
+
 
 def test_a_storage_path_with_a_question_mark_is_that_file(tmp_path):
     from tl.engine.tuning import make_storage
@@ -130,3 +133,57 @@ def test_a_database_that_cannot_be_used_is_one_line_without_its_password(url):
         make_storage(storage_arg(url))
     said = str(caught.value)
     assert said.startswith("--storage ") and "s3cret" not in said and "\n" not in said, said
+
+
+# ----------------------------------------------------------------------------- a study file left half-made or damaged
+@pytest.mark.parametrize("kept", [("studies",), ("studies", "study_directions", "trials"), ("version_info",)])
+def test_a_study_file_whose_creation_was_interrupted_is_completed_not_refused(tmp_path, kept):
+    """Optuna creates a study file's tables in several commits: a search killed or interrupted
+    while it opens a new study leaves only some of them, and the same command run again goes on."""
+    import sqlite3
+
+    from tl.engine.tuning import OPTUNA_TABLES, check_storage_file, open_study
+
+    path = tmp_path / "study.db"
+    tuning.make_storage(path)
+    with sqlite3.connect(path) as db:
+        for table in OPTUNA_TABLES - set(kept):
+            db.execute(f"DROP TABLE IF EXISTS {table}")
+    check_storage_file(path)
+    study = open_study(path, "s", {"recipe": "r", "dataset": "d", "data_fingerprint": "f"}, seed=0)
+    assert study.user_attrs["setup"]["recipe"] == "r"
+
+
+@pytest.mark.parametrize("tables", [("photos",), ("studies", "photos"), ("trials", "version_info", "notes")])
+def test_a_sqlite_file_of_another_program_is_refused_and_kept(tmp_path, tables):
+    import sqlite3
+
+    from tl.engine.tuning import check_storage_file
+
+    path = tmp_path / "other.db"
+    with sqlite3.connect(path) as db:
+        for table in tables:
+            db.execute(f"CREATE TABLE {table} (x)")
+    before = path.read_bytes()
+    with pytest.raises(TLError, match="SQLite file of another program"):
+        check_storage_file(path)
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("failure", ["storage", "sqlalchemy", "sqlite"])
+def test_a_study_database_that_fails_mid_search_is_one_error(tmp_path, failure):
+    """A damaged page that the table list did not show fails only when Optuna reads it: one TLError
+    naming the storage, not a library traceback."""
+    import sqlite3
+
+    import optuna
+    from sqlalchemy.exc import OperationalError
+
+    from tl.engine.tuning import storage_errors
+
+    raised = {"storage": optuna.exceptions.StorageInternalError("An exception is raised during the commit"),
+              "sqlalchemy": OperationalError("SELECT 1", {}, sqlite3.DatabaseError("malformed")),
+              "sqlite": sqlite3.DatabaseError("database disk image is malformed")}[failure]
+    with pytest.raises(TLError, match=r"study\.db: the study database failed \(.+\); it is left as it is"):
+        with storage_errors(tmp_path / "study.db"):
+            raise raised

@@ -195,6 +195,12 @@ def study_lock(path: Path):
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
+# the tables of an Optuna study file (optuna.storages._rdb.models), alembic's from older Optuna versions
+OPTUNA_TABLES = {"studies", "study_directions", "study_system_attributes", "study_user_attributes",
+                 "trial_heartbeats", "trial_intermediate_values", "trial_params", "trial_system_attributes",
+                 "trial_user_attributes", "trial_values", "trials", "version_info", "alembic_version"}
+
+
 def check_storage_file(path: Path) -> None:
     """Stop unless `path` is a SQLite file or can become one: not a folder, not another kind of
     file (which SQLite would refuse, or a user would not want overwritten), in a folder that can be made."""
@@ -214,16 +220,32 @@ def check_storage_file(path: Path) -> None:
     if head and head != SQLITE_MAGIC:
         raise TLError(f"--storage {path} is not a SQLite file (it starts with {head[:8]!r}): it is left as it is; "
                       f"choose another --storage")
-    if head:  # a SQLite file: Optuna's (its table version_info), or one without tables; another program's is kept
+    if head:  # a SQLite file: Optuna's, or one without tables; another program's is kept
         try:
             with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
                 tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         except sqlite3.Error as exc:
             raise TLError(f"--storage {path}: SQLite cannot read it ({exc}); choose another --storage") from None
-        if tables and "version_info" not in tables:
+        if tables - OPTUNA_TABLES:  # only some of Optuna's: a study whose creation was interrupted, completed now
             raise TLError(f"--storage {path} is a SQLite file of another program (tables "
                           f"{', '.join(sorted(tables)[:4])}), not an Optuna study: it is left as it is; "
                           f"choose another --storage")
+
+
+@contextlib.contextmanager
+def storage_errors(storage: Path | str):
+    """A study database that fails while a search uses it (a damaged page of a SQLite file that
+    its table list did not show, a server that went away) is one TLError naming it, never a
+    library traceback; the file is left as it is."""
+    import optuna
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        yield
+    except (optuna.exceptions.StorageInternalError, SQLAlchemyError, sqlite3.DatabaseError) as exc:
+        cause = exc.__cause__ or exc.__context__ or exc
+        raise TLError(f"{shown_storage(storage)}: the study database failed ({str(cause).splitlines()[0][:120]}); "
+                      f"it is left as it is: repair it, or choose another --storage") from None
 
 
 def open_study(storage: Path | str, name: str, setup: dict, seed: int, startup: int = 5):
