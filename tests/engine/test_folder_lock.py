@@ -164,3 +164,25 @@ def test_without_fcntl_the_block_runs_unlocked(tmp_path, monkeypatch):
     with hold(tmp_path, ".test.lock", wait=False), hold(tmp_path, ".test.lock", wait=False):
         pass
     assert not (tmp_path / ".test.lock").exists()
+
+
+@pytest.mark.parametrize("target", ["a user's file", "a missing file", "a folder"])
+def test_a_lock_file_that_is_a_link_is_refused_and_its_target_untouched(tmp_path, target):
+    """The lock truncates its file: through a link it would empty another file, so a link is refused."""
+    from tl import TLError
+    from tl.engine.folder_lock import hold
+
+    victim = {"a user's file": tmp_path / "victim.txt", "a missing file": tmp_path / "gone.txt",
+              "a folder": tmp_path / "somewhere"}[target]
+    if target == "a user's file":
+        victim.write_text("precious\n")
+    elif target == "a folder":
+        victim.mkdir()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".run.lock").symlink_to(victim)
+    with pytest.raises(TLError, match="is a link; a lock file must be a plain file"):
+        with hold(run, ".run.lock", wait=False):
+            pass
+    assert (victim.read_text() == "precious\n") if target == "a user's file" else True
+    assert not victim.exists() if target == "a missing file" else True

@@ -68,6 +68,18 @@ def held_here(folder: Path, name: str) -> bool:
     return (Path(folder) / name).absolute() in _HELD
 
 
+def _open_lock_file(path: Path):
+    """The lock file for reading and appending (an existing file, and its holder's line, are kept),
+    never through a link: the lock truncates its file, and a link would make that another file."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    except OSError:
+        if os.path.islink(path):
+            raise TLError(f"{path} is a link; a lock file must be a plain file: remove the link") from None
+        raise
+    return os.fdopen(fd, "a+")
+
+
 @contextlib.contextmanager
 def hold(folder: Path, name: str, *, wait: bool, command: str | None = None, note: str = "",
          log: Callable[[str], None] = print) -> Iterator[None]:
@@ -85,7 +97,7 @@ def hold(folder: Path, name: str, *, wait: bool, command: str | None = None, not
         return
     folder = Path(folder)
     path = (folder / name).absolute()
-    with open(path, "a+") as f:  # "a+": an existing file, and its holder's line, are kept
+    with _open_lock_file(path) as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
