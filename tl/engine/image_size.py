@@ -30,7 +30,7 @@ from tl.data import build_transforms
 from tl.models import Backbone, StackedHead
 
 PROBE_PHOTOS = 16  # val photos, spread over the folder, pushed through the network
-STEP = 8  # sizes tried when looking for one that works
+STEP = 8  # looking for a size that works: every size up to 2 STEP above, then every STEP-th
 
 
 def check_image_size(model: nn.Module, spec: Backbone, backbone: str, size: int, val_set=None) -> None:
@@ -41,8 +41,12 @@ def check_image_size(model: nn.Module, spec: Backbone, backbone: str, size: int,
     problem = _problem(model, spec, size, files, val_set)
     if problem is None:
         return
-    larger = next((s for s in range(size + STEP - size % STEP, 4 * max(size, spec.image_size) + 1, STEP)
-                   if _problem(model, spec, s, files, val_set) is None), spec.image_size)
+    largest = max(size, spec.image_size)
+    tried = sorted({*range(size + 1, size + 2 * STEP + 1), *range(size + STEP, largest + 1, STEP), largest})
+    larger = next((s for s in tried if s <= largest and _problem(model, spec, s, files, val_set) is None), None)
+    if larger is None:
+        raise TLError(f"{backbone} {problem} (--image-size {size}), and at every larger size up to {largest} "
+                      f"too: its weights see nothing in these photos (a damaged --weights file?)")
     raise TLError(f"{backbone} {problem} (--image-size {size}); the smallest larger size "
                   f"at which it works on these photos is {larger} (--image-size {larger} or more)")
 
