@@ -154,7 +154,8 @@ def test_a_study_file_whose_creation_was_interrupted_is_completed_not_refused(tm
     assert study.user_attrs["setup"]["recipe"] == "r"
 
 
-@pytest.mark.parametrize("tables", [("photos",), ("studies", "photos"), ("trials", "version_info", "notes")])
+@pytest.mark.parametrize("tables", [("photos",), ("studies", "photos"), ("trials", "version_info", "notes"),
+                                    ("studies",)])
 def test_a_sqlite_file_of_another_program_is_refused_and_kept(tmp_path, tables):
     import sqlite3
 
@@ -184,6 +185,6 @@ def test_a_study_database_that_fails_mid_search_is_one_error(tmp_path, failure):
     raised = {"storage": optuna.exceptions.StorageInternalError("An exception is raised during the commit"),
               "sqlalchemy": OperationalError("SELECT 1", {}, sqlite3.DatabaseError("malformed")),
               "sqlite": sqlite3.DatabaseError("database disk image is malformed")}[failure]
-    with pytest.raises(TLError, match=r"study\.db: the study database failed \(.+\); it is left as it is"):
+    with pytest.raises(TLError, match=r"--storage .*study\.db: the study database failed \(.+\); it is left as it is"):
         with storage_errors(tmp_path / "study.db"):
             raise raised

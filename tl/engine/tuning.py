@@ -201,6 +201,16 @@ OPTUNA_TABLES = {"studies", "study_directions", "study_system_attributes", "stud
                  "trial_user_attributes", "trial_values", "trials", "version_info", "alembic_version"}
 
 
+def _optuna_tables(tables: dict[str, set[str]]) -> bool:
+    """True when every table of the file is one of Optuna's, with Optuna's columns (a study file,
+    or one whose creation was interrupted: Optuna creates its tables in several commits and
+    completes them when the study is opened again); False for another program's file."""
+    from optuna.storages._rdb import models
+
+    known = {name: {c.name for c in t.columns} for name, t in models.BaseModel.metadata.tables.items()}
+    return all(name == "alembic_version" or known.get(name) == columns for name, columns in tables.items())
+
+
 def check_storage_file(path: Path) -> None:
     """Stop unless `path` is a SQLite file or can become one: not a folder, not another kind of
     file (which SQLite would refuse, or a user would not want overwritten), in a folder that can be made."""
@@ -223,10 +233,11 @@ def check_storage_file(path: Path) -> None:
     if head:  # a SQLite file: Optuna's, or one without tables; another program's is kept
         try:
             with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
-                tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                tables = {row[0]: {c[1] for c in db.execute(f"PRAGMA table_info('{row[0]}')")}
+                          for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         except sqlite3.Error as exc:
             raise TLError(f"--storage {path}: SQLite cannot read it ({exc}); choose another --storage") from None
-        if tables - OPTUNA_TABLES:  # only some of Optuna's: a study whose creation was interrupted, completed now
+        if not _optuna_tables(tables):  # only Optuna's tables, some perhaps still missing: a study file
             raise TLError(f"--storage {path} is a SQLite file of another program (tables "
                           f"{', '.join(sorted(tables)[:4])}), not an Optuna study: it is left as it is; "
                           f"choose another --storage")
@@ -244,8 +255,9 @@ def storage_errors(storage: Path | str):
         yield
     except (optuna.exceptions.StorageInternalError, SQLAlchemyError, sqlite3.DatabaseError) as exc:
         cause = exc.__cause__ or exc.__context__ or exc
-        raise TLError(f"{shown_storage(storage)}: the study database failed ({str(cause).splitlines()[0][:120]}); "
-                      f"it is left as it is: repair it, or choose another --storage") from None
+        why = str(cause).splitlines()[0][:120]
+        raise TLError(f"--storage {shown_storage(storage)}: the study database failed ({why}); it is left as it "
+                      f"is: repair it, or choose another --storage") from None
 
 
 def open_study(storage: Path | str, name: str, setup: dict, seed: int, startup: int = 5):
