@@ -17,7 +17,7 @@ import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE = sorted((ROOT / "tl").glob("*.py"))
-CORE_LINES, FUNCTION_LINES, FUNCTION_PARAMS, TRACED_CORE_LINES = 1500, 60, 8, 800
+CORE_LINES, FUNCTION_LINES, FUNCTION_PARAMS, TRACED_CORE_LINES = 1250, 60, 8, 800
 
 
 def _modules() -> dict[str, Path]:
