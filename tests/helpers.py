@@ -5,6 +5,7 @@ and networks, and the comparison of two runs."""
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,14 @@ from tl.models import get_backbone
 
 
 # ----------------------------------------------------------------------------- the command line
+def interruptible() -> None:
+    """`preexec_fn` of a child process that a test interrupts with SIGINT, as Ctrl-C would. A shell
+    starts a background job (as CI and `nohup ... &` run the suite) with SIGINT ignored, a child
+    inherits that, and Python installs its KeyboardInterrupt handler only where SIGINT is not
+    ignored: without this the child would never see the signal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def cli(capsys, *argv) -> tuple[int, str, str]:
     """main.main(argv) -> (exit status, stdout, stderr); never a traceback."""
     code = main.main([str(a) for a in argv])

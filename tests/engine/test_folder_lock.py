@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import interruptible
 from tl.engine import folder_lock
 from tl.engine.folder_lock import FolderBusy, hold
 
@@ -37,7 +38,7 @@ print("held until", last, flush=True)
 def _holder(folder: Path, seconds: float = 60) -> subprocess.Popen:
     """Another process that holds `folder` for `seconds`, started once it says so."""
     child = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder), str(seconds)], cwd=ROOT,
-                             stdout=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, text=True, preexec_fn=interruptible)
     assert child.stdout.readline().strip() == "held"
     return child
 
