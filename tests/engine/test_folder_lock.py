@@ -187,3 +187,54 @@ def test_a_lock_file_that_is_a_link_is_refused_and_its_target_untouched(tmp_path
             pass
     assert (victim.read_text() == "precious\n") if target == "a user's file" else True
     assert not victim.exists() if target == "a missing file" else True
+
+
+# ----------------------------------------------------------------------------- a lock file taken away
+def _remove(lock: Path) -> None:
+    lock.unlink()
+
+
+def _replace(lock: Path) -> None:
+    lock.unlink()
+    lock.write_text("")  # what a second process's lock makes: a new file of the same name
+
+
+def _rename(lock: Path) -> None:
+    lock.rename(lock.with_name("moved.lock"))
+
+
+def _link(lock: Path) -> None:
+    lock.unlink()
+    (lock.parent / "elsewhere").write_text("")
+    lock.symlink_to(lock.parent / "elsewhere")
+
+
+def _copy_over(lock: Path) -> None:
+    copy = lock.with_name("copy")
+    copy.write_text(lock.read_text())
+    copy.replace(lock)  # the same content, another file
+
+
+@pytest.mark.parametrize("take_away", [_remove, _replace, _rename, _link, _copy_over])
+def test_a_holder_whose_lock_file_was_taken_away_writes_nothing_more_there(tmp_path, take_away):
+    """A second process could now hold a new lock file of that name: every write into the folder
+    (or below it) stops with LockLost, the file untouched; writes elsewhere go on."""
+    from tl import TLError
+    from tl.engine.files import atomic_write_text
+    from tl.engine.folder_lock import LockLost
+
+    folder, elsewhere = tmp_path / "run", tmp_path / "other"
+    folder.mkdir()
+    elsewhere.mkdir()
+    (folder / "sub").mkdir()
+    with hold(folder, ".test.lock", wait=False):
+        atomic_write_text(folder / "a.txt", "first")  # the lock is intact: written
+        take_away(folder / ".test.lock")
+        for target in (folder / "a.txt", folder / "sub" / "b.txt"):
+            with pytest.raises(LockLost) as caught:
+                atomic_write_text(target, "second")
+            assert isinstance(caught.value, TLError) and str(folder / ".test.lock") in str(caught.value)
+        atomic_write_text(elsewhere / "c.txt", "written")
+    assert (folder / "a.txt").read_text() == "first" and not (folder / "sub" / "b.txt").exists()
+    assert (elsewhere / "c.txt").read_text() == "written"
+    atomic_write_text(folder / "a.txt", "after")  # released: the folder is no longer this process's to check

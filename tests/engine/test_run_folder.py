@@ -261,3 +261,24 @@ def test_a_run_killed_between_its_checkpoint_and_its_other_files_resumes_exactly
     for name in ("best.pth", "01.pth", "02.pth", "03.pth"):
         ours, theirs = checkpoint.load_state_file(half / name), checkpoint.load_state_file(full / name)
         assert all(torch.equal(t, theirs[k]) for k, t in ours.items()), name
+
+
+def test_a_run_whose_lock_file_is_deleted_stops_and_leaves_its_folder(tiny_data, tiny_backbone, tmp_path, capsys,
+                                                                     monkeypatch):
+    """Deleting .run.lock by hand lets a second --resume take the folder: the first run stops at
+    its next write with one error line, and neither tidies nor overwrites the folder."""
+    end_of_epoch = tl.engine.run_folder.RunFolder.end_of_epoch
+
+    def delete_after_first(self, epoch, hist):
+        stop = end_of_epoch(self, epoch, hist)
+        if epoch == 1:
+            (self.run_dir / LOCK_NAME).unlink()
+        return stop
+
+    monkeypatch.setattr(tl.engine.run_folder.RunFolder, "end_of_epoch", delete_after_first)
+    run_dir = _train(tiny_data, tmp_path / "runs", 3, code=2)
+    line = _one_error_line(capsys.readouterr().err)
+    assert "was removed or replaced" in line and str(run_dir / LOCK_NAME) in line, line
+    assert checkpoint.load_checkpoint(run_dir / "last.ckpt")["epoch"] == 1  # epoch 1 kept, nothing after it
+    monkeypatch.setattr(tl.engine.run_folder.RunFolder, "end_of_epoch", end_of_epoch)
+    assert _resume(capsys, run_dir, "--epochs", "2")[0] == 0

@@ -30,6 +30,8 @@ from typing import IO, Any
 
 import torch
 
+from tl.engine.folder_lock import still_held
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Call `write(f)` on a temporary file beside `path`, fsync, then rename onto `path`.
@@ -38,8 +40,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     pictures, exported models, the studies' and benchmarks' pages all go through it. When
     any step fails (a full disk, a quota, an I/O error), the temporary is removed and the
     error is raised as an OSError naming `path`: the old file stays as it was, or there is
-    none, never an empty or half-written one."""
+    none, never an empty or half-written one. In a folder this process holds
+    (tl/engine/folder_lock.py), nothing is written once its lock file was taken away."""
     path = Path(path)
+    still_held(path)
     try:
         fd, tmp = temporary_beside(path, mode=0o666)  # the user's umask gives the mode (see the module docstring)
     except OSError as exc:

@@ -18,7 +18,14 @@ to the open file, which `fork` shares with the child, so a forked child (a DataL
 worker) would keep a killed parent's lock for as long as it lives, and could release it
 while the parent still writes: a forked child closes its copies as its first act
 (`_forget_in_child`). The lock file itself stays in the folder, empty when no one holds
-it: deleting it while a process waits on it could give two processes the lock at once.
+it.
+
+A lock file deleted (or replaced) by hand while its holder runs would let a second process
+take a new lock file of the same name, and two processes would write one folder. The holder
+cannot stop that, but it notices: every write (tl/engine/files.py `atomic_write`) into a
+folder this process holds first checks `still_held` (the lock file at its path is still the
+file this process locked), and stops with `LockLost` before writing anything more, leaving
+the folder to the other process.
 
 On a file system without working `flock` (some network mounts) the lock may be granted to
 both writers. On Windows (no `fcntl`) folders are not locked: `hold` runs the block at once,
@@ -58,6 +65,11 @@ class FolderBusy(TLError):
     """Another process holds the folder's lock (its message names that process)."""
 
 
+class LockLost(TLError):
+    """The lock file of a folder this process holds was removed or replaced: another process
+    may be writing the folder now, so this one writes nothing more there."""
+
+
 def this_command() -> str:
     """The command line of this process, as it was typed (`python main.py --resume ...`)."""
     return shlex.join(getattr(sys, "orig_argv", None) or [os.path.basename(sys.executable), *sys.argv])
@@ -66,6 +78,24 @@ def this_command() -> str:
 def held_here(folder: Path, name: str) -> bool:
     """Whether this process holds `folder`'s lock `name` (taken by `hold`, not yet released)."""
     return (Path(folder) / name).absolute() in _HELD
+
+
+def still_held(target: str | os.PathLike) -> None:
+    """Before a write to `target`: for each folder this process holds that contains `target`, the
+    lock file at its path must still be the file this process locked, else `LockLost`."""
+    target = Path(target).absolute()
+    for path, f in list(_HELD.items()):
+        if path.parent not in target.parents:
+            continue
+        mine = os.fstat(f.fileno())
+        try:
+            now = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            now = None
+        if now is None or (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino):
+            raise LockLost(f"the lock file {path} was removed or replaced while this process wrote "
+                           f"{path.parent}, so another process may be writing it now; this process stops "
+                           f"without writing {target.name}: run one process per folder")
 
 
 def _open_lock_file(path: Path):

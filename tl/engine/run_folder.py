@@ -45,7 +45,7 @@ from tl.engine.backbones import folder_label
 from tl.engine.balance import class_counts
 from tl.engine.early_stopping import should_stop
 from tl.engine.files import atomic_save, remove_stale_temporaries, state_digest, write_json
-from tl.engine.folder_lock import FolderBusy, held_here, hold
+from tl.engine.folder_lock import FolderBusy, LockLost, held_here, hold
 from tl.engine.headline import score_headline
 from tl.engine.options import RunOptions, as_saved
 from tl.engine.tables import write_table
@@ -158,8 +158,8 @@ class RunFolder:
         try:
             yield
         except BaseException as exc:
-            if not distributed.is_main():  # [DDP] process 0 alone tidies the run folder
-                raise
+            if not distributed.is_main() or isinstance(exc, LockLost):  # [DDP] process 0 alone tidies;
+                raise  # a folder whose lock was taken away may be another process's now: left alone
             last = self.run_dir / "last.ckpt"
             trained = last.exists() and (resumed or checkpoint.load_checkpoint(last)["epoch"] > 0)
             if not trained and not (last.exists() and isinstance(exc, NonFiniteLoss)):
