@@ -27,13 +27,16 @@ def dataset_name(data_dir: Path) -> str:
 def train_or_reason(module, opts, log) -> tuple[object, dict]:
     """(the run's result, {}) or (None, {"status", "reason"}) when it could not run or failed: in
     a study of many runs, one recipe's problem is a row of the table, not the end of the study.
-    Ctrl-C still stops the whole study."""
+    Ctrl-C and the machine's problems (an OSError: a full disk, a folder that cannot be written,
+    a lock taken away) stop the whole study: every later run would meet them too, and a row
+    would record the machine's failure as the recipe's."""
     from tl import Interrupted, TLError
+    from tl.engine.folder_lock import LockLost
     from tl.engine.run import run
 
     try:
         return run(module.RECIPE, module.build, opts, log=lambda line: log("    " + line)), {}
-    except Interrupted:
+    except (Interrupted, OSError, LockLost):
         raise
     except TLError as exc:
         return None, {"status": "not run", "reason": str(exc).splitlines()[0]}

@@ -334,6 +334,8 @@ def results_lock(out: Path, command: str, log=print):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from tl import Interrupted, TLError
+    from tl.engine.command import message
+    from tl.engine.folder_lock import LockLost
     from tl.engine.prepare import resolve_data_dir
 
     try:
@@ -390,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
         except (Interrupted, KeyboardInterrupt):
             print(f"error: interrupted: {out} is unchanged (the runs so far are in {runs_dir})", file=sys.stderr)
             return 130  # the shell's status for Ctrl-C
+        except (OSError, LockLost) as exc:  # the machine's problem, not the recipe's (common.train_or_reason)
+            print(f"error: {message(exc)}; {out} is unchanged (the runs so far are in {runs_dir})", file=sys.stderr)
+            return 2
         if result is not None:
             finished.append((row["dataset"], row["run"], result))
         minutes[row["dataset"]] += (time.time() - t0) / 60

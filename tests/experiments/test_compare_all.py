@@ -4,6 +4,7 @@ and a tuned recipe added where its data set has one."""
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import subprocess
@@ -171,7 +172,7 @@ def test_report_and_compare_all_help_answer_without_a_traceback(tmp_path):
     assert proc.stdout.strip() == "[]"
 
 
-def test_a_reused_runs_dir_and_ctrl_c_leave_the_results_alone(tmp_path, monkeypatch, capsys):
+def test_a_reused_runs_dir_ctrl_c_and_the_machines_failures_leave_the_results_alone(tmp_path, monkeypatch, capsys):
     from tests.conftest import write_image_folder
     from tl import Interrupted
 
@@ -199,6 +200,29 @@ def test_a_reused_runs_dir_and_ctrl_c_leave_the_results_alone(tmp_path, monkeypa
     assert "interrupted" in capsys.readouterr().err
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before  # tables, histories and predictions untouched
+
+    # the machine's problems in a run (a full or read-only disk, no permission, a lock taken away)
+    # stop the comparison: no recipe is recorded as failed for them, and `out` keeps its rows
+    from tl.engine.folder_lock import LockLost
+
+    problems = [OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "runs3" / "last.ckpt")),
+                OSError(errno.EROFS, "Read-only file system", str(tmp_path / "runs4")),
+                PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "runs5" / "config.json")),
+                OSError(errno.EIO, "Input/output error", None), LockLost("the lock file ... was removed")]
+    for i, problem in enumerate(problems, 3):
+        def fails_on_the_second_run(*args, _problem=problem, **kwargs):
+            calls.append(1)
+            if len(calls) % 2 == 0:
+                raise _problem
+            return real_run(*args, **kwargs)
+
+        calls.clear()
+        monkeypatch.setattr(tl.engine.run, "run", fails_on_the_second_run)
+        assert compare_all.main([*base, "--seeds", "0", "1", "--runs-dir", str(tmp_path / f"runs{i}")]) == 2
+        err = capsys.readouterr().err
+        assert [line for line in err.splitlines() if line.startswith("error:")] == err.strip().splitlines(), err
+        assert len(err.strip().splitlines()) == 1 and f"{out} is unchanged" in err, err
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before, problem
 
 
 def _compare_in_child(argv: list[str], barrier, log_path: str) -> None:
