@@ -296,12 +296,43 @@ def test_a_class_with_no_usable_image_stops_with_a_message(tmp_path, tiny_backbo
     assert "no usable image in class folder(s) ['class_1']" in capsys.readouterr().err
 
 
-def test_a_file_name_that_is_not_utf8_trains(tmp_path, tiny_backbone, capsys):
+# Names that are not valid UTF-8: a lone byte, Latin-1 "café", and the UTF-8 form of a lone surrogate
+# (U+D800), which Python's UTF-8 decoder also refuses. Python holds each as surrogate escapes.
+NOT_UTF8 = [b"\xff", b"caf\xe9", b"\xed\xa0\x80"]
+
+
+def test_photo_names_that_are_not_utf8_train_evaluate_and_predict(tmp_path, tiny_backbone, capsys):
+    """A photo's name is only written into tables (escaped there), never matched back: a --val-split run
+    (its split drawn again by --evaluate), --evaluate and --predict DIR all read every photo."""
+    d = write_image_folder(tmp_path / "d", phases=("train",))
+    for k in (0, 1):
+        folder = os.fsencode(d / "train" / f"class_{k}")
+        for i, name in enumerate(NOT_UTF8):
+            os.rename(os.path.join(folder, b"%03d.png" % i), os.path.join(folder, name + b".png"))
+    code, _, _ = train_one_epoch(capsys, d / "train", tmp_path / "runs", "--val-split", "0.5")
+    assert code == 0 and run_config(tmp_path / "runs")["dataset_sizes"] == {"train": 12, "val": 12}
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    code, out, _ = cli_exit(capsys, "--evaluate", run_dir / "best.pth")
+    assert code == 0 and "(12 images)" in out
+    code, _, _ = cli_exit(capsys, "--predict", d, "--checkpoint", run_dir / "best.pth", "--csv", tmp_path / "p.csv",
+                          "--workers", "0", "--no-progress")
+    assert code == 0 and len(pd.read_csv(tmp_path / "p.csv")) == 24
+
+
+@pytest.mark.parametrize("phases", [("train", "val"), ("val",), ("split",)])
+@pytest.mark.parametrize("name", NOT_UTF8)
+def test_a_class_folder_name_that_is_not_utf8_is_refused_by_name(tmp_path, tiny_backbone, capsys, name, phases):
+    """A class name must read back from config.json and the tables as the same name: a class folder
+    whose name is not UTF-8 is one error line that names its bytes, before any work."""
     d = write_image_folder(tmp_path / "d")
-    folder = os.fsencode(d / "train" / "class_0")
-    os.rename(os.path.join(folder, b"000.png"), os.path.join(folder, b"0\xe9.png"))  # Latin-1 bytes in the name
-    code, _, _ = train_one_epoch(capsys, d, tmp_path / "runs")
-    assert code == 0 and run_config(tmp_path / "runs")["dataset_sizes"] == {"train": 24, "val": 12}
+    extra = []
+    if phases == ("split",):
+        d, phases, extra = d / "train", ("",), ["--val-split", "0.5"]
+    for phase in phases:
+        os.rename(os.fsencode(d / phase / "class_1"), os.path.join(os.fsencode(d / phase), name))
+    code, _, err = train_one_epoch(capsys, d, tmp_path / "runs", *extra)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and repr(name) in err and "rename it" in err
+    assert not (tmp_path / "runs").exists()
 
 
 # ----------------------------------------------------------------------------- --val-split

@@ -226,17 +226,32 @@ def ignored_folder(name: str) -> str | None:
 
 def class_folders(phase_dir: str | os.PathLike) -> tuple[list[str], list[tuple[str, str]]]:
     """(class names, ignored folders as (path, why)) of one phase folder: its visible,
-    non-system sub-folders, sorted. THE rule for "which folders are classes"."""
+    non-system sub-folders, sorted. THE rule for "which folders are classes".
+
+    A class name is written into config.json, the tables and the export description, all
+    UTF-8 text: a folder name that is not valid UTF-8 (bytes such as b'\\xff', which Python
+    holds as a surrogate escape) could not be read back as the same name, so it is refused."""
     classes, ignored = [], []
     with os.scandir(phase_dir) as entries:
         for entry in sorted(entries, key=lambda e: e.name):
             if not entry.is_dir():  # (is_dir follows a symlinked class folder)
                 continue
             if (why := ignored_folder(entry.name)) is None:
-                classes.append(entry.name)
+                classes.append(_utf8_name(entry.name, phase_dir))
             else:
                 ignored.append((entry.path, why))
     return classes, ignored
+
+
+def _utf8_name(name: str, folder: str | os.PathLike) -> str:
+    """`name` itself, when it is valid UTF-8; otherwise one TLError that names its bytes."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(folder).decode("utf-8", "backslashreplace")
+        raise TLError(f"class folder {os.fsencode(name)!r} in {shown} has a name that is not valid UTF-8, "
+                      f"so it cannot be written as a class name: rename it to a UTF-8 name") from None
+    return name
 
 
 def _raise(error: OSError) -> None:
