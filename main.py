@@ -294,7 +294,17 @@ def _main(argv: list[str] | None = None) -> int:
     # the one wrapper every command shares (tl/engine/command.py): a TLError or an OSError is one
     # error: line and exit 2, Ctrl-C exit 130
     return command(lambda: _dispatch(args, argv),
-                   interrupted="interrupted before training started; no run folder or checkpoint was changed")
+                   interrupted="interrupted before training started; no run folder or checkpoint was changed",
+                   outputs=_outputs(args))
+
+
+def _outputs(args: argparse.Namespace) -> str:
+    """Where the user chooses this command's outputs: said when a write fails (tl/engine/command.py)."""
+    if args.prepare:
+        return "--dest"
+    if args.resume:  # a run continues in its own folder
+        return "copy the run folder to a writable disk and --resume the copy's last.ckpt"
+    return "--out"
 
 
 def _dispatch(args: argparse.Namespace, argv: list[str] | None) -> None:

@@ -393,3 +393,13 @@ def test_every_entry_point_runs_through_the_one_wrapper():
         if 'if __name__ == "__main__":' in text and path.name != "trace_core.py":  # trace_core runs main.main
             block = text.split('if __name__ == "__main__":', 1)[1]
             assert "sys.exit(command(main))" in block, path
+
+
+def test_a_resume_on_a_full_disk_says_to_resume_a_copy(trained, monkeypatch, capfd):
+    """A resumed run writes in its own folder: --out cannot move it, so the advice is a copy."""
+    with monkeypatch.context() as m:
+        FillingDisk(m, room=0)
+        code = cli("--resume", trained / "last.ckpt", "--epochs", "2", "--no-progress")
+    err = capfd.readouterr().err
+    one_error_line(code, err)
+    assert "copy the run folder to a writable disk and --resume the copy's last.ckpt" in err and "--out" not in err

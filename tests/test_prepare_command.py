@@ -32,3 +32,21 @@ def test_real_subset_prepares_trains_and_reports_test_accuracy(tmp_path, capsys)
                       "--split", "test"]) == 0
     out = capsys.readouterr().out
     assert "(360 images)" in out and "cat" in out and "dog" in out
+
+
+def test_prepare_on_a_full_disk_leaves_no_dest_and_names_dest(tmp_path, monkeypatch, capfd):
+    """A --dest made by --prepare goes again when the split fails (an empty one given stays), and
+    the message says to choose another --dest, not --out."""
+    from tests.test_full_disk import FillingDisk, one_error_line
+
+    src = kaggle_folder(tmp_path / "kaggle")
+    (tmp_path / "given").mkdir()
+    for dest, left in ((tmp_path / "new", tmp_path / "new"), (tmp_path / "a" / "b" / "new", tmp_path / "a"),
+                       (tmp_path / "given", None)):
+        with monkeypatch.context() as m:
+            FillingDisk(m, room=0)
+            code = main.main(["--prepare", "dogs-vs-cats", "--src", str(src), "--dest", str(dest)])
+        err = capfd.readouterr().err
+        one_error_line(code, err)
+        assert err.rstrip().endswith("(--dest)"), err
+        assert not left.exists() if left else list(dest.iterdir()) == [], dest

@@ -25,3 +25,45 @@ def test_a_benchmark_that_cannot_write_its_table_says_so_in_one_line(tiny_backbo
                                                "none", "--batch-sizes", "2", "--repeats", "1",
                                                "--out", str(tmp_path / "a-file" / "out")])) == 2
     assert capsys.readouterr().err.startswith("error: Not a directory")
+
+
+# ----------------------------------------------------------------------------- SIGTERM, and what to change
+def test_sigterm_is_taken_as_ctrl_c_with_its_own_status_and_the_handler_comes_back(capsys):
+    import os
+    import signal
+    import time
+
+    from tl import Interrupted
+    from tl.engine.command import command
+
+    def terminated():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the signal arrives first
+
+    def terminated_in_training():
+        try:
+            terminated()
+        except KeyboardInterrupt:
+            raise Interrupted("interrupted: last.ckpt holds the last completed epoch") from None
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert command(terminated, interrupted="interrupted; nothing changed") == 143
+    assert capsys.readouterr().err == "error: interrupted; nothing changed\n"
+    assert command(terminated_in_training) == 143
+    assert capsys.readouterr().err == "error: interrupted: last.ckpt holds the last completed epoch\n"
+    assert command(lambda: (_ for _ in ()).throw(KeyboardInterrupt)) == 130  # Ctrl-C keeps 130
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_failed_write_names_the_commands_own_place_for_outputs_or_the_cache(tmp_path, monkeypatch):
+    import errno
+
+    from tl.engine.command import message
+
+    monkeypatch.setenv("TL_CACHE_DIR", str(tmp_path / "cache"))
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        for outputs in ("--out", "--dest", "copy the run folder to a writable disk"):
+            text = message(OSError(code, "x", str(tmp_path / "out" / "a.csv")), outputs)
+            assert text.endswith(f"({outputs})") and "TL_CACHE_DIR" not in text, text
+            cached = message(OSError(code, "x", str(tmp_path / "cache" / "features" / "k.pt")), outputs)
+            assert cached.endswith("(TL_CACHE_DIR)") and outputs not in cached, cached

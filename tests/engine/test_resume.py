@@ -31,7 +31,7 @@ def test_resume_refuses_a_best_pth_that_does_not_match_its_recorded_digest(tmp_p
         ckpt = checkpoint.load_checkpoint(tmp_path / "last.ckpt")
         with torch.random.fork_rng(devices=[]):
             return tl.engine.resume.restore(ckpt, tmp_path / "last.ckpt", TinyNet(), make_grad_scaler("cpu", False),
-                                      torch.Generator(), ["a", "b"], "fp", num_epochs=5)
+                                      torch.Generator(), ["a", "b"], "fp", num_epochs=5, data="d")
 
     files.atomic_save(best_state, tmp_path / "best.pth")  # the genuine best epoch's weights
     restored, start_epoch, _ = restore()

@@ -282,3 +282,31 @@ def test_a_run_whose_lock_file_is_deleted_stops_and_leaves_its_folder(tiny_data,
     assert checkpoint.load_checkpoint(run_dir / "last.ckpt")["epoch"] == 1  # epoch 1 kept, nothing after it
     monkeypatch.setattr(tl.engine.run_folder.RunFolder, "end_of_epoch", end_of_epoch)
     assert _resume(capsys, run_dir, "--epochs", "2")[0] == 0
+
+
+def test_sigterm_tidies_a_run_as_ctrl_c_does(tiny_data, tiny_backbone, tmp_path, capsys, monkeypatch):
+    """`kill` (SIGTERM) before the first training epoch ends leaves no run folder; after it, the
+    folder keeps its checkpoint and says how to go on; exit status 143 either way."""
+    import signal
+
+    end_of_epoch = tl.engine.run_folder.RunFolder.end_of_epoch
+    for at, kept in ((0, False), (1, True)):
+        def terminate_at(self, epoch, hist, _at=at):
+            stop = end_of_epoch(self, epoch, hist)
+            if epoch == _at:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the signal arrives first
+            return stop
+
+        monkeypatch.setattr(tl.engine.run_folder.RunFolder, "end_of_epoch", terminate_at)
+        out = tmp_path / f"runs{at}"
+        argv = ["-e", "resnet_scratch", "-b", "tiny", "--data", str(tiny_data), "--out", str(out), "--epochs", "2",
+                "--weights", "none", "--image-size", "32", "--batch-size", "5", "--no-progress"]
+        assert main.main(argv) == 143
+        line = capsys.readouterr().err
+        assert line.startswith("error: interrupted") and "Traceback" not in line, line
+        if kept:
+            (run_dir,) = out.iterdir()
+            assert f"--resume {run_dir / 'last.ckpt'}" in line and (run_dir / LOCK_NAME).read_text() == ""
+        else:
+            assert list(out.iterdir()) == [] and "nothing was saved" in line, line

@@ -10,7 +10,11 @@ one place that turns an exception into a message and an exit status.
   Every file is written atomically (tl/engine/files.py), so a write that fails leaves the
   old file or none, never an empty or half-written one.
 * Ctrl-C (`KeyboardInterrupt`, or `tl.Interrupted` from a training run) exits with 130, the
-  shell's status for an interrupt, after one line saying so.
+  shell's status for an interrupt, after one line saying so. SIGTERM (what `kill`, `timeout`
+  and job schedulers send) is taken the same way, so a run stopped by it tidies up as after
+  Ctrl-C, and exits with 143 (128 + SIGTERM).
+* What to change when a write fails names the command's own place for its outputs
+  (`outputs`: `--out`, `--dest`, ...), or TL_CACHE_DIR for a file in the cache.
 
 With `TL_DEBUG=1` in the environment the exception is raised instead: the developer's view,
 with the full traceback. Importing this module loads neither torch nor numpy, so `--help`
@@ -19,39 +23,62 @@ stays quick.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 
 from tl import Interrupted, TLError
 
-INTERRUPTED = 130  # the shell's exit status for Ctrl-C (128 + SIGINT)
 
-
-def command(main: Callable[[], int | None], interrupted: str = "interrupted") -> int:
+def command(main: Callable[[], int | None], interrupted: str = "interrupted", outputs: str = "--out") -> int:
     """`main()`'s exit status (None counts as 0), or 2 after one `error:` line for a TLError or
     an OSError, or 130 after `error: <interrupted>` for Ctrl-C (`interrupted` says what was
-    left as it was)."""
+    left as it was; 143 for SIGTERM). `outputs`: where the user chooses the command's outputs."""
+    stopped_by = [signal.SIGINT]
     try:
-        return main() or 0
+        with _sigterm_as_interrupt(stopped_by):
+            return main() or 0
     except (TLError, OSError) as exc:
         if os.environ.get("TL_DEBUG"):
             raise
-        print(f"error: {message(exc)}", file=sys.stderr)
-        return INTERRUPTED if isinstance(exc, Interrupted) else 2  # Ctrl-C in training: where it stopped
+        print(f"error: {message(exc, outputs)}", file=sys.stderr)
+        return 128 + stopped_by[-1] if isinstance(exc, Interrupted) else 2  # Ctrl-C in training: where it stopped
     except KeyboardInterrupt:
         if os.environ.get("TL_DEBUG"):
             raise
         print(f"error: {interrupted}", file=sys.stderr)
-        return INTERRUPTED
+        return 128 + stopped_by[-1]
 
 
-def message(exc: TLError | OSError) -> str:
+@contextlib.contextmanager
+def _sigterm_as_interrupt(stopped_by: list) -> Iterator[None]:
+    """While the block runs, SIGTERM raises KeyboardInterrupt (as Ctrl-C does) and is noted in
+    `stopped_by`; the handler before it comes back afterwards. Only the main thread can set it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        stopped_by.append(signum)
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def message(exc: TLError | OSError, outputs: str = "--out") -> str:
     """The one-line (or few-line) text for a TLError or an OSError from the user's files.
 
     An OSError is the environment speaking (permissions, space, a file where a folder
-    should be): it is the user's to fix, so it gets a message too, never a traceback."""
+    should be): it is the user's to fix, so it gets a message too, never a traceback.
+    `outputs`: the option that chooses where the command writes (`--out`, `--dest`)."""
     if isinstance(exc, TLError):
         text = str(exc)
         if text.startswith("Caught TLError in DataLoader worker"):
@@ -59,13 +86,20 @@ def message(exc: TLError | OSError) -> str:
             text = text.rsplit("TLError: ", 1)[-1].strip()
         return text
     where = exc.filename or "a file"
+    elsewhere = "TL_CACHE_DIR" if _in_cache(exc.filename) else outputs
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         full = "no space left on the device" if exc.errno == errno.ENOSPC else "disk quota exceeded"
-        return f"{full} while writing {where}: free some space, or use --out / TL_CACHE_DIR on another disk"
+        return f"{full} while writing {where}: free some space, or write to another disk ({elsewhere})"
     if exc.errno in (errno.EACCES, errno.EPERM):
         return f"permission denied: {where}: make it readable (and writable, for outputs) or choose another path"
     if exc.errno == errno.EROFS:
-        return f"read-only file system: {where}: choose a writable --out (or TL_CACHE_DIR)"
+        return f"read-only file system: {where}: write to a writable place instead ({elsewhere})"
     if exc.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
         return f"{exc.strerror}: {where}: a file stands where a folder is needed (or the reverse); choose another path"
     return f"{exc.strerror or exc}: {where}; check the path and the disk".replace("\n", " ")
+
+
+def _in_cache(path) -> bool:
+    """Whether `path` lies in the project's cache folder ($TL_CACHE_DIR, default ~/.cache/tl-reference)."""
+    cache = os.environ.get("TL_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "tl-reference")
+    return bool(path) and os.path.abspath(os.fsdecode(path)).startswith(os.path.abspath(cache) + os.sep)

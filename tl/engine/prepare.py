@@ -113,11 +113,12 @@ def prepare_dogs_vs_cats(src: str | os.PathLike, dest: str | os.PathLike, *, for
                           f"{PREPARED_MARK}); move it away or choose another --dest")
         for folder in ours:
             shutil.rmtree(folder)  # links and copies we made; a hard link's source keeps its own name
-    created = []
+    made = next((p for p in reversed([dest, *dest.parents]) if not p.exists()), None)
+    created = [made] if made else []  # folders made here for --dest go too when the split fails
     try:
         counts, methods = _write_splits(by_class, dest, created)
     except BaseException:
-        for folder in created:  # a half-written split is worse than none
+        for folder in reversed(created):  # a half-written split is worse than none
             shutil.rmtree(folder, ignore_errors=True)
         raise
     log(f"prepared {dest}: " + "; ".join(f"{p} " + ", ".join(f"{c} {k}" for c, k in v.items())

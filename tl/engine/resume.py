@@ -67,18 +67,20 @@ def restore_threads(config: dict, log) -> None:
 
 
 def restore(ckpt: dict, resume: Path, model: nn.Module, scaler, generator: torch.Generator,
-             classes: list[str], fingerprint: str, num_epochs: int) -> tuple[History, int, float]:
+             classes: list[str], fingerprint: str, num_epochs: int, data: str) -> tuple[History, int, float]:
     """Put a saved run back exactly as it was after its last epoch: weights, scaler, RNG
     states and history (with the best epoch's weights). Returns (history, first epoch to
     run, wall seconds already spent). The optimizer and scheduler belong to a stage: they
-    come back when that stage starts (`start_stage`)."""
+    come back when that stage starts (`start_stage`). `data`: the folder the images were read from now."""
     config = ckpt["config"]
     if ckpt["classes"] != classes:
         raise TLError(f"{resume} was trained on classes {ckpt['classes']}, but the data has {classes}"
                       + how_names_differ(ckpt["classes"], classes, "the checkpoint", "the data"))
     if config.get("data_fingerprint") != fingerprint:
-        raise TLError(f"{resume} was trained on other images than {config['options']['data']} holds now "
-                      f"(files, labels or sizes differ); resume it on the data it started with")
+        started = config["options"]["data"]
+        began = "" if str(started) == str(data) else f" (it started on {started})"
+        raise TLError(f"{resume} was trained on other images than {data} holds now{began} (files, labels or "
+                      f"sizes differ); resume it on the data it started with")
     history = History.from_dict(ckpt["history"])
     if history.stopped_early is not None:
         raise TLError(f"{resume}: the run stopped early after epoch {history.stopped_early} (--patience); "

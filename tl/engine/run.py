@@ -200,7 +200,8 @@ def restore_run(ctx: RunContext, ckpt: dict, resume: Path) -> None:
     """The thread count, weights, loss scaler, history and RNG states as the saved run left
     them; the stages it finished are not run again."""
     ctx.history, start_epoch, ctx.wall_before = restore(ckpt, resume, ctx.model, ctx.scaler, ctx.generator,
-                                                        ctx.classes, ctx.fingerprint, ctx.recipe.num_epochs)
+                                                        ctx.classes, ctx.fingerprint, ctx.recipe.num_epochs,
+                                                        str(ctx.opts.data))
     restore_threads(ckpt["config"], ctx.log)  # after the checks (a refused resume prints only its error),
     # before anything computes (the feature pass of the first stage)
     ctx.spans = [span for span in ctx.spans if span.end > start_epoch]
