@@ -5,13 +5,15 @@ left exactly as it was."""
 from __future__ import annotations
 
 import copy
+import random
 
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 import main
-from tests.conftest import TinyNet
+from tests.conftest import TinyNet, write_image_folder
 from tl import TLError
 from tl.data import build_transforms
 from tl.engine.image_size import check_image_size
@@ -71,6 +73,48 @@ def test_a_size_the_network_cannot_take_or_see_is_refused_with_one_that_works(ti
     assert str(exc.value).startswith(f"tiny {why}"), exc.value
     assert str(exc.value).endswith(f"is {larger} (--image-size {larger} or more)")
     check_image_size(model, spec, "tiny", larger, _val(tiny_data, larger))  # the size it names works
+
+
+class DarkBlindBelow24(TinyNet):
+    """TinyNet whose features are zero for dark photos only, below 24 pixels: a size at which some
+    photos of a folder go blind and the others do not (as EfficientNet-Lite1 at 28 pixels)."""
+
+    def forward(self, x):
+        features = self.pool(self.block(self.stem(x))).flatten(1)
+        if x.shape[-1] < 24:
+            features = features * (x.mean((1, 2, 3)) > -1.5).unsqueeze(1)  # black is -2 after normalising
+        return self.fc(features)
+
+
+def _darken(data, indices) -> None:
+    """Turn the val photos at `indices` (of the sorted val set: class_0's 20, then class_1's) black."""
+    for i in indices:
+        Image.new("RGB", (40, 40)).save(data / "val" / f"class_{i // 20}" / f"{i % 20:03d}.png")
+
+
+# Photos off the grid of 16 that a look at every n // 16-th photo of 40 takes (0, 2, ..., 30), and
+# off a spread grid of 16 (0, 2, 5, 7, ...) too, and a draw not chosen by hand.
+@pytest.mark.parametrize("dark", [(1,), (39,), (3, 31, 33), (19, 21), tuple(random.Random(36).sample(range(40), 2))])
+def test_a_size_at_which_a_few_photos_go_blind_is_refused(tmp_path, monkeypatch, dark):
+    data = write_image_folder(tmp_path / "d", val=20)
+    _darken(data, dark)
+    spec = _register(monkeypatch, DarkBlindBelow24)
+    model = build_model("tiny", 2, "none")
+    with pytest.raises(TLError) as exc:
+        check_image_size(model, spec, "tiny", 16, _val(data, 16))
+    assert f"sees nothing at 16-pixel images: {len(dark)} of 40 val photos give all-zero features" in str(exc.value)
+    assert str(exc.value).endswith("is 24 (--image-size 24 or more)")
+    check_image_size(model, spec, "tiny", 24, _val(data, 24))
+
+
+@pytest.mark.slow
+def test_efficientnet_lite1_is_blind_for_some_photos_at_28_pixels(hymenoptera):
+    """A size at which only some real photos go blind (24 of hymenoptera's 153 val photos for the
+    packaged Lite1 weights at 28 pixels) is refused, with the smallest size that works on all."""
+    spec, model = get_backbone("efficientnet_lite1"), build_model("efficientnet_lite1", 2, "imagenet")
+    val = image_datasets(hymenoptera, build_transforms(spec.mean, spec.std, size=28, augment=False))["val"]
+    with pytest.raises(TLError, match="sees nothing at 28-pixel images: 24 of 153 .* is 33 "):
+        check_image_size(model, spec, "efficientnet_lite1", 28, val)
 
 
 class NeverSees(BlindBelow):
