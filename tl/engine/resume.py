@@ -14,7 +14,6 @@ from tl.engine.class_names import how_names_differ
 from tl.engine.options import RunOptions, as_saved
 from tl.engine.schema import OPTIONS, Field, check
 from tl.loop import History
-from tl.models import load_into
 
 # Options that may differ when a run is resumed: they cannot change what the run computes
 # (a new total of --epochs only adds epochs). Every other option is restored from the
@@ -92,7 +91,7 @@ def restore(ckpt: dict, resume: Path, model: nn.Module, scaler, generator: torch
     if start_epoch >= num_epochs:
         raise TLError(f"{resume} has already trained all {num_epochs - 1} epochs; "
                       f"pass a larger --epochs (the new total) to train more")
-    load_into(model, ckpt["model"], str(resume))
+    checkpoint.load_into(model, ckpt["model"], str(resume))
     if ckpt["scaler"] is not None:
         scaler.load_state_dict(ckpt["scaler"])
     if history.best_epoch == ckpt["epoch"]:

