@@ -335,6 +335,17 @@ def test_a_class_folder_name_that_is_not_utf8_is_refused_by_name(tmp_path, tiny_
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_a_data_set_of_one_class_is_refused_before_any_work(tmp_path, tiny_backbone, capsys, split):
+    """A classifier of one class has nothing to tell apart (and its config.json could not be read
+    back): one error line, no run folder, with a split and with --val-split."""
+    d = write_image_folder(tmp_path / "d", classes=1, phases=("train",) if split else ("train", "val"))
+    code, _, err = train_one_epoch(capsys, d / "train" if split else d, tmp_path / "runs",
+                                   *(["--val-split", "0.5"] if split else []))
+    assert code == 2 and len(err.strip().splitlines()) == (1 if split else 2) and "2 or more" in err, err
+    assert not (tmp_path / "runs").exists()
+
+
 # ----------------------------------------------------------------------------- --val-split
 def test_val_split_refuses_a_folder_that_is_already_split(tmp_path, tiny_backbone, capsys):
     d = write_image_folder(tmp_path / "d")
@@ -615,9 +626,8 @@ def test_balancing_options_refuse_what_they_cannot_mean(tmp_path, tiny_backbone,
     for option in (["--balanced-sampler"], ["--class-weights", "auto"]):
         assert main.main(["-e", "resnet_scratch", "-b", "tiny", "--data", str(one_class), "--quick",
                           "--out", str(tmp_path / "runs"), *option]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith(f"error: {option[0]} balance classes against each other") and "one class" in err
-        assert len(err.strip().splitlines()) == 1
+        err = capsys.readouterr().err  # one class is refused with or without balancing, by the layout check
+        assert err.startswith(f"error: {one_class / 'train'} has 1 class folder(s)") and "2 or more" in err, err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # nothing half-made
 
 

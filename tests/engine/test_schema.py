@@ -65,7 +65,7 @@ def test_the_schema_declares_every_recipe_field_and_option_and_accepts_every_rec
     for name in NAMES:  # every recipe is within a tuned file's bounds, and the config.json of its run reads back
         recipe = dataclasses.asdict(resolve(get_experiment(name).RECIPE, defaults))
         saved = json.loads(json.dumps({"recipe": recipe, "options": dataclasses.asdict(defaults)}, default=str))
-        assert schema.problems(recipe, RECIPE) == []
+        assert schema.problems(recipe, RECIPE, rules=schema.TUNED_RULES) == []
         assert schema.problems(saved, {k: CONFIG[k] for k in ("recipe", "options")}) == []
     for path in sorted((ROOT / "experiments" / "tuned").glob("*.json")):  # and so is every committed tuned file
         tuned_recipe(get_experiment(json.loads(path.read_text())["recipe"]).RECIPE, path)
@@ -98,7 +98,10 @@ def _tuned_file(tmp_path: Path, data: Path, change) -> Path:
     ({"lrs": {"body": -1e-3, "neck": 1e-3, "head": 1e-2}},
      'lrs = {"body": -0.001, "neck": 0.001, "head": 0.01} is not a table of positive learning rates'),
     ({"lrs": {"body": "1e-3", "neck": 1e-3, "head": 1e-2}},
-     'lrs = {"body": "1e-3", "neck": 0.001, "head": 0.01} is not a table of positive learning rates')])
+     'lrs = {"body": "1e-3", "neck": 0.001, "head": 0.01} is not a table of positive learning rates'),
+    ({"lrs": {"body": 1e-4, "neck": 1e-3, "head": 5}},
+     'lrs = {"body": 0.0001, "neck": 0.001, "head": 5} is not a table of positive learning rates (each <= 1)'),
+    ({"first_lrs": {"head": 1.5}}, 'first_lrs = {"head": 1.5} is not a table of positive learning rates (each <= 1)')])
 def test_a_tuned_file_out_of_bounds_is_one_line_and_nothing_trains(tmp_path, tiny_data, tiny_backbone, monkeypatch,
                                                                    capsys, fields, says):
     monkeypatch.setenv("TL_TUNED_DIR", str(tmp_path / "tuned"))
@@ -128,6 +131,36 @@ def test_every_violation_of_a_tuned_file_is_its_own_line(tmp_path, tiny_data):
         assert line.startswith(f"{path}: recipe_fields.{says}"), line
 
 
+# modern_finetune: 12 epochs, the first 1 of them its head-only stage at first_lrs, cross entropy
+@pytest.mark.parametrize("fields, says", [
+    ({"first_epochs": 7}, "recipe_fields.first_epochs = 7 and recipe_fields.train_epochs = 7 do not fit: "
+                          "first_epochs (the first stage) must be fewer than train_epochs"),
+    ({"first_epochs": 5, "train_epochs": 3}, "recipe_fields.first_epochs = 5 and recipe_fields.train_epochs = 3 do "
+                                              "not fit"),
+    ({"train_epochs": 1}, "recipe_fields.first_epochs = 1 (the recipe's) and recipe_fields.train_epochs = 1 do not "
+                          "fit"),
+    ({"first_epochs": 0}, "recipe_fields.first_epochs = 0 and recipe_fields.first_lrs = {\"head\": 0.0037"),
+    ({"first_epochs": 0, "first_lrs": None}, "recipe_fields.first_lrs = null is not a table of positive"),
+    ({"loss": "bce_logit", "label_smoothing": 0.1}, "recipe_fields.loss = \"bce_logit\" and "
+                                                     "recipe_fields.label_smoothing = 0.1 do not fit: label smoothing"),
+    ({"loss": "bce_logit"}, "recipe_fields.loss = \"bce_logit\" and recipe_fields.label_smoothing = 0.0695"),
+    ({"loss": "bce_logit", "label_smoothing": 0.0}, None),  # fits: no smoothing
+])
+def test_a_tuned_file_whose_fields_do_not_fit_one_another_is_one_line(tmp_path, tiny_data, fields, says):
+    """Fields each within bounds but not with one another (a first stage as long as the whole run,
+    smoothing a loss that ignores it), the recipe's own value counted where the file leaves one out."""
+    path = _tuned_file(tmp_path, tiny_data, lambda t: t | {"recipe_fields": t["recipe_fields"] | fields})
+    if says is None:
+        assert tuned_recipe(get_experiment("modern_finetune").RECIPE, path).loss == fields["loss"]
+        return
+    with pytest.raises(SchemaError) as caught:
+        tuned_recipe(get_experiment("modern_finetune").RECIPE, path)
+    assert len(caught.value.lines) == 1 and caught.value.lines[0].startswith(f"{path}: {says}"), caught.value.lines
+    fits = _tuned_file(tmp_path, tiny_data, lambda t: t | {"recipe_fields": t["recipe_fields"] | {
+        "first_epochs": 2, "train_epochs": 3}})
+    assert tuned_recipe(get_experiment("modern_finetune").RECIPE, fits).first_epochs == 2
+
+
 # ----------------------------------------------------------------------------- config.json
 SAMPLE = {"recipe": {"backbone": "tiny", "lrs": {"all": 1e-3}, "train_epochs": 3, "batch_size": 4,
                      "loss": "cross_entropy"},
@@ -147,11 +180,20 @@ def _config(folder: Path, change) -> Path:
     *[((lambda c, e=e: c | {"recipe": c["recipe"] | e}), f"recipe.{says}") for e, says in RECIPE_EDITS],
     (lambda c: c | {"recipe": c["recipe"] | {"lrs": {"all": -1.0}}}, 'recipe.lrs = {"all": -1.0} is not a table of '
                                                                     "positive learning rates"),
-    (lambda c: {k: v for k, v in c.items() if k != "classes"}, "classes is missing (it must be a list of 1 or more"),
+    (lambda c: {k: v for k, v in c.items() if k != "classes"}, "classes is missing (it must be a list of 2 or more"),
     (lambda c: {k: v for k, v in c.items() if k != "options"}, "options is missing (it must be an object)"),
     (lambda c: c | {"recipe": {}}, "recipe.backbone is missing (it must be a text)"),
     (lambda c: c | {"classes": "class_0,class_1"}, 'classes is str "class_0,class_1", which is not a list'),
     (lambda c: c | {"checksums": {"best.pth": 7}}, "checksums = {\"best.pth\": 7} is not an object of file names"),
+    (lambda c: c | {"classes": ["class_0"]}, 'classes = ["class_0"] is not a list of 2 or more distinct names'),
+    (lambda c: c | {"recipe": c["recipe"] | {"first_epochs": 2, "first_lrs": None}},
+     "recipe.first_epochs = 2 and recipe.first_lrs = null do not fit: a staged recipe has"),
+    (lambda c: c | {"recipe": c["recipe"] | {"first_epochs": 0, "first_lrs": {"all": 1e-3}}},
+     'recipe.first_epochs = 0 and recipe.first_lrs = {"all": 0.001} do not fit'),
+    (lambda c: c | {"recipe": c["recipe"] | {"loss": "bce_logit", "label_smoothing": 0.2}},
+     'recipe.loss = "bce_logit" and recipe.label_smoothing = 0.2 do not fit: label smoothing applies to'),
+    (lambda c: c | {"options": c["options"] | {"folds": 3, "inner_fold": 3}},
+     "options.folds = 3 and options.inner_fold = 3 do not fit: inner_fold must be below folds"),
 ])
 def test_a_config_out_of_bounds_is_one_line_for_evaluate_and_predict(tmp_path, tiny_data, capsys, change, says):
     config = _config(tmp_path / "run", change)
@@ -167,6 +209,10 @@ def test_a_config_out_of_bounds_is_one_line_for_evaluate_and_predict(tmp_path, t
 def test_a_config_within_bounds_is_read_and_every_violation_is_a_line(tmp_path):
     _config(tmp_path / "ok", lambda c: c)
     assert context_for(tmp_path / "ok" / "best.pth", None).image_size == 32
+    # --epochs 1 on a staged recipe cuts its first stage short: that run's config reads back
+    _config(tmp_path / "cut", lambda c: c | {"recipe": c["recipe"] | {"first_epochs": 3, "first_lrs": {"all": 1e-2},
+                                                                      "train_epochs": 1}})
+    assert context_for(tmp_path / "cut" / "best.pth", None).image_size == 32
     edits = {k: v for change, _ in OPTION_EDITS[:4] for k, v in change.items()}
     config = _config(tmp_path / "bad", lambda c: c | {"options": c["options"] | edits})
     with pytest.raises(SchemaError) as caught:
@@ -177,7 +223,9 @@ def test_a_config_within_bounds_is_read_and_every_violation_is_a_line(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the options in last.ckpt
-@pytest.mark.parametrize("edit, says", OPTION_EDITS + [({"data": None, "epochs": 0}, "options.epochs = 0 is not")])
+@pytest.mark.parametrize("edit, says", OPTION_EDITS + [({"data": None, "epochs": 0}, "options.epochs = 0 is not"),
+                                        ({"folds": 5, "inner_fold": 7}, "options.folds = 5 and options.inner_fold = 7 "
+                                                                        "do not fit")])
 def test_a_checkpoint_whose_options_are_out_of_bounds_does_not_resume(tmp_path, edit, says):
     options = dataclasses.asdict(RunOptions(data=Path("d"))) | {"data": "d", "out": "runs"}
     ckpt = {"config": {"options": options | edit}}
@@ -209,10 +257,15 @@ DESCRIPTION = {"format": export.FORMAT, "classes": ["ant", "bee"], "backbone": "
     ({"image_size": "32"}, 'image_size is str "32", which is not a whole number >= 8 and <= 4096'),
     ({"image_size": 0}, "image_size = 0 is not a whole number >= 8"),
     ({"resize": -37}, "resize = -37 is not a whole number >= 8"),
-    ({"std": [1e9, 0.2, 0.2]}, "std = [1000000000.0, 0.2, 0.2] is not 3 numbers (R, G, B) (each > 0 and <= 1000)"),
+    ({"std": [1e9, 0.2, 0.2]}, "std = [1000000000.0, 0.2, 0.2] is not 3 numbers (R, G, B) (each > 0 and <= 1)"),
     ({"std": [0.2, 0.0, 0.2]}, "std = [0.2, 0.0, 0.2] is not 3 numbers (R, G, B) (each > 0"),
     ({"mean": ["0.5", 0.5, 0.5]}, 'mean = ["0.5", 0.5, 0.5] is not 3 numbers (R, G, B)'),
     ({"classes": ["ant"]}, 'classes = ["ant"] is not a list of 2 or more distinct names'),
+    ({"mean": [999, 0.5, 0.5]}, "mean = [999, 0.5, 0.5] is not 3 numbers (R, G, B) (each >= 0 and <= 1)"),
+    ({"mean": [0.5, -0.1, 0.5]}, "mean = [0.5, -0.1, 0.5] is not 3 numbers (R, G, B) (each >= 0 and <= 1)"),
+    ({"std": [0.2, 0.2, 1.5]}, "std = [0.2, 0.2, 1.5] is not 3 numbers (R, G, B) (each > 0 and <= 1)"),
+    ({"image_size": 4097}, "image_size = 4097 is not a whole number >= 8 and <= 4096"),
+    ({"resize": 5000}, "resize = 5000 is not a whole number >= 8 and <= 4681"),
     ({"single_logit": "no"}, 'single_logit is str "no", which is not true or false'),
 ])
 def test_an_exported_description_out_of_bounds_is_one_line_each(tmp_path, edit, says):

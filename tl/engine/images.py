@@ -411,8 +411,9 @@ def check_layout(root: str | os.PathLike, phases: tuple[str, ...] = ("train", "v
     classes = {}
     for phase in [p for p in present if p in phases]:  # a split not asked for is not read (tuning: val, test)
         names = _class_dirs(root / phase)
-        if not names:
-            raise TLError(f"{root / phase} has no class folders\n  {expected}")
+        if len(names) < 2:  # a classifier of one class has nothing to tell apart (config.json needs 2 or more)
+            raise TLError(f"{root / phase} has {len(names)} class folder(s){': ' + names[0] if names else ''}; "
+                          f"a classifier needs 2 or more\n  {expected}")
         for name in names:
             if not any(has_image_extension(f) for f in walk_files(str(root / phase / name))):
                 raise TLError(f"class folder {root / phase / name} holds no image files")

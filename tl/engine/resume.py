@@ -12,7 +12,7 @@ from tl import TLError
 from tl.engine import checkpoint, distributed
 from tl.engine.class_names import how_names_differ
 from tl.engine.options import RunOptions, as_saved
-from tl.engine.schema import OPTIONS, Field, check
+from tl.engine.schema import CONFIG, check
 from tl.loop import History
 
 # Options that may differ when a run is resumed: they cannot change what the run computes
@@ -28,7 +28,7 @@ def resume_options(ckpt: dict, given: dict, source: Path) -> RunOptions:
     another path to the same images (run() checks the files); anything else that differs
     from the saved run stops with a message, because it would change the result."""
     # the options as saved, within the bounds of tl/engine/schema.py (one error: line per option that is not)
-    check(ckpt["config"], {"options": Field("object", required=True, fields=OPTIONS)}, f"{source}: ")
+    check(ckpt["config"], {"options": CONFIG["options"]}, f"{source}: ")  # with how they fit one another
     # an option newer than the checkpoint had its default value in that run
     saved = {f.name: as_saved(f.default) for f in dataclasses.fields(RunOptions)
              if f.default is not dataclasses.MISSING} | dict(ckpt["config"]["options"])

@@ -16,10 +16,15 @@ field, the value and the bound; `check` raises them as one SchemaError, which ma
 study print as one `error:` line per violation, with exit status 2. The bounds are those of a
 sensible run (a run of 10^9 epochs never ends) and, for what a run writes, no narrower than
 the command line's (main.py takes its bounds from OPTIONS), so every file a run writes reads
-back: a tuned file's learning rates lie in (0, 10], while a run's config.json records the
-rates its --lr-scale gave. Whether fields fit one another (a tuned file's rates name the
-recipe's groups; a description's classes fit the model's outputs) is for the code that reads
-them to say.
+back: a tuned file's learning rates lie in (0, 1], while a run's config.json records the
+rates its --lr-scale gave; a description's mean and std are of pixels scaled to [0, 1].
+
+Fields of one object that must fit one another are declared here too, as Rules: RECIPE_RULES
+(first_epochs with first_lrs, label smoothing with the loss), TUNED_RULES (those, and a first
+stage shorter than the whole), OPTION_RULES (inner_fold below folds); each broken rule is one
+line naming the fields and their values. What needs more than the file (a tuned file's rates
+name the recipe's groups; a description's classes fit the model's outputs) is for the code
+that reads it to say.
 
 This module imports neither torch nor numpy: main.py takes its option bounds from here.
 """
@@ -28,7 +33,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from tl import TLError
@@ -64,6 +69,7 @@ class Field:
     what: str = ""
     says: str = ""
     fields: Mapping[str, Field] = field(default_factory=dict)
+    rules: tuple[Rule, ...] = ()  # of an "object": how its fields must fit one another
 
     def bound(self) -> str:
         """What the field must be, in words: "a whole number >= 1 and <= 10000", "true or false"."""
@@ -121,6 +127,16 @@ class Field:
         return low_ok and high_ok
 
 
+@dataclass(frozen=True)
+class Rule:
+    """Fields of one object that must fit one another, each already within its own bounds:
+    `holds(values)` on {name: value} of `names`; `says` is what must hold, in words."""
+
+    names: tuple[str, ...]
+    holds: Callable[[dict], bool]
+    says: str
+
+
 _NOUN = {"whole": "a whole number", "number": "a number", "numbers": "a list of numbers", "table": "a table of numbers"}
 _TYPES = {"whole": int, "number": (int, float), "bool": bool, "text": str, "texts": list, "numbers": list,
           "table": dict, "digests": dict, "object": dict}
@@ -151,12 +167,35 @@ def _wrong_type(f: Field, value) -> bool:
     return not isinstance(value, _TYPES[f.kind])
 
 
-def problems(obj, fields: Mapping[str, Field], prefix: str = "", unknown: str | None = None) -> list[str]:
+def problems(obj, fields: Mapping[str, Field], prefix: str = "", unknown: str | None = None,
+             rules: tuple[Rule, ...] = (), given: Mapping | None = None) -> list[str]:
     """Every violation of `fields` in the object `obj`, one line each: `NAME is missing (...)`,
     `NAME is str "3", which is not a whole number >= 1 and <= 10000`, `NAME = 0 is not ...`.
-    With `unknown` (what to say), a field that is not declared is a violation too."""
+    With `unknown` (what to say), a field that is not declared is a violation too. Then each of
+    `rules` whose fields are all within bounds: `A = 3 and B = 2 do not fit: A must be ...`;
+    `given` holds values for fields `obj` leaves out (a tuned file's recipe), and a rule is the
+    object's only where it sets one of the rule's fields."""
     if not isinstance(obj, dict):
         return [f"{prefix.rstrip('.') or 'the file'} is a JSON {type(obj).__name__}, not an object"]
+    found = _field_problems(obj, fields, prefix, unknown)
+    return found + _rule_problems(obj, rules, prefix, given or {}, bad={line.split()[0] for line in found})
+
+
+def _rule_problems(obj: dict, rules: tuple[Rule, ...], prefix: str, given: Mapping, bad: set) -> list[str]:
+    found = []
+    for rule in rules:
+        if (not any(n in obj for n in rule.names) or not all(n in obj or n in given for n in rule.names)
+                or any(prefix + n in bad for n in rule.names)):
+            continue  # a rule of fields the object leaves out, or of one already out of its bounds
+        values = {n: obj[n] if n in obj else given[n] for n in rule.names}
+        if not rule.holds(values):
+            shown = " and ".join(f"{prefix}{n} = {_shown(v)}" + ("" if n in obj else " (the recipe's)")
+                                 for n, v in values.items())
+            found.append(f"{shown} do not fit: {rule.says}")
+    return found
+
+
+def _field_problems(obj: dict, fields: Mapping[str, Field], prefix: str, unknown: str | None) -> list[str]:
     found = []
     for name, f in fields.items():
         where = prefix + name
@@ -171,25 +210,29 @@ def problems(obj, fields: Mapping[str, Field], prefix: str = "", unknown: str | 
             verb = "is none of " + ", ".join(f.choices) if f.choices else f"is not {f.bound()}"
             found.append(f"{where} = {_shown(value)} {verb}")
         elif f.kind == "object" and f.fields:
-            found += problems(value, f.fields, where + ".")
+            found += problems(value, f.fields, where + ".", rules=f.rules)
     if unknown is not None:
         found += [f"{prefix}{name} = {_shown(obj[name])} {unknown}" for name in obj if name not in fields]
     return found
 
 
-def check(obj, fields: Mapping[str, Field], head: str, tail: str = "", unknown: str | None = None):
-    """`obj` if it fits `fields`; else a SchemaError of one line per violation, each `head` +
-    the violation + `tail` (`head` names the file)."""
-    if found := problems(obj, fields, unknown=unknown):
+def check(obj, fields: Mapping[str, Field], head: str, tail: str = "", unknown: str | None = None,
+          rules: tuple[Rule, ...] = ()):
+    """`obj` if it fits `fields` and `rules`; else a SchemaError of one line per violation, each
+    `head` + the violation + `tail` (`head` names the file)."""
+    if found := problems(obj, fields, unknown=unknown, rules=rules):
         raise SchemaError([f"{head}{line}{tail}" for line in found])
     return obj
 
 
 # ----------------------------------------------------------------------------- the declarations
-RATE = dict(low=0, high=10, open_low=True)  # a tuned learning rate: above 0, at most 10 (SGD's are below 1)
+# A tuned learning rate: above 0, at most 1 (no rate of SGD or Adam above 1 trains; the recipes'
+# are at most 3e-3, and a search scales them by at most 10, and the body's by 5 more).
+RATE = dict(low=0, high=1, open_low=True)
 EPOCHS = Field("whole", 1, 10_000)  # 10^4 epochs of even 10 images is days of CPU
 BATCH = Field("whole", 1, 65_536)
-IMAGE_SIZE = Field("whole", 8, 4096, null=True)
+SIZE_LOW, SIZE_HIGH = 8, 4096  # image sides, in pixels (the command line asks 16 or more)
+IMAGE_SIZE = Field("whole", SIZE_LOW, SIZE_HIGH, null=True)
 COUNT = Field("whole", 1, 10**9, null=True)  # images per class
 SEED = Field("whole", 0, 2**32 - 1)  # NumPy's legacy seeding takes 32 bits
 FRACTION = Field("number", 0, 1, open_low=True, open_high=True, null=True)
@@ -197,7 +240,7 @@ FRACTION = Field("number", 0, 1, open_low=True, open_high=True, null=True)
 RECIPE: dict[str, Field] = {  # tl/recipe.py's Recipe
     "name": Field("text"), "source": Field("text"), "strategy": Field("text"),
     "backbone": Field("text"), "weights": Field("text"),
-    "lrs": Field("table", **RATE, says="a table of positive learning rates (each <= 10)"),
+    "lrs": Field("table", **RATE, says="a table of positive learning rates (each <= 1)"),
     "train_epochs": EPOCHS, "batch_size": BATCH,
     "frozen_bn_eval": Field("bool"), "bn_eval": Field("bool"), "stack_head": Field("bool"), "tta": Field("bool"),
     "loss": Field("text", choices=("cross_entropy", "bce_logit")),
@@ -205,9 +248,22 @@ RECIPE: dict[str, Field] = {  # tl/recipe.py's Recipe
     "label_smoothing": Field("number", 0, 1, open_high=True, what="a label smoothing"),
     "augment": Field("text", choices=("standard", "tutorial", "strong")),  # tl/data.py AUGMENT_POLICIES
     "first_epochs": Field("whole", 0, 10_000),
-    "first_lrs": Field("table", **RATE, null=True, says="a table of positive learning rates (each <= 10)"),
+    "first_lrs": Field("table", **RATE, null=True, says="a table of positive learning rates (each <= 1)"),
     "ema_decay": Field("number", 0, 1, open_high=True, says="a decay in (0, 1) (or 0: off)"),  # ema.check_decay
 }
+RECIPE_RULES = (  # how a recipe's fields fit one another (tl/recipe.py, tl/stages.py)
+    Rule(("first_epochs", "first_lrs"), lambda v: (v["first_epochs"] == 0) == (v["first_lrs"] is None),
+         "a staged recipe has first_epochs above 0 and first_lrs, one in one stage first_epochs 0 and first_lrs "
+         "null"),
+    Rule(("loss", "label_smoothing"), lambda v: v["loss"] == "cross_entropy" or v["label_smoothing"] == 0,
+         "label smoothing applies to cross_entropy only (bce_logit would ignore it): 0 with bce_logit"),
+)
+# A tuned file's recipe trains every stage: its first stage leaves the next at least one epoch. (A
+# run's config.json may not: --epochs 1 cuts the first stage short and drops the next one.)
+TUNED_RULES = RECIPE_RULES + (
+    Rule(("first_epochs", "train_epochs"), lambda v: v["first_epochs"] < v["train_epochs"],
+         "first_epochs (the first stage) must be fewer than train_epochs (all stages)"),
+)
 OPTIONS: dict[str, Field] = {  # tl/engine/options.py's RunOptions, as config.json holds them
     "data": Field("text", null=True), "out": Field("text"), "run_name": Field("text", null=True),
     "device": Field("text"), "backbone": Field("text", null=True), "weights": Field("text", null=True),
@@ -226,12 +282,17 @@ OPTIONS: dict[str, Field] = {  # tl/engine/options.py's RunOptions, as config.js
         "balanced_sampler", "tensorboard")},
     "channels_last": Field("bool", null=True), "tta": Field("bool", null=True),
 }
+OPTION_RULES = (  # how a run's options fit one another (tl/engine/selection.py)
+    Rule(("folds", "inner_fold"), lambda v: v["folds"] is None or v["inner_fold"] < v["folds"],
+         "inner_fold must be below folds (folds are counted from 0)"),
+)
 RATES_RUN = Field("table", 0, open_low=True, null=True, says="a table of positive learning rates")
 CONFIG: dict[str, Field] = {  # a run's config.json (tl/engine/run_folder.py writes it): its rates are --lr-scale's
-    "recipe": Field("object", required=True, fields=RECIPE | {"backbone": Field("text", required=True),
-                                                               "lrs": RATES_RUN, "first_lrs": RATES_RUN}),
-    "options": Field("object", required=True, fields=OPTIONS),
-    "classes": Field("texts", 1, required=True), "checksums": Field("digests"),
+    "recipe": Field("object", required=True, rules=RECIPE_RULES,
+                    fields=RECIPE | {"backbone": Field("text", required=True), "lrs": RATES_RUN,
+                                     "first_lrs": RATES_RUN}),
+    "options": Field("object", required=True, fields=OPTIONS, rules=OPTION_RULES),
+    "classes": Field("texts", 2, required=True), "checksums": Field("digests"),  # a classifier tells 2 or more apart
 }
 TUNED: dict[str, Field] = {  # experiments/tuned/*.json (experiments/tune.py writes it)
     "recipe": Field("text", required=True), "dataset": Field("text", required=True),
@@ -239,9 +300,10 @@ TUNED: dict[str, Field] = {  # experiments/tuned/*.json (experiments/tune.py wri
 }
 DESCRIPTION: dict[str, Field] = {  # an exported model's tl_meta (tl/engine/export.py `describe` writes it)
     "format": Field("text", required=True), "classes": Field("texts", 2, required=True),
-    "backbone": Field("text", required=True), "image_size": Field("whole", 8, 4096, required=True),
-    "resize": Field("whole", 8, 4096 * 2, required=True),
-    "mean": Field("numbers", -1000, 1000, count=3, required=True, what="3 numbers (R, G, B)"),
-    "std": Field("numbers", 0, 1000, open_low=True, count=3, required=True, what="3 numbers (R, G, B)"),
+    "backbone": Field("text", required=True), "image_size": Field("whole", SIZE_LOW, SIZE_HIGH, required=True),
+    "resize": Field("whole", SIZE_LOW, round(SIZE_HIGH * 256 / 224), required=True),  # tl/data.py val_resize
+    # images are scaled to [0, 1] before normalising: a channel's mean lies in [0, 1], its spread in (0, 1]
+    "mean": Field("numbers", 0, 1, count=3, required=True, what="3 numbers (R, G, B)"),
+    "std": Field("numbers", 0, 1, open_low=True, count=3, required=True, what="3 numbers (R, G, B)"),
     "single_logit": Field("bool", required=True),
 }

@@ -208,8 +208,8 @@ def split_datasets(root: str | os.PathLike, transforms: dict[str, v2.Compose], v
         raise TLError(f"{root} is already split ({', '.join(p + '/' for p in phases)}): --val-split would train "
                       f"classes named {' and '.join(phases)}. Drop --val-split to use its split, or pass "
                       f"--data {root / phases[0]} to split that folder")
-    if not names:
-        raise TLError(f"--val-split needs a folder of class folders; {root} has none")
+    if len(names) < 2:  # a classifier of one class has nothing to tell apart (config.json needs 2 or more)
+        raise TLError(f"--val-split needs a folder of 2 or more class folders; {root} has {len(names)}")
     scanned = CheckedImageFolder(root, transforms["train"], verify=verify, within=root,  # one scan of the headers
                                  follow_links=follow_links)
     if scanned.outside:  # say why a class came out empty

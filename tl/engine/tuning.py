@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tl import TLError
-from tl.engine.schema import RECIPE, TUNED, SchemaError, check, problems
+from tl.engine.schema import RECIPE, TUNED, TUNED_RULES, SchemaError, check, problems
 from tl.recipe import Recipe
 
 HEARTBEAT_S, GRACE_S = 60, 180  # a trial silent for 3 minutes was lost (tl/engine/trials.py LostTrials)
@@ -312,12 +312,14 @@ EDITED = "; the file was edited by hand or by another version: run python -m exp
 
 def fields_problems(base: Recipe, fields: dict) -> list[str]:
     """Every way `fields` cannot be the Recipe fields of a tuned file for `base`: a field a tuned
-    file may not set, or one out of the schema's bounds (tl/engine/schema.py RECIPE); and rates
+    file may not set, one out of the schema's bounds (tl/engine/schema.py RECIPE), or fields that do
+    not fit one another, the recipe's own counted where the file leaves them (TUNED_RULES); and rates
     that are not {group: rate} for exactly the groups of `base`'s own rates: a search scales the
     recipe's rates and keeps their groups, and the recipe's build gives each of those groups its
     parameters (a group left out would leave its parameters without a rate)."""
     allowed = {f.name: RECIPE[f.name] for f in dataclasses.fields(base) if f.name not in NOT_TUNED}
-    found = problems(fields, allowed, "recipe_fields.", unknown="is not a field a tuned file may set")
+    found = problems(fields, allowed, "recipe_fields.", unknown="is not a field a tuned file may set",
+                     rules=TUNED_RULES, given=dataclasses.asdict(base))  # fields the file leaves are the recipe's
     for name in ("lrs", "first_lrs"):
         value, current = fields.get(name), getattr(base, name)
         if name not in fields or any(line.startswith(f"recipe_fields.{name} ") for line in found):
