@@ -70,6 +70,38 @@ def test_predict_without_a_checkpoint_names_imagenet_classes(hymenoptera, capsys
     assert len(top3) == 3 and sum("bee" in names for names in top3) >= 2  # class 309
 
 
+CLASS_EDITS = [  # of a run's class names ["café", "class_1", "class_2"]
+    lambda c: [c[1], c[0], c[2]],  # two names swapped
+    lambda c: [c[0], "class_9", c[2]],  # one renamed
+    lambda c: c[:2],  # one removed
+    lambda c: c + ["class_9"],  # an extra one
+    lambda c: ["cafe\u0301", *c[1:]],  # the trained name in another Unicode form (the trained one is NFC)
+]
+
+
+def test_class_names_edited_in_config_json_are_refused_by_predict_and_evaluate(tmp_path, tiny_backbone, capsys):
+    """config.json's class names must be, in order, those the weights were trained with (as last.ckpt
+    records them): any other list would name every prediction wrongly. One error line with both lists."""
+    data = write_image_folder(tmp_path / "data", classes=3, train=4, val=2)
+    (data / "train" / "class_0").rename(data / "train" / "caf\u00e9")
+    (data / "val" / "class_0").rename(data / "val" / "caf\u00e9")
+    run_dir = train_quick(data, tmp_path / "runs")
+    config = json.loads((run_dir / "config.json").read_text())
+    trained = config["classes"]
+    assert trained == ["caf\u00e9", "class_1", "class_2"]
+    photo = next((data / "val" / "class_1").iterdir())
+    for edit in CLASS_EDITS:
+        edited = edit(trained)
+        (run_dir / "config.json").write_text(json.dumps(config | {"classes": edited}))
+        for argv in (["--predict", photo, "--checkpoint", run_dir / "best.pth"], ["--evaluate", run_dir / "best.pth"]):
+            code, out, err = cli(capsys, *argv)
+            assert code == 2 and len(err.strip().splitlines()) == 1, err
+            assert f"names the classes {edited}, but the run trained with {trained}" in err, err
+    assert "differs only in its Unicode form" in err  # the last edit: names that print alike
+    (run_dir / "config.json").write_text(json.dumps(config))
+    assert cli(capsys, "--predict", photo, "--checkpoint", run_dir / "best.pth")[0] == 0
+
+
 # ----------------------------------------------------------------------------- a folder in, a table out
 def test_a_folder_of_photos_becomes_a_table(photo_run, tmp_path, capsys):
     from tl.engine.model_loading import context_for, load_model

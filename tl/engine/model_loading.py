@@ -13,7 +13,8 @@ from torch import nn
 
 from tl import TLError
 from tl.engine.backbones import backbone_spec
-from tl.engine.checkpoint import load_into, load_state_file, verify_state_file
+from tl.engine.checkpoint import load_checkpoint, load_into, load_state_file, verify_state_file
+from tl.engine.class_names import how_names_differ
 from tl.engine.schema import CONFIG, check
 from tl.engine.weights import build_model
 
@@ -56,6 +57,7 @@ def context_for(path: Path, backbone: str | None) -> ModelContext:
         # every field within the bounds of tl/engine/schema.py: one error: line per field that is not
         check(config, CONFIG, f"{config_file} is not a run config this project wrote: ")
         recipe, options = config["recipe"], config["options"]
+        _check_classes(config["classes"], folder / "last.ckpt", config_file)
         try:
             return ModelContext(backbone=backbone or recipe["backbone"], classes=list(config["classes"]),
                                 image_size=options.get("image_size"),
@@ -78,6 +80,24 @@ def context_for(path: Path, backbone: str | None) -> ModelContext:
     if not backbone:
         raise TLError(f"no config.json beside {path}: say which architecture it is with --backbone")
     return ModelContext(backbone=backbone, classes=None)
+
+
+def _check_classes(classes: list[str], ckpt_file: Path, config_file: Path) -> None:
+    """A TLError where config.json's class names are not, in order, those the run trained with,
+    as its last.ckpt carries them beside the weights: a model's outputs are in that order, so a
+    list edited by hand (two names swapped) would name every prediction wrongly. Without a
+    last.ckpt that can be read, config.json's list is the only one there is."""
+    if not ckpt_file.is_file():
+        return
+    try:
+        trained = load_checkpoint(ckpt_file).get("classes")
+    except (TLError, OSError):
+        return  # a damaged last.ckpt: --resume says so; the weights and config.json may still be whole
+    if isinstance(trained, list) and trained != classes:
+        raise TLError(f"{config_file} names the classes {classes}, but the run trained with {trained} (in that "
+                      f"order, as its {ckpt_file.name} records): the model's outputs are in the trained order, so "
+                      f"restore config.json's classes" + how_names_differ(classes, trained, "config.json",
+                                                                          ckpt_file.name).replace("\n  ", "; "))
 
 
 def load_model(path: Path, ctx: ModelContext, num_classes: int, allow_pickle: bool = False) -> nn.Module:
