@@ -77,8 +77,9 @@ def list_recipes() -> str:
         lines.append(f"{'':<17} trains: {r.strategy}")
         offline = "needs no weights: runs offline" if r.weights != "imagenet" else "offline: add -b efficientnet_lite0"
         lines.append(f"{'':<17} command: python main.py -e {name}   ({offline})")
-    tuned = [f"tuned_{name} ({', '.join(files)})" for name in NAMES if (files := tuned_files(name))]
-    lines.append(f"\ntuned recipes (python -m experiments.tune; --data picks the data set's numbers): "
+    tuned = [f"tuned_{name} ({', '.join(f'{d} with {b}' for d, b in files)})" for name in NAMES
+             if (files := tuned_files(name))]
+    lines.append(f"\ntuned recipes (python -m experiments.tune; --data and -b pick the numbers): "
                  f"{', '.join(tuned) or f'none in {tuned_dir()}'}")
     cache = torchvision_weights_file("resnet18")[1].parent
     lines.append(f"\nbackbones (any recipe takes --backbone NAME); ImageNet weights offline? (hub cache: {cache})")
@@ -136,12 +137,13 @@ def train_command(args: argparse.Namespace):
 
 
 def _recipe_module(args: argparse.Namespace):
-    """The recipe module of `-e NAME`; the data folder's name picks a tuned recipe's numbers
+    """The recipe module of `-e NAME`; the data folder's name and -b pick a tuned recipe's numbers
     (the folder itself is resolved, or downloaded, later)."""
     from experiments import get_experiment
     from tl.engine.prepare import DEFAULT_DATA_DIR
 
-    return get_experiment(args.experiment, args.data or os.environ.get("TL_DATA_DIR") or DEFAULT_DATA_DIR)
+    data = args.data or os.environ.get("TL_DATA_DIR") or DEFAULT_DATA_DIR
+    return get_experiment(args.experiment, data, args.backbone)
 
 
 def _check_before_work(args: argparse.Namespace, module) -> None:

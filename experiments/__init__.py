@@ -9,9 +9,11 @@ imbalance, look, lr_table); `experiments/common.py` holds the helpers they and
 `benchmarks/` share.
 
 `tuned_<recipe>` (e.g. tuned_modern_finetune) is a recipe with numbers chosen by a search
-(experiments/tune.py) on one data set: the base recipe with the fields of
-experiments/tuned/<recipe>-<data set>.json replaced (`$TL_TUNED_DIR` names another folder).
-The file is chosen by the data folder's name; given no data folder, the recipe's one file.
+(experiments/tune.py) on one data set with one backbone: the base recipe with the fields of
+experiments/tuned/<recipe>-<data set>-<backbone>.json replaced (`$TL_TUNED_DIR` names another
+folder). `-e tuned_X --data D -b B` takes the file of D's folder name and B; without -b, the
+backbone of the one file tuned on D (and that backbone). A backbone with no file of its own is
+refused: numbers searched for one network are not claimed for another.
 """
 
 from __future__ import annotations
@@ -38,11 +40,11 @@ NAMES = (
 )
 
 
-def get_experiment(name: str, data: str | os.PathLike | None = None) -> ModuleType:
+def get_experiment(name: str, data: str | os.PathLike | None = None, backbone: str | None = None) -> ModuleType:
     """The recipe module called `name` (it has RECIPE and build); for tuned_<recipe>, the
-    numbers tuned on the data set of the folder `data` (see the module docstring)."""
+    numbers tuned on the data set of the folder `data` with `backbone` (see the module docstring)."""
     if name.startswith("tuned_") and name[len("tuned_"):] in NAMES:
-        return tuned_experiment(name[len("tuned_"):], data)
+        return tuned_experiment(name[len("tuned_"):], data, backbone)
     if name not in NAMES:
         raise TLError(f"unknown experiment {name!r}; choose one of: {', '.join(NAMES)}, or tuned_<one of them> "
                       f"(see --list)")
@@ -53,28 +55,55 @@ def tuned_dir() -> Path:
     return Path(os.environ.get("TL_TUNED_DIR") or Path(__file__).parent / "tuned")
 
 
-def tuned_files(recipe: str) -> dict[str, Path]:
-    """data set name -> the tuned file of `recipe` for it."""
-    return {p.stem[len(recipe) + 1:]: p for p in sorted(tuned_dir().glob(f"{recipe}-*.json"))}
+def tuned_file(recipe: str, dataset: str, backbone: str) -> Path:
+    """Where the numbers of `recipe` tuned on `dataset` with `backbone` are (timm:NAME as timm-NAME)."""
+    from tl.engine.backbones import folder_label
+
+    return tuned_dir() / f"{recipe}-{dataset}-{folder_label(backbone)}.json"
 
 
-def tuned_experiment(recipe: str, data: str | os.PathLike | None) -> ModuleType:
-    """A module like a recipe file's: the base recipe's build, RECIPE with the tuned numbers."""
+def tuned_files(recipe: str) -> dict[tuple[str, str], Path]:
+    """(data set, backbone) -> the tuned file of `recipe` for them: each file says its own in its
+    fields, and only a file named after them counts."""
+    import json
+
+    found = {}
+    for path in sorted(tuned_dir().glob(f"{recipe}-*.json")):
+        try:
+            fields = json.loads(path.read_text())
+            key = (fields["dataset"], fields["backbone"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a tuned file; naming it by its own path still gets its error (tuned_recipe)
+        if tuned_file(recipe, *key) == path:
+            found[key] = path
+    return found
+
+
+def tuned_experiment(recipe: str, data: str | os.PathLike | None, backbone: str | None) -> ModuleType:
+    """A module like a recipe file's: the base recipe's build, RECIPE with the tuned numbers and
+    the backbone they were tuned with."""
     from tl.engine.tuning import tuned_recipe
 
     files = tuned_files(recipe)
-    dataset = Path(data).resolve().name if data is not None else None
-    if dataset is None and len(files) != 1:
-        raise TLError(f"tuned_{recipe} has tuned files for {len(files)} data sets ({', '.join(files) or 'none'}) in "
-                      f"{tuned_dir()}: name the data folder (--data)")
-    dataset = dataset or next(iter(files))
-    if dataset not in files:
-        raise TLError(f"no numbers tuned for {recipe} on {dataset} in {tuned_dir()} (there are: "
-                      f"{', '.join(files) or 'none'}); tune them with python -m experiments.tune --recipe {recipe} "
-                      f"--data {data} --trials N")
+    datasets = sorted({d for d, _ in files})
+    if data is None and len(datasets) != 1:
+        raise TLError(f"tuned_{recipe} has tuned files for {len(datasets)} data sets ({', '.join(datasets) or 'none'}) "
+                      f"in {tuned_dir()}: name the data folder (--data)")
+    dataset = Path(data).resolve().name if data is not None else datasets[0]
+    tuned_with = sorted(b for d, b in files if d == dataset)
+    if backbone is None and len(tuned_with) > 1:
+        raise TLError(f"tuned_{recipe} has numbers tuned on {dataset} for {', '.join(tuned_with)}: name one (-b)")
+    backbone = backbone or (tuned_with[0] if tuned_with else get_experiment(recipe).RECIPE.backbone)
+    if (dataset, backbone) not in files:
+        there = ", ".join(f"{d} with {b}" for d, b in sorted(files)) or "none"
+        raise TLError(f"no numbers tuned for {recipe} on {dataset} with {backbone} in {tuned_dir()} (there are: "
+                      f"{there}); tune them with python -m experiments.tune --recipe {recipe} --data "
+                      f"{data if data is not None else dataset} --backbone {backbone} --trials N")
+    path = files[(dataset, backbone)]
     base = get_experiment(recipe)
-    module = ModuleType(f"experiments.tuned_{recipe}", f"{recipe} with numbers tuned on {dataset}: {files[dataset]}")
-    module.RECIPE, module.build = tuned_recipe(base.RECIPE, files[dataset]), base.build
+    module = ModuleType(f"experiments.tuned_{recipe}", f"{recipe} with numbers tuned on {dataset} with {backbone}: "
+                                                       f"{path}")
+    module.RECIPE, module.build = tuned_recipe(base.RECIPE, path), base.build
     return module
 
 

@@ -100,12 +100,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def plan_of(data_dirs: list[Path], args: argparse.Namespace) -> list[tuple[Path, str, str, int]]:
+    """(data folder, recipe, backbone, seed) of every run. A tuned recipe runs only on a backbone
+    with numbers tuned for it: one added by --with-tuned is left out elsewhere, one asked for by
+    name is refused (a TLError) before anything trains."""
+    from experiments import get_experiment
+    from tl import TLError
+
+    plan = []
+    for d in data_dirs:
+        for e in experiments_for(d, args):
+            for b in args.backbone:
+                if e.startswith("tuned_"):
+                    try:
+                        get_experiment(e, d, None if b == "own" else b)
+                    except TLError:
+                        if e in args.experiments:
+                            raise
+                        continue
+                plan += [(d, e, b, s) for s in args.seeds]
+    return plan
+
+
 def experiments_for(data_dir: Path, args: argparse.Namespace) -> list[str]:
     """The recipes compared on one data set: those asked for, and by default each tuned_<recipe>
     whose numbers were tuned on this data set (experiments/tune.py), trained like any other."""
     from experiments import tuned_files
 
-    tuned = [f"tuned_{n}" for n in NAMES if args.with_tuned and dataset_name(data_dir) in tuned_files(n)]
+    dataset = dataset_name(data_dir)
+    tuned = [f"tuned_{n}" for n in NAMES if args.with_tuned and any(d == dataset for d, _ in tuned_files(n))]
     return [*args.experiments, *(t for t in tuned if t not in args.experiments)]
 
 
@@ -126,7 +149,7 @@ def run_one(name: str, backbone: str, seed: int, data_dir: Path, args: argparse.
     from tl.engine.backbones import folder_label
     from tl.engine.options import RunOptions, resolve
 
-    module = get_experiment(name, data_dir)
+    module = get_experiment(name, data_dir, None if backbone == "own" else backbone)
     dataset = dataset_name(data_dir)
     opts = RunOptions(data=data_dir, backbone=None if backbone == "own" else backbone, epochs=args.epochs,
                       seed=seed, workers=args.workers, device=args.device, out=runs_dir / dataset, progress=False,
@@ -363,10 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     from tl.engine.run_folder import make_run_dir
 
     try:
-        plan = [(d, e, b, s) for d in data_dirs for e in experiments_for(d, args) for b in args.backbone
-                for s in args.seeds]
+        plan = plan_of(data_dirs, args)
         planned = pd.DataFrame([{"dataset": dataset_name(d), "experiment": e, "seed": s, "quick": args.quick,
-                                 "backbone": get_experiment(e, d).RECIPE.backbone if b == "own" else b,
+                                 "backbone": get_experiment(e, d, None if b == "own" else b).RECIPE.backbone,
                                  "status": "planned"} for d, e, b, s in plan])
     except TLError as exc:  # tuned_<recipe> asked for a data set it has no numbers for
         print(f"error: {exc}", file=sys.stderr)

@@ -53,10 +53,10 @@ split; it refuses a search that asks another question. Trial runs are ordinary r
 
 Written at the end:
 
-    experiments/tuned/<recipe>-<data set>.json   the chosen numbers (--tuned-dir): tuned_<recipe>
-    <out>/<recipe>-<data set>/trials.md, .csv    one row per trial: state, numbers, inner score, time
-    <out>/<recipe>-<data set>/history.png        inner score per trial, and the best so far
-    <out>/<recipe>-<data set>/importance.png     which numbers mattered (PED-ANOVA, Optuna's default)
+    experiments/tuned/<recipe>-<data set>-<backbone>.json   the chosen numbers (--tuned-dir): tuned_<recipe>
+    <out>/<recipe>-<data set>-<backbone>/trials.md, .csv    one row per trial: state, numbers, inner score, time
+    <out>/<recipe>-<data set>-<backbone>/history.png        inner score per trial, and the best so far
+    <out>/<recipe>-<data set>-<backbone>/importance.png     which numbers mattered (PED-ANOVA, Optuna's default)
 
 `--quick` is a smoke search (8 images per class, 64-pixel crops, at most 2 epochs) that
 writes to runs/quick-tuning/ and leaves experiments/tuned/ alone.
@@ -76,7 +76,7 @@ import time
 import warnings
 from pathlib import Path
 
-from experiments import NAMES, get_experiment, tuned_dir
+from experiments import NAMES, get_experiment, tuned_dir, tuned_file
 
 FINISHED = ("COMPLETE", "PRUNED")  # the trials a budget of --trials counts
 
@@ -98,8 +98,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "trial's number, of the trial's random stream (below)")
     p.add_argument("--max-epochs", type=int, help="most training epochs a trial may draw (default: the recipe's)")
     p.add_argument("--storage", type=_storage, metavar="FILE|URL", help="the study: a SQLite file (default "
-                   "$TL_CACHE_DIR/tuning/<recipe>-<data set>.db), or a database URL that several machines share "
-                   "(postgresql://user:password@host:5432/database)")
+                   "$TL_CACHE_DIR/tuning/<recipe>-<data set>-<backbone>.db), or a database URL that several "
+                   "machines share (postgresql://user:password@host:5432/database)")
     p.add_argument("--study-name", help="default <recipe>-<data set>-<backbone>")
     p.add_argument("--out", type=Path, help="pages folder (default results/tuning; --quick: runs/quick-tuning)")
     p.add_argument("--tuned-dir", type=Path, help="where the chosen numbers go (default experiments/tuned, or "
@@ -463,8 +463,8 @@ def search(args: argparse.Namespace, command: str) -> int:
     check_args(args)
     data = resolve_data_dir(args.data)
     s, setup = prepare(args, data)
-    key = f"{args.recipe}-{setup['dataset']}"
-    name = args.study_name or f"{key}-{s.recipe.backbone}"
+    key = tuned_file(args.recipe, setup["dataset"], s.recipe.backbone).stem  # <recipe>-<data set>-<backbone>
+    name = args.study_name or key
     args.storage = args.storage or cache_dir() / "tuning" / f"{key}{'-quick' if args.quick else ''}.db"
     out = args.out or Path("runs/quick-tuning" if args.quick else "results/tuning")
     tuned = args.tuned_dir or (out / "tuned" if args.quick else tuned_dir())

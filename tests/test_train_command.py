@@ -731,9 +731,9 @@ def test_a_tuned_file_with_a_field_outside_the_recipe_is_refused(tiny_data, tiny
                                                                  capsys, fields, says):
     monkeypatch.setenv("TL_TUNED_DIR", str(tmp_path / "tuned"))
     (tmp_path / "tuned").mkdir()
-    tuned = {"recipe": "modern_finetune", "dataset": tiny_data.name, "params": {},
+    tuned = {"recipe": "modern_finetune", "dataset": tiny_data.name, "backbone": tiny_backbone, "params": {},
              "recipe_fields": {"train_epochs": 2, "augment": "strong", "tta": True} | fields}
-    (tmp_path / "tuned" / f"modern_finetune-{tiny_data.name}.json").write_text(json.dumps(tuned))
+    (tmp_path / "tuned" / f"modern_finetune-{tiny_data.name}-{tiny_backbone}.json").write_text(json.dumps(tuned))
     code, _, err = cli(capsys, "-e", "tuned_modern_finetune", "--data", tiny_data, "-b", tiny_backbone, "--weights",
                        "none", "--quick", "--epochs", 2, "--image-size", 32, "--out", tmp_path / "runs",
                        "--no-progress")  # two epochs: the second stage builds its optimizer
@@ -741,7 +741,7 @@ def test_a_tuned_file_with_a_field_outside_the_recipe_is_refused(tiny_data, tiny
     assert not (tmp_path / "runs").exists()
     if fields == {"augment": "bogus"}:  # the valid fields alone: a recipe that trains
         tuned["recipe_fields"].pop("augment")
-        (tmp_path / "tuned" / f"modern_finetune-{tiny_data.name}.json").write_text(json.dumps(tuned))
+        (tmp_path / "tuned" / f"modern_finetune-{tiny_data.name}-{tiny_backbone}.json").write_text(json.dumps(tuned))
         code, out, err = cli(capsys, "-e", "tuned_modern_finetune", "--data", tiny_data, "-b", tiny_backbone,
                              "--weights", "none", "--quick", "--image-size", 32, "--out", tmp_path / "runs",
                              "--no-progress")

@@ -83,11 +83,12 @@ def test_several_violations_are_one_line_each():
 
 # ----------------------------------------------------------------------------- tuned files
 def _tuned_file(tmp_path: Path, data: Path, change) -> Path:
-    """The committed hymenoptera tuned file, for `data`'s name, after `change`."""
-    tuned = json.loads((ROOT / "experiments" / "tuned" / "modern_finetune-hymenoptera_data.json").read_text())
-    tuned["dataset"] = data.name
+    """The committed hymenoptera tuned file, for `data`'s name and the tiny backbone, after `change`."""
+    committed = ROOT / "experiments" / "tuned" / "modern_finetune-hymenoptera_data-efficientnet_lite0.json"
+    tuned = json.loads(committed.read_text()) | {"dataset": data.name, "backbone": "tiny"}
+    tuned["recipe_fields"]["backbone"] = "tiny"
     (tmp_path / "tuned").mkdir(exist_ok=True)
-    path = tmp_path / "tuned" / f"modern_finetune-{data.name}.json"
+    path = tmp_path / "tuned" / f"modern_finetune-{data.name}-tiny.json"
     path.write_text(json.dumps(change(tuned)))
     return path
 
@@ -114,7 +115,7 @@ def test_a_tuned_file_out_of_bounds_is_one_line_and_nothing_trains(tmp_path, tin
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("key", ["recipe_fields", "params", "recipe", "dataset"])
+@pytest.mark.parametrize("key", ["recipe_fields", "params", "recipe", "dataset", "backbone"])
 def test_a_tuned_file_without_a_required_field_is_refused(tmp_path, tiny_data, key):
     path = _tuned_file(tmp_path, tiny_data, lambda t: {k: v for k, v in t.items() if k != key})
     with pytest.raises(SchemaError, match=f"{path}: {key} is missing"):

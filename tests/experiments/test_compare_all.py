@@ -303,7 +303,8 @@ def test_compare_all_adds_a_tuned_recipe_where_its_data_set_has_one(tmp_path, mo
     from experiments import compare_all
 
     monkeypatch.setenv("TL_TUNED_DIR", str(tmp_path))
-    (tmp_path / "modern_finetune-hymenoptera_data.json").write_text("{}")
+    (tmp_path / "modern_finetune-hymenoptera_data-efficientnet_lite0.json").write_text(
+        json.dumps({"dataset": "hymenoptera_data", "backbone": "efficientnet_lite0"}))
     args = compare_all.parse_args([])
     assert compare_all.experiments_for(Path("x/hymenoptera_data"), args)[-1] == "tuned_modern_finetune"
     assert "tuned_modern_finetune" not in compare_all.experiments_for(Path("x/dogs-vs-cats"), args)

@@ -18,6 +18,7 @@ from tl.recipe import Recipe
 from tl.stages import as_stages
 
 SEEDS = Path(__file__).resolve().parents[3] / "shared" / "seeds"
+ROOT = Path(__file__).resolve().parents[2]
 
 # The PyTorch tutorial "Transfer Learning for Computer Vision" (S. Chilamkurthy,
 # pytorch.org/tutorials/beginner/transfer_learning_tutorial.html): optim.SGD(lr=0.001,
@@ -209,3 +210,57 @@ def test_unknown_names_and_fields_are_errors():
         Recipe(name="x", source="y", strategy="z", learning_rate=1)  # an unknown key is an error
     with pytest.raises(TypeError):
         dataclasses.replace(get_experiment("vgg_finetune").RECIPE, epochs=3)
+
+
+# ----------------------------------------------------------------------------- tuned_<recipe>, per backbone
+def _tuned(folder, dataset: str, backbone: str, epochs: int, name: str | None = None):
+    import json
+
+    committed = ROOT / "experiments" / "tuned" / "modern_finetune-hymenoptera_data-efficientnet_lite0.json"
+    tuned = json.loads(committed.read_text()) | {"dataset": dataset, "backbone": backbone}
+    tuned["recipe_fields"] = tuned["recipe_fields"] | {"train_epochs": epochs, "backbone": backbone}
+    path = folder / (name or f"modern_finetune-{dataset}-{backbone.replace(':', '-')}.json")
+    path.write_text(json.dumps(tuned))
+    return path
+
+
+def test_a_tuned_recipe_takes_the_numbers_of_its_data_set_and_backbone_only(tmp_path, monkeypatch):
+    from experiments import tuned_files
+
+    monkeypatch.setenv("TL_TUNED_DIR", str(tmp_path))
+    data = tmp_path / "x" / "bees"
+    _tuned(tmp_path, "bees", "efficientnet_lite0", 5)
+    _tuned(tmp_path, "bees", "timm:mobilenetv3_small_050", 6)
+    _tuned(tmp_path, "wasps", "efficientnet_lite2", 7)
+    _tuned(tmp_path, "bees", "efficientnet_lite2", 8, name="modern_finetune-bees-efficientnet_lite1.json")  # renamed
+    assert set(tuned_files("modern_finetune")) == {("bees", "efficientnet_lite0"), ("wasps", "efficientnet_lite2"),
+                                                  ("bees", "timm:mobilenetv3_small_050")}  # the renamed one is not
+    for backbone, epochs in (("efficientnet_lite0", 5), ("timm:mobilenetv3_small_050", 6)):
+        recipe = get_experiment("tuned_modern_finetune", data, backbone).RECIPE
+        assert (recipe.backbone, recipe.train_epochs) == (backbone, epochs)
+    wasps = get_experiment("tuned_modern_finetune", tmp_path / "wasps").RECIPE  # no -b: the one it was tuned with
+    assert (wasps.backbone, wasps.train_epochs) == ("efficientnet_lite2", 7)
+    assert "with efficientnet_lite2" in wasps.source
+    for backbone in ("efficientnet_lite1", "efficientnet_lite2", "resnet18", "timm:resnet18"):
+        with pytest.raises(TLError) as caught:
+            get_experiment("tuned_modern_finetune", data, backbone)
+        assert f"no numbers tuned for modern_finetune on bees with {backbone}" in str(caught.value)
+        assert f"python -m experiments.tune --recipe modern_finetune --data {data} --backbone {backbone}" \
+               in str(caught.value)
+    with pytest.raises(TLError, match="has numbers tuned on bees for .*: name one"):
+        get_experiment("tuned_modern_finetune", data)  # two backbones: which one is not guessed
+    with pytest.raises(TLError, match="name the data folder"):
+        get_experiment("tuned_modern_finetune")
+
+
+def test_a_backbone_without_its_own_tuned_file_is_one_error_line(tmp_path, monkeypatch, capsys, tiny_data):
+    import main
+
+    monkeypatch.setenv("TL_TUNED_DIR", str(tmp_path / "tuned"))
+    (tmp_path / "tuned").mkdir()
+    _tuned(tmp_path / "tuned", tiny_data.name, "efficientnet_lite0", 3)
+    assert main.main(["-e", "tuned_modern_finetune", "-b", "efficientnet_lite1", "--data", str(tiny_data),
+                      "--out", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: no numbers tuned for modern_finetune on {tiny_data.name} with efficientnet_lite1")
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()

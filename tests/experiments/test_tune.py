@@ -49,13 +49,13 @@ def test_a_search_reads_no_val_or_test_image_and_its_recipe_trains(sealed, pretr
     assert _tune(tmp_path, sealed, pretrained, "--trials", "2") == 0
     assert not _SEEN, f"the search read val/ or test/: {_SEEN[:3]}"
     _WATCHED.clear()  # from here on, the tuned recipe trains and is scored like any other
-    tuned = json.loads((tmp_path / "tuned" / "modern_finetune-sealed.json").read_text())
+    tuned = json.loads((tmp_path / "tuned" / "modern_finetune-sealed-tiny.json").read_text())
     assert tuned["trials"] == {"budget": 2, "complete": 2, "pruned": 0, "fail": 0}
     assert tuned["inner_split"] == {"inner_val": 0.2, "folds": None, "seed": 0} and tuned["backbone"] == "tiny"
     assert 0 <= tuned["best_inner_score"] <= 1 and tuned["command"].startswith("python -m experiments.tune --recipe")
     assert set(tuned["params"]) == {"lr_scale", "body_factor", "weight_decay", "train_epochs", "label_smoothing",
                                     "augment", "bn_policy", "ema_decay", "tta"}
-    pages = tmp_path / "pages" / "modern_finetune-sealed"
+    pages = tmp_path / "pages" / "modern_finetune-sealed-tiny"
     assert {p.name for p in pages.iterdir()} == {"trials.md", "trials.csv", "history.png", "importance.png"}
     table = (pages / "trials.csv").read_text().splitlines()
     assert len(table) == 3 and table[0].startswith("number,state,inner_score,last_epoch,duration_s,cpu_s,param ")
@@ -66,7 +66,7 @@ def test_a_search_reads_no_val_or_test_image_and_its_recipe_trains(sealed, pretr
 
     monkeypatch.setenv("TL_TUNED_DIR", str(tmp_path / "tuned"))
     recipe = get_experiment("tuned_modern_finetune", sealed).RECIPE
-    assert recipe.name == "tuned_modern_finetune" and "modern_finetune-sealed.json" in recipe.source
+    assert recipe.name == "tuned_modern_finetune" and "modern_finetune-sealed-tiny.json" in recipe.source
     assert all(getattr(recipe, k) == v for k, v in tuned["recipe_fields"].items())
     assert get_experiment("tuned_modern_finetune").RECIPE == recipe  # the one tuned file there is
     capsys.readouterr()
@@ -107,7 +107,7 @@ def test_k_fold_scores_a_trial_by_the_mean_over_its_folds(tiny_data, pretrained,
     assert sorted(configs) == ["trial0000-fold0", "trial0000-fold1"]
     assert [configs[name]["options"]["inner_fold"] for name in sorted(configs)] == [0, 1]
     mean = sum(c["results"]["headline_acc"] for c in configs.values()) / 2
-    tuned = json.loads((tmp_path / "tuned" / "modern_finetune-tiny.json").read_text())
+    tuned = json.loads((tmp_path / "tuned" / "modern_finetune-tiny-tiny.json").read_text())
     assert tuned["best_inner_score"] == pytest.approx(mean)
     assert tuned["inner_split"] == {"inner_val": None, "folds": 2, "seed": 0}
 
@@ -123,7 +123,7 @@ def test_a_pruned_trial_stops_and_leaves_no_run_behind(tiny_data, pretrained, tm
     assert all(list(t.intermediate_values) == [0, 1] and t.params["train_epochs"] == 2 for t in trials)
     assert not any((tmp_path / "trials").iterdir())
     assert not (tmp_path / "tuned").exists() and "no tuned numbers written" in capsys.readouterr().out
-    assert (tmp_path / "pages" / "modern_finetune-tiny" / "importance.png").is_file()
+    assert (tmp_path / "pages" / "modern_finetune-tiny-tiny" / "importance.png").is_file()
 
 
 # ----------------------------------------------------------------------------- refused, in one line
@@ -199,7 +199,7 @@ def test_a_storage_that_is_not_a_study_file_is_refused_and_kept(tiny_data, tiny_
 
 # ----------------------------------------------------------------------------- a search as processes
 ROOT = Path(__file__).resolve().parents[2]
-KEY = "modern_finetune-tiny"
+KEY = "modern_finetune-tiny-tiny"  # <recipe>-<data set>-<backbone>
 
 
 def _argv(tmp_path: Path, storage, *extra) -> list[str]:

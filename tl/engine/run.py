@@ -262,17 +262,17 @@ def combine(*callbacks: Callable | None) -> Callable | None:
     return all_of
 
 
-def resume_run(path: Path, given: dict, find_recipe: Callable[[str, Path], object],
+def resume_run(path: Path, given: dict, find_recipe: Callable[[str, Path, str], object],
                log: Callable[[str], None] = print) -> RunResult:
     """`main.py --resume last.ckpt`: rebuild the saved run's recipe and options, then `run` it.
-    `find_recipe(name, data)` returns the recipe module (RECIPE, build): `experiments.get_experiment`
-    (the data folder picks a tuned recipe's numbers).
+    `find_recipe(name, data, backbone)` returns the recipe module (RECIPE, build):
+    `experiments.get_experiment` (the data folder and the backbone pick a tuned recipe's numbers).
 
     The run folder is held from before the checkpoint is read to the end of the run (`resumed`):
     a second resume of the same run stops at once, naming this process, and a checkpoint that
     is not the folder's own is refused before anything is written."""
     with resumed(Path(path)) as ckpt:
         opts = resume_options(ckpt, given, path)
-        module = find_recipe(ckpt["config"]["experiment"], opts.data)
+        module = find_recipe(ckpt["config"]["experiment"], opts.data, ckpt["config"]["recipe"]["backbone"])
         return run(module.RECIPE, module.build, opts, ckpt=ckpt, resume=Path(path), log=log)
 

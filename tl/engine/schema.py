@@ -2,7 +2,7 @@
 
 Three kinds of file are written by this project, read back by it, and open to a text editor:
 
-    tuned file     experiments/tuned/<recipe>-<data set>.json: experiments/tune.py writes it,
+    tuned file     experiments/tuned/<recipe>-<data set>-<backbone>.json: experiments/tune.py writes it,
                    the recipe tuned_<recipe> reads it (tl/engine/tuning.py)
     config.json    a run's configuration: --evaluate, --predict, --explain and --export read
                    it (tl/engine/model_loading.py); --resume reads the copy in last.ckpt
@@ -296,7 +296,8 @@ CONFIG: dict[str, Field] = {  # a run's config.json (tl/engine/run_folder.py wri
 }
 TUNED: dict[str, Field] = {  # experiments/tuned/*.json (experiments/tune.py writes it)
     "recipe": Field("text", required=True), "dataset": Field("text", required=True),
-    "params": Field("object", required=True), "recipe_fields": Field("object", required=True),
+    "backbone": Field("text", required=True), "params": Field("object", required=True),
+    "recipe_fields": Field("object", required=True),
 }
 DESCRIPTION: dict[str, Field] = {  # an exported model's tl_meta (tl/engine/export.py `describe` writes it)
     "format": Field("text", required=True), "classes": Field("texts", 2, required=True),

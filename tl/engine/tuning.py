@@ -334,7 +334,7 @@ def fields_problems(base: Recipe, fields: dict) -> list[str]:
 
 def tuned_recipe(base: Recipe, path: Path) -> Recipe:
     """The recipe a tuned file (experiments/tune.py) describes: `base` with the chosen fields
-    replaced, named tuned_<base>."""
+    replaced and the backbone they were tuned with, named tuned_<base>."""
     try:
         tuned = check(json.loads(Path(path).read_text()), TUNED, f"{path}: ", EDITED)
         fields = tuned["recipe_fields"]
@@ -342,9 +342,13 @@ def tuned_recipe(base: Recipe, path: Path) -> Recipe:
             raise TLError(f"{path} holds numbers tuned for {tuned['recipe']}, not {base.name}")
         if found := fields_problems(base, fields):
             raise SchemaError([f"{path}: {line}{EDITED}" for line in found])
+        if fields.get("backbone", tuned["backbone"]) != tuned["backbone"]:
+            raise TLError(f"{path} says backbone {tuned['backbone']} and recipe_fields.backbone "
+                          f"{fields['backbone']}{EDITED}")
         return dataclasses.replace(
-            base, **fields, name=f"tuned_{base.name}",
-            source=f"{base.source}; numbers tuned on an inner val of {tuned['dataset']} ({path.name})",
+            base, **(fields | {"backbone": tuned["backbone"]}), name=f"tuned_{base.name}",
+            source=f"{base.source}; numbers tuned on an inner val of {tuned['dataset']} with {tuned['backbone']} "
+                   f"({path.name})",
             strategy=f"{base.strategy}; tuned: " + ", ".join(
                 f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in tuned["params"].items()))
     except (OSError, ValueError, KeyError, TypeError) as exc:
