@@ -67,3 +67,14 @@ def test_a_failed_write_names_the_commands_own_place_for_outputs_or_the_cache(tm
             assert text.endswith(f"({outputs})") and "TL_CACHE_DIR" not in text, text
             cached = message(OSError(code, "x", str(tmp_path / "cache" / "features" / "k.pt")), outputs)
             assert cached.endswith("(TL_CACHE_DIR)") and outputs not in cached, cached
+
+
+def test_names_that_are_not_utf8_print_escaped_not_as_a_crash(capsys):
+    import os
+
+    from tl.engine.command import command
+
+    names = [os.fsdecode(b) for b in (b"caf\xe9", b"\xff\xfe", b"\xed\xa0\x80")]  # surrogate-escaped, as os gives
+    assert command(lambda: [print(f"data: {n}") for n in names] and None) == 0
+    assert capsys.readouterr().out.splitlines() == ["data: caf\\udce9", "data: \\udcff\\udcfe",
+                                                    "data: \\udced\\udca0\\udc80"]

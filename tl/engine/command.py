@@ -13,6 +13,8 @@ one place that turns an exception into a message and an exit status.
   shell's status for an interrupt, after one line saying so. SIGTERM (what `kill`, `timeout`
   and job schedulers send) is taken the same way, so a run stopped by it tidies up as after
   Ctrl-C, and exits with 143 (128 + SIGTERM).
+* A path that is not valid UTF-8 (a file name from another system) is printed with its odd
+  bytes escaped (\\udcNN), never a UnicodeEncodeError.
 * What to change when a write fails names the command's own place for its outputs
   (`outputs`: `--out`, `--dest`, ...), or TL_CACHE_DIR for a file in the cache.
 
@@ -39,6 +41,9 @@ def command(main: Callable[[], int | None], interrupted: str = "interrupted", ou
     an OSError, or 130 after `error: <interrupted>` for Ctrl-C (`interrupted` says what was
     left as it was; 143 for SIGTERM). `outputs`: where the user chooses the command's outputs."""
     stopped_by = [signal.SIGINT]
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 prints escaped, not a crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         with _sigterm_as_interrupt(stopped_by):
             return main() or 0
