@@ -50,6 +50,10 @@ NOTES = {  # what each recipe is meant to show; the figures that follow come fro
 
 
 def note(experiment: str) -> str:
+    searched_on, _, base = experiment.rpartition("tuned_")  # lite0_tuned_X: X with Lite0's numbers
+    if base in NOTES and searched_on.endswith("_"):
+        return (f"{base} with the numbers a search chose for efficientnet_{searched_on[:-1]} on this data set, "
+                f"used unchanged on this backbone: no search ran for it, so these are not its tuned numbers.")
     if experiment.startswith("tuned_"):
         return (f"{experiment[len('tuned_'):]} with its numbers chosen by a search on an inner split of train "
                 f"(python -m experiments.tune: val and test unseen), then trained and scored like the others.")
@@ -406,7 +410,7 @@ def which_recipe(summary: pd.DataFrame, diffs: pd.DataFrame) -> str:
     lines = ["| data set | most accurate | cheapest within its noise |", "|---|---|---|"]
     commands, shortened = [], {}  # shortened: the data sets whose commands need --epochs, in order
     for dataset, group in summary[summary.status == "ok"].groupby("dataset", sort=False):
-        group = group[~group.experiment.str.startswith("tuned_")]
+        group = group[~group.experiment.str.contains("tuned_")]
         if group.empty:
             continue
         best = group.loc[group.headline_acc_mean.idxmax()]

@@ -145,3 +145,16 @@ def test_report_adds_macro_f1_and_balanced_accuracy_from_the_saved_predictions(t
            f"| {100 * np.mean(f1s):.1f} ± {100 * np.std(f1s, ddof=1):.1f} | {100 * np.mean(balanced):.1f} ± " in page
 
 
+
+
+def test_rows_with_numbers_tuned_for_another_backbone_say_so_and_stay_out_of_the_answer():
+    from experiments.report import note
+
+    assert "chosen by a search on an inner split" in note("tuned_modern_finetune")
+    relabelled = note("lite0_tuned_modern_finetune")
+    assert "chose for efficientnet_lite0" in relabelled and "not its tuned numbers" in relabelled
+    summary = pd.read_csv(ROOT / "results" / "summary.csv")
+    assert not summary[summary.backbone != "efficientnet_lite0"].experiment.eq("tuned_modern_finetune").any()
+    readme = (ROOT / "README.md").read_text()
+    answer = readme[readme.index("Which recipe should I use?"):]
+    assert "tuned_modern_finetune` (" not in answer.split("The tuned recipes")[0]
