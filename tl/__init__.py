@@ -4,7 +4,9 @@ This package knows nothing about any one experiment (karpathy/minGPT's rule for
 `mingpt/` vs `projects/`): the recipes in `experiments/recipes/` decide *what* trains, `tl/`
 supplies the pieces they share. Its top level is the core, what a learner reads in one
 sitting; follow one frozen run through it, as docs/READING.md does (it runs offline here):
-`python main.py -e resnet_frozen -b efficientnet_lite0 --data ../shared/data/hymenoptera_data --quick`
+
+    python main.py -e resnet_frozen -b efficientnet_lite0 --quick \\
+        --data ../shared/data/hymenoptera_data
 
     recipe.py       the numbers of one variant of the source documents (a Recipe)
     models.py       a backbone, its pretrained weights, a new head, what trains (body/neck/head)

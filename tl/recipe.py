@@ -26,22 +26,22 @@ class Recipe:
     name: str  # registry key and run-folder prefix, e.g. "vgg_finetune"
     source: str  # document and section it reproduces, e.g. "002 §1.4"
     strategy: str  # one line: what trains
-    backbone: str = "resnet18"  # the document's architecture; --backbone swaps it, the strategy stays
+    backbone: str = "resnet18"  # the document's architecture; --backbone swaps it
     weights: str = "imagenet"  # "imagenet" (pretrained), "none" (random init) or a state_dict file
-    lrs: dict[str, float] = field(default_factory=lambda: {"all": 1e-3})  # per group: body/neck/head, or all
+    lrs: dict[str, float] = field(default_factory=lambda: {"all": 1e-3})  # body/neck/head, or all
     train_epochs: int = 10  # epochs that train; the loop adds the validation-only epoch 0
     batch_size: int = 32
     frozen_bn_eval: bool = False  # keep frozen BatchNorm layers in eval mode while training
     loss: str = "cross_entropy"  # or "bce_logit" for a one-logit head
-    stack_head: bool = False  # keep the ImageNet head and stack a new Linear(1000, n) on it (004 §3)
-    bn_eval: bool = False  # every BatchNorm layer in eval mode, trainable or not (experiments/bn_policy.py)
-    weight_decay: float | None = None  # for a build whose optimizer reads it (modern_finetune); None: none read
-    label_smoothing: float = 0.0  # cross entropy against soft targets: 1-e on the label, e spread over all
-    augment: str = "standard"  # train augmentation (tl/data.build_transforms): standard, tutorial or strong
-    first_epochs: int = 0  # a staged recipe (tl/stages.py): training epochs of its first stage, within train_epochs
-    first_lrs: dict[str, float] | None = None  # that first stage's rates; `lrs` are then the last stage's
-    ema_decay: float = 0.0  # val and best.pth use an average of the weights (tl/engine/ema.py); 0: off
-    tta: bool = False  # the headline and predictions average each photo's and its mirror's probabilities (same)
+    stack_head: bool = False  # keep the ImageNet head, stack a new Linear(1000, n) on it (004 §3)
+    bn_eval: bool = False  # every BatchNorm layer in eval mode (experiments/bn_policy.py)
+    weight_decay: float | None = None  # for a build whose optimizer reads it (modern_finetune)
+    label_smoothing: float = 0.0  # soft targets: 1-e on the label, e spread over all classes
+    augment: str = "standard"  # train augmentation (tl/data.py): standard, tutorial or strong
+    first_epochs: int = 0  # a staged recipe (tl/stages.py): its first stage's training epochs
+    first_lrs: dict[str, float] | None = None  # that first stage's rates; `lrs`: the last stage's
+    ema_decay: float = 0.0  # val and best.pth use an average of the weights (tl/engine/ema.py)
+    tta: bool = False  # headline and predictions average a photo and its mirror (tl/engine/tta.py)
 
     @property
     def num_epochs(self) -> int:
@@ -54,9 +54,9 @@ BuildFn = Callable[[nn.Module, Backbone, Recipe], tuple]
 
 
 def make_criterion(recipe: Recipe, class_weights: torch.Tensor | None = None) -> nn.Module:
-    """The loss the recipe implies. `class_weights` (one per class; `--class-weights auto` gives the
-    inverse class frequency) weigh each image's loss by its class, so a rare class counts as much
-    as a common one; a single logit takes them as `pos_weight`, the weight of class 1 over class 0."""
+    """The loss the recipe implies. `class_weights` (one per class; `--class-weights auto`: the
+    inverse class frequency) weigh each image's loss by its class, so a rare class counts as
+    much as a common one; a single logit takes them as `pos_weight`, class 1's over class 0's."""
     if recipe.loss == "bce_logit":
         pos_weight = None if class_weights is None else class_weights[1:] / class_weights[0]
         return nn.BCEWithLogitsLoss(pos_weight=pos_weight)
