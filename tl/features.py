@@ -14,7 +14,7 @@ The loop itself does not change (tl/loop.py is still the only training loop).
 When is that exact? The prefix must be a fixed function during training: no trainable
 parameter in it, and in the loop's train-mode setup (`net.train()`, then the BatchNorm layers
 that `tl.models.eval_batchnorm` names back in eval mode) it must compute exactly what it
-computes in eval mode and change none of its buffers. That is not decided from a list of module types
+computes in eval mode and change none of its buffers. That is not decided from module types
 (Dropout, Dropout2d, StochasticDepth, DropPath, BatchNorm in train mode, and whatever
 module comes next): `check_prefix_is_fixed` *tries it* on a few images, and caches only if
 the outputs agree bit for bit and every buffer stays as it was. Dropout *after* the cut
@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from tl.models import Backbone
+from tl.models import Backbone, StackedHead, eval_batchnorm
 
 
 class StopForward(Exception):
@@ -64,8 +64,6 @@ def split_at_cut(model: nn.Module, spec: Backbone) -> CacheSplit:
     """The tail of `model` from `spec.cache_cut` on. "fc" -> model.fc; "classifier.2" ->
     Sequential(classifier[2], ..., classifier[-1]): the same module objects, so training the
     tail trains the model."""
-    from tl.models import StackedHead
-
     if isinstance(model, StackedHead):  # 004 §3: only the stacked Linear(1000, 1) trains
         return CacheSplit(model.dense, "dense")
     parent_name, _, last = spec.cache_cut.rpartition(".")
@@ -75,19 +73,13 @@ def split_at_cut(model: nn.Module, spec: Backbone) -> CacheSplit:
     return CacheSplit(model.get_submodule(spec.cache_cut), spec.cache_cut)
 
 
-def why_not_cacheable(model: nn.Module, split: CacheSplit, frozen_bn_eval: bool, probe: torch.Tensor,
-                      bn_eval: bool = False) -> str | None:
-    """None if the prefix is a fixed function during training, else the reason it is not.
-    `frozen_bn_eval` and `bn_eval` are the loop's (`Hooks`): they choose which BatchNorm layers
-    it trains in eval mode (`tl.models.eval_batchnorm`), and so what the prefix computes there.
-
-    The conditions are checked rather than assumed from module types:
-    1. no parameter before the cut trains;
-    2. `check_prefix_is_fixed` on `probe` (a few val images): the tail alone turns the
-       prefix's output into the model's output (no layer runs after the cut), and in the
-       loop's train mode the prefix gives eval mode's output, twice, and leaves its buffers alone."""
-    tail_params = {id(p) for p in split.tail.parameters()}
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in tail_params]
+def why_not_cacheable(model: nn.Module, split: CacheSplit, frozen_bn_eval: bool,
+                      probe: torch.Tensor, bn_eval: bool = False) -> str | None:
+    """None if the prefix is a fixed function during training, else the reason it is not:
+    a parameter before the cut trains, or `check_prefix_is_fixed` fails on `probe` (a few val
+    images). `frozen_bn_eval` and `bn_eval` are the loop's (`Hooks`)."""
+    tail = {id(p) for p in split.tail.parameters()}
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in tail]
     if trainable:
         return f"parameters before the cut point {split.cut} train (e.g. {trainable[0]})"
     return check_prefix_is_fixed(model, split, frozen_bn_eval, probe, bn_eval)
@@ -95,11 +87,8 @@ def why_not_cacheable(model: nn.Module, split: CacheSplit, frozen_bn_eval: bool,
 
 @torch.no_grad()
 def forward_to(model: nn.Module, cut: str, images: torch.Tensor) -> torch.Tensor:
-    """The input of the module `cut` when `model` runs on `images`, in the model's current mode.
-
-    A forward pre-hook on `cut` takes that input and raises `StopForward`: nothing from the
-    cut on runs, so no compute is spent on the tail and nothing in it can change. The check
-    below and the feature pass (tl/engine/feature_store.py) both stop the network this way."""
+    """The input of the module `cut` when `model` runs on `images`, in its current mode: a
+    pre-hook takes it and raises `StopForward`, so nothing from the cut on runs or changes."""
     captured = []
 
     def hook(module, inputs):
@@ -118,17 +107,12 @@ def forward_to(model: nn.Module, cut: str, images: torch.Tensor) -> torch.Tensor
 
 def check_prefix_is_fixed(model: nn.Module, split: CacheSplit, frozen_bn_eval: bool,
                           probe: torch.Tensor, bn_eval: bool = False) -> str | None:
-    """Run the prefix on `probe` as the loop would train it and compare with eval mode.
-
-    The loop's train setup is `model.train()`, then the layers of `eval_batchnorm(model,
-    frozen_bn_eval, bn_eval)` back in eval mode (tl/loop.py asks the same function, so the
-    check tries what the loop will run). Two passes in that setup, with different
-    random seeds, must both equal the eval-mode pass bit for bit: a Dropout, a stochastic
-    depth or a BatchNorm normalising with batch statistics breaks that. A BatchNorm in
-    train mode also updates its running statistics, which the buffer comparison sees. The
-    model's buffers, mode and the global RNG are restored afterwards, whatever happens."""
-    from tl.models import eval_batchnorm
-
+    """Run the prefix on `probe` as the loop would train it (`model.train()`, then the layers of
+    `eval_batchnorm` back in eval mode, as tl/loop.py does) and compare with eval mode: two
+    passes with different seeds must both equal the eval pass bit for bit (a Dropout, a
+    stochastic depth or batch statistics break that) and leave every buffer as it was; and
+    the tail alone must turn the prefix's output into the model's. The model's buffers, mode
+    and the global RNG are restored afterwards, whatever happens."""
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     was_training = model.training
     try:
@@ -136,7 +120,8 @@ def check_prefix_is_fixed(model: nn.Module, split: CacheSplit, frozen_bn_eval: b
             model.eval()
             reference = forward_to(model, split.cut, probe).clone()
             with torch.no_grad():
-                tail_ends = torch.allclose(split.tail(reference), model(probe), rtol=1e-4, atol=1e-5)
+                tail_out = split.tail(reference)
+                tail_ends = torch.allclose(tail_out, model(probe), rtol=1e-4, atol=1e-5)
             passes = []
             for seed in (1, 2):
                 torch.manual_seed(seed)
@@ -151,12 +136,14 @@ def check_prefix_is_fixed(model: nn.Module, split: CacheSplit, frozen_bn_eval: b
                 b.copy_(buffers[name])
         model.train(was_training)
     if not tail_ends:
-        return f"the model computes more after {split.cut} than {split.cut} itself: its output cannot be cached there"
+        return (f"the model computes more after {split.cut} than {split.cut} itself: its output "
+                "cannot be cached there")
     if changed:
-        return f"{changed[0]} changes in training (a BatchNorm in train mode updates its statistics)"
+        return (f"{changed[0]} changes in training (a BatchNorm in train mode updates its "
+                "statistics)")
     if not all(torch.equal(p, reference) for p in passes):
-        return (f"the layers before {split.cut} compute something else in training than in evaluation "
-                f"(Dropout, stochastic depth or BatchNorm batch statistics)")
+        return (f"the layers before {split.cut} compute something else in training than in "
+                "evaluation (Dropout, stochastic depth or BatchNorm batch statistics)")
     return None
 
 
