@@ -43,7 +43,7 @@ class Stage:
     name: str  # what this stage does, for the log and config.json: "frozen body", "everything"
     setup: Callable  # (model, spec, recipe) -> optimizer; sets requires_grad first
     epochs: int | None = None  # training epochs of this stage; None: the rest of the recipe's total
-    schedule: Callable | None = None  # (optimizer, epochs, steps_per_epoch) -> scheduler, or no schedule
+    schedule: Callable | None = None  # (optimizer, epochs, steps_per_epoch) -> scheduler
     interval: str = "epoch"  # step the schedule after every "epoch" or every "step" (batch)
     frozen_bn_eval: bool | None = None  # frozen BatchNorm layers in eval mode; None: the recipe's
     bn_eval: bool | None = None  # every BatchNorm layer in eval mode; None: the recipe's
@@ -71,7 +71,7 @@ def as_stages(built: tuple) -> tuple[torch.nn.Module, list[Stage]]:
     model, second, *rest = built
     if isinstance(second, (list, tuple)):
         return model, list(second)
-    optimizer, scheduler = second, (rest[0] if rest else None)  # built already: the stage hands them over
+    optimizer, scheduler = second, (rest[0] if rest else None)  # built: the stage hands them over
     return model, [Stage("train", setup=lambda *_: optimizer,
                          schedule=(lambda *_: scheduler) if scheduler is not None else None)]
 
@@ -82,7 +82,8 @@ def place(stages: list[Stage], train_epochs: int) -> list[Span]:
     spans, used, end = [], 0, 1  # loop epoch 0 is the baseline; training epochs are 1..train_epochs
     for i, stage in enumerate(stages):
         last = i == len(stages) - 1
-        n = train_epochs - used if stage.epochs is None or last else min(stage.epochs, train_epochs - used)
+        left = train_epochs - used
+        n = left if stage.epochs is None or last else min(stage.epochs, left)
         if n > 0:
             spans.append(Span(i, stage, 0 if not spans else end, end + n))
             used, end = used + n, end + n
@@ -92,12 +93,12 @@ def place(stages: list[Stage], train_epochs: int) -> list[Span]:
 def describe(span: Span, optimizer: torch.optim.Optimizer, scheduler) -> dict:
     """The record of one stage in config.json: its epochs, what trains and at which rates
     (a one-cycle group's peak rate, `max_lr`, rather than its momentary one)."""
+    groups = [{"name": g.get("name", str(i)), "lr": g.get("max_lr", g.get("initial_lr", g["lr"])),
+               "params": sum(p.numel() for p in g["params"])}
+              for i, g in enumerate(optimizer.param_groups)]
     return {"name": span.stage.name, "train_epochs": [max(span.start, 1), span.end - 1],
-            "optimizer": type(optimizer).__name__,
-            "param_groups": [{"name": g.get("name", str(i)), "lr": g.get("max_lr", g.get("initial_lr", g["lr"])),
-                              "params": sum(p.numel() for p in g["params"])}
-                             for i, g in enumerate(optimizer.param_groups)],
-            "trainable_params": sum(p.numel() for g in optimizer.param_groups for p in g["params"]),
+            "optimizer": type(optimizer).__name__, "param_groups": groups,
+            "trainable_params": sum(g["params"] for g in groups),
             "schedule": type(scheduler).__name__ if scheduler is not None else "constant",
             "interval": span.stage.interval}
 
@@ -127,8 +128,8 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
     return LambdaLR(optimizer, factor)
 
 
-def one_cycle(optimizer: torch.optim.Optimizer, total_steps: int, pct_start: float = 0.25, div: float = 25.0,
-              div_final: float = 1e5) -> OneCycleLR:
+def one_cycle(optimizer: torch.optim.Optimizer, total_steps: int, pct_start: float = 0.25,
+              div: float = 25.0, div_final: float = 1e5) -> OneCycleLR:
     """fastai's `fit_one_cycle` schedule with torch's `OneCycleLR` (Smith & Topin 2018).
 
     The rate climbs from lr/`div` to each group's lr (the optimizer's rates are the peaks)
@@ -142,6 +143,7 @@ def one_cycle(optimizer: torch.optim.Optimizer, total_steps: int, pct_start: flo
     to `total_steps - 1`, fastai splits its fraction of iterations at `pct_start`, so the
     peak can sit one step apart; and torch steps the schedule *after* each batch, from the
     start rate, exactly as fastai's callback sets it *before* each batch."""
-    return OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total_steps,
-                      pct_start=pct_start, div_factor=div, final_div_factor=div_final / div,
-                      anneal_strategy="cos", cycle_momentum=True, base_momentum=0.85, max_momentum=0.95)
+    peaks = [g["lr"] for g in optimizer.param_groups]
+    return OneCycleLR(optimizer, max_lr=peaks, total_steps=total_steps, pct_start=pct_start,
+                      div_factor=div, final_div_factor=div_final / div, anneal_strategy="cos",
+                      cycle_momentum=True, base_momentum=0.85, max_momentum=0.95)
