@@ -47,13 +47,14 @@ in (DDP averages the gradients inside `backward()`, so every process takes the s
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm  # tqdm.std, not tqdm.auto: see the progress bar in run_phase
@@ -63,15 +64,9 @@ from tl.models import eval_batchnorm
 
 
 def seed_everything(seed: int) -> None:
-    """The one seeding helper: Python, NumPy and torch (CPU and CUDA) RNGs.
-
-    With the same seed, the same data and the same number of threads, a CPU run
-    repeats its history exactly (tests/test_loop.py checks it). Python's string hashing is
-    not among them: it is seeded when the interpreter starts (PYTHONHASHSEED in the
-    environment), too early for any line here, and nothing in a run depends on it.
-    """
-    import numpy as np
-
+    """The one seeding helper: Python's, NumPy's and torch's (CPU and CUDA) RNGs. With the same
+    seed, data and number of threads a CPU run repeats its history exactly (tests/test_loop.py).
+    Python's string hashing is seeded at interpreter start (PYTHONHASHSEED): no run needs it."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device
@@ -104,14 +99,14 @@ class History:
 
     @classmethod
     def from_dict(cls, d: dict, best_state: dict | None = None) -> History:
-        return cls(rows=[dict(r) for r in d["rows"]], best_epoch=d["best_epoch"], best_acc=d["best_acc"],
-                   best_loss=d["best_loss"], best_state=best_state, stopped_early=d.get("stopped_early"))
+        return cls(rows=[dict(r) for r in d["rows"]], best_epoch=d["best_epoch"],
+                   best_acc=d["best_acc"], best_loss=d["best_loss"], best_state=best_state,
+                   stopped_early=d.get("stopped_early"))
 
 
 def predictions(outputs: torch.Tensor) -> torch.Tensor:
-    """Class indices from logits: `torch.max(outputs, 1)` for (B, C) outputs; for a single
-    logit per image (B, 1), as in 004 §3's `Linear(1000, 1)`, class 1 where the logit > 0
-    (that is, sigmoid > 0.5)."""
+    """Class indices from logits: `torch.max(outputs, 1)` for (B, C) outputs; for one logit
+    per image (B, 1), 004 §3's `Linear(1000, 1)`, class 1 where the logit > 0 (sigmoid > 0.5)."""
     if outputs.shape[1] == 1:
         return (outputs[:, 0] > 0).long()
     _, preds = torch.max(outputs, 1)  # (B,) index of the largest logit
@@ -134,51 +129,49 @@ class Hooks:
     """
 
     scheduler: object = None  # a learning-rate schedule (StepLR in the tutorial)
-    scheduler_interval: str = "epoch"  # step it after each training "epoch", or after each optimizer "step"
-    frozen_bn_eval: bool = False  # frozen BatchNorm layers stay in eval mode while training (docs/ERRATA.md)
+    scheduler_interval: str = "epoch"  # step it after each training "epoch" or optimizer "step"
+    frozen_bn_eval: bool = False  # frozen BatchNorm layers stay in eval mode (docs/ERRATA.md)
     bn_eval: bool = False  # every BatchNorm layer stays in eval mode (experiments/bn_policy.py)
-    best_by: str = "acc"  # the best epoch: highest val "acc" (ties: lower loss), or lowest val "loss"
+    best_by: str = "acc"  # the best epoch: highest val "acc" (ties: lower loss) or lowest "loss"
     autocast_dtype: torch.dtype | None = None  # mixed precision on a GPU (bf16/fp16); None: float32
-    scaler: torch.amp.GradScaler | None = None  # fp16 only: scales the loss so small gradients survive
+    scaler: torch.amp.GradScaler | None = None  # fp16: scales the loss so small gradients survive
     channels_last: bool = False  # NHWC memory layout (faster convolutions on GPUs and oneDNN CPUs)
-    device_sums: bool = False  # loss sums and correct counts stay on the device, read once per phase (a GPU)
-    validate_with: nn.Module | None = None  # score val with this model instead (an averaged copy, say)
-    after_step: Callable[[int], bool | None] | None = None  # after each update; True stops (an LR finder)
+    device_sums: bool = False  # a GPU: no finite-loss check per batch, the sums checked per phase
+    validate_with: nn.Module | None = None  # score val with this model (an averaged copy, say)
+    after_step: Callable[[int], bool | None] | None = None  # after each update; True stops
     end_of_phase: Callable[[int, str, dict], None] | None = None  # (epoch, phase, row): logging
-    end_of_epoch: Callable[[int, History], bool | None] | None = None  # checkpoints; True stops early
+    end_of_epoch: Callable[[int, History], bool | None] | None = None  # checkpoints; True stops
     progress: bool = True  # tqdm progress bars
     log: Callable[[str], None] = print
 
     def __post_init__(self):
         if self.best_by not in ("acc", "loss"):
             raise ValueError(f"best_by must be 'acc' or 'loss', not {self.best_by!r}")
-        if self.scheduler_interval not in ("epoch", "step"):
-            raise ValueError(f"scheduler_interval must be 'epoch' or 'step', not {self.scheduler_interval!r}")
+        if (interval := self.scheduler_interval) not in ("epoch", "step"):
+            raise ValueError(f"scheduler_interval must be 'epoch' or 'step', not {interval!r}")
 
 
-def train_model(net: nn.Module, dataloaders: dict, criterion: nn.Module, optimizer: torch.optim.Optimizer,
-                num_epochs: int, device: torch.device | str = "cpu", history: History | None = None,
+def train_model(net: nn.Module, dataloaders: dict, criterion: nn.Module,
+                optimizer: torch.optim.Optimizer, num_epochs: int,
+                device: torch.device | str = "cpu", history: History | None = None,
                 hooks: Hooks | None = None) -> History:
-    """Train `net` for the epochs `history` has not seen yet, up to `num_epochs - 1`,
-    validating after each. `num_epochs` follows 002: it counts the validation-only epoch 0.
-
-    A new run starts from an empty History; a resumed run, or the next stage of a staged
-    recipe (tl/stages.py), passes the History so far and the loop goes on after its last row.
-    The lines of document 002 §1.3 stand in its order; each optional feature is one named call.
-    """
+    """Train `net` for the epochs `history` has not seen yet, up to `num_epochs - 1`, validating
+    after each; `num_epochs` counts 002's validation-only epoch 0. A resumed run, or a staged
+    recipe's next stage (tl/stages.py), passes its History so far and the loop goes on after
+    its last row. The lines of document 002 §1.3 stand in its order; each option is one call."""
     hooks, device = hooks or Hooks(), torch.device(device)
     history = history if history is not None else History()
-    start_epoch = history.rows[-1]["epoch"] + 1 if history.rows else 0  # after a resume or a stage: go on
+    first = history.rows[-1]["epoch"] + 1 if history.rows else 0  # resumed, or a later stage
     move_to_device(net, device, hooks.channels_last)
-    eval_bn = eval_batchnorm(net, hooks.frozen_bn_eval, hooks.bn_eval)  # BatchNorm layers kept in eval mode
+    eval_bn = eval_batchnorm(net, hooks.frozen_bn_eval, hooks.bn_eval)  # kept in eval mode
 
-    for epoch in range(start_epoch, num_epochs):
+    for epoch in range(first, num_epochs):
         stop = False
         for phase in ("train", "val"):
             if phase == "train":
                 net.train()  # Dropout on, BatchNorm uses and updates batch statistics
                 for bn in eval_bn:
-                    bn.eval()  # ...except these: normalise with, and keep, their ImageNet running statistics
+                    bn.eval()  # ...except these: they keep their ImageNet running statistics
             else:
                 net.eval()  # Dropout off, BatchNorm uses its running statistics
 
@@ -186,10 +179,10 @@ def train_model(net: nn.Module, dataloaders: dict, criterion: nn.Module, optimiz
                 continue  # the baseline: measure the untrained network before any update
 
             model = scored_model(net, phase, hooks)  # val may score an averaged copy (--ema)
-            distributed.set_epoch(dataloaders[phase], epoch)  # [DDP] this epoch's shuffle, the same on all ranks
+            distributed.set_epoch(dataloaders[phase], epoch)  # [DDP] this epoch's shuffle
             row, phase_stop = run_phase(model, dataloaders[phase], criterion, optimizer,
                                         (epoch, num_epochs, phase), device, hooks)
-            stop = stop or phase_stop  # a stop asked during train outlives the val phase that follows
+            stop = stop or phase_stop  # a stop asked in train outlives the val phase after it
             history.rows.append(row)
             report(row, num_epochs, hooks)  # 002's print, one line per phase (docs/ERRATA.md 8)
         step_epoch_schedule(hooks, epoch)  # StepLR: after each training epoch, as the tutorial does
@@ -199,10 +192,10 @@ def train_model(net: nn.Module, dataloaders: dict, criterion: nn.Module, optimiz
     return history
 
 
-def run_phase(net: nn.Module, loader, criterion: nn.Module, optimizer: torch.optim.Optimizer, where: tuple,
-              device: torch.device, hooks: Hooks) -> tuple[dict, bool]:
+def run_phase(net: nn.Module, loader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+              where: tuple, device: torch.device, hooks: Hooks) -> tuple[dict, bool]:
     """One pass over one phase's batches: forward, loss, and in "train" backward and step.
-    `where` is (epoch, num_epochs, phase). Returns the phase's row and whether a hook asked to stop."""
+    `where` is (epoch, num_epochs, phase). Returns the phase's row and whether a hook said stop."""
     epoch, num_epochs, phase = where
     epoch_loss, epoch_corrects, seen, stop = 0.0, 0, 0, False
     started = time.perf_counter()
@@ -212,7 +205,7 @@ def run_phase(net: nn.Module, loader, criterion: nn.Module, optimizer: torch.opt
         optimizer.zero_grad(set_to_none=True)  # gradients accumulate unless cleared
 
         with torch.set_grad_enabled(phase == "train"):
-            with autocast(device, hooks.autocast_dtype):  # mixed precision on a GPU; does nothing when off
+            with autocast(device, hooks.autocast_dtype):  # mixed precision, when asked
                 outputs = net(inputs)  # (B, num_classes) logits
                 loss = criterion(outputs, loss_targets(outputs, labels))  # mean over the batch
             preds = predictions(outputs)  # (B,) 002's torch.max(outputs, 1)
@@ -223,13 +216,12 @@ def run_phase(net: nn.Module, loader, criterion: nn.Module, optimizer: torch.opt
                     loss.backward()  # d(loss)/d(param) for every trainable parameter
                     optimizer.step()  # param -= lr * (its update rule)
                 else:
-                    scaled_step(loss, optimizer, hooks.scaler)  # fp16: the same two steps on a scaled loss
+                    scaled_step(loss, optimizer, hooks.scaler)  # fp16: the same, on a scaled loss
                 stop = after_update(epoch, hooks)  # a per-step schedule, EMA, an LR finder's stop
 
-            # 002's `loss.item() * inputs.size(0)` and `torch.sum(preds == labels)`, kept as tensors
-            # (float64, as Python's float): the same sums, and on a GPU no wait for the queued kernels
-            # at every batch; they are read once, at the end of the phase
-            epoch_loss += loss.detach().double() * inputs.size(0)  # a batch mean, weighted by its size
+            # 002's `loss.item() * inputs.size(0)` and `torch.sum(preds == labels)` as float64
+            # tensors: the same sums, read once per phase, so a GPU never waits at a batch
+            epoch_loss += loss.detach().double() * inputs.size(0)  # a batch mean times its size
             epoch_corrects += torch.sum(preds == labels)
         seen += inputs.size(0)
         if stop:
@@ -237,13 +229,14 @@ def run_phase(net: nn.Module, loader, criterion: nn.Module, optimizer: torch.opt
     return phase_row(epoch_loss, epoch_corrects, seen, where, started), stop
 
 
-# ----------------------------------------------------------------------------- the loop's named calls
+# ------------------------------------------------------------------------- the loop's named calls
 def move_to_device(net: nn.Module, device: torch.device, channels_last: bool) -> None:
-    """The model's weights on the device, in NHWC layout when asked (faster convolutions on GPUs)."""
+    """The model's weights on the device, in NHWC layout when asked (faster GPU convolutions)."""
     net.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
 
 
-def to_device(inputs: torch.Tensor, labels: torch.Tensor, device: torch.device, channels_last: bool):
+def to_device(inputs: torch.Tensor, labels: torch.Tensor, device: torch.device,
+              channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch on the device; non_blocking: with pinned memory the copy overlaps with compute."""
     inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
     if channels_last and inputs.dim() == 4:
@@ -256,17 +249,17 @@ def progress_bar(loader, where: tuple, enabled: bool):
     created, and the `for` again, so each phase would start its workers twice and draw once more
     from the shuffle generator)."""
     epoch, num_epochs, phase = where
-    return tqdm(loader, desc=f"epoch {epoch}/{num_epochs - 1} {phase}", leave=False, disable=not enabled,
-                dynamic_ncols=True)
+    return tqdm(loader, desc=f"epoch {epoch}/{num_epochs - 1} {phase}", leave=False,
+                disable=not enabled, dynamic_ncols=True)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """torch.autocast on the device when a dtype is given; otherwise a context that does nothing."""
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def scored_model(net: nn.Module, phase: str, hooks: Hooks) -> nn.Module:
-    """The model a phase runs: `net`, or in val the averaged copy `hooks.validate_with`, in eval mode."""
+    """The model a phase runs: `net`, or in val `hooks.validate_with` (in eval mode), if given."""
     if phase == "val" and hooks.validate_with is not None:
         return hooks.validate_with.eval()
     return net
@@ -280,22 +273,24 @@ def check_finite(loss: torch.Tensor, where: tuple, device_sums: bool) -> None:
         raise NonFiniteLoss(epoch, phase, loss.item())
 
 
-def scaled_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
-    """fp16's backward and step: the loss scaled up so small gradients survive, unscaled before the update."""
+def scaled_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                scaler: torch.amp.GradScaler) -> None:
+    """fp16's backward and step: the loss scaled up so small gradients survive, unscaled
+    before the update."""
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
 
 
 def after_update(epoch: int, hooks: Hooks) -> bool:
-    """After each optimizer step: a per-step schedule's next rate, then `after_step` (True: stop)."""
+    """After each update: a per-step schedule's next rate, then `after_step` (True: stop)."""
     if hooks.scheduler is not None and hooks.scheduler_interval == "step":
         hooks.scheduler.step()  # one-cycle, warmup + cosine: the next batch gets the next rate
     return hooks.after_step is not None and bool(hooks.after_step(epoch))
 
 
 def phase_row(epoch_loss, epoch_corrects, seen: int, where: tuple, started: float) -> dict:
-    """The phase's row: mean loss and accuracy over its images (ERRATA 8: every phase, not only val)."""
+    """The phase's row: mean loss and accuracy over its images (ERRATA 8: every phase)."""
     epoch, _, phase = where
     epoch_loss, epoch_corrects = float(epoch_loss), int(epoch_corrects)  # the one read of the sums
     if not math.isfinite(epoch_loss):  # device sums: a NaN/inf loss is seen here, at the phase end
@@ -310,8 +305,9 @@ def phase_row(epoch_loss, epoch_corrects, seen: int, where: tuple, started: floa
 def report(row: dict, num_epochs: int, hooks: Hooks) -> None:
     """The phase's line (the baseline epoch marked), then the `end_of_phase` hook."""
     tag = "  (baseline: no training yet)" if row["epoch"] == 0 else ""
+    speed = f"[{row['seconds']:5.1f} s, {row['images_per_s']:6.1f} img/s]"
     hooks.log(f"epoch {row['epoch']:>2}/{num_epochs - 1} {row['phase']:<5} loss {row['loss']:.4f}  "
-              f"acc {row['acc']:.4f}  [{row['seconds']:5.1f} s, {row['images_per_s']:6.1f} img/s]{tag}")
+              f"acc {row['acc']:.4f}  {speed}{tag}")
     if hooks.end_of_phase is not None:
         hooks.end_of_phase(row["epoch"], row["phase"], row)
 
@@ -327,7 +323,8 @@ def should_stop(epoch: int, history: History, stop: bool, hooks: Hooks) -> bool:
     early stopping) asks now; the History notes the epoch."""
     if stop or (hooks.end_of_epoch is not None and hooks.end_of_epoch(epoch, history)):
         history.stopped_early = epoch
-        hooks.log(f"stopping after epoch {epoch} (requested by {'after_step' if stop else 'the epoch-end callback'})")
+        who = "after_step" if stop else "the epoch-end callback"
+        hooks.log(f"stopping after epoch {epoch} (requested by {who})")
         return True
     return False
 
@@ -340,10 +337,11 @@ def remember_if_best(history: History, net: nn.Module, best_by: str) -> None:
     else:
         better = (-val["loss"], val["acc"]) > (-history.best_loss, history.best_acc)
     if better:
-        history.best_epoch, history.best_acc, history.best_loss = val["epoch"], val["acc"], val["loss"]
-        # a copy on the CPU: the live tensors keep changing as training goes on
-        history.best_state = {k: v.detach().to("cpu", copy=True)  # [DDP] unwrap: no "module." prefix
-                              for k, v in distributed.unwrap(net).state_dict().items()}
+        history.best_epoch = val["epoch"]
+        history.best_acc, history.best_loss = val["acc"], val["loss"]
+        # a copy on the CPU (the live tensors keep changing); [DDP] unwrap: no "module." prefix
+        state = distributed.unwrap(net).state_dict()
+        history.best_state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
 
 class NonFiniteLoss(TLError):
@@ -351,8 +349,9 @@ class NonFiniteLoss(TLError):
     last checkpoint on disk is the last good state."""
 
     def __init__(self, epoch: int, phase: str, value: float, at_phase_end: bool = False):
-        when = ("training stopped at the end of the phase (on a GPU the loss is read once per phase), before "
-                "any checkpoint of this epoch" if at_phase_end else "training stopped before the update")
-        super().__init__(f"the {phase} loss became {value} in epoch {epoch}: {when}, the last saved checkpoint "
-                         f"is the last good state. Try a smaller learning rate (--lr-scale 0.1) or check the "
-                         f"data for broken images.")
+        when = ("training stopped at the end of the phase (on a GPU the loss is read once per "
+                "phase), before any checkpoint of this epoch" if at_phase_end
+                else "training stopped before the update")
+        fix = "Try a smaller learning rate (--lr-scale 0.1) or check the data for broken images."
+        super().__init__(f"the {phase} loss became {value} in epoch {epoch}: {when}, the last "
+                         f"saved checkpoint is the last good state. {fix}")

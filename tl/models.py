@@ -169,12 +169,10 @@ def group_of(param_name: str, spec: Backbone) -> str:
 
 
 def set_trainable(model: nn.Module, spec: Backbone, groups: Iterable[str]) -> None:
-    """requires_grad=True for the parameters of `groups`, False for all others.
-
-    A frozen parameter gets no gradient, so the optimizer never moves it. Freezing does
-    NOT freeze BatchNorm's running mean/var: those are buffers, updated by every forward
-    pass in train mode. That is what the loop's `Hooks.frozen_bn_eval` switch is for.
-    """
+    """requires_grad=True for the parameters of `groups`, False for all others. A frozen
+    parameter gets no gradient, so the optimizer never moves it; BatchNorm's running mean/var
+    are buffers, not parameters, updated by every forward pass in train mode: what the loop's
+    `Hooks.frozen_bn_eval` is for."""
     groups = set(groups)
     if unknown := groups - {"body", "neck", "head"}:
         raise ValueError(f"unknown parameter group(s) {sorted(unknown)}")
