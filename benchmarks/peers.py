@@ -233,8 +233,9 @@ def _facts(records: list[dict]) -> list[str]:
         f"- normalisation: {values(lambda r: r['checks']['normalisation'])}",
         f"- machine: {values(lambda r: r['machine'])}; torch threads {values(lambda r: r['threads'])}, "
         f"DataLoader workers {values(lambda r: r['workers'])}, channels_last {values(lambda r: r['channels_last'])}",
-        "- base_lr: " + "; ".join(f"{r['row']} seed {r['seed']}: {r['base_lr']:.3g} ({r['lr_source']})"
-                                   for r in records),
+        "- base_lr: " + "; ".join(f"{r['row']} seed {r['seed']}: {r['base_lr']:.3g} ({r['lr_source']}"
+                                   + (f", found in {r['lr_find_seconds']:.0f} s" if r.get("lr_find_seconds") else "")
+                                   + ")" for r in records),
         f"- commits: {values(lambda r: r['commit'])}",
     ]
 
@@ -486,10 +487,11 @@ def fastai_run(row: str, data: Path, seed: int, epochs: int, settings: dict, log
         learn = fv.Learner(dls, project_model(seed, len(dls.vocab), settings["channels_last"]),
                            splitter=body_and_head(spec), metrics=fv.accuracy, path=scratch)
         with learn.no_bar():
-            base_lr, source = DEFAULT_LR, "fine_tune's default"
-            if row == "fastai_lr_find":
+            base_lr, source, started = DEFAULT_LR, "fine_tune's default", time.perf_counter()
+            if row == "fastai_lr_find":  # fastai's 100 batches (fewer if the loss diverges), on the frozen model
                 learn.freeze()
                 base_lr, source = float(learn.lr_find(show_plot=False).valley), "lr_find's valley"
+            lr_find_seconds = time.perf_counter() - started
             record = epoch_recorder(fv, lambda: check_network(learn.model, project_model(seed, len(dls.vocab))))
             log(f"{row} seed {seed}: fine_tune({epochs - 1}, base_lr={base_lr:.3g}) ({source})")
             learn.fine_tune(epochs - 1, base_lr=base_lr, cbs=[record])
@@ -497,7 +499,8 @@ def fastai_run(row: str, data: Path, seed: int, epochs: int, settings: dict, log
     accuracy = sum(p["label"] == p["prediction"] for p in predictions) / len(predictions)
     check_epochs(record.epochs, epochs, accuracy, scored)
     return {"dataset": data.resolve().name, "row": row, "backbone": BACKBONE, "seed": seed, "epochs": epochs,
-            "batch_size": BATCH, "base_lr": base_lr, "lr_source": source, "scored": scored, "accuracy": accuracy,
+            "batch_size": BATCH, "base_lr": base_lr, "lr_source": source, "lr_find_seconds": lr_find_seconds,
+            "scored": scored, "accuracy": accuracy,
             "images": len(predictions), "seconds_per_epoch": sum(e["seconds"] for e in record.epochs) / epochs,
             "history": record.epochs, "checks": checks | {"network": record.checked}, "versions": versions(),
             **settings}, predictions

@@ -35,7 +35,9 @@ def _fastai_record(out, row: str, seed: int, wrong: set[int], seconds: float) ->
     _predictions(peers.predictions_path(path), wrong)
     path.write_text(json.dumps({
         "dataset": "hymenoptera_data", "row": row, "backbone": peers.BACKBONE, "seed": seed, "epochs": 12,
-        "batch_size": 64, "base_lr": 2e-3, "lr_source": "fine_tune's default", "scored": "val, final epoch",
+        "batch_size": 64, "base_lr": 2e-3, "scored": "val, final epoch",
+        "lr_source": "lr_find's valley" if row == "fastai_lr_find" else "fine_tune's default",
+        "lr_find_seconds": 90.0 if row == "fastai_lr_find" else 0.0,
         "accuracy": 1 - len(wrong) / len(IMAGES), "images": len(IMAGES), "seconds_per_epoch": seconds,
         "history": [], "checks": {"network": "efficientnet_lite0, 296 tensors identical", "normalisation": "mean"},
         "versions": {"fastai": "2.8.12", "fastcore": "1.8", "torch": "2.14.1", "torchvision": "0.29.1",
@@ -104,7 +106,8 @@ def test_the_page_says_what_fastai_was_given_and_every_comparison(recorded):
                   "Normalize.from_stats", "val/ is fastai's validation set",
                   "Resize(460)", "aug_transforms(size=224, min_scale=0.75)", "final epoch", "set_seed(seed, "
                   "reproducible=True)", "fastai 2.8.12, fastcore 1.8, torch 2.14.1", "296 tensors identical",
-                  "python -m benchmarks.peers --data D"):
+                  "python -m benchmarks.peers --data D", "fastai_default seed 0: 0.002 (fine_tune's default)",
+                  "fastai_lr_find seed 2: 0.002 (lr_find's valley, found in 90 s)"):
         assert given in md, given
     assert "| fastai_default | fastai 2.8.12 | 12 | 64 | val, final epoch | 0 1 2 | 75.0 ± 0.0 |" in md
     assert "| fastai_default | two_stage | 1 | 80 |" in md  # the seeds both ran: two_stage has seed 0 alone
