@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,7 @@ optuna = pytest.importorskip("optuna")
 from tl import Interrupted, TLError  # noqa: E402
 from tl.engine import trials, tuning  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[2]
 SETUP = {"recipe": "r", "dataset": "d", "data_fingerprint": "f"}
 
 
@@ -74,10 +76,11 @@ def _dead_pid() -> int:
 
 
 def _running(study, process: dict | None, **enqueued):
-    """A RUNNING trial that drew its numbers and records `process` (None: records nothing)."""
+    """A RUNNING trial that drew its numbers and records `process` (None: asked for by a program
+    without the search's sampler, it records nothing)."""
     if enqueued:
         study.enqueue_trial({"x": 1.0, "y": 0.1, "n": 2, "c": "a"}, user_attrs=enqueued)
-    trial = study.ask()
+    trial = (study if process is not None else optuna.load_study(study_name="s", storage=study._storage)).ask()
     _objective(trial)
     if process is not None:
         trial.set_user_attr("process", process)
@@ -113,21 +116,46 @@ def test_trials_whose_process_is_gone_are_failed_when_the_study_opens_and_retrie
 
     study = _open(tmp_path / "s.db")
     states = {t.number: t.state.name for t in study.trials}
-    assert [states[n] for n in (killed, reused, a_retry, empty.number)] == ["FAIL"] * 4
-    assert [states[n] for n in (alive, elsewhere, unsaid)] == ["RUNNING"] * 3  # the heartbeat's to judge
+    assert [states[n] for n in (killed, reused, unsaid, a_retry, empty.number)] == ["FAIL"] * 5
+    assert [states[n] for n in (alive, elsewhere)] == ["RUNNING"] * 2  # the heartbeat's to judge
     why = trials.failures(study)
-    assert set(why) == {killed, reused, a_retry, empty.number}
+    assert set(why) == {killed, reused, unsaid, a_retry, empty.number}
     assert why[killed] == (f"its process (host {me['host']}, pid {here_dead['pid']}) was gone when the search "
                            f"was opened again")
-    assert trials.retries(study) == {a_retry: 0, empty.number + 1: killed, empty.number + 2: reused}
+    assert why[unsaid].startswith("it recorded no process: its process ended as the trial was created")
+    assert trials.retries(study) == {a_retry: 0, empty.number + 1: killed, empty.number + 2: reused,
+                                     empty.number + 3: unsaid}
     by_number = {t.number: t for t in study.trials}
-    assert [by_number[empty.number + n].state.name for n in (1, 2)] == ["WAITING", "WAITING"]
+    assert [by_number[empty.number + n].state.name for n in (1, 2, 3)] == ["WAITING"] * 3
 
     study = _open(tmp_path / "s.db")  # opened again: nothing more to do
-    assert len(study.trials) == empty.number + 3 and len(trials.retries(study)) == 3
+    assert len(study.trials) == empty.number + 4 and len(trials.retries(study)) == 4
     study.optimize(_objective, n_trials=1)  # a worker takes the first retry, with the killed trial's numbers
     retry = study.trials[empty.number + 1]
     assert retry.params == by_number[killed].params and retry.user_attrs["retry_of"] == killed
+
+
+def test_a_trial_whose_process_ended_inside_ask_is_failed_at_once(tmp_path):
+    """Processes that end right after Optuna's ask() (a new trial, a queued retry taken from the
+    queue, and a trial asked for without the search's sampler): each is failed and named when
+    the search opens the study, not waited for until the heartbeat's grace."""
+    study = _open(tmp_path / "s.db")
+    first = _running(study, {**trials.this_process(), "pid": _dead_pid()})
+    study = _open(tmp_path / "s.db")  # the first trial failed, its retry queued
+    code = (f"import os, sys; sys.path.insert(0, {str(ROOT)!r}); import optuna; from tl.engine import trials; "
+            f"url = 'sqlite:///{tmp_path / 's.db'}'; "
+            f"s = optuna.load_study(study_name='s', storage=url, sampler=trials.TrialSampler(0)); s.ask(); s.ask(); "
+            f"optuna.load_study(study_name='s', storage=url).ask(); os._exit(0)")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    asked = [t.number for t in study.trials if t.state.name == "RUNNING"]
+    assert asked == [first + 1, first + 2, first + 3], [(t.number, t.state.name) for t in study.trials]
+    study = _open(tmp_path / "s.db")
+    assert [t.state.name for t in study.trials] == ["FAIL"] * 4
+    why = trials.failures(study)
+    assert all("was gone when the search was opened again" in why[n] for n in asked[:2]), why
+    assert why[asked[2]].startswith("it recorded no process"), why
+    assert trials.retries(study) == {first + 1: first}  # none drew numbers: nothing more to retry
+    assert tuning.lost_trials(study).still_running(study) == []
 
 
 def test_a_retry_whose_process_is_gone_is_not_retried_again(tmp_path):

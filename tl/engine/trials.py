@@ -13,10 +13,13 @@ its trials honest; the search's study goes through this module for each:
   depends on the seed and n alone, and TPE's model on the trials before it.
 
 * Every trial records who runs it (user_attr "process": host, process id, and when the
-  process started, so that a reused process id is not taken for it). A trial whose process
+  process started, so that a reused process id is not taken for it), inside Optuna's
+  `ask()` as the trial is created (`TrialSampler.before_trial`). A trial whose process
   is gone stays RUNNING in the study: `LostTrials.sweep`, run when a search opens the
   study (and when a worker ends), marks failed at once every RUNNING trial of this host
-  whose process is gone. A trial of another machine is left to the heartbeat: silent for
+  whose process is gone, and every RUNNING trial that still records no process a moment
+  after it was seen (its process ended inside `ask()`, or it was asked for by a program
+  without this sampler: nothing runs it). A trial of another machine is left to the heartbeat: silent for
   the grace period, Optuna marks it failed and calls `LostTrials` (the storage's
   heartbeat_stale_trial_callback). A lost trial's numbers are queued to be tried again
   once, as a trial labelled user_attr "retry_of" = its number; a retry is never retried.
@@ -38,6 +41,7 @@ import hashlib
 import logging
 import os
 import socket
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +50,8 @@ import optuna
 from optuna.trial import TrialState
 
 from tl import Interrupted
+
+SETTLE_S = 1.0  # how long a trial may be seen without its process record before it counts as lost
 
 
 def trial_seed(seed: int, number: int) -> int:
@@ -79,6 +85,10 @@ class TrialSampler(optuna.samplers.BaseSampler):
         return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
 
     def before_trial(self, study, trial) -> None:
+        """Optuna calls this inside `ask()`, as the trial is created (or taken from the queue):
+        the trial records who runs it there, so a process that dies at any later moment has
+        left its record (run_trial's objective may never start)."""
+        study._storage.set_trial_user_attr(trial._trial_id, "process", this_process())
         self._for(trial).before_trial(study, trial)
 
     def after_trial(self, study, trial, state, values) -> None:
@@ -160,10 +170,9 @@ logging.getLogger("optuna.study._optimize").addFilter(_LeaveOutSaid())
 
 
 def run_trial(trial, score: Callable) -> float:
-    """`score(trial)`, the objective every trial of a search runs through: it records who runs
-    the trial first, and a trial stopped by Ctrl-C or an error is labelled before the
-    exception goes on (Optuna marks the trial failed; the command says the error once)."""
-    trial.set_user_attr("process", this_process())
+    """`score(trial)`, the objective every trial of a search runs through: a trial stopped by
+    Ctrl-C or an error is labelled before the exception goes on (Optuna marks the trial
+    failed; the command says the error once)."""
     try:
         return score(trial)
     except optuna.TrialPruned:
@@ -203,17 +212,30 @@ class LostTrials:
 
     def sweep(self, study, when: str = "when the search was opened again") -> list[int]:
         """Fail every RUNNING trial of this host whose process is gone (`when`: when it was
-        seen gone); then Optuna's heartbeat check for the rest. The numbers failed here."""
+        seen gone), and every one that records no process SETTLE_S after it was first seen
+        (a live search records it in the moment it creates the trial); then Optuna's
+        heartbeat check for the rest. The numbers failed here."""
         here, failed = socket.gethostname(), []
+        unsaid = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                  if "process" not in t.user_attrs}
+        if unsaid:
+            time.sleep(SETTLE_S)  # a trial being created this moment records its process meanwhile
+
+        def why(t) -> str | None:
+            process = t.user_attrs.get("process")
+            if process is None:
+                return f"it recorded no process: its process ended as the trial was created (seen {when})" \
+                    if t.number in unsaid else None
+            if process.get("host") == here and gone(process):
+                return f"its process (host {here}, pid {process['pid']}) was gone {when}"
+            return None
 
         def lost() -> list:
-            return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                    if (t.user_attrs.get("process") or {}).get("host") == here and gone(t.user_attrs["process"])]
+            return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if why(t)]
 
         with self.lock() if lost() else contextlib.nullcontext():  # the lock is taken only when there is work
             for t in lost():  # read again under the lock
-                process = t.user_attrs["process"]
-                study.set_user_attr(_key(t.number), f"its process (host {here}, pid {process['pid']}) was gone {when}")
+                study.set_user_attr(_key(t.number), why(t))
                 try:
                     study.tell(t.number, state=TrialState.FAIL)
                 except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
