@@ -332,6 +332,7 @@ def draw(table: list[dict], path: Path) -> Path:
         ax.set_yticks(range(len(rows)), [f"{r['row']}\n({r['scored']})" for r in rows], fontsize=8)
         low = min(100 * float(a) for r in rows for a in r["accuracies"].split())
         ax.set_xlim(max(0.0, low - 5), 100)
+        ax.invert_yaxis()  # the rows top to bottom, as in the table
         ax.set_xlabel("accuracy %")
         ax.set_title(f"{dataset}: fastai (orange) and the project (blue)", fontsize=9)
     fig.tight_layout()
