@@ -12,13 +12,13 @@ sitting; follow one frozen run through it, as docs/READING.md does (it runs offl
     models.py       a backbone, its pretrained weights, a new head, what trains (body/neck/head)
     data.py         transforms and the phase dict of DataLoaders the loop walks
     loop.py         THE train/validate loop: epoch 0 is the untrained baseline
-    features.py     the frozen-feature idea: a frozen prefix computed once, proven exact
+    features.py     the frozen-feature idea: a frozen prefix computed once, checked on a few images
     stages.py       recipes in stages, and learning-rate schedules
     distributed.py  the few lines several processes (torchrun) change, marked [DDP]
 
 When you need the machinery (a run's folder and records, resume, the caches, image
 hygiene, weights offline, evaluation, export, pictures), open `tl/engine/`: `run.py`
-holds the run as named steps, and every other file there is one job.
+holds the run as named steps, and `tl/engine/__init__.py` says each file's job in a line.
 """
 
 

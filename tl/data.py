@@ -1,6 +1,6 @@
 """Images on disk -> normalised tensors -> the phase-dict of DataLoaders.
 
-Every source document builds the same three things (002 §1.3 steps 2-3, 003 §1):
+Documents 002 (§1.3 steps 2-3) and 003 (§1) build the same three things:
 a transform per phase, a Dataset per phase, and a dict ``{"train": loader,
 "val": loader}`` that the loop walks phase by phase. The data sets come from a folder
 laid out the way ``torchvision.datasets.ImageFolder`` expects::
@@ -46,7 +46,7 @@ def build_transforms(mean: tuple[float, ...], std: tuple[float, ...], *, size: i
     `mean`/`std` are those the backbone's weights were trained with: the first convolution
     expects inputs on that scale. `augment=False` gives train the val pipeline (cacheable).
     `policy`, the recipe's train augmentation: "standard" crops 50-100% of the image (002);
-    "tutorial" 8-100%, the PyTorch tutorial's `RandomResizedCrop(224)`; "strong" adds
+    "tutorial" 8-100%, the PyTorch tutorial's `RandomResizedCrop(224)`; "strong" that crop and
     TrivialAugmentWide (Müller & Hutter 2021: one random operation of random strength).
     """
     if policy not in AUGMENT_POLICIES:

@@ -9,7 +9,7 @@ network at a *cut point* (the backbone's `cache_cut`, e.g. ResNet's `fc`):
               computed once, stored                          the loop trains this
 
 and hand the loop the tail as `net` and DataLoaders of stored features instead of images.
-The loop itself does not change (tl/loop.py is still the only training loop).
+The loop itself does not change: tl/loop.py trains the tail as it trains any network.
 
 When is that exact? The prefix must be a fixed function during training: no trainable
 parameter in it, and in the loop's train-mode setup (`net.train()`, then the BatchNorm layers
@@ -27,7 +27,7 @@ rather than at `classifier.6`. Then:
   each epoch draws one of them per image: an approximation, said as such in the results.
 
 The one-time pass runs a copy of the network with each frozen BatchNorm folded into the
-convolution before it (tl/engine/bn_folding.py): the only backbone work a cached run does.
+convolution before it (tl/engine/bn_folding.py); a cached phase needs no other backbone pass.
 Where the features are computed, stored, checked and found again is the machinery's job
 (tl/engine/feature_store.py).
 """
@@ -112,7 +112,7 @@ def check_prefix_is_fixed(model: nn.Module, split: CacheSplit, frozen_bn_eval: b
     passes with different seeds must both equal the eval pass bit for bit (a Dropout, a
     stochastic depth or batch statistics break that) and leave every buffer as it was; and
     the tail alone must turn the prefix's output into the model's. The model's buffers, mode
-    and the global RNG are restored afterwards, whatever happens."""
+    and the CPU's global RNG are restored afterwards, whatever happens."""
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     was_training = model.training
     try:

@@ -1,4 +1,4 @@
-"""THE train/validate loop. Every recipe, test and benchmark trains through `train_model`.
+"""THE train/validate loop. Every recipe and study of the project trains through `train_model`.
 
 It is the loop of document 002 §1.3 ("8. 학습/검증"), written out in full:
 
@@ -31,11 +31,11 @@ Three ideas to take away:
   (experiments/bn_policy.py measures what each choice does).
 
 Everything optional (a schedule, checkpoints, early stopping, mixed precision) comes in
-through one `Hooks` object whose defaults are the tutorial's loop; there is no second loop
-anywhere in the project. A learning-rate schedule steps once per training epoch (StepLR,
-as in the PyTorch tutorial) or, with `scheduler_interval="step"`, after every optimizer
-step (one-cycle, warmup + cosine). A recipe in several stages (tl/stages.py) is trained by
-calling this function once per stage with the same History, which it continues after its last row.
+through one `Hooks` object whose defaults are the tutorial's loop; the project trains in no
+other loop (tests/test_loop.py holds 002's own as an oracle, benchmarks/peers.py runs fastai's).
+A learning-rate schedule steps once per training epoch (StepLR, as in the PyTorch tutorial) or,
+with `scheduler_interval="step"`, after every optimizer step (one-cycle, warmup + cosine); a
+staged recipe (tl/stages.py) calls this function once per stage with the same History.
 
 **Several processes** (`torchrun`; tl/distributed.py) change three things, each a line
 marked `[DDP]`, each a no-op in a single process: the train sampler reshuffles per epoch
@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm  # tqdm.std, not tqdm.auto: see the progress bar in run_phase
+from tqdm import tqdm  # tqdm.std, not tqdm.auto: see progress_bar
 
 from tl import TLError, distributed
 from tl.models import eval_batchnorm
@@ -219,8 +219,8 @@ def run_phase(net: nn.Module, loader, criterion: nn.Module, optimizer: torch.opt
                     scaled_step(loss, optimizer, hooks.scaler)  # fp16: the same, on a scaled loss
                 stop = after_update(epoch, hooks)  # a per-step schedule, EMA, an LR finder's stop
 
-            # 002's `loss.item() * inputs.size(0)` and `torch.sum(preds == labels)` as float64
-            # tensors: the same sums, read once per phase, so a GPU never waits at a batch
+            # 002's `loss.item() * inputs.size(0)` and `torch.sum(preds == labels)`, kept as tensors
+            # (the loss in float64), read once per phase: with device sums a GPU never waits
             epoch_loss += loss.detach().double() * inputs.size(0)  # a batch mean times its size
             epoch_corrects += torch.sum(preds == labels)
         seen += inputs.size(0)

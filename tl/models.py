@@ -11,8 +11,8 @@ that sentence with different answers to "how much":
     BatchNorm only  BN layers and the head train             (000)
     three groups    everything trains, each part at its own learning rate (002 §1.4)
 
-To say "which part" the same way for every architecture, each backbone names three
-groups of parameters, after document 002 §1.4's split of VGG16:
+To say "which part" the same way for every architecture, each backbone names three groups
+(this project's names for 002 §1.4's VGG16 lists: features, classifier.0/3, classifier.6):
 
     body  the early feature extractor: generic edges, textures, parts
     neck  the layers between the body and the output: the most ImageNet-specific features
@@ -68,7 +68,7 @@ def _timm_lite(name: str) -> Callable[[], nn.Module]:
     return lambda: timm.create_model(name, pretrained=False, bn_eps=1e-3)
 
 
-_RESNET_NECK = ("layer4",)  # the last residual stage: 512-channel, most class-specific maps
+_RESNET_NECK = ("layer4",)  # the last residual stage (512 channels; 2048 in resnet50)
 _VGG_NECK = ("classifier.0", "classifier.3")  # 002 §1.4: the two hidden fully connected layers
 BACKBONES: dict[str, Backbone] = {
     b.name: b

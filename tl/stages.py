@@ -18,7 +18,7 @@ learning-rate scheduler (or the stage has none), stepped after every epoch or, w
 epochs count on across stages and the best epoch is chosen over the whole run. Each stage
 is set up only when it starts: its trainable set decides whether the feature cache is
 exact (a frozen-body stage can train on stored features, the unfrozen one cannot), and its
-optimizer starts fresh, as fastai's `unfreeze` + `fit_one_cycle` does. The checkpoint
+optimizer starts fresh (fastai's `fine_tune` keeps one optimizer across both). The checkpoint
 records the stage, so `--resume` continues in the right one with its optimizer and
 schedule state, or starts the next one fresh when the run stopped at a boundary.
 
@@ -37,8 +37,8 @@ from torch.optim.lr_scheduler import LambdaLR, OneCycleLR
 
 @dataclass
 class Stage:
-    """One stage of a recipe. `epochs=None` takes what the recipe's total leaves over (so
-    `--epochs N` changes the last stage); a fixed count is capped by that total."""
+    """One stage of a recipe. The last stage, and one with `epochs=None`, takes what the recipe's
+    total leaves over (so `--epochs N` changes the last stage); a fixed count is capped by it."""
 
     name: str  # what this stage does, for the log and config.json: "frozen body", "everything"
     setup: Callable  # (model, spec, recipe) -> optimizer; sets requires_grad first
