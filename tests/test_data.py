@@ -73,3 +73,18 @@ def test_the_test_split_is_transformed_like_val(tmp_path, policy):
     assert torch.equal(first, expected) and torch.equal(second, expected)
 
 
+
+
+@pytest.mark.parametrize("policy, scale, trivial", [("standard", (0.5, 1.0), False),
+                                                    ("tutorial", (0.08, 1.0), False),
+                                                    ("strong", (0.08, 1.0), True)])
+def test_each_policy_crops_the_area_its_docstring_says(policy, scale, trivial):
+    """build_transforms' policies: standard crops 50-100% of the image (002), tutorial 8-100%
+    (torchvision's default), strong that crop and TrivialAugmentWide; val never crops at random."""
+    from torchvision.transforms import v2
+
+    t = build_transforms(MEAN, STD, policy=policy)
+    crops = [m for m in t["train"].transforms if isinstance(m, v2.RandomResizedCrop)]
+    assert [tuple(c.scale) for c in crops] == [scale]
+    assert any(isinstance(m, v2.TrivialAugmentWide) for m in t["train"].transforms) == trivial
+    assert not any(isinstance(m, (v2.RandomResizedCrop, v2.TrivialAugmentWide)) for m in t["val"].transforms)

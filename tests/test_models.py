@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from experiments.recipes import vgg_stacked
 from tl import TLError
@@ -16,6 +17,7 @@ from tl.engine.selection import image_datasets
 from tl.engine.weights import build_model
 from tl.loop import Hooks, train_model
 from tl.models import (
+    eval_batchnorm,
     get_backbone,
     group_of,
     param_groups,
@@ -114,3 +116,25 @@ def test_every_listed_backbone_builds_freezes_and_steps(backbone, three_class_da
             assert torch.equal(before[name], p), f"frozen {name} moved"
     trained = [n for n, p in model.named_parameters() if group_of(n, spec) != "body"]
     assert any(not torch.equal(before[n], dict(model.named_parameters())[n]) for n in trained)
+
+
+def test_the_batchnorm_layers_kept_in_eval_are_the_frozen_ones_or_all():
+    """`eval_batchnorm` names the BatchNorm layers that stay in eval mode while the model trains:
+    with `frozen_bn_eval` those whose affine parameters are all frozen (or that have none), with
+    `bn_eval` every one, with neither none; the loop keeps exactly those in eval mode, so their
+    running statistics stay as they were while a trainable BatchNorm's move."""
+    frozen, trainable, plain = nn.BatchNorm2d(2), nn.BatchNorm2d(2), nn.BatchNorm2d(2, affine=False)
+    net = nn.Sequential(nn.Conv2d(3, 2, 1), frozen, trainable, plain, nn.Flatten(), nn.LazyLinear(2))
+    net(torch.randn(2, 3, 4, 4))  # materialise the lazy head
+    frozen.requires_grad_(False)
+    assert eval_batchnorm(net, frozen_bn_eval=True, bn_eval=False) == [frozen, plain]
+    assert eval_batchnorm(net, frozen_bn_eval=False, bn_eval=True) == [frozen, trainable, plain]
+    assert eval_batchnorm(net, frozen_bn_eval=False, bn_eval=False) == []
+    before = {n: b.clone() for n, b in net.named_buffers()}
+    data = TensorDataset(torch.randn(8, 3, 4, 4), torch.randint(0, 2, (8,)))
+    loaders = {p: DataLoader(data, batch_size=4) for p in ("train", "val")}
+    train_model(net, loaders, nn.CrossEntropyLoss(), torch.optim.SGD(
+        [p for p in net.parameters() if p.requires_grad], lr=0.1), num_epochs=2,
+        hooks=Hooks(frozen_bn_eval=True, progress=False, log=lambda s: None))
+    moved = {n.split(".")[0] for n, b in net.named_buffers() if not torch.equal(b, before[n])}
+    assert moved == {"2"}  # only the trainable BatchNorm updated its running statistics
