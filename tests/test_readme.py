@@ -104,3 +104,51 @@ def test_every_readme_command_works_in_a_fresh_copy(newcomer):
     assert any("--quick" not in c and "-e" in c for c in ran), "the README's training commands were all skipped"
     assert {reason for _, reason in skipped} <= set(NOT_RUN.values())
     assert not (project / "data" / "hymenoptera_data").exists()  # an offline failure leaves no empty data/
+
+
+READING_PATH = ["README.md", "docs/READING.md", "docs/GUIDE.md", "docs/reading.py",
+                *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tl").glob("*.py"))]
+WRITTEN = {  # a path the reading path names that a command writes, not the repository
+    "results/peers.md": "python -m benchmarks.peers writes it",
+    "results/.compare_all.lock": "compare_all's lock, while it runs",
+}
+HISTORY = ("used to", "no longer", "was changed", "anymore", "formerly")
+
+
+def _resolves(dotted: str) -> bool:
+    import importlib
+
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for name in parts[i:]:
+            if not hasattr(obj, name):
+                return False
+            obj = getattr(obj, name)
+        return True
+    return False
+
+
+@pytest.mark.parametrize("doc", READING_PATH)
+def test_every_file_and_name_the_reading_path_gives_exists(doc):
+    """Each repository path (tl/, experiments/, benchmarks/, tests/, docs/, results/) and each dotted
+    `tl.` name that the README, the reading guide and notebook, GUIDE and the core's docstrings and
+    comments give is there under that name; placeholders (`<run>`, `tl/M.py`, `NAME`) aside."""
+    text = (ROOT / doc).read_text()
+    found = re.finditer(r"(?<![\w/.])((?:tl|experiments|benchmarks|tests|docs|results)/[\w./-]*\w)(<?)", text)
+    paths = {m[1] for m in found if not m[2]}  # a path that goes on in <...> is a pattern
+    missing = [p for p in sorted(paths) if not re.search(r"(^|[/_])M\.py$|NAME", p) and p not in WRITTEN
+               and not (ROOT / p).exists() and not (ROOT / "docs" / p).exists()]
+    names = set(re.findall(r"(?<![\w/.])(tl(?:\.\w+)+)", text))
+    unresolved = [n for n in sorted(names) if not n.endswith(".py") and not _resolves(n)]
+    assert missing == [] and unresolved == [], f"{doc} names what is not there: {missing + unresolved}"
+
+
+@pytest.mark.parametrize("doc", READING_PATH)
+def test_the_reading_path_says_what_is_not_how_it_came_to_be(doc):
+    """No sentence on the reading path tells history ("used to", "no longer", ...)."""
+    text = (ROOT / doc).read_text().lower()
+    assert [w for w in HISTORY if re.search(rf"\b{w}\b", text)] == [], doc
