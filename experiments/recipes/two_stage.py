@@ -23,7 +23,8 @@ base_lr / 10: head 2e-3, the BatchNorm parameters of body and neck 2e-4. One-cyc
 Stage 2, "everything" (the rest of the epochs): the rates are halved (base_lr 1e-3) and
 spread geometrically from base_lr / lr_mult to base_lr across the groups: body 1e-5, neck
 1e-4, head 1e-3. One-cycle with `pct_start=0.3, div=5`: from a fifth of each peak up to
-it in 30% of the steps, then down to peak / 1e5. A fresh optimizer, as `fit_one_cycle` makes.
+it in 30% of the steps, then down to peak / 1e5. A fresh optimizer (fastai's `fine_tune` keeps
+its one optimizer, and the head's Adam state, across both `fit_one_cycle` calls).
 
 Where this differs from fastai: `torch.optim.lr_scheduler.OneCycleLR` places its peak one
 step apart from fastai's and names the final rate differently (see tl.stages.one_cycle);
