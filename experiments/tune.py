@@ -441,12 +441,11 @@ def main(argv=None) -> int:
     command = "python -m experiments.tune " + " ".join(shlex.quote(a) for a in shown_argv(args, argv or sys.argv[1:]))
     try:
         return search(args, command)
-    except (KeyboardInterrupt, Interrupted):
+    except (KeyboardInterrupt, Interrupted):  # Ctrl-C or SIGTERM: tl.engine.command says it, with its exit status
         from tl.engine.tuning import shown_storage
 
-        print(f"error: interrupted: the study in {shown_storage(args.storage)} keeps its finished trials; run the "
-              f"same command again to go on", file=sys.stderr)
-        return 130
+        raise Interrupted(f"interrupted: the study in {shown_storage(args.storage)} keeps its finished trials; run "
+                          f"the same command again to go on") from None
     except TLError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -457,7 +456,7 @@ def search(args: argparse.Namespace, command: str) -> int:
 
     from tl.engine.feature_store import cache_dir
     from tl.engine.prepare import resolve_data_dir
-    from tl.engine.trials import run_trial
+    from tl.engine.trials import interrupts_noted, run_trial, stop_if_interrupted
     from tl.engine.tuning import open_study, shown_storage, storage_errors
 
     check_args(args)
@@ -470,7 +469,8 @@ def search(args: argparse.Namespace, command: str) -> int:
     tuned = args.tuned_dir or (out / "tuned" if args.quick else tuned_dir())
     s.runs_dir = args.runs_dir or Path("runs/tune") / name
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with storage_errors(args.storage):  # a damaged study database: one error: line
+    with storage_errors(args.storage), interrupts_noted():  # a failing study database: one error: line; an
+        # interrupt whose exception a garbage collector's callback swallowed still stops the search
         study = open_study(args.storage, name, setup, args.seed)
         remaining = args.trials - len(finished(study))
         print(f"study {name!r} in {shown_storage(args.storage)}: {len(finished(study))} of {args.trials} trials "
@@ -479,9 +479,10 @@ def search(args: argparse.Namespace, command: str) -> int:
             def log(line: str) -> None:
                 print(line, flush=True)
 
+            budget = optuna.study.MaxTrialsCallback(args.trials, states=tuple(
+                getattr(optuna.trial.TrialState, k) for k in FINISHED))
             study.optimize(lambda trial: run_trial(trial, lambda t: score_trial(t, s, log=log)),
-                           n_trials=remaining, gc_after_trial=True, callbacks=[optuna.study.MaxTrialsCallback(
-                               args.trials, states=tuple(getattr(optuna.trial.TrialState, k) for k in FINISHED))])
+                           n_trials=remaining, gc_after_trial=True, callbacks=[stop_if_interrupted, budget])
         return write_results(study, s, setup, Written(out / key, tuned / f"{key}.json", command))
 
 

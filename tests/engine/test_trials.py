@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -231,3 +232,83 @@ def test_a_trial_stopped_by_ctrl_c_or_an_error_is_failed_labelled_and_not_logged
     assert [exc[0] for m, exc in logged if m.startswith("Trial 2 failed") and exc] == [ValueError]
     assert study.trials[1].state.name == "FAIL" and trials.failures(study)[1].startswith(says)
     assert trials.retries(study) == {} and study.trials[1].user_attrs["process"]["pid"] == os.getpid()
+
+
+# ----------------------------------------------------------------------------- an interrupt is never lost
+class _Garbage:
+    """Sends `signum` to this process when freed, from a place where Python swallows the
+    KeyboardInterrupt its handler raises: `__del__`, or a weak reference's callback."""
+
+    def __init__(self, signum, cycle: bool, weak: list | None = None):
+        self.signum, self.me = signum, self if cycle else None
+        if weak is not None:
+            weak.append(weakref.ref(self, lambda ref: _Garbage._send(signum)))
+
+    @staticmethod
+    def _send(signum) -> None:
+        os.kill(os.getpid(), signum)
+        time.sleep(0.05)  # the handler runs here
+
+    def __del__(self):
+        if not hasattr(self, "weak"):
+            self._send(self.signum)
+
+
+def _interrupted_search(objective, stopped_by: list):
+    from tl.engine.command import _sigterm_as_interrupt
+
+    study = optuna.create_study(direction="maximize", sampler=trials.TrialSampler(0))  # in memory: quick
+    with pytest.raises(KeyboardInterrupt), _sigterm_as_interrupt(stopped_by), trials.interrupts_noted():
+        study.optimize(lambda t: trials.run_trial(t, objective), n_trials=3, gc_after_trial=True,
+                       callbacks=[trials.stop_if_interrupted])
+    return study
+
+
+@pytest.mark.parametrize("signum, where", [  # SIGINT (2, Ctrl-C), SIGTERM (15, tl.engine.command's interrupt)
+    (2, "__del__ in the collection after the trial"), (2, "weakref callback in it"),
+    (2, "__del__ in the middle of the trial"), (15, "__del__ in the collection after the trial")])
+def test_an_interrupt_swallowed_where_python_ignores_exceptions_still_stops_the_search(monkeypatch, where, signum):
+    """The search stops after the trial, and Python's "Exception ignored" report of the swallowed
+    KeyboardInterrupt (sys.unraisablehook) is left out."""
+    weak, stopped_by, reported = [], [2], []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+
+    def objective(trial):
+        value = _objective(trial)
+        if trial.number > 0:
+            pass
+        elif "middle" in where:
+            _Garbage(signum, cycle=False)  # freed at once, inside the trial: the trial goes on to its end
+        elif "weakref" in where:
+            garbage = _Garbage(signum, cycle=True, weak=weak)
+            garbage.weak = True  # only the weak reference's callback sends the signal
+        else:
+            _Garbage(signum, cycle=True)  # freed by Optuna's gc.collect() after the trial
+        return value
+
+    study = _interrupted_search(objective, stopped_by)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"]  # stopped after the first trial, not the third
+    assert stopped_by == [2, signum][: 1 + (signum == 15)]
+    assert reported == []
+
+
+@pytest.mark.parametrize("signum, says", [(2, "interrupted (Ctrl-C)"),
+                                          (15, "interrupted (SIGTERM): stopped by a kill")])
+def test_quick_repeated_interrupts_let_the_first_one_tidy_up_and_the_trial_says_which(tmp_path, signum, says):
+    tidied = []
+
+    def objective(trial):
+        _objective(trial)
+        try:
+            os.kill(os.getpid(), signum)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            os.kill(os.getpid(), signum)  # pressed again at once, while the first is tidied up
+            os.kill(os.getpid(), signum)
+            time.sleep(0.05)
+            tidied.append(trial.number)
+            raise
+
+    study = _interrupted_search(objective, [2])
+    assert tidied == [0] and [t.state.name for t in study.trials] == ["FAIL"]
+    assert trials.failures(study)[0].startswith(says)

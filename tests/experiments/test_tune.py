@@ -30,10 +30,12 @@ pytestmark = pytest.mark.usefixtures("own_cache_dir")
 # ----------------------------------------------------------------------------- the search
 def _tune(tmp_path: Path, data: Path, weights: Path, *extra: str) -> int:
     from experiments import tune
+    from tl.engine.command import command  # as `python -m experiments.tune` runs it
 
-    return tune.main(["--recipe", "modern_finetune", "--data", str(data), "--backbone", "tiny", "--weights",
-                      str(weights), "--quick", "--out", str(tmp_path / "pages"), "--tuned-dir", str(tmp_path / "tuned"),
-                      "--runs-dir", str(tmp_path / "trials"), "--storage", str(tmp_path / "study.db"), *extra])
+    return command(lambda: tune.main([
+        "--recipe", "modern_finetune", "--data", str(data), "--backbone", "tiny", "--weights", str(weights), "--quick",
+        "--out", str(tmp_path / "pages"), "--tuned-dir", str(tmp_path / "tuned"),
+        "--runs-dir", str(tmp_path / "trials"), "--storage", str(tmp_path / "study.db"), *extra]))
 
 
 def _study(tmp_path: Path):
@@ -265,25 +267,41 @@ def test_a_search_killed_mid_trial_and_run_again_at_once_tries_new_numbers(tiny_
     assert "was gone" in (tmp_path / "pages" / KEY / "trials.csv").read_text()
 
 
-def test_ctrl_c_mid_trial_is_one_error_line_and_exit_130(tiny_data, tmp_path):
+def test_ctrl_c_or_sigterm_is_one_error_line_and_the_signals_exit_status(tiny_data, tmp_path):
+    """Two search processes at once: SIGTERM mid-trial followed at once by two Ctrl-C (143: the
+    first signal counts), and Ctrl-C whose KeyboardInterrupt Python swallows in the garbage
+    collection Optuna runs after a trial (it still stops the search: 130). Each prints one
+    `error:` line and nothing else, and a trial it stopped is failed and labelled by its signal."""
+    cases = {"term": ({"TL_TEST_HOLD_TRIAL": "0"}, [signal.SIGTERM, signal.SIGINT, signal.SIGINT], 143),
+             "swallowed": ({"TL_TEST_SWALLOWED": "SIGINT del"}, [], 130)}
+    children = {}
+    for name, (env, _, _) in cases.items():
+        argv = _argv(tmp_path / name, tmp_path / name / "study.db", "--trials", 2)
+        argv[argv.index("--data") + 1] = str(tiny_data)
+        children[name] = _start(tmp_path, name, argv, **env)
+    try:
+        for name, (_, signals, _) in cases.items():
+            if signals:
+                _wait_for(children[name], tmp_path / f"{name}.out", "holding trial 0")
+            for signum in signals:
+                children[name].send_signal(signum)
+                time.sleep(0.05)
+        for child in children.values():
+            child.wait(timeout=120)
+    finally:
+        for child in children.values():
+            child.kill()
+            child.wait()
+    for name, (_, _, status) in cases.items():
+        err = (tmp_path / f"{name}.err").read_text()
+        assert (children[name].returncode, err.splitlines()) == (status, [
+            f"error: interrupted: the study in {tmp_path / name / 'study.db'} keeps its finished trials; run the "
+            f"same command again to go on"]), (name, err)
     from tl.engine.trials import failures
 
-    child = _start(tmp_path, "run", _argv(tmp_path, tmp_path / "study.db", "--trials", 2), TL_TEST_HOLD_TRIAL="0")
-    try:
-        _wait_for(child, tmp_path / "run.out", "holding trial 0")
-        child.send_signal(signal.SIGINT)
-        child.wait(timeout=120)
-    finally:
-        child.kill()
-        child.wait()
-    err = (tmp_path / "run.err").read_text()
-    assert child.returncode == 130, err
-    assert [line for line in err.splitlines() if line.startswith("error:")] == [
-        f"error: interrupted: the study in {tmp_path / 'study.db'} keeps its finished trials; run the same command "
-        f"again to go on"], err
-    assert "Traceback" not in err and "Trial 0 failed" not in err, err
-    study = _study(tmp_path)
-    assert [t.state.name for t in study.trials] == ["FAIL"] and failures(study)[0].startswith("interrupted")
+    states = {name: [t.state.name for t in _study(tmp_path / name).trials] for name in cases}
+    assert states == {"term": ["FAIL"], "swallowed": ["COMPLETE"]}  # the second trial never started
+    assert failures(_study(tmp_path / "term"))[0].startswith("interrupted (SIGTERM): stopped by a kill")
 
 
 # ----------------------------------------------------------------------------- a shared search
