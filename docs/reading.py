@@ -11,21 +11,17 @@
 # %% [markdown]
 # # Reading the core: one frozen run, cell by cell
 #
-# This notebook walks through the core, `tl/*.py`, in the order a run meets it: the recipe, the
-# model and its three groups, freezing, the data, **the** loop with its epoch-0 baseline, frozen
-# features, and a recipe in stages. Each cell calls the core's own functions, so what you see is
-# what `python main.py -e resnet_frozen -b efficientnet_lite0 --data ../shared/data/hymenoptera_data`
-# does, one step at a time, without the machinery around it (run folder, checkpoints, caches).
-#
-# The source is `docs/reading.py` (jupytext's percent format); `docs/reading.ipynb` is the same
-# cells with the outputs of a run on the shared ants-vs-bees photos, made by
-# `python -m benchmarks.reading_notebook`. On a 2-core CPU the whole notebook runs in a few
-# minutes: it trains 2 epochs where the recipe trains 13, and says so where it does.
+# The sections follow the map in docs/READING.md, the core's files (`tl/*.py`) in the order a run
+# meets them. Each cell calls the core's own functions, so what you see is what `python main.py -e
+# resnet_frozen -b efficientnet_lite0 --data ../shared/data/hymenoptera_data` does, one step at a
+# time, without the machinery around it; where a cell uses a piece of that machinery, the text says
+# which file holds it. `docs/reading.ipynb` is this file's cells (`docs/reading.py`, jupytext's percent
+# format) with the outputs of `python -m benchmarks.reading_notebook` on the shared ants-vs-bees
+# photos; docs/READING.md says how long that takes on a CPU.
 #
 # The source documents are cited by number: 001 (a book chapter: ResNet18 as a frozen feature
 # extractor), 002 (VGG16 on ants and bees: §1.3 transfer learning, §1.4 fine-tuning), 003
-# (torchvision's ResNet18 from random weights, §3, and from ImageNet's, §4), 004 (saving and
-# loading; §3 a new layer stacked on an ImageNet classifier).
+# (torchvision's ResNet18 from random weights, §3, and from ImageNet's, §4).
 
 # %%
 import os
@@ -40,12 +36,11 @@ sys.path.insert(0, str(ROOT))
 # which photos and which network: the shared photos and EfficientNet-Lite0 (its ImageNet weights ship
 # in a pip package, so this runs offline). The project's tests point these at tiny synthetic images.
 DATA = ROOT / os.environ.get("TL_READING_DATA", "../shared/data/hymenoptera_data")  # relative: to the project
-BACKBONE = os.environ.get("TL_READING_BACKBONE", "efficientnet_lite0")
+BACKBONE = os.environ.get("TL_READING_BACKBONE", "efficientnet_lite0")  # a name of tl.models.BACKBONES
 WEIGHTS = os.environ.get("TL_READING_WEIGHTS", "imagenet")  # or "none", or a state_dict file
 print(f"photos:   {DATA.resolve()}\nbackbone: {BACKBONE} with {WEIGHTS} weights")
 warnings.filterwarnings("ignore", message="IProgress not found")  # timm's import asks tqdm for Jupyter widgets
 
-# %%
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
@@ -54,7 +49,7 @@ from tl.engine.progress import show_progress
 from tl.loop import seed_everything
 
 seed_everything(0)  # Python, NumPy and torch: the same numbers on every run of this notebook
-show_progress(False)  # no progress bars: in a notebook each update would stay in the output
+show_progress(False)  # tl/engine/progress.py: no bars (in a notebook each update would stay)
 plt.rcParams.update({"figure.dpi": 72, "figure.figsize": (9, 3)})  # small pictures: the .ipynb stays small
 pd.set_option("display.precision", 4)
 
@@ -62,10 +57,12 @@ pd.set_option("display.precision", 4)
 # ## 1. The recipe: the document's numbers and what trains
 #
 # A `Recipe` (`tl/recipe.py`) holds the numbers of one variant of a source document, and its
-# recipe file a `build(model, spec, recipe)` that says what trains. `resnet_frozen` is document
-# 001's frozen feature extractor (listings 5-16 to 5-22): every pretrained parameter frozen, a new
-# last layer, Adam at its default rate, batch 32, 13 training epochs. `--backbone` swaps the
-# architecture and keeps the strategy, as we do here.
+# recipe file, experiments/recipes/NAME.py (`get_experiment` of experiments/__init__.py loads it by
+# name), a `build(model, spec, recipe)` that says what trains. `resnet_frozen` is document 001's
+# frozen feature extractor (listings 5-16 to 5-22): every pretrained parameter frozen, a new last
+# layer, Adam at its default rate, batch 32, 13 training epochs. `--backbone` swaps the
+# architecture and keeps the strategy, as we do here. Below it, `resnet_finetune` (003 §4) for
+# comparison: the same two lines, but every group trains (body, neck and head, at 1e-4).
 
 # %%
 import inspect
@@ -78,23 +75,28 @@ print(f"{recipe.name} ({recipe.source}): {recipe.strategy}")
 print(f"rates {recipe.lrs}, batch {recipe.batch_size}, {recipe.train_epochs} training epochs, "
       f"frozen BatchNorm in eval mode: {recipe.frozen_bn_eval}\n")
 print(inspect.getsource(frozen.build))
+finetune = get_experiment("resnet_finetune")
+print(f"{finetune.RECIPE.name} ({finetune.RECIPE.source}): {finetune.RECIPE.strategy}\n")
+print(inspect.getsource(finetune.build))
 
 # %% [markdown]
 # ## 2. The model: pretrained weights, a new head, three groups
 #
-# `tl.engine.weights.build_model` finds the ImageNet weights (offline first) and hands them to
-# `tl.models.create_model`, which builds the architecture, loads them, and swaps the last Linear
-# layer for a new one with one output per class (002 §1.3 step 4: `net.classifier[6] =
-# nn.Linear(in_features=4096, out_features=2)`; 003 §4: `model.fc = nn.Linear(num_ftrs, 2)`).
-# The classes are the folder names of `train/`, as `ImageFolder` reads them.
+# `tl.models.get_backbone` gives a network's `Backbone`: where its head is, its groups, its crop
+# size and pixel scale. `build_model` (tl/engine/weights.py) finds the ImageNet weights (offline
+# first) and hands them to `tl.models.create_model`, which builds the architecture, loads them, and
+# swaps the last Linear layer for a new one with one output per class (002 §1.3 step 4:
+# `net.classifier[6] = nn.Linear(in_features=4096, out_features=2)`; 003 §4: `model.fc =
+# nn.Linear(num_ftrs, 2)`). The classes are the folder names of `train/`, as `class_folders`
+# (tl/engine/images.py, the one rule every command uses) reads them.
 
 # %%
-from tl.engine.backbones import backbone_spec
 from tl.engine.images import class_folders
 from tl.engine.weights import build_model
+from tl.models import get_backbone
 
 classes, _ = class_folders(DATA / "train")
-spec = backbone_spec(BACKBONE)
+spec = get_backbone(BACKBONE)
 model = build_model(BACKBONE, num_classes=len(classes), weights=WEIGHTS)
 print(f"classes: {classes}")
 print(f"the new head, {spec.head}: {model.get_submodule(spec.head)}")
@@ -144,20 +146,17 @@ from tl.recipe import make_criterion
 
 model, optimizer = frozen.build(model, spec, recipe)
 criterion = make_criterion(recipe)  # cross entropy, as every document uses for classes
-print(optimizer)
-print(criterion)
+print(optimizer, criterion, sep="\n")
 
 # %% [markdown]
 # ## 3. The data: transforms, data sets, the phase dict of loaders
 #
-# `tl.data.build_transforms` gives two pipelines (002 §1.3 step 2, `ImageTransform`): train
-# crops a random 50-100% of each photo and flips a coin for a mirror image, so every epoch sees
-# slightly different pictures; val resizes the shorter side and cuts the centre, the same every
-# time. Both scale the pixels with the mean and spread the backbone's weights were trained with.
-# `tl.engine.selection.select_images` is the one function that decides which files are each
-# phase's images (every command and study goes through it), and `tl.data.make_loaders` gives
-# the loop its dict `{"train": ..., "val": ...}` (step 3), with only train shuffled, from a
-# seeded generator.
+# `tl.data.build_transforms` gives two pipelines (002 §1.3 step 2, `ImageTransform`): train crops
+# a random 50-100% of each photo and flips a coin for a mirror image, a new draw every epoch; val
+# resizes the shorter side and cuts the centre, the same every time. Both scale the pixels as the
+# backbone's weights were trained. `select_images` (tl/engine/selection.py; every command goes
+# through it) decides which files are each phase's images, and `tl.data.make_loaders` gives the loop
+# its dict `{"train": ..., "val": ...}` (step 3), only train shuffled, from a seeded generator.
 
 # %%
 from tl.data import build_transforms, make_loaders
@@ -198,9 +197,9 @@ plt.show()
 # as 002's does. Everything optional comes in through one `Hooks` object; here only the
 # recipe's frozen BatchNorm (and no progress bars).
 #
-# The recipe trains 13 epochs; to keep this notebook a few minutes long on a CPU it trains 2.
-# The seconds and images per second are those of the machine that ran it: for the committed
-# outputs, a 2-core CPU shared with other work.
+# The recipe trains 13 epochs; here 2, which take most of this notebook's time on a CPU. The
+# seconds and images per second are those of the machine that made the outputs (for the committed
+# ones, a 2-core CPU shared with other work).
 
 # %%
 from tl.loop import Hooks, train_model
@@ -235,8 +234,8 @@ print("frozen BatchNorm in eval mode (the recipe):", check_prefix_is_fixed(model
 print("BatchNorm in train mode (001's loop):      ", check_prefix_is_fixed(model, split, False, probe))
 
 # %% [markdown]
-# So the features can be stored. `tl.engine.feature_store.compute_features` runs the prefix once
-# over a data set, in eval mode, up to the cut (`tl.features.forward_to` stops the forward pass
+# So the features can be stored. `compute_features` (tl/engine/feature_store.py) runs the prefix
+# once over a data set, in eval mode, up to the cut (`tl.features.forward_to` stops the forward pass
 # there). Val's transform is deterministic, so its features are exact; train's are exact only
 # without augmentation, so here both phases use the val pipeline (a run does that with
 # `--no-augment`). The tail alone, on stored features, gives the whole model's logits.
@@ -273,13 +272,14 @@ pd.DataFrame(more.rows)[["epoch", "phase", "loss", "acc", "images_per_s"]]
 # %% [markdown]
 # ## 6. Stages and schedules
 #
-# A recipe's `build` may return stages instead of one optimizer (`tl/stages.py`). `two_stage` is
-# fastai's `fine_tune`: one epoch with the body frozen (the head and BatchNorm train), then
-# everything at body/neck/head rates, each stage with a one-cycle schedule stepped after every
-# batch. `place` lays the stages on the loop's epochs; the run then calls `train_model` once per
-# stage with the same History, so the epochs count on and the best epoch is chosen over the run.
-# Below: the plan of the recipe's 10 epochs, and the learning rate each group gets at every step
-# (the schedules only, stepped without training).
+# A recipe's `build` may return stages instead of one optimizer (`tl/stages.py`). `two_stage`
+# (experiments/recipes/two_stage.py) is fastai's `fine_tune`: one epoch with the body frozen (the
+# head and BatchNorm train), then everything at body/neck/head rates, each stage with a one-cycle
+# schedule stepped after every batch. `place` lays the stages on the loop's epochs; a run then
+# calls `train_model` once per stage with the same History (`train_stages` in tl/engine/run.py,
+# where `stage_hooks` of tl/engine/stage_setup.py turns a stage's settings into the loop's `Hooks`),
+# so the epochs count on and the best epoch is chosen over the run. Below: the plan of the recipe's
+# 10 epochs, and each group's learning rate at every step (the schedules alone, without training).
 
 # %%
 import math
@@ -309,9 +309,5 @@ plt.show()
 # %% [markdown]
 # ## Where to go next
 #
-# * `tl/distributed.py`: the three lines of the loop marked `[DDP]`, which several processes
-#   (`torchrun`) change; each is a no-op in one process.
-# * `tl/engine/run.py`: the same run as the machinery does it, as named steps (`begin`,
-#   `choose_images`, `build_model_and_stages`, `start_stage`, `train_stages`), with the run folder,
-#   checkpoints, `--resume` and the feature cache on disk around them.
-# * docs/GUIDE.md: every recipe and option, and the committed results.
+# docs/READING.md's map goes on: `tl/distributed.py` (the loop's three `[DDP]` lines), then
+# `tl/engine/run.py`, the same run as the machinery does it. docs/GUIDE.md has every recipe and option.
