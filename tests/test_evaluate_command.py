@@ -30,13 +30,21 @@ def test_evaluate_reads_the_data_and_the_split_from_the_run(tmp_path, tiny_backb
     assert code == 0 and f"data: {d} (from the run's config.json)" in out and "(6 images)" in out
 
 
-@pytest.mark.parametrize("config", ["{not json", "[]", '{"recipe": {}}'])
+DEEP = '{"a":' * 100_000 + "1" + "}" * 100_000  # JSON nested deeper than Python's parser goes
+NOT_UTF8 = b'{"recipe": "caf\xe9"}'
+
+
+@pytest.mark.parametrize("config", ["{not json", "[]", '{"recipe": {}}', DEEP, "[" * 50_000, NOT_UTF8])
 def test_a_malformed_config_beside_a_checkpoint(trained_run, tiny_data, capsys, config):
-    (trained_run / "config.json").write_text(config)
+    write = (trained_run / "config.json").write_bytes if isinstance(config, bytes) else (
+        trained_run / "config.json").write_text
+    write(config)
     for argv in (["--evaluate", trained_run / "best.pth", "--data", tiny_data],
                  ["--predict", tiny_data / "val" / "class_0" / "000.png", "--checkpoint", trained_run / "best.pth"]):
         code, _, err = cli_exit(capsys, *argv)
         assert code == 2 and "config.json is not a run config this project wrote" in err
+    code, _, err = cli_exit(capsys, "--resume", trained_run / "last.ckpt", "--epochs", "3")  # resume reads it first
+    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
 
 
 def test_a_config_with_wrong_types_is_a_message(tmp_path, tiny_backbone, capsys):

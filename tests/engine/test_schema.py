@@ -115,6 +115,21 @@ def test_a_tuned_file_out_of_bounds_is_one_line_and_nothing_trains(tmp_path, tin
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("text", ['{"a":' * 100_000 + "1" + "}" * 100_000, "[" * 50_000 + "]" * 50_000])
+def test_a_tuned_file_nested_too_deeply_is_one_error_not_a_traceback(tmp_path, text):
+    """schema.loads, the reader of every hand-edited JSON file: nesting past Python's parser is a
+    ValueError, which each reader turns into its one error line."""
+    from tl import TLError
+    from tl.engine.schema import loads
+
+    with pytest.raises(ValueError, match="nested too deeply"):
+        loads(text)
+    path = tmp_path / "modern_finetune-d-tiny.json"
+    path.write_text(text)
+    with pytest.raises(TLError, match="is not a tuned file"):
+        tuned_recipe(get_experiment("modern_finetune").RECIPE, path)
+
+
 @pytest.mark.parametrize("key", ["recipe_fields", "params", "recipe", "dataset", "backbone"])
 def test_a_tuned_file_without_a_required_field_is_refused(tmp_path, tiny_data, key):
     path = _tuned_file(tmp_path, tiny_data, lambda t: {k: v for k, v in t.items() if k != key})

@@ -174,7 +174,7 @@ def check_description(meta, path: Path, run) -> dict:
 
 def _read_description(text: str, path: Path):
     try:
-        return json.loads(text)
+        return schema.loads(text)
     except ValueError:
         raise TLError(f"{path}: its description ({META_KEY}) is not JSON: export the run again "
                       f"(python main.py --export RUN) rather than editing it") from None

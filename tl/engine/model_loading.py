@@ -5,7 +5,6 @@ checked against the digest the run recorded (`load_model`).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from tl import TLError
 from tl.engine.backbones import backbone_spec
 from tl.engine.checkpoint import load_checkpoint, load_into, load_state_file, verify_state_file
 from tl.engine.class_names import how_names_differ
-from tl.engine.schema import CONFIG, check
+from tl.engine.schema import CONFIG, check, loads
 from tl.engine.weights import build_model
 
 
@@ -50,7 +49,7 @@ def context_for(path: Path, backbone: str | None) -> ModelContext:
     config_file = folder / "config.json"
     if config_file.is_file():
         try:
-            config = json.loads(config_file.read_text())
+            config = loads(config_file.read_text())
         except ValueError as exc:
             raise TLError(f"{config_file} is not a run config this project wrote (not JSON: {exc}); restore it "
                           f"from the run, or move it away and name the architecture with --backbone") from None

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import json
 import os
 import platform
 import shutil
@@ -40,7 +39,7 @@ import torch
 from torch import nn
 
 from tl import Interrupted, TLError
-from tl.engine import checkpoint, distributed, metrics
+from tl.engine import checkpoint, distributed, metrics, schema
 from tl.engine.backbones import folder_label
 from tl.engine.balance import class_counts
 from tl.engine.early_stopping import should_stop
@@ -270,11 +269,11 @@ def check_own_checkpoint(ckpt: dict, path: Path) -> None:
     never taken as proof: a copy of another run's last.ckpt has them all."""
     folder, theirs = Path(path).parent, ckpt.get("identity")
     try:
-        config = json.loads((folder / "config.json").read_text())
+        config = schema.loads((folder / "config.json").read_text())
     except FileNotFoundError:
         raise TLError(f"{folder} has no config.json, so it is not the folder of the run {path} belongs to; "
                       f"resume a checkpoint in its own run's folder") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # not UTF-8, not JSON, nested too deeply
         raise TLError(f"{folder / 'config.json'} is not readable JSON ({exc}); the run cannot be resumed "
                       f"without it") from None
     own = config.get("identity") if isinstance(config, dict) else None

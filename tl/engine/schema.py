@@ -39,6 +39,16 @@ from dataclasses import dataclass, field
 from tl import TLError
 
 
+def loads(text: str):
+    """`json.loads` for a file a person may edit: every way the text is not a JSON value this
+    process can hold (bad syntax, nesting deeper than Python's parser goes) is a ValueError,
+    as a file that is not UTF-8 already is when read."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply to read") from None
+
+
 class SchemaError(TLError):
     """Fields out of their schema: one line per violation (each printed as its own `error:` line)."""
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tl import TLError
-from tl.engine.schema import RECIPE, TUNED, TUNED_RULES, SchemaError, check, problems
+from tl.engine.schema import RECIPE, TUNED, TUNED_RULES, SchemaError, check, loads, problems
 from tl.recipe import Recipe
 
 HEARTBEAT_S, GRACE_S = 60, 180  # a trial silent for 3 minutes was lost (tl/engine/trials.py LostTrials)
@@ -336,7 +336,7 @@ def tuned_recipe(base: Recipe, path: Path) -> Recipe:
     """The recipe a tuned file (experiments/tune.py) describes: `base` with the chosen fields
     replaced and the backbone they were tuned with, named tuned_<base>."""
     try:
-        tuned = check(json.loads(Path(path).read_text()), TUNED, f"{path}: ", EDITED)
+        tuned = check(loads(Path(path).read_text()), TUNED, f"{path}: ", EDITED)
         fields = tuned["recipe_fields"]
         if tuned["recipe"] != base.name:
             raise TLError(f"{path} holds numbers tuned for {tuned['recipe']}, not {base.name}")
