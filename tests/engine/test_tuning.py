@@ -171,6 +171,33 @@ def test_a_sqlite_file_of_another_program_is_refused_and_kept(tmp_path, tables):
     assert path.read_bytes() == before
 
 
+@pytest.fixture(scope="module")
+def six_trials(tmp_path_factory) -> bytes:
+    """The bytes of a study file holding six finished trials."""
+    path = tmp_path_factory.mktemp("study") / "study.db"
+    study = tuning.open_study(path, "s", {"recipe": "r", "dataset": "d", "data_fingerprint": "f"}, seed=0)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1) + t.suggest_int("n", 1, 5), n_trials=6)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("page", [1, 2, 9, 25, -1])  # 4 KiB pages; 25: 100 KiB into the file; -1: the last page
+def test_a_study_file_damaged_inside_one_page_is_refused_and_kept(tmp_path, six_trials, page):
+    """Random bytes over one page that the table list does not read (a disk's or a copy's damage):
+    SQLite's quick_check finds it before the search writes anything."""
+    import random
+
+    from tl.engine.tuning import check_storage_file
+
+    at = (page % (len(six_trials) // 4096)) * 4096
+    path = tmp_path / "study.db"
+    path.write_bytes(six_trials[:at] + random.Random(page).randbytes(4096) + six_trials[at + 4096:])
+    before = path.read_bytes()
+    with pytest.raises(TLError, match=r"--storage .*study\.db( is damaged \(SQLite's quick_check: .+\)|: SQLite cannot "
+                                      r"read it \(.+\)); it is left as it is: repair it") as caught:
+        check_storage_file(path)
+    assert "\n" not in str(caught.value) and path.read_bytes() == before
+
+
 @pytest.mark.parametrize("failure", ["storage", "sqlalchemy", "sqlite"])
 def test_a_study_database_that_fails_mid_search_is_one_error(tmp_path, failure):
     """A damaged page that the table list did not show fails only when Optuna reads it: one TLError

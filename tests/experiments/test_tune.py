@@ -172,6 +172,19 @@ def _foreign_sqlite(path: Path) -> Path:
     return path
 
 
+def _damaged_study(path: Path) -> Path:
+    """A study file of two trials whose third page is overwritten with random bytes."""
+    import random
+
+    from tl.engine import tuning
+
+    study = tuning.open_study(path, "s", {"recipe": "modern_finetune", "dataset": "tiny", "data_fingerprint": "?"}, 0)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    data = path.read_bytes()
+    path.write_bytes(data[:8192] + random.Random(0).randbytes(4096) + data[12288:])
+    return path
+
+
 def _tune_with_storage(tmp_path: Path, data: Path, backbone: str, storage: Path, *extra) -> int:
     from experiments import tune
 
@@ -187,6 +200,7 @@ def _tune_with_storage(tmp_path: Path, data: Path, backbone: str, storage: Path,
     (lambda p: (p.mkdir(), p)[1], "is a folder"),
     (_foreign_sqlite, "is a SQLite file of another program"),
     (lambda p: (p.write_bytes(b"SQLite format 3\x00" + b"garbage" * 20), p)[1], "SQLite cannot read it"),
+    (_damaged_study, "is damaged (SQLite's quick_check: "),
 ])
 def test_a_storage_that_is_not_a_study_file_is_refused_and_kept(tiny_data, tiny_backbone, tmp_path, capsys, make,
                                                                  says):

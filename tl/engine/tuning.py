@@ -213,7 +213,8 @@ def _optuna_tables(tables: dict[str, set[str]]) -> bool:
 
 def check_storage_file(path: Path) -> None:
     """Stop unless `path` is a SQLite file or can become one: not a folder, not another kind of
-    file (which SQLite would refuse, or a user would not want overwritten), in a folder that can be made."""
+    file (which SQLite would refuse, or a user would not want overwritten), in a folder that can be made;
+    an existing study file is read whole (SQLite's quick_check) and refused, untouched, where damaged."""
     if path.is_dir():
         raise TLError(f"--storage {path} is a folder: name the study's SQLite file, e.g. {path / 'study.db'}")
     if file := next((p for p in path.parents if p.exists() and not p.is_dir()), None):
@@ -235,8 +236,15 @@ def check_storage_file(path: Path) -> None:
             with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
                 tables = {row[0]: {c[1] for c in db.execute(f"PRAGMA table_info('{row[0]}')")}
                           for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                # every page read once (a damaged page that the table list does not touch): before a search writes
+                found = [line for row in db.execute("PRAGMA quick_check") for line in row[0].splitlines()
+                         if line != "ok" and not line.startswith("*** in database")]
         except sqlite3.Error as exc:
-            raise TLError(f"--storage {path}: SQLite cannot read it ({exc}); choose another --storage") from None
+            raise TLError(f"--storage {path}: SQLite cannot read it ({exc}); it is left as it is: repair it "
+                          f"(sqlite3's .recover) or choose another --storage") from None
+        if found:
+            raise TLError(f"--storage {path} is damaged (SQLite's quick_check: {'; '.join(found[:2])[:160]}); it is "
+                          f"left as it is: repair it (sqlite3's .recover) or choose another --storage")
         if not _optuna_tables(tables):  # only Optuna's tables, some perhaps still missing: a study file
             raise TLError(f"--storage {path} is a SQLite file of another program (tables "
                           f"{', '.join(sorted(tables)[:4])}), not an Optuna study: it is left as it is; "
