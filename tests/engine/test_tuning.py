@@ -198,10 +198,33 @@ def test_a_study_file_damaged_inside_one_page_is_refused_and_kept(tmp_path, six_
     assert "\n" not in str(caught.value) and path.read_bytes() == before
 
 
-@pytest.mark.parametrize("failure", ["storage", "sqlalchemy", "sqlite"])
-def test_a_study_database_that_fails_mid_search_is_one_error(tmp_path, failure):
-    """A damaged page that the table list did not show fails only when Optuna reads it: one TLError
-    naming the storage, not a library traceback."""
+class _DriverError(Exception):
+    """An error of a PostgreSQL driver (its module is psycopg2's)."""
+
+
+_DriverError.__module__ = "psycopg2.errors"
+
+
+def _raised_on_top(first: BaseException, then: BaseException):
+    """`then` raised while `first` was handled, as Optuna raises its own error over a storage's."""
+    try:
+        raise first
+    except BaseException:  # noqa: BLE001
+        raise then  # noqa: B904 - the implicit __context__ is the point
+
+
+@pytest.mark.parametrize("failure, says", [
+    ("storage", "it is left as it is: run the same command again"),
+    ("sqlalchemy", "repair it (sqlite3's .recover)"),
+    ("sqlite", "repair it (sqlite3's .recover)"),
+    ("full disk, then Optuna's AssertionError", "database or disk is full); free some space"),
+    ("read-only, then Optuna's AssertionError", "make it writable"),
+    ("server gone, then UnboundLocalError", "server closed the connection unexpectedly); it is left as it is: run"),
+    ("server gone, caused", "server closed the connection unexpectedly); it is left as it is: run"),
+])
+def test_a_study_database_that_fails_mid_search_is_one_error(tmp_path, failure, says):
+    """Whatever a library raises on top of the database's own error (Optuna's "Should not reach.",
+    an UnboundLocalError in its cleanup): one TLError naming the storage and what failed."""
     import sqlite3
 
     import optuna
@@ -209,9 +232,35 @@ def test_a_study_database_that_fails_mid_search_is_one_error(tmp_path, failure):
 
     from tl.engine.tuning import storage_errors
 
-    raised = {"storage": optuna.exceptions.StorageInternalError("An exception is raised during the commit"),
-              "sqlalchemy": OperationalError("SELECT 1", {}, sqlite3.DatabaseError("malformed")),
-              "sqlite": sqlite3.DatabaseError("database disk image is malformed")}[failure]
-    with pytest.raises(TLError, match=r"--storage .*study\.db: the study database failed \(.+\); it is left as it is"):
+    def sqlalchemy(text):
+        return OperationalError("INSERT INTO trial_values", {}, sqlite3.OperationalError(text))
+
+    def failing():
+        if failure == "storage":
+            raise optuna.exceptions.StorageInternalError("An exception is raised during the commit")
+        if failure == "sqlalchemy":
+            raise OperationalError("SELECT 1", {}, sqlite3.DatabaseError("database disk image is malformed"))
+        if failure == "sqlite":
+            raise sqlite3.DatabaseError("database disk image is malformed")
+        if failure.startswith("full"):
+            _raised_on_top(sqlalchemy("database or disk is full"), AssertionError("Should not reach."))
+        if failure.startswith("read-only"):
+            _raised_on_top(sqlalchemy("attempt to write a readonly database"), AssertionError("Should not reach."))
+        gone = _DriverError("server closed the connection unexpectedly\nThis probably means ...")
+        if failure.endswith("caused"):
+            raise RuntimeError("the trial could not be told") from gone
+        _raised_on_top(gone, UnboundLocalError("cannot access local variable 'frozen_trial'"))
+
+    with pytest.raises(TLError, match=r"--storage .*study\.db: the study database failed \(.+\); ") as caught:
         with storage_errors(tmp_path / "study.db"):
-            raise raised
+            failing()
+    assert says in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
+
+
+def test_an_error_that_is_not_the_databases_goes_on_as_it_is(tmp_path):
+    from tl.engine.tuning import storage_errors
+
+    for error in (AssertionError("a bug"), TLError("said already")):
+        with pytest.raises(type(error)) as caught, storage_errors(tmp_path / "study.db"):
+            raise error
+        assert caught.value is error

@@ -213,6 +213,29 @@ def test_a_storage_that_is_not_a_study_file_is_refused_and_kept(tiny_data, tiny_
     assert not (tmp_path / "trials").exists()
 
 
+def test_a_study_database_that_fails_mid_trial_is_one_error_line(tiny_data, tiny_backbone, tmp_path, monkeypatch,
+                                                                   capsys):
+    """The disk fills while a trial reports its epoch, and Optuna raises its own AssertionError on
+    top of SQLite's error: one line saying the disk is full, exit 2."""
+    import sqlite3
+
+    import optuna
+    from sqlalchemy.exc import OperationalError
+
+    def full(*args, **kwargs):
+        try:
+            raise OperationalError("INSERT", {}, sqlite3.OperationalError("database or disk is full"))
+        except OperationalError:
+            raise AssertionError("Should not reach.")  # noqa: B904 - as Optuna raises it
+
+    monkeypatch.setattr(optuna.storages.RDBStorage, "set_trial_intermediate_value", full)
+    assert _tune_with_storage(tmp_path, tiny_data, tiny_backbone, tmp_path / "study.db", "--trials", 1) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"error: --storage {tmp_path / 'study.db'}: the study database failed (database or "
+                                f"disk is full); free some space (the finished trials are kept), or choose another "
+                                f"--storage"], err
+
+
 # ----------------------------------------------------------------------------- a search as processes
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "modern_finetune-tiny-tiny"  # <recipe>-<data set>-<backbone>

@@ -251,21 +251,53 @@ def check_storage_file(path: Path) -> None:
                           f"choose another --storage")
 
 
+STORAGE_MODULES = ("sqlalchemy", "sqlite3", "_sqlite3", "psycopg2", "psycopg")  # the database's own errors' modules
+
+
+def storage_failure(exc: BaseException | None) -> BaseException | None:
+    """The study database's own error in `exc`'s chain (__cause__ / __context__), or None: a
+    library that fails on top of it (Optuna's AssertionError "Should not reach.", an
+    UnboundLocalError in its cleanup) is the database's failure all the same."""
+    import optuna
+
+    seen, found = set(), None
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, optuna.exceptions.StorageInternalError) \
+                or type(exc).__module__.split(".")[0] in STORAGE_MODULES:
+            found = getattr(exc, "orig", None) or exc  # the deepest: the driver's own words, plainest
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return found
+
+
 @contextlib.contextmanager
 def storage_errors(storage: Path | str):
-    """A study database that fails while a search uses it (a damaged page of a SQLite file that
-    its table list did not show, a server that went away) is one TLError naming it, never a
-    library traceback; the file is left as it is."""
-    import optuna
-    from sqlalchemy.exc import SQLAlchemyError
-
+    """A study database that fails while a search uses it (a full disk, a read-only file, a
+    damaged page, a server that went away), whatever a library raises on top of it, is one
+    TLError naming it and saying what failed, never a library traceback; the file is left as
+    it is. A TLError is said as it is."""
     try:
         yield
-    except (optuna.exceptions.StorageInternalError, SQLAlchemyError, sqlite3.DatabaseError) as exc:
-        cause = exc.__cause__ or exc.__context__ or exc
-        why = str(cause).splitlines()[0][:120]
-        raise TLError(f"--storage {shown_storage(storage)}: the study database failed ({why}); it is left as it "
-                      f"is: repair it, or choose another --storage") from None
+    except TLError:
+        raise
+    except Exception as exc:
+        if (found := storage_failure(exc)) is None:
+            raise
+        why = (str(found).splitlines() or [type(found).__name__])[0][:160]
+        raise TLError(f"--storage {shown_storage(storage)}: the study database failed ({why}); {_advice(why)}") \
+            from None
+
+
+def _advice(why: str) -> str:
+    """What to do about a study database's failure, by what its message says."""
+    lowered = why.lower()
+    if "full" in lowered or "no space" in lowered:
+        return "free some space (the finished trials are kept), or choose another --storage"
+    if "readonly" in lowered or "read-only" in lowered:
+        return "make it writable, or choose another --storage"
+    if "malformed" in lowered or "not a database" in lowered:
+        return "it is left as it is: repair it (sqlite3's .recover), or choose another --storage"
+    return "it is left as it is: run the same command again once the database works, or choose another --storage"
 
 
 def open_study(storage: Path | str, name: str, setup: dict, seed: int, startup: int = 5):
