@@ -98,6 +98,16 @@ def test_class_names_edited_in_config_json_are_refused_by_predict_and_evaluate(t
             assert code == 2 and len(err.strip().splitlines()) == 1, err
             assert f"names the classes {edited}, but the run trained with {trained}" in err, err
     assert "differs only in its Unicode form" in err  # the last edit: names that print alike
+    # the fields the run fixed and reading its model depends on: its image size, backbone, loss, TTA, split
+    recipe, options = config["recipe"], config["options"]
+    for section, key, value in (("options", "image_size", 9), ("options", "image_size", options["image_size"] * 2),
+                                ("recipe", "backbone", "resnet18"), ("recipe", "tta", not recipe["tta"]),
+                                ("recipe", "loss", "bce_logit"), ("options", "val_split", 0.5)):
+        (run_dir / "config.json").write_text(json.dumps(config | {section: config[section] | {key: value}}))
+        for argv in (["--predict", photo, "--checkpoint", run_dir / "best.pth"], ["--evaluate", run_dir / "best.pth"]):
+            code, out, err = cli(capsys, *argv)
+            assert code == 2 and len(err.strip().splitlines()) == 1, err
+            assert f"says {section}.{key} = {value!r}, but the run trained with {config[section][key]!r}" in err, err
     (run_dir / "config.json").write_text(json.dumps(config))
     assert cli(capsys, "--predict", photo, "--checkpoint", run_dir / "best.pth")[0] == 0
 

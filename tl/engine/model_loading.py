@@ -56,7 +56,7 @@ def context_for(path: Path, backbone: str | None) -> ModelContext:
         # every field within the bounds of tl/engine/schema.py: one error: line per field that is not
         check(config, CONFIG, f"{config_file} is not a run config this project wrote: ")
         recipe, options = config["recipe"], config["options"]
-        _check_classes(config["classes"], folder / "last.ckpt", config_file)
+        _check_against_checkpoint(config, folder / "last.ckpt", config_file)
         try:
             return ModelContext(backbone=backbone or recipe["backbone"], classes=list(config["classes"]),
                                 image_size=options.get("image_size"),
@@ -81,17 +81,34 @@ def context_for(path: Path, backbone: str | None) -> ModelContext:
     return ModelContext(backbone=backbone, classes=None)
 
 
-def _check_classes(classes: list[str], ckpt_file: Path, config_file: Path) -> None:
+# what a run fixes for good when it starts (--resume may change only epochs, device and the data's
+# path) and what reading its model depends on: config.json must say what its last.ckpt says
+FIXED = {"recipe": ("backbone", "loss", "stack_head", "tta"),
+         "options": ("image_size", "val_split", "split_seed", "seed", "train_per_class", "train_fraction",
+                     "max_per_class", "verify_images", "follow_links")}
+
+
+def _check_against_checkpoint(config: dict, ckpt_file: Path, config_file: Path) -> None:
     """A TLError where config.json's class names are not, in order, those the run trained with,
-    as its last.ckpt carries them beside the weights: a model's outputs are in that order, so a
-    list edited by hand (two names swapped) would name every prediction wrongly. Without a
-    last.ckpt that can be read, config.json's list is the only one there is."""
+    or where a field the run fixed (FIXED: its image size, backbone, ...) is not what its
+    last.ckpt carries beside the weights: a model's outputs are in the trained order and its
+    weights learnt at the trained size, so a config.json edited by hand (two names swapped, another
+    size) would give wrong answers without a word. Without a last.ckpt that can be read,
+    config.json is the only record there is."""
     if not ckpt_file.is_file():
         return
     try:
-        trained = load_checkpoint(ckpt_file).get("classes")
+        ckpt = load_checkpoint(ckpt_file)
     except (TLError, OSError):
         return  # a damaged last.ckpt: --resume says so; the weights and config.json may still be whole
+    saved = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    for section, keys in FIXED.items():
+        mine, theirs = config.get(section) or {}, saved.get(section) or {}
+        for key in keys:
+            if key in theirs and mine.get(key) != theirs[key]:
+                raise TLError(f"{config_file} says {section}.{key} = {mine.get(key)!r}, but the run trained with "
+                              f"{theirs[key]!r} (as its {ckpt_file.name} records): restore config.json")
+    classes, trained = config["classes"], ckpt.get("classes")
     if isinstance(trained, list) and trained != classes:
         raise TLError(f"{config_file} names the classes {classes}, but the run trained with {trained} (in that "
                       f"order, as its {ckpt_file.name} records): the model's outputs are in the trained order, so "
