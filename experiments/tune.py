@@ -424,14 +424,37 @@ def draw_importance(study, path: Path) -> dict:
     return importances
 
 
-def shown_argv(args: argparse.Namespace, argv: list[str]) -> list[str]:
-    """The arguments as the tuned file, the pages and the lock's line record them: a --storage
-    URL's password hidden."""
-    from tl.engine.tuning import shown_storage
+PATH_OPTIONS = ("--data", "--weights", "--storage", "--out", "--tuned-dir", "--runs-dir")
 
-    if not isinstance(args.storage, str):
-        return list(argv)
-    return [a.replace(args.storage, shown_storage(args.storage)) for a in argv]
+
+def shown_argv(args: argparse.Namespace, argv: list[str]) -> list[str]:
+    """The arguments as the tuned file, the pages and the lock's line record them (tuned files and
+    pages are committed: they name no machine's folders). Every path is shown as
+    tl.engine.tuning.recorded_path shows the study file: relative to the working folder, or
+    under $TL_CACHE_DIR, else ".../<its name>" (elided: a folder of this machine); a --storage
+    URL without its password and without its options (?host= may name a socket's folder)."""
+    from tl.engine.feature_store import cache_dir
+    from tl.engine.tuning import recorded_path, shown_storage
+
+    def shown(option: str, value: str) -> str:
+        if option == "--storage" and isinstance(args.storage, str):
+            return shown_storage(args.storage, cache_dir())
+        if option == "--weights" and value in ("imagenet", "none"):
+            return value
+        path = (args.storage if option == "--storage" else Path(value)).resolve()
+        inside = any(path.is_relative_to(root.resolve()) for root in (cache_dir(), Path.cwd()))
+        return recorded_path(path, cache_dir()) if inside else f".../{path.name}"
+
+    out, argv = [], list(argv)
+    for i, a in enumerate(argv):
+        option, eq, value = a.partition("=")
+        if option in PATH_OPTIONS and eq:
+            out.append(f"{option}={shown(option, value)}")
+        elif i and argv[i - 1] in PATH_OPTIONS:
+            out.append(shown(argv[i - 1], a))
+        else:
+            out.append(a)
+    return out
 
 
 def main(argv=None) -> int:

@@ -128,6 +128,28 @@ def test_a_pruned_trial_stops_and_leaves_no_run_behind(tiny_data, pretrained, tm
     assert (tmp_path / "pages" / "modern_finetune-tiny-tiny" / "importance.png").is_file()
 
 
+def test_the_recorded_command_names_no_folder_of_this_machine(tmp_path, monkeypatch):
+    """Every path argument as tuning.recorded_path shows the study file (relative to the working
+    folder or $TL_CACHE_DIR, else elided to its name); a URL without password or ?host= folder."""
+    from experiments import tune
+
+    cache, work = tmp_path / "cache", tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("TL_CACHE_DIR", str(cache))
+    argv = ["--recipe", "modern_finetune", "--trials", "2", "--data", str(tmp_path / "data" / "bees"),
+            "--weights", str(tmp_path / "w.pth"), "--storage", str(cache / "tuning" / "s.db"),
+            f"--out={work / 'results' / 'tuning'}", "--tuned-dir", str(work / "tuned"), "--runs-dir=runs/t"]
+    assert tune.shown_argv(tune.parse_args(argv), argv)[4:] == [
+        "--data", ".../bees", "--weights", ".../w.pth", "--storage", "$TL_CACHE_DIR/tuning/s.db",
+        "--out=results/tuning", "--tuned-dir", "tuned", "--runs-dir=runs/t"]
+    for storage, shown in ((f"postgresql://tl:s3cret@/studies?host={tmp_path}/pg", "postgresql://tl:***@/studies"),
+                           (f"sqlite:///{tmp_path}/elsewhere/s.db", ".../s.db"),
+                           ("mysql://tl@db.lab:3306/studies?password=s3cret", "mysql://tl@db.lab:3306/studies")):
+        argv = ["--recipe", "modern_finetune", "--trials", "2", "--weights", "none", f"--storage={storage}"]
+        assert tune.shown_argv(tune.parse_args(argv), argv)[-2:] == ["none", f"--storage={shown}"]
+
+
 # ----------------------------------------------------------------------------- refused, in one line
 def _one_error(capsys) -> str:
     err = capsys.readouterr().err
@@ -396,7 +418,8 @@ def test_two_processes_share_a_search_on_a_postgresql_server(tiny_data, tmp_path
     text = (tmp_path / "tuned" / f"{KEY}.json").read_text()
     tuned = json.loads(text)
     assert tuned["study"]["storage"] == "postgresql://postgres:***@/postgres"  # no password, no socket folder
-    assert "s3cret" not in text and "--storage 'postgresql://postgres:***@/postgres?host=" in tuned["command"]
+    assert "s3cret" not in text and "--storage 'postgresql://postgres:***@/postgres' " in tuned["command"]
+    assert "host=" not in tuned["command"] and str(tmp_path) not in text  # no socket folder, no path of this machine
     assert tuned["over_budget"] == len(finished) - 4
     page = (tmp_path / "pages" / KEY / "trials.md").read_text()
     assert f"{len(finished)} finished ({len(finished) - 4} over the budget" in page and "s3cret" not in page
