@@ -146,6 +146,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise TLError(f"--folds must be at least 2, got {args.folds}")
     if args.max_epochs is not None and args.max_epochs < 1:
         raise TLError(f"--max-epochs must be at least 1, got {args.max_epochs}")
+    if args.quick and args.max_epochs is not None:
+        raise TLError("--quick draws at most 2 epochs per trial: leave out --max-epochs, or --quick")
     if args.inner_val is None and args.folds is None:
         args.inner_val = 0.2
 

@@ -172,7 +172,9 @@ def test_a_study_file_of_another_recipe_or_data_set_is_refused(tiny_data, pretra
 @pytest.mark.parametrize("argv, words", [(["--trials", "0"], "--trials must be at least 1"),
                                          (["--trials", "1", "--inner-val", "1.5"], "--inner-val must be between 0"),
                                          (["--trials", "1", "--inner-val", "0"], "--inner-val must be between 0"),
-                                         (["--trials", "1", "--folds", "1"], "--folds must be at least 2")])
+                                         (["--trials", "1", "--folds", "1"], "--folds must be at least 2"),
+                                         (["--trials", "1", "--max-epochs", "1"], "--quick draws at most 2 epochs"),
+                                         (["--trials", "1", "--max-epochs", "5"], "--quick draws at most 2 epochs")])
 def test_bad_numbers_are_refused(tiny_data, pretrained, tmp_path, capsys, argv, words):
     assert _tune(tmp_path, tiny_data, pretrained, *argv) == 2
     assert words in _one_error(capsys)

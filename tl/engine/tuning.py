@@ -129,7 +129,8 @@ def database_url(storage: str) -> str:
         url = make_url(storage)
     except (ArgumentError, ValueError):
         raise TLError(f"--storage {shown_storage(storage)} is not a database URL (such as "
-                      f"postgresql://user:password@host:5432/database) or a SQLite file's path") from None
+                      f"postgresql://user:password@host:5432/database; a password's @ : / # ? % are "
+                      f"percent-encoded, @ as %40) or a SQLite file's path") from None
     if url.drivername == "postgresql":
         import importlib.util
 
