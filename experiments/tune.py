@@ -493,6 +493,7 @@ def search(args: argparse.Namespace, command: str) -> int:
     out = args.out or Path("runs/quick-tuning" if args.quick else "results/tuning")
     tuned = args.tuned_dir or (out / "tuned" if args.quick else tuned_dir())
     s.runs_dir = args.runs_dir or Path("runs/tune") / name
+    check_tuned_file(tuned / f"{key}.json", name)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with storage_errors(args.storage), interrupts_noted():  # a failing study database: one error: line; an
         # interrupt whose exception a garbage collector's callback swallowed still stops the search
@@ -509,6 +510,21 @@ def search(args: argparse.Namespace, command: str) -> int:
             study.optimize(lambda trial: run_trial(trial, lambda t: score_trial(t, s, log=log)),
                            n_trials=remaining, gc_after_trial=True, callbacks=[stop_if_interrupted, budget])
         return write_results(study, s, setup, Written(out / key, tuned / f"{key}.json", command))
+
+
+def check_tuned_file(path: Path, study: str) -> None:
+    """Stop before the first trial where `path` holds the numbers of another study (another
+    --study-name on the same recipe, data set and backbone): its tuned file, which tuned_<recipe>
+    reads, is not replaced by a second study's. The same study's file is written again."""
+    from tl import TLError
+
+    try:
+        theirs = json.loads(path.read_text())["study"]["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # none yet, or not a tuned file of a search: tuned_recipe says what is wrong with it
+    if theirs != study:
+        raise TLError(f"{path} holds the numbers of study {theirs!r}, not of this search's study {study!r}: "
+                      f"choose another --tuned-dir (and --out) for it, or remove that file to replace them")
 
 
 LOCK_NAME = ".tune.lock"  # in the pages' folder (--out): one worker writes the pages and the tuned file

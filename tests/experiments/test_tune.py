@@ -169,6 +169,20 @@ def test_a_study_file_of_another_recipe_or_data_set_is_refused(tiny_data, pretra
     assert not (tmp_path / "trials").exists()
 
 
+@pytest.mark.parametrize("name", ["second", "modern_finetune-tiny-tiny"])
+def test_a_study_of_another_name_does_not_replace_a_tuned_file(tiny_data, pretrained, tmp_path, capsys, name):
+    """The tuned file names its study; a search under another --study-name that would write the same
+    tuned file is refused before its first trial (the default name too, after a named study)."""
+    (tmp_path / "tuned").mkdir()
+    kept = json.dumps({"recipe": "modern_finetune", "study": {"storage": "s.db", "name": f"not-{name}"}})
+    (tmp_path / "tuned" / "modern_finetune-tiny-tiny.json").write_text(kept)
+    argv = ["--trials", "1"] + (["--study-name", name] if name == "second" else [])
+    assert _tune(tmp_path, tiny_data, pretrained, *argv) == 2
+    assert f"holds the numbers of study 'not-{name}', not of this search's study '{name}'" in _one_error(capsys)
+    assert (tmp_path / "tuned" / "modern_finetune-tiny-tiny.json").read_text() == kept
+    assert not (tmp_path / "trials").exists()
+
+
 @pytest.mark.parametrize("argv, words", [(["--trials", "0"], "--trials must be at least 1"),
                                          (["--trials", "1", "--inner-val", "1.5"], "--inner-val must be between 0"),
                                          (["--trials", "1", "--inner-val", "0"], "--inner-val must be between 0"),
