@@ -40,7 +40,7 @@ pruning favours fast starters. A trial whose loss diverges counts as pruned.
 The study lives in a SQLite file (`--storage`, default $TL_CACHE_DIR/tuning/<recipe>-<data
 set>.db), or in a database several machines reach (`--storage postgresql://...`): run the
 same command again and an interrupted search goes on with the trials still missing (Ctrl-C
-exits with 130 and keeps every finished trial), and run it in several terminals or on
+exits with 130, SIGTERM with 143, and every finished trial is kept), and run it in several terminals or on
 several machines and they share the search (`tune --help` says how). Each trial draws its
 numbers from a random stream of its own, seeded by `--seed` and the trial's number: one
 uninterrupted search from an empty study is repeatable, while workers, and a search run
