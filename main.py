@@ -304,6 +304,8 @@ def _outputs(args: argparse.Namespace) -> str:
         return "--dest"
     if args.resume:  # a run continues in its own folder
         return "copy the run folder to a writable disk and --resume the copy's last.ckpt"
+    if args.evaluate or args.export or args.explain:  # they write into the run's folder
+        return "copy the run folder to a writable disk and run the command on the copy"
     return "--out"
 
 

@@ -80,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a subset of recipes (default: all, and tuned_<recipe> where experiments/tune.py left "
                         "numbers for the data set)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="repeat each run with these seeds")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bars for the long passes of each run (feature passes, scans)")
     p.add_argument("--epochs", type=int, help="training epochs for every recipe (default: each recipe's own)")
     p.add_argument("--out", type=Path, default=None,
                    help="where the tables and plots go (default results/; with --quick, runs/quick-results/, "
@@ -152,8 +154,8 @@ def run_one(name: str, backbone: str, seed: int, data_dir: Path, args: argparse.
     module = get_experiment(name, data_dir, None if backbone == "own" else backbone)
     dataset = dataset_name(data_dir)
     opts = RunOptions(data=data_dir, backbone=None if backbone == "own" else backbone, epochs=args.epochs,
-                      seed=seed, workers=args.workers, device=args.device, out=runs_dir / dataset, progress=False,
-                      plots=False)
+                      seed=seed, workers=args.workers, device=args.device, out=runs_dir / dataset,
+                      progress=args.progress, plots=False)
     if args.quick:
         opts.make_quick()
     recipe = resolve(module.RECIPE, opts)

@@ -403,3 +403,16 @@ def test_a_resume_on_a_full_disk_says_to_resume_a_copy(trained, monkeypatch, cap
     err = capfd.readouterr().err
     one_error_line(code, err)
     assert "copy the run folder to a writable disk and --resume the copy's last.ckpt" in err and "--out" not in err
+
+
+def test_commands_that_write_into_a_run_folder_on_a_full_disk_say_to_use_a_copy(trained, monkeypatch, capfd):
+    """--evaluate, --export and --explain write into the run's folder, which --out does not move."""
+    photo = next((trained.parents[1] / "data" / "val").rglob("*.png"))
+    evaluate = ["--evaluate", trained / "best.pth", "--data", trained.parents[1] / "data"]
+    for argv in (evaluate, ["--export", trained], ["--explain", photo, "--checkpoint", trained / "best.pth"]):
+        with monkeypatch.context() as m:
+            FillingDisk(m, room=0)
+            code = cli(*argv, "--no-progress")
+        err = capfd.readouterr().err
+        one_error_line(code, err)
+        assert "(copy the run folder to a writable disk and run the command on the copy)" in err, argv

@@ -238,3 +238,51 @@ def test_a_holder_whose_lock_file_was_taken_away_writes_nothing_more_there(tmp_p
     assert (folder / "a.txt").read_text() == "first" and not (folder / "sub" / "b.txt").exists()
     assert (elsewhere / "c.txt").read_text() == "written"
     atomic_write_text(folder / "a.txt", "after")  # released: the folder is no longer this process's to check
+
+
+def test_a_lock_file_that_is_not_a_plain_file_is_one_error_naming_it(tmp_path):
+    """A FIFO or a socket where the lock file belongs holds no holder's line: refused by name,
+    at once (a FIFO opened for reading would otherwise wait, or fail without a name)."""
+    from tl import TLError
+
+    fifo, sock_dir = tmp_path / "fifo", tmp_path / "sock"
+    for folder in (fifo, sock_dir):
+        folder.mkdir()
+    os.mkfifo(fifo / ".test.lock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(sock_dir / ".test.lock"))
+    try:
+        for folder in (fifo, sock_dir):
+            with pytest.raises(TLError, match=f"{folder / '.test.lock'} is not a plain file"):
+                with hold(folder, ".test.lock", wait=False):
+                    pass
+    finally:
+        server.close()
+
+
+def test_a_holder_line_that_cannot_be_written_names_the_lock_file(tmp_path, monkeypatch):
+    import errno
+
+    real_open = folder_lock._open_lock_file
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(folder_lock, "_open_lock_file", lambda path: FullDisk(real_open(path)))
+    with pytest.raises(OSError) as caught:
+        with hold(tmp_path, ".test.lock", wait=False):
+            pass
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path / ".test.lock")

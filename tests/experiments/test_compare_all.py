@@ -311,3 +311,10 @@ def test_compare_all_adds_a_tuned_recipe_where_its_data_set_has_one(tmp_path, mo
     asked = compare_all.parse_args(["--experiments", "resnet_frozen", "tuned_modern_finetune"])
     assert compare_all.experiments_for(Path("x/hymenoptera_data"), asked) == ["resnet_frozen", "tuned_modern_finetune"]
     assert compare_all._order("tuned_modern_finetune") > compare_all._order("modern_finetune")
+
+
+def test_each_run_of_a_comparison_shows_its_progress_unless_told_not_to():
+    """A comparison's runs show the bars of their long passes (a feature pass over 800 val photos
+    is minutes), as main.py's do; --no-progress silences them."""
+    assert compare_all.parse_args([]).progress is True
+    assert compare_all.parse_args(["--no-progress"]).progress is False

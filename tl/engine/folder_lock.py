@@ -38,6 +38,7 @@ import contextlib
 import os
 import shlex
 import socket
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -102,11 +103,17 @@ def _open_lock_file(path: Path):
     """The lock file for reading and appending (an existing file, and its holder's line, are kept),
     never through a link: the lock truncates its file, and a link would make that another file."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0),
+                     0o666)
     except OSError:
         if os.path.islink(path):
             raise TLError(f"{path} is a link; a lock file must be a plain file: remove the link") from None
+        if os.path.lexists(path) and not os.path.isdir(path):  # a socket cannot even be opened
+            raise TLError(f"{path} is not a plain file; a lock file must be one: remove it") from None
         raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO, a device: nothing a holder's line can be kept in
+        os.close(fd)
+        raise TLError(f"{path} is not a plain file; a lock file must be one: remove it")
     return os.fdopen(fd, "a+")
 
 
@@ -138,10 +145,13 @@ def hold(folder: Path, name: str, *, wait: bool, command: str | None = None, not
             log(f"{folder} is being written by {holder}; waiting for it to finish{note}")
             fcntl.flock(f, fcntl.LOCK_EX)
             log(f"{folder} is free: writing")
-        f.truncate(0)
-        f.write(f"process {os.getpid()} ({command or this_command()}; on {socket.gethostname()}, "
-                f"since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
-        f.flush()
+        try:
+            f.truncate(0)
+            f.write(f"process {os.getpid()} ({command or this_command()}; on {socket.gethostname()}, "
+                    f"since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+            f.flush()
+        except OSError as exc:  # a full disk: the message names the lock file
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
         _HELD[path] = f
         try:
             yield
