@@ -266,3 +266,29 @@ def test_an_error_that_is_not_the_databases_goes_on_as_it_is(tmp_path):
         with pytest.raises(type(error)) as caught, storage_errors(tmp_path / "study.db"):
             raise error
         assert caught.value is error
+
+
+def test_a_database_failure_in_another_thread_prints_no_traceback(tmp_path, monkeypatch):
+    """Optuna's heartbeat thread meets the failing database first: its traceback is left out (the
+    search says the failure in its one line); another thread's other error is reported as before."""
+    import sqlite3
+    import threading
+
+    from sqlalchemy.exc import OperationalError
+
+    from tl.engine.tuning import storage_errors
+
+    reported = []
+
+    def recorder(failed):
+        reported.append(type(failed.exc_value))
+
+    monkeypatch.setattr(threading, "excepthook", recorder)
+    failures = [OperationalError("UPDATE trial_heartbeats", {}, sqlite3.OperationalError("database is locked")),
+                sqlite3.DatabaseError("database disk image is malformed"), ValueError("a bug")]
+    with storage_errors(tmp_path / "study.db"):
+        for failure in failures:
+            thread = threading.Thread(target=lambda f=failure: (_ for _ in ()).throw(f))
+            thread.start()
+            thread.join()
+    assert reported == [ValueError] and threading.excepthook is recorder  # given back after the search

@@ -276,7 +276,12 @@ def storage_errors(storage: Path | str):
     """A study database that fails while a search uses it (a full disk, a read-only file, a
     damaged page, a server that went away), whatever a library raises on top of it, is one
     TLError naming it and saying what failed, never a library traceback; the file is left as
-    it is. A TLError is said as it is."""
+    it is. A TLError is said as it is. The same failure in another thread (Optuna's heartbeat
+    thread) prints no traceback there: the search's own next use of the database says it."""
+    import threading
+
+    hook = threading.excepthook
+    threading.excepthook = lambda failed: None if storage_failure(failed.exc_value) else hook(failed)
     try:
         yield
     except TLError:
@@ -287,6 +292,8 @@ def storage_errors(storage: Path | str):
         why = (str(found).splitlines() or [type(found).__name__])[0][:160]
         raise TLError(f"--storage {shown_storage(storage)}: the study database failed ({why}); {_advice(why)}") \
             from None
+    finally:
+        threading.excepthook = hook
 
 
 def _advice(why: str) -> str:
