@@ -23,6 +23,12 @@ from torch import nn
 
 from tl.models import BACKBONES, Backbone
 
+# torch's threads per test process: the README's command runs several processes (pytest-xdist), and
+# each takes its share of the cores, as do the processes the tests start (oversubscribed threads
+# spin and wait for each other)
+THREADS = min(2, max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 HYMENOPTERA = SHARED_DATA / "hymenoptera_data"
 DOGS_VS_CATS = SHARED_DATA / "dogs-vs-cats-subset"
@@ -51,7 +57,7 @@ def no_network(monkeypatch, tmp_path):
     hub cache is an empty temporary folder, so no real cached weights are found either."""
     block_network(monkeypatch, tmp_path / "torch_home")
     monkeypatch.delenv("TL_DATA_DIR", raising=False)
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(THREADS)
 
 
 def write_image_folder(root: Path, classes: int = 2, train: int = 12, val: int = 6, size: int = 40,

@@ -37,7 +37,7 @@ def _frozen_everything(model, spec, recipe):
 @pytest.mark.usefixtures("own_cache_dir")
 def test_bad_input_is_one_error_line_and_status_2(tiny_data, pretrained, tmp_path, capsys, monkeypatch):
     frozen = types.SimpleNamespace(RECIPE=resnet_frozen.RECIPE, build=_frozen_everything)
-    monkeypatch.setattr("experiments.get_experiment", lambda name, data=None: frozen)
+    monkeypatch.setattr("experiments.get_experiment", lambda name, data=None, backbone=None: frozen)
     argv = ["-e", "resnet_frozen", "-b", "tiny", "--weights", str(pretrained), "--data", str(tiny_data), "--out",
             str(tmp_path / "out"), "--find-lr", "--quick", "--no-progress"]
     assert main.main(argv) == 2

@@ -722,7 +722,7 @@ def test_an_image_size_too_small_for_the_backbone_is_refused_before_training(tin
     ({"bogus_field": 1}, "is not a field a tuned file may set"),
     ({"name": "x"}, "is not a field a tuned file may set"),
     ({"stack_head": True}, "is not a field a tuned file may set"),  # the recipe's build is written for its own head
-    ({"first_lrs": None}, "for the recipe's groups (head)"),  # a staged recipe needs its first stage's rates
+    ({"first_lrs": None}, "do not fit: a staged recipe has first_epochs"),  # a staged recipe needs its first rates
     ({"lrs": {"head": 1e-3}}, "is not a table of positive learning rates for the recipe's groups (body, neck, head)"),
     ({"lrs": {"all": 1e-3}}, "for the recipe's groups (body, neck, head)"),
     ({"first_lrs": {"head": 1e-3, "body": 1e-4}}, "for the recipe's groups (head)"),
@@ -737,7 +737,9 @@ def test_a_tuned_file_with_a_field_outside_the_recipe_is_refused(tiny_data, tiny
     code, _, err = cli(capsys, "-e", "tuned_modern_finetune", "--data", tiny_data, "-b", tiny_backbone, "--weights",
                        "none", "--quick", "--epochs", 2, "--image-size", 32, "--out", tmp_path / "runs",
                        "--no-progress")  # two epochs: the second stage builds its optimizer
-    assert code == 2 and err.startswith("error: ") and says in err and err.count("\n") == 1, err
+    lines = err.strip().splitlines()  # one line per field that does not fit (the rules' line, then the field's)
+    assert code == 2 and says in err and all(line.startswith("error: ") for line in lines), err
+    assert len(lines) == (2 if fields == {"first_lrs": None} else 1), err
     assert not (tmp_path / "runs").exists()
     if fields == {"augment": "bogus"}:  # the valid fields alone: a recipe that trains
         tuned["recipe_fields"].pop("augment")

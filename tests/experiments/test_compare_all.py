@@ -179,7 +179,7 @@ def test_a_reused_runs_dir_ctrl_c_and_the_machines_failures_leave_the_results_al
     data = write_image_folder(tmp_path / "d", size=64)
     out, runs = tmp_path / "results", tmp_path / "runs"
     base = ["--quick", "--data", str(data), "--experiments", "resnet_frozen", "--backbone", "efficientnet_lite0",
-            "--out", str(out), "--workers", "0"]
+            "--out", str(out), "--workers", "0", "--no-progress"]
     assert compare_all.main([*base, "--seeds", "0", "1", "--runs-dir", str(runs)]) == 0
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert compare_all.main([*base, "--seeds", "0", "1", "--runs-dir", str(runs)]) == 2  # same runs-dir again
