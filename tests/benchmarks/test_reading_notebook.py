@@ -18,14 +18,9 @@ from tl import TLError
 # there as conftest.py does here, and registers the tiny backbone as tests/tune_main.py does, at the
 # 32-pixel crops its 40-pixel images allow.
 TINY_KERNEL = f"""import socket, sys
-_connect = socket.socket.connect
-def _refuse(sock, address, *args, **kwargs):
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        raise OSError("network access is blocked in tests")
-    return _connect(sock, address, *args, **kwargs)
-socket.socket.connect = _refuse
 sys.path.insert(0, {str(ROOT)!r})
-from tests.conftest import TinyNet
+from tests.conftest import TinyNet, _refuse_internet
+socket.socket.connect = _refuse_internet
 from tl.models import BACKBONES, Backbone
 BACKBONES["tiny"] = Backbone("tiny", TinyNet, head="fc", neck=("block",), image_size=32)
 print("kernel:", sys.executable)"""
