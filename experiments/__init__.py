@@ -65,12 +65,12 @@ def tuned_file(recipe: str, dataset: str, backbone: str) -> Path:
 def tuned_files(recipe: str) -> dict[tuple[str, str], Path]:
     """(data set, backbone) -> the tuned file of `recipe` for them: each file says its own in its
     fields, and only a file named after them counts."""
-    import json
+    from tl.engine.schema import loads  # the one reader of a hand-edited JSON file
 
     found = {}
     for path in sorted(tuned_dir().glob(f"{recipe}-*.json")):
         try:
-            fields = json.loads(path.read_text())
+            fields = loads(path.read_text())
             key = (fields["dataset"], fields["backbone"])
         except (OSError, ValueError, KeyError, TypeError):
             continue  # not a tuned file; naming it by its own path still gets its error (tuned_recipe)
