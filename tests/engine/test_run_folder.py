@@ -24,9 +24,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 import main
+import tl.engine.metrics
+import tl.engine.plots
 import tl.engine.run_folder
 from tests.fixtures.make_tiny_run import DATA, RUN
 from tl.engine import checkpoint
@@ -310,3 +313,64 @@ def test_sigterm_tidies_a_run_as_ctrl_c_does(tiny_data, tiny_backbone, tmp_path,
             assert f"--resume {run_dir / 'last.ckpt'}" in line and (run_dir / LOCK_NAME).read_text() == ""
         else:
             assert list(out.iterdir()) == [] and "nothing was saved" in line, line
+
+
+# ----------------------------------------------------------------------------- killed while writing its results
+def _kill_at_config_with_results(patch):
+    write_json = tl.engine.run_folder.write_json
+
+    def killed(path, data, *args, **kwargs):
+        if "results" in data:
+            raise KeyboardInterrupt
+        return write_json(path, data, *args, **kwargs)
+
+    patch.setattr(tl.engine.run_folder, "write_json", killed)
+
+
+def _kill_at(module, name):
+    def patcher(patch):
+        def killed(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        patch.setattr(module, name, killed)
+    return patcher
+
+
+KILLED_WHILE_FINISHING = {  # where finish is killed, and the run it finishes: recipe, epochs, options
+    "scoring the headline, scratch": (_kill_at(tl.engine.run_folder, "score_headline"), "resnet_scratch", 3, ()),
+    "writing the report, frozen with an average": (_kill_at(tl.engine.metrics, "write_report"), "resnet_frozen", 3,
+                                                    ("--ema", "0.5")),
+    "drawing the pictures, stopped early": (_kill_at(tl.engine.plots, "write_run_plots"), "resnet_scratch", 6,
+                                            ("--patience", "1", "--monitor", "acc")),
+    "writing config.json last, fine-tune": (_kill_at_config_with_results, "resnet_finetune", 3, ()),
+}
+
+
+@pytest.mark.parametrize("kill, recipe, epochs, options", KILLED_WHILE_FINISHING.values(),
+                         ids=KILLED_WHILE_FINISHING.keys())
+def test_a_run_killed_while_writing_its_results_writes_them_on_resume(tiny_data, tiny_backbone, tmp_path, capsys,
+                                                                     monkeypatch, kill, recipe, epochs, options):
+    """Every epoch trained, then killed anywhere in `finish`: config.json holds no results yet (it
+    is written last), so --resume restores the run and writes its results, the same as the
+    uninterrupted run's; once they are written, a resume is refused."""
+    full = _train(tiny_data, tmp_path / "full", epochs, *options, recipe=recipe)
+    with monkeypatch.context() as patch:
+        kill(patch)
+        half = _train(tiny_data, tmp_path / "half", epochs, *options, recipe=recipe, code=130)
+    capsys.readouterr()
+    assert "results" not in json.loads((half / "config.json").read_text())
+    code, out, _ = _resume(capsys, half)
+    assert code == 0 and "writing the results it was stopped before writing" in out, out
+    a, b = json.loads((full / "config.json").read_text()), json.loads((half / "config.json").read_text())
+    wall = ("wall_seconds", "train_seconds", "train_images_per_s")
+    assert {k: v for k, v in a["results"].items() if k not in wall} == \
+        {k: v for k, v in b["results"].items() if k not in wall}
+    for name in ("headline_predictions.csv", "classification_report.csv", "confused_pairs.csv"):
+        assert (full / name).read_bytes() == (half / name).read_bytes(), name
+    assert {p.name for p in full.glob("*.png")} == {p.name for p in half.glob("*.png")} != set()
+    ca, cb = checkpoint.load_checkpoint(full / "last.ckpt"), checkpoint.load_checkpoint(half / "last.ckpt")
+    assert ca["epoch"] == cb["epoch"] and ca["history"]["stopped_early"] == cb["history"]["stopped_early"]
+    assert (cb["history"]["stopped_early"] is not None) == ("--patience" in options)  # this run did stop early
+    assert _strip(ca["history"]["rows"]) == _strip(cb["history"]["rows"])  # no epoch trained again
+    code, _, err = _resume(capsys, half)
+    assert code == 2 and ("already trained all" in err or "stopped early" in err), err

@@ -12,6 +12,7 @@ from tl import TLError
 from tl.engine import checkpoint, distributed
 from tl.engine.class_names import how_names_differ
 from tl.engine.options import RunOptions, as_saved
+from tl.engine.run_folder import has_results
 from tl.engine.schema import CONFIG, check
 from tl.loop import History
 
@@ -70,7 +71,9 @@ def restore(ckpt: dict, resume: Path, model: nn.Module, scaler, generator: torch
     """Put a saved run back exactly as it was after its last epoch: weights, scaler, RNG
     states and history (with the best epoch's weights). Returns (history, first epoch to
     run, wall seconds already spent). The optimizer and scheduler belong to a stage: they
-    come back when that stage starts (`start_stage`). `data`: the folder the images were read from now."""
+    come back when that stage starts (`start_stage`). `data`: the folder the images were read from now.
+    A run with every epoch trained (or stopped early) is refused once its folder holds its
+    results; without them (it was killed while writing them) it is restored to write them."""
     config = ckpt["config"]
     if ckpt["classes"] != classes:
         raise TLError(f"{resume} was trained on classes {ckpt['classes']}, but the data has {classes}"
@@ -81,14 +84,14 @@ def restore(ckpt: dict, resume: Path, model: nn.Module, scaler, generator: torch
         raise TLError(f"{resume} was trained on other images than {data} holds now{began} (files, labels or "
                       f"sizes differ); resume it on the data it started with")
     history = History.from_dict(ckpt["history"])
-    if history.stopped_early is not None:
+    start_epoch = ckpt["epoch"] + 1
+    if history.stopped_early is not None and has_results(resume.parent):
         raise TLError(f"{resume}: the run stopped early after epoch {history.stopped_early} (--patience); "
                       f"there is nothing to resume")
     if config.get("world_size", 1) != distributed.world_size():  # [DDP] shards and batches depend on it
         raise TLError(f"{resume} was trained by {config.get('world_size', 1)} process(es), this is "
                       f"{distributed.world_size()}: resume it with the same torchrun --nproc_per_node x --nnodes")
-    start_epoch = ckpt["epoch"] + 1
-    if start_epoch >= num_epochs:
+    if start_epoch >= num_epochs and has_results(resume.parent):
         raise TLError(f"{resume} has already trained all {num_epochs - 1} epochs; "
                       f"pass a larger --epochs (the new total) to train more")
     checkpoint.load_into(model, ckpt["model"], str(resume))

@@ -39,7 +39,7 @@ from tl.engine import distributed, tensorboard
 from tl.engine.backbones import backbone_spec
 from tl.engine.balance import balance
 from tl.engine.device import default_channels_last, device_hooks, make_grad_scaler, prepare_device, resolve_device
-from tl.engine.ema import update_after_step, val_net, weight_average
+from tl.engine.ema import update_after_step, weight_average
 from tl.engine.image_cache import decoded_bytes
 from tl.engine.image_size import check_image_size
 from tl.engine.options import RunOptions, resolve
@@ -90,6 +90,7 @@ class RunContext:
     sample_weights: torch.Tensor | None = None  # --balanced-sampler: the train draw's weight per image
     ema: nn.Module | None = None  # --ema: the average of the weights that val scores (tl/engine/ema.py)
     on_epoch: Callable[[int, History], None] | None = None  # called after each epoch is saved (a pruner)
+    results_only: bool = False  # a resumed run with every epoch trained: it only writes its results
 
 
 def _bars_as_options(run_fn: Callable[..., RunResult]) -> Callable[..., RunResult]:
@@ -131,7 +132,7 @@ def run(recipe: Recipe, build: BuildFn, opts: RunOptions, *, ckpt: dict | None =
     first = start_stage(ctx.spans[0], ctx, ckpt)
     ctx.log(format_parameter_table(ctx.model, (1, 3, opts.image_size, opts.image_size)))
     with RunFolder.open(ctx, first, ckpt, resume) as folder:  # this process alone writes it until the run ends
-        history = train_stages(ctx, first, folder, resumed=ckpt is not None)
+        history = ctx.history if ctx.results_only else train_stages(ctx, first, folder, resumed=ckpt is not None)
         if distributed.is_main():  # [DDP] the others have trained their share; process 0 scores and writes
             folder.finish(ctx, history)
     return RunResult(folder.run_dir, history, folder.config, ctx.model, ctx.classes)
@@ -198,13 +199,18 @@ def build_model_and_stages(ctx: RunContext, build: BuildFn, resumed: bool) -> No
 
 def restore_run(ctx: RunContext, ckpt: dict, resume: Path) -> None:
     """The thread count, weights, loss scaler, history and RNG states as the saved run left
-    them; the stages it finished are not run again."""
+    them; the stages it finished are not run again, and a run with none left only writes its results."""
     ctx.history, start_epoch, ctx.wall_before = restore(ckpt, resume, ctx.model, ctx.scaler, ctx.generator,
                                                         ctx.classes, ctx.fingerprint, ctx.recipe.num_epochs,
                                                         str(ctx.opts.data))
     restore_threads(ckpt["config"], ctx.log)  # after the checks (a refused resume prints only its error),
     # before anything computes (the feature pass of the first stage)
-    ctx.spans = [span for span in ctx.spans if span.end > start_epoch]
+    ctx.results_only = ctx.history.stopped_early is not None or start_epoch >= ctx.recipe.num_epochs
+    if ctx.results_only:  # trained to the end and killed while writing its results: the last stage, set up to score
+        ctx.log("every epoch of this run is trained; writing the results it was stopped before writing")
+        ctx.spans = [span for span in ctx.spans if span.index == ckpt.get("stage", {}).get("index", 0)]
+    else:
+        ctx.spans = [span for span in ctx.spans if span.end > start_epoch]
 
 
 def train_stages(ctx: RunContext, first: StageSetup, folder: RunFolder, resumed: bool) -> History:
@@ -226,8 +232,6 @@ def train_stages(ctx: RunContext, first: StageSetup, folder: RunFolder, resumed:
             if opts.compile:  # in place: the module's call is compiled, its state_dict keeps its plain names
                 setup.net.compile()
             board.follow(setup.optimizer)  # --tensorboard: the rates of this stage's optimizer, per step
-            if ctx.ema is not None:  # one average over every stage, scored in this stage's form
-                setup.scored = val_net(ctx.ema, setup.plan.net, ctx.spec, ctx.device, opts.channels_last)
             hooks = dataclasses.replace(stage_hooks(span, ctx.recipe, setup.scheduler), **run_hooks,
                                         validate_with=setup.scored, after_step=combine(ema_step, board.after_step),
                                         end_of_phase=combine(board.end_of_phase))

@@ -20,6 +20,10 @@ A run folder promises two things:
   is written before the other files of its epoch, and the identity never changes, so a run
   killed between those writes still resumes. A folder made before identities were recorded
   (no identity in config.json) resumes a checkpoint that has none either.
+* **Its results last.** `finish` writes config.json with the results after every other file
+  of the run, so a folder whose config.json holds results is complete. A run killed while
+  finishing, with every epoch trained, is finished by --resume (`has_results`): the run is
+  restored and its results are written, the same as an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -137,7 +141,9 @@ class RunFolder:
         span = self.stage.span
         checkpoint.save_checkpoint(self.run_dir / "last.ckpt", epoch=epoch, model=self.ctx.model,
                                    optimizer=self.stage.optimizer, scheduler=self.stage.scheduler,
-                                   scaler=self.ctx.scaler, history=hist.to_dict(), config=self.config,
+                                   scaler=self.ctx.scaler, config=self.config,
+                                   history=hist.to_dict() | ({"stopped_early": epoch} if stop else {}),  # as the loop
+                                   # will record it: a resume of this checkpoint knows the run is over
                                    classes=self.ctx.classes, loader_generator=self.ctx.generator,
                                    stage={"index": span.index, "end": span.end}, wall_seconds=self.wall_seconds(),
                                    ema=self.ctx.ema, identity=self.config.get("identity"))
@@ -184,7 +190,6 @@ class RunFolder:
         headline = score_headline(net, ctx.model, history, cached.get("val", ctx.sets["val"]), ctx.sets["val"],
                                   ctx.test_set, ctx.classes, ctx.opts, ctx.device, self.run_dir, ctx.recipe.tta)
         config["results"] |= headline.record
-        write_json(self.run_dir / "config.json", config)
         write_history_csv(history, self.run_dir / "history.csv")
         report = metrics.report_of_predictions(self.run_dir / "headline_predictions.csv", ctx.classes)
         page = metrics.write_report(self.run_dir, report, f"{self.run_dir.name}, {config['results']['headline']}")
@@ -196,11 +201,14 @@ class RunFolder:
 
                 write_run_plots(self.run_dir, history, headline, ctx.classes, ctx.spec)
             except OSError:  # a full disk, no permission: the command's one error: line says where (exit 2)
-                ctx.log(f"the run's results are saved in {self.run_dir}; its pictures could not be written")
+                ctx.log(f"the run's training is saved in {self.run_dir}, its pictures could not be written; once "
+                        f"there is room, python main.py --resume {self.run_dir / 'last.ckpt'} writes its results")
                 raise
             except Exception as exc:  # noqa: BLE001 - the run is saved; a picture must never lose it
                 ctx.log(f"warning: the run's pictures could not be drawn ({type(exc).__name__}: {exc}); "
                         f"its results are saved in {self.run_dir}")
+        write_json(self.run_dir / "config.json", config)  # last: a folder whose config.json has its results
+        # has them all, and --resume writes them again for a run killed before this line (`has_results`)
         res = config["results"]
         ctx.log(f"classification report of the headline model: macro-F1 {report['macro_f1']:.4f}, balanced accuracy "
                 f"{report['balanced_accuracy']:.4f} -> {page}")
@@ -254,6 +262,16 @@ def resumed(path: Path) -> Iterator[dict]:
         ckpt = checkpoint.load_checkpoint(path)
         check_own_checkpoint(ckpt, path)
         yield ckpt
+
+
+def has_results(run_dir: Path) -> bool:
+    """Whether the run in `run_dir` has written its results: `finish` writes config.json with them
+    after every other file, so a run killed while finishing has a config.json without them."""
+    try:
+        config = schema.loads((Path(run_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "results" in config
 
 
 def new_identity(recipe: str, seed: int, fingerprint: str) -> dict:

@@ -14,6 +14,7 @@ from tl import TLError
 from tl.data import make_loaders, val_resize
 from tl.engine import distributed, feature_store
 from tl.engine.feature_store import CachePlan, FeaturePass
+from tl.engine.ema import val_net
 from tl.engine.image_cache import DecodedImages, decoded_images
 from tl.loop import Hooks
 from tl.stages import Span
@@ -74,7 +75,9 @@ def start_stage(span: Span, ctx, ckpt: dict | None) -> StageSetup:
         optimizer.load_state_dict(ckpt["optimizer"])
         if scheduler is not None and ckpt["scheduler"] is not None:
             scheduler.load_state_dict(ckpt["scheduler"])
-    return StageSetup(span, optimizer, scheduler, net, loaders, plan)
+    scored = None if ctx.ema is None else val_net(ctx.ema, plan.net, ctx.spec, ctx.device, ctx.opts.channels_last)
+    return StageSetup(span, optimizer, scheduler, net, loaders, plan, scored)  # --ema: one average over every stage,
+    # scored in this stage's form
 
 
 def plan_inputs(span: Span, ctx, saved_mode: str | None, saved_phases: list[str] | None) -> CachePlan:
