@@ -12,13 +12,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tl import TLError
+from tl.engine import folders
 from tl.engine.command import command  # noqa: F401  (every benchmark's `sys.exit(command(main))`)
 
 
 def output_folder(out: Path) -> Path:
     """`--out`, created and checked before anything is measured, so that a folder that cannot be
     written stops the command at once rather than after the measurement."""
-    out.mkdir(parents=True, exist_ok=True)
+    folders.make(out)
     if not os.access(out, os.W_OK):
         raise TLError(f"--out {out} is not writable")
     return out

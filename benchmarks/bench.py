@@ -67,6 +67,7 @@ from experiments import get_experiment
 from experiments.common import git_commit, machine_description
 from tl import TLError
 from tl.data import build_transforms
+from tl.engine import folders
 from tl.engine.backbones import backbone_spec
 from tl.engine.device import default_channels_last, device_hooks, make_grad_scaler, prepare_device, resolve_device
 from tl.engine.files import atomic_copy, atomic_write_text
@@ -373,7 +374,7 @@ def compare_end_to_end(args, data, device, record, notes, timeout: float) -> Non
             return
         runs = read_table(out / "runs.csv")
         if args.compare_keep:
-            args.compare_keep.mkdir(parents=True, exist_ok=True)
+            folders.make(args.compare_keep)
             atomic_copy(out / "runs.csv", args.compare_keep / "compare_runs.csv")
     ok = runs[runs.status == "ok"]
     what = f"compare_all {dataset_name(data)}, {len(runs)} runs ({', '.join(args.compare_backbones)}, seed 0)"
@@ -541,7 +542,7 @@ def frozen_section(args, data, device, record) -> None:
 def write_results(out: Path, rows: list[dict], notes: list[str], meta: dict) -> None:
     """results/benchmark[_cuda].md, .csv and .json: every row, the command, the machine and card."""
     device = meta["device"]
-    out.mkdir(parents=True, exist_ok=True)
+    folders.make(out)
     suffix = "" if device == "cpu" else f"_{device.split(':')[0]}"
     table = pd.DataFrame(rows)
     write_table(out / f"benchmark{suffix}.csv", table)

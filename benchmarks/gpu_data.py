@@ -28,6 +28,7 @@ from pathlib import Path
 
 from benchmarks import at_least, command
 from tl import TLError
+from tl.engine import folders
 
 VAL_SHORT_SIDE = 256  # tl.data.val_resize(224)
 
@@ -55,7 +56,7 @@ def copy_split(src: Path, dst: Path, per_class: int | None, val: bool) -> int:
 
     count = 0
     for folder in sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        (dst / folder.name).mkdir(parents=True, exist_ok=True)
+        folders.make(dst / folder.name)
         for file in sorted(f for f in folder.iterdir() if f.is_file())[:per_class]:
             (shrink if val else atomic_copy)(file, dst / folder.name / file.name)
             count += 1

@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from benchmarks import at_least, command
+from tl.engine import folders
 
 MARK_START, MARK_END = "<!-- growth:start -->", "<!-- growth:end -->"
 
@@ -100,7 +101,7 @@ def make_images(root: Path, n: int, size: int = 64, seed: int = 0) -> Path:
         phase = "val" if i % 5 == 4 else "train"
         name = "red" if (i // 5) % 2 == 0 else "blue"
         folder = root / phase / name
-        folder.mkdir(parents=True, exist_ok=True)
+        folders.make(folder)
         pixels = np.clip(np.array(colours[name]) + rng.integers(-60, 60, size=(size, size, 3)), 0, 255)
         image = Image.fromarray(pixels.astype(np.uint8))
         atomic_write(folder / f"{i:06d}.jpg", lambda f: image.save(f, "JPEG", quality=90))  # noqa: B023 (called at once)
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     invocation = "python -m benchmarks.growth " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = {"command": invocation.strip(), "machine": machine_description(), "commit": commit,
             "date": time.strftime("%Y-%m-%d %H:%M")}
-    args.out.mkdir(parents=True, exist_ok=True)
+    folders.make(args.out)
     write_table(args.out / "benchmark_growth.csv", table)
     merge_section(args.out / "benchmark.md", markdown(table, fits, meta))
     print(f"wrote {args.out}/benchmark_growth.csv and the growth section of {args.out}/benchmark.md")

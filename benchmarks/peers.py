@@ -63,6 +63,7 @@ import time
 from pathlib import Path
 
 from benchmarks import at_least, command, output_folder
+from tl.engine import folders
 
 BACKBONE = "efficientnet_lite0"
 WEIGHTS = "imagenet"  # build_model's weights: for Lite0 the packaged ImageNet weights, as in compare_all's runs
@@ -564,7 +565,7 @@ def speed(data: Path, seed: int, epochs: int, settings: dict, out: Path, log=pri
     project = project_speed(data, seed, epochs, settings, log)
     record, _ = fastai_run("fastai_default", data, seed, epochs, settings, log)
     path = out / "peers" / record["dataset"] / "speed.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    folders.make(path.parent)
     write_json(path, {**settings, "dataset": record["dataset"], "seed": seed, "epochs": epochs,
                       "fastai_seconds": [e["seconds"] for e in record["history"]], "project_seconds": project,
                       "versions": record["versions"]})
@@ -586,7 +587,7 @@ def train_rows(data: Path, rows: list[str], seeds: list[int], epochs: int, setti
                 log(f"{row} seed {seed}: recorded in {path} ({100 * done['accuracy']:.1f}%), skipped")
                 continue
             record, predictions = fastai_run(row, data, seed, epochs, settings, log)
-            path.parent.mkdir(parents=True, exist_ok=True)
+            folders.make(path.parent)
             write_table(predictions_path(path), predictions, columns=["path", "label", "prediction"])
             write_json(path, record)
             log(f"{row} seed {seed}: {100 * record['accuracy']:.1f}% ({record['scored']}), "

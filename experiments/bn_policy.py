@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 
 from experiments.recipes.resnet_bn_only import train_batchnorm
+from tl.engine import folders
 from tl.models import param_groups, set_trainable
 from tl.recipe import Recipe
 
@@ -301,7 +302,7 @@ def main(argv=None) -> int:
         rows.append(run_policy(policy, Path(d), args.backbone, seed, args, runs_dir))
         r = rows[-1]
         print(f"    headline {r['headline_acc']:.4f}, mean shift {r['bn_mean_shift']:.4f}", flush=True)
-    out.mkdir(parents=True, exist_ok=True)
+    folders.make(out)
     df = pd.DataFrame(rows).reindex(columns=COLUMNS)
     write_table(out / "bn_policy.csv", df)
     plot(df, out / "bn_policy.png")

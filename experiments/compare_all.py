@@ -51,6 +51,7 @@ from pathlib import Path
 
 from experiments import NAMES
 from experiments.common import dataset_name, git_commit, machine_description, train_or_reason
+from tl.engine import folders
 
 # torch, pandas and tl are imported inside the functions that need them, so that
 # `--help` and argument errors answer at once instead of after seconds of imports.
@@ -187,7 +188,7 @@ def keep_run_files(out: Path, dataset: str, label: str, result) -> None:
     from tl.engine.tables import write_table
 
     for folder in ("history", "predictions"):
-        (out / folder / dataset).mkdir(parents=True, exist_ok=True)
+        folders.make(out / folder / dataset)
     write_table(out / "history" / dataset / f"{label}.csv", result.history.rows)
     atomic_copy(result.run_dir / "headline_predictions.csv", out / "predictions" / dataset / f"{label}.csv")
 
@@ -330,7 +331,7 @@ def write_outputs(out: Path, runs, meta: dict):
     from tl.engine.tables import write_table
 
     summary = summarize(runs)
-    out.mkdir(parents=True, exist_ok=True)
+    folders.make(out)
     write_table(out / "runs.csv", runs, RUN_COLUMNS)
     write_table(out / "summary.csv", summary)
     written = draw_comparison(out, runs, summary)
@@ -352,7 +353,7 @@ def results_lock(out: Path, command: str, log=print):
     is not locked.)"""
     from tl.engine.folder_lock import hold
 
-    out.mkdir(parents=True, exist_ok=True)
+    folders.make(out)
     return hold(out, LOCK_NAME, wait=True, command=command, note=" (its rows are kept)", log=log)
 
 

@@ -50,6 +50,7 @@ import time
 from pathlib import Path
 
 from experiments import NAMES
+from tl.engine import folders
 
 # the four strategies, as recipe names: from scratch, frozen head, full fine-tune, two-stage
 STRATEGIES = ("resnet_scratch", "resnet_frozen", "resnet_finetune", "two_stage")
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     new = pd.DataFrame(rows).reindex(columns=COLUMNS)
     for column in ("train_images", "train_epochs"):  # whole numbers, empty where a run did not start
         new[column] = new[column].astype("Int64")
-    args.out.mkdir(parents=True, exist_ok=True)
+    folders.make(args.out)
     csv = args.out / "data_efficiency.csv"
     table = merge(read_table(csv, text=["images_per_class"]) if csv.is_file() else None, new)
     # a size is text ("8" or "all"); in the file a count is a number, as a spreadsheet shows it

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tl.engine import folders
+
 RECIPES = ("resnet_frozen", "resnet_finetune")
 WAYS = {"plain": {}, "weights": {"class_weights": "auto"}, "sampler": {"balanced_sampler": True}}
 COLUMNS = ["recipe", "backbone", "way", "seed", "status", "reason", "minority", "kept", "train_counts", "headline",
@@ -246,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{i}/{len(plan)}] {row['status']}: " + (f"accuracy {row['accuracy']:.4f}, balanced accuracy "
               f"{row['balanced_accuracy']:.4f}, {args.keep[0]} recall {row['minority_recall']:.4f}"
               if row["status"] == "ok" else row["reason"]), flush=True)
-    (args.out / "imbalance").mkdir(parents=True, exist_ok=True)
+    folders.make(args.out / "imbalance")
     for run, predictions in files.items():
         atomic_copy(predictions, args.out / "imbalance" / f"{run}.csv")
     runs = pd.DataFrame(rows).reindex(columns=COLUMNS)

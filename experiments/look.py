@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from tl.engine import folders
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m experiments.look", description=__doc__.split("\n\n")[0])
@@ -88,7 +90,7 @@ def look(frozen: Path, finetuned: Path, out: Path, data: str | None = None, imag
         maps, predicted, probs = class_activation_maps(model, x)
         rows.append((name, maps, [f"{classes[p]} {q:.2f}" + ("" if p == t else " (wrong)")
                                   for p, q, t in zip(predicted.tolist(), probs.tolist(), labels)]))
-    out.mkdir(parents=True, exist_ok=True)
+    folders.make(out)
     written = [cam_figure(x, rows, out / "cams.png", mean=spec.mean, std=spec.std,
                           photo_titles=[f"true: {classes[t]}" for t in labels],
                           title="Grad-CAM for each model's predicted class (title: prediction and its probability)")]

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from experiments import NAMES
+from tl.engine import folders
 
 COLUMNS = ["recipe", "stage", "group", "documented_lr", "suggested_lr", "ratio", "steps", "diverged", "no_window",
            "status", "reason"]
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"command": "python -m experiments.lr_table " + shlex.join(sys.argv[1:] if argv is None else argv),
             "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
             "seconds": time.time() - started}
-    args.out.mkdir(parents=True, exist_ok=True)
+    folders.make(args.out)
     write_table(args.out / "lr_finder.csv", rows, COLUMNS)
     atomic_write_text(args.out / "lr_finder.md", page(rows, meta))
     print(f"-> {args.out / 'lr_finder.md'}, {args.out / 'lr_finder.csv'}")

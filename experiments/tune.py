@@ -77,6 +77,7 @@ import warnings
 from pathlib import Path
 
 from experiments import NAMES, get_experiment, tuned_dir, tuned_file
+from tl.engine import folders
 
 FINISHED = ("COMPLETE", "PRUNED")  # the trials a budget of --trials counts
 
@@ -331,7 +332,7 @@ def write_pages(study, s: Search, setup: dict, folder: Path, command: str) -> li
     from tl.engine.files import atomic_write_text
     from tl.engine.tables import write_table
 
-    folder.mkdir(parents=True, exist_ok=True)
+    folders.make(folder)
     df = pd.DataFrame(trial_rows(study))
     write_table(folder / "trials.csv", df)
     importances = draw_importance(study, folder / "importance.png")
@@ -550,7 +551,7 @@ def write_results(study, s: Search, setup: dict, to: Written) -> int:
     from tl.engine.trials import this_process
     from tl.engine.tuning import lost_trials
 
-    to.pages.parent.mkdir(parents=True, exist_ok=True)
+    folders.make(to.pages.parent)
     with hold(to.pages.parent, LOCK_NAME, wait=True, command=to.command, note=" (another process of this search)"):
         lost = lost_trials(study)
         lost.sweep(study, when="when a process of the search ended")

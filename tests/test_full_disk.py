@@ -136,6 +136,18 @@ def check_nothing_lost_or_half_written(before: dict[Path, bytes], after: dict[Pa
     assert not [p for p in before if p not in after], "a file was lost"
 
 
+def all_folders(*roots: Path) -> set[Path]:
+    """Every folder under (and including) `roots` that exists."""
+    return {d for root in roots if root.is_dir() for d in [root, *root.rglob("*")] if d.is_dir()}
+
+
+def check_no_empty_folder_made(before: set[Path], roots: list[Path]) -> None:
+    """A failed command leaves no empty folder it made (tl/engine/folders.py): every folder that
+    is new since `before` holds a file."""
+    made = all_folders(*roots) - before
+    assert not [d for d in made if not any(p.is_file() for p in d.rglob("*"))], f"empty folders left: {made}"
+
+
 def one_error_line(code: int, err: str) -> None:
     assert code == 2, err
     assert "Traceback" not in err, err
@@ -147,7 +159,7 @@ def fill_at_every_depth(monkeypatch, capfd, command, folders: list[Path], tries:
     """Run `command()` (an exit status) with room to spare, counting what each file takes, then with
     the disk full in the middle of its first file, its last, and others between (`tries` in all):
     each try one error: line, nothing lost or half-written."""
-    before = snapshot(*folders)
+    before, folders_before = snapshot(*folders), all_folders(*folders)
     with monkeypatch.context() as m:
         disk = FillingDisk(m)
         code = command()
@@ -156,17 +168,19 @@ def fill_at_every_depth(monkeypatch, capfd, command, folders: list[Path], tries:
     n = len(disk.sizes)
     chosen = sorted({round(i * (n - 1) / max(1, tries - 1)) for i in range(tries)})
     for room in (sum(disk.sizes[:k]) + disk.sizes[k] // 2 for k in chosen):
-        restore(folders, before)
+        restore(folders, before, folders_before)
         with monkeypatch.context() as m:
             full = FillingDisk(m, room)
             code = command()
         one_error_line(code, capfd.readouterr().err)
         assert full.failed, "no write failed"
         check_nothing_lost_or_half_written(before, snapshot(*folders), full)
+        check_no_empty_folder_made(folders_before, folders)
 
 
-def restore(folders: list[Path], files_: dict[Path, bytes]) -> None:
-    """The folders as they were before the first try (each try starts from the same files)."""
+def restore(folders: list[Path], files_: dict[Path, bytes], folders_before: set[Path] | None = None) -> None:
+    """The folders as they were before the first try (each try starts from the same files, and,
+    given `folders_before`, in the same folders)."""
     for folder in folders:
         for p in sorted(folder.rglob("*"), reverse=True) if folder.exists() else []:
             if p.is_file() and p not in files_:
@@ -175,6 +189,10 @@ def restore(folders: list[Path], files_: dict[Path, bytes]) -> None:
             if p.is_relative_to(folder):
                 p.parent.mkdir(parents=True, exist_ok=True)
                 p.write_bytes(data)
+    kept = all_folders(*folders) if folders_before is None else folders_before
+    for folder in sorted(all_folders(*folders) - kept, reverse=True):
+        if not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def cli(*argv) -> int:
@@ -278,6 +296,26 @@ def test_a_benchmark_on_a_full_disk(tiny_backbone, tmp_path, monkeypatch, capfd)
                                                    "--batch-sizes", "2", "--repeats", "1", "--out", str(out)]))
 
     fill_at_every_depth(monkeypatch, capfd, measure, [out])
+
+
+def test_commands_that_make_their_output_folder_on_a_full_disk(tiny_backbone, tmp_path, monkeypatch, capfd):
+    """--show-data, --find-lr and a benchmark, each into an --out two folders deep that does not
+    exist yet: at whatever write the disk fills up, no empty folder is left behind."""
+    from benchmarks import blind_sizes
+
+    data = write_image_folder(tmp_path / "data", train=4, val=4)
+    nested = tmp_path / "nested"
+    monkeypatch.setattr(blind_sizes, "NETWORKS", [("tiny", "none")])
+    commands = {
+        "show-data": lambda: cli("--show-data", "--data", data, "--backbone", "tiny", "--out", nested / "a" / "b"),
+        "find-lr": lambda: cli("-e", "resnet_scratch", "-b", "tiny", "--data", data, "--find-lr", "--quick",
+                               "--image-size", "32", "--out", nested / "a" / "b", "--no-progress"),
+        "blind sizes": lambda: command(lambda: blind_sizes.main(["--data", str(data), "--sizes", "32",
+                                                                 "--out", str(nested / "a" / "b")])),
+    }
+    for run in commands.values():
+        fill_at_every_depth(monkeypatch, capfd, run, [nested], tries=2)
+        shutil.rmtree(nested)
 
 
 # ----------------------------------------------------------------------------- a real full disk

@@ -15,6 +15,7 @@ one place that turns an exception into a message and an exit status.
   Ctrl-C, and exits with 143 (128 + SIGTERM).
 * A path that is not valid UTF-8 (a file name from another system) is printed with its odd
   bytes escaped (\\udcNN), never a UnicodeEncodeError.
+* The folders a failed command made and left empty are removed (tl/engine/folders.py).
 * What to change when a write fails names the command's own place for its outputs
   (`outputs`: `--out`, `--dest`, ...), or TL_CACHE_DIR for a file in the cache.
 
@@ -34,6 +35,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 from tl import Interrupted, TLError
+from tl.engine.folders import made_by_this_command
 
 
 def command(main: Callable[[], int | None], interrupted: str = "interrupted", outputs: str = "--out") -> int:
@@ -45,7 +47,7 @@ def command(main: Callable[[], int | None], interrupted: str = "interrupted", ou
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     try:
-        with _sigterm_as_interrupt(stopped_by):
+        with _sigterm_as_interrupt(stopped_by), made_by_this_command():  # a failure leaves no empty folder
             return main() or 0
     except (TLError, OSError) as exc:
         if os.environ.get("TL_DEBUG"):

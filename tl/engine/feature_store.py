@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from tl.engine import folders
 from tl.engine.bn_folding import fold_batchnorm
 from tl.engine.files import atomic_save, remove_stale_temporaries, state_digest, temporary_beside
 from tl.engine.images import READER
@@ -244,7 +245,7 @@ def cached_features(model: nn.Module, split: CacheSplit, dataset, how: FeaturePa
         features = compute_features(model, split.cut, dataset, how)
         atomic_save({"features": features, "targets": targets, "checksum": _checksum(features, targets)}, path)
         return FeatureSet(features, targets)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    folders.make(path.parent)
 
     def no_room(free: int) -> str:
         return (f"feature cache for {phase or 'a data set'} would need {_gb(needed)} > --cache-limit-gb {limit_gb}, "

@@ -30,6 +30,7 @@ from typing import IO, Any
 
 import torch
 
+from tl.engine import folders
 from tl.engine.folder_lock import still_held
 
 
@@ -80,7 +81,7 @@ def temporary_beside(path: str | os.PathLike, mode: int = 0o600) -> tuple[int, P
     can tell a dead writer's leftover (`remove_stale_temporaries`). `mode` is trimmed by the
     umask, as for any new file: 0o600 (the default, as `tempfile.mkstemp`) is the owner's alone."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    folders.make(path.parent)
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     for _ in range(100):
         tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"

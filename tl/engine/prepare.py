@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 from tl import TLError
+from tl.engine import folders
 from tl.engine.images import PREPARED_MARK
 
 DEFAULT_DATA_DIR = Path("data/hymenoptera_data")
@@ -138,7 +139,7 @@ def _write_splits(by_class: dict[str, list[tuple[int, Path]]], dest: Path, creat
     counts: dict[str, dict[str, int]] = {}
     methods: Counter = Counter()
     for phase, _ in SPLIT_FRACTIONS:
-        (dest / phase).mkdir(parents=True)
+        folders.make(dest / phase, exist_ok=False)
         created.append(dest / phase)
         atomic_write_text(dest / phase / PREPARED_MARK, "made by main.py --prepare; --force may replace this folder\n")
     for name, files in by_class.items():
@@ -148,7 +149,7 @@ def _write_splits(by_class: dict[str, list[tuple[int, Path]]], dest: Path, creat
         bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, n)}
         for phase, (lo, hi) in bounds.items():
             folder = dest / phase / name
-            folder.mkdir()
+            folders.make(folder, exist_ok=False)
             for _, path in files[lo:hi]:
                 target = folder / path.name
                 methods[_link_or_copy(path, target)] += 1

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from tl import Interrupted, TLError
-from tl.engine import checkpoint, distributed, metrics, schema
+from tl.engine import checkpoint, distributed, folders, metrics, schema
 from tl.engine.backbones import folder_label
 from tl.engine.balance import class_counts
 from tl.engine.early_stopping import should_stop
@@ -327,11 +327,11 @@ def make_run_dir(out: Path, name: str, explicit: bool) -> Path:
     """Create the run folder, atomically and for this run alone: `mkdir` fails if the name
     exists, so two runs started in the same second never share a folder. A generated name
     gets a suffix (-2, -3, ...); a name the caller chose is never reused."""
-    out.mkdir(parents=True, exist_ok=True)
+    folders.make(out)
     for i in range(1, 1000):
         run_dir = out / (name if i == 1 else f"{name}-{i}")
         try:
-            run_dir.mkdir()
+            folders.make(run_dir, exist_ok=False)
             return run_dir
         except FileExistsError:
             if explicit:

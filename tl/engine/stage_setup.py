@@ -13,8 +13,8 @@ from torch import nn
 from tl import TLError
 from tl.data import make_loaders, val_resize
 from tl.engine import distributed, feature_store
-from tl.engine.feature_store import CachePlan, FeaturePass
 from tl.engine.ema import val_net
+from tl.engine.feature_store import CachePlan, FeaturePass
 from tl.engine.image_cache import DecodedImages, decoded_images
 from tl.loop import Hooks
 from tl.stages import Span

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tl import TLError
+from tl.engine import folders
 from tl.engine.schema import RECIPE, TUNED, TUNED_RULES, SchemaError, check, loads, problems
 from tl.recipe import Recipe
 
@@ -221,7 +222,7 @@ def check_storage_file(path: Path) -> None:
     if file := next((p for p in path.parents if p.exists() and not p.is_dir()), None):
         raise TLError(f"--storage {path}: {file} is a file, not a folder; choose another --storage")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        folders.make(path.parent)
         with open(path, "rb") as f:
             head = f.read(len(SQLITE_MAGIC))
     except FileNotFoundError:

@@ -14,6 +14,7 @@ import torchvision
 from torch import nn
 
 from tl import TLError
+from tl.engine import folders
 from tl.engine.backbones import backbone_spec
 from tl.engine.checkpoint import load_into, load_state_file
 from tl.engine.timm_backbones import PREFIX
@@ -102,7 +103,7 @@ def imagenet_file(spec: Backbone) -> Path:
     if not file.is_file():
         if _offline():
             raise TLError(_no_weights_message(spec.name, url, file, "TL_OFFLINE is set and no cached file"))
-        file.parent.mkdir(parents=True, exist_ok=True)
+        folders.make(file.parent)
         hash_prefix = re.search(r"-([a-f0-9]{8,})\.", file.name)
         try:  # the same download torchvision's `weights=` does, checked against the hash in the name
             torch.hub.download_url_to_file(url, str(file), hash_prefix=hash_prefix and hash_prefix.group(1))
