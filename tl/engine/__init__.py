@@ -28,6 +28,7 @@ data
   class_names.py      class names that print alike but differ in their Unicode form
 files
   files.py            atomic writes, stale temporaries swept, the digest of a state
+  folders.py          the folders a command makes; a failed command leaves none of them empty
   folder_lock.py      one writer per folder: an exclusive lock that names its holder
   checkpoint.py       the state_dict and checkpoint formats, read with weights_only; a
                       state_dict loaded into a model, a misfit explained (load_into)
