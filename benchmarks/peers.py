@@ -64,6 +64,7 @@ from pathlib import Path
 
 from benchmarks import at_least, command, output_folder
 from tl.engine import folders
+from tl.engine.tables import page_text
 
 BACKBONE = "efficientnet_lite0"
 WEIGHTS = "imagenet"  # build_model's weights: for Lite0 the packaged ImageNet weights, as in compare_all's runs
@@ -277,7 +278,8 @@ def page(table: list[dict], pairs: list[dict], records: list[dict], speeds: list
     commands = sorted({r["command"] for r in records} | {s["command"] for s in speeds})
     lines += ["", "Commands:", "", *(f"    {c}" for c in commands)]
     for dataset in sorted({r["dataset"] for r in table}):
-        lines += ["", f"## {dataset}", "", f"| row | peer | epochs | batch | scored | seeds | accuracy % | per seed | "
+        lines += ["", f"## {page_text(dataset)}", "",
+                  f"| row | peer | epochs | batch | scored | seeds | accuracy % | per seed | "
                   f"s / epoch | vs {REFERENCE}: A - B (95% interval), points | verdict |", "|---" * 11 + "|"]
         for r in (r for r in table if r["dataset"] == dataset):
             std = f" ± {_pct(r['accuracy_std'])}" if r["accuracy_std"] is not None else ""
@@ -307,7 +309,7 @@ def speed_section(speeds: list[dict]) -> list[str]:
              "machine |", "|---" * 9 + "|"]
     for s in speeds:
         for e, (f, p) in enumerate(zip(s["fastai_seconds"], s["project_seconds"]), start=1):
-            lines.append(f"| {s['dataset']} | {e} | {f:.1f} | {p:.1f} | {f / p:.2f} | {s['threads']} | "
+            lines.append(f"| {page_text(s['dataset'])} | {e} | {f:.1f} | {p:.1f} | {f / p:.2f} | {s['threads']} | "
                          f"{s['workers']} | {s['channels_last']} | {s['machine']} |")
     return lines
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks import command
-from tl.engine.tables import read_table
+from tl.engine.tables import page_text, read_table
 
 
 def data_path(case: str) -> str:
@@ -43,7 +43,7 @@ def loop_rows(csv: Path) -> pd.DataFrame:
 
 def page(before: Path, after: Path, title: str) -> str:
     both = loop_rows(before).add_suffix("_before").join(loop_rows(after).add_suffix("_after"), how="inner")
-    lines = [f"# {title}", "", f"- before: `{before}`", f"- after: `{after}`", "",
+    lines = [f"# {title}", "", f"- before: `{page_text(before)}`", f"- after: `{page_text(after)}`", "",
              "| case | data path | before img/s (min-max) | after img/s (min-max) | after / before |",
              "|---|---|---|---|---|"]
     for (case, path), r in both.iterrows():

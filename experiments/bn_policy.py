@@ -51,6 +51,7 @@ import torch
 
 from experiments.recipes.resnet_bn_only import train_batchnorm
 from tl.engine import folders
+from tl.engine.tables import page_text
 from tl.models import param_groups, set_trainable
 from tl.recipe import Recipe
 
@@ -199,8 +200,8 @@ def section(df) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in s.itertuples():
         std = f" ± {_pct(r.headline_std)}" if r.seeds > 1 else ""
-        lines.append(f"| {r.dataset} | {r.policy} | {_pct(r.headline_mean)}{std} | {r.seeds} | {r.shift:.3f} | "
-                     f"{r.var_change:.3f} | {r.seconds:.0f} |")
+        lines.append(f"| {page_text(r.dataset)} | {r.policy} | {_pct(r.headline_mean)}{std} | {r.seeds} "
+                     f"| {r.shift:.3f} | {r.var_change:.3f} | {r.seconds:.0f} |")
     lines += ["", "\"Beyond the noise\" below is this study's own rule, simpler than the paired bootstrap of "
               "results/differences.csv: the difference of two means must exceed both the larger seed standard "
               "deviation of the two and one image.", ""]
@@ -209,7 +210,7 @@ def section(df) -> str:
         d = d.set_index("policy")
         noise_image = 1 / d.images.iloc[0]
         best = d.headline_mean.idxmax()
-        lines.append(f"**{dataset}** ({d.epochs.iloc[0]} epochs, batch {d.batch.iloc[0]}, "
+        lines.append(f"**{page_text(dataset)}** ({d.epochs.iloc[0]} epochs, batch {d.batch.iloc[0]}, "
                      f"{d.seeds.min()} seed(s); one image = {100 * noise_image:.2f} points): best mean headline "
                      f"{best} ({_pct(d.headline_mean[best])}%).")
         for a, b, what in (("frozen_bn_eval", "frozen_bn_train", "Frozen body: statistics fixed vs drifting"),
@@ -230,9 +231,10 @@ def section(df) -> str:
             pick = a if a.endswith("eval") else b
             why = ("it keeps the body a fixed function, so its features can be cached"
                    if pick == "frozen_bn_eval" else "it is the simpler of the two")
-            lines.append(f"- {dataset}, {a} vs {b}: no difference beyond the noise; prefer {pick}: {why}.")
+            lines.append(f"- {page_text(dataset)}, {a} vs {b}: no difference beyond the noise; prefer {pick}: {why}.")
         else:
-            lines.append(f"- {dataset}, {a} vs {b}: use {a if diff > 0 else b} ({100 * abs(diff):.1f} points better).")
+            lines.append(f"- {page_text(dataset)}, {a} vs {b}: use {a if diff > 0 else b} "
+                         f"({100 * abs(diff):.1f} points better).")
     return "\n".join(lines) + "\n"
 
 

@@ -22,12 +22,13 @@ import json
 import sys
 from itertools import combinations
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import pandas as pd
 
 from experiments.common import DRAWS, paired_bootstrap
-from tl.engine.tables import read_table, write_table
+from tl.engine.tables import page_text, read_table, write_table
 
 NOTES = {  # what each recipe is meant to show; the figures that follow come from the CSV
     "resnet_scratch": "No pretrained weights: the control. Whatever the others gain over it is what ImageNet buys.",
@@ -126,11 +127,11 @@ def noise_words(summary: pd.DataFrame, diffs: pd.DataFrame, dataset: str) -> str
     name = {i: f"{r.experiment} / {r.backbone}" for i, r in ok.iterrows()}
     top = ok.index[0]
     images, seeds = int(pairs.images.max()), int(pairs.seeds.max())
-    lines = [f"**Which differences are real ({dataset}).** The headline is scored on {images} images, so one image "
-             f"is {100 / images:.2f} points. For each pair of recipes, {DRAWS:,} bootstrap draws resampled the "
-             f"seeds both ran (up to {seeds}; paired by seed) and the images (paired by image); a difference counts "
-             f"only when its 95% interval leaves out 0. Below, each figure is a difference in accuracy in points, "
-             f"with its 95% interval in brackets (`differences.csv` has every pair).", ""]
+    lines = [f"**Which differences are real ({page_text(dataset)}).** The headline is scored on {images} images, "
+             f"so one image is {100 / images:.2f} points. For each pair of recipes, {DRAWS:,} bootstrap draws "
+             f"resampled the seeds both ran (up to {seeds}; paired by seed) and the images (paired by image); a "
+             f"difference counts only when its 95% interval leaves out 0. Below, each figure is a difference in "
+             f"accuracy in points, with its 95% interval in brackets (`differences.csv` has every pair).", ""]
     beats, ties, apart = [], [], []
     for i in ok.index[1:]:
         pair = _pair(diffs, dataset, name[top], name[i])
@@ -192,7 +193,7 @@ def with_class_balance(out: Path, summary: pd.DataFrame, runs: pd.DataFrame) -> 
 
 # ----------------------------------------------------------------------------- tables and paragraphs
 def _text(x, default: str = "") -> str:
-    return default if x is None or (isinstance(x, float) and pd.isna(x)) else str(x)
+    return default if x is None or (isinstance(x, float) and pd.isna(x)) else page_text(x)
 
 
 def _pct(x) -> str:
@@ -216,9 +217,9 @@ def table(summary: pd.DataFrame) -> str:
     for _, r in summary.iterrows():
         params = (f"{int(r.trainable_params):,} / {int(r.total_params):,}"
                   if not pd.isna(r.trainable_params) else "")
-        status = r.status if r.status == "ok" else f"{r.status}: {r.reason}"
+        status = r.status if r.status == "ok" else page_text(f"{r.status}: {r.reason}")
         lines.append(
-            f"| {r.dataset} | {r.experiment} | {r.backbone} | {r.weights} | {params} | {r.train_epochs} "
+            f"| {page_text(r.dataset)} | {r.experiment} | {r.backbone} | {r.weights} | {params} | {r.train_epochs} "
             f"| {_acc(r.headline_acc_mean, r.headline_acc_std, bold=True)} "
             f"| {_acc(r.get('headline_macro_f1_mean'), r.get('headline_macro_f1_std'))} "
             f"| {_acc(r.get('headline_balanced_acc_mean'), r.get('headline_balanced_acc_std'))} | {_text(r.headline)} "
@@ -233,7 +234,7 @@ def details(summary: pd.DataFrame) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for _, r in summary[summary.status != "not run"].iterrows():
         lines.append(
-            f"| {r.dataset} | {r.experiment} | {r.backbone} | {r.batch_size} "
+            f"| {page_text(r.dataset)} | {r.experiment} | {r.backbone} | {r.batch_size} "
             f"| {_text(r.optimizer)} {r.learning_rates} "
             f"| {'' if pd.isna(r.best_epoch_mean) else f'{r.best_epoch_mean:.1f}'} "
             f"| {'' if pd.isna(r.train_images_per_s_mean) else f'{r.train_images_per_s_mean:.1f}'} "
@@ -242,9 +243,9 @@ def details(summary: pd.DataFrame) -> str:
 
 
 def paragraph(r: pd.Series, summary: pd.DataFrame) -> str:
-    text = f"**{r.experiment}** on {r.backbone}, {r.dataset} ({r.source}). {note(r.experiment)} "
+    text = f"**{r.experiment}** on {r.backbone}, {page_text(r.dataset)} ({r.source}). {note(r.experiment)} "
     if r.status != "ok":
-        return text + f"Not run here: {r.reason}"
+        return text + f"Not run here: {page_text(r.reason)}"
     if flag := _epochs_flag(r.experiment, r.train_epochs):  # the note above describes the recipe's own schedule
         text += (f"This row ran {_epochs(r.train_epochs)} (`{flag.strip()}`), not the recipe's "
                  f"{_own_epochs(r.experiment)}. ")
@@ -274,14 +275,14 @@ def provenance(meta: dict) -> list[str]:
             kind = "full comparison"
         else:
             kind = "**not a full comparison**: rows come from the commands below, some on a subset of the recipes"
-        lines.append(f"- {dataset} (`{info.get('data', '?')}`): {kind}")
+        lines.append(f"- {page_text(dataset)} (`{page_text(info.get('data', '?'))}`): {kind}")
         for i, c in enumerate(commands):
             later = {pair for d in commands[i + 1:] for pair in _pairs(d)}
             rerun = [f"{e} / {b}" for e, b in _pairs(c) if (e, b) in later]
             since = f" (since rerun by a later command: {', '.join(rerun)})" if rerun else ""
-            lines.append(f"  - `{c.get('command', '?')}`: {', '.join(c.get('experiments', []))}{since}; commit "
-                         f"{c.get('commit', '?')}, {c.get('date', '?')}, {c.get('minutes', '?')} min for this data "
-                         f"set ({c.get('command_minutes', '?')} min for the whole command)")
+            lines.append(f"  - `{page_text(c.get('command', '?'))}`: {', '.join(c.get('experiments', []))}{since}; "
+                         f"commit {c.get('commit', '?')}, {c.get('date', '?')}, {c.get('minutes', '?')} min for this "
+                         f"data set ({c.get('command_minutes', '?')} min for the whole command)")
     return lines
 
 
@@ -338,7 +339,8 @@ def write_report(out: str | Path) -> Path:
     parts += ["## Details", "", details(summary), "", "## What the numbers show", ""]
     parts += [paragraph(r, summary) + "\n" for _, r in summary.iterrows()]
     if plots:
-        parts += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+        parts += ["## Plots", ""] + [f"![{page_text(p)}]({quote(p)})" for p in plots] + [""]  # quote: a file name as
+        # a link (a space, a | or a line feed in a data folder's name percent-encoded)
     from tl.engine.files import atomic_write_text
 
     return atomic_write_text(out / "README.md", "\n".join(parts))

@@ -78,6 +78,7 @@ from pathlib import Path
 
 from experiments import NAMES, get_experiment, tuned_dir, tuned_file
 from tl.engine import folders
+from tl.engine.tables import page_text
 
 FINISHED = ("COMPLETE", "PRUNED")  # the trials a budget of --trials counts
 
@@ -341,8 +342,8 @@ def write_pages(study, s: Search, setup: dict, folder: Path, command: str) -> li
     complete = [t for t in done if t.state.name == "COMPLETE"]
     split = (f"{setup['folds']}-fold cross-validation over train/" if setup["folds"]
              else f"inner val = {setup['inner_val']} of each class of train/")
-    lines = [f"# Tuning {setup['recipe']} on {setup['dataset']} ({setup['backbone']})", "",
-             f"`{command}`", "",
+    lines = [f"# Tuning {setup['recipe']} on {page_text(setup['dataset'])} ({setup['backbone']})", "",
+             f"`{page_text(command)}`", "",
              f"Scored on an inner split carved from train (seed {setup['seed']}): {split}. val/ and test/ were not "
              f"read. Budget: {s.args.trials} finished trials; {len(done)} finished "
              f"({over_budget(study, s.args.trials)} over the budget: search processes running at once each finish "

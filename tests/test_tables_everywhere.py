@@ -121,3 +121,50 @@ def test_a_run_with_hostile_names_finishes_and_its_tables_read_back(tmp_path, ti
     assert set(pairs.true) | set(pairs.predicted) <= {"=NA", "NA"}
     history = read_table(run / "history.csv")
     assert history.epoch.tolist() == [0, 1, 1, 2, 2] and history.loss.dtype == float
+
+
+HOSTILE_CLASSES = ["a|b\rc", "x\ny`z"]  # a pipe, a carriage return, a line feed, a backtick
+
+
+def _table_rows_hold(page: Path) -> None:
+    """Every line of `page` is whole: no raw control character, and each table row has as many
+    cells (unescaped |) as its table's header."""
+    import re
+
+    text = page.read_text()
+    assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f]", text), f"{page}: a raw control character"
+    cells = None
+    for line in text.split("\n"):
+        if not line.startswith("|"):
+            cells = None
+            continue
+        n = len(re.findall(r"(?<!\\)\|", line))
+        cells = n if cells is None else cells
+        assert n == cells, f"{page}: {line!r} has {n - 1} cells, its header {cells - 1}"
+
+
+def test_every_page_shows_hostile_names_on_their_own_line_and_cell(tmp_path, tiny_backbone, capsys):
+    """A comparison (compare_all, its pages and its runs' reports) on a data folder and classes
+    whose names hold |, a carriage return, a line feed and a backtick, and photos named so too:
+    every Markdown page written keeps each name on its line and in its table cell."""
+    from experiments import compare_all
+    from tests.conftest import write_image_folder
+    from tl.engine.command import command
+
+    data = write_image_folder(tmp_path / "da\nta|set", train=6, val=4)
+    for phase in ("train", "val"):
+        for k, name in enumerate(HOSTILE_CLASSES):
+            (data / phase / f"class_{k}").rename(data / phase / name)
+    for old, new in zip(sorted((data / "val" / HOSTILE_CLASSES[0]).iterdir()), ["p|q\r.png", "`x`\n.png"]):
+        old.rename(old.parent / new)
+    out = tmp_path / "results"
+    code = command(lambda: compare_all.main(["--quick", "--data", str(data), "--experiments", "resnet_scratch",
+                                             "--backbone", "tiny", "--out", str(out), "--workers", "0", "--seeds", "0",
+                                             "--runs-dir", str(tmp_path / "runs")]))
+    assert code == 0, capsys.readouterr().err
+    pages = [*out.rglob("*.md"), *(tmp_path / "runs").rglob("*.md")]
+    assert {p.name for p in pages} == {"README.md", "classification_report.md"}, pages
+    for page in pages:
+        _table_rows_hold(page)
+        lines = page.read_text().split("\n")  # no line starts with what follows a line feed in a name
+        assert not [line for line in lines if line.startswith(("ta|set", "ta\\|set", "y`z", "y\\`z", ".png"))], page

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import csv
 import random
+import re
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from tl import TLError
+from tl.engine import tables
 from tl.engine.tables import FORMULA_START, MARK, read_table, table_text, write_table
 
 HOSTILE = ["a\rb.jpg", "a\nb.jpg", "a\r\nb.jpg", "\rstart.jpg", "\nstart.jpg", "=1+1", "=HYPERLINK(\"http://x\",\"y\")",
@@ -155,3 +157,13 @@ def test_an_empty_file_and_a_header_alone(tmp_path):
     path = write_table(tmp_path / "header.csv", [], ["path", "label"])
     table = read_table(path)
     assert list(table.columns) == ["path", "label"] and len(table) == 0
+
+
+@pytest.mark.parametrize("name, shown", [
+    ("a\rb", "a\\rb"), ("line\nfeed", "line\\nfeed"), ("tab\there", "tab\\there"), ("bell\x07", "bell\\x07"),
+    ("del\x7f", "del\\x7f"), ("a|b", "a\\|b"), ("`rm -rf`", "\\`rm -rf\\`"), ("été_2024 (1)", "été_2024 (1)"),
+])
+def test_a_name_on_a_page_stays_on_its_line_and_in_its_cell(name, shown):
+    assert tables.page_text(name) == shown
+    row = f"| {tables.page_text(name)} | 1 |"
+    assert "\n" not in row and "\r" not in row and len(re.findall(r"(?<!\\)\|", row)) == 3

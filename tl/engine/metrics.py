@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from tl.engine.files import atomic_write_text
-from tl.engine.tables import read_table, write_table
+from tl.engine.tables import page_text, read_table, write_table
 
 SHOWN_FILES = 10  # file names per confused pair in the Markdown (the CSV has all)
 
@@ -94,20 +94,21 @@ def report_of_predictions(path: str | Path, classes: Sequence[str] | None = None
 
 def report_markdown(report: dict, title: str) -> str:
     """The report as a page: the three figures, the per-class table, the most-confused pairs."""
-    lines = [f"# Classification report: {title}", "",
+    lines = [f"# Classification report: {page_text(title)}", "",
              f"{report['n']} images. Accuracy **{report['accuracy']:.4f}**, balanced accuracy (mean recall "
              f"over classes) **{report['balanced_accuracy']:.4f}**, macro-F1 **{report['macro_f1']:.4f}**.", "",
              "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
     for i, name in enumerate(report["classes"]):
-        lines.append(f"| {name} | {report['precision'][i]:.4f} | {report['recall'][i]:.4f} | {report['f1'][i]:.4f} "
-                     f"| {int(report['support'][i])} |")
+        lines.append(f"| {page_text(name)} | {report['precision'][i]:.4f} | {report['recall'][i]:.4f} "
+                     f"| {report['f1'][i]:.4f} | {int(report['support'][i])} |")
     lines += ["", "## Most confused (true class -> predicted class)", ""]
     if not report["pairs"]:
         lines.append("No image was misclassified.")
     for pair in report["pairs"]:
-        shown = ", ".join(f"`{f}`" for f in pair["files"][:SHOWN_FILES])
+        shown = ", ".join(f"`{page_text(f)}`" for f in pair["files"][:SHOWN_FILES])
         more = f" and {pair['count'] - SHOWN_FILES} more (confused_pairs.csv)" if pair["count"] > SHOWN_FILES else ""
-        lines.append(f"- {pair['true']} -> {pair['predicted']}: {pair['count']} image(s): {shown}{more}")
+        lines.append(f"- {page_text(pair['true'])} -> {page_text(pair['predicted'])}: {pair['count']} image(s): "
+                     f"{shown}{more}")
     return "\n".join(lines) + "\n"
 
 

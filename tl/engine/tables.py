@@ -23,6 +23,9 @@ as booleans; every other column as text, with nothing read as missing: a class n
 a text column is the empty text. `text=` names columns that are always text, for a file
 another program wrote without the marks (its class `1e3` would otherwise be a number).
 
+A Markdown page (a run's classification_report.md, a study's README) shows such names through
+`page_text`: a carriage return or line feed in a name is shown as \\r or \\n, never a broken line.
+
 With pandas alone, `pd.read_csv(path, dtype=str, keep_default_na=False)` gives every cell
 as written; a text cell that starts with ' is the text after that quote.
 """
@@ -54,6 +57,18 @@ def text_cell(text: str) -> str:
     as something else (module docstring)."""
     risky = text[:1] in FORMULA_START or text.startswith(MARK) or NUMBER.fullmatch(text) or text in TRUTH
     return MARK + text if risky else text
+
+
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # C0 control characters and DEL: CR and LF among them
+
+
+def page_text(value) -> str:
+    """A name from the user's files (a class, a file, a data folder, a run) as text of a Markdown
+    page: each control character shown as its escape (\\r, \\n, \\t, \\x07), so the name stays
+    on its line; | and ` escaped, so it stays in its table cell and out of code. Every page of a
+    run, a study and a benchmark writes such names through it."""
+    text = CONTROL.sub(lambda m: repr(m.group())[1:-1], str(value))
+    return text.replace("|", "\\|").replace("`", "\\`")
 
 
 def cell(value) -> str:
