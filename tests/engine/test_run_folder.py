@@ -337,12 +337,12 @@ def _kill_at(module, name):
 
 
 KILLED_WHILE_FINISHING = {  # where finish is killed, and the run it finishes: recipe, epochs, options
-    "scoring the headline, scratch": (_kill_at(tl.engine.run_folder, "score_headline"), "resnet_scratch", 3, ()),
-    "writing the report, frozen with an average": (_kill_at(tl.engine.metrics, "write_report"), "resnet_frozen", 3,
+    "scoring the headline, scratch": (_kill_at(tl.engine.run_folder, "score_headline"), "resnet_scratch", 2, ()),
+    "writing the report, frozen with an average": (_kill_at(tl.engine.metrics, "write_report"), "resnet_frozen", 2,
                                                     ("--ema", "0.5")),
     "drawing the pictures, stopped early": (_kill_at(tl.engine.plots, "write_run_plots"), "resnet_scratch", 6,
                                             ("--patience", "1", "--monitor", "acc")),
-    "writing config.json last, fine-tune": (_kill_at_config_with_results, "resnet_finetune", 3, ()),
+    "writing config.json last, fine-tune": (_kill_at_config_with_results, "resnet_finetune", 2, ()),
 }
 
 
