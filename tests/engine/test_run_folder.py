@@ -129,15 +129,16 @@ def test_a_real_second_process_stops_while_a_new_run_writes_its_folder(tiny_data
     assert checkpoint.load_checkpoint(run_dir / "last.ckpt")["epoch"] == 2  # the first run finished undisturbed
 
 
-def test_two_real_resumes_at_once_and_the_first_killed(tiny_data, tmp_path, capsys):
+def test_two_real_resumes_at_once_and_the_first_killed(tiny_data, tiny_backbone, tmp_path, capsys):
     """Two `python main.py --resume` of one run: the second stops, naming the first; the first,
     killed with SIGKILL mid-run (no word, no cleanup), leaves a folder that resumes."""
-    run_dir = _train(tiny_data, tmp_path / "runs", 1, backbone="resnet18")
-    resume = [sys.executable, "main.py", "--resume", str(run_dir / "last.ckpt"), "--no-progress"]
-    with open(tmp_path / "first.log", "w") as log:
-        first = subprocess.Popen([*resume, "--epochs", "1000"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    run_dir = _train(tiny_data, tmp_path / "runs", 1)
+    resume = [sys.executable, "tests/main_tiny.py", "--resume", str(run_dir / "last.ckpt"), "--no-progress"]
+    with open(tmp_path / "first.log", "w") as log:  # it holds the folder, waiting after epoch 2
+        first = subprocess.Popen([*resume, "--epochs", "5"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                 env=os.environ | {"TL_TEST_HOLD_EPOCH": "2"})
     try:
-        while "resuming" not in (tmp_path / "first.log").read_text():  # it holds the folder from before this line
+        while "holding after epoch 2" not in (tmp_path / "first.log").read_text():
             assert first.poll() is None, (tmp_path / "first.log").read_text()
             time.sleep(0.2)
         second = subprocess.run([*resume, "--epochs", "3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -146,10 +147,10 @@ def test_two_real_resumes_at_once_and_the_first_killed(tiny_data, tmp_path, caps
         first.kill()  # SIGKILL
         first.wait()
     assert second.returncode == 2 and second.stdout == "", second
-    _names_holder(_one_error_line(second.stderr), first.pid, f"main.py --resume {run_dir / 'last.ckpt'}")
+    _names_holder(_one_error_line(second.stderr), first.pid, f"main_tiny.py --resume {run_dir / 'last.ckpt'}")
     assert f"process {first.pid} (" in (run_dir / LOCK_NAME).read_text()  # the killed run's line is left behind
-    epoch = checkpoint.load_checkpoint(run_dir / "last.ckpt")["epoch"]
-    code, out, err = _resume(capsys, run_dir, "--epochs", str(epoch + 1))
+    assert checkpoint.load_checkpoint(run_dir / "last.ckpt")["epoch"] == 2
+    code, out, err = _resume(capsys, run_dir, "--epochs", "3")
     assert code == 0, err
 
 
