@@ -306,6 +306,8 @@ def _outputs(args: argparse.Namespace) -> str:
         return "copy the run folder to a writable disk and --resume the copy's last.ckpt"
     if args.evaluate or args.export or args.explain:  # they write into the run's folder
         return "copy the run folder to a writable disk and run the command on the copy"
+    if args.predict:  # its one output: the table --csv names
+        return "--csv"
     return "--out"
 
 

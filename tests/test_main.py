@@ -54,3 +54,16 @@ def test_tl_debug_shows_the_traceback(tmp_path, monkeypatch):
     with pytest.raises(TLError, match="data folder not found"):
         main.main(["-e", "resnet_scratch", "--data", str(tmp_path / "nowhere")])
     assert "TL_DEBUG=1" in main.build_parser().format_help()
+
+
+@pytest.mark.parametrize("argv, place", [
+    (["-e", "resnet_frozen", "--out", "x"], "--out"),
+    (["--show-data", "--out", "x"], "--out"),
+    (["--predict", "photos", "--checkpoint", "best.pth", "--csv", "t.csv"], "--csv"),
+    (["--prepare", "dogs-vs-cats", "--src", "s", "--dest", "d"], "--dest"),
+    (["--resume", "r/last.ckpt"], "--resume the copy's last.ckpt"),
+    (["--evaluate", "r/best.pth"], "run the command on the copy"),
+    (["--export", "r"], "run the command on the copy"),
+])
+def test_a_failed_write_names_the_commands_own_output_option(argv, place):
+    assert place in main._outputs(main.build_parser().parse_args(argv))

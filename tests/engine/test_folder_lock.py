@@ -260,29 +260,55 @@ def test_a_lock_file_that_is_not_a_plain_file_is_one_error_naming_it(tmp_path):
         server.close()
 
 
-def test_a_holder_line_that_cannot_be_written_names_the_lock_file(tmp_path, monkeypatch):
+def _holder_line_fails(monkeypatch) -> None:
+    """Every os.write to a lock file fails as on a full disk (other writes go through)."""
     import errno
 
-    real_open = folder_lock._open_lock_file
+    real_write = os.write
 
-    class FullDisk:
-        def __init__(self, f):
-            self.f = f
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-        def write(self, text):
+    def write(fd, data):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".lock"):
             raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
 
-    monkeypatch.setattr(folder_lock, "_open_lock_file", lambda path: FullDisk(real_open(path)))
-    with pytest.raises(OSError) as caught:
-        with hold(tmp_path, ".test.lock", wait=False):
-            pass
-    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path / ".test.lock")
+    monkeypatch.setattr(os, "write", write)
+
+
+def test_a_holder_line_that_cannot_be_written_names_the_lock_file_and_leaves_none(tmp_path, monkeypatch):
+    """A full disk when the holder's line is written: one OSError naming the lock file (not a
+    second, unnamed one from closing the file), and a lock file this hold made is gone, so a new
+    folder is left empty (and a failed command removes it); one that was there stays."""
+    import errno
+
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / ".test.lock").write_text("")
+    for folder, kept in ((tmp_path / "new", False), (old, True)):
+        folder.mkdir(exist_ok=True)
+        with monkeypatch.context() as patch:
+            _holder_line_fails(patch)
+            with pytest.raises(OSError) as caught:
+                with hold(folder, ".test.lock", wait=False):
+                    pass
+        assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(folder / ".test.lock")
+        assert (folder / ".test.lock").exists() == kept, folder
+
+
+def test_a_run_on_a_really_full_disk_leaves_no_folder(tmp_path, tiny_data, tiny_backbone, capsys):
+    """A disk with no byte free before the run opens its folder: one error line naming the
+    lock file, and nothing left under --out (a real tmpfs; skipped where it cannot be mounted)."""
+    import main
+    from tests.conftest import mount_small_tmpfs
+
+    disk = tmp_path / "disk"
+    mount_small_tmpfs(disk, "256k")
+    try:
+        with contextlib.suppress(OSError), open(disk / "filler", "wb") as f:
+            f.write(b"\0" * 2**20)
+        code = main.main(["-e", "resnet_scratch", "-b", "tiny", "--data", str(tiny_data), "--epochs", "1",
+                          "--out", str(disk / "a" / "b"), "--no-progress", "--image-size", "32"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("error:") == 1 and "while writing /" in err, err
+        assert sorted(p.name for p in disk.iterdir()) == ["filler"]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

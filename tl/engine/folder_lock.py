@@ -134,6 +134,7 @@ def hold(folder: Path, name: str, *, wait: bool, command: str | None = None, not
         return
     folder = Path(folder)
     path = (folder / name).absolute()
+    created = not os.path.lexists(path)
     with _open_lock_file(path) as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -145,12 +146,13 @@ def hold(folder: Path, name: str, *, wait: bool, command: str | None = None, not
             log(f"{folder} is being written by {holder}; waiting for it to finish{note}")
             fcntl.flock(f, fcntl.LOCK_EX)
             log(f"{folder} is free: writing")
-        try:
+        try:  # unbuffered: a failed write leaves nothing for the file's close to try again
             f.truncate(0)
-            f.write(f"process {os.getpid()} ({command or this_command()}; on {socket.gethostname()}, "
-                    f"since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
-            f.flush()
-        except OSError as exc:  # a full disk: the message names the lock file
+            os.write(f.fileno(), f"process {os.getpid()} ({command or this_command()}; on {socket.gethostname()}, "
+                                 f"since {time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode())
+        except OSError as exc:  # a full disk: the message names the lock file, which goes if it was new
+            if created:
+                path.unlink(missing_ok=True)
             raise OSError(exc.errno, exc.strerror, str(path)) from None
         _HELD[path] = f
         try:

@@ -88,6 +88,13 @@ def restore(ckpt: dict, resume: Path, model: nn.Module, scaler, generator: torch
     if history.stopped_early is not None and has_results(resume.parent):
         raise TLError(f"{resume}: the run stopped early after epoch {history.stopped_early} (--patience); "
                       f"there is nothing to resume")
+    if history.stopped_early is not None and num_epochs != config.get("train_epochs", num_epochs - 1) + 1:
+        raise TLError(f"{resume}: the run stopped early after epoch {history.stopped_early} (--patience) and "
+                      f"trains no more; resume it without --epochs to write its results")
+    if start_epoch > num_epochs:
+        raise TLError(f"{resume} has trained {ckpt['epoch']} epochs, more than --epochs {num_epochs - 1}; "
+                      f"pass the new total, larger than {ckpt['epoch']}, to train more" +
+                      ("" if has_results(resume.parent) else ", or leave out --epochs to write its results"))
     if config.get("world_size", 1) != distributed.world_size():  # [DDP] shards and batches depend on it
         raise TLError(f"{resume} was trained by {config.get('world_size', 1)} process(es), this is "
                       f"{distributed.world_size()}: resume it with the same torchrun --nproc_per_node x --nnodes")
