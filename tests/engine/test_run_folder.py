@@ -360,6 +360,10 @@ def test_a_run_killed_while_writing_its_results_writes_them_on_resume(tiny_data,
         half = _train(tiny_data, tmp_path / "half", epochs, *options, recipe=recipe, code=130)
     capsys.readouterr()
     assert "results" not in json.loads((half / "config.json").read_text())
+    before = _files(half)  # refused, the folder unchanged: fewer epochs than it trained; another total for
+    for other_total in ["1", *([str(epochs + 4)] if "--patience" in options else [])]:  # a run that stopped early
+        code, _, err = _resume(capsys, half, "--epochs", other_total)
+        assert code == 2 and _files(half) == before and "--epochs" in _one_error_line(err), (other_total, err)
     code, out, _ = _resume(capsys, half)
     assert code == 0 and "writing the results it was stopped before writing" in out, out
     a, b = json.loads((full / "config.json").read_text()), json.loads((half / "config.json").read_text())
