@@ -25,17 +25,24 @@ def dataset_name(data_dir: Path) -> str:
 
 
 def train_or_reason(module, opts, log) -> tuple[object, dict]:
-    """(the run's result, {}) or (None, {"status", "reason"}) when it could not run or failed: in
-    a study of many runs, one recipe's problem is a row of the table, not the end of the study.
-    Ctrl-C and the machine's problems (an OSError: a full disk, a folder that cannot be written,
-    a lock taken away) stop the whole study: every later run would meet them too, and a row
-    would record the machine's failure as the recipe's."""
-    from tl import Interrupted, TLError
-    from tl.engine.folder_lock import LockLost
+    """(the run's result, {}) or (None, {"status", "reason"}) when it could not run or failed
+    (`result_or_reason`)."""
     from tl.engine.run import run
 
+    return result_or_reason(lambda: run(module.RECIPE, module.build, opts, log=lambda line: log("    " + line)))
+
+
+def result_or_reason(call) -> tuple[object, dict]:
+    """(call(), {}) or (None, {"status", "reason"}) when it could not run or failed: in a study of
+    many runs, one recipe's problem is a row of the table, not the end of the study. Ctrl-C,
+    SIGTERM and the machine's problems (an OSError: a full disk, a folder that cannot be
+    written, a lock taken away) stop the whole study: every later run would meet them too, and a
+    row would record the machine's failure as the recipe's. Every study's runs go through it."""
+    from tl import Interrupted, TLError
+    from tl.engine.folder_lock import LockLost
+
     try:
-        return run(module.RECIPE, module.build, opts, log=lambda line: log("    " + line)), {}
+        return call(), {}
     except (Interrupted, OSError, LockLost):
         raise
     except TLError as exc:

@@ -102,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_one(strategy: str, size: str, seed: int, args: argparse.Namespace, runs_dir: Path, log) -> dict:
     """One strategy x subset size x seed -> one row (status ok / not run / failed)."""
     from experiments import get_experiment
-    from tl import TLError
+    from experiments.common import result_or_reason
     from tl.engine.options import RunOptions, resolve
     from tl.engine.prepare import resolve_data_dir
     from tl.engine.run import run
@@ -122,12 +122,9 @@ def run_one(strategy: str, size: str, seed: int, args: argparse.Namespace, runs_
         opts.make_quick()
     row["train_epochs"] = resolve(module.RECIPE, opts).train_epochs
     started = time.time()
-    try:
-        result = run(module.RECIPE, module.build, opts, log=lambda line: None)
-    except TLError as exc:
-        return row | {"status": "not run", "reason": str(exc).splitlines()[0]}
-    except Exception as exc:  # a bug in one recipe must not hide the other results
-        return row | {"status": "failed", "reason": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+    result, reason = result_or_reason(lambda: run(module.RECIPE, module.build, opts, log=lambda line: None))
+    if reason:
+        return row | reason
     res = result.config["results"]
     return row | {"status": "ok", "reason": "", "train_images": result.config["dataset_sizes"]["train"],
                   "wall_seconds": time.time() - started,

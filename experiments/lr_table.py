@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def find_one(name: str, args: argparse.Namespace, runs_dir: Path) -> dict:
     """One recipe's range test -> one row (status ok, or not run with the reason)."""
     from experiments import get_experiment
-    from tl import TLError
+    from experiments.common import result_or_reason
     from tl.engine.lr_finder import find_lr, no_window
     from tl.engine.options import RunOptions
     from tl.engine.prepare import resolve_data_dir
@@ -65,10 +65,10 @@ def find_one(name: str, args: argparse.Namespace, runs_dir: Path) -> dict:
                       device=args.device, seed=args.seed, workers=0, out=runs_dir, progress=False)
     if args.quick:
         opts.make_quick()
-    try:
-        r = find_lr(module.RECIPE, module.build, opts, steps=args.steps, log=lambda line: None)
-    except TLError as exc:
-        return {"recipe": name, "status": "not run", "reason": str(exc).splitlines()[0]}
+    r, reason = result_or_reason(lambda: find_lr(module.RECIPE, module.build, opts, steps=args.steps,
+                                                 log=lambda line: None))
+    if reason:
+        return {"recipe": name} | reason
     return {"recipe": name, "stage": r.stage, "group": r.group, "documented_lr": r.recipe_lr,
             "suggested_lr": r.suggested_lr, "ratio": r.suggested_lr / r.recipe_lr, "steps": len(r.test.lrs),
             "diverged": r.test.diverged, "no_window": no_window(r.test) or "", "status": "ok", "reason": ""}

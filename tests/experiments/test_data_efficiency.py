@@ -1,9 +1,10 @@
-"""experiments/data_efficiency.py on tiny data: its table, its plot, and a note for a missing recipe."""
+"""experiments/data_efficiency.py on tiny data: its table, its plot, a note for a missing recipe, and what stops it."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 from PIL import Image
 
 
@@ -41,3 +42,34 @@ def test_data_efficiency_quick_writes_table_and_plot_and_notes_a_missing_recipe(
     table = pd.read_csv(out / "data_efficiency.csv")
     assert "ImageNet weights" in table[table.strategy == "resnet_frozen"].reason.iloc[0]
     assert set(table.strategy) == {"resnet_frozen", "not_yet_written", "resnet_scratch"} and len(table) == 13
+
+
+@pytest.mark.parametrize("problem, status", [
+    ("interrupt", 130), ("full disk", 2), ("lock lost", 2), ("bad input", 0), ("bug", 0)])
+def test_ctrl_c_and_the_machines_failures_stop_the_study_a_recipes_problem_is_a_row(
+        tiny_data, tiny_backbone, tmp_path, monkeypatch, capsys, problem, status):
+    """Every run of the study goes through experiments.common.result_or_reason: Ctrl-C/SIGTERM,
+    a full disk and a lock taken away end the study (exit 130 / 2, nothing written); a recipe that
+    cannot run or fails is its row (exit 0)."""
+    import errno
+
+    import tl.engine.run
+    from experiments import data_efficiency
+    from tl import Interrupted, TLError
+    from tl.engine.command import command
+    from tl.engine.folder_lock import LockLost
+
+    raised = {"interrupt": Interrupted("interrupted"), "full disk": OSError(errno.ENOSPC, "No space", "x"),
+              "lock lost": LockLost("the lock was taken"), "bad input": TLError("no such thing"),
+              "bug": ZeroDivisionError("a bug")}[problem]
+
+    def fails(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(tl.engine.run, "run", fails)
+    out = tmp_path / "out"
+    code = command(lambda: data_efficiency.main(["--data", str(tiny_data), "--backbone", "tiny", "--quick",
+                                                 "--strategies", "resnet_scratch", "--sizes", "2", "--seeds", "0",
+                                                 "--out", str(out), "--runs-dir", str(tmp_path / "runs")]))
+    assert code == status, capsys.readouterr().err
+    assert (out / "data_efficiency.csv").exists() == (status == 0)
