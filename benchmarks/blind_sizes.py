@@ -25,7 +25,7 @@ from tl.data import build_transforms
 from tl.engine.backbones import backbone_spec
 from tl.engine.image_size import head_input
 from tl.engine.selection import image_datasets
-from tl.engine.tables import page_text, table_text
+from tl.engine.tables import page_code, table_text
 from tl.engine.weights import build_model
 
 NETWORKS = [("efficientnet_lite0", "imagenet"), ("efficientnet_lite1", "imagenet"),
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             print(rows[-1], flush=True)
     table = pd.DataFrame(rows)
     lines = ["# Image sizes at which a network stops seeing", "",
-             f"`{page_text(invocation.strip())}`: per backbone and size, the val photos whose features (the",
+             f"{page_code(invocation.strip())}: per backbone and size, the val photos whose features (the",
              "head's input) are all zero, and the pairs of photos with identical features; `-` where the",
              "network cannot take the size at all. tl/engine/image_size.py refuses these sizes.", "",
              "| backbone | weights | " + " | ".join(f"{s} px" for s in args.sizes) + " |",

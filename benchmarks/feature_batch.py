@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from benchmarks import at_least, command, output_folder, spread, write_files
-from tl.engine.tables import page_text, table_text
+from tl.engine.tables import page_code, table_text
 
 
 def feature_pass_case(backbone: str, weights: str, data: Path) -> tuple:
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"batch {batch_size:>3}: {s['median']:6.1f} img/s (min {s['min']:.1f}, max {s['max']:.1f})", flush=True)
     invocation = "python -m benchmarks.feature_batch " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = ["# The feature pass's batch size", "",
-             f"`{page_text(invocation.strip())}` at commit {commit}, {time.strftime('%Y-%m-%d %H:%M')}, on "
+             f"{page_code(invocation.strip())} at commit {commit}, {time.strftime('%Y-%m-%d %H:%M')}, on "
              f"{machine_description()}: images/s of the one-time feature pass over "
              f"train/ (JPEG decoding included, --workers 0), median of {args.repeats} passes.", "",
              "| backbone | layout | batch | img/s (median) | min | max |", "|---|---|---|---|---|---|"]

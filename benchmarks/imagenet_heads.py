@@ -31,7 +31,7 @@ from experiments.common import git_commit
 from tl import TLError
 from tl.data import build_transforms, make_loaders
 from tl.engine.selection import image_datasets
-from tl.engine.tables import page_text, table_text
+from tl.engine.tables import page_code, table_text
 from tl.engine.weights import build_model
 from tl.models import IMAGENET_MEAN, IMAGENET_STD, get_backbone
 
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                          "top1_pct": round(100 * top1 / total, 1), "top5_pct": round(100 * top5 / total, 1)})
             print(f"{backbone:20s} {variant:20s} top-1 {top1}/{total}  top-5 {top5}/{total}", flush=True)
     lines = ["# The packaged ImageNet classifiers on hymenoptera's val photos", "",
-             f"`{page_text(invocation.strip())}`: how often the untouched 1000-class",
+             f"{page_code(invocation.strip())}: how often the untouched 1000-class",
              "classifier names ImageNet's \"ant\" (310) or \"bee\" (309) class right, before any training",
              f"(commit {commit}). Chance is 0.1% for top-1 and 0.5% for top-5.", "",
              "| backbone | variant | top-1 | top-5 |", "|---|---|---|---|"]

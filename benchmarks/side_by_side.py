@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks import command
-from tl.engine.tables import page_text, read_table
+from tl.engine.tables import page_code, page_text, read_table
 
 
 def data_path(case: str) -> str:
@@ -43,11 +43,12 @@ def loop_rows(csv: Path) -> pd.DataFrame:
 
 def page(before: Path, after: Path, title: str) -> str:
     both = loop_rows(before).add_suffix("_before").join(loop_rows(after).add_suffix("_after"), how="inner")
-    lines = [f"# {title}", "", f"- before: `{page_text(before)}`", f"- after: `{page_text(after)}`", "",
+    lines = [f"# {page_text(title)}", "", f"- before: {page_code(before)}", f"- after: {page_code(after)}", "",
              "| case | data path | before img/s (min-max) | after img/s (min-max) | after / before |",
              "|---|---|---|---|---|"]
     for (case, path), r in both.iterrows():
-        lines.append(f"| {case} | {path} | {r.median_before:.2f} ({r.min_before:.2f}-{r.max_before:.2f}) | "
+        lines.append(f"| {page_text(case)} | {page_text(path)} "
+                     f"| {r.median_before:.2f} ({r.min_before:.2f}-{r.max_before:.2f}) | "
                      f"{r.median_after:.2f} ({r.min_after:.2f}-{r.max_after:.2f}) | "
                      f"{r.median_after / r.median_before:.2f} |")
     return "\n".join(lines) + "\n"

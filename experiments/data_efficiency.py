@@ -51,7 +51,7 @@ from pathlib import Path
 
 from experiments import NAMES
 from tl.engine import folders
-from tl.engine.tables import page_text
+from tl.engine.tables import page_code
 
 # the four strategies, as recipe names: from scratch, frozen head, full fine-tune, two-stage
 STRATEGIES = ("resnet_scratch", "resnet_frozen", "resnet_finetune", "two_stage")
@@ -185,7 +185,7 @@ def page(table, commands: list[dict]) -> str:
     ok = table[table.status == "ok"]
     lines = ["# Data efficiency: accuracy against training images per class", ""]
     for meta in commands:
-        lines.append(f"Produced by `{page_text(meta['command'])}` on {meta['machine']}, torch {meta['torch']} "
+        lines.append(f"Produced by {page_code(meta['command'])} on {meta['machine']}, torch {meta['torch']} "
                      f"({meta['date']}): {meta['wall_minutes']:.1f} min of wall time for "
                      f"{', '.join(meta['strategies'])}.")
     lines += ["", "Headline accuracy, % (mean ± std over seeds; " + (ok.headline.iloc[0] if len(ok) else "") + "). "

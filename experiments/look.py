@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from tl.engine import folders
-from tl.engine.tables import page_text
+from tl.engine.tables import page_code
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -107,10 +107,10 @@ def look(frozen: Path, finetuned: Path, out: Path, data: str | None = None, imag
     rel = [Path(p).name for p, _ in (val.samples[i] for i in picks)]
     page = [
         "# Learn by looking: a frozen and a fine-tuned backbone on the same photos", "",
-        f"Made by `{page_text(command)}` ({time.strftime('%Y-%m-%d %H:%M')}) from "
-        f"`{page_text(frozen_file)}` ({frozen_cfg['experiment']}) and `{page_text(tuned_file)}` "
+        f"Made by {page_code(command)} ({time.strftime('%Y-%m-%d %H:%M')}) from "
+        f"{page_code(frozen_file)} ({frozen_cfg['experiment']}) and {page_code(tuned_file)} "
         f"({tuned_cfg['experiment']}), backbone {tuned_ctx.backbone}, {tuned_ctx.image_size}-pixel images, "
-        f"val of `{page_text(data or tuned_ctx.data)}`.", "",
+        f"val of {page_code(data or tuned_ctx.data)}.", "",
         "## Where each model looks", "",
         "The first row is the photo; below it, each model's Grad-CAM for the class it predicts (red: where the "
         "evidence for that class lies; tl/engine/explain.py has the method). Photos: " + ", ".join(rel) + ".", "",

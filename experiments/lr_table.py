@@ -28,7 +28,7 @@ from pathlib import Path
 
 from experiments import NAMES
 from tl.engine import folders
-from tl.engine.tables import page_text
+from tl.engine.tables import page_code, page_text
 
 COLUMNS = ["recipe", "stage", "group", "documented_lr", "suggested_lr", "ratio", "steps", "diverged", "no_window",
            "status", "reason"]
@@ -78,7 +78,7 @@ def page(rows: list[dict], meta: dict) -> str:
     """The markdown page: what was run, then the table."""
     from tl.engine.lr_finder import NO_WINDOW  # lazily, as run() imports the finder
     lines = ["# The recipes' learning rates and the range test's suggestion", "",
-             f"Command: `{page_text(meta['command'])}`  ",
+             f"Command: {page_code(meta['command'])}  ",
              f"Machine: {meta['machine']}; wall time {meta['seconds']:.0f} s.", "",
              "Each recipe's first stage, as its run would start it; every group's rate swept by the same factor per "
              "step, so the recipe's ratios between groups stay (the other groups' suggestions are theirs times the "
@@ -88,7 +88,7 @@ def page(rows: list[dict], meta: dict) -> str:
              "|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['recipe']} | not run: {r['reason']} | | | | | |")
+            lines.append(f"| {r['recipe']} | not run: {page_text(r['reason'])} | | | | | |")
             continue
         steps = f"{r['steps']}{' (diverged)' if r['diverged'] else ''}"
         where = NO_WINDOW.get(r.get("no_window"))

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from experiments.common import DRAWS, paired_bootstrap
-from tl.engine.tables import page_text, read_table, write_table
+from tl.engine.tables import one_line, page_code, page_text, read_table, write_table
 
 NOTES = {  # what each recipe is meant to show; the figures that follow come from the CSV
     "resnet_scratch": "No pretrained weights: the control. Whatever the others gain over it is what ImageNet buys.",
@@ -275,12 +275,12 @@ def provenance(meta: dict) -> list[str]:
             kind = "full comparison"
         else:
             kind = "**not a full comparison**: rows come from the commands below, some on a subset of the recipes"
-        lines.append(f"- {page_text(dataset)} (`{page_text(info.get('data', '?'))}`): {kind}")
+        lines.append(f"- {page_text(dataset)} ({page_code(info.get('data', '?'))}): {kind}")
         for i, c in enumerate(commands):
             later = {pair for d in commands[i + 1:] for pair in _pairs(d)}
             rerun = [f"{e} / {b}" for e, b in _pairs(c) if (e, b) in later]
             since = f" (since rerun by a later command: {', '.join(rerun)})" if rerun else ""
-            lines.append(f"  - `{page_text(c.get('command', '?'))}`: {', '.join(c.get('experiments', []))}{since}; "
+            lines.append(f"  - {page_code(c.get('command', '?'))}: {', '.join(c.get('experiments', []))}{since}; "
                          f"commit {c.get('commit', '?')}, {c.get('date', '?')}, {c.get('minutes', '?')} min for this "
                          f"data set ({c.get('command_minutes', '?')} min for the whole command)")
     return lines
@@ -426,14 +426,14 @@ def which_recipe(summary: pd.DataFrame, diffs: pd.DataFrame) -> str:
 
         def cell(r):
             two = " (a single-logit head: two classes only)" if _single_logit(r.experiment) else ""
-            return (f"`{r.experiment}` ({r.backbone}): {100 * r.headline_acc_mean:.1f} ± "
-                    f"{100 * r.headline_acc_std:.1f}%; {_epochs(r.train_epochs)} at "
+            return (f"`{r.experiment}` ({r.backbone}): {_acc(r.headline_acc_mean, r.headline_acc_std)}%; "
+                    f"{_epochs(r.train_epochs)} at "
                     f"{r.train_images_per_s_mean:.0f} img/s, {r.train_seconds_mean:.0f} s of training on "
                     f"this 2-core CPU{two}")
 
-        lines.append(f"| {dataset} ({best.headline}) | {cell(best)} | {cell(cheap)} |")
+        lines.append(f"| {page_text(dataset)} ({best.headline}) | {cell(best)} | {cell(cheap)} |")
         online, offline = DATA_COMMAND.get(dataset, (" --data DIR", " --data DIR"))
-        commands += [f"# {dataset}: the most accurate, then the cheaper; online, then offline (this machine)"]
+        commands += [f"# {one_line(dataset)}: the most accurate, then the cheaper; online, then offline (this machine)"]
         commands += [PREPARE[dataset]] if dataset in PREPARE else []
         for r, backbone in dict.fromkeys([(best.experiment, best.backbone), (cheap.experiment, cheap.backbone)]):
             row = group[(group.experiment == r) & (group.backbone == backbone)].iloc[0]  # the row named above

@@ -78,7 +78,7 @@ from pathlib import Path
 
 from experiments import NAMES, get_experiment, tuned_dir, tuned_file
 from tl.engine import folders
-from tl.engine.tables import page_text
+from tl.engine.tables import page_code, page_text
 
 FINISHED = ("COMPLETE", "PRUNED")  # the trials a budget of --trials counts
 
@@ -343,7 +343,7 @@ def write_pages(study, s: Search, setup: dict, folder: Path, command: str) -> li
     split = (f"{setup['folds']}-fold cross-validation over train/" if setup["folds"]
              else f"inner val = {setup['inner_val']} of each class of train/")
     lines = [f"# Tuning {setup['recipe']} on {page_text(setup['dataset'])} ({setup['backbone']})", "",
-             f"`{page_text(command)}`", "",
+             f"{page_code(command)}", "",
              f"Scored on an inner split carved from train (seed {setup['seed']}): {split}. val/ and test/ were not "
              f"read. Budget: {s.args.trials} finished trials; {len(done)} finished "
              f"({over_budget(study, s.args.trials)} over the budget: search processes running at once each finish "

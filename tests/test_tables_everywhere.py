@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import re
 from pathlib import Path
 
 import pytest
@@ -123,7 +124,7 @@ def test_a_run_with_hostile_names_finishes_and_its_tables_read_back(tmp_path, ti
     assert history.epoch.tolist() == [0, 1, 1, 2, 2] and history.loss.dtype == float
 
 
-HOSTILE_CLASSES = ["a|b\rc", "x\ny`z"]  # a pipe, a carriage return, a line feed, a backtick
+HOSTILE_CLASSES = ["a|b\rc", "x\ny`z<b>*k*"]  # a pipe, a carriage return, a line feed, a backtick, markup
 
 
 def _table_rows_hold(page: Path) -> None:
@@ -166,5 +167,6 @@ def test_every_page_shows_hostile_names_on_their_own_line_and_cell(tmp_path, tin
     assert {p.name for p in pages} == {"README.md", "classification_report.md"}, pages
     for page in pages:
         _table_rows_hold(page)
+        assert not re.search(r"(?<!\\)<b>|(?<!\\)\*k", page.read_text()), page  # markup shown, not obeyed
         lines = page.read_text().split("\n")  # no line starts with what follows a line feed in a name
         assert not [line for line in lines if line.startswith(("ta|set", "ta\\|set", "y`z", "y\\`z", ".png"))], page

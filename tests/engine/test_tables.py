@@ -162,8 +162,20 @@ def test_an_empty_file_and_a_header_alone(tmp_path):
 @pytest.mark.parametrize("name, shown", [
     ("a\rb", "a\\rb"), ("line\nfeed", "line\\nfeed"), ("tab\there", "tab\\there"), ("bell\x07", "bell\\x07"),
     ("del\x7f", "del\\x7f"), ("a|b", "a\\|b"), ("`rm -rf`", "\\`rm -rf\\`"), ("été_2024 (1)", "été_2024 (1)"),
+    ("<img src=x onerror=alert(1)>", "\\<img src=x onerror=alert(1)\\>"), ("*x* [y](z)", "\\*x\\* \\[y\\](z)"),
+    ("<!--", "\\<!--"), ("_x_", "\\_x\\_"), ("- item", "\\- item"), ("12. x", "12\\. x"), ("   ", "&#32;" * 3),
+    (" lead", "&#32;lead"), ("back\\slash", "back\\\\slash"), ("&lt;", "\\&lt;"), ("# x", "\\# x"),
 ])
 def test_a_name_on_a_page_stays_on_its_line_and_in_its_cell(name, shown):
+    """The name's text is shown, not obeyed: no markup, no HTML, its line and its cell kept."""
     assert tables.page_text(name) == shown
     row = f"| {tables.page_text(name)} | 1 |"
     assert "\n" not in row and "\r" not in row and len(re.findall(r"(?<!\\)\|", row)) == 3
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("python main.py --data d", "`python main.py --data d`"), ("a`b", "``a`b``"), ("`x`", "`` `x` ``"),
+    ("line\nfeed | pipe", "`line\\nfeed | pipe`"), ("``two``", "``` ``two`` ```"),
+])
+def test_a_command_on_a_page_is_one_code_span_shown_as_it_is(text, shown):
+    assert tables.page_code(text) == shown

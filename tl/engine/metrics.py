@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from tl.engine.files import atomic_write_text
-from tl.engine.tables import page_text, read_table, write_table
+from tl.engine.tables import page_code, page_text, read_table, write_table
 
 SHOWN_FILES = 10  # file names per confused pair in the Markdown (the CSV has all)
 
@@ -105,7 +105,7 @@ def report_markdown(report: dict, title: str) -> str:
     if not report["pairs"]:
         lines.append("No image was misclassified.")
     for pair in report["pairs"]:
-        shown = ", ".join(f"`{page_text(f)}`" for f in pair["files"][:SHOWN_FILES])
+        shown = ", ".join(page_code(f) for f in pair["files"][:SHOWN_FILES])
         more = f" and {pair['count'] - SHOWN_FILES} more (confused_pairs.csv)" if pair["count"] > SHOWN_FILES else ""
         lines.append(f"- {page_text(pair['true'])} -> {page_text(pair['predicted'])}: {pair['count']} image(s): "
                      f"{shown}{more}")

@@ -24,7 +24,8 @@ a text column is the empty text. `text=` names columns that are always text, for
 another program wrote without the marks (its class `1e3` would otherwise be a number).
 
 A Markdown page (a run's classification_report.md, a study's README) shows such names through
-`page_text`: a carriage return or line feed in a name is shown as \\r or \\n, never a broken line.
+`page_text` (and commands and paths through `page_code`): a carriage return or line feed in a name
+is shown as \\r or \\n, never a broken line, and markup in a name is shown, not obeyed.
 
 With pandas alone, `pd.read_csv(path, dtype=str, keep_default_na=False)` gives every cell
 as written; a text cell that starts with ' is the text after that quote.
@@ -60,15 +61,48 @@ def text_cell(text: str) -> str:
 
 
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # C0 control characters and DEL: CR and LF among them
+MARKDOWN = re.compile(r"[\\`*\[\]<>|#&~]|(?<![^\W_])_|_(?![^\W_])")  # what Markdown (or HTML in it)
+# would read as markup; an underscore inside a word (golden_retriever) is no emphasis and stays as it is
+LIST_START = re.compile(r"^([-+]|\d+(?=[.)]))")  # what would start a list where a name starts a line or an item
+
+
+def _shown(match: re.Match) -> str:
+    """A control character as its escape: \\r, \\n, \\t, \\x07."""
+    return repr(match.group())[1:-1]
 
 
 def page_text(value) -> str:
-    """A name from the user's files (a class, a file, a data folder, a run) as text of a Markdown
-    page: each control character shown as its escape (\\r, \\n, \\t, \\x07), so the name stays
-    on its line; | and ` escaped, so it stays in its table cell and out of code. Every page of a
-    run, a study and a benchmark writes such names through it."""
-    text = CONTROL.sub(lambda m: repr(m.group())[1:-1], str(value))
-    return text.replace("|", "\\|").replace("`", "\\`")
+    """A name from the user's files (a class, a file, a data folder, a title) as text of a Markdown
+    page, shown as it is: each character Markdown or HTML would read as markup (| ` * [ ] < > # & ~,
+    an underscore at a word's edge, a leading - + or "1.") escaped with a backslash, each control character shown as its
+    escape (\\r, \\n, \\x07), so the name stays on its line and in its table cell, and leading
+    or trailing spaces kept. Every page of a run, a study and a benchmark shows names through it
+    (and through `page_code` inside code)."""
+    text = LIST_START.sub(lambda m: m.group() + "\\" if m.group()[0].isdigit() else "\\" + m.group(),
+                          MARKDOWN.sub(lambda m: "\\" + m.group(), str(value)))
+    text = CONTROL.sub(_shown, text)
+    core = text.strip(" ")
+    if not core:
+        return "&#32;" * len(text)
+    lead, trail = len(text) - len(text.lstrip(" ")), len(text) - len(text.rstrip(" "))
+    return "&#32;" * lead + core + "&#32;" * trail
+
+
+def one_line(value) -> str:
+    """`value` as text with each control character shown as its escape (\\r, \\n): for a line
+    where nothing is markup (a code block, a code span)."""
+    return CONTROL.sub(_shown, str(value))
+
+
+def page_code(value) -> str:
+    """A command or a path as a Markdown code span, shown as it is: inside code nothing is markup,
+    so only control characters are shown as their escapes (\\n), and the span is fenced by more
+    backticks than the text holds in a row. (In a table cell, a | would still end the cell: code
+    spans go outside tables.)"""
+    text = one_line(value)
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith(("`", " ")) or text.endswith(("`", " ")) else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def cell(value) -> str:
