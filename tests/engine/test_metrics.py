@@ -42,3 +42,19 @@ def test_report_figures_match_a_confusion_matrix_worked_by_hand(tmp_path):
     assert "- b -> a: 2 image(s): `val/b/4.jpg`, `val/b/5.jpg`" in text
     confused = pd.read_csv(tmp_path / "confused_pairs.csv")
     assert confused.iloc[0].tolist() == ["b", "a", 2, "val/b/4.jpg; val/b/5.jpg"]
+
+
+def test_classes_named_like_the_summary_rows_are_told_apart_by_kind(tmp_path):
+    """classification_report.csv: a class may be named "accuracy" or "macro average"; `kind` says
+    which rows are classes and which the summary."""
+    from tl.engine.tables import read_table
+
+    report = metrics.classification_report(["accuracy", "accuracy", "macro average"],
+                                           ["accuracy", "macro average", "macro average"],
+                                           ["1.jpg", "2.jpg", "3.jpg"], ["accuracy", "macro average"])
+    metrics.write_report(tmp_path, report, "names like the summary's")
+    table = read_table(tmp_path / "classification_report.csv")
+    classes = table[table.kind == "class"].set_index("class")
+    summary = table[table.kind == "summary"].set_index("class")
+    assert list(classes.index) == ["accuracy", "macro average"] and classes.loc["accuracy", "support"] == 2
+    assert summary.loc["accuracy", "f1"] == pytest.approx(2 / 3) and len(summary) == 3

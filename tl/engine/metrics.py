@@ -116,12 +116,14 @@ def write_report(folder: str | Path, report: dict, title: str) -> Path:
     """classification_report.csv, classification_report.md and confused_pairs.csv in `folder`
     (atomically, like every file of a run folder); returns the Markdown file."""
     folder = Path(folder)
-    rows = [[name, report["precision"][i], report["recall"][i], report["f1"][i], int(report["support"][i])]
+    rows = [[name, report["precision"][i], report["recall"][i], report["f1"][i], int(report["support"][i]), "class"]
             for i, name in enumerate(report["classes"])]
-    rows += [["macro average", report["macro_precision"], report["macro_recall"], report["macro_f1"], report["n"]],
-             ["balanced accuracy", "", report["balanced_accuracy"], "", report["n"]],
-             ["accuracy", report["accuracy"], report["accuracy"], report["accuracy"], report["n"]]]
-    write_table(folder / "classification_report.csv", rows, ["class", "precision", "recall", "f1", "support"])
+    # the summary rows say so in `kind`: a class may itself be named "accuracy"
+    rows += [["macro average", report["macro_precision"], report["macro_recall"], report["macro_f1"], report["n"],
+              "summary"],
+             ["balanced accuracy", "", report["balanced_accuracy"], "", report["n"], "summary"],
+             ["accuracy", report["accuracy"], report["accuracy"], report["accuracy"], report["n"], "summary"]]
+    write_table(folder / "classification_report.csv", rows, ["class", "precision", "recall", "f1", "support", "kind"])
     write_table(folder / "confused_pairs.csv", [[p["true"], p["predicted"], p["count"], "; ".join(p["files"])]
                                                 for p in report["pairs"]], ["true", "predicted", "count", "files"])
     return atomic_write_text(folder / "classification_report.md", report_markdown(report, title))
