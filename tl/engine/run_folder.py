@@ -271,7 +271,7 @@ def has_results(run_dir: Path) -> bool:
         config = schema.loads((Path(run_dir) / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(config, dict) and "results" in config
+    return isinstance(config, dict) and isinstance(config.get("results"), dict)
 
 
 def new_identity(recipe: str, seed: int, fingerprint: str) -> dict:
@@ -294,7 +294,9 @@ def check_own_checkpoint(ckpt: dict, path: Path) -> None:
     except ValueError as exc:  # not UTF-8, not JSON, nested too deeply
         raise TLError(f"{folder / 'config.json'} is not readable JSON ({exc}); the run cannot be resumed "
                       f"without it") from None
-    own = config.get("identity") if isinstance(config, dict) else None
+    if not isinstance(config, dict):
+        raise TLError(f"{folder / 'config.json'} holds no JSON object; the run cannot be resumed without it")
+    own = config.get("identity")
     if theirs != own:
         raise TLError(f"{path} is not this folder's checkpoint: it belongs to {_describe(theirs)}, and "
                       f"{folder / 'config.json'} to {_describe(own)}; a run folder resumes only its own "

@@ -60,7 +60,8 @@ def text_cell(text: str) -> str:
     return MARK + text if risky else text
 
 
-CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # C0 control characters and DEL: CR and LF among them
+# C0 control characters and DEL (CR and LF among them), and the marks that reverse the text after them
+CONTROL = re.compile(r"[\x00-\x1f\x7f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 MARKDOWN = re.compile(r"[\\`*\[\]<>|#&~]|(?<![^\W_])_|_(?![^\W_])")  # what Markdown (or HTML in it)
 # would read as markup; an underscore inside a word (golden_retriever) is no emphasis and stays as it is
 LIST_START = re.compile(r"^([-+]|\d+(?=[.)]))")  # what would start a list where a name starts a line or an item
