@@ -414,9 +414,8 @@ def main(argv: list[str] | None = None) -> int:
               f"({(t0 - started) / 60:.1f} min so far)", flush=True)
         try:
             row, result = run_one(name, backbone, seed, data_dir, args, runs_dir, log=lambda s: print(s, flush=True))
-        except (Interrupted, KeyboardInterrupt):
-            print(f"error: interrupted: {out} is unchanged (the runs so far are in {runs_dir})", file=sys.stderr)
-            return 130  # the shell's status for Ctrl-C
+        except (Interrupted, KeyboardInterrupt):  # command() says it, with 130 for Ctrl-C and 143 for SIGTERM
+            raise Interrupted(f"interrupted: {out} is unchanged (the runs so far are in {runs_dir})") from None
         except (OSError, LockLost) as exc:  # the machine's problem, not the recipe's (common.train_or_reason)
             print(f"error: {message(exc)}; {out} is unchanged (the runs so far are in {runs_dir})", file=sys.stderr)
             return 2
@@ -442,8 +441,7 @@ def main(argv: list[str] | None = None) -> int:
             old_meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").is_file() else {}
             summary = write_outputs(out, runs, update_meta(old_meta, entries, machine_description()))
     except KeyboardInterrupt:
-        print(f"error: interrupted while waiting for or writing {out}; the runs are in {runs_dir}", file=sys.stderr)
-        return 130
+        raise Interrupted(f"interrupted while waiting for or writing {out}; the runs are in {runs_dir}") from None
     print(summary[KEY + ["status", "headline_acc_mean", "headline_acc_std", "best_val_acc_mean",
                          "train_seconds_mean"]].to_string(index=False))
     print(f"wrote {out}/summary.csv, runs.csv, plots and README.md ({total} min)")

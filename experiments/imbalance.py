@@ -240,9 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{i}/{len(plan)}] {recipe} on {args.backbone}, {way}, seed {seed}", flush=True)
         try:
             row, predictions = run_one(recipe, way, seed, args, runs_dir, log=lambda s: print(s, flush=True))
-        except (Interrupted, KeyboardInterrupt):
-            print(f"error: interrupted: {args.out} is unchanged (the runs so far are in {runs_dir})", file=sys.stderr)
-            return 130  # the shell's status for an interrupt, as main.py
+        except (Interrupted, KeyboardInterrupt):  # command() says it, with 130 for Ctrl-C and 143 for SIGTERM
+            raise Interrupted(f"interrupted: {args.out} is unchanged (the runs so far are in {runs_dir})") from None
         if predictions is not None:
             files[row["run"]] = predictions
         rows.append(row)

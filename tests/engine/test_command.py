@@ -69,6 +69,27 @@ def test_a_failed_write_names_the_commands_own_place_for_outputs_or_the_cache(tm
             assert cached.endswith("(TL_CACHE_DIR)") and outputs not in cached, cached
 
 
+def test_a_failed_write_names_the_option_whose_path_holds_the_file(tmp_path, monkeypatch):
+    """The deepest option of the command line whose path holds the file that could not be written
+    (--runs-dir, --tuned-dir, --csv=..., --storage), else the command's own `outputs`."""
+    import errno
+    import sys
+
+    from tl.engine.command import message
+
+    argv = ["prog", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--runs-dir", str(tmp_path / "r"),
+            f"--tuned-dir={tmp_path / 'o' / 'tuned'}", "--csv", str(tmp_path / "t.csv"), "--quick"]
+    monkeypatch.setattr(sys, "argv", argv)
+    cases = {tmp_path / "r" / "data" / "run" / "last.ckpt": "--runs-dir", tmp_path / "o" / "tuned" / "x.json":
+             "--tuned-dir", tmp_path / "o" / "summary.csv": "--out", tmp_path / "t.csv": "--csv",
+             tmp_path / "elsewhere" / "x.png": "--out"}
+    for path, option in cases.items():
+        assert message(OSError(errno.ENOSPC, "x", str(path)), "--out").endswith(f"({option})"), path
+    # a sentence of advice (a resumed run's folder) is kept: the option there is a file in that folder
+    advice = "copy the run folder to a writable disk"
+    assert message(OSError(errno.ENOSPC, "x", str(tmp_path / "r" / "x")), advice).endswith(f"({advice})")
+
+
 def test_names_that_are_not_utf8_print_escaped_not_as_a_crash(capsys):
     import os
 

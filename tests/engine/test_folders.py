@@ -103,3 +103,12 @@ def test_the_code_check_sees_each_way_to_make_a_folder(tmp_path):
     code.write_text("\n".join(["p.mkdir()", "(out / 'x').mkdir(parents=True)", "os.makedirs(p)", "os.mkdir(p)",
                                "folders.make(p)", "p.exists()"]))  # the last two make nothing themselves
     assert [n for n, _ in _folder_makers(code)] == [1, 2, 3, 4]
+
+
+def test_a_command_that_returns_an_error_status_leaves_no_empty_folder_it_made(tmp_path, capsys):
+    """A study that says its own error and returns 2 (or 130) is a failed command too."""
+    def body():
+        folders.make(tmp_path / "runs" / "data" / "run-seed0")
+        return 2
+
+    assert command(body) == 2 and not (tmp_path / "runs").exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -196,7 +197,10 @@ def test_a_reused_runs_dir_ctrl_c_and_the_machines_failures_leave_the_results_al
         return real_run(*args, **kwargs)
 
     monkeypatch.setattr(tl.engine.run, "run", ctrl_c_on_the_second_run)
-    assert compare_all.main([*base, "--seeds", "0", "1", "--runs-dir", str(tmp_path / "runs2")]) == 130  # Ctrl-C
+    from tl.engine.command import command
+
+    assert command(lambda: compare_all.main([*base, "--seeds", "0", "1", "--runs-dir", str(tmp_path / "runs2")])) \
+        == 130  # Ctrl-C
     assert "interrupted" in capsys.readouterr().err
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before  # tables, histories and predictions untouched
@@ -318,3 +322,33 @@ def test_each_run_of_a_comparison_shows_its_progress_unless_told_not_to():
     is minutes), as main.py's do; --no-progress silences them."""
     assert compare_all.parse_args([]).progress is True
     assert compare_all.parse_args(["--no-progress"]).progress is False
+
+
+@pytest.mark.parametrize("study", ["compare_all", "imbalance"])
+def test_sigterm_stops_a_study_with_143_and_leaves_no_empty_run_folder(tiny_data, tiny_backbone, tmp_path,
+                                                                      monkeypatch, capsys, study):
+    """`kill` (SIGTERM) during a study's run: exit 143 as for main.py (Ctrl-C: 130), one error line,
+    the results folder not written and no empty folder left in --runs-dir."""
+    import signal
+    import time
+
+    import tl.engine.run
+    from experiments import imbalance
+    from tl.engine.command import command
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the signal arrives first
+
+    monkeypatch.setattr(tl.engine.run, "run", terminated)
+    out, runs = tmp_path / "out", tmp_path / "runs" / "deep"
+    argv = ["--data", str(tiny_data), "--backbone", "tiny", "--seeds", "0", "--out", str(out), "--runs-dir", str(runs)]
+    if study == "compare_all":
+        code = command(lambda: compare_all.main([*argv, "--quick", "--experiments", "resnet_scratch", "--workers",
+                                                  "0", "--no-progress"]))
+    else:
+        code = command(lambda: imbalance.main([*argv, "--keep", "class_0=0.5", "--recipes", "resnet_scratch",
+                                               "--weights", "none", "--epochs", "1"]))
+    err = capsys.readouterr().err
+    assert code == 143 and err.count("error:") == 1 and "interrupted" in err, err
+    assert not out.exists() and not (tmp_path / "runs").exists()

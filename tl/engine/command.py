@@ -16,8 +16,9 @@ one place that turns an exception into a message and an exit status.
 * A path that is not valid UTF-8 (a file name from another system) is printed with its odd
   bytes escaped (\\udcNN), never a UnicodeEncodeError.
 * The folders a failed command made and left empty are removed (tl/engine/folders.py).
-* What to change when a write fails names the command's own place for its outputs
-  (`outputs`: `--out`, `--dest`, ...), or TL_CACHE_DIR for a file in the cache.
+* What to change when a write fails names the option whose path holds the file (`--runs-dir`,
+  `--tuned-dir`, `--csv`, ...), else the command's own place for its outputs (`outputs`: `--out`,
+  `--dest`, or a sentence such as "copy the run folder ..."), or TL_CACHE_DIR for a file in the cache.
 
 With `TL_DEBUG=1` in the environment the exception is raised instead: the developer's view,
 with the full traceback. Importing this module loads neither torch nor numpy, so `--help`
@@ -47,8 +48,9 @@ def command(main: Callable[[], int | None], interrupted: str = "interrupted", ou
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     try:
-        with _sigterm_as_interrupt(stopped_by), made_by_this_command():  # a failure leaves no empty folder
-            return main() or 0
+        with _sigterm_as_interrupt(stopped_by), made_by_this_command() as status:  # a failure leaves no empty folder
+            status.append(main() or 0)
+        return status[0]
     except (TLError, OSError) as exc:
         if os.environ.get("TL_DEBUG"):
             raise
@@ -93,7 +95,8 @@ def message(exc: TLError | OSError, outputs: str = "--out") -> str:
             text = text.rsplit("TLError: ", 1)[-1].strip()
         return text
     where = exc.filename or "a file"
-    elsewhere = "TL_CACHE_DIR" if _in_cache(exc.filename) else outputs
+    elsewhere = "TL_CACHE_DIR" if _in_cache(exc.filename) else (
+        outputs if not outputs.startswith("--") else _option_holding(exc.filename) or outputs)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         full = "no space left on the device" if exc.errno == errno.ENOSPC else "disk quota exceeded"
         return f"{full} while writing {where}: free some space, or write to another disk ({elsewhere})"
@@ -104,6 +107,23 @@ def message(exc: TLError | OSError, outputs: str = "--out") -> str:
     if exc.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
         return f"{exc.strerror}: {where}: a file stands where a folder is needed (or the reverse); choose another path"
     return f"{exc.strerror or exc}: {where}; check the path and the disk".replace("\n", " ")
+
+
+def _option_holding(path, argv: list[str] | None = None) -> str | None:
+    """The option of the command line (`--runs-dir DIR`, `--csv=FILE`, ...) whose path holds
+    `path`, the deepest one: the place to change when writing `path` failed. None if none does."""
+    if not path:
+        return None
+    args, target, best = sys.argv[1:] if argv is None else argv, os.path.abspath(os.fsdecode(path)), None
+    for i, arg in enumerate(args):
+        option, given, value = arg.partition("=")
+        if not option.startswith("--") or not (given or i + 1 < len(args)):
+            continue
+        where = os.path.abspath(value if given else args[i + 1])
+        if (target == where or target.startswith(where.rstrip(os.sep) + os.sep)) and \
+                (best is None or len(where) > len(best[1])):
+            best = (option, where)
+    return best[0] if best else None
 
 
 def _in_cache(path) -> bool:

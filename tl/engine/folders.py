@@ -2,7 +2,8 @@
 
 Every folder the project creates is made by `make` (a `mkdir -p` that remembers which folders
 did not exist before). `command` (tl/engine/command.py), the wrapper of every command, runs
-its body inside `made_by_this_command`: when the command fails (an `error:` line, Ctrl-C),
+its body inside `made_by_this_command`: when the command fails (an `error:` line, Ctrl-C, an
+exit status other than 0),
 the folders it made that are still empty are removed, deepest first. A folder holding any
 file stays: a file already written in full is the user's, and nothing half-written is ever
 there (tl/engine/files.py). So a full disk or a refused input never leaves an empty
@@ -44,13 +45,15 @@ def remove_empty_made(since: int = 0) -> None:
 
 
 @contextlib.contextmanager
-def made_by_this_command() -> Iterator[None]:
-    """While the block runs, the folders `make` creates are the command's: if the block raises,
-    the empty ones are removed. A command that succeeds keeps them all. (A command inside
-    another answers for its own folders only.)"""
-    since = len(_made)
+def made_by_this_command() -> Iterator[list]:
+    """While the block runs, the folders `make` creates are the command's: if the block raises, or
+    puts an exit status other than 0 in the list it is given, the empty ones are removed. A
+    command that succeeds keeps them all. (A command inside another answers for its own folders.)"""
+    since, status = len(_made), []
     try:
-        yield
+        yield status
+        if any(status):
+            remove_empty_made(since)
     except BaseException:
         remove_empty_made(since)
         raise
