@@ -41,7 +41,7 @@ def test_report_figures_match_a_confusion_matrix_worked_by_hand(tmp_path):
     assert "| a | 0.6000 | 0.7500 | 0.6667 | 4 |" in text
     assert "- b -> a: 2 image(s): `val/b/4.jpg`, `val/b/5.jpg`" in text
     confused = pd.read_csv(tmp_path / "confused_pairs.csv")
-    assert confused.iloc[0].tolist() == ["b", "a", 2, "val/b/4.jpg; val/b/5.jpg"]
+    assert confused.iloc[0].tolist() == ["b", "a", 2, '["val/b/4.jpg", "val/b/5.jpg"]']
 
 
 def test_classes_named_like_the_summary_rows_are_told_apart_by_kind(tmp_path):
@@ -58,3 +58,16 @@ def test_classes_named_like_the_summary_rows_are_told_apart_by_kind(tmp_path):
     summary = table[table.kind == "summary"].set_index("class")
     assert list(classes.index) == ["accuracy", "macro average"] and classes.loc["accuracy", "support"] == 2
     assert summary.loc["accuracy", "f1"] == pytest.approx(2 / 3) and len(summary) == 3
+
+
+def test_confused_files_with_separators_in_their_names_read_back_as_themselves(tmp_path):
+    """confused_pairs.csv lists the files as JSON: a name holding "; ", a comma or a quote is one file."""
+    import json
+
+    from tl.engine.tables import read_table
+
+    files = ["val/a/p; q0.png", 'val/a/x, "y".png', "val/a/plain.png"]
+    report = metrics.classification_report(["a"] * 3, ["b"] * 3, files, ["a", "b"])
+    metrics.write_report(tmp_path, report, "separators")
+    pairs = read_table(tmp_path / "confused_pairs.csv")
+    assert sorted(json.loads(pairs.files.iloc[0])) == sorted(files) and pairs["count"].iloc[0] == 3

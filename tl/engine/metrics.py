@@ -23,6 +23,7 @@ often, and on which files: the files to look at first.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -124,6 +125,8 @@ def write_report(folder: str | Path, report: dict, title: str) -> Path:
              ["balanced accuracy", "", report["balanced_accuracy"], "", report["n"], "summary"],
              ["accuracy", report["accuracy"], report["accuracy"], report["accuracy"], report["n"], "summary"]]
     write_table(folder / "classification_report.csv", rows, ["class", "precision", "recall", "f1", "support", "kind"])
-    write_table(folder / "confused_pairs.csv", [[p["true"], p["predicted"], p["count"], "; ".join(p["files"])]
-                                                for p in report["pairs"]], ["true", "predicted", "count", "files"])
+    # the files as a JSON list: a file name may itself hold "; " or a comma (json.loads gives the list back)
+    write_table(folder / "confused_pairs.csv", [[p["true"], p["predicted"], p["count"],
+                                                 json.dumps(p["files"], ensure_ascii=False)] for p in report["pairs"]],
+                ["true", "predicted", "count", "files"])
     return atomic_write_text(folder / "classification_report.md", report_markdown(report, title))
