@@ -7,13 +7,21 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import statistics
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from tl import TLError
 from tl.engine import folders
 from tl.engine.command import command  # noqa: F401  (every benchmark's `sys.exit(command(main))`)
+
+
+def invocation_of(module: str, argv: list[str] | None) -> str:
+    """The command that ran, as a user would type it again: `python -m MODULE ARGS`, each argument
+    quoted for the shell where it needs it (a path with a space or a ;). Pages and records show it."""
+    return " ".join(["python", "-m", module, *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
 
 
 def output_folder(out: Path) -> Path:

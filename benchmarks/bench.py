@@ -61,7 +61,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks import at_least, command, spread
+from benchmarks import at_least, command, invocation_of, spread
 from benchmarks.growth import MARK_END, MARK_START
 from experiments import get_experiment
 from experiments.common import git_commit, machine_description
@@ -469,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         commit = f"{os.environ['BENCH_COMMIT']} (from BENCH_COMMIT: this copy has no .git)"
     card = machine_description() if device == "cpu" else torch.cuda.get_device_name(torch.device(device))
     configs = args.configs or [c for c in CONFIGS if c != "device-images" or device != "cpu"]
-    invocation = "python -m benchmarks.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    invocation = invocation_of("benchmarks.bench", argv)
     rows, notes = [], []
 
     def record(kind, case, unit, values, **extra):

@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from benchmarks import command, output_folder, write_files
+from benchmarks import command, invocation_of, output_folder, write_files
 from tl.data import build_transforms
 from tl.engine.backbones import backbone_spec
 from tl.engine.image_size import head_input
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 24, 32, 40, 48, 64])
     p.add_argument("--out", type=Path, default=Path("results"))
     args = p.parse_args(argv)
-    invocation = "python -m benchmarks.blind_sizes " + " ".join(argv if argv is not None else sys.argv[1:])
+    invocation = invocation_of("benchmarks.blind_sizes", argv)
     out, rows = output_folder(args.out), []
     torch.manual_seed(0)  # the random-init networks
     for backbone, weights in NETWORKS:

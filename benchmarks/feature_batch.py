@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import at_least, command, output_folder, spread, write_files
+from benchmarks import at_least, command, invocation_of, output_folder, spread, write_files
 from tl.engine.tables import page_code, table_text
 
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                      "img_s_median": round(s["median"], 1), "img_s_min": round(s["min"], 1),
                      "img_s_max": round(s["max"], 1), "repeats": s["n"]})
         print(f"batch {batch_size:>3}: {s['median']:6.1f} img/s (min {s['min']:.1f}, max {s['max']:.1f})", flush=True)
-    invocation = "python -m benchmarks.feature_batch " + " ".join(argv if argv is not None else sys.argv[1:])
+    invocation = invocation_of("benchmarks.feature_batch", argv)
     lines = ["# The feature pass's batch size", "",
              f"{page_code(invocation.strip())} at commit {commit}, {time.strftime('%Y-%m-%d %H:%M')}, on "
              f"{machine_description()}: images/s of the one-time feature pass over "

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmarks import at_least, command
+from benchmarks import at_least, command, invocation_of
 from tl.engine import folders
 from tl.engine.tables import page_code
 
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             "feature pass seconds": fit(ns, list(table.feature_s)),
             "feature pass peak MiB": fit(ns, list(table.feature_peak_mib)),
             "cache on disk MiB": fit(ns, list(table.cache_mib))}
-    invocation = "python -m benchmarks.growth " + " ".join(argv if argv is not None else sys.argv[1:])
+    invocation = invocation_of("benchmarks.growth", argv)
     meta = {"command": invocation.strip(), "machine": machine_description(), "commit": commit,
             "date": time.strftime("%Y-%m-%d %H:%M")}
     folders.make(args.out)

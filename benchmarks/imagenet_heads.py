@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks import command, output_folder, write_files
+from benchmarks import command, invocation_of, output_folder, write_files
 from experiments.common import git_commit
 from tl import TLError
 from tl.data import build_transforms, make_loaders
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the packaged TensorFlow-converted weights whose normalisation and eps this checks")
     p.add_argument("--out", type=Path, default=Path("results"))
     args = p.parse_args(argv)
-    invocation = "python -m benchmarks.imagenet_heads " + " ".join(argv if argv is not None else sys.argv[1:])
+    invocation = invocation_of("benchmarks.imagenet_heads", argv)
     out, commit, rows = output_folder(args.out), git_commit(), []
     for backbone in args.backbones:
         for variant, (own_norm, eps) in VARIANTS.items():

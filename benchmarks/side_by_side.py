@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks import command
+from tl import TLError
 from tl.engine.tables import page_code, page_text, read_table
 
 
@@ -34,7 +35,13 @@ def data_path(case: str) -> str:
 
 def loop_rows(csv: Path) -> pd.DataFrame:
     """The loop rows of one benchmark.csv, keyed by (case, path); --compile rows are left out."""
-    table = read_table(csv)
+    table = read_table(csv, text=["kind", "case", "unit"])
+    missing = {"kind", "case", "median", "min", "max", "n"} - set(table.columns)
+    numbers = table[["median", "min", "max", "n"]].apply(pd.to_numeric, errors="coerce") if not missing else None
+    if missing or numbers.isna().any().any():
+        raise TLError(f"{csv} is not a table benchmarks.bench wrote (" + (f"no column {', '.join(sorted(missing))}"
+                      if missing else "a median, min, max or n that is not a number") + "): give its benchmark.csv")
+    table[["median", "min", "max", "n"]] = numbers
     table = table[(table["kind"] == "loop") & ~table["case"].str.contains("--compile")].copy()
     table["path"] = [data_path(c) for c in table["case"]]
     table["case"] = table["case"].str.split(",").str[0]

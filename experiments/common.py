@@ -37,7 +37,8 @@ def result_or_reason(call) -> tuple[object, dict]:
     many runs, one recipe's problem is a row of the table, not the end of the study. Ctrl-C,
     SIGTERM and the machine's problems (an OSError: a full disk, a folder that cannot be
     written, a lock taken away) stop the whole study: every later run would meet them too, and a
-    row would record the machine's failure as the recipe's. Every study's runs go through it."""
+    row would record the machine's failure as the recipe's. Every study that records a recipe's
+    problem as a row goes through it (bn_policy records none: any problem stops it)."""
     from tl import Interrupted, TLError
     from tl.engine.folder_lock import LockLost
 

@@ -35,3 +35,15 @@ def test_a_benchmark_checks_its_out_folder_before_measuring(tiny_data, tmp_path,
     (tmp_path / "a-file").write_text("")
     assert command(lambda: feature_batch.main(["--data", str(tiny_data), "--out", str(tmp_path / "a-file")])) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_the_command_on_a_benchmark_page_is_the_one_that_ran():
+    """benchmarks.invocation_of, the command every benchmark page records: split as a shell would,
+    it gives back the arguments, whatever they hold."""
+    import shlex
+
+    from benchmarks import invocation_of
+
+    argv = ["--data", "my data;x", "--out", "r$(rm)", "--sizes", "8", "16", "--title", "it's"]
+    shown = invocation_of("benchmarks.feature_batch", argv)
+    assert shlex.split(shown) == ["python", "-m", "benchmarks.feature_batch", *argv]

@@ -42,3 +42,18 @@ def test_side_by_side_keeps_a_cases_further_qualifiers_apart(tmp_path):
     rows = [line for line in side_by_side.page(before, after, "t").splitlines() if line.startswith(f"| {case}")]
     assert rows == [f"| {case} | device images | 100.00 (99.00-101.00) | 110.00 (109.00-111.00) | 1.10 |",
                     f"| {case} | device images, channels_last on | 80.00 (79.00-81.00) | 40.00 (39.00-41.00) | 0.50 |"]
+
+
+def test_a_table_benchmarks_bench_did_not_write_is_one_error_line(tmp_path, capsys):
+    from benchmarks import side_by_side
+    from tl.engine.command import command
+
+    tables = {"no kind": "case,median,min,max,n\nx,1,1,1,1\n",
+              "a text median": "kind,case,median,min,max,n\nloop,\"a, --image-cache\",fast,1,1,1\n",
+              "no rows at all": "", "not a table": "\x00\x01garbage"}
+    for name, text in tables.items():
+        path = tmp_path / f"{name}.csv"
+        path.write_text(text)
+        code = command(lambda p=path: side_by_side.main([str(p), str(p), "--out", str(tmp_path / "o.md")]))
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("error:") == 1 and "Traceback" not in err, (name, err)

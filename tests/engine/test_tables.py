@@ -164,7 +164,8 @@ def test_an_empty_file_and_a_header_alone(tmp_path):
     ("del\x7f", "del\\x7f"), ("a|b", "a\\|b"), ("`rm -rf`", "\\`rm -rf\\`"), ("été_2024 (1)", "été_2024 (1)"),
     ("<img src=x onerror=alert(1)>", "\\<img src=x onerror=alert(1)\\>"), ("*x* [y](z)", "\\*x\\* \\[y\\](z)"),
     ("<!--", "\\<!--"), ("_x_", "\\_x\\_"), ("- item", "\\- item"), ("12. x", "12\\. x"), ("   ", "&#32;" * 3),
-    (" lead", "&#32;lead"), ("abc\u202edef", "abc\\u202edef"),
+    (" lead", "&#32;lead"), ("abc\u202edef", "abc\\u202edef"), ("n\x85el", "n\\x85el"), ("x\u2028y", "x\\u2028y"),
+    ("a\u061cb", "a\\u061cb"), ("$x^2$", "\\$x^2\\$"),
     ("back\\slash", "back\\\\slash"), ("&lt;", "\\&lt;"), ("# x", "\\# x"),
 ])
 def test_a_name_on_a_page_stays_on_its_line_and_in_its_cell(name, shown):

@@ -60,9 +60,10 @@ def text_cell(text: str) -> str:
     return MARK + text if risky else text
 
 
-# C0 control characters and DEL (CR and LF among them), and the marks that reverse the text after them
-CONTROL = re.compile(r"[\x00-\x1f\x7f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-MARKDOWN = re.compile(r"[\\`*\[\]<>|#&~]|(?<![^\W_])_|_(?![^\W_])")  # what Markdown (or HTML in it)
+# control characters (C0 with CR and LF, DEL, C1), the line and paragraph separators, and the marks that
+# reverse the text after them
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+MARKDOWN = re.compile(r"[\\`*\[\]<>|#&~$]|(?<![^\W_])_|_(?![^\W_])")  # what Markdown (or HTML in it)
 # would read as markup; an underscore inside a word (golden_retriever) is no emphasis and stays as it is
 LIST_START = re.compile(r"^([-+]|\d+(?=[.)]))")  # what would start a list where a name starts a line or an item
 
@@ -74,7 +75,7 @@ def _shown(match: re.Match) -> str:
 
 def page_text(value) -> str:
     """A name from the user's files (a class, a file, a data folder, a title) as text of a Markdown
-    page, shown as it is: each character Markdown or HTML would read as markup (| ` * [ ] < > # & ~,
+    page, shown as it is: each character Markdown or HTML would read as markup (| ` * [ ] < > # & ~ $,
     an underscore at a word's edge, a leading - + or "1.") escaped with a backslash, each control character shown as its
     escape (\\r, \\n, \\x07), so the name stays on its line and in its table cell, and leading
     or trailing spaces kept. Every page of a run, a study and a benchmark shows names through it
