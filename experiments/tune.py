@@ -575,8 +575,16 @@ def write_results(study, s: Search, setup: dict, to: Written) -> int:
         print(f"no trial completed (all pruned or failed): no tuned numbers written; pages: {pages[0]}")
         return 0
     print(f"best: trial {study.best_trial.number}, inner score {study.best_value:.4f} -> {path}; pages: {pages[0]}")
-    print(f"train it on all of train and score it on val/test: python main.py -e tuned_{s.args.recipe} --data {s.data}")
+    print(f"train it on all of train and score it on val/test: {train_command(s.args, s.data)}")
     return 0
+
+
+def train_command(args: argparse.Namespace, data) -> str:
+    """The command that trains the tuned recipe, as a user types it: where the tuned file is not in
+    the default folder, TL_TUNED_DIR says where; the backbone when one was given; paths quoted."""
+    where = f"TL_TUNED_DIR={shlex.quote(str(args.tuned_dir))} " if args.tuned_dir else ""
+    backbone = f" -b {shlex.quote(args.backbone)}" if args.backbone else ""
+    return f"{where}python main.py -e tuned_{args.recipe}{backbone} --data {shlex.quote(str(data))}"
 
 
 if __name__ == "__main__":

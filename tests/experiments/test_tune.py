@@ -464,3 +464,20 @@ def test_a_process_that_ends_while_another_runs_a_trial_writes_nothing(tmp_path,
     assert tune.write_results(study, None, {}, to) == 0  # the other process wrote them for these trials
     assert "the tuned file and the pages of these 1 trials were written by host h, pid 1" in capsys.readouterr().out
     assert (to.pages / "trials.md").read_text() == "written by the other process\n"
+
+
+def test_the_printed_training_command_names_the_tuned_folder_the_backbone_and_quotes_the_data(tmp_path):
+    """The command tune prints at its end is one a shell runs as it reads: TL_TUNED_DIR where the
+    tuned file went elsewhere, -b where a backbone was given, a data path with a | or a space quoted."""
+    import shlex
+
+    from experiments import tune
+
+    data = tmp_path / "my data|x"
+    args = tune.parse_args(["--recipe", "resnet_frozen", "--trials", "1", "--data", str(data), "--backbone", "tiny",
+                            "--tuned-dir", str(tmp_path / "t d")])
+    words = shlex.split(tune.train_command(args, data))
+    assert words == [f"TL_TUNED_DIR={tmp_path / 't d'}", "python", "main.py", "-e", "tuned_resnet_frozen", "-b", "tiny",
+                     "--data", str(data)]
+    plain = tune.parse_args(["--recipe", "resnet_frozen", "--trials", "1", "--data", "d"])
+    assert tune.train_command(plain, "d") == "python main.py -e tuned_resnet_frozen --data d"
