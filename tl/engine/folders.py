@@ -3,9 +3,8 @@
 Every folder the project creates is made by `make` (a `mkdir -p` that remembers which folders
 did not exist before). `command` (tl/engine/command.py), the wrapper of every command, runs
 its body inside `made_by_this_command`: when the command fails (an `error:` line, Ctrl-C, an
-exit status other than 0),
-the folders it made that are still empty are removed, deepest first. A folder holding any
-file stays: a file already written in full is the user's, and nothing half-written is ever
+exit status other than 0), the folders it made that are still empty are removed, deepest
+first. A folder holding any file stays: a file already written in full is the user's, and nothing half-written is ever
 there (tl/engine/files.py). So a full disk or a refused input never leaves an empty
 `results/`, `data-preview/` or `lr-finder-...` folder behind.
 
