@@ -78,8 +78,8 @@ def page_text(value) -> str:
     page, shown as it is: each character Markdown or HTML would read as markup (| ` * [ ] < > # &
     ~ $, an underscore at a word's edge, a leading - + or "1.") escaped with a backslash, each
     control character shown as its escape (\\r, \\n, \\x07), so the name stays on its line and
-    in its table cell, and leading or trailing spaces kept. Every page of a run, a study and a benchmark shows names through it
-    (and through `page_code` inside code)."""
+    in its table cell, and leading or trailing spaces kept. Every page of a run, a study and a
+    benchmark shows names through it (and through `page_code` inside code)."""
     text = LIST_START.sub(lambda m: m.group() + "\\" if m.group()[0].isdigit() else "\\" + m.group(),
                           MARKDOWN.sub(lambda m: "\\" + m.group(), str(value)))
     text = CONTROL.sub(_shown, text)
