@@ -101,10 +101,13 @@ class TinyNet(nn.Module):
         return self.fc(self.pool(self.block(self.stem(x))).flatten(1))
 
 
+TINY = Backbone("tiny", TinyNet, head="fc", neck=("block",))  # what the tests register as "tiny"
+
+
 @pytest.fixture
 def tiny_backbone(monkeypatch) -> str:
     """Register "tiny" in the backbone registry for the duration of one test."""
-    monkeypatch.setitem(BACKBONES, "tiny", Backbone("tiny", TinyNet, head="fc", neck=("block",)))
+    monkeypatch.setitem(BACKBONES, "tiny", TINY)
     return "tiny"
 
 

@@ -24,11 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import main  # noqa: E402
 import tl.engine.feature_store  # noqa: E402
 import tl.engine.run  # noqa: E402
-from tests.conftest import TinyNet  # noqa: E402
+from tests.conftest import TINY  # noqa: E402
 from tl.engine import distributed, files  # noqa: E402
-from tl.models import BACKBONES, Backbone  # noqa: E402
+from tl.models import BACKBONES  # noqa: E402
 
-BACKBONES["tiny"] = Backbone("tiny", TinyNet, head="fc", neck=("block",))
+BACKBONES["tiny"] = TINY
 
 if "TL_TEST_DIGESTS" in os.environ:
     train_model, feature_passes = tl.engine.run.train_model, []

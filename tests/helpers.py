@@ -217,3 +217,21 @@ def assert_recorded_digests_match(run_dir):
     assert "best.pth" in checksums
     for name, digest in checksums.items():
         assert files.state_digest(checkpoint.load_state_file(run_dir / name)) == digest, (run_dir, name)
+
+
+def failing_with(problem: str):
+    """A stand-in for a run (or a range test) that fails with `problem`: "interrupt" (Ctrl-C),
+    "full disk", "lock lost", "bad input" (a TLError) or "bug" (any other exception)."""
+    import errno
+
+    from tl import Interrupted, TLError
+    from tl.engine.folder_lock import LockLost
+
+    raised = {"interrupt": Interrupted("interrupted"), "full disk": OSError(errno.ENOSPC, "No space", "x"),
+              "lock lost": LockLost("the lock was taken"), "bad input": TLError("no such thing"),
+              "bug": ZeroDivisionError("a bug")}[problem]
+
+    def fails(*args, **kwargs):
+        raise raised
+
+    return fails

@@ -19,11 +19,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import main  # noqa: E402
-from tests.conftest import TinyNet  # noqa: E402
+from tests.conftest import TINY  # noqa: E402
 from tl.engine.run_folder import RunFolder  # noqa: E402
-from tl.models import BACKBONES, Backbone  # noqa: E402
+from tl.models import BACKBONES  # noqa: E402
 
-BACKBONES["tiny"] = Backbone("tiny", TinyNet, head="fc", neck=("block",))
+BACKBONES["tiny"] = TINY
 
 if "TL_TEST_HOLD_EPOCH" in os.environ:
     end_of_epoch = RunFolder.end_of_epoch

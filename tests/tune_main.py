@@ -26,11 +26,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments import tune  # noqa: E402
-from tests.conftest import TinyNet  # noqa: E402
+from tests.conftest import TINY  # noqa: E402
 from tl.engine.command import command  # noqa: E402
-from tl.models import BACKBONES, Backbone  # noqa: E402
+from tl.models import BACKBONES  # noqa: E402
 
-BACKBONES["tiny"] = Backbone("tiny", TinyNet, head="fc", neck=("block",))
+BACKBONES["tiny"] = TINY
 
 if "TL_TEST_HOLD_TRIAL" in os.environ:
     pruning_reporter = tune.pruning_reporter

@@ -51,22 +51,13 @@ def test_ctrl_c_and_the_machines_failures_stop_the_study_a_recipes_problem_is_a_
     """Every run of the study goes through experiments.common.result_or_reason: Ctrl-C/SIGTERM,
     a full disk and a lock taken away end the study (exit 130 / 2, nothing written); a recipe that
     cannot run or fails is its row (exit 0)."""
-    import errno
 
     import tl.engine.run
     from experiments import data_efficiency
-    from tl import Interrupted, TLError
+    from tests.helpers import failing_with
     from tl.engine.command import command
-    from tl.engine.folder_lock import LockLost
 
-    raised = {"interrupt": Interrupted("interrupted"), "full disk": OSError(errno.ENOSPC, "No space", "x"),
-              "lock lost": LockLost("the lock was taken"), "bad input": TLError("no such thing"),
-              "bug": ZeroDivisionError("a bug")}[problem]
-
-    def fails(*args, **kwargs):
-        raise raised
-
-    monkeypatch.setattr(tl.engine.run, "run", fails)
+    monkeypatch.setattr(tl.engine.run, "run", failing_with(problem))
     out = tmp_path / "out"
     code = command(lambda: data_efficiency.main(["--data", str(tiny_data), "--backbone", "tiny", "--quick",
                                                  "--strategies", "resnet_scratch", "--sizes", "2", "--seeds", "0",

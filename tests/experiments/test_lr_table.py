@@ -29,20 +29,13 @@ def test_lr_table_writes_one_row_per_recipe(tiny_data, pretrained, tmp_path, cap
 @pytest.mark.parametrize("problem, status", [("interrupt", 130), ("full disk", 2), ("bad input", 0)])
 def test_ctrl_c_and_a_full_disk_stop_the_table_a_recipes_problem_is_a_row(tiny_data, tmp_path, monkeypatch,
                                                                           capsys, problem, status):
-    import errno
 
     import tl.engine.lr_finder
     from experiments import lr_table
-    from tl import Interrupted, TLError
+    from tests.helpers import failing_with
     from tl.engine.command import command
 
-    raised = {"interrupt": Interrupted("interrupted"), "full disk": OSError(errno.ENOSPC, "No space", "x"),
-              "bad input": TLError("no such thing")}[problem]
-
-    def fails(*args, **kwargs):
-        raise raised
-
-    monkeypatch.setattr(tl.engine.lr_finder, "find_lr", fails)
+    monkeypatch.setattr(tl.engine.lr_finder, "find_lr", failing_with(problem))
     out = tmp_path / "results"
     code = command(lambda: lr_table.main(["--data", str(tiny_data), "--recipes", "resnet_frozen", "--quick",
                                           "--out", str(out), "--runs-dir", str(tmp_path / "runs")]))
