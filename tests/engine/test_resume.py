@@ -1,12 +1,15 @@
-"""tl/engine/resume.py: restore refuses a best.pth that is not the file config.json recorded, and a
-checkpoint without a thread count resumes on this process's count and says so."""
+"""tl/engine/resume.py: restore refuses a best.pth that is not the file config.json recorded, a
+checkpoint without a thread count resumes on this process's count and says so, and a refused
+--epochs total comes with advice that works when followed."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+import main
 import tl.engine.run
+import tl.engine.run_folder
 from tests.conftest import TinyNet
 from tests.helpers import seeded_tiny_net
 from tl import TLError
@@ -49,3 +52,59 @@ def test_an_old_checkpoint_without_a_thread_count_resumes_on_this_one(tmp_path, 
     lines = []
     resume.restore_threads(config, lines.append)
     assert torch.get_num_threads() == 1 and config["threads"] == 1 and "does not say how many" in lines[0]
+
+
+# ----------------------------------------------------------------------------- the advice of a refused --epochs
+def _run(argv: list[str], capsys) -> tuple[int, str]:
+    code = main.main([*argv, "--no-progress"])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return code, err
+
+
+def _interrupted_after(epoch: int):
+    """RunFolder.end_of_epoch, interrupted (as Ctrl-C would) once `epoch` is saved."""
+    end_of_epoch = tl.engine.run_folder.RunFolder.end_of_epoch
+
+    def interrupting(self, at, history):
+        stop = end_of_epoch(self, at, history)
+        if at == epoch:
+            raise KeyboardInterrupt
+        return stop
+    return interrupting
+
+
+ADVICE = {  # recipe (its last stage's schedule), stopped after epoch (None: every epoch trained)
+    "two_stage, killed in its second stage (one-cycle)": ("two_stage", 2),
+    "modern_finetune, finished (warmup-cosine)": ("modern_finetune", None),
+    "resnet_frozen, finished (constant rate)": ("resnet_frozen", None),
+}
+
+
+@pytest.mark.parametrize("recipe, killed_after", ADVICE.values(), ids=ADVICE.keys())
+def test_a_refused_total_advises_what_the_run_can_take(tiny_data, tiny_backbone, tmp_path, capsys, monkeypatch,
+                                                        recipe, killed_after):
+    """--resume with --epochs below what the run trained is refused, and the advice, followed as
+    printed, works: a stage with a learning-rate schedule laid it out for the run's total, so
+    that run continues only to it (a larger total is refused, as the advice says); a run at a
+    constant rate takes a larger total."""
+    total = 3
+    with monkeypatch.context() as patch:
+        if killed_after is not None:
+            patch.setattr(tl.engine.run_folder.RunFolder, "end_of_epoch", _interrupted_after(killed_after))
+        code, _ = _run(["-e", recipe, "-b", "tiny", "--data", str(tiny_data), "--out", str(tmp_path / "runs"),
+                        "--epochs", str(total), "--weights", "none", "--image-size", "32", "--batch-size", "6"], capsys)
+    assert code == (0 if killed_after is None else 130)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    resume = ["--resume", str(run_dir / "last.ckpt")]
+    trained = total if killed_after is None else killed_after
+    code, err = _run([*resume, "--epochs", str(trained - 1)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    if "start a new run with a larger --epochs" in err:
+        code, err = _run([*resume, "--epochs", str(total + 2)], capsys)
+        assert code == 2 and "schedule" in err, err
+    elif "leave out --epochs" in err:
+        assert _run(resume, capsys)[0] == 0
+    else:
+        assert f"pass the new total, larger than {trained}" in err, err
+        assert _run([*resume, "--epochs", str(trained + 1)], capsys)[0] == 0

@@ -66,6 +66,22 @@ def restore_threads(config: dict, log) -> None:
     log(f"CPU threads: {saved}, as the run was trained" + (f" (this process had {now})" if saved != now else ""))
 
 
+def how_to_continue(ckpt: dict, finished: bool) -> str:
+    """The advice for a resume whose --epochs cannot be used. A stage with a learning-rate
+    schedule laid it out for the total the run started with (start_stage refuses to bend it),
+    so such a run continues only to that total; a constant-rate stage can take a larger one."""
+    total = ckpt["config"].get("train_epochs", ckpt["epoch"])
+    index = ckpt.get("stage", {}).get("index", 0)
+    stage = next((s for s in ckpt["config"].get("stages", []) if s["index"] == index), {})
+    if stage.get("schedule", "constant") == "constant":
+        return (f"pass the new total, larger than {ckpt['epoch']}, to train more"
+                + ("" if finished else ", or leave out --epochs to continue it"))
+    if finished:
+        return (f"its {stage['schedule']} schedule was laid out for those {total} epochs and has ended; "
+                f"to train longer, start a new run with a larger --epochs")
+    return f"its {stage['schedule']} schedule was laid out for {total} epochs: leave out --epochs to continue it"
+
+
 def restore(ckpt: dict, resume: Path, model: nn.Module, scaler, generator: torch.Generator,
              classes: list[str], fingerprint: str, num_epochs: int, data: str) -> tuple[History, int, float]:
     """Put a saved run back exactly as it was after its last epoch: weights, scaler, RNG
@@ -93,14 +109,12 @@ def restore(ckpt: dict, resume: Path, model: nn.Module, scaler, generator: torch
                       f"trains no more; resume it without --epochs to write its results")
     if start_epoch > num_epochs:
         raise TLError(f"{resume} has trained {ckpt['epoch']} epochs, more than --epochs {num_epochs - 1}; "
-                      f"pass the new total, larger than {ckpt['epoch']}, to train more" +
-                      ("" if has_results(resume.parent) else ", or leave out --epochs to write its results"))
+                      + how_to_continue(ckpt, has_results(resume.parent)))
     if config.get("world_size", 1) != distributed.world_size():  # [DDP] shards and batches depend on it
         raise TLError(f"{resume} was trained by {config.get('world_size', 1)} process(es), this is "
                       f"{distributed.world_size()}: resume it with the same torchrun --nproc_per_node x --nnodes")
     if start_epoch >= num_epochs and has_results(resume.parent):
-        raise TLError(f"{resume} has already trained all {num_epochs - 1} epochs; "
-                      f"pass a larger --epochs (the new total) to train more")
+        raise TLError(f"{resume} has already trained all {num_epochs - 1} epochs; " + how_to_continue(ckpt, True))
     checkpoint.load_into(model, ckpt["model"], str(resume))
     if ckpt["scaler"] is not None:
         scaler.load_state_dict(ckpt["scaler"])
