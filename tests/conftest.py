@@ -164,6 +164,18 @@ def mount_small_tmpfs(where: Path, size: str) -> None:
 
 
 @pytest.fixture
+def full_tmpfs(tmp_path):
+    """A 4 MiB tmpfs mounted at tmp_path/disk, where the tests run as root (skipped otherwise);
+    `tests.helpers.fill(disk, pages)` leaves that many 4 KiB pages of it free: a real full disk."""
+    disk = tmp_path / "disk"
+    mount_small_tmpfs(disk, "4m")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@pytest.fixture
 def small_disk(tmp_path):
     where = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
     mount_small_tmpfs(where, "8m")

@@ -4,7 +4,9 @@ and networks, and the comparison of two runs."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 from pathlib import Path
 
@@ -235,3 +237,12 @@ def failing_with(problem: str):
         raise raised
 
     return fails
+
+
+def fill(disk: Path, pages: int) -> None:
+    """Leave `pages` 4 KiB pages free on `disk` (a filler file, .filler, takes the rest)."""
+    filler = disk / ".filler"
+    filler.unlink(missing_ok=True)
+    st = os.statvfs(disk)
+    with contextlib.suppress(OSError), open(filler, "wb") as f:
+        f.write(b"\0" * max(0, st.f_bavail * st.f_frsize - pages * 4096))

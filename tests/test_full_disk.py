@@ -13,14 +13,12 @@ no write outside files.py (and the table writer) remains.
 from __future__ import annotations
 
 import ast
-import contextlib
 import csv
 import errno
 import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -29,6 +27,7 @@ import pytest
 
 import main
 from tests.conftest import write_image_folder
+from tests.helpers import fill
 from tl.engine import files
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -319,33 +318,6 @@ def test_commands_that_make_their_output_folder_on_a_full_disk(tiny_backbone, tm
 
 
 # ----------------------------------------------------------------------------- a real full disk
-@pytest.fixture
-def full_tmpfs(tmp_path):
-    """A 4 MiB tmpfs mounted at tmp_path/disk; `fill(pages)` leaves that many 4 KiB pages free.
-    Skipped where the test is not root or mount fails (a container without the capability)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True,
-                             text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"mount -t tmpfs failed: {mounted.stderr.strip()}")
-    try:
-        yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
-
-
-def fill(disk: Path, pages: int) -> None:
-    """Leave `pages` 4 KiB pages free on `disk` (a filler file takes the rest)."""
-    filler = disk / ".filler"
-    filler.unlink(missing_ok=True)
-    st = os.statvfs(disk)
-    with contextlib.suppress(OSError), open(filler, "wb") as f:
-        f.write(b"\0" * max(0, st.f_bavail * st.f_frsize - pages * 4096))
-
-
 def test_compare_all_on_a_really_full_tmpfs(tiny_backbone, tmp_path, monkeypatch, capfd, full_tmpfs):
     """The issue's case on a real disk, where a write that bypassed files.py would show too: the
     results folder full at one write after another (0, 1, 2, 4, 8, ... pages of 4 KiB free)."""

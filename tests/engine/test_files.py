@@ -11,8 +11,8 @@ import stat
 import pytest
 import torch
 
-from tests.test_full_disk import FillingDisk, fill
-from tests.test_full_disk import full_tmpfs as full_tmpfs  # the fixture: a real full disk where the tests run as root
+from tests.helpers import fill
+from tests.test_full_disk import FillingDisk
 from tl.engine import checkpoint, files
 
 

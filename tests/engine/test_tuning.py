@@ -292,3 +292,15 @@ def test_a_database_failure_in_another_thread_prints_no_traceback(tmp_path, monk
             thread.start()
             thread.join()
     assert reported == [ValueError] and threading.excepthook is recorder  # given back after the search
+
+
+def test_a_new_study_file_on_a_really_full_disk_leaves_nothing(full_tmpfs):
+    """SQLite creates the file, then finds no room for its first page: one error saying the disk
+    is full, and no empty study file left behind (a real full tmpfs; skipped where not root)."""
+    from tests.helpers import fill
+
+    fill(full_tmpfs, 0)
+    for _ in range(2):  # the second try meets the same disk, not a file left by the first
+        with pytest.raises(TLError, match=r"database or disk is full\); free some space or choose another --storage"):
+            tuning.make_storage(full_tmpfs / "study.db")
+        assert sorted(p.name for p in full_tmpfs.rglob("*")) == [".filler"]

@@ -274,6 +274,34 @@ def test_a_study_database_that_fails_mid_trial_is_one_error_line(tiny_data, tiny
                                 f"--storage"], err
 
 
+def test_a_search_on_a_really_full_disk_fails_cleanly_then_goes_on(tiny_data, tiny_backbone, tmp_path, capfd,
+                                                                     full_tmpfs):
+    """Study file, trial runs, pages and tuned file on one disk that is full at one write after
+    another (0, 1, 4, 16, ... pages of 4 KiB free): each try ends with one error line and exit
+    2, leaves no empty file and no empty folder, and the next try, with more room, goes on
+    from what the last one kept until the search finishes."""
+    from tests.helpers import fill
+    from tl.engine.command import command
+
+    def search() -> int:
+        return command(lambda: _tune_with_storage(full_tmpfs / "d", tiny_data, tiny_backbone,
+                                                  full_tmpfs / "d" / "study.db", "--trials", 1))
+
+    tries = 0
+    for pages in (0, 1, 4, 16, 64, 256, 900):
+        fill(full_tmpfs, pages)
+        code, err = search(), capfd.readouterr().err
+        if code == 0:
+            break
+        tries += 1
+        assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), (pages, err)
+        left = [p for p in full_tmpfs.rglob("*") if p.name != ".filler"]
+        assert not [p for p in left if p.is_file() and p.stat().st_size == 0], (pages, left)
+        assert not [p for p in left if p.is_dir() and not any(p.iterdir())], (pages, left)
+    assert code == 0 and tries >= 3, f"{tries} tries failed before one fitted"
+    assert (full_tmpfs / "d" / "tuned" / "modern_finetune-tiny-tiny.json").is_file()
+
+
 # ----------------------------------------------------------------------------- a search as processes
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "modern_finetune-tiny-tiny"  # <recipe>-<data set>-<backbone>

@@ -155,6 +155,7 @@ def make_storage(storage: Path | str):
 
     from tl.engine.trials import LostTrials
 
+    new = isinstance(storage, Path) and not storage.exists()
     if isinstance(storage, Path):
         check_storage_file(storage)
         # the path as a URL's database part, quoted: a "?" or "#" in it would otherwise start the URL's query
@@ -174,8 +175,11 @@ def make_storage(storage: Path | str):
                     raise
                 time.sleep(0.2 + random.random())
     except SQLAlchemyError as exc:  # a locked, read-only or damaged file; a server that refuses or is not there
+        if new and storage.exists() and storage.stat().st_size == 0:  # SQLite made it, then found the disk full:
+            storage.unlink()  # an empty file is no study (its rerun would work, but a failure leaves nothing behind)
         said = str(getattr(exc, "orig", None) or exc).splitlines()[0][:120]  # an unknown dialect's has no .orig
-        raise TLError(f"--storage {shown_storage(storage)}: {what} ({said}); choose another --storage") from None
+        free = "free some space or " if "disk is full" in said else ""
+        raise TLError(f"--storage {shown_storage(storage)}: {what} ({said}); {free}choose another --storage") from None
     except ImportError as exc:  # a URL that names a driver which is not installed
         raise TLError(f"--storage {shown_storage(storage)}: its database driver {exc.name} is not installed "
                       f"(pip install it, or name another driver in the URL)") from None
