@@ -35,11 +35,13 @@ def output_folder(out: Path) -> Path:
 
 def write_files(files: dict[Path, str]) -> None:
     """Write each file atomically (temporary file, then rename), every text built before the first
-    write: a failed write leaves no half-written file, and nothing is written after a failed measurement."""
-    from tl.engine.files import atomic_write_text
+    write, and all of them or none (tl.engine.files.all_or_none): a failed write leaves no
+    half-written file and no table beside an older page, and nothing is written after a failed measurement."""
+    from tl.engine.files import all_or_none, atomic_write_text
 
-    for path, text in files.items():
-        atomic_write_text(path, text)
+    with all_or_none():
+        for path, text in files.items():
+            atomic_write_text(path, text)
 
 
 def spread(values: list[float]) -> dict:

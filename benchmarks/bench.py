@@ -70,7 +70,7 @@ from tl.data import build_transforms
 from tl.engine import folders
 from tl.engine.backbones import backbone_spec
 from tl.engine.device import default_channels_last, device_hooks, make_grad_scaler, prepare_device, resolve_device
-from tl.engine.files import atomic_copy, atomic_write_text
+from tl.engine.files import all_or_none, atomic_copy, atomic_write_text
 from tl.engine.options import RunOptions, resolve
 from tl.engine.run import run
 from tl.engine.selection import ImageChoice, select_images
@@ -539,6 +539,7 @@ def frozen_section(args, data, device, record) -> None:
     record("share", "cached epoch after the first / uncached epoch", "%", [100 * on_e / off_e])
 
 
+@all_or_none()  # the table, its page and its record change together, or none does
 def write_results(out: Path, rows: list[dict], notes: list[str], meta: dict) -> None:
     """results/benchmark[_cuda].md, .csv and .json: every row, the command, the machine and card."""
     device = meta["device"]

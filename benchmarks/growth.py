@@ -36,6 +36,7 @@ import pandas as pd
 
 from benchmarks import at_least, command, invocation_of
 from tl.engine import folders
+from tl.engine.files import all_or_none
 from tl.engine.tables import page_code
 
 MARK_START, MARK_END = "<!-- growth:start -->", "<!-- growth:end -->"
@@ -198,9 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     invocation = invocation_of("benchmarks.growth", argv)
     meta = {"command": invocation.strip(), "machine": machine_description(), "commit": commit,
             "date": time.strftime("%Y-%m-%d %H:%M")}
-    folders.make(args.out)
-    write_table(args.out / "benchmark_growth.csv", table)
-    merge_section(args.out / "benchmark.md", markdown(table, fits, meta))
+    with all_or_none():  # the table and its section of the page change together, or neither does
+        folders.make(args.out)
+        write_table(args.out / "benchmark_growth.csv", table)
+        merge_section(args.out / "benchmark.md", markdown(table, fits, meta))
     print(f"wrote {args.out}/benchmark_growth.csv and the growth section of {args.out}/benchmark.md")
     return 0
 

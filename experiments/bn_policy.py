@@ -283,6 +283,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     import pandas as pd
 
+    from tl.engine.files import all_or_none
     from tl.engine.tables import write_table
 
     args = parse_args(argv)
@@ -304,11 +305,12 @@ def main(argv=None) -> int:
         rows.append(run_policy(policy, Path(d), args.backbone, seed, args, runs_dir))
         r = rows[-1]
         print(f"    headline {r['headline_acc']:.4f}, mean shift {r['bn_mean_shift']:.4f}", flush=True)
-    folders.make(out)
-    df = pd.DataFrame(rows).reindex(columns=COLUMNS)
-    write_table(out / "bn_policy.csv", df)
-    plot(df, out / "bn_policy.png")
-    write_section(out / "bn_policy.csv", doc)
+    with all_or_none():  # the table, its picture and its page change together, or none does
+        folders.make(out)
+        df = pd.DataFrame(rows).reindex(columns=COLUMNS)
+        write_table(out / "bn_policy.csv", df)
+        plot(df, out / "bn_policy.png")
+        write_section(out / "bn_policy.csv", doc)
     print(f"wrote {out / 'bn_policy.csv'}, {out / 'bn_policy.png'} and the section in {doc} "
           f"({(time.time() - started) / 60:.1f} min)")
     return 0

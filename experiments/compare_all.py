@@ -51,7 +51,7 @@ from pathlib import Path
 
 from experiments import NAMES
 from experiments.common import dataset_name, git_commit, machine_description, train_or_reason
-from tl.engine import folders
+from tl.engine import files, folders
 
 # torch, pandas and tl are imported inside the functions that need them, so that
 # `--help` and argument errors answer at once instead of after seconds of imports.
@@ -315,11 +315,7 @@ def remove_stale(out: Path, runs, written: set[Path]) -> list[Path]:
     candidates += [p for pattern in ("curves*.png", "comparison*.png") for p in out.glob(pattern)]
     removed = [p for p in candidates if p not in keep and p not in written]
     for p in removed:
-        p.unlink()
-    for folder in ("history", "predictions"):  # empty data-set folders of runs that are gone
-        for d in sorted((out / folder).glob("*"), reverse=True):
-            if d.is_dir() and not any(d.iterdir()):
-                d.rmdir()
+        files.remove(p)  # and its data set's folder, once that holds no file
     return removed
 
 
@@ -434,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M"), "minutes": round(minutes[dataset_name(d)], 1),
         "command_minutes": total} for d in data_dirs}
     try:
-        with results_lock(out, command, log=lambda s: print(s, flush=True)):  # one writer at a time
+        # one writer at a time; its files all change or, on a failure (a full disk), none does
+        with results_lock(out, command, log=lambda s: print(s, flush=True)), files.all_or_none():
             for dataset, label, result in finished:
                 keep_run_files(out, dataset, label, result)
             runs = merge_runs(read_runs(out), pd.DataFrame(rows).reindex(columns=RUN_COLUMNS))

@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
     import torch
 
-    from tl.engine.files import atomic_write_text, write_json
+    from tl.engine.files import all_or_none, atomic_write_text, write_json
     from tl.engine.images import check_layout
     from tl.engine.prepare import resolve_data_dir
     from tl.engine.tables import read_table, write_table
@@ -242,11 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     new = pd.DataFrame(rows).reindex(columns=COLUMNS)
     for column in ("train_images", "train_epochs"):  # whole numbers, empty where a run did not start
         new[column] = new[column].astype("Int64")
-    folders.make(args.out)
     csv = args.out / "data_efficiency.csv"
     table = merge(read_table(csv, text=["images_per_class"]) if csv.is_file() else None, new)
-    # a size is text ("8" or "all"); in the file a count is a number, as a spreadsheet shows it
-    write_table(csv, table.assign(images_per_class=[s if s == "all" else int(s) for s in table.images_per_class]))
     wall = time.time() - started
     meta = {"command": "python -m experiments.data_efficiency " + shlex.join(sys.argv[1:] if argv is None else argv),
             "strategies": args.strategies, "quick": args.quick,
@@ -256,11 +253,15 @@ def main(argv: list[str] | None = None) -> int:
     history = args.out / "data_efficiency.json"  # every command whose rows the table still holds
     earlier = json.loads(history.read_text()).get("commands", []) if history.is_file() and len(table) > len(new) else []
     kept = [m for m in earlier if set(m["strategies"]) - set(args.strategies) and m["quick"] == args.quick]
-    write_json(history, {"commands": [*kept, meta]})
     classes = len(check_layout(resolve_data_dir(args.data)))
-    plot(table, args.out / "data_efficiency.png",
-         f"{table.dataset.iloc[0]}, {args.backbone}: accuracy against training images per class", classes)
-    atomic_write_text(args.out / "data_efficiency.md", page(table, [*kept, meta]))
+    with all_or_none():  # the table, its record, its picture and its page change together, or none does
+        folders.make(args.out)
+        # a size is text ("8" or "all"); in the file a count is a number, as a spreadsheet shows it
+        write_table(csv, table.assign(images_per_class=[s if s == "all" else int(s) for s in table.images_per_class]))
+        write_json(history, {"commands": [*kept, meta]})
+        plot(table, args.out / "data_efficiency.png",
+             f"{table.dataset.iloc[0]}, {args.backbone}: accuracy against training images per class", classes)
+        atomic_write_text(args.out / "data_efficiency.md", page(table, [*kept, meta]))
     print(f"wrote {csv}, data_efficiency.png, data_efficiency.md ({wall / 60:.1f} min)")
     return 0
 

@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
     from tl import Interrupted
-    from tl.engine.files import atomic_copy
+    from tl.engine.files import all_or_none, atomic_copy
     from tl.engine.tables import write_table
 
     runs_dir = args.runs_dir or Path("runs") / f"imbalance-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -248,14 +248,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{i}/{len(plan)}] {row['status']}: " + (f"accuracy {row['accuracy']:.4f}, balanced accuracy "
               f"{row['balanced_accuracy']:.4f}, {args.keep[0]} recall {row['minority_recall']:.4f}"
               if row["status"] == "ok" else row["reason"]), flush=True)
-    folders.make(args.out / "imbalance")
-    for run, predictions in files.items():
-        atomic_copy(predictions, args.out / "imbalance" / f"{run}.csv")
-    runs = pd.DataFrame(rows).reindex(columns=COLUMNS)
-    write_table(args.out / "imbalance.csv", runs)
-    plot(runs, args.out / "imbalance.png", args.keep[0])
-    diffs = differences(args.out, runs, args.keep[0])
-    page = write_page(args.out, runs, diffs, command, (time.time() - started) / 60)
+    with all_or_none():  # the table, its picture and its page change together, or none does
+        folders.make(args.out / "imbalance")
+        for run, predictions in files.items():
+            atomic_copy(predictions, args.out / "imbalance" / f"{run}.csv")
+        runs = pd.DataFrame(rows).reindex(columns=COLUMNS)
+        write_table(args.out / "imbalance.csv", runs)
+        plot(runs, args.out / "imbalance.png", args.keep[0])
+        diffs = differences(args.out, runs, args.keep[0])
+        page = write_page(args.out, runs, diffs, command, (time.time() - started) / 60)
     print(f"wrote {args.out / 'imbalance.csv'}, imbalance.png and {page}")
     return 0
 

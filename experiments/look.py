@@ -134,10 +134,12 @@ def look(frozen: Path, finetuned: Path, out: Path, data: str | None = None, imag
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from tl import TLError
+    from tl.engine.files import all_or_none
 
     command = "python -m experiments.look " + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
-        look(args.frozen, args.finetuned, args.out, args.data, args.images, command)
+        with all_or_none():  # the pictures and the page change together, or none does
+            look(args.frozen, args.finetuned, args.out, args.data, args.images, command)
     except (TLError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -108,7 +108,7 @@ def page(rows: list[dict], meta: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from tl.engine.files import atomic_write_text
+    from tl.engine.files import all_or_none, atomic_write_text
     from tl.engine.tables import write_table
 
     args = parse_args(argv)
@@ -123,9 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"command": "python -m experiments.lr_table " + shlex.join(sys.argv[1:] if argv is None else argv),
             "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
             "seconds": time.time() - started}
-    folders.make(args.out)
-    write_table(args.out / "lr_finder.csv", rows, COLUMNS)
-    atomic_write_text(args.out / "lr_finder.md", page(rows, meta))
+    with all_or_none():  # the table and its page change together, or neither does
+        folders.make(args.out)
+        write_table(args.out / "lr_finder.csv", rows, COLUMNS)
+        atomic_write_text(args.out / "lr_finder.md", page(rows, meta))
     print(f"-> {args.out / 'lr_finder.md'}, {args.out / 'lr_finder.csv'}")
     return 0
 

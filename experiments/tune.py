@@ -548,6 +548,7 @@ def write_results(study, s: Search, setup: dict, to: Written) -> int:
     same moment, or by an earlier run of the command) and the files are there, they are left."""
     from optuna.trial import TrialState
 
+    from tl.engine.files import all_or_none
     from tl.engine.folder_lock import hold
     from tl.engine.trials import this_process
     from tl.engine.tuning import lost_trials
@@ -566,9 +567,10 @@ def write_results(study, s: Search, setup: dict, to: Written) -> int:
             print(f"the tuned file and the pages of these {ended} trials were written by {written.get('by')}: "
                   f"{to.pages / 'trials.md'}")
             return 0
-        pages = write_pages(study, s, setup, to.pages, to.command)
         complete = any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
-        path = write_tuned(study, s, setup, to.tuned, to.command) if complete else None
+        with all_or_none():  # the pages and the tuned file change together, or none does
+            pages = write_pages(study, s, setup, to.pages, to.command)
+            path = write_tuned(study, s, setup, to.tuned, to.command) if complete else None
         me = this_process()
         study.set_user_attr("results_written", {"trials": ended, "by": f"host {me['host']}, pid {me['pid']}"})
     if path is None:

@@ -154,10 +154,12 @@ def one_error_line(code: int, err: str) -> None:
     assert len(lines) == 1 and "no space left on the device" in lines[0], err
 
 
-def fill_at_every_depth(monkeypatch, capfd, command, folders: list[Path], tries: int = 4) -> None:
+def fill_at_every_depth(monkeypatch, capfd, command, folders: list[Path], tries: int = 4,
+                        all_or_none: bool = False) -> None:
     """Run `command()` (an exit status) with room to spare, counting what each file takes, then with
     the disk full in the middle of its first file, its last, and others between (`tries` in all):
-    each try one error: line, nothing lost or half-written."""
+    each try one error: line, nothing lost or half-written; `all_or_none`: the folders exactly as
+    before (a command that updates its files together, tl.engine.files.all_or_none)."""
     before, folders_before = snapshot(*folders), all_folders(*folders)
     with monkeypatch.context() as m:
         disk = FillingDisk(m)
@@ -175,6 +177,9 @@ def fill_at_every_depth(monkeypatch, capfd, command, folders: list[Path], tries:
         assert full.failed, "no write failed"
         check_nothing_lost_or_half_written(before, snapshot(*folders), full)
         check_no_empty_folder_made(folders_before, folders)
+        if all_or_none:
+            assert snapshot(*folders) == before, "the files changed in part"
+            assert all_folders(*folders) == folders_before, "the folders changed"
 
 
 def restore(folders: list[Path], files_: dict[Path, bytes], folders_before: set[Path] | None = None) -> None:
@@ -244,9 +249,10 @@ def test_export_on_a_full_disk(trained, monkeypatch, capfd, fmt, tries):
 
 def test_compare_all_on_a_full_results_folder(tiny_backbone, tmp_path, monkeypatch, capfd):
     """The results folder holds a comparison (seed 0) and takes a second seed's rows: whatever write
-    the disk fills up at, the first comparison's files stay as they were."""
+    the disk fills up at, the folder stays as the first comparison left it, every file."""
     out = tmp_path / "results"
-    fill_at_every_depth(monkeypatch, capfd, cached_comparison(monkeypatch, tmp_path, out), [out], tries=3)
+    fill_at_every_depth(monkeypatch, capfd, cached_comparison(monkeypatch, tmp_path, out), [out], tries=3,
+                        all_or_none=True)
 
 
 def cached_comparison(monkeypatch, tmp_path: Path, out: Path):
@@ -294,7 +300,7 @@ def test_a_benchmark_on_a_full_disk(tiny_backbone, tmp_path, monkeypatch, capfd)
         return command(lambda: feature_batch.main(["--data", str(data), "--backbone", "tiny", "--weights", "none",
                                                    "--batch-sizes", "2", "--repeats", "1", "--out", str(out)]))
 
-    fill_at_every_depth(monkeypatch, capfd, measure, [out])
+    fill_at_every_depth(monkeypatch, capfd, measure, [out], all_or_none=True)  # its table and page together
 
 
 def test_commands_that_make_their_output_folder_on_a_full_disk(tiny_backbone, tmp_path, monkeypatch, capfd):

@@ -155,3 +155,55 @@ def test_a_killed_writers_temporary_files_go_and_a_live_ones_stay(tmp_path):
     dead.write_bytes(b"half"), live.write_bytes(b"half")
     assert files.remove_stale_temporaries(tmp_path) == [dead]
     assert live.exists() and not dead.exists()
+
+
+# ----------------------------------------------------------------------------- all_or_none
+def _folder(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt(),
+                                     RuntimeError("a bug")], ids=["full disk", "ctrl-c", "an error"])
+def test_a_failed_all_or_none_block_puts_every_file_back(tmp_path, failure):
+    """Overwritten, new, written twice, removed (with the folder it empties), in a nested block:
+    after a failure, the folder is byte for byte as before, with no temporary and no old version left."""
+    (tmp_path / "old").mkdir()
+    for name, text in {"table.csv": "a\n1\n", "page.md": "# old\n", "old/gone.csv": "x\n"}.items():
+        (tmp_path / name).write_text(text)
+    before = _folder(tmp_path)
+    with pytest.raises(type(failure)), files.all_or_none():
+        files.atomic_write_text(tmp_path / "table.csv", "a\n2\n")
+        files.atomic_write_text(tmp_path / "new.png", "picture")
+        with files.all_or_none():  # part of the outer block
+            files.atomic_write_text(tmp_path / "table.csv", "a\n3\n")
+            files.remove(tmp_path / "old" / "gone.csv")
+        assert not (tmp_path / "old" / "gone.csv").exists() and (tmp_path / "table.csv").read_text() == "a\n3\n"
+        raise failure
+    assert _folder(tmp_path) == before and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_a_finished_all_or_none_block_keeps_only_the_new_files(tmp_path):
+    (tmp_path / "old").mkdir()
+    (tmp_path / "table.csv").write_text("a\n1\n")
+    (tmp_path / "old" / "gone.csv").write_text("x\n")
+    with files.all_or_none():
+        files.atomic_write_text(tmp_path / "table.csv", "a\n2\n")
+        files.remove(tmp_path / "old" / "gone.csv")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["table.csv"]
+    assert (tmp_path / "table.csv").read_text() == "a\n2\n"
+
+
+def test_an_all_or_none_block_on_a_really_full_disk_changes_nothing(full_tmpfs):
+    """A real disk that fills up at the third file: the two written before it are put back by
+    renames (which need no room), the removed one returns."""
+    for name in ("a.csv", "b.md", "c.png", "d.csv"):
+        (full_tmpfs / name).write_bytes(name.encode() * 100)
+    before = _folder(full_tmpfs)
+    fill(full_tmpfs, 2)
+    before[".filler"] = (full_tmpfs / ".filler").read_bytes()
+    with pytest.raises(OSError, match="No space left"), files.all_or_none():
+        files.remove(full_tmpfs / "d.csv")
+        files.atomic_write_bytes(full_tmpfs / "a.csv", b"1" * 4000)
+        files.atomic_write_bytes(full_tmpfs / "b.md", b"2" * 4000)
+        files.atomic_write_bytes(full_tmpfs / "c.png", b"3" * 40000)
+    assert _folder(full_tmpfs) == before and not list(full_tmpfs.rglob("*.tmp"))

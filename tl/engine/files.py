@@ -10,6 +10,12 @@ A written file gets the mode of any other file the user creates: the temporary i
 created with 0o666, which the kernel trims by the process's umask (0644 under the usual
 umask 022, 0640 under 027). The umask is never read or set here.
 
+One file at a time is not enough for a folder whose files describe one result together (a
+table, its picture and the page that cites both): a disk that fills up at the last of them
+would leave a new table beside an old page. Inside `all_or_none()`, every file written or
+removed keeps its old version (a hard link beside it) until the block ends; when the block
+fails, each is put back by renames, which need no room on the disk.
+
 Atomic is not the same as intact: a disk or a copy can still flip bits inside a
 file that loads without complaint. So a checkpoint (tl/engine/checkpoint.py) carries a
 SHA-256 digest of its contents (`state_digest`), and a run's config.json records the
@@ -18,6 +24,7 @@ digest of each weight file it wrote.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -56,6 +63,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
             write(f)
             f.flush()
             os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        _keep_old(path)
         os.replace(tmp, path)
     except BaseException as exc:
         # torch.save reports a failed write (disk full, I/O error) as a RuntimeError of its zip
@@ -73,6 +81,75 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
             raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
     return path
+
+
+_OLD: dict[Path, Path | None] | None = None  # in an all_or_none block: each changed file's old version (None: new)
+_EMPTIED: list[Path] = []  # the folders to remove at the block's end if its removals left them empty
+
+
+@contextlib.contextmanager
+def all_or_none():
+    """The files written (`atomic_write`) and removed (`remove`) in this block change together
+    or not at all: if the block raises (a full disk, Ctrl-C), each is put back as it was before
+    the block. A block inside another is part of it."""
+    global _OLD
+    if _OLD is not None:
+        yield
+        return
+    _OLD, _EMPTIED[:] = {}, []
+    try:
+        yield
+    except BaseException:
+        for path, old in reversed(_OLD.items()):
+            if old is None:
+                path.unlink(missing_ok=True)
+            else:
+                os.replace(old, path)  # a rename: it needs no room
+        raise
+    else:
+        for old in _OLD.values():
+            if old is not None:
+                old.unlink(missing_ok=True)
+        for folder in _EMPTIED:
+            with contextlib.suppress(OSError):  # not empty: it keeps what it holds
+                folder.rmdir()
+    finally:
+        _OLD = None
+
+
+def _keep_old(path: Path) -> None:
+    """In an all_or_none block, keep `path`'s version from before the block (the first time the
+    block changes it): a hard link `.NAME.PID.XXXXXXXX.tmp` beside it, or a copy where the file
+    system has no hard links."""
+    if _OLD is not None and path not in _OLD:
+        _OLD[path] = _linked(path) if path.exists() else None
+
+
+def _linked(path: Path) -> Path:
+    """A second name for `path`'s contents, made without copying where the file system allows."""
+    for _ in range(100):
+        other = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.link(path, other)
+            return other
+        except FileExistsError:
+            continue
+        except OSError:  # no hard links here (FAT, some network file systems): a copy, which needs room
+            shutil.copy2(path, other)
+            return other
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path.parent))
+
+
+def remove(path: str | os.PathLike) -> None:
+    """Delete `path` (in an all_or_none block: put back if the block fails), and its folder at
+    the block's end if that leaves it empty."""
+    path = Path(path)
+    _keep_old(path)
+    path.unlink(missing_ok=True)
+    if _OLD is not None:
+        _EMPTIED.append(path.parent)
+    elif not any(path.parent.iterdir()):
+        path.parent.rmdir()
 
 
 def temporary_beside(path: str | os.PathLike, mode: int = 0o600) -> tuple[int, Path]:
