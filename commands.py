@@ -304,13 +304,15 @@ def _tta(recorded: bool, asked: bool | None) -> bool:
 
 
 def _print_predictions(images: list[Path], results: list) -> int:
+    from tl.engine.tables import one_line
+
     failed = 0
     for path, result in results:
         if isinstance(result, str):
-            print(f"skipped: {result}")  # the one error: line, with the count, comes at the end
+            print(one_line(f"skipped: {result}"))  # the one error: line, with the count, comes at the end
             failed += 1
         else:
-            print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in result))
+            print(one_line(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in result)))
     if failed:
         raise TLError(f"{failed} of {len(images)} image(s) could not be read")
     return 0

@@ -23,6 +23,7 @@ from tests.conftest import TinyNet, write_image_folder
 from tests.helpers import cli, train_quick
 from tl.data import val_resize
 from tl.engine import export
+from tl.engine.tables import one_line
 
 
 @pytest.fixture
@@ -177,6 +178,39 @@ def test_an_exported_model_alone_classifies_a_folder(photo_run, tmp_path):
     assert tables["pt"].path.tolist() == tables["pth"].path.tolist()
     assert tables["pt"].prediction.tolist() == tables["pth"].prediction.tolist()
     assert np.allclose(tables["pt"].iloc[:, 2:], tables["pth"].iloc[:, 2:], atol=1e-5)
+
+
+HOSTILE_NAMES = ["ant\nqueen", "bee\x1b[31m red", "wasp\r=\u202eevil"]  # LF, a colour escape, CR and a bidi mark
+
+
+def test_names_with_line_feeds_and_terminal_escapes_print_on_their_own_lines(tmp_path, tiny_backbone, capsys):
+    """Class and file names holding a line feed, a carriage return, a terminal's escape sequence or
+    a bidi mark: the imbalance note, --predict IMAGE and --predict DIR print each name as its escape
+    (\\n, \\x1b), so each line stays one line and the terminal is not driven by a name."""
+    data = write_image_folder(tmp_path / "data", classes=len(HOSTILE_NAMES), train=2, val=2)
+    for k, name in enumerate(HOSTILE_NAMES):
+        for phase in ("train", "val"):
+            (data / phase / f"class_{k}").rename(data / phase / name)
+    for extra in range(6):  # the first class four times larger: the imbalance note names every class
+        shutil.copy(data / "train" / HOSTILE_NAMES[0] / "000.png", data / "train" / HOSTILE_NAMES[0] / f"x{extra}.png")
+    photos = tmp_path / "photos"
+    shutil.copytree(data / "val", photos)
+    photo = photos / HOSTILE_NAMES[1] / "000.png"
+    run = train_quick(data, tmp_path / "runs")
+    trained = capsys.readouterr().out
+    note = [line for line in trained.splitlines() if line.startswith("note: the training classes differ")]
+    assert len(note) == 1 and all(one_line(n) in note[0] for n in HOSTILE_NAMES), trained
+    code, one, _ = cli(capsys, "--predict", photo, "--checkpoint", run / "best.pth")
+    assert code == 0
+    code, folder, _ = cli(capsys, "--predict", photos, "--checkpoint", run / "best.pth", "--csv", tmp_path / "t.csv",
+                          "--no-progress")
+    assert code == 0
+    out = one + folder
+    lines = out.splitlines()
+    assert len(lines) == 3 and lines[0].startswith(one_line(photo) + ": "), out  # the photo, then the folder's two
+    assert all(one_line(n) in lines[0] for n in HOSTILE_NAMES), out  # every class's probability
+    assert lines[2].startswith("predicted classes: ") and any(one_line(n) in lines[2] for n in HOSTILE_NAMES), out
+    assert not [c for c in trained + out if c in "\r\x1b\u202e"], "a raw control character reached the terminal"
 
 
 def test_predicting_a_folder_refuses_bad_input_before_writing(photo_run, tmp_path, capsys):

@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 
 from tl import TLError
+from tl.engine.tables import one_line
 
 IMBALANCE = 3  # training classes differing in size by more than this factor are reported at the start
 
@@ -56,7 +57,7 @@ def balance(opts, targets, classes: list[str], log: Callable[[str], None] = prin
                       f"({classes[0] if classes else 'none'}): leave {' and '.join(asked)} out")
     counts = class_counts(targets, len(classes))
     if min(counts) > 0 and max(counts) > IMBALANCE * min(counts):
-        sizes = ", ".join(f"{name} {n}" for name, n in zip(classes, counts))
+        sizes = one_line(", ".join(f"{name} {n}" for name, n in zip(classes, counts)))  # a name's \n shown as \\n
         log(f"note: the training classes differ in size by more than {IMBALANCE}x ({sizes}): accuracy will flatter "
             f"a model that favours the large classes. "
             + (f"Balancing with {' and '.join(asked)}." if asked else "To balance them, try --class-weights auto "

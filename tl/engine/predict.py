@@ -32,6 +32,7 @@ from tl.engine.evaluate import class_probabilities
 from tl.engine.files import atomic_write_text
 from tl.engine.images import check_image, load_rgb, not_an_image, walk_files
 from tl.engine.progress import progress as show
+from tl.engine.tables import one_line
 from tl.engine.tables import table_text as csv_text
 
 
@@ -136,12 +137,13 @@ def predict_folder(model: nn.Module, folder: Path, table: Path, classes: list[st
     check_table_path(table)  # again: another program may have made it meanwhile
     atomic_write_text(table, table_text(folder, files, probabilities, classes))
     counts = Counter(classes[int(p.argmax())] for p in probabilities.values())
-    log(f"classified {len(probabilities)} image(s) under {folder} -> {table}")
-    log("predicted classes: " + ", ".join(f"{name} {n}" for name, n in counts.most_common()))
+    # each on its line: a name holding a line feed or a terminal's escape is shown as its escape (\n, \x1b)
+    log(one_line(f"classified {len(probabilities)} image(s) under {folder} -> {table}"))
+    log(one_line("predicted classes: " + ", ".join(f"{name} {n}" for name, n in counts.most_common())))
     if left_out:
         log(f"skipped {len(left_out)} file(s) or folder(s), in no table:")
         for line in listing:
-            log(line)
+            log(one_line(line))
     return {"table": table, "images": len(probabilities), "counts": dict(counts), "skipped": sorted(left_out)}
 
 
