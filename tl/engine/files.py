@@ -101,10 +101,11 @@ def all_or_none():
         yield
     except BaseException:
         for path, old in reversed(_OLD.items()):
-            if old is None:
-                path.unlink(missing_ok=True)
-            else:
-                os.replace(old, path)  # a rename: it needs no room
+            with contextlib.suppress(OSError):  # one that cannot be put back does not stop the others
+                if old is None:
+                    path.unlink(missing_ok=True)
+                else:
+                    os.replace(old, path)  # a rename: it needs no room
         raise
     else:
         for old in _OLD.values():
