@@ -7,6 +7,7 @@ import errno
 import importlib
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -207,3 +208,45 @@ def test_an_all_or_none_block_on_a_really_full_disk_changes_nothing(full_tmpfs):
         files.atomic_write_bytes(full_tmpfs / "b.md", b"2" * 4000)
         files.atomic_write_bytes(full_tmpfs / "c.png", b"3" * 40000)
     assert _folder(full_tmpfs) == before and not list(full_tmpfs.rglob("*.tmp"))
+
+
+def test_an_all_or_none_block_puts_back_a_link_that_points_nowhere(tmp_path):
+    (tmp_path / "page.md").symlink_to("nowhere.md")
+    with pytest.raises(OSError), files.all_or_none():
+        files.atomic_write_text(tmp_path / "page.md", "new\n")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert os.readlink(tmp_path / "page.md") == "nowhere.md" and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_file_that_refuses_its_rename_leaves_no_copy_behind(tmp_path, monkeypatch):
+    """An immutable file (chattr +i) refuses to be replaced: the block fails, every file is as
+    before, and the old version kept for it is not left beside it."""
+    for name in ("a.csv", "b.md"):
+        (tmp_path / name).write_text(name)
+    real = os.replace
+
+    def refusing(src, dst):
+        if Path(dst).name == "b.md":
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(dst))
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", refusing)
+    with pytest.raises(PermissionError), files.all_or_none():
+        files.atomic_write_text(tmp_path / "a.csv", "new")
+        files.atomic_write_text(tmp_path / "b.md", "new")
+    assert _folder(tmp_path) == {"a.csv": b"a.csv", "b.md": b"b.md"}
+
+
+def test_without_hard_links_a_full_disk_leaves_no_cut_copy(full_tmpfs, monkeypatch):
+    """A file system without hard links (FAT): the old version is a copy, which a full disk cuts
+    short; the block fails with the disk full, and no cut copy is left."""
+    def no_links(*args, **kwargs):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    (full_tmpfs / "big.csv").write_bytes(b"x" * 200_000)
+    before = _folder(full_tmpfs)
+    fill(full_tmpfs, 4)
+    monkeypatch.setattr(os, "link", no_links)
+    with pytest.raises(OSError, match="No space left"), files.all_or_none():
+        files.remove(full_tmpfs / "big.csv")
+    assert _folder(full_tmpfs).keys() - {".filler"} == before.keys() and not list(full_tmpfs.glob(".*.tmp"))

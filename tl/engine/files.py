@@ -106,6 +106,8 @@ def all_or_none():
                     path.unlink(missing_ok=True)
                 else:
                     os.replace(old, path)  # a rename: it needs no room
+            if old is not None:
+                old.unlink(missing_ok=True)  # not put back (its file refused the rename): no copy left behind
         raise
     else:
         for old in _OLD.values():
@@ -123,7 +125,7 @@ def _keep_old(path: Path) -> None:
     block changes it): a hard link `.NAME.PID.XXXXXXXX.tmp` beside it, or a copy where the file
     system has no hard links."""
     if _OLD is not None and path not in _OLD:
-        _OLD[path] = _linked(path) if path.exists() else None
+        _OLD[path] = _linked(path) if os.path.lexists(path) else None  # a link that points nowhere is kept too
 
 
 def _linked(path: Path) -> Path:
@@ -131,12 +133,16 @@ def _linked(path: Path) -> Path:
     for _ in range(100):
         other = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         try:
-            os.link(path, other)
+            os.link(path, other, follow_symlinks=False)  # a symbolic link is kept as the link
             return other
         except FileExistsError:
             continue
         except OSError:  # no hard links here (FAT, some network file systems): a copy, which needs room
-            shutil.copy2(path, other)
+            try:
+                shutil.copy2(path, other, follow_symlinks=False)
+            except BaseException:
+                other.unlink(missing_ok=True)  # a copy cut short by a full disk is not left behind
+                raise
             return other
     raise FileExistsError(errno.EEXIST, "no free temporary name", str(path.parent))
 
