@@ -320,7 +320,8 @@ def remove_stale(out: Path, runs, written: set[Path]) -> list[Path]:
 
 
 def write_outputs(out: Path, runs, meta: dict):
-    """Every table and plot, redrawn from all rows of `runs`; then stale files removed."""
+    """Every table and plot, redrawn from all rows of `runs`; then stale files removed.
+    Returns the summary and the files removed."""
 
     from experiments.report import draw_comparison, write_report
     from tl.engine.files import atomic_write_text
@@ -331,11 +332,10 @@ def write_outputs(out: Path, runs, meta: dict):
     write_table(out / "runs.csv", runs, RUN_COLUMNS)
     write_table(out / "summary.csv", summary)
     written = draw_comparison(out, runs, summary)
-    for path in remove_stale(out, runs, written):
-        print(f"removed stale {path}")
+    removed = remove_stale(out, runs, written)
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
     write_report(out)
-    return summary
+    return summary, removed
 
 
 LOCK_NAME = ".compare_all.lock"
@@ -436,9 +436,11 @@ def main(argv: list[str] | None = None) -> int:
                 keep_run_files(out, dataset, label, result)
             runs = merge_runs(read_runs(out), pd.DataFrame(rows).reindex(columns=RUN_COLUMNS))
             old_meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").is_file() else {}
-            summary = write_outputs(out, runs, update_meta(old_meta, entries, machine_description()))
+            summary, removed = write_outputs(out, runs, update_meta(old_meta, entries, machine_description()))
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted while waiting for or writing {out}; the runs are in {runs_dir}") from None
+    for path in removed:  # said once the block has succeeded: a failed one puts them back
+        print(f"removed stale {path}")
     print(summary[KEY + ["status", "headline_acc_mean", "headline_acc_std", "best_val_acc_mean",
                          "train_seconds_mean"]].to_string(index=False))
     print(f"wrote {out}/summary.csv, runs.csv, plots and README.md ({total} min)")

@@ -255,9 +255,33 @@ def test_compare_all_on_a_full_results_folder(tiny_backbone, tmp_path, monkeypat
                         all_or_none=True)
 
 
-def cached_comparison(monkeypatch, tmp_path: Path, out: Path):
-    """`out` holding a comparison of seed 0 (compare_all, tiny data), and the command that adds
-    seed 1's rows to it. Each (recipe, backbone, seed) trains once, before: a try of that command is
+def test_compare_all_that_removes_stale_files_on_a_full_disk(tiny_backbone, tmp_path, monkeypatch, capfd):
+    """The results folder holds seeds 0 and 1 and takes a comparison of seed 0 alone, which removes
+    seed 1's files: at whatever write the disk fills up, those files are back and the folder is
+    as before, and no "removed stale" line is printed; with room, the removal is said."""
+    out = tmp_path / "results"
+    cached_comparison(monkeypatch, tmp_path, out, first=["0", "1"])  # out: seeds 0 and 1
+    compare = cached_comparison.last  # the same comparison command, with the seeds it is given
+    before = snapshot(out)
+    with monkeypatch.context() as m:
+        disk = FillingDisk(m)
+        assert compare(["0"]) == 0
+    said = capfd.readouterr().out
+    assert "removed stale" in said
+    for k in (len(disk.sizes) // 2, len(disk.sizes) - 1):  # a table, the page (the block's last write)
+        restore([out], before)
+        with monkeypatch.context() as m:
+            FillingDisk(m, sum(disk.sizes[:k]) + disk.sizes[k] // 2)
+            code = compare(["0"])
+        printed = capfd.readouterr()
+        one_error_line(code, printed.err)
+        assert "removed stale" not in printed.out and snapshot(out) == before, k
+
+
+def cached_comparison(monkeypatch, tmp_path: Path, out: Path, first: tuple = ("0",)):
+    """`out` holding a comparison of `first` seeds (compare_all, tiny data), and the command that adds
+    seed 1's rows to it (`cached_comparison.last(seeds)`: the comparison of other seeds into `out`).
+    Each (recipe, backbone, seed) trains once, before: a try of that command is
     its writing alone (training is tested elsewhere; here the results folder is)."""
     from experiments import compare_all
 
@@ -278,7 +302,8 @@ def cached_comparison(monkeypatch, tmp_path: Path, out: Path):
                                                  str(tmp_path / f"runs-{uuid.uuid4().hex}")]))
 
     assert compare(["0", "1"], tmp_path / "scratch") == 0  # both seeds trained
-    assert compare(["0"], out) == 0
+    assert compare(list(first), out) == 0
+    cached_comparison.last = lambda seeds: compare(seeds, out)
     return lambda: compare(["0", "1"], out)
 
 
