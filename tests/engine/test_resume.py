@@ -84,10 +84,10 @@ ADVICE = {  # recipe (its last stage's schedule), stopped after epoch (None: eve
 @pytest.mark.parametrize("recipe, killed_after", ADVICE.values(), ids=ADVICE.keys())
 def test_a_refused_total_advises_what_the_run_can_take(tiny_data, tiny_backbone, tmp_path, capsys, monkeypatch,
                                                         recipe, killed_after):
-    """--resume with --epochs below what the run trained is refused, and the advice, followed as
-    printed, works: a stage with a learning-rate schedule laid it out for the run's total, so
-    that run continues only to it (a larger total is refused, as the advice says); a run at a
-    constant rate takes a larger total."""
+    """--resume with --epochs below what the run trained, or above the total it started with, is
+    refused (or, at a constant rate, trains on), and the advice, followed as printed, works: a
+    stage with a learning-rate schedule laid it out for the run's total, so that run continues
+    only to it (a larger total is refused, as the advice says); a constant rate takes a larger total."""
     total = 3
     with monkeypatch.context() as patch:
         if killed_after is not None:
@@ -98,13 +98,26 @@ def test_a_refused_total_advises_what_the_run_can_take(tiny_data, tiny_backbone,
     (run_dir,) = (tmp_path / "runs").iterdir()
     resume = ["--resume", str(run_dir / "last.ckpt")]
     trained = total if killed_after is None else killed_after
-    code, err = _run([*resume, "--epochs", str(trained - 1)], capsys)
-    assert code == 2 and len(err.strip().splitlines()) == 1, err
-    if "start a new run with a larger --epochs" in err:
-        code, err = _run([*resume, "--epochs", str(total + 2)], capsys)
-        assert code == 2 and "schedule" in err, err
-    elif "leave out --epochs" in err:
-        assert _run(resume, capsys)[0] == 0
-    else:
-        assert f"pass the new total, larger than {trained}" in err, err
-        assert _run([*resume, "--epochs", str(trained + 1)], capsys)[0] == 0
+    for given in (trained - 1, total + 2):  # below what it trained; above the total it started with
+        code, err = _run([*resume, "--epochs", str(given)], capsys)
+        if code == 0:  # a constant rate takes a larger total
+            assert given > total and "constant" in recipe_kind(run_dir), err
+            return
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        if "start a new run with a larger --epochs" in err:
+            code, err = _run([*resume, "--epochs", str(total + 2)], capsys)
+            assert code == 2 and "schedule" in err, err
+        elif "leave out --epochs" in err:
+            assert _run(resume, capsys)[0] == 0
+            return
+        else:
+            assert f"pass the new total, larger than {trained}" in err, err
+            assert _run([*resume, "--epochs", str(trained + 1)], capsys)[0] == 0
+            return
+
+
+def recipe_kind(run_dir) -> str:
+    """The schedule of the run's last stage, as config.json records it."""
+    import json
+
+    return json.loads((run_dir / "config.json").read_text())["stages"][-1]["schedule"]

@@ -70,16 +70,22 @@ def how_to_continue(ckpt: dict, finished: bool) -> str:
     """The advice for a resume whose --epochs cannot be used. A stage with a learning-rate
     schedule laid it out for the total the run started with (start_stage refuses to bend it),
     so such a run continues only to that total; a constant-rate stage can take a larger one."""
-    total = ckpt["config"].get("train_epochs", ckpt["epoch"])
-    index = ckpt.get("stage", {}).get("index", 0)
-    stage = next((s for s in ckpt["config"].get("stages", []) if s["index"] == index), {})
-    if stage.get("schedule", "constant") == "constant":
+    total, schedule = ckpt["config"].get("train_epochs", ckpt["epoch"]), schedule_of(ckpt)
+    if schedule == "constant":
         return (f"pass the new total, larger than {ckpt['epoch']}, to train more"
                 + ("" if finished else ", or leave out --epochs to continue it"))
     if finished:
-        return (f"its {stage['schedule']} schedule was laid out for those {total} epochs and has ended; "
+        return (f"its {schedule} schedule was laid out for those {total} epochs and has ended; "
                 f"to train longer, start a new run with a larger --epochs")
-    return f"its {stage['schedule']} schedule was laid out for {total} epochs: leave out --epochs to continue it"
+    return f"its {schedule} schedule was laid out for {total} epochs: leave out --epochs to continue it"
+
+
+def schedule_of(ckpt: dict) -> str:
+    """The learning-rate schedule of the stage the checkpoint was saved in, as config.json names
+    it (OneCycleLR, LambdaLR, ...), or "constant"."""
+    index = ckpt.get("stage", {}).get("index", 0)
+    stage = next((s for s in ckpt["config"].get("stages", []) if s["index"] == index), {})
+    return stage.get("schedule", "constant")
 
 
 def restore(ckpt: dict, resume: Path, model: nn.Module, scaler, generator: torch.Generator,
@@ -115,6 +121,10 @@ def restore(ckpt: dict, resume: Path, model: nn.Module, scaler, generator: torch
                       f"{distributed.world_size()}: resume it with the same torchrun --nproc_per_node x --nnodes")
     if start_epoch >= num_epochs and has_results(resume.parent):
         raise TLError(f"{resume} has already trained all {num_epochs - 1} epochs; " + how_to_continue(ckpt, True))
+    total = config.get("train_epochs", ckpt["epoch"])
+    if ckpt["epoch"] == total and num_epochs - 1 != total and schedule_of(ckpt) != "constant":
+        raise TLError(f"{resume} has trained all {total} epochs it started with; "  # its schedule has ended
+                      + how_to_continue(ckpt, has_results(resume.parent)))
     checkpoint.load_into(model, ckpt["model"], str(resume))
     if ckpt["scaler"] is not None:
         scaler.load_state_dict(ckpt["scaler"])

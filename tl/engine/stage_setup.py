@@ -16,6 +16,7 @@ from tl.engine import distributed, feature_store
 from tl.engine.ema import val_net
 from tl.engine.feature_store import CachePlan, FeaturePass
 from tl.engine.image_cache import DecodedImages, decoded_images
+from tl.engine.resume import how_to_continue
 from tl.loop import Hooks
 from tl.stages import Span
 
@@ -71,7 +72,7 @@ def start_stage(span: Span, ctx, ckpt: dict | None) -> StageSetup:
         if scheduler is not None and saved["end"] not in (None, span.end):
             raise TLError(f"this run's stage {stage.name!r} laid out its learning-rate schedule for training "
                           f"epochs up to {saved['end'] - 1}; resuming with another --epochs total would bend "
-                          f"it. Resume with --epochs {ctx.recipe.train_epochs - span.end + saved['end']}")
+                          f"it: " + how_to_continue(ckpt, finished=False))  # (resume.restore refuses a finished run's)
         optimizer.load_state_dict(ckpt["optimizer"])
         if scheduler is not None and ckpt["scheduler"] is not None:
             scheduler.load_state_dict(ckpt["scheduler"])
