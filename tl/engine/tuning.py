@@ -175,8 +175,9 @@ def make_storage(storage: Path | str):
                     raise
                 time.sleep(0.2 + random.random())
     except SQLAlchemyError as exc:  # a locked, read-only or damaged file; a server that refuses or is not there
-        if new and storage.exists() and storage.stat().st_size == 0:  # SQLite made it, then found the disk full:
-            storage.unlink()  # an empty file is no study (its rerun would work, but a failure leaves nothing behind)
+        if new:  # SQLite made the file, then failed (a full disk) before the study's tables were all there:
+            for made in (storage, storage.with_name(storage.name + "-journal")):  # a failure leaves nothing behind
+                made.unlink(missing_ok=True)
         said = str(getattr(exc, "orig", None) or exc).splitlines()[0][:120]  # an unknown dialect's has no .orig
         free = "free some space or " if "disk is full" in said else ""
         raise TLError(f"--storage {shown_storage(storage)}: {what} ({said}); {free}choose another --storage") from None
