@@ -70,7 +70,7 @@ from tl.data import build_transforms
 from tl.engine import folders
 from tl.engine.backbones import backbone_spec
 from tl.engine.device import default_channels_last, device_hooks, make_grad_scaler, prepare_device, resolve_device
-from tl.engine.files import all_or_none, atomic_copy, atomic_write_text
+from tl.engine.files import atomic_copy, atomic_write_text, updating
 from tl.engine.options import RunOptions, resolve
 from tl.engine.run import run
 from tl.engine.selection import ImageChoice, select_images
@@ -479,9 +479,12 @@ def main(argv: list[str] | None = None) -> int:
               f"n={s['n']})", flush=True)
 
     def save(done: str) -> None:  # after every part: a run stopped by a timeout keeps what it measured
-        write_results(args.out, rows, notes, {"command": invocation.strip(), "machine": machine_description(),
-                                              "card": card, "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M"),
-                                              "device": device, "complete": done == "all", "written_after": done})
+        # one process at a time (growth.py writes a section of the same page), all its files or none
+        with updating(args.out, invocation.strip()):
+            write_results(args.out, rows, notes, {"command": invocation.strip(), "machine": machine_description(),
+                                                  "card": card, "commit": commit, "device": device,
+                                                  "date": time.strftime("%Y-%m-%d %H:%M"), "complete": done == "all",
+                                                  "written_after": done})
 
     started = time.monotonic()
 
@@ -539,7 +542,6 @@ def frozen_section(args, data, device, record) -> None:
     record("share", "cached epoch after the first / uncached epoch", "%", [100 * on_e / off_e])
 
 
-@all_or_none()  # the table, its page and its record change together, or none does
 def write_results(out: Path, rows: list[dict], notes: list[str], meta: dict) -> None:
     """results/benchmark[_cuda].md, .csv and .json: every row, the command, the machine and card."""
     device = meta["device"]

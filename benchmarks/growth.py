@@ -36,7 +36,7 @@ import pandas as pd
 
 from benchmarks import at_least, command, invocation_of
 from tl.engine import folders
-from tl.engine.files import all_or_none
+from tl.engine.files import updating
 from tl.engine.tables import page_code
 
 MARK_START, MARK_END = "<!-- growth:start -->", "<!-- growth:end -->"
@@ -199,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     invocation = invocation_of("benchmarks.growth", argv)
     meta = {"command": invocation.strip(), "machine": machine_description(), "commit": commit,
             "date": time.strftime("%Y-%m-%d %H:%M")}
-    with all_or_none():  # the table and its section of the page change together, or neither does
-        folders.make(args.out)
+    # one process at a time (bench.py writes the rest of the same page); the table and the section together
+    with updating(args.out, meta["command"]):
         write_table(args.out / "benchmark_growth.csv", table)
         merge_section(args.out / "benchmark.md", markdown(table, fits, meta))
     print(f"wrote {args.out}/benchmark_growth.csv and the growth section of {args.out}/benchmark.md")

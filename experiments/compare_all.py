@@ -346,11 +346,8 @@ def results_lock(out: Path, command: str, log=print):
     names its holder (process id, command, machine, time). A second comparison waits here until
     the first has finished writing, after saying for whom it waits. The lock goes with the
     process, so a killed holder never leaves it stuck. (Windows has no fcntl: there the folder
-    is not locked.)"""
-    from tl.engine.folder_lock import hold
-
-    folders.make(out)
-    return hold(out, LOCK_NAME, wait=True, command=command, note=" (its rows are kept)", log=log)
+    is not locked.) Its files change all together or, on a failure, not at all (files.updating)."""
+    return files.updating(out, command, lock=LOCK_NAME, note=" (its rows are kept)", log=log)  # and all or none
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -431,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         "command_minutes": total} for d in data_dirs}
     try:
         # one writer at a time; its files all change or, on a failure (a full disk), none does
-        with results_lock(out, command, log=lambda s: print(s, flush=True)), files.all_or_none():
+        with results_lock(out, command, log=lambda s: print(s, flush=True)):
             for dataset, label, result in finished:
                 keep_run_files(out, dataset, label, result)
             runs = merge_runs(read_runs(out), pd.DataFrame(rows).reindex(columns=RUN_COLUMNS))

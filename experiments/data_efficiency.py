@@ -50,7 +50,6 @@ import time
 from pathlib import Path
 
 from experiments import NAMES
-from tl.engine import folders
 from tl.engine.tables import page_code
 
 # the four strategies, as recipe names: from scratch, frozen head, full fine-tune, two-stage
@@ -217,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
     import torch
 
-    from tl.engine.files import all_or_none, atomic_write_text, write_json
+    from tl.engine.files import atomic_write_text, updating, write_json
     from tl.engine.images import check_layout
     from tl.engine.prepare import resolve_data_dir
     from tl.engine.tables import read_table, write_table
@@ -242,20 +241,21 @@ def main(argv: list[str] | None = None) -> int:
     new = pd.DataFrame(rows).reindex(columns=COLUMNS)
     for column in ("train_images", "train_epochs"):  # whole numbers, empty where a run did not start
         new[column] = new[column].astype("Int64")
-    csv = args.out / "data_efficiency.csv"
-    table = merge(read_table(csv, text=["images_per_class"]) if csv.is_file() else None, new)
+    csv, history = args.out / "data_efficiency.csv", args.out / "data_efficiency.json"
     wall = time.time() - started
     meta = {"command": "python -m experiments.data_efficiency " + shlex.join(sys.argv[1:] if argv is None else argv),
             "strategies": args.strategies, "quick": args.quick,
             "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
             "torch": torch.__version__, "wall_minutes": wall / 60, "split_seed": args.split_seed,
             "date": time.strftime("%Y-%m-%d %H:%M")}
-    history = args.out / "data_efficiency.json"  # every command whose rows the table still holds
-    earlier = json.loads(history.read_text()).get("commands", []) if history.is_file() and len(table) > len(new) else []
-    kept = [m for m in earlier if set(m["strategies"]) - set(args.strategies) and m["quick"] == args.quick]
     classes = len(check_layout(resolve_data_dir(args.data)))
-    with all_or_none():  # the table, its record, its picture and its page change together, or none does
-        folders.make(args.out)
+    # one process at a time merges its rows into the table (a second waits), and the table, its
+    # record, its picture and its page change together, or none does
+    with updating(args.out, meta["command"]):
+        table = merge(read_table(csv, text=["images_per_class"]) if csv.is_file() else None, new)
+        earlier = json.loads(history.read_text()).get("commands", []) if history.is_file() and len(table) > len(new) \
+            else []  # every command whose rows the table still holds
+        kept = [m for m in earlier if set(m["strategies"]) - set(args.strategies) and m["quick"] == args.quick]
         # a size is text ("8" or "all"); in the file a count is a number, as a spreadsheet shows it
         write_table(csv, table.assign(images_per_class=[s if s == "all" else int(s) for s in table.images_per_class]))
         write_json(history, {"commands": [*kept, meta]})

@@ -250,3 +250,24 @@ def test_without_hard_links_a_full_disk_leaves_no_cut_copy(full_tmpfs, monkeypat
     with pytest.raises(OSError, match="No space left"), files.all_or_none():
         files.remove(full_tmpfs / "big.csv")
     assert _folder(full_tmpfs).keys() - {".filler"} == before.keys() and not list(full_tmpfs.glob(".*.tmp"))
+
+
+def test_two_processes_updating_one_folder_keep_both_updates(tmp_path):
+    """Two processes each read a table, wait, and write it back with their row added, inside
+    `updating`: the second waits for the first (saying for whom), so both rows are kept."""
+    import subprocess
+    import sys
+
+    script = ("import sys, time; from pathlib import Path; from tl.engine import files\n"
+              "folder = Path(sys.argv[1]); table = folder / 'rows.csv'\n"
+              "with files.updating(folder, 'adding ' + sys.argv[2]):\n"
+              "    rows = table.read_text() if table.exists() else ''\n"
+              "    time.sleep(1)\n"
+              "    files.atomic_write_text(table, rows + sys.argv[2] + '\\n')\n")
+    root = Path(__file__).resolve().parents[2]
+    children = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path), name], cwd=root,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for name in ("a", "b")]
+    said = [child.communicate(timeout=60)[0] for child in children]
+    assert [child.returncode for child in children] == [0, 0], said
+    assert sorted((tmp_path / "rows.csv").read_text().split()) == ["a", "b"]
+    assert any("adding" in s for s in said), said  # the one that waited named the holder's command

@@ -120,6 +120,22 @@ def all_or_none():
         _OLD = None
 
 
+RESULTS_LOCK = ".results.lock"  # the lock of a results folder that several commands update (tl/engine/folder_lock.py)
+
+
+@contextlib.contextmanager
+def updating(folder: Path, command: str, lock: str = RESULTS_LOCK, note: str = "", log=print):
+    """Update the shared files of `folder` (a table several commands add rows to, a page several
+    write sections of): one process at a time (a second one waits for the lock, saying for whom),
+    and all the block's files or none (`all_or_none`). Read what the block merges inside it, so
+    that no other process's rows are lost between the read and the write."""
+    from tl.engine.folder_lock import hold
+
+    folders.make(folder)
+    with hold(folder, lock, wait=True, command=command, note=note, log=log), all_or_none():
+        yield
+
+
 def _keep_old(path: Path) -> None:
     """In an all_or_none block, keep `path`'s version from before the block (the first time the
     block changes it): a hard link `.NAME.PID.XXXXXXXX.tmp` beside it, or a copy where the file
