@@ -200,6 +200,7 @@ def evaluate_command(args: argparse.Namespace) -> None:
     With test-time augmentation (the run's recorded recipe, unless --tta / --no-tta says otherwise) each
     photo is scored with its mirror, and the report goes to .../evaluate-<file>-<split>-tta/."""
     from tl.engine import evaluate as ev
+    from tl.engine.class_names import one_line
     from tl.engine.device import resolve_device
     from tl.engine.model_loading import context_for, load_model
     from tl.engine.prepare import resolve_data_dir
@@ -210,7 +211,7 @@ def evaluate_command(args: argparse.Namespace) -> None:
         raise TLError(f"no such file or folder: {path}")
     ctx = context_for(path, args.backbone)
     if args.data is None and ctx.data is not None:
-        print(f"data: {ctx.data} (from the run's config.json)")
+        print(one_line(f"data: {ctx.data} (from the run's config.json)"))
     ctx = dataclasses.replace(ctx, tta=_tta(ctx.tta, args.tta))
     loader, classes = ev.split_loader(resolve_data_dir(args.data or ctx.data), args.split, ctx)
     device = resolve_device(args.device)
@@ -304,7 +305,7 @@ def _tta(recorded: bool, asked: bool | None) -> bool:
 
 
 def _print_predictions(images: list[Path], results: list) -> int:
-    from tl.engine.tables import one_line
+    from tl.engine.class_names import one_line
 
     failed = 0
     for path, result in results:
@@ -324,6 +325,7 @@ def explain_command(args: argparse.Namespace) -> list:
     Grad-CAM for the predicted class, written to RUN/explain/<photo name>-cam.png."""
     from tl.data import build_transforms
     from tl.engine.backbones import backbone_spec
+    from tl.engine.class_names import one_line
     from tl.engine.explain import class_activation_maps, mirrored_activation_maps
     from tl.engine.images import load_rgb
     from tl.engine.model_loading import context_for, load_model
@@ -349,7 +351,7 @@ def explain_command(args: argparse.Namespace) -> list:
         try:
             x = transform(load_rgb(path)).unsqueeze(0)  # (1, 3, H, W)
         except Exception as exc:
-            print(f"skipped: cannot read {path}: {type(exc).__name__}: {exc}".splitlines()[0])
+            print(one_line(f"skipped: cannot read {path}: {type(exc).__name__}: {exc}".splitlines()[0]))
             failed += 1
             continue
         maps, predicted, prob = cam(model, x)
@@ -357,7 +359,7 @@ def explain_command(args: argparse.Namespace) -> list:
         out = cam_figure(x, [("Grad-CAM", maps, [f"predicted: {label}"])], out_dir / f"{Path(path).stem}-cam.png",
                          mean=spec.mean, std=spec.std, photo_titles=[Path(path).name],
                          title="Grad-CAM for the predicted class (red: where its evidence lies)")
-        print(f"{path}: predicted {label} -> {out}")
+        print(one_line(f"{path}: predicted {label} -> {out}"))
         written.append(out)
     if failed:
         raise TLError(f"{failed} of {len(args.explain)} image(s) could not be read")

@@ -185,8 +185,9 @@ HOSTILE_NAMES = ["ant\nqueen", "bee\x1b[31m red", "wasp\r=\u202eevil"]  # LF, a 
 
 def test_names_with_line_feeds_and_terminal_escapes_print_on_their_own_lines(tmp_path, tiny_backbone, capsys):
     """Class and file names holding a line feed, a carriage return, a terminal's escape sequence or
-    a bidi mark: the imbalance note, --predict IMAGE and --predict DIR print each name as its escape
-    (\\n, \\x1b), so each line stays one line and the terminal is not driven by a name."""
+    a bidi mark: the imbalance note, the scan's note on an unreadable image, --predict IMAGE and
+    DIR, --evaluate and --explain print each name as its escape (\\n, \\x1b), so each line
+    stays one line and the terminal is not driven by a name."""
     data = write_image_folder(tmp_path / "data", classes=len(HOSTILE_NAMES), train=2, val=2)
     for k, name in enumerate(HOSTILE_NAMES):
         for phase in ("train", "val"):
@@ -196,10 +197,17 @@ def test_names_with_line_feeds_and_terminal_escapes_print_on_their_own_lines(tmp
     photos = tmp_path / "photos"
     shutil.copytree(data / "val", photos)
     photo = photos / HOSTILE_NAMES[1] / "000.png"
+    (data / "train" / HOSTILE_NAMES[1] / f"cut{HOSTILE_NAMES[2]}.png").write_bytes(b"\x89PNG not really")
     run = train_quick(data, tmp_path / "runs")
     trained = capsys.readouterr().out
     note = [line for line in trained.splitlines() if line.startswith("note: the training classes differ")]
     assert len(note) == 1 and all(one_line(n) in note[0] for n in HOSTILE_NAMES), trained
+    assert [line for line in trained.splitlines() if f"cut{one_line(HOSTILE_NAMES[2])}.png" in line], trained
+    code, evaluated, _ = cli(capsys, "--evaluate", run / "best.pth", "--data", data, "--no-progress")
+    assert code == 0 and all(f"  {one_line(n)} " in evaluated for n in HOSTILE_NAMES), evaluated
+    code, explained, _ = cli(capsys, "--explain", photo, "--checkpoint", run / "best.pth")
+    assert code == 0 and len(explained.splitlines()) == 1, explained
+    trained += evaluated + explained
     code, one, _ = cli(capsys, "--predict", photo, "--checkpoint", run / "best.pth")
     assert code == 0
     code, folder, _ = cli(capsys, "--predict", photos, "--checkpoint", run / "best.pth", "--csv", tmp_path / "t.csv",

@@ -99,3 +99,44 @@ def test_names_that_are_not_utf8_print_escaped_not_as_a_crash(capsys):
     assert command(lambda: [print(f"data: {n}") for n in names] and None) == 0
     assert capsys.readouterr().out.splitlines() == ["data: caf\\udce9", "data: \\udcff\\udcfe",
                                                     "data: \\udced\\udca0\\udc80"]
+
+
+NAMED = "x\ny\x1b[31m\r\u202e"  # a line feed, a colour escape, a carriage return, a bidi override
+
+
+def _error_lines(capsys, argv) -> list[str]:
+    from tests.helpers import cli_exit
+
+    code, out, err = cli_exit(capsys, *argv)
+    assert code == 2, err
+    return err.splitlines()
+
+
+def test_an_error_naming_a_path_with_line_feeds_and_escapes_keeps_its_lines(tiny_data, tiny_backbone, tmp_path,
+                                                                              capsys):
+    """Paths and files named with a line feed, a terminal escape, a carriage return and a bidi
+    override, in the error: lines of several commands (a missing data folder, a missing
+    checkpoint to resume or evaluate, --out under a file): as many lines as the same error about
+    a plain name (the message's own advice lines), the names escaped, no escape reaching the terminal."""
+    def cases(name: str) -> dict:
+        (tmp_path / f"file{name}").write_text("a file, not a folder")
+        return {
+            "missing data": ["-e", "resnet_scratch", "-b", "tiny", "--data", tmp_path / f"no{name}", "--quick"],
+            "missing checkpoint": ["--resume", tmp_path / f"run{name}" / "last.ckpt"],
+            "missing weights": ["--evaluate", tmp_path / f"w{name}.pth", "--data", tiny_data],
+            "out under a file": ["-e", "resnet_scratch", "-b", "tiny", "--data", tiny_data, "--quick", "--out",
+                                 tmp_path / f"file{name}" / "runs"],
+        }
+
+    plain = {case: _error_lines(capsys, argv) for case, argv in cases("plain").items()}
+    for case, argv in cases(NAMED).items():
+        lines = _error_lines(capsys, argv)
+        assert len(lines) == len(plain[case]) and lines[0].startswith("error: "), (case, lines)
+        assert "x\\ny\\x1b[31m\\r\\u202e" in "\n".join(lines) and "\x1b" not in "\n".join(lines), (case, lines)
+
+
+def test_an_errors_own_advice_line_is_kept():
+    from tl.engine.command import shown
+
+    assert shown(f"cannot read {NAMED}\n  try --format onnx") == \
+        "cannot read x\\ny\\x1b[31m\\r\\u202e\n  try --format onnx"

@@ -25,7 +25,8 @@ data
   bn_folding.py       BatchNorm folded into the convolution before it, for the feature pass
   prepare.py          where the data lives: --data, the download, --prepare dogs-vs-cats
   balance.py          unbalanced classes: class weights, a balanced sampler, the warning
-  class_names.py      class names that print alike but differ in their Unicode form
+  class_names.py      class names that print alike but differ in their Unicode form; a name
+                      shown on one line (its line feeds and escapes as \\n, \\x1b)
 files
   files.py            atomic writes, stale temporaries swept, the digest of a state
   folders.py          the folders a command makes; a failed command leaves none of them empty

@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 
 from tl import TLError
-from tl.engine.tables import one_line
+from tl.engine.class_names import one_line
 
 IMBALANCE = 3  # training classes differing in size by more than this factor are reported at the start
 

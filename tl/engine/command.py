@@ -14,7 +14,8 @@ one place that turns an exception into a message and an exit status.
   and job schedulers send) is taken the same way, so a run stopped by it tidies up as after
   Ctrl-C, and exits with 143 (128 + SIGTERM).
 * A path that is not valid UTF-8 (a file name from another system) is printed with its odd
-  bytes escaped (\\udcNN), never a UnicodeEncodeError.
+  bytes escaped (\\udcNN), never a UnicodeEncodeError; a name holding a line feed or a terminal
+  escape is printed with it escaped (\\n, \\x1b), so the error stays one line (`shown`).
 * The folders a failed command made and left empty are removed (tl/engine/folders.py).
 * What to change when a write fails names the option whose path holds the file (`--runs-dir`,
   `--tuned-dir`, `--csv`, ...), else the command's own place for its outputs (`outputs`: `--out`,
@@ -36,6 +37,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 from tl import Interrupted, TLError
+from tl.engine.class_names import one_line
 from tl.engine.folders import made_by_this_command
 
 
@@ -54,7 +56,7 @@ def command(main: Callable[[], int | None], interrupted: str = "interrupted", ou
     except (TLError, OSError) as exc:
         if os.environ.get("TL_DEBUG"):
             raise
-        print(f"error: {message(exc, outputs)}", file=sys.stderr)
+        print(f"error: {shown(message(exc, outputs))}", file=sys.stderr)
         return 128 + stopped_by[-1] if isinstance(exc, Interrupted) else 2  # Ctrl-C in training: where it stopped
     except KeyboardInterrupt:
         if os.environ.get("TL_DEBUG"):
@@ -107,6 +109,14 @@ def message(exc: TLError | OSError, outputs: str = "--out") -> str:
     if exc.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
         return f"{exc.strerror}: {where}: a file stands where a folder is needed (or the reverse); choose another path"
     return f"{exc.strerror or exc}: {where}; check the path and the disk".replace("\n", " ")
+
+
+def shown(text: str) -> str:
+    """An error message as the terminal shows it: its own advice lines (a line break, then two
+    spaces) kept, and every other control character, in a name it quotes (a file named with a
+    line feed, a colour escape, a bidi mark), shown as its escape, so the error stays one message
+    and no name drives the terminal (tl.engine.class_names.one_line)."""
+    return "\n  ".join(one_line(part) for part in text.split("\n  "))
 
 
 def _option_holding(path, argv: list[str] | None = None) -> str | None:

@@ -25,7 +25,7 @@ from torch import nn
 from tl import TLError
 from tl.data import build_transforms
 from tl.engine.backbones import backbone_spec
-from tl.engine.class_names import how_names_differ
+from tl.engine.class_names import how_names_differ, one_line
 from tl.engine.images import PHASES
 from tl.engine.metrics import classification_report, write_report
 from tl.engine.model_loading import ModelContext, load_model
@@ -76,6 +76,7 @@ def class_probabilities(outputs: torch.Tensor) -> torch.Tensor:
 
 
 def format_evaluation(result: dict, classes: list[str]) -> str:
+    classes = [one_line(c) for c in classes]  # a name's line feed or escape shown as \\n, \\x1b: one line each
     width = max(len(c) for c in classes) + 2
     lines = [f"loss {result['loss']:.4f}  accuracy {result['acc']:.4f}  ({result['n']} images)", "per class:"]
     lines += [f"  {c:<{width}} {a:.4f}" for c, a in zip(classes, result["per_class_acc"])]

@@ -28,11 +28,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from tl import TLError
 from tl.data import build_transforms
+from tl.engine.class_names import one_line
 from tl.engine.evaluate import class_probabilities
 from tl.engine.files import atomic_write_text
 from tl.engine.images import check_image, load_rgb, not_an_image, walk_files
 from tl.engine.progress import progress as show
-from tl.engine.tables import one_line
 from tl.engine.tables import table_text as csv_text
 
 

@@ -24,6 +24,7 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from tl import TLError
+from tl.engine.class_names import one_line
 from tl.engine.images import PHASES, CheckedImageFolder, check_layout, class_folders
 
 
@@ -163,7 +164,7 @@ def describe_skipped(sets: dict[str, CheckedImageFolder], show: int = 5) -> str 
         lines.append(f"counted {len(duplicates)} file path(s) once: they reach a file already counted, through a "
                      f"link (e.g. {path} is {same})")
     lines += _listed(f"skipped {len(skipped)} unusable image file(s):", skipped, show)
-    return "\n".join(lines) or None
+    return "\n".join(map(one_line, lines)) or None  # a name's line feed or escape shown as \\n, \\x1b: one line each
 
 
 def _listed(title: str, files: list[tuple[str, str]], show: int) -> list[str]:

@@ -45,6 +45,7 @@ import numpy as np
 import pandas as pd
 
 from tl import TLError
+from tl.engine.class_names import CONTROL, one_line, shown_char
 
 MARK = "'"  # the quote in front of a text cell a spreadsheet or a reader would take for something else
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n", "\0")  # OWASP's CSV injection list (and NUL, ASVS 1.2.10)
@@ -62,15 +63,9 @@ def text_cell(text: str) -> str:
 
 # control characters (C0 with CR and LF, DEL, C1), the line and paragraph separators, and the marks that
 # reverse the text after them
-CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 MARKDOWN = re.compile(r"[\\`*\[\]<>|#&~$]|(?<![^\W_])_|_(?![^\W_])")  # what Markdown (or HTML in it)
 # would read as markup; an underscore inside a word (golden_retriever) is no emphasis and stays as it is
 LIST_START = re.compile(r"^([-+]|\d+(?=[.)]))")  # what would start a list where a name starts a line or an item
-
-
-def _shown(match: re.Match) -> str:
-    """A control character as its escape: \\r, \\n, \\t, \\x07."""
-    return repr(match.group())[1:-1]
 
 
 def page_text(value) -> str:
@@ -82,18 +77,12 @@ def page_text(value) -> str:
     benchmark shows names through it (and through `page_code` inside code)."""
     text = LIST_START.sub(lambda m: m.group() + "\\" if m.group()[0].isdigit() else "\\" + m.group(),
                           MARKDOWN.sub(lambda m: "\\" + m.group(), str(value)))
-    text = CONTROL.sub(_shown, text)
+    text = CONTROL.sub(shown_char, text)
     core = text.strip(" ")
     if not core:
         return "&#32;" * len(text)
     lead, trail = len(text) - len(text.lstrip(" ")), len(text) - len(text.rstrip(" "))
     return "&#32;" * lead + core + "&#32;" * trail
-
-
-def one_line(value) -> str:
-    """`value` as text with each control character shown as its escape (\\r, \\n): for a line
-    where nothing is markup (a code block, a code span)."""
-    return CONTROL.sub(_shown, str(value))
 
 
 def page_code(value) -> str:
