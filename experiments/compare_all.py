@@ -51,7 +51,7 @@ from pathlib import Path
 
 from experiments import NAMES
 from experiments.common import dataset_name, git_commit, machine_description, train_or_reason
-from tl.engine import files, folders
+from tl.engine import folders
 
 # torch, pandas and tl are imported inside the functions that need them, so that
 # `--help` and argument errors answer at once instead of after seconds of imports.
@@ -313,9 +313,11 @@ def remove_stale(out: Path, runs, written: set[Path]) -> list[Path]:
     keep = {out / folder / d / f"{r}.csv" for d, r in zip(ok.dataset, ok.run) for folder in ("history", "predictions")}
     candidates = [p for folder in ("history", "predictions") for p in (out / folder).rglob("*.csv")]
     candidates += [p for pattern in ("curves*.png", "comparison*.png") for p in out.glob(pattern)]
+    from tl.engine.files import remove
+
     removed = [p for p in candidates if p not in keep and p not in written]
     for p in removed:
-        files.remove(p)  # and its data set's folder, once that holds no file
+        remove(p)  # and its data set's folder, once that holds no file
     return removed
 
 
@@ -347,7 +349,9 @@ def results_lock(out: Path, command: str, log=print):
     the first has finished writing, after saying for whom it waits. The lock goes with the
     process, so a killed holder never leaves it stuck. (Windows has no fcntl: there the folder
     is not locked.) Its files change all together or, on a failure, not at all (files.updating)."""
-    return files.updating(out, command, lock=LOCK_NAME, note=" (its rows are kept)", log=log)  # and all or none
+    from tl.engine.files import updating
+
+    return updating(out, command, lock=LOCK_NAME, note=" (its rows are kept)", log=log)  # and all or none
 
 
 def main(argv: list[str] | None = None) -> int:
