@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 import commands
-from tl.engine.command import command
+from tl.engine.command import command, say_error
 from tl.engine.schema import OPTIONS
 
 
@@ -282,7 +282,7 @@ def _main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if (problem := torch_pair_problem()) is not None:
-        print(f"error: {problem}", file=sys.stderr)
+        say_error(problem)
         return 2
     actions = [a for a in ("experiment", "list", "resume", "evaluate", "predict", "explain", "export", "show_data",
                            "prepare") if getattr(args, a)]

@@ -35,11 +35,13 @@ def output_folder(out: Path) -> Path:
 
 def write_files(files: dict[Path, str]) -> None:
     """Write each file atomically (temporary file, then rename), every text built before the first
-    write, and all of them or none (tl.engine.files.all_or_none): a failed write leaves no
-    half-written file and no table beside an older page, and nothing is written after a failed measurement."""
-    from tl.engine.files import all_or_none, atomic_write_text
+    write, one process at a time and all of them or none (tl.engine.files.updating): a failed
+    write leaves no half-written file and no table beside an older page, two benchmarks at once
+    no table of one beside the page of the other, and nothing is written after a failed measurement."""
+    from tl.engine.files import atomic_write_text, updating
 
-    with all_or_none():
+    folder = Path(os.path.commonpath([Path(p).parent for p in files]))
+    with updating(folder, "a benchmark writing " + ", ".join(Path(p).name for p in files)):
         for path, text in files.items():
             atomic_write_text(path, text)
 

@@ -345,7 +345,7 @@ def draw(table: list[dict], path: Path) -> Path:
 def write_page(out: Path) -> list[Path]:
     """peers.csv, peers.md and peers.png in `out`, from every record under out/peers/ and the
     project's rows of the same data sets; nothing is written where there is no fastai record."""
-    from tl.engine.files import all_or_none, atomic_write_text
+    from tl.engine.files import atomic_write_text, updating
     from tl.engine.tables import write_table
 
     records = read_records(out)
@@ -356,7 +356,7 @@ def write_page(out: Path) -> list[Path]:
         runs += project_rows(out, dataset)
     table, pairs = summary(runs)
     speeds = [read_json(p) for p in sorted((out / "peers").glob("*/speed.json"))]
-    with all_or_none():  # the table, its page and its picture change together, or none does
+    with updating(out, "python -m benchmarks.peers"):  # one process at a time; table, page, picture together
         write_table(out / "peers.csv", table)
         atomic_write_text(out / "peers.md", page(table, pairs, records, speeds))
         draw(table, out / "peers.png")

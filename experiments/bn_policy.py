@@ -51,6 +51,7 @@ import torch
 
 from experiments.recipes.resnet_bn_only import train_batchnorm
 from tl.engine import folders
+from tl.engine.command import say_error
 from tl.engine.tables import page_text
 from tl.models import param_groups, set_trainable
 from tl.recipe import Recipe
@@ -283,7 +284,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     import pandas as pd
 
-    from tl.engine.files import all_or_none
+    from tl.engine.files import updating
     from tl.engine.tables import write_table
 
     args = parse_args(argv)
@@ -291,8 +292,8 @@ def main(argv=None) -> int:
     data = args.data or [root.parent / "shared" / "data" / "hymenoptera_data", Path("data/dogs-vs-cats")]
     missing = [str(d) for d in data if not Path(d).is_dir()]
     if missing:
-        print(f"error: data folder(s) not found: {', '.join(missing)} (dogs-vs-cats: see the module docstring "
-              f"for the --prepare command)", file=sys.stderr)
+        say_error(f"data folder(s) not found: {', '.join(missing)} (dogs-vs-cats: see the module docstring "
+              f"for the --prepare command)")
         return 2
     out = args.out or (Path("runs/quick-bn_policy") if args.quick else Path("results"))
     doc = args.doc or (out / "RECIPES-bn_policy.md" if args.quick else root / "docs" / "RECIPES.md")
@@ -305,7 +306,7 @@ def main(argv=None) -> int:
         rows.append(run_policy(policy, Path(d), args.backbone, seed, args, runs_dir))
         r = rows[-1]
         print(f"    headline {r['headline_acc']:.4f}, mean shift {r['bn_mean_shift']:.4f}", flush=True)
-    with all_or_none():  # the table, its picture and its page change together, or none does
+    with updating(out, "python -m experiments.bn_policy"):  # one process at a time; table, picture, page together
         folders.make(out)
         df = pd.DataFrame(rows).reindex(columns=COLUMNS)
         write_table(out / "bn_policy.csv", df)

@@ -35,7 +35,7 @@ this machine, becomes a `not run` row with the reason; the others go on.
 
 Two comparisons may run at the same time into one `--out` folder: each trains in its own
 runs folder, and the writing (history/ and predictions/ files, the tables, the plots, the
-removal of stale files) happens under a lock on `--out/.compare_all.lock` (tl/engine/folder_lock.py).
+removal of stale files) happens under a lock on `--out/.results.lock` (tl/engine/folder_lock.py).
 A comparison that finds the lock taken says which process holds it and waits; it then
 merges its rows with the ones the other wrote, so no row and no file is lost.
 """
@@ -52,6 +52,7 @@ from pathlib import Path
 from experiments import NAMES
 from experiments.common import dataset_name, git_commit, machine_description, train_or_reason
 from tl.engine import folders
+from tl.engine.command import say_error
 
 # torch, pandas and tl are imported inside the functions that need them, so that
 # `--help` and argument errors answer at once instead of after seconds of imports.
@@ -340,18 +341,15 @@ def write_outputs(out: Path, runs, meta: dict):
     return summary, removed
 
 
-LOCK_NAME = ".compare_all.lock"
-
-
 def results_lock(out: Path, command: str, log=print):
-    """Hold `out`'s lock while the block writes there (tl/engine/folder_lock.py): out/.compare_all.lock
+    """Hold `out`'s lock while the block writes there (tl/engine/folder_lock.py): out/.results.lock
     names its holder (process id, command, machine, time). A second comparison waits here until
     the first has finished writing, after saying for whom it waits. The lock goes with the
     process, so a killed holder never leaves it stuck. (Windows has no fcntl: there the folder
     is not locked.) Its files change all together or, on a failure, not at all (files.updating)."""
     from tl.engine.files import updating
 
-    return updating(out, command, lock=LOCK_NAME, note=" (its rows are kept)", log=log)  # and all or none
+    return updating(out, command, note=" (its rows are kept)", log=log)  # and all or none
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -359,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     from tl import Interrupted, TLError
     from tl.engine.command import message
     from tl.engine.folder_lock import LockLost
+    from tl.engine.images import check_layout
     from tl.engine.prepare import resolve_data_dir
 
     try:
@@ -366,21 +365,22 @@ def main(argv: list[str] | None = None) -> int:
         for d in data_dirs:
             if not Path(d).is_dir():
                 raise TLError(f"data folder not found: {d}")
+            check_layout(d)  # train/ and val/ of classes: else every row would be "not run" and the table replaced
     except TLError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        say_error(str(exc))
         return 2
     names = [dataset_name(d) for d in data_dirs]
     if len(set(names)) != len(names):
-        print(f"error: two data folders with the same name ({', '.join(names)}): tables key data sets "
-              f"by folder name", file=sys.stderr)
+        say_error(f"two data folders with the same name ({', '.join(names)}): tables key data sets "
+              f"by folder name")
         return 2
 
     import pandas as pd
 
     out: Path = args.out or (Path("runs/quick-results") if args.quick else Path("results"))
     if args.runs_dir and args.runs_dir.is_dir() and any(args.runs_dir.iterdir()):
-        print(f"error: --runs-dir {args.runs_dir} already holds runs; choose a new folder (each comparison trains "
-              f"its own runs)", file=sys.stderr)
+        say_error(f"--runs-dir {args.runs_dir} already holds runs; choose a new folder (each comparison trains "
+              f"its own runs)")
         return 2
     from experiments import get_experiment
     from tl.engine.run_folder import make_run_dir
@@ -391,12 +391,12 @@ def main(argv: list[str] | None = None) -> int:
                                  "backbone": get_experiment(e, d, None if b == "own" else b).RECIPE.backbone,
                                  "status": "planned"} for d, e, b, s in plan])
     except TLError as exc:  # tuned_<recipe> asked for a data set it has no numbers for
-        print(f"error: {exc}", file=sys.stderr)
+        say_error(str(exc))
         return 2
     if missing := missing_run_files(out, planned):  # found now, not after hours of training
-        print(f"error: {out}/runs.csv names runs whose files are gone: {', '.join(map(str, missing[:3]))}"
+        say_error(f"{out}/runs.csv names runs whose files are gone: {', '.join(map(str, missing[:3]))}"
               f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}; run those recipes again into "
-              f"{out} (--experiments, --backbone), or delete their rows from runs.csv", file=sys.stderr)
+              f"{out} (--experiments, --backbone), or delete their rows from runs.csv")
         return 2
 
     # a folder of its own, even for two comparisons started in the same second (-2, -3, ...)
@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         except (Interrupted, KeyboardInterrupt):  # command() says it, with 130 for Ctrl-C and 143 for SIGTERM
             raise Interrupted(f"interrupted: {out} is unchanged (the runs so far are in {runs_dir})") from None
         except (OSError, LockLost) as exc:  # the machine's problem, not the recipe's (common.train_or_reason)
-            print(f"error: {message(exc)}; {out} is unchanged (the runs so far are in {runs_dir})", file=sys.stderr)
+            say_error(f"{message(exc)}; {out} is unchanged (the runs so far are in {runs_dir})")
             return 2
         if result is not None:
             finished.append((row["dataset"], row["run"], result))

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from tl.engine import folders
+from tl.engine.command import say_error
 from tl.engine.tables import page_code, page_text
 
 RECIPES = ("resnet_frozen", "resnet_finetune")
@@ -226,12 +227,16 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
     from tl import Interrupted
-    from tl.engine.files import all_or_none, atomic_copy
+    from tl.engine.files import atomic_copy, updating
+    from tl.engine.images import check_layout
+    from tl.engine.prepare import resolve_data_dir
     from tl.engine.tables import write_table
 
+    args.data = resolve_data_dir(args.data)  # a folder that is not there, or not one of classes, stops here: one
+    check_layout(args.data)  # error: line, and the table of an earlier command is left as it is
     runs_dir = args.runs_dir or Path("runs") / f"imbalance-{time.strftime('%Y%m%d-%H%M%S')}"
     if runs_dir.is_dir() and any(runs_dir.iterdir()):
-        print(f"error: --runs-dir {runs_dir} already holds runs; choose a new folder", file=sys.stderr)
+        say_error(f"--runs-dir {runs_dir} already holds runs; choose a new folder")
         return 2
     command = "python -m experiments.imbalance " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     plan = [(r, w, s) for r in args.recipes for w in WAYS for s in args.seeds]
@@ -248,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{i}/{len(plan)}] {row['status']}: " + (f"accuracy {row['accuracy']:.4f}, balanced accuracy "
               f"{row['balanced_accuracy']:.4f}, {args.keep[0]} recall {row['minority_recall']:.4f}"
               if row["status"] == "ok" else row["reason"]), flush=True)
-    with all_or_none():  # the table, its picture and its page change together, or none does
+    with updating(args.out, command):  # one process at a time; the table, its picture and its page together
         folders.make(args.out / "imbalance")
         for run, predictions in files.items():
             atomic_copy(predictions, args.out / "imbalance" / f"{run}.csv")

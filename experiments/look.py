@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from tl.engine import folders
+from tl.engine.command import say_error
 from tl.engine.tables import page_code
 
 
@@ -134,14 +135,14 @@ def look(frozen: Path, finetuned: Path, out: Path, data: str | None = None, imag
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from tl import TLError
-    from tl.engine.files import all_or_none
+    from tl.engine.files import updating
 
     command = "python -m experiments.look " + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
-        with all_or_none():  # the pictures and the page change together, or none does
+        with updating(args.out, command):  # one process at a time; the pictures and the page together
             look(args.frozen, args.finetuned, args.out, args.data, args.images, command)
     except (TLError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        say_error(str(exc))
         return 2
     return 0
 

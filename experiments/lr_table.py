@@ -108,10 +108,14 @@ def page(rows: list[dict], meta: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from tl.engine.files import all_or_none, atomic_write_text
+    from tl.engine.files import atomic_write_text, updating
+    from tl.engine.images import check_layout
+    from tl.engine.prepare import resolve_data_dir
     from tl.engine.tables import write_table
 
     args = parse_args(argv)
+    args.data = resolve_data_dir(args.data)  # a folder that is not there, or not one of classes, stops here: one
+    check_layout(args.data)  # error: line, and the table of an earlier command is left as it is
     runs_dir = args.runs_dir or Path(f"runs/lr-table-{time.strftime('%Y%m%d-%H%M%S')}")
     started = time.time()
     rows = []
@@ -123,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"command": "python -m experiments.lr_table " + shlex.join(sys.argv[1:] if argv is None else argv),
             "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
             "seconds": time.time() - started}
-    with all_or_none():  # the table and its page change together, or neither does
+    with updating(args.out, meta["command"]):  # one process at a time; the table and its page together
         folders.make(args.out)
         write_table(args.out / "lr_finder.csv", rows, COLUMNS)
         atomic_write_text(args.out / "lr_finder.md", page(rows, meta))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from itertools import combinations
 from pathlib import Path
@@ -28,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from experiments.common import DRAWS, paired_bootstrap
+from tl.engine.command import say_error
 from tl.engine.tables import one_line, page_code, page_text, read_table, write_table
 
 NOTES = {  # what each recipe is meant to show; the figures that follow come from the CSV
@@ -522,13 +524,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replot", action="store_true",
                    help="redraw the result pictures from the committed tables (no training), then the report")
     args = p.parse_args(argv)
+    from tl.engine.files import updating
+
+    command = "python -m experiments.report " + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
-        if args.replot:
-            for path in replot(args.results):
-                print(f"redrew {path}")
-        print(write_report(args.results))
+        if not args.results.is_dir():
+            raise ReportError(f"{args.results} is not a folder: name the folder python -m experiments.compare_all "
+                              f"wrote")
+        with updating(args.results, command):  # one process at a time (a comparison adding rows waits, or is
+            # waited for), and its files all or none
+            if args.replot:
+                for path in replot(args.results):
+                    print(f"redrew {path}")
+            written = write_report(args.results)
+        print(written)
     except ReportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        say_error(str(exc))
         return 2
     root = Path(__file__).resolve().parents[1]
     if args.results.resolve() == root / "results":  # the project's own results: refresh the study pages too

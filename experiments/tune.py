@@ -78,6 +78,7 @@ from pathlib import Path
 
 from experiments import NAMES, get_experiment, tuned_dir, tuned_file
 from tl.engine import folders
+from tl.engine.command import say_error
 from tl.engine.tables import page_code, page_text
 
 FINISHED = ("COMPLETE", "PRUNED")  # the trials a budget of --trials counts
@@ -474,7 +475,7 @@ def main(argv=None) -> int:
         raise Interrupted(f"interrupted: the study in {shown_storage(args.storage)} keeps its finished trials; run "
                           f"the same command again to go on") from None
     except TLError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        say_error(str(exc))
         return 2
 
 

@@ -110,7 +110,7 @@ READING_PATH = ["README.md", "docs/READING.md", "docs/GUIDE.md", "docs/reading.p
                 *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tl").glob("*.py"))]
 WRITTEN = {  # a path the reading path names that a command writes, not the repository
     "results/peers.md": "python -m benchmarks.peers writes it",
-    "results/.compare_all.lock": "compare_all's lock, while it runs",
+    "results/.results.lock": "the results folder's lock, while a command writes it",
 }
 HISTORY = ("used to", "no longer", "was changed", "anymore", "formerly")
 

@@ -271,3 +271,9 @@ def test_two_processes_updating_one_folder_keep_both_updates(tmp_path):
     assert [child.returncode for child in children] == [0, 0], said
     assert sorted((tmp_path / "rows.csv").read_text().split()) == ["a", "b"]
     assert any("adding" in s for s in said), said  # the one that waited named the holder's command
+
+
+def test_an_update_inside_this_processs_own_update_of_the_folder_is_part_of_it(tmp_path):
+    with files.updating(tmp_path, "outer"), files.updating(tmp_path, "inner"):  # would wait forever on its own lock
+        files.atomic_write_text(tmp_path / "a.csv", "a\n")
+    assert (tmp_path / "a.csv").read_text() == "a\n"

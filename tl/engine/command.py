@@ -56,7 +56,7 @@ def command(main: Callable[[], int | None], interrupted: str = "interrupted", ou
     except (TLError, OSError) as exc:
         if os.environ.get("TL_DEBUG"):
             raise
-        print(f"error: {shown(message(exc, outputs))}", file=sys.stderr)
+        say_error(message(exc, outputs))
         return 128 + stopped_by[-1] if isinstance(exc, Interrupted) else 2  # Ctrl-C in training: where it stopped
     except KeyboardInterrupt:
         if os.environ.get("TL_DEBUG"):
@@ -109,6 +109,12 @@ def message(exc: TLError | OSError, outputs: str = "--out") -> str:
     if exc.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
         return f"{exc.strerror}: {where}: a file stands where a folder is needed (or the reverse); choose another path"
     return f"{exc.strerror or exc}: {where}; check the path and the disk".replace("\n", " ")
+
+
+def say_error(text: str) -> None:
+    """Print the one `error:` line (and its own advice lines) on stderr, names in it shown as
+    `shown` shows them: for a command that stops itself with exit status 2."""
+    print(f"error: {shown(text)}", file=sys.stderr)
 
 
 def shown(text: str) -> str:

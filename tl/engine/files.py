@@ -121,6 +121,7 @@ def all_or_none():
 
 
 RESULTS_LOCK = ".results.lock"  # the lock of a results folder that several commands update (tl/engine/folder_lock.py)
+_UPDATING: set[tuple[Path, str]] = set()  # the folders (and locks) this process is updating now
 
 
 @contextlib.contextmanager
@@ -131,9 +132,17 @@ def updating(folder: Path, command: str, lock: str = RESULTS_LOCK, note: str = "
     that no other process's rows are lost between the read and the write."""
     from tl.engine.folder_lock import hold
 
+    key = (Path(folder).resolve(), lock)
+    if key in _UPDATING:  # inside this process's own update of the folder: part of it (its lock would wait forever)
+        yield
+        return
     folders.make(folder)
     with hold(folder, lock, wait=True, command=command, note=note, log=log), all_or_none():
-        yield
+        _UPDATING.add(key)
+        try:
+            yield
+        finally:
+            _UPDATING.discard(key)
 
 
 def _keep_old(path: Path) -> None:

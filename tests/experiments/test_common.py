@@ -1,0 +1,69 @@
+"""What every study (python -m experiments.NAME) promises, tried on each: a data folder that is not
+there, or holds no classes, stops the study before it trains, with one error: line and exit
+status 2, and the tables an earlier command wrote into --out are left as they were."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+from tl.engine.command import command
+
+STUDIES = {  # the study, its table in --out, and its arguments besides --data and --out
+    "lr_table": ("lr_finder.csv", ["--recipes", "resnet_scratch", "--backbone", "tiny", "--weights", "none"]),
+    "imbalance": ("imbalance.csv", ["--backbone", "tiny", "--weights", "none", "--seeds", "0"]),
+    "data_efficiency": ("data_efficiency.csv", ["--backbone", "tiny"]),
+    "compare_all": ("runs.csv", ["--quick", "--experiments", "resnet_scratch", "--backbone", "tiny"]),
+}
+
+
+@pytest.mark.parametrize("study", STUDIES)
+@pytest.mark.parametrize("where", ["missing", "no classes"])
+def test_a_data_folder_that_is_not_one_stops_the_study_and_keeps_its_table(study, where, tmp_path, capsys,
+                                                                         tiny_backbone):
+    table, extra = STUDIES[study]
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / table).write_text("kept,by,an,earlier,command\n")
+    data = tmp_path / "photos"
+    if where == "no classes":
+        (data / "train").mkdir(parents=True)
+        (data / "notes.txt").write_text("not a data folder")
+    main = importlib.import_module(f"experiments.{study}").main
+    code = command(lambda: main(["--data", str(data), "--out", str(out), *extra]))
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and "Traceback" not in err, err
+    assert sorted(p.name for p in out.iterdir()) == [table] and (out / table).read_text().startswith("kept"), study
+
+
+@pytest.mark.parametrize("study", [*STUDIES, "tune"])
+def test_a_data_folder_named_with_a_line_feed_and_an_escape_keeps_the_error_on_its_lines(study, tmp_path, capsys,
+                                                                                      tiny_backbone):
+    """The study's error about a missing folder named with a line feed and a colour escape: as many
+    lines as about a plain name, the name escaped, no escape reaching the terminal."""
+    extra = STUDIES[study][1] if study in STUDIES else ["--recipe", "modern_finetune", "--backbone", "tiny",
+                                                         "--weights", "none", "--trials", "1"]
+    main = importlib.import_module(f"experiments.{study}").main
+    said = {}
+    for name in ("plain", "no\nsuch\x1b[31m"):
+        code = command(lambda name=name: main(["--data", str(tmp_path / name), "--out", str(tmp_path / "out"), *extra]))
+        said[name] = capsys.readouterr().err
+        assert code == 2, said[name]
+    lines = said["no\nsuch\x1b[31m"].splitlines()
+    assert len(lines) == len(said["plain"].splitlines()) and "no\\nsuch\\x1b[31m" in lines[0], lines
+    assert "\x1b" not in said["no\nsuch\x1b[31m"], lines
+
+
+def test_only_the_command_wrapper_prints_error_lines():
+    """Every error: line goes through tl.engine.command (say_error, or command() itself), which
+    shows the names in it on their lines: a code check over the project's commands."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    sources = [*root.glob("*.py"), *(p for d in ("tl", "experiments", "benchmarks") for p in (root / d).rglob("*.py"))]
+    printing = re.compile(r"""print\(\s*f?["']error:""")
+    found = [f"{p.relative_to(root)}" for p in sources if p.name != "command.py" and printing.search(p.read_text())]
+    assert found == []
+    assert printing.search('print(f"error: {x}", file=sys.stderr)')  # the check sees a planted one
