@@ -178,7 +178,7 @@ def test_a_new_epoch_total_that_would_bend_a_running_schedule_is_refused(tiny_da
     (run_dir,) = (tmp_path / "r").iterdir()
     capsys.readouterr()
     assert main.main(["--resume", str(run_dir / "last.ckpt"), "--epochs", "6", "--no-progress"]) == 2
-    assert "--epochs 4" in capsys.readouterr().err
+    assert "schedule was laid out for 4 epochs: leave out --epochs" in capsys.readouterr().err  # the total it began
 
 
 # ----------------------------------------------------------------------------- BatchNorm: eval vs train mode

@@ -140,3 +140,11 @@ def test_an_errors_own_advice_line_is_kept():
 
     assert shown(f"cannot read {NAMED}\n  try --format onnx") == \
         "cannot read x\\ny\\x1b[31m\\r\\u202e\n  try --format onnx"
+
+
+def test_a_message_of_several_error_lines_keeps_them():
+    """A hand-edited file with two violations is two `error:` lines (tl/engine/schema.py)."""
+    from tl.engine.command import shown
+
+    assert shown("f.json: epochs = 0 is below 1\nerror: f.json: lr = -1 is below 0").splitlines() == \
+        ["f.json: epochs = 0 is below 1", "error: f.json: lr = -1 is below 0"]

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import signal
 import sys
 import threading
@@ -118,11 +119,13 @@ def say_error(text: str) -> None:
 
 
 def shown(text: str) -> str:
-    """An error message as the terminal shows it: its own advice lines (a line break, then two
-    spaces) kept, and every other control character, in a name it quotes (a file named with a
-    line feed, a colour escape, a bidi mark), shown as its escape, so the error stays one message
-    and no name drives the terminal (tl.engine.class_names.one_line)."""
-    return "\n  ".join(one_line(part) for part in text.split("\n  "))
+    """An error message as the terminal shows it: its own lines kept (an advice line starts with
+    two spaces; a file checked against its schema gives one `error:` line per violation), and
+    every other control character, in a name it quotes (a file named with a line feed, a colour
+    escape, a bidi mark), shown as its escape, so the error keeps its lines and no name drives the
+    terminal (tl.engine.class_names.one_line)."""
+    parts = re.split(r"(\n(?=  |error: ))", text)  # the message's own line breaks, kept at the odd places
+    return "".join(part if i % 2 else one_line(part) for i, part in enumerate(parts))
 
 
 def _option_holding(path, argv: list[str] | None = None) -> str | None:

@@ -121,10 +121,6 @@ def restore(ckpt: dict, resume: Path, model: nn.Module, scaler, generator: torch
                       f"{distributed.world_size()}: resume it with the same torchrun --nproc_per_node x --nnodes")
     if start_epoch >= num_epochs and has_results(resume.parent):
         raise TLError(f"{resume} has already trained all {num_epochs - 1} epochs; " + how_to_continue(ckpt, True))
-    total = config.get("train_epochs", ckpt["epoch"])
-    if ckpt["epoch"] == total and num_epochs - 1 != total and schedule_of(ckpt) != "constant":
-        raise TLError(f"{resume} has trained all {total} epochs it started with; "  # its schedule has ended
-                      + how_to_continue(ckpt, has_results(resume.parent)))
     checkpoint.load_into(model, ckpt["model"], str(resume))
     if ckpt["scaler"] is not None:
         scaler.load_state_dict(ckpt["scaler"])

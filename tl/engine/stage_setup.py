@@ -72,7 +72,7 @@ def start_stage(span: Span, ctx, ckpt: dict | None) -> StageSetup:
         if scheduler is not None and saved["end"] not in (None, span.end):
             raise TLError(f"this run's stage {stage.name!r} laid out its learning-rate schedule for training "
                           f"epochs up to {saved['end'] - 1}; resuming with another --epochs total would bend "
-                          f"it; " + how_to_continue(ckpt, finished=False))  # (resume.restore refuses a finished run's)
+                          f"it; " + how_to_continue(ckpt, finished=ckpt["epoch"] == ckpt["config"].get("train_epochs")))
         optimizer.load_state_dict(ckpt["optimizer"])
         if scheduler is not None and ckpt["scheduler"] is not None:
             scheduler.load_state_dict(ckpt["scheduler"])
