@@ -148,3 +148,17 @@ def test_a_message_of_several_error_lines_keeps_them():
 
     assert shown("f.json: epochs = 0 is below 1\nerror: f.json: lr = -1 is below 0").splitlines() == \
         ["f.json: epochs = 0 is below 1", "error: f.json: lr = -1 is below 0"]
+
+
+def test_what_a_command_prints_shows_a_names_escapes_and_keeps_its_lines(tiny_data, tiny_backbone, tmp_path, capsys):
+    """A run whose --out is named with a colour escape, a carriage return and a bidi override, and
+    a command body printing such a name: stdout holds none of them raw, and keeps its line breaks."""
+    from tests.helpers import cli
+    from tl.engine.command import command
+
+    code, out, _ = cli(capsys, "-e", "resnet_scratch", "-b", "tiny", "--data", tiny_data, "--quick", "--no-progress",
+                       "--out", tmp_path / "o\x1b[31mut\rx\u202e")
+    assert code == 0 and "o\\x1b[31mut\\rx\\u202e" in out
+    assert command(lambda: print("a\x1b[31m\r\u202e\tb\nc")) == 0
+    out += capsys.readouterr().out
+    assert "a\\x1b[31m\\r\\u202e\tb\nc\n" in out and not [c for c in out if c in "\x1b\r\u202e"]

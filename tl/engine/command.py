@@ -15,7 +15,9 @@ one place that turns an exception into a message and an exit status.
   Ctrl-C, and exits with 143 (128 + SIGTERM).
 * A path that is not valid UTF-8 (a file name from another system) is printed with its odd
   bytes escaped (\\udcNN), never a UnicodeEncodeError; a name holding a line feed or a terminal
-  escape is printed with it escaped (\\n, \\x1b), so the error stays one line (`shown`).
+  escape is printed with it escaped (\\n, \\x1b), so the error stays one line (`shown`); on
+  stdout, a name's colour escape, carriage return or bidi mark is shown as its escape too, so
+  no name drives the terminal (a line feed in a name a success line prints still breaks it).
 * The folders a failed command made and left empty are removed (tl/engine/folders.py).
 * What to change when a write fails names the option whose path holds the file (`--runs-dir`,
   `--tuned-dir`, `--csv`, ...), else the command's own place for its outputs (`outputs`: `--out`,
@@ -38,7 +40,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 from tl import Interrupted, TLError
-from tl.engine.class_names import one_line
+from tl.engine.class_names import CONTROL, one_line
 from tl.engine.folders import made_by_this_command
 
 
@@ -51,8 +53,8 @@ def command(main: Callable[[], int | None], interrupted: str = "interrupted", ou
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     try:
-        with _sigterm_as_interrupt(stopped_by), made_by_this_command() as status:  # a failure leaves no empty folder
-            status.append(main() or 0)
+        with _sigterm_as_interrupt(stopped_by), _stdout_escaped(), made_by_this_command() as status:  # a failure
+            status.append(main() or 0)  # leaves no empty folder
         return status[0]
     except (TLError, OSError) as exc:
         if os.environ.get("TL_DEBUG"):
@@ -64,6 +66,35 @@ def command(main: Callable[[], int | None], interrupted: str = "interrupted", ou
             raise
         print(f"error: {interrupted}", file=sys.stderr)
         return 128 + stopped_by[-1]
+
+
+class _Escaped:
+    """A text stream that shows each control character but the line feed and the tab as its
+    escape (\\x1b, \\r, \\u202e): what a command prints names the user's files and folders, and
+    a name's colour escape or carriage return must not drive the terminal."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        return self.stream.write(_NOT_A_LINE_BREAK.sub(lambda m: one_line(m.group()), text))
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+_NOT_A_LINE_BREAK = re.compile(r"(?![\n\t])" + CONTROL.pattern)
+
+
+@contextlib.contextmanager
+def _stdout_escaped() -> Iterator[None]:
+    """While the block runs, what it prints on stdout goes through `_Escaped`."""
+    before = sys.stdout
+    sys.stdout = _Escaped(before)
+    try:
+        yield
+    finally:
+        sys.stdout = before
 
 
 @contextlib.contextmanager
