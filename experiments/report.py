@@ -554,4 +554,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from tl.engine.command import command  # the one error: line and exit 2 every command shares
 
-    sys.exit(command(main))
+    sys.exit(command(main, outputs="the folder given as RESULTS"))

@@ -159,6 +159,11 @@ def test_a_killed_writers_temporary_files_go_and_a_live_ones_stay(tmp_path):
 
 
 # ----------------------------------------------------------------------------- all_or_none
+def _left_behind(root):
+    """The temporaries and kept old versions of all_or_none under `root`."""
+    return [*root.rglob(".*.tmp"), *root.rglob(".*.old")]
+
+
 def _folder(root):
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
@@ -180,7 +185,7 @@ def test_a_failed_all_or_none_block_puts_every_file_back(tmp_path, failure):
             files.remove(tmp_path / "old" / "gone.csv")
         assert not (tmp_path / "old" / "gone.csv").exists() and (tmp_path / "table.csv").read_text() == "a\n3\n"
         raise failure
-    assert _folder(tmp_path) == before and not list(tmp_path.rglob("*.tmp"))
+    assert _folder(tmp_path) == before and not _left_behind(tmp_path)
 
 
 def test_a_finished_all_or_none_block_keeps_only_the_new_files(tmp_path):
@@ -207,7 +212,7 @@ def test_an_all_or_none_block_on_a_really_full_disk_changes_nothing(full_tmpfs):
         files.atomic_write_bytes(full_tmpfs / "a.csv", b"1" * 4000)
         files.atomic_write_bytes(full_tmpfs / "b.md", b"2" * 4000)
         files.atomic_write_bytes(full_tmpfs / "c.png", b"3" * 40000)
-    assert _folder(full_tmpfs) == before and not list(full_tmpfs.rglob("*.tmp"))
+    assert _folder(full_tmpfs) == before and not _left_behind(full_tmpfs)
 
 
 def test_an_all_or_none_block_puts_back_a_link_that_points_nowhere(tmp_path):
@@ -215,7 +220,7 @@ def test_an_all_or_none_block_puts_back_a_link_that_points_nowhere(tmp_path):
     with pytest.raises(OSError), files.all_or_none():
         files.atomic_write_text(tmp_path / "page.md", "new\n")
         raise OSError(errno.ENOSPC, "No space left on device")
-    assert os.readlink(tmp_path / "page.md") == "nowhere.md" and not list(tmp_path.glob(".*.tmp"))
+    assert os.readlink(tmp_path / "page.md") == "nowhere.md" and not _left_behind(tmp_path)
 
 
 def test_a_file_that_refuses_its_rename_leaves_no_copy_behind(tmp_path, monkeypatch):
@@ -249,7 +254,7 @@ def test_without_hard_links_a_full_disk_leaves_no_cut_copy(full_tmpfs, monkeypat
     monkeypatch.setattr(os, "link", no_links)
     with pytest.raises(OSError, match="No space left"), files.all_or_none():
         files.remove(full_tmpfs / "big.csv")
-    assert _folder(full_tmpfs).keys() - {".filler"} == before.keys() and not list(full_tmpfs.glob(".*.tmp"))
+    assert _folder(full_tmpfs).keys() - {".filler"} == before.keys() and not _left_behind(full_tmpfs)
 
 
 def test_two_processes_updating_one_folder_keep_both_updates(tmp_path):
@@ -277,3 +282,28 @@ def test_an_update_inside_this_processs_own_update_of_the_folder_is_part_of_it(t
     with files.updating(tmp_path, "outer"), files.updating(tmp_path, "inner"):  # would wait forever on its own lock
         files.atomic_write_text(tmp_path / "a.csv", "a\n")
     assert (tmp_path / "a.csv").read_text() == "a\n"
+
+
+def test_an_update_killed_midway_is_undone_by_the_next_update_of_the_folder(tmp_path):
+    """A process killed (SIGKILL) inside `updating`, after replacing the table and before the page:
+    the next update of the folder puts the old table back first, so the folder is never left with
+    one run's table beside another's page; a live process's old versions are left alone."""
+    import subprocess
+    import sys
+
+    for name, text in {"table.csv": "old table\n", "page.md": "old page\n"}.items():
+        (tmp_path / name).write_text(text)
+    script = ("import os, sys; from pathlib import Path; from tl.engine import files\n"
+              "folder = Path(sys.argv[1])\n"
+              "with files.updating(folder, 'killed'):\n"
+              "    files.atomic_write_text(folder / 'table.csv', 'new table\\n')\n"
+              "    os.kill(os.getpid(), 9)\n")
+    root = Path(__file__).resolve().parents[2]
+    assert subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=root).returncode == -9
+    assert (tmp_path / "table.csv").read_text() == "new table\n" and _left_behind(tmp_path)  # cut off midway
+    said = []
+    with files.updating(tmp_path, "next", log=said.append):
+        found = _folder(tmp_path)
+        assert {found.pop(".results.lock", None) is not None, *found.items()} == \
+            {True, ("page.md", b"old page\n"), ("table.csv", b"old table\n")}
+    assert not _left_behind(tmp_path) and "put back 1 file(s)" in " ".join(said), said

@@ -38,6 +38,7 @@ from typing import IO, Any
 import torch
 
 from tl.engine import folders
+from tl.engine.class_names import one_line
 from tl.engine.folder_lock import still_held
 
 
@@ -138,6 +139,7 @@ def updating(folder: Path, command: str, lock: str = RESULTS_LOCK, note: str = "
         return
     folders.make(folder)
     with hold(folder, lock, wait=True, command=command, note=note, log=log), all_or_none():
+        put_back_old(folder, log)  # an update killed midway (SIGKILL, a power cut) is undone first
         _UPDATING.add(key)
         try:
             yield
@@ -147,8 +149,9 @@ def updating(folder: Path, command: str, lock: str = RESULTS_LOCK, note: str = "
 
 def _keep_old(path: Path) -> None:
     """In an all_or_none block, keep `path`'s version from before the block (the first time the
-    block changes it): a hard link `.NAME.PID.XXXXXXXX.tmp` beside it, or a copy where the file
-    system has no hard links."""
+    block changes it): a hard link `.NAME.PID.XXXXXXXX.old` beside it, or a copy where the file
+    system has no hard links. A process killed inside the block leaves these behind; the next
+    `updating` of the folder puts them back (`put_back_old`)."""
     if _OLD is not None and path not in _OLD:
         _OLD[path] = _linked(path) if os.path.lexists(path) else None  # a link that points nowhere is kept too
 
@@ -156,7 +159,7 @@ def _keep_old(path: Path) -> None:
 def _linked(path: Path) -> Path:
     """A second name for `path`'s contents, made without copying where the file system allows."""
     for _ in range(100):
-        other = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        other = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.old"
         try:
             os.link(path, other, follow_symlinks=False)  # a symbolic link is kept as the link
             return other
@@ -224,6 +227,22 @@ def atomic_copy(src: str | os.PathLike, path: str | os.PathLike) -> Path:
 
 def write_json(path: Path, obj: dict) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def put_back_old(folder: Path, log=print) -> list[Path]:
+    """Put back the old versions (`.NAME.PID.XXXXXXXX.old`) that an all_or_none block of a process
+    that no longer runs left under `folder`: its update was cut off, so the files it had replaced
+    or removed return as they were. (A file it had newly written stays: there was no old one.)"""
+    back = []
+    for old in sorted(Path(folder).rglob(".*.old")):
+        parts = old.name[1:].rsplit(".", 3)  # NAME, PID, XXXXXXXX, old
+        if len(parts) == 4 and parts[1].isdigit() and not _alive(int(parts[1])):
+            os.replace(old, old.with_name(parts[0]))
+            back.append(old.with_name(parts[0]))
+    if back:
+        log(f"put back {len(back)} file(s) that an update cut off midway had replaced: "
+            + ", ".join(one_line(p.name) for p in back[:5]))
+    return back
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
