@@ -29,8 +29,9 @@ import numpy as np
 import pandas as pd
 
 from experiments.common import DRAWS, paired_bootstrap
+from tl.engine.class_names import one_line
 from tl.engine.command import say_error
-from tl.engine.tables import one_line, page_code, page_text, read_table, write_table
+from tl.engine.tables import page_code, page_text, read_table, write_table
 
 NOTES = {  # what each recipe is meant to show; the figures that follow come from the CSV
     "resnet_scratch": "No pretrained weights: the control. Whatever the others gain over it is what ImageNet buys.",

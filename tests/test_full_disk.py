@@ -262,8 +262,7 @@ def test_compare_all_that_removes_stale_files_on_a_full_disk(tiny_backbone, tmp_
     seed 1's files: at whatever write the disk fills up, those files are back and the folder is
     as before, and no "removed stale" line is printed; with room, the removal is said."""
     out = tmp_path / "results"
-    cached_comparison(monkeypatch, tmp_path, out, first=["0", "1"])  # out: seeds 0 and 1
-    compare = cached_comparison.last  # the same comparison command, with the seeds it is given
+    compare = cached_comparison(monkeypatch, tmp_path, out, first=("0", "1"))  # out: seeds 0 and 1
     before = snapshot(out)
     with monkeypatch.context() as m:
         disk = FillingDisk(m)
@@ -281,8 +280,8 @@ def test_compare_all_that_removes_stale_files_on_a_full_disk(tiny_backbone, tmp_
 
 
 def cached_comparison(monkeypatch, tmp_path: Path, out: Path, first: tuple = ("0",)):
-    """`out` holding a comparison of `first` seeds (compare_all, tiny data), and the command that adds
-    seed 1's rows to it (`cached_comparison.last(seeds)`: the comparison of other seeds into `out`).
+    """`out` holding a comparison of `first` seeds (compare_all, tiny data), and the command that
+    compares `seeds` into it (by default seeds 0 and 1: seed 1's rows added).
     Each (recipe, backbone, seed) trains once, before: a try of that command is
     its writing alone (training is tested elsewhere; here the results folder is)."""
     from experiments import compare_all
@@ -305,8 +304,7 @@ def cached_comparison(monkeypatch, tmp_path: Path, out: Path, first: tuple = ("0
 
     assert compare(["0", "1"], tmp_path / "scratch") == 0  # both seeds trained
     assert compare(list(first), out) == 0
-    cached_comparison.last = lambda seeds: compare(seeds, out)
-    return lambda: compare(["0", "1"], out)
+    return lambda seeds=("0", "1"): compare(list(seeds), out)
 
 
 def command(main_function) -> int:

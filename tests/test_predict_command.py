@@ -23,7 +23,7 @@ from tests.conftest import TinyNet, write_image_folder
 from tests.helpers import cli, train_quick
 from tl.data import val_resize
 from tl.engine import export
-from tl.engine.tables import one_line
+from tl.engine.class_names import one_line
 
 
 @pytest.fixture

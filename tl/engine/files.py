@@ -158,21 +158,39 @@ def _keep_old(path: Path) -> None:
 
 def _linked(path: Path) -> Path:
     """A second name for `path`'s contents, made without copying where the file system allows."""
-    for _ in range(100):
-        other = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.old"
+    def link(other: Path) -> None:
         try:
             os.link(path, other, follow_symlinks=False)  # a symbolic link is kept as the link
-            return other
         except FileExistsError:
-            continue
+            raise
         except OSError:  # no hard links here (FAT, some network file systems): a copy, which needs room
             try:
                 shutil.copy2(path, other, follow_symlinks=False)
             except BaseException:
                 other.unlink(missing_ok=True)  # a copy cut short by a full disk is not left behind
                 raise
-            return other
+
+    return _beside(path, "old", link)[0]
+
+
+def _beside(path: Path, suffix: str, make: Callable[[Path], Any]) -> tuple[Path, Any]:
+    """`make(name)` for a new name `.NAME.PID.XXXXXXXX.SUFFIX` in `path`'s folder, drawn again
+    while one is taken; the name and what `make` returned. The writer's process id is in the
+    name, so a later process can tell a dead writer's leftover (`_left_by`)."""
+    for _ in range(100):
+        name = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.{suffix}"
+        try:
+            return name, make(name)
+        except FileExistsError:
+            continue  # a name drawn twice: draw again
     raise FileExistsError(errno.EEXIST, "no free temporary name", str(path.parent))
+
+
+def _left_by(leftover: Path) -> tuple[str, int | None]:
+    """The file a `.NAME.PID.XXXXXXXX.SUFFIX` name stands beside, and its writer's process id
+    (None where the name is not of that form)."""
+    parts = leftover.name[1:].rsplit(".", 3)  # NAME, PID, XXXXXXXX, SUFFIX
+    return parts[0], int(parts[1]) if len(parts) == 4 and parts[1].isdigit() else None
 
 
 def remove(path: str | os.PathLike) -> None:
@@ -189,19 +207,14 @@ def remove(path: str | os.PathLike) -> None:
 
 def temporary_beside(path: str | os.PathLike, mode: int = 0o600) -> tuple[int, Path]:
     """A new empty file `.NAME.PID.XXXXXXXX.tmp` in `path`'s folder (created if needed): its
-    open descriptor and its path. The writer's process id is in the name, so a later start
-    can tell a dead writer's leftover (`remove_stale_temporaries`). `mode` is trimmed by the
+    open descriptor and its path (`_beside`: a dead writer's leftover is told by its name,
+    `remove_stale_temporaries`). `mode` is trimmed by the
     umask, as for any new file: 0o600 (the default, as `tempfile.mkstemp`) is the owner's alone."""
     path = Path(path)
     folders.make(path.parent)
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    for _ in range(100):
-        tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-        try:
-            return os.open(tmp, flags, mode), tmp
-        except FileExistsError:
-            continue  # a name drawn twice: draw again
-    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path.parent))
+    tmp, fd = _beside(path, "tmp", lambda name: os.open(name, flags, mode))
+    return fd, tmp
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
@@ -235,10 +248,10 @@ def put_back_old(folder: Path, log=print) -> list[Path]:
     or removed return as they were. (A file it had newly written stays: there was no old one.)"""
     back = []
     for old in sorted(Path(folder).rglob(".*.old")):
-        parts = old.name[1:].rsplit(".", 3)  # NAME, PID, XXXXXXXX, old
-        if len(parts) == 4 and parts[1].isdigit() and not _alive(int(parts[1])):
-            os.replace(old, old.with_name(parts[0]))
-            back.append(old.with_name(parts[0]))
+        name, pid = _left_by(old)
+        if pid is not None and not _alive(pid):
+            os.replace(old, old.with_name(name))
+            back.append(old.with_name(name))
     if back:
         log(f"put back {len(back)} file(s) that an update cut off midway had replaced: "
             + ", ".join(one_line(p.name) for p in back[:5]))
@@ -251,8 +264,8 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     this is safe on a folder several runs share (the feature cache)."""
     stale = []
     for p in Path(folder).glob(".*.tmp"):
-        pid = p.name.rsplit(".", 3)[-3] if p.name.count(".") >= 4 else ""
-        if p.is_file() and not (pid.isdigit() and _alive(int(pid))):
+        pid = _left_by(p)[1]
+        if p.is_file() and not (pid is not None and _alive(pid)):
             p.unlink(missing_ok=True)
             stale.append(p)
     return stale
