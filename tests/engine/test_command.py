@@ -162,3 +162,17 @@ def test_what_a_command_prints_shows_a_names_escapes_and_keeps_its_lines(tiny_da
     assert command(lambda: print("a\x1b[31m\r\u202e\tb\nc")) == 0
     out += capsys.readouterr().out
     assert "a\\x1b[31m\\r\\u202e\tb\nc\n" in out and not [c for c in out if c in "\x1b\r\u202e"]
+
+
+def test_only_the_command_wrapper_prints_error_lines():
+    """Every error: line goes through tl.engine.command (say_error, or command() itself), which
+    shows the names in it on their lines: a code check over the project's commands."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    sources = [*root.glob("*.py"), *(p for d in ("tl", "experiments", "benchmarks") for p in (root / d).rglob("*.py"))]
+    printing = re.compile(r"""print\(\s*f?["']error:""")
+    found = [f"{p.relative_to(root)}" for p in sources if p.name != "command.py" and printing.search(p.read_text())]
+    assert found == []
+    assert printing.search('print(f"error: {x}", file=sys.stderr)')  # the check sees a planted one
