@@ -295,7 +295,7 @@ def _main(argv: list[str] | None = None) -> int:
     # error: line and exit 2, Ctrl-C exit 130
     return command(lambda: _dispatch(args, argv),
                    interrupted="interrupted before training started; no run folder or checkpoint was changed",
-                   outputs=_outputs(args))
+                   outputs=_outputs(args), argv=argv)
 
 
 def _outputs(args: argparse.Namespace) -> str:

@@ -13,8 +13,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from tl import TLError
-from tl.engine import folders
 from tl.engine.command import command  # noqa: F401  (every benchmark's `sys.exit(command(main))`)
 
 
@@ -22,15 +20,6 @@ def invocation_of(module: str, argv: list[str] | None) -> str:
     """The command that ran, as a user would type it again: `python -m MODULE ARGS`, each argument
     quoted for the shell where it needs it (a path with a space or a ;). Pages and records show it."""
     return " ".join(["python", "-m", module, *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
-
-
-def output_folder(out: Path) -> Path:
-    """`--out`, created and checked before anything is measured, so that a folder that cannot be
-    written stops the command at once rather than after the measurement."""
-    folders.make(out)
-    if not os.access(out, os.W_OK):
-        raise TLError(f"--out {out} is not writable")
-    return out
 
 
 def write_files(files: dict[Path, str]) -> None:

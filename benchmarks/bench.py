@@ -70,7 +70,7 @@ from tl.data import build_transforms
 from tl.engine import folders
 from tl.engine.backbones import backbone_spec
 from tl.engine.device import default_channels_last, device_hooks, make_grad_scaler, prepare_device, resolve_device
-from tl.engine.files import atomic_copy, atomic_write_text, updating
+from tl.engine.files import atomic_copy, atomic_write_text, updating, writable_folder
 from tl.engine.options import RunOptions, resolve
 from tl.engine.run import run
 from tl.engine.selection import ImageChoice, select_images
@@ -463,6 +463,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    writable_folder(args.out)  # a folder that cannot be written stops it before anything is measured
     data, device = Path(args.data), str(resolve_device(args.device))
     commit = git_commit()  # the code that runs is the code loaded now
     if commit == "unknown" and os.environ.get("BENCH_COMMIT"):  # a copy without .git (the GPU machine)

@@ -20,9 +20,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from benchmarks import command, invocation_of, output_folder, write_files
+from benchmarks import command, invocation_of, write_files
 from tl.data import build_transforms
 from tl.engine.backbones import backbone_spec
+from tl.engine.files import writable_folder
 from tl.engine.image_size import head_input
 from tl.engine.selection import image_datasets
 from tl.engine.tables import page_code, table_text
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("results"))
     args = p.parse_args(argv)
     invocation = invocation_of("benchmarks.blind_sizes", argv)
-    out, rows = output_folder(args.out), []
+    out, rows = writable_folder(args.out), []
     torch.manual_seed(0)  # the random-init networks
     for backbone, weights in NETWORKS:
         model = build_model(backbone, 2, weights)

@@ -17,7 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import at_least, command, invocation_of, output_folder, spread, write_files
+from benchmarks import at_least, command, invocation_of, spread, write_files
+from tl.engine.files import writable_folder
 from tl.engine.tables import page_code, table_text
 
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the run's default on this CPU is channels_last")
     p.add_argument("--out", type=Path, default=Path("results"))
     args = p.parse_args(argv)
-    out, commit, rows = output_folder(args.out), git_commit(), []
+    out, commit, rows = writable_folder(args.out), git_commit(), []
     case = feature_pass_case(args.backbone, args.weights, args.data)
     images_per_second(*case, 8, args.layout == "channels_last")  # warm-up: the files in the page cache
     for batch_size in args.batch_sizes:

@@ -164,6 +164,7 @@ def merge_section(path: Path, section: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from experiments.common import git_commit, machine_description
+    from tl.engine.files import writable_folder
     from tl.engine.tables import write_table
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.growth", description=__doc__.split("\n\n")[0])
@@ -173,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-limit-gb", type=float, default=2.0)
     p.add_argument("--out", type=Path, default=Path("results"))
     args = p.parse_args(argv)
+    writable_folder(args.out)  # a folder that cannot be written stops it before anything is measured
     commit, rows = git_commit(), []
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.sizes:

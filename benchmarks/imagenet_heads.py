@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks import command, invocation_of, output_folder, write_files
+from benchmarks import command, invocation_of, write_files
 from experiments.common import git_commit
 from tl import TLError
 from tl.data import build_transforms, make_loaders
+from tl.engine.files import writable_folder
 from tl.engine.selection import image_datasets
 from tl.engine.tables import page_code, table_text
 from tl.engine.weights import build_model
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("results"))
     args = p.parse_args(argv)
     invocation = invocation_of("benchmarks.imagenet_heads", argv)
-    out, commit, rows = output_folder(args.out), git_commit(), []
+    out, commit, rows = writable_folder(args.out), git_commit(), []
     for backbone in args.backbones:
         for variant, (own_norm, eps) in VARIANTS.items():
             top1, top5, total = hits(backbone, args.data, own_norm, eps)

@@ -62,8 +62,9 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import at_least, command, output_folder
+from benchmarks import at_least, command
 from tl.engine import folders
+from tl.engine.files import writable_folder
 from tl.engine.tables import page_text
 
 BACKBONE = "efficientnet_lite0"
@@ -652,7 +653,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    out = output_folder(args.out)
+    out = writable_folder(args.out)
     if not args.page_only:
         import_fastai()  # before anything trains: one line saying how to install it
         settings = run_settings(args, argv)

@@ -284,7 +284,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     import pandas as pd
 
-    from tl.engine.files import updating
+    from tl.engine.files import updating, writable_folder
     from tl.engine.tables import write_table
 
     args = parse_args(argv)
@@ -297,6 +297,8 @@ def main(argv=None) -> int:
         return 2
     out = args.out or (Path("runs/quick-bn_policy") if args.quick else Path("results"))
     doc = args.doc or (out / "RECIPES-bn_policy.md" if args.quick else root / "docs" / "RECIPES.md")
+    for folder in (out, doc.parent):  # a folder that cannot be written stops the study before its training
+        writable_folder(folder)
     runs_dir = Path("runs") / f"bn_policy-{time.strftime('%Y%m%d-%H%M%S')}"
     plan = [(d, p, s) for d in data for p in args.policies for s in args.seeds]
     rows, started = [], time.time()

@@ -356,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from tl import Interrupted, TLError
     from tl.engine.command import message
+    from tl.engine.files import writable_folder
     from tl.engine.folder_lock import LockLost
     from tl.engine.images import check_layout
     from tl.engine.prepare import resolve_data_dir
@@ -378,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
     out: Path = args.out or (Path("runs/quick-results") if args.quick else Path("results"))
+    writable_folder(out)  # a folder that cannot be written stops the comparison now, not after hours of training
     if args.runs_dir and args.runs_dir.is_dir() and any(args.runs_dir.iterdir()):
         say_error(f"--runs-dir {args.runs_dir} already holds runs; choose a new folder (each comparison trains "
               f"its own runs)")

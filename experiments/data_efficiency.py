@@ -216,13 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
     import torch
 
-    from tl.engine.files import atomic_write_text, updating, write_json
+    from tl.engine.files import atomic_write_text, updating, writable_folder, write_json
     from tl.engine.images import check_layout
     from tl.engine.prepare import resolve_data_dir
     from tl.engine.tables import read_table, write_table
 
     started = time.time()
     runs_dir = args.runs_dir or Path("runs") / f"data-efficiency-{time.strftime('%Y%m%d-%H%M%S')}"
+    writable_folder(args.out)  # a folder that cannot be written stops the study now, not after its training
     missing = [s for s in args.strategies if s not in NAMES]
     for s in missing:
         print(f"note: recipe {s!r} does not exist yet in experiments/ (known: {', '.join(NAMES)}); "

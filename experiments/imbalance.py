@@ -227,13 +227,14 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
     from tl import Interrupted
-    from tl.engine.files import atomic_copy, updating
+    from tl.engine.files import atomic_copy, updating, writable_folder
     from tl.engine.images import check_layout
     from tl.engine.prepare import resolve_data_dir
     from tl.engine.tables import write_table
 
     args.data = resolve_data_dir(args.data)  # a folder that is not there, or not one of classes, stops here: one
     check_layout(args.data)  # error: line, and the table of an earlier command is left as it is
+    writable_folder(args.out)  # so does a folder that cannot be written, before any training
     runs_dir = args.runs_dir or Path("runs") / f"imbalance-{time.strftime('%Y%m%d-%H%M%S')}"
     if runs_dir.is_dir() and any(runs_dir.iterdir()):
         say_error(f"--runs-dir {runs_dir} already holds runs; choose a new folder")

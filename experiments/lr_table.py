@@ -108,7 +108,7 @@ def page(rows: list[dict], meta: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from tl.engine.files import atomic_write_text, updating
+    from tl.engine.files import atomic_write_text, updating, writable_folder
     from tl.engine.images import check_layout
     from tl.engine.prepare import resolve_data_dir
     from tl.engine.tables import write_table
@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.data = resolve_data_dir(args.data)  # a folder that is not there, or not one of classes, stops here: one
     check_layout(args.data)  # error: line, and the table of an earlier command is left as it is
+    writable_folder(args.out)  # so does a folder that cannot be written, before any training
     runs_dir = args.runs_dir or Path(f"runs/lr-table-{time.strftime('%Y%m%d-%H%M%S')}")
     started = time.time()
     rows = []

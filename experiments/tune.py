@@ -483,6 +483,7 @@ def search(args: argparse.Namespace, command: str) -> int:
     import optuna
 
     from tl.engine.feature_store import cache_dir
+    from tl.engine.files import writable_folder
     from tl.engine.prepare import resolve_data_dir
     from tl.engine.trials import interrupts_noted, run_trial, stop_if_interrupted
     from tl.engine.tuning import open_study, shown_storage, storage_errors
@@ -497,6 +498,8 @@ def search(args: argparse.Namespace, command: str) -> int:
     tuned = args.tuned_dir or (out / "tuned" if args.quick else tuned_dir())
     s.runs_dir = args.runs_dir or Path("runs/tune") / name
     check_tuned_file(tuned / f"{key}.json", name)
+    for folder in (out, tuned):  # a folder that cannot be written stops the search before its trials
+        writable_folder(folder)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with storage_errors(args.storage), interrupts_noted():  # a failing study database: one error: line; an
         # interrupt whose exception a garbage collector's callback swallowed still stops the search

@@ -175,6 +175,23 @@ def full_tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
+@pytest.fixture(params=["under a file", "read-only disk"])
+def unwritable(request, tmp_path):
+    """A folder no command can write into: one under a file (any user), or a read-only tmpfs
+    (where the tests run as root: permissions do not stop root, a read-only mount does)."""
+    if request.param == "under a file":
+        (tmp_path / "a-file").write_text("a file, not a folder")
+        yield tmp_path / "a-file" / "out"
+        return
+    disk = tmp_path / "ro-disk"
+    mount_small_tmpfs(disk, "1m")
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    try:
+        yield disk / "out"
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     where = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"

@@ -3,6 +3,8 @@ table that cannot be written is one `error:` line and exit status 2, never a tra
 
 from __future__ import annotations
 
+import pytest
+
 
 def test_a_benchmark_given_bad_input_says_one_error_line_and_exits_2(tiny_data, tmp_path, capsys):
     """Every benchmark runs through benchmarks.command: a missing data folder, or a data set
@@ -17,14 +19,40 @@ def test_a_benchmark_given_bad_input_says_one_error_line_and_exits_2(tiny_data, 
     assert not list(tmp_path.glob("*.md"))  # nothing written
 
 
-def test_a_benchmark_that_cannot_write_its_table_says_so_in_one_line(tiny_backbone, tiny_data, tmp_path, capsys):
-    from benchmarks import command, feature_batch
+BENCHMARKS = {  # each benchmark that measures before it writes, with its arguments besides --out (DATA: --data)
+    "feature_batch": ["--data", "DATA", "--backbone", "tiny", "--weights", "none", "--batch-sizes", "2"],
+    "blind_sizes": ["--data", "DATA", "--sizes", "32"],
+    "imagenet_heads": ["--data", "DATA", "--backbones", "efficientnet_lite0"],
+    "bench": ["--data", "DATA", "--cases", "1", "--repeats", "1", "--skip-memory", "--skip-frozen"],
+    "growth": ["--sizes", "10"],
+    "peers": ["--data", "DATA", "--seeds", "0"],
+}
 
-    (tmp_path / "a-file").write_text("")
-    assert command(lambda: feature_batch.main(["--data", str(tiny_data), "--backbone", tiny_backbone, "--weights",
-                                               "none", "--batch-sizes", "2", "--repeats", "1",
-                                               "--out", str(tmp_path / "a-file" / "out")])) == 2
-    assert capsys.readouterr().err.startswith("error: Not a directory")
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_a_benchmark_that_cannot_write_its_table_stops_before_it_measures(name, unwritable, tiny_backbone, tiny_data,
+                                                                         capsys, monkeypatch):
+    """One error: line naming the folder, and not one photo read (or, for growth, made) first
+    (tl.engine.files.writable_folder)."""
+    import importlib
+
+    from benchmarks import command
+    from tests import conftest
+
+    module = importlib.import_module(f"benchmarks.{name}")
+    main = module.main
+    if name == "growth":  # it makes its own photos
+        monkeypatch.setattr(module, "make_images", lambda *a: pytest.fail("growth made photos first"))
+    argv = [str(tiny_data) if a == "DATA" else a for a in BENCHMARKS[name]] + ["--out", str(unwritable)]
+    conftest._SEEN.clear()
+    conftest._WATCHED[:] = [tiny_data.resolve()]
+    try:
+        code = command(lambda: main(argv))
+    finally:
+        conftest._WATCHED.clear()
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1 and str(unwritable.parent) in err, err
+    assert not conftest._SEEN, f"{name} read the data before it found --out unwritable: {conftest._SEEN[:2]}"
 
 
 # ----------------------------------------------------------------------------- SIGTERM, and what to change
@@ -162,6 +190,36 @@ def test_what_a_command_prints_shows_a_names_escapes_and_keeps_its_lines(tiny_da
     assert command(lambda: print("a\x1b[31m\r\u202e\tb\nc")) == 0
     out += capsys.readouterr().out
     assert "a\\x1b[31m\\r\\u202e\tb\nc\n" in out and not [c for c in out if c in "\x1b\r\u202e"]
+
+
+def test_a_line_feed_in_a_name_given_on_the_command_line_stays_inside_its_line(tiny_data, tiny_backbone, tmp_path,
+                                                                                capsys, monkeypatch):
+    """A data folder and output folders whose names hold a line feed, given as `--data DIR`, `--out
+    DIR` and `--out=DIR`: training (its run folder and headline lines name them) and a comparison
+    (its progress lines name the data set) print as many lines as with plain names, each line feed
+    shown as \\n."""
+    import shutil
+
+    from experiments import compare_all
+    from tests.helpers import cli
+    from tl.engine.command import command
+
+    monkeypatch.chdir(tmp_path)  # relative names: `--out=ru\nns` is the option and its folder in one argument
+
+    def printed(name: str) -> str:
+        data = shutil.copytree(tiny_data, f"da{name}ta")
+        code, out, _ = cli(capsys, "-e", "resnet_scratch", "-b", "tiny", "--data", data, "--quick", "--no-progress",
+                           f"--out=ru{name}ns")
+        assert code == 0
+        argv = ["--quick", "--data", data, "--experiments", "resnet_scratch", "--backbone", "tiny", "--seeds", "0",
+                "--workers", "0", "--out", str(tmp_path / f"res{name}ults"), "--runs-dir", f"r{name}"]
+        assert command(lambda: compare_all.main(argv), argv=argv) == 0
+        return out + capsys.readouterr().out
+
+    plain, named = printed("_"), printed("\n")
+    assert len(named.splitlines()) == len(plain.splitlines()), named
+    assert "da\\nta" in named and "ru\\nns" in named and "res\\nults" in named, named
+    assert "da\nta" not in named and "ru\nns" not in named
 
 
 def test_only_the_command_wrapper_prints_error_lines():

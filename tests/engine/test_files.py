@@ -307,3 +307,15 @@ def test_an_update_killed_midway_is_undone_by_the_next_update_of_the_folder(tmp_
         assert {found.pop(".results.lock", None) is not None, *found.items()} == \
             {True, ("page.md", b"old page\n"), ("table.csv", b"old table\n")}
     assert not _left_behind(tmp_path) and "put back 1 file(s)" in " ".join(said), said
+
+
+def test_a_folder_that_cannot_be_written_is_found_before_any_result_and_a_good_one_is_left_as_it_was(unwritable,
+                                                                                                      tmp_path):
+    """writable_folder, which the commands that compute before they write call first: the OSError
+    the write would raise (not a folder, a read-only disk), and nothing left in a folder that can
+    be written, not even the folder."""
+    with pytest.raises(OSError) as caught:
+        files.writable_folder(unwritable)
+    assert caught.value.errno in (errno.ENOTDIR, errno.EROFS), caught.value
+    good = tmp_path / "made" / "here"
+    assert files.writable_folder(good) == good and not (tmp_path / "made").exists()

@@ -202,3 +202,26 @@ def test_grad_cam_titles_keep_the_file_extension_and_the_title_fits(tmp_path, mo
     assert all(len(line) <= 40 for line in suptitle.splitlines())  # wrapped to the figure, not clipped
 
 
+
+
+def test_a_figures_texts_show_a_names_control_characters_as_escapes(tmp_path, capfd):
+    """A title, an axis title, tick labels and a legend holding a colour escape, a carriage return
+    and a bidi mark (class names, a data set's name): the saved figure shows each as its escape, so
+    no "Glyph missing" warning prints one raw; a line break of a title stays a line break."""
+    import warnings
+
+    import matplotlib.pyplot as plt
+
+    hostile = "bee\x1b[31m\r\u202e"
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], label=hostile)
+    ax.legend()
+    ax.set_xticks([0, 1], [hostile, "ant"])
+    texts = [fig.suptitle(f"data\n{hostile}"), ax.set_title(hostile)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plots.save_figure(fig, tmp_path / "f.png")
+    assert texts[0].get_text() == "data\nbee\\x1b[31m\\r\\u202e" and texts[1].get_text() == "bee\\x1b[31m\\r\\u202e"
+    assert ax.get_legend().get_texts()[0].get_text() == ax.get_xticklabels()[0].get_text() == texts[1].get_text()
+    shown = "".join(str(w.message) for w in caught) + "".join(capfd.readouterr())
+    assert not [c for c in shown if c in "\x1b\r\u202e"], shown

@@ -129,3 +129,15 @@ def test_a_pass_shorter_than_the_delay_shows_nothing_and_a_longer_one_a_bar(monk
     for _ in progress(range(5), "slow", unit=" files"):
         time.sleep(0.03)
     assert re.search(r"slow: +\d+%.*\[", capfd.readouterr().err)
+
+
+def test_a_bar_naming_a_folder_shows_its_control_characters_as_escapes(capfd):
+    """A bar's text names the data folder it checks or decodes: a line feed, a colour escape or a
+    bidi mark in that name is shown as its escape (tqdm's own carriage returns still redraw the bar)."""
+    from tl.engine.class_names import one_line
+
+    for name in ("da\nta", "da\x1b[31mta", "da\u202eta"):
+        assert sum(progress(range(3), f"checking {name}", unit=" files")) == 3
+        err = capfd.readouterr().err
+        assert f"checking {one_line(name)}" in err and "\\" in one_line(name), err
+        assert name not in err

@@ -1,6 +1,7 @@
 """What every study (python -m experiments.NAME) promises, tried on each: a data folder that is not
-there, or holds no classes, stops the study before it trains, with one error: line and exit
-status 2, and the tables an earlier command wrote into --out are left as they were."""
+there, or holds no classes, or an --out that cannot be written, stops the study before it trains,
+with one error: line and exit status 2, and the tables an earlier command wrote into --out are
+left as they were."""
 
 from __future__ import annotations
 
@@ -54,3 +55,24 @@ def test_a_data_folder_named_with_a_line_feed_and_an_escape_keeps_the_error_on_i
     assert len(lines) == len(said["plain"].splitlines()) and "no\\nsuch\\x1b[31m" in lines[0], lines
     assert "\x1b" not in said["no\nsuch\x1b[31m"], lines
 
+
+
+WRITERS = {**{study: extra for study, (_, extra) in STUDIES.items()},
+           "bn_policy": ["--quick", "--backbone", "tiny", "--seeds", "0", "--policies", "frozen_bn_train"],
+           "tune": ["--recipe", "modern_finetune", "--backbone", "tiny", "--weights", "none", "--trials", "1"]}
+
+
+@pytest.mark.parametrize("study", WRITERS)
+def test_an_out_folder_that_cannot_be_written_stops_the_study_before_it_trains(study, unwritable, tiny_data, capsys,
+                                                                               monkeypatch, tiny_backbone):
+    """Hours of training for a table that cannot be saved: each study tries its --out first
+    (tl.engine.files.writable_folder), on a folder under a file and on a read-only disk."""
+    import tl.engine.lr_finder
+    import tl.engine.run
+
+    for module, name in ((tl.engine.run, "run"), (tl.engine.lr_finder, "find_lr")):  # the loop's two doors
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail(f"{study} trained first"))
+    main = importlib.import_module(f"experiments.{study}").main
+    code = command(lambda: main(["--data", str(tiny_data), "--out", str(unwritable), *WRITERS[study]]))
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1 and str(unwritable.parent) in err, err

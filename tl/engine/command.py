@@ -17,7 +17,9 @@ one place that turns an exception into a message and an exit status.
   bytes escaped (\\udcNN), never a UnicodeEncodeError; a name holding a line feed or a terminal
   escape is printed with it escaped (\\n, \\x1b), so the error stays one line (`shown`); on
   stdout, a name's colour escape, carriage return or bidi mark is shown as its escape too, so
-  no name drives the terminal (a line feed in a name a success line prints still breaks it).
+  no name drives the terminal. A line feed is shown as \\n where it lies inside a folder or
+  file name given on the command line (the data folder, --out), so a line that names the
+  folder or what is made from it (a run folder, a study) stays one line.
 * The folders a failed command made and left empty are removed (tl/engine/folders.py).
 * What to change when a write fails names the option whose path holds the file (`--runs-dir`,
   `--tuned-dir`, `--csv`, ...), else the command's own place for its outputs (`outputs`: `--out`,
@@ -44,17 +46,20 @@ from tl.engine.class_names import CONTROL, one_line
 from tl.engine.folders import made_by_this_command
 
 
-def command(main: Callable[[], int | None], interrupted: str = "interrupted", outputs: str = "--out") -> int:
+def command(main: Callable[[], int | None], interrupted: str = "interrupted", outputs: str = "--out",
+            argv: list[str] | None = None) -> int:
     """`main()`'s exit status (None counts as 0), or 2 after one `error:` line for a TLError or
     an OSError, or 130 after `error: <interrupted>` for Ctrl-C (`interrupted` says what was
-    left as it was; 143 for SIGTERM). `outputs`: where the user chooses the command's outputs."""
+    left as it was; 143 for SIGTERM). `outputs`: where the user chooses the command's outputs;
+    `argv`: the command line's arguments (default sys.argv[1:])."""
     stopped_by = [signal.SIGINT]
     for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 prints escaped, not a crash
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     try:
-        with _sigterm_as_interrupt(stopped_by), _stdout_escaped(), made_by_this_command() as status:  # a failure
-            status.append(main() or 0)  # leaves no empty folder
+        given = sys.argv[1:] if argv is None else argv
+        with _sigterm_as_interrupt(stopped_by), _stdout_escaped(given), made_by_this_command() as status:
+            status.append(main() or 0)  # a failure leaves no empty folder
         return status[0]
     except (TLError, OSError) as exc:
         if os.environ.get("TL_DEBUG"):
@@ -71,12 +76,17 @@ def command(main: Callable[[], int | None], interrupted: str = "interrupted", ou
 class _Escaped:
     """A text stream that shows each control character but the line feed and the tab as its
     escape (\\x1b, \\r, \\u202e): what a command prints names the user's files and folders, and
-    a name's colour escape or carriage return must not drive the terminal."""
+    a name's colour escape or carriage return must not drive the terminal. A line feed is the
+    command's own line break, except inside one of `names` (those given on the command line
+    that hold one): there it is shown as \\n too."""
 
-    def __init__(self, stream):
+    def __init__(self, stream, names: list[str] = ()):
         self.stream = stream
+        self.names = sorted(names, key=len, reverse=True)  # a longer name first: it may hold a shorter one
 
     def write(self, text: str) -> int:
+        for name in self.names:
+            text = text.replace(name, one_line(name))
         return self.stream.write(_NOT_A_LINE_BREAK.sub(lambda m: one_line(m.group()), text))
 
     def __getattr__(self, name):
@@ -86,11 +96,17 @@ class _Escaped:
 _NOT_A_LINE_BREAK = re.compile(r"(?![\n\t])" + CONTROL.pattern)
 
 
+def _names_with_line_feeds(argv: list[str]) -> set[str]:
+    """Each folder or file name in `argv`'s arguments (`--out=DIR` counts as DIR) that holds a line feed."""
+    values = (arg.partition("=")[2] if arg.startswith("--") else arg for arg in map(str, argv))
+    return {name for value in values for name in re.split(r"[/\\\\]", value) if "\n" in name}
+
+
 @contextlib.contextmanager
-def _stdout_escaped() -> Iterator[None]:
+def _stdout_escaped(argv: list[str]) -> Iterator[None]:
     """While the block runs, what it prints on stdout goes through `_Escaped`."""
     before = sys.stdout
-    sys.stdout = _Escaped(before)
+    sys.stdout = _Escaped(before, _names_with_line_feeds(argv))
     try:
         yield
     finally:

@@ -147,6 +147,19 @@ def updating(folder: Path, command: str, lock: str = RESULTS_LOCK, note: str = "
             _UPDATING.discard(key)
 
 
+def writable_folder(folder: str | os.PathLike) -> Path:
+    """`folder`, tried with a file made and removed in it (and the folders made for it removed
+    again): a command that computes for minutes or hours before it writes its results calls this
+    first, so a folder that cannot be written (read-only, not a folder, no permission) stops it at
+    once with the OSError the write would have raised (tl/engine/command.py says it in one line)."""
+    made_before = folders.made_so_far()
+    fd, probe = temporary_beside(Path(folder) / RESULTS_LOCK)
+    os.close(fd)
+    probe.unlink()
+    folders.remove_empty_made(since=made_before)
+    return Path(folder)
+
+
 def _keep_old(path: Path) -> None:
     """In an all_or_none block, keep `path`'s version from before the block (the first time the
     block changes it): a hard link `.NAME.PID.XXXXXXXX.old` beside it, or a copy where the file

@@ -34,6 +34,11 @@ def make(path: str | os.PathLike, exist_ok: bool = True) -> Path:
     return path
 
 
+def made_so_far() -> int:
+    """How many folders `make` has noted: what `remove_empty_made(since=...)` counts from."""
+    return len(_made)
+
+
 def remove_empty_made(since: int = 0) -> None:
     """Remove the folders noted by `make` (from the `since`-th on) that are empty now, deepest
     first, and forget them."""

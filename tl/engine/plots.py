@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import io
+import re
 import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,10 +19,13 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.text  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from matplotlib import font_manager, ft2font  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
+
+from tl.engine.class_names import CONTROL, shown_char  # noqa: E402
 
 if TYPE_CHECKING:
     from tl.engine.headline import Headline
@@ -33,16 +37,28 @@ def save_figure(fig, path: str | Path) -> Path:
     """Write `fig`, drawn in memory first and then written atomically (tl/engine/files.py), so a
     full disk leaves no empty or cut-off picture. Figures here are made with layout="constrained",
     which places titles, labels and legends outside the axes without overlaps (tight_layout
-    ignores fig.legend)."""
+    ignores fig.legend). Every text a figure holds shows a control character of a name (a colour
+    escape, a carriage return) as its escape, as the terminal lines do (tl/engine/class_names.py):
+    the font has no glyph for one, and matplotlib's warning would print it raw."""
     from tl.engine.files import atomic_write_bytes
 
     path = Path(path)
     picture = io.BytesIO()
     try:
+        for text in fig.findobj(matplotlib.text.Text):
+            text.set_text(_escaped(text.get_text()))
+        for axis in (axis for ax in fig.axes for axis in (ax.xaxis, ax.yaxis)):  # tick labels given as a list
+            if isinstance(formatter := axis.get_major_formatter(), FuncFormatter):  # are drawn anew by a function
+                formatter.func = functools.partial(lambda label, x, pos: _escaped(label(x, pos)), formatter.func)
         fig.savefig(picture, format=path.suffix[1:].lower() or "png", dpi=110)
     finally:
         plt.close(fig)
     return atomic_write_bytes(path, picture.getvalue())
+
+
+def _escaped(text: str) -> str:
+    """`text` with each control character but the line feed (a title's own line break) as its escape."""
+    return re.sub(r"(?!\n)" + CONTROL.pattern, shown_char, text)
 
 
 MAX_CLASSES_SHOWN = 30  # a confusion matrix with more classes shows the most-confused ones (all in confusion.csv)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tl import TLError
 from tl.engine import folders
+from tl.engine.class_names import one_line
 from tl.engine.images import PREPARED_MARK
 
 DEFAULT_DATA_DIR = Path("data/hymenoptera_data")
@@ -126,7 +127,7 @@ def prepare_dogs_vs_cats(src: str | os.PathLike, dest: str | os.PathLike, *, for
                                          for p, v in counts.items()))
     log("files " + ", ".join(f"{how} {k}" for how, k in methods.items()))
     if ignored:
-        log(f"left out {len(ignored)} file(s) not named cat.N.jpg / dog.N.jpg: {', '.join(ignored[:5])}"
+        log(f"left out {len(ignored)} file(s) not named cat.N.jpg / dog.N.jpg: {', '.join(map(one_line, ignored[:5]))}"
             + (" ..." if len(ignored) > 5 else ""))
     return {"counts": counts, "methods": dict(methods), "ignored": ignored}
 

@@ -28,6 +28,8 @@ from collections.abc import Iterable, Iterator
 
 from tqdm import tqdm  # tqdm.std: tqdm.auto's bar would call iter() on a DataLoader twice (tl/loop.py)
 
+from tl.engine.class_names import one_line
+
 _shown = True  # the process's switch (see the module docstring)
 DELAY = 2.0  # seconds a pass runs before its bar appears
 
@@ -57,6 +59,6 @@ def progress_shown(on: bool) -> Iterator[None]:
 def progress(iterable: Iterable, desc: str, total: int | None = None, unit: str = "it", enabled: bool = True):
     """`iterable`, showing a bar on stderr as it is consumed: "desc: 40%|...| 100/250 [00:30<00:45]",
     or, without a length (`total` None and no `len()`), a count of the items seen so far; from
-    `DELAY` seconds on."""
-    return tqdm(iterable, desc=desc, total=total, unit=unit, disable=not (enabled and _shown), leave=False,
+    `DELAY` seconds on. A name in `desc` (a data folder's) shows its control characters as escapes."""
+    return tqdm(iterable, desc=one_line(desc), total=total, unit=unit, disable=not (enabled and _shown), leave=False,
                 delay=DELAY, dynamic_ncols=True, file=sys.stderr)
