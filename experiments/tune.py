@@ -552,13 +552,12 @@ def write_results(study, s: Search, setup: dict, to: Written) -> int:
     same moment, or by an earlier run of the command) and the files are there, they are left."""
     from optuna.trial import TrialState
 
-    from tl.engine.files import all_or_none
-    from tl.engine.folder_lock import hold
+    from tl.engine.files import updating
     from tl.engine.trials import this_process
     from tl.engine.tuning import lost_trials
 
-    folders.make(to.pages.parent)
-    with hold(to.pages.parent, LOCK_NAME, wait=True, command=to.command, note=" (another process of this search)"):
+    # the pages and the tuned file change together, or none does (a process killed midway is undone by the next)
+    with updating(to.pages.parent, to.command, lock=LOCK_NAME, note=" (another process of this search)"):
         lost = lost_trials(study)
         lost.sweep(study, when="when a process of the search ended")
         if running := lost.still_running(study):
@@ -572,9 +571,8 @@ def write_results(study, s: Search, setup: dict, to: Written) -> int:
                   f"{to.pages / 'trials.md'}")
             return 0
         complete = any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
-        with all_or_none():  # the pages and the tuned file change together, or none does
-            pages = write_pages(study, s, setup, to.pages, to.command)
-            path = write_tuned(study, s, setup, to.tuned, to.command) if complete else None
+        pages = write_pages(study, s, setup, to.pages, to.command)
+        path = write_tuned(study, s, setup, to.tuned, to.command) if complete else None
         me = this_process()
         study.set_user_attr("results_written", {"trials": ended, "by": f"host {me['host']}, pid {me['pid']}"})
     if path is None:

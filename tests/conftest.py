@@ -175,19 +175,25 @@ def full_tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
-@pytest.fixture(params=["under a file", "read-only disk"])
+@pytest.fixture(params=["under a file", "read-only disk", "full disk"])
 def unwritable(request, tmp_path):
-    """A folder no command can write into: one under a file (any user), or a read-only tmpfs
-    (where the tests run as root: permissions do not stop root, a read-only mount does)."""
+    """A folder no command can write its results into: one under a file (any user), a read-only
+    tmpfs, or a folder to make on a tmpfs with 40 KiB free (where the tests run as root:
+    permissions do not stop root, a read-only mount or a full disk does)."""
+    from tests.helpers import fill
+
     if request.param == "under a file":
         (tmp_path / "a-file").write_text("a file, not a folder")
         yield tmp_path / "a-file" / "out"
         return
-    disk = tmp_path / "ro-disk"
-    mount_small_tmpfs(disk, "1m")
-    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    disk = tmp_path / "disk"
+    mount_small_tmpfs(disk, "2m")
+    if request.param == "read-only disk":
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    else:
+        fill(disk, 10)
     try:
-        yield disk / "out"
+        yield disk if request.param == "read-only disk" else disk / "out"
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
 

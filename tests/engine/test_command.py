@@ -195,9 +195,9 @@ def test_what_a_command_prints_shows_a_names_escapes_and_keeps_its_lines(tiny_da
 def test_a_line_feed_in_a_name_given_on_the_command_line_stays_inside_its_line(tiny_data, tiny_backbone, tmp_path,
                                                                                 capsys, monkeypatch):
     """A data folder and output folders whose names hold a line feed, given as `--data DIR`, `--out
-    DIR` and `--out=DIR`: training (its run folder and headline lines name them) and a comparison
-    (its progress lines name the data set) print as many lines as with plain names, each line feed
-    shown as \\n."""
+    DIR` and `--out=DIR`, and a folder named by a line feed alone: training (its run folder and
+    headline lines name them) and a comparison (its progress lines name the data set) print as
+    many lines as with plain names, each line feed shown as \\n."""
     import shutil
 
     from experiments import compare_all
@@ -211,6 +211,10 @@ def test_a_line_feed_in_a_name_given_on_the_command_line_stays_inside_its_line(t
         code, out, _ = cli(capsys, "-e", "resnet_scratch", "-b", "tiny", "--data", data, "--quick", "--no-progress",
                            f"--out=ru{name}ns")
         assert code == 0
+        code, alone, _ = cli(capsys, "-e", "resnet_scratch", "-b", "tiny", "--data", data, "--quick", "--no-progress",
+                             "--out", f"o/{name}/x")
+        assert code == 0
+        out += alone
         argv = ["--quick", "--data", data, "--experiments", "resnet_scratch", "--backbone", "tiny", "--seeds", "0",
                 "--workers", "0", "--out", str(tmp_path / f"res{name}ults"), "--runs-dir", f"r{name}"]
         assert command(lambda: compare_all.main(argv), argv=argv) == 0
@@ -218,7 +222,7 @@ def test_a_line_feed_in_a_name_given_on_the_command_line_stays_inside_its_line(t
 
     plain, named = printed("_"), printed("\n")
     assert len(named.splitlines()) == len(plain.splitlines()), named
-    assert "da\\nta" in named and "ru\\nns" in named and "res\\nults" in named, named
+    assert "da\\nta" in named and "ru\\nns" in named and "res\\nults" in named and "o/\\n/x" in named, named
     assert "da\nta" not in named and "ru\nns" not in named
 
 

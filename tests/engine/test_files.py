@@ -151,8 +151,8 @@ def test_a_full_disk_is_reported_as_enospc_not_eio(small_disk):
 
 @pytest.mark.usefixtures("own_cache_dir")
 def test_a_killed_writers_temporary_files_go_and_a_live_ones_stay(tmp_path):
-    dead = tmp_path / ".x.pt.999999999.abc.tmp"  # no such process
-    live = tmp_path / f".x.pt.{os.getpid()}.abc.tmp"  # a save in progress in this process
+    dead = tmp_path / ".x.pt.999999999.0123abcd.tmp"  # no such process
+    live = tmp_path / f".x.pt.{os.getpid()}.0123abcd.tmp"  # a save in progress in this process
     dead.write_bytes(b"half"), live.write_bytes(b"half")
     assert files.remove_stale_temporaries(tmp_path) == [dead]
     assert live.exists() and not dead.exists()
@@ -284,38 +284,83 @@ def test_an_update_inside_this_processs_own_update_of_the_folder_is_part_of_it(t
     assert (tmp_path / "a.csv").read_text() == "a\n"
 
 
-def test_an_update_killed_midway_is_undone_by_the_next_update_of_the_folder(tmp_path):
-    """A process killed (SIGKILL) inside `updating`, after replacing the table and before the page:
-    the next update of the folder puts the old table back first, so the folder is never left with
-    one run's table beside another's page; a live process's old versions are left alone."""
-    import subprocess
-    import sys
+def _killed_inside_an_update(folder, monkeypatch, kill_at: str) -> None:
+    """A forked process updates `folder` (replaces table.csv and page.md, writes new.csv, removes
+    gone.csv) and is killed with SIGKILL at `kill_at`: the moment its first old version is about
+    to be made ("keeping"), after the table is replaced ("midway"), or in the tidying after the
+    block was done, with one old version removed and one not ("tidying")."""
+    import signal
 
-    for name, text in {"table.csv": "old table\n", "page.md": "old page\n"}.items():
-        (tmp_path / name).write_text(text)
-    script = ("import os, sys; from pathlib import Path; from tl.engine import files\n"
-              "folder = Path(sys.argv[1])\n"
-              "with files.updating(folder, 'killed'):\n"
-              "    files.atomic_write_text(folder / 'table.csv', 'new table\\n')\n"
-              "    os.kill(os.getpid(), 9)\n")
-    root = Path(__file__).resolve().parents[2]
-    assert subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=root).returncode == -9
-    assert (tmp_path / "table.csv").read_text() == "new table\n" and _left_behind(tmp_path)  # cut off midway
+    def kill():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if kill_at == "keeping":
+        monkeypatch.setattr(files, "_link_or_copy", lambda *a: kill())
+    if kill_at == "tidying":
+        unlink, removed = Path.unlink, []
+
+        def unlink_then_kill(path, missing_ok=False):
+            if path.name.endswith(".old"):
+                if removed:
+                    kill()
+                removed.append(path)
+            unlink(path, missing_ok=missing_ok)
+
+        monkeypatch.setattr(Path, "unlink", unlink_then_kill)
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            with files.updating(folder, "killed", log=lambda line: None):
+                files.atomic_write_text(folder / "table.csv", "new table\n")
+                if kill_at == "midway":
+                    kill()
+                files.atomic_write_text(folder / "page.md", "new page\n")
+                files.atomic_write_text(folder / "new.csv", "new\n")
+                files.remove(folder / "gone.csv")
+        finally:
+            os._exit(3)  # not killed where it should have been
+    assert os.waitpid(pid, 0)[1] == signal.SIGKILL
+
+
+OLD = {"table.csv": b"old table\n", "page.md": b"old page\n", "gone.csv": b"gone\n"}
+NEW = {"table.csv": b"new table\n", "page.md": b"new page\n", "new.csv": b"new\n"}
+
+
+@pytest.mark.parametrize("kill_at, after", [("keeping", OLD), ("midway", OLD), ("tidying", NEW)])
+def test_an_update_killed_anywhere_is_finished_or_undone_by_the_next_update(tmp_path, monkeypatch, kill_at, after):
+    """A process killed (SIGKILL) inside `updating`: before it changed anything, midway (a new table
+    beside the old page), or after its block was done while it removed the old versions. The next
+    update of the folder finds its journal and leaves the folder as before the killed update or as
+    after it, never a mix; a user's own hidden files that look like old versions or temporaries
+    are left alone, whatever process number they seem to name."""
+    for name, text in OLD.items():
+        (tmp_path / name).write_bytes(text)
+    mine = [".notes.md.20240101.draft.old", ".notes.md.123.abcdef12.old", ".x.99999999999999999999.abc.tmp",
+            ".mine.tmp", ".results.lock.1.abcdef12.journal"]
+    for name in mine:
+        (tmp_path / name).write_text("the user's own\n")
+    with monkeypatch.context() as killing:
+        _killed_inside_an_update(tmp_path, killing, kill_at)
     said = []
     with files.updating(tmp_path, "next", log=said.append):
-        found = _folder(tmp_path)
-        assert {found.pop(".results.lock", None) is not None, *found.items()} == \
-            {True, ("page.md", b"old page\n"), ("table.csv", b"old table\n")}
-    assert not _left_behind(tmp_path) and "put back 1 file(s)" in " ".join(said), said
+        pass
+    files.remove_stale_temporaries(tmp_path)
+    found = _folder(tmp_path)
+    assert {name: found.pop(name) for name in mine} == {name: b"the user's own\n" for name in mine}
+    found.pop(".results.lock")
+    assert found == after, (kill_at, found, said)
+    assert ("put back" in " ".join(said)) == (after is OLD and kill_at != "keeping"), said
 
 
 def test_a_folder_that_cannot_be_written_is_found_before_any_result_and_a_good_one_is_left_as_it_was(unwritable,
                                                                                                       tmp_path):
     """writable_folder, which the commands that compute before they write call first: the OSError
-    the write would raise (not a folder, a read-only disk), and nothing left in a folder that can
-    be written, not even the folder."""
+    the write would raise (not a folder, a read-only disk, no room), naming the folder, and nothing
+    left in a folder that can be written, not even the folder."""
     with pytest.raises(OSError) as caught:
         files.writable_folder(unwritable)
-    assert caught.value.errno in (errno.ENOTDIR, errno.EROFS), caught.value
+    assert caught.value.errno in (errno.ENOTDIR, errno.EROFS, errno.ENOSPC) and \
+        caught.value.filename == str(unwritable), caught.value
+    assert not unwritable.exists() or unwritable.is_dir() and not list(unwritable.iterdir())
     good = tmp_path / "made" / "here"
     assert files.writable_folder(good) == good and not (tmp_path / "made").exists()

@@ -97,9 +97,12 @@ _NOT_A_LINE_BREAK = re.compile(r"(?![\n\t])" + CONTROL.pattern)
 
 
 def _names_with_line_feeds(argv: list[str]) -> set[str]:
-    """Each folder or file name in `argv`'s arguments (`--out=DIR` counts as DIR) that holds a line feed."""
+    """Each folder or file name in `argv`'s arguments (`--out=DIR` counts as DIR) that holds a line
+    feed. A line feed at a name's end is matched only where a path separator follows it (and at its
+    start only where one comes before): "runs\\n" alone would match the command's own line breaks."""
     values = (arg.partition("=")[2] if arg.startswith("--") else arg for arg in map(str, argv))
-    return {name for value in values for name in re.split(r"[/\\\\]", value) if "\n" in name}
+    return {("/" if name.startswith("\n") else "") + name + ("/" if name.endswith("\n") else "")
+            for value in values for name in value.split("/") if "\n" in name}
 
 
 @contextlib.contextmanager

@@ -14,7 +14,9 @@ One file at a time is not enough for a folder whose files describe one result to
 table, its picture and the page that cites both): a disk that fills up at the last of them
 would leave a new table beside an old page. Inside `all_or_none()`, every file written or
 removed keeps its old version (a hard link beside it) until the block ends; when the block
-fails, each is put back by renames, which need no room on the disk.
+fails, each is put back by renames, which need no room on the disk. A process killed inside the
+block cannot do that itself: an update of a shared folder (`updating`) writes a journal first, and
+the next update of the folder finishes or undoes what the journal says (`finish_cut_off`).
 
 Atomic is not the same as intact: a disk or a copy can still flip bits inside a
 file that loads without complaint. So a checkpoint (tl/engine/checkpoint.py) carries a
@@ -25,10 +27,13 @@ digest of each weight file it wrote.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import glob
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable
@@ -84,41 +89,109 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     return path
 
 
-_OLD: dict[Path, Path | None] | None = None  # in an all_or_none block: each changed file's old version (None: new)
-_EMPTIED: list[Path] = []  # the folders to remove at the block's end if its removals left them empty
+@dataclasses.dataclass
+class _Block:
+    """What an all_or_none block has changed: each file's old version (None where the file is new)."""
+
+    old: dict[Path, Path | None] = dataclasses.field(default_factory=dict)
+    emptied: list[Path] = dataclasses.field(default_factory=list)  # folders to remove if the block leaves them empty
+    journal: Path | None = None  # where the block writes down what it changes (`all_or_none(journal=...)`)
+    token: str = dataclasses.field(default_factory=lambda: secrets.token_hex(4))
+
+    def write_journal(self, done: bool = False) -> None:
+        if self.journal is not None:
+            write_json(self.journal, {"pid": os.getpid(), "done": done,
+                                      "files": [[str(p), None if o is None else str(o)] for p, o in self.old.items()]})
+
+
+_block: _Block | None = None  # the all_or_none block running now, if any
 
 
 @contextlib.contextmanager
-def all_or_none():
+def all_or_none(journal: Path | None = None):
     """The files written (`atomic_write`) and removed (`remove`) in this block change together
     or not at all: if the block raises (a full disk, Ctrl-C), each is put back as it was before
-    the block. A block inside another is part of it."""
-    global _OLD
-    if _OLD is not None:
+    the block. A block inside another is part of it.
+
+    A process killed inside the block (SIGKILL, a power cut) cannot put anything back itself.
+    With `journal` (`FOLDER/LOCK`, a lock the caller holds: `updating`), the block writes down,
+    in `FOLDER/.LOCK.PID.XXXXXXXX.journal`, each file before it changes it and where its old
+    version is kept, and marks the journal done once every file is in place: the next holder of
+    the lock finishes what a journal says (`finish_cut_off`), putting back the files of a block
+    that was not done, and only removing the old versions of one that was."""
+    global _block
+    if _block is not None:
         yield
         return
-    _OLD, _EMPTIED[:] = {}, []
+    block = _block = _Block()
+    if journal is not None:
+        block.journal = Path(journal).with_name(f".{Path(journal).name}.{os.getpid()}.{block.token}.journal")
     try:
         yield
+        block.write_journal(done=True)  # the moment the block counts as done: one rename
     except BaseException:
-        for path, old in reversed(_OLD.items()):
-            with contextlib.suppress(OSError):  # one that cannot be put back does not stop the others
-                if old is None:
-                    path.unlink(missing_ok=True)
-                else:
-                    os.replace(old, path)  # a rename: it needs no room
-            if old is not None:
-                old.unlink(missing_ok=True)  # not put back (its file refused the rename): no copy left behind
+        _put_back(block.old)
+        _remove_journal(block)
         raise
     else:
-        for old in _OLD.values():
+        for old in block.old.values():
             if old is not None:
                 old.unlink(missing_ok=True)
-        for folder in _EMPTIED:
+        _remove_journal(block)
+        for folder in block.emptied:
             with contextlib.suppress(OSError):  # not empty: it keeps what it holds
                 folder.rmdir()
     finally:
-        _OLD = None
+        _block = None
+
+
+def _put_back(changed: dict[Path, Path | None]) -> list[Path]:
+    """Each changed file as it was: its old version renamed back (a rename needs no room), or
+    removed where there was none. The files put back."""
+    back = []
+    for path, old in reversed(changed.items()):
+        with contextlib.suppress(OSError):  # one that cannot be put back does not stop the others
+            if old is None and os.path.lexists(path):
+                path.unlink()
+                back.append(path)
+            elif old is not None and os.path.lexists(old):
+                os.replace(old, path)
+                back.append(path)
+        if old is not None:
+            old.unlink(missing_ok=True)  # not put back (its file refused the rename): no copy left behind
+    return back
+
+
+def _remove_journal(block: _Block) -> None:
+    if block.journal is not None:
+        block.journal.unlink(missing_ok=True)
+
+
+def finish_cut_off(journal: Path, log=print) -> list[Path]:
+    """Finish the all_or_none blocks that processes killed inside them left (their journals
+    `FOLDER/.LOCK.*.journal`; the caller holds `FOLDER/LOCK`, so none of them still runs): a block
+    that was done loses only its old versions; one that was not gets every file it changed put
+    back, the newest block first, so the oldest state wins. The files put back."""
+    journal = Path(journal)
+    journals = sorted(journal.parent.glob(f".{glob.escape(journal.name)}.*.journal"),
+                      key=lambda p: p.stat().st_mtime, reverse=True)
+    back = []
+    for found in journals:
+        try:
+            record = json.loads(found.read_text())
+            changed = {Path(p): None if o is None else Path(o) for p, o in record["files"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a journal this module wrote: left as it is
+        if record.get("done"):
+            for old in (o for o in changed.values() if o is not None):
+                old.unlink(missing_ok=True)
+        else:
+            back += _put_back(changed)
+        found.unlink(missing_ok=True)
+    if back:
+        log(f"put back {len(back)} file(s) that an update cut off midway had changed: "
+            + ", ".join(one_line(p.name) for p in back[:5]))
+    return back
 
 
 RESULTS_LOCK = ".results.lock"  # the lock of a results folder that several commands update (tl/engine/folder_lock.py)
@@ -138,72 +211,63 @@ def updating(folder: Path, command: str, lock: str = RESULTS_LOCK, note: str = "
         yield
         return
     folders.make(folder)
-    with hold(folder, lock, wait=True, command=command, note=note, log=log), all_or_none():
-        put_back_old(folder, log)  # an update killed midway (SIGKILL, a power cut) is undone first
-        _UPDATING.add(key)
-        try:
-            yield
-        finally:
-            _UPDATING.discard(key)
+    with hold(folder, lock, wait=True, command=command, note=note, log=log):
+        finish_cut_off(Path(folder) / lock, log)  # an update killed midway (SIGKILL, a power cut) is undone first
+        with all_or_none(journal=Path(folder) / lock):
+            _UPDATING.add(key)
+            try:
+                yield
+            finally:
+                _UPDATING.discard(key)
 
 
-def writable_folder(folder: str | os.PathLike) -> Path:
+def writable_folder(folder: str | os.PathLike, room: int = 2**20) -> Path:
     """`folder`, tried with a file made and removed in it (and the folders made for it removed
     again): a command that computes for minutes or hours before it writes its results calls this
-    first, so a folder that cannot be written (read-only, not a folder, no permission) stops it at
-    once with the OSError the write would have raised (tl/engine/command.py says it in one line)."""
-    made_before = folders.made_so_far()
-    fd, probe = temporary_beside(Path(folder) / RESULTS_LOCK)
-    os.close(fd)
-    probe.unlink()
-    folders.remove_empty_made(since=made_before)
-    return Path(folder)
+    first, so a folder that cannot be written (read-only, not a folder, no permission, under
+    `room` bytes free: 1 MiB, less than a page and its pictures take) stops it at once with the
+    OSError the write would have raised (tl/engine/command.py says it in one line)."""
+    folder, made_before = Path(folder), folders.made_so_far()
+    try:
+        fd, probe = temporary_beside(folder / RESULTS_LOCK)
+        os.close(fd)
+        probe.unlink()
+        free = shutil.disk_usage(folder).free
+    except OSError as exc:  # the message names the folder, not the file that tried it
+        raise OSError(exc.errno, exc.strerror, str(folder)) from None
+    finally:
+        folders.remove_empty_made(since=made_before)
+    if free < room:
+        raise OSError(errno.ENOSPC, f"{free / 2**10:.0f} KiB free", str(folder))
+    return folder
 
 
 def _keep_old(path: Path) -> None:
     """In an all_or_none block, keep `path`'s version from before the block (the first time the
     block changes it): a hard link `.NAME.PID.XXXXXXXX.old` beside it, or a copy where the file
-    system has no hard links. A process killed inside the block leaves these behind; the next
-    `updating` of the folder puts them back (`put_back_old`)."""
-    if _OLD is not None and path not in _OLD:
-        _OLD[path] = _linked(path) if os.path.lexists(path) else None  # a link that points nowhere is kept too
+    system has no hard links, written down in the block's journal before it is made."""
+    block = _block
+    if block is None or path in block.old or path == block.journal:
+        return
+    exists = os.path.lexists(path)  # a link that points nowhere is kept too
+    block.old[path] = path.with_name(f".{path.name}.{os.getpid()}.{block.token}.old") if exists else None
+    block.write_journal()
+    if exists:
+        _link_or_copy(path, block.old[path])
 
 
-def _linked(path: Path) -> Path:
-    """A second name for `path`'s contents, made without copying where the file system allows."""
-    def link(other: Path) -> None:
-        try:
-            os.link(path, other, follow_symlinks=False)  # a symbolic link is kept as the link
-        except FileExistsError:
+def _link_or_copy(path: Path, other: Path) -> None:
+    """A second name `other` for `path`'s contents, made without copying where the file system allows."""
+    try:
+        os.link(path, other, follow_symlinks=False)  # a symbolic link is kept as the link
+    except OSError as exc:
+        if isinstance(exc, FileExistsError):
             raise
-        except OSError:  # no hard links here (FAT, some network file systems): a copy, which needs room
-            try:
-                shutil.copy2(path, other, follow_symlinks=False)
-            except BaseException:
-                other.unlink(missing_ok=True)  # a copy cut short by a full disk is not left behind
-                raise
-
-    return _beside(path, "old", link)[0]
-
-
-def _beside(path: Path, suffix: str, make: Callable[[Path], Any]) -> tuple[Path, Any]:
-    """`make(name)` for a new name `.NAME.PID.XXXXXXXX.SUFFIX` in `path`'s folder, drawn again
-    while one is taken; the name and what `make` returned. The writer's process id is in the
-    name, so a later process can tell a dead writer's leftover (`_left_by`)."""
-    for _ in range(100):
-        name = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.{suffix}"
-        try:
-            return name, make(name)
-        except FileExistsError:
-            continue  # a name drawn twice: draw again
-    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path.parent))
-
-
-def _left_by(leftover: Path) -> tuple[str, int | None]:
-    """The file a `.NAME.PID.XXXXXXXX.SUFFIX` name stands beside, and its writer's process id
-    (None where the name is not of that form)."""
-    parts = leftover.name[1:].rsplit(".", 3)  # NAME, PID, XXXXXXXX, SUFFIX
-    return parts[0], int(parts[1]) if len(parts) == 4 and parts[1].isdigit() else None
+        try:  # no hard links here (FAT, some network file systems): a copy, which needs room
+            shutil.copy2(path, other, follow_symlinks=False)
+        except BaseException:
+            other.unlink(missing_ok=True)  # a copy cut short by a full disk is not left behind
+            raise
 
 
 def remove(path: str | os.PathLike) -> None:
@@ -212,21 +276,29 @@ def remove(path: str | os.PathLike) -> None:
     path = Path(path)
     _keep_old(path)
     path.unlink(missing_ok=True)
-    if _OLD is not None:
-        _EMPTIED.append(path.parent)
+    if _block is not None:
+        _block.emptied.append(path.parent)
     elif not any(path.parent.iterdir()):
         path.parent.rmdir()
 
 
 def temporary_beside(path: str | os.PathLike, mode: int = 0o600) -> tuple[int, Path]:
     """A new empty file `.NAME.PID.XXXXXXXX.tmp` in `path`'s folder (created if needed): its
-    open descriptor and its path (`_beside`: a dead writer's leftover is told by its name,
-    `remove_stale_temporaries`). `mode` is trimmed by the
-    umask, as for any new file: 0o600 (the default, as `tempfile.mkstemp`) is the owner's alone."""
+    open descriptor and its path. The writer's process id is in the name, so a dead writer's
+    leftover is told by its name (`remove_stale_temporaries`). `mode` is trimmed by the umask,
+    as for any new file: 0o600 (the default, as `tempfile.mkstemp`) is the owner's alone."""
     path = Path(path)
     folders.make(path.parent)
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    tmp, fd = _beside(path, "tmp", lambda name: os.open(name, flags, mode))
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, flags, mode)
+            break
+        except FileExistsError:
+            continue  # a name drawn twice: draw again
+    else:
+        raise FileExistsError(errno.EEXIST, "no free temporary name", str(path.parent))
     return fd, tmp
 
 
@@ -255,30 +327,14 @@ def write_json(path: Path, obj: dict) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
-def put_back_old(folder: Path, log=print) -> list[Path]:
-    """Put back the old versions (`.NAME.PID.XXXXXXXX.old`) that an all_or_none block of a process
-    that no longer runs left under `folder`: its update was cut off, so the files it had replaced
-    or removed return as they were. (A file it had newly written stays: there was no old one.)"""
-    back = []
-    for old in sorted(Path(folder).rglob(".*.old")):
-        name, pid = _left_by(old)
-        if pid is not None and not _alive(pid):
-            os.replace(old, old.with_name(name))
-            back.append(old.with_name(name))
-    if back:
-        log(f"put back {len(back)} file(s) that an update cut off midway had replaced: "
-            + ", ".join(one_line(p.name) for p in back[:5]))
-    return back
-
-
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     """Delete the `.NAME.PID.*.tmp` files that a killed `atomic_write` left in `folder`:
     those whose writing process no longer exists. A live process's file is left alone, so
     this is safe on a folder several runs share (the feature cache)."""
     stale = []
     for p in Path(folder).glob(".*.tmp"):
-        pid = _left_by(p)[1]
-        if p.is_file() and not (pid is not None and _alive(pid)):
+        written_by = re.fullmatch(r"\..+\.(\d+)\.[0-9a-f]{8}\.tmp", p.name, re.DOTALL)  # a user's own
+        if written_by and p.is_file() and not _alive(int(written_by[1])):  # hidden .tmp file is left alone
             p.unlink(missing_ok=True)
             stale.append(p)
     return stale
@@ -287,7 +343,7 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # none by that number (or a number no process can have)
         return False
     except PermissionError:
         return True  # it exists, owned by someone else
