@@ -352,6 +352,26 @@ def test_an_update_killed_anywhere_is_finished_or_undone_by_the_next_update(tmp_
     assert ("put back" in " ".join(said)) == (after is OLD and kill_at != "keeping"), said
 
 
+def test_a_journal_is_trusted_only_as_far_as_an_update_could_have_written_it(tmp_path):
+    """A journal planted in a results folder (its form exact) that names a file outside the folder
+    as new and another file as an old version: the next update removes neither and renames
+    nothing over the folder's files."""
+    import json
+
+    folder, elsewhere = tmp_path / "results", tmp_path / "elsewhere"
+    folder.mkdir(), elsewhere.mkdir()
+    (elsewhere / "precious.txt").write_text("keep me\n")
+    (folder / "table.csv").write_text("the table\n")
+    (folder / "mine.old").write_text("not an old version\n")
+    planted = {"pid": 1, "done": False, "files": [[str(elsewhere / "precious.txt"), None],
+                                                  [str(folder / "table.csv"), str(folder / "mine.old")]]}
+    (folder / ".results.lock.1.0123abcd.journal").write_text(json.dumps(planted))
+    with files.updating(folder, "next", log=lambda line: None):
+        pass
+    assert (elsewhere / "precious.txt").read_text() == "keep me\n"
+    assert (folder / "table.csv").read_text() == "the table\n" and (folder / "mine.old").exists()
+
+
 def test_a_folder_that_cannot_be_written_is_found_before_any_result_and_a_good_one_is_left_as_it_was(unwritable,
                                                                                                       tmp_path):
     """writable_folder, which the commands that compute before they write call first: the OSError

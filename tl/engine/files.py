@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import glob
 import hashlib
 import json
 import os
@@ -124,8 +123,9 @@ def all_or_none(journal: Path | None = None):
         yield
         return
     block = _block = _Block()
-    if journal is not None:
-        block.journal = Path(journal).with_name(f".{Path(journal).name}.{os.getpid()}.{block.token}.journal")
+    if journal is not None:  # FOLDER/.LOCK -> FOLDER/.LOCK.PID.XXXXXXXX.journal
+        journal = Path(journal)
+        block.journal = journal.with_name(f".{journal.name.lstrip('.')}.{os.getpid()}.{block.token}.journal")
     try:
         yield
         block.write_journal(done=True)  # the moment the block counts as done: one rename
@@ -169,29 +169,39 @@ def _remove_journal(block: _Block) -> None:
 
 def finish_cut_off(journal: Path, log=print) -> list[Path]:
     """Finish the all_or_none blocks that processes killed inside them left (their journals
-    `FOLDER/.LOCK.*.journal`; the caller holds `FOLDER/LOCK`, so none of them still runs): a block
-    that was done loses only its old versions; one that was not gets every file it changed put
-    back, the newest block first, so the oldest state wins. The files put back."""
+    `FOLDER/.LOCK.PID.XXXXXXXX.journal`; the caller holds `FOLDER/LOCK`, so none of them still
+    runs): a block that was done loses only its old versions; one that was not gets every file it
+    changed put back, the newest block first, so the oldest state wins. The files put back.
+
+    A journal is only trusted as far as this module could have written it: an old version must bear
+    the journal's process id and token beside its file, and a new file to remove must lie in FOLDER."""
     journal = Path(journal)
-    journals = sorted(journal.parent.glob(f".{glob.escape(journal.name)}.*.journal"),
-                      key=lambda p: p.stat().st_mtime, reverse=True)
+    form = re.compile(rf"\.{re.escape(journal.name.lstrip('.'))}\.(\d+)\.([0-9a-f]{{8}})\.journal")
+    found = [(p, m) for p in journal.parent.iterdir() if (m := form.fullmatch(p.name)) and p.is_file()]
     back = []
-    for found in journals:
+    for path, (pid, token) in sorted(((p, m.groups()) for p, m in found), key=lambda f: f[0].stat().st_mtime,
+                                     reverse=True):
         try:
-            record = json.loads(found.read_text())
+            record = json.loads(path.read_text())
             changed = {Path(p): None if o is None else Path(o) for p, o in record["files"]}
         except (OSError, ValueError, KeyError, TypeError):
             continue  # not a journal this module wrote: left as it is
+        changed = {p: o for p, o in changed.items() if (o == p.with_name(f".{p.name}.{pid}.{token}.old")
+                                                        if o is not None else _inside(p, journal.parent))}
         if record.get("done"):
             for old in (o for o in changed.values() if o is not None):
                 old.unlink(missing_ok=True)
         else:
             back += _put_back(changed)
-        found.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
     if back:
         log(f"put back {len(back)} file(s) that an update cut off midway had changed: "
             + ", ".join(one_line(p.name) for p in back[:5]))
     return back
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return os.path.realpath(path).startswith(os.path.realpath(folder) + os.sep)
 
 
 RESULTS_LOCK = ".results.lock"  # the lock of a results folder that several commands update (tl/engine/folder_lock.py)
