@@ -573,8 +573,8 @@ def write_results(study, s: Search, setup: dict, to: Written) -> int:
         complete = any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
         pages = write_pages(study, s, setup, to.pages, to.command)
         path = write_tuned(study, s, setup, to.tuned, to.command) if complete else None
-        me = this_process()
-        study.set_user_attr("results_written", {"trials": ended, "by": f"host {me['host']}, pid {me['pid']}"})
+    me = this_process()  # recorded once the files are in place: a process killed before has its pages undone
+    study.set_user_attr("results_written", {"trials": ended, "by": f"host {me['host']}, pid {me['pid']}"})
     if path is None:
         print(f"no trial completed (all pruned or failed): no tuned numbers written; pages: {pages[0]}")
         return 0

@@ -336,7 +336,7 @@ def test_an_update_killed_anywhere_is_finished_or_undone_by_the_next_update(tmp_
     for name, text in OLD.items():
         (tmp_path / name).write_bytes(text)
     mine = [".notes.md.20240101.draft.old", ".notes.md.123.abcdef12.old", ".x.99999999999999999999.abc.tmp",
-            ".mine.tmp", ".results.lock.1.abcdef12.journal"]
+            ".mine.tmp", ".results.lock.journal", ".tune.lock.1.abcdef12.journal"]
     for name in mine:
         (tmp_path / name).write_text("the user's own\n")
     with monkeypatch.context() as killing:
@@ -352,6 +352,25 @@ def test_an_update_killed_anywhere_is_finished_or_undone_by_the_next_update(tmp_
     assert ("put back" in " ".join(said)) == (after is OLD and kill_at != "keeping"), said
 
 
+def test_a_folder_moved_after_a_killed_update_is_undone_where_it_lies_now(tmp_path, monkeypatch):
+    """The journal names its files relative to its folder: a results folder moved (or reached by
+    another path) after a killed update is undone where it is now, and a new folder made at the
+    old place keeps its files."""
+    killed, moved = tmp_path / "results", tmp_path / "moved"
+    killed.mkdir()
+    for name, text in OLD.items():
+        (killed / name).write_bytes(text)
+    with monkeypatch.context() as killing:
+        _killed_inside_an_update(killed, killing, "midway")
+    killed.rename(moved)
+    killed.mkdir()
+    (killed / "table.csv").write_text("another table\n")
+    with files.updating(moved, "next", log=lambda line: None):
+        pass
+    assert {name: (moved / name).read_bytes() for name in OLD} == OLD and not _left_behind(moved)
+    assert (killed / "table.csv").read_text() == "another table\n"
+
+
 def test_a_journal_is_trusted_only_as_far_as_an_update_could_have_written_it(tmp_path):
     """A journal planted in a results folder (its form exact) that names a file outside the folder
     as new and another file as an old version: the next update removes neither and renames
@@ -363,13 +382,31 @@ def test_a_journal_is_trusted_only_as_far_as_an_update_could_have_written_it(tmp
     (elsewhere / "precious.txt").write_text("keep me\n")
     (folder / "table.csv").write_text("the table\n")
     (folder / "mine.old").write_text("not an old version\n")
-    planted = {"pid": 1, "done": False, "files": [[str(elsewhere / "precious.txt"), None],
-                                                  [str(folder / "table.csv"), str(folder / "mine.old")]]}
+    planted = {"pid": 1, "done": False, "files": [["../elsewhere/precious.txt", None], [str(elsewhere / "precious.txt"),
+                                                  None], ["table.csv", "mine.old"]]}
     (folder / ".results.lock.1.0123abcd.journal").write_text(json.dumps(planted))
     with files.updating(folder, "next", log=lambda line: None):
         pass
     assert (elsewhere / "precious.txt").read_text() == "keep me\n"
     assert (folder / "table.csv").read_text() == "the table\n" and (folder / "mine.old").exists()
+
+
+@pytest.mark.parametrize("text", ['{"pid": 1, "done": fal', "garbage", '{"done": "no", "files": []}',
+                                  '{"done": false, "files": {"a": null}}', '{"done": false, "files": [["a", "x/y"]]}'],
+                         ids=["cut short", "garbage", "done not true or false", "files not a list", "old elsewhere"])
+def test_a_journal_that_cannot_be_read_stops_the_update_before_the_work_naming_it(tmp_path, text):
+    """A journal a person edited or cut short: the files its update changed may be half updated,
+    so the folder's next update (and, before any work, writable_folder) stops with one message
+    naming the journal, and changes nothing."""
+    from tl import TLError
+
+    (tmp_path / "table.csv").write_text("the table\n")
+    (tmp_path / ".results.lock.1.0123abcd.journal").write_text(text)
+    for attempt in (lambda: files.writable_folder(tmp_path), lambda: files.updating(tmp_path, "next").__enter__()):
+        with pytest.raises(TLError, match=r"\.results\.lock\.1\.0123abcd\.journal: the journal .* cannot be read"):
+            attempt()
+    assert (tmp_path / "table.csv").read_text() == "the table\n"
+    assert (tmp_path / ".results.lock.1.0123abcd.journal").read_text() == text
 
 
 def test_a_folder_that_cannot_be_written_is_found_before_any_result_and_a_good_one_is_left_as_it_was(unwritable,

@@ -503,6 +503,36 @@ def test_a_process_that_ends_while_another_runs_a_trial_writes_nothing(tmp_path,
     assert (to.pages / "trials.md").read_text() == "written by the other process\n"
 
 
+def test_the_study_records_its_results_as_written_only_once_they_are_in_place(tmp_path, monkeypatch, capsys):
+    """`results_written` (which lets a later process leave the pages as they are) is recorded after the
+    update of the pages and the tuned file is done: a process killed inside that update has them
+    undone by the next (tl.engine.files.finish_cut_off) and must not have claimed them."""
+    import contextlib
+
+    from experiments import tune
+    from tl.engine import files, tuning
+
+    study = tuning.open_study(tmp_path / "s.db", "s", {"recipe": "r", "dataset": "d", "data_fingerprint": "f"}, 0)
+    study.tell(study.ask(), 0.5)
+    events, update = [], files.updating
+
+    @contextlib.contextmanager
+    def watched(*args, **kwargs):
+        with update(*args, **kwargs):
+            yield
+        events.append("update done")
+
+    monkeypatch.setattr(files, "updating", watched)
+    monkeypatch.setattr(study, "set_user_attr", lambda key, value: events.append(key))
+    to = tune.Written(tmp_path / "pages" / "r-d", tmp_path / "tuned" / "r-d.json", "python -m experiments.tune")
+    monkeypatch.setattr(tune, "write_pages", lambda *a: [to.pages / "trials.md"])
+    monkeypatch.setattr(tune, "write_tuned", lambda *a: to.tuned)
+    monkeypatch.setattr(tune, "train_command", lambda *a: "python main.py ...")
+    search = type("Search", (), {"args": None, "data": None})
+    assert tune.write_results(study, search, {}, to) == 0
+    assert events == ["update done", "results_written"], events
+
+
 def test_the_printed_training_command_names_the_tuned_folder_the_backbone_and_quotes_the_data(tmp_path):
     """The command tune prints at its end is one a shell runs as it reads: TL_TUNED_DIR where the
     tuned file went elsewhere, -b where a backbone was given, a data path with a | or a space quoted."""

@@ -28,7 +28,7 @@ data
   class_names.py      class names that print alike but differ in their Unicode form; a name
                       shown on one line (its line feeds and escapes as \\n, \\x1b)
 files
-  files.py            atomic writes, stale temporaries swept, the digest of a state
+  files.py            atomic writes; files that change together (a journal undoes a killed update); digests
   folders.py          the folders a command makes; a failed command leaves none of them empty
   folder_lock.py      one writer per folder: an exclusive lock that names its holder
   checkpoint.py       the state_dict and checkpoint formats, read with weights_only; a

@@ -98,9 +98,13 @@ class _Block:
     token: str = dataclasses.field(default_factory=lambda: secrets.token_hex(4))
 
     def write_journal(self, done: bool = False) -> None:
+        """The journal: the files of its folder the block changes, named relative to the folder (so
+        a folder moved or reached by another path still finds them); a file elsewhere is not its to undo."""
         if self.journal is not None:
-            write_json(self.journal, {"pid": os.getpid(), "done": done,
-                                      "files": [[str(p), None if o is None else str(o)] for p, o in self.old.items()]})
+            folder = os.path.realpath(self.journal.parent)
+            files = [[os.path.relpath(_real(p), folder), None if o is None else o.name] for p, o in self.old.items()
+                     if _inside(p, folder)]
+            write_json(self.journal, {"pid": os.getpid(), "done": done, "files": files})
 
 
 _block: _Block | None = None  # the all_or_none block running now, if any
@@ -114,10 +118,11 @@ def all_or_none(journal: Path | None = None):
 
     A process killed inside the block (SIGKILL, a power cut) cannot put anything back itself.
     With `journal` (`FOLDER/LOCK`, a lock the caller holds: `updating`), the block writes down,
-    in `FOLDER/.LOCK.PID.XXXXXXXX.journal`, each file before it changes it and where its old
-    version is kept, and marks the journal done once every file is in place: the next holder of
+    in `FOLDER/.LOCK.PID.XXXXXXXX.journal`, each file of FOLDER before it changes it and where its
+    old version is kept, and marks the journal done once every file is in place: the next holder of
     the lock finishes what a journal says (`finish_cut_off`), putting back the files of a block
-    that was not done, and only removing the old versions of one that was."""
+    that was not done, and only removing the old versions of one that was. (A file outside FOLDER
+    is not the lock's to undo: a killed block leaves it whole, as atomic_write does.)"""
     global _block
     if _block is not None:
         yield
@@ -171,24 +176,12 @@ def finish_cut_off(journal: Path, log=print) -> list[Path]:
     """Finish the all_or_none blocks that processes killed inside them left (their journals
     `FOLDER/.LOCK.PID.XXXXXXXX.journal`; the caller holds `FOLDER/LOCK`, so none of them still
     runs): a block that was done loses only its old versions; one that was not gets every file it
-    changed put back, the newest block first, so the oldest state wins. The files put back.
-
-    A journal is only trusted as far as this module could have written it: an old version must bear
-    the journal's process id and token beside its file, and a new file to remove must lie in FOLDER."""
+    changed put back, the newest block first, so the oldest state wins. The files put back."""
     journal = Path(journal)
-    form = re.compile(rf"\.{re.escape(journal.name.lstrip('.'))}\.(\d+)\.([0-9a-f]{{8}})\.journal")
-    found = [(p, m) for p in journal.parent.iterdir() if (m := form.fullmatch(p.name)) and p.is_file()]
+    found = sorted(journals(journal.parent, journal.name), key=lambda f: f[0].stat().st_mtime, reverse=True)
     back = []
-    for path, (pid, token) in sorted(((p, m.groups()) for p, m in found), key=lambda f: f[0].stat().st_mtime,
-                                     reverse=True):
-        try:
-            record = json.loads(path.read_text())
-            changed = {Path(p): None if o is None else Path(o) for p, o in record["files"]}
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # not a journal this module wrote: left as it is
-        changed = {p: o for p, o in changed.items() if (o == p.with_name(f".{p.name}.{pid}.{token}.old")
-                                                        if o is not None else _inside(p, journal.parent))}
-        if record.get("done"):
+    for path, done, changed in found:
+        if done:
             for old in (o for o in changed.values() if o is not None):
                 old.unlink(missing_ok=True)
         else:
@@ -200,8 +193,41 @@ def finish_cut_off(journal: Path, log=print) -> list[Path]:
     return back
 
 
+def journals(folder: Path, lock: str = "*") -> list[tuple[Path, bool, dict[Path, Path | None]]]:
+    """The journals in `folder` of updates under `lock` (any lock: "*"): each one's path, whether
+    its block was done, and the files it changed with their old versions. A journal is trusted only
+    as far as this module could have written it (a file in FOLDER; an old version beside its file,
+    bearing the journal's process id and token); one that cannot be read is a TLError naming it."""
+    from tl import TLError
+
+    lock = re.escape(lock.lstrip(".")) if lock != "*" else ".+"
+    form = re.compile(rf"\.{lock}\.(\d+)\.([0-9a-f]{{8}})\.journal")
+    found = []
+    for path in (p for p in folder.iterdir() if p.is_file()):
+        if not (match := form.fullmatch(path.name)):
+            continue
+        pid, token = match.groups()
+        try:
+            record = json.loads(path.read_text())
+            done = record["done"]
+            changed = {folder / p: None if o is None else (folder / p).with_name(o) for p, o in record["files"]}
+            if not isinstance(done, bool):
+                raise TypeError(done)
+        except (OSError, ValueError, KeyError, TypeError):
+            raise TLError(f"{path}: the journal of an update cut off midway cannot be read, so the files it changed "
+                          f"in {folder} may be half updated: check them, then delete the journal") from None
+        found.append((path, done, {p: o for p, o in changed.items() if _inside(p, folder) and (
+            o is None or o == p.with_name(f".{p.name}.{pid}.{token}.old"))}))
+    return found
+
+
 def _inside(path: Path, folder: Path) -> bool:
-    return os.path.realpath(path).startswith(os.path.realpath(folder) + os.sep)
+    return _real(path).startswith(os.path.realpath(folder) + os.sep)
+
+
+def _real(path: Path) -> str:
+    """`path` with its folder's links and `..` resolved (not a link it may itself be)."""
+    return os.path.join(os.path.realpath(path.parent), path.name)
 
 
 RESULTS_LOCK = ".results.lock"  # the lock of a results folder that several commands update (tl/engine/folder_lock.py)
@@ -222,7 +248,8 @@ def updating(folder: Path, command: str, lock: str = RESULTS_LOCK, note: str = "
         return
     folders.make(folder)
     with hold(folder, lock, wait=True, command=command, note=note, log=log):
-        finish_cut_off(Path(folder) / lock, log)  # an update killed midway (SIGKILL, a power cut) is undone first
+        finish_cut_off(Path(folder) / lock, log)  # an update killed midway (SIGKILL, a power cut) is undone first,
+        remove_stale_temporaries(folder)  # and the temporaries it left go
         with all_or_none(journal=Path(folder) / lock):
             _UPDATING.add(key)
             try:
@@ -249,6 +276,8 @@ def writable_folder(folder: str | os.PathLike, room: int = 2**20) -> Path:
         folders.remove_empty_made(since=made_before)
     if free < room:
         raise OSError(errno.ENOSPC, f"{free / 2**10:.0f} KiB free", str(folder))
+    if folder.is_dir():
+        journals(folder)  # a journal that cannot be read would stop the update: said now, before the work
     return folder
 
 
