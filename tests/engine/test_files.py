@@ -286,9 +286,10 @@ def test_an_update_inside_this_processs_own_update_of_the_folder_is_part_of_it(t
 
 def _killed_inside_an_update(folder, monkeypatch, kill_at: str) -> None:
     """A forked process updates `folder` (replaces table.csv and page.md, writes new.csv, removes
-    gone.csv) and is killed with SIGKILL at `kill_at`: the moment its first old version is about
-    to be made ("keeping"), after the table is replaced ("midway"), or in the tidying after the
-    block was done, with one old version removed and one not ("tidying")."""
+    gone.csv) and is killed with SIGKILL at `kill_at`: as its journal is first written, before the
+    rename ("journaling"), the moment its first old version is about to be made ("keeping"), after
+    the table is replaced ("midway"), or in the tidying after the block was done, with one old
+    version removed and one not ("tidying")."""
     import signal
 
     def kill():
@@ -296,6 +297,10 @@ def _killed_inside_an_update(folder, monkeypatch, kill_at: str) -> None:
 
     if kill_at == "keeping":
         monkeypatch.setattr(files, "_link_or_copy", lambda *a: kill())
+    if kill_at == "journaling":
+        replace = os.replace
+        monkeypatch.setattr(os, "replace", lambda src, dst: kill() if str(dst).endswith(".journal") else
+                            replace(src, dst))
     if kill_at == "tidying":
         unlink, removed = Path.unlink, []
 
@@ -326,7 +331,7 @@ OLD = {"table.csv": b"old table\n", "page.md": b"old page\n", "gone.csv": b"gone
 NEW = {"table.csv": b"new table\n", "page.md": b"new page\n", "new.csv": b"new\n"}
 
 
-@pytest.mark.parametrize("kill_at, after", [("keeping", OLD), ("midway", OLD), ("tidying", NEW)])
+@pytest.mark.parametrize("kill_at, after", [("journaling", OLD), ("keeping", OLD), ("midway", OLD), ("tidying", NEW)])
 def test_an_update_killed_anywhere_is_finished_or_undone_by_the_next_update(tmp_path, monkeypatch, kill_at, after):
     """A process killed (SIGKILL) inside `updating`: before it changed anything, midway (a new table
     beside the old page), or after its block was done while it removed the old versions. The next
@@ -349,7 +354,7 @@ def test_an_update_killed_anywhere_is_finished_or_undone_by_the_next_update(tmp_
     assert {name: found.pop(name) for name in mine} == {name: b"the user's own\n" for name in mine}
     found.pop(".results.lock")
     assert found == after, (kill_at, found, said)
-    assert ("put back" in " ".join(said)) == (after is OLD and kill_at != "keeping"), said
+    assert ("put back" in " ".join(said)) == (kill_at == "midway"), said
 
 
 def test_a_folder_moved_after_a_killed_update_is_undone_where_it_lies_now(tmp_path, monkeypatch):
