@@ -349,7 +349,6 @@ def test_an_update_killed_anywhere_is_finished_or_undone_by_the_next_update(tmp_
     said = []
     with files.updating(tmp_path, "next", log=said.append):
         pass
-    files.remove_stale_temporaries(tmp_path)
     found = _folder(tmp_path)
     assert {name: found.pop(name) for name in mine} == {name: b"the user's own\n" for name in mine}
     found.pop(".results.lock")
