@@ -166,7 +166,7 @@ def test_run_folder_files_share_one_mode_and_stale_temporaries_go(tiny_data, pre
     run_dir = train_frozen(tiny_data, tmp_path / "runs", 1, "--save-every-epoch", weights=pretrained)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in run_dir.iterdir()}
     assert len(set(modes.values())) == 1, modes
-    (run_dir / ".last.ckpt.abc123.tmp").write_bytes(b"half a save")  # a save killed mid-write
+    (run_dir / ".last.ckpt.999999999.0123abcd.tmp").write_bytes(b"half a save")  # a save killed mid-write
     assert main.main(["--resume", str(run_dir / "last.ckpt"), "--epochs", "2", "--no-progress"]) == 0
     assert not list(run_dir.glob(".*.tmp"))
 
