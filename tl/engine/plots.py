@@ -49,7 +49,7 @@ def save_figure(fig, path: str | Path) -> Path:
             text.set_text(_escaped(text.get_text()))
         for axis in (axis for ax in fig.axes for axis in (ax.xaxis, ax.yaxis)):  # tick labels given as a list
             if isinstance(formatter := axis.get_major_formatter(), FuncFormatter):  # are drawn anew by a function
-                formatter.func = functools.partial(lambda label, x, pos: _escaped(label(x, pos)), formatter.func)
+                formatter.func = _escaping(formatter.func)
         fig.savefig(picture, format=path.suffix[1:].lower() or "png", dpi=110)
     finally:
         plt.close(fig)
@@ -59,6 +59,11 @@ def save_figure(fig, path: str | Path) -> Path:
 def _escaped(text: str) -> str:
     """`text` with each control character but the line feed (a title's own line break) as its escape."""
     return re.sub(r"(?!\n)" + CONTROL.pattern, shown_char, text)
+
+
+def _escaping(label):
+    """A tick labeller (value, position -> text) whose labels are `_escaped`."""
+    return lambda x, pos: _escaped(label(x, pos))
 
 
 MAX_CLASSES_SHOWN = 30  # a confusion matrix with more classes shows the most-confused ones (all in confusion.csv)
