@@ -169,11 +169,14 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.growth", description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=at_least(10), nargs="+", default=[1000, 5000, 25000],
-                   help="images per data set (>= 10: both classes in train and val)")
+                   help="images per data set (>= 10: both classes in train and val; two sizes or more: the "
+                        "straight-line fit needs two points)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (0: the 2-core CPU's best)")
     p.add_argument("--cache-limit-gb", type=float, default=2.0)
     p.add_argument("--out", type=Path, default=Path("results"))
     args = p.parse_args(argv)
+    if len(set(args.sizes)) < 2:
+        p.error("--sizes needs two different sizes or more: a straight line through one point is no measurement")
     writable_folder(args.out)  # a folder that cannot be written stops it before anything is measured
     commit, rows = git_commit(), []
     with tempfile.TemporaryDirectory() as tmp:

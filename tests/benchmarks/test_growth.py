@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from benchmarks import growth
 from benchmarks.growth import MARK_END, MARK_START, fit, make_images, merge_section
 
 
@@ -40,3 +41,12 @@ def test_growth_measures_the_feature_pass_in_its_child_process(tmp_path, monkeyp
     data = make_images(tmp_path / "images", 10, size=32)
     result = _child(FEATURE_CODE, str(data), "0", "1.0", env={"TL_CACHE_DIR": str(tmp_path / "cache")})
     assert result["images"] == 10 and result["seconds"] > 0, json.dumps(result)
+
+
+@pytest.mark.parametrize("sizes", [["10"], ["50", "50"]])
+def test_one_size_is_refused_not_fitted(sizes, tmp_path, capsys):
+    """A straight line through one point would print a slope and "0.0% deviation" that no one measured."""
+    with pytest.raises(SystemExit) as stopped:
+        growth.main(["--sizes", *sizes, "--out", str(tmp_path)])
+    assert stopped.value.code == 2 and "needs two different sizes" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

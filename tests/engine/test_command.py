@@ -24,7 +24,7 @@ BENCHMARKS = {  # each benchmark that measures before it writes, with its argume
     "blind_sizes": ["--data", "DATA", "--sizes", "32"],
     "imagenet_heads": ["--data", "DATA", "--backbones", "efficientnet_lite0"],
     "bench": ["--data", "DATA", "--cases", "1", "--repeats", "1", "--skip-memory", "--skip-frozen"],
-    "growth": ["--sizes", "10"],
+    "growth": ["--sizes", "10", "20"],
     "peers": ["--data", "DATA", "--seeds", "0"],
 }
 

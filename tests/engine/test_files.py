@@ -284,12 +284,12 @@ def test_an_update_inside_this_processs_own_update_of_the_folder_is_part_of_it(t
     assert (tmp_path / "a.csv").read_text() == "a\n"
 
 
-def _killed_inside_an_update(folder, monkeypatch, kill_at: str) -> None:
+def _killed_inside_an_update(folder, monkeypatch, kill_at: str, elsewhere: Path | None = None) -> None:
     """A forked process updates `folder` (replaces table.csv and page.md, writes new.csv, removes
     gone.csv) and is killed with SIGKILL at `kill_at`: as its journal is first written, before the
     rename ("journaling"), the moment its first old version is about to be made ("keeping"), after
     the table is replaced ("midway"), or in the tidying after the block was done, with one old
-    version removed and one not ("tidying")."""
+    version removed and one not ("tidying"). `elsewhere`: a file outside the folder it replaces first."""
     import signal
 
     def kill():
@@ -316,6 +316,8 @@ def _killed_inside_an_update(folder, monkeypatch, kill_at: str) -> None:
     if pid == 0:  # the child: never returns into pytest
         try:
             with files.updating(folder, "killed", log=lambda line: None):
+                if elsewhere is not None:
+                    files.atomic_write_text(elsewhere, "new\n")
                 files.atomic_write_text(folder / "table.csv", "new table\n")
                 if kill_at == "midway":
                     kill()
@@ -359,13 +361,15 @@ def test_an_update_killed_anywhere_is_finished_or_undone_by_the_next_update(tmp_
 def test_a_folder_moved_after_a_killed_update_is_undone_where_it_lies_now(tmp_path, monkeypatch):
     """The journal names its files relative to its folder: a results folder moved (or reached by
     another path) after a killed update is undone where it is now, and a new folder made at the
-    old place keeps its files."""
-    killed, moved = tmp_path / "results", tmp_path / "moved"
-    killed.mkdir()
+    old place keeps its files. A file outside the folder (tune's tuned file) is not the folder's
+    to undo: it keeps its new version, whole, and its old version is removed."""
+    killed, moved, tuned = tmp_path / "results", tmp_path / "moved", tmp_path / "tuned" / "t.json"
+    killed.mkdir(), tuned.parent.mkdir()
+    tuned.write_text("old\n")
     for name, text in OLD.items():
         (killed / name).write_bytes(text)
     with monkeypatch.context() as killing:
-        _killed_inside_an_update(killed, killing, "midway")
+        _killed_inside_an_update(killed, killing, "midway", elsewhere=tuned)
     killed.rename(moved)
     killed.mkdir()
     (killed / "table.csv").write_text("another table\n")
@@ -373,6 +377,7 @@ def test_a_folder_moved_after_a_killed_update_is_undone_where_it_lies_now(tmp_pa
         pass
     assert {name: (moved / name).read_bytes() for name in OLD} == OLD and not _left_behind(moved)
     assert (killed / "table.csv").read_text() == "another table\n"
+    assert tuned.read_text() == "new\n" and [p.name for p in tuned.parent.iterdir()] == ["t.json"]
 
 
 def test_a_journal_is_trusted_only_as_far_as_an_update_could_have_written_it(tmp_path):

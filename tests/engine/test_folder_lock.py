@@ -312,3 +312,23 @@ def test_a_run_on_a_really_full_disk_leaves_no_folder(tmp_path, tiny_data, tiny_
         assert sorted(p.name for p in disk.iterdir()) == ["filler"]
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_plain_lock_file_that_cannot_be_opened_gives_the_real_reason(tmp_path):
+    """A folder whose lock file exists but is on a read-only disk (a folder turned read-only after
+    an earlier update): the machine's own error (read-only file system), not "not a plain file"."""
+    import errno
+    import subprocess
+
+    from tests.conftest import mount_small_tmpfs
+
+    disk = tmp_path / "disk"
+    mount_small_tmpfs(disk, "1m")
+    try:
+        (disk / ".test.lock").write_text("")
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        with pytest.raises(OSError) as caught, hold(disk, ".test.lock", wait=False):
+            pass
+        assert caught.value.errno == errno.EROFS
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

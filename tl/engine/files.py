@@ -99,12 +99,14 @@ class _Block:
 
     def write_journal(self, done: bool = False) -> None:
         """The journal: the files of its folder the block changes, named relative to the folder (so
-        a folder moved or reached by another path still finds them); a file elsewhere is not its to undo."""
+        a folder moved or reached by another path still finds them). A file elsewhere is not its to
+        undo: only its old version is listed ("elsewhere"), to be removed."""
         if self.journal is not None:
             folder = os.path.realpath(self.journal.parent)
             files = [[os.path.relpath(_real(p), folder), None if o is None else o.name] for p, o in self.old.items()
                      if _inside(p, folder)]
-            write_json(self.journal, {"pid": os.getpid(), "done": done, "files": files})
+            elsewhere = [_real(o) for p, o in self.old.items() if o is not None and not _inside(p, folder)]
+            write_json(self.journal, {"pid": os.getpid(), "done": done, "files": files, "elsewhere": elsewhere})
 
 
 _block: _Block | None = None  # the all_or_none block running now, if any
@@ -180,12 +182,14 @@ def finish_cut_off(journal: Path, log=print) -> list[Path]:
     journal = Path(journal)
     found = sorted(journals(journal.parent, journal.name), key=lambda f: f[0].stat().st_mtime, reverse=True)
     back = []
-    for path, done, changed in found:
+    for path, done, changed, elsewhere in found:
         if done:
             for old in (o for o in changed.values() if o is not None):
                 old.unlink(missing_ok=True)
         else:
             back += _put_back(changed)
+        for old in elsewhere:
+            old.unlink(missing_ok=True)
         path.unlink(missing_ok=True)
     if back:
         log(f"put back {len(back)} file(s) that an update cut off midway had changed: "
@@ -193,11 +197,12 @@ def finish_cut_off(journal: Path, log=print) -> list[Path]:
     return back
 
 
-def journals(folder: Path, lock: str = "*") -> list[tuple[Path, bool, dict[Path, Path | None]]]:
+def journals(folder: Path, lock: str = "*") -> list[tuple[Path, bool, dict[Path, Path | None], list[Path]]]:
     """The journals in `folder` of updates under `lock` (any lock: "*"): each one's path, whether
-    its block was done, and the files it changed with their old versions. A journal is trusted only
-    as far as this module could have written it (a file in FOLDER; an old version beside its file,
-    bearing the journal's process id and token); one that cannot be read is a TLError naming it."""
+    its block was done, the files of FOLDER it changed with their old versions, and the old versions
+    it kept of files elsewhere. A journal is trusted only as far as this module could have written
+    it (a file in FOLDER; an old version bearing the journal's process id and token, beside its file);
+    one that cannot be read is a TLError naming it."""
     from tl import TLError
 
     lock = re.escape(lock.lstrip(".")) if lock != "*" else ".+"
@@ -211,13 +216,16 @@ def journals(folder: Path, lock: str = "*") -> list[tuple[Path, bool, dict[Path,
             record = json.loads(path.read_text())
             done = record["done"]
             changed = {folder / p: None if o is None else (folder / p).with_name(o) for p, o in record["files"]}
+            elsewhere = [Path(o) for o in record.get("elsewhere", [])]
             if not isinstance(done, bool):
                 raise TypeError(done)
         except (OSError, ValueError, KeyError, TypeError):
             raise TLError(f"{path}: the journal of an update cut off midway cannot be read, so the files it changed "
                           f"in {folder} may be half updated: check them, then delete the journal") from None
+        ours = re.compile(rf"\..+\.{pid}\.{token}\.old", re.DOTALL)
         found.append((path, done, {p: o for p, o in changed.items() if _inside(p, folder) and (
-            o is None or o == p.with_name(f".{p.name}.{pid}.{token}.old"))}))
+            o is None or o == p.with_name(f".{p.name}.{pid}.{token}.old"))},
+            [o for o in elsewhere if o.is_absolute() and ours.fullmatch(o.name)]))
     return found
 
 

@@ -108,7 +108,7 @@ def _open_lock_file(path: Path):
     except OSError:
         if os.path.islink(path):
             raise TLError(f"{path} is a link; a lock file must be a plain file: remove the link") from None
-        if os.path.lexists(path) and not os.path.isdir(path):  # a socket cannot even be opened
+        if os.path.lexists(path) and not (os.path.isdir(path) or os.path.isfile(path)):  # a socket: no open
             raise TLError(f"{path} is not a plain file; a lock file must be one: remove it") from None
         raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO, a device: nothing a holder's line can be kept in
