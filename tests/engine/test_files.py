@@ -380,6 +380,22 @@ def test_a_folder_moved_after_a_killed_update_is_undone_where_it_lies_now(tmp_pa
     assert tuned.read_text() == "new\n" and [p.name for p in tuned.parent.iterdir()] == ["t.json"]
 
 
+def test_old_versions_deleted_by_hand_after_a_killed_update_are_said_not_put_back(tmp_path, monkeypatch):
+    """A killed update whose hidden old versions a person deleted: the files it replaced cannot be
+    put back, and the next update says which (the new file it made is still removed)."""
+    for name, text in OLD.items():
+        (tmp_path / name).write_bytes(text)
+    with monkeypatch.context() as killing:
+        _killed_inside_an_update(tmp_path, killing, "midway")
+    for old in tmp_path.glob(".*.old"):
+        old.unlink()
+    said = []
+    with files.updating(tmp_path, "next", log=said.append):
+        pass
+    assert (tmp_path / "table.csv").read_text() == "new table\n"
+    assert [line for line in said if line.startswith("warning: 1 file(s)") and line.endswith(": table.csv")], said
+
+
 def test_a_journal_is_trusted_only_as_far_as_an_update_could_have_written_it(tmp_path):
     """A journal planted in a results folder (its form exact) that names a file outside the folder
     as new and another file as an old version: the next update removes neither and renames

@@ -96,6 +96,7 @@ class _Block:
     emptied: list[Path] = dataclasses.field(default_factory=list)  # folders to remove if the block leaves them empty
     journal: Path | None = None  # where the block writes down what it changes (`all_or_none(journal=...)`)
     token: str = dataclasses.field(default_factory=lambda: secrets.token_hex(4))
+    inode: dict[Path, int] = dataclasses.field(default_factory=dict)  # each changed file's before the block
 
     def write_journal(self, done: bool = False) -> None:
         """The journal: the files of its folder the block changes, named relative to the folder (so
@@ -103,8 +104,8 @@ class _Block:
         undo: only its old version is listed ("elsewhere"), to be removed."""
         if self.journal is not None:
             folder = os.path.realpath(self.journal.parent)
-            files = [[os.path.relpath(_real(p), folder), None if o is None else o.name] for p, o in self.old.items()
-                     if _inside(p, folder)]
+            files = [[os.path.relpath(_real(p), folder), None if o is None else o.name, self.inode.get(p)]
+                     for p, o in self.old.items() if _inside(p, folder)]
             elsewhere = [_real(o) for p, o in self.old.items() if o is not None and not _inside(p, folder)]
             write_json(self.journal, {"pid": os.getpid(), "done": done, "files": files, "elsewhere": elsewhere})
 
@@ -181,12 +182,14 @@ def finish_cut_off(journal: Path, log=print) -> list[Path]:
     changed put back, the newest block first, so the oldest state wins. The files put back."""
     journal = Path(journal)
     found = sorted(journals(journal.parent, journal.name), key=lambda f: f[0].stat().st_mtime, reverse=True)
-    back = []
-    for path, done, changed, elsewhere in found:
+    back, gone = [], []
+    for path, done, changed, elsewhere, inode in found:
         if done:
             for old in (o for o in changed.values() if o is not None):
                 old.unlink(missing_ok=True)
-        else:
+        else:  # a file whose old version is gone was changed if it no longer is the file it was
+            gone += [p for p, o in changed.items() if o is not None and not os.path.lexists(o)
+                     and not (os.path.lexists(p) and os.lstat(p).st_ino == inode.get(p))]
             back += _put_back(changed)
         for old in elsewhere:
             old.unlink(missing_ok=True)
@@ -194,15 +197,20 @@ def finish_cut_off(journal: Path, log=print) -> list[Path]:
     if back:
         log(f"put back {len(back)} file(s) that an update cut off midway had changed: "
             + ", ".join(one_line(p.name) for p in back[:5]))
+    if gone:  # their old versions were deleted by hand
+        log(f"warning: {len(gone)} file(s) that an update cut off midway had changed have no old version left "
+            f"to put back (deleted?): they stay as that update left them: "
+            + ", ".join(one_line(p.name) for p in gone[:5]))
     return back
 
 
-def journals(folder: Path, lock: str = "*") -> list[tuple[Path, bool, dict[Path, Path | None], list[Path]]]:
+def journals(folder: Path, lock: str = "*") -> list[tuple]:
     """The journals in `folder` of updates under `lock` (any lock: "*"): each one's path, whether
-    its block was done, the files of FOLDER it changed with their old versions, and the old versions
-    it kept of files elsewhere. A journal is trusted only as far as this module could have written
-    it (a file in FOLDER; an old version bearing the journal's process id and token, beside its file);
-    one that cannot be read is a TLError naming it."""
+    its block was done, the files of FOLDER it changed with their old versions, the old versions it
+    kept of files elsewhere, and the inode each changed file had before the block. A journal is
+    trusted only as far as this module could have written it (a file in FOLDER; an old version
+    bearing the journal's process id and token, beside its file); one that cannot be read is a
+    TLError naming it."""
     from tl import TLError
 
     lock = re.escape(lock.lstrip(".")) if lock != "*" else ".+"
@@ -215,7 +223,8 @@ def journals(folder: Path, lock: str = "*") -> list[tuple[Path, bool, dict[Path,
         try:
             record = json.loads(path.read_text())
             done = record["done"]
-            changed = {folder / p: None if o is None else (folder / p).with_name(o) for p, o in record["files"]}
+            changed = {folder / p: None if o is None else (folder / p).with_name(o) for p, o, *_ in record["files"]}
+            inode = {folder / p: (more or [None])[0] for p, _, *more in record["files"]}
             elsewhere = [Path(o) for o in record.get("elsewhere", [])]
             if not isinstance(done, bool):
                 raise TypeError(done)
@@ -225,7 +234,7 @@ def journals(folder: Path, lock: str = "*") -> list[tuple[Path, bool, dict[Path,
         ours = re.compile(rf"\..+\.{pid}\.{token}\.old", re.DOTALL)
         found.append((path, done, {p: o for p, o in changed.items() if _inside(p, folder) and (
             o is None or o == p.with_name(f".{p.name}.{pid}.{token}.old"))},
-            [o for o in elsewhere if o.is_absolute() and ours.fullmatch(o.name)]))
+            [o for o in elsewhere if o.is_absolute() and ours.fullmatch(o.name)], inode))
     return found
 
 
@@ -298,6 +307,8 @@ def _keep_old(path: Path) -> None:
         return
     exists = os.path.lexists(path)  # a link that points nowhere is kept too
     block.old[path] = path.with_name(f".{path.name}.{os.getpid()}.{block.token}.old") if exists else None
+    if exists:
+        block.inode[path] = os.lstat(path).st_ino  # a replaced or removed file no longer has it
     block.write_journal()
     if exists:
         _link_or_copy(path, block.old[path])
