@@ -199,7 +199,7 @@ def finish_cut_off(journal: Path, log=print) -> list[Path]:
             + ", ".join(one_line(p.name) for p in back[:5]))
     if gone:  # their old versions were deleted by hand
         log(f"warning: {len(gone)} file(s) that an update cut off midway had changed have no old version left "
-            f"to put back (deleted?): they stay as that update left them: "
+            f"to put back (deleted?): they stay as they are now: "
             + ", ".join(one_line(p.name) for p in gone[:5]))
     return back
 
