@@ -154,7 +154,10 @@ def test_rows_with_numbers_tuned_for_another_backbone_say_so_and_stay_out_of_the
     relabelled = note("lite0_tuned_modern_finetune")
     assert "chose for efficientnet_lite0" in relabelled and "not its tuned numbers" in relabelled
     summary = pd.read_csv(ROOT / "results" / "summary.csv")
-    assert not summary[summary.backbone != "efficientnet_lite0"].experiment.eq("tuned_modern_finetune").any()
+    tuned = summary[summary.experiment == "tuned_modern_finetune"]
+    searched = {(d, b) for d, b in zip(tuned.dataset, tuned.backbone)
+                if (ROOT / "experiments" / "tuned" / f"modern_finetune-{d}-{b}.json").is_file()}
+    assert len(tuned) and searched == set(zip(tuned.dataset, tuned.backbone))  # each row's numbers are its own
     readme = (ROOT / "README.md").read_text()
     answer = readme[readme.index("Which recipe should I use?"):]
     assert "tuned_modern_finetune` (" not in answer.split("The tuned recipes")[0]
