@@ -107,7 +107,7 @@ class _Block:
             files = [[os.path.relpath(_real(p), folder), None if o is None else o.name, self.inode.get(p)]
                      for p, o in self.old.items() if _inside(p, folder)]
             elsewhere = [_real(o) for p, o in self.old.items() if o is not None and not _inside(p, folder)]
-            write_json(self.journal, {"pid": os.getpid(), "done": done, "files": files, "elsewhere": elsewhere})
+            write_json(self.journal, {"done": done, "files": files, "elsewhere": elsewhere})  # its name holds the pid
 
 
 _block: _Block | None = None  # the all_or_none block running now, if any
