@@ -31,11 +31,12 @@ label smoothing, the augmentation (tutorial / standard / strong), and the BatchN
 How. Optuna's TPE sampler (Bergstra et al., NeurIPS 2011) first draws at random, then
 splits the trials so far into the better ones and the rest, models where each lies in the
 search space, and proposes numbers that are likely under the first and unlikely under the
-second. The median pruner stops a trial after an epoch whose inner val accuracy is below
-the median of earlier trials at the same epoch (from the 6th trial and the 2nd epoch on):
-bad settings cost a few epochs, not a whole run. It compares equal epoch numbers, so a
-short schedule (its cosine already low) is compared with the early epochs of a long one:
-pruning favours fast starters. A trial whose loss diverges counts as pruned.
+second. The median pruner stops a trial after an epoch when its best inner val accuracy so
+far is below the median of the completed trials at the same epoch (from the 6th trial and
+the 2nd epoch on, and where at least 3 completed trials reached that epoch; with --folds,
+each trial's fold 0 against the others' fold 0): bad settings cost a few epochs, not a
+whole run. It compares equal epoch numbers, so a short schedule (its cosine already low)
+is compared with the early epochs of a long one: pruning favours fast starters. A trial whose loss diverges counts as pruned.
 
 The study lives in a SQLite file (`--storage`, default $TL_CACHE_DIR/tuning/<recipe>-<data
 set>.db), or in a database several machines reach (`--storage postgresql://...`): run the

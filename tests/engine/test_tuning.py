@@ -304,3 +304,26 @@ def test_a_new_study_file_on_a_really_full_disk_leaves_nothing(full_tmpfs):
         with pytest.raises(TLError, match=r"database or disk is full\); free some space or choose another --storage"):
             tuning.make_storage(full_tmpfs / "study.db")
         assert sorted(p.name for p in full_tmpfs.rglob("*")) == [".filler"]
+
+
+def _finished(values: dict[int, float]):
+    import optuna
+
+    return optuna.trial.create_trial(value=max(values.values()), intermediate_values=values)
+
+
+@pytest.mark.parametrize("completed_at_step_10, pruned", [(1, False), (2, False), (3, True), (5, True)])
+def test_a_late_epoch_is_pruned_only_against_the_median_of_several_completed_trials(tmp_path, completed_at_step_10,
+                                                                                    pruned):
+    """Long schedules are rare among the first trials: at epoch 10 the median of one or two
+    completed trials is one of their accuracies, and a trial one image below it would be stopped."""
+    study = tuning.open_study(tmp_path / "study.db", "s", {"recipe": "r", "dataset": "d", "data_fingerprint": "f"},
+                              seed=0)
+    for _ in range(5):  # short schedules: the pruner's startup trials, none reaching epoch 10
+        study.add_trial(_finished({e: 0.9 for e in range(5)}))
+    for _ in range(completed_at_step_10):
+        study.add_trial(_finished({e: 1.0 for e in range(11)}))
+    trial = study.ask()
+    for epoch in range(11):
+        trial.report(0.98, epoch)
+    assert bool(trial.should_prune()) is pruned

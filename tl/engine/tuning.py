@@ -314,6 +314,9 @@ def _advice(why: str) -> str:
     return "it is left as it is: run the same command again once the database works, or choose another --storage"
 
 
+MEDIAN_OF = 3  # completed trials at an epoch before the pruner compares with their median
+
+
 def open_study(storage: Path | str, name: str, setup: dict, seed: int, startup: int = 5):
     """The study `name` in `storage` (a SQLite file's path or a database URL), created or
     continued (`load_if_exists`): a search run again, or run by several workers at once.
@@ -323,8 +326,9 @@ def open_study(storage: Path | str, name: str, setup: dict, seed: int, startup: 
     study of this name with another setup, is refused: its trials answer another question.
     TPE proposes the numbers, from a random stream per trial (tl/engine/trials.py
     TrialSampler: seeded by `seed` and the trial's number); the median pruner stops a trial
-    whose inner val accuracy after an epoch is below the median of earlier trials at that
-    epoch. Trials left running by a process of this host that is gone are failed now, and
+    whose best inner val accuracy so far is below the median of the completed trials at that
+    epoch, once MEDIAN_OF trials reached it (a late epoch of a long schedule is otherwise
+    judged against one other trial, a one-image difference on a small inner val). Trials left running by a process of this host that is gone are failed now, and
     their numbers queued once more (tl/engine/trials.py LostTrials)."""
     import optuna
 
@@ -341,7 +345,7 @@ def open_study(storage: Path | str, name: str, setup: dict, seed: int, startup: 
                           f"choose another --storage (or --study-name)")
     study = optuna.create_study(
         storage=db, study_name=name, direction="maximize", load_if_exists=True, sampler=TrialSampler(seed),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=2))
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=2, n_min_trials=MEDIAN_OF))
     if "setup" not in study.user_attrs:
         study.set_user_attr("setup", setup)
     lost_trials(study).sweep(study)
