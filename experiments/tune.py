@@ -36,7 +36,8 @@ far is below the median of the completed trials at the same epoch (from the 6th 
 the 2nd epoch on, and where at least 3 completed trials reached that epoch; with --folds,
 each trial's fold 0 against the others' fold 0): bad settings cost a few epochs, not a
 whole run. It compares equal epoch numbers, so a short schedule (its cosine already low)
-is compared with the early epochs of a long one: pruning favours fast starters. A trial whose loss diverges counts as pruned.
+is compared with the early epochs of a long one: pruning favours fast starters. A trial
+whose loss diverges counts as pruned.
 
 The study lives in a SQLite file (`--storage`, default $TL_CACHE_DIR/tuning/<recipe>-<data
 set>.db), or in a database several machines reach (`--storage postgresql://...`): run the

@@ -328,8 +328,9 @@ def open_study(storage: Path | str, name: str, setup: dict, seed: int, startup: 
     TrialSampler: seeded by `seed` and the trial's number); the median pruner stops a trial
     whose best inner val accuracy so far is below the median of the completed trials at that
     epoch, once MEDIAN_OF trials reached it (a late epoch of a long schedule is otherwise
-    judged against one other trial, a one-image difference on a small inner val). Trials left running by a process of this host that is gone are failed now, and
-    their numbers queued once more (tl/engine/trials.py LostTrials)."""
+    judged against one other trial, a one-image difference on a small inner val). Trials
+    left running by a process of this host that is gone are failed now, and their numbers
+    queued once more (tl/engine/trials.py LostTrials)."""
     import optuna
 
     from tl.engine.trials import TrialSampler
