@@ -3,7 +3,19 @@ table that cannot be written is one `error:` line and exit status 2, never a tra
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
+
+from tests.conftest import write_image_folder
+from tests.helpers import train_quick
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_a_benchmark_given_bad_input_says_one_error_line_and_exits_2(tiny_data, tmp_path, capsys):
@@ -57,10 +69,6 @@ def test_a_benchmark_that_cannot_write_its_table_stops_before_it_measures(name, 
 
 # ----------------------------------------------------------------------------- SIGTERM, and what to change
 def test_sigterm_is_taken_as_ctrl_c_with_its_own_status_and_the_handler_comes_back(capsys):
-    import os
-    import signal
-    import time
-
     from tl import Interrupted
     from tl.engine.command import command
 
@@ -81,6 +89,73 @@ def test_sigterm_is_taken_as_ctrl_c_with_its_own_status_and_the_handler_comes_ba
     assert capsys.readouterr().err == "error: interrupted: last.ckpt holds the last completed epoch\n"
     assert command(lambda: (_ for _ in ()).throw(KeyboardInterrupt)) == 130  # Ctrl-C keeps 130
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def _stopped(tmp_path: Path, argv: list) -> tuple[int, str]:
+    """Run main.py's `argv` with slow image opening (tests/group_sigterm_main.py) in a process
+    group of its own, send SIGTERM to the whole group once a worker opens an image, and return
+    (exit status, stderr)."""
+    log, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    with open(log, "w") as out, open(err, "w") as errors:
+        child = subprocess.Popen([sys.executable, str(ROOT / "tests" / "group_sigterm_main.py"), *map(str, argv)],
+                                 cwd=ROOT, stdout=out, stderr=errors, start_new_session=True,
+                                 env={**os.environ, "TL_CACHE_DIR": str(tmp_path / "cache")})
+    try:
+        deadline = time.monotonic() + 120
+        while "a worker opens an image" not in log.read_text():
+            assert child.poll() is None and time.monotonic() < deadline, (log.read_text(), err.read_text())
+            time.sleep(0.05)
+        os.killpg(child.pid, signal.SIGTERM)
+        return child.wait(timeout=60), err.read_text()
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+
+
+@pytest.mark.parametrize("what", ["training", "feature cache", "predictions", "search"])
+def test_sigterm_that_reaches_the_dataloader_workers_too_is_one_error_line_and_143(what, tiny_backbone, pretrained,
+                                                                                   tmp_path):
+    """A job scheduler or `kill -- -PGID` stops the DataLoader's worker processes with the command:
+    exit 143 and its one `error:` line, no traceback."""
+    data = write_image_folder(tmp_path / "data", train=30, val=30)
+    common = ["-b", "tiny", "--data", data, "--workers", "2", "--no-progress"]
+    argv = {"training": ["-e", "resnet_scratch", "--epochs", "3", "--out", tmp_path / "runs", *common],
+            "feature cache": ["-e", "resnet_frozen", "--weights", pretrained, "--feature-cache", "--epochs", "3",
+                              "--out", tmp_path / "runs", *common]}.get(what)
+    if what == "predictions":
+        run_dir = train_quick(data, tmp_path / "quick")
+        argv = ["--predict", data / "val", "--checkpoint", run_dir / "best.pth", "--csv", tmp_path / "table.csv",
+                "--workers", "2", "--no-progress"]
+    if what == "search":
+        argv = ["tune", "--recipe", "modern_finetune", "--trials", "1", "--storage", tmp_path / "study.db",
+                "--weights", pretrained, "--out", tmp_path / "pages", "--tuned-dir", tmp_path / "tuned",
+                "--runs-dir", tmp_path / "trials", "--backbone", "tiny", "--data", data, "--workers", "2"]
+    code, err = _stopped(tmp_path, argv)
+    assert (code, len(err.splitlines())) == (143, 1) and err.startswith("error: interrupted"), err
+    if what == "search":
+        import optuna
+
+        from tl.engine.trials import failures
+
+        study = optuna.load_study(study_name=None, storage=f"sqlite:///{tmp_path / 'study.db'}")
+        assert failures(study)[0].startswith("interrupted (SIGTERM)")
+
+
+def test_a_process_forked_under_the_sigterm_handler_ends_quietly_on_sigterm():
+    """A DataLoader worker inherits the command's handler until it sets its own: there SIGTERM
+    ends it with status 0, and raises nothing in it."""
+    from tl.engine.command import _sigterm_as_interrupt
+
+    with _sigterm_as_interrupt([]):
+        pid = os.fork()
+        if pid == 0:  # the child
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+            finally:
+                os._exit(3)
+    assert os.waitpid(pid, 0)[1] == 0
 
 
 def test_a_failed_write_names_the_commands_own_place_for_outputs_or_the_cache(tmp_path, monkeypatch):

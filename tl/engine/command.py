@@ -12,7 +12,8 @@ one place that turns an exception into a message and an exit status.
 * Ctrl-C (`KeyboardInterrupt`, or `tl.Interrupted` from a training run) exits with 130, the
   shell's status for an interrupt, after one line saying so. SIGTERM (what `kill`, `timeout`
   and job schedulers send) is taken the same way, so a run stopped by it tidies up as after
-  Ctrl-C, and exits with 143 (128 + SIGTERM).
+  Ctrl-C, and exits with 143 (128 + SIGTERM), also where the signal reaches the DataLoader's
+  worker processes as well (a job scheduler stops every process of the job).
 * A path that is not valid UTF-8 (a file name from another system) is printed with its odd
   bytes escaped (\\udcNN), never a UnicodeEncodeError; a name holding a line feed or a terminal
   escape is printed with it escaped (\\n, \\x1b), so the error stays one line (`shown`); on
@@ -119,13 +120,24 @@ def _stdout_escaped(argv: list[str]) -> Iterator[None]:
 @contextlib.contextmanager
 def _sigterm_as_interrupt(stopped_by: list) -> Iterator[None]:
     """While the block runs, SIGTERM raises KeyboardInterrupt (as Ctrl-C does) and is noted in
-    `stopped_by`; the handler before it comes back afterwards. Only the main thread can set it."""
+    `stopped_by`; the handler before it comes back afterwards. Only the main thread can set it.
+
+    A job scheduler (Slurm's scancel), a service manager or `kill -- -PGID` sends SIGTERM to
+    every process of the job, the DataLoader's worker processes too, and they die of it. Once
+    the signal is here the main process stops watching its workers (PyTorch's SIGCHLD handler
+    would raise a traceback over the one `error:` line), and a worker forked a moment ago,
+    still with this handler, ends quietly: the command ends as for a SIGTERM of its own. (A
+    worker signalled well before the main process still shows PyTorch's traceback.)"""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    pid = os.getpid()
 
     def interrupt(signum, frame):
+        if os.getpid() != pid:
+            os._exit(0)  # a DataLoader worker before its own handler is set
         stopped_by.append(signum)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the workers end with this process: no error
         raise KeyboardInterrupt
 
     before = signal.signal(signal.SIGTERM, interrupt)
