@@ -484,10 +484,11 @@ def main(argv=None) -> int:
 def search(args: argparse.Namespace, command: str) -> int:
     import optuna
 
+    from tl.engine.command import interrupts_noted, stop_if_interrupted
     from tl.engine.feature_store import cache_dir
     from tl.engine.files import writable_folder
     from tl.engine.prepare import resolve_data_dir
-    from tl.engine.trials import interrupts_noted, run_trial, stop_if_interrupted
+    from tl.engine.trials import run_trial
     from tl.engine.tuning import open_study, shown_storage, storage_errors
 
     check_args(args)
@@ -504,7 +505,8 @@ def search(args: argparse.Namespace, command: str) -> int:
         writable_folder(folder)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with storage_errors(args.storage), interrupts_noted():  # a failing study database: one error: line; an
-        # interrupt whose exception a garbage collector's callback swallowed still stops the search
+        # interrupt whose exception a garbage collector's callback swallowed still stops the search (called
+        # as tune.main, not through tl.engine.command.command, which notes them for every command)
         study = open_study(args.storage, name, setup, args.seed)
         remaining = args.trials - len(finished(study))
         print(f"study {name!r} in {shown_storage(args.storage)}: {len(finished(study))} of {args.trials} trials "

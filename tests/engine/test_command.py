@@ -142,12 +142,51 @@ def test_sigterm_that_reaches_the_dataloader_workers_too_is_one_error_line_and_1
         assert failures(study)[0].startswith("interrupted (SIGTERM)")
 
 
+@pytest.mark.parametrize("second", ["SIGTERM", "SIGINT"])
+def test_a_second_signal_while_the_first_tidies_up_is_the_same_request(second, tiny_data, tiny_backbone, tmp_path,
+                                                                      capsys, monkeypatch):
+    """SIGTERM in epoch 2, then a second signal a moment later while the run folder is tidied (a
+    scheduler that signals each process, a second Ctrl-C): the first one is said, with its exit
+    status and the resume line."""
+    import main
+    import tl.engine.run_folder
+    from tl.engine import checkpoint
+
+    end_of_epoch, load = tl.engine.run_folder.RunFolder.end_of_epoch, checkpoint.load_checkpoint
+
+    def terminated_after(self, epoch, hist):
+        stop = end_of_epoch(self, epoch, hist)
+        if epoch == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the signal arrives first
+        return stop
+
+    def loading_under_a_second_signal(path, *args, **kwargs):
+        os.kill(os.getpid(), getattr(signal, second))
+        time.sleep(0.05)  # the handler runs here
+        return load(path, *args, **kwargs)
+
+    monkeypatch.setattr(tl.engine.run_folder.RunFolder, "end_of_epoch", terminated_after)
+    monkeypatch.setattr(tl.engine.run_folder.checkpoint, "load_checkpoint", loading_under_a_second_signal)
+    out = tmp_path / "runs"
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, not a background job
+    try:
+        code = main.main(["-e", "resnet_scratch", "-b", "tiny", "--data", str(tiny_data), "--out", str(out),
+                          "--epochs", "3", "--weights", "none", "--image-size", "32", "--batch-size", "5",
+                          "--no-progress"])
+    finally:
+        signal.signal(signal.SIGINT, before)
+    err = capsys.readouterr().err
+    (run_dir,) = out.iterdir()
+    assert code == 143 and err.startswith("error: interrupted: ") and f"--resume {run_dir / 'last.ckpt'}" in err, err
+
+
 def test_a_process_forked_under_the_sigterm_handler_ends_quietly_on_sigterm():
     """A DataLoader worker inherits the command's handler until it sets its own: there SIGTERM
     ends it with status 0, and raises nothing in it."""
-    from tl.engine.command import _sigterm_as_interrupt
+    from tl.engine.command import interrupts_noted
 
-    with _sigterm_as_interrupt([]):
+    with interrupts_noted():
         pid = os.fork()
         if pid == 0:  # the child
             try:

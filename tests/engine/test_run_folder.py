@@ -317,6 +317,73 @@ def test_sigterm_tidies_a_run_as_ctrl_c_does(tiny_data, tiny_backbone, tmp_path,
             assert not out.exists() and "nothing was saved" in line, line  # --out too: it made it (folders.py)
 
 
+class _SignalWhenFreed:
+    """Sends `signum` to this process when freed: its handler runs inside `__del__`, where Python
+    swallows the KeyboardInterrupt it raises (as in the `os.fork` hooks of a DataLoader's start)."""
+
+    def __init__(self, signum):
+        self.signum = signum
+
+    def __del__(self):
+        os.kill(os.getpid(), self.signum)
+        time.sleep(0.05)  # the handler runs here
+
+
+@pytest.mark.parametrize("signum, then", [(15, None), (2, None), (15, "a worker gone")])
+def test_an_interrupt_python_swallowed_stops_the_run_after_the_epoch(tiny_data, tiny_backbone, tmp_path, capsys,
+                                                                    monkeypatch, signum, then):
+    """Ctrl-C or SIGTERM whose exception Python swallows in epoch 2 stops the run once epoch 2 is
+    saved, with the signal's exit status and the resume line; an error that follows it (a
+    DataLoader worker it ended) is said as the interrupt too."""
+
+    import tl.engine.images
+
+    saved, read, end_of_epoch = [], tl.engine.images._open, tl.engine.run_folder.RunFolder.end_of_epoch
+
+    def reading(path):
+        if saved == [0, 1]:  # the first image of epoch 2
+            saved.append("signalled")
+            _SignalWhenFreed(signum)
+            if then:
+                raise RuntimeError("DataLoader worker (pid(s) 1234) exited unexpectedly")
+        return read(path)
+
+    def saving(self, epoch, hist):
+        saved.append(epoch)
+        return end_of_epoch(self, epoch, hist)
+
+    monkeypatch.setattr(tl.engine.images, "_open", reading)
+    monkeypatch.setattr(tl.engine.run_folder.RunFolder, "end_of_epoch", saving)
+    reported = []  # Python's "Exception ignored" report (pytest's own hook would turn it into a warning)
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    out = tmp_path / "runs"
+    argv = ["-e", "resnet_scratch", "-b", "tiny", "--data", str(tiny_data), "--out", str(out), "--epochs", "3",
+            "--weights", "none", "--image-size", "32", "--batch-size", "5", "--workers", "0", "--no-progress"]
+    with _python_sigint():
+        code = main.main(argv)
+    err = capsys.readouterr().err
+    assert code == 128 + signum and out.is_dir(), (err, saved)
+    (run_dir,) = out.iterdir()
+    assert err.startswith("error: interrupted: ") and f"--resume {run_dir / 'last.ckpt'}" in err, err
+    assert "Traceback" not in err and reported == []
+    assert checkpoint.load_checkpoint(run_dir / "last.ckpt")["epoch"] == (1 if then else 2)
+
+
+def _python_sigint():
+    """Python's Ctrl-C handler for the block (a background job starts with SIGINT ignored)."""
+    import contextlib
+    import signal
+
+    @contextlib.contextmanager
+    def block():
+        before = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, before)
+    return block()
+
+
 # ----------------------------------------------------------------------------- killed while writing its results
 def _kill_at_config_with_results(patch):
     write_json = tl.engine.run_folder.write_json
@@ -359,7 +426,9 @@ def test_a_run_killed_while_writing_its_results_writes_them_on_resume(tiny_data,
     with monkeypatch.context() as patch:
         kill(patch)
         half = _train(tiny_data, tmp_path / "half", epochs, *options, recipe=recipe, code=130)
-    capsys.readouterr()
+    said = capsys.readouterr().err
+    assert said.startswith("error: interrupted while its results were written") and \
+        f"--resume {half / 'last.ckpt'}" in said, said
     assert "results" not in json.loads((half / "config.json").read_text())
     before = _files(half)  # refused, the folder unchanged: fewer epochs than it trained; another total for
     for other_total in ["1", *([str(epochs + 4)] if "--patience" in options else [])]:  # a run that stopped early

@@ -40,6 +40,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 from tl import Interrupted, TLError
@@ -59,7 +60,7 @@ def command(main: Callable[[], int | None], interrupted: str = "interrupted", ou
             stream.reconfigure(errors="backslashreplace")
     try:
         given = sys.argv[1:] if argv is None else argv
-        with _sigterm_as_interrupt(stopped_by), _stdout_escaped(given), made_by_this_command() as status:
+        with interrupts_noted(stopped_by), _stdout_escaped(given), made_by_this_command() as status:
             status.append(main() or 0)  # a failure leaves no empty folder
         return status[0]
     except (TLError, OSError) as exc:
@@ -72,6 +73,11 @@ def command(main: Callable[[], int | None], interrupted: str = "interrupted", ou
             raise
         print(f"error: {interrupted}", file=sys.stderr)
         return 128 + stopped_by[-1]
+    except Exception:
+        if len(stopped_by) == 1 or os.environ.get("TL_DEBUG"):
+            raise
+        print(f"error: {interrupted}", file=sys.stderr)  # what failed after the signal failed of it (a
+        return 128 + stopped_by[-1]  # DataLoader worker it ended while the interrupt was swallowed)
 
 
 class _Escaped:
@@ -117,34 +123,91 @@ def _stdout_escaped(argv: list[str]) -> Iterator[None]:
         sys.stdout = before
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt(stopped_by: list) -> Iterator[None]:
-    """While the block runs, SIGTERM raises KeyboardInterrupt (as Ctrl-C does) and is noted in
-    `stopped_by`; the handler before it comes back afterwards. Only the main thread can set it.
+# ----------------------------------------------------------------------------- an interrupt is never lost
+class _Noted:
+    """The interrupt (SIGINT or SIGTERM) noted while a command runs, and when (time.monotonic);
+    `open`: whether an `interrupts_noted` block has set the handlers; `lists`: the `stopped_by`
+    lists of the blocks open now."""
 
-    A job scheduler (Slurm's scancel), a service manager or `kill -- -PGID` sends SIGTERM to
-    every process of the job, the DataLoader's worker processes too, and they die of it. Once
-    the signal is here the main process stops watching its workers (PyTorch's SIGCHLD handler
-    would raise a traceback over the one `error:` line), and a worker forked a moment ago,
-    still with this handler, ends quietly: the command ends as for a SIGTERM of its own. (A
-    worker signalled well before the main process still shows PyTorch's traceback.)"""
+    signum: int | None = None
+    at: float = 0.0
+    open: bool = False
+    lists: list = []
+
+
+REPEAT_S = 1.0  # a second signal this soon after the first is the same request to stop
+
+
+@contextlib.contextmanager
+def interrupts_noted(stopped_by: list | None = None) -> Iterator[None]:
+    """While the block runs, Ctrl-C and SIGTERM (what `kill`, `timeout` and job schedulers send)
+    are noted (appended to `stopped_by`), then raise KeyboardInterrupt; the handlers before
+    come back afterwards. Only the main thread can set them; a block inside another only
+    notes the signal in its list too.
+
+    * Python raises a signal's exception wherever the program is, and one raised where Python
+      ignores exceptions (a garbage collector's callback, an `os.fork` hook as a DataLoader
+      starts its workers) is swallowed, printed as "Exception ignored". With the note the
+      command stops all the same: `stop_if_interrupted` raises it again where a run or a
+      search is sure to pass (after each epoch, each trial), and that print is left out.
+    * A second signal within REPEAT_S of the first is the same request (several quick Ctrl-C
+      presses, a scheduler's SIGTERM to each process), so it does not break the tidying-up.
+    * SIGTERM reaches every process of a job (Slurm's scancel, a service manager, `kill --
+      -PGID`), the DataLoader's worker processes too, and they die of it: once the signal is
+      here the main process stops watching its workers (PyTorch's SIGCHLD handler would raise
+      a traceback over the one `error:` line), and a worker forked a moment ago, still with
+      this handler, ends quietly. (A worker signalled well before the main process still
+      shows PyTorch's traceback.)
+    * Ctrl-C whose handler is not Python's (ignored, as in a background job) stays as it is."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    if _Noted.open:
+        _Noted.lists.append(stopped_by if stopped_by is not None else [])
+        try:
+            yield
+        finally:
+            _Noted.lists.pop()
+        return
     pid = os.getpid()
 
-    def interrupt(signum, frame):
+    def handler(signum, frame):
         if os.getpid() != pid:
             os._exit(0)  # a DataLoader worker before its own handler is set
-        stopped_by.append(signum)
+        if _Noted.signum is not None and time.monotonic() - _Noted.at < REPEAT_S:
+            return  # the same request: the first signal is the one said and counted
+        _Noted.signum, _Noted.at = signum, time.monotonic()
+        for noted in _Noted.lists:
+            noted.append(signum)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the workers end with this process: no error
         raise KeyboardInterrupt
 
-    before = signal.signal(signal.SIGTERM, interrupt)
+    handlers = {n: signal.getsignal(n) for n in (signal.SIGINT, signal.SIGTERM)}
+    hook, _Noted.signum, _Noted.open, _Noted.lists = sys.unraisablehook, None, True, [
+        stopped_by if stopped_by is not None else []]
+    for n, before in handlers.items():
+        if n == signal.SIGTERM or callable(before):
+            signal.signal(n, handler)
+    sys.unraisablehook = lambda u: None if _Noted.signum and isinstance(u.exc_value, KeyboardInterrupt) else hook(u)
     try:
         yield
+        stop_if_interrupted()  # noted in the block's last moments
     finally:
-        signal.signal(signal.SIGTERM, before)
+        sys.unraisablehook, _Noted.signum, _Noted.open, _Noted.lists = hook, None, False, []
+        for n, before in handlers.items():
+            signal.signal(n, before)
+
+
+def stop_if_interrupted(*_) -> None:
+    """Raise KeyboardInterrupt where an interrupt was noted (`interrupts_noted`), wherever its
+    own exception went; also Optuna's callback after each trial (study, trial)."""
+    if _Noted.signum is not None:
+        raise KeyboardInterrupt
+
+
+def noted_signal() -> int | None:
+    """The signal that asked the command to stop (`interrupts_noted`), or None."""
+    return _Noted.signum
 
 
 def message(exc: TLError | OSError, outputs: str = "--out") -> str:

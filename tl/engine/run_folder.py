@@ -46,6 +46,7 @@ from tl import Interrupted, TLError
 from tl.engine import checkpoint, distributed, folders, metrics, schema
 from tl.engine.backbones import folder_label
 from tl.engine.balance import class_counts
+from tl.engine.command import noted_signal, stop_if_interrupted
 from tl.engine.early_stopping import should_stop
 from tl.engine.files import atomic_save, remove_stale_temporaries, state_digest, write_json
 from tl.engine.folder_lock import FolderBusy, LockLost, held_here, hold
@@ -151,6 +152,7 @@ class RunFolder:
             atomic_save(state, self.run_dir / name)
         write_history_csv(hist, self.run_dir / "history.csv")
         write_json(self.run_dir / "config.json", self.config)
+        stop_if_interrupted()  # a Ctrl-C or SIGTERM whose exception Python swallowed stops the run here
         return stop
 
     def wall_seconds(self) -> float:
@@ -169,7 +171,7 @@ class RunFolder:
             trained = last.exists() and (resumed or checkpoint.load_checkpoint(last)["epoch"] > 0)
             if not trained and not (last.exists() and isinstance(exc, NonFiniteLoss)):
                 shutil.rmtree(self.run_dir, ignore_errors=True)
-            if isinstance(exc, KeyboardInterrupt):
+            if isinstance(exc, KeyboardInterrupt) or noted_signal():  # what failed after it failed of it
                 if not trained:
                     raise Interrupted("interrupted before the first training epoch finished: nothing was saved") \
                         from None
@@ -178,6 +180,18 @@ class RunFolder:
             raise
 
     def finish(self, ctx, history: History) -> None:
+        """The results (`write_results`). Ctrl-C or SIGTERM while they are written leaves the
+        trained run, and says how its --resume writes them."""
+        try:
+            self.write_results(ctx, history)
+        except BaseException as exc:
+            if not (isinstance(exc, KeyboardInterrupt) or noted_signal()):
+                raise
+            last = self.run_dir / "last.ckpt"
+            raise Interrupted(f"interrupted while its results were written: {last} holds the trained run.\n"
+                              f"  write them with: python main.py --resume {last}") from None
+
+    def write_results(self, ctx, history: History) -> None:
         """The results: the headline number (never chosen on the images it is scored on),
         config.json and history.csv, the best model handed back, the pictures."""
         # the model val scored: the loop's own net, or the average of the weights (--ema)

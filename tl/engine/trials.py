@@ -42,8 +42,6 @@ import logging
 import os
 import signal
 import socket
-import sys
-import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -53,6 +51,7 @@ import optuna
 from optuna.trial import TrialState
 
 from tl import Interrupted
+from tl.engine.command import noted_signal, stop_if_interrupted
 
 SETTLE_S = 1.0  # how long a trial may be seen without its process record before it counts as lost
 
@@ -173,67 +172,10 @@ logging.getLogger("optuna.study._optimize").addFilter(_LeaveOutSaid())
 
 
 # ----------------------------------------------------------------------------- an interrupt is never lost
-class _Noted:
-    """The interrupt (SIGINT or SIGTERM) noted while a search runs, and when (time.monotonic)."""
-
-    signum: int | None = None
-    at: float = 0.0
-
-
-REPEAT_S = 1.0  # a second signal this soon after the first is the same request to stop
-
-
-@contextlib.contextmanager
-def interrupts_noted():
-    """While a search runs, Ctrl-C and SIGTERM are noted before their KeyboardInterrupt is
-    raised, and `stop_if_interrupted` raises it again where the search is sure to pass (the
-    start of each trial, after each trial). Python raises a signal's exception wherever the
-    program is, and one raised inside a garbage collector's callback (Optuna collects after
-    every trial; SQLAlchemy's weak references run code there) is swallowed, printed as
-    "Exception ignored"; with the note, the search stops all the same, and that print is left
-    out (sys.unraisablehook, for KeyboardInterrupt only). A second signal within REPEAT_S of
-    the first is the same request (several quick Ctrl-C presses), so it does not break the
-    tidying-up of the first. A signal whose handler is not Python's (ignored, or default) is
-    left as it is; only the main thread can set them."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def noting(before):
-        def handler(signum, frame):
-            if _Noted.signum is not None and time.monotonic() - _Noted.at < REPEAT_S:
-                return  # the same request: the first signal is the one said and counted
-            _Noted.signum, _Noted.at = signum, time.monotonic()
-            before(signum, frame)  # Python's (or tl.engine.command's SIGTERM) raises KeyboardInterrupt
-            raise KeyboardInterrupt
-        return handler
-
-    handlers = {n: signal.getsignal(n) for n in (signal.SIGINT, signal.SIGTERM)}
-    hook, _Noted.signum = sys.unraisablehook, None
-    for n, before in handlers.items():
-        if callable(before):
-            signal.signal(n, noting(before))
-    sys.unraisablehook = lambda u: None if _Noted.signum and isinstance(u.exc_value, KeyboardInterrupt) else hook(u)
-    try:
-        yield
-        stop_if_interrupted()  # noted in the block's last moments
-    finally:
-        sys.unraisablehook, _Noted.signum = hook, None
-        for n, before in handlers.items():
-            signal.signal(n, before)
-
-
-def stop_if_interrupted(*_) -> None:
-    """Raise KeyboardInterrupt where an interrupt was noted (`interrupts_noted`), wherever its
-    own exception went; also Optuna's callback after each trial (study, trial)."""
-    if _Noted.signum is not None:
-        raise KeyboardInterrupt
-
-
 def _stopped_by() -> str:
-    if _Noted.signum in (None, signal.SIGINT):
+    if noted_signal() in (None, signal.SIGINT):
         return "interrupted (Ctrl-C): stopped by the person running the search; not retried"
-    return (f"interrupted ({signal.Signals(_Noted.signum).name}): stopped by a kill, a timeout or a job scheduler; "
+    return (f"interrupted ({signal.Signals(noted_signal()).name}): stopped by a kill, a timeout or a job scheduler; "
             f"not retried")
 
 
@@ -251,9 +193,10 @@ def run_trial(trial, score: Callable) -> float:
         _SAID.add(trial.number)
         trial.study.set_user_attr(_key(trial.number), why)
         raise
-    except Exception as exc:
+    except Exception as exc:  # after a noted interrupt, what failed failed of it (tl/engine/command.py)
         _SAID.add(trial.number)
-        trial.study.set_user_attr(_key(trial.number), f"{type(exc).__name__}: {(str(exc) or '-').splitlines()[0]}")
+        why = _stopped_by() if noted_signal() else f"{type(exc).__name__}: {(str(exc) or '-').splitlines()[0]}"
+        trial.study.set_user_attr(_key(trial.number), why)
         raise
 
 
