@@ -6,11 +6,14 @@ OSError is one error: line and exit status 2, Ctrl-C exit 130."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
+import signal
 import statistics
+import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tl.engine.command import command  # noqa: F401  (every benchmark's `sys.exit(command(main))`)
@@ -33,6 +36,21 @@ def write_files(files: dict[Path, str]) -> None:
     with updating(folder, "a benchmark writing " + ", ".join(Path(p).name for p in files)):
         for path, text in files.items():
             atomic_write_text(path, text)
+
+
+@contextlib.contextmanager
+def child_process(argv: list[str], **popen: object) -> Iterator[subprocess.Popen]:
+    """A measurement's own process (`subprocess.Popen(argv, **popen)`), in a process group of its
+    own: whatever ends the block (its end, Ctrl-C, SIGTERM, a timeout, an error), the child and
+    its DataLoader workers end with it, and a signal to the benchmark's group reaches the
+    benchmark alone, so only the benchmark says why it stopped."""
+    child = subprocess.Popen(argv, start_new_session=True, **popen)
+    try:
+        yield child
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
 
 
 def spread(values: list[float]) -> dict:

@@ -61,7 +61,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks import at_least, command, invocation_of, spread
+from benchmarks import at_least, child_process, command, invocation_of, spread
 from benchmarks.growth import MARK_END, MARK_START
 from experiments import get_experiment
 from experiments.common import git_commit, machine_description
@@ -236,9 +236,9 @@ def peak_memory(data, workers) -> dict:
     # VmHWM, not getrusage(RUSAGE_SELF): Linux carries ru_maxrss across exec, so a child started
     # by this (large) benchmark process would report the benchmark's own peak as its own
     peak_pss = 0
-    with tempfile.TemporaryDirectory() as tmp:
-        child = subprocess.Popen([sys.executable, "-c", code, tmp], stdout=subprocess.PIPE, text=True,
-                                 env={**os.environ, "TL_CACHE_DIR": str(Path(tmp) / "cache")})
+    with tempfile.TemporaryDirectory() as tmp, child_process(
+            [sys.executable, "-c", code, tmp], stdout=subprocess.PIPE, text=True,
+            env={**os.environ, "TL_CACHE_DIR": str(Path(tmp) / "cache")}) as child:
         while child.poll() is None:
             tree = [child.pid, *_children(child.pid)]
             peak_pss = max(peak_pss, sum(_pss_kib(p) for p in tree))
@@ -359,15 +359,13 @@ def compare_end_to_end(args, data, device, record, notes, timeout: float) -> Non
             a in ("--out", "--runs-dir") or i and cmd[i - 1] in ("--out", "--runs-dir")))  # not the temporary folders
         print(f"end-to-end: {shown}", flush=True)
         started = time.perf_counter()
-        child = subprocess.Popen([sys.executable, "-m", "experiments.compare_all", *cmd], cwd=ROOT,
-                                 start_new_session=True)  # its own process group: a timeout ends its workers too
-        try:
-            code = child.wait(timeout=max(timeout, 1.0))
-        except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
-            child.wait()
-            notes.append(f"end-to-end: {page_code(shown)} did not finish within {max(timeout, 1.0):.0f} s; no figure")
-            return
+        with child_process([sys.executable, "-m", "experiments.compare_all", *cmd], cwd=ROOT) as child:
+            try:
+                code = child.wait(timeout=max(timeout, 1.0))
+            except subprocess.TimeoutExpired:  # the block's end ends it, with its workers
+                notes.append(f"end-to-end: {page_code(shown)} did not finish within {max(timeout, 1.0):.0f} s; "
+                             f"no figure")
+                return
         minutes = (time.perf_counter() - started) / 60
         if code != 0 or not (out / "runs.csv").is_file():
             notes.append(f"end-to-end: {page_code(shown)} failed with exit code {code}; no figure")
