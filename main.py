@@ -293,9 +293,10 @@ def _main(argv: list[str] | None = None) -> int:
         parser.error("--prepare needs --src DIR and --dest DIR")
     # the one wrapper every command shares (tl/engine/command.py): a TLError or an OSError is one
     # error: line and exit 2, Ctrl-C exit 130
+    trains = (args.experiment or args.resume) and not args.find_lr  # a run says where training stopped itself
     return command(lambda: _dispatch(args, argv),
-                   interrupted="interrupted before training started; no run folder or checkpoint was changed",
-                   outputs=_outputs(args), argv=argv)
+                   interrupted="interrupted before training started; no run folder or checkpoint was changed"
+                   if trains else "interrupted", outputs=_outputs(args), argv=argv)
 
 
 def _outputs(args: argparse.Namespace) -> str:
