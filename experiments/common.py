@@ -53,6 +53,13 @@ def result_or_reason(call) -> tuple[object, dict]:
 
 
 # ----------------------------------------------------------------------------- where a number came from
+def unchanged(out: Path, runs_dir: Path) -> str:
+    """What a study stopped before it wrote its tables says: `out` is unchanged, and where the
+    runs it finished are, if any."""
+    done = runs_dir.is_dir() and any(runs_dir.iterdir())
+    return f"{out} is unchanged" + (f" (the runs so far are in {runs_dir})" if done else " (no run finished)")
+
+
 def machine_description() -> str:
     import torch
 

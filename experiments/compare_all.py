@@ -50,7 +50,7 @@ import time
 from pathlib import Path
 
 from experiments import NAMES
-from experiments.common import dataset_name, git_commit, machine_description, train_or_reason
+from experiments.common import dataset_name, git_commit, machine_description, train_or_reason, unchanged
 from tl.engine import folders
 from tl.engine.command import say_error
 
@@ -414,9 +414,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             row, result = run_one(name, backbone, seed, data_dir, args, runs_dir, log=lambda s: print(s, flush=True))
         except (Interrupted, KeyboardInterrupt):  # command() says it, with 130 for Ctrl-C and 143 for SIGTERM
-            raise Interrupted(f"interrupted: {out} is unchanged (the runs so far are in {runs_dir})") from None
+            raise Interrupted(f"interrupted: {unchanged(out, runs_dir)}") from None
         except (OSError, LockLost) as exc:  # the machine's problem, not the recipe's (common.train_or_reason)
-            say_error(f"{message(exc)}; {out} is unchanged (the runs so far are in {runs_dir})")
+            say_error(f"{message(exc)}; {unchanged(out, runs_dir)}")
             return 2
         if result is not None:
             finished.append((row["dataset"], row["run"], result))

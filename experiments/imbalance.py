@@ -226,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import pandas as pd
 
+    from experiments.common import unchanged
     from tl import Interrupted
     from tl.engine.files import atomic_copy, updating, writable_folder
     from tl.engine.images import check_layout
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             row, predictions = run_one(recipe, way, seed, args, runs_dir, log=lambda s: print(s, flush=True))
         except (Interrupted, KeyboardInterrupt):  # command() says it, with 130 for Ctrl-C and 143 for SIGTERM
-            raise Interrupted(f"interrupted: {args.out} is unchanged (the runs so far are in {runs_dir})") from None
+            raise Interrupted(f"interrupted: {unchanged(args.out, runs_dir)}") from None
         if predictions is not None:
             files[row["run"]] = predictions
         rows.append(row)

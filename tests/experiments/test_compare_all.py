@@ -351,4 +351,5 @@ def test_sigterm_stops_a_study_with_143_and_leaves_no_empty_run_folder(tiny_data
                                                "--weights", "none", "--epochs", "1"]))
     err = capsys.readouterr().err
     assert code == 143 and err.count("error:") == 1 and "interrupted" in err, err
+    assert "(no run finished)" in err and str(runs) not in err, err  # it names no folder it did not make
     assert not out.exists() and not (tmp_path / "runs").exists()
