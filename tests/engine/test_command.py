@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -181,6 +182,51 @@ def test_a_second_signal_while_the_first_tidies_up_is_the_same_request(second, t
     err = capsys.readouterr().err
     (run_dir,) = out.iterdir()
     assert code == 143 and err.startswith("error: interrupted: ") and f"--resume {run_dir / 'last.ckpt'}" in err, err
+
+
+class _HalfBuilt:
+    """An object whose __init__ an interrupt stopped, and whose __del__ then fails (as a
+    DataLoader's iterator stopped before it records its workers)."""
+
+    def __init__(self, freed: list):
+        self.freed = freed
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises here
+        self.complete = True
+
+    def __del__(self):
+        self.freed.append(True)
+        assert self.complete
+
+
+def test_what_fails_of_the_interrupt_is_not_reported_and_the_interrupt_is_said(monkeypatch, capsys):
+    """An object the interrupt left half-built ends as the block ends, and its failure is not
+    printed ("Exception ignored"); an error raised as the interrupt unwinds (PyTorch's SIGCHLD
+    handler, for a worker the same SIGTERM ended) is said as the interrupt: 143, one line."""
+    from tl.engine.command import command, interrupts_noted
+
+    reported, freed = [], []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    with pytest.raises(KeyboardInterrupt), interrupts_noted():
+        _HalfBuilt(freed)
+    assert freed == [True] and reported == []
+
+    def a_worker_ended(signum, frame):
+        raise RuntimeError("DataLoader worker (pid 1234) is killed by signal: Terminated.")
+
+    def stopped_with_its_workers():
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, signal.SIGTERM})
+        signal.pthread_kill(threading.get_ident(), signal.SIGCHLD)  # this thread's, held by the mask
+        signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD, signal.SIGTERM})  # both at once
+        time.sleep(5)
+
+    before = signal.signal(signal.SIGCHLD, a_worker_ended)
+    try:
+        assert command(stopped_with_its_workers) == 143
+    finally:
+        signal.signal(signal.SIGCHLD, before)
+    assert capsys.readouterr().err == "error: interrupted\n" and reported == []
 
 
 def test_a_process_forked_under_the_sigterm_handler_ends_quietly_on_sigterm():

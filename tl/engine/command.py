@@ -35,12 +35,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import os
 import re
 import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 
 from tl import Interrupted, TLError
@@ -149,15 +151,18 @@ def interrupts_noted(stopped_by: list | None = None) -> Iterator[None]:
       ignores exceptions (a garbage collector's callback, an `os.fork` hook as a DataLoader
       starts its workers) is swallowed, printed as "Exception ignored". With the note the
       command stops all the same: `stop_if_interrupted` raises it again where a run or a
-      search is sure to pass (after each epoch, each trial), and that print is left out.
+      search is sure to pass (after each epoch, each trial). Once a signal is noted, what
+      Python would print as "Exception ignored" is left out: it failed of the interrupt (an
+      object the interrupt left half-built, ended as the block ends).
     * A second signal within REPEAT_S of the first is the same request (several quick Ctrl-C
       presses, a scheduler's SIGTERM to each process), so it does not break the tidying-up.
     * SIGTERM reaches every process of a job (Slurm's scancel, a service manager, `kill --
-      -PGID`), the DataLoader's worker processes too, and they die of it: once the signal is
-      here the main process stops watching its workers (PyTorch's SIGCHLD handler would raise
-      a traceback over the one `error:` line), and a worker forked a moment ago, still with
-      this handler, ends quietly. (A worker signalled well before the main process still
-      shows PyTorch's traceback.)
+      -PGID`), the DataLoader's worker processes too, and they die of it. Once a signal is
+      noted, the main process stops watching its workers (PyTorch's SIGCHLD handler raises a
+      RuntimeError for a dead one), and an error that follows is the signal's doing: the run
+      and the command say the interrupt (`noted_signal`), not the error. A worker forked a
+      moment ago, still with this handler, ends quietly. (A worker signalled well before the
+      main process still shows PyTorch's traceback.)
     * Ctrl-C whose handler is not Python's (ignored, as in a background job) stays as it is."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -179,7 +184,7 @@ def interrupts_noted(stopped_by: list | None = None) -> Iterator[None]:
         _Noted.signum, _Noted.at = signum, time.monotonic()
         for noted in _Noted.lists:
             noted.append(signum)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the workers end with this process: no error
+        signal.signal(signal.SIGCHLD, _workers_end_with_us)  # PyTorch's handler would raise as we stop
         raise KeyboardInterrupt
 
     handlers = {n: signal.getsignal(n) for n in (signal.SIGINT, signal.SIGTERM)}
@@ -188,14 +193,21 @@ def interrupts_noted(stopped_by: list | None = None) -> Iterator[None]:
     for n, before in handlers.items():
         if n == signal.SIGTERM or callable(before):
             signal.signal(n, handler)
-    sys.unraisablehook = lambda u: None if _Noted.signum and isinstance(u.exc_value, KeyboardInterrupt) else hook(u)
+    sys.unraisablehook = lambda u: None if _Noted.signum else hook(u)
     try:
         yield
         stop_if_interrupted()  # noted in the block's last moments
     finally:
+        if _Noted.signum is not None and (stopping := sys.exc_info()[1]) is not None:
+            traceback.clear_frames(stopping.__traceback__)  # what the interrupt left half-built ends now, and
+            gc.collect()  # what it says as it ends (a DataLoader's iterator stopped in its __init__) is not shown
         sys.unraisablehook, _Noted.signum, _Noted.open, _Noted.lists = hook, None, False, []
         for n, before in handlers.items():
             signal.signal(n, before)
+
+
+def _workers_end_with_us(signum, frame) -> None:
+    """SIGCHLD once the command is stopping: a DataLoader worker's end is no error to raise."""
 
 
 def stop_if_interrupted(*_) -> None:
