@@ -15,7 +15,8 @@ run
   early_stopping.py   --patience: when training stops
   headline.py         the headline number, on images that played no part in choosing it
   distributed.py      several processes under torchrun: process group, shard samplers, DDP
-  command.py          how every command ends: one error: line and exit 2, Ctrl-C exit 130
+  command.py          how every command ends: one error: line and exit 2, Ctrl-C exit 130 (SIGTERM
+                      143), an interrupt never lost, even one Python swallowed
   progress.py         a bar on stderr for each long pass; --no-progress turns them off
 data
   selection.py        the one function that chooses a run's images
