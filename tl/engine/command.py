@@ -70,16 +70,11 @@ def command(main: Callable[[], int | None], interrupted: str = "interrupted", ou
             raise
         say_error(message(exc, outputs))
         return 128 + stopped_by[-1] if isinstance(exc, Interrupted) else 2  # Ctrl-C in training: where it stopped
-    except KeyboardInterrupt:
-        if os.environ.get("TL_DEBUG"):
-            raise
+    except (KeyboardInterrupt, Exception) as exc:  # after a signal, what failed failed of it (a DataLoader
+        if os.environ.get("TL_DEBUG") or not (isinstance(exc, KeyboardInterrupt) or len(stopped_by) > 1):
+            raise  # worker it ended while the interrupt was swallowed): said as the interrupt
         print(f"error: {interrupted}", file=sys.stderr)
         return 128 + stopped_by[-1]
-    except Exception:
-        if len(stopped_by) == 1 or os.environ.get("TL_DEBUG"):
-            raise
-        print(f"error: {interrupted}", file=sys.stderr)  # what failed after the signal failed of it (a
-        return 128 + stopped_by[-1]  # DataLoader worker it ended while the interrupt was swallowed)
 
 
 class _Escaped:
@@ -128,12 +123,11 @@ def _stdout_escaped(argv: list[str]) -> Iterator[None]:
 # ----------------------------------------------------------------------------- an interrupt is never lost
 class _Noted:
     """The interrupt (SIGINT or SIGTERM) noted while a command runs, and when (time.monotonic);
-    `open`: whether an `interrupts_noted` block has set the handlers; `lists`: the `stopped_by`
-    lists of the blocks open now."""
+    `lists`: the `stopped_by` lists of the `interrupts_noted` blocks open now (none: no block
+    has set the handlers)."""
 
     signum: int | None = None
     at: float = 0.0
-    open: bool = False
     lists: list = []
 
 
@@ -167,7 +161,7 @@ def interrupts_noted(stopped_by: list | None = None) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    if _Noted.open:
+    if _Noted.lists:
         _Noted.lists.append(stopped_by if stopped_by is not None else [])
         try:
             yield
@@ -188,8 +182,7 @@ def interrupts_noted(stopped_by: list | None = None) -> Iterator[None]:
         raise KeyboardInterrupt
 
     handlers = {n: signal.getsignal(n) for n in (signal.SIGINT, signal.SIGTERM)}
-    hook, _Noted.signum, _Noted.open, _Noted.lists = sys.unraisablehook, None, True, [
-        stopped_by if stopped_by is not None else []]
+    hook, _Noted.signum, _Noted.lists = sys.unraisablehook, None, [stopped_by if stopped_by is not None else []]
     for n, before in handlers.items():
         if n == signal.SIGTERM or callable(before):
             signal.signal(n, handler)
@@ -201,7 +194,7 @@ def interrupts_noted(stopped_by: list | None = None) -> Iterator[None]:
         if _Noted.signum is not None and (stopping := sys.exc_info()[1]) is not None:
             traceback.clear_frames(stopping.__traceback__)  # what the interrupt left half-built ends now, and
             gc.collect()  # what it says as it ends (a DataLoader's iterator stopped in its __init__) is not shown
-        sys.unraisablehook, _Noted.signum, _Noted.open, _Noted.lists = hook, None, False, []
+        sys.unraisablehook, _Noted.signum, _Noted.lists = hook, None, []
         for n, before in handlers.items():
             signal.signal(n, before)
 
@@ -220,6 +213,12 @@ def stop_if_interrupted(*_) -> None:
 def noted_signal() -> int | None:
     """The signal that asked the command to stop (`interrupts_noted`), or None."""
     return _Noted.signum
+
+
+def is_interrupt(exc: BaseException) -> bool:
+    """Whether `exc` is how the interrupt shows: its KeyboardInterrupt, or anything raised once a
+    signal is noted (what failed then failed of it)."""
+    return isinstance(exc, KeyboardInterrupt) or _Noted.signum is not None
 
 
 def message(exc: TLError | OSError, outputs: str = "--out") -> str:

@@ -46,7 +46,7 @@ from tl import Interrupted, TLError
 from tl.engine import checkpoint, distributed, folders, metrics, schema
 from tl.engine.backbones import folder_label
 from tl.engine.balance import class_counts
-from tl.engine.command import noted_signal, stop_if_interrupted
+from tl.engine.command import is_interrupt, stop_if_interrupted
 from tl.engine.early_stopping import should_stop
 from tl.engine.files import atomic_save, remove_stale_temporaries, state_digest, write_json
 from tl.engine.folder_lock import FolderBusy, LockLost, held_here, hold
@@ -171,7 +171,7 @@ class RunFolder:
             trained = last.exists() and (resumed or checkpoint.load_checkpoint(last)["epoch"] > 0)
             if not trained and not (last.exists() and isinstance(exc, NonFiniteLoss)):
                 shutil.rmtree(self.run_dir, ignore_errors=True)
-            if isinstance(exc, KeyboardInterrupt) or noted_signal():  # what failed after it failed of it
+            if is_interrupt(exc):  # its KeyboardInterrupt, or what failed of it
                 if not trained:
                     raise Interrupted("interrupted before the first training epoch finished: nothing was saved") \
                         from None
@@ -185,7 +185,7 @@ class RunFolder:
         try:
             self.write_results(ctx, history)
         except BaseException as exc:
-            if not (isinstance(exc, KeyboardInterrupt) or noted_signal()):
+            if not is_interrupt(exc):
                 raise
             last = self.run_dir / "last.ckpt"
             raise Interrupted(f"interrupted while its results were written: {last} holds the trained run.\n"
