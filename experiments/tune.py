@@ -275,6 +275,17 @@ def finished(study) -> list:
     return [t for t in study.trials if t.state.name in FINISHED]
 
 
+def chosen(study):
+    """The complete trial whose numbers the tuned file keeps, and the other complete trials that tie
+    with its score. Scores are counts of inner images, so ties are common; Optuna's `best_trial`
+    leaves a tie to the database's row order, so the lowest trial number is taken here, the same on
+    SQLite and PostgreSQL."""
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    top = max(t.value for t in complete)
+    best, *tied = sorted((t for t in complete if t.value == top), key=lambda t: t.number)
+    return best, [t.number for t in tied]
+
+
 def write_tuned(study, s: Search, setup: dict, path: Path, command: str) -> Path:
     """The chosen numbers, and how they were chosen: the file tuned_<recipe> reads."""
     import optuna
@@ -283,7 +294,7 @@ def write_tuned(study, s: Search, setup: dict, path: Path, command: str) -> Path
     from tl.engine.trials import failures, retries
     from tl.engine.tuning import shown_storage, suggest
 
-    best = study.best_trial
+    best, tied = chosen(study)
     fields = suggest(optuna.trial.FixedTrial(best.params), s.recipe, s.max_epochs)
     fields["backbone"], fields["weights"] = s.recipe.backbone, s.recipe.weights  # the network the numbers fit
     states = [t.state.name for t in study.trials]
@@ -291,7 +302,7 @@ def write_tuned(study, s: Search, setup: dict, path: Path, command: str) -> Path
              "data_fingerprint": setup["data_fingerprint"],
              "inner_split": {"inner_val": setup["inner_val"], "folds": setup["folds"], "seed": setup["seed"]},
              "trials": {"budget": s.args.trials, **{k.lower(): states.count(k) for k in (*FINISHED, "FAIL")}},
-             "best_trial": best.number, "best_inner_score": best.value, "params": best.params,
+             "best_trial": best.number, "best_inner_score": best.value, "tied_with_best": tied, "params": best.params,
              "over_budget": over_budget(study, s.args.trials),
              "failed_trials": {str(n): why for n, why in failures(study).items()},
              "retries": {str(n): of for n, of in retries(study).items()},
@@ -356,15 +367,23 @@ def write_pages(study, s: Search, setup: dict, folder: Path, command: str) -> li
              f"their DataLoader workers).", ""]
     lines += lost_lines(study)
     if complete:
-        best = study.best_trial
+        best, tied = chosen(study)
         lines += [f"Best: trial {best.number}, inner score {best.value:.4f} (a maximum over trials: it flatters; "
-                  f"train tuned_{setup['recipe']} and read its headline instead).", ""]
+                  f"train tuned_{setup['recipe']} and read its headline instead).{tie_text(tied)}", ""]
     lines += [markdown_table(df) if len(df) else "(no trials)", "",
               "Parameter importance (PED-ANOVA): " + (", ".join(f"{k} {v:.2f}" for k, v in importances.items())
                                                       or "needs at least 2 complete trials"), "",
               "![history](history.png) ![importance](importance.png)", ""]
     atomic_write_text(folder / "trials.md", "\n".join(lines))
     return [folder / n for n in ("trials.md", "trials.csv", "history.png", "importance.png")]
+
+
+def tie_text(tied: list[int]) -> str:
+    if not tied:
+        return ""
+    others = ", ".join(map(str, tied))
+    return (f" Trial{'s' if len(tied) > 1 else ''} {others} tie{'' if len(tied) > 1 else 's'} with it: the inner "
+            "split cannot tell them apart, and the lowest trial number is kept.")
 
 
 def lost_lines(study) -> list[str]:
@@ -582,7 +601,8 @@ def write_results(study, s: Search, setup: dict, to: Written) -> int:
     if path is None:
         print(f"no trial completed (all pruned or failed): no tuned numbers written; pages: {pages[0]}")
         return 0
-    print(f"best: trial {study.best_trial.number}, inner score {study.best_value:.4f} -> {path}; pages: {pages[0]}")
+    best, tied = chosen(study)
+    print(f"best: trial {best.number}, inner score {best.value:.4f} -> {path}; pages: {pages[0]}{tie_text(tied)}")
     print(f"train it on all of train and score it on val/test: {train_command(s.args, s.data)}")
     return 0
 

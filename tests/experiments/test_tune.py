@@ -548,3 +548,24 @@ def test_the_printed_training_command_names_the_tuned_folder_the_backbone_and_qu
                      "--data", str(data)]
     plain = tune.parse_args(["--recipe", "resnet_frozen", "--trials", "1", "--data", "d"])
     assert tune.train_command(plain, "d") == "python main.py -e tuned_resnet_frozen --data d"
+
+
+@pytest.mark.parametrize("told", [(0.9, 0.9, 0.5), (0.5, 0.9, 0.9), (0.9, 0.5, 0.9, 0.9)])
+def test_of_trials_that_tie_the_lowest_number_is_kept_whatever_the_database_returns(tmp_path, monkeypatch, told):
+    """Inner scores count images, so trials tie; the one kept must not hang on the database: Optuna's
+    best_trial takes the first row of an ORDER BY value, whose order among equal values SQL leaves
+    open (SQLite happens to give the lowest number; a PostgreSQL server need not)."""
+    from experiments import tune
+    from tl.engine import tuning
+
+    study = tuning.open_study(tmp_path / "s.db", "s", {"recipe": "r", "dataset": "d", "data_fingerprint": "f"}, 0)
+    trials = [study.ask() for _ in told]
+    for trial, value in reversed(list(zip(trials, told))):  # the last asked ends first, as in a shared search
+        study.tell(trial, value)
+    top = [n for n, v in enumerate(told) if v == max(told)]
+    last_tied = study.trials[top[-1]]
+    monkeypatch.setattr(study._storage, "get_best_trial", lambda study_id: last_tied)  # another database's order
+    best, tied = tune.chosen(study)
+    assert (best.number, tied) == (top[0], top[1:])
+    assert tune.tie_text([]) == ""
+    assert "Trial 2 ties with it" in tune.tie_text([2]) and "Trials 2, 3 tie with it" in tune.tie_text([2, 3])
