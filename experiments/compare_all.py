@@ -429,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     full = set(NAMES) <= set(args.experiments) and not args.quick
     entries = {dataset_name(d): {
         "data": str(d), "command": command, "experiments": experiments_for(d, args), "backbones": args.backbone,
+        "rows": sorted({(r["experiment"], r["backbone"]) for r in rows if r["dataset"] == dataset_name(d)}),
         "seeds": args.seeds, "epochs": args.epochs, "quick": args.quick, "full": full, "commit": commit,
         "date": time.strftime("%Y-%m-%d %H:%M"), "minutes": round(minutes[dataset_name(d)], 1),
         "command_minutes": total} for d in data_dirs}

@@ -290,8 +290,18 @@ def provenance(meta: dict) -> list[str]:
 
 
 def _pairs(command: dict) -> list[tuple[str, str]]:
-    """The (recipe, backbone) rows one recorded compare_all command made."""
-    return [(e, b) for e in command.get("experiments", []) for b in command.get("backbones", [])]
+    """The (recipe, backbone) rows one recorded compare_all command made: as it recorded them, or, in a
+    record older than its "rows", each recipe on each backbone asked for, `own` being the recipe's own."""
+    from experiments import get_experiment
+
+    if "rows" in command:
+        return [tuple(row) for row in command["rows"]]
+
+    def own(recipe: str) -> str:  # tuned_X and lite0_tuned_X train X's network
+        return get_experiment(recipe.rpartition("tuned_")[2]).RECIPE.backbone
+
+    return [(e, own(e) if b == "own" else b)
+            for e in command.get("experiments", []) for b in command.get("backbones", [])]
 
 
 class ReportError(Exception):

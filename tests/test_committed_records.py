@@ -51,14 +51,6 @@ def test_the_scan_finds_each_kind():
     assert leaks("sqlite:///study.db https://example.org/a:b") == []
 
 
-def _own(recipe: str, backbone: str) -> str:
-    """A command's `own` backbone is the recipe's own network (resnet18 for the ResNet recipes...)."""
-    from experiments import get_experiment
-
-    base = recipe.rpartition("tuned_")[2]  # tuned_X and lite0_tuned_X train X's network
-    return get_experiment(base).RECIPE.backbone if backbone == "own" else backbone
-
-
 def test_each_row_of_the_results_is_made_by_a_recorded_command_and_each_command_s_rows_are_there():
     """results/README says which compare_all command made each row (meta.json); a row renamed or
     replaced by hand must be renamed in the command's record too, or the page names the wrong command."""
@@ -66,10 +58,12 @@ def test_each_row_of_the_results_is_made_by_a_recorded_command_and_each_command_
 
     import pandas as pd
 
+    from experiments import report
+
     meta = json.loads((ROOT / "results" / "meta.json").read_text())
     summary = pd.read_csv(ROOT / "results" / "summary.csv")
     rows = set(zip(summary.dataset, summary.experiment, summary.backbone))
-    listed = {(dataset, e, _own(e, b)) for dataset, info in meta["datasets"].items() for c in info["commands"]
-              for e in c["experiments"] for b in c["backbones"]}
+    listed = {(dataset, *pair) for dataset, info in meta["datasets"].items() for c in info["commands"]
+              for pair in report._pairs(c)}  # the rows results/README says each command made
     assert not rows - listed, f"rows no recorded command made: {sorted(rows - listed)}"
     assert not listed - rows, f"recorded commands' rows missing from summary.csv: {sorted(listed - rows)}"

@@ -142,6 +142,7 @@ def test_a_subset_rerun_replaces_only_its_rows_and_leaves_nothing_stale(comparis
     assert {p.name for p in out.glob("*.png")} == {p.name for p in first.glob("*.png")}  # all redrawn, no extra
     commands = json.loads((out / "meta.json").read_text())["datasets"]
     assert len(commands["plain"]["commands"]) == 2 and len(commands["tested"]["commands"]) == 1
+    assert commands["plain"]["commands"][-1]["rows"] == [["resnet_frozen", "efficientnet_lite0"]]  # the rows it made
 
 
 def test_provenance_says_when_rows_are_not_one_full_comparison():

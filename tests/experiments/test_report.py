@@ -74,6 +74,23 @@ def test_provenance_says_which_rows_of_a_command_a_later_command_replaced():
     assert "since rerun" not in next(line for line in lines if "`compare_all`" in line)
 
 
+@pytest.mark.parametrize("later", [
+    dict(backbones=["resnet18"]), dict(backbones=["own"]),
+    dict(backbones=["own", "efficientnet_lite0"], rows=[["resnet_scratch", "resnet18"]])])
+def test_provenance_sees_a_rerun_whether_a_command_named_the_recipe_s_own_network_or_own(later):
+    """`own` is the recipe's own network: an earlier command's `own` row is rerun by a later command's
+    resnet18 row. A command that recorded the rows it made ("rows") is read by those alone: there
+    resnet_scratch did not run on efficientnet_lite0, so that is not a rerun."""
+    from experiments.report import provenance
+
+    first = dict(command="compare_all --epochs 1", experiments=["resnet_scratch"],
+                 backbones=["efficientnet_lite0", "own"])
+    second = dict(command="compare_all", experiments=["resnet_scratch"], **later)
+    lines = provenance({"datasets": {"d": {"data": "d", "commands": [first, second]}}})
+    earlier = next(line for line in lines if "--epochs 1" in line)
+    assert "since rerun by a later command: resnet_scratch / resnet18)" in earlier
+
+
 def test_a_recipe_paragraph_says_when_its_row_trained_fewer_epochs_than_the_recipe():
     """The recipe's note describes its own schedule ("every 7 of 25 epochs"); a shortened row must
     say so beside it, and a full row must not."""
