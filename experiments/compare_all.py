@@ -126,6 +126,14 @@ def plan_of(data_dirs: list[Path], args: argparse.Namespace) -> list[tuple[Path,
     return plan
 
 
+def row_backbone(recipe: str, data_dir: Path, backbone: str) -> str:
+    """The backbone column of the row that `recipe` on --backbone `backbone` makes (run_one): the
+    backbone as given, or for `own` the recipe's own network (a tuned recipe's: its tuned file's)."""
+    from experiments import get_experiment
+
+    return backbone if backbone != "own" else get_experiment(recipe, data_dir, None).RECIPE.backbone
+
+
 def experiments_for(data_dir: Path, args: argparse.Namespace) -> list[str]:
     """The recipes compared on one data set: those asked for, and by default each tuned_<recipe>
     whose numbers were tuned on this data set (experiments/tune.py), trained like any other."""
@@ -384,13 +392,12 @@ def main(argv: list[str] | None = None) -> int:
         say_error(f"--runs-dir {args.runs_dir} already holds runs; choose a new folder (each comparison trains "
               f"its own runs)")
         return 2
-    from experiments import get_experiment
     from tl.engine.run_folder import make_run_dir
 
     try:
         plan = plan_of(data_dirs, args)
         planned = pd.DataFrame([{"dataset": dataset_name(d), "experiment": e, "seed": s, "quick": args.quick,
-                                 "backbone": get_experiment(e, d, None if b == "own" else b).RECIPE.backbone,
+                                 "backbone": row_backbone(e, d, b),
                                  "status": "planned"} for d, e, b, s in plan])
     except TLError as exc:  # tuned_<recipe> asked for a data set it has no numbers for
         say_error(str(exc))

@@ -318,6 +318,22 @@ def test_compare_all_adds_a_tuned_recipe_where_its_data_set_has_one(tmp_path, mo
     assert compare_all._order("tuned_modern_finetune") > compare_all._order("modern_finetune")
 
 
+@pytest.mark.usefixtures("own_cache_dir")
+def test_a_planned_row_is_named_by_the_backbone_asked_for_or_for_own_by_the_recipe_s_network(tmp_path, monkeypatch):
+    """The rows a comparison will replace (checked for their files before training) carry the backbone
+    column run_one writes: --backbone as given, `own` as the recipe's network or its tuned file's."""
+    from experiments import compare_all
+
+    monkeypatch.setenv("TL_TUNED_DIR", str(tmp_path))
+    name = "modern_finetune-hymenoptera_data-efficientnet_lite2.json"  # the one tuned file of that data set here
+    shutil.copy(Path(__file__).resolve().parents[2] / "experiments" / "tuned" / name, tmp_path / name)
+    data = Path("x/hymenoptera_data")
+    assert compare_all.row_backbone("resnet_finetune", data, "efficientnet_lite0") == "efficientnet_lite0"
+    assert compare_all.row_backbone("resnet_finetune", data, "own") == "resnet18"
+    assert compare_all.row_backbone("vgg_stacked", data, "own") == "vgg19"
+    assert compare_all.row_backbone("tuned_modern_finetune", data, "own") == "efficientnet_lite2"
+
+
 def test_each_run_of_a_comparison_shows_its_progress_unless_told_not_to():
     """A comparison's runs show the bars of their long passes (a feature pass over 800 val photos
     is minutes), as main.py's do; --no-progress silences them."""
