@@ -297,8 +297,8 @@ def _pairs(command: dict) -> list[tuple[str, str]]:
     if "rows" in command:
         return [tuple(row) for row in command["rows"]]
 
-    def own(recipe: str) -> str:  # tuned_X and lite0_tuned_X train X's network
-        return get_experiment(recipe.rpartition("tuned_")[2]).RECIPE.backbone
+    def own(recipe: str) -> str:  # a tuned recipe's own was its tuned file's backbone then, which is not recorded
+        return "own" if "tuned_" in recipe else get_experiment(recipe).RECIPE.backbone
 
     return [(e, own(e) if b == "own" else b)
             for e in command.get("experiments", []) for b in command.get("backbones", [])]

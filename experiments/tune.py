@@ -279,9 +279,9 @@ def chosen(study):
     """The complete trial whose numbers the tuned file keeps, and the other complete trials that tie
     with its score. Scores are counts of inner images, so ties are common; Optuna's `best_trial`
     leaves a tie to the database's row order, so the lowest trial number is taken here, the same on
-    SQLite and PostgreSQL. A k-fold score is a mean of fractions, whose last bit depends on how the
-    images right fall into folds: (1 + 1 + 0.985) / 3 and (1 + 0.995 + 0.99) / 3 are both 597 of 600
-    but differ by 1e-16, so scores within 1e-9 tie."""
+    SQLite and PostgreSQL. A k-fold score is a mean of fractions, whose last bit depends on the
+    order of the sum: (1 + 1 + 0.985) / 3 and (1 + 0.995 + 0.99) / 3, 597 of 600 on three folds of
+    200 each, differ by 1e-16, so scores within 1e-9 tie."""
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     top = max(t.value for t in complete)
     best, *tied = sorted((t for t in complete if math.isclose(t.value, top, rel_tol=1e-9)), key=lambda t: t.number)

@@ -91,6 +91,15 @@ def test_provenance_sees_a_rerun_whether_a_command_named_the_recipe_s_own_networ
     assert "since rerun by a later command: resnet_scratch / resnet18)" in earlier
 
 
+def test_an_old_record_s_tuned_recipe_on_own_is_not_given_the_base_recipe_s_network():
+    """In a record without "rows", tuned_X on `own` ran on its tuned file's backbone at the time, which
+    the record does not say: it is left as `own` (the records test then names it), not X's resnet18."""
+    from experiments.report import _pairs
+
+    old = dict(experiments=["resnet_frozen", "tuned_modern_finetune"], backbones=["own"])
+    assert _pairs(old) == [("resnet_frozen", "resnet18"), ("tuned_modern_finetune", "own")]
+
+
 def test_a_recipe_paragraph_says_when_its_row_trained_fewer_epochs_than_the_recipe():
     """The recipe's note describes its own schedule ("every 7 of 25 epochs"); a shortened row must
     say so beside it, and a full row must not."""
