@@ -383,9 +383,8 @@ def write_pages(study, s: Search, setup: dict, folder: Path, command: str) -> li
 def tie_text(tied: list[int]) -> str:
     if not tied:
         return ""
-    others = ", ".join(map(str, tied))
-    return (f" Trial{'s' if len(tied) > 1 else ''} {others} tie{'' if len(tied) > 1 else 's'} with it: the inner "
-            "split cannot tell them apart, and the lowest trial number is kept.")
+    who = f"Trials {', '.join(map(str, tied))} tie" if len(tied) > 1 else f"Trial {tied[0]} ties"
+    return f" {who} with it: the inner split cannot tell them apart, and the lowest trial number is kept."
 
 
 def lost_lines(study) -> list[str]:
